@@ -1,0 +1,212 @@
+"""Tiny random Hugging Face causal-LM checkpoints, built offline.
+
+Tests, benchmarks and the demo need real checkpoint folders (config, safetensors, tokenizer)
+without downloading anything. A "fine-tune" here is the base plus seeded gaussian noise scaled
+to each tensor, which is enough to exercise every merge method's arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gpt2")
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+# A few sentences to train the tokenizer on: enough words for a vocabulary of a few hundred.
+_TRAINING_TEXT = """
+Model merging combines the weights of several fine-tuned language models into one model.
+Task arithmetic adds the scaled differences between each fine-tune and their common base.
+TIES trims small updates, elects a sign for every parameter and averages the agreeing values.
+DARE drops most of each update at random and rescales the rest to keep its expected size.
+Spherical interpolation follows the arc between two weight vectors instead of the chord.
+Model stock picks an interpolation ratio from the angle between the fine-tuned updates.
+A frankenmerge stacks layer ranges taken from different models into a deeper network.
+The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.
+Numbers like one two three four five six seven eight nine ten help the vocabulary grow.
+Attention heads share keys and values across groups to save memory during generation.
+"""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A base checkpoint and fine-tunes of it: the usual input of a merge."""
+
+    base: Path
+    fine_tunes: tuple[Path, ...]
+
+
+@lru_cache(maxsize=None)
+def _tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained on the built-in text; cached since every model reuses it."""
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()))
+    tokenizer.train_from_iterator(_TRAINING_TEXT.split("\n"), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def tiny_config(
+    arch: str,
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 256,
+    max_positions: int = 128,
+) -> PretrainedConfig:
+    """The config of a tiny `arch` model; ties embeddings only where the real family does."""
+    token_ids = _tokenizer(vocab_size)
+    ids = {
+        "bos_token_id": token_ids.bos_token_id,
+        "eos_token_id": token_ids.eos_token_id,
+        "pad_token_id": token_ids.pad_token_id,
+    }
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max_positions,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            tie_word_embeddings=True,
+            **ids,
+        )
+    config_classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}
+    if arch not in config_classes:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return config_classes[arch](
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=arch == "gemma",
+        **ids,
+    )
+
+
+def save_tokenizer(out_dir: str | Path, vocab_size: int = 256) -> None:
+    """Write the tiny tokenizer so `AutoTokenizer.from_pretrained(out_dir)` works."""
+    _tokenizer(vocab_size).save_pretrained(out_dir)
+
+
+def _spread_constant_tensors(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Jitter parameters that initialise to a constant (norms, biases).
+
+    Real checkpoints have varied norms and biases; constant ones would make a fine-tune's
+    relative noise vanish on them and leave those merge code paths untested.
+    """
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.numel() > 1 and parameter.std() == 0:
+                parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+
+
+def build_tiny_model(
+    arch: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_size: int | str | None = None,
+    **config_options,
+) -> Path:
+    """Save a random `arch` model (safetensors, sharded when `shard_size` is given) and a tokenizer.
+
+    `config_options` go to `tiny_config` (num_layers, hidden_size, num_kv_heads, vocab_size, ...).
+    """
+    out_dir = Path(out_dir)
+    config = tiny_config(arch, **config_options)
+    with torch.random.fork_rng():  # seed the initialisation without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    _spread_constant_tensors(model, torch.Generator().manual_seed(seed))
+    model.to(dtype)
+    model.save_pretrained(out_dir, **({"max_shard_size": shard_size} if shard_size is not None else {}))
+    save_tokenizer(out_dir, config.vocab_size)
+    return out_dir
+
+
+def perturb(tensor: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """`tensor` plus gaussian noise whose RMS is `noise` times the tensor's RMS (same dtype)."""
+    values = tensor.float()
+    scale = values.square().mean().sqrt()
+    noisy = values + noise * scale * torch.randn(values.shape, generator=generator)
+    return noisy.to(tensor.dtype)
+
+
+def build_fine_tune(base_dir: str | Path, out_dir: str | Path, *, seed: int, noise: float = 0.01) -> Path:
+    """Copy `base_dir` to `out_dir` with every floating tensor perturbed by relative `noise`.
+
+    Works one safetensors file at a time, so memory stays at one shard even for large bases;
+    shard layout, index and tokenizer/config files are kept as they are.
+    """
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for path in sorted(base_dir.iterdir()):
+        if path.suffix != ".safetensors":
+            if path.is_file():
+                shutil.copy2(path, out_dir / path.name)
+            continue
+        tensors = load_file(path)
+        for name in sorted(tensors):
+            if tensors[name].is_floating_point():
+                tensors[name] = perturb(tensors[name], noise, generator)
+        save_file(tensors, out_dir / path.name, metadata={"format": "pt"})
+    return out_dir
+
+
+def build_family(
+    arch: str,
+    root: str | Path,
+    *,
+    num_fine_tunes: int = 3,
+    noise: float = 0.01,
+    seed: int = 0,
+    **model_options,
+) -> Family:
+    """Build `root/base` and `root/ft1..ftN` (fine-tune i seeded `seed + i`)."""
+    root = Path(root)
+    base = build_tiny_model(arch, root / "base", seed=seed, **model_options)
+    fine_tunes = tuple(
+        build_fine_tune(base, root / f"ft{index}", seed=seed + index, noise=noise)
+        for index in range(1, num_fine_tunes + 1)
+    )
+    return Family(base, fine_tunes)
+
+
+def read_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint folder, sharded or not, by name."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(model_dir / name))
+    return state

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny model families are built once per test session and reused by every test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from mergewise.tiny_models import Family, build_family
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> Callable[..., Family]:
+    """Return `make(arch, **options) -> Family` (base + 3 fine-tunes), cached per argument set.
+
+    `options` go to `build_family`, e.g. `shard_size="100KB"` for a sharded checkpoint with an index.
+    Tests must treat the folders as read-only since other tests share them.
+    """
+    built: dict[tuple, Family] = {}
+
+    def make(arch: str, **options) -> Family:
+        key = (arch, tuple(sorted(options.items())))
+        if key not in built:
+            built[key] = build_family(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), **options)
+        return built[key]
+
+    return make
