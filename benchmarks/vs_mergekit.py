@@ -1,0 +1,275 @@
+"""Time and memory of mergewise against mergekit on the same merges of a ~200M-parameter Llama.
+
+Workload W1: a random bf16 Llama (hidden 1024, 12 layers, untied lm_head, vocab 32000) and three
+fine-tunes of it, sharded at 200 MB with an index, cached under --workdir. Each tool runs as its
+own child process so that its wall time and peak RSS (from `os.wait4`) are its alone.
+
+    python benchmarks/vs_mergekit.py                 # both tools, ties and task_arithmetic
+    python benchmarks/vs_mergekit.py --only mergekit
+    python benchmarks/vs_mergekit.py --depth-sweep   # mergewise peak RSS at 6, 12 and 24 layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+from mergewise.tiny_models import build_fine_tune, save_tokenizer
+
+ROOT = Path(__file__).resolve().parent
+SHARD_BYTES = 200 * 10**6
+NUM_FINE_TUNES = 3
+FINE_TUNE_NOISE = 0.01
+TOOLS = ("mergekit", "mergewise")
+# (speed-up over mergekit, peak RSS relative to mergekit) the engine aims at on 2 cores.
+TARGETS = {"ties": (8.0, 0.6), "task_arithmetic": (3.0, 0.8)}
+SWEEP_DEPTHS = (6, 12, 24)
+SWEEP_METHOD = "ties"
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int = 1024
+    layers: int = 12
+    intermediate: int = 2816
+    vocab: int = 32000
+    heads: int = 16
+    kv_heads: int = 8
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    tool: str
+    wall_s: float
+    peak_rss_mb: float
+
+
+def _llama_tensors(shape: LlamaShape, generator: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random bf16 tensors named as in `LlamaForCausalLM`, one at a time so memory stays small."""
+
+    def weight(*dims: int) -> torch.Tensor:
+        return (0.02 * torch.randn(dims, generator=generator)).to(torch.bfloat16)
+
+    def norm() -> torch.Tensor:
+        return (1 + 0.02 * torch.randn(shape.hidden, generator=generator)).to(torch.bfloat16)
+
+    h, kv, mlp = shape.hidden, shape.kv_dim, shape.intermediate
+    yield "model.embed_tokens.weight", weight(shape.vocab, h)
+    for layer in range(shape.layers):
+        prefix = f"model.layers.{layer}"
+        yield f"{prefix}.input_layernorm.weight", norm()
+        for projection, dims in (("q_proj", (h, h)), ("k_proj", (kv, h)), ("v_proj", (kv, h)), ("o_proj", (h, h))):
+            yield f"{prefix}.self_attn.{projection}.weight", weight(*dims)
+        yield f"{prefix}.post_attention_layernorm.weight", norm()
+        for projection, dims in (("gate_proj", (mlp, h)), ("up_proj", (mlp, h)), ("down_proj", (h, mlp))):
+            yield f"{prefix}.mlp.{projection}.weight", weight(*dims)
+    yield "model.norm.weight", norm()
+    yield "lm_head.weight", weight(shape.vocab, h)
+
+
+def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, shard_bytes: int) -> None:
+    """Save tensors as `model-XXXXX-of-YYYYY.safetensors` shards plus the HF index, one shard in memory."""
+    names_by_shard: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    shard_size = total_size = 0
+
+    def flush() -> None:
+        nonlocal shard_size
+        save_file(shard, out_dir / f"shard-{len(names_by_shard) + 1}.tmp", metadata={"format": "pt"})
+        names_by_shard.append(list(shard))
+        shard.clear()
+        shard_size = 0
+
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_size + size > shard_bytes:
+            flush()
+        shard[name] = tensor
+        shard_size += size
+        total_size += size
+    flush()
+
+    weight_map = {}
+    for number, names in enumerate(names_by_shard, start=1):
+        file_name = f"model-{number:05d}-of-{len(names_by_shard):05d}.safetensors"
+        (out_dir / f"shard-{number}.tmp").rename(out_dir / file_name)
+        weight_map.update(dict.fromkeys(names, file_name))
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_workload(workdir: Path, shape: LlamaShape, seed: int = 0) -> Path:
+    """Build (once) base + fine-tunes for `shape` under `workdir`; return the workload folder."""
+    root = workdir / f"llama-h{shape.hidden}-l{shape.layers}"
+    done_marker = root / "COMPLETE"
+    if done_marker.exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    base = root / "base"
+    base.mkdir(parents=True)
+    print(f"building workload in {root} ...", flush=True)
+    start = time.perf_counter()
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
+    config.save_pretrained(base)
+    save_tokenizer(base)
+    write_sharded(_llama_tensors(shape, torch.Generator().manual_seed(seed)), base, SHARD_BYTES)
+    for index in range(1, NUM_FINE_TUNES + 1):
+        build_fine_tune(base, root / f"ft{index}", seed=seed + index, noise=FINE_TUNE_NOISE)
+    done_marker.touch()
+    print(f"built in {time.perf_counter() - start:.0f} s", flush=True)
+    return root
+
+
+def merge_config(method: str, workload: Path) -> dict:
+    """The mergekit-style YAML both tools read: each fine-tune weighted 1/3 (TIES at density 0.5)."""
+    per_model = {"weight": round(1 / NUM_FINE_TUNES, 4)}
+    if method == "ties":
+        per_model["density"] = 0.5
+    models = [{"model": str(workload / "base")}]
+    models += [{"model": str(workload / f"ft{i}"), "parameters": per_model} for i in range(1, NUM_FINE_TUNES + 1)]
+    return {"merge_method": method, "base_model": str(workload / "base"), "models": models, "dtype": "bfloat16"}
+
+
+def run_measured(command: list[str], log_path: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Run `command` with output to `log_path`; return (wall seconds, peak RSS in MB) of that child."""
+    with open(log_path, "wb") as log:
+        file_actions = [(os.POSIX_SPAWN_DUP2, log.fileno(), 1), (os.POSIX_SPAWN_DUP2, log.fileno(), 2)]
+        start = time.perf_counter()
+        pid = os.posix_spawnp(command[0], command, env, file_actions=file_actions)
+        _, status, usage = os.wait4(pid, 0)
+        wall_s = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(command)} failed; see {log_path}")
+    return wall_s, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def tool_command(tool: str, config_path: Path, out_dir: Path, args: argparse.Namespace) -> list[str]:
+    if tool == "mergekit":
+        command, threads_flag = [args.mergekit, str(config_path), str(out_dir), "--no-cuda", "--quiet"], "-j"
+    else:
+        command, threads_flag = [sys.executable, "-m", "mergewise.cli", "merge", str(config_path), str(out_dir)], "--threads"
+    if args.threads is not None:
+        command += [threads_flag, str(args.threads)]
+    return command
+
+
+def benchmark(method: str, tool: str, workload: Path, args: argparse.Namespace) -> Run:
+    """Merge `workload` with `tool`, into a fresh output folder, and measure it."""
+    runs_dir = args.workdir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    config_path = runs_dir / f"{workload.name}-{method}.yaml"
+    config_path.write_text(yaml.safe_dump(merge_config(method, workload), sort_keys=False))
+    out_dir = runs_dir / f"{workload.name}-{method}-{tool}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    env = dict(os.environ)
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    print(f"{method}: running {tool} ...", flush=True)
+    wall_s, peak_rss_mb = run_measured(tool_command(tool, config_path, out_dir, args), out_dir.with_suffix(".log"), env)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return Run(method, tool, wall_s, peak_rss_mb)
+
+
+def comparison_table(runs: list[Run]) -> str:
+    """Markdown: one row per run; mergewise rows also give speed-up and RSS ratio against mergekit."""
+    mergekit = {run.method: run for run in runs if run.tool == "mergekit"}
+    lines = [
+        "| method | tool | wall s | peak RSS MB | speed-up vs mergekit | RSS vs mergekit | target (speed-up, RSS) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for run in runs:
+        speed = rss = target = ""
+        reference = mergekit.get(run.method)
+        if run.tool == "mergewise" and reference is not None:
+            speed = f"{reference.wall_s / run.wall_s:.2f}×"
+            rss = f"{run.peak_rss_mb / reference.peak_rss_mb:.2f}×"
+        if run.tool == "mergewise" and run.method in TARGETS:
+            target = "≥ {:g}×, ≤ {:g}×".format(*TARGETS[run.method])
+        lines.append(f"| {run.method} | {run.tool} | {run.wall_s:.1f} | {run.peak_rss_mb:.0f} | {speed} | {rss} | {target} |")
+    return "\n".join(lines)
+
+
+def sweep_table(runs: list[tuple[LlamaShape, Run]]) -> str:
+    lines = ["| layers | parameters (M) | wall s | peak RSS MB |", "|---:|---:|---:|---:|"]
+    for shape, run in runs:
+        parameters = _parameter_count(shape) / 1e6
+        lines.append(f"| {shape.layers} | {parameters:.0f} | {run.wall_s:.1f} | {run.peak_rss_mb:.0f} |")
+    return "\n".join(lines)
+
+
+def _parameter_count(shape: LlamaShape) -> int:
+    per_layer = 2 * shape.hidden * (shape.hidden + shape.kv_dim) + 3 * shape.hidden * shape.intermediate
+    return shape.layers * per_layer + 2 * shape.vocab * shape.hidden
+
+
+def write_report(path: Path, title: str, table: str, args: argparse.Namespace) -> None:
+    threads = args.threads if args.threads is not None else "default"
+    machine = f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}, threads: {threads}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n{machine}, measured {time.strftime('%Y-%m-%d')}\n\n{table}\n")
+    print(f"\n{table}\n\nwritten to {path}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".work", help="cache for workloads and outputs")
+    parser.add_argument("--only", choices=TOOLS, help="run a single tool")
+    parser.add_argument("--methods", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--threads", type=int, help="CPU threads for each tool (default: the tool's own)")
+    parser.add_argument("--depth-sweep", action="store_true", help=f"mergewise {SWEEP_METHOD} at {SWEEP_DEPTHS} layers")
+    parser.add_argument(
+        "--mergekit",
+        default=os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml"),
+        help="mergekit-yaml executable (default: $MERGEKIT_YAML, else PATH)",
+    )
+    parser.add_argument("--results", type=Path, default=ROOT / "results", help="where the markdown reports go")
+    args = parser.parse_args()
+    needs_mergekit = not args.depth_sweep and args.only != "mergewise"
+    if needs_mergekit and not args.mergekit:
+        parser.error("mergekit-yaml not found: set MERGEKIT_YAML or pass --mergekit (or use --only mergewise)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.depth_sweep:
+        shapes = [LlamaShape(layers=layers) for layers in SWEEP_DEPTHS]
+        runs = [(shape, benchmark(SWEEP_METHOD, "mergewise", build_workload(args.workdir, shape), args)) for shape in shapes]
+        write_report(args.results / "depth_sweep.md", f"mergewise {SWEEP_METHOD}: peak RSS by depth", sweep_table(runs), args)
+        return
+    workload = build_workload(args.workdir, LlamaShape())
+    tools = [args.only] if args.only else list(TOOLS)
+    runs = [benchmark(method, tool, workload, args) for method in args.methods for tool in tools]
+    write_report(args.results / "vs_mergekit.md", "mergewise vs mergekit on W1 (~200M Llama, bf16)", comparison_table(runs), args)
+
+
+if __name__ == "__main__":
+    main()
