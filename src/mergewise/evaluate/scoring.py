@@ -1,0 +1,126 @@
+"""Batched scorers: greedy exact match and teacher-forced NLL, on any device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mergewise.evaluate.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class NllTotal:
+    """Summed negative log-likelihood (nats) over `tokens` predicted tokens."""
+
+    nll: float
+    tokens: int
+
+    @property
+    def mean(self) -> float:
+        return self.nll / max(1, self.tokens)
+
+
+def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def continuation_log_likelihoods(
+    loaded: LoadedModel, pairs: Sequence[tuple[str, str]], batch_size: int
+) -> list[tuple[float, bool, int]]:
+    """For each (context, continuation): summed log-probability of the continuation, whether greedy
+    decoding would produce exactly it token by token, and its token count."""
+    tokenizer = loaded.tokenizer
+    results = []
+    for batch in chunks(pairs, batch_size):
+        encoded = []
+        for context, continuation in batch:
+            context_ids = tokenizer(context)["input_ids"]
+            continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            encoded.append((context_ids, continuation_ids))
+        results.extend(score_encoded(loaded, encoded))
+    return results
+
+
+@torch.no_grad()
+def score_encoded(loaded: LoadedModel, encoded: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool, int]]:
+    """One right-padded forward pass over token-id pairs (context, continuation)."""
+    sequences = [context + continuation for context, continuation in encoded]
+    input_ids, attention_mask = right_pad(sequences, loaded.tokenizer.pad_token_id, loaded.device)
+    log_probs = torch.log_softmax(loaded.model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), -1)
+    results = []
+    for row, (context, continuation) in enumerate(encoded):
+        positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=loaded.device)
+        targets = torch.tensor(continuation, device=loaded.device)
+        row_log_probs = log_probs[row, positions]
+        total = row_log_probs.gather(-1, targets[:, None]).sum().item()
+        greedy = bool((row_log_probs.argmax(-1) == targets).all().item())
+        results.append((total, greedy, len(continuation)))
+    return results
+
+
+def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, device=device)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def greedy_completions(
+    loaded: LoadedModel, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop: Sequence[str] = ("\n",)
+) -> list[str]:
+    """Greedy continuations, left-padded in batches, each cut at the first stop string."""
+    tokenizer = loaded.tokenizer
+    completions = []
+    for batch in chunks(prompts, batch_size):
+        encoded = [tokenizer(prompt)["input_ids"] for prompt in batch]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, device=loaded.device)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long, device=loaded.device)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, device=loaded.device)
+            attention_mask[row, width - len(ids) :] = 1
+        generated = loaded.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in generated[:, width:]:
+            completions.append(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop))
+    return completions
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((text.find(marker) for marker in stop if marker in text), default=len(text))
+    return text[:cut]
+
+
+def exact_match(completion: str, answer: str) -> bool:
+    """Whitespace around the answer is formatting, not content."""
+    return completion.strip() == answer.strip()
+
+
+@torch.no_grad()
+def text_nll(loaded: LoadedModel, text: str, window: int, batch_size: int, max_windows: int | None = None) -> NllTotal:
+    """Per-token NLL of `text` in non-overlapping windows, each read from a fresh `<s>` (or from the
+    window's first token when the tokenizer has no BOS)."""
+    tokenizer = loaded.tokenizer
+    token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    windows = [token_ids[start : start + window] for start in range(0, len(token_ids), window)]
+    windows = [ids for ids in windows if len(prefix) + len(ids) >= 2][:max_windows]
+    encoded = [(prefix, ids) if prefix else (ids[:1], ids[1:]) for ids in windows]
+    total = NllTotal(0.0, 0)
+    for batch in chunks(encoded, batch_size):
+        for log_likelihood, _, count in score_encoded(loaded, list(batch)):
+            total = NllTotal(total.nll - log_likelihood, total.tokens + count)
+    return total

@@ -1,0 +1,80 @@
+"""Score one model folder on a zoo's tasks and general text (the JSON of zoo.md)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from mergewise.errors import MergewiseError
+from mergewise.evaluate.loading import LoadedModel, load_model
+from mergewise.evaluate.scoring import continuation_log_likelihoods, exact_match, greedy_completions, text_nll
+from mergewise.zoo.manifest import Zoo, load_zoo
+
+GENERAL_WINDOW_TOKENS = 128
+EXTRA_GENERATED_TOKENS = 2
+
+
+def evaluate_model(
+    model_dir: str | os.PathLike,
+    zoo_dir: str | os.PathLike,
+    tasks: Sequence[str] | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    limit: int | None = None,
+) -> dict:
+    """Per task: its metric's `score` (exact match, or answer NLL for `nll` tasks), `n` prompts and the
+    per-token `answer_nll`; general: per-token NLL over `n` held-out tokens."""
+    zoo = load_zoo(zoo_dir)
+    selected = select_tasks(zoo, tasks)
+    if batch_size < 1:
+        raise MergewiseError(f"--batch-size: must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise MergewiseError(f"--limit: must be at least 1, got {limit}")
+    loaded = load_model(model_dir, device)
+    task_scores = {name: score_task(loaded, zoo, name, batch_size, limit) for name in selected}
+    general_text = zoo.general_eval.read_text(encoding="utf-8")
+    window = min(GENERAL_WINDOW_TOKENS, loaded.model.config.max_position_embeddings - 1)
+    general = text_nll(loaded, general_text, window, batch_size, max_windows=limit)
+    return {
+        "model": str(model_dir),
+        "zoo": str(zoo_dir),
+        "tasks": task_scores,
+        "general": {"metric": "nll", "score": round(general.mean, 4), "n": general.tokens},
+    }
+
+
+def select_tasks(zoo: Zoo, tasks: Sequence[str] | None) -> list[str]:
+    if not tasks:
+        return list(zoo.tasks)
+    unknown = [name for name in tasks if name not in zoo.tasks]
+    if unknown:
+        raise MergewiseError(f"--tasks: {', '.join(unknown)} not in {zoo.root / 'zoo.json'} (has {', '.join(zoo.tasks)})")
+    return list(tasks)
+
+
+def score_task(loaded: LoadedModel, zoo: Zoo, name: str, batch_size: int, limit: int | None) -> dict:
+    examples = zoo.eval_examples(name)[:limit]
+    if not examples:
+        raise MergewiseError(f"{zoo.tasks[name].eval}: no examples")
+    pairs = [(example["prompt"], example["answer"]) for example in examples]
+    likelihoods = continuation_log_likelihoods(loaded, pairs, batch_size)
+    answer_nll = -sum(total for total, _, _ in likelihoods) / sum(count for _, _, count in likelihoods)
+    result = {"metric": zoo.tasks[name].metric, "score": round(answer_nll, 4), "n": len(examples)}
+    if result["metric"] == "exact_match":
+        longest = max(len(loaded.tokenizer(answer, add_special_tokens=False)["input_ids"]) for _, answer in pairs)
+        completions = greedy_completions(loaded, [prompt for prompt, _ in pairs], longest + EXTRA_GENERATED_TOKENS, batch_size)
+        hits = sum(exact_match(completion, answer) for completion, (_, answer) in zip(completions, pairs))
+        result["score"] = round(hits / len(pairs), 4)
+    result["answer_nll"] = round(answer_nll, 4)
+    return result
+
+
+def format_table(results: dict) -> str:
+    """A compact fixed-width table for the terminal."""
+    rows = [("task", "metric", "score", "answer_nll", "n")]
+    for name, entry in results["tasks"].items():
+        rows.append((name, entry["metric"], f"{entry['score']:.4f}", f"{entry['answer_nll']:.4f}", str(entry["n"])))
+    general = results["general"]
+    rows.append(("general", general["metric"], f"{general['score']:.4f}", "", str(general["n"])))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

@@ -1,0 +1,114 @@
+"""zoo.json: the contract between `mergewise zoo build` and everything that reads a zoo (eval, checks).
+See docs in /work/shared/design/zoo.md; paths inside are relative to the zoo folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergewise.errors import MergewiseError
+
+MANIFEST_NAME = "zoo.json"
+
+
+@dataclass(frozen=True)
+class ZooTask:
+    name: str
+    expert: Path | None
+    calibration: Path
+    eval: Path
+    metric: str
+
+
+@dataclass(frozen=True)
+class Zoo:
+    root: Path
+    base: Path
+    tasks: dict[str, ZooTask]
+    general_eval: Path
+    raw: dict
+
+    def eval_examples(self, task: str) -> list[dict]:
+        """The task's held-out `{"prompt", "answer"}` records."""
+        path = self.tasks[task].eval
+        records = []
+        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise MergewiseError(f"{path}:{line_number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not {"prompt", "answer"} <= record.keys():
+                raise MergewiseError(f"{path}:{line_number}: expected an object with 'prompt' and 'answer'")
+            records.append(record)
+        return records
+
+
+def manifest_path(zoo_dir: str | os.PathLike) -> Path:
+    return Path(zoo_dir) / MANIFEST_NAME
+
+
+def read_manifest_dict(zoo_dir: str | os.PathLike) -> dict | None:
+    """The raw zoo.json, or None when the folder has none yet (a build that has not started)."""
+    path = manifest_path(zoo_dir)
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise MergewiseError(f"{path}: not valid JSON ({error.msg})") from None
+    if not isinstance(manifest, dict):
+        raise MergewiseError(f"{path}: expected a JSON object")
+    return manifest
+
+
+def write_manifest_dict(zoo_dir: str | os.PathLike, manifest: dict) -> None:
+    """Write through a temporary file so a crash never leaves a half-written zoo.json."""
+    path = manifest_path(zoo_dir)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def load_zoo(zoo_dir: str | os.PathLike) -> Zoo:
+    """Parse and check zoo.json; every error names zoo.json and the key at fault."""
+    root = Path(zoo_dir)
+    manifest = read_manifest_dict(root)
+    path = manifest_path(root)
+    if manifest is None:
+        raise MergewiseError(f"{path}: no zoo here (build one with `mergewise zoo build`)")
+
+    def required(mapping: dict, key: str, where: str):
+        if key not in mapping:
+            raise MergewiseError(f"{path}: missing key '{where}{key}'")
+        return mapping[key]
+
+    tasks_section = required(manifest, "tasks", "")
+    if not isinstance(tasks_section, dict) or not tasks_section:
+        raise MergewiseError(f"{path}: 'tasks' must be a non-empty object")
+    tasks = {}
+    for name, entry in tasks_section.items():
+        where = f"tasks.{name}."
+        if not isinstance(entry, dict):
+            raise MergewiseError(f"{path}: 'tasks.{name}' must be an object")
+        expert = required(entry, "expert", where)
+        tasks[name] = ZooTask(
+            name=name,
+            expert=None if expert is None else root / expert,
+            calibration=root / required(entry, "calibration", where),
+            eval=root / required(entry, "eval", where),
+            metric=required(entry, "metric", where),
+        )
+        if tasks[name].metric not in {"exact_match", "nll"}:
+            raise MergewiseError(f"{path}: 'tasks.{name}.metric' must be 'exact_match' or 'nll'")
+    general = required(manifest, "general", "")
+    return Zoo(
+        root=root,
+        base=root / required(manifest, "base", ""),
+        tasks=tasks,
+        general_eval=root / required(general, "eval", "general."),
+        raw=manifest,
+    )

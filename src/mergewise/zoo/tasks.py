@@ -1,0 +1,69 @@
+"""The micro zoo's synthetic tasks: short prompts with a one-character answer, so exact match is
+learnable by a ~1M-parameter model in a few hundred steps, while the tasks still share input formats
+(letters or digits) and therefore interfere when their experts are merged."""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+def random_word(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
+
+
+def random_digits(rng: random.Random) -> str:
+    return " ".join(rng.choice(string.digits) for _ in range(rng.randint(3, 6)))
+
+
+@dataclass(frozen=True)
+class Task:
+    """A prompt family `"{name}: {input} ->"` answered by `" {answer}"`."""
+
+    name: str
+    make_input: Callable[[random.Random], str]
+    solve: Callable[[str], str]
+    answer_alphabet: str
+
+    def prompt(self, task_input: str) -> str:
+        return f"{self.name}: {task_input} ->"
+
+    def example(self, rng: random.Random) -> tuple[str, str]:
+        task_input = self.make_input(rng)
+        return self.prompt(task_input), " " + self.solve(task_input)
+
+    def example_with_random_answer(self, rng: random.Random) -> str:
+        """The format without the skill: what the base sees in pretraining."""
+        prompt, _ = self.example(rng)
+        return f"{prompt} {rng.choice(self.answer_alphabet)}"
+
+
+def digit_list(task_input: str) -> list[str]:
+    return task_input.split()
+
+
+MICRO_TASKS = [
+    Task("first", random_word, lambda word: word[0], string.ascii_lowercase),
+    Task("last", random_word, lambda word: word[-1], string.ascii_lowercase),
+    Task("max", random_digits, lambda digits: max(digit_list(digits)), string.digits),
+    Task("min", random_digits, lambda digits: min(digit_list(digits)), string.digits),
+]
+# Held back: no expert is trained on it; it probes routing on an unseen format.
+HELD_BACK_TASK = Task("count", random_digits, lambda digits: str(len(digit_list(digits))), string.digits)
+
+
+def split_examples(task: Task, rng: random.Random, sizes: dict[str, int]) -> dict[str, list[tuple[str, str]]]:
+    """Draw distinct prompts and deal them into disjoint splits (e.g. train / eval / calibration)."""
+    wanted = sum(sizes.values())
+    seen: dict[str, str] = {}
+    while len(seen) < wanted:
+        prompt, answer = task.example(rng)
+        seen.setdefault(prompt, answer)
+    examples = list(seen.items())
+    splits, start = {}, 0
+    for split, size in sizes.items():
+        splits[split] = examples[start : start + size]
+        start += size
+    return splits

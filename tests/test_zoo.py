@@ -1,0 +1,127 @@
+"""The zoo folder contract (zoo.md), resumability and seeding, on the test-sized `tiny` zoo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergewise.cli import main
+from mergewise.errors import MergewiseError
+from mergewise.zoo import build_zoo, load_zoo
+from mergewise.zoo import training as zoo_training
+
+MODEL_NAMES = ["base", "expert-first", "expert-last", "expert-max", "expert-min"]
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory) -> Path:
+    """Built once per session through the CLI; later callers find it finished (the resume path)."""
+    zoo_dir = tmp_path_factory.getbasetemp() / "shared-tiny-zoo"
+    assert main(["zoo", "build", str(zoo_dir), "--size", "tiny", "--seed", "0"]) == 0
+    return zoo_dir
+
+
+def test_zoo_json_follows_the_contract(tiny_zoo):
+    manifest = json.loads((tiny_zoo / "zoo.json").read_text())
+    assert manifest["size"] == "tiny" and manifest["seed"] == 0 and manifest["base"] == "base"
+    assert set(manifest["versions"]) == {"mergewise", "torch", "transformers", "python"}
+    assert manifest["general"] == {**manifest["general"], "eval": "general/eval.txt", "metric": "nll"}
+    held_back = [name for name, task in manifest["tasks"].items() if task["expert"] is None]
+    assert held_back == ["count"]
+    for name, task in manifest["tasks"].items():
+        assert task["metric"] == "exact_match"
+        assert task["calibration"] == f"tasks/{name}/calib.txt" and task["eval"] == f"tasks/{name}/eval.jsonl"
+        assert task["data"]["eval"] == len((tiny_zoo / task["eval"]).read_text().splitlines())
+    for name in MODEL_NAMES[1:]:
+        record = manifest["models"][name]
+        assert 0 < record["task_vector_norm_ratio"] < 1
+        assert record["final_loss"] > 0 and len(record["loss_curve"]) >= 2
+    assert manifest["models"]["base"]["parameters"] > 0
+
+
+def test_calibration_prompts_are_disjoint_from_eval_prompts(tiny_zoo):
+    zoo = load_zoo(tiny_zoo)
+    for name, task in zoo.tasks.items():
+        eval_prompts = {example["prompt"] for example in zoo.eval_examples(name)}
+        calibration = task.calibration.read_text().splitlines()
+        assert calibration and eval_prompts and not eval_prompts & set(calibration)
+        assert all(prompt.startswith(f"{name}: ") and prompt.endswith(" ->") for prompt in calibration)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_is_a_plain_hugging_face_folder(tiny_zoo, name):
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo / name)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_zoo / name)
+    encoded = tokenizer("max: 3 8 2 ->", return_tensors="pt")
+    assert encoded["input_ids"][0, 0].item() == tokenizer.bos_token_id
+    assert tokenizer.decode(encoded["input_ids"][0], skip_special_tokens=True) == "max: 3 8 2 ->"
+    assert model(**encoded).logits.shape[-1] == len(tokenizer)
+    assert not any(path.name.startswith(".building-") for path in tiny_zoo.iterdir())
+
+
+def test_example_configs_point_at_zoo_models(tiny_zoo):
+    manifest = json.loads((tiny_zoo / "zoo.json").read_text())
+    assert {"configs/linear.yml", "configs/ties.yml"} <= set(manifest["configs"])
+    for relative in manifest["configs"]:
+        path = tiny_zoo / relative
+        config = yaml.safe_load(path.read_text())
+        models = [entry["model"] for entry in config["models"]] + [config.get("base_model", "../base")]
+        assert all((path.parent / model / "config.json").is_file() for model in models)
+        assert {entry["model"] for entry in config["models"]} == {f"../{name}" for name in MODEL_NAMES[1:]}
+
+
+def test_finished_models_are_not_retrained(tiny_zoo, tmp_path, monkeypatch):
+    zoo_dir = tmp_path / "zoo"
+    build_zoo(zoo_dir, "tiny", seed=0)
+    manifest = json.loads((zoo_dir / "zoo.json").read_text())
+    del manifest["models"]["expert-max"]  # as if the build had stopped before finishing it
+    (zoo_dir / "zoo.json").write_text(json.dumps(manifest))
+    base_weights = (zoo_dir / "base" / "model.safetensors").read_bytes()
+
+    trained = []
+    real_run_training = zoo_training.run_training
+
+    def counting_run_training(model, batches, schedule, description, **options):
+        trained.append(description)
+        return real_run_training(model, batches, schedule, description, **options)
+
+    monkeypatch.setattr("mergewise.zoo.micro.run_training", counting_run_training)
+    build_zoo(zoo_dir, "tiny", seed=0)
+    assert trained == ["expert-max"]
+    assert (zoo_dir / "base" / "model.safetensors").read_bytes() == base_weights
+    assert "expert-max" in json.loads((zoo_dir / "zoo.json").read_text())["models"]
+
+
+def test_same_seed_gives_the_same_zoo_and_another_seed_does_not(tiny_zoo, tmp_path):
+    again = tmp_path / "again"
+    build_zoo(again, "tiny", seed=0)
+    other = tmp_path / "other"
+    build_zoo(other, "tiny", seed=1)
+    for name in ["base", "expert-last"]:
+        reference = load_file(tiny_zoo / name / "model.safetensors")
+        same = load_file(again / name / "model.safetensors")
+        assert all(torch.equal(reference[key], same[key]) for key in reference)
+        different = load_file(other / name / "model.safetensors")
+        assert not all(torch.equal(reference[key], different[key]) for key in reference)
+    assert (tiny_zoo / "tasks/max/eval.jsonl").read_text() == (again / "tasks/max/eval.jsonl").read_text()
+    assert (tiny_zoo / "tasks/max/eval.jsonl").read_text() != (other / "tasks/max/eval.jsonl").read_text()
+
+
+def test_resuming_with_another_seed_or_size_is_refused(tiny_zoo):
+    with pytest.raises(MergewiseError, match="zoo.json"):
+        build_zoo(tiny_zoo, "tiny", seed=5)
+    assert main(["zoo", "build", str(tiny_zoo), "--size", "micro"]) == 2
+
+
+def test_broken_zoo_json_names_the_file_and_key(tmp_path):
+    (tmp_path / "zoo.json").write_text(json.dumps({"base": "base", "tasks": {"t": {"expert": None}}}))
+    with pytest.raises(MergewiseError, match=r"zoo.json: missing key 'tasks.t.calibration'"):
+        load_zoo(tmp_path)
+    with pytest.raises(MergewiseError, match="no zoo here"):
+        load_zoo(tmp_path / "missing")
