@@ -1,0 +1,225 @@
+"""Lazy, read-only access to the weights of a Hugging Face model folder.
+
+Only headers are read up front; tensor data is read on demand, a row range at a time, so a merge
+never holds a whole model. Pickle checkpoints (`.bin`) need an explicit opt-in because unpickling
+runs arbitrary code; even then they are loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mergewise.errors import MergewiseError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says about one tensor: enough to plan a merge without reading data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int = 0  # absolute byte offset of the data (safetensors files)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class ModelFolder:
+    """A local model folder: its `config.json` and a name → file index of its weights."""
+
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False):
+        self.path = Path(path).expanduser().resolve()
+        if not self.path.is_dir():
+            raise MergewiseError(f"model folder not found: {path}")
+        self.config = self._read_config()
+        self._descriptors: dict[Path, int] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._allow_pickle = allow_pickle
+        self.tensors: dict[str, TensorInfo] = self._index_weights()
+
+    def __repr__(self) -> str:
+        return f"ModelFolder({str(self.path)!r})"
+
+    # ----------------------------------------------------------------------------------- setup
+    def _read_config(self) -> dict:
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise MergewiseError(f"{config_path}: missing (not a Hugging Face model folder?)")
+        try:
+            return json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise MergewiseError(f"{config_path}: not valid JSON ({error})") from None
+
+    def _index_weights(self) -> dict[str, TensorInfo]:
+        files = self._safetensors_files()
+        if files:
+            return self._read_safetensors_headers(files)
+        pickle_files = self._pickle_files()
+        if pickle_files:
+            if not self._allow_pickle:
+                raise MergewiseError(
+                    f"{self.path}: weights are pickle files ({pickle_files[0].name}); loading them "
+                    "can run arbitrary code, pass --allow-pickle (allow_pickle=True) to accept"
+                )
+            return self._read_pickles(pickle_files)
+        raise MergewiseError(f"{self.path}: no *.safetensors (or pytorch_model*.bin) weights found")
+
+    def _safetensors_files(self) -> list[Path]:
+        index = self.path / SAFETENSORS_INDEX
+        if index.is_file():
+            return self._files_from_index(index)
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        return sorted(self.path.glob("*.safetensors"))
+
+    def _pickle_files(self) -> list[Path]:
+        index = self.path / PICKLE_INDEX
+        if index.is_file():
+            return self._files_from_index(index)
+        return sorted(self.path.glob("pytorch_model*.bin"))
+
+    def _files_from_index(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise MergewiseError(f"{index}: not a valid weight index ({error})") from None
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            file = self.path / name
+            if not file.is_file():
+                raise MergewiseError(f"{index}: lists shard {name}, which is missing")
+            files.append(file)
+        return files
+
+    def _read_safetensors_headers(self, files: list[Path]) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            for info in read_safetensors_header(file):
+                tensors[info.name] = info
+        return tensors
+
+    def _read_pickles(self, files: list[Path]) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:  # torch raises many types for a bad pickle
+                raise MergewiseError(f"{file}: cannot be read as a weights-only checkpoint ({error})") from None
+            self._pickled[file] = state
+            for name, tensor in state.items():
+                tensors[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file)
+        return tensors
+
+    # ------------------------------------------------------------------------------------ reads
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor `name`, or only its rows `rows` (first axis), read from disk now.
+
+        Plain positioned reads rather than a memory map: the data passes through the page cache
+        only, so a merge's resident memory stays the size of the chunks it holds.
+        """
+        info = self.tensors[name]
+        if info.file in self._pickled:
+            tensor = self._pickled[info.file][name]
+            return (tensor if rows is None else tensor[rows]).clone()
+        first, stop = (0, info.shape[0] if info.shape else 1) if rows is None else rows.indices(info.shape[0])[:2]
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        count = max(0, stop - first)
+        buffer = bytearray(count * row_bytes)
+        descriptor = self._descriptor(info.file)
+        done = 0
+        while done < len(buffer):
+            chunk = os.preadv(descriptor, [memoryview(buffer)[done:]], info.offset + first * row_bytes + done)
+            if chunk <= 0:
+                raise MergewiseError(f"{info.file}: truncated while reading tensor {name}")
+            done += chunk
+        shape = (count, *info.shape[1:]) if info.shape else ()
+        if not buffer:
+            return torch.empty(shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
+
+    def _descriptor(self, file: Path) -> int:
+        if file not in self._descriptors:
+            self._descriptors[file] = os.open(file, os.O_RDONLY)
+        return self._descriptors[file]
+
+    def close(self) -> None:
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+        self._descriptors.clear()
+
+    @property
+    def num_layers(self) -> int | None:
+        """Decoder depth from config.json, whatever the architecture calls it."""
+        config = self.config.get("text_config", self.config)
+        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            if isinstance(config.get(key), int):
+                return config[key]
+        return None
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether lm_head shares the input embedding (HF's default is tied)."""
+        return bool(self.config.get("tie_word_embeddings", True))
+
+
+def read_safetensors_header(file: Path) -> list[TensorInfo]:
+    """Parse and check a safetensors header: every tensor's extent must lie inside the file and
+    match its shape and dtype, so a corrupt file is rejected before any merge work starts."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise MergewiseError(f"{file}: corrupt safetensors file (shorter than its header)")
+        (header_length,) = struct.unpack("<Q", prefix)
+        if header_length > min(size - 8, 100_000_000):
+            raise MergewiseError(f"{file}: corrupt safetensors header (declared length {header_length})")
+        try:
+            header = json.loads(handle.read(header_length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise MergewiseError(f"{file}: corrupt safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise MergewiseError(f"{file}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + header_length
+    tensors = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(size) for size in entry["shape"])
+            begin, end = (int(value) for value in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise MergewiseError(f"{file}: corrupt safetensors header entry for tensor {name}") from None
+        info = TensorInfo(name, shape, dtype, file, data_start + begin)
+        if end - begin != info.nbytes or data_start + end > size or begin < 0:
+            raise MergewiseError(
+                f"{file}: corrupt safetensors header: tensor {name} extends past the data or "
+                "does not match its shape (truncated download?)")
+        tensors.append(info)
+    return tensors

@@ -1,0 +1,142 @@
+"""Sharded safetensors output written as a stream.
+
+The merge plan knows every output tensor's name, shape and dtype before any data exists, so each
+shard's header is written first and tensor rows are written in place as they are produced: no shard
+is ever buffered in memory, whatever `shard_size` is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergewise.checkpoint.reader import SAFETENSORS_INDEX
+from mergewise.errors import MergewiseError
+
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '200MB', '1.5GiB' or a byte count → bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise MergewiseError(f"shard size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise MergewiseError(f"shard size {text!r} must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class _Slot:
+    file: Path
+    offset: int  # absolute byte offset of the tensor's data in its file
+    row_bytes: int
+
+
+class StreamingShardWriter:
+    """Lays tensors out into shards of at most `shard_size` bytes and accepts their rows in any order."""
+
+    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int,
+                 metadata: dict[str, str] | None = None):
+        self.folder = folder
+        self._slots: dict[str, _Slot] = {}
+        shards = _assign_shards(tensors, shard_size)
+        self._files = {}
+        self.weight_map: dict[str, str] = {}
+        for index, shard in enumerate(shards, start=1):
+            file_name = ("model.safetensors" if len(shards) == 1
+                         else f"model-{index:05d}-of-{len(shards):05d}.safetensors")
+            self._write_header(folder / file_name, shard, metadata or {})
+            for tensor in shard:
+                self.weight_map[tensor.name] = file_name
+        self.total_size = sum(tensor.nbytes for tensor in tensors)
+        self.single_file = len(shards) == 1
+
+    def _write_header(self, path: Path, shard: list[PlannedTensor], metadata: dict[str, str]) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
+        start = 0
+        for tensor in shard:
+            header[tensor.name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                                   "data_offsets": [start, start + tensor.nbytes]}
+            start += tensor.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # data must start 8-byte aligned
+        data_start = 8 + len(encoded)
+        handle = open(path, "w+b")
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        handle.truncate(data_start + start)
+        self._files[path] = handle
+        for tensor in shard:
+            row_bytes = tensor.nbytes // tensor.shape[0] if tensor.shape and tensor.shape[0] else 0
+            self._slots[tensor.name] = _Slot(path, data_start, row_bytes)
+            data_start += tensor.nbytes
+
+    def write(self, name: str, data: torch.Tensor, first_row: int = 0) -> None:
+        """Write `data` (rows starting at `first_row`, already in the planned dtype) into place."""
+        slot = self._slots[name]
+        handle = self._files[slot.file]
+        handle.seek(slot.offset + first_row * slot.row_bytes)
+        flat = data.detach().to("cpu").contiguous().reshape(-1)
+        handle.write(flat.view(torch.uint8).numpy().data)
+
+    def close(self) -> None:
+        """Flush the shards and, when there are several, write the Hugging Face index."""
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+        if not self.single_file:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+
+def _assign_shards(tensors: list[PlannedTensor], shard_size: int) -> list[list[PlannedTensor]]:
+    """Greedy, in plan order: a tensor larger than a shard gets a shard of its own."""
+    shards: list[list[PlannedTensor]] = [[]]
+    used = 0
+    for tensor in tensors:
+        if shards[-1] and used + tensor.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(tensor)
+        used += tensor.nbytes
+    return shards

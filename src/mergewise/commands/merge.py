@@ -1,0 +1,40 @@
+"""`mergewise merge CONFIG.yml OUT_DIR`: run a merge recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_merge_options(parser: argparse.ArgumentParser) -> None:
+    """Flags of every command that runs a merge (MergeOptions' fields)."""
+    parser.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept pytorch_model*.bin inputs (loaded with weights_only=True)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--seed", type=int, default=None, help="seed of random methods (DARE, DELLA)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def merge_options(args: argparse.Namespace) -> dict:
+    return {"device": args.device, "threads": args.threads, "shard_size": args.shard_size,
+            "allow_pickle": args.allow_pickle, "overwrite": args.overwrite, "seed": args.seed,
+            "quiet": args.quiet}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("merge", help="merge models as a YAML recipe describes",
+                                   description="Merge models as a mergekit-compatible YAML recipe describes.")
+    parser.add_argument("config", help="merge recipe (YAML)")
+    parser.add_argument("out_dir", help="output model folder (created; must not exist unless --overwrite)")
+    add_merge_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from mergewise.engine import run_merge
+
+    out_dir = run_merge(args.config, args.out_dir, **merge_options(args))
+    if not args.quiet:
+        print(f"merged model written to {out_dir}")

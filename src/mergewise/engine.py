@@ -1,0 +1,205 @@
+"""The streaming executor: plan → read row chunks (prefetched on a thread) → method → write.
+
+Peak memory is a few row chunks of every input plus, for methods with a whole-tensor statistic, one
+float32 copy of one task vector: it depends on the widest tensor, never on the model's depth.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from mergewise.checkpoint import (
+    PlannedTensor,
+    StreamingShardWriter,
+    check_output_location,
+    copy_tokenizer,
+    parse_size,
+    staged_folder,
+    write_model_config,
+)
+from mergewise.config import MergeConfig, load_config
+from mergewise.errors import MergewiseError
+from mergewise.methods import ChunkedTensors, TensorRows
+from mergewise.plan import MergePlan, TensorJob, build_plan
+
+# Called on every merged row chunk before it is written (AIM's relaxation hooks in here).
+TensorHook = Callable[[TensorJob, slice, torch.Tensor], torch.Tensor]
+
+CHUNK_ELEMENTS = 1 << 22  # ~16 MB of float32 per input per chunk
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to run a merge (not what to merge): these never change the result, except `seed`."""
+
+    device: str = "cpu"
+    threads: int | None = None
+    shard_size: str | int = "5GB"
+    overwrite: bool = False
+    allow_pickle: bool = False
+    seed: int | None = None
+    quiet: bool = False
+
+
+def run_merge(config_or_path: str | Path | dict | MergeConfig, out_dir: str | Path, *,
+              tensor_hook: TensorHook | None = None, extra_record: dict | None = None,
+              **options) -> Path:
+    """Merge the models a recipe describes into the Hugging Face folder `out_dir`; return its path."""
+    options = MergeOptions(**options)
+    config, config_dir = load_config(config_or_path)
+    plan = build_plan(config, config_dir, allow_pickle=options.allow_pickle)
+    return execute_plan(plan, out_dir, options, tensor_hook=tensor_hook, extra_record=extra_record)
+
+
+def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
+                 tensor_hook: TensorHook | None = None, extra_record: dict | None = None) -> Path:
+    out_dir = Path(out_dir).expanduser().resolve()
+    check_output_location(out_dir, [model.path for model in plan.models], options.overwrite)
+    device = _device(options.device)
+    seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
+    shard_size = parse_size(options.shard_size)
+    torch.set_num_threads(options.threads or os.cpu_count() or 1)
+    with staged_folder(out_dir) as staging, ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader:
+        writer = StreamingShardWriter(
+            staging, [PlannedTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs], shard_size,
+            metadata={"merged_by": "mergewise"})
+        try:
+            executor = _JobExecutor(plan, device, seed, reader, tensor_hook)
+            total = sum(math.prod(job.shape) for job in plan.jobs)
+            with tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
+                      disable=options.quiet) as progress:
+                for job in plan.jobs:
+                    progress.set_postfix_str(job.name, refresh=False)
+                    executor.run(job, writer)
+                    progress.update(math.prod(job.shape))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        write_model_config(staging, plan.reference.config, _config_dtype(plan), plan.source_layers)
+        copy_tokenizer(plan.tokenizer_source.path, staging)
+        _write_record(staging, plan, seed, options, extra_record)
+    for model in plan.models:
+        model.close()
+    return out_dir
+
+
+class _JobExecutor:
+    """Runs one TensorJob at a time, reading its row chunks one step ahead of the arithmetic."""
+
+    def __init__(self, plan: MergePlan, device: torch.device, seed: int, reader: ThreadPoolExecutor,
+                 tensor_hook: TensorHook | None):
+        self.plan = plan
+        self.method = plan.method
+        self.device = device
+        self.seed = seed
+        self.reader = reader
+        self.tensor_hook = tensor_hook
+
+    def run(self, job: TensorJob, writer: StreamingShardWriter) -> None:
+        if not job.out_dtype.is_floating_point:
+            source = job.base or job.inputs[0]
+            writer.write(job.name, source.model.read(source.name))
+            return
+        params = job.params
+        row_ranges = self._row_ranges(job, params)
+        stats = None
+        if self.method.prepare is not None:
+            tensors = ChunkedTensors(job.shape, lambda models: self._chunks(job, row_ranges, models))
+            stats = self._guard(job, lambda: self.method.run_prepare(tensors, params))
+        for rows_in, rows in zip(self._chunks(job, row_ranges), row_ranges):
+            rows_in.stats = stats
+            merged = self._guard(job, lambda: self.method.merge(rows_in, params))
+            if self.tensor_hook is not None:
+                merged = self.tensor_hook(job, rows, merged)
+            writer.write(job.name, merged.to(job.out_dtype), rows.start)
+
+    def _guard(self, job: TensorJob, work):
+        try:
+            return work()
+        except ValueError as error:
+            raise MergewiseError(f"tensor {job.name}: {error}") from None
+
+    def _row_ranges(self, job: TensorJob, params: dict) -> list[slice]:
+        if len(job.shape) == 0:
+            return [slice(None)]
+        total_rows = job.shape[0]
+        row_elements = math.prod(job.shape[1:])
+        if self.method.whole_tensor(params) or row_elements == 0:
+            step = max(total_rows, 1)
+        else:
+            step = max(1, CHUNK_ELEMENTS // max(row_elements, 1))
+        return [slice(start, min(start + step, total_rows)) for start in range(0, max(total_rows, 1), step)]
+
+    def _chunks(self, job: TensorJob, row_ranges: list[slice], models: list[int] | None = None) -> Iterator[TensorRows]:
+        """TensorRows per row range, each read on the reader thread while the previous one computes."""
+        chosen = range(len(job.inputs)) if models is None else models
+        pending: Future | None = None
+        for index, rows in enumerate(row_ranges):
+            current = pending or self.reader.submit(self._read, job, rows, chosen)
+            pending = self.reader.submit(self._read, job, row_ranges[index + 1], chosen) \
+                if index + 1 < len(row_ranges) else None
+            yield current.result()
+
+    def _read(self, job: TensorJob, rows: slice, chosen) -> TensorRows:
+        rows_arg = None if rows == slice(None) else rows
+        base = self._load(job.base, rows_arg) if job.base is not None else None
+        inputs = [self._load(job.inputs[index], rows_arg) for index in chosen]
+        first_row = rows.start or 0
+        return TensorRows(base, inputs, first_row, rng=lambda index: self._generator(job, index, first_row))
+
+    def _load(self, source, rows) -> torch.Tensor:
+        tensor = source.model.read(source.name, rows)
+        if self.plan.compute_dtype is not None:
+            tensor = tensor.to(self.plan.compute_dtype)  # round as the recipe's dtype asks
+        return tensor.to(self.device, torch.float32)
+
+    def _generator(self, job: TensorJob, index: int, first_row: int) -> torch.Generator:
+        """Random stream fixed by (seed, tensor, model, chunk): reproducible, and identical in the
+        statistics pass and the merge pass."""
+        key = zlib.crc32(f"{self.seed}/{job.name}/{index}/{first_row}".encode())
+        return torch.Generator().manual_seed(((self.seed << 32) ^ key) & (2**63 - 1))
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MergewiseError(f"device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise MergewiseError(f"device {name!r}: expected cpu or cuda[:N]") from None
+
+
+def _config_dtype(plan: MergePlan) -> torch.dtype:
+    floating = [job.out_dtype for job in plan.jobs if job.out_dtype.is_floating_point]
+    return max(set(floating), key=floating.count) if floating else torch.float32
+
+
+def _write_record(folder: Path, plan: MergePlan, seed: int, options: MergeOptions, extra: dict | None) -> None:
+    """mergewise.yml: the recipe with model paths resolved, plus what else decides the result."""
+    from mergewise import __version__
+
+    recipe = plan.config.model_dump(mode="json", exclude_none=True)
+    record = {
+        "recipe": recipe,
+        "resolved_models": {str(model.path.name): str(model.path) for model in plan.models},
+        "seed": seed,
+        "mergewise_version": __version__,
+        "torch_version": str(torch.__version__),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": options.device,
+        **(extra or {}),
+    }
+    (folder / "mergewise.yml").write_text(yaml.safe_dump(record, sort_keys=False))

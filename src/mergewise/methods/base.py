@@ -1,0 +1,144 @@
+"""What a merge method is: a pure function of tensor rows, whose keyword signature is its schema.
+
+A method gets the same row range of every input (float32) and returns those rows of the output, so
+the engine can stream big tensors in row chunks. Methods whose rows depend on whole-tensor figures
+(a magnitude threshold, a norm, an angle) declare a `prepare` function: it reads the tensor once,
+chunk by chunk, and its result reaches every row call as `rows.stats`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from functools import cached_property
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Annotated, Any, Callable, Iterator, Sequence
+
+import torch
+
+
+class PerModelMarker:
+    """Annotation marker: the parameter takes one value per input model."""
+
+
+PerModel = Annotated[Sequence[float], PerModelMarker]
+OptionalPerModel = Annotated[Sequence[float | None], PerModelMarker]
+
+
+class BasePolicy(str, Enum):
+    REQUIRED = "required"  # base is the reference the inputs are differences from
+    OPTIONAL = "optional"  # used when given
+    INPUT = "input"        # base is one more weighted input (linear)
+    UNUSED = "unused"
+
+
+@dataclass
+class TensorRows:
+    """The same rows [first_row, first_row + n) of the base and every input, in float32."""
+
+    base: torch.Tensor | None
+    inputs: list[torch.Tensor]
+    first_row: int = 0
+    stats: Any = None
+    rng: Callable[[int], torch.Generator] | None = None  # generator for input i, fixed per row chunk
+
+
+class ChunkedTensors:
+    """Whole-tensor view for `prepare`: iterate the tensor's row chunks as `TensorRows`."""
+
+    def __init__(self, shape: tuple[int, ...],
+                 chunk_iterator: Callable[[list[int] | None], Iterator[TensorRows]]):
+        self.shape = shape
+        self._chunk_iterator = chunk_iterator
+
+    @property
+    def numel(self) -> int:
+        total = 1
+        for size in self.shape:
+            total *= size
+        return total
+
+    def chunks(self, models: list[int] | None = None) -> Iterator[TensorRows]:
+        """Row chunks of the base and of the inputs `models` (all by default), in order."""
+        return self._chunk_iterator(models)
+
+
+REQUIRED = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str             # as written in the config (`lambda`, not `lambda_`)
+    argument: str         # keyword of the Python function
+    kind: type            # float, bool or int
+    per_model: bool
+    default: Any          # REQUIRED when the config must give it
+    optional: bool = False  # None is an accepted value
+
+    def coerce(self, value: Any) -> Any:
+        """Cast a YAML scalar to this parameter's type, rejecting what cannot be meant."""
+        if value is None and self.optional:
+            return None
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            raise ValueError(f"expected true/false, got {value!r}")
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        return self.kind(float(value)) if self.kind is int else float(value)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    merge_rows: Callable[..., torch.Tensor]
+    base: BasePolicy
+    min_inputs: int = 1          # models other than the base
+    max_inputs: int | None = None
+    prepare: Callable[..., Any] | None = None
+    uses_randomness: bool = False
+    fixed: dict[str, Any] = field(default_factory=dict)      # keywords bound by a preset
+    defaults: dict[str, Any] = field(default_factory=dict)   # preset defaults overriding the signature
+    whole_tensor: Callable[[dict[str, Any]], bool] = lambda shared: False  # rows not independent
+    description: str = ""
+
+    @cached_property
+    def parameters(self) -> dict[str, Parameter]:
+        """The config-facing schema, read from the row function's keyword-only arguments."""
+        hints = typing.get_type_hints(self.merge_rows, include_extras=True)
+        schema = {}
+        for argument, spec in inspect.signature(self.merge_rows).parameters.items():
+            if spec.kind is not inspect.Parameter.KEYWORD_ONLY or argument in self.fixed:
+                continue
+            hint = hints.get(argument, float)
+            per_model = typing.get_origin(hint) is Annotated and PerModelMarker in hint.__metadata__
+            optional = hint is OptionalPerModel
+            kind = float if per_model else _scalar_type(hint)
+            name = argument.rstrip("_")
+            default = self.defaults.get(name, spec.default)
+            schema[name] = Parameter(name, argument, kind, per_model, default, optional)
+        return schema
+
+    def merge(self, rows: TensorRows, params: dict[str, Any]) -> torch.Tensor:
+        return self.merge_rows(rows, **self._arguments(self.merge_rows, params))
+
+    def run_prepare(self, tensors: ChunkedTensors, params: dict[str, Any]) -> Any:
+        return self.prepare(tensors, **self._arguments(self.prepare, params))
+
+    def _arguments(self, function: Callable, params: dict[str, Any]) -> dict[str, Any]:
+        accepted = inspect.signature(function).parameters
+        by_argument = {self.parameters[name].argument: value for name, value in params.items()}
+        by_argument.update(self.fixed)
+        return {key: value for key, value in by_argument.items() if key in accepted}
+
+
+def _scalar_type(hint: Any) -> type:
+    for candidate in (bool, int, float):
+        if hint is candidate:
+            return candidate
+    return float

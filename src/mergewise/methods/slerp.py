@@ -1,0 +1,102 @@
+"""Spherical interpolation: slerp (base ↔ one model) and nuslerp (two models, or two task vectors).
+
+Both interpolate along the great circle between two tensors seen as vectors; the angle needs whole-
+tensor norms and a dot product, gathered by `prepare` in float64, after which each row is a fixed
+linear combination of the two inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows
+
+
+def _spherical_coefficients(t: float, cosine: torch.Tensor, collinear: torch.Tensor):
+    """Coefficients of v0 and v1 on the arc; plain lerp where the vectors are (anti)parallel."""
+    theta = torch.acos(torch.where(collinear, 0.0, cosine))
+    sin_theta = torch.where(collinear, 1.0, torch.sin(theta))
+    first = torch.where(collinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    second = torch.where(collinear, t, torch.sin(t * theta) / sin_theta)
+    return first, second
+
+
+def _whole_tensor_sums(tensors: ChunkedTensors, pair) -> tuple[float, float, float]:
+    """Σa², Σb², Σab over the tensor for the pair of vectors `pair(rows)` returns."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for rows in tensors.chunks():
+        a, b = (vector.double() for vector in pair(rows))
+        sums += torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()]).cpu()
+    return tuple(float(value) for value in sums)
+
+
+# ------------------------------------------------------------------------------------------ slerp
+def prepare_slerp(tensors: ChunkedTensors, *, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    square_a, square_b, dot = _whole_tensor_sums(tensors, lambda rows: (rows.base, rows.inputs[0]))
+    norm_a = math.sqrt(square_a) if math.sqrt(square_a) > 1e-8 else 1.0
+    norm_b = math.sqrt(square_b) if math.sqrt(square_b) > 1e-8 else 1.0
+    cosine = torch.tensor(max(-1.0, min(1.0, dot / (norm_a * norm_b))), dtype=torch.float64)
+    return _spherical_coefficients(t, cosine, cosine.abs() > 0.9995)
+
+
+def merge_slerp(rows: TensorRows, *, t: float) -> torch.Tensor:
+    first, second = (float(value) for value in rows.stats)
+    return rows.base * first + rows.inputs[0] * second
+
+
+SLERP = MergeMethod(name="slerp", merge_rows=merge_slerp, prepare=prepare_slerp, base=BasePolicy.REQUIRED,
+                    min_inputs=1, max_inputs=1, description="spherical interpolation base → model by t")
+
+
+# ---------------------------------------------------------------------------------------- nuslerp
+def _nuslerp_pair(rows: TensorRows) -> tuple[torch.Tensor, torch.Tensor]:
+    first, second = rows.inputs
+    if rows.base is None:
+        return first, second
+    return first - rows.base, second - rows.base
+
+
+def _nuslerp_fraction(weight) -> float:
+    total = sum(weight)
+    return 0.5 if abs(total) < 1e-6 else weight[1] / total
+
+
+def _nuslerp_collinear(cosine: torch.Tensor) -> torch.Tensor:
+    return (1 - cosine.square()) <= 1e-16
+
+
+def prepare_nuslerp(tensors: ChunkedTensors, *, weight: PerModel, nuslerp_flatten: bool = True,
+                    nuslerp_row_wise: bool = False):
+    if not nuslerp_flatten:
+        return None
+    square_a, square_b, dot = _whole_tensor_sums(tensors, _nuslerp_pair)
+    cosine = dot / (max(math.sqrt(square_a), 1e-7) * max(math.sqrt(square_b), 1e-7))
+    cosine = torch.tensor(cosine, dtype=torch.float64).clamp(-1, 1)
+    return _spherical_coefficients(_nuslerp_fraction(weight), cosine, _nuslerp_collinear(cosine))
+
+
+def merge_nuslerp(rows: TensorRows, *, weight: PerModel, nuslerp_flatten: bool = True,
+                  nuslerp_row_wise: bool = False) -> torch.Tensor:
+    """Without flattening, each row (or, row-wise, each column) is interpolated on its own."""
+    first, second = _nuslerp_pair(rows)
+    if nuslerp_flatten:
+        coefficient_a, coefficient_b = (float(value) for value in rows.stats)
+    else:
+        axis = 0 if nuslerp_row_wise else -1
+        norm_a = first.norm(dim=axis, keepdim=True).clamp(min=1e-7)
+        norm_b = second.norm(dim=axis, keepdim=True).clamp(min=1e-7)
+        cosine = ((first / norm_a) * (second / norm_b)).sum(dim=axis, keepdim=True).clamp(-1, 1)
+        coefficient_a, coefficient_b = _spherical_coefficients(
+            _nuslerp_fraction(weight), cosine, _nuslerp_collinear(cosine))
+    result = first * coefficient_a + second * coefficient_b
+    return result if rows.base is None else result + rows.base
+
+
+NUSLERP = MergeMethod(
+    name="nuslerp", merge_rows=merge_nuslerp, prepare=prepare_nuslerp, base=BasePolicy.OPTIONAL,
+    min_inputs=2, max_inputs=2,
+    whole_tensor=lambda shared: shared["nuslerp_row_wise"] and not shared["nuslerp_flatten"],
+    description="spherical interpolation of two models (or two task vectors when a base is given)",
+)

@@ -1,0 +1,165 @@
+"""The task-arithmetic family: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+
+All are one computation — sparsify each task vector (input − base), weight it, optionally keep only
+entries agreeing with the majority sign (TIES consensus), sum, optionally normalise by the weights
+that contributed, scale by lambda, add to the base — with a different sparsifier and defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows
+from mergewise.methods.sparsify import (
+    Sparsification,
+    band_mask,
+    l1_rescale,
+    magnitude_bounds,
+    random_mask,
+    rank_random_mask,
+)
+
+
+@dataclass(frozen=True)
+class SparsifyStats:
+    """Whole-tensor figures per input model: the kept magnitude band and the L1 rescale factor."""
+
+    bands: list[tuple[float, float]] | None
+    scales: list[float]
+
+
+def _keep_mask(rows: TensorRows, index: int, delta: torch.Tensor, sparsification: Sparsification | None,
+               density: float, gamma: float, epsilon: float) -> torch.Tensor | None:
+    """Which entries of input `index`'s delta survive in these rows (None = all)."""
+    if sparsification is None or density >= 1:
+        return None
+    if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
+        return band_mask(delta, *rows.stats.bands[index])
+    if sparsification is Sparsification.RANDOM:
+        return random_mask(delta, density, rows.rng(index))
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"della needs 0 < density ± epsilon < 1 (density {density}, epsilon {epsilon})")
+    return rank_random_mask(delta, density, epsilon, rows.rng(index))
+
+
+def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsification | None,
+                            density: PerModel, rescale: bool, gamma: PerModel = (),
+                            epsilon: PerModel = ()) -> SparsifyStats | None:
+    """Magnitude bands need the whole |delta|; an L1 rescale needs whole-tensor sums of the masks."""
+    if sparsification is None:
+        return None
+    count = len(density)
+    gamma = gamma or (0.0,) * count
+    epsilon = epsilon or (0.0,) * count
+    bands = None
+    if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
+        outliers = sparsification is Sparsification.MAGNITUDE_OUTLIERS
+        bands = []
+        for index in range(count):
+            magnitudes = np.empty(tensors.numel, dtype=np.float32)
+            filled = 0
+            for rows in tensors.chunks(models=[index]):
+                part = (rows.inputs[0] - rows.base).abs().reshape(-1).cpu().numpy()
+                magnitudes[filled:filled + part.size] = part
+                filled += part.size
+            bands.append(magnitude_bounds(magnitudes, density[index], gamma[index] if outliers else None))
+            del magnitudes
+    scales = [1.0] * count
+    if rescale:
+        stats = SparsifyStats(bands, scales)
+        totals = [0.0] * count
+        kept = [0.0] * count
+        for rows in tensors.chunks():
+            rows.stats = stats
+            for index, tensor in enumerate(rows.inputs):
+                delta = tensor - rows.base
+                mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index],
+                                  epsilon[index])
+                magnitude = delta.abs()
+                totals[index] += float(magnitude.sum(dtype=torch.float64))
+                kept[index] += float((magnitude if mask is None else magnitude * mask).sum(dtype=torch.float64))
+        scales = [l1_rescale(total, part) for total, part in zip(totals, kept)]
+    return SparsifyStats(bands, scales)
+
+
+def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | None, consensus: bool,
+                          weight: PerModel, density: PerModel = None, normalize: bool = False,
+                          rescale: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
+                          gamma: PerModel = None, epsilon: PerModel = None) -> torch.Tensor:
+    """base + lambda · combine(weight_i · sparsify(input_i − base)).
+
+    `int8_mask` is accepted for config compatibility: it only chose a mask dtype to save memory, and
+    masks here are booleans on row chunks already.
+    """
+    base = rows.base
+    count = len(rows.inputs)
+    density = density or (1.0,) * count
+    gamma = gamma or (0.0,) * count
+    epsilon = epsilon or (0.0,) * count
+    weighted = torch.empty((count, *base.shape), dtype=base.dtype, device=base.device)
+    for index, tensor in enumerate(rows.inputs):
+        delta = torch.sub(tensor, base, out=weighted[index])
+        mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index], epsilon[index])
+        if mask is not None:
+            delta.mul_(mask)
+        scale = weight[index] * (rows.stats.scales[index] if rows.stats is not None else 1.0)
+        delta.mul_(scale)
+    weights = torch.tensor(weight, dtype=base.dtype, device=base.device).reshape(-1, *([1] * base.dim()))
+    if consensus:
+        majority_positive = weighted.sum(dim=0) >= 0
+        agrees = torch.where(majority_positive, weighted > 0, weighted < 0)
+        combined = (weighted * agrees).sum(dim=0)
+        divisor = (weights * agrees).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        combined = weighted.sum(dim=0)
+        divisor = weights.sum()
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones_like(divisor)
+    if normalize:
+        combined /= divisor
+    if lambda_ != 1:
+        combined *= lambda_
+    return combined.add_(base)
+
+
+def _preset(name: str, sparsification: Sparsification | None, consensus: bool, normalize: bool,
+            rescale: bool, description: str) -> MergeMethod:
+    unused = {}
+    if sparsification is not Sparsification.MAGNITUDE_OUTLIERS:
+        unused["gamma"] = None
+    if sparsification is not Sparsification.RANK_RANDOM:
+        unused["epsilon"] = None
+    defaults = {"normalize": normalize, "rescale": rescale, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+    return MergeMethod(
+        name=name,
+        merge_rows=merge_task_arithmetic,
+        prepare=prepare_task_arithmetic,
+        base=BasePolicy.REQUIRED,
+        fixed={"sparsification": sparsification, "consensus": consensus, **unused},
+        defaults=defaults,
+        uses_randomness=sparsification in (Sparsification.RANDOM, Sparsification.RANK_RANDOM),
+        description=description,
+    )
+
+
+TASK_ARITHMETIC_METHODS = (
+    _preset("task_arithmetic", None, False, False, False, "base + Σ weight·(model − base)"),
+    _preset("ties", Sparsification.MAGNITUDE, True, True, False,
+            "top-density magnitudes per task vector, majority sign, disjoint mean"),
+    _preset("dare_linear", Sparsification.RANDOM, False, False, True,
+            "random drop (keep = density) with L1 rescale, then task arithmetic"),
+    _preset("dare_ties", Sparsification.RANDOM, True, False, True,
+            "random drop with L1 rescale, then TIES sign consensus"),
+    _preset("breadcrumbs", Sparsification.MAGNITUDE_OUTLIERS, False, False, False,
+            "drop the gamma largest and the smallest magnitudes, then task arithmetic"),
+    _preset("breadcrumbs_ties", Sparsification.MAGNITUDE_OUTLIERS, True, False, False,
+            "breadcrumbs sparsification with TIES sign consensus"),
+    _preset("della", Sparsification.RANK_RANDOM, True, True, True,
+            "magnitude-rank-dependent random drop (MagPrune), rescale, TIES consensus"),
+    _preset("della_linear", Sparsification.RANK_RANDOM, False, False, True,
+            "MagPrune random drop with rescale, then task arithmetic"),
+)

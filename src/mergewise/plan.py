@@ -1,0 +1,331 @@
+"""From recipe to plan: which output tensor comes from which input tensors, by which method, with
+which parameter values. No tensor data is read here, only headers, so every error surfaces first.
+
+No per-architecture tables: a decoder layer is recognised by the first numeric path component of a
+tensor name (`model.layers.7.…`, `transformer.h.7.…`), and tied embeddings by the model's config.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergewise.checkpoint import ModelFolder
+from mergewise.config import ConditionalParameter, MergeConfig, OutputSlice
+from mergewise.errors import MergewiseError
+from mergewise.methods import BasePolicy, MergeMethod, Parameter, get_method
+from mergewise.methods.base import REQUIRED
+
+LAYER_NAME = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+\.)(?P<index>\d+)\.(?P<rest>.+)$")
+EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings")
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+OUTPUT_EMBEDDING_NAMES = ("lm_head.weight", "embed_out.weight")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    model: ModelFolder
+    name: str
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: its inputs (in method order), the base, and resolved parameters."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    inputs: list[TensorSource]
+    base: TensorSource | None
+    shared: dict[str, Any]
+    per_model: dict[str, tuple]
+    layer: int | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {**self.shared, **self.per_model}
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MergeMethod
+    jobs: list[TensorJob]
+    models: list[ModelFolder]
+    reference: ModelFolder           # source of config.json
+    tokenizer_source: ModelFolder
+    compute_dtype: torch.dtype | None
+    source_layers: list[int] | None = None  # for slices: the reference layer behind each output layer
+    notes: list[str] = field(default_factory=list)
+
+
+def layer_index(name: str) -> int | None:
+    match = LAYER_NAME.match(name)
+    return int(match.group("index")) if match else None
+
+
+def _with_layer(name: str, index: int) -> str:
+    match = LAYER_NAME.match(name)
+    return f"{match.group('prefix')}{index}.{match.group('rest')}"
+
+
+def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise MergewiseError(f"{key}: unknown dtype {name!r}; use one of {', '.join(sorted(_DTYPES))}") from None
+
+
+class Planner:
+    """Builds a MergePlan; one instance per merge."""
+
+    def __init__(self, config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False):
+        self.config = config
+        self.config_dir = config_dir
+        self.allow_pickle = allow_pickle
+        self.method = get_method(config.merge_method)
+        self.schema = self.method.parameters
+        self._models: dict[str, ModelFolder] = {}
+        self.compute_dtype = parse_dtype(config.dtype, "dtype")
+        self.out_dtype = parse_dtype(config.out_dtype, "out_dtype") or self.compute_dtype
+        self._check_parameter_names()
+
+    # ------------------------------------------------------------------------------ models
+    def model(self, reference: str, key: str) -> ModelFolder:
+        if "+" in reference and not Path(reference).exists():
+            raise MergewiseError(f"{key}: {reference!r}: LoRA references (model+adapter) are not "
+                                 "supported; merge the adapter into the model first")
+        if reference not in self._models:
+            self._models[reference] = ModelFolder(self._locate(reference, key), allow_pickle=self.allow_pickle)
+        return self._models[reference]
+
+    def _locate(self, reference: str, key: str) -> Path:
+        path = Path(reference).expanduser()
+        candidates = [path] if path.is_absolute() else [self.config_dir / path, Path.cwd() / path]
+        for candidate in candidates:
+            if candidate.is_dir():
+                return candidate.resolve()
+        raise MergewiseError(f"{key}: model folder not found: {reference} (mergewise reads local "
+                             "Hugging Face folders; download hub models first)")
+
+    # -------------------------------------------------------------------------- parameters
+    def _check_parameter_names(self) -> None:
+        scopes: list[tuple[str, dict | None]] = [("parameters", self.config.parameters)]
+        for index, entry in enumerate(self.config.models or []):
+            scopes.append((f"models[{index}].parameters", entry.parameters))
+        for index, output_slice in enumerate(self.config.slices or []):
+            scopes.append((f"slices[{index}].parameters", output_slice.parameters))
+            for source_index, source in enumerate(output_slice.sources):
+                scopes.append((f"slices[{index}].sources[{source_index}].parameters", source.parameters))
+        for key, settings in scopes:
+            for name in settings or {}:
+                if name not in self.schema:
+                    known = ", ".join(self.schema) or "none"
+                    raise MergewiseError(f"{key}.{name}: unknown parameter for merge_method "
+                                         f"{self.method.name} (it takes: {known})")
+
+    def _resolve(self, parameter: Parameter, scopes: list[dict | None], tensor: str, t: float,
+                 where: str) -> Any:
+        for settings in scopes:
+            if settings and parameter.name in settings:
+                value = _evaluate(settings[parameter.name], tensor, t)
+                if value is not None:
+                    try:
+                        return parameter.coerce(value)
+                    except ValueError as error:
+                        raise MergewiseError(f"parameter {parameter.name} for {where}: {error}") from None
+        if parameter.default is REQUIRED:
+            raise MergewiseError(f"missing required parameter {parameter.name} for {where}")
+        return parameter.default
+
+    # ------------------------------------------------------------------------------- plan
+    def plan(self) -> MergePlan:
+        if self.config.models:
+            jobs, source_layers, reference = self._plan_models()
+        else:
+            jobs, source_layers, reference = self._plan_slices()
+        tokenizer = self._tokenizer_source(reference)
+        return MergePlan(self.config, self.method, jobs, list(self._models.values()), reference, tokenizer,
+                         self.compute_dtype, source_layers)
+
+    def _tokenizer_source(self, reference: ModelFolder) -> ModelFolder:
+        source = self.config.tokenizer_source
+        if source is None or source == "base":
+            return self.model(self.config.base_model, "base_model") if self.config.base_model else reference
+        if source == "union":
+            raise MergewiseError("tokenizer_source: 'union' (vocabulary surgery) is not supported; "
+                                 "merge models that share a tokenizer, or name one model")
+        return self.model(source, "tokenizer_source")
+
+    def _plan_models(self):
+        config = self.config
+        base = self.model(config.base_model, "base_model") if config.base_model else None
+        entries = [(self.model(entry.model, f"models[{i}].model"), entry.parameters)
+                   for i, entry in enumerate(config.models)]
+        if self.method.base is BasePolicy.INPUT and base is not None and all(m is not base for m, _ in entries):
+            entries.append((base, None))
+        inputs, base = self._split_base(entries, base, "models")
+        reference = base or inputs[0][0]
+        depth = _depth(reference)
+        jobs = []
+        for name, info in reference.tensors.items():
+            layer = layer_index(name)
+            t = layer / (depth - 1) if layer is not None and depth > 1 else (1.0 if layer is not None else 0.0)
+            sources = [(model, name, params) for model, params in inputs]
+            jobs.append(self._job(name, info.shape, [config.parameters], sources,
+                                  TensorSource(base, name) if base else None, t, layer, info.dtype))
+        return jobs, None, reference
+
+    def _split_base(self, entries, base, where):
+        """Separate the base from the weighted inputs according to the method's contract."""
+        method = self.method
+        if method.base is BasePolicy.REQUIRED and base is None:
+            raise MergewiseError(f"merge_method {method.name} needs base_model")
+        if method.base in (BasePolicy.INPUT, BasePolicy.UNUSED):
+            inputs, split_base = entries, None
+        else:
+            inputs = [(model, params) for model, params in entries if model is not base]
+            split_base = base
+        if len(inputs) < method.min_inputs or (method.max_inputs is not None and len(inputs) > method.max_inputs):
+            wanted = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs
+                      else f"at least {method.min_inputs}" if method.max_inputs is None
+                      else f"{method.min_inputs} to {method.max_inputs}")
+            raise MergewiseError(f"{where}: merge_method {method.name} takes {wanted} model(s) besides the "
+                                 f"base, got {len(inputs)}")
+        return inputs, split_base
+
+    def _plan_slices(self):
+        config = self.config
+        jobs: list[TensorJob] = []
+        source_layers: list[int] = []
+        first_reference = None
+        post_slice = None
+        for slice_index, output_slice in enumerate(config.slices):
+            where = f"slices[{slice_index}]"
+            lengths = {source.layer_range[1] - source.layer_range[0] for source in output_slice.sources}
+            if len(lengths) != 1 or min(lengths) <= 0:
+                raise MergewiseError(f"{where}: every source needs the same, positive number of layers "
+                                     f"(got layer_range lengths {sorted(lengths)})")
+            length = lengths.pop()
+            sources = [(self.model(source.model, f"{where}.sources[{i}].model"), source)
+                       for i, source in enumerate(output_slice.sources)]
+            base_name = output_slice.base_model or config.base_model
+            base = self.model(base_name, f"{where}.base_model") if base_name else None
+            entries = [(model, source.parameters) for model, source in sources]
+            inputs, split_base = self._split_base(entries, base, where)
+            base_source = next((source for model, source in sources if model is split_base), None)
+            if split_base is not None and base_source is None:
+                raise MergewiseError(f"{where}: base model {base_name} must be one of the slice's sources")
+            ranges = {id(model): source.layer_range for model, source in sources}
+            reference_model, reference_slice = sources[0]
+            first_reference = first_reference or reference_model
+            for model, source in sources:
+                for bound in source.layer_range:
+                    if not 0 <= bound <= _depth(model):
+                        raise MergewiseError(f"{where}: layer_range {list(source.layer_range)} is outside "
+                                             f"{model.path.name}'s {_depth(model)} layers")
+            layer_names = [name for name in reference_model.tensors
+                           if layer_index(name) == reference_slice.layer_range[0]]
+            for offset in range(length):
+                out_layer = len(source_layers)
+                source_layers.append(reference_slice.layer_range[0] + offset)
+                t = offset / (length - 1) if length > 1 else 1.0
+                for template in layer_names:
+                    input_sources = [(model, _with_layer(template, ranges[id(model)][0] + offset), params)
+                                     for model, params in inputs]
+                    base_tensor = (TensorSource(split_base, _with_layer(template, base_source.layer_range[0] + offset))
+                                   if split_base is not None else None)
+                    info = reference_model.tensors[_with_layer(template, reference_slice.layer_range[0] + offset)]
+                    jobs.append(self._job(_with_layer(template, out_layer), info.shape,
+                                          [output_slice.parameters, config.parameters], input_sources,
+                                          base_tensor, t, out_layer, info.dtype))
+            post_slice = (output_slice, inputs, split_base)
+        jobs = self._non_layer_jobs(first_reference, config.slices[0], post_slice) + jobs
+        return jobs, source_layers, first_reference
+
+    def _non_layer_jobs(self, reference: ModelFolder, first_slice: OutputSlice, last) -> list[TensorJob]:
+        """Embeddings come from the first slice's sources, final norm and head from the last's."""
+        first_entries = [(self.model(s.model, "slices[0]"), s.parameters) for s in first_slice.sources]
+        first_base_name = first_slice.base_model or self.config.base_model
+        first_base = self.model(first_base_name, "base_model") if first_base_name else None
+        first = (first_slice, *self._split_base(first_entries, first_base, "slices[0]"))
+        jobs = []
+        for name, info in reference.tensors.items():
+            if layer_index(name) is not None:
+                continue
+            output_slice, inputs, base = first if any(h in name for h in EMBEDDING_HINTS) else last
+            sources = [(model, name, params) for model, params in inputs]
+            jobs.append(self._job(name, info.shape, [output_slice.parameters, self.config.parameters], sources,
+                                  TensorSource(base, name) if base else None, 0.0, None, info.dtype))
+        return jobs
+
+    def _job(self, name, shape, shared_scopes, sources, base, t, layer, dtype) -> TensorJob:
+        resolved_inputs = [self._source(model, tensor, name, shape) for model, tensor, _ in sources]
+        if base is not None:
+            base = self._source(base.model, base.name, name, shape)
+        shared, per_model = {}, {}
+        for parameter in self.schema.values():
+            if parameter.per_model:
+                per_model[parameter.name] = tuple(
+                    self._resolve(parameter, [params, *shared_scopes], tensor, t, f"{model.path.name}:{tensor}")
+                    for model, tensor, params in sources)
+            else:
+                shared[parameter.name] = self._resolve(parameter, shared_scopes, name, t, name)
+        out_dtype = self.out_dtype or dtype
+        if not dtype.is_floating_point:
+            out_dtype = dtype
+        return TensorJob(name, shape, out_dtype, resolved_inputs, base, shared, per_model, layer)
+
+    def _source(self, model: ModelFolder, tensor: str, output: str, shape) -> TensorSource:
+        """The input tensor, following tied embeddings; checked for presence and shape."""
+        name = tensor
+        if name not in model.tensors and name in OUTPUT_EMBEDDING_NAMES and model.tied_embeddings:
+            name = next((n for n in model.tensors if n.endswith(INPUT_EMBEDDING_SUFFIXES)), name)
+        if name not in model.tensors:
+            raise MergewiseError(f"tensor {tensor} is missing in {model.path} (needed for output {output})")
+        found = model.tensors[name].shape
+        if found != tuple(shape):
+            vocab = " (vocabulary sizes differ)" if any(h in output for h in (*EMBEDDING_HINTS, "lm_head")) else ""
+            raise MergewiseError(f"shape mismatch for tensor {tensor}: {model.path} has {list(found)}, "
+                                 f"expected {list(shape)}{vocab}")
+        return TensorSource(model, name)
+
+
+def _depth(model: ModelFolder) -> int:
+    indices = [index for index in map(layer_index, model.tensors) if index is not None]
+    return model.num_layers or (max(indices) + 1 if indices else 0)
+
+
+def _evaluate(setting, tensor: str, t: float) -> Any:
+    """A setting's value for one tensor: filters pick, numeric lists interpolate over depth."""
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if not setting:
+        return None
+    if all(isinstance(item, ConditionalParameter) for item in setting):
+        for condition in setting:
+            if condition.filter in (None, "*") or condition.filter in tensor:
+                return _evaluate(condition.value, tensor, t)
+        return None
+    numeric = all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in setting)
+    if not numeric:
+        return setting[int(t * (len(setting) - 1))]
+    position = t * (len(setting) - 1)
+    low = int(position)
+    high = min(len(setting) - 1, low + 1)
+    fraction = position - low
+    return (1 - fraction) * setting[low] + fraction * setting[high]
+
+
+def build_plan(config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False) -> MergePlan:
+    return Planner(config, config_dir, allow_pickle=allow_pickle).plan()
