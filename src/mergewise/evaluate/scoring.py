@@ -28,20 +28,32 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 def continuation_log_likelihoods(
-    loaded: LoadedModel, pairs: Sequence[tuple[str, str]], batch_size: int
+    loaded: LoadedModel, pairs: Sequence[tuple[str, str]], batch_size: int, max_length: int | None = None
 ) -> list[tuple[float, bool, int]]:
     """For each (context, continuation): summed log-probability of the continuation, whether greedy
     decoding would produce exactly it token by token, and its token count."""
-    tokenizer = loaded.tokenizer
+    encoded = [encode_pair(loaded, context, continuation, max_length) for context, continuation in pairs]
     results = []
-    for batch in chunks(pairs, batch_size):
-        encoded = []
-        for context, continuation in batch:
-            context_ids = tokenizer(context)["input_ids"]
-            continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            encoded.append((context_ids, continuation_ids))
-        results.extend(score_encoded(loaded, encoded))
+    for batch in chunks(encoded, batch_size):
+        results.extend(score_encoded(loaded, list(batch)))
     return results
+
+
+def encode_pair(loaded: LoadedModel, context: str, continuation: str, max_length: int | None) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation, encoded separately so the continuation's tokens are
+    exactly the ones scored. An empty context becomes the start token; an over-long one loses its
+    oldest tokens."""
+    tokenizer = loaded.tokenizer
+    context_ids = tokenizer(context)["input_ids"] or [start_token_id(loaded)]
+    continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if max_length is not None:
+        context_ids = context_ids[-max(1, max_length - len(continuation_ids)) :]
+    return context_ids, continuation_ids
+
+
+def start_token_id(loaded: LoadedModel) -> int:
+    tokenizer = loaded.tokenizer
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()
@@ -73,13 +85,20 @@ def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> 
 
 @torch.no_grad()
 def greedy_completions(
-    loaded: LoadedModel, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop: Sequence[str] = ("\n",)
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    stop: Sequence[str] = ("\n",),
+    max_length: int | None = None,
 ) -> list[str]:
-    """Greedy continuations, left-padded in batches, each cut at the first stop string."""
+    """Greedy continuations, left-padded in batches, each cut at the first stop string; prompts longer
+    than `max_length - max_new_tokens` tokens keep their most recent tokens."""
     tokenizer = loaded.tokenizer
+    keep = max_length - max_new_tokens if max_length and max_length > max_new_tokens else 0  # [-0:] keeps all
     completions = []
     for batch in chunks(prompts, batch_size):
-        encoded = [tokenizer(prompt)["input_ids"] for prompt in batch]
+        encoded = [(tokenizer(prompt)["input_ids"] or [start_token_id(loaded)])[-keep:] for prompt in batch]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, device=loaded.device)
         attention_mask = torch.zeros((len(encoded), width), dtype=torch.long, device=loaded.device)
@@ -111,14 +130,10 @@ def exact_match(completion: str, answer: str) -> bool:
 
 @torch.no_grad()
 def text_nll(loaded: LoadedModel, text: str, window: int, batch_size: int, max_windows: int | None = None) -> NllTotal:
-    """Per-token NLL of `text` in non-overlapping windows, each read from a fresh `<s>` (or from the
-    window's first token when the tokenizer has no BOS)."""
-    tokenizer = loaded.tokenizer
-    token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    """Per-token NLL of `text` in non-overlapping windows, each read after a fresh start token."""
+    token_ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     windows = [token_ids[start : start + window] for start in range(0, len(token_ids), window)]
-    windows = [ids for ids in windows if len(prefix) + len(ids) >= 2][:max_windows]
-    encoded = [(prefix, ids) if prefix else (ids[:1], ids[1:]) for ids in windows]
+    encoded = [([start_token_id(loaded)], ids) for ids in windows[:max_windows]]
     total = NllTotal(0.0, 0)
     for batch in chunks(encoded, batch_size):
         for log_likelihood, _, count in score_encoded(loaded, list(batch)):
