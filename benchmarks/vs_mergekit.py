@@ -175,7 +175,8 @@ def tool_command(tool: str, config_path: Path, out_dir: Path, args: argparse.Nam
     if tool == "mergekit":
         command, threads_flag = [args.mergekit, str(config_path), str(out_dir), "--no-cuda", "--quiet"], "-j"
     else:
-        command, threads_flag = [sys.executable, "-m", "mergewise.cli", "merge", str(config_path), str(out_dir)], "--threads"
+        command = [sys.executable, "-m", "mergewise.cli", "merge", str(config_path), str(out_dir), "--quiet"]
+        threads_flag = "--threads"
     if args.threads is not None:
         command += [threads_flag, str(args.threads)]
     return command
