@@ -1,0 +1,279 @@
+"""Every bad input is refused through the CLI the same way: exit status 2, one `error: …` line on
+stderr naming the file, tensor or key at fault, no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergewise.cli import main
+from mergewise.tiny_models import Family, build_tiny_model, read_state_dict
+
+
+# ------------------------------------------------------------------------------------------ helpers
+@pytest.fixture(scope="module")
+def family(tiny_family) -> Family:
+    return tiny_family("llama")
+
+
+def linear_recipe(*models: Path, **extra) -> dict:
+    return {"merge_method": "linear", "dtype": "float32",
+            "models": [{"model": str(path), "parameters": {"weight": 1.0}} for path in models], **extra}
+
+
+def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yml") -> Path:
+    path = folder / name
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    return path
+
+
+def merge(config: Path, out_dir: Path, *flags: str) -> int:
+    return main(["merge", str(config), str(out_dir), "--quiet", *flags])
+
+
+def copy_model(source: Path, destination: Path) -> Path:
+    return Path(shutil.copytree(source, destination))
+
+
+def staging_leftovers(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.parent.glob(f".{out_dir.name}.*"))
+
+
+def assert_refused(capsys, status: int, out_dir: Path, *named: str) -> str:
+    """The single error line (returned); the output folder neither created nor half-built."""
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert status == 2, captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in captured.err + captured.out
+    for fragment in named:
+        assert fragment in lines[0], f"{fragment!r} not named in {lines[0]!r}"
+    assert not out_dir.exists()
+    assert staging_leftovers(out_dir) == []
+    return lines[0]
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+# ---------------------------------------------------------------------------------- recipe problems
+def test_missing_config_file(tmp_path, capsys):
+    status = merge(tmp_path / "absent.yml", tmp_path / "out")
+    assert_refused(capsys, status, tmp_path / "out", "config file not found", "absent.yml")
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path, capsys):
+    config = write_recipe(tmp_path, "merge_method: linear\nmodels: [\n  - model: a\n  bad: : :\n", "bad.yml")
+    line = assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "bad.yml", "invalid YAML")
+    assert "line " in line
+
+
+# Each case edits a valid linear recipe over the base and one fine-tune; `named` must appear in the error.
+RECIPE_CASES = {
+    "unknown top-level key": (lambda r: {**r, "merge_methd": "ties"}, ["merge_methd", "unknown key"]),
+    "unknown method": (lambda r: {**r, "merge_method": "tie"}, ["unknown merge_method", "'tie'"]),
+    "unknown parameter": (
+        lambda r: {**r, "models": [{**r["models"][0], "parameters": {"wieght": 1.0}}, r["models"][1]]},
+        ["models[0].parameters.wieght", "unknown parameter", "linear"]),
+    "unknown shared parameter": (lambda r: {**r, "parameters": {"density": 0.5}},
+                                 ["parameters.density", "unknown parameter"]),
+    "missing required parameter": (lambda r: {**r, "models": [{"model": m["model"]} for m in r["models"]]},
+                                   ["missing required parameter weight"]),
+    "parameter of the wrong type": (lambda r: {**r, "parameters": {"normalize": "maybe"}},
+                                    ["parameter normalize", "true/false"]),
+    "both models and slices": (lambda r: {**r, "slices": [{"sources": [{"model": "x", "layer_range": [0, 1]}]}]},
+                               ["exactly one of 'models' or 'slices'"]),
+    "unknown dtype": (lambda r: {**r, "dtype": "float8"}, ["dtype", "float8"]),
+    "base model required": (lambda r: {**r, "merge_method": "ties"}, ["ties needs base_model"]),
+    "too few models for model_stock": (
+        lambda r: {**r, "merge_method": "model_stock", "base_model": r["models"][0]["model"],
+                   "models": [{"model": m["model"]} for m in r["models"]]},
+        ["model_stock takes at least 2", "got 1"]),
+    "model folder not found": (lambda r: {**r, "models": [r["models"][0], {"model": "/nonexistent/ft9"}]},
+                               ["models[1].model", "model folder not found", "/nonexistent/ft9"]),
+    "layer range beyond the model": (
+        lambda r: {"merge_method": "passthrough",
+                   "slices": [{"sources": [{"model": r["models"][0]["model"], "layer_range": [0, 5]}]}]},
+        ["slices[0]", "layer_range [0, 5]", "2 layers"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECIPE_CASES))
+def test_bad_recipe_is_refused_naming_the_key(case, family, tmp_path, capsys):
+    edit, named = RECIPE_CASES[case]
+    config = write_recipe(tmp_path, edit(linear_recipe(family.base, family.fine_tunes[0])))
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", *named)
+
+
+@pytest.mark.parametrize("flags, named", [(["--device", "cuda"], ["cuda"]),
+                                          (["--shard-size", "lots"], ["shard size", "lots"])])
+def test_bad_option_is_refused(flags, named, family, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
+    assert_refused(capsys, merge(config, tmp_path / "out", *flags), tmp_path / "out", *named)
+
+
+# ----------------------------------------------------------------------------------- broken models
+def drop_config(model: Path) -> Path:
+    (model / "config.json").unlink()
+    return model / "config.json"
+
+
+def garbage_header(model: Path) -> Path:
+    """Keep a plausible declared length, but fill the header with bytes that are not JSON."""
+    file = model / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[8:72] = bytes(range(200, 255)) + b"\x00" * 9
+    file.write_bytes(bytes(data))
+    return file
+
+
+def absurd_header_length(model: Path) -> Path:
+    file = model / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[:8] = b"\xde\xad\xbe\xef\xde\xad\xbe\xef"
+    file.write_bytes(bytes(data))
+    return file
+
+
+def truncate(model: Path) -> Path:
+    file = model / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    return file
+
+
+def drop_norm(model: Path) -> Path:
+    file = model / "model.safetensors"
+    tensors = load_file(file)
+    del tensors["model.norm.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    return Path("model.norm.weight")
+
+
+def no_weights(model: Path) -> Path:
+    (model / "model.safetensors").unlink()
+    return model
+
+
+BREAKAGES = {
+    "missing config.json": (drop_config, ["missing"]),
+    "corrupt safetensors header": (garbage_header, ["corrupt safetensors header"]),
+    "absurd safetensors header length": (absurd_header_length, ["corrupt safetensors header"]),
+    "truncated safetensors": (truncate, ["truncated"]),
+    "tensor missing": (drop_norm, ["missing in"]),
+    "no weights at all": (no_weights, ["no *.safetensors"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BREAKAGES))
+def test_broken_second_model_is_refused_naming_the_file_or_tensor(case, family, tmp_path, capsys):
+    breakage, named = BREAKAGES[case]
+    broken = copy_model(family.fine_tunes[0], tmp_path / "broken")
+    culprit = breakage(broken)
+    config = write_recipe(tmp_path, linear_recipe(family.base, broken))
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(culprit), *named)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: the plan only walks the reference model's tensors, so a "
+                   "tensor absent from the first model is silently left out of the output")
+def test_tensor_missing_in_the_first_model_is_refused_too(family, tmp_path, capsys):
+    broken = copy_model(family.fine_tunes[0], tmp_path / "broken")
+    drop_norm(broken)
+    config = write_recipe(tmp_path, linear_recipe(broken, family.base))
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "model.norm.weight", "missing")
+
+
+def test_different_vocabulary_is_a_shape_mismatch_naming_the_embedding(family, tmp_path, capsys):
+    wider = build_tiny_model("llama", tmp_path / "wider", vocab_size=320)
+    capsys.readouterr()  # transformers' save progress bar
+    config = write_recipe(tmp_path, linear_recipe(family.base, wider))
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "shape mismatch",
+                   "[320, 64]", str(wider), "vocabulary sizes differ")
+
+
+# ---------------------------------------------------------------------------------------- pickles
+@pytest.fixture
+def pickled_fine_tune(family, tmp_path) -> Path:
+    """A copy of fine-tune 1 with its weights as a pytorch_model.bin state dict instead."""
+    model = copy_model(family.fine_tunes[0], tmp_path / "pickled")
+    torch.save(read_state_dict(model), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    return model
+
+
+def test_pickle_checkpoint_needs_allow_pickle(family, pickled_fine_tune, tmp_path, capsys):
+    config = write_recipe(tmp_path, linear_recipe(family.base, pickled_fine_tune))
+    line = assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(pickled_fine_tune),
+                          "pytorch_model.bin", "--allow-pickle")
+    assert "arbitrary code" in line
+
+
+def test_pickle_checkpoint_merges_like_its_safetensors_twin_with_allow_pickle(family, pickled_fine_tune,
+                                                                               tmp_path, capsys):
+    pickled = write_recipe(tmp_path, linear_recipe(family.base, pickled_fine_tune), "pickled.yml")
+    original = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]), "original.yml")
+    assert merge(pickled, tmp_path / "from_pickle", "--allow-pickle") == 0
+    assert merge(original, tmp_path / "from_safetensors") == 0
+    merged, expected = read_state_dict(tmp_path / "from_pickle"), read_state_dict(tmp_path / "from_safetensors")
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[name], expected[name]) for name in expected)
+
+
+# ------------------------------------------------------------------------------------ output folder
+def test_existing_output_folder_is_kept_without_overwrite(family, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("precious")
+    config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
+    status = merge(config, out_dir)
+    line = capsys.readouterr().err.strip()
+    assert status == 2 and line.startswith("error: ") and "\n" not in line
+    assert str(out_dir) in line and "--overwrite" in line
+    assert folder_digest(out_dir) == {"notes.txt": hashlib.sha256(b"precious").hexdigest()}
+    assert staging_leftovers(out_dir) == []
+
+
+def test_overwrite_replaces_the_output_folder(family, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("stale")
+    config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
+    assert merge(config, out_dir, "--overwrite") == 0
+    assert not (out_dir / "notes.txt").exists()
+    assert {"config.json", "model.safetensors", "mergewise.yml"} <= set(folder_digest(out_dir))
+    assert staging_leftovers(out_dir) == []
+
+
+@pytest.mark.parametrize("where, named", [("inside", "is inside input model"), ("around", "contains input model")])
+def test_output_folder_inside_or_around_an_input_model_is_refused(where, named, family, tmp_path, capsys):
+    model = copy_model(family.fine_tunes[0], tmp_path / "models" / "ft1")
+    before = folder_digest(model)
+    out_dir = model / "merged" if where == "inside" else tmp_path / "models"
+    config = write_recipe(tmp_path, linear_recipe(family.base, model))
+    status = merge(config, out_dir, "--overwrite")
+    line = capsys.readouterr().err.strip()
+    assert status == 2 and line.startswith("error: ") and "\n" not in line
+    assert named in line and str(model) in line
+    assert folder_digest(model) == before
+    assert not (model / "merged").exists()
+    assert staging_leftovers(out_dir) == []
+
+
+def test_a_merge_never_modifies_its_input_models(family, tmp_path, capsys):
+    inputs = [family.base, *family.fine_tunes]
+    before = {path: folder_digest(path) for path in inputs}
+    recipe = {"merge_method": "ties", "base_model": str(family.base),
+              "models": [{"model": str(path), "parameters": {"weight": 1.0, "density": 0.5}}
+                         for path in family.fine_tunes]}
+    assert merge(write_recipe(tmp_path, recipe), tmp_path / "out") == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert {path: folder_digest(path) for path in inputs} == before
