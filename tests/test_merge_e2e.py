@@ -1,0 +1,248 @@
+"""End-to-end merges of tiny checkpoints of every architecture: the output folder is a complete
+Hugging Face model that transformers loads and runs, and its tensors are what the recipe asks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import mergewise
+from mergewise.cli import main
+from mergewise.tiny_models import ARCHITECTURES, Family, read_state_dict
+
+TIED_EMBEDDING_ARCHS = {"gemma", "gpt2"}
+DEPTH_KEYS = ("num_hidden_layers", "n_layer")
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def weighted(paths, weights, **more) -> list[dict]:
+    return [{"model": str(path), "parameters": {"weight": weight, **more}} for path, weight in zip(paths, weights)]
+
+
+def linear_recipe(family: Family, weights=(0.5, 0.3, 0.2), dtype="bfloat16") -> dict:
+    return {"merge_method": "linear", "dtype": dtype, "models": weighted(family.fine_tunes, weights)}
+
+
+def ties_recipe(family: Family) -> dict:
+    return {"merge_method": "ties", "base_model": str(family.base), "dtype": "bfloat16",
+            "models": weighted(family.fine_tunes, (1.0, 0.7, 0.4), density=0.5)}
+
+
+def slerp_recipe(family: Family) -> dict:
+    return {"merge_method": "slerp", "base_model": str(family.base), "dtype": "bfloat16",
+            "models": [{"model": str(family.base)}, {"model": str(family.fine_tunes[0])}],
+            "parameters": {"t": 0.4}}
+
+
+def frankenmerge_recipe(family: Family) -> dict:
+    """Layers 0–1 of fine-tune 1, then layer 1 of fine-tune 2 again: 3 layers from 2-layer models."""
+    return {"merge_method": "passthrough", "dtype": "bfloat16",
+            "slices": [{"sources": [{"model": str(family.fine_tunes[0]), "layer_range": [0, 2]}]},
+                       {"sources": [{"model": str(family.fine_tunes[1]), "layer_range": [1, 2]}]}]}
+
+
+def dare_ties_recipe(family: Family) -> dict:
+    return {"merge_method": "dare_ties", "base_model": str(family.base), "dtype": "bfloat16",
+            "models": weighted(family.fine_tunes, (1.0, 0.7, 0.4), density=0.5)}
+
+
+RECIPES = {"linear": linear_recipe, "ties": ties_recipe, "slerp": slerp_recipe, "frankenmerge": frankenmerge_recipe}
+DEPTH = {"frankenmerge": 3}  # output layers, where the recipe changes the source's 2
+
+
+def merge_cli(tmp_path: Path, recipe: dict, out_name: str = "out", *flags: str) -> Path:
+    config = tmp_path / f"{out_name}.yml"
+    config.write_text(yaml.safe_dump(recipe))
+    out_dir = tmp_path / out_name
+    assert main(["merge", str(config), str(out_dir), "--quiet", *flags]) == 0
+    return out_dir
+
+
+def layer_tensor(state: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """The tensors of one decoder layer, by their name within the layer."""
+    found = {}
+    for name, value in state.items():
+        parts = name.split(".")
+        for position, part in enumerate(parts[:-1]):
+            if part.isdigit():
+                if int(part) == layer:
+                    found[".".join(parts[position + 1:])] = value
+                break
+    return found
+
+
+def assert_runs(out_dir: Path) -> AutoModelForCausalLM:
+    """Loads with transformers without missing or unexpected weights, and generates."""
+    model, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    inputs = tokenizer("model merging combines the weights", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+    assert torch.isfinite(logits).all()
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
+    return model
+
+
+# ------------------------------------------------------------------------------- per-arch merges
+@pytest.mark.parametrize("recipe_name", sorted(RECIPES))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_merged_folder_is_a_complete_loadable_model(arch, recipe_name, tiny_family, tmp_path):
+    family = tiny_family(arch)
+    out_dir = merge_cli(tmp_path, RECIPES[recipe_name](family), "out", "--seed", "11")
+
+    config = json.loads((out_dir / "config.json").read_text())
+    source_config = json.loads((family.base / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    depth_key = next(key for key in DEPTH_KEYS if key in config)
+    assert config[depth_key] == DEPTH.get(recipe_name, source_config[depth_key])
+    if isinstance(config.get("layer_types"), list):
+        assert len(config["layer_types"]) == config[depth_key]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out_dir / name).read_bytes() == (family.base / name).read_bytes()
+    record = yaml.safe_load((out_dir / "mergewise.yml").read_text())
+    assert record["seed"] == 11 and record["mergewise_version"] == mergewise.__version__
+    assert record["recipe"]["merge_method"] == RECIPES[recipe_name](family)["merge_method"]
+
+    state = read_state_dict(out_dir)
+    assert all(tensor.dtype == torch.bfloat16 for tensor in state.values())
+    model = assert_runs(out_dir)
+    assert model.config.get_text_config().num_hidden_layers == DEPTH.get(recipe_name, 2)
+    assert ("lm_head.weight" in state) == (arch not in TIED_EMBEDDING_ARCHS)
+    if arch in TIED_EMBEDDING_ARCHS:
+        assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_frankenmerge_stacks_the_requested_layers_unchanged(arch, tiny_family, tmp_path):
+    family = tiny_family(arch)
+    merged = read_state_dict(merge_cli(tmp_path, frankenmerge_recipe(family)))
+    first, second = read_state_dict(family.fine_tunes[0]), read_state_dict(family.fine_tunes[1])
+    expected_layers = [layer_tensor(first, 0), layer_tensor(first, 1), layer_tensor(second, 1)]
+    for index, expected in enumerate(expected_layers):
+        actual = layer_tensor(merged, index)
+        assert actual.keys() == expected.keys() and actual
+        assert all(torch.equal(actual[name], expected[name]) for name in expected)
+    assert layer_tensor(merged, 3) == {}
+    # embeddings come from the first slice's model, the rest (final norm, head) from the last's
+    embedding = next(name for name in merged if "embed_tokens" in name or "wte" in name)
+    final_norm = next(name for name in merged if name in ("model.norm.weight", "transformer.ln_f.weight"))
+    assert torch.equal(merged[embedding], first[embedding])
+    assert torch.equal(merged[final_norm], second[final_norm])
+
+
+def test_slerp_gradient_over_depth_goes_from_base_to_model(tiny_family, tmp_path):
+    family = tiny_family("llama")
+    recipe = {**slerp_recipe(family), "parameters": {"t": [0.0, 1.0]}}
+    merged = read_state_dict(merge_cli(tmp_path, recipe))
+    base, model = read_state_dict(family.base), read_state_dict(family.fine_tunes[0])
+    for layer, source in ((0, base), (1, model)):
+        expected, actual = layer_tensor(source, layer), layer_tensor(merged, layer)
+        assert actual.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(actual[name].float(), expected[name].float(), rtol=2**-7, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ exact arithmetic
+def expected_linear(family: Family, weights) -> dict[str, torch.Tensor]:
+    states = [read_state_dict(path) for path in family.fine_tunes]
+    return {name: sum(w * s[name].float() for w, s in zip(weights, states)) / sum(weights) for name in states[0]}
+
+
+def expected_task_arithmetic(family: Family, weights, scale) -> dict[str, torch.Tensor]:
+    base = read_state_dict(family.base)
+    states = [read_state_dict(path) for path in family.fine_tunes]
+    return {name: base[name].float() + scale * sum(w * (s[name].float() - base[name].float())
+                                                   for w, s in zip(weights, states)) for name in base}
+
+
+def task_arithmetic_recipe(family: Family, weights, scale, dtype) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(family.base), "dtype": dtype,
+            "models": weighted(family.fine_tunes, weights), "parameters": {"lambda": scale}}
+
+
+ARITHMETIC_CASES = {
+    "linear": (lambda f, dtype: linear_recipe(f, (0.6, 0.3, 0.3), dtype),
+               lambda f: expected_linear(f, (0.6, 0.3, 0.3))),
+    "task_arithmetic": (lambda f, dtype: task_arithmetic_recipe(f, (0.5, -0.3, 0.8), 0.8, dtype),
+                        lambda f: expected_task_arithmetic(f, (0.5, -0.3, 0.8), 0.8)),
+}
+# Relative to each element and, for results that cancel to near zero, to the tensor's typical size
+# (rounding errors scale with the operands, not with the result): a couple of ulps of the dtype.
+UNIT_ROUNDOFF = {"bfloat16": 2**-8, "float32": 2**-23}
+
+
+@pytest.mark.parametrize("dtype", sorted(UNIT_ROUNDOFF))
+@pytest.mark.parametrize("input_shards", [None, "100KB"], ids=["single-file", "sharded-input"])
+@pytest.mark.parametrize("method", sorted(ARITHMETIC_CASES))
+def test_result_equals_a_direct_float32_computation(method, input_shards, dtype, tiny_family, tmp_path):
+    options = {"shard_size": input_shards} if input_shards else {}
+    family = tiny_family("llama", **options)
+    if input_shards:
+        assert (family.base / "model.safetensors.index.json").is_file()
+    recipe, expected = ARITHMETIC_CASES[method]
+    merged = read_state_dict(merge_cli(tmp_path, recipe(family, dtype)))
+    reference = expected(family)
+    assert merged.keys() == reference.keys()
+    for name in reference:
+        assert merged[name].dtype == getattr(torch, dtype)
+        ulp = UNIT_ROUNDOFF[dtype]
+        torch.testing.assert_close(merged[name].float(), reference[name], rtol=2 * ulp,
+                                   atol=4 * ulp * reference[name].abs().mean().item(),
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
+
+
+# ---------------------------------------------------------------------------------- sharded output
+def test_sharded_output_has_an_index_and_the_same_tensors(tiny_family, tmp_path):
+    family = tiny_family("qwen2")
+    whole = merge_cli(tmp_path, ties_recipe(family), "whole")
+    sharded = merge_cli(tmp_path, ties_recipe(family), "sharded", "--shard-size", "100KB")
+
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(sharded.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2 and not (sharded / "model.safetensors").exists()
+    assert set(index["weight_map"].values()) == {shard.name for shard in shards}
+    assert all(shard.stat().st_size <= 100_000 + 16_384 or len(load_file(shard)) == 1
+               for shard in shards)  # header slack; a tensor larger than a shard gets its own
+    merged, reference = read_state_dict(sharded), read_state_dict(whole)
+    assert index["weight_map"].keys() == merged.keys() == reference.keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+    assert all(torch.equal(merged[name], reference[name]) for name in reference)
+    assert_runs(sharded)
+
+
+# ------------------------------------------------------------------------------------------- seeds
+def digest(folder: Path) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_seed_makes_dare_ties_reproducible(tiny_family, tmp_path):
+    family = tiny_family("mistral")
+    recipe = dare_ties_recipe(family)
+    first = merge_cli(tmp_path, recipe, "first", "--seed", "5")
+    again = merge_cli(tmp_path, recipe, "again", "--seed", "5")
+    other = merge_cli(tmp_path, recipe, "other", "--seed", "6")
+    assert digest(first) == digest(again)
+    assert digest(first) != digest(other)
+    assert yaml.safe_load((first / "mergewise.yml").read_text())["seed"] == 5
+    # a random drop really happened: some entries are exactly the base
+    base, merged = read_state_dict(family.base), read_state_dict(first)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert 0.2 < merged[name].eq(base[name]).float().mean().item() < 0.9
+
+
+def test_python_api_and_cli_give_the_same_model(tiny_family, tmp_path):
+    family = tiny_family("gemma")
+    from_cli = merge_cli(tmp_path, dare_ties_recipe(family), "cli", "--seed", "3")
+    from_api = mergewise.merge(dare_ties_recipe(family), tmp_path / "api", seed=3, quiet=True)
+    assert Path(from_api) == tmp_path / "api"
+    assert digest(from_cli) == digest(tmp_path / "api")
