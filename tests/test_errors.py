@@ -45,8 +45,9 @@ def staging_leftovers(out_dir: Path) -> list[Path]:
     return sorted(out_dir.parent.glob(f".{out_dir.name}.*"))
 
 
-def assert_refused(capsys, status: int, out_dir: Path, *named: str) -> str:
-    """The single error line (returned); the output folder neither created nor half-built."""
+def assert_refused(capsys, status: int, out_dir: Path, *named: str, out_dir_before: dict | None = None) -> str:
+    """The single error line (returned); the output folder neither created nor half-built, or, when
+    it existed (`out_dir_before`, its digest), left exactly as it was."""
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert status == 2, captured.err
@@ -55,7 +56,10 @@ def assert_refused(capsys, status: int, out_dir: Path, *named: str) -> str:
     assert "Traceback" not in captured.err + captured.out
     for fragment in named:
         assert fragment in lines[0], f"{fragment!r} not named in {lines[0]!r}"
-    assert not out_dir.exists()
+    if out_dir_before is None:
+        assert not out_dir.exists()
+    else:
+        assert folder_digest(out_dir) == out_dir_before
     assert staging_leftovers(out_dir) == []
     return lines[0]
 
@@ -229,17 +233,28 @@ def test_pickle_checkpoint_merges_like_its_safetensors_twin_with_allow_pickle(fa
 
 
 # ------------------------------------------------------------------------------------ output folder
-def test_existing_output_folder_is_kept_without_overwrite(family, tmp_path, capsys):
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
+def existing_output(out_dir: Path) -> dict[str, str]:
+    out_dir.mkdir(parents=True)
     (out_dir / "notes.txt").write_text("precious")
+    return folder_digest(out_dir)
+
+
+def test_existing_output_folder_is_kept_without_overwrite(family, tmp_path, capsys):
+    before = existing_output(tmp_path / "out")
     config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
-    status = merge(config, out_dir)
-    line = capsys.readouterr().err.strip()
-    assert status == 2 and line.startswith("error: ") and "\n" not in line
-    assert str(out_dir) in line and "--overwrite" in line
-    assert folder_digest(out_dir) == {"notes.txt": hashlib.sha256(b"precious").hexdigest()}
-    assert staging_leftovers(out_dir) == []
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(tmp_path / "out"),
+                   "already exists", "--overwrite", out_dir_before=before)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "overwritten-folder"])
+def test_failure_in_the_middle_of_a_merge_leaves_the_output_as_it_was(existing, family, tmp_path, capsys):
+    """della's density ± epsilon is only checked on tensor data, after the output is staged."""
+    before = existing_output(tmp_path / "out") if existing else None
+    recipe = {"merge_method": "della", "base_model": str(family.base),
+              "models": [{"model": str(path), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.5}}
+                         for path in family.fine_tunes]}
+    status = merge(write_recipe(tmp_path, recipe), tmp_path / "out", "--overwrite")
+    assert_refused(capsys, status, tmp_path / "out", "tensor ", "epsilon", out_dir_before=before)
 
 
 def test_overwrite_replaces_the_output_folder(family, tmp_path, capsys):
@@ -256,16 +271,11 @@ def test_overwrite_replaces_the_output_folder(family, tmp_path, capsys):
 @pytest.mark.parametrize("where, named", [("inside", "is inside input model"), ("around", "contains input model")])
 def test_output_folder_inside_or_around_an_input_model_is_refused(where, named, family, tmp_path, capsys):
     model = copy_model(family.fine_tunes[0], tmp_path / "models" / "ft1")
-    before = folder_digest(model)
     out_dir = model / "merged" if where == "inside" else tmp_path / "models"
+    before = None if where == "inside" else folder_digest(out_dir)
     config = write_recipe(tmp_path, linear_recipe(family.base, model))
-    status = merge(config, out_dir, "--overwrite")
-    line = capsys.readouterr().err.strip()
-    assert status == 2 and line.startswith("error: ") and "\n" not in line
-    assert named in line and str(model) in line
-    assert folder_digest(model) == before
+    assert_refused(capsys, merge(config, out_dir, "--overwrite"), out_dir, named, str(model), out_dir_before=before)
     assert not (model / "merged").exists()
-    assert staging_leftovers(out_dir) == []
 
 
 def test_a_merge_never_modifies_its_input_models(family, tmp_path, capsys):

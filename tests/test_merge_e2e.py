@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,18 @@ def test_python_api_and_cli_give_the_same_model(tiny_family, tmp_path):
     from_api = mergewise.merge(dare_ties_recipe(family), tmp_path / "api", seed=3, quiet=True)
     assert Path(from_api) == tmp_path / "api"
     assert digest(from_cli) == digest(tmp_path / "api")
+
+
+def test_relative_model_paths_are_read_from_the_recipe_folder(tiny_family, tmp_path, monkeypatch):
+    family = tiny_family("llama")
+    absolute = merge_cli(tmp_path, linear_recipe(family), "absolute")
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    relative = linear_recipe(family)
+    for entry in relative["models"]:
+        entry["model"] = os.path.relpath(entry["model"], recipes)
+    assert not Path(relative["models"][0]["model"]).is_absolute()
+    monkeypatch.chdir(tmp_path / "absolute")  # anywhere but the recipe's folder
+    (recipes / "relative.yml").write_text(yaml.safe_dump(relative))
+    assert main(["merge", str(recipes / "relative.yml"), str(tmp_path / "relative"), "--quiet"]) == 0
+    assert digest(tmp_path / "relative") == digest(absolute)
