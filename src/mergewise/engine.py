@@ -161,10 +161,10 @@ class _JobExecutor:
         return TensorRows(base, inputs, first_row, rng=lambda index: self._generator(job, index, first_row))
 
     def _load(self, source, rows) -> torch.Tensor:
+        """Rows in the working dtype: the recipe's `dtype`, else as stored (mergekit's rule); each
+        method decides where it needs more precision."""
         tensor = source.model.read(source.name, rows)
-        if self.plan.compute_dtype is not None:
-            tensor = tensor.to(self.plan.compute_dtype)  # round as the recipe's dtype asks
-        return tensor.to(self.device, torch.float32)
+        return tensor.to(self.device, self.plan.compute_dtype or tensor.dtype)
 
     def _generator(self, job: TensorJob, index: int, first_row: int) -> torch.Generator:
         """Random stream fixed by (seed, tensor, model, chunk): reproducible, and identical in the

@@ -35,7 +35,8 @@ class BasePolicy(str, Enum):
 
 @dataclass
 class TensorRows:
-    """The same rows [first_row, first_row + n) of the base and every input, in float32."""
+    """The same rows [first_row, first_row + n) of the base and every input, in the working dtype
+    (the recipe's `dtype`, as in mergekit); methods upcast where their arithmetic needs it."""
 
     base: torch.Tensor | None
     inputs: list[torch.Tensor]
@@ -142,3 +143,18 @@ def _scalar_type(hint: Any) -> type:
         if hint is candidate:
             return candidate
     return float
+
+
+def combine_chunk_sums(parts: list[torch.Tensor]) -> torch.Tensor:
+    """A whole-tensor sum from per-chunk sums, each computed by torch in the working dtype: one chunk
+    gives exactly torch's whole-tensor result; several are added in float64 and rounded once."""
+    if len(parts) == 1:
+        return parts[0].cpu()
+    return torch.stack([part.cpu().double() for part in parts]).sum().to(parts[0].dtype)
+
+
+def combine_chunk_norms(parts: list[torch.Tensor]) -> torch.Tensor:
+    """A whole-tensor L2 norm from per-chunk norms, like `combine_chunk_sums`."""
+    if len(parts) == 1:
+        return parts[0].cpu()
+    return torch.stack([part.cpu().double() for part in parts]).norm().to(parts[0].dtype)

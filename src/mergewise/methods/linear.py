@@ -8,9 +8,9 @@ from mergewise.methods.base import BasePolicy, MergeMethod, PerModel, TensorRows
 
 
 def merge_linear(rows: TensorRows, *, weight: PerModel, normalize: bool = True) -> torch.Tensor:
-    result = torch.zeros_like(rows.inputs[0])
+    result = torch.zeros_like(rows.inputs[0], dtype=torch.float32)
     for tensor, coefficient in zip(rows.inputs, weight):
-        result.add_(tensor, alpha=coefficient)
+        result.add_(tensor.float(), alpha=coefficient)
     if normalize:
         result /= sum(weight)
     return result

@@ -10,40 +10,53 @@ import torch
 from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, TensorRows
 
 
-def _interpolation_ratio(gram: torch.Tensor) -> torch.Tensor:
-    """t = N·cos / (1 + (N−1)·cos), cos the mean pairwise cosine of the task vectors whose Gram
-    matrices fill the last two axes; where the denominator vanishes the base is kept (t = 0)."""
-    count = gram.shape[-1]
-    norms = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
-    cosines = [(gram[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=1e-6)).clamp(-1, 1)
+def _interpolation_ratio(norms: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
+    """t = N·cos / (1 + (N−1)·cos), cos the mean pairwise cosine of the task vectors (norms in the
+    last axis, dot products in the last two); where the denominator vanishes the base is kept."""
+    count = norms.shape[-1]
+    cosines = [(dots[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=1e-6)).clamp(-1, 1)
                for i, j in itertools.combinations(range(count), 2)]
     cosine = torch.stack(cosines).mean(dim=0)
     denominator = 1 + (count - 1) * cosine
     singular = denominator.abs() < 1e-6
-    return torch.where(singular, 0.0, count * cosine / torch.where(singular, 1.0, denominator))
+    return torch.where(singular, 0, count * cosine / torch.where(singular, 1, denominator))
+
+
+def _task_vectors(rows: TensorRows, shape: tuple[int, ...]) -> torch.Tensor:
+    base = rows.base.reshape(shape)
+    return torch.stack([tensor.reshape(shape) - base for tensor in rows.inputs])
 
 
 def prepare_model_stock(tensors: ChunkedTensors, *, filter_wise: bool = False) -> torch.Tensor | None:
-    """Whole-tensor Gram matrix of the task vectors, accumulated over row chunks in float64."""
+    """Whole-tensor norms and dot products of the task vectors: products rounded in the working
+    dtype as the elementwise step would, sums accumulated in float64 and rounded once."""
     if filter_wise:
         return None
-    gram = 0
+    squares = dots = 0
     for rows in tensors.chunks():
-        vectors = torch.stack([(tensor - rows.base).reshape(-1) for tensor in rows.inputs]).double()
-        gram = gram + vectors @ vectors.T
-    return _interpolation_ratio(gram)
+        vectors = _task_vectors(rows, (-1,))
+        squares = squares + vectors.double().square().sum(dim=1).cpu()
+        products = (vectors[:, None] * vectors[None, :]).double().sum(dim=-1).cpu()
+        dots = dots + products
+        dtype = vectors.dtype
+    return _interpolation_ratio(squares.sqrt().to(dtype), dots.to(dtype))
 
 
 def merge_model_stock(rows: TensorRows, *, filter_wise: bool = False) -> torch.Tensor:
+    base = rows.base
     if filter_wise:
-        as_rows = rows.base.reshape(rows.base.shape[0], -1) if rows.base.dim() >= 2 else rows.base.reshape(1, -1)
-        vectors = torch.stack([tensor.reshape(as_rows.shape) - as_rows for tensor in rows.inputs])
-        ratio = _interpolation_ratio(torch.einsum("irc,jrc->rij", vectors, vectors))
-        ratio = ratio.reshape(-1, *([1] * (rows.base.dim() - 1))) if rows.base.dim() >= 2 else ratio.reshape(())
+        per_row = (base.shape[0], -1) if base.dim() >= 2 else (1, -1)
+        vectors = _task_vectors(rows, per_row)
+        dots = (vectors[:, None] * vectors[None, :]).sum(dim=-1).permute(2, 0, 1)
+        ratio = _interpolation_ratio(vectors.norm(dim=-1).T, dots)
+        ratio = ratio.reshape(-1, *([1] * (base.dim() - 1))) if base.dim() >= 2 else ratio.reshape(())
     else:
-        ratio = rows.stats.to(rows.base.dtype)
-    average = torch.stack(rows.inputs).mean(dim=0)
-    return ratio * average + (1 - ratio) * rows.base
+        ratio = rows.stats.to(base.device)
+    total = rows.inputs[0]
+    for tensor in rows.inputs[1:]:
+        total = total + tensor
+    average = total / len(rows.inputs)
+    return ratio * average + (1 - ratio) * base
 
 
 MODEL_STOCK = MergeMethod(name="model_stock", merge_rows=merge_model_stock, prepare=prepare_model_stock,

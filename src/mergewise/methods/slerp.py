@@ -2,7 +2,7 @@
 
 Both interpolate along the great circle between two tensors seen as vectors; the angle needs whole-
 tensor norms and a dot product, gathered by `prepare` in float64, after which each row is a fixed
-linear combination of the two inputs.
+linear combination of the two inputs. slerp combines in float32, nuslerp in the working dtype.
 """
 
 from __future__ import annotations
@@ -11,7 +11,15 @@ import math
 
 import torch
 
-from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows
+from mergewise.methods.base import (
+    BasePolicy,
+    ChunkedTensors,
+    MergeMethod,
+    PerModel,
+    TensorRows,
+    combine_chunk_norms,
+    combine_chunk_sums,
+)
 
 
 def _spherical_coefficients(t: float, cosine: torch.Tensor, collinear: torch.Tensor):
@@ -43,7 +51,7 @@ def prepare_slerp(tensors: ChunkedTensors, *, t: float) -> tuple[torch.Tensor, t
 
 def merge_slerp(rows: TensorRows, *, t: float) -> torch.Tensor:
     first, second = (float(value) for value in rows.stats)
-    return rows.base * first + rows.inputs[0] * second
+    return rows.base.float() * first + rows.inputs[0].float() * second
 
 
 SLERP = MergeMethod(name="slerp", merge_rows=merge_slerp, prepare=prepare_slerp, base=BasePolicy.REQUIRED,
@@ -51,6 +59,7 @@ SLERP = MergeMethod(name="slerp", merge_rows=merge_slerp, prepare=prepare_slerp,
 
 
 # ---------------------------------------------------------------------------------------- nuslerp
+# nuslerp works in the working dtype throughout, as mergekit does, so its rounding matches.
 def _nuslerp_pair(rows: TensorRows) -> tuple[torch.Tensor, torch.Tensor]:
     first, second = rows.inputs
     if rows.base is None:
@@ -63,18 +72,25 @@ def _nuslerp_fraction(weight) -> float:
     return 0.5 if abs(total) < 1e-6 else weight[1] / total
 
 
-def _nuslerp_collinear(cosine: torch.Tensor) -> torch.Tensor:
-    return (1 - cosine.square()) <= 1e-16
+def _nuslerp_combine(first: torch.Tensor, second: torch.Tensor, t: float, cosine: torch.Tensor) -> torch.Tensor:
+    """Point at fraction t of the arc from `first` to `second`; the chord where they are parallel."""
+    collinear = (1 - cosine.square()) <= 1e-16
+    theta = torch.acos(torch.where(collinear, 0, cosine))
+    arc = (torch.sin((1 - t) * theta) * first + torch.sin(t * theta) * second) / torch.sin(theta)
+    return torch.where(collinear, (1 - t) * first + t * second, arc)
 
 
 def prepare_nuslerp(tensors: ChunkedTensors, *, weight: PerModel, nuslerp_flatten: bool = True,
                     nuslerp_row_wise: bool = False):
     if not nuslerp_flatten:
         return None
-    square_a, square_b, dot = _whole_tensor_sums(tensors, _nuslerp_pair)
-    cosine = dot / (max(math.sqrt(square_a), 1e-7) * max(math.sqrt(square_b), 1e-7))
-    cosine = torch.tensor(cosine, dtype=torch.float64).clamp(-1, 1)
-    return _spherical_coefficients(_nuslerp_fraction(weight), cosine, _nuslerp_collinear(cosine))
+    norms = [combine_chunk_norms(parts) for parts in zip(*(
+        [vector.reshape(-1).norm(dim=-1) for vector in _nuslerp_pair(rows)] for rows in tensors.chunks()))]
+    norms = [norm.clamp(min=1e-7) for norm in norms]
+    cosine = combine_chunk_sums([
+        ((first / norms[0].to(first.device)) * (second / norms[1].to(first.device))).reshape(-1).sum(dim=-1)
+        for first, second in map(_nuslerp_pair, tensors.chunks())])
+    return cosine.clamp(-1, 1)
 
 
 def merge_nuslerp(rows: TensorRows, *, weight: PerModel, nuslerp_flatten: bool = True,
@@ -82,16 +98,14 @@ def merge_nuslerp(rows: TensorRows, *, weight: PerModel, nuslerp_flatten: bool =
     """Without flattening, each row (or, row-wise, each column) is interpolated on its own."""
     first, second = _nuslerp_pair(rows)
     if nuslerp_flatten:
-        coefficient_a, coefficient_b = (float(value) for value in rows.stats)
+        cosine = rows.stats.to(first.device)
     else:
         axis = 0 if nuslerp_row_wise else -1
         norm_a = first.norm(dim=axis, keepdim=True).clamp(min=1e-7)
         norm_b = second.norm(dim=axis, keepdim=True).clamp(min=1e-7)
         cosine = ((first / norm_a) * (second / norm_b)).sum(dim=axis, keepdim=True).clamp(-1, 1)
-        coefficient_a, coefficient_b = _spherical_coefficients(
-            _nuslerp_fraction(weight), cosine, _nuslerp_collinear(cosine))
-    result = first * coefficient_a + second * coefficient_b
-    return result if rows.base is None else result + rows.base
+    result = _nuslerp_combine(first, second, _nuslerp_fraction(weight), cosine)
+    return result if rows.base is None else rows.base + result
 
 
 NUSLERP = MergeMethod(

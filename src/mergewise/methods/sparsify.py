@@ -47,6 +47,23 @@ def magnitude_bounds(magnitudes: np.ndarray, density: float, gamma: float | None
     return float(magnitudes[drop_low]), float(magnitudes[top])
 
 
+def sorted_selection_mask(magnitudes: torch.Tensor, density: float, gamma: float | None = None) -> torch.Tensor:
+    """The same selection as `magnitude_bounds`, as a mask from a full sort of `magnitudes`."""
+    count = magnitudes.numel()
+    mask = torch.zeros(count, dtype=torch.bool)
+    if density >= 1:
+        return mask.fill_(True)
+    if density <= 0 or count == 0:
+        return mask
+    if gamma is None:
+        mask[torch.argsort(magnitudes, descending=True)[:max(1, int(density * count))]] = True
+        return mask
+    keep = int(density * count)
+    drop_low = max(0, count - keep - int(gamma * count))
+    mask[torch.sort(magnitudes, descending=False).indices[drop_low:drop_low + keep]] = True
+    return mask
+
+
 def band_mask(delta: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
     magnitude = delta.abs()
     if math.isinf(upper):

@@ -20,14 +20,20 @@ from mergewise.methods.sparsify import (
     magnitude_bounds,
     random_mask,
     rank_random_mask,
+    sorted_selection_mask,
 )
+
+# Up to this size a magnitude selection sorts the whole tensor, so equal magnitudes at the cut are
+# broken exactly as torch's sort breaks them (as mergekit does); above it, a partial sort finds the
+# cut in linear time and keeps every tie, which moves the result by far less than bf16 rounding.
+SORTED_SELECTION_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
 class SparsifyStats:
     """Whole-tensor figures per input model: the kept magnitude band and the L1 rescale factor."""
 
-    bands: list[tuple[float, float]] | None
+    bands: list[tuple[float, float] | torch.Tensor] | None  # a band, or an explicit mask (small tensors)
     scales: list[float]
 
 
@@ -37,7 +43,10 @@ def _keep_mask(rows: TensorRows, index: int, delta: torch.Tensor, sparsification
     if sparsification is None or density >= 1:
         return None
     if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
-        return band_mask(delta, *rows.stats.bands[index])
+        band = rows.stats.bands[index]
+        if isinstance(band, torch.Tensor):
+            return band[rows.first_row:rows.first_row + delta.shape[0]].to(delta.device) if delta.dim() else band
+        return band_mask(delta, *band)
     if sparsification is Sparsification.RANDOM:
         return random_mask(delta, density, rows.rng(index))
     if not (0 < density - epsilon and density + epsilon < 1):
@@ -62,10 +71,15 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
             magnitudes = np.empty(tensors.numel, dtype=np.float32)
             filled = 0
             for rows in tensors.chunks(models=[index]):
-                part = (rows.inputs[0] - rows.base).abs().reshape(-1).cpu().numpy()
+                part = (rows.inputs[0] - rows.base).abs().reshape(-1).float().cpu().numpy()
                 magnitudes[filled:filled + part.size] = part
                 filled += part.size
-            bands.append(magnitude_bounds(magnitudes, density[index], gamma[index] if outliers else None))
+            outlier_share = gamma[index] if outliers else None
+            if tensors.numel <= SORTED_SELECTION_LIMIT:
+                mask = sorted_selection_mask(torch.from_numpy(magnitudes), density[index], outlier_share)
+                bands.append(mask.reshape(tensors.shape))
+            else:
+                bands.append(magnitude_bounds(magnitudes, density[index], outlier_share))
             del magnitudes
     scales = [1.0] * count
     if rescale:
@@ -81,8 +95,13 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
                 magnitude = delta.abs()
                 totals[index] += float(magnitude.sum(dtype=torch.float64))
                 kept[index] += float((magnitude if mask is None else magnitude * mask).sum(dtype=torch.float64))
-        scales = [l1_rescale(total, part) for total, part in zip(totals, kept)]
+        dtype = rows.base.dtype
+        scales = [l1_rescale(_rounded(total, dtype), _rounded(part, dtype)) for total, part in zip(totals, kept)]
     return SparsifyStats(bands, scales)
+
+
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(value, dtype=dtype))
 
 
 def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | None, consensus: bool,
@@ -99,15 +118,18 @@ def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
     density = density or (1.0,) * count
     gamma = gamma or (0.0,) * count
     epsilon = epsilon or (0.0,) * count
+    # Weights and rescale factors are tensors of the working dtype so each step rounds as mergekit's.
+    weights = torch.tensor(weight, dtype=base.dtype, device=base.device)
     weighted = torch.empty((count, *base.shape), dtype=base.dtype, device=base.device)
     for index, tensor in enumerate(rows.inputs):
         delta = torch.sub(tensor, base, out=weighted[index])
         mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index], epsilon[index])
         if mask is not None:
             delta.mul_(mask)
-        scale = weight[index] * (rows.stats.scales[index] if rows.stats is not None else 1.0)
-        delta.mul_(scale)
-    weights = torch.tensor(weight, dtype=base.dtype, device=base.device).reshape(-1, *([1] * base.dim()))
+        if rows.stats is not None and rows.stats.scales[index] != 1.0:
+            delta.mul_(torch.tensor(rows.stats.scales[index], dtype=base.dtype))
+        delta.mul_(weights[index])
+    weights = weights.reshape(-1, *([1] * base.dim()))
     if consensus:
         majority_positive = weighted.sum(dim=0) >= 0
         agrees = torch.where(majority_positive, weighted > 0, weighted < 0)
