@@ -187,8 +187,6 @@ def test_broken_second_model_is_refused_naming_the_file_or_tensor(case, family, 
     assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(culprit), *named)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: the plan only walks the reference model's tensors, so a "
-                   "tensor absent from the first model is silently left out of the output")
 def test_tensor_missing_in_the_first_model_is_refused_too(family, tmp_path, capsys):
     broken = copy_model(family.fine_tunes[0], tmp_path / "broken")
     drop_norm(broken)

@@ -174,6 +174,8 @@ class Planner:
             entries.append((base, None))
         inputs, base = self._split_base(entries, base, "models")
         reference = base or inputs[0][0]
+        for model, _ in inputs:
+            _check_same_tensors(reference, model)
         depth = _depth(reference)
         jobs = []
         for name, info in reference.tensors.items():
@@ -297,6 +299,13 @@ class Planner:
             raise MergewiseError(f"shape mismatch for tensor {tensor}: {model.path} has {list(found)}, "
                                  f"expected {list(shape)}{vocab}")
         return TensorSource(model, name)
+
+
+def _check_same_tensors(reference: ModelFolder, model: ModelFolder) -> None:
+    """Every tensor of an input must be in the reference too (a tied head may be absent)."""
+    for name in model.tensors:
+        if name not in reference.tensors and not (name in OUTPUT_EMBEDDING_NAMES and reference.tied_embeddings):
+            raise MergewiseError(f"tensor {name} is missing in {reference.path} (present in {model.path})")
 
 
 def _depth(model: ModelFolder) -> int:
