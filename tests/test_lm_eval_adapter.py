@@ -24,7 +24,7 @@ from mergewise.zoo import build_zoo  # noqa: E402
 def tiny_zoo(tmp_path_factory) -> Path:
     """The session's tiny zoo (built by whichever test module asks first; a finished zoo is reused)."""
     zoo_dir = tmp_path_factory.getbasetemp() / "shared-tiny-zoo"
-    build_zoo(zoo_dir, "tiny", seed=0)
+    build_zoo(zoo_dir, "tiny", seed=0, threads=1)
     return zoo_dir
 
 

@@ -23,7 +23,7 @@ MODEL_NAMES = ["base", "expert-first", "expert-last", "expert-max", "expert-min"
 def tiny_zoo(tmp_path_factory) -> Path:
     """Built once per session through the CLI; later callers find it finished (the resume path)."""
     zoo_dir = tmp_path_factory.getbasetemp() / "shared-tiny-zoo"
-    assert main(["zoo", "build", str(zoo_dir), "--size", "tiny", "--seed", "0"]) == 0
+    assert main(["zoo", "build", str(zoo_dir), "--size", "tiny", "--seed", "0", "--threads", "1"]) == 0
     return zoo_dir
 
 
@@ -78,7 +78,7 @@ def test_example_configs_point_at_zoo_models(tiny_zoo):
 
 def test_finished_models_are_not_retrained(tiny_zoo, tmp_path, monkeypatch):
     zoo_dir = tmp_path / "zoo"
-    build_zoo(zoo_dir, "tiny", seed=0)
+    build_zoo(zoo_dir, "tiny", seed=0, threads=1)
     manifest = json.loads((zoo_dir / "zoo.json").read_text())
     del manifest["models"]["expert-max"]  # as if the build had stopped before finishing it
     (zoo_dir / "zoo.json").write_text(json.dumps(manifest))
@@ -92,7 +92,7 @@ def test_finished_models_are_not_retrained(tiny_zoo, tmp_path, monkeypatch):
         return real_run_training(model, batches, schedule, description, **options)
 
     monkeypatch.setattr("mergewise.zoo.micro.run_training", counting_run_training)
-    build_zoo(zoo_dir, "tiny", seed=0)
+    build_zoo(zoo_dir, "tiny", seed=0, threads=1)
     assert trained == ["expert-max"]
     assert (zoo_dir / "base" / "model.safetensors").read_bytes() == base_weights
     assert "expert-max" in json.loads((zoo_dir / "zoo.json").read_text())["models"]
@@ -100,9 +100,9 @@ def test_finished_models_are_not_retrained(tiny_zoo, tmp_path, monkeypatch):
 
 def test_same_seed_gives_the_same_zoo_and_another_seed_does_not(tiny_zoo, tmp_path):
     again = tmp_path / "again"
-    build_zoo(again, "tiny", seed=0)
+    build_zoo(again, "tiny", seed=0, threads=1)
     other = tmp_path / "other"
-    build_zoo(other, "tiny", seed=1)
+    build_zoo(other, "tiny", seed=1, threads=1)
     for name in ["base", "expert-last"]:
         reference = load_file(tiny_zoo / name / "model.safetensors")
         same = load_file(again / name / "model.safetensors")
@@ -125,3 +125,17 @@ def test_broken_zoo_json_names_the_file_and_key(tmp_path):
         load_zoo(tmp_path)
     with pytest.raises(MergewiseError, match="no zoo here"):
         load_zoo(tmp_path / "missing")
+
+
+def test_small_zoo_reads_gsm8k_style_data_and_names_bad_lines(tmp_path):
+    from mergewise.zoo.small import locate_gsm8k, math_examples
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"question": "What is 2+3?", "answer": "2+3 = <<2+3=5>>5\n#### 5"}) + "\n")
+    assert locate_gsm8k(tmp_path) == data
+    assert math_examples(data) == [("Question: What is 2+3?\nAnswer:", " 2+3 = 5\n#### 5")]
+    data.write_text('{"question": "no answer"}\n')
+    with pytest.raises(MergewiseError, match=r"train.jsonl:1: expected a JSON object"):
+        math_examples(data)
+    with pytest.raises(MergewiseError, match="--data-dir"):
+        build_zoo(tmp_path / "zoo", "small", data_dir=tmp_path / "missing.jsonl")

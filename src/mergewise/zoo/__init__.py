@@ -10,6 +10,7 @@ import torch
 from mergewise.errors import MergewiseError
 from mergewise.zoo.manifest import Zoo, load_zoo
 from mergewise.zoo.micro import MICRO_SCALES, build_micro_zoo
+from mergewise.zoo.small import build_small_zoo
 
 SIZES = [*MICRO_SCALES, "small"]
 DEFAULT_THREADS = 2  # the budget in zoo.md is measured on 2 CPU cores
@@ -27,12 +28,14 @@ def build_zoo(
         raise MergewiseError(f"--size: expected one of {', '.join(SIZES)}, got '{size}'")
     if threads < 1:
         raise MergewiseError(f"--threads: must be at least 1, got {threads}")
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    if size == "small":
-        from mergewise.zoo.small import build_small_zoo
-
-        return build_small_zoo(Path(zoo_dir), seed, data_dir)
-    return build_micro_zoo(Path(zoo_dir), size, seed)
+    try:
+        if size == "small":
+            return build_small_zoo(Path(zoo_dir), seed, data_dir)
+        return build_micro_zoo(Path(zoo_dir), size, seed)
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 __all__ = ["SIZES", "Zoo", "build_zoo", "load_zoo"]

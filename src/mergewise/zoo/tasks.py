@@ -14,8 +14,18 @@ def random_word(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
 
 
-def random_digits(rng: random.Random) -> str:
-    return " ".join(rng.choice(string.digits) for _ in range(rng.randint(3, 6)))
+def random_digits(rng: random.Random, shortest: int = 3, longest: int = 6) -> str:
+    return " ".join(rng.choice(string.digits) for _ in range(rng.randint(shortest, longest)))
+
+
+def digits_with_extreme(rng: random.Random, largest: bool) -> str:
+    """3–6 digits whose max (or min) is uniform over 0–9: with plain random digits the max is usually
+    9, and a base that always answers 9 would already score ~40%."""
+    extreme = rng.randrange(10)
+    others = range(0, extreme + 1) if largest else range(extreme, 10)
+    digits = [str(extreme)] + [str(rng.choice(others)) for _ in range(rng.randint(2, 5))]
+    rng.shuffle(digits)
+    return " ".join(digits)
 
 
 @dataclass(frozen=True)
@@ -47,11 +57,14 @@ def digit_list(task_input: str) -> list[str]:
 MICRO_TASKS = [
     Task("first", random_word, lambda word: word[0], string.ascii_lowercase),
     Task("last", random_word, lambda word: word[-1], string.ascii_lowercase),
-    Task("max", random_digits, lambda digits: max(digit_list(digits)), string.digits),
-    Task("min", random_digits, lambda digits: min(digit_list(digits)), string.digits),
+    Task("max", lambda rng: digits_with_extreme(rng, largest=True), lambda digits: max(digit_list(digits)), string.digits),
+    Task("min", lambda rng: digits_with_extreme(rng, largest=False), lambda digits: min(digit_list(digits)), string.digits),
 ]
-# Held back: no expert is trained on it; it probes routing on an unseen format.
-HELD_BACK_TASK = Task("count", random_digits, lambda digits: str(len(digit_list(digits))), string.digits)
+# Held back: no expert is trained on it; it probes routing on an unseen format. Eight possible
+# answers keep a constant guess at 12.5%.
+HELD_BACK_TASK = Task(
+    "count", lambda rng: random_digits(rng, shortest=2, longest=9), lambda digits: str(len(digit_list(digits))), string.digits
+)
 
 
 def split_examples(task: Task, rng: random.Random, sizes: dict[str, int]) -> dict[str, list[tuple[str, str]]]:

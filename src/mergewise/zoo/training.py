@@ -99,11 +99,12 @@ def answer_only_batches(
     examples: list[tuple[str, str]],
     batch_size: int,
     rng: random.Random,
+    max_tokens: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """`<s>prompt answer\\n` rows, loss on the answer and its newline only: the expert learns the skill,
-    not the prompt distribution, which keeps its task vector small."""
+    """`<s>prompt answer\\n` rows (cut at `max_tokens`), loss on the answer and its newline only: the
+    expert learns the skill, not the prompt distribution, which keeps its task vector small."""
     while True:
-        rows = [encode_example(tokenizer, *rng.choice(examples)) for _ in range(batch_size)]
+        rows = [encode_example(tokenizer, *rng.choice(examples), max_tokens) for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
         labels = torch.full((batch_size, width), IGNORE_INDEX)
@@ -113,7 +114,10 @@ def answer_only_batches(
         yield input_ids, labels
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, max_tokens: int | None = None
+) -> tuple[list[int], list[int]]:
     prompt_ids = tokenizer(prompt)["input_ids"]
     answer_ids = tokenizer(answer + "\n", add_special_tokens=False)["input_ids"]
-    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    input_ids = (prompt_ids + answer_ids)[:max_tokens]
+    return input_ids, ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_tokens]
