@@ -1,9 +1,13 @@
 """mergewise against mergekit on the same YAML recipes over tiny bf16 model families.
 
-Deterministic methods must match tensor for tensor (relative Frobenius error ≤ 1e-3). Random
-methods (DARE, DELLA) are compared by statistics of the merged update, and so is TIES' kept count
-on bf16 data, where the exact kept set depends on an arbitrary tie order (see FLOAT32_CHECKPOINTS).
-mergekit runs all recipes in one process, since its start-up costs seconds; mergewise runs in-process.
+Deterministic methods must match tensor for tensor (relative Frobenius error ≤ 1e-3) with
+`dtype: bfloat16`, which mergekit takes as the working dtype of most kernels. Random methods (DARE,
+DELLA) are compared by statistics of the merged update. mergekit runs all recipes in one process,
+since its start-up costs seconds; mergewise runs in-process.
+
+If a magnitude method (ties, breadcrumbs*) drifts to a few 1e-3 after a torch upgrade, look at tie
+order first: 1 % updates of bf16 weights are a few ulps, so thousands of |delta| tie at the top-k
+threshold, and which tied entries survive is whatever order torch's (unstable) argsort gives.
 
 Both tools leave a tied `lm_head` out of tied-embedding checkpoints (Gemma, GPT-2); mergekit cannot
 write a Qwen2 frankenmerge (MERGEKIT_CANNOT).
@@ -19,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from transformers import AutoConfig
 
@@ -124,10 +127,13 @@ RECIPES: dict[str, Recipe] = {
 
 # One fine-tune of weight 1, so `output − base` is exactly its sparsified (and rescaled) delta.
 SPARSE_DENSITIES = {"ties": 0.5, "dare_linear": 0.3, "dare_ties": 0.3, "della": 0.4, "della_linear": 0.4}
-SPARSE_RECIPES: dict[str, Recipe] = {
-    method: (lambda f, method=method: _recipe(method, f, _task_vectors(f, {"weight": 1.0, "density": density})))
-    for method, density in SPARSE_DENSITIES.items()
-}
+
+
+def _one_sparsified_fine_tune(method: str, density: float) -> Recipe:
+    return lambda family: _recipe(method, family, _task_vectors(family, {"weight": 1.0, "density": density}))
+
+
+SPARSE_RECIPES = {method: _one_sparsified_fine_tune(method, density) for method, density in SPARSE_DENSITIES.items()}
 
 # mergekit 0.1.5 keeps Qwen2's per-layer `layer_types` at the input depth, which transformers 5
 # refuses to save, so it cannot write a Qwen2 frankenmerge.
@@ -136,23 +142,6 @@ MERGEKIT_CANNOT = {("qwen2", "passthrough_frankenmerge")}
 CASES = [(arch, name) for arch in ("llama", "qwen2") for name in RECIPES if (arch, name) not in MERGEKIT_CANNOT]
 CASES += [(arch, name) for arch in ("gemma", "gpt2") for name in ("linear", "ties", "slerp", "passthrough_frankenmerge")]
 SPARSE_ARCH = "llama"
-
-# Magnitude selection keeps the top-k |delta|. On bf16 checkpoints thousands of deltas tie at the
-# threshold and mergekit breaks ties by an unstable argsort, so mergekit disagrees with itself (7e-3)
-# under another tie order. These recipes run on float32 checkpoints, where ties are rare.
-FLOAT32_CHECKPOINTS = {"ties", "ties_unnormalized_gradient", "breadcrumbs", "breadcrumbs_ties"}
-# mergekit runs these kernels in the config's `dtype` without upcasting; in bf16 its rounding of the
-# interpolation factors is as large as the merged update, so both tools compute in float32 here.
-FLOAT32_COMPUTE = {"nuslerp", "nuslerp_rowwise_no_base", "model_stock"} | FLOAT32_CHECKPOINTS
-
-
-def case_recipe(arch: str, name: str, tiny_family) -> dict:
-    """The recipe `name` over a tiny `arch` family, in the precision the comparison needs (bf16 output)."""
-    dtype = torch.float32 if name in FLOAT32_CHECKPOINTS else torch.bfloat16
-    recipe = RECIPES[name](tiny_family(arch, num_layers=NUM_LAYERS, dtype=dtype))
-    if name in FLOAT32_COMPUTE:
-        recipe.update(dtype="float32", out_dtype="bfloat16")
-    return recipe
 
 
 @dataclass(frozen=True)
@@ -185,7 +174,7 @@ def _run_mergekit(recipes: dict[str, dict], root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def peer_runs(tiny_family, tmp_path_factory) -> dict[str, PeerRun]:
     root = tmp_path_factory.mktemp("peer")
-    recipes = {f"{arch}-{name}": case_recipe(arch, name, tiny_family) for arch, name in CASES}
+    recipes = {f"{arch}-{name}": RECIPES[name](tiny_family(arch, num_layers=NUM_LAYERS)) for arch, name in CASES}
     sparse_family = tiny_family(SPARSE_ARCH, num_layers=NUM_LAYERS)
     recipes |= {f"{SPARSE_ARCH}-sparse-{method}": make(sparse_family) for method, make in SPARSE_RECIPES.items()}
     for name, recipe in recipes.items():
