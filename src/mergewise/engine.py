@@ -6,9 +6,11 @@ float32 copy of one task vector: it depends on the widest tensor, never on the m
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
+import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +40,13 @@ from mergewise.plan import MergePlan, TensorJob, build_plan
 TensorHook = Callable[[TensorJob, slice, torch.Tensor], torch.Tensor]
 
 CHUNK_ELEMENTS = 1 << 22  # ~16 MB of float32 per input per chunk
+# Row chunks at least this large run through a torch.compile'd method: the fused kernel makes one
+# pass instead of one per operation. Smaller tensors are not worth the compilation.
+COMPILE_MIN_ELEMENTS = 1 << 20
+
+
+class CompileFallbackWarning(RuntimeWarning):
+    """The fused kernels could not be built here; the merge continues in eager mode."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class MergeOptions:
     allow_pickle: bool = False
     seed: int | None = None
     quiet: bool = False
+    compile: bool = True  # fuse big row chunks with torch.compile (falls back to eager if it can't)
 
 
 def run_merge(config_or_path: str | Path | dict | MergeConfig, out_dir: str | Path, *,
@@ -76,7 +86,7 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
             staging, [PlannedTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs], shard_size,
             metadata={"merged_by": "mergewise"})
         try:
-            executor = _JobExecutor(plan, device, seed, reader, tensor_hook)
+            executor = _JobExecutor(plan, device, seed, reader, tensor_hook, options.compile)
             total = sum(math.prod(job.shape) for job in plan.jobs)
             with tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
                       disable=options.quiet) as progress:
@@ -100,13 +110,16 @@ class _JobExecutor:
     """Runs one TensorJob at a time, reading its row chunks one step ahead of the arithmetic."""
 
     def __init__(self, plan: MergePlan, device: torch.device, seed: int, reader: ThreadPoolExecutor,
-                 tensor_hook: TensorHook | None):
+                 tensor_hook: TensorHook | None, compile_kernels: bool):
         self.plan = plan
         self.method = plan.method
         self.device = device
         self.seed = seed
         self.reader = reader
         self.tensor_hook = tensor_hook
+        # Random methods draw from explicit generators, which compiled graphs do not take.
+        self.compiled = (_compiled(self.method.merge_rows)
+                         if compile_kernels and not self.method.uses_randomness else None)
 
     def run(self, job: TensorJob, writer: StreamingShardWriter) -> None:
         if not job.out_dtype.is_floating_point:
@@ -121,10 +134,22 @@ class _JobExecutor:
             stats = self._guard(job, lambda: self.method.run_prepare(tensors, params))
         for rows_in, rows in zip(self._chunks(job, row_ranges), row_ranges):
             rows_in.stats = stats
-            merged = self._guard(job, lambda: self.method.merge(rows_in, params))
+            merged = self._guard(job, lambda: self._merge(rows_in, params))
             if self.tensor_hook is not None:
                 merged = self.tensor_hook(job, rows, merged)
             writer.write(job.name, merged.to(job.out_dtype), rows.start)
+
+    def _merge(self, rows: TensorRows, params: dict) -> torch.Tensor:
+        if self.compiled is not None and rows.inputs[0].numel() >= COMPILE_MIN_ELEMENTS:
+            try:
+                return self.method.merge(rows, params, self.compiled)
+            except ValueError:
+                raise
+            except Exception as error:  # no C++ compiler, unsupported platform, …: stay correct
+                warnings.warn(f"torch.compile unavailable ({type(error).__name__}); merging without it",
+                              CompileFallbackWarning, stacklevel=2)
+                self.compiled = None
+        return self.method.merge(rows, params)
 
     def _guard(self, job: TensorJob, work):
         try:
@@ -171,6 +196,13 @@ class _JobExecutor:
         statistics pass and the merge pass."""
         key = zlib.crc32(f"{self.seed}/{job.name}/{index}/{first_row}".encode())
         return torch.Generator().manual_seed(((self.seed << 32) ^ key) & (2**63 - 1))
+
+
+@functools.cache
+def _compiled(function: Callable) -> Callable:
+    """One compiled kernel per method for every shape; intermediate roundings are kept as in eager
+    mode so that the fused result is bit-identical to the plain one."""
+    return torch.compile(function, dynamic=True, options={"emulate_precision_casts": True})
 
 
 def _device(name: str) -> torch.device:

@@ -125,8 +125,10 @@ class MergeMethod:
             schema[name] = Parameter(name, argument, kind, per_model, default, optional)
         return schema
 
-    def merge(self, rows: TensorRows, params: dict[str, Any]) -> torch.Tensor:
-        return self.merge_rows(rows, **self._arguments(self.merge_rows, params))
+    def merge(self, rows: TensorRows, params: dict[str, Any],
+              implementation: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """Merge `rows`; `implementation` is `merge_rows` itself or a compiled version of it."""
+        return (implementation or self.merge_rows)(rows, **self._arguments(self.merge_rows, params))
 
     def run_prepare(self, tensors: ChunkedTensors, params: dict[str, Any]) -> Any:
         return self.prepare(tensors, **self._arguments(self.prepare, params))

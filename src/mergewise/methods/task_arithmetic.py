@@ -26,7 +26,7 @@ from mergewise.methods.sparsify import (
 # Up to this size a magnitude selection sorts the whole tensor, so equal magnitudes at the cut are
 # broken exactly as torch's sort breaks them (as mergekit does); above it, a partial sort finds the
 # cut in linear time and keeps every tie, which moves the result by far less than bf16 rounding.
-SORTED_SELECTION_LIMIT = 1 << 20
+SORTED_SELECTION_LIMIT = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,9 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
             magnitudes = np.empty(tensors.numel, dtype=np.float32)
             filled = 0
             for rows in tensors.chunks(models=[index]):
-                part = (rows.inputs[0] - rows.base).abs().reshape(-1).float().cpu().numpy()
-                magnitudes[filled:filled + part.size] = part
-                filled += part.size
+                part = (rows.inputs[0] - rows.base).abs_().reshape(-1)
+                torch.from_numpy(magnitudes[filled:filled + part.numel()]).copy_(part)
+                filled += part.numel()
             outlier_share = gamma[index] if outliers else None
             if tensors.numel <= SORTED_SELECTION_LIMIT:
                 mask = sorted_selection_mask(torch.from_numpy(magnitudes), density[index], outlier_share)
@@ -119,33 +119,34 @@ def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
     gamma = gamma or (0.0,) * count
     epsilon = epsilon or (0.0,) * count
     # Weights and rescale factors are tensors of the working dtype so each step rounds as mergekit's.
+    # Written without in-place updates so that torch.compile can fuse it into one pass.
     weights = torch.tensor(weight, dtype=base.dtype, device=base.device)
-    weighted = torch.empty((count, *base.shape), dtype=base.dtype, device=base.device)
+    weighted = []
     for index, tensor in enumerate(rows.inputs):
-        delta = torch.sub(tensor, base, out=weighted[index])
+        delta = tensor - base
         mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index], epsilon[index])
         if mask is not None:
-            delta.mul_(mask)
+            delta = delta * mask
         if rows.stats is not None and rows.stats.scales[index] != 1.0:
-            delta.mul_(torch.tensor(rows.stats.scales[index], dtype=base.dtype))
-        delta.mul_(weights[index])
+            delta = delta * torch.tensor(rows.stats.scales[index], dtype=base.dtype)
+        weighted.append(delta * weights[index])
+    weighted = torch.stack(weighted)
     weights = weights.reshape(-1, *([1] * base.dim()))
     if consensus:
         majority_positive = weighted.sum(dim=0) >= 0
         agrees = torch.where(majority_positive, weighted > 0, weighted < 0)
         combined = (weighted * agrees).sum(dim=0)
         divisor = (weights * agrees).sum(dim=0)
-        divisor[divisor == 0] = 1
+        divisor = torch.where(divisor == 0, 1, divisor)
     else:
         combined = weighted.sum(dim=0)
         divisor = weights.sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones_like(divisor)
+        divisor = torch.where(divisor.abs() < 1e-8, 1, divisor)
     if normalize:
-        combined /= divisor
+        combined = combined / divisor
     if lambda_ != 1:
-        combined *= lambda_
-    return combined.add_(base)
+        combined = combined * lambda_
+    return base + combined
 
 
 def _preset(name: str, sparsification: Sparsification | None, consensus: bool, normalize: bool,
