@@ -1,0 +1,110 @@
+"""Calibration text → token blocks, the input of the statistics pass.
+
+AIM's statistics only need task-agnostic text. Sources: a text / JSONL file or a folder of them
+(the normal path), the base model's own samples (`self`, offline and data-free), or a Hugging Face
+dataset (`hf:NAME`, online only). Documents are shuffled with a fixed seed, empty and over-long ones
+skipped, the rest concatenated and cut into blocks of `seq_len` tokens, as the reference does.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from mergewise.errors import MergewiseError
+
+SHUFFLE_SEED = 42
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
+
+
+def read_documents(source: str) -> list[str]:
+    """The documents of a text file (one per blank-line-separated paragraph), a JSONL file (its
+    `text` fields), or every such file in a folder, in sorted order."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise MergewiseError(f"--data {source}: folder holds no .txt or .jsonl files")
+        return [document for file in files for document in _file_documents(file)]
+    if path.is_file():
+        return _file_documents(path)
+    raise MergewiseError(f"--data {source}: no such file or folder (use a text/JSONL file, a folder, "
+                         "'self' or 'hf:NAME')")
+
+
+def _file_documents(file: Path) -> list[str]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MergewiseError(f"{file}: not UTF-8 text") from None
+    if file.suffix not in (".jsonl", ".json"):
+        return [paragraph.strip() for paragraph in text.split("\n\n")]
+    documents = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise MergewiseError(f"{file}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise MergewiseError(f"{file}:{number}: expected an object with a string 'text' field")
+        documents.append(record["text"])
+    return documents
+
+
+def hub_documents(name: str, samples: int) -> list[str]:
+    """The `text` column of a Hugging Face dataset's validation (else train) split."""
+    try:
+        import datasets
+    except ImportError:
+        raise MergewiseError(f"--data hf:{name}: the 'datasets' package is not installed") from None
+    try:
+        splits = datasets.load_dataset(name)
+    except Exception as error:  # offline, unknown name, gated: datasets raises many types
+        raise MergewiseError(f"--data hf:{name}: cannot load the dataset (needs network access; "
+                             f"offline, use a local file or 'self'): {str(error).splitlines()[0]}") from None
+    split = splits.get("validation") or splits.get("train") or next(iter(splits.values()))
+    if "text" not in split.column_names:
+        raise MergewiseError(f"--data hf:{name}: dataset has no 'text' column ({', '.join(split.column_names)})")
+    return list(split.shuffle(seed=SHUFFLE_SEED).select(range(min(samples, len(split))))["text"])
+
+
+def blocks_from_documents(documents: list[str], tokenizer, samples: int, seq_len: int,
+                          origin: str, *, shuffle: bool = True) -> list[torch.Tensor]:
+    """Token blocks of at most `seq_len` from the first `samples` usable documents."""
+    if shuffle:
+        documents = list(documents)
+        random.Random(SHUFFLE_SEED).shuffle(documents)
+    ids: list[int] = []
+    kept = 0
+    for document in documents:
+        if kept == samples:
+            break
+        tokens = tokenizer(document, add_special_tokens=False)["input_ids"] if document.strip() else []
+        if not tokens or len(tokens) > seq_len:
+            continue
+        ids.extend(tokens)
+        kept += 1
+    if not ids:
+        raise MergewiseError(f"--data {origin}: no document between 1 and --seq-len {seq_len} tokens")
+    return [torch.tensor([ids[start:start + seq_len]]) for start in range(0, len(ids), seq_len)]
+
+
+def self_generated_blocks(model, tokenizer, samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:
+    """`samples` sequences of `seq_len` tokens sampled from the model itself (plain temperature-1
+    sampling from its BOS token), seeded: calibration text without any dataset."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise MergewiseError("--data self: the tokenizer has neither a BOS nor an EOS token to start from")
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        generated = model.generate(
+            torch.full((samples, 1), start, device=device), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,
+            attention_mask=torch.ones((samples, 1), dtype=torch.long, device=device))
+    return [row.unsqueeze(0).cpu() for row in generated]

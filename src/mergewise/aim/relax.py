@@ -1,0 +1,184 @@
+"""AIM's relaxation: pull the merged weights of the most-activated input channels back toward the base.
+
+    W = W_b + (W_m − W_b) ⊙ (1 − (1 − ω) · I),   I = a / max(a) per module
+
+with I broadcast along the input-channel axis (the last axis of a Linear weight, the first of GPT-2's
+Conv1D, element-wise for 1-D norm weights). It works on row chunks, so it runs inside the streaming
+merge (as the engine's tensor hook) or over an existing merged folder, never holding a whole model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from mergewise.aim.statistics import CalibrationStats, base_fingerprint, load_statistics
+from mergewise.checkpoint import (
+    ModelFolder,
+    PlannedTensor,
+    StreamingShardWriter,
+    check_output_location,
+    copy_tokenizer,
+    parse_size,
+    staged_folder,
+)
+from mergewise.errors import MergewiseError
+from mergewise.plan import TensorJob
+
+ROW_CHUNK_ELEMENTS = 1 << 22
+RECORD_METADATA = ("base_fingerprint", "data", "samples", "seq_len", "statistic", "pass")
+
+
+@dataclass(frozen=True)
+class AimSettings:
+    """How strongly and where to relax. `exponent` sharpens (>1) or flattens (<1) the importance;
+    `modules` is a regular expression searched in weight names (None: every calibrated module)."""
+
+    omega: float = 0.4
+    exponent: float = 1.0
+    modules: str | None = None
+    allow_fingerprint_mismatch: bool = False
+
+    def check(self) -> None:
+        if not 0.0 <= self.omega <= 1.0:
+            raise MergewiseError(f"omega: must lie in [0, 1], got {self.omega}")
+        if not self.exponent > 0:
+            raise MergewiseError(f"exponent: must be positive, got {self.exponent}")
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except re.error as error:
+                raise MergewiseError(f"modules: invalid regular expression {self.modules!r} ({error})") from None
+
+
+class Relaxation:
+    """The per-module importance vectors of a statistics file, applied to row chunks."""
+
+    def __init__(self, stats: CalibrationStats, settings: AimSettings):
+        settings.check()
+        self.stats = stats
+        self.settings = settings
+        self._pattern = re.compile(settings.modules) if settings.modules is not None else None
+        self._importance: dict[str, torch.Tensor] = {}
+
+    def covers(self, name: str) -> bool:
+        return name in self.stats.vectors and (self._pattern is None or self._pattern.search(name) is not None)
+
+    def importance(self, name: str) -> torch.Tensor:
+        if name not in self._importance:
+            activation = self.stats.vectors[name].float()
+            peak = activation.max()
+            scaled = activation / peak if peak > 0 else torch.zeros_like(activation)
+            self._importance[name] = scaled.pow(self.settings.exponent)
+        return self._importance[name]
+
+    def apply(self, name: str, merged: torch.Tensor, base: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The relaxed float32 rows `rows` of weight `name`, from its merged and base rows."""
+        importance = self.importance(name).to(merged.device)
+        if merged.dim() == 1 or self.stats.input_axis(name) == 0:
+            importance = importance[rows]
+            fits = importance.shape[0] == merged.shape[0]
+            importance = importance.reshape(-1, *([1] * (merged.dim() - 1)))
+        else:
+            fits = importance.shape[0] == merged.shape[-1]
+        if not fits:
+            raise MergewiseError(f"tensor {name}: shape {list(merged.shape)} does not fit its statistics vector "
+                                 f"({self.stats.vectors[name].numel()} channels); stats of another model?")
+        # W_b + Δ·(1 − (1−ω)·I), written as W_m − Δ·(1−ω)·I so that ω = 1 returns W_m bit for bit.
+        merged = merged.float()
+        pulled_back = (1.0 - self.settings.omega) * importance
+        return merged - (merged - base.to(merged.device, torch.float32)) * pulled_back
+
+
+def check_fingerprint(stats: CalibrationStats, base: ModelFolder, stats_path: str | Path, allow: bool) -> None:
+    """Statistics describe one base model; with another base the relaxation would be meaningless."""
+    found = base_fingerprint(base)
+    if stats.metadata["base_fingerprint"] == found:
+        return
+    message = (f"{stats_path}: statistics were computed on a different base model "
+               f"(fingerprint {stats.metadata['base_fingerprint']}, {base.path} has {found})")
+    if not allow:
+        raise MergewiseError(message + "; recalibrate, or allow the mismatch explicitly")
+    warnings.warn(message, stacklevel=2)
+
+
+def relaxation_hook(relaxation: Relaxation, base: ModelFolder):
+    """The engine's TensorHook: relax each merged row chunk against the same rows of `base`.
+    The chunk is first rounded to the output dtype, so the result equals relaxing the saved merge."""
+
+    def hook(job: TensorJob, rows: slice, merged: torch.Tensor) -> torch.Tensor:
+        name = job.base.name if job.base is not None and job.base.model is base else job.name
+        if not relaxation.covers(name) or name not in base.tensors:
+            return merged
+        base_rows = base.read(name, None if rows == slice(None) else rows)
+        return relaxation.apply(name, merged.to(job.out_dtype), base_rows, rows)
+
+    return hook
+
+
+def record(relaxation: Relaxation, stats_path: str | Path | None) -> dict:
+    """What mergewise.yml says about the relaxation."""
+    metadata = relaxation.stats.metadata
+    return {**asdict(relaxation.settings), "stats": str(stats_path) if stats_path else None,
+            "calibration": {key: metadata[key] for key in RECORD_METADATA if key in metadata}}
+
+
+def relax_folder(base_dir: str | Path, merged_dir: str | Path, stats_path: str | Path, out_dir: str | Path,
+                 settings: AimSettings = AimSettings(), *, shard_size: str | int = "5GB", overwrite: bool = False,
+                 quiet: bool = False) -> Path:
+    """`mergewise aim`: relax an existing merged folder into `out_dir`, tensor by tensor."""
+    base, merged = ModelFolder(base_dir), ModelFolder(merged_dir)
+    out_dir = Path(out_dir).expanduser().resolve()
+    check_output_location(out_dir, [base.path, merged.path], overwrite)
+    stats = load_statistics(stats_path)
+    check_fingerprint(stats, base, stats_path, settings.allow_fingerprint_mismatch)
+    relaxation = Relaxation(stats, settings)
+    tensors = list(merged.tensors.values())
+    relaxed = 0
+    with staged_folder(out_dir) as staging:
+        writer = StreamingShardWriter(staging, [PlannedTensor(t.name, t.shape, t.dtype) for t in tensors],
+                                      parse_size(shard_size), metadata={"merged_by": "mergewise aim"})
+        try:
+            for info in tqdm(tensors, desc="aim", disable=quiet):
+                relax = info.dtype.is_floating_point and relaxation.covers(info.name) and info.name in base.tensors
+                relaxed += relax
+                for rows in _row_chunks(info.shape):
+                    chunk = merged.read(info.name, rows)
+                    if relax:
+                        chunk = relaxation.apply(info.name, chunk, base.read(info.name, rows), rows or slice(None))
+                    writer.write(info.name, chunk.to(info.dtype), rows.start if rows else 0)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        shutil.copy2(merged.path / "config.json", staging / "config.json")
+        copy_tokenizer(merged.path, staging)
+        _write_record(staging, merged, {**record(relaxation, Path(stats_path).resolve()), "base": str(base.path),
+                                        "merged": str(merged.path), "relaxed_tensors": relaxed})
+    return out_dir
+
+
+def _row_chunks(shape: tuple[int, ...]) -> list[slice | None]:
+    if not shape or shape[0] == 0:
+        return [None]
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+    return [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
+def _write_record(folder: Path, merged: ModelFolder, aim: dict) -> None:
+    """mergewise.yml: the merge's own record (when it has one) plus the relaxation."""
+    from mergewise import __version__
+
+    previous = merged.path / "mergewise.yml"
+    record_data = yaml.safe_load(previous.read_text()) if previous.is_file() else {}
+    record_data = record_data if isinstance(record_data, dict) else {}
+    record_data["aim"] = {**aim, "mergewise_version": __version__}
+    (folder / "mergewise.yml").write_text(yaml.safe_dump(record_data, sort_keys=False))

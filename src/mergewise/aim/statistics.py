@@ -1,0 +1,376 @@
+"""AIM's calibration: per-module input-channel activation statistics of the base model.
+
+For every module with a weight that is not an embedding, the module's input x is hooked and reduced
+over tokens per input channel (mean |x| by default), then summed over calibration blocks. The result
+is a safetensors file, one vector per module keyed by the module's weight name, reusable by every
+merge of that base.
+
+Two passes give the same numbers: the whole model in memory, or `stream_layers`, which captures the
+first decoder layer's inputs and then loads one decoder layer at a time from the checkpoint, so peak
+memory is one layer plus the calibration hidden states, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+from mergewise.aim.data import blocks_from_documents, hub_documents, read_documents, self_generated_blocks
+from mergewise.checkpoint import ModelFolder
+from mergewise.errors import MergewiseError
+
+STATISTICS = ("mean_abs", "rms", "max")
+FINGERPRINT_WINDOWS = 16
+FINGERPRINT_WINDOW_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What decides the statistics (recorded in the file's metadata)."""
+
+    data: str = "self"
+    samples: int = 256
+    seq_len: int = 512
+    statistic: str = "mean_abs"
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.samples < 1:
+            raise MergewiseError(f"--samples: must be at least 1, got {self.samples}")
+        if self.seq_len < 2:
+            raise MergewiseError(f"--seq-len: must be at least 2, got {self.seq_len}")
+        if self.statistic not in STATISTICS:
+            raise MergewiseError(f"--statistic: {self.statistic!r} is not one of {', '.join(STATISTICS)}")
+
+
+class ChannelStatistics:
+    """One running vector per module: the per-block reduction of its input over tokens, combined
+    over blocks (summed; maximum for `max`). Accumulated in float64 so block order hardly matters."""
+
+    def __init__(self, statistic: str):
+        self.statistic = statistic
+        self.vectors: dict[str, torch.Tensor] = {}
+
+    def observe(self, name: str, inputs: torch.Tensor) -> None:
+        values = inputs.detach().float().reshape(-1, inputs.shape[-1])
+        if self.statistic == "mean_abs":
+            block = values.abs().mean(0)
+        elif self.statistic == "rms":
+            block = values.square().mean(0).sqrt()
+        else:
+            block = values.abs().amax(0)
+        block = block.double().cpu()
+        if name not in self.vectors:
+            self.vectors[name] = block
+        elif self.statistic == "max":
+            self.vectors[name] = torch.maximum(self.vectors[name], block)
+        else:
+            self.vectors[name] += block
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """A loaded statistics file: vectors by weight name, and how they were made."""
+
+    vectors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def input_axis(self, name: str) -> int:
+        """The weight axis that runs over input channels: last, except for GPT-2's Conv1D (first)."""
+        return json.loads(self.metadata.get("input_axis", "{}")).get(name, -1)
+
+
+def target_modules(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
+    """Weight name → (module, input axis of its weight) for every non-embedding module with a weight."""
+    targets = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is None or isinstance(module, nn.Embedding):
+            continue
+        axis = 0 if isinstance(module, Conv1D) else -1
+        targets[f"{name}.weight" if name else "weight"] = (module, axis)
+    return targets
+
+
+@contextmanager
+def recording(targets: dict[str, tuple[nn.Module, int]], recorder: ChannelStatistics) -> Iterator[None]:
+    """Forward pre-hooks that hand each target module's input to `recorder` while active."""
+
+    def hook_for(name: str):
+        def hook(module, args, kwargs):
+            recorder.observe(name, args[0] if args else next(iter(kwargs.values())))
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name), with_kwargs=True)
+               for name, (module, _) in targets.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------------ the command
+def calibrate(base_dir: str | Path, stats_path: str | Path, settings: CalibrationSettings = CalibrationSettings(),
+              *, device: str = "cpu", stream_layers: bool = False, quiet: bool = False) -> Path:
+    """Compute the base model's statistics and save them (atomically) to `stats_path`."""
+    settings.check()
+    folder = ModelFolder(base_dir)
+    stats_path = Path(stats_path).expanduser().resolve()
+    target_device = _device(device)
+    recorder = ChannelStatistics(settings.statistic)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder.path)
+    except (OSError, ValueError) as error:
+        raise MergewiseError(f"{folder.path}: cannot load its tokenizer ({str(error).splitlines()[0]})") from None
+    documents = None if settings.data == "self" else _documents(settings)  # bad data fails before loading
+    model = _load_model(folder, target_device) if settings.data == "self" or not stream_layers else None
+    if documents is None:
+        blocks = self_generated_blocks(model, tokenizer, settings.samples, settings.seq_len, settings.seed)
+    else:
+        blocks = blocks_from_documents(documents, tokenizer, settings.samples, settings.seq_len, settings.data,
+                                       shuffle=not settings.data.startswith("hf:"))
+    with torch.inference_mode():
+        if stream_layers:
+            model = None  # only the sampler needed it; the streamed pass never holds the whole model
+            input_axes = _streamed_statistics(folder, blocks, recorder, target_device, quiet)
+        else:
+            targets = target_modules(model)
+            input_axes = {name: axis for name, (_, axis) in targets.items()}
+            with recording(targets, recorder):
+                for block in tqdm(blocks, desc="calibrate (blocks)", disable=quiet):
+                    model(input_ids=block.to(target_device), use_cache=False)
+    metadata = {
+        **{key: str(value) for key, value in asdict(settings).items()},
+        "base": str(folder.path),
+        "base_fingerprint": base_fingerprint(folder),
+        "blocks": str(len(blocks)),
+        "tokens": str(sum(block.numel() for block in blocks)),
+        "input_axis": json.dumps({name: axis for name, axis in input_axes.items() if axis != -1}),
+        "pass": "stream_layers" if stream_layers else "in_memory",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _save(stats_path, {name: vector.float() for name, vector in recorder.vectors.items()}, metadata)
+    return stats_path
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MergewiseError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise MergewiseError(f"--device {name!r}: expected cpu or cuda[:N]") from None
+
+
+def _load_model(folder: ModelFolder, device: torch.device) -> nn.Module:
+    """The whole base model in float32 (safetensors only: nothing is unpickled)."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder.path, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise MergewiseError(f"{folder.path}: cannot load the model ({str(error).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def _documents(settings: CalibrationSettings) -> list[str]:
+    if settings.data.startswith("hf:"):
+        return hub_documents(settings.data.removeprefix("hf:"), settings.samples)  # already shuffled
+    return read_documents(settings.data)
+
+
+# ----------------------------------------------------------------------------- the layer-streamed pass
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first decoder layer needs to run."""
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (no memory) while buffers such as
+    rotary frequencies are computed for real, since the checkpoint does not store them."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
+        register(module, name, parameter)
+        if parameter is not None and parameter.device.type != "meta":
+            module._parameters[name] = nn.Parameter(parameter.to("meta"), parameter.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class _LayerLoader:
+    """Loads a sub-module's parameters from the checkpoint (float32, on the device) and frees them."""
+
+    def __init__(self, folder: ModelFolder, prefix_to_strip: str, device: torch.device):
+        self.folder = folder
+        self.prefix_to_strip = prefix_to_strip
+        self.device = device
+
+    def load(self, module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> None:
+        for name, parameter in list(module.named_parameters()):
+            if name.startswith(skip):
+                continue
+            tensor = self.folder.read(self._checkpoint_name(f"{prefix}.{name}" if prefix else name))
+            self._set(module, name, tensor.to(self.device, torch.float32))
+
+    def unload(self, module: nn.Module) -> None:
+        for name, parameter in list(module.named_parameters()):
+            if parameter.device.type != "meta":
+                self._set(module, name, torch.empty_like(parameter, device="meta"))
+
+    def _checkpoint_name(self, name: str) -> str:
+        candidates = (name, name.removeprefix(self.prefix_to_strip))
+        found = next((candidate for candidate in candidates if candidate in self.folder.tensors), None)
+        if found is None:
+            raise MergewiseError(f"{self.folder.path}: tensor {name} is missing from the checkpoint")
+        return found
+
+    @staticmethod
+    def _set(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        owner_name, _, leaf = name.rpartition(".")
+        module.get_submodule(owner_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def decoder_layers(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
+    """The decoder's block list, found generically: the ModuleList of `num_hidden_layers` modules."""
+    depth = config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth:
+            return name, module
+    raise MergewiseError(f"{config._name_or_path or 'model'}: no list of {depth} decoder layers found; "
+                         "use the in-memory pass (without --stream-layers)")
+
+
+def _streamed_statistics(folder: ModelFolder, blocks: list[torch.Tensor], recorder: ChannelStatistics,
+                         device: torch.device, quiet: bool) -> dict[str, int]:
+    config = AutoConfig.from_pretrained(folder.path)
+    if len(set(getattr(config, "layer_types", None) or [None])) > 1:
+        raise MergewiseError(f"{folder.path}: layers of different attention types ({sorted(set(config.layer_types))}) "
+                             "are not supported by --stream-layers; use the in-memory pass")
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[name] = buffer.to(device)
+    layers_name, layers = decoder_layers(model, config)
+    targets = target_modules(model)
+    head = model.get_output_embeddings()
+    head_name = next(name for name, (module, _) in targets.items() if module is head)
+    tail = [module for name, (module, _) in targets.items()
+            if module is not head and not name.startswith(f"{layers_name}.")]
+    if len(tail) > 1:
+        raise MergewiseError(f"{folder.path}: more than one module between the decoder layers and the head; "
+                             "use the in-memory pass")
+    loader = _LayerLoader(folder, f"{model.base_model_prefix}.", device)
+    after_stem = (f"{layers_name}.", head_name.removesuffix("weight"),
+                  *(_module_name(model, module) + "." for module in tail))
+    hidden, layer_args, layer_kwargs = _first_layer_inputs(model, layers[0], loader, after_stem, blocks, device)
+    with recording(targets, recorder):
+        for index, layer in enumerate(tqdm(layers, desc="calibrate (layers)", disable=quiet)):
+            loader.load(layer, f"{layers_name}.{index}")
+            for block, (args, kwargs) in enumerate(zip(layer_args, layer_kwargs)):
+                output = layer(hidden[block], *args, **kwargs)
+                hidden[block] = output[0] if isinstance(output, tuple) else output
+            loader.unload(layer)
+        for module in tail:
+            loader.load(module, _module_name(model, module))
+        for states in hidden:
+            recorder.observe(head_name, tail[0](states) if tail else states)
+    return {name: axis for name, (_, axis) in targets.items()}
+
+
+def _module_name(model: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
+
+
+def _first_layer_inputs(model: nn.Module, first_layer: nn.Module, loader: _LayerLoader, after_stem: tuple[str, ...],
+                        blocks: list[torch.Tensor], device: torch.device):
+    """Run every block up to the first decoder layer and keep what that layer receives: the hidden
+    states, and the other arguments (attention mask, rotary position embeddings, ...) as the model
+    passes them. The stem (embeddings: every parameter not under `after_stem`) is loaded for this
+    and freed afterwards."""
+    loader.load(model, "", skip=after_stem)
+    hidden, layer_args, layer_kwargs = [], [], []
+
+    def capture(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        layer_args.append(args[1:])
+        layer_kwargs.append(kwargs)
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for block in blocks:
+            try:
+                model(input_ids=block.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    loader.unload(model)
+    return hidden, layer_args, layer_kwargs
+
+
+# ------------------------------------------------------------------------------------ the file
+def base_fingerprint(folder: ModelFolder) -> str:
+    """Identifies a base model cheaply: config, tensor headers, and a few sampled windows of each
+    weight file (so a fine-tune with the same architecture gets a different fingerprint)."""
+    digest = hashlib.sha256(json.dumps(folder.config, sort_keys=True).encode())
+    for name in sorted(folder.tensors):
+        info = folder.tensors[name]
+        digest.update(f"{name}:{list(info.shape)}:{info.dtype}".encode())
+    for file in sorted({info.file for info in folder.tensors.values()}):
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            for window in range(FINGERPRINT_WINDOWS):
+                handle.seek(size * window // FINGERPRINT_WINDOWS)
+                digest.update(handle.read(FINGERPRINT_WINDOW_BYTES))
+    return digest.hexdigest()[:32]
+
+
+def _save(path: Path, vectors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(vectors, partial, metadata=metadata)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def load_statistics(path: str | Path) -> CalibrationStats:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MergewiseError(f"statistics file not found: {path} (make one with `mergewise calibrate`)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            vectors = {name: handle.get_tensor(name).float() for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise MergewiseError(f"{path}: not a readable safetensors statistics file ({error})") from None
+    if "base_fingerprint" not in metadata:
+        raise MergewiseError(f"{path}: no base_fingerprint in its metadata (not made by `mergewise calibrate`?)")
+    return CalibrationStats(vectors, metadata)

@@ -1,0 +1,39 @@
+"""`mergewise calibrate BASE_DIR STATS.safetensors`: the base model's activation statistics for AIM."""
+
+from __future__ import annotations
+
+import argparse
+
+from mergewise.aim.statistics import STATISTICS
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="compute a base model's activation statistics (for AIM)",
+        description="Hook every non-embedding module of the base model and save, per module, the "
+                    "per-input-channel mean |x| over tokens summed over calibration blocks.")
+    parser.add_argument("base_dir", help="base model folder")
+    parser.add_argument("stats_path", help="output statistics file (.safetensors)")
+    parser.add_argument("--data", default="self",
+                        help="calibration text: a .txt/.jsonl file or folder, 'self' (the model samples its "
+                             "own text, offline) or hf:NAME (online)")
+    parser.add_argument("--samples", type=int, default=256, help="documents (or self-generated sequences)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration block")
+    parser.add_argument("--statistic", choices=STATISTICS, default="mean_abs",
+                        help="per-channel reduction over tokens (mean_abs is the reference)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --data self sampling")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--stream-layers", action="store_true",
+                        help="load one decoder layer at a time: memory independent of depth")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from mergewise.aim.statistics import CalibrationSettings, calibrate
+
+    settings = CalibrationSettings(args.data, args.samples, args.seq_len, args.statistic, args.seed)
+    path = calibrate(args.base_dir, args.stats_path, settings, device=args.device,
+                     stream_layers=args.stream_layers, quiet=args.quiet)
+    if not args.quiet:
+        print(f"statistics written to {path}")

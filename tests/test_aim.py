@@ -1,0 +1,206 @@
+"""AIM: calibration statistics against plain forward hooks (in-memory and layer-streamed passes),
+the relaxation against its formula, and the `aim:` recipe block against merge-then-`mergewise aim`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergewise.aim import AimSettings, CalibrationStats, Relaxation, load_statistics
+from mergewise.aim.data import blocks_from_documents, read_documents
+from mergewise.cli import main
+from mergewise.tiny_models import read_state_dict
+
+SAMPLES, SEQ_LEN = 24, 32
+
+
+@pytest.fixture(scope="module")
+def calibration_text(tmp_path_factory) -> Path:
+    words = "the quick brown fox jumps over the lazy dog while model merging adds task vectors".split()
+    documents = [" ".join(words[i % 7:] + words[: i % 5]) for i in range(40)]
+    path = tmp_path_factory.mktemp("aim-data") / "calibration.txt"
+    path.write_text("\n\n".join(documents))
+    return path
+
+
+def calibrate_cli(base: Path, out: Path, *more: str) -> CalibrationStats:
+    assert main(["calibrate", str(base), str(out), "--quiet", *more]) == 0
+    return load_statistics(out)
+
+
+def statistics_with_plain_hooks(base: Path, text: Path) -> dict[str, torch.Tensor]:
+    """The reference definition, written directly: Σ_blocks mean_tokens |x| of every non-embedding
+    module's input, from ordinary forward hooks on the whole float32 model."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    blocks = blocks_from_documents(read_documents(str(text)), AutoTokenizer.from_pretrained(base),
+                                   SAMPLES, SEQ_LEN, str(text))
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args):
+            value = args[0].float().abs().mean(dim=(0, 1)).double()
+            sums[name] = sums.get(name, 0) + value
+        return record
+
+    for name, module in model.named_modules():
+        if "weight" in module._parameters and not isinstance(module, nn.Embedding):
+            module.register_forward_pre_hook(hook(f"{name}.weight"))
+    with torch.no_grad():
+        for block in blocks:
+            model(block)
+    return sums
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_statistics_match_plain_forward_hooks(arch, tiny_family, calibration_text, tmp_path):
+    base = tiny_family(arch).base
+    expected = statistics_with_plain_hooks(base, calibration_text)
+    data = ["--data", str(calibration_text), "--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN)]
+    for extra in ([], ["--stream-layers"]):
+        stats = calibrate_cli(base, tmp_path / f"stats{len(extra)}.safetensors", *data, *extra)
+        assert sorted(stats.vectors) == sorted(expected)
+        for name, vector in expected.items():
+            error = (stats.vectors[name].double() - vector).abs().max() / vector.abs().max()
+            assert error <= 1e-4, (arch, extra, name, float(error))
+    assert stats.metadata["samples"] == str(SAMPLES) and stats.metadata["pass"] == "stream_layers"
+    if arch == "gpt2":  # Conv1D stores its weight as (in, out)
+        assert stats.input_axis("transformer.h.0.mlp.c_fc.weight") == 0
+
+
+def test_self_calibration_is_seeded_and_pass_independent(tiny_family, tmp_path):
+    base = tiny_family("llama").base
+    options = ["--samples", "3", "--seq-len", "16"]
+    first = calibrate_cli(base, tmp_path / "a.safetensors", *options)
+    streamed = calibrate_cli(base, tmp_path / "b.safetensors", *options, "--stream-layers")
+    for name, vector in first.vectors.items():
+        torch.testing.assert_close(streamed.vectors[name], vector, rtol=1e-5, atol=0)
+    assert first.metadata["data"] == "self" and int(first.metadata["tokens"]) == 3 * 16
+
+
+# ------------------------------------------------------------------------------------ relaxation
+def direct_formula(base, merged, activation, omega, axis):
+    importance = activation / activation.max()
+    shape = [1] * merged.dim()
+    shape[axis] = -1
+    return base + (merged - base) * (1 - (1 - omega) * importance.reshape(shape))
+
+
+@pytest.mark.parametrize("omega", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("shape,axis", [((6, 10), -1), ((10,), 0), ((10, 6), 0)], ids=["linear", "norm", "conv1d"])
+def test_relaxation_matches_formula_on_row_chunks(shape, axis, omega):
+    generator = torch.Generator().manual_seed(0)
+    base, merged = (torch.randn(shape, generator=generator) for _ in range(2))
+    activation = torch.rand(10, generator=generator) + 0.1
+    stats = CalibrationStats({"w": activation}, {"input_axis": json.dumps({"w": 0} if axis == 0 else {})})
+    relaxation = Relaxation(stats, AimSettings(omega=omega))
+    chunks = [slice(0, 4), slice(4, shape[0])]
+    relaxed = torch.cat([relaxation.apply("w", merged[rows], base[rows], rows) for rows in chunks])
+    torch.testing.assert_close(relaxed, direct_formula(base, merged, activation, omega, axis))
+    if omega == 1.0:
+        assert torch.equal(relaxed, merged)
+
+
+def test_options_exponent_and_module_filter():
+    activation = torch.tensor([1.0, 2.0, 4.0])
+    stats = CalibrationStats({"layers.0.mlp.weight": activation}, {})
+    sharpened = Relaxation(stats, AimSettings(omega=0.0, exponent=2.0))
+    torch.testing.assert_close(sharpened.importance("layers.0.mlp.weight"), torch.tensor([1 / 16, 1 / 4, 1.0]))
+    assert not Relaxation(stats, AimSettings(modules=r"self_attn")).covers("layers.0.mlp.weight")
+    assert Relaxation(stats, AimSettings(modules=r"\.mlp\.")).covers("layers.0.mlp.weight")
+
+
+# ------------------------------------------------------------------------------ merge integration
+def write_recipe(path: Path, family, aim: dict | None, method="ties") -> Path:
+    recipe = {"merge_method": method, "base_model": str(family.base), "dtype": "bfloat16",
+              "models": [{"model": str(model), "parameters": {"weight": w, "density": 0.5}}
+                         for model, w in zip(family.fine_tunes, (1.0, 0.6, 0.3))]}
+    if method == "linear":
+        recipe["models"] = [{"model": str(model), "parameters": {"weight": 1.0}}
+                            for model in (family.base, *family.fine_tunes)]
+    if aim is not None:
+        recipe["aim"] = aim
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("method", ["ties", "linear"])
+def test_aim_block_equals_merge_then_aim(method, tiny_family, calibration_text, tmp_path):
+    family = tiny_family("llama")
+    stats = tmp_path / "stats.safetensors"
+    calibrate_cli(family.base, stats, "--data", str(calibration_text), "--samples", "8", "--seq-len", "32")
+    run = ["--quiet", "--seed", "1"]
+    assert main(["merge", str(write_recipe(tmp_path / "plain.yml", family, None, method)), str(tmp_path / "m"), *run]) == 0
+    assert main(["aim", "--base", str(family.base), "--merged", str(tmp_path / "m"), "--stats", str(stats),
+                 "--omega", "0.4", "--quiet", str(tmp_path / "two_step")]) == 0
+    aim_recipe = write_recipe(tmp_path / "aim.yml", family, {"omega": 0.4, "stats": str(stats)}, method)
+    assert main(["merge", str(aim_recipe), str(tmp_path / "one_pass"), *run]) == 0
+
+    merged, two_step, one_pass = (read_state_dict(tmp_path / name) for name in ("m", "two_step", "one_pass"))
+    assert two_step.keys() == one_pass.keys() == merged.keys()
+    for name in merged:
+        assert torch.equal(one_pass[name], two_step[name]), name
+    assert torch.equal(one_pass["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+    assert not torch.equal(one_pass["model.layers.0.mlp.down_proj.weight"], merged["model.layers.0.mlp.down_proj.weight"])
+    assert yaml.safe_load((tmp_path / "one_pass" / "mergewise.yml").read_text())["aim"]["omega"] == 0.4
+    assert yaml.safe_load((tmp_path / "two_step" / "mergewise.yml").read_text())["aim"]["relaxed_tensors"] > 0
+    assert (tmp_path / "two_step" / "tokenizer.json").is_file()
+
+
+def test_aim_block_can_calibrate_first(tiny_family, tmp_path):
+    family = tiny_family("llama")
+    calibration = {"data": "self", "samples": 2, "seq_len": 16}
+    recipe = write_recipe(tmp_path / "aim.yml", family, {"omega": 0.3, "calibration": calibration})
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 0
+    stats = tmp_path / "stats.safetensors"
+    calibrate_cli(family.base, stats, "--samples", "2", "--seq-len", "16")
+    recipe = write_recipe(tmp_path / "aim2.yml", family, {"omega": 0.3, "stats": str(stats)})
+    assert main(["merge", str(recipe), str(tmp_path / "out2"), "--quiet"]) == 0
+    first, second = read_state_dict(tmp_path / "out"), read_state_dict(tmp_path / "out2")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_stats_of_another_base_are_refused_unless_allowed(tiny_family, tmp_path, capsys):
+    family = tiny_family("llama")
+    stats = tmp_path / "stats.safetensors"
+    calibrate_cli(family.fine_tunes[0], stats, "--samples", "1", "--seq-len", "8")
+    command = ["aim", "--base", str(family.base), "--merged", str(family.fine_tunes[1]), "--stats", str(stats), "--quiet"]
+    assert main([*command, str(tmp_path / "out")]) == 2
+    assert "different base model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.warns(UserWarning, match="different base model"):
+        assert main([*command, "--allow-fingerprint-mismatch", str(tmp_path / "out")]) == 0
+    with safe_open(str(stats), "pt") as handle:
+        assert set(handle.metadata()) >= {"base_fingerprint", "data", "samples", "seq_len", "statistic"}
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--data", "hf:no-such/dataset"], "hf:no-such/dataset"),
+    (["--data", "missing.txt"], "no such file"),
+    (["--samples", "0"], "--samples"),
+])
+def test_calibrate_errors(arguments, message, tiny_family, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["calibrate", str(tiny_family("llama").base), str(tmp_path / "s.safetensors"), *arguments]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error:") and message in error
+
+
+@pytest.mark.parametrize("aim,message", [
+    ({"omega": 0.4}, "exactly one of 'stats' or 'calibration'"),
+    ({"omega": 1.5, "stats": "s"}, "aim.omega"),
+    ({"omega": 0.4, "stats": "missing.safetensors"}, "statistics file not found"),
+])
+def test_aim_block_errors(aim, message, tiny_family, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "aim.yml", tiny_family("llama"), aim)
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
