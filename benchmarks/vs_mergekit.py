@@ -214,7 +214,8 @@ def comparison_table(runs: list[Run]) -> str:
             rss = f"{run.peak_rss_mb / reference.peak_rss_mb:.2f}×"
         if run.tool == "mergewise" and run.method in TARGETS:
             target = "≥ {:g}×, ≤ {:g}×".format(*TARGETS[run.method])
-        lines.append(f"| {run.method} | {run.tool} | {run.wall_s:.1f} | {run.peak_rss_mb:.0f} | {speed} | {rss} | {target} |")
+        measured = f"{run.wall_s:.1f} | {run.peak_rss_mb:.0f}"
+        lines.append(f"| {run.method} | {run.tool} | {measured} | {speed} | {rss} | {target} |")
     return "\n".join(lines)
 
 
@@ -233,7 +234,9 @@ def _parameter_count(shape: LlamaShape) -> int:
 
 def write_report(path: Path, title: str, table: str, args: argparse.Namespace) -> None:
     threads = args.threads if args.threads is not None else "default"
-    machine = f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}, threads: {threads}"
+    # The 15-minute load average spans the runs: above the CPU count, other work skewed the timings.
+    load = os.getloadavg()[2]
+    machine = f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}, threads: {threads}, load {load:.1f}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# {title}\n\n{machine}, measured {time.strftime('%Y-%m-%d')}\n\n{table}\n")
     print(f"\n{table}\n\nwritten to {path}")
@@ -262,14 +265,18 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.depth_sweep:
-        shapes = [LlamaShape(layers=layers) for layers in SWEEP_DEPTHS]
-        runs = [(shape, benchmark(SWEEP_METHOD, "mergewise", build_workload(args.workdir, shape), args)) for shape in shapes]
-        write_report(args.results / "depth_sweep.md", f"mergewise {SWEEP_METHOD}: peak RSS by depth", sweep_table(runs), args)
+        sweep = []
+        for layers in SWEEP_DEPTHS:
+            shape = LlamaShape(layers=layers)
+            sweep.append((shape, benchmark(SWEEP_METHOD, "mergewise", build_workload(args.workdir, shape), args)))
+        title = f"mergewise {SWEEP_METHOD}: peak RSS by depth"
+        write_report(args.results / "depth_sweep.md", title, sweep_table(sweep), args)
         return
     workload = build_workload(args.workdir, LlamaShape())
     tools = [args.only] if args.only else list(TOOLS)
     runs = [benchmark(method, tool, workload, args) for method in args.methods for tool in tools]
-    write_report(args.results / "vs_mergekit.md", "mergewise vs mergekit on W1 (~200M Llama, bf16)", comparison_table(runs), args)
+    title = "mergewise vs mergekit on W1 (~200M Llama, bf16)"
+    write_report(args.results / "vs_mergekit.md", title, comparison_table(runs), args)
 
 
 if __name__ == "__main__":

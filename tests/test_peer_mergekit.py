@@ -140,7 +140,8 @@ SPARSE_RECIPES = {method: _one_sparsified_fine_tune(method, density) for method,
 MERGEKIT_CANNOT = {("qwen2", "passthrough_frankenmerge")}
 # Every recipe on Llama and Qwen2 (attention biases); tied-embedding families on a subset.
 CASES = [(arch, name) for arch in ("llama", "qwen2") for name in RECIPES if (arch, name) not in MERGEKIT_CANNOT]
-CASES += [(arch, name) for arch in ("gemma", "gpt2") for name in ("linear", "ties", "slerp", "passthrough_frankenmerge")]
+TIED_EMBEDDING_RECIPES = ("linear", "ties", "slerp", "passthrough_frankenmerge")
+CASES += [(arch, name) for arch in ("gemma", "gpt2") for name in TIED_EMBEDDING_RECIPES]
 SPARSE_ARCH = "llama"
 
 

@@ -207,7 +207,10 @@ def read_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors checkpoint folder, sharded or not, by name."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(model_dir / name))
