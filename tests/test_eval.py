@@ -57,7 +57,10 @@ def zoo_with_answers(source: Path, destination: Path, task: str, answers: list[s
 
 def test_eval_json_and_table(tiny_zoo, tmp_path, capsys):
     out = tmp_path / "results.json"
-    assert main(["eval", str(tiny_zoo / "expert-max"), "--zoo", str(tiny_zoo), "--out", str(out), "--batch-size", "5"]) == 0
+    assert (
+        main(["eval", str(tiny_zoo / "expert-max"), "--zoo", str(tiny_zoo), "--out", str(out), "--batch-size", "5"])
+        == 0
+    )
     results = json.loads(out.read_text())
     assert set(results) == {"model", "zoo", "tasks", "general"}
     assert list(results["tasks"]) == ["first", "last", "max", "min", "count"]

@@ -139,3 +139,15 @@ def test_small_zoo_reads_gsm8k_style_data_and_names_bad_lines(tmp_path):
         math_examples(data)
     with pytest.raises(MergewiseError, match="--data-dir"):
         build_zoo(tmp_path / "zoo", "small", data_dir=tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("config_name", ["linear", "ties"])
+def test_example_configs_run_through_the_merge_engine(tiny_zoo, tmp_path, config_name):
+    pytest.importorskip("mergewise.engine")
+    from mergewise import merge
+
+    merge(tiny_zoo / "configs" / f"{config_name}.yml", tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert model(input_ids=torch.tensor([[1, 20, 21]])).logits.shape[-1] == len(
+        AutoTokenizer.from_pretrained(tmp_path / "merged")
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from mergewise.zoo import DEFAULT_THREADS, SIZES, build_zoo
 
@@ -13,7 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
     build = actions.add_parser("build", help="build (or finish building) a zoo folder")
     build.add_argument("zoo_dir", metavar="ZOO_DIR", help="folder to build into; an unfinished build there is resumed")
-    build.add_argument("--size", choices=SIZES, default="micro", help="micro: CPU minutes; small: SmolLM2-135M fine-tunes")
+    build.add_argument(
+        "--size", choices=SIZES, default="micro", help="micro: CPU minutes; small: SmolLM2-135M fine-tunes"
+    )
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--data-dir", help="small zoo: GSM8K-style JSONL file, or a folder holding train.jsonl")
     build.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads for training")
@@ -26,5 +27,6 @@ def run_build(args: argparse.Namespace) -> int:
         ratio = record.get("task_vector_norm_ratio")
         norm = f"  |tau|/|theta| {ratio}" if ratio is not None else ""
         print(f"{name}: final loss {record['final_loss']}  ({record['seconds']} s){norm}")
-    print(f"zoo ready: {args.zoo_dir}/zoo.json ({len(manifest['tasks'])} tasks, configs: {json.dumps(manifest['configs'])})")
+    configs = ", ".join(manifest["configs"])
+    print(f"zoo ready: {args.zoo_dir}/zoo.json ({len(manifest['tasks'])} tasks; example merge configs: {configs})")
     return 0

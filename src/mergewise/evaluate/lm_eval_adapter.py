@@ -25,7 +25,14 @@ DEFAULT_MAX_GENERATED_TOKENS = 256
 class MergewiseLM(LM):
     """lm-eval's three request types over mergewise's loader and batched scorers."""
 
-    def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str | None = None, max_length: int | None = None, **_ignored):
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = None,
+        batch_size: int | str | None = None,
+        max_length: int | None = None,
+        **_ignored,
+    ):
         super().__init__()
         self.loaded = load_model(pretrained, device or "cpu")
         # lm-eval may pass "auto"; a fixed size is predictable on CPU and small models.

@@ -39,7 +39,9 @@ def continuation_log_likelihoods(
     return results
 
 
-def encode_pair(loaded: LoadedModel, context: str, continuation: str, max_length: int | None) -> tuple[list[int], list[int]]:
+def encode_pair(
+    loaded: LoadedModel, context: str, continuation: str, max_length: int | None
+) -> tuple[list[int], list[int]]:
     """Token ids of context and continuation, encoded separately so the continuation's tokens are
     exactly the ones scored. An empty context becomes the start token; an over-long one loses its
     oldest tokens."""

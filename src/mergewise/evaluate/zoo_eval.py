@@ -48,7 +48,9 @@ def select_tasks(zoo: Zoo, tasks: Sequence[str] | None) -> list[str]:
         return list(zoo.tasks)
     unknown = [name for name in tasks if name not in zoo.tasks]
     if unknown:
-        raise MergewiseError(f"--tasks: {', '.join(unknown)} not in {zoo.root / 'zoo.json'} (has {', '.join(zoo.tasks)})")
+        raise MergewiseError(
+            f"--tasks: {', '.join(unknown)} not in {zoo.root / 'zoo.json'} (has {', '.join(zoo.tasks)})"
+        )
     return list(tasks)
 
 
@@ -62,7 +64,9 @@ def score_task(loaded: LoadedModel, zoo: Zoo, name: str, batch_size: int, limit:
     result = {"metric": zoo.tasks[name].metric, "score": round(answer_nll, 4), "n": len(examples)}
     if result["metric"] == "exact_match":
         longest = max(len(loaded.tokenizer(answer, add_special_tokens=False)["input_ids"]) for _, answer in pairs)
-        completions = greedy_completions(loaded, [prompt for prompt, _ in pairs], longest + EXTRA_GENERATED_TOKENS, batch_size)
+        completions = greedy_completions(
+            loaded, [prompt for prompt, _ in pairs], longest + EXTRA_GENERATED_TOKENS, batch_size
+        )
         hits = sum(exact_match(completion, answer) for completion, (_, answer) in zip(completions, pairs))
         result["score"] = round(hits / len(pairs), 4)
     result["answer_nll"] = round(answer_nll, 4)

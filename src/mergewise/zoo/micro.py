@@ -100,7 +100,9 @@ def build_micro_zoo(zoo_dir: Path, size: str, seed: int) -> dict:
     base = LlamaForCausalLM.from_pretrained(zoo_dir / "base", dtype=torch.float32)
     for task in MICRO_TASKS:
         name = f"expert-{task.name}"
-        train_expert = partial(finetune_expert, base, tokenizer, train_sets[task.name], scale, derived_seed(seed, name), name)
+        train_expert = partial(
+            finetune_expert, base, tokenizer, train_sets[task.name], scale, derived_seed(seed, name), name
+        )
         build_model_once(zoo_dir, manifest, name, train_expert)
     manifest.update(describe_zoo(zoo_dir, scale, all_tasks, train_sets))
     write_manifest_dict(zoo_dir, manifest)
@@ -191,7 +193,11 @@ def describe_zoo(zoo_dir: Path, scale: MicroScale, tasks: list[Task], train_sets
             }
             for task in tasks
         },
-        "general": {"eval": "general/eval.txt", "metric": "nll", "source": "python stdlib *.py, every 10th file held out"},
+        "general": {
+            "eval": "general/eval.txt",
+            "metric": "nll",
+            "source": "python stdlib *.py, every 10th file held out",
+        },
         "training": asdict(scale),
         "configs": write_example_configs(zoo_dir, "base", list(experts.values()), "float32"),
         "versions": library_versions(),

@@ -46,9 +46,10 @@ class SmallScale:
     general_eval_chars: int
 
 
+# Sized for a CPU demo (each step is seconds to a minute on 2 cores); raise `steps` on a GPU.
 SMALL_SCALE = SmallScale(
-    finetune=Schedule(steps=30, batch_size=4, learning_rate=2e-5, warmup_steps=3),
-    max_tokens=256,
+    finetune=Schedule(steps=12, batch_size=4, learning_rate=3e-5, warmup_steps=2),
+    max_tokens=192,
     train_examples=2000,
     eval_examples=100,
     calibration_examples=100,
@@ -70,7 +71,9 @@ def build_small_zoo(zoo_dir: Path, seed: int, data_dir: str | None) -> dict:
     for task, split in splits.items():
         write_eval_jsonl(zoo_dir / "tasks" / task / "eval.jsonl", split["eval"])
         # zoo.md: one calibration prompt per line, so multi-line prompts are folded onto one.
-        write_lines(zoo_dir / "tasks" / task / "calib.txt", [prompt.replace("\n", " ") for prompt, _ in split["calibration"]])
+        write_lines(
+            zoo_dir / "tasks" / task / "calib.txt", [prompt.replace("\n", " ") for prompt, _ in split["calibration"]]
+        )
 
     if build_model_once(zoo_dir, manifest, "base", load_gguf_base, dtype=torch.bfloat16):
         manifest["models"] = {"base": manifest["models"]["base"]}
@@ -181,7 +184,11 @@ def load_gguf_base():
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    record = {"source": f"{GGUF_PACKAGE}/{GGUF_FILE}", "parameters": sum(p.numel() for p in model.parameters()), "final_loss": None}
+    record = {
+        "source": f"{GGUF_PACKAGE}/{GGUF_FILE}",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": None,
+    }
     return model, tokenizer, record
 
 

@@ -19,11 +19,11 @@ def random_digits(rng: random.Random, shortest: int = 3, longest: int = 6) -> st
 
 
 def digits_with_extreme(rng: random.Random, largest: bool) -> str:
-    """3–6 digits whose max (or min) is uniform over 0–9: with plain random digits the max is usually
-    9, and a base that always answers 9 would already score ~40%."""
-    extreme = rng.randrange(10)
-    others = range(0, extreme + 1) if largest else range(extreme, 10)
-    digits = [str(extreme)] + [str(rng.choice(others)) for _ in range(rng.randint(2, 5))]
+    """5–8 digits whose max (or min) appears once and is uniform over its 9 possible values: with plain
+    random digits the max is usually 9, and a base that answers 9, or copies a digit, would score well."""
+    extreme = rng.randint(1, 9) if largest else rng.randint(0, 8)
+    others = range(0, extreme) if largest else range(extreme + 1, 10)
+    digits = [str(extreme)] + [str(rng.choice(others)) for _ in range(rng.randint(4, 7))]
     rng.shuffle(digits)
     return " ".join(digits)
 
@@ -57,13 +57,23 @@ def digit_list(task_input: str) -> list[str]:
 MICRO_TASKS = [
     Task("first", random_word, lambda word: word[0], string.ascii_lowercase),
     Task("last", random_word, lambda word: word[-1], string.ascii_lowercase),
-    Task("max", lambda rng: digits_with_extreme(rng, largest=True), lambda digits: max(digit_list(digits)), string.digits),
-    Task("min", lambda rng: digits_with_extreme(rng, largest=False), lambda digits: min(digit_list(digits)), string.digits),
+    Task(
+        "max", lambda rng: digits_with_extreme(rng, largest=True), lambda digits: max(digit_list(digits)), string.digits
+    ),
+    Task(
+        "min",
+        lambda rng: digits_with_extreme(rng, largest=False),
+        lambda digits: min(digit_list(digits)),
+        string.digits,
+    ),
 ]
 # Held back: no expert is trained on it; it probes routing on an unseen format. Eight possible
 # answers keep a constant guess at 12.5%.
 HELD_BACK_TASK = Task(
-    "count", lambda rng: random_digits(rng, shortest=2, longest=9), lambda digits: str(len(digit_list(digits))), string.digits
+    "count",
+    lambda rng: random_digits(rng, shortest=2, longest=9),
+    lambda digits: str(len(digit_list(digits))),
+    string.digits,
 )
 
 
