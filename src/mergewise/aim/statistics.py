@@ -12,6 +12,8 @@ memory is one layer plus the calibration hidden states, whatever the depth.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
@@ -37,6 +39,7 @@ from mergewise.errors import MergewiseError
 STATISTICS = ("mean_abs", "rms", "max")
 FINGERPRINT_WINDOWS = 16
 FINGERPRINT_WINDOW_BYTES = 4096
+MALLOC_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,15 @@ class _LayerLoader:
         module.get_submodule(owner_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
+def _release_freed_layers_to_the_os() -> None:
+    """Serve allocations over 1 MiB with mmap, so each freed layer goes back to the OS. By default
+    glibc raises that threshold after the first large free and keeps later layers' buffers in a
+    fragmented heap, which made peak memory grow with depth (~60% of a layer per layer)."""
+    library = ctypes.util.find_library("c")
+    if library is not None and hasattr(ctypes.CDLL(library), "mallopt"):
+        ctypes.CDLL(library).mallopt(MALLOC_MMAP_THRESHOLD, 1 << 20)
+
+
 def decoder_layers(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
     """The decoder's block list, found generically: the ModuleList of `num_hidden_layers` modules."""
     depth = config.num_hidden_layers
@@ -261,6 +273,7 @@ def decoder_layers(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
 
 def _streamed_statistics(folder: ModelFolder, blocks: list[torch.Tensor], recorder: ChannelStatistics,
                          device: torch.device, quiet: bool) -> dict[str, int]:
+    _release_freed_layers_to_the_os()
     config = AutoConfig.from_pretrained(folder.path)
     if len(set(getattr(config, "layer_types", None) or [None])) > 1:
         raise MergewiseError(f"{folder.path}: layers of different attention types ({sorted(set(config.layer_types))}) "
