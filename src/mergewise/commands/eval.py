@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from mergewise.evaluate import evaluate_model, format_table
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="score a model on a zoo's tasks (exact match, NLL)")
@@ -22,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from mergewise.evaluate import evaluate_model, format_table  # heavy (transformers): only when scoring
+
     results = evaluate_model(
         args.model_dir, args.zoo, tasks=args.tasks, device=args.device, batch_size=args.batch_size, limit=args.limit
     )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from mergewise.zoo import DEFAULT_THREADS, SIZES, build_zoo
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("zoo", help="build the zoo of fine-tuned models to merge and measure")
@@ -13,16 +11,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = actions.add_parser("build", help="build (or finish building) a zoo folder")
     build.add_argument("zoo_dir", metavar="ZOO_DIR", help="folder to build into; an unfinished build there is resumed")
     build.add_argument(
-        "--size", choices=SIZES, default="micro", help="micro: CPU minutes; small: SmolLM2-135M fine-tunes"
+        "--size", default="micro", help="micro: CPU minutes; small: SmolLM2-135M fine-tunes (tiny: for tests)"
     )
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--data-dir", help="small zoo: GSM8K-style JSONL file, or a folder holding train.jsonl")
-    build.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads for training")
+    build.add_argument("--threads", type=int, default=None, help="torch CPU threads for training (default 2)")
     build.set_defaults(handler=run_build)
 
 
 def run_build(args: argparse.Namespace) -> int:
-    manifest = build_zoo(args.zoo_dir, args.size, seed=args.seed, data_dir=args.data_dir, threads=args.threads)
+    from mergewise.zoo import DEFAULT_THREADS, build_zoo  # heavy (transformers): only when building
+
+    manifest = build_zoo(args.zoo_dir, args.size, seed=args.seed, data_dir=args.data_dir,
+                         threads=args.threads or DEFAULT_THREADS)
     for name, record in manifest["models"].items():
         ratio = record.get("task_vector_norm_ratio")
         norm = f"  |tau|/|theta| {ratio}" if ratio is not None else ""

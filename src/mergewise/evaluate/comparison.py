@@ -1,0 +1,134 @@
+"""Score merge methods side by side on a zoo: the base, each expert, and one merge per recipe.
+
+Shared by `mergewise demo` and `benchmarks/quality.py`; merges and scores are cached in a work
+folder so a rerun only does what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mergewise.evaluate.zoo_eval import evaluate_model
+from mergewise.zoo.manifest import Zoo, load_zoo
+
+# Settings a practitioner would start from on a handful of full fine-tunes of one base.
+CORE_METHOD_SETTINGS: dict[str, dict] = {
+    "linear": {"per_model": {"weight": 1.0}},
+    "task_arithmetic": {"per_model": {"weight": 0.5}},
+    "ties": {"per_model": {"weight": 1.0, "density": 0.5}},
+    "dare_ties": {"per_model": {"weight": 1.0, "density": 0.5}},
+    "breadcrumbs": {"per_model": {"weight": 0.5, "density": 0.5, "gamma": 0.01}},
+    "della": {"per_model": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}},
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the comparison: a label and how to produce its model folder."""
+
+    label: str
+    produce: Callable[[Path], Path]  # given the work folder, return the model folder (made if missing)
+
+
+def core_recipe(zoo: Zoo, method: str, dtype: str = "float32") -> dict:
+    """A mergekit-style recipe merging every expert of `zoo` with `method`'s starting settings."""
+    settings = CORE_METHOD_SETTINGS[method]
+    recipe = {
+        "merge_method": method,
+        "dtype": dtype,
+        "models": [{"model": str(zoo.root / task.expert), "parameters": dict(settings["per_model"])}
+                   for task in zoo.tasks.values() if task.expert],
+    }
+    if method != "linear":
+        recipe["base_model"] = str(zoo.root / zoo.base)
+    return recipe
+
+
+def merged_entry(label: str, recipe: dict, merge: Callable[[dict, Path], Path] | None = None) -> Entry:
+    """An entry whose model is `recipe` merged (by `merge`, default the plain engine) into work/label."""
+    def produce(work: Path) -> Path:
+        out = work / "models" / label
+        if not (out / "config.json").is_file():
+            if merge is None:
+                from mergewise.engine import run_merge
+
+                run_merge(recipe, out, quiet=True, seed=0, overwrite=True)
+            else:
+                merge(recipe, out)
+        return out
+
+    return Entry(label, produce)
+
+
+def zoo_entries(zoo: Zoo, methods: list[str]) -> list[Entry]:
+    """Base, every expert, then each core method."""
+    entries = [Entry("base", lambda work: zoo.root / zoo.base)]
+    for task in zoo.tasks.values():
+        if task.expert:
+            entries.append(Entry(f"expert:{task.name}", lambda work, folder=task.expert: zoo.root / folder))
+    entries += [merged_entry(method, core_recipe(zoo, method)) for method in methods]
+    return entries
+
+
+def score_entries(zoo_dir: str | Path, work: str | Path, entries: list[Entry], *, device: str = "cpu",
+                  limit: int | None = None, progress: Callable[[str], None] = print) -> dict[str, dict]:
+    """Evaluate every entry (cached in work/scores/LABEL.json) and return label → eval JSON."""
+    work = Path(work)
+    (work / "scores").mkdir(parents=True, exist_ok=True)
+    results = {}
+    for entry in entries:
+        cache = work / "scores" / f"{entry.label.replace(':', '-')}.json"
+        if cache.is_file():
+            results[entry.label] = json.loads(cache.read_text())
+            continue
+        progress(f"scoring {entry.label}")
+        results[entry.label] = evaluate_model(entry.produce(work), zoo_dir, device=device, limit=limit)
+        cache.write_text(json.dumps(results[entry.label], indent=2))
+    return results
+
+
+def markdown_table(results: dict[str, dict], zoo: Zoo) -> str:
+    """Exact match per task (held-back task marked), mean over the expert tasks, general NLL."""
+    tasks = list(zoo.tasks)
+    expert_tasks = [name for name, task in zoo.tasks.items() if task.expert]
+    header = ["model", *[name if zoo.tasks[name].expert else f"{name} (no expert)" for name in tasks],
+              "mean (expert tasks)", "general NLL"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, result in results.items():
+        scores = [result["tasks"][name]["score"] for name in tasks]
+        mean = sum(result["tasks"][name]["score"] for name in expert_tasks) / len(expert_tasks)
+        cells = [label, *[f"{score:.2f}" for score in scores], f"{mean:.3f}", f"{result['general']['score']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(results: dict[str, dict], zoo: Zoo, path: str | Path) -> None:
+    """Grouped bars: one group per task, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(zoo.tasks)
+    width = 0.8 / max(len(results), 1)
+    figure, axis = plt.subplots(figsize=(max(8, 1.6 * len(tasks) + 0.3 * len(results)), 4.5))
+    for index, (label, result) in enumerate(results.items()):
+        positions = [task_index + index * width for task_index in range(len(tasks))]
+        axis.bar(positions, [result["tasks"][name]["score"] for name in tasks], width, label=label)
+    axis.set_xticks([task_index + 0.4 - width / 2 for task_index in range(len(tasks))])
+    axis.set_xticklabels([name if zoo.tasks[name].expert else f"{name}\n(no expert)" for name in tasks])
+    axis.set_ylabel("exact match")
+    axis.set_ylim(0, 1.05)
+    axis.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axis.set_title(f"{zoo.raw.get('size', '')} zoo: exact match per task")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def compare_on_zoo(zoo_dir: str | Path, work: str | Path, methods: list[str], **options) -> tuple[dict, Zoo]:
+    zoo = load_zoo(zoo_dir)
+    return score_entries(zoo_dir, work, zoo_entries(zoo, methods), **options), zoo
