@@ -115,9 +115,11 @@ def bar_chart(results: dict[str, dict], zoo: Zoo, path: str | Path) -> None:
     tasks = list(zoo.tasks)
     width = 0.8 / max(len(results), 1)
     figure, axis = plt.subplots(figsize=(max(8, 1.6 * len(tasks) + 0.3 * len(results)), 4.5))
+    colors = plt.get_cmap("tab20").colors
     for index, (label, result) in enumerate(results.items()):
         positions = [task_index + index * width for task_index in range(len(tasks))]
-        axis.bar(positions, [result["tasks"][name]["score"] for name in tasks], width, label=label)
+        axis.bar(positions, [result["tasks"][name]["score"] for name in tasks], width, label=label,
+                 color=colors[index % len(colors)])
     axis.set_xticks([task_index + 0.4 - width / 2 for task_index in range(len(tasks))])
     axis.set_xticklabels([name if zoo.tasks[name].expert else f"{name}\n(no expert)" for name in tasks])
     axis.set_ylabel("exact match")
