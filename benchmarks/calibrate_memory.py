@@ -1,8 +1,9 @@
 """Peak memory of `mergewise calibrate`: layer-streamed vs in-memory, at two depths of the same width.
 
 Each run is a child process; its peak resident set comes from `os.wait4` (ru_maxrss). The models are
-random bf16 Llamas written directly with safetensors (a few shards and an index), so building them
-costs no model initialisation. Writes benchmarks/results/calibrate_memory.md.
+random bf16 Llamas written directly with safetensors (a few shards and an index) by another child, so
+this parent stays small: a child's ru_maxrss also counts the parent pages it was forked with.
+Writes benchmarks/results/calibrate_memory.md.
 
     python benchmarks/calibrate_memory.py [--depths 8 32] [--hidden 768] [--work DIR]
 """
@@ -18,18 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
-
-from mergewise.tiny_models import save_tokenizer, tiny_config
-
 RESULTS = Path(__file__).parent / "results" / "calibrate_memory.md"
 LAYERS_PER_SHARD = 8
 
 
 def build_random_llama(folder: Path, depth: int, hidden: int) -> int:
     """A random bf16 Llama of `depth` layers; returns its size in bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from mergewise.tiny_models import save_tokenizer, tiny_config
+
     config = tiny_config("llama", num_layers=depth, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
                          num_heads=hidden // 64, num_kv_heads=hidden // 256, vocab_size=256, max_positions=512)
     with torch.device("meta"):
@@ -46,7 +47,7 @@ def build_random_llama(folder: Path, depth: int, hidden: int) -> int:
         save_file(tensors, folder / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config.torch_dtype = "bfloat16"
+    config.dtype = "bfloat16"
     config.save_pretrained(folder)
     save_tokenizer(folder)
     return sum(file.stat().st_size for file in folder.glob("*.safetensors"))
@@ -70,7 +71,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # child: build one model and exit
     args = parser.parse_args()
+    if args.build:
+        build_random_llama(args.build, args.depths[0], args.hidden)
+        return
     work = Path(args.work or tempfile.mkdtemp(prefix="calibrate-memory-"))
     text = work / "calibration.txt"
     work.mkdir(parents=True, exist_ok=True)
@@ -79,7 +84,9 @@ def main() -> None:
     rows = []
     for depth in args.depths:
         model = work / f"llama-{depth}"
-        size = build_random_llama(model, depth, args.hidden)
+        subprocess.run([sys.executable, __file__, "--build", str(model), "--depths", str(depth), str(depth),
+                        "--hidden", str(args.hidden)], check=True)
+        size = sum(file.stat().st_size for file in model.glob("*.safetensors"))
         for label, extra in (("--stream-layers", ["--stream-layers"]), ("in-memory", [])):
             command = [sys.executable, "-m", "mergewise.cli", "calibrate", str(model), str(work / "stats.safetensors"),
                        "--data", str(text), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
