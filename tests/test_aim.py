@@ -23,7 +23,7 @@ SAMPLES, SEQ_LEN = 24, 32
 
 @pytest.fixture(scope="module")
 def calibration_text(tmp_path_factory) -> Path:
-    words = "the quick brown fox jumps over the lazy dog while model merging adds task vectors".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "model", "merging", "adds", "task", "vectors"]
     documents = [" ".join(words[i % 7:] + words[: i % 5]) for i in range(40)]
     path = tmp_path_factory.mktemp("aim-data") / "calibration.txt"
     path.write_text("\n\n".join(documents))

@@ -3,7 +3,12 @@ them to pull a merge's most-activated input channels back toward the base. Sits 
 
 from mergewise.aim.merge import AimBlock, merge_with_aim
 from mergewise.aim.relax import AimSettings, Relaxation, relax_folder
-from mergewise.aim.statistics import CalibrationSettings, CalibrationStats, calibrate, load_statistics
+from mergewise.aim.statistics import (
+    CalibrationSettings,
+    CalibrationStats,
+    calibrate,
+    load_statistics,
+)
 
 __all__ = [
     "AimBlock", "AimSettings", "CalibrationSettings", "CalibrationStats", "Relaxation", "calibrate",

@@ -64,7 +64,7 @@ def hub_documents(name: str, samples: int) -> list[str]:
         raise MergewiseError(f"--data hf:{name}: the 'datasets' package is not installed") from None
     try:
         splits = datasets.load_dataset(name)
-    except Exception as error:  # offline, unknown name, gated: datasets raises many types
+    except Exception as error:  # noqa: BLE001 (offline, unknown name, gated: datasets raises many types)
         raise MergewiseError(f"--data hf:{name}: cannot load the dataset (needs network access; "
                              f"offline, use a local file or 'self'): {str(error).splitlines()[0]}") from None
     split = splits.get("validation") or splits.get("train") or next(iter(splits.values()))

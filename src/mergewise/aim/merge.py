@@ -11,8 +11,19 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mergewise.aim.relax import AimSettings, Relaxation, check_fingerprint, record, relaxation_hook
-from mergewise.aim.statistics import STATISTICS, CalibrationSettings, calibrate, load_statistics
+from mergewise.aim.relax import (
+    AimSettings,
+    Relaxation,
+    check_fingerprint,
+    record,
+    relaxation_hook,
+)
+from mergewise.aim.statistics import (
+    STATISTICS,
+    CalibrationSettings,
+    calibrate,
+    load_statistics,
+)
 from mergewise.checkpoint import check_output_location
 from mergewise.config import load_config
 from mergewise.engine import MergeOptions, execute_plan
@@ -42,7 +53,7 @@ class AimBlock(BaseModel):
     calibration: CalibrationBlock | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "AimBlock":
+    def _one_source(self) -> AimBlock:
         if (self.stats is None) == (self.calibration is None):
             raise ValueError("give exactly one of 'stats' or 'calibration'")
         return self

@@ -18,11 +18,11 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,7 +32,12 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
-from mergewise.aim.data import blocks_from_documents, hub_documents, read_documents, self_generated_blocks
+from mergewise.aim.data import (
+    blocks_from_documents,
+    hub_documents,
+    read_documents,
+    self_generated_blocks,
+)
 from mergewise.checkpoint import ModelFolder
 from mergewise.errors import MergewiseError
 
@@ -166,7 +171,7 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
         "tokens": str(sum(block.numel() for block in blocks)),
         "input_axis": json.dumps({name: axis for name, axis in input_axes.items() if axis != -1}),
         "pass": "stream_layers" if stream_layers else "in_memory",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _save(stats_path, {name: vector.float() for name, vector in recorder.vectors.items()}, metadata)
     return stats_path
@@ -381,7 +386,7 @@ def load_statistics(path: str | Path) -> CalibrationStats:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            vectors = {name: handle.get_tensor(name).float() for name in handle.keys()}
+            vectors = {name: handle.get_tensor(name).float() for name in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, OSError) as error:
         raise MergewiseError(f"{path}: not a readable safetensors statistics file ({error})") from None
     if "base_fingerprint" not in metadata:
