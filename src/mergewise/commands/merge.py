@@ -15,12 +15,14 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--seed", type=int, default=None, help="seed of random methods (DARE, DELLA)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="fuse the arithmetic with torch.compile (default: only for models of 2B+ parameters)")
 
 
 def merge_options(args: argparse.Namespace) -> dict:
     return {"device": args.device, "threads": args.threads, "shard_size": args.shard_size,
             "allow_pickle": args.allow_pickle, "overwrite": args.overwrite, "seed": args.seed,
-            "quiet": args.quiet}
+            "quiet": args.quiet, "compile": args.compile}
 
 
 def register(subparsers) -> None:

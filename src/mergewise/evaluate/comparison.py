@@ -34,17 +34,14 @@ class Entry:
 
 
 def core_recipe(zoo: Zoo, method: str, dtype: str = "float32") -> dict:
-    """A mergekit-style recipe merging every expert of `zoo` with `method`'s starting settings."""
+    """A mergekit-style recipe merging every expert of `zoo` with `method`'s starting settings
+    (linear averages the experts only: the base is an input there, so it gets weight 0)."""
     settings = CORE_METHOD_SETTINGS[method]
-    recipe = {
-        "merge_method": method,
-        "dtype": dtype,
-        "models": [{"model": str(zoo.root / task.expert), "parameters": dict(settings["per_model"])}
-                   for task in zoo.tasks.values() if task.expert],
-    }
-    if method != "linear":
-        recipe["base_model"] = str(zoo.root / zoo.base)
-    return recipe
+    models = [{"model": str(zoo.root / task.expert), "parameters": dict(settings["per_model"])}
+              for task in zoo.tasks.values() if task.expert]
+    if method == "linear":
+        models.append({"model": str(zoo.root / zoo.base), "parameters": {"weight": 0.0}})
+    return {"merge_method": method, "base_model": str(zoo.root / zoo.base), "dtype": dtype, "models": models}
 
 
 def merged_entry(label: str, recipe: dict, merge: Callable[[dict, Path], Path] | None = None) -> Entry:
