@@ -77,7 +77,7 @@ def main() -> None:
                          for method in args.methods)
     scored = f"first {args.limit} prompts per task" if args.limit else "every held-out prompt"
     (args.results / f"quality-{size}.md").write_text(
-        f"# Merge quality on the {size} zoo\n\nExact match per task (greedy, {scored}), general NLL per token on "
+        f"# Merge quality on the {size} zoo\n\nPer task: exact match (greedy) or answer NLL per token ({scored}); general NLL per token on "
         f"held-out text. Experts merged in float32 with:\n{settings}\n"
         + (f"\nAIM: statistics from `calibrate --data self` ({args.aim_samples} × {args.aim_seq_len} tokens) "
            "on the base, relaxation applied to each plain merge.\n" if args.aim else "")

@@ -45,6 +45,21 @@ def test_zoo_json_follows_the_contract(tiny_zoo):
     assert manifest["models"]["base"]["parameters"] > 0
 
 
+def test_zoo_json_records_every_models_scores_and_the_targets(tiny_zoo):
+    manifest = json.loads((tiny_zoo / "zoo.json").read_text())
+    zoo = load_zoo(tiny_zoo)
+    experts = [task.expert.name for task in zoo.tasks.values() if task.expert]
+    assert set(manifest["scores"]) == {"base", *experts}
+    for scores in manifest["scores"].values():
+        assert set(scores) == set(zoo.tasks)
+        assert all(0.0 <= score <= 1.0 for score in scores.values())
+    targets = manifest["targets"]
+    own = all(manifest["scores"][f"expert-{name}"][name] >= targets["expert_on_own_task_min"]
+              for name, task in zoo.tasks.items() if task.expert)
+    floor = all(score <= targets["base_max"] for score in manifest["scores"]["base"].values())
+    assert targets["met"] == (own and floor)
+
+
 def test_calibration_prompts_are_disjoint_from_eval_prompts(tiny_zoo):
     zoo = load_zoo(tiny_zoo)
     for name, task in zoo.tasks.items():

@@ -87,17 +87,22 @@ def score_entries(zoo_dir: str | Path, work: str | Path, entries: list[Entry], *
     return results
 
 
+def _column(zoo: Zoo, name: str) -> str:
+    task = zoo.tasks[name]
+    metric = "EM" if task.metric == "exact_match" else "answer NLL"
+    return f"{name} {metric}" + ("" if task.expert else " (no expert)")
+
+
 def markdown_table(results: dict[str, dict], zoo: Zoo) -> str:
-    """Exact match per task (held-back task marked), mean over the expert tasks, general NLL."""
+    """Each task's score (held-back task marked), mean over the expert tasks, general NLL."""
     tasks = list(zoo.tasks)
     expert_tasks = [name for name, task in zoo.tasks.items() if task.expert]
-    header = ["model", *[name if zoo.tasks[name].expert else f"{name} (no expert)" for name in tasks],
-              "mean (expert tasks)", "general NLL"]
+    header = ["model", *[_column(zoo, name) for name in tasks], "mean (expert tasks)", "general NLL"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, result in results.items():
         scores = [result["tasks"][name]["score"] for name in tasks]
         mean = sum(result["tasks"][name]["score"] for name in expert_tasks) / len(expert_tasks)
-        cells = [label, *[f"{score:.2f}" for score in scores], f"{mean:.3f}", f"{result['general']['score']:.3f}"]
+        cells = [label, *[f"{score:.3f}" for score in scores], f"{mean:.3f}", f"{result['general']['score']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -118,11 +123,13 @@ def bar_chart(results: dict[str, dict], zoo: Zoo, path: str | Path) -> None:
         axis.bar(positions, [result["tasks"][name]["score"] for name in tasks], width, label=label,
                  color=colors[index % len(colors)])
     axis.set_xticks([task_index + 0.4 - width / 2 for task_index in range(len(tasks))])
-    axis.set_xticklabels([name if zoo.tasks[name].expert else f"{name}\n(no expert)" for name in tasks])
-    axis.set_ylabel("exact match")
-    axis.set_ylim(0, 1.05)
+    axis.set_xticklabels([_column(zoo, name).replace(" (", "\n(") for name in tasks])
+    exact_match = all(zoo.tasks[name].metric == "exact_match" for name in tasks)
+    axis.set_ylabel("exact match" if exact_match else "score (EM: higher is better; NLL: lower)")
+    if exact_match:
+        axis.set_ylim(0, 1.05)
     axis.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    axis.set_title(f"{zoo.raw.get('size', '')} zoo: exact match per task")
+    axis.set_title(f"{zoo.raw.get('size', '')} zoo: score per task")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -48,6 +48,9 @@ class MicroScale:
     max_positions: int = 128
 
 
+EXPERT_TARGET = 0.9  # zoo.md: every expert solves its own task
+BASE_CEILING = 0.2   # …and the base does not
+
 MICRO_SCALES = {
     "micro": MicroScale(
         hidden_size=128,
@@ -98,15 +101,38 @@ def build_micro_zoo(zoo_dir: Path, size: str, seed: int) -> dict:
         # A new base invalidates experts fine-tuned from an older one.
         manifest["models"] = {"base": manifest["models"]["base"]}
     base = LlamaForCausalLM.from_pretrained(zoo_dir / "base", dtype=torch.float32)
+    rebuilt = False
     for task in MICRO_TASKS:
         name = f"expert-{task.name}"
         train_expert = partial(
             finetune_expert, base, tokenizer, train_sets[task.name], scale, derived_seed(seed, name), name
         )
-        build_model_once(zoo_dir, manifest, name, train_expert)
+        rebuilt |= build_model_once(zoo_dir, manifest, name, train_expert)
     manifest.update(describe_zoo(zoo_dir, scale, all_tasks, train_sets))
     write_manifest_dict(zoo_dir, manifest)
+    if rebuilt or "scores" not in manifest:
+        manifest.update(score_zoo_models(zoo_dir))
+        write_manifest_dict(zoo_dir, manifest)
     return manifest
+
+
+def score_zoo_models(zoo_dir: Path) -> dict:
+    """Exact match of the base and of every expert on every task's held-out set, and whether the
+    zoo's targets hold: each expert ≥ 90 % on its own task, the base ≤ 20 % on every task."""
+    from mergewise.evaluate.loading import load_model  # evaluation reads zoos: imported on use
+    from mergewise.evaluate.zoo_eval import score_task
+    from mergewise.zoo.manifest import load_zoo
+
+    zoo = load_zoo(zoo_dir)
+    experts = {name: f"expert-{name}" for name, task in zoo.tasks.items() if task.expert}
+    scores = {}
+    for model in ["base", *experts.values()]:
+        loaded = load_model(zoo_dir / model)
+        scores[model] = {name: score_task(loaded, zoo, name, 64, None)["score"] for name in zoo.tasks}
+    met = (all(scores[expert][name] >= EXPERT_TARGET for name, expert in experts.items())
+           and all(score <= BASE_CEILING for score in scores["base"].values()))
+    return {"scores": scores,
+            "targets": {"expert_on_own_task_min": EXPERT_TARGET, "base_max": BASE_CEILING, "met": met}}
 
 
 def write_task_files(zoo_dir: Path, task: Task, scale: MicroScale, seed: int) -> list[tuple[str, str]]:
