@@ -32,6 +32,7 @@ from mergewise.checkpoint import (
     write_model_config,
 )
 from mergewise.config import MergeConfig, load_config
+from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.methods import ChunkedTensors, TensorRows
 from mergewise.plan import MergePlan, TensorJob, build_plan
@@ -80,7 +81,7 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
                  tensor_hook: TensorHook | None = None, extra_record: dict | None = None) -> Path:
     out_dir = Path(out_dir).expanduser().resolve()
     check_output_location(out_dir, [model.path for model in plan.models], options.overwrite)
-    device = _device(options.device)
+    device = resolve_device(options.device)
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
     shard_size = parse_size(options.shard_size)
     torch.set_num_threads(options.threads or os.cpu_count() or 1)
@@ -207,15 +208,6 @@ def _compiled(function: Callable) -> Callable:
     """One compiled kernel per method for every shape; intermediate roundings are kept as in eager
     mode so that the fused result is bit-identical to the plain one."""
     return torch.compile(function, dynamic=True, options={"emulate_precision_casts": True})
-
-
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MergewiseError(f"device {name}: CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise MergewiseError(f"device {name!r}: expected cpu or cuda[:N]") from None
 
 
 def _config_dtype(plan: MergePlan) -> torch.dtype:

@@ -39,6 +39,7 @@ from mergewise.aim.data import (
     self_generated_blocks,
 )
 from mergewise.checkpoint import ModelFolder
+from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 
 STATISTICS = ("mean_abs", "rms", "max")
@@ -140,7 +141,7 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
     settings.check()
     folder = ModelFolder(base_dir)
     stats_path = Path(stats_path).expanduser().resolve()
-    target_device = _device(device)
+    target_device = resolve_device(device)
     recorder = ChannelStatistics(settings.statistic)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder.path)
@@ -175,15 +176,6 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
     }
     _save(stats_path, {name: vector.float() for name, vector in recorder.vectors.items()}, metadata)
     return stats_path
-
-
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MergewiseError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise MergewiseError(f"--device {name!r}: expected cpu or cuda[:N]") from None
 
 
 def _load_model(folder: ModelFolder, device: torch.device) -> nn.Module:

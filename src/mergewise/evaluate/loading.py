@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 
 MEDIATOR_SUBFOLDER = "mediator"
@@ -23,14 +24,6 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     path: Path
-
-
-def resolve_device(device: str) -> torch.device:
-    if device not in {"cpu", "cuda"} and not device.startswith("cuda:"):
-        raise MergewiseError(f"--device: expected 'cpu' or 'cuda', got '{device}'")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergewiseError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
