@@ -111,6 +111,15 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
     return out_dir
 
 
+def row_ranges(shape: tuple[int, ...], *, whole: bool = False) -> list[slice]:
+    """Row chunks of about CHUNK_ELEMENTS elements (one chunk for scalars, or when `whole`)."""
+    if not shape:
+        return [slice(None)]
+    row_elements = math.prod(shape[1:])
+    step = max(shape[0], 1) if whole or row_elements == 0 else max(1, CHUNK_ELEMENTS // row_elements)
+    return [slice(start, min(start + step, shape[0])) for start in range(0, max(shape[0], 1), step)]
+
+
 class _JobExecutor:
     """Runs one TensorJob at a time, reading its row chunks one step ahead of the arithmetic."""
 
@@ -132,12 +141,12 @@ class _JobExecutor:
             writer.write(job.name, source.model.read(source.name))
             return
         params = job.params
-        row_ranges = self._row_ranges(job, params)
+        ranges = row_ranges(job.shape, whole=self.method.whole_tensor(params))
         stats = None
         if self.method.prepare is not None:
-            tensors = ChunkedTensors(job.shape, lambda models: self._chunks(job, row_ranges, models))
+            tensors = ChunkedTensors(job.shape, lambda models: self._chunks(job, ranges, models))
             stats = self._guard(job, lambda: self.method.run_prepare(tensors, params))
-        for rows_in, rows in zip(self._chunks(job, row_ranges), row_ranges):
+        for rows_in, rows in zip(self._chunks(job, ranges), ranges):
             rows_in.stats = stats
             merged = self._guard(job, lambda: self._merge(rows_in, params))
             if self.tensor_hook is not None:
@@ -162,31 +171,19 @@ class _JobExecutor:
         except ValueError as error:
             raise MergewiseError(f"tensor {job.name}: {error}") from None
 
-    def _row_ranges(self, job: TensorJob, params: dict) -> list[slice]:
-        if len(job.shape) == 0:
-            return [slice(None)]
-        total_rows = job.shape[0]
-        row_elements = math.prod(job.shape[1:])
-        if self.method.whole_tensor(params) or row_elements == 0:
-            step = max(total_rows, 1)
-        else:
-            step = max(1, CHUNK_ELEMENTS // max(row_elements, 1))
-        return [slice(start, min(start + step, total_rows)) for start in range(0, max(total_rows, 1), step)]
-
-    def _chunks(self, job: TensorJob, row_ranges: list[slice], models: list[int] | None = None) -> Iterator[TensorRows]:
+    def _chunks(self, job: TensorJob, ranges: list[slice], models: list[int] | None = None) -> Iterator[TensorRows]:
         """TensorRows per row range, each read on the reader thread while the previous one computes."""
         chosen = range(len(job.inputs)) if models is None else models
         pending: Future | None = None
-        for index, rows in enumerate(row_ranges):
+        for index, rows in enumerate(ranges):
             current = pending or self.reader.submit(self._read, job, rows, chosen)
-            pending = self.reader.submit(self._read, job, row_ranges[index + 1], chosen) \
-                if index + 1 < len(row_ranges) else None
+            pending = self.reader.submit(self._read, job, ranges[index + 1], chosen) \
+                if index + 1 < len(ranges) else None
             yield current.result()
 
     def _read(self, job: TensorJob, rows: slice, chosen) -> TensorRows:
-        rows_arg = None if rows == slice(None) else rows
-        base = self._load(job.base, rows_arg) if job.base is not None else None
-        inputs = [self._load(job.inputs[index], rows_arg) for index in chosen]
+        base = self._load(job.base, rows) if job.base is not None else None
+        inputs = [self._load(job.inputs[index], rows) for index in chosen]
         first_row = rows.start or 0
         return TensorRows(base, inputs, first_row, rng=lambda index: self._generator(job, index, first_row))
 

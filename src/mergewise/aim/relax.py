@@ -9,7 +9,6 @@ merge (as the engine's tensor hook) or over an existing merged folder, never hol
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 import warnings
@@ -30,10 +29,10 @@ from mergewise.checkpoint import (
     parse_size,
     staged_folder,
 )
+from mergewise.engine import row_ranges
 from mergewise.errors import MergewiseError
 from mergewise.plan import TensorJob
 
-ROW_CHUNK_ELEMENTS = 1 << 22
 RECORD_METADATA = ("base_fingerprint", "data", "samples", "seq_len", "statistic", "pass")
 
 
@@ -118,7 +117,7 @@ def relaxation_hook(relaxation: Relaxation, base: ModelFolder):
         name = job.base.name if job.base is not None and job.base.model is base else job.name
         if not relaxation.covers(name) or name not in base.tensors:
             return merged
-        base_rows = base.read(name, None if rows == slice(None) else rows)
+        base_rows = base.read(name, rows)
         return relaxation.apply(name, merged.to(job.out_dtype), base_rows, rows)
 
     return hook
@@ -150,11 +149,11 @@ def relax_folder(base_dir: str | Path, merged_dir: str | Path, stats_path: str |
             for info in tqdm(tensors, desc="aim", disable=quiet):
                 relax = info.dtype.is_floating_point and relaxation.covers(info.name) and info.name in base.tensors
                 relaxed += relax
-                for rows in _row_chunks(info.shape):
+                for rows in row_ranges(info.shape):
                     chunk = merged.read(info.name, rows)
                     if relax:
-                        chunk = relaxation.apply(info.name, chunk, base.read(info.name, rows), rows or slice(None))
-                    writer.write(info.name, chunk.to(info.dtype), rows.start if rows else 0)
+                        chunk = relaxation.apply(info.name, chunk, base.read(info.name, rows), rows)
+                    writer.write(info.name, chunk.to(info.dtype), rows.start or 0)
             writer.close()
         except BaseException:
             writer.abort()
@@ -164,13 +163,6 @@ def relax_folder(base_dir: str | Path, merged_dir: str | Path, stats_path: str |
         _write_record(staging, merged, {**record(relaxation, Path(stats_path).resolve()), "base": str(base.path),
                                         "merged": str(merged.path), "relaxed_tensors": relaxed})
     return out_dir
-
-
-def _row_chunks(shape: tuple[int, ...]) -> list[slice | None]:
-    if not shape or shape[0] == 0:
-        return [None]
-    step = max(1, ROW_CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
-    return [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
 def _write_record(folder: Path, merged: ModelFolder, aim: dict) -> None:

@@ -146,8 +146,9 @@ class ModelFolder:
         info = self.tensors[name]
         if info.file in self._pickled:
             tensor = self._pickled[info.file][name]
-            return (tensor if rows is None else tensor[rows]).clone()
-        first, stop = (0, info.shape[0] if info.shape else 1) if rows is None else rows.indices(info.shape[0])[:2]
+            return (tensor if rows is None or tensor.dim() == 0 else tensor[rows]).clone()
+        whole = rows is None or not info.shape
+        first, stop = (0, info.shape[0] if info.shape else 1) if whole else rows.indices(info.shape[0])[:2]
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
         count = max(0, stop - first)
         buffer = bytearray(count * row_bytes)
