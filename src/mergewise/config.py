@@ -7,7 +7,7 @@ so a typo fails before any tensor is read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -89,8 +89,13 @@ def load_config(source: str | Path | dict | MergeConfig) -> tuple[MergeConfig, P
     if isinstance(source, MergeConfig):
         return source, Path.cwd()
     if isinstance(source, dict):
-        return _validate(source, "config"), Path.cwd()
+        return validate_config(source, "config"), Path.cwd()
     path = Path(source)
+    return validate_config(read_yaml_mapping(path), str(path)), path.parent.resolve()
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """The top-level mapping of a recipe file, with YAML errors reported by file and position."""
     if not path.is_file():
         raise MergewiseError(f"config file not found: {path}")
     try:
@@ -100,7 +105,7 @@ def load_config(source: str | Path | dict | MergeConfig) -> tuple[MergeConfig, P
                              f"{_yaml_position(error)})") from None
     if not isinstance(data, dict):
         raise MergewiseError(f"{path}: expected a mapping with merge_method and models/slices")
-    return _validate(data, str(path)), path.parent.resolve()
+    return data
 
 
 def _yaml_position(error: yaml.YAMLError) -> str:
@@ -108,13 +113,19 @@ def _yaml_position(error: yaml.YAMLError) -> str:
     return f"at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
 
 
-def _validate(data: dict, origin: str) -> MergeConfig:
+def validate_config(data: dict, origin: str) -> MergeConfig:
+    return validate_block(MergeConfig, data, origin)
+
+
+Block = TypeVar("Block", bound=BaseModel)
+
+
+def validate_block(schema: type[Block], data: Any, origin: str, key: str = "") -> Block:
+    """Validate one recipe block; the first problem becomes one error naming the file and key path."""
     try:
-        return MergeConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        location = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            message = "unknown key"
+        location = ".".join(str(part) for part in (key, *first["loc"]) if part != "") or "(top level)"
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
         raise MergewiseError(f"{origin}: {location}: {message}") from None

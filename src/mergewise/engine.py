@@ -39,6 +39,8 @@ from mergewise.plan import MergePlan, TensorJob, build_plan
 
 # Called on every merged row chunk before it is written (AIM's relaxation hooks in here).
 TensorHook = Callable[[TensorJob, slice, torch.Tensor], torch.Tensor]
+# Called with the complete staged output folder before it is moved into place, to add files to it.
+Finalizer = Callable[[Path], None]
 
 CHUNK_ELEMENTS = 1 << 22  # ~16 MB of float32 per input per chunk
 # Row chunks at least this large run through a torch.compile'd method: the fused kernel makes one
@@ -69,16 +71,18 @@ class MergeOptions:
 
 def run_merge(config_or_path: str | Path | dict | MergeConfig, out_dir: str | Path, *,
               tensor_hook: TensorHook | None = None, extra_record: dict | None = None,
-              **options) -> Path:
+              finalize: Finalizer | None = None, **options) -> Path:
     """Merge the models a recipe describes into the Hugging Face folder `out_dir`; return its path."""
     options = MergeOptions(**options)
     config, config_dir = load_config(config_or_path)
     plan = build_plan(config, config_dir, allow_pickle=options.allow_pickle)
-    return execute_plan(plan, out_dir, options, tensor_hook=tensor_hook, extra_record=extra_record)
+    return execute_plan(plan, out_dir, options, tensor_hook=tensor_hook, extra_record=extra_record,
+                        finalize=finalize)
 
 
 def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
-                 tensor_hook: TensorHook | None = None, extra_record: dict | None = None) -> Path:
+                 tensor_hook: TensorHook | None = None, extra_record: dict | None = None,
+                 finalize: Finalizer | None = None) -> Path:
     out_dir = Path(out_dir).expanduser().resolve()
     check_output_location(out_dir, [model.path for model in plan.models], options.overwrite)
     device = resolve_device(options.device)
@@ -106,6 +110,8 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
         write_model_config(staging, plan.reference.config, _config_dtype(plan), plan.source_layers)
         copy_tokenizer(plan.tokenizer_source.path, staging)
         _write_record(staging, plan, seed, options, extra_record)
+        if finalize is not None:
+            finalize(staging)
     for model in plan.models:
         model.close()
     return out_dir

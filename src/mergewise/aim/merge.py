@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mergewise.aim.relax import (
     AimSettings,
@@ -25,7 +25,7 @@ from mergewise.aim.statistics import (
     load_statistics,
 )
 from mergewise.checkpoint import check_output_location
-from mergewise.config import load_config
+from mergewise.config import load_config, validate_block
 from mergewise.engine import MergeOptions, execute_plan
 from mergewise.errors import MergewiseError
 from mergewise.plan import Planner
@@ -63,13 +63,7 @@ class AimBlock(BaseModel):
 
 
 def parse_aim_block(block: dict, origin: str) -> AimBlock:
-    try:
-        return AimBlock.model_validate(block)
-    except ValidationError as error:
-        first = error.errors()[0]
-        location = ".".join(str(part) for part in first["loc"])
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise MergewiseError(f"{origin}: aim{'.' + location if location else ''}: {message}") from None
+    return validate_block(AimBlock, block, origin, "aim")
 
 
 def merge_with_aim(config_source, out_dir: str | Path, **options) -> Path:

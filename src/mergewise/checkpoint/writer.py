@@ -71,15 +71,15 @@ class StreamingShardWriter:
     """Lays tensors out into shards of at most `shard_size` bytes and accepts their rows in any order."""
 
     def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, file_stem: str = "model"):
         self.folder = folder
         self._slots: dict[str, _Slot] = {}
         shards = _assign_shards(tensors, shard_size)
         self._files = {}
         self.weight_map: dict[str, str] = {}
         for index, shard in enumerate(shards, start=1):
-            file_name = ("model.safetensors" if len(shards) == 1
-                         else f"model-{index:05d}-of-{len(shards):05d}.safetensors")
+            file_name = (f"{file_stem}.safetensors" if len(shards) == 1
+                         else f"{file_stem}-{index:05d}-of-{len(shards):05d}.safetensors")
             self._write_header(folder / file_name, shard, metadata or {})
             for tensor in shard:
                 self.weight_map[tensor.name] = file_name

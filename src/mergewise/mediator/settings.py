@@ -1,0 +1,126 @@
+"""The Mediator recipe: a core merge recipe whose inputs are listed under `mediator.experts`.
+
+    merge_method: linear
+    base_model: ./base
+    mediator:
+      memory_budget: 1.5
+      density: 0.1
+      experts:
+        - {model: ./expert-add, task: add, prompts: tasks/add/calib.txt}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mergewise.config import MergeConfig, read_yaml_mapping, validate_block, validate_config
+from mergewise.errors import MergewiseError
+from mergewise.methods import BasePolicy, get_method
+
+MIN_CALIBRATION_PROMPTS = 16
+
+
+class ExpertEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    task: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    prompts: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class RouterSettings(BaseModel):
+    """How prompts are routed; every threshold is fitted on the calibration prompts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["prototype", "logistic"] = "prototype"
+    feature_layer: int = -1            # hidden-state index: -1 is the last layer's output
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    holdout: float = Field(0.25, gt=0.0, lt=1.0)         # share of prompts that fits temperature/thresholds
+    uncertainty_quantile: float = Field(0.95, gt=0.0, le=1.0)  # in-distribution prompts below it are selected
+    ood_quantile: float = Field(0.99, gt=0.0, le=1.0)    # nearest-prototype distance percentile beyond it is OOD
+    ood_margin: float = Field(1.25, ge=1.0)              # … times this margin means dense
+    on_ood: Literal["dense", "uniform"] = "dense"
+    max_prompts: int = Field(256, ge=MIN_CALIBRATION_PROMPTS)  # per task
+    max_tokens: int = Field(256, ge=2)                   # prompt tokens used for the feature
+    seed: int = 0
+
+
+class MediatorSettings(BaseModel):
+    """The `mediator:` block (mediator.md); all of it is recorded in the output's mediator.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    memory_budget: float | None = Field(None, gt=1.0)  # stored bytes ≤ this × one model
+    route_threshold: float | None = Field(None, ge=0.0, le=1.0)  # route units with d_l ≥ this
+    density: float = Field(0.1, gt=0.0, le=1.0)
+    conflict_density: float = Field(0.2, gt=0.0, le=1.0)  # top-k share per expert for the sign conflict
+    router: RouterSettings = RouterSettings()
+    cache_size: int = Field(2, ge=0)  # materialised experts kept by the runtime
+    experts: list[ExpertEntry] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> MediatorSettings:
+        if self.memory_budget is not None and self.route_threshold is not None:
+            raise ValueError("give memory_budget or route_threshold, not both")
+        if self.memory_budget is None and self.route_threshold is None:
+            object.__setattr__(self, "memory_budget", 1.5)
+        tasks = [expert.task for expert in self.experts]
+        duplicated = sorted({task for task in tasks if tasks.count(task) > 1})
+        if duplicated:
+            raise ValueError(f"task names must be unique (repeated: {', '.join(duplicated)})")
+        return self
+
+    @property
+    def tasks(self) -> list[str]:
+        return [expert.task for expert in self.experts]
+
+
+class MediatorRecipe(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    merge: MergeConfig          # the dense merge of the experts (calm units and dense expert D)
+    base_model: str             # task vectors are measured from it, whatever the merge method does
+    settings: MediatorSettings
+    config_dir: Path
+    origin: str
+
+    def prompts_path(self, expert: ExpertEntry) -> Path:
+        if expert.prompts is None:
+            raise MergewiseError(f"{self.origin}: mediator.experts: task {expert.task!r} has no prompts "
+                                 "(the router needs calibration prompts for every expert)")
+        path = Path(expert.prompts).expanduser()
+        path = path if path.is_absolute() else self.config_dir / path
+        if not path.is_file():
+            raise MergewiseError(f"{self.origin}: mediator.experts: prompts file of task {expert.task!r} "
+                                 f"not found: {path}")
+        return path
+
+
+def load_recipe(source: str | Path | dict) -> MediatorRecipe:
+    """Read a Mediator recipe; the experts become the dense merge's `models`."""
+    if isinstance(source, dict):
+        data, origin, config_dir = dict(source), "config", Path.cwd()
+    else:
+        path = Path(source)
+        data, origin, config_dir = dict(read_yaml_mapping(path)), str(path), path.parent.resolve()
+    if "mediator" not in data:
+        raise MergewiseError(f"{origin}: mediator: missing (a Mediator recipe lists its experts there)")
+    settings = validate_block(MediatorSettings, data.pop("mediator"), origin, "mediator")
+    for key in ("models", "slices"):
+        if key in data:
+            raise MergewiseError(f"{origin}: {key}: a Mediator recipe lists its models under mediator.experts")
+    base_model = data.get("base_model")
+    if not base_model:
+        raise MergewiseError(f"{origin}: base_model: required (task vectors are measured from it)")
+    method = get_method(str(data.get("merge_method", "")))  # unknown methods fail here, by name
+    if method.base in (BasePolicy.INPUT, BasePolicy.UNUSED):
+        data.pop("base_model")  # the dense expert averages the experts, not experts and base
+    weight = {"weight": 1.0 / len(settings.experts)} if "weight" in method.parameters else {}
+    has_weight = "weight" in (data.get("parameters") or {})
+    data["models"] = [{"model": expert.model,
+                       "parameters": {**({} if has_weight else weight), **(expert.parameters or {})} or None}
+                      for expert in settings.experts]
+    return MediatorRecipe(merge=validate_config(data, origin), base_model=base_model, settings=settings,
+                          config_dir=config_dir, origin=origin)
+

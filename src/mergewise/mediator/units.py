@@ -1,0 +1,31 @@
+"""Layer units and the expert tensors behind them.
+
+A unit is one decoder block (every tensor with layer index N), and each other module on its own
+(embeddings, final norm, lm_head): the granularity at which Mediator measures conflict and routes.
+"""
+
+from __future__ import annotations
+
+from mergewise.config import MergeConfig
+from mergewise.mediator.settings import MediatorRecipe
+from mergewise.plan import MergePlan, Planner, layer_index
+
+
+def unit_of(tensor_name: str) -> str:
+    index = layer_index(tensor_name)
+    if index is not None:
+        return f"layers.{index}"
+    module, _, last = tensor_name.rpartition(".")
+    return module if module and last in ("weight", "bias") else tensor_name
+
+
+def expert_plan(recipe: MediatorRecipe) -> MergePlan:
+    """A plan whose jobs pair every base tensor with the experts' tensors, in `experts` order.
+
+    It checks presence and shapes (an expert of another architecture fails here, naming the tensor)
+    without reading any data."""
+    config = MergeConfig(merge_method="task_arithmetic", base_model=recipe.base_model,
+                         models=[{"model": expert.model, "parameters": {"weight": 1.0}}
+                                 for expert in recipe.settings.experts],
+                         dtype=recipe.merge.dtype)
+    return Planner(config, recipe.config_dir).plan()
