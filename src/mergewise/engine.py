@@ -10,6 +10,7 @@ import functools
 import math
 import os
 import random
+import shutil
 import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mergewise.checkpoint import (
+    ModelFolder,
     PlannedTensor,
     StreamingShardWriter,
     check_output_location,
@@ -234,3 +236,39 @@ def _write_record(folder: Path, plan: MergePlan, seed: int, options: MergeOption
         **(extra or {}),
     }
     (folder / "mergewise.yml").write_text(yaml.safe_dump(record, sort_keys=False))
+
+
+# A per-row-chunk rewrite of one stored tensor: (tensor name, rows, stored rows) → new rows.
+ChunkTransform = Callable[[str, slice, torch.Tensor], torch.Tensor]
+
+
+def rewrite_folder(source: ModelFolder, out_dir: Path, transform: ChunkTransform, *, record_key: str,
+                   record: dict, inputs: list[Path], shard_size: str | int = "5GB", overwrite: bool = False,
+                   quiet: bool = False) -> Path:
+    """Copy a model folder tensor by tensor in row chunks through `transform`, into a staged `out_dir`;
+    config and tokenizer are copied and mergewise.yml gains `record` under `record_key`."""
+    from mergewise import __version__
+
+    out_dir = Path(out_dir).expanduser().resolve()
+    check_output_location(out_dir, inputs, overwrite)
+    tensors = list(source.tensors.values())
+    with staged_folder(out_dir) as staging:
+        writer = StreamingShardWriter(staging, [PlannedTensor(t.name, t.shape, t.dtype) for t in tensors],
+                                      parse_size(shard_size), metadata={"merged_by": f"mergewise {record_key}"})
+        try:
+            for info in tqdm(tensors, desc=record_key, disable=quiet):
+                for rows in row_ranges(info.shape):
+                    chunk = transform(info.name, rows, source.read(info.name, rows))
+                    writer.write(info.name, chunk.to(info.dtype), rows.start or 0)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        shutil.copy2(source.path / "config.json", staging / "config.json")
+        copy_tokenizer(source.path, staging)
+        previous = source.path / "mergewise.yml"
+        history = yaml.safe_load(previous.read_text()) if previous.is_file() else {}
+        history = history if isinstance(history, dict) else {}
+        history[record_key] = {**record, "mergewise_version": __version__}
+        (staging / "mergewise.yml").write_text(yaml.safe_dump(history, sort_keys=False))
+    return out_dir

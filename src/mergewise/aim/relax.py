@@ -10,26 +10,18 @@ merge (as the engine's tensor hook) or over an existing merged folder, never hol
 from __future__ import annotations
 
 import re
-import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
-from tqdm.auto import tqdm
 
 from mergewise.aim.statistics import CalibrationStats, base_fingerprint, load_statistics
 from mergewise.checkpoint import (
     ModelFolder,
-    PlannedTensor,
-    StreamingShardWriter,
     check_output_location,
-    copy_tokenizer,
-    parse_size,
-    staged_folder,
 )
-from mergewise.engine import row_ranges
+from mergewise.engine import rewrite_folder
 from mergewise.errors import MergewiseError
 from mergewise.plan import TensorJob
 
@@ -140,37 +132,14 @@ def relax_folder(base_dir: str | Path, merged_dir: str | Path, stats_path: str |
     stats = load_statistics(stats_path)
     check_fingerprint(stats, base, stats_path, settings.allow_fingerprint_mismatch)
     relaxation = Relaxation(stats, settings)
-    tensors = list(merged.tensors.values())
-    relaxed = 0
-    with staged_folder(out_dir) as staging:
-        writer = StreamingShardWriter(staging, [PlannedTensor(t.name, t.shape, t.dtype) for t in tensors],
-                                      parse_size(shard_size), metadata={"merged_by": "mergewise aim"})
-        try:
-            for info in tqdm(tensors, desc="aim", disable=quiet):
-                relax = info.dtype.is_floating_point and relaxation.covers(info.name) and info.name in base.tensors
-                relaxed += relax
-                for rows in row_ranges(info.shape):
-                    chunk = merged.read(info.name, rows)
-                    if relax:
-                        chunk = relaxation.apply(info.name, chunk, base.read(info.name, rows), rows)
-                    writer.write(info.name, chunk.to(info.dtype), rows.start or 0)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        shutil.copy2(merged.path / "config.json", staging / "config.json")
-        copy_tokenizer(merged.path, staging)
-        _write_record(staging, merged, {**record(relaxation, Path(stats_path).resolve()), "base": str(base.path),
-                                        "merged": str(merged.path), "relaxed_tensors": relaxed})
-    return out_dir
+    relaxed = [name for name, info in merged.tensors.items()
+               if info.dtype.is_floating_point and relaxation.covers(name) and name in base.tensors]
 
+    def relax(name: str, rows: slice, chunk: torch.Tensor) -> torch.Tensor:
+        return relaxation.apply(name, chunk, base.read(name, rows), rows) if name in relaxed else chunk
 
-def _write_record(folder: Path, merged: ModelFolder, aim: dict) -> None:
-    """mergewise.yml: the merge's own record (when it has one) plus the relaxation."""
-    from mergewise import __version__
+    return rewrite_folder(merged, out_dir, relax, record_key="aim", inputs=[base.path, merged.path],
+                          record={**record(relaxation, Path(stats_path).resolve()), "base": str(base.path),
+                                  "merged": str(merged.path), "relaxed_tensors": len(relaxed)},
+                          shard_size=shard_size, overwrite=overwrite, quiet=quiet)
 
-    previous = merged.path / "mergewise.yml"
-    record_data = yaml.safe_load(previous.read_text()) if previous.is_file() else {}
-    record_data = record_data if isinstance(record_data, dict) else {}
-    record_data["aim"] = {**aim, "mergewise_version": __version__}
-    (folder / "mergewise.yml").write_text(yaml.safe_dump(record_data, sort_keys=False))

@@ -7,6 +7,7 @@ A unit is one decoder block (every tensor with layer index N), and each other mo
 from __future__ import annotations
 
 from mergewise.config import MergeConfig
+from mergewise.errors import MergewiseError
 from mergewise.mediator.settings import MediatorRecipe
 from mergewise.plan import MergePlan, Planner, layer_index
 
@@ -28,4 +29,12 @@ def expert_plan(recipe: MediatorRecipe) -> MergePlan:
                          models=[{"model": expert.model, "parameters": {"weight": 1.0}}
                                  for expert in recipe.settings.experts],
                          dtype=recipe.merge.dtype)
-    return Planner(config, recipe.config_dir).plan()
+    planner = Planner(config, recipe.config_dir)
+    base = planner.model(recipe.base_model, "base_model")
+    base_type = base.config.get("model_type")
+    for index, expert in enumerate(recipe.settings.experts):
+        model = planner.model(expert.model, f"mediator.experts[{index}].model")
+        if model.config.get("model_type") != base_type:
+            raise MergewiseError(f"expert {model.path} is a {model.config.get('model_type')} model but the base "
+                                 f"{base.path} is a {base_type} model; experts must be fine-tunes of the base")
+    return planner.plan()
