@@ -1,48 +1,40 @@
 """The one place that turns a model folder into something scoreable. Every scorer (zoo eval, the
-lm-eval adapter) goes through `load_model`, so new folder types plug in here and nowhere else."""
+lm-eval adapter) goes through `load_model`, so plain and Mediator folders are scored alike: for a
+Mediator folder each prompt runs with the weights its route picks."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mergewise.devices import resolve_device
-from mergewise.errors import MergewiseError
-
-MEDIATOR_SUBFOLDER = "mediator"
+from mergewise.mediator.runtime import RoutedModel, load
 
 
 @dataclass
 class LoadedModel:
-    """A causal LM and its tokenizer, ready for inference on `device`."""
+    """A causal LM and its tokenizer, ready for inference on `device`; `routing` for Mediator folders."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     path: Path
+    routing: RoutedModel | None = None
+
+    def route_groups(self, contexts: Sequence[Sequence[int]]) -> list[tuple[list[int], AbstractContextManager]]:
+        """Rows of a batch that share weights, each with the context that puts those weights in place."""
+        if self.routing is None:
+            return [(list(range(len(contexts))), nullcontext())]
+        return [(rows, self.routing.weights_for(route)) for rows, route in self.routing.groups(contexts)]
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
-    """Load a plain Hugging Face model folder.
-
-    A Mediator folder (a model folder with a `mediator/` subfolder) will be loaded here as well; until
-    its loader exists it is refused rather than silently scored as its dense backbone."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise MergewiseError(f"{folder}: not a model folder (no config.json)")
-    if (folder / MEDIATOR_SUBFOLDER).is_dir():
-        raise MergewiseError(f"{folder}: Mediator model folders are not supported by this version of eval")
-    torch_device = resolve_device(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise MergewiseError(f"{folder}: cannot load model or tokenizer ({error})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(torch_device).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, device=torch_device, path=folder)
+    """Load a plain or Mediator model folder in float32."""
+    routed = load(path, device, dtype=torch.float32)
+    return LoadedModel(model=routed.model, tokenizer=routed.tokenizer, device=routed.device, path=routed.path,
+                       routing=routed if routed.is_mediator else None)

@@ -61,17 +61,21 @@ def start_token_id(loaded: LoadedModel) -> int:
 @torch.no_grad()
 def score_encoded(loaded: LoadedModel, encoded: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool, int]]:
     """One right-padded forward pass over token-id pairs (context, continuation)."""
-    sequences = [context + continuation for context, continuation in encoded]
-    input_ids, attention_mask = right_pad(sequences, loaded.tokenizer.pad_token_id, loaded.device)
-    log_probs = torch.log_softmax(loaded.model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), -1)
-    results = []
-    for row, (context, continuation) in enumerate(encoded):
-        positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=loaded.device)
-        targets = torch.tensor(continuation, device=loaded.device)
-        row_log_probs = log_probs[row, positions]
-        total = row_log_probs.gather(-1, targets[:, None]).sum().item()
-        greedy = bool((row_log_probs.argmax(-1) == targets).all().item())
-        results.append((total, greedy, len(continuation)))
+    results: list[tuple[float, bool, int] | None] = [None] * len(encoded)
+    for rows, weights in loaded.route_groups([context for context, _ in encoded]):
+        group = [encoded[row] for row in rows]
+        sequences = [context + continuation for context, continuation in group]
+        input_ids, attention_mask = right_pad(sequences, loaded.tokenizer.pad_token_id, loaded.device)
+        with weights:
+            logits = loaded.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        log_probs = torch.log_softmax(logits.float(), -1)
+        for position, (row, (context, continuation)) in enumerate(zip(rows, group)):
+            steps = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=loaded.device)
+            targets = torch.tensor(continuation, device=loaded.device)
+            row_log_probs = log_probs[position, steps]
+            total = row_log_probs.gather(-1, targets[:, None]).sum().item()
+            greedy = bool((row_log_probs.argmax(-1) == targets).all().item())
+            results[row] = (total, greedy, len(continuation))
     return results
 
 
@@ -101,22 +105,27 @@ def greedy_completions(
     completions = []
     for batch in chunks(prompts, batch_size):
         encoded = [(tokenizer(prompt)["input_ids"] or [start_token_id(loaded)])[-keep:] for prompt in batch]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, device=loaded.device)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long, device=loaded.device)
-        for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, device=loaded.device)
-            attention_mask[row, width - len(ids) :] = 1
-        generated = loaded.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for row in generated[:, width:]:
-            completions.append(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop))
+        texts: list[str] = [""] * len(encoded)
+        for rows, weights in loaded.route_groups(encoded):
+            group = [encoded[row] for row in rows]
+            width = max(len(ids) for ids in group)
+            input_ids = torch.full((len(group), width), tokenizer.pad_token_id, device=loaded.device)
+            attention_mask = torch.zeros((len(group), width), dtype=torch.long, device=loaded.device)
+            for position, ids in enumerate(group):
+                input_ids[position, width - len(ids) :] = torch.tensor(ids, device=loaded.device)
+                attention_mask[position, width - len(ids) :] = 1
+            with weights:
+                generated = loaded.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            for row, new_tokens in zip(rows, generated[:, width:]):
+                texts[row] = cut_at_stop(tokenizer.decode(new_tokens, skip_special_tokens=True), stop)
+        completions.extend(texts)
     return completions
 
 

@@ -35,12 +35,28 @@ def evaluate_model(
     general_text = zoo.general_eval.read_text(encoding="utf-8")
     window = min(GENERAL_WINDOW_TOKENS, loaded.model.config.max_position_embeddings - 1)
     general = text_nll(loaded, general_text, window, batch_size, max_windows=limit)
-    return {
+    results = {
         "model": str(model_dir),
         "zoo": str(zoo_dir),
         "tasks": task_scores,
         "general": {"metric": "nll", "score": round(general.mean, 4), "n": general.tokens},
     }
+    if loaded.routing is not None:
+        results["routing"] = {name: routing_summary(loaded, zoo, name, limit) for name in selected}
+    return results
+
+
+def routing_summary(loaded: LoadedModel, zoo: Zoo, name: str, limit: int | None) -> dict:
+    """How a Mediator model routed a task's prompts: the share whose most probable expert is the
+    task's own (`correct`, absent for a task without an expert) and the share of each decision."""
+    routes = loaded.routing.route_texts([example["prompt"] for example in zoo.eval_examples(name)[:limit]])
+    summary = {}
+    if name in loaded.routing.router.tasks:
+        top = [max(route.probs, key=route.probs.get) for route in routes]
+        summary["correct"] = round(sum(task == name for task in top) / len(routes), 4)
+    for decision in ("select", "blend", "dense"):
+        summary[decision] = round(sum(route.decision == decision for route in routes) / len(routes), 4)
+    return summary
 
 
 def select_tasks(zoo: Zoo, tasks: Sequence[str] | None) -> list[str]:
