@@ -1,0 +1,293 @@
+"""Per-sequence task routing with uncertainty (mediator.md §4).
+
+Prompt features (mean-pooled hidden states, [N, H]) are standardised with calibration statistics and
+scored against one prototype (or a linear head) per task. The softmax temperature and both thresholds
+are fitted on a held-out share of the calibration prompts, so a confident, in-distribution prompt
+selects one expert, an ambiguous one blends them, and one unlike every task falls back to the dense
+model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from mergewise.errors import MergewiseError
+from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, RouterSettings
+
+Decision = Literal["select", "blend", "dense"]
+
+TEMPERATURE_RANGE = (1e-3, 1e3)
+TEMPERATURE_GRID = 61           # 10 points per decade, then a golden-section refinement
+UNCERTAINTY_FLOOR = 1e-3        # a perfectly confident router must still select, not blend, its own prompts
+LOGISTIC_L2 = 1e-2
+LOGISTIC_STEPS = 200
+
+
+@dataclass(frozen=True)
+class Route:
+    """The router's answer for one prompt; `mix` holds the expert weights w_t in W = D + Σ w_t S_t."""
+
+    decision: Decision
+    task: str | None
+    probs: dict[str, float]
+    uncertainty: float
+    ood: float
+    mix: dict[str, float] = field(default_factory=dict)
+
+    def weights(self) -> dict[str, float]:
+        return dict(self.mix)
+
+    def to_json(self) -> dict:
+        return {"decision": self.decision, "task": self.task,
+                "probs": {task: round(p, 4) for task, p in self.probs.items()},
+                "uncertainty": round(self.uncertainty, 4), "ood": round(self.ood, 4)}
+
+
+@dataclass
+class FitReport:
+    heldout_accuracy: float
+    temperature: float
+    uncertainty_threshold: float
+    ood_threshold: float
+    prompts: dict[str, int]   # calibration prompts per task (fit + held-out)
+
+
+class Router:
+    """Scores standardised features per task; every tensor it needs is in `state_dict()`."""
+
+    def __init__(self, tasks: list[str], settings: RouterSettings, tensors: dict[str, torch.Tensor],
+                 temperature: float, uncertainty_threshold: float, ood_threshold: float):
+        self.tasks = list(tasks)
+        self.settings = settings
+        self.mean = tensors["mean"]
+        self.std = tensors["std"]
+        self.prototypes = tensors["prototypes"]
+        self.calibration_distances = tensors["calibration_distances"]
+        self.weight = tensors.get("weight")
+        self.bias = tensors.get("bias")
+        self.temperature = float(temperature)
+        self.uncertainty_threshold = float(uncertainty_threshold)
+        self.ood_threshold = float(ood_threshold)
+
+    @classmethod
+    def fit(cls, features: dict[str, torch.Tensor], settings: RouterSettings) -> tuple[Router, FitReport]:
+        """Prototypes (and head) from the fit share; temperature and thresholds from the held-out share."""
+        tasks = list(features)
+        data = _validated(features)
+        generator = torch.Generator().manual_seed(settings.seed)
+        fit_parts, held_parts = [], []
+        for x in data:
+            order = torch.randperm(len(x), generator=generator)
+            held = min(len(x) - 2, max(1, round(settings.holdout * len(x))))  # ≥ 2 fit: leave-one-out below
+            held_parts.append(x[order[:held]])
+            fit_parts.append(x[order[held:]])
+        fit_x, fit_y = _stacked(fit_parts)
+        held_x, held_y = _stacked(held_parts)
+
+        mean = fit_x.mean(0)
+        std = fit_x.std(0)
+        std = std.clamp_min(max(1e-6 * float(std.max()), 1e-8))
+        tensors = {"mean": mean, "std": std}
+        fit_z, held_z = (fit_x - mean) / std, (held_x - mean) / std
+        tensors["prototypes"] = torch.stack([fit_z[fit_y == t].mean(0) for t in range(len(tasks))])
+        if settings.kind == "logistic":
+            tensors["weight"], tensors["bias"] = _train_head(fit_z, fit_y, len(tasks))
+
+        router = cls(tasks, settings, {**tensors, "calibration_distances": torch.empty(0)}, 1.0, 0.0, 0.0)
+        held_scores = router._scores(held_z)
+        router.temperature = _fit_temperature(held_scores, held_y)
+
+        held_probs = router._softmax(held_scores)
+        uncertainty = router._uncertainty(held_probs)
+        router.uncertainty_threshold = max(_quantile(uncertainty, settings.uncertainty_quantile), UNCERTAINTY_FLOOR)
+        held_nearest = router._distances(held_z).min(-1).values
+        router.ood_threshold = _quantile(held_nearest, settings.ood_quantile) * settings.ood_margin
+        fit_nearest = router._leave_one_out_distances(fit_z, fit_y).min(-1).values
+        router.calibration_distances = torch.cat([fit_nearest, held_nearest]).sort().values.contiguous()
+
+        accuracy = float((held_probs.argmax(-1) == held_y).float().mean())
+        report = FitReport(heldout_accuracy=accuracy, temperature=router.temperature,
+                           uncertainty_threshold=router.uncertainty_threshold, ood_threshold=router.ood_threshold,
+                           prompts={task: len(x) for task, x in zip(tasks, data)})
+        return router, report
+
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """Router probabilities p [B, T] over `tasks`."""
+        return self._softmax(self._scores(self._standardised(features)))
+
+    def route(self, features: torch.Tensor) -> list[Route]:
+        z = self._standardised(features)
+        probs = self._softmax(self._scores(z))
+        uncertainty = self._uncertainty(probs)
+        nearest = self._distances(z).min(-1).values
+        ood = torch.searchsorted(self.calibration_distances, nearest, right=True).double()
+        ood = ood / len(self.calibration_distances)
+        routes = []
+        for row in range(len(z)):
+            p = {task: float(value) for task, value in zip(self.tasks, probs[row])}
+            u, o = float(uncertainty[row]), float(ood[row])
+            top = self.tasks[int(probs[row].argmax())]
+            if float(nearest[row]) > self.ood_threshold:
+                mix = {task: 1.0 / len(self.tasks) for task in self.tasks} if self.settings.on_ood == "uniform" else {}
+                routes.append(Route("dense", None, p, u, o, mix))
+            elif u > self.uncertainty_threshold:
+                routes.append(Route("blend", top, p, u, o, dict(p)))
+            else:
+                routes.append(Route("select", top, p, u, o, {top: 1.0}))
+        return routes
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {"mean": self.mean, "std": self.std, "prototypes": self.prototypes,
+                   "calibration_distances": self.calibration_distances}
+        if self.weight is not None:
+            tensors.update(weight=self.weight, bias=self.bias)
+        return {name: tensor.contiguous() for name, tensor in tensors.items()}
+
+    def metadata(self) -> dict:
+        return {"tasks": list(self.tasks), "temperature": self.temperature,
+                "uncertainty_threshold": self.uncertainty_threshold, "ood_threshold": self.ood_threshold,
+                "settings": self.settings.model_dump(mode="json")}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], metadata: dict) -> Router:
+        try:
+            settings = RouterSettings.model_validate(metadata["settings"])
+            tasks = [str(task) for task in metadata["tasks"]]
+            scalars = [float(metadata[key]) for key in ("temperature", "uncertainty_threshold", "ood_threshold")]
+        except (KeyError, TypeError, ValueError) as error:
+            raise MergewiseError(f"router metadata is incomplete or invalid ({error})") from None
+        needed = ["mean", "std", "prototypes", "calibration_distances"]
+        needed += ["weight", "bias"] if settings.kind == "logistic" else []
+        missing = [name for name in needed if name not in tensors]
+        if missing:
+            raise MergewiseError(f"router tensors missing: {', '.join(missing)}")
+        loaded = {name: tensors[name].float().cpu() for name in needed}
+        hidden = loaded["mean"].shape[-1]
+        shapes = {"mean": (hidden,), "std": (hidden,), "prototypes": (len(tasks), hidden),
+                  "weight": (len(tasks), hidden), "bias": (len(tasks),)}
+        if loaded["calibration_distances"].dim() != 1 or not len(loaded["calibration_distances"]):
+            raise MergewiseError("router tensor 'calibration_distances' must be a non-empty vector")
+        for name, shape in shapes.items():
+            if name in loaded and tuple(loaded[name].shape) != shape:
+                raise MergewiseError(f"router tensor {name!r} has shape {tuple(loaded[name].shape)}, "
+                                     f"expected {shape} for {len(tasks)} tasks and width {hidden}")
+        return cls(tasks, settings, loaded, *scalars)
+
+    def _standardised(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 2 or features.shape[1] != self.mean.shape[0]:
+            raise MergewiseError(f"router features must have shape [N, {self.mean.shape[0]}], "
+                                 f"got {list(features.shape)}")
+        return (features.detach().to("cpu", torch.float32) - self.mean) / self.std
+
+    def _distances(self, z: torch.Tensor) -> torch.Tensor:
+        """Distance of each standardised feature to each prototype [B, T], comparable across widths."""
+        if self.settings.metric == "cosine":
+            return 1.0 - F.normalize(z, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+        exact = "donot_use_mm_for_euclid_dist"  # row by row, so a prompt's route does not depend on its batch
+        return torch.cdist(z, self.prototypes, compute_mode=exact).square() / z.shape[-1]
+
+    def _leave_one_out_distances(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`_distances` of fit features with their own prototype left out of their own task's mean.
+
+        A fit prompt is closer to a prototype it helped form, more so the wider the features; without
+        this, fresh in-distribution prompts would land high in the calibration percentile."""
+        distances = self._distances(z)
+        counts = torch.bincount(labels, minlength=len(self.tasks)).float()[labels, None]
+        own = (self.prototypes[labels] * counts - z) / (counts - 1)
+        if self.settings.metric == "cosine":
+            loo = 1.0 - (F.normalize(z, dim=-1) * F.normalize(own, dim=-1)).sum(-1)
+        else:
+            loo = (z - own).square().sum(-1) / z.shape[-1]
+        return distances.scatter(1, labels[:, None], loo[:, None])
+
+    def _scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits before the temperature."""
+        if self.weight is not None:
+            return z @ self.weight.T + self.bias
+        return -self._distances(z)
+
+    def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(scores / self.temperature, dim=-1)
+
+    def _uncertainty(self, probs: torch.Tensor) -> torch.Tensor:
+        return (torch.special.entr(probs).sum(-1) / math.log(len(self.tasks))).clamp(0.0, 1.0)
+
+
+def _validated(features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    if len(features) < 2:
+        raise MergewiseError(f"the router needs at least 2 tasks, got {len(features)} ({', '.join(features)})")
+    widths = {}
+    data = []
+    for task, x in features.items():
+        if x.dim() != 2:
+            raise MergewiseError(f"router features of task {task!r} must have shape [N, H], got {list(x.shape)}")
+        if len(x) < MIN_CALIBRATION_PROMPTS:
+            raise MergewiseError(f"task {task!r} has {len(x)} calibration prompts; the router needs at least "
+                                 f"{MIN_CALIBRATION_PROMPTS}")
+        x = x.detach().to("cpu", torch.float32)
+        if not torch.isfinite(x).all():
+            raise MergewiseError(f"router features of task {task!r} contain NaN or infinite values")
+        widths[task] = x.shape[1]
+        data.append(x)
+    if len(set(widths.values())) > 1:
+        listed = ", ".join(f"{task}: {width}" for task, width in widths.items())
+        raise MergewiseError(f"router features have mismatched widths ({listed})")
+    return data
+
+
+def _stacked(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.cat([torch.full((len(x),), t, dtype=torch.long) for t, x in enumerate(parts)])
+    return torch.cat(parts), labels
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    return float(torch.quantile(values.double(), q))
+
+
+def _fit_temperature(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T minimising held-out NLL: a log grid, then golden section (the NLL is unimodal in log T)."""
+    scores = scores.double()
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(scores / math.exp(log_t), labels))
+
+    grid = torch.linspace(math.log(TEMPERATURE_RANGE[0]), math.log(TEMPERATURE_RANGE[1]), TEMPERATURE_GRID).tolist()
+    best = min(range(len(grid)), key=lambda i: nll(grid[i]))
+    low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = nll(a), nll(b)
+    for _ in range(40):
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = nll(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = nll(b)
+    return math.exp((low + high) / 2)
+
+
+def _train_head(z: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression with a little L2, full-batch L-BFGS from zeros (deterministic)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x, labels = z.double().clone(), labels.clone()
+        weight = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=LOGISTIC_STEPS,
+                                      line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(x @ weight.T + bias, labels) + 0.5 * LOGISTIC_L2 * weight.square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    return weight.detach().float(), bias.detach().float()

@@ -1,0 +1,201 @@
+"""The Mediator router on synthetic features whose right answers are known (Gaussian clusters)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergewise.errors import MergewiseError
+from mergewise.mediator.router import Route, Router
+from mergewise.mediator.settings import RouterSettings
+
+TASKS = ["add", "reverse", "sort"]
+WIDTH = 16
+
+
+def centres(separation: float) -> torch.Tensor:
+    """One centre per task on its own axis, `separation` apart pairwise (unit noise per dimension)."""
+    return separation / math.sqrt(2) * torch.eye(len(TASKS), WIDTH)
+
+
+def draw(centre: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    return centre + torch.randn(count, WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+def clusters(separation: float = 10.0, count: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    points = centres(separation)
+    return {task: draw(points[t], count, seed * 100 + t) for t, task in enumerate(TASKS)}
+
+
+def fitted(separation: float = 10.0, **settings) -> tuple[Router, object]:
+    return Router.fit(clusters(separation), RouterSettings(**settings))
+
+
+@pytest.fixture(scope="module")
+def separated() -> tuple[Router, object]:
+    return fitted()
+
+
+def far_point() -> torch.Tensor:
+    point = centres(10.0)[0].clone()
+    point[-1] += 50.0  # 50 noise standard deviations along an axis no task uses
+    return point[None]
+
+
+def test_separated_clusters_are_selected(separated):
+    router, report = separated
+    assert router.tasks == TASKS
+    assert report.heldout_accuracy == 1.0
+    assert report.prompts == {task: 64 for task in TASKS}
+    assert 0 < report.uncertainty_threshold < 0.5
+    assert report.ood_threshold > 0
+    fresh = clusters(seed=7)
+    for t, task in enumerate(TASKS):
+        routes = router.route(fresh[task])
+        good = [r for r in routes if r.decision == "select" and r.task == task and r.probs[task] >= 0.9]
+        assert len(good) >= 0.95 * len(routes)
+        assert all(r.weights() == {task: 1.0} for r in good)
+        assert sorted(r.ood for r in routes)[len(routes) // 2] < 1.0
+
+
+def test_probabilities_are_distributions(separated):
+    router, _ = separated
+    probs = router.probabilities(clusters(seed=3)["sort"])
+    assert probs.shape == (64, 3)
+    assert torch.allclose(probs.sum(-1), torch.ones(64))
+    assert (probs.argmax(-1) == 2).all()
+
+
+def test_halfway_point_blends_its_two_tasks(separated):
+    router, _ = separated
+    state = router.state_dict()
+    prototypes = state["prototypes"] * state["std"] + state["mean"]  # back in feature space
+    (route,) = router.route(((prototypes[0] + prototypes[1]) / 2)[None])
+    assert route.decision == "blend"
+    assert route.task in ("add", "reverse")
+    assert route.probs["add"] + route.probs["reverse"] > 0.95
+    assert min(route.probs["add"], route.probs["reverse"]) > 0.3
+    assert route.uncertainty > router.uncertainty_threshold
+    assert route.weights() == route.probs
+    assert math.isclose(sum(route.weights().values()), 1.0, rel_tol=1e-5)
+
+
+def test_far_point_falls_back_to_dense(separated):
+    router, _ = separated
+    (route,) = router.route(far_point())
+    assert route.decision == "dense"
+    assert route.task is None
+    assert route.ood == 1.0
+    assert route.weights() == {}
+    assert math.isclose(sum(route.probs.values()), 1.0, rel_tol=1e-5)
+
+
+def test_uniform_on_ood():
+    router, _ = fitted(on_ood="uniform")
+    (route,) = router.route(far_point())
+    assert route.decision == "dense" and route.task is None
+    assert route.weights() == pytest.approx({task: 1 / 3 for task in TASKS})
+
+
+def test_logistic_head_classifies_clusters():
+    router, report = fitted(kind="logistic")
+    assert report.heldout_accuracy == 1.0
+    assert set(router.state_dict()) >= {"weight", "bias"}
+    fresh = clusters(seed=5)
+    for t, task in enumerate(TASKS):
+        assert (router.probabilities(fresh[task]).argmax(-1) == t).float().mean() >= 0.95
+    assert router.route(far_point())[0].decision == "dense"
+
+
+def test_cosine_metric_classifies_clusters():
+    router, report = fitted(metric="cosine")
+    assert report.heldout_accuracy == 1.0
+    fresh = clusters(seed=9)
+    for task in TASKS:
+        routes = router.route(fresh[task])
+        assert sum(r.decision == "select" and r.task == task for r in routes) >= 0.95 * len(routes)
+
+
+def test_overlapping_clusters_are_less_certain():
+    _, separated_fit = fitted(10.0)
+    _, overlapping_fit = fitted(1.5)
+    assert overlapping_fit.heldout_accuracy < 1.0
+    assert overlapping_fit.uncertainty_threshold > separated_fit.uncertainty_threshold + 0.3
+    assert overlapping_fit.temperature > separated_fit.temperature
+
+
+def test_fit_is_deterministic():
+    (first, first_fit), (second, second_fit) = fitted(3.0, kind="logistic"), fitted(3.0, kind="logistic")
+    assert first_fit == second_fit
+    assert first.metadata() == second.metadata()
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name])
+
+
+@pytest.mark.parametrize("kind", ["prototype", "logistic"])
+def test_round_trip_through_files(tmp_path, kind):
+    router, _ = fitted(3.0, kind=kind, metric="cosine" if kind == "logistic" else "euclidean")
+    save_file(router.state_dict(), tmp_path / "router.safetensors")
+    (tmp_path / "router.json").write_text(json.dumps(router.metadata()))
+    loaded = Router.from_state(load_file(tmp_path / "router.safetensors"),
+                               json.loads((tmp_path / "router.json").read_text()))
+    assert loaded.tasks == router.tasks and loaded.settings == router.settings
+    probe = torch.cat([clusters(3.0, count=16, seed=11)[task] for task in TASKS] + [far_point()])
+    assert torch.equal(loaded.probabilities(probe), router.probabilities(probe))
+    assert loaded.route(probe) == router.route(probe)
+
+
+def test_route_json():
+    route = Route("blend", "add", {"add": 0.666666, "sort": 0.333334}, 0.918295, 0.5, {"add": 0.666666})
+    assert route.to_json() == {"decision": "blend", "task": "add", "probs": {"add": 0.6667, "sort": 0.3333},
+                               "uncertainty": 0.9183, "ood": 0.5}
+    json.dumps(route.to_json())
+
+
+def test_too_few_prompts_names_the_task():
+    features = clusters()
+    features["reverse"] = features["reverse"][:15]
+    with pytest.raises(MergewiseError, match="'reverse' has 15 calibration prompts"):
+        Router.fit(features, RouterSettings())
+
+
+def test_single_task_is_refused():
+    with pytest.raises(MergewiseError, match="at least 2 tasks"):
+        Router.fit({"add": clusters()["add"]}, RouterSettings())
+
+
+def test_mismatched_widths_are_refused():
+    features = clusters()
+    features["sort"] = features["sort"][:, :8]
+    with pytest.raises(MergewiseError, match="mismatched widths.*sort: 8"):
+        Router.fit(features, RouterSettings())
+
+
+def test_wrong_feature_width_at_route_time(separated):
+    router, _ = separated
+    with pytest.raises(MergewiseError, match=r"shape \[N, 16\]"):
+        router.route(torch.zeros(2, 8))
+
+
+def test_missing_state_tensor_is_refused(separated):
+    router, _ = separated
+    tensors = router.state_dict()
+    del tensors["prototypes"]
+    with pytest.raises(MergewiseError, match="prototypes"):
+        Router.from_state(tensors, router.metadata())
+
+
+def test_fresh_prompts_spread_over_the_ood_percentiles():
+    """Fit prompts enter the calibration distances leave-one-out, so wide features are not biased high."""
+    width, generator = 512, torch.Generator().manual_seed(1)
+    points = 3.0 * torch.randn(len(TASKS), width, generator=generator)
+    features = {task: points[t] + torch.randn(32, width, generator=generator) for t, task in enumerate(TASKS)}
+    router, _ = Router.fit(features, RouterSettings())
+    fresh = torch.cat([points[t] + torch.randn(100, width, generator=generator) for t in range(len(TASKS))])
+    ood = torch.tensor([route.ood for route in router.route(fresh)])
+    assert 0.3 < float(ood.median()) < 0.7
+    assert float((ood == 1.0).float().mean()) < 0.1
