@@ -9,7 +9,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+source"
 
-__all__ = ["MergewiseError", "__version__", "merge"]
+__all__ = ["MergewiseError", "__version__", "load", "merge"]
 
 
 def merge(config_or_path, out_dir, **options):
@@ -17,3 +17,10 @@ def merge(config_or_path, out_dir, **options):
     from mergewise.engine import run_merge
 
     return run_merge(config_or_path, out_dir, **options)
+
+
+def load(path, device: str = "cpu", **options):
+    """Load a plain or Mediator model folder for generation (see `mergewise.mediator.runtime.load`)."""
+    from mergewise.mediator.runtime import load as load_folder
+
+    return load_folder(path, device, **options)

@@ -1,0 +1,35 @@
+"""`mergewise generate MODEL_DIR --prompt TEXT`: complete a prompt with a plain or Mediator model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="complete prompts; Mediator folders route each one",
+                                   description="Greedy completion of each prompt. For a Mediator folder the "
+                                               "route (select/blend/dense, task probabilities) is shown too.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR")
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--json", action="store_true", help="one JSON object per prompt: text and route")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from mergewise.errors import MergewiseError
+    from mergewise.mediator.runtime import load
+
+    if args.max_new_tokens < 1:
+        raise MergewiseError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+    model = load(args.model_dir, args.device)
+    for text, route in model.generate_text(args.prompt, max_new_tokens=args.max_new_tokens):
+        if args.json:
+            print(json.dumps({"text": text, "route": route.to_json() if route else None}))
+        elif route is None:
+            print(text)
+        else:
+            probabilities = ", ".join(f"{task} {p:.2f}" for task, p in route.probs.items())
+            print(f"[{route.decision} {route.task or ''}: {probabilities}] {text}")

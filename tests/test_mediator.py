@@ -1,0 +1,291 @@
+"""Mediator end to end on tiny models: sparse storage, build, the routed runtime, export, eval and
+the CLI, and the recipe errors. (Router maths: test_mediator_router; conflict maths:
+test_mediator_analysis.)"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mergewise.cli import main
+from mergewise.errors import MergewiseError
+from mergewise.mediator.build import build
+from mergewise.mediator.runtime import load
+from mergewise.mediator.sparse import decompose, flat_indices, materialize, stored_bytes, uses_mask
+from mergewise.tiny_models import build_family, build_tiny_model, read_state_dict
+
+# Three prompt styles built from the tiny tokenizer's vocabulary, so their features separate.
+TASK_WORDS = {
+    "merging": "model merging weights task arithmetic fine tuned language models base".split(),
+    "animals": "quick brown fox jumps over lazy dog cat sleeps warm sun".split(),
+    "numbers": "one two three four five six seven eight nine ten".split(),
+}
+HELD_BACK_WORDS = "attention heads share keys values across groups memory generation".split()
+
+
+def prompts_for(words: list[str], count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mediator-family")
+    built = build_family("llama", root, num_fine_tunes=3, noise=0.05, dtype=torch.float32)
+    for index, task in enumerate(TASK_WORDS):
+        (root / f"{task}.txt").write_text("\n".join(prompts_for(TASK_WORDS[task], 40, index)) + "\n")
+    return root, built
+
+
+def recipe(root: Path, family, **mediator) -> dict:
+    experts = [{"model": str(path), "task": task, "prompts": str(root / f"{task}.txt")}
+               for path, task in zip(family.fine_tunes, TASK_WORDS)]
+    return {"merge_method": "linear", "base_model": str(family.base), "dtype": "float32",
+            "mediator": {"experts": experts, **mediator}}
+
+
+@pytest.fixture(scope="module")
+def mediator_dir(family, tmp_path_factory):
+    root, built = family
+    out = tmp_path_factory.mktemp("mediator-out") / "model"
+    build(recipe(root, built, memory_budget=2.0, density=0.25), out, quiet=True, seed=0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ sparse
+@pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
+def test_sparse_residual_round_trip(density):
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.randn(64, 48, generator=generator)
+    expert = dense + 0.1 * torch.randn(64, 48, generator=generator)
+    stored, retained = decompose(expert - dense, density, torch.float32)
+    assert ("mask" in stored) == uses_mask(density)
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == stored_bytes(dense.numel(), density, torch.float32)
+    indices = flat_indices(stored, dense.numel())
+    rebuilt = materialize(dense, [(indices, stored["values"], 1.0)])
+    residual = (expert - dense).reshape(-1)
+    kept = residual.abs() >= residual.abs().kthvalue(residual.numel() - indices.numel() + 1).values
+    assert torch.equal(torch.sort(indices).values, torch.nonzero(kept).reshape(-1))
+    assert retained == pytest.approx(float(residual[indices].square().sum() / residual.square().sum()))
+    if density == 1.0:  # exact decomposition: θ = D + S
+        torch.testing.assert_close(rebuilt, expert, rtol=0, atol=1e-6)
+        assert retained == pytest.approx(1.0)
+
+
+def test_blend_is_weighted_sum_of_residuals():
+    dense = torch.zeros(10)
+    first = (torch.arange(3), torch.tensor([1.0, 2.0, 3.0]), 0.25)
+    second = (torch.tensor([2, 9]), torch.tensor([4.0, 8.0]), 0.75)
+    expected = torch.tensor([0.25, 0.5, 0.75 + 3.0, 0, 0, 0, 0, 0, 0, 6.0])
+    torch.testing.assert_close(materialize(dense, [first, second]), expected)
+
+
+# ------------------------------------------------------------------------------------------- build
+def test_build_writes_dense_model_experts_and_router(mediator_dir, family):
+    manifest = json.loads((mediator_dir / "mediator" / "mediator.json").read_text())
+    assert manifest["tasks"] == list(TASK_WORDS)
+    assert manifest["routed_units"], "a 2x budget must route some units"
+    assert manifest["memory"]["ratio"] <= 2.0
+    assert manifest["router_fit"]["heldout_accuracy"] >= 0.9
+    assert manifest["settings"]["density"] == 0.25
+    stored = load_file(mediator_dir / "mediator" / "experts.safetensors")
+    for task in TASK_WORDS:
+        for name in manifest["routed_tensors"]:
+            assert f"{task}/{name}.values" in stored and f"{task}/{name}.mask" in stored
+    routed_units = [unit for unit in manifest["units"] if unit["routed"]]
+    assert all(0.25 <= share <= 1.0 for unit in routed_units for share in unit["retained"].values())
+    # the folder is a plain model too: the dense average of the experts
+    _, built = family
+    experts = [read_state_dict(path) for path in built.fine_tunes]
+    dense = read_state_dict(mediator_dir)
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(dense[name], sum(expert[name] for expert in experts) / 3, rtol=1e-6, atol=1e-6)
+
+
+def test_density_one_exports_each_expert_exactly(family, tmp_path):
+    root, built = family
+    out = tmp_path / "full"
+    build(recipe(root, built, route_threshold=0.0, density=1.0), out, quiet=True)
+    manifest = json.loads((out / "mediator" / "mediator.json").read_text())
+    assert len(manifest["routed_units"]) == len(manifest["units"])
+    for path, task in zip(built.fine_tunes, TASK_WORDS):
+        assert main(["mediator", "export", str(out), str(tmp_path / task), "--task", task, "--quiet"]) == 0
+        exported, expert = read_state_dict(tmp_path / task), read_state_dict(path)
+        for name, tensor in expert.items():
+            torch.testing.assert_close(exported[name], tensor, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- runtime
+def test_routes_in_distribution_prompts_to_their_expert(mediator_dir):
+    model = load(mediator_dir)
+    prompts = {task: prompts_for(words, 20, 100 + index) for index, (task, words) in enumerate(TASK_WORDS.items())}
+    for task, texts in prompts.items():
+        routes = model.route_texts(texts)
+        top = [max(route.probs, key=route.probs.get) for route in routes]
+        assert sum(choice == task for choice in top) >= 19
+        assert all(abs(sum(route.probs.values()) - 1) < 1e-5 for route in routes)
+
+
+def test_mixed_batch_is_routed_per_sequence_like_the_exported_experts(mediator_dir, tmp_path):
+    model = load(mediator_dir)
+    prompts = []
+    for index, (task, words) in enumerate(TASK_WORDS.items()):  # one prompt the router selects per task
+        candidates = prompts_for(words, 10, 7 + index)
+        routes = model.route_texts(candidates)
+        prompts.append(next(text for text, route in zip(candidates, routes)
+                            if route.decision == "select" and route.task == task))
+    prompts.append(prompts[0][::-1])  # reversed words: whatever route it gets, it runs in the same batch
+    results = model.generate_text(prompts, max_new_tokens=6)
+    for prompt, (text, route) in zip(prompts, results):
+        assert route is not None and route.decision in ("select", "blend", "dense")
+        if route.decision != "select":
+            continue
+        exported = tmp_path / route.task
+        if not exported.exists():
+            assert main(["mediator", "export", str(mediator_dir), str(exported), "--task", route.task, "--quiet"]) == 0
+        [(alone, plain_route)] = load(exported).generate_text([prompt], max_new_tokens=6)
+        assert plain_route is None and alone == text
+    assert {route.task for _, route in results if route.decision == "select"} == set(TASK_WORDS)
+
+
+def test_selected_experts_are_cached_and_dense_weights_restored(mediator_dir):
+    model = load(mediator_dir, cache_size=1)
+    name = model.experts.tensors[0]
+    parameter = dict(model.model.named_parameters())[name]
+    dense = parameter.detach().clone()
+    [route] = model.route_texts([prompts_for(TASK_WORDS["numbers"], 1, 3)[0]])
+    with model.weights_for(route):
+        changed = parameter.detach().clone()
+    assert not torch.equal(changed, dense) and torch.equal(parameter.detach(), dense)
+    assert list(model._cache) == ([route.task] if route.decision == "select" else [])
+
+
+def test_plain_folder_generates_without_route(family):
+    _, built = family
+    [(text, route)] = load(built.base).generate_text(["model merging"], max_new_tokens=3)
+    assert route is None and isinstance(text, str)
+
+
+def test_generate_cli_prints_route_json(mediator_dir, capsys):
+    prompt = prompts_for(TASK_WORDS["animals"], 1, 11)[0]
+    assert main(["generate", str(mediator_dir), "--prompt", prompt, "--max-new-tokens", "3", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip())
+    assert set(record) == {"text", "route"}
+    assert record["route"]["decision"] in ("select", "blend", "dense")
+    assert set(record["route"]["probs"]) == set(TASK_WORDS)
+
+
+def test_eval_reports_routing_for_mediator_folders(mediator_dir, tmp_path):
+    zoo = tmp_path / "zoo"
+    (zoo / "general").mkdir(parents=True)
+    (zoo / "general" / "eval.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    tasks = {}
+    for index, (task, words) in enumerate({**TASK_WORDS, "held": HELD_BACK_WORDS}.items()):
+        folder = zoo / "tasks" / task
+        folder.mkdir(parents=True)
+        records = [{"prompt": prompt, "answer": " one"} for prompt in prompts_for(words, 12, 50 + index)]
+        (folder / "eval.jsonl").write_text("\n".join(json.dumps(record) for record in records) + "\n")
+        (folder / "calib.txt").write_text("\n".join(prompts_for(words, 16, 80 + index)) + "\n")
+        tasks[task] = {"expert": None, "calibration": f"tasks/{task}/calib.txt", "eval": f"tasks/{task}/eval.jsonl",
+                       "metric": "exact_match"}
+    (zoo / "zoo.json").write_text(json.dumps({"size": "test", "base": "base", "tasks": tasks,
+                                              "general": {"eval": "general/eval.txt", "metric": "nll"}}))
+    out = tmp_path / "results.json"
+    assert main(["eval", str(mediator_dir), "--zoo", str(zoo), "--out", str(out), "--batch-size", "5"]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["routing"]) == {*TASK_WORDS, "held"}
+    model = load(mediator_dir)
+    for index, task in enumerate(TASK_WORDS):  # the summary is what the router decides for those prompts
+        routes = model.route_texts(prompts_for(TASK_WORDS[task], 12, 50 + index))
+        top = [max(route.probs, key=route.probs.get) for route in routes]
+        assert results["routing"][task]["correct"] == round(top.count(task) / 12, 4) >= 0.75
+        assert results["routing"][task]["select"] == round(sum(r.decision == "select" for r in routes) / 12, 4)
+    held = results["routing"]["held"]
+    assert "correct" not in held and sum(held.values()) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def cli_error(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
+def test_budget_too_small_to_route_anything(family, tmp_path, capsys):
+    root, built = family
+    config = tmp_path / "mediator.yml"
+    config.write_text(yaml.safe_dump(recipe(root, built, memory_budget=1.01)))
+    error = cli_error(capsys, "mediator", "build", str(config), str(tmp_path / "out"), "--quiet")
+    assert "memory_budget 1.01 is too small to route any unit" in error
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["mediator.yml"]
+
+
+def test_task_without_prompts(family, tmp_path, capsys):
+    root, built = family
+    data = recipe(root, built)
+    del data["mediator"]["experts"][1]["prompts"]
+    config = tmp_path / "mediator.yml"
+    config.write_text(yaml.safe_dump(data))
+    assert "task 'animals' has no prompts" in cli_error(capsys, "mediator", "build", str(config), str(tmp_path / "o"))
+
+
+def test_task_with_too_few_prompts(family, tmp_path, capsys):
+    root, built = family
+    data = recipe(root, built)
+    few = tmp_path / "few.txt"
+    few.write_text("one two\nthree four\n")
+    data["mediator"]["experts"][2]["prompts"] = str(few)
+    config = tmp_path / "mediator.yml"
+    config.write_text(yaml.safe_dump(data))
+    assert "has 2 calibration prompts" in cli_error(capsys, "mediator", "build", str(config), str(tmp_path / "o"))
+
+
+def test_expert_of_another_architecture(family, tmp_path, capsys):
+    root, built = family
+    other = build_tiny_model("qwen2", tmp_path / "qwen", dtype=torch.float32)
+    data = recipe(root, built)
+    data["mediator"]["experts"][0]["model"] = str(other)
+    config = tmp_path / "mediator.yml"
+    config.write_text(yaml.safe_dump(data))
+    error = cli_error(capsys, "mediator", "build", str(config), str(tmp_path / "o"))
+    assert "is a qwen2 model but the base" in error
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda data: data["mediator"].update(memory_budget=1.5, route_threshold=0.2), "not both"),
+    (lambda data: data["mediator"].update(experts=data["mediator"]["experts"][:1]), "at least 2"),
+    (lambda data: data["mediator"]["experts"][1].update(task="merging"), "task names must be unique"),
+    (lambda data: data["mediator"].update(densty=0.1), "mediator.densty: unknown key"),
+    (lambda data: data.update(models=[]), "lists its models under mediator.experts"),
+    (lambda data: data.pop("base_model"), "base_model: required"),
+])
+def test_recipe_errors(family, tmp_path, capsys, change, message):
+    root, built = family
+    data = recipe(root, built)
+    change(data)
+    config = tmp_path / "mediator.yml"
+    config.write_text(yaml.safe_dump(data))
+    assert message in cli_error(capsys, "mediator", "build", str(config), str(tmp_path / "o"))
+
+
+def test_export_refuses_unknown_task(mediator_dir, tmp_path, capsys):
+    error = cli_error(capsys, "mediator", "export", str(mediator_dir), str(tmp_path / "x"), "--task", "poetry")
+    assert "--task poetry: not an expert" in error and not (tmp_path / "x").exists()
+
+
+def test_mediator_folder_errors_are_named(mediator_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in mediator_dir.rglob("*"):
+        target = broken / path.relative_to(mediator_dir)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        elif path.name != "router.safetensors":
+            target.write_bytes(path.read_bytes())
+    with pytest.raises(MergewiseError, match="router.safetensors: cannot read the router"):
+        load(broken)
