@@ -19,7 +19,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -179,7 +178,7 @@ def main() -> None:
                      f"{flagged} | {ratio} | {rss} |")
     default_dir = work / "models" / f"mediator-b{args.default[0]:g}-d{args.default[1]:g}"
     timing = latency(default_dir, zoo, work, args.tokens, args.repeats)
-    lines += ["", f"Held-back task vs the dense model: " + ", ".join(
+    lines += ["", "Held-back task vs the dense model: " + ", ".join(
         f"{name}: dense {dense['tasks'][name]['score']:.3f}" for name in held), "",
         f"## Latency and memory of inference (budget {args.default[0]:g}, density {args.default[1]:g})", "",
         f"`generate()` of {args.tokens} new tokens for one `{timing['task']}` prompt (route: "

@@ -17,7 +17,6 @@ from mergewise.evaluate.comparison import (
     CORE_METHOD_SETTINGS,
     Entry,
     bar_chart,
-    core_recipe,
     markdown_table,
     score_entries,
     zoo_entries,
