@@ -183,6 +183,7 @@ def build(config_source, out_dir: str | Path, *, device: str = "cpu", threads: i
                for suffix, (shape, dtype) in stored_shapes(torch.Size(job.shape).numel(), settings.density,
                                                              job.out_dtype).items()]
     summary: dict = {}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.experts-", dir=out_dir.parent) as scratch:
         writer = StreamingShardWriter(Path(scratch), planned, ONE_FILE, {"mediator_format": str(FORMAT_VERSION)},
                                       file_stem=Path(EXPERTS_FILE).stem)
