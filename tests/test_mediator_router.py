@@ -52,7 +52,7 @@ def test_separated_clusters_are_selected(separated):
     assert report.heldout_accuracy == 1.0
     assert report.prompts == {task: 64 for task in TASKS}
     assert 0 < report.uncertainty_threshold < 0.5
-    assert report.ood_threshold > 0
+    assert set(report.ood_thresholds) == set(router.tasks) and min(report.ood_thresholds.values()) > 0
     fresh = clusters(seed=7)
     for t, task in enumerate(TASKS):
         routes = router.route(fresh[task])

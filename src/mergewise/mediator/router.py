@@ -53,7 +53,7 @@ class FitReport:
     heldout_accuracy: float
     temperature: float
     uncertainty_threshold: float
-    ood_threshold: float
+    ood_thresholds: dict[str, float]
     prompts: dict[str, int]   # calibration prompts per task (fit + held-out)
 
 
@@ -61,7 +61,7 @@ class Router:
     """Scores standardised features per task; every tensor it needs is in `state_dict()`."""
 
     def __init__(self, tasks: list[str], settings: RouterSettings, tensors: dict[str, torch.Tensor],
-                 temperature: float, uncertainty_threshold: float, ood_threshold: float):
+                 temperature: float, uncertainty_threshold: float):
         self.tasks = list(tasks)
         self.settings = settings
         self.mean = tensors["mean"]
@@ -72,7 +72,7 @@ class Router:
         self.bias = tensors.get("bias")
         self.temperature = float(temperature)
         self.uncertainty_threshold = float(uncertainty_threshold)
-        self.ood_threshold = float(ood_threshold)
+        self.ood_thresholds = tensors["ood_thresholds"]  # per task: a distance to its prototype
 
     @classmethod
     def fit(cls, features: dict[str, torch.Tensor], settings: RouterSettings) -> tuple[Router, FitReport]:
@@ -98,21 +98,29 @@ class Router:
         if settings.kind == "logistic":
             tensors["weight"], tensors["bias"] = _train_head(fit_z, fit_y, len(tasks))
 
-        router = cls(tasks, settings, {**tensors, "calibration_distances": torch.empty(0)}, 1.0, 0.0, 0.0)
+        router = cls(tasks, settings, {**tensors, "calibration_distances": torch.empty(0),
+                                       "ood_thresholds": torch.empty(0)}, 1.0, 0.0)
         held_scores = router._scores(held_z)
         router.temperature = _fit_temperature(held_scores, held_y)
 
         held_probs = router._softmax(held_scores)
         uncertainty = router._uncertainty(held_probs)
         router.uncertainty_threshold = max(_quantile(uncertainty, settings.uncertainty_quantile), UNCERTAINTY_FLOOR)
-        held_nearest = router._distances(held_z).min(-1).values
-        router.ood_threshold = _quantile(held_nearest, settings.ood_quantile) * settings.ood_margin
-        fit_nearest = router._leave_one_out_distances(fit_z, fit_y).min(-1).values
-        router.calibration_distances = torch.cat([fit_nearest, held_nearest]).sort().values.contiguous()
+        held_distances = router._distances(held_z)
+        fit_distances = router._leave_one_out_distances(fit_z, fit_y)
+        # Tasks differ in spread, so each prototype gets its own radius: a quantile of its own
+        # prompts' distances (held-out and leave-one-out fit), widened by the margin.
+        own = torch.cat([fit_distances.gather(1, fit_y[:, None]), held_distances.gather(1, held_y[:, None])])[:, 0]
+        labels = torch.cat([fit_y, held_y])
+        router.ood_thresholds = torch.tensor([_quantile(own[labels == t], settings.ood_quantile) * settings.ood_margin
+                                              for t in range(len(tasks))])
+        nearest = torch.cat([fit_distances.min(-1).values, held_distances.min(-1).values])
+        router.calibration_distances = nearest.sort().values.contiguous()
 
         accuracy = float((held_probs.argmax(-1) == held_y).float().mean())
         report = FitReport(heldout_accuracy=accuracy, temperature=router.temperature,
-                           uncertainty_threshold=router.uncertainty_threshold, ood_threshold=router.ood_threshold,
+                           uncertainty_threshold=router.uncertainty_threshold,
+                           ood_thresholds=dict(zip(tasks, router.ood_thresholds.tolist())),
                            prompts={task: len(x) for task, x in zip(tasks, data)})
         return router, report
 
@@ -124,7 +132,7 @@ class Router:
         z = self._standardised(features)
         probs = self._softmax(self._scores(z))
         uncertainty = self._uncertainty(probs)
-        nearest = self._distances(z).min(-1).values
+        nearest, nearest_task = self._distances(z).min(-1)
         ood = torch.searchsorted(self.calibration_distances, nearest, right=True).double()
         ood = ood / len(self.calibration_distances)
         routes = []
@@ -132,7 +140,7 @@ class Router:
             p = {task: float(value) for task, value in zip(self.tasks, probs[row])}
             u, o = float(uncertainty[row]), float(ood[row])
             top = self.tasks[int(probs[row].argmax())]
-            if float(nearest[row]) > self.ood_threshold:
+            if float(nearest[row]) > float(self.ood_thresholds[nearest_task[row]]):
                 mix = {task: 1.0 / len(self.tasks) for task in self.tasks} if self.settings.on_ood == "uniform" else {}
                 routes.append(Route("dense", None, p, u, o, mix))
             elif u > self.uncertainty_threshold:
@@ -143,14 +151,14 @@ class Router:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {"mean": self.mean, "std": self.std, "prototypes": self.prototypes,
-                   "calibration_distances": self.calibration_distances}
+                   "calibration_distances": self.calibration_distances, "ood_thresholds": self.ood_thresholds}
         if self.weight is not None:
             tensors.update(weight=self.weight, bias=self.bias)
         return {name: tensor.contiguous() for name, tensor in tensors.items()}
 
     def metadata(self) -> dict:
         return {"tasks": list(self.tasks), "temperature": self.temperature,
-                "uncertainty_threshold": self.uncertainty_threshold, "ood_threshold": self.ood_threshold,
+                "uncertainty_threshold": self.uncertainty_threshold,
                 "settings": self.settings.model_dump(mode="json")}
 
     @classmethod
@@ -158,10 +166,10 @@ class Router:
         try:
             settings = RouterSettings.model_validate(metadata["settings"])
             tasks = [str(task) for task in metadata["tasks"]]
-            scalars = [float(metadata[key]) for key in ("temperature", "uncertainty_threshold", "ood_threshold")]
+            scalars = [float(metadata[key]) for key in ("temperature", "uncertainty_threshold")]
         except (KeyError, TypeError, ValueError) as error:
             raise MergewiseError(f"router metadata is incomplete or invalid ({error})") from None
-        needed = ["mean", "std", "prototypes", "calibration_distances"]
+        needed = ["mean", "std", "prototypes", "calibration_distances", "ood_thresholds"]
         needed += ["weight", "bias"] if settings.kind == "logistic" else []
         missing = [name for name in needed if name not in tensors]
         if missing:
@@ -169,7 +177,7 @@ class Router:
         loaded = {name: tensors[name].float().cpu() for name in needed}
         hidden = loaded["mean"].shape[-1]
         shapes = {"mean": (hidden,), "std": (hidden,), "prototypes": (len(tasks), hidden),
-                  "weight": (len(tasks), hidden), "bias": (len(tasks),)}
+                  "weight": (len(tasks), hidden), "bias": (len(tasks),), "ood_thresholds": (len(tasks),)}
         if loaded["calibration_distances"].dim() != 1 or not len(loaded["calibration_distances"]):
             raise MergewiseError("router tensor 'calibration_distances' must be a non-empty vector")
         for name, shape in shapes.items():
