@@ -1,4 +1,6 @@
-"""Conflict analysis on experts whose task vectors are set exactly, so every measure is known."""
+"""Conflict analysis (mediator.md §1) on hand-built experts whose task vectors are set exactly, so the
+sign conflict d, the cancellation c and the cosines have known values; then the report files, the
+output-folder rules and the errors."""
 
 from __future__ import annotations
 
@@ -11,14 +13,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from mergewise.cli import main
 from mergewise.errors import MergewiseError
-from mergewise.mediator.analysis import accumulate, analyze_conflicts, kept_mask
-from mergewise.mediator.analysis import _Sums as Sums
+from mergewise.mediator import analysis
+from mergewise.mediator.analysis import (
+    ConflictReport,
+    analyze_conflicts,
+    analyze_to_folder,
+    kept_mask,
+)
 from mergewise.mediator.settings import load_recipe
 from mergewise.tiny_models import build_tiny_model, read_state_dict
+
+# Units of the tiny llama, in the order its tensors come in the checkpoint.
+UNITS = ["lm_head", "model.embed_tokens", "layers.0", "layers.1", "model.norm"]
+TASKS = ["a", "b", "c"]
 
 
 @pytest.fixture(scope="module")
@@ -26,107 +38,175 @@ def base(tmp_path_factory) -> Path:
     return build_tiny_model("llama", tmp_path_factory.mktemp("analysis") / "base", dtype=torch.float32)
 
 
-def expert(base: Path, folder: Path, task_vector) -> Path:
-    """A copy of `base` with θ = θ₀ + task_vector(name, θ₀) for every tensor."""
-    folder.mkdir(parents=True)
+@pytest.fixture(scope="module")
+def base_state(base) -> dict[str, torch.Tensor]:
+    return read_state_dict(base)
+
+
+def write_expert(base: Path, out: Path, deltas: dict[str, torch.Tensor], *, drop: tuple[str, ...] = (),
+                 extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """A copy of `base` with weights base + deltas[name] (τ = 0 where no delta is given)."""
+    out.mkdir(parents=True)
     for file in base.iterdir():
-        if not file.name.endswith(".safetensors"):
-            shutil.copy2(file, folder / file.name)
-    state = {name: (tensor + task_vector(name, tensor)).contiguous() for name, tensor in read_state_dict(base).items()}
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
-
-
-def vector(seed: int):
-    return lambda name, tensor: 0.01 * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(
-        seed * 1000 + sum(map(ord, name))))
+        if file.suffix != ".safetensors":
+            shutil.copy2(file, out / file.name)
+    state = {name: tensor + deltas[name] if name in deltas else tensor
+             for name, tensor in read_state_dict(base).items() if name not in drop}
+    save_file({**state, **(extra or {})}, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def recipe(base: Path, experts: list[Path], **mediator) -> dict:
-    return {"merge_method": "linear", "base_model": str(base),
-            "mediator": {"experts": [{"model": str(path), "task": f"t{index}"} for index, path in enumerate(experts)],
-                         **mediator}}
+    entries = [{"model": str(path), "task": task} for path, task in zip(experts, TASKS)]
+    return {"merge_method": "linear", "base_model": str(base), "mediator": {"experts": entries, **mediator}}
 
 
-def analyze(base, experts, **mediator):
+def analyze(base: Path, experts: list[Path], **mediator) -> ConflictReport:
     return analyze_conflicts(load_recipe(recipe(base, experts, **mediator)), quiet=True)
 
 
-def test_identical_updates_do_not_conflict(base, tmp_path):
-    first = expert(base, tmp_path / "a", vector(1))
-    second = expert(base, tmp_path / "b", vector(1))
-    report = analyze(base, [first, second])
-    assert {unit.unit for unit in report.units} >= {"model.embed_tokens", "layers.0", "layers.1", "model.norm"}
+def random_deltas(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: 0.05 * torch.randn(tensor.shape, generator=generator) for name, tensor in state.items()}
+
+
+def every_other(delta: torch.Tensor) -> torch.Tensor:
+    """The even flat entries only; every tensor has an even size, so a roll by one is disjoint."""
+    mask = torch.arange(delta.numel()) % 2 == 0
+    return (delta.flatten() * mask).reshape(delta.shape)
+
+
+def rolled(delta: torch.Tensor) -> torch.Tensor:
+    return delta.flatten().roll(1).reshape(delta.shape)
+
+
+PAIRS = {  # name: (τ_a from τ, τ_b from τ, d, c, cosine)
+    "identical": (lambda t: t, lambda t: t, 0.0, 0.0, 1.0),
+    "opposite": (lambda t: t, lambda t: -t, 1.0, 1.0, -1.0),
+    "orthogonal": (every_other, lambda t: rolled(every_other(t)), 0.0, 1 - math.sqrt(2) / 2, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", PAIRS)
+def test_two_experts_with_known_relation(case, base, base_state, tmp_path):
+    first, second, sign_conflict, cancellation, cosine = PAIRS[case]
+    deltas = random_deltas(base_state)
+    experts = [write_expert(base, tmp_path / task, {name: make(delta) for name, delta in deltas.items()})
+               for task, make in zip(TASKS, (first, second))]
+    report = analyze(base, experts)
+    assert report.tasks == ["a", "b"]
+    assert [unit.unit for unit in report.units] == UNITS
     for unit in report.units:
-        assert unit.sign_conflict == 0.0 and unit.cancellation == pytest.approx(0.0, abs=1e-6)
-        assert unit.cosines == [[1.0, 1.0], [1.0, 1.0]]
-    assert sum(unit.parameters for unit in report.units) == sum(t.numel() for t in read_state_dict(base).values())
+        assert unit.sign_conflict == pytest.approx(sign_conflict, abs=1e-6), unit.unit
+        assert unit.cancellation == pytest.approx(cancellation, abs=1e-5), unit.unit
+        assert np.allclose(unit.cosines, [[1.0, cosine], [cosine, 1.0]], atol=1e-5), unit.unit
+        assert unit.parameters == sum(base_state[name].numel() for name in unit.tensors)
+    assert np.allclose(report.overall_cosines, [[1.0, cosine], [cosine, 1.0]], atol=1e-5)
+    assert sorted(name for unit in report.units for name in unit.tensors) == sorted(base_state)
 
 
-def test_opposite_updates_cancel(base, tmp_path):
-    first = expert(base, tmp_path / "a", vector(1))
-    second = expert(base, tmp_path / "b", lambda name, tensor: -vector(1)(name, tensor))
-    report = analyze(base, [first, second])
-    for unit in report.units:
-        assert unit.sign_conflict == pytest.approx(1.0)
-        assert unit.cancellation == pytest.approx(1.0, abs=1e-5)
-        assert unit.cosines[0][1] == pytest.approx(-1.0, abs=1e-5)
-    assert report.overall_cosines[0][1] == pytest.approx(-1.0, abs=1e-5)
+def test_sign_conflict_weighs_only_entries_kept_by_two_experts(base, base_state, tmp_path):
+    # Per expert the top 4 of the 64 entries of model.norm.weight are kept (conflict_density 1/16):
+    #   a keeps 0..3 (+5 +4 +3 +2; its +1 at entry 4 is cut); b keeps 1..4 (+2 -3 +4 +5; its -1 at 0 is cut);
+    #   c keeps 0, 5, 6, 7 (-6 +7 +8 +9).  Shared: entry 0 (a, c disagree, weight 11), 1 (agree, 6),
+    #   2 (disagree, 6), 3 (agree, 6); entries 4..7 are kept by one expert only.  d = 17 / 29.
+    values = {"a": {0: 5, 1: 4, 2: 3, 3: 2, 4: 1}, "b": {0: -1, 1: 2, 2: -3, 3: 4, 4: 5},
+              "c": {0: -6, 5: 7, 6: 8, 7: 9}}
+    background = 0.01 * (-1.0) ** torch.arange(base_state["model.norm.weight"].numel())  # below every cut
+    experts = []
+    for task, entries in values.items():
+        delta = background.clone()
+        for index, value in entries.items():
+            delta[index] = value
+        experts.append(write_expert(base, tmp_path / task, {"model.norm.weight": delta}))
+    report = analyze(base, experts, conflict_density=1 / 16)
+    by_unit = {unit.unit: unit for unit in report.units}
+    assert by_unit["model.norm"].sign_conflict == pytest.approx(17 / 29, abs=1e-5)
+    for name in UNITS[:-1]:  # τ = 0 there: nothing kept, nothing cancels, no direction
+        assert (by_unit[name].sign_conflict, by_unit[name].cancellation) == (0.0, 0.0)
+        assert by_unit[name].cosines == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 
 
-def test_orthogonal_updates(base, tmp_path):
-    """Disjoint supports: cosine 0, nothing kept by two experts, c = 1 − √2/2 for equal norms."""
-    def half(which: int):
-        def task_vector(name, tensor):
-            values = torch.zeros(tensor.numel())
-            values[which::2] = 0.01
-            return values.reshape(tensor.shape)
-        return task_vector
-
-    report = analyze(base, [expert(base, tmp_path / "a", half(0)), expert(base, tmp_path / "b", half(1))])
-    for unit in report.units:
-        assert unit.cosines[0][1] == pytest.approx(0.0, abs=1e-6)
-        assert unit.sign_conflict == 0.0
-    layer = next(unit for unit in report.units if unit.unit == "layers.0")
-    assert layer.cancellation == pytest.approx(1 - math.sqrt(2) / 2, abs=1e-3)
+def test_kept_mask_keeps_ties_at_the_cut_and_never_zeros():
+    magnitudes = np.array([3.0, 1.0, 2.0, 2.0, 0.5], dtype=np.float32)
+    assert kept_mask(magnitudes, 0.4).tolist() == [True, False, True, True, False]
+    assert kept_mask(np.array([0.0, 0.0, 0.0, 1.0], dtype=np.float32), 1.0).tolist() == [False, False, False, True]
 
 
-def test_sign_conflict_by_hand():
-    """Three experts, six entries, top half kept per expert."""
-    vectors = np.array([[4.0, -3.0, 2.0, 0.1, 0.1, 0.1],
-                        [5.0, 3.0, -0.1, 0.1, 0.1, 6.0],
-                        [-0.5, 0.2, 0.2, 3.0, 2.0, 1.0]], dtype=np.float32)
-    assert kept_mask(np.abs(vectors[0]), 0.5).tolist() == [True, True, True, False, False, False]
-    sums = Sums(3)
-    accumulate([sums], vectors, 0.5)
-    # kept: e0 {0,1,2}, e1 {0,1,5}, e2 {3,4,5}; shared entries: 0 (e0,e1 agree: 9), 1 (e0,e1 disagree: 6),
-    # 5 (e1,e2 agree: 7). A tie at the cut keeps every tied entry:
-    assert kept_mask(np.array([1.0, 0.2, 3.0, 1.0]), 0.5).tolist() == [True, False, True, True]
-    assert sums.conflict / sums.weight == pytest.approx(6 / 22)
-    assert sums.parameters == 6
+def test_units_are_summed_separately_and_the_model_as_a_whole(base, base_state, tmp_path, monkeypatch):
+    monkeypatch.setattr(analysis, "CHUNK_ELEMENTS", 1000)  # float64 sums over several chunks per tensor
+    deltas = {name: delta for name, delta in random_deltas(base_state).items() if name.startswith("model.layers.")}
+    flipped = {name: -delta if name.startswith("model.layers.1.") else delta for name, delta in deltas.items()}
+    report = analyze(base, [write_expert(base, tmp_path / "a", deltas), write_expert(base, tmp_path / "b", flipped)])
+    by_unit = {unit.unit: unit for unit in report.units}
+    assert by_unit["layers.0"].cosines[0][1] == pytest.approx(1.0, abs=1e-6)
+    assert by_unit["layers.1"].cosines[0][1] == pytest.approx(-1.0, abs=1e-6)
+    assert (by_unit["layers.0"].sign_conflict, by_unit["layers.1"].sign_conflict) == pytest.approx((0.0, 1.0))
+    same, opposite = (sum(delta.double().square().sum().item() for name, delta in deltas.items()
+                          if name.startswith(f"model.layers.{layer}.")) for layer in (0, 1))
+    assert report.overall_cosines[0][1] == pytest.approx((same - opposite) / (same + opposite), abs=1e-5)
 
 
-def test_report_files_and_cli(base, tmp_path, capsys):
-    experts = [expert(base, tmp_path / name, vector(seed)) for seed, name in enumerate(["a", "b", "c"], start=1)]
-    config = tmp_path / "mediator.yml"
-    config.write_text(json.dumps(recipe(base, experts)))  # JSON is YAML
+def test_integer_tensors_are_skipped(base, tmp_path):
+    counter = {"model.step_counter": torch.tensor([7], dtype=torch.int64)}
+    with_counter = write_expert(base, tmp_path / "base", {}, extra=counter)
+    experts = [write_expert(base, tmp_path / task, {}, extra=counter) for task in ("a", "b")]
+    assert [unit.unit for unit in analyze(with_counter, experts).units] == UNITS
+
+
+def test_report_files(tiny_family, tmp_path):
+    family = tiny_family("llama")
     report_dir = tmp_path / "report"
-    assert main(["mediator", "analyze", str(config), str(report_dir), "--quiet"]) == 0
-    rows = list(csv.DictReader(open(report_dir / "conflict.csv")))
-    report = json.loads((report_dir / "conflict.json").read_text())
-    assert len(rows) == len(report["units"]) >= 3
-    assert set(rows[0]) == {"unit", "parameters", "sign_conflict", "cancellation", "cos:t0|t1", "cos:t0|t2", "cos:t1|t2"}
-    assert all(0.3 < float(row["sign_conflict"]) < 0.7 for row in rows)  # independent random signs
-    assert (report_dir / "conflict.png").stat().st_size > 10_000
-    # an existing report folder is kept unless --overwrite
-    assert main(["mediator", "analyze", str(config), str(report_dir), "--quiet"]) == 2
+    report = analyze_to_folder(load_recipe(recipe(family.base, list(family.fine_tunes))), report_dir, quiet=True)
+    assert sorted(path.name for path in report_dir.iterdir()) == ["conflict.csv", "conflict.json", "conflict.png"]
+    with open(report_dir / "conflict.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["unit", "parameters", "sign_conflict", "cancellation", "cos:a|b", "cos:a|c", "cos:b|c"]
+    assert [row[0] for row in rows[1:]] == [unit.unit for unit in report.units] == UNITS
+    written = json.loads((report_dir / "conflict.json").read_text())
+    assert written == json.loads(json.dumps(report.to_json()))
+    assert written["tasks"] == TASKS and written["conflict_density"] == 0.2
+    assert (report_dir / "conflict.png").read_bytes().startswith(b"\x89PNG")
+    for unit in report.units:  # independent random fine-tunes: some conflict, nothing degenerate
+        assert 0.0 < unit.sign_conflict < 1.0 and 0.0 < unit.cancellation < 1.0
+        cosines = np.array(unit.cosines)
+        assert np.allclose(cosines, cosines.T) and np.allclose(np.diag(cosines), 1.0)
+
+
+def test_existing_report_dir_is_kept_without_overwrite(base, base_state, tmp_path):
+    deltas = random_deltas(base_state)
+    experts = [write_expert(base, tmp_path / task, deltas) for task in ("a", "b")]
+    report_dir = tmp_path / "report"
+    report_dir.mkdir()
+    (report_dir / "notes.txt").write_text("mine")
+    before = sorted(path.name for path in tmp_path.iterdir())
+    with pytest.raises(MergewiseError, match="already exists"):
+        analyze_to_folder(load_recipe(recipe(base, experts)), report_dir, quiet=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
+    assert [path.name for path in report_dir.iterdir()] == ["notes.txt"]
+    analyze_to_folder(load_recipe(recipe(base, experts)), report_dir, overwrite=True, quiet=True)
+    assert sorted(path.name for path in report_dir.iterdir()) == ["conflict.csv", "conflict.json", "conflict.png"]
+
+
+def test_missing_tensor_names_it_and_writes_nothing(base, tmp_path):
+    missing = "model.layers.1.mlp.up_proj.weight"
+    experts = [write_expert(base, tmp_path / "a", {}), write_expert(base, tmp_path / "b", {}, drop=(missing,))]
+    before = sorted(path.name for path in tmp_path.iterdir())
+    with pytest.raises(MergewiseError, match=f"tensor {missing} is missing in .*b"):
+        analyze_to_folder(load_recipe(recipe(base, experts)), tmp_path / "report", quiet=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
+
+
+def test_cli_resolves_models_beside_the_recipe(base, base_state, tmp_path, capsys):
+    shutil.copytree(base, tmp_path / "base")
+    for task, seed in (("a", 1), ("b", 2)):
+        write_expert(base, tmp_path / task, random_deltas(base_state, seed))
+    config = tmp_path / "recipe.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": "base",
+                                      "mediator": {"experts": [{"model": "a", "task": "a"},
+                                                               {"model": "b", "task": "b"}]}}))
+    assert main(["mediator", "analyze", str(config), str(tmp_path / "report")]) == 0
+    assert "5 units analysed" in capsys.readouterr().out
+    assert (tmp_path / "report" / "conflict.png").stat().st_size > 0
+    assert main(["mediator", "analyze", str(config), str(tmp_path / "report"), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
-
-
-def test_missing_tensor_is_named(base, tmp_path):
-    broken = expert(base, tmp_path / "broken", vector(1))
-    state = read_state_dict(broken)
-    del state["model.layers.1.mlp.down_proj.weight"]
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(MergewiseError, match="model.layers.1.mlp.down_proj.weight is missing"):
-        analyze(base, [expert(base, tmp_path / "fine", vector(2)), broken])

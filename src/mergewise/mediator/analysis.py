@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergewise.checkpoint import check_output_location, staged_folder
+from mergewise.engine import CHUNK_ELEMENTS
 from mergewise.mediator.settings import MediatorRecipe
 from mergewise.mediator.units import expert_plan, unit_of
 
@@ -94,7 +95,7 @@ class _Sums:
     conflict: float = 0.0
     weight: float = 0.0
     sum_square: float = 0.0  # ‖Σ_t τ_t‖²
-    gram: np.ndarray = field(default=None)  # τ_a · τ_b
+    gram: np.ndarray = field(init=False)  # τ_a · τ_b
 
     def __post_init__(self):
         self.gram = np.zeros((self.tasks, self.tasks))
@@ -113,7 +114,7 @@ class _Sums:
 
 def kept_mask(magnitudes: np.ndarray, share: float) -> np.ndarray:
     """The top-`share` entries by magnitude (entries tied at the cut are all kept)."""
-    keep = max(1, int(round(share * magnitudes.size)))
+    keep = max(1, round(share * magnitudes.size))
     if keep >= magnitudes.size:
         return magnitudes > 0
     threshold = np.partition(magnitudes, magnitudes.size - keep)[magnitudes.size - keep]
@@ -132,9 +133,11 @@ def accumulate(sums: list[_Sums], vectors: np.ndarray, share: float) -> None:
         conflict, weight = float(weights[disagree].sum()), float(weights.sum())
     else:
         conflict = weight = 0.0
-    vectors64 = vectors.astype(np.float64)
-    gram = vectors64 @ vectors64.T
-    sum_square = float(np.square(vectors64.sum(0)).sum())
+    gram, sum_square = np.zeros((len(vectors), len(vectors))), 0.0
+    for start in range(0, vectors.shape[1], CHUNK_ELEMENTS):  # float64 a chunk at a time, not a whole copy
+        chunk = vectors[:, start:start + CHUNK_ELEMENTS].astype(np.float64)
+        gram += chunk @ chunk.T
+        sum_square += float(np.square(chunk.sum(0)).sum())
     for target in sums:
         target.parameters += vectors.shape[1]
         target.conflict += conflict
