@@ -63,8 +63,23 @@ def write_tasks(folder: Path, data_file: Path) -> list[str]:
     return list(tasks)
 
 
-def test_lm_eval_scores_a_mergewise_model_offline(tiny_zoo, tmp_path):
-    model_dir = tiny_zoo / "expert-max"
+@pytest.fixture(scope="module")
+def tiny_mediator(tiny_zoo, tmp_path_factory) -> Path:
+    """A Mediator folder over the tiny zoo's experts."""
+    from mergewise.mediator.build import build
+    from mergewise.zoo.manifest import load_zoo
+
+    zoo = load_zoo(tiny_zoo)
+    experts = [{"model": str(task.expert), "task": name, "prompts": str(task.calibration)}
+               for name, task in zoo.tasks.items() if task.expert]
+    out = tmp_path_factory.mktemp("lm-eval-mediator") / "mediator"
+    build({"merge_method": "linear", "base_model": str(zoo.base), "mediator": {"experts": experts}}, out, quiet=True)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["plain", "mediator"])
+def test_lm_eval_scores_a_mergewise_model_offline(tiny_zoo, tiny_mediator, tmp_path, kind):
+    model_dir = tiny_zoo / "expert-max" if kind == "plain" else tiny_mediator
     data_file = tmp_path / "max.jsonl"
     prompts = [json.loads(line)["prompt"] for line in (tiny_zoo / "tasks/max/eval.jsonl").read_text().splitlines()][:8]
     # Answers are the model's own greedy output, so a correct harness run scores exactly 1.0.

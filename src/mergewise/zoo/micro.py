@@ -81,7 +81,7 @@ MICRO_SCALES = {
         general_eval_chars=2_000,
         train_examples=100,
         eval_examples=16,
-        calibration_examples=8,
+        calibration_examples=16,  # the Mediator router needs 16 per task
     ),
 }
 
