@@ -51,7 +51,7 @@ def test_separated_clusters_are_selected(separated):
     assert router.tasks == TASKS
     assert report.heldout_accuracy == 1.0
     assert report.prompts == {task: 64 for task in TASKS}
-    assert 0 < report.uncertainty_threshold < 0.5
+    assert all(0 < value < 0.5 for value in report.uncertainty_thresholds.values())
     assert set(report.ood_thresholds) == set(router.tasks) and min(report.ood_thresholds.values()) > 0
     fresh = clusters(seed=7)
     for t, task in enumerate(TASKS):
@@ -79,7 +79,7 @@ def test_halfway_point_blends_its_two_tasks(separated):
     assert route.task in ("add", "reverse")
     assert route.probs["add"] + route.probs["reverse"] > 0.95
     assert min(route.probs["add"], route.probs["reverse"]) > 0.3
-    assert route.uncertainty > router.uncertainty_threshold
+    assert route.uncertainty > float(router.uncertainty_thresholds[router.tasks.index(route.task)])
     assert route.weights() == route.probs
     assert math.isclose(sum(route.weights().values()), 1.0, rel_tol=1e-5)
 
@@ -124,7 +124,7 @@ def test_overlapping_clusters_are_less_certain():
     _, separated_fit = fitted(10.0)
     _, overlapping_fit = fitted(1.5)
     assert overlapping_fit.heldout_accuracy < 1.0
-    assert overlapping_fit.uncertainty_threshold > separated_fit.uncertainty_threshold + 0.3
+    assert min(overlapping_fit.uncertainty_thresholds.values()) > max(separated_fit.uncertainty_thresholds.values()) + 0.3
     assert overlapping_fit.temperature > separated_fit.temperature
 
 

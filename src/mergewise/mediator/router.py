@@ -52,7 +52,7 @@ class Route:
 class FitReport:
     heldout_accuracy: float
     temperature: float
-    uncertainty_threshold: float
+    uncertainty_thresholds: dict[str, float]
     ood_thresholds: dict[str, float]
     prompts: dict[str, int]   # calibration prompts per task (fit + held-out)
 
@@ -61,7 +61,7 @@ class Router:
     """Scores standardised features per task; every tensor it needs is in `state_dict()`."""
 
     def __init__(self, tasks: list[str], settings: RouterSettings, tensors: dict[str, torch.Tensor],
-                 temperature: float, uncertainty_threshold: float):
+                 temperature: float):
         self.tasks = list(tasks)
         self.settings = settings
         self.mean = tensors["mean"]
@@ -71,7 +71,7 @@ class Router:
         self.weight = tensors.get("weight")
         self.bias = tensors.get("bias")
         self.temperature = float(temperature)
-        self.uncertainty_threshold = float(uncertainty_threshold)
+        self.uncertainty_thresholds = tensors["uncertainty_thresholds"]  # per predicted task
         self.ood_thresholds = tensors["ood_thresholds"]  # per task: a distance to its prototype
 
     @classmethod
@@ -99,15 +99,25 @@ class Router:
             tensors["weight"], tensors["bias"] = _train_head(fit_z, fit_y, len(tasks))
 
         router = cls(tasks, settings, {**tensors, "calibration_distances": torch.empty(0),
-                                       "ood_thresholds": torch.empty(0)}, 1.0, 0.0)
+                                       "ood_thresholds": torch.empty(0), "uncertainty_thresholds": torch.empty(0)},
+                     1.0)
         held_scores = router._scores(held_z)
         router.temperature = _fit_temperature(held_scores, held_y)
 
         held_probs = router._softmax(held_scores)
-        uncertainty = router._uncertainty(held_probs)
-        router.uncertainty_threshold = max(_quantile(uncertainty, settings.uncertainty_quantile), UNCERTAINTY_FLOOR)
         held_distances = router._distances(held_z)
         fit_distances = router._leave_one_out_distances(fit_z, fit_y)
+        # Some tasks are inherently less certain than others (similar prompt formats): a threshold per
+        # predicted task keeps the blended share of each task's own prompts near 1 − quantile. The
+        # prototype router's fit prompts count too, scored with their own prompt left out.
+        probs = held_probs
+        if settings.kind == "prototype":
+            probs = torch.cat([held_probs, router._softmax(-fit_distances)])
+        uncertainty, predicted = router._uncertainty(probs), probs.argmax(-1)
+        overall = _quantile(uncertainty, settings.uncertainty_quantile)
+        router.uncertainty_thresholds = torch.tensor([
+            max(_quantile(uncertainty[predicted == t], settings.uncertainty_quantile) if (predicted == t).any()
+                else overall, UNCERTAINTY_FLOOR) for t in range(len(tasks))])
         # Tasks differ in spread, so each prototype gets its own radius: a quantile of its own
         # prompts' distances (held-out and leave-one-out fit), widened by the margin.
         own = torch.cat([fit_distances.gather(1, fit_y[:, None]), held_distances.gather(1, held_y[:, None])])[:, 0]
@@ -119,7 +129,7 @@ class Router:
 
         accuracy = float((held_probs.argmax(-1) == held_y).float().mean())
         report = FitReport(heldout_accuracy=accuracy, temperature=router.temperature,
-                           uncertainty_threshold=router.uncertainty_threshold,
+                           uncertainty_thresholds=dict(zip(tasks, router.uncertainty_thresholds.tolist())),
                            ood_thresholds=dict(zip(tasks, router.ood_thresholds.tolist())),
                            prompts={task: len(x) for task, x in zip(tasks, data)})
         return router, report
@@ -143,7 +153,7 @@ class Router:
             if float(nearest[row]) > float(self.ood_thresholds[nearest_task[row]]):
                 mix = {task: 1.0 / len(self.tasks) for task in self.tasks} if self.settings.on_ood == "uniform" else {}
                 routes.append(Route("dense", None, p, u, o, mix))
-            elif u > self.uncertainty_threshold:
+            elif u > float(self.uncertainty_thresholds[self.tasks.index(top)]):
                 routes.append(Route("blend", top, p, u, o, dict(p)))
             else:
                 routes.append(Route("select", top, p, u, o, {top: 1.0}))
@@ -151,14 +161,14 @@ class Router:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {"mean": self.mean, "std": self.std, "prototypes": self.prototypes,
-                   "calibration_distances": self.calibration_distances, "ood_thresholds": self.ood_thresholds}
+                   "calibration_distances": self.calibration_distances, "ood_thresholds": self.ood_thresholds,
+                   "uncertainty_thresholds": self.uncertainty_thresholds}
         if self.weight is not None:
             tensors.update(weight=self.weight, bias=self.bias)
         return {name: tensor.contiguous() for name, tensor in tensors.items()}
 
     def metadata(self) -> dict:
         return {"tasks": list(self.tasks), "temperature": self.temperature,
-                "uncertainty_threshold": self.uncertainty_threshold,
                 "settings": self.settings.model_dump(mode="json")}
 
     @classmethod
@@ -166,10 +176,10 @@ class Router:
         try:
             settings = RouterSettings.model_validate(metadata["settings"])
             tasks = [str(task) for task in metadata["tasks"]]
-            scalars = [float(metadata[key]) for key in ("temperature", "uncertainty_threshold")]
+            scalars = [float(metadata["temperature"])]
         except (KeyError, TypeError, ValueError) as error:
             raise MergewiseError(f"router metadata is incomplete or invalid ({error})") from None
-        needed = ["mean", "std", "prototypes", "calibration_distances", "ood_thresholds"]
+        needed = ["mean", "std", "prototypes", "calibration_distances", "ood_thresholds", "uncertainty_thresholds"]
         needed += ["weight", "bias"] if settings.kind == "logistic" else []
         missing = [name for name in needed if name not in tensors]
         if missing:
@@ -177,7 +187,8 @@ class Router:
         loaded = {name: tensors[name].float().cpu() for name in needed}
         hidden = loaded["mean"].shape[-1]
         shapes = {"mean": (hidden,), "std": (hidden,), "prototypes": (len(tasks), hidden),
-                  "weight": (len(tasks), hidden), "bias": (len(tasks),), "ood_thresholds": (len(tasks),)}
+                  "weight": (len(tasks), hidden), "bias": (len(tasks),), "ood_thresholds": (len(tasks),),
+                  "uncertainty_thresholds": (len(tasks),)}
         if loaded["calibration_distances"].dim() != 1 or not len(loaded["calibration_distances"]):
             raise MergewiseError("router tensor 'calibration_distances' must be a non-empty vector")
         for name, shape in shapes.items():
