@@ -24,23 +24,23 @@ from pathlib import Path
 import yaml
 
 from calibrate_memory import peak_rss
-from mergewise.evaluate.comparison import score_entries, zoo_entries
+from mergewise.evaluate.comparison import Entry, score_entries, zoo_entries
 from mergewise.zoo.manifest import Zoo, load_zoo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CORE_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
 
 
-def mediator_recipe(zoo: Zoo, budget: float, density: float) -> dict:
+def mediator_recipe(zoo: Zoo, budget: float, density: float | str) -> dict:
     experts = [{"model": str(zoo.root / task.expert), "task": name, "prompts": str(task.calibration)}
                for name, task in zoo.tasks.items() if task.expert]
     return {"merge_method": "linear", "base_model": str(zoo.base), "dtype": "float32",
             "mediator": {"memory_budget": budget, "density": density, "experts": experts}}
 
 
-def build_mediator(zoo: Zoo, work: Path, budget: float, density: float) -> tuple[Path, dict]:
+def build_mediator(zoo: Zoo, work: Path, budget: float, density: float | str) -> tuple[Path, dict]:
     """The Mediator folder for one setting and its build record (peak RSS, seconds, manifest)."""
-    label = f"mediator-b{budget:g}-d{density:g}"
+    label = f"mediator-b{budget:g}-d{density if density == 'auto' else format(density, 'g')}"
     out = work / "models" / label
     record_path = work / "builds" / f"{label}.json"
     if not record_path.is_file():
@@ -56,13 +56,20 @@ def build_mediator(zoo: Zoo, work: Path, budget: float, density: float) -> tuple
     return out, record
 
 
-def expert_scores(results: dict, zoo: Zoo) -> dict[str, float]:
-    return {name: results[f"expert:{name}"]["tasks"][name]["score"] for name, task in zoo.tasks.items() if task.expert}
-
-
-def kept_share(result: dict, oracle: dict[str, float]) -> float:
-    """Mean over expert tasks of score / the expert's own score."""
-    return statistics.mean(result["tasks"][name]["score"] / oracle[name] for name in oracle)
+def kept_share(result: dict, results: dict, zoo: Zoo) -> float:
+    """Mean over expert tasks of how much of the expert's own skill a model keeps: score / expert's
+    score for exact match; for NLL tasks (lower is better) the share of the expert's gain over the base."""
+    shares = []
+    for name, task in zoo.tasks.items():
+        if not task.expert:
+            continue
+        score, expert = result["tasks"][name]["score"], results[f"expert:{name}"]["tasks"][name]["score"]
+        if task.metric == "nll":
+            base = results["base"]["tasks"][name]["score"]
+            shares.append((base - score) / (base - expert) if base != expert else 1.0)
+        else:
+            shares.append(score / expert if expert else 1.0)
+    return statistics.mean(shares)
 
 
 LATENCY_CHILD = """
@@ -107,6 +114,10 @@ def latency(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int)
     return {"task": task, **timing, "rss": memory}
 
 
+def density_setting(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
 def plot(points: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -116,7 +127,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for density in sorted({point["density"] for point in points}):
         line = sorted((p for p in points if p["density"] == density), key=lambda p: p["ratio"])
-        axis.plot([p["ratio"] for p in line], [100 * p["kept"] for p in line], marker="o", label=f"density {density:g}")
+        axis.plot([p["ratio"] for p in line], [100 * p["kept"] for p in line], marker="o", label=f"density {density}")
         for p in line:
             axis.annotate(f"budget {p['budget']:g}", (p["ratio"], 100 * p["kept"]), fontsize=7,
                           textcoords="offset points", xytext=(4, -10))
@@ -135,9 +146,9 @@ def main() -> None:
     parser.add_argument("--zoo", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default: ZOO/mediator-bench)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.25, 1.5, 2.0, 3.0])
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.25, 0.5])
-    parser.add_argument("--default", type=float, nargs=2, default=[1.5, 0.1], metavar=("BUDGET", "DENSITY"),
-                        help="the setting timed for latency and inference memory")
+    parser.add_argument("--densities", type=density_setting, nargs="+", default=["auto", 0.1, 0.25, 0.5])
+    parser.add_argument("--default-budget", type=float, default=1.5,
+                        help="the budget (at density auto) timed for latency and inference memory")
     parser.add_argument("--limit", type=int, default=None, help="prompts per task")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per timed generate()")
     parser.add_argument("--repeats", type=int, default=15)
@@ -150,37 +161,37 @@ def main() -> None:
         for density in args.densities:
             folder, record = build_mediator(zoo, work, budget, density)
             builds[budget, density] = record
-            entries.append(type(entries[0])(f"mediator b={budget:g} ρ={density:g}", lambda _, f=folder: f))
+            entries.append(Entry(f"mediator b={budget:g} ρ={density if density == "auto" else format(density, "g")}", lambda _, f=folder: f))
     results = score_entries(args.zoo, work, entries, limit=args.limit)
-    oracle = expert_scores(results, zoo)
+    experts = [name for name, task in zoo.tasks.items() if task.expert]
     held = [name for name, task in zoo.tasks.items() if not task.expert]
     dense = results["linear"]  # the dense expert D is this average of the experts
     lines = [f"# Mediator on the {zoo.raw.get('size', '')} zoo", "",
-             f"Experts: {', '.join(oracle)}; held-back task: {', '.join(held) or 'none'}. "
+             f"Experts: {', '.join(experts)}; held-back task: {', '.join(held) or 'none'}. "
              f"{args.limit or 'all'} prompts per task. Merge of calm units and dense expert: linear average.", "",
-             "| model | " + " | ".join(zoo.tasks) + " | % of expert (mean) | routing correct | held-back blend+dense "
+             "| model | " + " | ".join(zoo.tasks) + " | % of expert kept (mean) | routing correct | held-back blend+dense "
              "| stored / one model | build peak RSS |", "|" + "---|" * (len(zoo.tasks) + 6)]
     points = []
     for label, result in results.items():
         cells = [f"{result['tasks'][name]['score']:.3f}" for name in zoo.tasks]
         routing, ratio, rss = result.get("routing"), "1.000", ""
         if label.startswith("mediator"):
-            budget, density = (float(part[2:]) for part in label.split()[1:])
+            budget, density = (density_setting(part[2:]) for part in label.split()[1:])
             record = builds[budget, density]
             ratio = f"{record['manifest']['memory']['ratio']:.3f}"
             rss = f"{record['peak_rss_mib']:.0f} MiB"
-            points.append({"budget": budget, "density": density, "ratio": record["manifest"]["memory"]["ratio"],
-                           "kept": kept_share(result, oracle)})
-        correct = (f"{statistics.mean(routing[name]['correct'] for name in oracle):.3f}" if routing else "")
+            points.append({"budget": budget, "density": str(density), "ratio": record["manifest"]["memory"]["ratio"],
+                           "kept": kept_share(result, results, zoo)})
+        correct = (f"{statistics.mean(routing[name]['correct'] for name in experts):.3f}" if routing else "")
         flagged = (f"{statistics.mean(routing[name]['blend'] + routing[name]['dense'] for name in held):.3f}"
                    if routing and held else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * kept_share(result, oracle):.1f}% | {correct} | "
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * kept_share(result, results, zoo):.1f}% | {correct} | "
                      f"{flagged} | {ratio} | {rss} |")
-    default_dir = work / "models" / f"mediator-b{args.default[0]:g}-d{args.default[1]:g}"
+    default_dir = work / "models" / f"mediator-b{args.default_budget:g}-dauto"
     timing = latency(default_dir, zoo, work, args.tokens, args.repeats)
     lines += ["", "Held-back task vs the dense model: " + ", ".join(
         f"{name}: dense {dense['tasks'][name]['score']:.3f}" for name in held), "",
-        f"## Latency and memory of inference (budget {args.default[0]:g}, density {args.default[1]:g})", "",
+        f"## Latency and memory of inference (budget {args.default_budget:g}, density auto)", "",
         f"`generate()` of {args.tokens} new tokens for one `{timing['task']}` prompt (route: "
         f"{timing['route']['decision']} {timing['route']['task']}), median of {args.repeats}, alternating, one thread:",
         "", "| model | latency | peak RSS (load + generate) |", "|---|---:|---:|",

@@ -108,6 +108,18 @@ def test_build_writes_dense_model_experts_and_router(mediator_dir, family):
     torch.testing.assert_close(dense[name], sum(expert[name] for expert in experts) / 3, rtol=1e-6, atol=1e-6)
 
 
+def test_auto_density_fills_the_budget_with_every_unit_routed(family, tmp_path):
+    root, built = family
+    summary = build(recipe(root, built, memory_budget=1.8), tmp_path / "auto", quiet=True)
+    assert len(summary.routed_units) == summary.units and 0.01 <= summary.density < 1
+    assert summary.ratio <= 1.8
+    manifest = json.loads((tmp_path / "auto" / "mediator" / "mediator.json").read_text())
+    assert manifest["density"] == summary.density and manifest["settings"]["density"] == "auto"
+    denser = build(recipe(root, built, memory_budget=1.8, density=summary.density + 0.01), tmp_path / "denser",
+                   quiet=True)
+    assert len(denser.routed_units) < denser.units  # the next density step no longer fits every unit
+
+
 def test_density_one_exports_each_expert_exactly(family, tmp_path):
     root, built = family
     out = tmp_path / "full"

@@ -24,11 +24,13 @@ from mergewise.mediator.analysis import ConflictReport, analyze_conflicts
 from mergewise.mediator.router import Router
 from mergewise.mediator.runtime import EXPERTS_FILE, MANIFEST_FILE, MEDIATOR_FOLDER, ROUTER_FILE, load
 from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, MediatorRecipe, MediatorSettings, load_recipe
-from mergewise.mediator.sparse import decompose, stored_bytes, stored_shapes, uses_mask
+from mergewise.mediator.sparse import MASK_FROM_DENSITY, decompose, stored_bytes, stored_shapes, uses_mask
 from mergewise.mediator.units import expert_plan, unit_of
 from mergewise.plan import MergePlan, TensorJob, build_plan
 
 FORMAT_VERSION = 1
+AUTO_DENSITIES = sorted({step / 100 for step in range(1, 101)} | {MASK_FROM_DENSITY}, reverse=True)
+THRESHOLD_DENSITY = 0.1  # `density: auto` with a route_threshold has no budget to fill
 ONE_FILE = 1 << 62  # the experts file is never sharded
 
 
@@ -37,6 +39,7 @@ class BuildSummary:
     out_dir: Path
     routed_units: list[str]
     units: int
+    density: float
     model_bytes: int
     stored_bytes: int
     budget: float | None
@@ -48,7 +51,7 @@ class BuildSummary:
 
     def describe(self) -> str:
         budget = f" (budget {self.budget:g}×)" if self.budget is not None else ""
-        return (f"routed {len(self.routed_units)} of {self.units} units; stored {self.stored_bytes / 1e6:.1f} MB = "
+        return (f"routed {len(self.routed_units)} of {self.units} units at density {self.density:g}; stored {self.stored_bytes / 1e6:.1f} MB = "
                 f"{self.ratio:.3f}× one model{budget}; router held-out accuracy {self.heldout_accuracy:.3f}")
 
 
@@ -82,13 +85,13 @@ def calibration_prompts(recipe: MediatorRecipe) -> dict[str, list[str]]:
     return prompts
 
 
-def unit_costs(plan: MergePlan, settings: MediatorSettings) -> dict[str, int]:
-    """Bytes the sparse experts of each unit would add, for all tasks together."""
+def unit_costs(plan: MergePlan, tasks: int, density: float) -> dict[str, int]:
+    """Bytes the sparse experts of each unit would add at `density`, for all tasks together."""
     costs: dict[str, int] = {}
     for job in plan.jobs:
         if job.out_dtype.is_floating_point:
-            per_task = stored_bytes(torch.Size(job.shape).numel(), settings.density, job.out_dtype)
-            costs[unit_of(job.name)] = costs.get(unit_of(job.name), 0) + per_task * len(settings.experts)
+            per_task = stored_bytes(torch.Size(job.shape).numel(), density, job.out_dtype)
+            costs[unit_of(job.name)] = costs.get(unit_of(job.name), 0) + per_task * tasks
     return costs
 
 
@@ -98,8 +101,23 @@ def router_reserve(settings: MediatorSettings, hidden: int) -> int:
     return 4 * (2 * tasks + 3) * hidden + 4 * tasks * settings.router.max_prompts + 4096
 
 
+def choose_routing(report: ConflictReport, plan: MergePlan, model_bytes: int, reserve: int,
+                   settings: MediatorSettings) -> tuple[list[str], float]:
+    """The routed units and the density of their sparse experts."""
+    tasks = len(settings.experts)
+    if settings.density != "auto":
+        density = settings.density
+    elif settings.route_threshold is not None:
+        density = THRESHOLD_DENSITY
+    else:
+        available = settings.memory_budget * model_bytes - model_bytes - reserve
+        density = next((candidate for candidate in AUTO_DENSITIES
+                        if sum(unit_costs(plan, tasks, candidate).values()) <= available), AUTO_DENSITIES[-1])
+    return select_units(report, unit_costs(plan, tasks, density), model_bytes, reserve, settings, density), density
+
+
 def select_units(report: ConflictReport, costs: dict[str, int], model_bytes: int, reserve: int,
-                 settings: MediatorSettings) -> list[str]:
+                 settings: MediatorSettings, density: float) -> list[str]:
     """The most conflicting units that fit the budget, or every unit over the threshold."""
     ranked = sorted((unit for unit in report.units if unit.unit in costs), key=lambda unit: -unit.sign_conflict)
     if settings.route_threshold is not None:
@@ -119,7 +137,7 @@ def select_units(report: ConflictReport, costs: dict[str, int], model_bytes: int
         cheapest = min(costs.values())
         needed = (model_bytes + reserve + cheapest) / model_bytes
         raise MergewiseError(f"mediator.memory_budget {settings.memory_budget:g} is too small to route any unit "
-                             f"at density {settings.density:g}: the cheapest unit needs a budget of {needed:.3f}")
+                             f"at density {density:g}: the cheapest unit needs a budget of {needed:.3f}")
     return routed
 
 
@@ -173,21 +191,20 @@ def build(config_source, out_dir: str | Path, *, device: str = "cpu", threads: i
     out_dir = Path(out_dir).expanduser().resolve()
     check_output_location(out_dir, [model.path for model in plan.models + experts.models], overwrite)
     report = analyze_conflicts(recipe, quiet=quiet)
-    costs = unit_costs(plan, settings)
     model_bytes = sum(torch.Size(job.shape).numel() * job.out_dtype.itemsize for job in plan.jobs)
     hidden = int(plan.reference.config.get("hidden_size") or plan.reference.config.get("n_embd") or 4096)
-    routed_units = select_units(report, costs, model_bytes, router_reserve(settings, hidden), settings)
+    routed_units, density = choose_routing(report, plan, model_bytes, router_reserve(settings, hidden), settings)
     routed_jobs = [job for job in plan.jobs if job.out_dtype.is_floating_point and unit_of(job.name) in routed_units]
     planned = [PlannedTensor(f"{task}/{job.name}.{suffix}", shape, dtype)
                for task in settings.tasks for job in routed_jobs
-               for suffix, (shape, dtype) in stored_shapes(torch.Size(job.shape).numel(), settings.density,
+               for suffix, (shape, dtype) in stored_shapes(torch.Size(job.shape).numel(), density,
                                                              job.out_dtype).items()]
     summary: dict = {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.experts-", dir=out_dir.parent) as scratch:
         writer = StreamingShardWriter(Path(scratch), planned, ONE_FILE, {"mediator_format": str(FORMAT_VERSION)},
                                       file_stem=Path(EXPERTS_FILE).stem)
-        hook = SparseExpertHook(routed_jobs, experts, settings.tasks, settings.density, writer)
+        hook = SparseExpertHook(routed_jobs, experts, settings.tasks, density, writer)
 
         def finalize(staging: Path) -> None:
             writer.close()
@@ -215,7 +232,7 @@ def build(config_source, out_dir: str | Path, *, device: str = "cpu", threads: i
             writer.abort()
             for model in experts.models:
                 model.close()
-    return BuildSummary(out_dir, routed_units, len(costs), summary["dense"], summary["stored"],
+    return BuildSummary(out_dir, routed_units, len(report.units), density, summary["dense"], summary["stored"],
                         settings.memory_budget, summary["accuracy"])
 
 
@@ -230,8 +247,8 @@ def _manifest(recipe: MediatorRecipe, report: ConflictReport, routed_units: list
         "mergewise_version": __version__,
         "tasks": settings.tasks,
         "merge_method": recipe.merge.merge_method,
-        "density": settings.density,
-        "storage": "mask" if uses_mask(settings.density) else "indices",
+        "density": hook.density,
+        "storage": "mask" if uses_mask(hook.density) else "indices",
         "routed_units": routed_units,
         "routed_tensors": [job.name for job in routed_jobs],
         "units": [{"unit": unit.unit, "parameters": unit.parameters, "sign_conflict": unit.sign_conflict,

@@ -4,7 +4,7 @@
     base_model: ./base
     mediator:
       memory_budget: 1.5
-      density: 0.1
+      density: auto        # or a share such as 0.1
       experts:
         - {model: ./expert-add, task: add, prompts: tasks/add/calib.txt}
 """
@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -54,7 +54,9 @@ class MediatorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     memory_budget: float | None = Field(None, gt=1.0)  # stored bytes ≤ this × one model
     route_threshold: float | None = Field(None, ge=0.0, le=1.0)  # route units with d_l ≥ this
-    density: float = Field(0.1, gt=0.0, le=1.0)
+    # Share of each routed tensor kept per expert; "auto": the largest that lets every unit be routed
+    # within memory_budget (on the zoo, routing every unit mattered more than a higher density).
+    density: Union[Literal["auto"], Annotated[float, Field(gt=0.0, le=1.0)]] = "auto"
     conflict_density: float = Field(0.2, gt=0.0, le=1.0)  # top-k share per expert for the sign conflict
     router: RouterSettings = RouterSettings()
     cache_size: int = Field(2, ge=0)  # materialised experts kept by the runtime
