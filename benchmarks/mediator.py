@@ -161,7 +161,7 @@ def main() -> None:
         for density in args.densities:
             folder, record = build_mediator(zoo, work, budget, density)
             builds[budget, density] = record
-            entries.append(Entry(f"mediator b={budget:g} ρ={density if density == "auto" else format(density, "g")}", lambda _, f=folder: f))
+            entries.append(Entry(f"mediator b={budget:g} ρ={density if density == 'auto' else format(density, 'g')}", lambda _, f=folder: f))
     results = score_entries(args.zoo, work, entries, limit=args.limit)
     experts = [name for name, task in zoo.tasks.items() if task.expert]
     held = [name for name, task in zoo.tasks.items() if not task.expert]
