@@ -30,6 +30,7 @@ from mergewise.plan import MergePlan, TensorJob, build_plan
 
 FORMAT_VERSION = 1
 AUTO_DENSITIES = sorted({step / 100 for step in range(1, 101)} | {MASK_FROM_DENSITY}, reverse=True)
+HEADER_BYTES_PER_TENSOR = 96  # a stored tensor's safetensors header entry, besides its name
 THRESHOLD_DENSITY = 0.1  # `density: auto` with a route_threshold has no budget to fill
 ONE_FILE = 1 << 62  # the experts file is never sharded
 
@@ -91,6 +92,7 @@ def unit_costs(plan: MergePlan, tasks: int, density: float) -> dict[str, int]:
     for job in plan.jobs:
         if job.out_dtype.is_floating_point:
             per_task = stored_bytes(torch.Size(job.shape).numel(), density, job.out_dtype)
+            per_task += 2 * (HEADER_BYTES_PER_TENSOR + len(job.name))  # values + positions entries
             costs[unit_of(job.name)] = costs.get(unit_of(job.name), 0) + per_task * tasks
     return costs
 
