@@ -29,7 +29,7 @@ MEDIATOR_FOLDER = "mediator"
 MANIFEST_FILE = "mediator.json"
 EXPERTS_FILE = "experts.safetensors"
 ROUTER_FILE = "router.safetensors"
-FEATURE_BATCH = 32
+FEATURE_BATCH = 8  # every layer's hidden states are kept for one batch: keep it small
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
