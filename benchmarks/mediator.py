@@ -19,11 +19,11 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
-from calibrate_memory import peak_rss
 from mergewise.evaluate.comparison import Entry, score_entries, zoo_entries
 from mergewise.zoo.manifest import Zoo, load_zoo
 
@@ -47,8 +47,8 @@ def build_mediator(zoo: Zoo, work: Path, budget: float, density: float | str) ->
         recipe = work / "recipes" / f"{label}.yml"
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(yaml.safe_dump(mediator_recipe(zoo, budget, density)))
-        rss, seconds = peak_rss([sys.executable, "-m", "mergewise.cli", "mediator", "build", str(recipe), str(out),
-                                 "--overwrite", "--quiet", "--seed", "0"])
+        rss, seconds = peak_rss("mergewise.cli", "mediator", "build", str(recipe), str(out), "--overwrite", "--quiet",
+                                "--seed", "0")
         record_path.parent.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps({"peak_rss_mib": rss, "seconds": seconds}))
     record = json.loads(record_path.read_text())
@@ -72,6 +72,32 @@ def kept_share(result: dict, results: dict, zoo: Zoo) -> float:
     return statistics.mean(shares)
 
 
+# Peak RSS is read by the child itself from VmHWM, which starts afresh at exec; ru_maxrss of a child
+# would also count the pages of this (by then large) parent it was forked from.
+MEASURED_CHILD = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as done:
+    if done.code:
+        raise
+finally:
+    status = open("/proc/self/status").read()
+    print("VmHWM", int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))), flush=True)
+"""
+
+
+def peak_rss(module: str, *args: str) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of `python -m module args…` in a child process."""
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", MEASURED_CHILD, module, *args], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"{module} {' '.join(args)} failed:\n{run.stderr}")
+    kib = int(next(line.split()[1] for line in run.stdout.splitlines() if line.startswith("VmHWM")))
+    return kib / 1024, time.perf_counter() - started
+
+
 LATENCY_CHILD = """
 import statistics, sys, time, json, torch
 from mergewise.mediator.runtime import load
@@ -89,12 +115,7 @@ print(json.dumps({"route": route.to_json(), "first": first,
                   **{name: statistics.median(values) for name, values in times.items()}}))
 """
 
-MEMORY_CHILD = """
-import sys
-from mergewise.mediator.runtime import load
-model = load(sys.argv[1])
-model.generate_text([sys.argv[2]], max_new_tokens=int(sys.argv[3]))
-"""
+
 
 
 def latency(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int) -> dict:
@@ -109,7 +130,8 @@ def latency(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int)
     output = subprocess.run([sys.executable, "-c", LATENCY_CHILD, str(mediator_dir), str(plain), prompt, str(tokens),
                              str(repeats)], check=True, capture_output=True, text=True).stdout
     timing = json.loads(output.strip().splitlines()[-1])
-    memory = {name: peak_rss([sys.executable, "-c", MEMORY_CHILD, str(folder), prompt, str(tokens)])[0]
+    memory = {name: peak_rss("mergewise.cli", "generate", str(folder), "--prompt", prompt, "--max-new-tokens",
+                             str(tokens))[0]
               for name, folder in (("mediator", mediator_dir), ("plain", plain))}
     return {"task": task, **timing, "rss": memory}
 
