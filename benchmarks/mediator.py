@@ -211,9 +211,10 @@ def main() -> None:
                      f"{flagged} | {ratio} | {rss} |")
     default_dir = work / "models" / f"mediator-b{args.default_budget:g}-dauto"
     timing = latency(default_dir, zoo, work, args.tokens, args.repeats)
-    lines += ["", "Held-back task vs the dense model: " + ", ".join(
-        f"{name}: dense {dense['tasks'][name]['score']:.3f}" for name in held), "",
-        f"## Latency and memory of inference (budget {args.default_budget:g}, density auto)", "",
+    if held:
+        lines += ["", "Held-back task, dense model D: " + ", ".join(
+            f"{name} {dense['tasks'][name]['score']:.3f}" for name in held)]
+    lines += ["", f"## Latency and memory of inference (budget {args.default_budget:g}, density auto)", "",
         f"`generate()` of {args.tokens} new tokens for one `{timing['task']}` prompt (route: "
         f"{timing['route']['decision']} {timing['route']['task']}), median of {args.repeats}, alternating, one thread:",
         "", "| model | latency | peak RSS (load + generate) |", "|---|---:|---:|",
