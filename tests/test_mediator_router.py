@@ -84,6 +84,27 @@ def test_halfway_point_blends_its_two_tasks(separated):
     assert math.isclose(sum(route.weights().values()), 1.0, rel_tol=1e-5)
 
 
+def test_uncertain_and_beyond_calibration_goes_dense(separated):
+    """Between two tasks and pushed off the data: blends while the calibration prompts reach that far,
+    dense once it is farther from every prototype than (nearly) all of them."""
+    router, _ = separated
+    state = router.state_dict()
+    first, second = state["prototypes"][0], state["prototypes"][1]
+    across = second - first  # stay equidistant from both: move orthogonally to the line between them
+    away = torch.zeros(WIDTH)
+    away[-1] = 1.0
+    away -= (away @ across) / (across @ across) * across
+    decisions = []
+    for offset in torch.linspace(0.0, 12.0, 49):
+        standardised = (first + second) / 2 + offset * away / away.norm()
+        (route,) = router.route((standardised * state["std"] + state["mean"])[None])
+        decisions.append((route.decision, route.ood))
+    assert decisions[0][0] == "blend"
+    beyond = [decision for decision, ood in decisions if ood > router.settings.ood_quantile]
+    assert beyond and set(beyond) == {"dense"}
+    assert all(decision == "blend" for decision, ood in decisions if ood <= router.settings.ood_quantile)
+
+
 def test_far_point_falls_back_to_dense(separated):
     router, _ = separated
     (route,) = router.route(far_point())

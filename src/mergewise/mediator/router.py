@@ -150,10 +150,14 @@ class Router:
             p = {task: float(value) for task, value in zip(self.tasks, probs[row])}
             u, o = float(uncertainty[row]), float(ood[row])
             top = self.tasks[int(probs[row].argmax())]
-            if float(nearest[row]) > float(self.ood_thresholds[nearest_task[row]]):
+            uncertain = u > float(self.uncertainty_thresholds[self.tasks.index(top)])
+            # Out of distribution: beyond the nearest task's radius, or uncertain and farther from
+            # every prototype than (nearly) all calibration prompts: blending experts there hurt.
+            if (float(nearest[row]) > float(self.ood_thresholds[nearest_task[row]])
+                    or (uncertain and o > self.settings.ood_quantile)):
                 mix = {task: 1.0 / len(self.tasks) for task in self.tasks} if self.settings.on_ood == "uniform" else {}
                 routes.append(Route("dense", None, p, u, o, mix))
-            elif u > float(self.uncertainty_thresholds[self.tasks.index(top)]):
+            elif uncertain:
                 routes.append(Route("blend", top, p, u, o, dict(p)))
             else:
                 routes.append(Route("select", top, p, u, o, {top: 1.0}))
