@@ -24,18 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from mergewise.evaluate.comparison import Entry, score_entries, zoo_entries
+from mergewise.evaluate.comparison import Entry, mediator_recipe, score_entries, zoo_entries
 from mergewise.zoo.manifest import Zoo, load_zoo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CORE_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
-
-
-def mediator_recipe(zoo: Zoo, budget: float, density: float | str) -> dict:
-    experts = [{"model": str(zoo.root / task.expert), "task": name, "prompts": str(task.calibration)}
-               for name, task in zoo.tasks.items() if task.expert]
-    return {"merge_method": "linear", "base_model": str(zoo.base), "dtype": "float32",
-            "mediator": {"memory_budget": budget, "density": density, "experts": experts}}
 
 
 def build_mediator(zoo: Zoo, work: Path, budget: float, density: float | str) -> tuple[Path, dict]:

@@ -1,4 +1,5 @@
-"""`mergewise demo`: build the micro zoo offline (cached), merge its experts two ways, score everything."""
+"""`mergewise demo`: build the micro zoo offline (cached), merge its experts with linear and ties, build
+a Mediator model of them, and score everything."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import argparse
 from pathlib import Path
 
 DEMO_METHODS = ["linear", "ties"]
+DEMO_MEDIATOR_BUDGET = 3.0  # this zoo's task vectors are dense: smaller budgets keep less (see README)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="build the micro zoo, merge it two ways and score the results",
+    parser = subparsers.add_parser("demo", help="build the micro zoo, merge it (linear, ties, Mediator) and score the results",
                                    description="Build the micro zoo offline (reused when already built), merge "
-                                               "its experts with linear and ties, and print a score table.")
+                                               "its experts with linear and ties and as a Mediator model, and print a score "
+                                               "table.")
     parser.add_argument("--dir", default="mergewise-demo", help="where the zoo, merges and scores go")
     parser.add_argument("--limit", type=int, default=100, help="prompts scored per task (default 100)")
     parser.add_argument("--device", default="cpu")
@@ -19,14 +22,17 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from mergewise.evaluate.comparison import bar_chart, compare_on_zoo, markdown_table
+    from mergewise.evaluate.comparison import bar_chart, markdown_table, mediator_entry, score_entries, zoo_entries
+    from mergewise.zoo.manifest import load_zoo
     from mergewise.zoo import build_zoo
 
     root = Path(args.dir).resolve()
     zoo_dir = root / "zoo-micro"
     print(f"building the micro zoo in {zoo_dir} (reused if already built)")
     build_zoo(zoo_dir, "micro")
-    results, zoo = compare_on_zoo(zoo_dir, root / "work", DEMO_METHODS, device=args.device, limit=args.limit)
+    zoo = load_zoo(zoo_dir)
+    entries = [*zoo_entries(zoo, DEMO_METHODS), mediator_entry(zoo, DEMO_MEDIATOR_BUDGET)]
+    results = score_entries(zoo_dir, root / "work", entries, device=args.device, limit=args.limit)
     chart = root / "scores.png"
     bar_chart(results, zoo, chart)
     print()

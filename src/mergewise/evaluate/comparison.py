@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from mergewise.evaluate.zoo_eval import evaluate_model
-from mergewise.zoo.manifest import Zoo, load_zoo
+from mergewise.zoo.manifest import Zoo
 
 # Settings a practitioner would start from on a handful of full fine-tunes of one base.
 CORE_METHOD_SETTINGS: dict[str, dict] = {
@@ -42,6 +42,29 @@ def core_recipe(zoo: Zoo, method: str, dtype: str = "float32") -> dict:
     if method == "linear":
         models.append({"model": str(zoo.root / zoo.base), "parameters": {"weight": 0.0}})
     return {"merge_method": method, "base_model": str(zoo.root / zoo.base), "dtype": dtype, "models": models}
+
+
+def mediator_recipe(zoo: Zoo, memory_budget: float, density: float | str = "auto") -> dict:
+    """A Mediator recipe over every expert of `zoo`, each with its task's calibration prompts."""
+    experts = [{"model": str(zoo.root / task.expert), "task": name, "prompts": str(task.calibration)}
+               for name, task in zoo.tasks.items() if task.expert]
+    return {"merge_method": "linear", "base_model": str(zoo.root / zoo.base), "dtype": "float32",
+            "mediator": {"memory_budget": memory_budget, "density": density, "experts": experts}}
+
+
+def mediator_entry(zoo: Zoo, memory_budget: float) -> Entry:
+    """A Mediator model of the zoo's experts at `memory_budget`, built into work/models on first use."""
+    label = f"mediator (budget {memory_budget:g})"
+
+    def produce(work: Path) -> Path:
+        out = work / "models" / f"mediator-b{memory_budget:g}"
+        if not (out / "mediator" / "mediator.json").is_file():
+            from mergewise.mediator.build import build
+
+            build(mediator_recipe(zoo, memory_budget), out, quiet=True, seed=0, overwrite=True)
+        return out
+
+    return Entry(label, produce)
 
 
 def merged_entry(label: str, recipe: dict, merge: Callable[[dict, Path], Path] | None = None) -> Entry:
@@ -133,8 +156,3 @@ def bar_chart(results: dict[str, dict], zoo: Zoo, path: str | Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def compare_on_zoo(zoo_dir: str | Path, work: str | Path, methods: list[str], **options) -> tuple[dict, Zoo]:
-    zoo = load_zoo(zoo_dir)
-    return score_entries(zoo_dir, work, zoo_entries(zoo, methods), **options), zoo
