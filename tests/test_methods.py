@@ -15,6 +15,7 @@ import torch
 from mergewise.errors import MergewiseError
 from mergewise.methods import METHODS, BasePolicy, ChunkedTensors, TensorRows, get_method
 from mergewise.methods.base import REQUIRED
+from mergewise.methods.sparsify import MagnitudeRanks, band_ranks
 
 SQRT_HALF = math.sqrt(0.5)
 
@@ -159,6 +160,41 @@ def test_breadcrumbs_with_zero_gamma_is_top_k():
     base = torch.zeros(10)
     merged = run_method("breadcrumbs", base, [CRUMB_DELTA], weight=(1.0,), density=(0.3,), gamma=(0.0,))
     assert_close(merged, torch.where(CRUMB_DELTA.abs() >= 8, CRUMB_DELTA, 0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_magnitude_ranks_match_a_full_sort_across_chunks(dtype):
+    # few distinct magnitudes (many ties), zeros, and both signs: the histogram finds exact order statistics
+    generator = torch.Generator().manual_seed(3)
+    values = (torch.randn(50_000, generator=generator) * torch.randint(0, 3, (50_000,), generator=generator)).to(dtype)
+    ranks = [0, 1, 24_999, 37_500, 49_999]
+    selector = MagnitudeRanks(ranks)
+    for step in (selector.observe, selector.refine):
+        for chunk in values.split(7_000):
+            step(chunk)
+        if not selector.needs_refinement:
+            break
+    assert selector.needs_refinement == (dtype != torch.bfloat16)
+    expected = values.abs().float().sort().values[ranks].tolist()
+    assert selector.values() == expected
+
+
+@pytest.mark.parametrize("name,gamma", [("ties", None), ("breadcrumbs", 0.1)])
+def test_magnitude_band_of_a_big_tensor_keeps_the_asked_share_with_every_tie(name, gamma):
+    # above the sorted-selection size the band comes from histograms, read in row chunks; ties at the
+    # cut are all kept, so the kept share is the density plus the tied entries
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(512, 256, generator=generator).bfloat16()
+    model = (base.float() + 0.01 * torch.randn(512, 256, generator=generator)).bfloat16()
+    extra = {} if gamma is None else {"gamma": (gamma,)}
+    merged = run_method(name, base, [model], weight=(1.0,), density=(0.3,), chunk_rows=100, **extra)
+    magnitudes = (model - base).abs().float().reshape(-1).sort().values
+    count = magnitudes.numel()
+    low, high = band_ranks(count, 0.3, gamma)
+    band = (model - base).abs().float()
+    kept = (band >= magnitudes[low]) & (band <= (magnitudes[high] if gamma is not None else math.inf))
+    assert torch.equal(merged, torch.where(kept, base + (model - base), base))
+    assert int(kept.sum()) >= high - low + 1
 
 
 def test_breadcrumbs_ties_applies_sign_consensus_after_the_band():

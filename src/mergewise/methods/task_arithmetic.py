@@ -9,23 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
+import math
+
 import torch
 
 from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows
 from mergewise.methods.sparsify import (
+    MagnitudeRanks,
     Sparsification,
     band_mask,
+    band_ranks,
     l1_rescale,
-    magnitude_bounds,
     random_mask,
     rank_random_mask,
     sorted_selection_mask,
 )
 
 # Up to this size a magnitude selection sorts the whole tensor, so equal magnitudes at the cut are
-# broken exactly as torch's sort breaks them (as mergekit does); above it, a partial sort finds the
-# cut in linear time and keeps every tie, which moves the result by far less than bf16 rounding.
+# broken exactly as torch's sort breaks them (as mergekit does); above it, a histogram finds the cut
+# in linear time and keeps every tie, which moves the result by far less than bf16 rounding.
 SORTED_SELECTION_LIMIT = 1 << 16
 
 
@@ -65,22 +67,9 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
     epsilon = epsilon or (0.0,) * count
     bands = None
     if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
-        outliers = sparsification is Sparsification.MAGNITUDE_OUTLIERS
-        bands = []
-        for index in range(count):
-            magnitudes = np.empty(tensors.numel, dtype=np.float32)
-            filled = 0
-            for rows in tensors.chunks(models=[index]):
-                part = (rows.inputs[0] - rows.base).abs_().reshape(-1)
-                torch.from_numpy(magnitudes[filled:filled + part.numel()]).copy_(part)
-                filled += part.numel()
-            outlier_share = gamma[index] if outliers else None
-            if tensors.numel <= SORTED_SELECTION_LIMIT:
-                mask = sorted_selection_mask(torch.from_numpy(magnitudes), density[index], outlier_share)
-                bands.append(mask.reshape(tensors.shape))
-            else:
-                bands.append(magnitude_bounds(magnitudes, density[index], outlier_share))
-            del magnitudes
+        gammas = gamma if sparsification is Sparsification.MAGNITUDE_OUTLIERS else (None,) * count
+        select = _sorted_masks if tensors.numel <= SORTED_SELECTION_LIMIT else _histogram_bands
+        bands = select(tensors, density, gammas)
     scales = [1.0] * count
     if rescale:
         stats = SparsifyStats(bands, scales)
@@ -98,6 +87,42 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
         dtype = rows.base.dtype
         scales = [l1_rescale(_rounded(total, dtype), _rounded(part, dtype)) for total, part in zip(totals, kept)]
     return SparsifyStats(bands, scales)
+
+
+def _sorted_masks(tensors: ChunkedTensors, density: PerModel, gammas) -> list[torch.Tensor]:
+    masks = []
+    for index in range(len(density)):
+        magnitudes = torch.cat([(rows.inputs[0] - rows.base).abs().reshape(-1).float()
+                                for rows in tensors.chunks(models=[index])])
+        masks.append(sorted_selection_mask(magnitudes, density[index], gammas[index]).reshape(tensors.shape))
+    return masks
+
+
+def _histogram_bands(tensors: ChunkedTensors, density: PerModel, gammas) -> list[tuple[float, float]]:
+    """Each input's kept |delta| band, from one streamed pass over all inputs (two when not bf16)."""
+    bands: list[tuple[float, float] | None] = [None] * len(density)
+    selectors: dict[int, MagnitudeRanks] = {}
+    for index, (share, gamma) in enumerate(zip(density, gammas)):
+        ranks = band_ranks(tensors.numel, share, gamma) if share > 0 else None
+        if share >= 1:
+            bands[index] = (0.0, math.inf)
+        elif ranks is None:
+            bands[index] = (math.inf, math.inf)
+        else:
+            selectors[index] = MagnitudeRanks(list(ranks) if gamma is not None else [ranks[0]])
+    _feed(tensors, selectors, MagnitudeRanks.observe)
+    if any(selector.needs_refinement for selector in selectors.values()):
+        _feed(tensors, selectors, MagnitudeRanks.refine)
+    for index, selector in selectors.items():
+        found = selector.values()
+        bands[index] = (found[0], found[1] if len(found) > 1 else math.inf)
+    return bands
+
+
+def _feed(tensors: ChunkedTensors, selectors: dict[int, MagnitudeRanks], step) -> None:
+    for rows in tensors.chunks():
+        for index, selector in selectors.items():
+            step(selector, rows.inputs[index] - rows.base)
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
