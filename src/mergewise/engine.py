@@ -13,6 +13,7 @@ import random
 import shutil
 import warnings
 import zlib
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -91,7 +92,9 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
     shard_size = parse_size(options.shard_size)
     torch.set_num_threads(options.threads or os.cpu_count() or 1)
-    with staged_folder(out_dir) as staging, ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader:
+    with (staged_folder(out_dir) as staging,
+          ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader,
+          ThreadPoolExecutor(1, thread_name_prefix="mergewise-write") as write_thread):
         writer = StreamingShardWriter(
             staging, [PlannedTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs], shard_size,
             metadata={"merged_by": "mergewise"})
@@ -99,12 +102,14 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
             total = sum(math.prod(job.shape) for job in plan.jobs)
             compile_kernels = options.compile if options.compile is not None else total >= COMPILE_MIN_PARAMETERS
             executor = _JobExecutor(plan, device, seed, reader, tensor_hook, compile_kernels)
+            background = _BackgroundWrites(writer, write_thread)
             with tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
                       disable=options.quiet) as progress:
                 for job in plan.jobs:
                     progress.set_postfix_str(job.name, refresh=False)
-                    executor.run(job, writer)
+                    executor.run(job, background)
                     progress.update(math.prod(job.shape))
+            background.drain()
             writer.close()
         except BaseException:
             writer.abort()
@@ -128,6 +133,27 @@ def row_ranges(shape: tuple[int, ...], *, whole: bool = False) -> list[slice]:
     return [slice(start, min(start + step, shape[0])) for start in range(0, max(shape[0], 1), step)]
 
 
+class _BackgroundWrites:
+    """Hands merged row chunks to a writer thread, so the disk write of one chunk overlaps the
+    arithmetic of the next; at most `depth` chunks wait, so memory stays bounded."""
+
+    def __init__(self, writer: StreamingShardWriter, thread: ThreadPoolExecutor, depth: int = 2):
+        self._writer = writer
+        self._thread = thread
+        self._depth = depth
+        self._pending: deque[Future] = deque()
+
+    def write(self, name: str, data: torch.Tensor, first_row: int = 0) -> None:
+        if len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._thread.submit(self._writer.write, name, data, first_row))
+
+    def drain(self) -> None:
+        """Wait for every pending write (raising the first failure)."""
+        while self._pending:
+            self._pending.popleft().result()
+
+
 class _JobExecutor:
     """Runs one TensorJob at a time, reading its row chunks one step ahead of the arithmetic."""
 
@@ -143,7 +169,7 @@ class _JobExecutor:
         self.compiled = (_compiled(self.method.merge_rows)
                          if compile_kernels and not self.method.uses_randomness else None)
 
-    def run(self, job: TensorJob, writer: StreamingShardWriter) -> None:
+    def run(self, job: TensorJob, writer: _BackgroundWrites) -> None:
         if not job.out_dtype.is_floating_point:
             source = job.base or job.inputs[0]
             writer.write(job.name, source.model.read(source.name))
@@ -162,6 +188,10 @@ class _JobExecutor:
             writer.write(job.name, merged.to(job.out_dtype), rows.start)
 
     def _merge(self, rows: TensorRows, params: dict) -> torch.Tensor:
+        if self.method.fused is not None:
+            merged = self.method.merge(rows, params, self.method.fused)
+            if merged is not None:
+                return merged
         if self.compiled is not None and rows.inputs[0].numel() >= COMPILE_MIN_ELEMENTS:
             try:
                 return self.method.merge(rows, params, self.compiled)
@@ -198,7 +228,7 @@ class _JobExecutor:
     def _load(self, source, rows) -> torch.Tensor:
         """Rows in the working dtype: the recipe's `dtype`, else as stored (mergekit's rule); each
         method decides where it needs more precision."""
-        tensor = source.model.read(source.name, rows)
+        tensor = source.model.map_rows(source.name, rows)
         return tensor.to(self.device, self.plan.compute_dtype or tensor.dtype)
 
     def _generator(self, job: TensorJob, index: int, first_row: int) -> torch.Generator:

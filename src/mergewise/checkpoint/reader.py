@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -147,22 +148,43 @@ class ModelFolder:
         if info.file in self._pickled:
             tensor = self._pickled[info.file][name]
             return (tensor if rows is None or tensor.dim() == 0 else tensor[rows]).clone()
+        start, length, shape = self._extent(info, rows)
+        buffer = bytearray(length)
+        descriptor = self._descriptor(info.file)
+        done = 0
+        while done < len(buffer):
+            chunk = os.preadv(descriptor, [memoryview(buffer)[done:]], start + done)
+            if chunk <= 0:
+                raise MergewiseError(f"{info.file}: truncated while reading tensor {name}")
+            done += chunk
+        if not buffer:
+            return torch.empty(shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
+
+    def map_rows(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Like `read`, but the rows are mapped from the page cache instead of copied into fresh
+        memory. The mapping is private: a write to the tensor copies the page and never reaches the
+        file. It holds a file descriptor until the tensor is freed, so it is meant for short-lived
+        row chunks."""
+        info = self.tensors[name]
+        start, length, shape = self._extent(info, rows)
+        if info.file in self._pickled or length == 0:
+            return self.read(name, rows)
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(self._descriptor(info.file), length + start - aligned, offset=aligned,
+                           flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return torch.frombuffer(mapped, dtype=info.dtype, offset=start - aligned,
+                                count=length // info.dtype.itemsize).reshape(shape)
+
+    @staticmethod
+    def _extent(info: TensorInfo, rows: slice | None) -> tuple[int, int, tuple[int, ...]]:
+        """(absolute byte offset, byte length, shape) of the rows `rows` of a safetensors tensor."""
         whole = rows is None or not info.shape
         first, stop = (0, info.shape[0] if info.shape else 1) if whole else rows.indices(info.shape[0])[:2]
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
         count = max(0, stop - first)
-        buffer = bytearray(count * row_bytes)
-        descriptor = self._descriptor(info.file)
-        done = 0
-        while done < len(buffer):
-            chunk = os.preadv(descriptor, [memoryview(buffer)[done:]], info.offset + first * row_bytes + done)
-            if chunk <= 0:
-                raise MergewiseError(f"{info.file}: truncated while reading tensor {name}")
-            done += chunk
         shape = (count, *info.shape[1:]) if info.shape else ()
-        if not buffer:
-            return torch.empty(shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
+        return info.offset + first * row_bytes, count * row_bytes, shape
 
     def _descriptor(self, file: Path) -> int:
         if file not in self._descriptors:

@@ -63,7 +63,12 @@ class MagnitudeRanks:
     def observe(self, values: torch.Tensor) -> None:
         """First pass: count every chunk's magnitudes by their high bits."""
         self._only_high_bits &= values.dtype == torch.bfloat16
-        self._coarse += torch.bincount(self._keys(values) >> 16, minlength=_COARSE_BINS)
+        if values.dtype == torch.bfloat16 and values.device.type == "cpu":
+            from mergewise.methods import bf16_kernels  # numba loads only for the merges that use it
+
+            self._coarse += bf16_kernels.magnitude_histogram(values)
+        else:
+            self._coarse += torch.bincount((self._keys(values) >> 16).cpu(), minlength=_COARSE_BINS)
 
     def _bucket_offsets(self) -> list[tuple[int, int]]:
         """(bucket, rank inside the bucket) for each rank."""
@@ -84,7 +89,7 @@ class MagnitudeRanks:
         high = keys >> 16
         for bucket, _ in self._bucket_offsets():
             inside = keys[high == bucket] & 0xFFFF
-            counts = torch.bincount(inside, minlength=_FINE_BINS)
+            counts = torch.bincount(inside.cpu(), minlength=_FINE_BINS)
             self._fine[bucket] = self._fine[bucket] + counts if bucket in self._fine else counts
 
     def values(self) -> list[float]:

@@ -165,13 +165,42 @@ def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
         divisor = torch.where(divisor == 0, 1, divisor)
     else:
         combined = weighted.sum(dim=0)
-        divisor = weights.sum()
-        divisor = torch.where(divisor.abs() < 1e-8, 1, divisor)
+        divisor = _total_weight(weights)
     if normalize:
         combined = combined / divisor
     if lambda_ != 1:
         combined = combined * lambda_
     return base + combined
+
+
+def _total_weight(weights: torch.Tensor) -> torch.Tensor:
+    """The normaliser without sign consensus: Σ weight, or 1 where that is ~0."""
+    total = weights.sum()
+    return torch.where(total.abs() < 1e-8, 1, total)
+
+
+def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | None, consensus: bool,
+                          weight: PerModel, density: PerModel = None, normalize: bool = False,
+                          lambda_: float = 1.0, **unused) -> torch.Tensor | None:
+    """`merge_task_arithmetic` in one pass over bf16 CPU rows, bit for bit; None for rows it does not
+    take: other dtypes or devices, random masks, or the explicit masks of small tensors."""
+    if rows.base is None or sparsification not in (None, Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
+        return None
+    from mergewise.methods import bf16_kernels  # numba loads only for the merges that use it
+
+    if not bf16_kernels.supports([rows.base, *rows.inputs]):
+        return None
+    count = len(rows.inputs)
+    density = density or (1.0,) * count
+    bands = [None if sparsification is None or density[index] >= 1 else rows.stats.bands[index]
+             for index in range(count)]
+    if any(isinstance(band, torch.Tensor) for band in bands):
+        return None
+    weights = torch.tensor(weight, dtype=torch.bfloat16)
+    return bf16_kernels.task_arithmetic(
+        rows.base, rows.inputs, weights=list(weight), bands=bands,
+        scales=rows.stats.scales if rows.stats is not None else [1.0] * count, consensus=consensus,
+        normalize=normalize, divisor=float(_total_weight(weights)), lambda_=lambda_)
 
 
 def _preset(name: str, sparsification: Sparsification | None, consensus: bool, normalize: bool,
@@ -185,6 +214,7 @@ def _preset(name: str, sparsification: Sparsification | None, consensus: bool, n
     return MergeMethod(
         name=name,
         merge_rows=merge_task_arithmetic,
+        fused=fused_task_arithmetic,
         prepare=prepare_task_arithmetic,
         base=BasePolicy.REQUIRED,
         fixed={"sparsification": sparsification, "consensus": consensus, **unused},

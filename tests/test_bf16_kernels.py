@@ -1,0 +1,106 @@
+"""The fused bf16 kernels must give the eager torch path's bytes: they only fuse its passes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergewise.methods import METHODS, TensorRows
+from mergewise.methods.sparsify import MagnitudeRanks
+from mergewise.methods.task_arithmetic import SparsifyStats
+
+FUSED_METHODS = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
+
+
+def bf16_family(count: int, rows: int = 300, columns: int = 97, seed: int = 0):
+    """A base and `count` fine-tunes whose deltas span many magnitudes (so every rounding matters),
+    with exact zeros, a NaN and an infinity among them."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, columns, generator=generator)
+    inputs = []
+    for _ in range(count):
+        scale = torch.exp(torch.empty(rows, columns).uniform_(-12, 0, generator=generator))
+        delta = torch.randn(rows, columns, generator=generator) * scale
+        delta[torch.rand(rows, columns, generator=generator) < 0.05] = 0
+        inputs.append((base + delta).bfloat16())
+    base = base.bfloat16()
+    inputs[0][3, 5] = math.nan
+    inputs[-1][7, 2] = math.inf
+    return base, inputs
+
+
+def magnitude_bands(base, inputs, density, gamma):
+    """The bands the engine's `prepare` finds, through the histogram path."""
+    bands = []
+    for tensor in inputs:
+        count = tensor.numel()
+        keep = int(density * count)
+        ranks = [count - max(1, keep)] if gamma is None else [count - keep - int(gamma * count),
+                                                              count - int(gamma * count) - 1]
+        selector = MagnitudeRanks(ranks)
+        selector.observe(tensor - base)
+        found = selector.values()
+        bands.append((found[0], found[1] if gamma is not None else math.inf))
+    return bands
+
+
+def assert_same_bits(fused: torch.Tensor, eager: torch.Tensor) -> None:
+    """Equal bit patterns, except that any NaN matches any NaN (eager torch itself gives different
+    NaN bits on its scalar and vector paths)."""
+    assert fused.dtype == eager.dtype == torch.bfloat16
+    assert torch.equal(fused.isnan(), eager.isnan())
+    numbers = ~eager.isnan()
+    assert torch.equal(fused.view(torch.int16)[numbers], eager.view(torch.int16)[numbers])
+
+
+@pytest.mark.parametrize("name", FUSED_METHODS)
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("variant", ["defaults", "normalize+lambda", "negative weights+rescale factors"])
+def test_fused_task_arithmetic_is_bit_identical_to_eager(name, count, variant):
+    method = METHODS[name]
+    base, inputs = bf16_family(count, seed=count)
+    weights = [round(0.7 / (index + 1), 4) for index in range(count)]
+    params = {"weight": weights, "density": [0.4] * count, "gamma": [0.05] * count, "epsilon": [0.1] * count,
+              "normalize": METHODS[name].parameters["normalize"].default, "rescale": False, "lambda": 1.0,
+              "int8_mask": False}
+    scales = [1.0] * count
+    if variant == "normalize+lambda":
+        params |= {"normalize": True, "lambda": 0.73}
+    elif variant == "negative weights+rescale factors":
+        params["weight"] = [-w if index % 2 else w for index, w in enumerate(weights)]
+        scales = [1.0 + 0.37 * index for index in range(count)]
+    params = {key: value for key, value in params.items() if key in method.parameters}
+    gamma = 0.05 if "breadcrumbs" in name else None
+    bands = magnitude_bands(base, inputs, 0.4, gamma) if name != "task_arithmetic" else None
+    rows = TensorRows(base, inputs, 0, stats=SparsifyStats(bands, scales))
+
+    fused = method.merge(rows, params, method.fused)
+    eager = method.merge(rows, params)
+
+    assert fused is not None
+    assert_same_bits(fused, eager)
+
+
+def test_fused_path_declines_rows_it_does_not_cover():
+    method = METHODS["ties"]
+    base, inputs = bf16_family(2)
+    params = {"weight": [0.5, 0.5], "density": [0.5, 0.5], "normalize": True, "rescale": False,
+              "lambda": 1.0, "int8_mask": False}
+    explicit_masks = SparsifyStats([torch.ones(base.shape, dtype=torch.bool)] * 2, [1.0, 1.0])
+    assert method.merge(TensorRows(base, inputs, 0, stats=explicit_masks), params, method.fused) is None
+    bands = SparsifyStats([(0.0, math.inf)] * 2, [1.0, 1.0])
+    as_float = TensorRows(base.float(), [tensor.float() for tensor in inputs], 0, stats=bands)
+    assert method.merge(as_float, params, method.fused) is None
+    dare = METHODS["dare_ties"]
+    assert dare.merge(TensorRows(base, inputs, 0, stats=bands), params, dare.fused) is None
+
+
+def test_histogram_of_bf16_magnitudes_matches_bincount():
+    from mergewise.methods import bf16_kernels
+
+    _, (values,) = bf16_family(1)
+    expected = torch.bincount(values.view(torch.int16).reshape(-1).to(torch.int32) & 0x7FFF,
+                              minlength=bf16_kernels.HISTOGRAM_BINS)
+    assert torch.equal(bf16_kernels.magnitude_histogram(values), expected)
