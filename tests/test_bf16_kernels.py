@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mergewise.methods import METHODS, TensorRows
+from mergewise.methods.kernel_loading import bf16_kernels
 from mergewise.methods.sparsify import MagnitudeRanks
 from mergewise.methods.task_arithmetic import SparsifyStats
 
@@ -55,6 +56,13 @@ def assert_same_bits(fused: torch.Tensor, eager: torch.Tensor) -> None:
     assert torch.equal(fused.view(torch.int16)[numbers], eager.view(torch.int16)[numbers])
 
 
+@pytest.fixture(autouse=True)
+def kernels_loaded():
+    """The kernels load on a background thread; these tests need them in place."""
+    for count in (1, 2, 3, 5, 8):
+        assert bf16_kernels(count, wait=True) is not None
+
+
 @pytest.mark.parametrize("name", FUSED_METHODS)
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("variant", ["defaults", "normalize+lambda", "negative weights+rescale factors"])
@@ -98,9 +106,8 @@ def test_fused_path_declines_rows_it_does_not_cover():
 
 
 def test_histogram_of_bf16_magnitudes_matches_bincount():
-    from mergewise.methods import bf16_kernels
-
+    kernels = bf16_kernels(wait=True)
     _, (values,) = bf16_family(1)
     expected = torch.bincount(values.view(torch.int16).reshape(-1).to(torch.int32) & 0x7FFF,
-                              minlength=bf16_kernels.HISTOGRAM_BINS)
-    assert torch.equal(bf16_kernels.magnitude_histogram(values), expected)
+                              minlength=kernels.HISTOGRAM_BINS)
+    assert torch.equal(kernels.magnitude_histogram(values), expected)

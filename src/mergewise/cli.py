@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    # The interpreter's last garbage collection would walk every object torch and numba created,
+    # ~0.3 s spent after the work is done; frozen objects are skipped (they are still freed).
+    gc.freeze()
     return int(status or 0)
 
 

@@ -10,6 +10,7 @@ to the eager path; the tests compare the two. Compiled code is cached on disk af
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -148,6 +149,10 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(torch.int16).numpy()
 
 
+def _floats(values: list[float]) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
+
+
 def _as_bf16_scalar(value: float) -> np.float32:
     return np.float32(float(torch.tensor(value, dtype=torch.bfloat16)))
 
@@ -155,6 +160,11 @@ def _as_bf16_scalar(value: float) -> np.float32:
 def supports(tensors: list[torch.Tensor]) -> bool:
     """Whether these rows can take the fused path: bf16 on the CPU."""
     return all(tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" for tensor in tensors)
+
+
+# Numba's fallback threading layer (workqueue) aborts on parallel launches from two threads at once,
+# and kernels are warmed up on a background thread while others may run: one launch at a time.
+_launch_lock = threading.Lock()
 
 
 def _follow_torch_threads() -> None:
@@ -170,25 +180,35 @@ def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: 
     `bands[i]` is input i's kept |delta| range, None to keep every entry; `divisor` is the
     normaliser without consensus (with consensus it is per entry, from the agreeing weights).
     """
-    _follow_torch_threads()
     out = torch.empty(base.shape, dtype=torch.bfloat16)
-    as_array = lambda values: np.array(values, dtype=np.float32)  # noqa: E731
-    _task_arithmetic(
-        _bits(base), tuple(_bits(tensor) for tensor in inputs),
-        as_array([_as_bf16_scalar(weight) for weight in weights]),
-        as_array([_as_bf16_scalar(scale) for scale in scales]),
-        as_array([band[0] if band else 0.0 for band in bands]),
-        as_array([band[1] if band else math.inf for band in bands]),
-        np.array([band is not None for band in bands]), consensus, normalize,
-        _as_bf16_scalar(divisor), np.float32(lambda_), _bits(out))
+    with _launch_lock:
+        _follow_torch_threads()
+        _task_arithmetic(
+            _bits(base), tuple(_bits(tensor) for tensor in inputs),
+            _floats([_as_bf16_scalar(weight) for weight in weights]),
+            _floats([_as_bf16_scalar(scale) for scale in scales]),
+            _floats([band[0] if band else 0.0 for band in bands]),
+            _floats([band[1] if band else math.inf for band in bands]),
+            np.array([band is not None for band in bands]), consensus, normalize,
+            _as_bf16_scalar(divisor), np.float32(lambda_), _bits(out))
     return out
+
+
+def warm_up(input_count: int) -> None:
+    """Load (or, the first time, compile) the kernels for `input_count` inputs."""
+    rows = torch.zeros(BLOCK + 1, dtype=torch.bfloat16)
+    task_arithmetic(rows, [rows] * input_count, weights=[1.0] * input_count, scales=[1.0] * input_count,
+                    bands=[(0.0, math.inf)] * input_count, consensus=True, normalize=True, divisor=1.0,
+                    lambda_=1.0)
+    magnitude_histogram(rows)
 
 
 def magnitude_histogram(values: torch.Tensor) -> torch.Tensor:
     """Counts of |values| by bf16 bit pattern (HISTOGRAM_BINS bins, ascending magnitude)."""
-    _follow_torch_threads()
-    counts = np.zeros((numba.get_num_threads(), HISTOGRAM_BINS), dtype=np.int64)
-    _magnitude_histogram(_bits(values), counts)
+    with _launch_lock:
+        _follow_torch_threads()
+        counts = np.zeros((numba.get_num_threads(), HISTOGRAM_BINS), dtype=np.int64)
+        _magnitude_histogram(_bits(values), counts)
     return torch.from_numpy(counts.sum(axis=0))
 
 

@@ -14,6 +14,8 @@ from enum import Enum
 
 import torch
 
+from mergewise.methods.kernel_loading import bf16_kernels
+
 
 class Sparsification(str, Enum):
     MAGNITUDE = "magnitude"                    # TIES: keep the top-k |delta|
@@ -63,10 +65,9 @@ class MagnitudeRanks:
     def observe(self, values: torch.Tensor) -> None:
         """First pass: count every chunk's magnitudes by their high bits."""
         self._only_high_bits &= values.dtype == torch.bfloat16
-        if values.dtype == torch.bfloat16 and values.device.type == "cpu":
-            from mergewise.methods import bf16_kernels  # numba loads only for the merges that use it
-
-            self._coarse += bf16_kernels.magnitude_histogram(values)
+        kernels = bf16_kernels() if values.dtype == torch.bfloat16 and values.device.type == "cpu" else None
+        if kernels is not None:
+            self._coarse += kernels.magnitude_histogram(values)
         else:
             self._coarse += torch.bincount((self._keys(values) >> 16).cpu(), minlength=_COARSE_BINS)
 

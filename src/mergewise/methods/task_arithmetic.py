@@ -7,13 +7,13 @@ that contributed, scale by lambda, add to the base — with a different sparsifi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
 from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows
+from mergewise.methods.kernel_loading import bf16_kernels
 from mergewise.methods.sparsify import (
     MagnitudeRanks,
     Sparsification,
@@ -183,12 +183,12 @@ def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
                           weight: PerModel, density: PerModel = None, normalize: bool = False,
                           lambda_: float = 1.0, **unused) -> torch.Tensor | None:
     """`merge_task_arithmetic` in one pass over bf16 CPU rows, bit for bit; None for rows it does not
-    take: other dtypes or devices, random masks, or the explicit masks of small tensors."""
+    take (other dtypes or devices, random masks, the explicit masks of small tensors) and while the
+    kernels are still loading."""
     if rows.base is None or sparsification not in (None, Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
         return None
-    from mergewise.methods import bf16_kernels  # numba loads only for the merges that use it
-
-    if not bf16_kernels.supports([rows.base, *rows.inputs]):
+    kernels = bf16_kernels(len(rows.inputs))
+    if kernels is None or not kernels.supports([rows.base, *rows.inputs]):
         return None
     count = len(rows.inputs)
     density = density or (1.0,) * count
@@ -197,7 +197,7 @@ def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
     if any(isinstance(band, torch.Tensor) for band in bands):
         return None
     weights = torch.tensor(weight, dtype=torch.bfloat16)
-    return bf16_kernels.task_arithmetic(
+    return kernels.task_arithmetic(
         rows.base, rows.inputs, weights=list(weight), bands=bands,
         scales=rows.stats.scales if rows.stats is not None else [1.0] * count, consensus=consensus,
         normalize=normalize, divisor=float(_total_weight(weights)), lambda_=lambda_)
