@@ -111,3 +111,19 @@ def test_histogram_of_bf16_magnitudes_matches_bincount():
     expected = torch.bincount(values.view(torch.int16).reshape(-1).to(torch.int32) & 0x7FFF,
                               minlength=kernels.HISTOGRAM_BINS)
     assert torch.equal(kernels.magnitude_histogram(values), expected)
+
+
+def test_merges_stay_eager_when_the_kernels_cannot_load(monkeypatch):
+    from mergewise.methods import kernel_loading
+
+    def unavailable(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(kernel_loading, "_loads", {})
+    monkeypatch.setattr(kernel_loading.importlib, "import_module", unavailable)
+    with pytest.warns(RuntimeWarning, match="eager"):
+        assert kernel_loading.bf16_kernels(2, wait=True) is None
+    base, inputs = bf16_family(2)
+    params = {"weight": [0.5, 0.5], "normalize": False, "lambda": 1.0}
+    method = METHODS["task_arithmetic"]
+    assert method.merge(TensorRows(base, inputs, 0), params, method.fused) is None

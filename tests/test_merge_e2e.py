@@ -262,3 +262,38 @@ def test_relative_model_paths_are_read_from_the_recipe_folder(tiny_family, tmp_p
     (recipes / "relative.yml").write_text(yaml.safe_dump(relative))
     assert main(["merge", str(recipes / "relative.yml"), str(tmp_path / "relative"), "--quiet"]) == 0
     assert digest(tmp_path / "relative") == digest(absolute)
+
+
+def test_mapped_rows_equal_read_rows_and_writes_to_them_never_reach_the_file(tiny_family):
+    from mergewise.checkpoint import ModelFolder
+
+    model = ModelFolder(tiny_family("llama").base)
+    name = "model.embed_tokens.weight"
+    file_bytes = model.tensors[name].file.read_bytes()
+    mapped = model.map_rows(name, slice(3, 9))
+    assert torch.equal(mapped, model.read(name, slice(3, 9)))
+    assert torch.equal(model.map_rows(name), model.read(name))
+    mapped.fill_(7.0)  # a private mapping: the page is copied, the input model is untouched
+    assert model.tensors[name].file.read_bytes() == file_bytes
+    assert not torch.equal(model.read(name, slice(3, 9)), mapped)
+    model.close()
+
+
+def test_a_failed_write_leaves_no_output(tiny_family, tmp_path, monkeypatch):
+    """Row chunks are written on a background thread: its failure (here a full disk) still stops the
+    merge, and the staged output is removed."""
+    from mergewise.checkpoint import writer
+
+    calls = {"count": 0}
+    original = writer.StreamingShardWriter.write
+
+    def failing_write(self, *args):
+        calls["count"] += 1
+        if calls["count"] == 5:
+            raise OSError(28, "No space left on device")
+        return original(self, *args)
+
+    monkeypatch.setattr(writer.StreamingShardWriter, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        mergewise.merge(ties_recipe(tiny_family("llama")), tmp_path / "out", quiet=True)
+    assert list(tmp_path.iterdir()) == []
