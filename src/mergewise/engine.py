@@ -1,7 +1,8 @@
-"""The streaming executor: plan → read row chunks (prefetched on a thread) → method → write.
+"""The streaming executor: plan → map row chunks (one chunk ahead, on a thread) → method → write
+(on a thread).
 
-Peak memory is a few row chunks of every input plus, for methods with a whole-tensor statistic, one
-float32 copy of one task vector: it depends on the widest tensor, never on the model's depth.
+Peak memory is a few row chunks of every input (whole tensors for the one method whose rows are not
+independent, row-wise nuslerp): it depends on the widest tensor, never on the model's depth.
 """
 
 from __future__ import annotations

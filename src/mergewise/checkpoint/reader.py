@@ -139,11 +139,8 @@ class ModelFolder:
 
     # ------------------------------------------------------------------------------------ reads
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The tensor `name`, or only its rows `rows` (first axis), read from disk now.
-
-        Plain positioned reads rather than a memory map: the data passes through the page cache
-        only, so a merge's resident memory stays the size of the chunks it holds.
-        """
+        """The tensor `name`, or only its rows `rows` (first axis), copied from disk now into memory
+        of its own (no file descriptor or mapping stays attached to it)."""
         info = self.tensors[name]
         if info.file in self._pickled:
             tensor = self._pickled[info.file][name]
