@@ -179,6 +179,15 @@ def test_magnitude_ranks_match_a_full_sort_across_chunks(dtype):
     assert selector.values() == expected
 
 
+def test_magnitude_ranks_sharing_a_histogram_bucket_are_each_exact():
+    # 1.0 … 1.0003 share their high 16 bits, so both ranks are found in the same low-bit histogram
+    values = torch.tensor([1.0, 1.0001, 1.0002, 1.0003, 5.0])
+    selector = MagnitudeRanks([1, 2])
+    selector.observe(values)
+    selector.refine(values)
+    assert selector.values() == values[[1, 2]].tolist()
+
+
 @pytest.mark.parametrize("name,gamma", [("ties", None), ("breadcrumbs", 0.1)])
 def test_magnitude_band_of_a_big_tensor_keeps_the_asked_share_with_every_tie(name, gamma):
     # above the sorted-selection size the band comes from histograms, read in row chunks; ties at the

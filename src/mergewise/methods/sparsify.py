@@ -88,7 +88,7 @@ class MagnitudeRanks:
         """Second pass (not for bf16): count the low bits of magnitudes in the rank buckets."""
         keys = self._keys(values)
         high = keys >> 16
-        for bucket, _ in self._bucket_offsets():
+        for bucket in {bucket for bucket, _ in self._bucket_offsets()}:  # ranks may share a bucket
             inside = keys[high == bucket] & 0xFFFF
             counts = torch.bincount(inside.cpu(), minlength=_FINE_BINS)
             self._fine[bucket] = self._fine[bucket] + counts if bucket in self._fine else counts
