@@ -164,9 +164,11 @@ class ModelFolder:
         file. It holds a file descriptor until the tensor is freed, so it is meant for short-lived
         row chunks."""
         info = self.tensors[name]
-        start, length, shape = self._extent(info, rows)
-        if info.file in self._pickled or length == 0:
+        if info.file in self._pickled:
             return self.read(name, rows)
+        start, length, shape = self._extent(info, rows)
+        if length == 0:
+            return torch.empty(shape, dtype=info.dtype)
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
         mapped = mmap.mmap(self._descriptor(info.file), length + start - aligned, offset=aligned,
                            flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)

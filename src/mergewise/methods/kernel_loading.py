@@ -1,6 +1,6 @@
 """Loads the bf16 kernels on a background thread, so a merge never waits for them.
 
-Importing numba and loading the compiled kernels takes ~0.6 s per process (compiling them the first
+Importing numba and loading the compiled kernels takes ~0.7 s per process (compiling them the first
 time, several seconds). Meanwhile the merge runs on the eager torch path, whose output is
 bit-identical, and switches to the kernels once they are ready. Should they fail to load (numba
 missing or unsupported here), the merge simply stays eager.

@@ -57,6 +57,7 @@ class MagnitudeRanks:
         self._coarse = torch.zeros(_COARSE_BINS, dtype=torch.int64)
         self._fine: dict[int, torch.Tensor] = {}
         self._only_high_bits = True
+        self._located: list[tuple[int, int]] | None = None  # from the finished first pass
 
     @staticmethod
     def _keys(values: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,7 @@ class MagnitudeRanks:
     def observe(self, values: torch.Tensor) -> None:
         """First pass: count every chunk's magnitudes by their high bits."""
         self._only_high_bits &= values.dtype == torch.bfloat16
+        self._located = None
         kernels = bf16_kernels() if values.dtype == torch.bfloat16 and values.device.type == "cpu" else None
         if kernels is not None:
             self._coarse += kernels.magnitude_histogram(values)
@@ -72,13 +74,14 @@ class MagnitudeRanks:
             self._coarse += torch.bincount((self._keys(values) >> 16).cpu(), minlength=_COARSE_BINS)
 
     def _bucket_offsets(self) -> list[tuple[int, int]]:
-        """(bucket, rank inside the bucket) for each rank."""
-        cumulative = self._coarse.cumsum(0)
-        located = []
-        for rank in self.ranks:
-            bucket = int(torch.searchsorted(cumulative, rank, right=True))
-            located.append((bucket, rank - (int(cumulative[bucket - 1]) if bucket else 0)))
-        return located
+        """(bucket, rank inside the bucket) for each rank, located once per finished first pass."""
+        if self._located is None:
+            cumulative = self._coarse.cumsum(0)
+            self._located = []
+            for rank in self.ranks:
+                bucket = int(torch.searchsorted(cumulative, rank, right=True))
+                self._located.append((bucket, rank - (int(cumulative[bucket - 1]) if bucket else 0)))
+        return self._located
 
     @property
     def needs_refinement(self) -> bool:

@@ -103,13 +103,11 @@ def _histogram_bands(tensors: ChunkedTensors, density: PerModel, gammas) -> list
     bands: list[tuple[float, float] | None] = [None] * len(density)
     selectors: dict[int, MagnitudeRanks] = {}
     for index, (share, gamma) in enumerate(zip(density, gammas)):
-        ranks = band_ranks(tensors.numel, share, gamma) if share > 0 else None
-        if share >= 1:
-            bands[index] = (0.0, math.inf)
-        elif ranks is None:
-            bands[index] = (math.inf, math.inf)
-        else:
+        ranks = band_ranks(tensors.numel, share, gamma) if 0 < share < 1 else None
+        if ranks is not None:  # TIES needs only the lower end: its band is open above
             selectors[index] = MagnitudeRanks(list(ranks) if gamma is not None else [ranks[0]])
+        else:
+            bands[index] = (0.0, math.inf) if share >= 1 else (math.inf, math.inf)
     _feed(tensors, selectors, MagnitudeRanks.observe)
     if any(selector.needs_refinement for selector in selectors.values()):
         _feed(tensors, selectors, MagnitudeRanks.refine)
