@@ -1,13 +1,8 @@
 """mergewise: merge fine-tuned LLMs, with activation-informed merging and routed experts."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from mergewise.errors import MergewiseError
 
-try:
-    __version__ = version("mergewise")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+source"
+__version__ = "0.1.0"  # pyproject.toml reads it from here
 
 __all__ = ["MergewiseError", "__version__", "load", "merge"]
 

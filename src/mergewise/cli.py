@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import importlib
+import os
 import sys
 
 from mergewise.errors import MergewiseError
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _tune_process()
     try:
         status = args.handler(args)
     except MergewiseError as error:
@@ -40,6 +43,49 @@ def main(argv: list[str] | None = None) -> int:
     # ~0.3 s spent after the work is done; frozen objects are skipped (they are still freed).
     gc.freeze()
     return int(status or 0)
+
+
+def _tune_process() -> None:
+    """Settings for streaming work on few cores, made before torch loads (a user's own win). On a
+    0.2 B-parameter merge on 2 cores together they cut CPU time from ~5.0 s to ~3.4 s."""
+    # OpenMP workers spin ~300k rounds after each parallel region by default, taking a core from the
+    # reader and writer threads; a short spin still bridges the gap between two operations.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    _keep_freed_buffers()
+    _import_torch()
+
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def _keep_freed_buffers() -> None:
+    """glibc hands row-chunk sized blocks back to the kernel when they are freed, and the next chunk
+    faults them in again page by page, zeroed: ~1 s of CPU per 0.2 B merged parameters. Keep them in
+    the heap instead (up to 256 MB of free space at its top)."""
+    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+def _import_torch() -> None:
+    """Every command needs torch. Its import creates millions of long-lived objects, and the garbage
+    collector would walk them all again and again as they pile up (~0.3 s per process): import it
+    with collection paused, then freeze what it created so later collections skip it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import torch  # noqa: F401
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 if __name__ == "__main__":

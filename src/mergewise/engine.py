@@ -46,10 +46,12 @@ TensorHook = Callable[[TensorJob, slice, torch.Tensor], torch.Tensor]
 # Called with the complete staged output folder before it is moved into place, to add files to it.
 Finalizer = Callable[[Path], None]
 
-CHUNK_ELEMENTS = 1 << 22  # ~16 MB of float32 per input per chunk
+# ~4 MB of float32 per input per chunk: an eager method's temporaries stay in the CPU's caches
+# between its passes (4 M-element chunks made eager task arithmetic 1.5-5x slower on 2 cores).
+CHUNK_ELEMENTS = 1 << 20
 # Row chunks at least this large run through a torch.compile'd method: the fused kernel makes one
 # pass instead of one per operation. Smaller tensors are not worth the compilation.
-COMPILE_MIN_ELEMENTS = 1 << 20
+COMPILE_MIN_ELEMENTS = 1 << 18
 # Compiling costs seconds per process; measured on a 0.2 B-parameter merge (2 cores) it cost more
 # than it saved, so by default it is used from this many output parameters on.
 COMPILE_MIN_PARAMETERS = 2_000_000_000
@@ -102,7 +104,8 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
         try:
             total = sum(math.prod(job.shape) for job in plan.jobs)
             compile_kernels = options.compile if options.compile is not None else total >= COMPILE_MIN_PARAMETERS
-            executor = _JobExecutor(plan, device, seed, reader, tensor_hook, compile_kernels)
+            fused = plan.method.fused if total >= plan.method.fused_min_parameters else None
+            executor = _JobExecutor(plan, device, seed, reader, tensor_hook, compile_kernels, fused)
             background = _BackgroundWrites(writer, write_thread)
             with tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
                       disable=options.quiet) as progress:
@@ -159,13 +162,14 @@ class _JobExecutor:
     """Runs one TensorJob at a time, reading its row chunks one step ahead of the arithmetic."""
 
     def __init__(self, plan: MergePlan, device: torch.device, seed: int, reader: ThreadPoolExecutor,
-                 tensor_hook: TensorHook | None, compile_kernels: bool):
+                 tensor_hook: TensorHook | None, compile_kernels: bool, fused: Callable | None):
         self.plan = plan
         self.method = plan.method
         self.device = device
         self.seed = seed
         self.reader = reader
         self.tensor_hook = tensor_hook
+        self.fused = fused
         # Random methods draw from explicit generators, which compiled graphs do not take.
         self.compiled = (_compiled(self.method.merge_rows)
                          if compile_kernels and not self.method.uses_randomness else None)
@@ -189,8 +193,8 @@ class _JobExecutor:
             writer.write(job.name, merged.to(job.out_dtype), rows.start)
 
     def _merge(self, rows: TensorRows, params: dict) -> torch.Tensor:
-        if self.method.fused is not None:
-            merged = self.method.merge(rows, params, self.method.fused)
+        if self.fused is not None:
+            merged = self.method.merge(rows, params, self.fused)
             if merged is not None:
                 return merged
         if self.compiled is not None and rows.inputs[0].numel() >= COMPILE_MIN_ELEMENTS:

@@ -4,6 +4,10 @@ Importing numba and loading the compiled kernels takes ~0.7 s per process (compi
 time, several seconds). Meanwhile the merge runs on the eager torch path, whose output is
 bit-identical, and switches to the kernels once they are ready. Should they fail to load (numba
 missing or unsupported here), the merge simply stays eager.
+
+The loading thread is not a daemon: a process whose merge ends first waits for it at exit, because
+interpreter shutdown in the middle of an LLVM compilation aborts the process (and the finished
+compilation is cached for the next run).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def bf16_kernels(input_count: int = 1, *, wait: bool = False) -> ModuleType | No
     with _lock:
         if input_count not in _loads:
             _loads[input_count] = Future()
-            threading.Thread(target=_load, args=(input_count, _loads[input_count]), daemon=True,
+            threading.Thread(target=_load, args=(input_count, _loads[input_count]), daemon=False,
                              name="mergewise-kernels").start()
         loading = _loads[input_count]
     return loading.result() if wait or loading.done() else None
