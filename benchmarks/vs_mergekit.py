@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -56,10 +57,24 @@ class LlamaShape:
 
 @dataclass(frozen=True)
 class Run:
+    """Repeated measurements of one tool on one merge; tables give the medians."""
+
     method: str
     tool: str
-    wall_s: float
-    peak_rss_mb: float
+    walls_s: tuple[float, ...]
+    peaks_rss_mb: tuple[float, ...]
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(self.walls_s)
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return statistics.median(self.peaks_rss_mb)
+
+    @property
+    def wall_range(self) -> str:
+        return f"{min(self.walls_s):.1f}–{max(self.walls_s):.1f}" if len(self.walls_s) > 1 else ""
 
 
 def _llama_tensors(shape: LlamaShape, generator: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:
@@ -182,8 +197,8 @@ def tool_command(tool: str, config_path: Path, out_dir: Path, args: argparse.Nam
     return command
 
 
-def benchmark(method: str, tool: str, workload: Path, args: argparse.Namespace) -> Run:
-    """Merge `workload` with `tool`, into a fresh output folder, and measure it."""
+def benchmark(method: str, tool: str, workload: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """Merge `workload` with `tool`, into a fresh output folder; (wall seconds, peak RSS MB)."""
     runs_dir = args.workdir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     config_path = runs_dir / f"{workload.name}-{method}.yaml"
@@ -194,17 +209,25 @@ def benchmark(method: str, tool: str, workload: Path, args: argparse.Namespace) 
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     print(f"{method}: running {tool} ...", flush=True)
-    wall_s, peak_rss_mb = run_measured(tool_command(tool, config_path, out_dir, args), out_dir.with_suffix(".log"), env)
+    measured = run_measured(tool_command(tool, config_path, out_dir, args), out_dir.with_suffix(".log"), env)
     shutil.rmtree(out_dir, ignore_errors=True)
-    return Run(method, tool, wall_s, peak_rss_mb)
+    return measured
+
+
+def repeated(method: str, tools: list[str], workload: Path, args: argparse.Namespace) -> list[Run]:
+    """`args.repeats` rounds, the tools taking turns within each round, so that a slow spell of the
+    machine falls on both rather than on one tool's runs."""
+    rounds = [[benchmark(method, tool, workload, args) for tool in tools] for _ in range(args.repeats)]
+    return [Run(method, tool, tuple(r[index][0] for r in rounds), tuple(r[index][1] for r in rounds))
+            for index, tool in enumerate(tools)]
 
 
 def comparison_table(runs: list[Run]) -> str:
     """Markdown: one row per run; mergewise rows also give speed-up and RSS ratio against mergekit."""
     mergekit = {run.method: run for run in runs if run.tool == "mergekit"}
     lines = [
-        "| method | tool | wall s | peak RSS MB | speed-up vs mergekit | RSS vs mergekit | target (speed-up, RSS) |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| method | tool | wall s (median) | range | peak RSS MB | speed-up vs mergekit | RSS vs mergekit | target (speed-up, RSS) |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for run in runs:
         speed = rss = target = ""
@@ -214,7 +237,7 @@ def comparison_table(runs: list[Run]) -> str:
             rss = f"{run.peak_rss_mb / reference.peak_rss_mb:.2f}×"
         if run.tool == "mergewise" and run.method in TARGETS:
             target = "≥ {:g}×, ≤ {:g}×".format(*TARGETS[run.method])
-        measured = f"{run.wall_s:.1f} | {run.peak_rss_mb:.0f}"
+        measured = f"{run.wall_s:.1f} | {run.wall_range} | {run.peak_rss_mb:.0f}"
         lines.append(f"| {run.method} | {run.tool} | {measured} | {speed} | {rss} | {target} |")
     return "\n".join(lines)
 
@@ -254,6 +277,7 @@ def parse_args() -> argparse.Namespace:
         default=os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml"),
         help="mergekit-yaml executable (default: $MERGEKIT_YAML, else PATH)",
     )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per tool and merge; tables give medians")
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where the markdown reports go")
     args = parser.parse_args()
     needs_mergekit = not args.depth_sweep and args.only != "mergewise"
@@ -268,13 +292,13 @@ def main() -> None:
         sweep = []
         for layers in SWEEP_DEPTHS:
             shape = LlamaShape(layers=layers)
-            sweep.append((shape, benchmark(SWEEP_METHOD, "mergewise", build_workload(args.workdir, shape), args)))
+            sweep.extend((shape, run) for run in repeated(SWEEP_METHOD, ["mergewise"], build_workload(args.workdir, shape), args))
         title = f"mergewise {SWEEP_METHOD}: peak RSS by depth"
         write_report(args.results / "depth_sweep.md", title, sweep_table(sweep), args)
         return
     workload = build_workload(args.workdir, LlamaShape())
     tools = [args.only] if args.only else list(TOOLS)
-    runs = [benchmark(method, tool, workload, args) for method in args.methods for tool in tools]
+    runs = [run for method in args.methods for run in repeated(method, tools, workload, args)]
     title = "mergewise vs mergekit on W1 (~200M Llama, bf16)"
     write_report(args.results / "vs_mergekit.md", title, comparison_table(runs), args)
 
