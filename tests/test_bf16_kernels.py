@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import mergewise
 from mergewise.methods import METHODS, TensorRows
 from mergewise.methods.kernel_loading import bf16_kernels
 from mergewise.methods.sparsify import MagnitudeRanks
@@ -127,3 +132,33 @@ def test_merges_stay_eager_when_the_kernels_cannot_load(monkeypatch):
     params = {"weight": [0.5, 0.5], "normalize": False, "lambda": 1.0}
     method = METHODS["task_arithmetic"]
     assert method.merge(TensorRows(base, inputs, 0), params, method.fused) is None
+
+
+def test_a_process_ending_while_the_kernels_compile_waits_for_them(tmp_path):
+    """Interpreter shutdown in the middle of numba's compilation aborted the process: a command that
+    ends first must wait, exit cleanly and leave the compiled kernels cached."""
+    cache = tmp_path / "numba-cache"
+    script = "from mergewise.methods.kernel_loading import bf16_kernels; assert bf16_kernels(2) is None"
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert any(cache.rglob("*.nbc"))
+
+
+@pytest.mark.parametrize("threshold, used", [(0, True), (10**12, False)])
+def test_the_engine_tries_the_kernels_only_from_the_methods_size(threshold, used, tiny_family, tmp_path,
+                                                                 monkeypatch):
+    """Loading the kernels costs ~0.7 s, so merges smaller than `fused_min_parameters` never ask."""
+    family = tiny_family("llama")
+    calls = []
+    method = METHODS["ties"]
+
+    def spy(rows, **arguments):
+        calls.append(rows.first_row)
+        return method.fused(rows, **arguments)
+
+    monkeypatch.setitem(METHODS, "ties", dataclasses.replace(method, fused=spy, fused_min_parameters=threshold))
+    models = [{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}} for path in family.fine_tunes]
+    recipe = {"merge_method": "ties", "base_model": str(family.base), "dtype": "bfloat16", "models": models}
+    mergewise.merge(recipe, tmp_path / "out", quiet=True)
+    assert bool(calls) is used

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,6 +249,23 @@ def test_python_api_and_cli_give_the_same_model(tiny_family, tmp_path):
     from_api = mergewise.merge(dare_ties_recipe(family), tmp_path / "api", seed=3, quiet=True)
     assert Path(from_api) == tmp_path / "api"
     assert digest(from_cli) == digest(tmp_path / "api")
+
+
+def test_console_command_exits_with_the_status_after_its_output_is_complete(tiny_family, tmp_path):
+    """`python -m mergewise.cli` ends without interpreter teardown: its output must still be flushed
+    and complete, and its status that of the command."""
+    family = tiny_family("llama")
+    config = tmp_path / "ties.yml"
+    config.write_text(yaml.safe_dump(ties_recipe(family)))
+    command = [sys.executable, "-m", "mergewise.cli", "merge", str(config)]
+    done = subprocess.run([*command, str(tmp_path / "cli")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"merged model written to {tmp_path / 'cli'}"
+    in_process = mergewise.merge(ties_recipe(family), tmp_path / "api", quiet=True)
+    assert digest(tmp_path / "cli") == digest(in_process)
+    refused = subprocess.run([*command, str(tmp_path / "cli")], capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: output folder")
 
 
 def test_relative_model_paths_are_read_from_the_recipe_folder(tiny_family, tmp_path, monkeypatch):

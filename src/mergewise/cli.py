@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import gc
 import importlib
 import os
 import sys
+import threading
 
 from mergewise.errors import MergewiseError
 
@@ -39,9 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    # The interpreter's last garbage collection would walk every object torch and numba created,
-    # ~0.3 s spent after the work is done; frozen objects are skipped (they are still freed).
-    gc.freeze()
     return int(status or 0)
 
 
@@ -88,5 +87,19 @@ def _import_torch() -> None:
             gc.enable()
 
 
+def run() -> None:
+    """The console command. Once a command is done, the process ends without the interpreter's
+    teardown, which frees torch's millions of objects one by one (~0.15 s); everything a normal exit
+    does first still happens: other threads are joined, exit handlers run, output is flushed."""
+    status = main()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
