@@ -77,6 +77,8 @@ def _import_torch() -> None:
     """Every command needs torch. Its import creates millions of long-lived objects, and the garbage
     collector would walk them all again and again as they pile up (~0.3 s per process): import it
     with collection paused, then freeze what it created so later collections skip it."""
+    if "torch" in sys.modules:  # already loaded by whoever called `main`
+        return
     enabled = gc.isenabled()
     gc.disable()
     try:
