@@ -12,7 +12,7 @@ from mergewise import engine
 from mergewise.tiny_models import read_state_dict
 
 
-@pytest.mark.parametrize("method", ["nuslerp"])  # the TIES family takes the bf16 kernels instead
+@pytest.mark.parametrize("method", ["nuslerp", "task_arithmetic"])
 def test_compiled_merge_is_bit_identical_to_eager(tiny_family, tmp_path, monkeypatch, method):
     family = tiny_family("llama")
     models = [{"model": str(path), "parameters": {"weight": 0.4}} for path in family.fine_tunes[:2]]

@@ -8,6 +8,7 @@ that contributed, scale by lambda, add to the base — with a different sparsifi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -142,31 +143,18 @@ def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
     masks here are booleans on row chunks already.
     """
     base = rows.base
-    count = len(rows.inputs)
-    density = density or (1.0,) * count
-    gamma = gamma or (0.0,) * count
-    epsilon = epsilon or (0.0,) * count
     # Weights and rescale factors are tensors of the working dtype so each step rounds as mergekit's.
-    # Each step updates a temporary of this function in place: the same roundings as out-of-place
-    # operations, with a third less memory traffic.
     weights = torch.tensor(weight, dtype=base.dtype, device=base.device)
-    weighted = []
-    for index, tensor in enumerate(rows.inputs):
-        delta = tensor - base
-        mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index], epsilon[index])
-        if mask is not None:
-            delta.mul_(mask)
-        if rows.stats is not None and rows.stats.scales[index] != 1.0:
-            delta.mul_(torch.tensor(rows.stats.scales[index], dtype=base.dtype))
-        weighted.append(delta.mul_(weights[index]))
+    parts = _weighted_deltas(rows, weights, sparsification, density, gamma, epsilon, reuse_memory=not consensus)
     if consensus:
+        weighted = list(parts)
         majority_positive = _sum_over_models(weighted) >= 0
         agrees = [torch.where(majority_positive, part > 0, part < 0) for part in weighted]
-        combined = _sum_over_models([part.mul_(agree) for part, agree in zip(weighted, agrees)])
-        divisor = _sum_over_models([weights[index] * agree for index, agree in enumerate(agrees)])
+        combined = _sum_over_models(part.mul_(agree) for part, agree in zip(weighted, agrees))
+        divisor = _sum_over_models(weights[index] * agree for index, agree in enumerate(agrees))
         divisor = torch.where(divisor == 0, 1, divisor)
     else:
-        combined = _sum_over_models(weighted)
+        combined = _sum_over_models(parts)
         divisor = _total_weight(weights)
     if normalize:
         combined.div_(divisor)
@@ -175,7 +163,31 @@ def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
     return combined.add_(base)
 
 
-def _sum_over_models(parts: list[torch.Tensor]) -> torch.Tensor:
+def _weighted_deltas(rows: TensorRows, weights: torch.Tensor, sparsification: Sparsification | None,
+                     density: PerModel, gamma: PerModel, epsilon: PerModel, *,
+                     reuse_memory: bool) -> Iterator[torch.Tensor]:
+    """weight_i · sparsify(input_i − base), model by model. Each step updates the temporary in place
+    (the same roundings as out-of-place operations, with less memory traffic); with `reuse_memory`
+    each model's part is computed into the previous one's memory, so it must be used up before the
+    next is asked for."""
+    base = rows.base
+    count = len(rows.inputs)
+    density = density or (1.0,) * count
+    gamma = gamma or (0.0,) * count
+    epsilon = epsilon or (0.0,) * count
+    previous = None
+    for index, tensor in enumerate(rows.inputs):
+        delta = torch.sub(tensor, base, out=previous) if previous is not None else tensor - base
+        mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index], epsilon[index])
+        if mask is not None:
+            delta.mul_(mask)
+        if rows.stats is not None and rows.stats.scales[index] != 1.0:
+            delta.mul_(torch.tensor(rows.stats.scales[index], dtype=base.dtype))
+        yield delta.mul_(weights[index])
+        previous = delta if reuse_memory else None
+
+
+def _sum_over_models(parts: Iterable[torch.Tensor]) -> torch.Tensor:
     """Σ of the models' parts, accumulated in model order in at least float32 and rounded once; a new
     tensor.
 
@@ -183,10 +195,11 @@ def _sum_over_models(parts: list[torch.Tensor]) -> torch.Tensor:
     at a third of its cost: torch's reduction over a short leading dimension is far slower than
     element-wise passes. Like it, the sum starts from +0, so negative zeros alone sum to +0.
     """
-    dtype = parts[0].dtype
-    accumulator = torch.promote_types(dtype, torch.float32)
-    total = parts[0].to(accumulator) + 0.0
-    for part in parts[1:]:
+    parts = iter(parts)
+    first = next(parts)
+    dtype = first.dtype
+    total = first.to(torch.promote_types(dtype, torch.float32), copy=True).add_(0.0)
+    for part in parts:
         total.add_(part)  # promoted to the accumulator's dtype, exactly
     return total.to(dtype)
 
