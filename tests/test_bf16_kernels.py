@@ -162,3 +162,15 @@ def test_the_engine_tries_the_kernels_only_from_the_methods_size(threshold, used
     recipe = {"merge_method": "ties", "base_model": str(family.base), "dtype": "bfloat16", "models": models}
     mergewise.merge(recipe, tmp_path / "out", quiet=True)
     assert bool(calls) is used
+
+
+def test_magnitude_histograms_never_start_loading_the_kernels(monkeypatch):
+    """Only a merge big enough for the kernels starts their load; histograms use them once loaded."""
+    from mergewise.methods import kernel_loading
+
+    monkeypatch.setattr(kernel_loading, "_loads", {})
+    _, (values,) = bf16_family(1)
+    ranks = MagnitudeRanks([values.numel() // 2])
+    ranks.observe(values)
+    assert kernel_loading._loads == {}
+    assert ranks.values() == [float(values.abs().float().reshape(-1).sort().values[values.numel() // 2])]

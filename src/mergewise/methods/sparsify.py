@@ -14,7 +14,7 @@ from enum import Enum
 
 import torch
 
-from mergewise.methods.kernel_loading import bf16_kernels
+from mergewise.methods.kernel_loading import loaded_bf16_kernels
 
 
 class Sparsification(str, Enum):
@@ -67,7 +67,7 @@ class MagnitudeRanks:
         """First pass: count every chunk's magnitudes by their high bits."""
         self._only_high_bits &= values.dtype == torch.bfloat16
         self._located = None
-        kernels = bf16_kernels() if values.dtype == torch.bfloat16 and values.device.type == "cpu" else None
+        kernels = loaded_bf16_kernels() if values.dtype == torch.bfloat16 and values.device.type == "cpu" else None
         if kernels is not None:
             self._coarse += kernels.magnitude_histogram(values)
         else:
