@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
@@ -203,15 +204,42 @@ def benchmark(method: str, tool: str, workload: Path, args: argparse.Namespace) 
     runs_dir.mkdir(parents=True, exist_ok=True)
     config_path = runs_dir / f"{workload.name}-{method}.yaml"
     config_path.write_text(yaml.safe_dump(merge_config(method, workload), sort_keys=False))
-    out_dir = runs_dir / f"{workload.name}-{method}-{tool}"
+    out_dir = output_dir(method, tool, workload, args)
     shutil.rmtree(out_dir, ignore_errors=True)
     env = dict(os.environ)
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     print(f"{method}: running {tool} ...", flush=True)
-    measured = run_measured(tool_command(tool, config_path, out_dir, args), out_dir.with_suffix(".log"), env)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return measured
+    return run_measured(tool_command(tool, config_path, out_dir, args), out_dir.with_suffix(".log"), env)
+
+
+def output_dir(method: str, tool: str, workload: Path, args: argparse.Namespace) -> Path:
+    """Where `tool` writes `method`'s merge; the last round's output stays for the comparison."""
+    return args.workdir / "runs" / f"{workload.name}-{method}-{tool}"
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    files = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as handle:
+            files.update(dict.fromkeys(handle.keys(), path))
+    return files
+
+
+def compare_outputs(ours: Path, theirs: Path) -> str:
+    """Both tools' outputs tensor by tensor: how many are identical, and the worst relative error."""
+    ours_files, theirs_files = _tensor_files(ours), _tensor_files(theirs)
+    if ours_files.keys() != theirs_files.keys():
+        return f"different tensor names: {sorted(ours_files.keys() ^ theirs_files.keys())[:3]}"
+    identical = 0
+    worst = 0.0
+    for name in sorted(ours_files):
+        with safe_open(ours_files[name], "pt") as a_file, safe_open(theirs_files[name], "pt") as b_file:
+            a, b = a_file.get_tensor(name), b_file.get_tensor(name)
+        identical += bool(torch.equal(a, b))
+        error = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
+        worst = max(worst, error)
+    return f"{identical}/{len(ours_files)} identical, worst {worst:.1e}"
 
 
 def repeated(method: str, tools: list[str], workload: Path, args: argparse.Namespace) -> list[Run]:
@@ -222,12 +250,13 @@ def repeated(method: str, tools: list[str], workload: Path, args: argparse.Names
             for index, tool in enumerate(tools)]
 
 
-def comparison_table(runs: list[Run]) -> str:
-    """Markdown: one row per run; mergewise rows also give speed-up and RSS ratio against mergekit."""
+def comparison_table(runs: list[Run], agreement: dict[str, str]) -> str:
+    """Markdown: one row per run; mergewise rows also give speed-up and RSS ratio against mergekit, and
+    how its output compares with mergekit's, tensor by tensor."""
     mergekit = {run.method: run for run in runs if run.tool == "mergekit"}
     lines = [
-        "| method | tool | wall s (median) | range | peak RSS MB | speed-up vs mergekit | RSS vs mergekit | target (speed-up, RSS) |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| method | tool | wall s (median) | range | peak RSS MB | speed-up vs mergekit | RSS vs mergekit | target (speed-up, RSS) | output vs mergekit |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for run in runs:
         speed = rss = target = ""
@@ -238,7 +267,8 @@ def comparison_table(runs: list[Run]) -> str:
         if run.tool == "mergewise" and run.method in TARGETS:
             target = "≥ {:g}×, ≤ {:g}×".format(*TARGETS[run.method])
         measured = f"{run.wall_s:.1f} | {run.wall_range} | {run.peak_rss_mb:.0f}"
-        lines.append(f"| {run.method} | {run.tool} | {measured} | {speed} | {rss} | {target} |")
+        same = agreement.get(run.method, "") if run.tool == "mergewise" else ""
+        lines.append(f"| {run.method} | {run.tool} | {measured} | {speed} | {rss} | {target} | {same} |")
     return "\n".join(lines)
 
 
@@ -298,9 +328,16 @@ def main() -> None:
         return
     workload = build_workload(args.workdir, LlamaShape())
     tools = [args.only] if args.only else list(TOOLS)
-    runs = [run for method in args.methods for run in repeated(method, tools, workload, args)]
+    runs, agreement = [], {}
+    for method in args.methods:
+        runs += repeated(method, tools, workload, args)
+        outputs = [output_dir(method, tool, workload, args) for tool in TOOLS]
+        if tools == list(TOOLS):
+            agreement[method] = compare_outputs(outputs[1], outputs[0])
+        for folder in outputs:
+            shutil.rmtree(folder, ignore_errors=True)
     title = "mergewise vs mergekit on W1 (~200M Llama, bf16)"
-    write_report(args.results / "vs_mergekit.md", title, comparison_table(runs), args)
+    write_report(args.results / "vs_mergekit.md", title, comparison_table(runs, agreement), args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import mergewise
 from mergewise.methods import METHODS, TensorRows
 from mergewise.methods.kernel_loading import bf16_kernels
-from mergewise.methods.sparsify import MagnitudeRanks
+from mergewise.methods.sparsify import select_magnitudes
 from mergewise.methods.task_arithmetic import SparsifyStats
 
 FUSED_METHODS = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
@@ -37,19 +37,9 @@ def bf16_family(count: int, rows: int = 300, columns: int = 97, seed: int = 0):
     return base, inputs
 
 
-def magnitude_bands(base, inputs, density, gamma):
-    """The bands the engine's `prepare` finds, through the histogram path."""
-    bands = []
-    for tensor in inputs:
-        count = tensor.numel()
-        keep = int(density * count)
-        ranks = [count - max(1, keep)] if gamma is None else [count - keep - int(gamma * count),
-                                                              count - int(gamma * count) - 1]
-        selector = MagnitudeRanks(ranks)
-        selector.observe(tensor - base)
-        found = selector.values()
-        bands.append((found[0], found[1] if gamma is not None else math.inf))
-    return bands
+def magnitude_selections(base, inputs, density, gamma):
+    """The selections the engine's `prepare` makes, read in row chunks."""
+    return [select_magnitudes((tensor - base).split(64), tensor.numel(), density, gamma) for tensor in inputs]
 
 
 def assert_same_bits(fused: torch.Tensor, eager: torch.Tensor) -> None:
@@ -86,14 +76,17 @@ def test_fused_task_arithmetic_is_bit_identical_to_eager(name, count, variant):
         scales = [1.0 + 0.37 * index for index in range(count)]
     params = {key: value for key, value in params.items() if key in method.parameters}
     gamma = 0.05 if "breadcrumbs" in name else None
-    bands = magnitude_bands(base, inputs, 0.4, gamma) if name != "task_arithmetic" else None
-    rows = TensorRows(base, inputs, 0, stats=SparsifyStats(bands, scales))
+    keeps = magnitude_selections(base, inputs, 0.4, gamma) if name != "task_arithmetic" else None
+    stats = SparsifyStats(keeps, scales)
+    for first_row, last_row in ((0, base.shape[0]), (37, 211)):  # whole tensors, and rows inside them
+        rows = TensorRows(base[first_row:last_row], [tensor[first_row:last_row] for tensor in inputs],
+                          first_row, stats=stats)
 
-    fused = method.merge(rows, params, method.fused)
-    eager = method.merge(rows, params)
+        fused = method.merge(rows, params, method.fused)
+        eager = method.merge(rows, params)
 
-    assert fused is not None
-    assert_same_bits(fused, eager)
+        assert fused is not None
+        assert_same_bits(fused, eager)
 
 
 def test_fused_path_declines_rows_it_does_not_cover():
@@ -101,21 +94,12 @@ def test_fused_path_declines_rows_it_does_not_cover():
     base, inputs = bf16_family(2)
     params = {"weight": [0.5, 0.5], "density": [0.5, 0.5], "normalize": True, "rescale": False,
               "lambda": 1.0, "int8_mask": False}
-    explicit_masks = SparsifyStats([torch.ones(base.shape, dtype=torch.bool)] * 2, [1.0, 1.0])
-    assert method.merge(TensorRows(base, inputs, 0, stats=explicit_masks), params, method.fused) is None
-    bands = SparsifyStats([(0.0, math.inf)] * 2, [1.0, 1.0])
-    as_float = TensorRows(base.float(), [tensor.float() for tensor in inputs], 0, stats=bands)
+    stats = SparsifyStats(magnitude_selections(base, inputs, 0.5, None), [1.0, 1.0])
+    as_float = TensorRows(base.float(), [tensor.float() for tensor in inputs], 0, stats=stats)
     assert method.merge(as_float, params, method.fused) is None
     dare = METHODS["dare_ties"]
-    assert dare.merge(TensorRows(base, inputs, 0, stats=bands), params, dare.fused) is None
+    assert dare.merge(TensorRows(base, inputs, 0, stats=SparsifyStats(None, [1.0, 1.0])), params, dare.fused) is None
 
-
-def test_histogram_of_bf16_magnitudes_matches_bincount():
-    kernels = bf16_kernels(wait=True)
-    _, (values,) = bf16_family(1)
-    expected = torch.bincount(values.view(torch.int16).reshape(-1).to(torch.int32) & 0x7FFF,
-                              minlength=kernels.HISTOGRAM_BINS)
-    assert torch.equal(kernels.magnitude_histogram(values), expected)
 
 
 def test_merges_stay_eager_when_the_kernels_cannot_load(monkeypatch):
@@ -162,15 +146,3 @@ def test_the_engine_tries_the_kernels_only_from_the_methods_size(threshold, used
     recipe = {"merge_method": "ties", "base_model": str(family.base), "dtype": "bfloat16", "models": models}
     mergewise.merge(recipe, tmp_path / "out", quiet=True)
     assert bool(calls) is used
-
-
-def test_magnitude_histograms_never_start_loading_the_kernels(monkeypatch):
-    """Only a merge big enough for the kernels starts their load; histograms use them once loaded."""
-    from mergewise.methods import kernel_loading
-
-    monkeypatch.setattr(kernel_loading, "_loads", {})
-    _, (values,) = bf16_family(1)
-    ranks = MagnitudeRanks([values.numel() // 2])
-    ranks.observe(values)
-    assert kernel_loading._loads == {}
-    assert ranks.values() == [float(values.abs().float().reshape(-1).sort().values[values.numel() // 2])]

@@ -1,13 +1,19 @@
-"""mergewise against mergekit on the same YAML recipes over tiny bf16 model families.
+"""mergewise against mergekit on the same YAML recipes over bf16 model families.
 
-Deterministic methods must match tensor for tensor (relative Frobenius error ≤ 1e-3) with
-`dtype: bfloat16`, which mergekit takes as the working dtype of most kernels. Random methods (DARE,
-DELLA) are compared by statistics of the merged update. mergekit runs all recipes in one process,
-since its start-up costs seconds; mergewise runs in-process.
+Deterministic methods must give identical tensors, on tiny models (tensors of a few thousand
+entries) and at real size: a one-layer Llama whose tensors have 0.5–2 M entries, so that row
+chunking, the magnitude selection among the many ties of bf16 task vectors and the fused bf16
+kernels all run as on a real model, in bf16 and in float32 recipes. The exception is the angle of
+`model_stock` and of `nuslerp` on a tensor of several row chunks: it comes from whole-tensor sums,
+which torch accumulates in float32 in an order that depends on the tensor's length and thread count,
+and which mergewise adds chunk by chunk in float64 (see README); there the merged tensors must agree
+to a relative error of 1e-6. Random methods (DARE, DELLA) are compared by statistics
+of the merged update. mergekit runs all recipes in one process, since its start-up costs seconds;
+mergewise runs in-process.
 
-If a magnitude method (ties, breadcrumbs*) drifts to a few 1e-3 after a torch upgrade, look at tie
-order first: 1 % updates of bf16 weights are a few ulps, so thousands of |delta| tie at the top-k
-threshold, and which tied entries survive is whatever order torch's (unstable) argsort gives.
+If a magnitude method (ties, breadcrumbs*) differs after a torch upgrade, look at tie order first
+(`tests/test_sort_order.py`): 1 % updates of bf16 weights are a few ulps, so a large share of
+|delta| ties at the cut, and which tied entries survive is the order torch's CPU sort leaves them in.
 
 Both tools leave a tied `lm_head` out of tied-embedding checkpoints (Gemma, GPT-2); mergekit cannot
 write a Qwen2 frankenmerge (MERGEKIT_CANNOT).
@@ -23,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import AutoConfig
 
 import mergewise
+from mergewise.engine import row_ranges
 from mergewise.tiny_models import Family, read_state_dict
 
 MERGEKIT_YAML = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
@@ -37,7 +45,10 @@ pytestmark = [
     ),
 ]
 
-TOLERANCE = 1e-3
+# Methods whose result hangs on whole-tensor sums, and the relative Frobenius error allowed for them
+# on tensors of several row chunks.
+WHOLE_TENSOR_SUMS = ("model_stock", "nuslerp")
+MULTI_CHUNK_SUMS_TOLERANCE = 1e-6
 NUM_LAYERS = 4  # enough layers for gradients and layer-range slices to mean something
 SEED = 0
 
@@ -143,6 +154,11 @@ CASES = [(arch, name) for arch in ("llama", "qwen2") for name in RECIPES if (arc
 TIED_EMBEDDING_RECIPES = ("linear", "ties", "slerp", "passthrough_frankenmerge")
 CASES += [(arch, name) for arch in ("gemma", "gpt2") for name in TIED_EMBEDDING_RECIPES]
 SPARSE_ARCH = "llama"
+# A one-layer Llama whose tensors have 0.5 M (k/v), 1 M (q/o/mlp) and 2 M (embeddings) entries.
+REAL_SIZE = {"num_layers": 1, "hidden_size": 1024, "intermediate_size": 1024, "vocab_size": 2048,
+             "num_heads": 16, "num_kv_heads": 8}
+REAL_SIZE_RECIPES = [name for name in RECIPES if name != "passthrough_frankenmerge"]  # needs 4 layers
+REAL_SIZE_CASES = [f"real-{dtype}-{name}" for dtype in ("bfloat16", "float32") for name in REAL_SIZE_RECIPES]
 
 
 @dataclass(frozen=True)
@@ -178,14 +194,18 @@ def peer_runs(tiny_family, tmp_path_factory) -> dict[str, PeerRun]:
     recipes = {f"{arch}-{name}": RECIPES[name](tiny_family(arch, num_layers=NUM_LAYERS)) for arch, name in CASES}
     sparse_family = tiny_family(SPARSE_ARCH, num_layers=NUM_LAYERS)
     recipes |= {f"{SPARSE_ARCH}-sparse-{method}": make(sparse_family) for method, make in SPARSE_RECIPES.items()}
+    real_family = tiny_family("llama", **REAL_SIZE)
+    for case in REAL_SIZE_CASES:
+        _, dtype, name = case.split("-", 2)
+        recipes[case] = RECIPES[name](real_family) | {"dtype": dtype}
     for name, recipe in recipes.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     outputs = _run_mergekit(recipes, root)
     return {name: PeerRun(root / f"{name}.yaml", outputs[name]) for name in recipes}
 
 
-def checkpoint_mismatches(ours: Path, theirs: Path) -> list[str]:
-    """Human-readable differences between two merged checkpoints, empty when they agree."""
+def checkpoint_mismatches(ours: Path, theirs: Path, *, method: str) -> list[str]:
+    """Human-readable differences between two merged checkpoints, empty when they are identical."""
     ours_state, theirs_state = read_state_dict(ours), read_state_dict(theirs)
     ours_config, theirs_config = AutoConfig.from_pretrained(ours), AutoConfig.from_pretrained(theirs)
     problems = []
@@ -200,18 +220,21 @@ def checkpoint_mismatches(ours: Path, theirs: Path) -> list[str]:
         a, b = ours_state[name], theirs_state[name]
         if a.shape != b.shape or a.dtype != b.dtype:
             problems.append(f"{name}: {a.dtype}{list(a.shape)} != mergekit {b.dtype}{list(b.shape)}")
-            continue
-        error = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-        if error > TOLERANCE:
-            problems.append(f"{name}: relative error {error:.2e}")
+        elif method in WHOLE_TENSOR_SUMS and len(row_ranges(tuple(a.shape))) > 1:
+            error = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+            if error > MULTI_CHUNK_SUMS_TOLERANCE:
+                problems.append(f"{name}: relative error {error:.2e}")
+        elif not torch.equal(a, b):
+            problems.append(f"{name}: {int((a != b).sum())} of {a.numel()} entries differ")
     return problems
 
 
-@pytest.mark.parametrize("case", [f"{arch}-{name}" for arch, name in CASES])
+@pytest.mark.parametrize("case", [f"{arch}-{name}" for arch, name in CASES] + REAL_SIZE_CASES)
 def test_matches_mergekit(case, peer_runs, tmp_path):
     run = peer_runs[case]
+    method = yaml.safe_load(run.config.read_text())["merge_method"]
 
-    mismatches = checkpoint_mismatches(run.mergewise_out(tmp_path / "merged"), run.mergekit_out)
+    mismatches = checkpoint_mismatches(run.mergewise_out(tmp_path / "merged"), run.mergekit_out, method=method)
 
     assert not mismatches, f"{case}: {len(mismatches)} tensors differ:\n" + "\n".join(mismatches)
 

@@ -9,7 +9,6 @@ to the eager path; the tests compare the two. Compiled code is cached on disk af
 
 from __future__ import annotations
 
-import math
 import threading
 
 import numba
@@ -19,8 +18,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from mergewise.methods.sparsify import KeepBits
+
 BLOCK = 4096  # elements per work item: the block's float32 scratch stays in L1/L2
-HISTOGRAM_BINS = 1 << 15  # sign-free bf16 bit patterns
 
 
 @intrinsic
@@ -61,7 +61,7 @@ def _round(value):
 
 
 @njit(parallel=True, cache=True)
-def _task_arithmetic(base, inputs, weights, scales, lowers, uppers, sparsified, consensus, normalize, divisor,
+def _task_arithmetic(base, inputs, weights, scales, keeps, offset, sparsified, consensus, normalize, divisor,
                      lambda_, out):
     size = base.shape[0]
     count = len(inputs)
@@ -82,14 +82,13 @@ def _task_arithmetic(base, inputs, weights, scales, lowers, uppers, sparsified, 
             row_weighted = weighted[index]
             weight = weights[index]
             scale = scales[index]
-            lower = lowers[index]
-            upper = uppers[index]
             masked = sparsified[index]
             if masked:
+                keep = keeps[index]
                 for k in range(width):
+                    position = offset + start + k
                     delta = _round(_widen(rows[k]) - base_values[k])
-                    magnitude = abs(delta)
-                    kept = (magnitude >= lower) & (magnitude <= upper)
+                    kept = (keep[position >> 3] >> (position & 7)) & 1
                     delta = delta if kept else np.float32(0) * delta
                     row_weighted[k] = delta
             else:
@@ -135,16 +134,6 @@ def _task_arithmetic(base, inputs, weights, scales, lowers, uppers, sparsified, 
                 out_block[k] = _narrow(base_values[k] + _round(_round(total[k]) * lambda_))
 
 
-@njit(parallel=True, cache=True)
-def _magnitude_histogram(values, counts):
-    size = values.shape[0]
-    workers = counts.shape[0]
-    step = (size + workers - 1) // workers
-    for worker in prange(workers):
-        for k in range(worker * step, min(size, (worker + 1) * step)):
-            counts[worker, values[k] & 0x7FFF] += 1
-
-
 def _bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(torch.int16).numpy()
 
@@ -155,6 +144,10 @@ def _floats(values: list[float]) -> np.ndarray:
 
 def _as_bf16_scalar(value: float) -> np.float32:
     return np.float32(float(torch.tensor(value, dtype=torch.bfloat16)))
+
+
+# The bit mask of an input that keeps every entry (never read: its `sparsified` flag is off).
+_NO_SELECTION = np.zeros(1, dtype=np.uint8)
 
 
 def supports(tensors: list[torch.Tensor]) -> bool:
@@ -173,12 +166,13 @@ def _follow_torch_threads() -> None:
 
 
 def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: list[float],
-                    scales: list[float], bands: list[tuple[float, float] | None], consensus: bool,
+                    scales: list[float], keeps: list[KeepBits | None], offset: int, consensus: bool,
                     normalize: bool, divisor: float, lambda_: float) -> torch.Tensor:
-    """base + lambda · combine(weight_i · scale_i · band-masked (input_i − base)), in one pass.
+    """base + lambda · combine(weight_i · scale_i · masked (input_i − base)), in one pass.
 
-    `bands[i]` is input i's kept |delta| range, None to keep every entry; `divisor` is the
-    normaliser without consensus (with consensus it is per entry, from the agreeing weights).
+    `keeps[i]` is input i's magnitude selection over the whole tensor, None to keep every entry, and
+    these rows start at its flat entry `offset`; `divisor` is the normaliser without consensus (with
+    consensus it is per entry, from the agreeing weights).
     """
     out = torch.empty(base.shape, dtype=torch.bfloat16)
     with _launch_lock:
@@ -187,9 +181,8 @@ def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: 
             _bits(base), tuple(_bits(tensor) for tensor in inputs),
             _floats([_as_bf16_scalar(weight) for weight in weights]),
             _floats([_as_bf16_scalar(scale) for scale in scales]),
-            _floats([band[0] if band else 0.0 for band in bands]),
-            _floats([band[1] if band else math.inf for band in bands]),
-            np.array([band is not None for band in bands]), consensus, normalize,
+            tuple(_NO_SELECTION if keep is None else keep.bits for keep in keeps), np.int64(offset),
+            np.array([keep is not None for keep in keeps]), consensus, normalize,
             _as_bf16_scalar(divisor), np.float32(lambda_), _bits(out))
     return out
 
@@ -197,18 +190,8 @@ def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: 
 def warm_up(input_count: int) -> None:
     """Load (or, the first time, compile) the kernels for `input_count` inputs."""
     rows = torch.zeros(BLOCK + 1, dtype=torch.bfloat16)
+    keep = KeepBits(np.full((BLOCK + 8) // 8, 0xFF, dtype=np.uint8))
     task_arithmetic(rows, [rows] * input_count, weights=[1.0] * input_count, scales=[1.0] * input_count,
-                    bands=[(0.0, math.inf)] * input_count, consensus=True, normalize=True, divisor=1.0,
+                    keeps=[keep] * input_count, offset=0, consensus=True, normalize=True, divisor=1.0,
                     lambda_=1.0)
-    magnitude_histogram(rows)
-
-
-def magnitude_histogram(values: torch.Tensor) -> torch.Tensor:
-    """Counts of |values| by bf16 bit pattern (HISTOGRAM_BINS bins, ascending magnitude)."""
-    with _launch_lock:
-        _follow_torch_threads()
-        counts = np.zeros((numba.get_num_threads(), HISTOGRAM_BINS), dtype=np.int64)
-        _magnitude_histogram(_bits(values), counts)
-    return torch.from_numpy(counts.sum(axis=0))
-
 

@@ -34,15 +34,6 @@ def bf16_kernels(input_count: int = 1, *, wait: bool = False) -> ModuleType | No
     return loading.result() if wait or loading.done() else None
 
 
-def loaded_bf16_kernels() -> ModuleType | None:
-    """The kernel module if a merge has already loaded it (for any number of inputs; every load warms
-    the histogram kernel too), else None. Never starts a load: only a merge big enough for the kernels
-    to pay off does that."""
-    with _lock:
-        ready = [loading.result() for loading in _loads.values() if loading.done()]
-    return next((module for module in ready if module is not None), None)
-
-
 def _load(input_count: int, loading: Future) -> None:
     try:
         module = importlib.import_module("mergewise.methods.bf16_kernels")

@@ -7,7 +7,14 @@ import itertools
 
 import torch
 
-from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, TensorRows
+from mergewise.methods.base import (
+    BasePolicy,
+    ChunkedTensors,
+    MergeMethod,
+    TensorRows,
+    combine_chunk_norms,
+    combine_chunk_sums,
+)
 
 
 def _interpolation_ratio(norms: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
@@ -28,18 +35,23 @@ def _task_vectors(rows: TensorRows, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def prepare_model_stock(tensors: ChunkedTensors, *, filter_wise: bool = False) -> torch.Tensor | None:
-    """Whole-tensor norms and dot products of the task vectors: products rounded in the working
-    dtype as the elementwise step would, sums accumulated in float64 and rounded once."""
+    """Whole-tensor norms and dot products of the task vectors, reduced by torch in the working dtype
+    as mergekit reduces them: a tensor read in one chunk gets mergekit's figures exactly; the sums of
+    several chunks are added in float64 and rounded once."""
     if filter_wise:
         return None
-    squares = dots = 0
+    count = None
+    norm_parts, dot_parts = [], []
     for rows in tensors.chunks():
         vectors = _task_vectors(rows, (-1,))
-        squares = squares + vectors.double().square().sum(dim=1).cpu()
-        products = (vectors[:, None] * vectors[None, :]).double().sum(dim=-1).cpu()
-        dots = dots + products
-        dtype = vectors.dtype
-    return _interpolation_ratio(squares.sqrt().to(dtype), dots.to(dtype))
+        count = len(vectors)
+        # one 1-D reduction per vector and pair, as mergekit's: torch's summation order depends on the shape
+        norm_parts.append([vector.norm(dim=-1) for vector in vectors])
+        dot_parts.append([[(vectors[i] * vectors[j]).sum(dim=-1) for j in range(count)] for i in range(count)])
+    norms = torch.stack([combine_chunk_norms([part[i] for part in norm_parts]) for i in range(count)])
+    dots = torch.stack([torch.stack([combine_chunk_sums([part[i][j] for part in dot_parts]) for j in range(count)])
+                        for i in range(count)])
+    return _interpolation_ratio(norms, dots)
 
 
 def merge_model_stock(rows: TensorRows, *, filter_wise: bool = False) -> torch.Tensor:

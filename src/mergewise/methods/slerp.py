@@ -1,13 +1,12 @@
 """Spherical interpolation: slerp (base ↔ one model) and nuslerp (two models, or two task vectors).
 
 Both interpolate along the great circle between two tensors seen as vectors; the angle needs whole-
-tensor norms and a dot product, gathered by `prepare` in float64, after which each row is a fixed
-linear combination of the two inputs. slerp combines in float32, nuslerp in the working dtype.
+tensor norms and a dot product, gathered by `prepare`, after which each row is a fixed linear
+combination of the two inputs. slerp combines in float32 (float64 for float64 inputs), nuslerp in
+the working dtype, as mergekit does.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -22,36 +21,36 @@ from mergewise.methods.base import (
 )
 
 
-def _spherical_coefficients(t: float, cosine: torch.Tensor, collinear: torch.Tensor):
-    """Coefficients of v0 and v1 on the arc; plain lerp where the vectors are (anti)parallel."""
-    theta = torch.acos(torch.where(collinear, 0.0, cosine))
-    sin_theta = torch.where(collinear, 1.0, torch.sin(theta))
-    first = torch.where(collinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    second = torch.where(collinear, t, torch.sin(t * theta) / sin_theta)
-    return first, second
-
-
-def _whole_tensor_sums(tensors: ChunkedTensors, pair) -> tuple[float, float, float]:
-    """Σa², Σb², Σab over the tensor for the pair of vectors `pair(rows)` returns."""
-    sums = torch.zeros(3, dtype=torch.float64)
-    for rows in tensors.chunks():
-        a, b = (vector.double() for vector in pair(rows))
-        sums += torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()]).cpu()
-    return tuple(float(value) for value in sums)
+def _interpolation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """mergekit's slerp works in float32, or in float64 for float64 inputs."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------ slerp
 def prepare_slerp(tensors: ChunkedTensors, *, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    square_a, square_b, dot = _whole_tensor_sums(tensors, lambda rows: (rows.base, rows.inputs[0]))
-    norm_a = math.sqrt(square_a) if math.sqrt(square_a) > 1e-8 else 1.0
-    norm_b = math.sqrt(square_b) if math.sqrt(square_b) > 1e-8 else 1.0
-    cosine = torch.tensor(max(-1.0, min(1.0, dot / (norm_a * norm_b))), dtype=torch.float64)
-    return _spherical_coefficients(t, cosine, cosine.abs() > 0.9995)
+    """The coefficients of base and model: whole-tensor sums in float64, then every step from the
+    norms on in the interpolation dtype, as mergekit takes them (so `1 − t` rounds as in mergekit)."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for rows in tensors.chunks():
+        a, b = rows.base.double(), rows.inputs[0].double()
+        sums += torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()]).cpu()
+        dtype = _interpolation_dtype(rows.base)
+    norms = sums[:2].sqrt().to(dtype)
+    norms = torch.where(norms > 1e-8, norms, 1)
+    cosine = (sums[2] / norms.double().prod()).to(dtype).clamp(-1, 1)
+    linear = cosine.abs() > 0.9995
+    t = torch.tensor(t, dtype=dtype)
+    theta = torch.acos(torch.where(linear, 0, cosine))
+    sin_theta = torch.sin(theta)
+    first = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    second = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return first, second
 
 
 def merge_slerp(rows: TensorRows, *, t: float) -> torch.Tensor:
-    first, second = (float(value) for value in rows.stats)
-    return rows.base.float() * first + rows.inputs[0].float() * second
+    first, second = (coefficient.to(rows.base.device) for coefficient in rows.stats)
+    dtype = first.dtype
+    return rows.base.to(dtype) * first + rows.inputs[0].to(dtype) * second
 
 
 SLERP = MergeMethod(name="slerp", merge_rows=merge_slerp, prepare=prepare_slerp, base=BasePolicy.REQUIRED,

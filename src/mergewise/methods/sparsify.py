@@ -1,20 +1,23 @@
 """Sparsification primitives for task vectors: which entries of a delta survive, and the rescale.
 
-Magnitude selection is defined on the whole tensor, so it is split in two: `MagnitudeRanks` finds
-the surviving magnitude band from histograms of |delta|'s bit patterns gathered chunk by chunk (one
-pass for bf16 data, whose 2^15 magnitudes fit one histogram; a second pass over the boundary buckets
-otherwise), and `band_mask` applies it to any row chunk. Random masks are drawn per row chunk from
-generators the engine seeds by (seed, tensor, model, chunk), so a second pass sees the same mask.
+Magnitude selection is defined on the whole tensor: `select_magnitudes` gathers |delta| chunk by
+chunk into integer keys and finds exactly the entries mergekit's sort keeps, ties at the cut
+included, as a packed bit mask that any row chunk then reads its part of. Random masks are drawn per
+row chunk from generators the engine seeds by (seed, tensor, model, chunk), so a second pass sees
+the same mask.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
 import torch
 
-from mergewise.methods.kernel_loading import loaded_bf16_kernels
+from mergewise.methods.sort_order import positions_in_range
 
 
 class Sparsification(str, Enum):
@@ -24,111 +27,74 @@ class Sparsification(str, Enum):
     RANK_RANDOM = "rank_random"                # DELLA: keep probability grows with rank in the row
 
 
-def band_ranks(count: int, density: float, gamma: float | None = None) -> tuple[int, int] | None:
-    """Ascending ranks [low, high] of the |delta| band that keeps a `density` share (None: keep none).
+def magnitude_positions(count: int, density: float, gamma: float | None = None) -> tuple[int, int, bool]:
+    """mergekit's kept positions [start, stop) of its sort of |delta|, and whether it sorts descending.
 
-    Without gamma: the top max(1, ⌊density·n⌋) magnitudes (TIES). With gamma: the ⌊gamma·n⌋ largest
-    are dropped first and ⌊density·n⌋ below them kept (breadcrumbs).
+    Without gamma (TIES): the first max(1, ⌊density·n⌋) of a descending sort. With gamma
+    (breadcrumbs): ⌊density·n⌋ positions of an ascending sort, ending ⌊gamma·n⌋ before its top (or
+    at it, when both shares do not fit).
     """
     if gamma is None:
-        return (count - max(1, int(density * count)), count - 1) if count else None
+        return 0, max(1, int(density * count)), True
     keep = int(density * count)
-    if keep == 0:
-        return None
-    low = max(0, count - keep - int(gamma * count))
-    return low, low + keep - 1
+    start = max(0, count - keep - int(gamma * count))
+    return start, start + keep, False
 
 
-_COARSE_BINS = 1 << 15  # sign-free high halves of float32 bit patterns
-_FINE_BINS = 1 << 16
+@dataclass(frozen=True)
+class KeepBits:
+    """Which entries of a flattened tensor survive a magnitude selection: one bit each (little-endian
+    within a byte), an eighth of a bool mask, so whole-tensor masks stay small."""
+
+    bits: np.ndarray
+
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        """The mask of flat entries [start, start + count) as bools."""
+        first = start >> 3
+        unpacked = np.unpackbits(self.bits[first:(start + count + 7) >> 3], bitorder="little")
+        offset = start - (first << 3)
+        return torch.from_numpy(unpacked[offset:offset + count].view(np.bool_))
 
 
-class MagnitudeRanks:
-    """Exact |values| at given ascending ranks of a tensor seen chunk by chunk, in linear time.
+def magnitude_keys(delta: torch.Tensor, descending: bool) -> np.ndarray:
+    """|delta| as integers that sort as mergekit's keys `|delta|.float()` sort on the CPU.
 
-    For non-negative floats the order of bit patterns is the order of values, so a histogram of the
-    high 16 bits of float32 |x| locates each rank's bucket, and one of the low 16 bits inside that
-    bucket its value. bf16 data has no low bits, so it needs only the first pass. A partial sort of a
-    float copy is ~30× slower on the many equal magnitudes of bf16 deltas, and holds the whole tensor.
+    Bit patterns of non-negative floats order as their values; 16-bit floats keep their 16 bits (the
+    float32 conversion is exact). Every NaN becomes one key above infinity: torch's comparators
+    put NaNs after every number (before, descending) and treat them as equal. Negated for descending.
     """
-
-    def __init__(self, ranks: list[int]):
-        self.ranks = ranks
-        self._coarse = torch.zeros(_COARSE_BINS, dtype=torch.int64)
-        self._fine: dict[int, torch.Tensor] = {}
-        self._only_high_bits = True
-        self._located: list[tuple[int, int]] | None = None  # from the finished first pass
-
-    @staticmethod
-    def _keys(values: torch.Tensor) -> torch.Tensor:
-        return values.abs().float().view(torch.int32).reshape(-1)
-
-    def observe(self, values: torch.Tensor) -> None:
-        """First pass: count every chunk's magnitudes by their high bits."""
-        self._only_high_bits &= values.dtype == torch.bfloat16
-        self._located = None
-        kernels = loaded_bf16_kernels() if values.dtype == torch.bfloat16 and values.device.type == "cpu" else None
-        if kernels is not None:
-            self._coarse += kernels.magnitude_histogram(values)
-        else:
-            self._coarse += torch.bincount((self._keys(values) >> 16).cpu(), minlength=_COARSE_BINS)
-
-    def _bucket_offsets(self) -> list[tuple[int, int]]:
-        """(bucket, rank inside the bucket) for each rank, located once per finished first pass."""
-        if self._located is None:
-            cumulative = self._coarse.cumsum(0)
-            self._located = []
-            for rank in self.ranks:
-                bucket = int(torch.searchsorted(cumulative, rank, right=True))
-                self._located.append((bucket, rank - (int(cumulative[bucket - 1]) if bucket else 0)))
-        return self._located
-
-    @property
-    def needs_refinement(self) -> bool:
-        return not self._only_high_bits
-
-    def refine(self, values: torch.Tensor) -> None:
-        """Second pass (not for bf16): count the low bits of magnitudes in the rank buckets."""
-        keys = self._keys(values)
-        high = keys >> 16
-        for bucket in {bucket for bucket, _ in self._bucket_offsets()}:  # ranks may share a bucket
-            inside = keys[high == bucket] & 0xFFFF
-            counts = torch.bincount(inside.cpu(), minlength=_FINE_BINS)
-            self._fine[bucket] = self._fine[bucket] + counts if bucket in self._fine else counts
-
-    def values(self) -> list[float]:
-        found = []
-        for bucket, offset in self._bucket_offsets():
-            low = 0
-            if self.needs_refinement:
-                low = int(torch.searchsorted(self._fine[bucket].cumsum(0), offset, right=True))
-            found.append(float(torch.tensor([(bucket << 16) | low], dtype=torch.int32).view(torch.float32)))
-        return found
+    if delta.dtype in (torch.bfloat16, torch.float16):
+        keys = delta.abs().view(torch.int16)
+        infinity = torch.tensor(math.inf, dtype=delta.dtype).view(torch.int16)
+    else:
+        keys = delta.abs().float().view(torch.int32)
+        infinity = torch.tensor(math.inf).view(torch.int32)
+    keys = keys.clamp(max=int(infinity) + 1)
+    return (keys.neg_() if descending else keys).reshape(-1).cpu().numpy()
 
 
-def sorted_selection_mask(magnitudes: torch.Tensor, density: float, gamma: float | None = None) -> torch.Tensor:
-    """The band of `band_ranks` as a mask from a full sort of `magnitudes`: equal magnitudes at the
-    cut are broken by torch's sort order, the same sorts mergekit makes."""
-    count = magnitudes.numel()
-    mask = torch.zeros(count, dtype=torch.bool)
+def select_magnitudes(deltas: Iterable[torch.Tensor], count: int, density: float,
+                      gamma: float | None = None) -> KeepBits | None:
+    """The entries mergekit's magnitude sparsification keeps of a task vector given as consecutive
+    flat chunks `deltas` of `count` entries in all, ties at the cuts included (None: every entry).
+
+    mergekit sorts the whole |delta| with `torch.argsort`; `positions_in_range` finds the same entries
+    in linear time, holding one integer key and one index per entry.
+    """
     if density >= 1:
-        return mask.fill_(True)
-    if density <= 0 or count == 0:
-        return mask
-    if gamma is None:
-        mask[torch.argsort(magnitudes, descending=True)[:max(1, int(density * count))]] = True
-        return mask
-    ranks = band_ranks(count, density, gamma)
-    if ranks is not None:
-        mask[torch.sort(magnitudes, descending=False).indices[ranks[0]:ranks[1] + 1]] = True
-    return mask
-
-
-def band_mask(delta: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
-    magnitude = delta.abs()
-    if math.isinf(upper):
-        return magnitude >= lower
-    return (magnitude >= lower) & (magnitude <= upper)
+        return None
+    start, stop, descending = magnitude_positions(count, density, gamma)
+    if density <= 0 or count == 0 or stop <= start:
+        return KeepBits(np.zeros((count + 7) // 8, dtype=np.uint8))
+    keys = None
+    filled = 0
+    for delta in deltas:
+        chunk = magnitude_keys(delta, descending)
+        if keys is None:
+            keys = np.empty(count, dtype=chunk.dtype)
+        keys[filled:filled + chunk.size] = chunk
+        filled += chunk.size
+    return KeepBits(positions_in_range(keys, start, stop))
 
 
 def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

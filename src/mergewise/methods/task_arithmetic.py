@@ -16,20 +16,14 @@ import torch
 from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows
 from mergewise.methods.kernel_loading import bf16_kernels
 from mergewise.methods.sparsify import (
-    MagnitudeRanks,
+    KeepBits,
     Sparsification,
-    band_mask,
-    band_ranks,
     l1_rescale,
     random_mask,
     rank_random_mask,
-    sorted_selection_mask,
+    select_magnitudes,
 )
 
-# Up to this size a magnitude selection sorts the whole tensor, so equal magnitudes at the cut are
-# broken exactly as torch's sort breaks them (as mergekit does); above it, a histogram finds the cut
-# in linear time and keeps every tie, which moves the result by far less than bf16 rounding.
-SORTED_SELECTION_LIMIT = 1 << 16
 # Merged parameters from which loading the fused kernels (~0.7 s) pays off. Measured per 0.2 B
 # parameters on 2 cores: plain weighted sums are memory-bound, 0.65 s eager against 0.58 s fused;
 # magnitude selection and sign consensus take 5.5 s eager against 1.3 s fused.
@@ -39,9 +33,9 @@ SELECTING_FUSED_MIN_PARAMETERS = 50_000_000
 
 @dataclass(frozen=True)
 class SparsifyStats:
-    """Whole-tensor figures per input model: the kept magnitude band and the L1 rescale factor."""
+    """Whole-tensor figures per input model: the magnitude selection and the L1 rescale factor."""
 
-    bands: list[tuple[float, float] | torch.Tensor] | None  # a band, or an explicit mask (small tensors)
+    keeps: list[KeepBits | None] | None  # None: that input keeps every entry
     scales: list[float]
 
 
@@ -51,10 +45,11 @@ def _keep_mask(rows: TensorRows, index: int, delta: torch.Tensor, sparsification
     if sparsification is None or density >= 1:
         return None
     if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
-        band = rows.stats.bands[index]
-        if isinstance(band, torch.Tensor):
-            return band[rows.first_row:rows.first_row + delta.shape[0]].to(delta.device) if delta.dim() else band
-        return band_mask(delta, *band)
+        keep = rows.stats.keeps[index]
+        if keep is None:
+            return None
+        start = rows.first_row * math.prod(delta.shape[1:])
+        return keep.rows(start, delta.numel()).reshape(delta.shape).to(delta.device)
     if sparsification is Sparsification.RANDOM:
         return random_mask(delta, density, rows.rng(index))
     if not (0 < density - epsilon and density + epsilon < 1):
@@ -65,20 +60,20 @@ def _keep_mask(rows: TensorRows, index: int, delta: torch.Tensor, sparsification
 def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsification | None,
                             density: PerModel, rescale: bool, gamma: PerModel = (),
                             epsilon: PerModel = ()) -> SparsifyStats | None:
-    """Magnitude bands need the whole |delta|; an L1 rescale needs whole-tensor sums of the masks."""
+    """Magnitude selections need the whole |delta|; an L1 rescale needs whole-tensor sums of the masks."""
     if sparsification is None:
         return None
     count = len(density)
     gamma = gamma or (0.0,) * count
     epsilon = epsilon or (0.0,) * count
-    bands = None
+    keeps = None
     if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
         gammas = gamma if sparsification is Sparsification.MAGNITUDE_OUTLIERS else (None,) * count
-        select = _sorted_masks if tensors.numel <= SORTED_SELECTION_LIMIT else _histogram_bands
-        bands = select(tensors, density, gammas)
+        keeps = [select_magnitudes(_deltas(tensors, index), tensors.numel, share, share_gamma)
+                 for index, (share, share_gamma) in enumerate(zip(density, gammas))]
     scales = [1.0] * count
     if rescale:
-        stats = SparsifyStats(bands, scales)
+        stats = SparsifyStats(keeps, scales)
         totals = [0.0] * count
         kept = [0.0] * count
         for rows in tensors.chunks():
@@ -92,41 +87,13 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
                 kept[index] += float((magnitude if mask is None else magnitude * mask).sum(dtype=torch.float64))
         dtype = rows.base.dtype
         scales = [l1_rescale(_rounded(total, dtype), _rounded(part, dtype)) for total, part in zip(totals, kept)]
-    return SparsifyStats(bands, scales)
+    return SparsifyStats(keeps, scales)
 
 
-def _sorted_masks(tensors: ChunkedTensors, density: PerModel, gammas) -> list[torch.Tensor]:
-    masks = []
-    for index in range(len(density)):
-        magnitudes = torch.cat([(rows.inputs[0] - rows.base).abs().reshape(-1).float()
-                                for rows in tensors.chunks(models=[index])])
-        masks.append(sorted_selection_mask(magnitudes, density[index], gammas[index]).reshape(tensors.shape))
-    return masks
-
-
-def _histogram_bands(tensors: ChunkedTensors, density: PerModel, gammas) -> list[tuple[float, float]]:
-    """Each input's kept |delta| band, from one streamed pass over all inputs (two when not bf16)."""
-    bands: list[tuple[float, float] | None] = [None] * len(density)
-    selectors: dict[int, MagnitudeRanks] = {}
-    for index, (share, gamma) in enumerate(zip(density, gammas)):
-        ranks = band_ranks(tensors.numel, share, gamma) if 0 < share < 1 else None
-        if ranks is not None:  # TIES needs only the lower end: its band is open above
-            selectors[index] = MagnitudeRanks(list(ranks) if gamma is not None else [ranks[0]])
-        else:
-            bands[index] = (0.0, math.inf) if share >= 1 else (math.inf, math.inf)
-    _feed(tensors, selectors, MagnitudeRanks.observe)
-    if any(selector.needs_refinement for selector in selectors.values()):
-        _feed(tensors, selectors, MagnitudeRanks.refine)
-    for index, selector in selectors.items():
-        found = selector.values()
-        bands[index] = (found[0], found[1] if len(found) > 1 else math.inf)
-    return bands
-
-
-def _feed(tensors: ChunkedTensors, selectors: dict[int, MagnitudeRanks], step) -> None:
-    for rows in tensors.chunks():
-        for index, selector in selectors.items():
-            step(selector, rows.inputs[index] - rows.base)
+def _deltas(tensors: ChunkedTensors, index: int) -> Iterator[torch.Tensor]:
+    """Input `index`'s task vector, row chunk by row chunk (read only when iterated)."""
+    for rows in tensors.chunks(models=[index]):
+        yield rows.inputs[0] - rows.base
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
@@ -214,8 +181,7 @@ def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
                           weight: PerModel, density: PerModel = None, normalize: bool = False,
                           lambda_: float = 1.0, **unused) -> torch.Tensor | None:
     """`merge_task_arithmetic` in one pass over bf16 CPU rows, bit for bit; None for rows it does not
-    take (other dtypes or devices, random masks, the explicit masks of small tensors) and while the
-    kernels are still loading."""
+    take (other dtypes or devices, random masks) and while the kernels are still loading."""
     if rows.base is None or sparsification not in (None, Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
         return None
     kernels = bf16_kernels(len(rows.inputs))
@@ -223,13 +189,12 @@ def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
         return None
     count = len(rows.inputs)
     density = density or (1.0,) * count
-    bands = [None if sparsification is None or density[index] >= 1 else rows.stats.bands[index]
+    keeps = [None if sparsification is None or density[index] >= 1 else rows.stats.keeps[index]
              for index in range(count)]
-    if any(isinstance(band, torch.Tensor) for band in bands):
-        return None
     weights = torch.tensor(weight, dtype=torch.bfloat16)
     return kernels.task_arithmetic(
-        rows.base, rows.inputs, weights=list(weight), bands=bands,
+        rows.base, rows.inputs, weights=list(weight), keeps=keeps,
+        offset=rows.first_row * math.prod(rows.base.shape[1:]),
         scales=rows.stats.scales if rows.stats is not None else [1.0] * count, consensus=consensus,
         normalize=normalize, divisor=float(_total_weight(weights)), lambda_=lambda_)
 

@@ -1,0 +1,173 @@
+"""Which entries torch's CPU sort puts in a range of positions, ties included, in linear time.
+
+mergekit keeps a task vector's top-k magnitudes with `torch.argsort`. On the CPU that is libstdc++'s
+`std::sort` (an introsort: median-of-three quicksort, heapsort past a depth limit, a final insertion
+sort of runs of at most 16), which is not stable: which of many equal magnitudes land before the
+cut depends on every value in the tensor. Task vectors of bf16 models are differences of bf16
+numbers, so a large share of them tie at the cut, and keeping exactly mergekit's entries means
+following the same algorithm.
+
+Only the partitions that contain a cut matter: elements never cross a partition boundary, and the
+final insertion sort is stable inside each run. So the quicksort is followed down the branches
+holding a cut only (a quickselect), and each run or heap-sorted range holding a cut is finished
+exactly as libstdc++ finishes it. The tests check the result against `torch.argsort` itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+RUN = 16  # libstdc++'s _S_threshold: ranges this short are left to the final insertion sort
+
+
+@njit(inline="always")
+def _swap(keys, order, i, j):
+    keys[i], keys[j] = keys[j], keys[i]
+    order[i], order[j] = order[j], order[i]
+
+
+@njit(inline="always")
+def _move_median_to_first(keys, order, result, a, b, c):
+    if keys[a] < keys[b]:
+        if keys[b] < keys[c]:
+            _swap(keys, order, result, b)
+        elif keys[a] < keys[c]:
+            _swap(keys, order, result, c)
+        else:
+            _swap(keys, order, result, a)
+    elif keys[a] < keys[c]:
+        _swap(keys, order, result, a)
+    elif keys[b] < keys[c]:
+        _swap(keys, order, result, c)
+    else:
+        _swap(keys, order, result, b)
+
+
+@njit
+def _partition_around_median(keys, order, first, last):
+    """libstdc++'s __unguarded_partition_pivot: the boundary between the two sides."""
+    _move_median_to_first(keys, order, first, first + 1, first + (last - first) // 2, last - 1)
+    pivot = keys[first]
+    low = first + 1
+    high = last
+    while True:
+        while keys[low] < pivot:
+            low += 1
+        high -= 1
+        while pivot < keys[high]:
+            high -= 1
+        if not low < high:
+            return low
+        _swap(keys, order, low, high)
+        low += 1
+
+
+@njit
+def _insertion_sort(keys, order, first, last):
+    """Stable, as the final insertion sort is inside one run."""
+    for i in range(first + 1, last):
+        key = keys[i]
+        index = order[i]
+        j = i
+        while j > first and key < keys[j - 1]:
+            keys[j] = keys[j - 1]
+            order[j] = order[j - 1]
+            j -= 1
+        keys[j] = key
+        order[j] = index
+
+
+@njit
+def _adjust_heap(keys, order, first, hole, length, key, index):
+    """libstdc++'s __adjust_heap followed by __push_heap, on the heap at `first`."""
+    top = hole
+    child = hole
+    while child < (length - 1) // 2:
+        child = 2 * (child + 1)
+        if keys[first + child] < keys[first + child - 1]:
+            child -= 1
+        keys[first + hole] = keys[first + child]
+        order[first + hole] = order[first + child]
+        hole = child
+    if length % 2 == 0 and child == (length - 2) // 2:
+        child = 2 * (child + 1)
+        keys[first + hole] = keys[first + child - 1]
+        order[first + hole] = order[first + child - 1]
+        hole = child - 1
+    parent = (hole - 1) // 2
+    while hole > top and keys[first + parent] < key:
+        keys[first + hole] = keys[first + parent]
+        order[first + hole] = order[first + parent]
+        hole = parent
+        parent = (hole - 1) // 2
+    keys[first + hole] = key
+    order[first + hole] = index
+
+
+@njit
+def _heap_sort(keys, order, first, last):
+    """libstdc++'s __partial_sort(first, last, last): make_heap, then sort_heap."""
+    length = last - first
+    if length < 2:
+        return
+    parent = (length - 2) // 2
+    while True:
+        _adjust_heap(keys, order, first, parent, length, keys[first + parent], order[first + parent])
+        if parent == 0:
+            break
+        parent -= 1
+    while length > 1:
+        length -= 1
+        key = keys[first + length]
+        index = order[first + length]
+        keys[first + length] = keys[first]
+        order[first + length] = order[first]
+        _adjust_heap(keys, order, first, 0, length, key, index)
+
+
+@njit
+def _holds_cut(first, last, cuts):
+    for cut in cuts:
+        if first < cut < last:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _order_around_cuts(keys, order, cuts):
+    size = keys.shape[0]
+    depth = 0
+    while (size >> (depth + 1)) > 0:
+        depth += 1
+    pending = [(0, size, 2 * depth)]
+    while len(pending) > 0:
+        first, last, depth = pending.pop()
+        if not _holds_cut(first, last, cuts):
+            continue
+        if last - first <= RUN:
+            _insertion_sort(keys, order, first, last)
+        elif depth == 0:
+            _heap_sort(keys, order, first, last)
+        else:
+            boundary = _partition_around_median(keys, order, first, last)
+            pending.append((boundary, last, depth - 1))
+            pending.append((first, boundary, depth - 1))
+
+
+@njit(cache=True)
+def _mark(order, start, stop, bits):
+    for position in range(start, stop):
+        index = order[position]
+        bits[index >> 3] |= np.uint8(1 << (index & 7))
+
+
+def positions_in_range(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The indices `torch.sort(keys).indices[start:stop]` holds on the CPU, as packed bits (one per
+    key, little-endian within a byte); `keys` are integers ordered as the values (consumed)."""
+    size = keys.shape[0]
+    order = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64)
+    _order_around_cuts(keys, order, np.array([start, stop], dtype=np.int64))
+    bits = np.zeros((size + 7) // 8, dtype=np.uint8)
+    _mark(order, start, stop, bits)
+    return bits

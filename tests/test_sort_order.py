@@ -1,0 +1,67 @@
+"""`positions_in_range` must name exactly the entries torch's CPU sort puts in a range of positions.
+
+torch's CPU sort is not stable, so the reference is torch itself, on inputs with many ties: both
+sides of the 16-element insertion runs, sizes from 1 to millions, and an input built to drive the
+quicksort past its depth limit into libstdc++'s heapsort.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mergewise.methods.sort_order import RUN, positions_in_range
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux",
+                                reason="torch's CPU sort is libstdc++'s std::sort on Linux builds only")
+
+# 3000 distinct keys chosen, comparison by comparison, against libstdc++'s median-of-three pivots
+# (McIlroy's adversary): sorting them (or them halved or quartered, which adds ties) reaches the
+# depth limit and heapsorts a range.
+ADVERSARY = Path(__file__).parent / "data" / "median_of_three_adversary.npy"
+
+
+def selected(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
+    bits = positions_in_range(keys.copy(), start, stop)
+    return np.unpackbits(bits, bitorder="little")[:keys.size].astype(bool)
+
+
+def torch_selected(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
+    mask = np.zeros(keys.size, dtype=bool)
+    mask[torch.sort(torch.from_numpy(keys).float()).indices[start:stop].numpy()] = True
+    return mask
+
+
+@pytest.mark.parametrize("size", [1, 2, RUN, RUN + 1, 100, 5_000, 70_001])
+@pytest.mark.parametrize("distinct", [1, 3, 50, 1_000_000])
+def test_every_cut_matches_torch_sort(size, distinct):
+    keys = np.random.default_rng(size + distinct).integers(0, distinct, size).astype(np.int32)
+    for start, stop in ((0, max(1, size // 2)), (size // 3, size // 3 + size // 2), (size - 1, size), (0, size)):
+        assert np.array_equal(selected(keys, start, stop), torch_selected(keys, start, stop))
+
+
+def test_a_million_bf16_magnitudes_match_torch_sort():
+    generator = torch.Generator().manual_seed(0)
+    base = (0.02 * torch.randn(1 << 20, generator=generator)).bfloat16()
+    delta = (base.float() + 0.0002 * torch.randn(1 << 20, generator=generator)).bfloat16() - base
+    keys = delta.abs().view(torch.int16).numpy()
+    for start, stop in ((0, 1 << 19), (1 << 18, 3 << 18)):
+        assert np.array_equal(selected(keys, start, stop), torch_selected(keys, start, stop))
+
+
+@pytest.mark.parametrize("divisor", [1, 2, 4])
+def test_heapsorted_ranges_match_torch_sort_at_every_position(divisor):
+    keys = (np.load(ADVERSARY).astype(np.int32) // divisor)
+    full_order = torch.sort(torch.from_numpy(keys).float()).indices.numpy()
+    for position in range(0, keys.size, 7):
+        assert selected(keys, position, position + 1)[full_order[position]]
+
+
+def test_sorted_and_constant_inputs_match_torch_sort():
+    for keys in (np.arange(100_000), np.arange(100_000)[::-1].copy(), np.zeros(100_000), np.arange(100_000) % 7):
+        keys = keys.astype(np.int32)
+        assert np.array_equal(selected(keys, 1_000, 60_000), torch_selected(keys, 1_000, 60_000))
