@@ -1,5 +1,5 @@
-"""AIM: calibration statistics against plain forward hooks (in-memory and layer-streamed passes),
-the relaxation against its formula, and the `aim:` recipe block against merge-then-`mergewise aim`."""
+"""AIM: self-calibration, the relaxation against its formula, and the `aim:` recipe block against
+merge-then-`mergewise aim`. Calibration on documents is checked in test_aim_calibration.py."""
 
 from __future__ import annotations
 
@@ -10,15 +10,11 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergewise.aim import AimSettings, CalibrationStats, Relaxation, load_statistics
-from mergewise.aim.data import blocks_from_documents, read_documents
+from mergewise.aim.data import SAMPLED_CONVENTIONS
 from mergewise.cli import main
 from mergewise.tiny_models import read_state_dict
-
-SAMPLES, SEQ_LEN = 24, 32
 
 
 @pytest.fixture(scope="module")
@@ -35,45 +31,6 @@ def calibrate_cli(base: Path, out: Path, *more: str) -> CalibrationStats:
     return load_statistics(out)
 
 
-def statistics_with_plain_hooks(base: Path, text: Path) -> dict[str, torch.Tensor]:
-    """The reference definition, written directly: Σ_blocks mean_tokens |x| of every non-embedding
-    module's input, from ordinary forward hooks on the whole float32 model."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    blocks = blocks_from_documents(read_documents(str(text)), AutoTokenizer.from_pretrained(base),
-                                   SAMPLES, SEQ_LEN, str(text))
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(module, args):
-            value = args[0].float().abs().mean(dim=(0, 1)).double()
-            sums[name] = sums.get(name, 0) + value
-        return record
-
-    for name, module in model.named_modules():
-        if "weight" in module._parameters and not isinstance(module, nn.Embedding):
-            module.register_forward_pre_hook(hook(f"{name}.weight"))
-    with torch.no_grad():
-        for block in blocks:
-            model(block)
-    return sums
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_statistics_match_plain_forward_hooks(arch, tiny_family, calibration_text, tmp_path):
-    base = tiny_family(arch).base
-    expected = statistics_with_plain_hooks(base, calibration_text)
-    data = ["--data", str(calibration_text), "--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN)]
-    for extra in ([], ["--stream-layers"]):
-        stats = calibrate_cli(base, tmp_path / f"stats{len(extra)}.safetensors", *data, *extra)
-        assert sorted(stats.vectors) == sorted(expected)
-        for name, vector in expected.items():
-            error = (stats.vectors[name].double() - vector).abs().max() / vector.abs().max()
-            assert error <= 1e-4, (arch, extra, name, float(error))
-    assert stats.metadata["samples"] == str(SAMPLES) and stats.metadata["pass"] == "stream_layers"
-    if arch == "gpt2":  # Conv1D stores its weight as (in, out)
-        assert stats.input_axis("transformer.h.0.mlp.c_fc.weight") == 0
-
-
 def test_self_calibration_is_seeded_and_pass_independent(tiny_family, tmp_path):
     base = tiny_family("llama").base
     options = ["--samples", "3", "--seq-len", "16"]
@@ -82,6 +39,7 @@ def test_self_calibration_is_seeded_and_pass_independent(tiny_family, tmp_path):
     for name, vector in first.vectors.items():
         torch.testing.assert_close(streamed.vectors[name], vector, rtol=1e-5, atol=0)
     assert first.metadata["data"] == "self" and int(first.metadata["tokens"]) == 3 * 16
+    assert SAMPLED_CONVENTIONS.items() <= first.metadata.items()
 
 
 # ------------------------------------------------------------------------------------ relaxation
@@ -185,6 +143,7 @@ def test_stats_of_another_base_are_refused_unless_allowed(tiny_family, tmp_path,
     (["--data", "hf:no-such/dataset"], "hf:no-such/dataset"),
     (["--data", "missing.txt"], "no such file"),
     (["--samples", "0"], "--samples"),
+    (["--data", "hf:"], "names no data"),
 ])
 def test_calibrate_errors(arguments, message, tiny_family, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -265,7 +265,7 @@ def test_expert_of_another_architecture(family, tmp_path, capsys):
     config = tmp_path / "mediator.yml"
     config.write_text(yaml.safe_dump(data))
     error = cli_error(capsys, "mediator", "build", str(config), str(tmp_path / "o"))
-    assert "is a qwen2 model but the base" in error
+    assert "is a qwen2 model" in error and "must share one architecture" in error
 
 
 @pytest.mark.parametrize("change, message", [

@@ -247,7 +247,7 @@ def test_python_api_and_cli_give_the_same_model(tiny_family, tmp_path):
     family = tiny_family("gemma")
     from_cli = merge_cli(tmp_path, dare_ties_recipe(family), "cli", "--seed", "3")
     from_api = mergewise.merge(dare_ties_recipe(family), tmp_path / "api", seed=3, quiet=True)
-    assert Path(from_api) == tmp_path / "api"
+    assert from_api.out_dir == tmp_path / "api" and Path(from_api) == from_api.out_dir
     assert digest(from_cli) == digest(tmp_path / "api")
 
 
@@ -262,7 +262,7 @@ def test_console_command_exits_with_the_status_after_its_output_is_complete(tiny
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"merged model written to {tmp_path / 'cli'}"
     in_process = mergewise.merge(ties_recipe(family), tmp_path / "api", quiet=True)
-    assert digest(tmp_path / "cli") == digest(in_process)
+    assert digest(tmp_path / "cli") == digest(in_process.out_dir)
     refused = subprocess.run([*command, str(tmp_path / "cli")], capture_output=True, text=True)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: output folder")

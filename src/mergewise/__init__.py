@@ -7,11 +7,12 @@ __version__ = "0.1.0"  # pyproject.toml reads it from here
 __all__ = ["MergewiseError", "__version__", "load", "merge"]
 
 
-def merge(config_or_path, out_dir, **options):
-    """Merge the models a config describes into `out_dir` (see `mergewise.engine.run_merge`)."""
+def merge(recipe, out_dir, **options):
+    """Merge the models a recipe (a YAML path or a mapping) describes into `out_dir`, with its `aim:`
+    and `mediator:` blocks; returns a `MergeResult`, a path-like (see `mergewise.engine.run_merge`)."""
     from mergewise.engine import run_merge
 
-    return run_merge(config_or_path, out_dir, **options)
+    return run_merge(recipe, out_dir, **options)
 
 
 def load(path, device: str = "cpu", **options):

@@ -1,11 +1,13 @@
 """The merge recipe: mergekit's YAML schema, read unchanged, plus mergewise's optional blocks.
 
 Method names and parameter names are checked against the method's signature when the config loads,
-so a typo fails before any tensor is read.
+so a typo fails before any tensor is read. The blocks (`aim:`, `mediator:`) are validated by their
+own schemas (`mergewise.stages.BLOCKS`) as the recipe loads.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -50,7 +52,7 @@ class OutputSlice(BaseModel):
 
 
 class MergeConfig(BaseModel):
-    """A mergekit-compatible merge recipe. `aim` and `mediator` are read by their own packages."""
+    """A mergekit-compatible merge recipe (the blocks of a `Recipe` aside)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     merge_method: str
@@ -62,8 +64,6 @@ class MergeConfig(BaseModel):
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     chat_template: str | None = None
-    aim: dict[str, Any] | None = None
-    mediator: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input_form(self) -> "MergeConfig":
@@ -83,15 +83,52 @@ class MergeConfig(BaseModel):
         return list(dict.fromkeys(paths))
 
 
-def load_config(source: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path]:
-    """Parse a recipe from a YAML path, a dict or a MergeConfig; also return the folder that
-    relative model paths are resolved against (the YAML file's folder, else the working folder)."""
+@dataclass(frozen=True)
+class Recipe:
+    """A loaded recipe: the core merge, its validated blocks in stage order, and where it came from
+    (relative paths are read from `config_dir`, the YAML file's folder, else the working folder)."""
+
+    config: MergeConfig
+    blocks: dict[str, BaseModel]
+    config_dir: Path
+    origin: str
+
+    @property
+    def base_model(self) -> str | None:
+        """The model task vectors are measured from: the core's base_model, else a block's (Mediator
+        keeps it for methods that take no base)."""
+        return self.config.base_model or next(
+            (block.base_model for block in self.blocks.values() if getattr(block, "base_model", None)), None)
+
+    def record(self) -> dict:
+        """The recipe as mergewise.yml records it."""
+        return {**self.config.model_dump(mode="json", exclude_none=True),
+                **{name: block.model_dump(mode="json", exclude_none=True) for name, block in self.blocks.items()}}
+
+
+def load_recipe(source: str | Path | dict | MergeConfig | Recipe) -> Recipe:
+    """Parse a recipe from a YAML path, a mapping, a MergeConfig or a Recipe (returned as it is)."""
+    if isinstance(source, Recipe):
+        return source
     if isinstance(source, MergeConfig):
-        return source, Path.cwd()
+        return Recipe(source, {}, Path.cwd(), "config")
     if isinstance(source, dict):
-        return validate_config(source, "config"), Path.cwd()
-    path = Path(source)
-    return validate_config(read_yaml_mapping(path), str(path)), path.parent.resolve()
+        data, origin, config_dir = dict(source), "config", Path.cwd()
+    else:
+        path = Path(source)
+        data, origin, config_dir = read_yaml_mapping(path), str(path), path.parent.resolve()
+    from mergewise.stages import BLOCKS, block_spec
+
+    blocks = {}
+    for name in BLOCKS:
+        if name not in data:
+            continue
+        spec = block_spec(name)
+        block = validate_block(spec.schema, data.pop(name), origin, name)
+        if spec.rewrite_recipe is not None:
+            data, block = spec.rewrite_recipe(data, block, origin)
+        blocks[name] = block
+    return Recipe(validate_config(data, origin), blocks, config_dir, origin)
 
 
 def read_yaml_mapping(path: Path) -> dict:

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import yaml
@@ -35,16 +35,12 @@ from mergewise.checkpoint import (
     staged_folder,
     write_model_config,
 )
-from mergewise.config import MergeConfig, load_config
+from mergewise.config import MergeConfig, Recipe, load_recipe
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.methods import ChunkedTensors, TensorRows
 from mergewise.plan import MergePlan, TensorJob, build_plan
-
-# Called on every merged row chunk before it is written (AIM's relaxation hooks in here).
-TensorHook = Callable[[TensorJob, slice, torch.Tensor], torch.Tensor]
-# Called with the complete staged output folder before it is moved into place, to add files to it.
-Finalizer = Callable[[Path], None]
+from mergewise.stages import Stage, StageContext, recipe_stages
 
 # ~4 MB of float32 per input per chunk: an eager method's temporaries stay in the CPU's caches
 # between its passes (with 4 M-element chunks eager task arithmetic on a 0.2 B-parameter model took
@@ -76,57 +72,81 @@ class MergeOptions:
     compile: bool | None = None  # fuse big row chunks with torch.compile; None: only for big models
 
 
-def run_merge(config_or_path: str | Path | dict | MergeConfig, out_dir: str | Path, *,
-              tensor_hook: TensorHook | None = None, extra_record: dict | None = None,
-              finalize: Finalizer | None = None, **options) -> Path:
-    """Merge the models a recipe describes into the Hugging Face folder `out_dir`; return its path."""
+@dataclass(frozen=True)
+class MergeResult:
+    """A finished merge: the output folder (a path-like) and each recipe block's result by name."""
+
+    out_dir: Path
+    records: dict[str, Any]
+
+    def __fspath__(self) -> str:
+        return str(self.out_dir)
+
+
+def run_merge(recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: str | Path,
+              **options) -> MergeResult:
+    """Merge the models a recipe describes into the Hugging Face folder `out_dir`, running the stages
+    of its blocks (`aim:`, `mediator:`) inside the same streaming pass."""
     options = MergeOptions(**options)
-    config, config_dir = load_config(config_or_path)
-    plan = build_plan(config, config_dir, allow_pickle=options.allow_pickle)
-    return execute_plan(plan, out_dir, options, tensor_hook=tensor_hook, extra_record=extra_record,
-                        finalize=finalize)
+    recipe = load_recipe(recipe_source)
+    plan = build_plan(recipe.config, recipe.config_dir, allow_pickle=options.allow_pickle,
+                      base_model=recipe.base_model)
+    return execute_plan(plan, out_dir, options, stages=recipe_stages(recipe), recipe=recipe)
 
 
-def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
-                 tensor_hook: TensorHook | None = None, extra_record: dict | None = None,
-                 finalize: Finalizer | None = None) -> Path:
+def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *, stages: Sequence[Stage] = (),
+                 recipe: Recipe | None = None) -> MergeResult:
     out_dir = Path(out_dir).expanduser().resolve()
     check_output_location(out_dir, [model.path for model in plan.models], options.overwrite)
     device = resolve_device(options.device)
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
     shard_size = parse_size(options.shard_size)
+    threads = torch.get_num_threads()
     torch.set_num_threads(options.threads or os.cpu_count() or 1)
-    with (staged_folder(out_dir) as staging,
-          ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader,
-          ThreadPoolExecutor(1, thread_name_prefix="mergewise-write") as write_thread):
-        writer = StreamingShardWriter(
-            staging, [PlannedTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs], shard_size,
-            metadata={"merged_by": "mergewise"})
-        try:
-            total = sum(math.prod(job.shape) for job in plan.jobs)
-            compile_kernels = options.compile if options.compile is not None else total >= COMPILE_MIN_PARAMETERS
-            fused = plan.method.fused if total >= plan.method.fused_min_parameters else None
-            executor = _JobExecutor(plan, device, seed, reader, tensor_hook, compile_kernels, fused)
-            background = _BackgroundWrites(writer, write_thread)
-            with tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
-                      disable=options.quiet) as progress:
-                for job in plan.jobs:
-                    progress.set_postfix_str(job.name, refresh=False)
-                    executor.run(job, background)
-                    progress.update(math.prod(job.shape))
-            background.drain()
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        write_model_config(staging, plan.reference.config, _config_dtype(plan), plan.source_layers)
-        copy_tokenizer(plan.tokenizer_source.path, staging)
-        _write_record(staging, plan, seed, options, extra_record)
-        if finalize is not None:
-            finalize(staging)
-    for model in plan.models:
-        model.close()
-    return out_dir
+    try:
+        with (staged_folder(out_dir) as staging,
+              ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader,
+              ThreadPoolExecutor(1, thread_name_prefix="mergewise-write") as write_thread):
+            context = StageContext(plan, device, staging, shard_size, options.quiet)
+            for stage in stages:
+                stage.on_plan(context)
+            _merge_tensors(plan, staging, options, stages, seed, device, shard_size, reader, write_thread)
+            write_model_config(staging, plan.reference.config, _config_dtype(plan), plan.source_layers)
+            copy_tokenizer(plan.tokenizer_source.path, staging)
+            records = {stage.name: stage.finalize(staging) for stage in stages}
+            _write_record(staging, plan, recipe, seed, options, records)
+    finally:
+        for stage in stages:
+            stage.close()
+        torch.set_num_threads(threads)
+        for model in plan.models:
+            model.close()
+    return MergeResult(out_dir, records)
+
+
+def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages: Sequence[Stage], seed: int,
+                   device: torch.device, shard_size: int, reader: ThreadPoolExecutor,
+                   write_thread: ThreadPoolExecutor) -> None:
+    writer = StreamingShardWriter(
+        staging, [PlannedTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs], shard_size,
+        metadata={"merged_by": "mergewise"})
+    try:
+        total = sum(math.prod(job.shape) for job in plan.jobs)
+        compile_kernels = options.compile if options.compile is not None else total >= COMPILE_MIN_PARAMETERS
+        fused = plan.method.fused if total >= plan.method.fused_min_parameters else None
+        executor = _JobExecutor(plan, device, seed, reader, stages, compile_kernels, fused)
+        background = _BackgroundWrites(writer, write_thread)
+        with tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
+                  disable=options.quiet) as progress:
+            for job in plan.jobs:
+                progress.set_postfix_str(job.name, refresh=False)
+                executor.run(job, background)
+                progress.update(math.prod(job.shape))
+        background.drain()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def row_ranges(shape: tuple[int, ...], *, whole: bool = False) -> list[slice]:
@@ -158,18 +178,23 @@ class _BackgroundWrites:
         while self._pending:
             self._pending.popleft().result()
 
+    def read_back(self, name: str) -> torch.Tensor:
+        """A tensor as written, once its pending rows are on file."""
+        self.drain()
+        return self._writer.read(name)
+
 
 class _JobExecutor:
     """Runs one TensorJob at a time, reading its row chunks one step ahead of the arithmetic."""
 
     def __init__(self, plan: MergePlan, device: torch.device, seed: int, reader: ThreadPoolExecutor,
-                 tensor_hook: TensorHook | None, compile_kernels: bool, fused: Callable | None):
+                 stages: Sequence[Stage], compile_kernels: bool, fused: Callable | None):
         self.plan = plan
         self.method = plan.method
         self.device = device
         self.seed = seed
         self.reader = reader
-        self.tensor_hook = tensor_hook
+        self.stages = stages
         self.fused = fused
         # Random methods draw from explicit generators, which compiled graphs do not take.
         self.compiled = (_compiled(self.method.merge_rows)
@@ -180,6 +205,14 @@ class _JobExecutor:
             source = job.base or job.inputs[0]
             writer.write(job.name, source.model.read(source.name))
             return
+        self._merge_job(job, writer)
+        wanting = [stage for stage in self.stages if stage.wants_tensor(job)]
+        if wanting:
+            tensor = writer.read_back(job.name)
+            for stage in wanting:
+                stage.on_tensor(job, tensor)
+
+    def _merge_job(self, job: TensorJob, writer: _BackgroundWrites) -> None:
         params = job.params
         ranges = row_ranges(job.shape, whole=self.method.whole_tensor(params))
         stats = None
@@ -189,8 +222,8 @@ class _JobExecutor:
         for rows_in, rows in zip(self._chunks(job, ranges), ranges):
             rows_in.stats = stats
             merged = self._guard(job, lambda: self._merge(rows_in, params))
-            if self.tensor_hook is not None:
-                merged = self.tensor_hook(job, rows, merged)
+            for stage in self.stages:
+                merged = stage.on_rows(job, rows_in, merged)
             writer.write(job.name, merged.to(job.out_dtype), rows.start)
 
     def _merge(self, rows: TensorRows, params: dict) -> torch.Tensor:
@@ -256,20 +289,21 @@ def _config_dtype(plan: MergePlan) -> torch.dtype:
     return max(set(floating), key=floating.count) if floating else torch.float32
 
 
-def _write_record(folder: Path, plan: MergePlan, seed: int, options: MergeOptions, extra: dict | None) -> None:
-    """mergewise.yml: the recipe with model paths resolved, plus what else decides the result."""
+def _write_record(folder: Path, plan: MergePlan, recipe: Recipe | None, seed: int, options: MergeOptions,
+                  records: dict[str, Any]) -> None:
+    """mergewise.yml: the recipe with model paths resolved, what else decides the result, and what
+    each recipe block did."""
     from mergewise import __version__
 
-    recipe = plan.config.model_dump(mode="json", exclude_none=True)
     record = {
-        "recipe": recipe,
+        "recipe": recipe.record() if recipe is not None else plan.config.model_dump(mode="json", exclude_none=True),
         "resolved_models": {str(model.path.name): str(model.path) for model in plan.models},
         "seed": seed,
         "mergewise_version": __version__,
         "torch_version": str(torch.__version__),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": options.device,
-        **(extra or {}),
+        **{name: value for name, value in records.items() if value is not None},
     }
     (folder / "mergewise.yml").write_text(yaml.safe_dump(record, sort_keys=False))
 

@@ -63,6 +63,9 @@ class MergePlan:
     compute_dtype: torch.dtype | None
     source_layers: list[int] | None = None  # for slices: the reference layer behind each output layer
     notes: list[str] = field(default_factory=list)
+    # The recipe's base model, also where the method takes it as an input or not at all: recipe
+    # blocks measure against it.
+    base_model: ModelFolder | None = None
 
 
 def layer_index(name: str) -> int | None:
@@ -87,8 +90,10 @@ def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
 class Planner:
     """Builds a MergePlan; one instance per merge."""
 
-    def __init__(self, config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False):
+    def __init__(self, config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False,
+                 base_model: str | None = None):
         self.config = config
+        self.base_model = base_model or config.base_model
         self.config_dir = config_dir
         self.allow_pickle = allow_pickle
         self.method = get_method(config.merge_method)
@@ -153,8 +158,9 @@ class Planner:
         else:
             jobs, source_layers, reference = self._plan_slices()
         tokenizer = self._tokenizer_source(reference)
+        base_model = self.model(self.base_model, "base_model") if self.base_model else None
         return MergePlan(self.config, self.method, jobs, list(self._models.values()), reference, tokenizer,
-                         self.compute_dtype, source_layers)
+                         self.compute_dtype, source_layers, base_model=base_model)
 
     def _tokenizer_source(self, reference: ModelFolder) -> ModelFolder:
         source = self.config.tokenizer_source
@@ -175,6 +181,7 @@ class Planner:
         inputs, base = self._split_base(entries, base, "models")
         reference = base or inputs[0][0]
         for model, _ in inputs:
+            _check_same_architecture(reference, model, "the base" if reference is base else "the first model")
             _check_same_tensors(reference, model)
         depth = _depth(reference)
         jobs = []
@@ -301,6 +308,13 @@ class Planner:
         return TensorSource(model, name)
 
 
+def _check_same_architecture(reference: ModelFolder, model: ModelFolder, role: str) -> None:
+    found, expected = model.config.get("model_type"), reference.config.get("model_type")
+    if found != expected:
+        raise MergewiseError(f"{model.path} is a {found} model but {role} {reference.path} is a {expected} model; "
+                             "merged models must share one architecture")
+
+
 def _check_same_tensors(reference: ModelFolder, model: ModelFolder) -> None:
     """Every tensor of an input must be in the reference too (a tied head may be absent)."""
     for name in model.tensors:
@@ -336,5 +350,6 @@ def _evaluate(setting, tensor: str, t: float) -> Any:
     return (1 - fraction) * setting[low] + fraction * setting[high]
 
 
-def build_plan(config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False) -> MergePlan:
-    return Planner(config, config_dir, allow_pickle=allow_pickle).plan()
+def build_plan(config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False,
+               base_model: str | None = None) -> MergePlan:
+    return Planner(config, config_dir, allow_pickle=allow_pickle, base_model=base_model).plan()

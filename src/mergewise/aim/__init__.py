@@ -1,7 +1,6 @@
 """Activation-informed merging (AIM): base-model activation statistics and the relaxation that uses
 them to pull a merge's most-activated input channels back toward the base. Sits on top of the core."""
 
-from mergewise.aim.merge import AimBlock, merge_with_aim
 from mergewise.aim.relax import AimSettings, Relaxation, relax_folder
 from mergewise.aim.statistics import (
     CalibrationSettings,
@@ -11,6 +10,6 @@ from mergewise.aim.statistics import (
 )
 
 __all__ = [
-    "AimBlock", "AimSettings", "CalibrationSettings", "CalibrationStats", "Relaxation", "calibrate",
-    "load_statistics", "merge_with_aim", "relax_folder",
+    "AimSettings", "CalibrationSettings", "CalibrationStats", "Relaxation", "calibrate", "load_statistics",
+    "relax_folder",
 ]

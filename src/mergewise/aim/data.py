@@ -2,27 +2,35 @@
 
 AIM's statistics only need task-agnostic text. Sources: a text / JSONL file or a folder of them
 (the normal path), the base model's own samples (`self`, offline and data-free), or a Hugging Face
-dataset (`hf:NAME`, online only). Documents are shuffled with a fixed seed, empty and over-long ones
-skipped, the rest concatenated and cut into blocks of `seq_len` tokens, as the reference does.
+dataset (`hf:NAME`, online only). Documents become blocks exactly as the reference's
+`get_calib_dataset` makes them (see DOCUMENT_CONVENTIONS), so that the statistics match it.
 """
 
 from __future__ import annotations
 
 import json
-import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from mergewise.errors import MergewiseError
 
-SHUFFLE_SEED = 42
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
+
+# How documents become blocks (the reference's conventions), recorded in the statistics' metadata.
+DOCUMENT_CONVENTIONS = {
+    "special_tokens": "tokenizer_default",  # tokenizer.encode(document.strip()), a BOS for Llama
+    "document_length": "1_to_seq_len_tokens_with_special",  # the others are skipped
+    "document_order": "as_given",  # user data is not shuffled
+    "partial_block": "dropped",  # only whole blocks of seq_len tokens
+}
+SAMPLED_CONVENTIONS = {"sampling": "temperature_1_from_bos"}  # `samples` whole blocks, seeded
 
 
 def read_documents(source: str) -> list[str]:
-    """The documents of a text file (one per blank-line-separated paragraph), a JSONL file (its
-    `text` fields), or every such file in a folder, in sorted order."""
+    """The documents of a text file (its non-blank, blank-line-separated paragraphs), a JSONL file
+    (its `text` fields), or every such file in a folder, in sorted order."""
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix in TEXT_SUFFIXES)
@@ -41,7 +49,7 @@ def _file_documents(file: Path) -> list[str]:
     except UnicodeDecodeError:
         raise MergewiseError(f"{file}: not UTF-8 text") from None
     if file.suffix not in (".jsonl", ".json"):
-        return [paragraph.strip() for paragraph in text.split("\n\n")]
+        return [paragraph.strip() for paragraph in text.split("\n\n") if paragraph.strip()]
     documents = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -56,8 +64,9 @@ def _file_documents(file: Path) -> list[str]:
     return documents
 
 
-def hub_documents(name: str, samples: int) -> list[str]:
-    """The `text` column of a Hugging Face dataset's validation (else train) split."""
+def hub_documents(name: str) -> Iterator[str]:
+    """The `text` column of a Hugging Face dataset's validation (else train) split, in its stored
+    order, read lazily: only the documents that the blocks need are decoded."""
     try:
         import datasets
     except ImportError:
@@ -70,28 +79,28 @@ def hub_documents(name: str, samples: int) -> list[str]:
     split = splits.get("validation") or splits.get("train") or next(iter(splits.values()))
     if "text" not in split.column_names:
         raise MergewiseError(f"--data hf:{name}: dataset has no 'text' column ({', '.join(split.column_names)})")
-    return list(split.shuffle(seed=SHUFFLE_SEED).select(range(min(samples, len(split))))["text"])
+    return (record["text"] for record in split)
 
 
-def blocks_from_documents(documents: list[str], tokenizer, samples: int, seq_len: int,
-                          origin: str, *, shuffle: bool = True) -> list[torch.Tensor]:
-    """Token blocks of at most `seq_len` from the first `samples` usable documents."""
-    if shuffle:
-        documents = list(documents)
-        random.Random(SHUFFLE_SEED).shuffle(documents)
+def blocks_from_documents(documents: Iterable[str], tokenizer, samples: int, seq_len: int,
+                          origin: str) -> list[torch.Tensor]:
+    """Blocks of `seq_len` tokens from the first `samples` documents of 1 to `seq_len` tokens, as the
+    reference makes them (DOCUMENT_CONVENTIONS)."""
     ids: list[int] = []
     kept = 0
     for document in documents:
         if kept == samples:
             break
-        tokens = tokenizer(document, add_special_tokens=False)["input_ids"] if document.strip() else []
+        tokens = tokenizer.encode(document.strip())
         if not tokens or len(tokens) > seq_len:
             continue
         ids.extend(tokens)
         kept += 1
-    if not ids:
-        raise MergewiseError(f"--data {origin}: no document between 1 and --seq-len {seq_len} tokens")
-    return [torch.tensor([ids[start:start + seq_len]]) for start in range(0, len(ids), seq_len)]
+    whole_blocks = len(ids) // seq_len
+    if whole_blocks == 0:
+        raise MergewiseError(f"--data {origin}: {len(ids)} tokens in {kept} usable documents, fewer than one "
+                             f"block of --seq-len {seq_len}")
+    return [torch.tensor([ids[start:start + seq_len]]) for start in range(0, whole_blocks * seq_len, seq_len)]
 
 
 def self_generated_blocks(model, tokenizer, samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergewise.aim.statistics import CalibrationStats, base_fingerprint, load_statistics
 from mergewise.checkpoint import (
@@ -23,38 +23,35 @@ from mergewise.checkpoint import (
 )
 from mergewise.engine import rewrite_folder
 from mergewise.errors import MergewiseError
-from mergewise.plan import TensorJob
 
 RECORD_METADATA = ("base_fingerprint", "data", "samples", "seq_len", "statistic", "pass")
 
 
-@dataclass(frozen=True)
-class AimSettings:
+class AimSettings(BaseModel):
     """How strongly and where to relax. `exponent` sharpens (>1) or flattens (<1) the importance;
     `modules` is a regular expression searched in weight names (None: every calibrated module)."""
 
-    omega: float = 0.4
-    exponent: float = 1.0
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    omega: float = Field(0.4, ge=0.0, le=1.0)
+    exponent: float = Field(1.0, gt=0.0)
     modules: str | None = None
     allow_fingerprint_mismatch: bool = False
 
-    def check(self) -> None:
-        if not 0.0 <= self.omega <= 1.0:
-            raise MergewiseError(f"omega: must lie in [0, 1], got {self.omega}")
-        if not self.exponent > 0:
-            raise MergewiseError(f"exponent: must be positive, got {self.exponent}")
-        if self.modules is not None:
+    @field_validator("modules")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
             try:
-                re.compile(self.modules)
+                re.compile(pattern)
             except re.error as error:
-                raise MergewiseError(f"modules: invalid regular expression {self.modules!r} ({error})") from None
+                raise ValueError(f"invalid regular expression {pattern!r} ({error})") from None
+        return pattern
 
 
 class Relaxation:
     """The per-module importance vectors of a statistics file, applied to row chunks."""
 
     def __init__(self, stats: CalibrationStats, settings: AimSettings):
-        settings.check()
         self.stats = stats
         self.settings = settings
         self._pattern = re.compile(settings.modules) if settings.modules is not None else None
@@ -101,24 +98,10 @@ def check_fingerprint(stats: CalibrationStats, base: ModelFolder, stats_path: st
     warnings.warn(message, stacklevel=2)
 
 
-def relaxation_hook(relaxation: Relaxation, base: ModelFolder):
-    """The engine's TensorHook: relax each merged row chunk against the same rows of `base`.
-    The chunk is first rounded to the output dtype, so the result equals relaxing the saved merge."""
-
-    def hook(job: TensorJob, rows: slice, merged: torch.Tensor) -> torch.Tensor:
-        name = job.base.name if job.base is not None and job.base.model is base else job.name
-        if not relaxation.covers(name) or name not in base.tensors:
-            return merged
-        base_rows = base.read(name, rows)
-        return relaxation.apply(name, merged.to(job.out_dtype), base_rows, rows)
-
-    return hook
-
-
 def record(relaxation: Relaxation, stats_path: str | Path | None) -> dict:
     """What mergewise.yml says about the relaxation."""
     metadata = relaxation.stats.metadata
-    return {**asdict(relaxation.settings), "stats": str(stats_path) if stats_path else None,
+    return {**relaxation.settings.model_dump(), "stats": str(stats_path) if stats_path else None,
             "calibration": {key: metadata[key] for key in RECORD_METADATA if key in metadata}}
 
 

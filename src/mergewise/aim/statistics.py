@@ -12,13 +12,11 @@ memory is one layer plus the calibration hidden states, whatever the depth.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -33,6 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from mergewise.aim.data import (
+    DOCUMENT_CONVENTIONS,
+    SAMPLED_CONVENTIONS,
     blocks_from_documents,
     hub_documents,
     read_documents,
@@ -45,7 +45,6 @@ from mergewise.errors import MergewiseError
 STATISTICS = ("mean_abs", "rms", "max")
 FINGERPRINT_WINDOWS = 16
 FINGERPRINT_WINDOW_BYTES = 4096
-MALLOC_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,9 @@ class CalibrationSettings:
     seed: int = 0
 
     def check(self) -> None:
+        if not self.data.removeprefix("hf:").strip():
+            raise MergewiseError(f"--data: {self.data!r} names no data (use a text/JSONL file, a folder, "
+                                 "'self' or 'hf:NAME')")
         if self.samples < 1:
             raise MergewiseError(f"--samples: must be at least 1, got {self.samples}")
         if self.seq_len < 2:
@@ -147,13 +149,15 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
         tokenizer = AutoTokenizer.from_pretrained(folder.path)
     except (OSError, ValueError) as error:
         raise MergewiseError(f"{folder.path}: cannot load its tokenizer ({str(error).splitlines()[0]})") from None
-    documents = None if settings.data == "self" else _documents(settings)  # bad data fails before loading
-    model = _load_model(folder, target_device) if settings.data == "self" or not stream_layers else None
-    if documents is None:
+    if settings.data == "self":
+        model = _load_model(folder, target_device)
         blocks = self_generated_blocks(model, tokenizer, settings.samples, settings.seq_len, settings.seed)
-    else:
-        blocks = blocks_from_documents(documents, tokenizer, settings.samples, settings.seq_len, settings.data,
-                                       shuffle=not settings.data.startswith("hf:"))
+        conventions = SAMPLED_CONVENTIONS
+    else:  # tokenized before the model loads, so that bad data fails fast
+        blocks = blocks_from_documents(_documents(settings), tokenizer, settings.samples, settings.seq_len,
+                                       settings.data)
+        conventions = DOCUMENT_CONVENTIONS
+        model = None if stream_layers else _load_model(folder, target_device)
     with torch.inference_mode():
         if stream_layers:
             model = None  # only the sampler needed it; the streamed pass never holds the whole model
@@ -166,6 +170,7 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
                     model(input_ids=block.to(target_device), use_cache=False)
     metadata = {
         **{key: str(value) for key, value in asdict(settings).items()},
+        **conventions,
         "base": str(folder.path),
         "base_fingerprint": base_fingerprint(folder),
         "blocks": str(len(blocks)),
@@ -187,9 +192,9 @@ def _load_model(folder: ModelFolder, device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
-def _documents(settings: CalibrationSettings) -> list[str]:
+def _documents(settings: CalibrationSettings) -> Iterable[str]:
     if settings.data.startswith("hf:"):
-        return hub_documents(settings.data.removeprefix("hf:"), settings.samples)  # already shuffled
+        return hub_documents(settings.data.removeprefix("hf:"))
     return read_documents(settings.data)
 
 
@@ -198,22 +203,17 @@ class _StopForward(Exception):
     """Raised by the capture hook: nothing after the first decoder layer needs to run."""
 
 
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build modules whose parameters live on the meta device (no memory) while buffers such as
-    rotary frequencies are computed for real, since the checkpoint does not store them."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
-        register(module, name, parameter)
-        if parameter is not None and parameter.device.type != "meta":
-            module._parameters[name] = nn.Parameter(parameter.to("meta"), parameter.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+def _model_skeleton(config, device: torch.device) -> nn.Module:
+    """The model with its parameters on the meta device (no memory: the layers are loaded one at a
+    time) and its buffers on `device`. Buffers (rotary frequencies, embedding scales) are computed,
+    not stored in checkpoints: the model's own initialisation fills them, as in `from_pretrained`."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, buffer in list(model.named_buffers()):
+        owner_name, _, leaf = name.rpartition(".")
+        model.get_submodule(owner_name)._buffers[leaf] = torch.empty_like(buffer, device=device)
+    model.initialize_weights()
+    return model.eval()
 
 
 class _LayerLoader:
@@ -249,15 +249,6 @@ class _LayerLoader:
         module.get_submodule(owner_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
-def _release_freed_layers_to_the_os() -> None:
-    """Serve allocations over 1 MiB with mmap, so each freed layer goes back to the OS. By default
-    glibc raises that threshold after the first large free and keeps later layers' buffers in a
-    fragmented heap, which made peak memory grow with depth (~60% of a layer per layer)."""
-    library = ctypes.util.find_library("c")
-    if library is not None and hasattr(ctypes.CDLL(library), "mallopt"):
-        ctypes.CDLL(library).mallopt(MALLOC_MMAP_THRESHOLD, 1 << 20)
-
-
 def decoder_layers(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
     """The decoder's block list, found generically: the ModuleList of `num_hidden_layers` modules."""
     depth = config.num_hidden_layers
@@ -270,18 +261,11 @@ def decoder_layers(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
 
 def _streamed_statistics(folder: ModelFolder, blocks: list[torch.Tensor], recorder: ChannelStatistics,
                          device: torch.device, quiet: bool) -> dict[str, int]:
-    _release_freed_layers_to_the_os()
     config = AutoConfig.from_pretrained(folder.path)
     if len(set(getattr(config, "layer_types", None) or [None])) > 1:
         raise MergewiseError(f"{folder.path}: layers of different attention types ({sorted(set(config.layer_types))}) "
                              "are not supported by --stream-layers; use the in-memory pass")
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval()
-    for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.device.type != "meta":
-                module._buffers[name] = buffer.to(device)
+    model = _model_skeleton(config, device)
     layers_name, layers = decoder_layers(model, config)
     targets = target_modules(model)
     head = model.get_output_embeddings()

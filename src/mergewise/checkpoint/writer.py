@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mergewise.checkpoint.reader import SAFETENSORS_INDEX
@@ -65,6 +66,7 @@ class _Slot:
     file: Path
     offset: int  # absolute byte offset of the tensor's data in its file
     row_bytes: int
+    tensor: PlannedTensor
 
 
 class StreamingShardWriter:
@@ -103,7 +105,7 @@ class StreamingShardWriter:
         self._files[path] = handle
         for tensor in shard:
             row_bytes = tensor.nbytes // tensor.shape[0] if tensor.shape and tensor.shape[0] else 0
-            self._slots[tensor.name] = _Slot(path, data_start, row_bytes)
+            self._slots[tensor.name] = _Slot(path, data_start, row_bytes, tensor)
             data_start += tensor.nbytes
 
     def write(self, name: str, data: torch.Tensor, first_row: int = 0) -> None:
@@ -113,6 +115,13 @@ class StreamingShardWriter:
         handle.seek(slot.offset + first_row * slot.row_bytes)
         flat = data.detach().to("cpu").contiguous().reshape(-1)
         handle.write(flat.view(torch.uint8).numpy().data)
+
+    def read(self, name: str) -> torch.Tensor:
+        """A tensor as written so far, read back from its shard (a copy)."""
+        slot = self._slots[name]
+        self._files[slot.file].flush()
+        data = np.fromfile(slot.file, dtype=np.uint8, count=slot.tensor.nbytes, offset=slot.offset)
+        return torch.from_numpy(data).view(slot.tensor.dtype).reshape(slot.tensor.shape)
 
     def close(self) -> None:
         """Flush the shards and, when there are several, write the Hugging Face index."""

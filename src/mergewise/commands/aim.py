@@ -28,8 +28,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from mergewise.aim.relax import AimSettings, relax_folder
+    from mergewise.config import validate_block
 
-    settings = AimSettings(args.omega, args.exponent, args.modules, args.allow_fingerprint_mismatch)
+    settings = validate_block(AimSettings, {"omega": args.omega, "exponent": args.exponent, "modules": args.modules,
+                                            "allow_fingerprint_mismatch": args.allow_fingerprint_mismatch},
+                              "mergewise aim")
     out_dir = relax_folder(args.base, args.merged, args.stats, args.out_dir, settings,
                            shard_size=args.shard_size, overwrite=args.overwrite, quiet=args.quiet)
     if not args.quiet:

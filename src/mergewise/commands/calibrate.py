@@ -15,8 +15,12 @@ def register(subparsers) -> None:
     parser.add_argument("--data", default="self",
                         help="calibration text: a .txt/.jsonl file or folder, 'self' (the model samples its "
                              "own text, offline) or hf:NAME (online)")
-    parser.add_argument("--samples", type=int, default=256, help="documents (or self-generated sequences)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration block")
+    parser.add_argument("--samples", type=int, default=256,
+                        help="documents: the first N of 1 to --seq-len tokens (the tokenizer's special tokens "
+                             "counted), in their given order; or self-generated sequences")
+    parser.add_argument("--seq-len", type=int, default=512,
+                        help="tokens per calibration block; the documents' tokens are concatenated and cut "
+                             "into whole blocks (a trailing partial block is dropped)")
     parser.add_argument("--statistic", default="mean_abs",
                         help="per-channel reduction over tokens: mean_abs (the reference), rms or max")
     parser.add_argument("--seed", type=int, default=0, help="seed of --data self sampling")

@@ -35,15 +35,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from mergewise.config import load_config
     from mergewise.engine import run_merge
 
-    config, _ = load_config(args.config)
-    if config.aim is not None:
-        from mergewise.aim import merge_with_aim
-
-        out_dir = merge_with_aim(args.config, args.out_dir, **merge_options(args))
-    else:
-        out_dir = run_merge(args.config, args.out_dir, **merge_options(args))
+    result = run_merge(args.config, args.out_dir, **merge_options(args))
     if not args.quiet:
-        print(f"merged model written to {out_dir}")
+        print(f"merged model written to {result.out_dir}")

@@ -1,32 +1,22 @@
-"""`mergewise mediator build`: dense merge + sparse per-task experts + fitted router, one folder.
-
-Three streamed passes: the conflict analysis (which units to route), the core merge writing the
-dense model D (a tensor hook turns each routed tensor of D into the experts' top-ρ residuals as
-soon as it is complete), then the router is fitted on the finished dense model's features of each
-expert's calibration prompts. Only one tensor of D and one of one expert are held at a time.
+"""`mergewise mediator build`: how a Mediator model is laid out — which units to route, at which
+density, within the memory budget — and the build itself, the recipe's merge with its Mediator stage.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from mergewise.checkpoint import PlannedTensor, StreamingShardWriter, check_output_location
-from mergewise.engine import MergeOptions, execute_plan
+from mergewise.config import load_recipe as load_core_recipe
 from mergewise.errors import MergewiseError
-from mergewise.mediator.analysis import ConflictReport, analyze_conflicts
-from mergewise.mediator.router import Router
-from mergewise.mediator.runtime import EXPERTS_FILE, MANIFEST_FILE, MEDIATOR_FOLDER, ROUTER_FILE, load
-from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, MediatorRecipe, MediatorSettings, load_recipe
-from mergewise.mediator.sparse import MASK_FROM_DENSITY, decompose, stored_bytes, stored_shapes, uses_mask
-from mergewise.mediator.units import expert_plan, unit_of
-from mergewise.plan import MergePlan, TensorJob, build_plan
+from mergewise.mediator.analysis import ConflictReport
+from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, MediatorRecipe, MediatorSettings
+from mergewise.mediator.sparse import MASK_FROM_DENSITY, stored_bytes
+from mergewise.mediator.units import unit_of
+from mergewise.plan import MergePlan
 
 FORMAT_VERSION = 1
 AUTO_DENSITIES = sorted({step / 100 for step in range(1, 101)} | {MASK_FROM_DENSITY}, reverse=True)
@@ -143,125 +133,15 @@ def select_units(report: ConflictReport, costs: dict[str, int], model_bytes: int
     return routed
 
 
-class SparseExpertHook:
-    """Collects each routed tensor of D as its row chunks are merged; once complete, writes every
-    expert's top-ρ residual θ_t − D (D as stored, so D + S_t is the closest to θ_t)."""
+def build(recipe_source, out_dir: str | Path, **options) -> BuildSummary:
+    """Build a Mediator model folder: the recipe's merge, with its `mediator:` stage (see
+    `mergewise.mediator.stage`). `options` are the merge's (device, threads, shard_size, …)."""
+    from mergewise.engine import run_merge
 
-    def __init__(self, routed: list[TensorJob], experts: MergePlan, tasks: list[str], density: float,
-                 writer: StreamingShardWriter):
-        self.routed = {job.name: job for job in routed}
-        self.expert_jobs = {job.name: job for job in experts.jobs}
-        self.tasks = tasks
-        self.density = density
-        self.writer = writer
-        self.pending: dict[str, torch.Tensor] = {}
-        self.retained: dict[tuple[str, str], list[float]] = {}  # (unit, task) → [kept, total] ‖·‖²
-
-    def __call__(self, job: TensorJob, rows: slice, merged: torch.Tensor) -> torch.Tensor:
-        if job.name in self.routed:
-            dense = self.pending.setdefault(job.name, torch.empty(job.shape, dtype=job.out_dtype))
-            dense[rows] = merged.to(job.out_dtype)
-            if not job.shape or rows.stop is None or rows.stop >= job.shape[0]:
-                self._write_experts(job, self.pending.pop(job.name))
-        return merged
-
-    def _write_experts(self, job: TensorJob, dense: torch.Tensor) -> None:
-        expert_job = self.expert_jobs[job.name]
-        for task, source in zip(self.tasks, expert_job.inputs):
-            residual = source.model.read(source.name).float() - dense.float()
-            stored, retained = decompose(residual, self.density, job.out_dtype)
-            for suffix, tensor in stored.items():
-                self.writer.write(f"{task}/{job.name}.{suffix}", tensor)
-            total = float(residual.double().square().sum())
-            sums = self.retained.setdefault((unit_of(job.name), task), [0.0, 0.0])
-            sums[0] += retained * total
-            sums[1] += total
-
-    def retained_share(self, unit: str, task: str) -> float:
-        kept, total = self.retained.get((unit, task), (0.0, 0.0))
-        return kept / total if total > 0 else 1.0
-
-
-def build(config_source, out_dir: str | Path, *, device: str = "cpu", threads: int | None = None,
-          shard_size: str | int = "5GB", overwrite: bool = False, seed: int | None = None,
-          quiet: bool = False) -> BuildSummary:
-    recipe = load_recipe(config_source)
-    settings = recipe.settings
-    prompts = calibration_prompts(recipe)
-    experts = expert_plan(recipe)
-    plan = build_plan(recipe.merge, recipe.config_dir)
-    out_dir = Path(out_dir).expanduser().resolve()
-    check_output_location(out_dir, [model.path for model in plan.models + experts.models], overwrite)
-    report = analyze_conflicts(recipe, quiet=quiet)
-    model_bytes = sum(torch.Size(job.shape).numel() * job.out_dtype.itemsize for job in plan.jobs)
-    hidden = int(plan.reference.config.get("hidden_size") or plan.reference.config.get("n_embd") or 4096)
-    routed_units, density = choose_routing(report, plan, model_bytes, router_reserve(settings, hidden), settings)
-    routed_jobs = [job for job in plan.jobs if job.out_dtype.is_floating_point and unit_of(job.name) in routed_units]
-    planned = [PlannedTensor(f"{task}/{job.name}.{suffix}", shape, dtype)
-               for task in settings.tasks for job in routed_jobs
-               for suffix, (shape, dtype) in stored_shapes(torch.Size(job.shape).numel(), density,
-                                                             job.out_dtype).items()]
-    summary: dict = {}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.experts-", dir=out_dir.parent) as scratch:
-        writer = StreamingShardWriter(Path(scratch), planned, ONE_FILE, {"mediator_format": str(FORMAT_VERSION)},
-                                      file_stem=Path(EXPERTS_FILE).stem)
-        hook = SparseExpertHook(routed_jobs, experts, settings.tasks, density, writer)
-
-        def finalize(staging: Path) -> None:
-            writer.close()
-            dense = load(staging, device, dtype=torch.float32)  # still a plain folder: every unit is D
-            features = {task: dense.features(dense.encode(texts), settings.router.feature_layer,
-                                             settings.router.max_tokens) for task, texts in prompts.items()}
-            router, fit = Router.fit(features, settings.router)
-            folder = staging / MEDIATOR_FOLDER
-            folder.mkdir()
-            shutil.move(Path(scratch) / EXPERTS_FILE, folder / EXPERTS_FILE)
-            save_file(router.state_dict(), folder / ROUTER_FILE)
-            stored = sum(file.stat().st_size for file in staging.rglob("*.safetensors"))
-            dense_bytes = sum(file.stat().st_size for file in staging.glob("*.safetensors"))
-            manifest = _manifest(recipe, report, routed_units, routed_jobs, hook, router, fit, prompts,
-                                 dense_bytes, stored)
-            (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            summary.update(stored=stored, dense=dense_bytes, accuracy=fit.heldout_accuracy)
-
-        try:
-            execute_plan(plan, out_dir, MergeOptions(device=device, threads=threads, shard_size=shard_size,
-                                                     overwrite=overwrite, seed=seed, quiet=quiet),
-                         tensor_hook=hook, extra_record={"mediator": settings.model_dump(mode="json")},
-                         finalize=finalize)
-        finally:
-            writer.abort()
-            for model in experts.models:
-                model.close()
-    return BuildSummary(out_dir, routed_units, len(report.units), density, summary["dense"], summary["stored"],
-                        settings.memory_budget, summary["accuracy"])
-
-
-def _manifest(recipe: MediatorRecipe, report: ConflictReport, routed_units: list[str], routed_jobs: list[TensorJob],
-              hook: SparseExpertHook, router: Router, fit, prompts: dict[str, list[str]], dense_bytes: int,
-              stored: int) -> dict:
-    from mergewise import __version__
-
-    settings = recipe.settings
-    return {
-        "format": FORMAT_VERSION,
-        "mergewise_version": __version__,
-        "tasks": settings.tasks,
-        "merge_method": recipe.merge.merge_method,
-        "density": hook.density,
-        "storage": "mask" if uses_mask(hook.density) else "indices",
-        "routed_units": routed_units,
-        "routed_tensors": [job.name for job in routed_jobs],
-        "units": [{"unit": unit.unit, "parameters": unit.parameters, "sign_conflict": unit.sign_conflict,
-                   "cancellation": unit.cancellation, "routed": unit.unit in routed_units,
-                   "retained": {task: round(hook.retained_share(unit.unit, task), 6) for task in settings.tasks}
-                   if unit.unit in routed_units else None}
-                  for unit in report.units],
-        "memory": {"dense_bytes": dense_bytes, "stored_bytes": stored, "ratio": round(stored / dense_bytes, 4),
-                   "budget": settings.memory_budget},
-        "prompts": {task: len(texts) for task, texts in prompts.items()},
-        "router": router.metadata(),
-        "router_fit": asdict(fit),
-        "settings": settings.model_dump(mode="json"),
-    }
+    recipe = load_core_recipe(recipe_source)
+    MediatorRecipe.of(recipe)  # a recipe without a mediator block fails here
+    result = run_merge(recipe, out_dir, **options)
+    built = result.records["mediator"]
+    return BuildSummary(result.out_dir, built["routed_units"], len(built["units"]), built["density"],
+                        built["memory"]["dense_bytes"], built["memory"]["stored_bytes"],
+                        built["memory"]["budget"], built["router_fit"]["heldout_accuracy"])

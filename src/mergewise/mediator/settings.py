@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mergewise.config import MergeConfig, read_yaml_mapping, validate_block, validate_config
+from mergewise.config import MergeConfig, Recipe
+from mergewise.config import load_recipe as load_core_recipe
 from mergewise.errors import MergewiseError
 from mergewise.methods import BasePolicy, get_method
 
@@ -61,6 +62,9 @@ class MediatorSettings(BaseModel):
     router: RouterSettings = RouterSettings()
     cache_size: int = Field(2, ge=0)  # materialised experts kept by the runtime
     experts: list[ExpertEntry] = Field(min_length=2)
+    # Task vectors are measured from it: the recipe's base_model, which the dense merge itself may
+    # not take (linear averages the experts alone).
+    base_model: str | None = None
 
     @model_validator(mode="after")
     def _one_selection(self) -> MediatorSettings:
@@ -80,12 +84,22 @@ class MediatorSettings(BaseModel):
 
 
 class MediatorRecipe(BaseModel):
+    """A recipe with a `mediator:` block, as the Mediator's passes read it."""
+
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
     merge: MergeConfig          # the dense merge of the experts (calm units and dense expert D)
-    base_model: str             # task vectors are measured from it, whatever the merge method does
+    base_model: str
     settings: MediatorSettings
     config_dir: Path
     origin: str
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> MediatorRecipe:
+        if "mediator" not in recipe.blocks:
+            raise MergewiseError(f"{recipe.origin}: mediator: missing (a Mediator recipe lists its experts there)")
+        settings = recipe.blocks["mediator"]
+        return cls(merge=recipe.config, base_model=settings.base_model, settings=settings,
+                   config_dir=recipe.config_dir, origin=recipe.origin)
 
     def prompts_path(self, expert: ExpertEntry) -> Path:
         if expert.prompts is None:
@@ -99,16 +113,8 @@ class MediatorRecipe(BaseModel):
         return path
 
 
-def load_recipe(source: str | Path | dict) -> MediatorRecipe:
-    """Read a Mediator recipe; the experts become the dense merge's `models`."""
-    if isinstance(source, dict):
-        data, origin, config_dir = dict(source), "config", Path.cwd()
-    else:
-        path = Path(source)
-        data, origin, config_dir = dict(read_yaml_mapping(path)), str(path), path.parent.resolve()
-    if "mediator" not in data:
-        raise MergewiseError(f"{origin}: mediator: missing (a Mediator recipe lists its experts there)")
-    settings = validate_block(MediatorSettings, data.pop("mediator"), origin, "mediator")
+def experts_as_models(data: dict, settings: MediatorSettings, origin: str) -> tuple[dict, MediatorSettings]:
+    """The core recipe of a Mediator recipe: its experts become the dense merge's `models`."""
     for key in ("models", "slices"):
         if key in data:
             raise MergewiseError(f"{origin}: {key}: a Mediator recipe lists its models under mediator.experts")
@@ -116,6 +122,7 @@ def load_recipe(source: str | Path | dict) -> MediatorRecipe:
     if not base_model:
         raise MergewiseError(f"{origin}: base_model: required (task vectors are measured from it)")
     method = get_method(str(data.get("merge_method", "")))  # unknown methods fail here, by name
+    data = dict(data)
     if method.base in (BasePolicy.INPUT, BasePolicy.UNUSED):
         data.pop("base_model")  # the dense expert averages the experts, not experts and base
     weight = {"weight": 1.0 / len(settings.experts)} if "weight" in method.parameters else {}
@@ -123,6 +130,9 @@ def load_recipe(source: str | Path | dict) -> MediatorRecipe:
     data["models"] = [{"model": expert.model,
                        "parameters": {**({} if has_weight else weight), **(expert.parameters or {})} or None}
                       for expert in settings.experts]
-    return MediatorRecipe(merge=validate_config(data, origin), base_model=base_model, settings=settings,
-                          config_dir=config_dir, origin=origin)
+    return data, settings.model_copy(update={"base_model": base_model})
 
+
+def load_recipe(source: str | Path | dict) -> MediatorRecipe:
+    """Read a recipe that has a `mediator:` block."""
+    return MediatorRecipe.of(load_core_recipe(source))

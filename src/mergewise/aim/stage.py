@@ -1,0 +1,106 @@
+"""The `aim:` block of a recipe: the relaxation runs on every merged row chunk inside the streaming
+merge, whatever starts it (`mergewise.merge`, `mergewise merge`, a Mediator build, where it relaxes
+the dense model D).
+
+    aim: {omega: 0.4, stats: stats.safetensors}
+    aim: {omega: 0.4, calibration: {data: self, samples: 64, seq_len: 128}}   # calibrates first
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mergewise.aim.relax import AimSettings, Relaxation, check_fingerprint, record
+from mergewise.aim.statistics import STATISTICS, CalibrationSettings, calibrate, load_statistics
+from mergewise.checkpoint import ModelFolder
+from mergewise.config import Recipe
+from mergewise.errors import MergewiseError
+from mergewise.methods import TensorRows
+from mergewise.plan import TensorJob
+from mergewise.stages import BlockSpec, Stage, StageContext
+
+
+class CalibrationBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    data: str = "self"
+    samples: int = Field(256, ge=1)
+    seq_len: int = Field(512, ge=2)
+    statistic: str = Field("mean_abs", pattern="^(" + "|".join(STATISTICS) + ")$")
+    seed: int = 0
+    stream_layers: bool = False
+
+
+class AimBlock(AimSettings):
+    """The relaxation settings and where the statistics come from: a file, or a calibration run."""
+
+    stats: str | None = None
+    calibration: CalibrationBlock | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AimBlock:
+        if (self.stats is None) == (self.calibration is None):
+            raise ValueError("give exactly one of 'stats' or 'calibration'")
+        return self
+
+
+class AimStage(Stage):
+    name = "aim"
+
+    def __init__(self, block: AimBlock, recipe: Recipe):
+        if recipe.base_model is None:
+            raise MergewiseError(f"{recipe.origin}: aim needs base_model (the model the relaxation pulls toward)")
+        self.block = block
+        self.recipe = recipe
+        self.base: ModelFolder | None = None
+        self.relaxation: Relaxation | None = None
+        self.stats_path: Path | None = None
+        self._scratch: tempfile.TemporaryDirectory | None = None
+
+    def on_plan(self, context: StageContext) -> None:
+        self.base = context.plan.base_model
+        if self.block.stats is not None:
+            self.stats_path = _relative_to(Path(self.block.stats).expanduser(), self.recipe.config_dir)
+            stats_path = self.stats_path
+        else:
+            self._scratch = tempfile.TemporaryDirectory(prefix="mergewise-aim-")
+            calibration = self.block.calibration
+            settings = CalibrationSettings(calibration.data, calibration.samples, calibration.seq_len,
+                                           calibration.statistic, calibration.seed)
+            stats_path = calibrate(self.base.path, Path(self._scratch.name) / "stats.safetensors", settings,
+                                   device=str(context.device), stream_layers=calibration.stream_layers,
+                                   quiet=context.quiet)
+        stats = load_statistics(stats_path)
+        check_fingerprint(stats, self.base, stats_path, self.block.allow_fingerprint_mismatch)
+        self.relaxation = Relaxation(stats, self.block)
+
+    def on_rows(self, job: TensorJob, rows: TensorRows, merged: torch.Tensor) -> torch.Tensor:
+        """Relax the chunk, first rounded to the output dtype so that the result equals relaxing the
+        saved merge; the base rows are the ones the engine read, where the base is an input."""
+        from_base = job.base is not None and job.base.model is self.base
+        name = job.base.name if from_base else job.name
+        if not self.relaxation.covers(name) or name not in self.base.tensors:
+            return merged
+        span = slice(rows.first_row, rows.first_row + merged.shape[0]) if merged.dim() else slice(None)
+        base_rows = rows.base if from_base else self.base.read(name, span)
+        return self.relaxation.apply(name, merged.to(job.out_dtype), base_rows, span)
+
+    def finalize(self, staging: Path) -> dict:
+        return record(self.relaxation, self.stats_path)
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+
+
+def _relative_to(path: Path, config_dir: Path) -> Path:
+    """A relative stats path is read from the recipe's folder, else from the working folder."""
+    if path.is_absolute() or not (config_dir / path).exists():
+        return path
+    return config_dir / path
+
+
+BLOCK = BlockSpec(schema=AimBlock, make_stage=AimStage)

@@ -1,0 +1,91 @@
+"""Recipe blocks beyond mergekit's schema (`aim:`, `mediator:`) as stages of the one streaming merge.
+
+A block is a package holding a pydantic schema and a `Stage`, named in `BLOCKS`. Whoever starts a
+merge (`mergewise.merge`, the CLI, `mediator build`, a benchmark) runs the same engine, which calls
+every stage of the recipe through the same hooks, in `BLOCKS` order:
+
+    on_plan(context)            once, before any tensor: calibrate, analyse, lay out extra files
+    on_rows(job, rows, merged)  every merged row chunk, with the input rows already read (base too);
+                                returns the rows to write
+    on_tensor(job, tensor)      every finished tensor the stage asked for (`wants_tensor`), read back
+                                from the staged output, so no stage buffers tensors
+    finalize(staging)           the staged folder, complete but not yet in place; what it returns is
+                                the stage's result (in `MergeResult.records` and mergewise.yml)
+    close()                     always, last: release what the stage holds
+
+The core never imports a block's package: `BLOCKS` names each one's module, imported when a recipe
+uses the block. Adding a block is one package exposing `BLOCK` plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from mergewise.config import Recipe
+    from mergewise.methods import TensorRows
+    from mergewise.plan import MergePlan, TensorJob
+
+# Block name → module exposing `BLOCK: BlockSpec`, in the order their stages run (AIM relaxes the
+# merged tensors before Mediator reads them).
+BLOCKS = {"aim": "mergewise.aim.stage", "mediator": "mergewise.mediator.stage"}
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may look at before the first tensor."""
+
+    plan: MergePlan
+    device: torch.device
+    staging: Path       # the output folder being built
+    shard_size: int
+    quiet: bool
+
+
+class Stage:
+    """A recipe block's part in the merge; every hook is optional."""
+
+    name = ""
+
+    def on_plan(self, context: StageContext) -> None:
+        pass
+
+    def on_rows(self, job: TensorJob, rows: TensorRows, merged: torch.Tensor) -> torch.Tensor:
+        return merged
+
+    def wants_tensor(self, job: TensorJob) -> bool:
+        return False
+
+    def on_tensor(self, job: TensorJob, tensor: torch.Tensor) -> None:
+        pass
+
+    def finalize(self, staging: Path) -> Any:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A recipe block: its schema, its stage, and (optionally) how it rewrites the core recipe before
+    that is validated (Mediator lists its models under `mediator.experts`)."""
+
+    schema: type[BaseModel]
+    make_stage: Callable[[BaseModel, Recipe], Stage]
+    rewrite_recipe: Callable[[dict, BaseModel, str], tuple[dict, BaseModel]] | None = None
+
+
+def block_spec(name: str) -> BlockSpec:
+    return importlib.import_module(BLOCKS[name]).BLOCK
+
+
+def recipe_stages(recipe: Recipe) -> list[Stage]:
+    """The stages of a recipe's blocks, in `BLOCKS` order."""
+    return [block_spec(name).make_stage(block, recipe) for name, block in recipe.blocks.items()]
