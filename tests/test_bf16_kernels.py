@@ -39,7 +39,8 @@ def bf16_family(count: int, rows: int = 300, columns: int = 97, seed: int = 0):
 
 def magnitude_selections(base, inputs, density, gamma):
     """The selections the engine's `prepare` makes, read in row chunks."""
-    return [select_magnitudes((tensor - base).split(64), tensor.numel(), density, gamma) for tensor in inputs]
+    return [select_magnitudes(zip(tensor.split(64), base.split(64)), tensor.numel(), density, gamma)
+            for tensor in inputs]
 
 
 def assert_same_bits(fused: torch.Tensor, eager: torch.Tensor) -> None:

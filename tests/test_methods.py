@@ -180,7 +180,8 @@ def test_magnitude_selection_keeps_the_entries_torch_sort_keeps(dtype, gamma):
     values = values.to(dtype)
     values[[7, 4000, 31_000]] = torch.tensor([math.nan, -math.inf, -math.nan], dtype=dtype)
     for density in (0.0001, 0.3, 0.5, 0.97):
-        keep = select_magnitudes(values.split(7_000), values.numel(), density, gamma)
+        rows = zip(values.split(7_000), torch.zeros_like(values).split(7_000))  # task vector = values
+        keep = select_magnitudes(rows, values.numel(), density, gamma)
         assert torch.equal(keep.rows(0, values.numel()), torch_sort_mask(values, density, gamma))
         assert torch.equal(keep.rows(12_345, 999), torch_sort_mask(values, density, gamma)[12_345:13_344])
 

@@ -136,11 +136,17 @@ def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages
         fused = plan.method.fused if total >= plan.method.fused_min_parameters else None
         executor = _JobExecutor(plan, device, seed, reader, stages, compile_kernels, fused)
         background = _BackgroundWrites(writer, write_thread)
-        with tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
-                  disable=options.quiet) as progress:
-            for job in plan.jobs:
+        with (tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
+                   disable=options.quiet) as progress,
+              ThreadPoolExecutor(1, thread_name_prefix="mergewise-prepare") as preparing):
+            # Each tensor's whole-tensor statistics are gathered while the previous tensor merges.
+            upcoming = executor.prepare(plan.jobs[0], preparing) if plan.jobs else None
+            for index, job in enumerate(plan.jobs):
+                statistics = upcoming
+                if index + 1 < len(plan.jobs):
+                    upcoming = executor.prepare(plan.jobs[index + 1], preparing)
                 progress.set_postfix_str(job.name, refresh=False)
-                executor.run(job, background)
+                executor.run(job, statistics, background)
                 progress.update(math.prod(job.shape))
         background.drain()
         writer.close()
@@ -200,25 +206,32 @@ class _JobExecutor:
         self.compiled = (_compiled(self.method.merge_rows)
                          if compile_kernels and not self.method.uses_randomness else None)
 
-    def run(self, job: TensorJob, writer: _BackgroundWrites) -> None:
+    def prepare(self, job: TensorJob, thread: ThreadPoolExecutor) -> Future | None:
+        """The method's whole-tensor statistics of `job`, computed on `thread` (None: it has none)."""
+        if self.method.prepare is None or not job.out_dtype.is_floating_point:
+            return None
+        ranges = self._ranges(job)
+        tensors = ChunkedTensors(job.shape, lambda models: self._chunks(job, ranges, models))
+        return thread.submit(self._guard, job, lambda: self.method.run_prepare(tensors, job.params))
+
+    def run(self, job: TensorJob, statistics: Future | None, writer: _BackgroundWrites) -> None:
         if not job.out_dtype.is_floating_point:
             source = job.base or job.inputs[0]
             writer.write(job.name, source.model.read(source.name))
             return
-        self._merge_job(job, writer)
+        self._merge_job(job, statistics.result() if statistics is not None else None, writer)
         wanting = [stage for stage in self.stages if stage.wants_tensor(job)]
         if wanting:
             tensor = writer.read_back(job.name)
             for stage in wanting:
                 stage.on_tensor(job, tensor)
 
-    def _merge_job(self, job: TensorJob, writer: _BackgroundWrites) -> None:
+    def _ranges(self, job: TensorJob) -> list[slice]:
+        return row_ranges(job.shape, whole=self.method.whole_tensor(job.params))
+
+    def _merge_job(self, job: TensorJob, stats, writer: _BackgroundWrites) -> None:
         params = job.params
-        ranges = row_ranges(job.shape, whole=self.method.whole_tensor(params))
-        stats = None
-        if self.method.prepare is not None:
-            tensors = ChunkedTensors(job.shape, lambda models: self._chunks(job, ranges, models))
-            stats = self._guard(job, lambda: self.method.run_prepare(tensors, params))
+        ranges = self._ranges(job)
         for rows_in, rows in zip(self._chunks(job, ranges), ranges):
             rows_in.stats = stats
             merged = self._guard(job, lambda: self._merge(rows_in, params))

@@ -14,50 +14,12 @@ import threading
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
+from mergewise.methods.bf16_bits import narrow, round_bf16, widen
 from mergewise.methods.sparsify import KeepBits
 
 BLOCK = 4096  # elements per work item: the block's float32 scratch stays in L1/L2
-
-
-@intrinsic
-def _float_bits(typingctx, value):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def _bits_float(typingctx, value):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@njit(inline="always")
-def _widen(bits):
-    """bf16 bit pattern → float32 (exact)."""
-    return _bits_float(np.int32(bits) << 16)
-
-
-@njit(inline="always")
-def _narrow(value):
-    """float32 → bf16 bit pattern, rounding to nearest even; NaN stays a (quiet) NaN."""
-    bits = _float_bits(value)
-    rounded = (bits + np.int32(0x7FFF) + ((bits >> 16) & np.int32(1))) >> 16
-    quiet_nan = (bits >> 16) | np.int32(0x40)
-    return np.int16(quiet_nan if value != value else rounded)
-
-
-@njit(inline="always")
-def _round(value):
-    """A float32 result as eager bf16 arithmetic leaves it."""
-    return _widen(_narrow(value))
 
 
 @njit(parallel=True, cache=True)
@@ -76,7 +38,7 @@ def _task_arithmetic(base, inputs, weights, scales, keeps, offset, sparsified, c
         weighted = np.empty((count, BLOCK), np.float32)
         total = np.zeros(BLOCK, np.float32)
         for k in range(width):
-            base_values[k] = _widen(base_block[k])
+            base_values[k] = widen(base_block[k])
         for index in range(count):
             rows = inputs[index][start:stop]
             row_weighted = weighted[index]
@@ -87,18 +49,18 @@ def _task_arithmetic(base, inputs, weights, scales, keeps, offset, sparsified, c
                 keep = keeps[index]
                 for k in range(width):
                     position = offset + start + k
-                    delta = _round(_widen(rows[k]) - base_values[k])
+                    delta = round_bf16(widen(rows[k]) - base_values[k])
                     kept = (keep[position >> 3] >> (position & 7)) & 1
                     delta = delta if kept else np.float32(0) * delta
                     row_weighted[k] = delta
             else:
                 for k in range(width):
-                    row_weighted[k] = _round(_widen(rows[k]) - base_values[k])
+                    row_weighted[k] = round_bf16(widen(rows[k]) - base_values[k])
             if scale != 1:
                 for k in range(width):
-                    row_weighted[k] = _round(row_weighted[k] * scale)
+                    row_weighted[k] = round_bf16(row_weighted[k] * scale)
             for k in range(width):
-                value = _round(row_weighted[k] * weight)
+                value = round_bf16(row_weighted[k] * weight)
                 row_weighted[k] = value
                 total[k] += value
         if consensus:
@@ -106,7 +68,7 @@ def _task_arithmetic(base, inputs, weights, scales, keeps, offset, sparsified, c
             shares = np.zeros(BLOCK, np.float32)
             positive = np.empty(BLOCK, np.bool_)
             for k in range(width):
-                positive[k] = _round(total[k]) >= 0
+                positive[k] = round_bf16(total[k]) >= 0
             for index in range(count):
                 weight = weights[index]
                 row_weighted = weighted[index]
@@ -117,21 +79,21 @@ def _task_arithmetic(base, inputs, weights, scales, keeps, offset, sparsified, c
                     shares[k] += weight if agrees else np.float32(0)
             if normalize:
                 for k in range(width):
-                    share = _round(shares[k])
-                    total[k] = _round(combined[k]) / (np.float32(1) if share == 0 else share)
+                    share = round_bf16(shares[k])
+                    total[k] = round_bf16(combined[k]) / (np.float32(1) if share == 0 else share)
             else:
                 for k in range(width):
                     total[k] = combined[k]
         elif normalize:
             for k in range(width):
-                total[k] = _round(total[k]) / divisor
+                total[k] = round_bf16(total[k]) / divisor
         out_block = out[start:stop]
         if lambda_ == 1:
             for k in range(width):
-                out_block[k] = _narrow(base_values[k] + _round(total[k]))
+                out_block[k] = narrow(base_values[k] + round_bf16(total[k]))
         else:
             for k in range(width):
-                out_block[k] = _narrow(base_values[k] + _round(_round(total[k]) * lambda_))
+                out_block[k] = narrow(base_values[k] + round_bf16(round_bf16(total[k]) * lambda_))
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:

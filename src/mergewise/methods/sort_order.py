@@ -44,13 +44,47 @@ def _move_median_to_first(keys, order, result, a, b, c):
         _swap(keys, order, result, b)
 
 
+BLOCK = 128  # positions scanned at a time by the branch-free phase of a partition
+
+
 @njit
-def _partition_around_median(keys, order, first, last):
-    """libstdc++'s __unguarded_partition_pivot: the boundary between the two sides."""
+def _partition_around_median(keys, order, first, last, left, right):
+    """libstdc++'s __unguarded_partition_pivot: the boundary between the two sides.
+
+    Its Hoare loop swaps the t-th element from the left that is not below the pivot with the t-th
+    from the right that is not above it, until they cross. Far from the crossing, those elements are
+    found BLOCK positions at a time without branches (`left`, `right` hold their positions) and
+    swapped pairwise in the same order; the plain loop then takes over from the last swap, in the
+    state it would have reached itself. Random data mispredicts half the branches of the plain loop.
+    """
     _move_median_to_first(keys, order, first, first + 1, first + (last - first) // 2, last - 1)
     pivot = keys[first]
     low = first + 1
     high = last
+    left_scan = low
+    right_scan = high
+    found_left = used_left = found_right = used_right = 0
+    while right_scan - left_scan >= 2 * BLOCK:
+        if used_left == found_left:
+            found_left = used_left = 0
+            for offset in range(BLOCK):
+                left[found_left] = left_scan + offset
+                found_left += keys[left_scan + offset] >= pivot
+            left_scan += BLOCK
+        if used_right == found_right:
+            found_right = used_right = 0
+            for offset in range(BLOCK):
+                right[found_right] = right_scan - 1 - offset
+                found_right += keys[right_scan - 1 - offset] <= pivot
+            right_scan -= BLOCK
+        pairs = min(found_left - used_left, found_right - used_right)
+        for pair in range(pairs):
+            _swap(keys, order, left[used_left + pair], right[used_right + pair])
+        if pairs:
+            used_left += pairs
+            used_right += pairs
+            low = left[used_left - 1] + 1
+            high = right[used_right - 1]
     while True:
         while keys[low] < pivot:
             low += 1
@@ -134,12 +168,16 @@ def _holds_cut(first, last, cuts):
     return False
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _order_around_cuts(keys, order, cuts):
     size = keys.shape[0]
+    for index in range(size):
+        order[index] = index
     depth = 0
     while (size >> (depth + 1)) > 0:
         depth += 1
+    left = np.empty(BLOCK, dtype=np.int64)
+    right = np.empty(BLOCK, dtype=np.int64)
     pending = [(0, size, 2 * depth)]
     while len(pending) > 0:
         first, last, depth = pending.pop()
@@ -150,23 +188,27 @@ def _order_around_cuts(keys, order, cuts):
         elif depth == 0:
             _heap_sort(keys, order, first, last)
         else:
-            boundary = _partition_around_median(keys, order, first, last)
+            boundary = _partition_around_median(keys, order, first, last, left, right)
             pending.append((boundary, last, depth - 1))
             pending.append((first, boundary, depth - 1))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mark(order, start, stop, bits):
     for position in range(start, stop):
         index = order[position]
         bits[index >> 3] |= np.uint8(1 << (index & 7))
 
 
-def positions_in_range(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
+def positions_in_range(keys: np.ndarray, start: int, stop: int, order: np.ndarray | None = None) -> np.ndarray:
     """The indices `torch.sort(keys).indices[start:stop]` holds on the CPU, as packed bits (one per
-    key, little-endian within a byte); `keys` are integers ordered as the values (consumed)."""
+    key, little-endian within a byte); `keys` are integers ordered as the values (consumed). `order`
+    is scratch memory for the permutation (int32 or int64, at least as long as `keys`); it and the
+    kernels, which release the GIL, let callers reuse memory and select on other threads."""
     size = keys.shape[0]
-    order = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64)
+    if order is None:
+        order = np.empty(size, dtype=np.int32 if size < 2**31 else np.int64)
+    order = order[:size]
     _order_around_cuts(keys, order, np.array([start, stop], dtype=np.int64))
     bits = np.zeros((size + 7) // 8, dtype=np.uint8)
     _mark(order, start, stop, bits)

@@ -10,13 +10,14 @@ the same mask.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 import torch
 
+from mergewise.methods import bf16_bits
 from mergewise.methods.sort_order import positions_in_range
 
 
@@ -56,45 +57,78 @@ class KeepBits:
         return torch.from_numpy(unpacked[offset:offset + count].view(np.bool_))
 
 
-def magnitude_keys(delta: torch.Tensor, descending: bool) -> np.ndarray:
-    """|delta| as integers that sort as mergekit's keys `|delta|.float()` sort on the CPU.
+def magnitude_keys(inputs: torch.Tensor, base: torch.Tensor, descending: bool, out: np.ndarray) -> None:
+    """Write |inputs − base| into `out` as integers that sort as mergekit's keys `|delta|.float()`
+    sort on the CPU.
 
     Bit patterns of non-negative floats order as their values; 16-bit floats keep their 16 bits (the
     float32 conversion is exact). Every NaN becomes one key above infinity: torch's comparators
     put NaNs after every number (before, descending) and treat them as equal. Negated for descending.
+    bf16 rows on the CPU take one fused pass.
     """
+    if inputs.dtype == base.dtype == torch.bfloat16 and inputs.device.type == base.device.type == "cpu":
+        bf16_bits.magnitude_keys(_bits(inputs), _bits(base), descending, out)
+        return
+    delta = inputs - base
     if delta.dtype in (torch.bfloat16, torch.float16):
-        keys = delta.abs().view(torch.int16)
+        keys = delta.abs_().view(torch.int16)
         infinity = torch.tensor(math.inf, dtype=delta.dtype).view(torch.int16)
     else:
-        keys = delta.abs().float().view(torch.int32)
+        keys = delta.abs_().float().view(torch.int32)
         infinity = torch.tensor(math.inf).view(torch.int32)
-    keys = keys.clamp(max=int(infinity) + 1)
-    return (keys.neg_() if descending else keys).reshape(-1).cpu().numpy()
+    keys = keys.clamp_(max=int(infinity) + 1)
+    out[:] = (keys.neg_() if descending else keys).reshape(-1).cpu().numpy()
 
 
-def select_magnitudes(deltas: Iterable[torch.Tensor], count: int, density: float,
-                      gamma: float | None = None) -> KeepBits | None:
-    """The entries mergekit's magnitude sparsification keeps of a task vector given as consecutive
-    flat chunks `deltas` of `count` entries in all, ties at the cuts included (None: every entry).
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.contiguous().reshape(-1).view(torch.int16).numpy()
 
-    mergekit sorts the whole |delta| with `torch.argsort`; `positions_in_range` finds the same entries
-    in linear time, holding one integer key and one index per entry.
+
+class SelectionScratch:
+    """Memory one magnitude selection at a time works in (integer keys and the permutation), kept for
+    the next: fresh pages cost ~2 µs each to fault in on some machines, more than selecting them."""
+
+    def __init__(self):
+        self._buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    def buffer(self, use: str, count: int, dtype) -> np.ndarray:
+        key = (use, np.dtype(dtype))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.size < count:
+            buffer = self._buffers[key] = np.empty(count, dtype=key[1])
+        return buffer[:count]
+
+
+def gather_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, density: float,
+                      gamma: float | None, scratch: SelectionScratch) -> Callable[[], KeepBits | None]:
+    """Read a task vector, given as consecutive row chunks (input, base) of `count` entries in all,
+    into `scratch`; return the selection still to run, which needs no GIL (None: every entry is kept).
+
+    The selection keeps the entries mergekit's magnitude sparsification keeps, ties at the cuts
+    included: mergekit sorts the whole |delta| with `torch.argsort`, `positions_in_range` finds the
+    same entries in linear time.
     """
     if density >= 1:
-        return None
+        return lambda: None
     start, stop, descending = magnitude_positions(count, density, gamma)
     if density <= 0 or count == 0 or stop <= start:
-        return KeepBits(np.zeros((count + 7) // 8, dtype=np.uint8))
+        return lambda: KeepBits(np.zeros((count + 7) // 8, dtype=np.uint8))
     keys = None
     filled = 0
-    for delta in deltas:
-        chunk = magnitude_keys(delta, descending)
+    for inputs, base in pairs:
         if keys is None:
-            keys = np.empty(count, dtype=chunk.dtype)
-        keys[filled:filled + chunk.size] = chunk
-        filled += chunk.size
-    return KeepBits(positions_in_range(keys, start, stop))
+            narrow = inputs.dtype in (torch.bfloat16, torch.float16) and base.dtype == inputs.dtype
+            keys = scratch.buffer("keys", count, np.int16 if narrow else np.int32)
+        magnitude_keys(inputs, base, descending, keys[filled:filled + inputs.numel()])
+        filled += inputs.numel()
+    order = scratch.buffer("order", count, np.int32 if count < 2**31 else np.int64)
+    return lambda: KeepBits(positions_in_range(keys, start, stop, order))
+
+
+def select_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, density: float,
+                      gamma: float | None = None) -> KeepBits | None:
+    """`gather_magnitudes` and its selection, at once."""
+    return gather_magnitudes(pairs, count, density, gamma, SelectionScratch())()
 
 
 def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +18,12 @@ from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, PerM
 from mergewise.methods.kernel_loading import bf16_kernels
 from mergewise.methods.sparsify import (
     KeepBits,
+    SelectionScratch,
     Sparsification,
+    gather_magnitudes,
     l1_rescale,
     random_mask,
     rank_random_mask,
-    select_magnitudes,
 )
 
 # Merged parameters from which loading the fused kernels (~0.7 s) pays off. Measured per 0.2 B
@@ -69,8 +71,7 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
     keeps = None
     if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
         gammas = gamma if sparsification is Sparsification.MAGNITUDE_OUTLIERS else (None,) * count
-        keeps = [select_magnitudes(_deltas(tensors, index), tensors.numel, share, share_gamma)
-                 for index, (share, share_gamma) in enumerate(zip(density, gammas))]
+        keeps = _magnitude_keeps(tensors, density, gammas)
     scales = [1.0] * count
     if rescale:
         stats = SparsifyStats(keeps, scales)
@@ -90,10 +91,29 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
     return SparsifyStats(keeps, scales)
 
 
-def _deltas(tensors: ChunkedTensors, index: int) -> Iterator[torch.Tensor]:
-    """Input `index`'s task vector, row chunk by row chunk (read only when iterated)."""
+def _magnitude_keeps(tensors: ChunkedTensors, density: PerModel, gammas) -> list[KeepBits | None]:
+    """Each input's magnitude selection. The selections run on two worker threads (the kernel is
+    single-threaded) while the next model's task vector is read, in two alternating scratch memories:
+    model i is read once model i − 2's selection, which used the same memory, is done."""
+    keeps: list[KeepBits | None] = [None] * len(density)
+    scratches = (SelectionScratch(), SelectionScratch())
+    with ThreadPoolExecutor(len(scratches), thread_name_prefix="mergewise-select") as selecting:
+        running: dict[int, Future] = {}
+        for index, (share, gamma) in enumerate(zip(density, gammas)):
+            if index - 2 in running:  # its scratch is the one this model reads into
+                keeps[index - 2] = running.pop(index - 2).result()
+            selection = gather_magnitudes(_input_and_base(tensors, index), tensors.numel, share, gamma,
+                                          scratches[index % 2])
+            running[index] = selecting.submit(selection)
+        for index, future in running.items():
+            keeps[index] = future.result()
+    return keeps
+
+
+def _input_and_base(tensors: ChunkedTensors, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Input `index` and the base, row chunk by row chunk (read only when iterated)."""
     for rows in tensors.chunks(models=[index]):
-        yield rows.inputs[0] - rows.base
+        yield rows.inputs[0], rows.base
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:

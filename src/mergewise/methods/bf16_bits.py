@@ -1,0 +1,57 @@
+"""bf16 arithmetic in numba, rounded exactly where eager torch's bf16 operations round (compute in
+float32, round to nearest even), so that kernels built on it give torch's bits."""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _float_bits(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _bits_float(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always")
+def widen(bits):
+    """bf16 bit pattern → float32 (exact)."""
+    return _bits_float(np.int32(bits) << 16)
+
+
+@njit(inline="always")
+def narrow(value):
+    """float32 → bf16 bit pattern, rounding to nearest even; NaN stays a (quiet) NaN."""
+    bits = _float_bits(value)
+    rounded = (bits + np.int32(0x7FFF) + ((bits >> 16) & np.int32(1))) >> 16
+    quiet_nan = (bits >> 16) | np.int32(0x40)
+    return np.int16(quiet_nan if value != value else rounded)
+
+
+@njit(inline="always")
+def round_bf16(value):
+    """A float32 result as eager bf16 arithmetic leaves it."""
+    return widen(narrow(value))
+
+
+@njit(cache=True, nogil=True)
+def magnitude_keys(inputs, base, descending, out):
+    """mergekit's sort keys of |input − base| (bf16 bit patterns) as `sparsify.magnitude_keys` makes
+    them from the delta, in one pass: 15-bit magnitudes, every NaN one key above infinity, negated
+    for a descending sort."""
+    for index in range(out.shape[0]):
+        key = narrow(widen(inputs[index]) - widen(base[index])) & np.int16(0x7FFF)
+        key = min(key, np.int16(0x7F81))
+        out[index] = -key if descending else key
