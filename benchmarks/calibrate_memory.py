@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "calibrate_memory.md"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.support builds the models
 LAYERS_PER_SHARD = 8
 
 
@@ -29,7 +30,7 @@ def build_random_llama(folder: Path, depth: int, hidden: int) -> int:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from mergewise.tiny_models import save_tokenizer, tiny_config
+    from tests.support.tiny_models import save_tokenizer, tiny_config
 
     config = tiny_config("llama", num_layers=depth, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
                          num_heads=hidden // 64, num_kv_heads=hidden // 256, vocab_size=256, max_positions=512)

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,9 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from mergewise.tiny_models import build_fine_tune, save_tokenizer
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))  # the repository: tests.support builds the models
+from tests.support.tiny_models import build_fine_tune, save_tokenizer  # noqa: E402
 SHARD_BYTES = 200 * 10**6
 NUM_FINE_TUNES = 3
 FINE_TUNE_NOISE = 0.01
@@ -174,17 +176,28 @@ def merge_config(method: str, workload: Path) -> dict:
     return {"merge_method": method, "base_model": str(workload / "base"), "models": models, "dtype": "bfloat16"}
 
 
+# Runs the command given after it and prints its wall time and peak RSS. A child's ru_maxrss also
+# counts the memory of the process that spawned it (Linux carries the pre-exec peak across exec),
+# so this small launcher stands between the benchmark, which holds torch and compared tensors, and
+# each measured tool.
+LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, 2, 1)])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(command: list[str], log_path: Path, env: dict[str, str]) -> tuple[float, float]:
-    """Run `command` with output to `log_path`; return (wall seconds, peak RSS in MB) of that child."""
+    """Run `command` with output to `log_path`; return (wall seconds, peak RSS in MB) of that command."""
     with open(log_path, "wb") as log:
-        file_actions = [(os.POSIX_SPAWN_DUP2, log.fileno(), 1), (os.POSIX_SPAWN_DUP2, log.fileno(), 2)]
-        start = time.perf_counter()
-        pid = os.posix_spawnp(command[0], command, env, file_actions=file_actions)
-        _, status, usage = os.wait4(pid, 0)
-        wall_s = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+        done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.PIPE, stderr=log,
+                              env=env, check=True)
+    wall_s, max_rss_kib, exit_code = done.stdout.split()
+    if int(exit_code) != 0:
         sys.exit(f"{' '.join(command)} failed; see {log_path}")
-    return wall_s, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return float(wall_s), int(max_rss_kib) / 1024  # ru_maxrss is in KiB on Linux
 
 
 def tool_command(tool: str, config_path: Path, out_dir: Path, args: argparse.Namespace) -> list[str]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from mergewise.tiny_models import Family, build_family
+from tests.support.tiny_models import Family, build_family
 
 
 @pytest.fixture(scope="session")

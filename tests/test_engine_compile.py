@@ -9,7 +9,7 @@ import yaml
 
 import mergewise
 from mergewise import engine
-from mergewise.tiny_models import read_state_dict
+from tests.support.tiny_models import read_state_dict
 
 
 @pytest.mark.parametrize("method", ["nuslerp", "task_arithmetic"])

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from mergewise.cli import main
-from mergewise.tiny_models import Family, build_tiny_model, read_state_dict
+from tests.support.tiny_models import Family, build_tiny_model, read_state_dict
 
 
 # ------------------------------------------------------------------------------------------ helpers

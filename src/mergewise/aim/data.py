@@ -8,13 +8,14 @@ dataset (`hf:NAME`, online only). Documents become blocks exactly as the referen
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from mergewise.checkpoint.tokens import start_token_id
 from mergewise.errors import MergewiseError
+from mergewise.records import read_jsonl
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
 
@@ -50,18 +51,7 @@ def _file_documents(file: Path) -> list[str]:
         raise MergewiseError(f"{file}: not UTF-8 text") from None
     if file.suffix not in (".jsonl", ".json"):
         return [paragraph.strip() for paragraph in text.split("\n\n") if paragraph.strip()]
-    documents = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise MergewiseError(f"{file}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise MergewiseError(f"{file}:{number}: expected an object with a string 'text' field")
-        documents.append(record["text"])
-    return documents
+    return [record["text"] for record in read_jsonl(file, ("text",))]
 
 
 def hub_documents(name: str) -> Iterator[str]:
@@ -106,7 +96,7 @@ def blocks_from_documents(documents: Iterable[str], tokenizer, samples: int, seq
 def self_generated_blocks(model, tokenizer, samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:
     """`samples` sequences of `seq_len` tokens sampled from the model itself (plain temperature-1
     sampling from its BOS token), seeded: calibration text without any dataset."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = start_token_id(tokenizer)
     if start is None:
         raise MergewiseError("--data self: the tokenizer has neither a BOS nor an EOS token to start from")
     device = next(model.parameters()).device

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from mergewise.checkpoint.reader import DEPTH_KEYS
 from mergewise.errors import MergewiseError
 
 # Files that describe how to tokenize and generate; copied verbatim from the tokenizer source.
@@ -66,7 +67,7 @@ def write_model_config(folder: Path, config: dict, dtype: torch.dtype,
     if "dtype" in target:
         target["dtype"] = target["torch_dtype"]
     if source_layers is not None:
-        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        for key in DEPTH_KEYS:
             if key in target:
                 target[key] = len(source_layers)
         if isinstance(target.get("layer_types"), list):

@@ -19,9 +19,10 @@ import torch
 from mergewise.errors import MergewiseError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # config.json's names for the depth
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {  # the header's dtype names; the writer uses the same table
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -199,7 +200,7 @@ class ModelFolder:
     def num_layers(self) -> int | None:
         """Decoder depth from config.json, whatever the architecture calls it."""
         config = self.config.get("text_config", self.config)
-        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        for key in DEPTH_KEYS:
             if isinstance(config.get(key), int):
                 return config[key]
         return None
@@ -233,7 +234,7 @@ def read_safetensors_header(file: Path) -> list[TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(int(size) for size in entry["shape"])
             begin, end = (int(value) for value in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):

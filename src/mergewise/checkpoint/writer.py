@@ -17,21 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergewise.checkpoint.reader import SAFETENSORS_INDEX
+from mergewise.checkpoint.reader import SAFETENSORS_DTYPES, SAFETENSORS_INDEX
 from mergewise.errors import MergewiseError
 
-_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -37,18 +37,18 @@ def core_recipe(zoo: Zoo, method: str, dtype: str = "float32") -> dict:
     """A mergekit-style recipe merging every expert of `zoo` with `method`'s starting settings
     (linear averages the experts only: the base is an input there, so it gets weight 0)."""
     settings = CORE_METHOD_SETTINGS[method]
-    models = [{"model": str(zoo.root / task.expert), "parameters": dict(settings["per_model"])}
+    models = [{"model": str(task.expert), "parameters": dict(settings["per_model"])}
               for task in zoo.tasks.values() if task.expert]
     if method == "linear":
-        models.append({"model": str(zoo.root / zoo.base), "parameters": {"weight": 0.0}})
-    return {"merge_method": method, "base_model": str(zoo.root / zoo.base), "dtype": dtype, "models": models}
+        models.append({"model": str(zoo.base), "parameters": {"weight": 0.0}})
+    return {"merge_method": method, "base_model": str(zoo.base), "dtype": dtype, "models": models}
 
 
 def mediator_recipe(zoo: Zoo, memory_budget: float, density: float | str = "auto") -> dict:
     """A Mediator recipe over every expert of `zoo`, each with its task's calibration prompts."""
-    experts = [{"model": str(zoo.root / task.expert), "task": name, "prompts": str(task.calibration)}
+    experts = [{"model": str(task.expert), "task": name, "prompts": str(task.calibration)}
                for name, task in zoo.tasks.items() if task.expert]
-    return {"merge_method": "linear", "base_model": str(zoo.root / zoo.base), "dtype": "float32",
+    return {"merge_method": "linear", "base_model": str(zoo.base), "dtype": "float32",
             "mediator": {"memory_budget": memory_budget, "density": density, "experts": experts}}
 
 
@@ -85,10 +85,10 @@ def merged_entry(label: str, recipe: dict, merge: Callable[[dict, Path], Path] |
 
 def zoo_entries(zoo: Zoo, methods: list[str]) -> list[Entry]:
     """Base, every expert, then each core method."""
-    entries = [Entry("base", lambda work: zoo.root / zoo.base)]
+    entries = [Entry("base", lambda work: zoo.base)]
     for task in zoo.tasks.values():
         if task.expert:
-            entries.append(Entry(f"expert:{task.name}", lambda work, folder=task.expert: zoo.root / folder))
+            entries.append(Entry(f"expert:{task.name}", lambda work, folder=task.expert: folder))
     entries += [merged_entry(method, core_recipe(zoo, method)) for method in methods]
     return entries
 

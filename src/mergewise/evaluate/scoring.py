@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergewise.checkpoint.tokens import start_token_id
 from mergewise.evaluate.loading import LoadedModel
 
 
@@ -46,16 +47,11 @@ def encode_pair(
     exactly the ones scored. An empty context becomes the start token; an over-long one loses its
     oldest tokens."""
     tokenizer = loaded.tokenizer
-    context_ids = tokenizer(context)["input_ids"] or [start_token_id(loaded)]
+    context_ids = tokenizer(context)["input_ids"] or [start_token_id(loaded.tokenizer)]
     continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
     if max_length is not None:
         context_ids = context_ids[-max(1, max_length - len(continuation_ids)) :]
     return context_ids, continuation_ids
-
-
-def start_token_id(loaded: LoadedModel) -> int:
-    tokenizer = loaded.tokenizer
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()
@@ -104,7 +100,7 @@ def greedy_completions(
     keep = max_length - max_new_tokens if max_length and max_length > max_new_tokens else 0  # [-0:] keeps all
     completions = []
     for batch in chunks(prompts, batch_size):
-        encoded = [(tokenizer(prompt)["input_ids"] or [start_token_id(loaded)])[-keep:] for prompt in batch]
+        encoded = [(tokenizer(prompt)["input_ids"] or [start_token_id(loaded.tokenizer)])[-keep:] for prompt in batch]
         texts: list[str] = [""] * len(encoded)
         for rows, weights in loaded.route_groups(encoded):
             group = [encoded[row] for row in rows]
@@ -144,7 +140,7 @@ def text_nll(loaded: LoadedModel, text: str, window: int, batch_size: int, max_w
     """Per-token NLL of `text` in non-overlapping windows, each read after a fresh start token."""
     token_ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     windows = [token_ids[start : start + window] for start in range(0, len(token_ids), window)]
-    encoded = [([start_token_id(loaded)], ids) for ids in windows[:max_windows]]
+    encoded = [([start_token_id(loaded.tokenizer)], ids) for ids in windows[:max_windows]]
     total = NllTotal(0.0, 0)
     for batch in chunks(encoded, batch_size):
         for log_likelihood, _, count in score_encoded(loaded, list(batch)):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from mergewise.checkpoint import check_output_location, staged_folder
 from mergewise.engine import CHUNK_ELEMENTS
 from mergewise.mediator.settings import MediatorRecipe
+from mergewise.methods.sparsify import kept_count
 from mergewise.mediator.units import expert_plan, unit_of
 
 
@@ -114,7 +115,7 @@ class _Sums:
 
 def kept_mask(magnitudes: np.ndarray, share: float) -> np.ndarray:
     """The top-`share` entries by magnitude (entries tied at the cut are all kept)."""
-    keep = max(1, round(share * magnitudes.size))
+    keep = kept_count(magnitudes.size, share)
     if keep >= magnitudes.size:
         return magnitudes > 0
     threshold = np.partition(magnitudes, magnitudes.size - keep)[magnitudes.size - keep]

@@ -4,7 +4,6 @@ density, within the memory budget — and the build itself, the recipe's merge w
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, MediatorRecipe,
 from mergewise.mediator.sparse import MASK_FROM_DENSITY, stored_bytes
 from mergewise.mediator.units import unit_of
 from mergewise.plan import MergePlan
+from mergewise.records import read_jsonl
 
 FORMAT_VERSION = 1
 AUTO_DENSITIES = sorted({step / 100 for step in range(1, 101)} | {MASK_FROM_DENSITY}, reverse=True)
@@ -48,20 +48,10 @@ class BuildSummary:
 
 def read_prompts(path: Path) -> list[str]:
     """One prompt per line, or JSONL records with a `prompt` (or `text`) field."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix not in (".jsonl", ".json"):
-        return lines
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise MergewiseError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise MergewiseError(f"{path}:{number}: expected an object with a string 'prompt' field")
-        prompts.append(text)
-    return prompts
+    if path.suffix in (".jsonl", ".json"):
+        return [next(record[name] for name in ("prompt", "text") if isinstance(record.get(name), str))
+                for record in read_jsonl(path, ("prompt|text",))]
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def calibration_prompts(recipe: MediatorRecipe) -> dict[str, list[str]]:

@@ -20,17 +20,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mergewise.checkpoint.tokens import start_token_id
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.mediator.router import Route, Router
 from mergewise.mediator.sparse import flat_indices, materialize
+from mergewise.plan import parse_dtype
 
 MEDIATOR_FOLDER = "mediator"
 MANIFEST_FILE = "mediator.json"
 EXPERTS_FILE = "experts.safetensors"
 ROUTER_FILE = "router.safetensors"
 FEATURE_BATCH = 8  # every layer's hidden states are kept for one batch: keep it small
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_mediator_folder(path: str | os.PathLike) -> bool:
@@ -127,7 +128,7 @@ class RoutedModel:
         return torch.cat(pooled)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        fallback = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        fallback = start_token_id(self.tokenizer)
         return [self.tokenizer(prompt)["input_ids"] or [fallback] for prompt in prompts]
 
     def routes(self, prompt_ids: Sequence[Sequence[int]]) -> list[Route | None]:
@@ -231,9 +232,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
         raise MergewiseError(f"offload {offload!r}: expected cpu or none")
     torch_device = resolve_device(device)
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise MergewiseError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+        dtype = parse_dtype(dtype, "dtype")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")

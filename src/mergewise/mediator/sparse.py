@@ -12,11 +12,9 @@ import math
 import numpy as np
 import torch
 
+from mergewise.methods.sparsify import kept_count
+
 MASK_FROM_DENSITY = 1 / 16  # above it a bitmask (n/8 bytes) is smaller than int32 indices (4ρn bytes)
-
-
-def kept_count(numel: int, density: float) -> int:
-    return min(numel, max(1, math.ceil(density * numel)))
 
 
 def uses_mask(density: float) -> bool:

@@ -28,6 +28,11 @@ class Sparsification(str, Enum):
     RANK_RANDOM = "rank_random"                # DELLA: keep probability grows with rank in the row
 
 
+def kept_count(numel: int, density: float) -> int:
+    """How many entries a top-`density` selection keeps: mergekit's ⌊density·n⌋, at least one."""
+    return min(numel, max(1, int(density * numel)))
+
+
 def magnitude_positions(count: int, density: float, gamma: float | None = None) -> tuple[int, int, bool]:
     """mergekit's kept positions [start, stop) of its sort of |delta|, and whether it sorts descending.
 
@@ -36,7 +41,7 @@ def magnitude_positions(count: int, density: float, gamma: float | None = None) 
     at it, when both shares do not fit).
     """
     if gamma is None:
-        return 0, max(1, int(density * count)), True
+        return 0, kept_count(count, density), True
     keep = int(density * count)
     start = max(0, count - keep - int(gamma * count))
     return start, start + keep, False

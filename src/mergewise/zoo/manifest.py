@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergewise.errors import MergewiseError
+from mergewise.records import read_jsonl
 
 MANIFEST_NAME = "zoo.json"
 
@@ -32,19 +33,7 @@ class Zoo:
 
     def eval_examples(self, task: str) -> list[dict]:
         """The task's held-out `{"prompt", "answer"}` records."""
-        path = self.tasks[task].eval
-        records = []
-        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MergewiseError(f"{path}:{line_number}: not JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not {"prompt", "answer"} <= record.keys():
-                raise MergewiseError(f"{path}:{line_number}: expected an object with 'prompt' and 'answer'")
-            records.append(record)
-        return records
+        return read_jsonl(self.tasks[task].eval, ("prompt", "answer"))
 
 
 def manifest_path(zoo_dir: str | os.PathLike) -> Path:

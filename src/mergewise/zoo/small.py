@@ -4,7 +4,6 @@ as bf16 safetensors) with full fine-tunes on math word problems and on Python co
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergewise.errors import MergewiseError
+from mergewise.records import read_jsonl
 from mergewise.zoo.building import (
     build_model_once,
     derived_seed,
@@ -120,17 +120,8 @@ def locate_gsm8k(data_dir: str | None) -> Path:
 
 def math_examples(path: Path) -> list[tuple[str, str]]:
     """(prompt, worked answer) pairs; the calculator annotations `<<48/2=24>>` are dropped."""
-    examples = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            question, answer = record["question"], record["answer"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise MergewiseError(f"{path}:{line_number}: expected a JSON object with 'question' and 'answer'") from None
-        examples.append((f"Question: {question}\nAnswer:", " " + CALCULATOR_ANNOTATION.sub("", answer)))
-    return examples
+    return [(f"Question: {record['question']}\nAnswer:", " " + CALCULATOR_ANNOTATION.sub("", record["answer"]))
+            for record in read_jsonl(path, ("question", "answer"))]
 
 
 def code_splits(scale: SmallScale, rng: random.Random) -> dict[str, list[tuple[str, str]]]:

@@ -35,7 +35,7 @@ from transformers import AutoConfig
 
 import mergewise
 from mergewise.engine import row_ranges
-from mergewise.tiny_models import Family, read_state_dict
+from tests.support.tiny_models import Family, read_state_dict
 
 MERGEKIT_YAML = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
 pytestmark = [

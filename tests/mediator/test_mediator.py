@@ -18,7 +18,7 @@ from mergewise.errors import MergewiseError
 from mergewise.mediator.build import build
 from mergewise.mediator.runtime import load
 from mergewise.mediator.sparse import decompose, flat_indices, materialize, stored_bytes, uses_mask
-from mergewise.tiny_models import build_family, build_tiny_model, read_state_dict
+from tests.support.tiny_models import build_family, build_tiny_model, read_state_dict
 
 # Three prompt styles built from the tiny tokenizer's vocabulary, so their features separate.
 TASK_WORDS = {

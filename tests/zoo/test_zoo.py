@@ -150,7 +150,7 @@ def test_small_zoo_reads_gsm8k_style_data_and_names_bad_lines(tmp_path):
     assert locate_gsm8k(tmp_path) == data
     assert math_examples(data) == [("Question: What is 2+3?\nAnswer:", " 2+3 = 5\n#### 5")]
     data.write_text('{"question": "no answer"}\n')
-    with pytest.raises(MergewiseError, match=r"train.jsonl:1: expected a JSON object"):
+    with pytest.raises(MergewiseError, match=r"train.jsonl:1: expected an object with string 'question' and 'answer'"):
         math_examples(data)
     with pytest.raises(MergewiseError, match="--data-dir"):
         build_zoo(tmp_path / "zoo", "small", data_dir=tmp_path / "missing.jsonl")
@@ -166,3 +166,17 @@ def test_example_configs_run_through_the_merge_engine(tiny_zoo, tmp_path, config
     assert model(input_ids=torch.tensor([[1, 20, 21]])).logits.shape[-1] == len(
         AutoTokenizer.from_pretrained(tmp_path / "merged")
     )
+
+
+def test_comparison_recipes_find_the_zoo_given_by_a_relative_path(tiny_zoo, tmp_path, monkeypatch):
+    """Zoo paths already start at the zoo's folder: `--zoo ./zoo` must not look for zoo/zoo/base."""
+    from mergewise.evaluate.comparison import core_recipe, mediator_recipe, zoo_entries
+
+    monkeypatch.chdir(tiny_zoo.parent)
+    zoo = load_zoo(tiny_zoo.name)
+    assert not zoo.root.is_absolute()
+    for recipe in (core_recipe(zoo, "ties"), core_recipe(zoo, "linear")):
+        assert Path(recipe["base_model"]).is_dir()
+        assert all(Path(entry["model"]).is_dir() for entry in recipe["models"])
+    assert all(Path(expert["model"]).is_dir() for expert in mediator_recipe(zoo, 1.5)["mediator"]["experts"])
+    assert all(entry.produce(tmp_path).is_dir() for entry in zoo_entries(zoo, []))

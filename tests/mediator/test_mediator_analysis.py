@@ -26,7 +26,7 @@ from mergewise.mediator.analysis import (
     kept_mask,
 )
 from mergewise.mediator.settings import load_recipe
-from mergewise.tiny_models import build_tiny_model, read_state_dict
+from tests.support.tiny_models import build_tiny_model, read_state_dict
 
 # Units of the tiny llama, in the order its tensors come in the checkpoint.
 UNITS = ["lm_head", "model.embed_tokens", "layers.0", "layers.1", "model.norm"]

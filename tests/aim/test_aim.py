@@ -14,7 +14,7 @@ from safetensors import safe_open
 from mergewise.aim import AimSettings, CalibrationStats, Relaxation, load_statistics
 from mergewise.aim.data import SAMPLED_CONVENTIONS
 from mergewise.cli import main
-from mergewise.tiny_models import read_state_dict
+from tests.support.tiny_models import read_state_dict
 
 
 @pytest.fixture(scope="module")

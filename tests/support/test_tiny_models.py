@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergewise.tiny_models import ARCHITECTURES, read_state_dict
+from tests.support.tiny_models import ARCHITECTURES, read_state_dict
 
 TIED_EMBEDDING_ARCHS = {"gemma", "gpt2"}
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mergewise
 from mergewise.cli import main
-from mergewise.tiny_models import ARCHITECTURES, Family, read_state_dict
+from tests.support.tiny_models import ARCHITECTURES, Family, read_state_dict
 
 TIED_EMBEDDING_ARCHS = {"gemma", "gpt2"}
 DEPTH_KEYS = ("num_hidden_layers", "n_layer")

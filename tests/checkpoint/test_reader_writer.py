@@ -1,0 +1,102 @@
+"""The I/O package on its own: what the streaming writer lays out, safetensors reads back bit for bit,
+and the lazy reader returns exactly the rows safetensors stores."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mergewise.checkpoint import ModelFolder, PlannedTensor, StreamingShardWriter
+from mergewise.errors import MergewiseError
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.uint8]
+
+
+def random_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for index, dtype in enumerate(DTYPES):
+        shape = (7 + index, 5) if index % 2 else (11 + index,)
+        values = torch.randn(shape, generator=generator) * 100
+        tensors[f"layer.{index}.weight"] = values.to(dtype)
+    tensors["scalar"] = torch.tensor(3.5)
+    return tensors
+
+
+def write_streamed(folder, tensors: dict[str, torch.Tensor], shard_size: int) -> StreamingShardWriter:
+    """Write every tensor's rows in a shuffled order, in row chunks of 2."""
+    writer = StreamingShardWriter(folder, [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()],
+                                  shard_size, metadata={"merged_by": "test"})
+    pieces = [(name, start) for name, tensor in tensors.items()
+              for start in (range(0, tensor.shape[0], 2) if tensor.dim() else [0])]
+    random.Random(0).shuffle(pieces)
+    for name, start in pieces:
+        tensor = tensors[name]
+        writer.write(name, tensor[start:start + 2] if tensor.dim() else tensor, start)
+    return writer
+
+
+@pytest.mark.parametrize("shard_size", [1 << 30, 200])
+def test_streamed_shards_read_back_bit_for_bit(tmp_path, shard_size):
+    tensors = random_tensors()
+    writer = write_streamed(tmp_path, tensors, shard_size)
+    assert torch.equal(writer.read("layer.1.weight"), tensors["layer.1.weight"])  # before close too
+    writer.close()
+    files = sorted(tmp_path.glob("*.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    assert (len(files) > 1) == index.exists() == (shard_size == 200)
+    loaded = {}
+    for file in files:
+        loaded.update(load_file(file))
+        header_length = struct.unpack("<Q", file.read_bytes()[:8])[0]
+        assert (8 + header_length) % 8 == 0  # data starts aligned
+        with safe_open(file, "pt") as handle:
+            assert handle.metadata()["merged_by"] == "test"
+        if shard_size == 200:
+            assert file.stat().st_size - 8 - header_length <= 200 or len(load_file(file)) == 1
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert {name: load_file(tmp_path / file).keys() >= {name} for name, file in weight_map.items()} == \
+            dict.fromkeys(tensors, True)
+
+
+def test_reader_returns_the_stored_rows_of_single_and_sharded_folders(tmp_path):
+    tensors = random_tensors(1)
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(tensors, single / "model.safetensors")
+    (single / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    write_streamed(sharded, tensors, 200).close()
+    (sharded / "config.json").write_text(json.dumps({"model_type": "llama", "n_layer": 4}))
+    for folder in (single, sharded):
+        model = ModelFolder(folder)
+        assert set(model.tensors) == set(tensors) and model.num_layers == 4
+        for name, tensor in tensors.items():
+            info = model.tensors[name]
+            assert info.dtype == tensor.dtype and tuple(info.shape) == tuple(tensor.shape)
+            assert torch.equal(model.read(name), tensor)
+            if tensor.dim():
+                rows = slice(1, 4)
+                assert torch.equal(model.read(name, rows), tensor[rows])
+                assert torch.equal(model.map_rows(name, rows), tensor[rows])
+        model.close()
+
+
+def test_reader_names_the_file_of_a_broken_index(tmp_path):
+    save_file(random_tensors(), tmp_path / "model-00001-of-00002.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"layer.0.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(MergewiseError, match="model-00002-of-00002.safetensors"):
+        ModelFolder(tmp_path)

@@ -1,0 +1,74 @@
+"""The recipe (config.py) and the plan (plan.py) on their own: what a YAML file becomes before any
+tensor data is read."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mergewise.config import MergeConfig, load_recipe
+from mergewise.errors import MergewiseError
+from mergewise.plan import build_plan
+
+
+def test_a_yaml_recipe_reads_relative_paths_from_its_folder_and_validates_its_blocks(tmp_path):
+    path = tmp_path / "recipes" / "aim.yml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": "../base", "dtype": "bfloat16",
+                                    "models": [{"model": "../ft1", "parameters": {"weight": 0.5, "density": 0.4}}],
+                                    "aim": {"omega": 0.3, "stats": "stats.safetensors"}}))
+    recipe = load_recipe(path)
+    assert recipe.config_dir == path.parent.resolve() and recipe.origin == str(path)
+    assert list(recipe.blocks) == ["aim"] and recipe.blocks["aim"].omega == 0.3
+    assert recipe.base_model == "../base"
+    assert recipe.record()["aim"] == {"omega": 0.3, "exponent": 1.0, "allow_fingerprint_mismatch": False,
+                                      "stats": "stats.safetensors"}
+    assert load_recipe(recipe) is recipe
+    assert load_recipe(recipe.config).blocks == {}
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"merge_method": "ties", "models": [{"model": "a"}], "aim": {"omega": 2}}, r"aim\.omega: .*less than or equal to 1"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "aim": {"omega": 0.4}}, "exactly one of 'stats' or 'calibration'"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "aimm": {}}, "aimm: unknown key"),
+    ({"merge_method": "ties"}, "exactly one of 'models' or 'slices'"),
+    ({"merge_method": "linear", "base_model": "b", "mediator": {"experts": [{"model": "a", "task": "x"}] * 2}},
+     "task names must be unique"),
+])
+def test_bad_recipes_fail_as_they_load_naming_the_key(data, message):
+    with pytest.raises(MergewiseError, match=message):
+        load_recipe(data)
+
+
+def test_a_mediator_block_lists_the_models_and_keeps_its_base(tmp_path):
+    experts = [{"model": f"./e{i}", "task": f"t{i}", "prompts": "p.txt"} for i in range(3)]
+    recipe = load_recipe({"merge_method": "linear", "base_model": "./base", "mediator": {"experts": experts}})
+    assert [entry.model for entry in recipe.config.models] == ["./e0", "./e1", "./e2"]
+    assert recipe.config.base_model is None  # linear averages the experts alone
+    assert recipe.base_model == "./base" == recipe.blocks["mediator"].base_model
+    assert [entry.parameters["weight"] for entry in recipe.config.models] == pytest.approx([1 / 3] * 3)
+
+
+def test_the_plan_resolves_gradients_filters_and_the_base(tiny_family):
+    family = tiny_family("llama", num_layers=4)
+    config = MergeConfig(merge_method="task_arithmetic", base_model=str(family.base), models=[
+        {"model": str(family.fine_tunes[0]), "parameters": {"weight": [0.0, 1.0]}},
+        {"model": str(family.fine_tunes[1]), "parameters": {"weight": [{"filter": "mlp", "value": 0.25},
+                                                                       {"value": 0.75}]}}])
+    plan = build_plan(config, family.base.parent)
+    assert plan.base_model is not None and plan.base_model.path == family.base.resolve()
+    jobs = {job.name: job for job in plan.jobs}
+    assert set(jobs) == set(plan.base_model.tensors)
+    for layer in range(4):
+        weights = jobs[f"model.layers.{layer}.mlp.up_proj.weight"].per_model["weight"]
+        assert weights == pytest.approx((layer / 3, 0.25))
+        assert jobs[f"model.layers.{layer}.self_attn.q_proj.weight"].per_model["weight"][1] == 0.75
+    assert all(job.base.model is plan.base_model for job in plan.jobs)
+
+
+def test_the_plan_refuses_models_of_another_architecture(tiny_family):
+    llama, qwen = tiny_family("llama"), tiny_family("qwen2")
+    config = MergeConfig(merge_method="task_arithmetic", base_model=str(llama.base),
+                         models=[{"model": str(qwen.fine_tunes[0]), "parameters": {"weight": 1.0}}])
+    with pytest.raises(MergewiseError, match="is a qwen2 model but the base .* is a llama model"):
+        build_plan(config, llama.base.parent)
