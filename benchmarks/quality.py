@@ -33,7 +33,7 @@ def aim_entries(zoo: Zoo, work: Path, methods: list[str], omegas: list[float], s
 
     stats = work / "aim-stats.safetensors"
     if not stats.is_file():
-        calibrate(zoo.base, stats, CalibrationSettings("self", samples, seq_len), quiet=True)
+        calibrate(zoo.base, stats, CalibrationSettings(data="self", samples=samples, seq_len=seq_len), quiet=True)
     plain = {entry.label: entry for entry in zoo_entries(zoo, methods)}
     entries = []
     for method in methods:

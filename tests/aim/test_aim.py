@@ -142,7 +142,7 @@ def test_stats_of_another_base_are_refused_unless_allowed(tiny_family, tmp_path,
 @pytest.mark.parametrize("arguments,message", [
     (["--data", "hf:no-such/dataset"], "hf:no-such/dataset"),
     (["--data", "missing.txt"], "no such file"),
-    (["--samples", "0"], "--samples"),
+    (["--samples", "0"], "samples: Input should be greater than or equal to 1"),
     (["--data", "hf:"], "names no data"),
 ])
 def test_calibrate_errors(arguments, message, tiny_family, tmp_path, capsys, monkeypatch):

@@ -109,7 +109,7 @@ def test_statistics_match_the_reference_conventions(arch, bos_base, documents_js
     base = bos_base(arch)
     blocks = reference_blocks(texts_of(documents_jsonl), AutoTokenizer.from_pretrained(base), SAMPLES, SEQ_LEN)
     expected = reference_statistics(base, blocks)
-    settings = CalibrationSettings(str(documents_jsonl), SAMPLES, SEQ_LEN)
+    settings = CalibrationSettings(data=str(documents_jsonl), samples=SAMPLES, seq_len=SEQ_LEN)
     for stream_layers in (False, True):
         stats = load_statistics(calibrate(base, tmp_path / f"{stream_layers}.safetensors", settings,
                                           stream_layers=stream_layers, quiet=True))
@@ -182,7 +182,7 @@ def test_calibration_leaves_process_state_alone(tiny_family, documents_jsonl, tm
     monkeypatch.setattr(LibraryRecordingMallopt, "calls", [])
     monkeypatch.setattr(ctypes, "CDLL", LibraryRecordingMallopt)
     monkeypatch.setattr(ctypes, "cdll", ctypes.LibraryLoader(LibraryRecordingMallopt))
-    settings = CalibrationSettings(str(documents_jsonl), 8, SEQ_LEN)
+    settings = CalibrationSettings(data=str(documents_jsonl), samples=8, seq_len=SEQ_LEN)
     try:
         for stream_layers in (False, True):
             calibrate(tiny_family("llama").base, tmp_path / f"{stream_layers}.safetensors", settings,

@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import model_validator
 
 from mergewise.aim.relax import AimSettings, Relaxation, check_fingerprint, record
-from mergewise.aim.statistics import STATISTICS, CalibrationSettings, calibrate, load_statistics
+from mergewise.aim.statistics import CalibrationSettings, calibrate, load_statistics
 from mergewise.checkpoint import ModelFolder
 from mergewise.config import Recipe
 from mergewise.errors import MergewiseError
@@ -24,13 +24,7 @@ from mergewise.plan import TensorJob
 from mergewise.stages import BlockSpec, Stage, StageContext
 
 
-class CalibrationBlock(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    data: str = "self"
-    samples: int = Field(256, ge=1)
-    seq_len: int = Field(512, ge=2)
-    statistic: str = Field("mean_abs", pattern="^(" + "|".join(STATISTICS) + ")$")
-    seed: int = 0
+class CalibrationBlock(CalibrationSettings):
     stream_layers: bool = False
 
 
@@ -68,8 +62,7 @@ class AimStage(Stage):
         else:
             self._scratch = tempfile.TemporaryDirectory(prefix="mergewise-aim-")
             calibration = self.block.calibration
-            settings = CalibrationSettings(calibration.data, calibration.samples, calibration.seq_len,
-                                           calibration.statistic, calibration.seed)
+            settings = CalibrationSettings(**calibration.model_dump(exclude={"stream_layers"}))
             stats_path = calibrate(self.base.path, Path(self._scratch.name) / "stats.safetensors", settings,
                                    device=str(context.device), stream_layers=calibration.stream_layers,
                                    quiet=context.quiet)

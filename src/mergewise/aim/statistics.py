@@ -18,11 +18,13 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Literal
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -42,31 +44,27 @@ from mergewise.checkpoint import ModelFolder
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 
-STATISTICS = ("mean_abs", "rms", "max")
 FINGERPRINT_WINDOWS = 16
 FINGERPRINT_WINDOW_BYTES = 4096
 
 
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """What decides the statistics (recorded in the file's metadata)."""
+class CalibrationSettings(BaseModel):
+    """What decides the statistics (recorded in the file's metadata); the `aim:` block's
+    `calibration:` and `mergewise calibrate` both validate through it."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
     data: str = "self"
-    samples: int = 256
-    seq_len: int = 512
-    statistic: str = "mean_abs"
+    samples: int = Field(256, ge=1)
+    seq_len: int = Field(512, ge=2)
+    statistic: Literal["mean_abs", "rms", "max"] = "mean_abs"
     seed: int = 0
 
-    def check(self) -> None:
-        if not self.data.removeprefix("hf:").strip():
-            raise MergewiseError(f"--data: {self.data!r} names no data (use a text/JSONL file, a folder, "
-                                 "'self' or 'hf:NAME')")
-        if self.samples < 1:
-            raise MergewiseError(f"--samples: must be at least 1, got {self.samples}")
-        if self.seq_len < 2:
-            raise MergewiseError(f"--seq-len: must be at least 2, got {self.seq_len}")
-        if self.statistic not in STATISTICS:
-            raise MergewiseError(f"--statistic: {self.statistic!r} is not one of {', '.join(STATISTICS)}")
+    @field_validator("data")
+    @classmethod
+    def _names_data(cls, data: str) -> str:
+        if not data.removeprefix("hf:").strip():
+            raise ValueError(f"{data!r} names no data (use a text/JSONL file, a folder, 'self' or 'hf:NAME')")
+        return data
 
 
 class ChannelStatistics:
@@ -140,7 +138,6 @@ def recording(targets: dict[str, tuple[nn.Module, int]], recorder: ChannelStatis
 def calibrate(base_dir: str | Path, stats_path: str | Path, settings: CalibrationSettings = CalibrationSettings(),
               *, device: str = "cpu", stream_layers: bool = False, quiet: bool = False) -> Path:
     """Compute the base model's statistics and save them (atomically) to `stats_path`."""
-    settings.check()
     folder = ModelFolder(base_dir)
     stats_path = Path(stats_path).expanduser().resolve()
     target_device = resolve_device(device)
@@ -169,7 +166,7 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
                 for block in tqdm(blocks, desc="calibrate (blocks)", disable=quiet):
                     model(input_ids=block.to(target_device), use_cache=False)
     metadata = {
-        **{key: str(value) for key, value in asdict(settings).items()},
+        **{key: str(value) for key, value in settings.model_dump().items()},
         **conventions,
         "base": str(folder.path),
         "base_fingerprint": base_fingerprint(folder),

@@ -33,8 +33,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from mergewise.aim.statistics import CalibrationSettings, calibrate
+    from mergewise.config import validate_block
 
-    settings = CalibrationSettings(args.data, args.samples, args.seq_len, args.statistic, args.seed)
+    settings = validate_block(CalibrationSettings, {"data": args.data, "samples": args.samples, "seq_len": args.seq_len,
+                                                    "statistic": args.statistic, "seed": args.seed},
+                              "mergewise calibrate")
     path = calibrate(args.base_dir, args.stats_path, settings, device=args.device,
                      stream_layers=args.stream_layers, quiet=args.quiet)
     if not args.quiet:

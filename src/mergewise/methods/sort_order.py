@@ -29,19 +29,12 @@ def _swap(keys, order, i, j):
 
 @njit(inline="always")
 def _move_median_to_first(keys, order, result, a, b, c):
+    """libstdc++'s __move_median_to_first: the same comparisons, so the same pick among ties."""
     if keys[a] < keys[b]:
-        if keys[b] < keys[c]:
-            _swap(keys, order, result, b)
-        elif keys[a] < keys[c]:
-            _swap(keys, order, result, c)
-        else:
-            _swap(keys, order, result, a)
-    elif keys[a] < keys[c]:
-        _swap(keys, order, result, a)
-    elif keys[b] < keys[c]:
-        _swap(keys, order, result, c)
+        median = b if keys[b] < keys[c] else (c if keys[a] < keys[c] else a)
     else:
-        _swap(keys, order, result, b)
+        median = a if keys[a] < keys[c] else (c if keys[b] < keys[c] else b)
+    _swap(keys, order, result, median)
 
 
 BLOCK = 128  # positions scanned at a time by the branch-free phase of a partition
