@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import mergewise
 from mergewise.cli import main
 from mergewise.errors import MergewiseError
 from mergewise.mediator.build import build
@@ -301,3 +302,25 @@ def test_mediator_folder_errors_are_named(mediator_dir, tmp_path):
             target.write_bytes(path.read_bytes())
     with pytest.raises(MergewiseError, match="router.safetensors: cannot read the router"):
         load(broken)
+
+
+def test_an_aim_block_relaxes_the_dense_model_of_a_mediator_build(family, tmp_path):
+    """The aim: stage runs before the Mediator stage: D is the relaxed merge, bit for bit as merging
+    then `mergewise aim`, and the experts' residuals are taken against it."""
+    from mergewise.aim import AimSettings, CalibrationSettings, calibrate, relax_folder
+
+    root, built = family
+    stats = calibrate(built.base, tmp_path / "stats.safetensors", CalibrationSettings(samples=2, seq_len=8), quiet=True)
+    data = recipe(root, built, memory_budget=2.0, density=0.25) | {"aim": {"omega": 0.5, "stats": str(stats)}}
+    summary = build(data, tmp_path / "mediator", quiet=True, seed=0)
+    plain = {key: value for key, value in data.items() if key not in ("mediator", "aim")}
+    plain["models"] = [{"model": expert["model"], "parameters": {"weight": 1 / 3}} for expert in data["mediator"]["experts"]]
+    plain.pop("base_model")
+    mergewise.merge(plain, tmp_path / "merged", quiet=True, seed=0)
+    relax_folder(built.base, tmp_path / "merged", stats, tmp_path / "relaxed", AimSettings(omega=0.5), quiet=True)
+
+    dense, relaxed = read_state_dict(summary.out_dir), read_state_dict(tmp_path / "relaxed")
+    assert dense.keys() == relaxed.keys()
+    assert all(torch.equal(dense[name], relaxed[name]) for name in dense)
+    assert not all(torch.equal(dense[name], read_state_dict(tmp_path / "merged")[name]) for name in dense)
+    assert yaml.safe_load((summary.out_dir / "mergewise.yml").read_text())["aim"]["omega"] == 0.5

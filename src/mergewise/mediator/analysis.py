@@ -23,7 +23,7 @@ from mergewise.checkpoint import check_output_location, staged_folder
 from mergewise.engine import CHUNK_ELEMENTS
 from mergewise.mediator.settings import MediatorRecipe
 from mergewise.methods.sparsify import kept_count
-from mergewise.mediator.units import expert_plan, unit_of
+from mergewise.mediator.units import expert_tensors, unit_of
 
 
 @dataclass
@@ -148,7 +148,7 @@ def accumulate(sums: list[_Sums], vectors: np.ndarray, share: float) -> None:
 
 
 def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False) -> ConflictReport:
-    plan = expert_plan(recipe)
+    plan = expert_tensors(recipe)
     tasks = recipe.settings.tasks
     share = recipe.settings.conflict_density
     units: dict[str, tuple[_Sums, list[str]]] = {}
@@ -182,7 +182,7 @@ def analyze_to_folder(recipe: MediatorRecipe, report_dir: str | Path, *, overwri
                       quiet: bool = False) -> ConflictReport:
     """Analyse, then write conflict.csv/.json/.png to a staged `report_dir` (nothing on error)."""
     report_dir = Path(report_dir).expanduser().resolve()
-    inputs = [model.path for model in expert_plan(recipe).models]
+    inputs = [model.path for model in expert_tensors(recipe).models]
     check_output_location(report_dir, inputs, overwrite)
     report = analyze_conflicts(recipe, quiet=quiet)
     with staged_folder(report_dir) as staging:

@@ -34,8 +34,8 @@ from mergewise.mediator.router import Router
 from mergewise.mediator.runtime import EXPERTS_FILE, MANIFEST_FILE, MEDIATOR_FOLDER, ROUTER_FILE, load
 from mergewise.mediator.settings import MediatorRecipe, MediatorSettings, experts_as_models
 from mergewise.mediator.sparse import decompose, stored_shapes, uses_mask
-from mergewise.mediator.units import expert_plan, unit_of
-from mergewise.plan import MergePlan, TensorJob
+from mergewise.mediator.units import ExpertTensors, expert_tensors, unit_of
+from mergewise.plan import TensorJob
 from mergewise.stages import BlockSpec, Stage, StageContext
 
 # The experts file is written here inside the staged output, and moved into `mediator/` only once the
@@ -50,14 +50,14 @@ class MediatorStage(Stage):
         self.recipe = MediatorRecipe.of(recipe)
         self.settings = settings
         self.writer: StreamingShardWriter | None = None
-        self.experts: MergePlan | None = None
+        self.experts: ExpertTensors | None = None
         self.retained: dict[tuple[str, str], list[float]] = {}  # (unit, task) → [kept, total] ‖·‖²
 
     def on_plan(self, context: StageContext) -> None:
         recipe, settings, plan = self.recipe, self.settings, context.plan
         self.device = context.device
         self.prompts = calibration_prompts(recipe)
-        self.experts = expert_plan(recipe)
+        self.experts = expert_tensors(recipe)
         self.report = analyze_conflicts(recipe, quiet=context.quiet)
         model_bytes = sum(torch.Size(job.shape).numel() * job.out_dtype.itemsize for job in plan.jobs)
         hidden = int(plan.reference.config.get("hidden_size") or plan.reference.config.get("n_embd") or 4096)

@@ -6,10 +6,14 @@ A unit is one decoder block (every tensor with layer index N), and each other mo
 
 from __future__ import annotations
 
-from mergewise.config import MergeConfig
+from dataclasses import dataclass
+
+import torch
+
+from mergewise.checkpoint import ModelFolder
 from mergewise.errors import MergewiseError
 from mergewise.mediator.settings import MediatorRecipe
-from mergewise.plan import MergePlan, Planner, layer_index
+from mergewise.plan import Planner, TensorSource, layer_index, parse_dtype
 
 
 def unit_of(tensor_name: str) -> str:
@@ -20,21 +24,45 @@ def unit_of(tensor_name: str) -> str:
     return module if module and last in ("weight", "bias") else tensor_name
 
 
-def expert_plan(recipe: MediatorRecipe) -> MergePlan:
-    """A plan whose jobs pair every base tensor with the experts' tensors, in `experts` order.
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One tensor of the base and the same-named tensor of every expert, in `experts` order."""
 
-    It checks presence and shapes (an expert of another architecture fails here, naming the tensor)
-    without reading any data."""
-    config = MergeConfig(merge_method="task_arithmetic", base_model=recipe.base_model,
-                         models=[{"model": expert.model, "parameters": {"weight": 1.0}}
-                                 for expert in recipe.settings.experts],
-                         dtype=recipe.merge.dtype)
-    planner = Planner(config, recipe.config_dir)
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    base: TensorSource
+    inputs: list[TensorSource]
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    jobs: list[ExpertTensor]
+    models: list[ModelFolder]
+
+
+def expert_tensors(recipe: MediatorRecipe) -> ExpertTensors:
+    """Every floating tensor of the base, paired with the experts' tensors by name. Presence, shapes
+    and architectures are checked here, from the headers, before any data is read."""
+    planner = Planner(recipe.merge, recipe.config_dir)
     base = planner.model(recipe.base_model, "base_model")
+    experts = [planner.model(expert.model, f"mediator.experts[{index}].model")
+               for index, expert in enumerate(recipe.settings.experts)]
     base_type = base.config.get("model_type")
-    for index, expert in enumerate(recipe.settings.experts):
-        model = planner.model(expert.model, f"mediator.experts[{index}].model")
+    for model in experts:
         if model.config.get("model_type") != base_type:
             raise MergewiseError(f"expert {model.path} is a {model.config.get('model_type')} model but the base "
                                  f"{base.path} is a {base_type} model; experts must be fine-tunes of the base")
-    return planner.plan()
+    dtype = parse_dtype(recipe.merge.dtype, "dtype")
+    jobs = []
+    for name, info in base.tensors.items():
+        if not info.dtype.is_floating_point:
+            continue
+        for model in experts:
+            found = model.tensors.get(name)
+            if found is None or tuple(found.shape) != tuple(info.shape):
+                problem = "missing" if found is None else f"of shape {list(found.shape)}, not {list(info.shape)}"
+                raise MergewiseError(f"tensor {name} is {problem} in expert {model.path}")
+        jobs.append(ExpertTensor(name, tuple(info.shape), dtype or info.dtype, TensorSource(base, name),
+                                 [TensorSource(model, name) for model in experts]))
+    return ExpertTensors(jobs, [base, *experts])
