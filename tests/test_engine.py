@@ -268,16 +268,18 @@ def test_console_command_exits_with_the_status_after_its_output_is_complete(tiny
     assert refused.stderr.strip().splitlines()[-1].startswith("error: output folder")
 
 
-@pytest.mark.parametrize("preset, expected", [(None, "10000"), ("123", "123")])
+@pytest.mark.parametrize("preset, expected", [(None, ["10000", "1"]), ("123", ["123", "123"])])
 def test_the_command_tunes_its_process_before_torch_loads_unless_told_otherwise(preset, expected):
-    script = ("import gc, os, sys; from mergewise.cli import _tune_process; assert 'torch' not in sys.modules; "
-              "_tune_process(); print(os.environ['GOMP_SPINCOUNT'], gc.get_freeze_count() > 10**5)")
-    environment = {key: value for key, value in os.environ.items() if key != "GOMP_SPINCOUNT"}
+    script = ("import gc, os, sys; from mergewise.cli import _tune_process; "
+              "assert 'torch' not in sys.modules and 'numpy' not in sys.modules; _tune_process(); "
+              "print(os.environ['GOMP_SPINCOUNT'], os.environ['OPENBLAS_NUM_THREADS'], gc.get_freeze_count() > 10**5)")
+    tuned = ("GOMP_SPINCOUNT", "OPENBLAS_NUM_THREADS")
+    environment = {key: value for key, value in os.environ.items() if key not in tuned}
     if preset is not None:
-        environment["GOMP_SPINCOUNT"] = preset
+        environment.update(dict.fromkeys(tuned, preset))
     done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [expected, "True"]
+    assert done.stdout.split() == [*expected, "True"]
 
 
 def test_relative_model_paths_are_read_from_the_recipe_folder(tiny_family, tmp_path, monkeypatch):

@@ -130,11 +130,11 @@ def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages
     writer = StreamingShardWriter(
         staging, [PlannedTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs], shard_size,
         metadata={"merged_by": "mergewise"})
+    total = sum(math.prod(job.shape) for job in plan.jobs)
+    compile_kernels = options.compile if options.compile is not None else total >= COMPILE_MIN_PARAMETERS
+    fused = plan.method.fused if total >= plan.method.fused_min_parameters else None
+    executor = _JobExecutor(plan, device, seed, reader, stages, compile_kernels, fused)
     try:
-        total = sum(math.prod(job.shape) for job in plan.jobs)
-        compile_kernels = options.compile if options.compile is not None else total >= COMPILE_MIN_PARAMETERS
-        fused = plan.method.fused if total >= plan.method.fused_min_parameters else None
-        executor = _JobExecutor(plan, device, seed, reader, stages, compile_kernels, fused)
         background = _BackgroundWrites(writer, write_thread)
         with (tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
                    disable=options.quiet) as progress,
@@ -153,6 +153,8 @@ def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages
     except BaseException:
         writer.abort()
         raise
+    finally:
+        executor.close()
 
 
 def row_ranges(shape: tuple[int, ...], *, whole: bool = False) -> list[slice]:
@@ -201,17 +203,25 @@ class _JobExecutor:
         self.seed = seed
         self.reader = reader
         self.stages = stages
+        self.workspace: dict[str, Any] = {}  # methods' scratch memory, kept from tensor to tensor
         self.fused = fused
         # Random methods draw from explicit generators, which compiled graphs do not take.
         self.compiled = (_compiled(self.method.merge_rows)
                          if compile_kernels and not self.method.uses_randomness else None)
+
+    def close(self) -> None:
+        """Release what the methods kept in the workspace (worker threads, scratch memory)."""
+        for value in self.workspace.values():
+            if hasattr(value, "close"):
+                value.close()
+        self.workspace.clear()
 
     def prepare(self, job: TensorJob, thread: ThreadPoolExecutor) -> Future | None:
         """The method's whole-tensor statistics of `job`, computed on `thread` (None: it has none)."""
         if self.method.prepare is None or not job.out_dtype.is_floating_point:
             return None
         ranges = self._ranges(job)
-        tensors = ChunkedTensors(job.shape, lambda models: self._chunks(job, ranges, models))
+        tensors = ChunkedTensors(job.shape, lambda models: self._chunks(job, ranges, models), self.workspace)
         return thread.submit(self._guard, job, lambda: self.method.run_prepare(tensors, job.params))
 
     def run(self, job: TensorJob, statistics: Future | None, writer: _BackgroundWrites) -> None:

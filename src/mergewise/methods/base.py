@@ -46,12 +46,18 @@ class TensorRows:
 
 
 class ChunkedTensors:
-    """Whole-tensor view for `prepare`: iterate the tensor's row chunks as `TensorRows`."""
+    """Whole-tensor view for `prepare`: iterate the tensor's row chunks as `TensorRows`.
+
+    `workspace` holds what a `prepare` may keep for the next tensor of the same merge (scratch
+    memory, worker threads): the engine passes one per merge and, when the merge ends, closes every
+    value that has a `close` method."""
 
     def __init__(self, shape: tuple[int, ...],
-                 chunk_iterator: Callable[[list[int] | None], Iterator[TensorRows]]):
+                 chunk_iterator: Callable[[list[int] | None], Iterator[TensorRows]],
+                 workspace: dict[str, Any] | None = None):
         self.shape = shape
         self._chunk_iterator = chunk_iterator
+        self.workspace = workspace if workspace is not None else {}
 
     @property
     def numel(self) -> int:

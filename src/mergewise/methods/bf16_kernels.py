@@ -17,13 +17,12 @@ import torch
 from numba import njit, prange
 
 from mergewise.methods.bf16_bits import narrow, round_bf16, widen
-from mergewise.methods.sparsify import KeepBits
 
 BLOCK = 4096  # elements per work item: the block's float32 scratch stays in L1/L2
 
 
 @njit(parallel=True, cache=True)
-def _task_arithmetic(base, inputs, weights, scales, keeps, offset, sparsified, consensus, normalize, divisor,
+def _task_arithmetic(base, inputs, weights, scales, masks, sparsified, consensus, normalize, divisor,
                      lambda_, out):
     size = base.shape[0]
     count = len(inputs)
@@ -46,12 +45,10 @@ def _task_arithmetic(base, inputs, weights, scales, keeps, offset, sparsified, c
             scale = scales[index]
             masked = sparsified[index]
             if masked:
-                keep = keeps[index]
+                mask = masks[index][start:stop]
                 for k in range(width):
-                    position = offset + start + k
                     delta = round_bf16(widen(rows[k]) - base_values[k])
-                    kept = (keep[position >> 3] >> (position & 7)) & 1
-                    delta = delta if kept else np.float32(0) * delta
+                    delta = delta if mask[k] else np.float32(0) * delta
                     row_weighted[k] = delta
             else:
                 for k in range(width):
@@ -108,8 +105,8 @@ def _as_bf16_scalar(value: float) -> np.float32:
     return np.float32(float(torch.tensor(value, dtype=torch.bfloat16)))
 
 
-# The bit mask of an input that keeps every entry (never read: its `sparsified` flag is off).
-_NO_SELECTION = np.zeros(1, dtype=np.uint8)
+# The mask of an input that keeps every entry (never read: its `sparsified` flag is off).
+_NO_SELECTION = np.zeros(1, dtype=np.bool_)
 
 
 def supports(tensors: list[torch.Tensor]) -> bool:
@@ -128,12 +125,12 @@ def _follow_torch_threads() -> None:
 
 
 def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: list[float],
-                    scales: list[float], keeps: list[KeepBits | None], offset: int, consensus: bool,
+                    scales: list[float], masks: list[torch.Tensor | None], consensus: bool,
                     normalize: bool, divisor: float, lambda_: float) -> torch.Tensor:
     """base + lambda · combine(weight_i · scale_i · masked (input_i − base)), in one pass.
 
-    `keeps[i]` is input i's magnitude selection over the whole tensor, None to keep every entry, and
-    these rows start at its flat entry `offset`; `divisor` is the normaliser without consensus (with
+    `masks[i]` says which entries of these rows input i keeps (bool, None: every entry); a mask in
+    its own contiguous bytes lets each step stay vectorised. `divisor` is the normaliser without consensus (with
     consensus it is per entry, from the agreeing weights).
     """
     out = torch.empty(base.shape, dtype=torch.bfloat16)
@@ -143,8 +140,8 @@ def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: 
             _bits(base), tuple(_bits(tensor) for tensor in inputs),
             _floats([_as_bf16_scalar(weight) for weight in weights]),
             _floats([_as_bf16_scalar(scale) for scale in scales]),
-            tuple(_NO_SELECTION if keep is None else keep.bits for keep in keeps), np.int64(offset),
-            np.array([keep is not None for keep in keeps]), consensus, normalize,
+            tuple(_NO_SELECTION if mask is None else mask.reshape(-1).numpy() for mask in masks),
+            np.array([mask is not None for mask in masks]), consensus, normalize,
             _as_bf16_scalar(divisor), np.float32(lambda_), _bits(out))
     return out
 
@@ -152,8 +149,8 @@ def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: 
 def warm_up(input_count: int) -> None:
     """Load (or, the first time, compile) the kernels for `input_count` inputs."""
     rows = torch.zeros(BLOCK + 1, dtype=torch.bfloat16)
-    keep = KeepBits(np.full((BLOCK + 8) // 8, 0xFF, dtype=np.uint8))
+    mask = torch.ones(BLOCK + 1, dtype=torch.bool)
     task_arithmetic(rows, [rows] * input_count, weights=[1.0] * input_count, scales=[1.0] * input_count,
-                    keeps=[keep] * input_count, offset=0, consensus=True, normalize=True, divisor=1.0,
+                    masks=[mask] * input_count, consensus=True, normalize=True, divisor=1.0,
                     lambda_=1.0)
 
