@@ -100,3 +100,68 @@ def test_reader_names_the_file_of_a_broken_index(tmp_path):
         json.dumps({"weight_map": {"layer.0.weight": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(MergewiseError, match="model-00002-of-00002.safetensors"):
         ModelFolder(tmp_path)
+
+
+def model_folder(folder, tensors=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file(tensors or random_tensors(), folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("shard", ["../secret.safetensors", "ABSOLUTE"])
+def test_an_index_entry_outside_the_folder_is_refused(tmp_path, shard):
+    secret = model_folder(tmp_path / "elsewhere") / "model.safetensors"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (tmp_path / "secret.safetensors").write_bytes(secret.read_bytes())
+    shard = str(secret) if shard == "ABSOLUTE" else shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"layer.0.weight": shard}}))
+    with pytest.raises(MergewiseError, match="outside the model folder"):
+        ModelFolder(folder)
+
+
+def test_symlinks_may_point_inside_the_folder_or_its_hub_cache_repository_only(tmp_path):
+    outside = model_folder(tmp_path / "outside")
+    leaking = tmp_path / "leaking"
+    leaking.mkdir()
+    (leaking / "config.json").write_text("{}")
+    (leaking / "model.safetensors").symlink_to(outside / "model.safetensors")
+    with pytest.raises(MergewiseError, match="outside the model folder"):
+        ModelFolder(leaking)
+    # the Hub cache layout: a snapshot's files are symlinks into the repository's blobs
+    repository = tmp_path / "hub" / "models--org--name"
+    blobs = model_folder(repository / "blobs")
+    snapshot = repository / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).symlink_to(blobs / name)
+    assert set(ModelFolder(snapshot).tensors) == set(random_tensors())
+
+
+def test_a_fifo_named_like_weights_is_refused_without_waiting(tmp_path):
+    import os
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    os.mkfifo(folder / "model.safetensors")
+    with pytest.raises(MergewiseError, match="not a regular file"):
+        ModelFolder(folder)
+
+
+def test_tokenizer_files_are_copied_only_from_inside_the_source(tmp_path):
+    from mergewise.checkpoint import copy_tokenizer
+
+    source = model_folder(tmp_path / "source")
+    (source / "tokenizer_config.json").write_text("{}")
+    (source / "vocab.txt").symlink_to(source / "tokenizer_config.json")  # inside: fine
+    out = tmp_path / "out"
+    out.mkdir()
+    copy_tokenizer(source, out)
+    assert (out / "vocab.txt").read_text() == "{}" and not (out / "vocab.txt").is_symlink()
+    (tmp_path / "passwords").write_text("secret")
+    (source / "tokenizer.model").symlink_to(tmp_path / "passwords")
+    with pytest.raises(MergewiseError, match="tokenizer file resolves to .*outside the model folder"):
+        copy_tokenizer(source, tmp_path / "out")

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from mergewise.checkpoint.reader import DEPTH_KEYS
+from mergewise.checkpoint.reader import DEPTH_KEYS, inside_folder
 from mergewise.errors import MergewiseError
 
 # Files that describe how to tokenize and generate; copied verbatim from the tokenizer source.
@@ -76,6 +76,9 @@ def write_model_config(folder: Path, config: dict, dtype: torch.dtype,
 
 
 def copy_tokenizer(source: Path, folder: Path) -> None:
+    """Copy the tokenizer files of `source`; each must be a regular file inside it (a symlink to
+    elsewhere would copy that file's content into the output)."""
     for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
+        file = source / name
+        if file.exists() or file.is_symlink():
+            shutil.copyfile(inside_folder(file, source, "tokenizer file"), folder / name)

@@ -36,6 +36,23 @@ SAFETENSORS_DTYPES = {  # the header's dtype names; the writer uses the same tab
 }
 
 
+def inside_folder(file: Path, folder: Path, what: str) -> Path:
+    """`file` if it is a regular file inside `folder` (resolved), or inside the Hugging Face cache
+    repository the folder is a snapshot of (the cache keeps a snapshot's files as symlinks into the
+    repository's blobs). A downloaded folder is untrusted input: an index entry or a symlink must not
+    make mergewise read, or copy into its output, a file from elsewhere."""
+    folder = folder.resolve()
+    resolved = file.resolve()
+    allowed = [folder]
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        allowed.append(folder.parent.parent)
+    if not any(resolved.is_relative_to(root) for root in allowed):
+        raise MergewiseError(f"{file}: {what} resolves to {resolved}, outside the model folder {folder}")
+    if not resolved.is_file():
+        raise MergewiseError(f"{file}: {what} is not a regular file")
+    return file
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What the header says about one tensor: enough to plan a merge without reading data."""
@@ -68,8 +85,13 @@ class ModelFolder:
         return f"ModelFolder({str(self.path)!r})"
 
     # ----------------------------------------------------------------------------------- setup
+    def _inside(self, file: Path, what: str) -> Path:
+        return inside_folder(file, self.path, what)
+
     def _read_config(self) -> dict:
         config_path = self.path / "config.json"
+        if config_path.exists() or config_path.is_symlink():
+            self._inside(config_path, "config.json")
         if not config_path.is_file():
             raise MergewiseError(f"{config_path}: missing (not a Hugging Face model folder?)")
         try:
@@ -93,18 +115,18 @@ class ModelFolder:
 
     def _safetensors_files(self) -> list[Path]:
         index = self.path / SAFETENSORS_INDEX
-        if index.is_file():
-            return self._files_from_index(index)
+        if index.is_file() or index.is_symlink():
+            return self._files_from_index(self._inside(index, "weight index"))
         single = self.path / "model.safetensors"
-        if single.is_file():
-            return [single]
-        return sorted(self.path.glob("*.safetensors"))
+        if single.is_file() or single.is_symlink():
+            return [self._inside(single, "weights file")]
+        return [self._inside(file, "weights file") for file in sorted(self.path.glob("*.safetensors"))]
 
     def _pickle_files(self) -> list[Path]:
         index = self.path / PICKLE_INDEX
-        if index.is_file():
-            return self._files_from_index(index)
-        return sorted(self.path.glob("pytorch_model*.bin"))
+        if index.is_file() or index.is_symlink():
+            return self._files_from_index(self._inside(index, "weight index"))
+        return [self._inside(file, "weights file") for file in sorted(self.path.glob("pytorch_model*.bin"))]
 
     def _files_from_index(self, index: Path) -> list[Path]:
         try:
@@ -114,9 +136,9 @@ class ModelFolder:
         files = []
         for name in dict.fromkeys(weight_map.values()):
             file = self.path / name
-            if not file.is_file():
+            if not (file.is_file() or file.is_symlink()):
                 raise MergewiseError(f"{index}: lists shard {name}, which is missing")
-            files.append(file)
+            files.append(self._inside(file, f"shard {name!r} listed in {index.name}"))
         return files
 
     def _read_safetensors_headers(self, files: list[Path]) -> dict[str, TensorInfo]:
