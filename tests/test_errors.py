@@ -232,8 +232,10 @@ def test_pickle_checkpoint_merges_like_its_safetensors_twin_with_allow_pickle(fa
 
 # ------------------------------------------------------------------------------------ output folder
 def existing_output(out_dir: Path) -> dict[str, str]:
+    """An earlier mergewise output (the only kind of folder --overwrite may replace, besides an empty one)."""
     out_dir.mkdir(parents=True)
     (out_dir / "notes.txt").write_text("precious")
+    (out_dir / "mergewise.yml").write_text("recipe: {}\n")
     return folder_digest(out_dir)
 
 
@@ -255,15 +257,36 @@ def test_failure_in_the_middle_of_a_merge_leaves_the_output_as_it_was(existing, 
     assert_refused(capsys, status, tmp_path / "out", "tensor ", "epsilon", out_dir_before=before)
 
 
-def test_overwrite_replaces_the_output_folder(family, tmp_path, capsys):
+def test_overwrite_replaces_an_earlier_output(family, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    (out_dir / "notes.txt").write_text("stale")
+    existing_output(out_dir)
     config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
     assert merge(config, out_dir, "--overwrite") == 0
     assert not (out_dir / "notes.txt").exists()
     assert {"config.json", "model.safetensors", "mergewise.yml"} <= set(folder_digest(out_dir))
     assert staging_leftovers(out_dir) == []
+
+
+def test_overwrite_never_deletes_a_folder_mergewise_did_not_write(family, tmp_path, capsys, monkeypatch):
+    config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    before = folder_digest(foreign)
+    assert_refused(capsys, merge(config, foreign, "--overwrite"), foreign, "not written by mergewise",
+                   out_dir_before=before)
+    monkeypatch.chdir(foreign)  # the working folder, even one mergewise wrote
+    (foreign / "mergewise.yml").write_text("recipe: {}\n")
+    before = folder_digest(foreign)
+    assert_refused(capsys, merge(config, foreign, "--overwrite"), foreign, "would delete", out_dir_before=before)
+    monkeypatch.chdir(family.base.parent)
+    (tmp_path / "mergewise.yml").write_text("recipe: {}\n")
+    before = folder_digest(tmp_path)
+    assert_refused(capsys, merge(config, tmp_path, "--overwrite"), tmp_path, "would delete", str(config),
+                   out_dir_before=before)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert merge(config, empty, "--overwrite") == 0
 
 
 @pytest.mark.parametrize("where, named", [("inside", "is inside input model"), ("around", "contains input model")])
@@ -285,3 +308,62 @@ def test_a_merge_never_modifies_its_input_models(family, tmp_path, capsys):
     assert merge(write_recipe(tmp_path, recipe), tmp_path / "out") == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert {path: folder_digest(path) for path in inputs} == before
+
+
+# ------------------------------------------------------------------------------------- parameters
+@pytest.mark.parametrize("parameters, named", [
+    ({"weight": float("nan")}, "finite number"),
+    ({"weight": float("inf")}, "finite number"),
+    ({"weight": 1.0, "density": 7}, "share of entries lies in [0, 1]"),
+    ({"weight": 1.0, "density": -0.1}, "share of entries lies in [0, 1]"),
+])
+def test_non_finite_and_out_of_range_parameters_are_errors(parameters, named, family, tmp_path, capsys):
+    recipe = {"merge_method": "ties", "base_model": str(family.base),
+              "models": [{"model": str(family.fine_tunes[0]), "parameters": parameters}]}
+    assert_refused(capsys, merge(write_recipe(tmp_path, recipe), tmp_path / "out"), tmp_path / "out", named)
+
+
+def test_weights_summing_to_zero_are_an_error_not_nan_weights(family, tmp_path, capsys):
+    recipe = {"merge_method": "linear", "models": [{"model": str(family.fine_tunes[0]), "parameters": {"weight": 1.0}},
+                                                   {"model": str(family.fine_tunes[1]), "parameters": {"weight": -1.0}}]}
+    assert_refused(capsys, merge(write_recipe(tmp_path, recipe), tmp_path / "out"), tmp_path / "out",
+                   "weights sum to 0")
+
+
+def test_an_oversized_recipe_is_refused_before_parsing(tmp_path, capsys):
+    config = tmp_path / "huge.yml"
+    config.write_text("merge_method: linear\nmodels:\n" + "  - model: ./x\n" * 100_000)
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "huge.yml", "is refused")
+
+
+# --------------------------------------------------------------------------- concurrent merges
+def test_one_merge_per_output_folder_at_a_time(family, tmp_path, capsys):
+    import fcntl
+
+    config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
+    with open(tmp_path / ".out.lock", "a") as held:  # what a running merge into `out` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert merge(config, tmp_path / "out") == 2
+        assert "another mergewise process is writing" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.glob(".out.*")] == [".out.lock"]
+    assert merge(config, tmp_path / "out") == 0
+    assert staging_leftovers(tmp_path / "out") == []  # the lock file goes with the merge that held it
+
+
+def test_a_folder_that_appears_during_a_merge_is_not_replaced(family, tmp_path, capsys, monkeypatch):
+    from mergewise.checkpoint import writer
+
+    config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
+    out_dir = tmp_path / "out"
+    close = writer.StreamingShardWriter.close
+
+    def someone_else_writes_out_dir(self):
+        close(self)
+        if not out_dir.exists():
+            out_dir.mkdir()
+            (out_dir / "theirs.txt").write_text("theirs")
+
+    monkeypatch.setattr(writer.StreamingShardWriter, "close", someone_else_writes_out_dir)
+    status = merge(config, out_dir)
+    theirs = {"theirs.txt": hashlib.sha256(b"theirs").hexdigest()}
+    assert_refused(capsys, status, out_dir, "appeared while", out_dir_before=theirs)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mergewise.errors import MergewiseError
 
 Scalar = Union[bool, int, float, str]
+MAX_RECIPE_BYTES = 1 << 20
 
 
 class ConditionalParameter(BaseModel):
@@ -135,6 +136,9 @@ def read_yaml_mapping(path: Path) -> dict:
     """The top-level mapping of a recipe file, with YAML errors reported by file and position."""
     if not path.is_file():
         raise MergewiseError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise MergewiseError(f"{path}: {path.stat().st_size} bytes; a recipe over {MAX_RECIPE_BYTES} bytes is refused "
+                             "(YAML that large is not a recipe, and parsing it takes minutes)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

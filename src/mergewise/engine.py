@@ -26,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mergewise.checkpoint import (
+    RECORD_FILE,
     ModelFolder,
     PlannedTensor,
     StreamingShardWriter,
@@ -97,14 +98,15 @@ def run_merge(recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: 
 def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *, stages: Sequence[Stage] = (),
                  recipe: Recipe | None = None) -> MergeResult:
     out_dir = Path(out_dir).expanduser().resolve()
-    check_output_location(out_dir, [model.path for model in plan.models], options.overwrite)
+    protected = [Path(recipe.origin)] if recipe is not None and Path(recipe.origin).is_file() else []
+    check_output_location(out_dir, [model.path for model in plan.models], options.overwrite, protected)
     device = resolve_device(options.device)
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
     shard_size = parse_size(options.shard_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(options.threads or os.cpu_count() or 1)
     try:
-        with (staged_folder(out_dir) as staging,
+        with (staged_folder(out_dir, options.overwrite) as staging,
               ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader,
               ThreadPoolExecutor(1, thread_name_prefix="mergewise-write") as write_thread):
             context = StageContext(plan, device, staging, shard_size, options.quiet)
@@ -328,7 +330,7 @@ def _write_record(folder: Path, plan: MergePlan, recipe: Recipe | None, seed: in
         "device": options.device,
         **{name: value for name, value in records.items() if value is not None},
     }
-    (folder / "mergewise.yml").write_text(yaml.safe_dump(record, sort_keys=False))
+    (folder / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
 
 
 # A per-row-chunk rewrite of one stored tensor: (tensor name, rows, stored rows) → new rows.
@@ -345,7 +347,7 @@ def rewrite_folder(source: ModelFolder, out_dir: Path, transform: ChunkTransform
     out_dir = Path(out_dir).expanduser().resolve()
     check_output_location(out_dir, inputs, overwrite)
     tensors = list(source.tensors.values())
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, overwrite) as staging:
         writer = StreamingShardWriter(staging, [PlannedTensor(t.name, t.shape, t.dtype) for t in tensors],
                                       parse_size(shard_size), metadata={"merged_by": f"mergewise {record_key}"})
         try:
@@ -359,9 +361,9 @@ def rewrite_folder(source: ModelFolder, out_dir: Path, transform: ChunkTransform
             raise
         shutil.copy2(source.path / "config.json", staging / "config.json")
         copy_tokenizer(source.path, staging)
-        previous = source.path / "mergewise.yml"
+        previous = source.path / RECORD_FILE
         history = yaml.safe_load(previous.read_text()) if previous.is_file() else {}
         history = history if isinstance(history, dict) else {}
         history[record_key] = {**record, "mergewise_version": __version__}
-        (staging / "mergewise.yml").write_text(yaml.safe_dump(history, sort_keys=False))
+        (staging / RECORD_FILE).write_text(yaml.safe_dump(history, sort_keys=False))
     return out_dir

@@ -158,7 +158,8 @@ def test_report_files(tiny_family, tmp_path):
     family = tiny_family("llama")
     report_dir = tmp_path / "report"
     report = analyze_to_folder(load_recipe(recipe(family.base, list(family.fine_tunes))), report_dir, quiet=True)
-    assert sorted(path.name for path in report_dir.iterdir()) == ["conflict.csv", "conflict.json", "conflict.png"]
+    assert sorted(path.name for path in report_dir.iterdir()) == ["conflict.csv", "conflict.json", "conflict.png",
+                                                                  "mergewise.yml"]
     with open(report_dir / "conflict.csv", newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["unit", "parameters", "sign_conflict", "cancellation", "cos:a|b", "cos:a|c", "cos:b|c"]
@@ -184,8 +185,13 @@ def test_existing_report_dir_is_kept_without_overwrite(base, base_state, tmp_pat
         analyze_to_folder(load_recipe(recipe(base, experts)), report_dir, quiet=True)
     assert sorted(path.name for path in tmp_path.iterdir()) == before
     assert [path.name for path in report_dir.iterdir()] == ["notes.txt"]
-    analyze_to_folder(load_recipe(recipe(base, experts)), report_dir, overwrite=True, quiet=True)
-    assert sorted(path.name for path in report_dir.iterdir()) == ["conflict.csv", "conflict.json", "conflict.png"]
+    with pytest.raises(MergewiseError, match="not written by mergewise"):  # --overwrite spares others' folders
+        analyze_to_folder(load_recipe(recipe(base, experts)), report_dir, overwrite=True, quiet=True)
+    (report_dir / "notes.txt").unlink()
+    for _ in range(2):  # an empty folder, then the earlier report
+        analyze_to_folder(load_recipe(recipe(base, experts)), report_dir, overwrite=True, quiet=True)
+        assert sorted(path.name for path in report_dir.iterdir()) == ["conflict.csv", "conflict.json", "conflict.png",
+                                                                      "mergewise.yml"]
 
 
 def test_missing_tensor_names_it_and_writes_nothing(base, tmp_path):

@@ -1,10 +1,16 @@
 """All file I/O of mergewise: lazy model reader, streaming sharded writer, staged output folder."""
 
-from mergewise.checkpoint.output import check_output_location, copy_tokenizer, staged_folder, write_model_config
+from mergewise.checkpoint.output import (
+    RECORD_FILE,
+    check_output_location,
+    copy_tokenizer,
+    staged_folder,
+    write_model_config,
+)
 from mergewise.checkpoint.reader import ModelFolder, TensorInfo
 from mergewise.checkpoint.writer import PlannedTensor, StreamingShardWriter, parse_size
 
 __all__ = [
-    "ModelFolder", "PlannedTensor", "StreamingShardWriter", "TensorInfo", "check_output_location",
+    "RECORD_FILE", "ModelFolder", "PlannedTensor", "StreamingShardWriter", "TensorInfo", "check_output_location",
     "copy_tokenizer", "parse_size", "staged_folder", "write_model_config",
 ]

@@ -5,7 +5,9 @@ Nothing is written into an input model, and a failed or interrupted merge leaves
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -25,36 +27,82 @@ TOKENIZER_FILES = (
 )
 
 
-def check_output_location(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse destinations that would overwrite or sit inside an input model."""
+# Written into every output folder; `--overwrite` replaces only a folder that holds it (or an empty one).
+RECORD_FILE = "mergewise.yml"
+
+
+def check_output_location(out_dir: Path, inputs: list[Path], overwrite: bool, protected: list[Path] = ()) -> None:
+    """Refuse destinations that would overwrite or sit inside an input model, and `--overwrite` of
+    anything but an earlier mergewise output or an empty folder: never a folder holding the working
+    directory or a `protected` path (the recipe)."""
     for model in inputs:
         if out_dir == model or model in out_dir.parents:
             raise MergewiseError(f"output folder {out_dir} is inside input model {model}; choose another")
         if out_dir in model.parents:
             raise MergewiseError(f"output folder {out_dir} contains input model {model}; choose another")
-    if out_dir.exists() and not overwrite:
+    if not out_dir.exists():
+        return
+    if not overwrite:
         raise MergewiseError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
-    if out_dir.exists() and not out_dir.is_dir():
+    if not out_dir.is_dir():
         raise MergewiseError(f"output path {out_dir} exists and is not a folder")
+    for kept in (Path.cwd(), *protected):
+        kept = Path(kept).resolve()
+        if kept == out_dir or out_dir in kept.parents:
+            raise MergewiseError(f"--overwrite would delete {kept}, which output folder {out_dir} holds; "
+                                 "choose another output folder")
+    if not (out_dir / RECORD_FILE).is_file() and any(out_dir.iterdir()):
+        raise MergewiseError(f"output folder {out_dir} was not written by mergewise (no {RECORD_FILE}) and is not "
+                             "empty; --overwrite replaces only those")
 
 
 @contextmanager
-def staged_folder(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` atomically."""
+def staged_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` atomically.
+
+    One build per `out_dir` at a time: a lock file beside it is held (released by the kernel if the
+    process dies). A folder that appeared at `out_dir` during the build is never replaced without
+    `overwrite`."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    with _exclusive(out_dir.parent / f".{out_dir.name}.lock", out_dir):
+        existed = out_dir.exists()
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        try:
+            yield staging
+            if out_dir.exists() and not (overwrite and existed):
+                raise MergewiseError(f"output folder {out_dir} appeared while this one was being built; "
+                                     "it was left as it is")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(retired / out_dir.name)
+            staging.rename(out_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(out_dir)
+
+
+@contextmanager
+def _exclusive(lock_path: Path, out_dir: Path) -> Iterator[None]:
+    """Hold `lock_path` exclusively; it is removed when released. A lock taken on a file that its
+    previous holder removed meanwhile is taken again on the new one."""
+    while True:
+        lock = open(lock_path, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise MergewiseError(f"another mergewise process is writing {out_dir}; wait for it to finish") from None
+        if lock_path.exists() and os.fstat(lock.fileno()).st_ino == lock_path.stat().st_ino:
+            break
+        lock.close()
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(retired / out_dir.name)
-        staging.rename(out_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        lock.close()
 
 
 def write_model_config(folder: Path, config: dict, dtype: torch.dtype,

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from mergewise.checkpoint import check_output_location, staged_folder
+from mergewise.checkpoint import RECORD_FILE, check_output_location, staged_folder
 from mergewise.engine import CHUNK_ELEMENTS
 from mergewise.mediator.settings import MediatorRecipe
 from mergewise.methods.sparsify import kept_count
@@ -185,6 +186,8 @@ def analyze_to_folder(recipe: MediatorRecipe, report_dir: str | Path, *, overwri
     inputs = [model.path for model in expert_tensors(recipe).models]
     check_output_location(report_dir, inputs, overwrite)
     report = analyze_conflicts(recipe, quiet=quiet)
-    with staged_folder(report_dir) as staging:
+    with staged_folder(report_dir, overwrite) as staging:
         report.write(staging)
+        (staging / RECORD_FILE).write_text(yaml.safe_dump({"conflict_analysis": recipe.settings.model_dump(mode="json")},
+                                                          sort_keys=False))
     return report

@@ -9,6 +9,7 @@ chunk by chunk, and its result reaches every row call as `rows.stats`.
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from functools import cached_property
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ from enum import Enum
 from typing import Annotated, Any, Callable, Iterator, Sequence
 
 import torch
+
+
+# Parameters that are shares of a tensor's entries: outside [0, 1] they mean nothing (mergekit clamps).
+SHARES = frozenset({"density", "gamma", "epsilon"})
 
 
 class PerModelMarker:
@@ -97,7 +102,12 @@ class Parameter:
             raise ValueError(f"expected true/false, got {value!r}")
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
-        return self.kind(float(value)) if self.kind is int else float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        if self.name in SHARES and not 0 <= number <= 1:
+            raise ValueError(f"a share of entries lies in [0, 1], got {value!r}")
+        return self.kind(number) if self.kind is int else number
 
 
 @dataclass(frozen=True)

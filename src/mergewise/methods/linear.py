@@ -12,6 +12,8 @@ def merge_linear(rows: TensorRows, *, weight: PerModel, normalize: bool = True) 
     for tensor, coefficient in zip(rows.inputs, weight):
         result.add_(tensor.float(), alpha=coefficient)
     if normalize:
+        if sum(weight) == 0:
+            raise ValueError("weights sum to 0, so they cannot be normalised (change a weight, or normalize: false)")
         result /= sum(weight)
     return result
 
