@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,19 @@ def test_a_failed_write_leaves_no_output(tiny_family, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         mergewise.merge(ties_recipe(tiny_family("llama")), tmp_path / "out", quiet=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scalar_tensor_is_merged_like_any_other(tiny_family, tmp_path):
+    """A 0-d tensor (a learned temperature, say) is one row chunk without rows."""
+    from safetensors.torch import load_file, save_file
+
+    family = tiny_family("llama")
+    models = []
+    for index, source in enumerate(family.fine_tunes[:2]):
+        folder = Path(shutil.copytree(source, tmp_path / f"m{index}"))
+        tensors = load_file(folder / "model.safetensors")
+        tensors["logit_scale"] = torch.tensor(2.0 + 2 * index)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        models.append({"model": str(folder), "parameters": {"weight": 0.5}})
+    mergewise.merge({"merge_method": "linear", "models": models}, tmp_path / "out", quiet=True)
+    assert load_file(tmp_path / "out" / "model.safetensors")["logit_scale"].item() == 3.0

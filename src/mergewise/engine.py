@@ -249,7 +249,7 @@ class _JobExecutor:
             merged = self._guard(job, lambda: self._merge(rows_in, params))
             for stage in self.stages:
                 merged = stage.on_rows(job, rows_in, merged)
-            writer.write(job.name, merged.to(job.out_dtype), rows.start)
+            writer.write(job.name, merged.to(job.out_dtype), rows.start or 0)
 
     def _merge(self, rows: TensorRows, params: dict) -> torch.Tensor:
         if self.fused is not None:

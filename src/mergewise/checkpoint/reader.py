@@ -234,8 +234,10 @@ class ModelFolder:
 
 
 def read_safetensors_header(file: Path) -> list[TensorInfo]:
-    """Parse and check a safetensors header: every tensor's extent must lie inside the file and
-    match its shape and dtype, so a corrupt file is rejected before any merge work starts."""
+    """Parse and check a safetensors header as strictly as the format's own library: a JSON object of
+    unique entries, integer non-negative shapes, known dtypes, extents that match the shapes and tile
+    the data exactly (no overlap, no gap, nothing past the end), string metadata. A corrupt or
+    crafted file is rejected, naming it, before any merge work starts."""
     size = file.stat().st_size
     with open(file, "rb") as handle:
         prefix = handle.read(8)
@@ -245,26 +247,52 @@ def read_safetensors_header(file: Path) -> list[TensorInfo]:
         if header_length > min(size - 8, 100_000_000):
             raise MergewiseError(f"{file}: corrupt safetensors header (declared length {header_length})")
         try:
-            header = json.loads(handle.read(header_length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise MergewiseError(f"{file}: corrupt safetensors header ({error})") from None
+            header = json.loads(handle.read(header_length), object_pairs_hook=_unique_keys)
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:
+            raise MergewiseError(f"{file}: corrupt safetensors header ({str(error)[:200]})") from None
     if not isinstance(header, dict):
         raise MergewiseError(f"{file}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise MergewiseError(f"{file}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + header_length
     tensors = []
+    extents = []
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(size) for size in entry["shape"])
-            begin, end = (int(value) for value in entry["data_offsets"])
+            shape, offsets = entry["shape"], entry["data_offsets"]
+            if not (isinstance(shape, list) and all(_is_count(size) for size in shape)
+                    and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(value) for value in offsets)):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise MergewiseError(f"{file}: corrupt safetensors header entry for tensor {name}") from None
-        info = TensorInfo(name, shape, dtype, file, data_start + begin)
-        if end - begin != info.nbytes or data_start + end > size or begin < 0:
-            raise MergewiseError(
-                f"{file}: corrupt safetensors header: tensor {name} extends past the data or "
-                "does not match its shape (truncated download?)")
+        begin, end = offsets
+        info = TensorInfo(name, tuple(shape), dtype, file, data_start + begin)
+        if end - begin != info.nbytes:
+            raise MergewiseError(f"{file}: corrupt safetensors header: tensor {name} has {end - begin} bytes of "
+                                 f"data for shape {shape} (truncated or crafted file?)")
         tensors.append(info)
+        extents.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(extents):
+        if begin != position:
+            problem = "overlaps another tensor" if begin < position else "leaves a gap before it"
+            raise MergewiseError(f"{file}: corrupt safetensors header: tensor {name} {problem}")
+        position = end
+    if data_start + position != size:
+        raise MergewiseError(f"{file}: corrupt safetensors file: the header describes {position} bytes of data, "
+                             f"the file holds {size - data_start} (truncated download?)")
     return tensors
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicated = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"duplicate entry {duplicated!r}")
+    return dict(pairs)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
