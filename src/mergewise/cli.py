@@ -8,6 +8,7 @@ import ctypes
 import gc
 import importlib
 import os
+import signal
 import sys
 import threading
 
@@ -33,15 +34,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _tune_process()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         status = args.handler(args)
     except MergewiseError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a read-only folder, too many open files…
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
+    except _Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return int(status or 0)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a merge in progress cleans up its staging folder."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
 
 
 def _tune_process() -> None:

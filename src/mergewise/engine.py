@@ -97,6 +97,8 @@ def run_merge(recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: 
 
 def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *, stages: Sequence[Stage] = (),
                  recipe: Recipe | None = None) -> MergeResult:
+    if options.threads is not None and options.threads < 1:
+        raise MergewiseError(f"--threads: must be at least 1, got {options.threads}")
     out_dir = Path(out_dir).expanduser().resolve()
     protected = [Path(recipe.origin)] if recipe is not None and Path(recipe.origin).is_file() else []
     check_output_location(out_dir, [model.path for model in plan.models], options.overwrite, protected)

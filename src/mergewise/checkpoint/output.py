@@ -61,27 +61,78 @@ def staged_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` atomically.
 
     One build per `out_dir` at a time: a lock file beside it is held (released by the kernel if the
-    process dies). A folder that appeared at `out_dir` during the build is never replaced without
-    `overwrite`."""
+    process dies). Staging folders carry their process id; those of processes that are gone (killed
+    with SIGKILL, say) are removed when the next build of `out_dir` starts. A folder that appeared at
+    `out_dir` during the build is never replaced without `overwrite`. The new folder's permissions
+    follow the umask, and its files are on disk before it is moved into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir.parent / f".{out_dir.name}.lock", out_dir):
+        _sweep_orphans(out_dir)
         existed = out_dir.exists()
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
         try:
+            staging.chmod(0o777 & ~_umask())
             yield staging
             if out_dir.exists() and not (overwrite and existed):
                 raise MergewiseError(f"output folder {out_dir} appeared while this one was being built; "
                                      "it was left as it is")
+            _sync(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=out_dir.parent))
             out_dir.rename(retired / out_dir.name)
             staging.rename(out_dir)
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(out_dir)
+
+
+def _sweep_orphans(out_dir: Path) -> None:
+    """Remove staging and retired folders of `out_dir` whose process is gone."""
+    for folder in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
+        kind, _, rest = folder.name.removeprefix(f".{out_dir.name}.").partition("-")
+        pid = rest.partition("-")[0]
+        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); 0o022 where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _sync(folder: Path) -> None:
+    """Flush every file of `folder`, then the folder itself, to disk."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager

@@ -95,9 +95,12 @@ class ModelFolder:
         if not config_path.is_file():
             raise MergewiseError(f"{config_path}: missing (not a Hugging Face model folder?)")
         try:
-            return json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise MergewiseError(f"{config_path}: not valid JSON ({error})") from None
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise MergewiseError(f"{config_path}: not valid JSON ({str(error)[:200]})") from None
+        if not isinstance(config, dict):
+            raise MergewiseError(f"{config_path}: not a JSON object")
+        return config
 
     def _index_weights(self) -> dict[str, TensorInfo]:
         files = self._safetensors_files()
