@@ -367,3 +367,16 @@ def test_a_folder_that_appears_during_a_merge_is_not_replaced(family, tmp_path, 
     status = merge(config, out_dir)
     theirs = {"theirs.txt": hashlib.sha256(b"theirs").hexdigest()}
     assert_refused(capsys, status, out_dir, "appeared while", out_dir_before=theirs)
+
+
+def test_nan_in_an_input_is_named_and_an_error_with_strict(family, tmp_path, capsys):
+    poisoned = copy_model(family.fine_tunes[1], tmp_path / "poisoned")
+    tensors = load_file(poisoned / "model.safetensors")
+    name = next(key for key in tensors if key.endswith("q_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, poisoned / "model.safetensors", metadata={"format": "pt"})
+    config = write_recipe(tmp_path, linear_recipe(family.fine_tunes[0], poisoned))
+    assert_refused(capsys, merge(config, tmp_path / "strict", "--strict"), tmp_path / "strict", name,
+                   str(poisoned), "NaN or infinity")
+    with pytest.warns(RuntimeWarning, match=f"tensor {name}: .*NaN or infinity in {poisoned}"):
+        assert merge(config, tmp_path / "lenient") == 0

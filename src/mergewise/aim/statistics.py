@@ -43,6 +43,7 @@ from mergewise.aim.data import (
 from mergewise.checkpoint import ModelFolder
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
+from mergewise.checkpoint.pretrained import load_pretrained
 
 FINGERPRINT_WINDOWS = 16
 FINGERPRINT_WINDOW_BYTES = 4096
@@ -136,29 +137,35 @@ def recording(targets: dict[str, tuple[nn.Module, int]], recorder: ChannelStatis
 
 # ------------------------------------------------------------------------------------ the command
 def calibrate(base_dir: str | Path, stats_path: str | Path, settings: CalibrationSettings = CalibrationSettings(),
-              *, device: str = "cpu", stream_layers: bool = False, quiet: bool = False) -> Path:
-    """Compute the base model's statistics and save them (atomically) to `stats_path`."""
+              *, device: str = "cpu", stream_layers: bool = False, quiet: bool = False,
+              trust_remote_code: bool = False) -> Path:
+    """Compute the base model's statistics and save them (atomically) to `stats_path`; the folder's
+    own Python runs only if `trust_remote_code`."""
     folder = ModelFolder(base_dir)
     stats_path = Path(stats_path).expanduser().resolve()
     target_device = resolve_device(device)
     recorder = ChannelStatistics(settings.statistic)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder.path)
+    try:  # the config first: it says whether the model's own code would run
+        config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=trust_remote_code)
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, folder.path, trust_remote_code=trust_remote_code,
+                                    config=config)
     except (OSError, ValueError) as error:
-        raise MergewiseError(f"{folder.path}: cannot load its tokenizer ({str(error).splitlines()[0]})") from None
+        raise MergewiseError(f"{folder.path}: cannot load its config or tokenizer ({str(error).splitlines()[0]})"
+                             ) from None
     if settings.data == "self":
-        model = _load_model(folder, target_device)
+        model = _load_model(folder, config, target_device, trust_remote_code)
         blocks = self_generated_blocks(model, tokenizer, settings.samples, settings.seq_len, settings.seed)
         conventions = SAMPLED_CONVENTIONS
     else:  # tokenized before the model loads, so that bad data fails fast
         blocks = blocks_from_documents(_documents(settings), tokenizer, settings.samples, settings.seq_len,
                                        settings.data)
         conventions = DOCUMENT_CONVENTIONS
-        model = None if stream_layers else _load_model(folder, target_device)
+        model = None if stream_layers else _load_model(folder, config, target_device, trust_remote_code)
     with torch.inference_mode():
         if stream_layers:
             model = None  # only the sampler needed it; the streamed pass never holds the whole model
-            input_axes = _streamed_statistics(folder, blocks, recorder, target_device, quiet)
+            input_axes = _streamed_statistics(folder, config, blocks, recorder, target_device, quiet,
+                                              trust_remote_code)
         else:
             targets = target_modules(model)
             input_axes = {name: axis for name, (_, axis) in targets.items()}
@@ -180,10 +187,11 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
     return stats_path
 
 
-def _load_model(folder: ModelFolder, device: torch.device) -> nn.Module:
+def _load_model(folder: ModelFolder, config, device: torch.device, trust_remote_code: bool) -> nn.Module:
     """The whole base model in float32 (safetensors only: nothing is unpickled)."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder.path, dtype=torch.float32, use_safetensors=True)
+        model = load_pretrained(AutoModelForCausalLM.from_pretrained, folder.path, trust_remote_code=trust_remote_code,
+                                config=config, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise MergewiseError(f"{folder.path}: cannot load the model ({str(error).splitlines()[0]})") from None
     return model.to(device).eval()
@@ -200,12 +208,12 @@ class _StopForward(Exception):
     """Raised by the capture hook: nothing after the first decoder layer needs to run."""
 
 
-def _model_skeleton(config, device: torch.device) -> nn.Module:
+def _model_skeleton(config, device: torch.device, trust_remote_code: bool) -> nn.Module:
     """The model with its parameters on the meta device (no memory: the layers are loaded one at a
     time) and its buffers on `device`. Buffers (rotary frequencies, embedding scales) are computed,
     not stored in checkpoints: the model's own initialisation fills them, as in `from_pretrained`."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     for name, buffer in list(model.named_buffers()):
         owner_name, _, leaf = name.rpartition(".")
         model.get_submodule(owner_name)._buffers[leaf] = torch.empty_like(buffer, device=device)
@@ -256,13 +264,12 @@ def decoder_layers(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
                          "use the in-memory pass (without --stream-layers)")
 
 
-def _streamed_statistics(folder: ModelFolder, blocks: list[torch.Tensor], recorder: ChannelStatistics,
-                         device: torch.device, quiet: bool) -> dict[str, int]:
-    config = AutoConfig.from_pretrained(folder.path)
+def _streamed_statistics(folder: ModelFolder, config, blocks: list[torch.Tensor], recorder: ChannelStatistics,
+                         device: torch.device, quiet: bool, trust_remote_code: bool) -> dict[str, int]:
     if len(set(getattr(config, "layer_types", None) or [None])) > 1:
         raise MergewiseError(f"{folder.path}: layers of different attention types ({sorted(set(config.layer_types))}) "
                              "are not supported by --stream-layers; use the in-memory pass")
-    model = _model_skeleton(config, device)
+    model = _model_skeleton(config, device, trust_remote_code)
     layers_name, layers = decoder_layers(model, config)
     targets = target_modules(model)
     head = model.get_output_embeddings()

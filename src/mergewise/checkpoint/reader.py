@@ -12,6 +12,8 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,17 @@ SAFETENSORS_DTYPES = {  # the header's dtype names; the writer uses the same tab
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+@contextmanager
+def _opened(file: Path) -> Iterator[int]:
+    """A descriptor for one read or one mapping (a mapping keeps its own): however many shards the
+    inputs have, only the reads under way hold files open."""
+    descriptor = os.open(file, os.O_RDONLY)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
 
 
 def inside_folder(file: Path, folder: Path, what: str) -> Path:
@@ -76,7 +89,6 @@ class ModelFolder:
         if not self.path.is_dir():
             raise MergewiseError(f"model folder not found: {path}")
         self.config = self._read_config()
-        self._descriptors: dict[Path, int] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self._allow_pickle = allow_pickle
         self.tensors: dict[str, TensorInfo] = self._index_weights()
@@ -173,13 +185,13 @@ class ModelFolder:
             return (tensor if rows is None or tensor.dim() == 0 else tensor[rows]).clone()
         start, length, shape = self._extent(info, rows)
         buffer = bytearray(length)
-        descriptor = self._descriptor(info.file)
-        done = 0
-        while done < len(buffer):
-            chunk = os.preadv(descriptor, [memoryview(buffer)[done:]], start + done)
-            if chunk <= 0:
-                raise MergewiseError(f"{info.file}: truncated while reading tensor {name}")
-            done += chunk
+        with _opened(info.file) as descriptor:
+            done = 0
+            while done < len(buffer):
+                chunk = os.preadv(descriptor, [memoryview(buffer)[done:]], start + done)
+                if chunk <= 0:
+                    raise MergewiseError(f"{info.file}: truncated while reading tensor {name}")
+                done += chunk
         if not buffer:
             return torch.empty(shape, dtype=info.dtype)
         return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
@@ -196,8 +208,9 @@ class ModelFolder:
         if length == 0:
             return torch.empty(shape, dtype=info.dtype)
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(self._descriptor(info.file), length + start - aligned, offset=aligned,
-                           flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        with _opened(info.file) as descriptor:
+            mapped = mmap.mmap(descriptor, length + start - aligned, offset=aligned,
+                               flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         return torch.frombuffer(mapped, dtype=info.dtype, offset=start - aligned,
                                 count=length // info.dtype.itemsize).reshape(shape)
 
@@ -211,15 +224,9 @@ class ModelFolder:
         shape = (count, *info.shape[1:]) if info.shape else ()
         return info.offset + first * row_bytes, count * row_bytes, shape
 
-    def _descriptor(self, file: Path) -> int:
-        if file not in self._descriptors:
-            self._descriptors[file] = os.open(file, os.O_RDONLY)
-        return self._descriptors[file]
-
     def close(self) -> None:
-        for descriptor in self._descriptors.values():
-            os.close(descriptor)
-        self._descriptors.clear()
+        """Drop the tensors of loaded pickle files (no file stays open between reads)."""
+        self._pickled.clear()
 
     @property
     def num_layers(self) -> int | None:

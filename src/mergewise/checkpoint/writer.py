@@ -8,6 +8,7 @@ is ever buffered in memory, whatever `shard_size` is.
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 import struct
@@ -66,7 +67,6 @@ class StreamingShardWriter:
         self.folder = folder
         self._slots: dict[str, _Slot] = {}
         shards = _assign_shards(tensors, shard_size)
-        self._files = {}
         self.weight_map: dict[str, str] = {}
         for index, shard in enumerate(shards, start=1):
             file_name = (f"{file_stem}.safetensors" if len(shards) == 1
@@ -87,44 +87,40 @@ class StreamingShardWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data must start 8-byte aligned
         data_start = 8 + len(encoded)
-        handle = open(path, "w+b")
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        handle.truncate(data_start + start)
-        self._files[path] = handle
+        with open(path, "wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)))
+            handle.write(encoded)
+            handle.truncate(data_start + start)
         for tensor in shard:
             row_bytes = tensor.nbytes // tensor.shape[0] if tensor.shape and tensor.shape[0] else 0
             self._slots[tensor.name] = _Slot(path, data_start, row_bytes, tensor)
             data_start += tensor.nbytes
 
     def write(self, name: str, data: torch.Tensor, first_row: int = 0) -> None:
-        """Write `data` (rows starting at `first_row`, already in the planned dtype) into place."""
+        """Write `data` (rows starting at `first_row`, already in the planned dtype) into place. Each
+        write opens its shard for itself, so however many shards there are, few files are open."""
         slot = self._slots[name]
-        handle = self._files[slot.file]
-        handle.seek(slot.offset + first_row * slot.row_bytes)
-        flat = data.detach().to("cpu").contiguous().reshape(-1)
-        handle.write(flat.view(torch.uint8).numpy().data)
+        view = memoryview(data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        offset = slot.offset + first_row * slot.row_bytes
+        descriptor = os.open(slot.file, os.O_WRONLY)
+        try:
+            while view:
+                written = os.pwrite(descriptor, view, offset)
+                view, offset = view[written:], offset + written
+        finally:
+            os.close(descriptor)
 
     def read(self, name: str) -> torch.Tensor:
         """A tensor as written so far, read back from its shard (a copy)."""
         slot = self._slots[name]
-        self._files[slot.file].flush()
         data = np.fromfile(slot.file, dtype=np.uint8, count=slot.tensor.nbytes, offset=slot.offset)
         return torch.from_numpy(data).view(slot.tensor.dtype).reshape(slot.tensor.shape)
 
     def close(self) -> None:
-        """Flush the shards and, when there are several, write the Hugging Face index."""
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        """When there are several shards, write the Hugging Face index."""
         if not self.single_file:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-    def abort(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
 
 
 def _assign_shards(tensors: list[PlannedTensor], shard_size: int) -> list[list[PlannedTensor]]:

@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt: text and route")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the model folder run its own Python code (auto_map); only for code you trust")
     parser.set_defaults(handler=run)
 
 
@@ -24,7 +26,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.max_new_tokens < 1:
         raise MergewiseError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
-    model = load(args.model_dir, args.device)
+    model = load(args.model_dir, args.device, trust_remote_code=args.trust_remote_code)
     for text, route in model.generate_text(args.prompt, max_new_tokens=args.max_new_tokens):
         if args.json:
             print(json.dumps({"text": text, "route": route.to_json() if route else None}))

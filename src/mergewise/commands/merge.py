@@ -17,12 +17,14 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="fuse the arithmetic with torch.compile (default: only for models of 2B+ parameters)")
+    parser.add_argument("--strict", action="store_true",
+                        help="NaN or infinity in a merged tensor is an error (default: a warning naming it)")
 
 
 def merge_options(args: argparse.Namespace) -> dict:
     return {"device": args.device, "threads": args.threads, "shard_size": args.shard_size,
             "allow_pickle": args.allow_pickle, "overwrite": args.overwrite, "seed": args.seed,
-            "quiet": args.quiet, "compile": args.compile}
+            "quiet": args.quiet, "compile": args.compile, "strict": args.strict}
 
 
 def register(subparsers) -> None:

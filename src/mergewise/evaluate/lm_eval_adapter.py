@@ -4,7 +4,9 @@
     lm_eval.simple_evaluate(model="mergewise", model_args="pretrained=DIR,device=cpu", tasks=[...])
 
 or from a shell: `python -m mergewise.evaluate.lm_eval_adapter --model mergewise --model_args
-pretrained=DIR --tasks …` (lm_eval's own command line, with the model type registered first)."""
+pretrained=DIR --tasks …` (lm_eval's own command line, with the model type registered first).
+A folder's own Python (`auto_map`) runs only with `trust_remote_code=True` in the model arguments
+(which lm_eval's `--trust_remote_code` adds)."""
 
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ class MergewiseLM(LM):
         device: str | None = None,
         batch_size: int | str | None = None,
         max_length: int | None = None,
+        trust_remote_code: bool = False,
         **_ignored,
     ):
         super().__init__()
-        self.loaded = load_model(pretrained, device or "cpu")
+        self.loaded = load_model(pretrained, device or "cpu", trust_remote_code=trust_remote_code)
         # lm-eval may pass "auto"; a fixed size is predictable on CPU and small models.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
         self.max_length = int(max_length or self.loaded.model.config.max_position_embeddings)

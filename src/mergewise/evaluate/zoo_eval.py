@@ -21,16 +21,18 @@ def evaluate_model(
     device: str = "cpu",
     batch_size: int = 64,
     limit: int | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Per task: its metric's `score` (exact match, or answer NLL for `nll` tasks), `n` prompts and the
-    per-token `answer_nll`; general: per-token NLL over `n` held-out tokens."""
+    per-token `answer_nll`; general: per-token NLL over `n` held-out tokens. The model folder's own
+    Python runs only if `trust_remote_code`."""
     zoo = load_zoo(zoo_dir)
     selected = select_tasks(zoo, tasks)
     if batch_size < 1:
         raise MergewiseError(f"--batch-size: must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise MergewiseError(f"--limit: must be at least 1, got {limit}")
-    loaded = load_model(model_dir, device)
+    loaded = load_model(model_dir, device, trust_remote_code=trust_remote_code)
     task_scores = {name: score_task(loaded, zoo, name, batch_size, limit) for name in selected}
     general_text = zoo.general_eval.read_text(encoding="utf-8")
     window = min(GENERAL_WINDOW_TOKENS, loaded.model.config.max_position_embeddings - 1)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.tokens import start_token_id
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
@@ -32,7 +33,6 @@ MANIFEST_FILE = "mediator.json"
 EXPERTS_FILE = "experts.safetensors"
 ROUTER_FILE = "router.safetensors"
 FEATURE_BATCH = 8  # every layer's hidden states are kept for one batch: keep it small
-
 
 def is_mediator_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / MEDIATOR_FOLDER).is_dir()
@@ -222,9 +222,10 @@ class RoutedModel:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         offload: str = "cpu", cache_size: int | None = None) -> RoutedModel:
+         offload: str = "cpu", cache_size: int | None = None, trust_remote_code: bool = False) -> RoutedModel:
     """Load a plain or Mediator model folder. `dtype` None keeps the stored dtype; `offload` "cpu"
-    keeps sparse experts in host memory until a route needs them, "none" moves them to `device`."""
+    keeps sparse experts in host memory until a route needs them, "none" moves them to `device`;
+    `trust_remote_code` lets the folder's own Python run (see `checkpoint.pretrained.load_pretrained`)."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise MergewiseError(f"{folder}: not a model folder (no config.json)")
@@ -233,9 +234,12 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
     torch_device = resolve_device(device)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype, "dtype")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
+    try:  # the config first: it says whether the model's own code would run
+        config = load_pretrained(AutoConfig.from_pretrained, folder, trust_remote_code=trust_remote_code)
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, folder, trust_remote_code=trust_remote_code,
+                                    config=config)
+        model = load_pretrained(AutoModelForCausalLM.from_pretrained, folder, trust_remote_code=trust_remote_code,
+                                config=config, dtype=dtype or "auto")
     except (OSError, ValueError) as error:
         raise MergewiseError(f"{folder}: cannot load model or tokenizer ({error})") from None
     if tokenizer.pad_token_id is None:

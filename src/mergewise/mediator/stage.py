@@ -92,7 +92,6 @@ class MediatorStage(Stage):
 
     def finalize(self, staging: Path) -> dict:
         self.writer.close()
-        self.writer = None
         dense = load(staging, str(self.device), dtype=torch.float32)  # still a plain folder: every unit is D
         router_settings = self.settings.router
         features = {task: dense.features(dense.encode(texts), router_settings.feature_layer,
@@ -113,8 +112,6 @@ class MediatorStage(Stage):
     def close(self) -> None:
         for model in self.experts.models if self.experts is not None else ():
             model.close()
-        if self.writer is not None:
-            self.writer.abort()
 
     def _retained_share(self, unit: str, task: str) -> float:
         kept, total = self.retained.get((unit, task), (0.0, 0.0))

@@ -100,7 +100,7 @@ def build_micro_zoo(zoo_dir: Path, size: str, seed: int) -> dict:
     if build_model_once(zoo_dir, manifest, "base", train_base):
         # A new base invalidates experts fine-tuned from an older one.
         manifest["models"] = {"base": manifest["models"]["base"]}
-    base = LlamaForCausalLM.from_pretrained(zoo_dir / "base", dtype=torch.float32)
+    base = LlamaForCausalLM.from_pretrained(zoo_dir / "base", dtype=torch.float32, trust_remote_code=False)
     rebuilt = False
     for task in MICRO_TASKS:
         name = f"expert-{task.name}"

