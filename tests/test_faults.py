@@ -4,6 +4,7 @@ swept by the next merge into the same folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -114,3 +115,63 @@ def test_output_permissions_follow_the_umask(recipe, tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+
+
+# ------------------------------------------------------------------------------------------- resume
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.safetensors"))}
+
+
+def test_resume_keeps_the_finished_shards_and_gives_the_uninterrupted_bytes(tiny_family, tmp_path):
+    family = tiny_family("llama")
+    recipe = tmp_path / "recipe.yml"
+    models = [{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}} for path in family.fine_tunes[:2]]
+    recipe.write_text(yaml.safe_dump({"merge_method": "dare_ties", "base_model": str(family.base), "models": models}))
+    flags = ["--quiet", "--seed", "7", "--shard-size", "60KB"]
+    reference = tmp_path / "reference"
+    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(reference), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    out_dir = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out_dir), *flags],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    finished: dict = {}
+    while len(finished) < 2:  # wait until two shards are recorded as finished, then kill
+        journals = list(tmp_path.glob(".out.partial-*/.mergewise-progress.json"))
+        try:
+            finished = json.loads(journals[0].read_text())["finished"] if journals else {}
+        except ValueError:
+            finished = {}
+        assert child.poll() is None, "the merge ended before it could be killed"
+    child.kill()
+    child.communicate(timeout=60)
+    staged = next(tmp_path.glob(".out.partial-*"))
+    kept = {name: (staged / name).stat().st_mtime_ns for name in finished}
+
+    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--resume",
+                           "--quiet", "--shard-size", "60KB"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert shard_bytes(out_dir) == shard_bytes(reference)
+    assert {name: (out_dir / name).stat().st_mtime_ns for name in kept} == kept  # not computed again
+    assert yaml.safe_load((out_dir / "mergewise.yml").read_text())["seed"] == 7
+    assert leftovers(out_dir) == [] and not (out_dir / ".mergewise-progress.json").exists()
+
+
+def test_resume_refuses_a_staged_merge_of_another_recipe(recipe, tmp_path):
+    out_dir = tmp_path / "out"
+    child = start_slow_merge(recipe, out_dir)
+    child.kill()
+    child.communicate(timeout=60)
+    changed = tmp_path / "changed.yml"
+    data = yaml.safe_load(recipe.read_text())
+    data["models"][0]["parameters"]["weight"] = 0.25
+    changed.write_text(yaml.safe_dump(data))
+    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(changed), str(out_dir), "--resume",
+                           "--quiet"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "staged from another recipe" in done.stderr, done.stderr
+    assert not out_dir.exists() and [name.split("-")[0] for name in leftovers(out_dir)] == [".out.partial"]
+    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--resume",
+                           "--quiet"], capture_output=True, text=True, timeout=120)  # the staged work was kept
+    assert done.returncode == 0 and leftovers(out_dir) == [], done.stderr

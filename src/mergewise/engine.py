@@ -8,6 +8,8 @@ independent, row-wise nuslerp): it depends on the widest tensor, never on the mo
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 import random
@@ -26,7 +28,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from mergewise.checkpoint import (
+    JOURNAL_FILE,
     RECORD_FILE,
+    Journal,
     ModelFolder,
     PlannedTensor,
     StreamingShardWriter,
@@ -72,6 +76,7 @@ class MergeOptions:
     quiet: bool = False
     compile: bool | None = None  # fuse big row chunks with torch.compile; None: only for big models
     strict: bool = False  # NaN or infinity in a merged tensor is an error, not a warning
+    resume: bool = False  # build on the staged output of a killed merge into the same folder
 
 
 class NonFiniteWarning(RuntimeWarning):
@@ -108,18 +113,24 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
     protected = [Path(recipe.origin)] if recipe is not None and Path(recipe.origin).is_file() else []
     check_output_location(out_dir, [model.path for model in plan.models], options.overwrite, protected)
     device = resolve_device(options.device)
-    seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
     shard_size = parse_size(options.shard_size)
+    if options.resume and any(stage.name == "mediator" for stage in stages):
+        raise MergewiseError("--resume: a Mediator build cannot be resumed yet; build it again")
     threads = torch.get_num_threads()
     torch.set_num_threads(options.threads or os.cpu_count() or 1)
     try:
-        with (staged_folder(out_dir, options.overwrite) as staging,
+        with (staged_folder(out_dir, options.overwrite, options.resume) as staging,
               ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader,
               ThreadPoolExecutor(1, thread_name_prefix="mergewise-write") as write_thread):
+            fingerprint = _fingerprint(plan, recipe, shard_size)
+            recorded = Journal.recorded(staging, fingerprint) if options.resume else None
+            seed, finished = _resumed_seed(options, recorded)
             context = StageContext(plan, device, staging, shard_size, options.quiet)
             for stage in stages:
                 stage.on_plan(context)
-            _merge_tensors(plan, staging, options, stages, seed, device, shard_size, reader, write_thread)
+            _merge_tensors(plan, staging, options, stages, seed, device, shard_size, reader, write_thread,
+                           fingerprint, finished)
+            (staging / JOURNAL_FILE).unlink()
             write_model_config(staging, plan.reference.config, _config_dtype(plan), plan.source_layers)
             copy_tokenizer(plan.tokenizer_source.path, staging)
             records = {stage.name: stage.finalize(staging) for stage in stages}
@@ -133,12 +144,41 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
     return MergeResult(out_dir, records)
 
 
+def _resumed_seed(options: MergeOptions, recorded: tuple[int, dict[str, str]] | None) -> tuple[int, dict[str, str]]:
+    """The merge's seed and the shards already finished: a resumed merge keeps the recorded seed,
+    so its random masks are the ones the finished shards were made with."""
+    if recorded is None:
+        seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
+        return seed, {}
+    seed, finished = recorded
+    if options.seed is not None and options.seed != seed:
+        raise MergewiseError(f"--resume: the staged merge used --seed {seed}, not {options.seed}")
+    return seed, finished
+
+
+def _fingerprint(plan: MergePlan, recipe: Recipe | None, shard_size: int) -> str:
+    """What decides the output's bytes, but the seed: recipe, input files, layout, version."""
+    from mergewise import __version__
+
+    files = sorted({str(info.file) for model in plan.models for info in model.tensors.values()})
+    described = {
+        "recipe": recipe.record() if recipe is not None else plan.config.model_dump(mode="json", exclude_none=True),
+        "files": [(file, os.stat(file).st_size, os.stat(file).st_mtime_ns) for file in files],
+        "tensors": [(job.name, list(job.shape), str(job.out_dtype)) for job in plan.jobs],
+        "shard_size": shard_size,
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
 def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages: Sequence[Stage], seed: int,
-                   device: torch.device, shard_size: int, reader: ThreadPoolExecutor,
-                   write_thread: ThreadPoolExecutor) -> None:
+                   device: torch.device, shard_size: int, reader: ThreadPoolExecutor, write_thread: ThreadPoolExecutor,
+                   fingerprint: str, finished: dict[str, str]) -> None:
     writer = StreamingShardWriter(
         staging, [PlannedTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs], shard_size,
-        metadata={"merged_by": "mergewise"})
+        metadata={"merged_by": "mergewise"}, keep=frozenset(finished))
+    journal = Journal(staging, fingerprint, seed, writer.shards, finished)
+    jobs = [job for job in plan.jobs if writer.weight_map[job.name] not in finished]
     total = sum(math.prod(job.shape) for job in plan.jobs)
     compile_kernels = options.compile if options.compile is not None else total >= COMPILE_MIN_PARAMETERS
     fused = plan.method.fused if total >= plan.method.fused_min_parameters else None
@@ -149,13 +189,15 @@ def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages
                    disable=options.quiet) as progress,
               ThreadPoolExecutor(1, thread_name_prefix="mergewise-prepare") as preparing):
             # Each tensor's whole-tensor statistics are gathered while the previous tensor merges.
-            upcoming = executor.prepare(plan.jobs[0], preparing) if plan.jobs else None
-            for index, job in enumerate(plan.jobs):
+            progress.update(total - sum(math.prod(job.shape) for job in jobs))  # finished before a resume
+            upcoming = executor.prepare(jobs[0], preparing) if jobs else None
+            for index, job in enumerate(jobs):
                 statistics = upcoming
-                if index + 1 < len(plan.jobs):
-                    upcoming = executor.prepare(plan.jobs[index + 1], preparing)
+                if index + 1 < len(jobs):
+                    upcoming = executor.prepare(jobs[index + 1], preparing)
                 progress.set_postfix_str(job.name, refresh=False)
                 executor.run(job, statistics, background)
+                background.after(journal.tensor_written, job.name)
                 progress.update(math.prod(job.shape))
         background.drain()
         writer.close()
@@ -191,6 +233,12 @@ class _BackgroundWrites:
         """Wait for every pending write (raising the first failure)."""
         while self._pending:
             self._pending.popleft().result()
+
+    def after(self, callback: Callable, *arguments) -> None:
+        """Run `callback` on the writer thread once every write submitted before it is done."""
+        if len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._thread.submit(callback, *arguments))
 
     def read_back(self, name: str) -> torch.Tensor:
         """A tensor as written, once its pending rows are on file."""

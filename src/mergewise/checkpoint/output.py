@@ -57,19 +57,26 @@ def check_output_location(out_dir: Path, inputs: list[Path], overwrite: bool, pr
 
 
 @contextmanager
-def staged_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_folder(out_dir: Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` atomically.
 
     One build per `out_dir` at a time: a lock file beside it is held (released by the kernel if the
     process dies). Staging folders carry their process id; those of processes that are gone (killed
     with SIGKILL, say) are removed when the next build of `out_dir` starts. A folder that appeared at
     `out_dir` during the build is never replaced without `overwrite`. The new folder's permissions
-    follow the umask, and its files are on disk before it is moved into place."""
+    follow the umask, and its files are on disk before it is moved into place. With `resume`, the
+    newest staging folder of a process that is gone is built on instead of a new one."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir.parent / f".{out_dir.name}.lock", out_dir):
-        _sweep_orphans(out_dir)
+        orphans = _orphans(out_dir)
+        staged = [folder for folder in orphans if folder.name.startswith(f".{out_dir.name}.partial-")]
+        adopted = max(staged, key=lambda folder: folder.stat().st_mtime) if resume and staged else None
+        for folder in orphans:
+            if folder != adopted:
+                shutil.rmtree(folder, ignore_errors=True)
         existed = out_dir.exists()
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
+        staging = adopted or Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-",
+                                                   dir=out_dir.parent))
         try:
             staging.chmod(0o777 & ~_umask())
             yield staging
@@ -78,7 +85,8 @@ def staged_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
                                      "it was left as it is")
             _sync(staging)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            if adopted is None:  # an adopted folder stays for the next --resume (its journal is consistent)
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         if out_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=out_dir.parent))
@@ -89,13 +97,15 @@ def staged_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
             staging.rename(out_dir)
 
 
-def _sweep_orphans(out_dir: Path) -> None:
-    """Remove staging and retired folders of `out_dir` whose process is gone."""
+def _orphans(out_dir: Path) -> list[Path]:
+    """Staging and retired folders of `out_dir` whose process is gone."""
+    found = []
     for folder in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
         kind, _, rest = folder.name.removeprefix(f".{out_dir.name}.").partition("-")
         pid = rest.partition("-")[0]
         if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+            found.append(folder)
+    return sorted(found)
 
 
 def _alive(pid: int) -> bool:

@@ -63,7 +63,8 @@ class StreamingShardWriter:
     """Lays tensors out into shards of at most `shard_size` bytes and accepts their rows in any order."""
 
     def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int,
-                 metadata: dict[str, str] | None = None, file_stem: str = "model"):
+                 metadata: dict[str, str] | None = None, file_stem: str = "model", keep: frozenset[str] = frozenset()):
+        """`keep`: shard files already complete in `folder` (a resumed merge), left as they are."""
         self.folder = folder
         self._slots: dict[str, _Slot] = {}
         shards = _assign_shards(tensors, shard_size)
@@ -71,13 +72,16 @@ class StreamingShardWriter:
         for index, shard in enumerate(shards, start=1):
             file_name = (f"{file_stem}.safetensors" if len(shards) == 1
                          else f"{file_stem}-{index:05d}-of-{len(shards):05d}.safetensors")
-            self._write_header(folder / file_name, shard, metadata or {})
+            self._write_header(folder / file_name, shard, metadata or {}, file_name not in keep)
             for tensor in shard:
                 self.weight_map[tensor.name] = file_name
+        self.shards: dict[str, list[str]] = {}
+        for name, file_name in self.weight_map.items():
+            self.shards.setdefault(file_name, []).append(name)
         self.total_size = sum(tensor.nbytes for tensor in tensors)
         self.single_file = len(shards) == 1
 
-    def _write_header(self, path: Path, shard: list[PlannedTensor], metadata: dict[str, str]) -> None:
+    def _write_header(self, path: Path, shard: list[PlannedTensor], metadata: dict[str, str], create: bool) -> None:
         header: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
         start = 0
         for tensor in shard:
@@ -87,10 +91,11 @@ class StreamingShardWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data must start 8-byte aligned
         data_start = 8 + len(encoded)
-        with open(path, "wb") as handle:
-            handle.write(struct.pack("<Q", len(encoded)))
-            handle.write(encoded)
-            handle.truncate(data_start + start)
+        if create:
+            with open(path, "wb") as handle:
+                handle.write(struct.pack("<Q", len(encoded)))
+                handle.write(encoded)
+                handle.truncate(data_start + start)
         for tensor in shard:
             row_bytes = tensor.nbytes // tensor.shape[0] if tensor.shape and tensor.shape[0] else 0
             self._slots[tensor.name] = _Slot(path, data_start, row_bytes, tensor)

@@ -17,6 +17,8 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="fuse the arithmetic with torch.compile (default: only for models of 2B+ parameters)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a killed merge into OUT_DIR: keep its finished shards, compute the rest")
     parser.add_argument("--strict", action="store_true",
                         help="NaN or infinity in a merged tensor is an error (default: a warning naming it)")
 
@@ -24,7 +26,8 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
 def merge_options(args: argparse.Namespace) -> dict:
     return {"device": args.device, "threads": args.threads, "shard_size": args.shard_size,
             "allow_pickle": args.allow_pickle, "overwrite": args.overwrite, "seed": args.seed,
-            "quiet": args.quiet, "compile": args.compile, "strict": args.strict}
+            "quiet": args.quiet, "compile": args.compile, "strict": args.strict,
+            "resume": args.resume}
 
 
 def register(subparsers) -> None:

@@ -1,0 +1,84 @@
+"""What a staged output holds for certain, so that a killed merge can be resumed (`--resume`).
+
+The journal sits in the staging folder: the fingerprint of the plan it is built from (recipe,
+input files, shard layout, version), the seed, and each finished shard with its SHA-256. A resumed
+merge keeps the shards whose hashes still verify and computes the rest; the random methods draw
+the same masks, since the seed is the recorded one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+from mergewise.errors import MergewiseError
+
+JOURNAL_FILE = ".mergewise-progress.json"
+
+
+class Journal:
+    def __init__(self, staging: Path, fingerprint: str, seed: int, shards: dict[str, list[str]],
+                 finished: dict[str, str] | None = None):
+        self.path = staging / JOURNAL_FILE
+        self.fingerprint = fingerprint
+        self.seed = seed
+        self.finished = dict(finished or {})
+        self._remaining = {file: set(names) for file, names in shards.items() if file not in self.finished}
+        self._shard_of = {name: file for file, names in shards.items() for name in names}
+        self._lock = threading.Lock()
+        self._save()
+
+    @staticmethod
+    def recorded(staging: Path, fingerprint: str) -> tuple[int, dict[str, str]] | None:
+        """(seed, the finished shards whose files still hash as recorded) of a staged output built
+        from the same plan; None when there is no journal there."""
+        path = staging / JOURNAL_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            recorded_fingerprint, seed, finished = data["fingerprint"], int(data["seed"]), dict(data["finished"])
+        except (ValueError, KeyError, TypeError):
+            raise MergewiseError(f"{path}: unreadable progress record; merge again without --resume") from None
+        if recorded_fingerprint != fingerprint:
+            raise MergewiseError(f"{staging}: was staged from another recipe, other inputs or another shard size; "
+                                 "merge again without --resume")
+        verified = {file: digest for file, digest in finished.items()
+                    if (staging / file).is_file() and _sha256(staging / file) == digest}
+        return seed, verified
+
+    def tensor_written(self, name: str) -> None:
+        """Called once every row of `name` is on file; a shard whose tensors are all written is
+        hashed and recorded, but the last one: the merge is done then, and hashing it would only
+        delay the output."""
+        file = self._shard_of[name]
+        with self._lock:
+            remaining = self._remaining.get(file)
+            if remaining is None:
+                return
+            remaining.discard(name)
+            if remaining:
+                return
+            del self._remaining[file]
+            if not self._remaining:
+                return
+        digest = _sha256(self.path.parent / file)
+        with self._lock:
+            self.finished[file] = digest
+            self._save()
+
+    def _save(self) -> None:
+        partial = self.path.with_suffix(".tmp")
+        partial.write_text(json.dumps({"fingerprint": self.fingerprint, "seed": self.seed, "finished": self.finished}))
+        os.replace(partial, self.path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
