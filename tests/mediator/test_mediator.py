@@ -5,6 +5,7 @@ test_mediator_analysis.)"""
 from __future__ import annotations
 
 import json
+import shutil
 import random
 from pathlib import Path
 
@@ -324,3 +325,73 @@ def test_an_aim_block_relaxes_the_dense_model_of_a_mediator_build(family, tmp_pa
     assert all(torch.equal(dense[name], relaxed[name]) for name in dense)
     assert not all(torch.equal(dense[name], read_state_dict(tmp_path / "merged")[name]) for name in dense)
     assert yaml.safe_load((summary.out_dir / "mergewise.yml").read_text())["aim"]["omega"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def indices_mediator_dir(family, tmp_path_factory):
+    """Experts stored as indices (density ≤ 1/16), where `mediator_dir` stores bit masks."""
+    root, built = family
+    out = tmp_path_factory.mktemp("mediator-indices") / "model"
+    build(recipe(root, built, memory_budget=2.0, density=0.05), out, quiet=True, seed=0)
+    return out
+
+
+def tampered_copy(mediator_dir: Path, tmp_path: Path, change) -> Path:
+    """A copy of the built Mediator folder whose experts file went through `change(tensors)`."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(mediator_dir, tmp_path / "tampered"))
+    experts = folder / "mediator" / "experts.safetensors"
+    tensors = load_file(experts)
+    change(tensors)
+    save_file(tensors, experts)
+    return folder
+
+
+def first_expert_tensor(tensors: dict, suffix: str) -> str:
+    return next(name for name in sorted(tensors) if name.startswith("merging/") and name.endswith(suffix))
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("index past the end", "indices must be ascending positions"),
+    ("negative index", "indices must be ascending positions"),
+    ("one value short", "values for"),
+    ("mask too short", "mask must be"),
+    ("nan value", "values must be one finite vector"),
+])
+def test_a_tampered_mediator_folder_is_one_clear_error(tamper, message, mediator_dir, indices_mediator_dir,
+                                                       tmp_path, capsys):
+    def change(tensors):
+        if tamper == "mask too short":
+            name = first_expert_tensor(tensors, ".mask")
+            tensors[name] = tensors[name][:-1].clone()
+            return
+        name = first_expert_tensor(tensors, ".indices")
+        values = name.removesuffix(".indices") + ".values"
+        if tamper == "index past the end":
+            tensors[name] = tensors[name].clone()
+            tensors[name][-1] = 1 << 30
+        elif tamper == "negative index":
+            tensors[name] = tensors[name].clone()
+            tensors[name][0] = -1
+        elif tamper == "one value short":
+            tensors[values] = tensors[values][:-1].clone()
+        else:
+            tensors[values] = tensors[values].clone()
+            tensors[values][0] = float("nan")
+
+    folder = tampered_copy(mediator_dir if tamper == "mask too short" else indices_mediator_dir, tmp_path, change)
+    for command in (["generate", str(folder), "--prompt", "one two three"],
+                    ["mediator", "export", str(folder), str(tmp_path / "out"), "--task", "merging"]):
+        error = cli_error(capsys, *command)
+        assert message in error and "experts.safetensors" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_router_of_other_tasks_is_refused(mediator_dir, tmp_path, capsys):
+    folder = Path(shutil.copytree(mediator_dir, tmp_path / "other-tasks"))
+    manifest_path = folder / "mediator" / "mediator.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["router"]["tasks"] = list(reversed(manifest["router"]["tasks"]))
+    manifest_path.write_text(json.dumps(manifest))
+    assert "are not the manifest's" in cli_error(capsys, "generate", str(folder), "--prompt", "one two")

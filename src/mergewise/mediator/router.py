@@ -189,6 +189,9 @@ class Router:
         if missing:
             raise MergewiseError(f"router tensors missing: {', '.join(missing)}")
         loaded = {name: tensors[name].float().cpu() for name in needed}
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in loaded.values()) or not (
+                math.isfinite(scalars[0]) and scalars[0] > 0):
+            raise MergewiseError("router values must be finite (and its temperature positive)")
         hidden = loaded["mean"].shape[-1]
         shapes = {"mean": (hidden,), "std": (hidden,), "prototypes": (len(tasks), hidden),
                   "weight": (len(tasks), hidden), "bias": (len(tasks),), "ood_thresholds": (len(tasks),),

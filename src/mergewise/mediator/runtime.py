@@ -64,7 +64,9 @@ class ExpertBank:
                                  if f"{task}/{name}.{suffix}" in stored.keys()}
                         if "values" not in parts:
                             raise MergewiseError(f"{path}: expert tensor {task}/{name}.values is missing")
-                        indices = flat_indices(parts, shapes[name].numel())
+                        if name not in shapes:
+                            raise MergewiseError(f"{path}: routed tensor {name} is not in the dense model")
+                        indices = flat_indices(parts, shapes[name].numel(), f"{path}: expert tensor {task}/{name}")
                         self.entries[task, name] = (indices.to(device), parts["values"].to(device))
         except (OSError, SafetensorError) as error:
             raise MergewiseError(f"{path}: cannot read sparse experts ({error})") from None
@@ -277,4 +279,8 @@ def load_router(folder: Path, manifest: dict) -> Router:
             tensors = {name: stored.get_tensor(name) for name in stored.keys()}
     except (OSError, SafetensorError) as error:
         raise MergewiseError(f"{path}: cannot read the router ({error})") from None
-    return Router.from_state(tensors, manifest["router"])
+    router = Router.from_state(tensors, manifest["router"])
+    if list(router.tasks) != list(manifest["tasks"]):
+        raise MergewiseError(f"{path}: the router's tasks {list(router.tasks)} are not the manifest's "
+                             f"{list(manifest['tasks'])}")
+    return router

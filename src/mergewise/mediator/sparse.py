@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from mergewise.errors import MergewiseError
 from mergewise.methods.sparsify import kept_count
 
 MASK_FROM_DENSITY = 1 / 16  # above it a bitmask (n/8 bytes) is smaller than int32 indices (4ρn bytes)
@@ -50,13 +51,33 @@ def decompose(residual: torch.Tensor, density: float, dtype: torch.dtype) -> tup
     return {"values": values.to(dtype), **position}, retained
 
 
-def flat_indices(stored: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
-    """Flat positions of the stored values, int32 while they fit (half the memory of int64)."""
+def flat_indices(stored: dict[str, torch.Tensor], numel: int, where: str = "expert tensor") -> torch.Tensor:
+    """Flat positions of the stored values, int32 while they fit (half the memory of int64), checked
+    against the format: a folder from elsewhere may hold anything."""
     dtype = torch.int32 if numel < 2**31 else torch.int64
+    values = stored["values"]
+    if values.dim() != 1 or not bool(torch.isfinite(values.float()).all()):
+        raise MergewiseError(f"{where}: values must be one finite vector")
     if "mask" in stored:
-        bits = np.unpackbits(stored["mask"].cpu().numpy(), count=numel).view(bool)
-        return torch.from_numpy(np.flatnonzero(bits)).to(dtype)
-    return stored["indices"].to(dtype)
+        mask = stored["mask"]
+        if mask.dtype != torch.uint8 or tuple(mask.shape) != ((numel + 7) // 8,):
+            raise MergewiseError(f"{where}: mask must be {(numel + 7) // 8} bytes for {numel} entries, "
+                                 f"got {mask.dtype} {list(mask.shape)}")
+        bits = np.unpackbits(mask.cpu().numpy(), count=numel).view(bool)
+        indices = torch.from_numpy(np.flatnonzero(bits)).to(dtype)
+    elif "indices" in stored:
+        indices = stored["indices"]
+        if indices.dim() != 1 or indices.is_floating_point() or indices.dtype == torch.bool:
+            raise MergewiseError(f"{where}: indices must be one integer vector")
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= numel
+                             or not bool((indices[1:] > indices[:-1]).all())):
+            raise MergewiseError(f"{where}: indices must be ascending positions in [0, {numel})")
+        indices = indices.to(dtype)
+    else:
+        raise MergewiseError(f"{where}: has neither indices nor a mask")
+    if len(indices) != len(values):
+        raise MergewiseError(f"{where}: {len(values)} values for {len(indices)} positions")
+    return indices
 
 
 def materialize(dense: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
