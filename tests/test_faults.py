@@ -20,14 +20,16 @@ from tests.support.tiny_models import read_state_dict
 # The child merges with every row write slowed down and announces its first write on stdout, so a
 # signal reliably lands in the middle of the merge.
 SLOW_MERGE = """
-import sys, time
+import os, sys, time
 from mergewise.checkpoint import writer
 write = writer.StreamingShardWriter.write
+announce_at = int(os.environ.get("ANNOUNCE_AT_WRITE", "1"))
+delay = float(os.environ.get("WRITE_DELAY", "0.02"))
 def slow(self, *args, **kwargs):
-    if not getattr(slow, "announced", False):
-        slow.announced = True
+    slow.count = getattr(slow, "count", 0) + 1
+    if slow.count == announce_at:
         print("writing", flush=True)
-    time.sleep(0.02)
+    time.sleep(delay)
     return write(self, *args, **kwargs)
 writer.StreamingShardWriter.write = slow
 from mergewise.cli import main
@@ -48,25 +50,28 @@ def leftovers(out_dir: Path) -> list[str]:
     return sorted(path.name for path in out_dir.parent.glob(f".{out_dir.name}.*"))
 
 
-def start_slow_merge(recipe: Path, out_dir: Path, **popen) -> subprocess.Popen:
+def start_slow_merge(recipe: Path, out_dir: Path, at_write: int = 1, delay: float = 0.02) -> subprocess.Popen:
     child = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out_dir), "--quiet"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "ANNOUNCE_AT_WRITE": str(at_write), "WRITE_DELAY": str(delay)})
     assert child.stdout.readline().strip() == "writing", child.stderr.read()
     return child
 
 
-def test_sigterm_mid_merge_cleans_up_like_ctrl_c(recipe, tmp_path):
+@pytest.mark.parametrize("at_write", [1, 8, 15])  # the first write, mid-merge, near the end
+def test_sigterm_mid_merge_cleans_up_like_ctrl_c(recipe, tmp_path, at_write):
     out_dir = tmp_path / "out"
-    child = start_slow_merge(recipe, out_dir)
+    child = start_slow_merge(recipe, out_dir, at_write)
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=60)
     assert child.returncode == 143 and stderr.strip().splitlines()[-1] == "error: terminated"
     assert not out_dir.exists() and leftovers(out_dir) == []
 
 
-def test_a_killed_merge_is_swept_by_the_next_one(recipe, tmp_path):
+@pytest.mark.parametrize("at_write", [1, 15])
+def test_a_killed_merge_is_swept_by_the_next_one(recipe, tmp_path, at_write):
     out_dir = tmp_path / "out"
-    child = start_slow_merge(recipe, out_dir)
+    child = start_slow_merge(recipe, out_dir, at_write)
     child.kill()
     child.communicate(timeout=60)
     assert [name.split("-")[0] for name in leftovers(out_dir)] == [".out.lock", ".out.partial"]  # SIGKILL leaves them
@@ -74,6 +79,17 @@ def test_a_killed_merge_is_swept_by_the_next_one(recipe, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert leftovers(out_dir) == [] and read_state_dict(out_dir)
+
+
+def test_a_second_merge_into_the_same_folder_is_refused_while_the_first_runs(recipe, tmp_path):
+    out_dir = tmp_path / "out"
+    first = start_slow_merge(recipe, out_dir, delay=0.5)  # ~10 s of writes: the second merge starts meanwhile
+    second = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--quiet"],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "another mergewise process is writing" in second.stderr, second.stderr
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert read_state_dict(out_dir) and leftovers(out_dir) == []
 
 
 def test_a_full_disk_is_one_error_line_and_leaves_nothing(recipe, tmp_path):

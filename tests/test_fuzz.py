@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import struct
 from pathlib import Path
 
@@ -37,6 +38,20 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fuzz-models")
     return {name: build_tiny_model("llama", root / name, seed=seed, num_layers=2)
             for seed, name in enumerate(("base", "a", "b"))}
+
+
+def run_cli(*argv: str) -> int:
+    """The command, failing the test rather than hanging it past a minute."""
+    def hung(signum, frame):
+        raise TimeoutError(f"mergewise {' '.join(argv)} ran past its time limit")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        return main(list(argv))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def outcome(capsys, status: int, out_dir: Path) -> None:
@@ -75,7 +90,7 @@ def test_fuzzed_recipes_end_in_a_merge_or_one_error_line(models, tmp_path_factor
         config = folder / "recipe.yml"
         config.write_text(yaml.safe_dump(recipe, allow_unicode=True))
         out_dir = folder / "out"
-        outcome(capsys, main(["merge", str(config), str(out_dir), "--quiet"]), out_dir)
+        outcome(capsys, run_cli("merge", str(config), str(out_dir), "--quiet"), out_dir)
 
     check()
 
@@ -86,7 +101,7 @@ def test_fuzzed_yaml_text_ends_in_one_error_line(tmp_path_factory, capsys):
     def check(text):
         folder = tmp_path_factory.mktemp("yaml")
         (folder / "recipe.yml").write_text(text)
-        outcome(capsys, main(["merge", str(folder / "recipe.yml"), str(folder / "out"), "--quiet"]), folder / "out")
+        outcome(capsys, run_cli("merge", str(folder / "recipe.yml"), str(folder / "out"), "--quiet"), folder / "out")
 
     check()
 
@@ -125,6 +140,6 @@ def test_fuzzed_safetensors_headers_end_in_a_merge_or_one_error_line(tmp_path_fa
         (model / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(data_size))
         recipe = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 1.0}}]}
         (folder / "recipe.yml").write_text(yaml.safe_dump(recipe))
-        outcome(capsys, main(["merge", str(folder / "recipe.yml"), str(folder / "out"), "--quiet"]), folder / "out")
+        outcome(capsys, run_cli("merge", str(folder / "recipe.yml"), str(folder / "out"), "--quiet"), folder / "out")
 
     check()
