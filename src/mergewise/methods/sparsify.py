@@ -17,8 +17,6 @@ from enum import Enum
 import numpy as np
 import torch
 
-from mergewise.methods import bf16_bits
-from mergewise.methods.sort_order import positions_in_range
 
 
 class Sparsification(str, Enum):
@@ -72,6 +70,8 @@ def magnitude_keys(inputs: torch.Tensor, base: torch.Tensor, descending: bool, o
     bf16 rows on the CPU take one fused pass.
     """
     if inputs.dtype == base.dtype == torch.bfloat16 and inputs.device.type == base.device.type == "cpu":
+        from mergewise.methods import bf16_bits  # numba: loaded by the merges that select, not by every merge
+
         bf16_bits.magnitude_keys(_bits(inputs), _bits(base), descending, out)
         return
     delta = inputs - base
@@ -127,6 +127,8 @@ def gather_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count:
         magnitude_keys(inputs, base, descending, keys[filled:filled + inputs.numel()])
         filled += inputs.numel()
     order = scratch.buffer("order", count, np.int32 if count < 2**31 else np.int64)
+    from mergewise.methods.sort_order import positions_in_range  # numba, as above
+
     return lambda: KeepBits(positions_in_range(keys, start, stop, order))
 
 
