@@ -40,6 +40,7 @@ from mergewise.checkpoint import (
     staged_folder,
     write_model_config,
 )
+from mergewise.chat_templates import resolve_chat_template, write_chat_template
 from mergewise.config import MergeConfig, Recipe, load_recipe
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
@@ -114,6 +115,8 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
     check_output_location(out_dir, [model.path for model in plan.models], options.overwrite, protected)
     device = resolve_device(options.device)
     shard_size = parse_size(options.shard_size)
+    chat_template = (resolve_chat_template(plan.config.chat_template, [model.path for model in plan.models])
+                     if plan.config.chat_template else None)
     if options.resume and any(stage.name == "mediator" for stage in stages):
         raise MergewiseError("--resume: a Mediator build cannot be resumed yet; build it again")
     threads = torch.get_num_threads()
@@ -133,6 +136,8 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
             (staging / JOURNAL_FILE).unlink()
             write_model_config(staging, plan.reference.config, _config_dtype(plan), plan.source_layers)
             copy_tokenizer(plan.tokenizer_source.path, staging)
+            if chat_template is not None:
+                write_chat_template(staging, chat_template)
             records = {stage.name: stage.finalize(staging) for stage in stages}
             _write_record(staging, plan, recipe, seed, options, records)
     finally:

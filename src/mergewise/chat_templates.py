@@ -1,0 +1,72 @@
+"""The output's chat template (`chat_template:` in a recipe, as in mergekit): a named format, `auto`
+(the template most of the input models share), or a Jinja template given as it is."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from mergewise.checkpoint.reader import inside_folder
+from mergewise.errors import MergewiseError
+
+NAMED = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+    "alpaca": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+        "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}"
+        "{% endif %}{% endfor %}"),
+}
+
+
+def resolve_chat_template(setting: str, models: list[Path]) -> str:
+    """The Jinja template a recipe's `chat_template` stands for; one error naming the setting if
+    it is neither a known name, `auto` with a template among the inputs, nor Jinja."""
+    if setting in NAMED:
+        return NAMED[setting]
+    if setting == "auto":
+        found = Counter(template for model in models if (template := model_chat_template(model)))
+        if not found:
+            raise MergewiseError("chat_template: auto, but none of the input models has a chat template")
+        return found.most_common(1)[0][0]
+    if "{{" in setting or "{%" in setting:
+        return setting
+    raise MergewiseError(f"chat_template: unknown template {setting!r} (use auto, {', '.join(NAMED)}, "
+                         "or a Jinja template)")
+
+
+def model_chat_template(folder: Path) -> str | None:
+    """A model folder's chat template: `chat_template.jinja`, else tokenizer_config.json's."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists() or jinja.is_symlink():
+        return inside_folder(jinja, folder, "chat template").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.exists() or config.is_symlink():
+        inside_folder(config, folder, "tokenizer config")
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError):
+            return None
+        return template if isinstance(template, str) else None
+    return None
+
+
+def write_chat_template(folder: Path, template: str) -> None:
+    """Give the output's tokenizer `template`: in chat_template.jinja, which transformers reads first,
+    and in tokenizer_config.json, for older readers."""
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config["chat_template"] = template
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
