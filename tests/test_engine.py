@@ -347,3 +347,17 @@ def test_a_scalar_tensor_is_merged_like_any_other(tiny_family, tmp_path):
         models.append({"model": str(folder), "parameters": {"weight": 0.5}})
     mergewise.merge({"merge_method": "linear", "models": models}, tmp_path / "out", quiet=True)
     assert load_file(tmp_path / "out" / "model.safetensors")["logit_scale"].item() == 3.0
+
+
+def test_the_output_has_a_model_card_unless_asked_not_to(tiny_family, tmp_path):
+    family = tiny_family("llama")
+    config = tmp_path / "ties.yml"
+    config.write_text(yaml.safe_dump(ties_recipe(family)))
+    assert main(["merge", str(config), str(tmp_path / "carded"), "--quiet"]) == 0
+    card = (tmp_path / "carded" / "README.md").read_text()
+    front_matter = yaml.safe_load(card.split("---\n")[1])
+    assert front_matter["library_name"] == "transformers" and "merge" in front_matter["tags"]
+    assert str(family.base) in front_matter["base_model"] and card.startswith("---\n")
+    assert "# carded" in card and "merge_method: ties" in card
+    assert main(["merge", str(config), str(tmp_path / "bare"), "--quiet", "--no-model-card"]) == 0
+    assert not (tmp_path / "bare" / "README.md").exists()

@@ -45,6 +45,7 @@ from mergewise.config import MergeConfig, Recipe, load_recipe
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.methods import ChunkedTensors, TensorRows
+from mergewise.model_card import write_model_card
 from mergewise.plan import MergePlan, TensorJob, build_plan
 from mergewise.stages import Stage, StageContext, recipe_stages
 
@@ -78,6 +79,7 @@ class MergeOptions:
     compile: bool | None = None  # fuse big row chunks with torch.compile; None: only for big models
     strict: bool = False  # NaN or infinity in a merged tensor is an error, not a warning
     resume: bool = False  # build on the staged output of a killed merge into the same folder
+    model_card: bool = True  # write README.md with Hub metadata and the recipe
 
 
 class NonFiniteWarning(RuntimeWarning):
@@ -140,6 +142,8 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
                 write_chat_template(staging, chat_template)
             records = {stage.name: stage.finalize(staging) for stage in stages}
             _write_record(staging, plan, recipe, seed, options, records)
+            if options.model_card:
+                write_model_card(staging, out_dir.name, plan, _recipe_record(plan, recipe))
     finally:
         for stage in stages:
             stage.close()
@@ -167,7 +171,7 @@ def _fingerprint(plan: MergePlan, recipe: Recipe | None, shard_size: int) -> str
 
     files = sorted({str(info.file) for model in plan.models for info in model.tensors.values()})
     described = {
-        "recipe": recipe.record() if recipe is not None else plan.config.model_dump(mode="json", exclude_none=True),
+        "recipe": _recipe_record(plan, recipe),
         "files": [(file, os.stat(file).st_size, os.stat(file).st_mtime_ns) for file in files],
         "tensors": [(job.name, list(job.shape), str(job.out_dtype)) for job in plan.jobs],
         "shard_size": shard_size,
@@ -397,6 +401,10 @@ def _config_dtype(plan: MergePlan) -> torch.dtype:
     return max(set(floating), key=floating.count) if floating else torch.float32
 
 
+def _recipe_record(plan: MergePlan, recipe: Recipe | None) -> dict:
+    return recipe.record() if recipe is not None else plan.config.model_dump(mode="json", exclude_none=True)
+
+
 def _write_record(folder: Path, plan: MergePlan, recipe: Recipe | None, seed: int, options: MergeOptions,
                   records: dict[str, Any]) -> None:
     """mergewise.yml: the recipe with model paths resolved, what else decides the result, and what
@@ -404,7 +412,7 @@ def _write_record(folder: Path, plan: MergePlan, recipe: Recipe | None, seed: in
     from mergewise import __version__
 
     record = {
-        "recipe": recipe.record() if recipe is not None else plan.config.model_dump(mode="json", exclude_none=True),
+        "recipe": _recipe_record(plan, recipe),
         "resolved_models": {str(model.path.name): str(model.path) for model in plan.models},
         "seed": seed,
         "mergewise_version": __version__,

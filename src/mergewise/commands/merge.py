@@ -17,6 +17,8 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="fuse the arithmetic with torch.compile (default: only for models of 2B+ parameters)")
+    parser.add_argument("--no-model-card", dest="model_card", action="store_false",
+                        help="do not write README.md (a model card with Hub metadata and the recipe)")
     parser.add_argument("--resume", action="store_true",
                         help="continue a killed merge into OUT_DIR: keep its finished shards, compute the rest")
     parser.add_argument("--strict", action="store_true",
@@ -27,7 +29,7 @@ def merge_options(args: argparse.Namespace) -> dict:
     return {"device": args.device, "threads": args.threads, "shard_size": args.shard_size,
             "allow_pickle": args.allow_pickle, "overwrite": args.overwrite, "seed": args.seed,
             "quiet": args.quiet, "compile": args.compile, "strict": args.strict,
-            "resume": args.resume}
+            "resume": args.resume, "model_card": args.model_card}
 
 
 def register(subparsers) -> None:
