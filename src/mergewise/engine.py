@@ -41,6 +41,7 @@ from mergewise.checkpoint import (
     write_model_config,
 )
 from mergewise.chat_templates import resolve_chat_template, write_chat_template
+from mergewise.checkpoint.hub import revision_of
 from mergewise.config import MergeConfig, Recipe, load_recipe
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
@@ -401,6 +402,12 @@ def _config_dtype(plan: MergePlan) -> torch.dtype:
     return max(set(floating), key=floating.count) if floating else torch.float32
 
 
+def _resolved(folder: Path) -> str:
+    """Where a model was read from; for a Hub snapshot, with the commit it holds."""
+    revision = revision_of(folder)
+    return f"{folder} (commit {revision})" if revision else str(folder)
+
+
 def _recipe_record(plan: MergePlan, recipe: Recipe | None) -> dict:
     return recipe.record() if recipe is not None else plan.config.model_dump(mode="json", exclude_none=True)
 
@@ -413,7 +420,7 @@ def _write_record(folder: Path, plan: MergePlan, recipe: Recipe | None, seed: in
 
     record = {
         "recipe": _recipe_record(plan, recipe),
-        "resolved_models": {str(model.path.name): str(model.path) for model in plan.models},
+        "resolved_models": {model.reference: _resolved(model.path) for model in plan.models},
         "seed": seed,
         "mergewise_version": __version__,
         "torch_version": str(torch.__version__),

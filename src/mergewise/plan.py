@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from mergewise.checkpoint import ModelFolder
+from mergewise.checkpoint import TOKENIZER_FILES, ModelFolder
+from mergewise.checkpoint.hub import hub_snapshot, is_hub_id
 from mergewise.config import ConditionalParameter, MergeConfig, OutputSlice
 from mergewise.errors import MergewiseError
 from mergewise.methods import BasePolicy, MergeMethod, Parameter, get_method
@@ -110,16 +111,21 @@ class Planner:
                                  "supported; merge the adapter into the model first")
         if reference not in self._models:
             self._models[reference] = ModelFolder(self._locate(reference, key), allow_pickle=self.allow_pickle)
+            self._models[reference].reference = reference
         return self._models[reference]
 
     def _locate(self, reference: str, key: str) -> Path:
+        """A local folder (relative to the recipe's folder, else the working folder), else a Hub id
+        resolved through the Hugging Face cache."""
         path = Path(reference).expanduser()
         candidates = [path] if path.is_absolute() else [self.config_dir / path, Path.cwd() / path]
         for candidate in candidates:
             if candidate.is_dir():
                 return candidate.resolve()
-        raise MergewiseError(f"{key}: model folder not found: {reference} (mergewise reads local "
-                             "Hugging Face folders; download hub models first)")
+        if is_hub_id(reference):
+            return hub_snapshot(reference, key, TOKENIZER_FILES, allow_pickle=self.allow_pickle)
+        raise MergewiseError(f"{key}: model folder not found: {reference} (a local folder, or a Hub id "
+                             "such as org/name or org/name@revision)")
 
     # -------------------------------------------------------------------------- parameters
     def _check_parameter_names(self) -> None:

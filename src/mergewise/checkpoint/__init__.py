@@ -3,6 +3,7 @@
 from mergewise.checkpoint.journal import JOURNAL_FILE, Journal
 from mergewise.checkpoint.output import (
     RECORD_FILE,
+    TOKENIZER_FILES,
     check_output_location,
     copy_tokenizer,
     staged_folder,
@@ -12,6 +13,6 @@ from mergewise.checkpoint.reader import ModelFolder, TensorInfo
 from mergewise.checkpoint.writer import PlannedTensor, StreamingShardWriter, parse_size
 
 __all__ = [
-    "JOURNAL_FILE", "RECORD_FILE", "Journal", "ModelFolder", "PlannedTensor", "StreamingShardWriter", "TensorInfo", "check_output_location",
+    "JOURNAL_FILE", "RECORD_FILE", "TOKENIZER_FILES", "Journal", "ModelFolder", "PlannedTensor", "StreamingShardWriter", "TensorInfo", "check_output_location",
     "copy_tokenizer", "parse_size", "staged_folder", "write_model_config",
 ]

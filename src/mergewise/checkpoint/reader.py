@@ -91,6 +91,7 @@ class ModelFolder:
         self.config = self._read_config()
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self._allow_pickle = allow_pickle
+        self.reference = str(self.path)  # how a recipe named it (a path, or a Hub id)
         self.tensors: dict[str, TensorInfo] = self._index_weights()
 
     def __repr__(self) -> str:
