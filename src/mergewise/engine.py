@@ -170,7 +170,7 @@ def _fingerprint(plan: MergePlan, recipe: Recipe | None, shard_size: int) -> str
     """What decides the output's bytes, but the seed: recipe, input files, layout, version."""
     from mergewise import __version__
 
-    files = sorted({str(info.file) for model in plan.models for info in model.tensors.values()})
+    files = sorted({str(file) for model in plan.models for file in model.source_files()})
     described = {
         "recipe": _recipe_record(plan, recipe),
         "files": [(file, os.stat(file).st_size, os.stat(file).st_mtime_ns) for file in files],

@@ -16,6 +16,7 @@ import torch
 
 from mergewise.checkpoint import TOKENIZER_FILES, ModelFolder
 from mergewise.checkpoint.hub import hub_snapshot, is_hub_id
+from mergewise.checkpoint.lora import ADAPTER_FILES, AdaptedFolder
 from mergewise.config import ConditionalParameter, MergeConfig, OutputSlice
 from mergewise.errors import MergewiseError
 from mergewise.methods import BasePolicy, MergeMethod, Parameter, get_method
@@ -106,24 +107,32 @@ class Planner:
 
     # ------------------------------------------------------------------------------ models
     def model(self, reference: str, key: str) -> ModelFolder:
-        if "+" in reference and not Path(reference).exists():
-            raise MergewiseError(f"{key}: {reference!r}: LoRA references (model+adapter) are not "
-                                 "supported; merge the adapter into the model first")
         if reference not in self._models:
-            self._models[reference] = ModelFolder(self._locate(reference, key), allow_pickle=self.allow_pickle)
-            self._models[reference].reference = reference
+            model, plus, adapter = reference.partition("+")
+            if plus and not self._exists(reference):  # mergekit's model+adapter: a PEFT LoRA on the model
+                folder = AdaptedFolder(self._locate(model, key), self._locate(adapter, f"{key} (adapter)", ADAPTER_FILES),
+                                       allow_pickle=self.allow_pickle)
+            else:
+                folder = ModelFolder(self._locate(reference, key), allow_pickle=self.allow_pickle)
+            folder.reference = reference
+            self._models[reference] = folder
         return self._models[reference]
 
-    def _locate(self, reference: str, key: str) -> Path:
+    def _candidates(self, reference: str) -> list[Path]:
+        path = Path(reference).expanduser()
+        return [path] if path.is_absolute() else [self.config_dir / path, Path.cwd() / path]
+
+    def _exists(self, reference: str) -> bool:
+        return any(candidate.is_dir() for candidate in self._candidates(reference))
+
+    def _locate(self, reference: str, key: str, files: tuple[str, ...] = TOKENIZER_FILES) -> Path:
         """A local folder (relative to the recipe's folder, else the working folder), else a Hub id
         resolved through the Hugging Face cache."""
-        path = Path(reference).expanduser()
-        candidates = [path] if path.is_absolute() else [self.config_dir / path, Path.cwd() / path]
-        for candidate in candidates:
+        for candidate in self._candidates(reference):
             if candidate.is_dir():
                 return candidate.resolve()
         if is_hub_id(reference):
-            return hub_snapshot(reference, key, TOKENIZER_FILES, allow_pickle=self.allow_pickle)
+            return hub_snapshot(reference, key, files, allow_pickle=self.allow_pickle)
         raise MergewiseError(f"{key}: model folder not found: {reference} (a local folder, or a Hub id "
                              "such as org/name or org/name@revision)")
 

@@ -176,6 +176,10 @@ class ModelFolder:
                 tensors[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file)
         return tensors
 
+    def source_files(self) -> list[Path]:
+        """The files the weights are read from (what decides them)."""
+        return sorted({info.file for info in self.tensors.values()})
+
     # ------------------------------------------------------------------------------------ reads
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """The tensor `name`, or only its rows `rows` (first axis), copied from disk now into memory

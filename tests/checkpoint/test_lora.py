@@ -1,0 +1,56 @@
+"""`model+adapter` paths: a PEFT LoRA applied while streaming equals PEFT's own merge_and_unload."""
+
+from __future__ import annotations
+
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import mergewise
+from mergewise.cli import main
+from tests.support.tiny_models import build_tiny_model, read_state_dict
+
+
+def build_adapter(base, folder, *, rank: int = 4, seed: int = 0, **options):
+    """A LoRA on q/v of `base` with random (not zero) B factors, and the weights PEFT merges it into."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
+                                                  **options))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    peft_model.save_pretrained(folder)
+    return {name: tensor for name, tensor in peft_model.merge_and_unload().state_dict().items()}
+
+
+def test_a_lora_path_merges_as_peft_merges_it(tmp_path):
+    base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=2)
+    for rslora in (False, True):
+        adapter = tmp_path / f"adapter-{rslora}"
+        expected = build_adapter(base, adapter, use_rslora=rslora)
+        recipe = {"merge_method": "linear", "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}
+        out = tmp_path / f"out-{rslora}"
+        mergewise.merge(recipe, out, quiet=True)
+        merged = read_state_dict(out)
+        changed = [name for name in merged if "q_proj" in name or "v_proj" in name]
+        assert changed and not torch.equal(merged[changed[0]], read_state_dict(base)[changed[0]])
+        for name, tensor in merged.items():
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapter_of_another_model_is_one_error_line(tmp_path, capsys):
+    base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=2)
+    wider = build_tiny_model("llama", tmp_path / "wider", dtype=torch.float32, num_layers=2, hidden_size=128,
+                             intermediate_size=256)
+    build_adapter(wider, tmp_path / "adapter")
+    config = tmp_path / "recipe.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": f"{base}+{tmp_path / 'adapter'}", "parameters": {"weight": 1.0}}]}))
+    capsys.readouterr()  # the models' build
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "do not fit" in error and "q_proj" in error
+    assert not (tmp_path / "out").exists()
