@@ -54,3 +54,22 @@ def test_an_adapter_of_another_model_is_one_error_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "do not fit" in error and "q_proj" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_on_gpt2_conv1d_weights_merges_as_peft_merges_it(tmp_path):
+    """GPT-2 stores its projections as (in, out): PEFT's fan_in_fan_out layout."""
+    base = build_tiny_model("gpt2", tmp_path / "base", dtype=torch.float32, num_layers=2)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = peft_model.merge_and_unload().state_dict()
+    recipe = {"merge_method": "linear", "models": [{"model": f"{base}+{tmp_path / 'adapter'}",
+                                                    "parameters": {"weight": 1.0}}]}
+    mergewise.merge(recipe, tmp_path / "out", quiet=True)
+    for name, tensor in read_state_dict(tmp_path / "out").items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
