@@ -52,12 +52,16 @@ def recipe(root: Path, family, **mediator) -> dict:
             "mediator": {"experts": experts, **mediator}}
 
 
-@pytest.fixture(scope="module")
-def mediator_dir(family, tmp_path_factory):
+def built_mediator(family, tmp_path_factory, density: float) -> Path:
     root, built = family
     out = tmp_path_factory.mktemp("mediator-out") / "model"
-    build(recipe(root, built, memory_budget=2.0, density=0.25), out, quiet=True, seed=0)
+    build(recipe(root, built, memory_budget=2.0, density=density), out, quiet=True, seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def mediator_dir(family, tmp_path_factory):
+    return built_mediator(family, tmp_path_factory, 0.25)
 
 
 # ------------------------------------------------------------------------------------------ sparse
@@ -330,10 +334,7 @@ def test_an_aim_block_relaxes_the_dense_model_of_a_mediator_build(family, tmp_pa
 @pytest.fixture(scope="module")
 def indices_mediator_dir(family, tmp_path_factory):
     """Experts stored as indices (density ≤ 1/16), where `mediator_dir` stores bit masks."""
-    root, built = family
-    out = tmp_path_factory.mktemp("mediator-indices") / "model"
-    build(recipe(root, built, memory_budget=2.0, density=0.05), out, quiet=True, seed=0)
-    return out
+    return built_mediator(family, tmp_path_factory, 0.05)
 
 
 def tampered_copy(mediator_dir: Path, tmp_path: Path, change) -> Path:
