@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,3 +192,19 @@ def test_resume_refuses_a_staged_merge_of_another_recipe(recipe, tmp_path):
     done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--resume",
                            "--quiet"], capture_output=True, text=True, timeout=120)  # the staged work was kept
     assert done.returncode == 0 and leftovers(out_dir) == [], done.stderr
+
+
+def test_an_unwritable_parent_is_one_error_line(recipe, tmp_path):
+    """Root ignores permission bits, so the parent is made immutable (chattr +i) instead."""
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(parent)]).returncode != 0:
+        pytest.skip("no chattr, or a file system without the immutable attribute")
+    try:
+        done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(parent / "out"),
+                               "--quiet"], capture_output=True, text=True, timeout=120)
+    finally:
+        subprocess.run(["chattr", "-i", str(parent)])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert str(parent) in lines[0] and list(parent.iterdir()) == []
