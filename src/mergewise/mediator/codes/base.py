@@ -1,0 +1,102 @@
+"""What a residual code is: how an expert's residual r = θ_t − D is stored, and read back row by row.
+
+A code sees a residual as a matrix (first axis × the rest flattened; a vector is one row). `encode`
+gets the whole matrix in float32 and returns the stored parts; `decode` gets the parts of a row range
+(`Part.per_row` parts sliced to those rows, the others whole) and returns those rows in float32, so
+serving and export rebuild a tensor a row chunk at a time. `layout` gives every part's shape and
+dtype before anything is encoded: the stored bytes the memory budget counts are exactly those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from mergewise.errors import MergewiseError
+
+BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # first entry in the high bit
+
+
+@dataclass(frozen=True)
+class Part:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    per_row: bool = True  # its first axis runs over the residual's rows
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+Stored = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ResidualCode:
+    """`level` is the code's one size knob (a sparse code's density, a low-rank code's rank); codes
+    without one ignore it."""
+
+    name: str
+    layout: Callable[[int, int, torch.dtype, float | None], dict[str, Part]]
+    encode: Callable[[torch.Tensor, torch.dtype, float | None], Stored]
+    decode: Callable[[Stored, int], torch.Tensor]
+    check: Callable[[Stored, int, str], None] = lambda stored, columns, where: None  # values a layout cannot see
+    row_local: bool = True  # encoding a row chunk alone gives that chunk's stored rows
+    lossless: bool = False
+
+    def stored_bytes(self, rows: int, columns: int, dtype: torch.dtype, level: float | None) -> int:
+        return sum(part.nbytes for part in self.layout(rows, columns, dtype, level).values())
+
+    def validate(self, stored: Stored, rows: int, columns: int, dtype: torch.dtype, level: float | None,
+                 where: str) -> None:
+        """A folder from elsewhere may hold anything: every part present, of its exact shape and dtype,
+        and its values within range, before any of it is decoded."""
+        layout = self.layout(rows, columns, dtype, level)
+        for suffix, part in layout.items():
+            tensor = stored.get(suffix)
+            if tensor is None:
+                raise MergewiseError(f"{where}.{suffix} is missing")
+            if tensor.dtype != part.dtype or tuple(tensor.shape) != part.shape:
+                raise MergewiseError(f"{where}.{suffix} must be {part.dtype} {list(part.shape)}, "
+                                     f"got {tensor.dtype} {list(tensor.shape)}")
+            if part.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+                raise MergewiseError(f"{where}.{suffix} holds NaN or infinite values")
+        extra = sorted(set(stored) - set(layout))
+        if extra:
+            raise MergewiseError(f"{where}.{extra[0]} is not part of a {self.name} expert")
+        self.check(stored, columns, where)
+
+
+def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(1, -1) if tensor.dim() < 2 else tensor.reshape(tensor.shape[0], -1)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    return shape[0], math.prod(shape[1:])
+
+
+def packed_width(columns: int) -> int:
+    return (columns + 7) // 8
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Rows of booleans → rows of uint8, eight entries a byte (padding bits are zero)."""
+    rows, columns = bits.shape
+    padded = torch.zeros((rows, packed_width(columns) * 8), dtype=torch.uint8, device=bits.device)
+    padded[:, :columns] = bits
+    return (padded.view(rows, -1, 8) * BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """The inverse of `pack_bits`: rows of bool, `columns` wide."""
+    bits = (packed[..., None] & BIT_WEIGHTS.to(packed.device)) != 0
+    return bits.reshape(packed.shape[0], -1)[:, :columns]
+
+
+def row_sums(values: torch.Tensor) -> torch.Tensor:
+    return values.sum(-1, keepdim=True, dtype=torch.float64).float()

@@ -1,0 +1,180 @@
+"""Residual codes: encode/decode, their exact storage, row-chunk decoding, the auto allocation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergewise.errors import MergewiseError
+from mergewise.mediator.allocation import RoutedTensor, allocate, unit_cost
+from mergewise.mediator.codes import CODES, get_code
+from mergewise.mediator.codes.base import pack_bits, unpack_bits
+
+LEVELS = {"sparse": 0.25, "lowrank": 4, "sign1": None, "sign2": None, "full": None}
+
+
+def residual(rows: int = 24, columns: int = 37, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, columns, generator=generator) * torch.rand(rows, 1, generator=generator)
+
+
+def kept_share(code_name: str, matrix: torch.Tensor, level=None) -> float:
+    code = get_code(code_name)
+    decoded = code.decode(code.encode(matrix, torch.float32, level), matrix.shape[1])
+    return 1 - float((matrix - decoded).square().sum() / matrix.square().sum())
+
+
+@pytest.mark.parametrize("name", sorted(CODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stored_parts_are_exactly_the_layout(name, dtype):
+    code, matrix = CODES[name], residual()
+    stored = code.encode(matrix, dtype, LEVELS[name])
+    layout = code.layout(*matrix.shape, dtype, LEVELS[name])
+    assert set(stored) == set(layout)
+    for suffix, part in layout.items():
+        assert stored[suffix].dtype == part.dtype and tuple(stored[suffix].shape) == part.shape
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == code.stored_bytes(*matrix.shape, dtype,
+                                                                                            LEVELS[name])
+    code.validate(stored, *matrix.shape, dtype, LEVELS[name], "expert")
+
+
+@pytest.mark.parametrize("name", sorted(CODES))
+def test_decoding_row_chunks_gives_the_rows_of_the_whole(name):
+    code, matrix = CODES[name], residual(rows=30)
+    stored = code.encode(matrix, torch.float32, LEVELS[name])
+    whole = code.decode(stored, matrix.shape[1])
+    layout = code.layout(*matrix.shape, torch.float32, LEVELS[name])
+    for rows in (slice(0, 7), slice(7, 8), slice(8, 30)):
+        parts = {suffix: tensor[rows] if layout[suffix].per_row else tensor for suffix, tensor in stored.items()}
+        assert torch.equal(code.decode(parts, matrix.shape[1]), whole[rows])
+    if code.row_local:  # encoding a chunk alone gives the chunk's parts
+        alone = code.encode(matrix[8:30], torch.float32, LEVELS[name])
+        assert all(torch.equal(alone[suffix], stored[suffix][8:30]) for suffix in stored)
+
+
+def test_sign1_scale_is_the_closed_form_l2_optimum():
+    matrix = residual()
+    stored = get_code("sign1").encode(matrix, torch.float32, None)
+    torch.testing.assert_close(stored["scale"][:, 0], matrix.abs().mean(-1), rtol=1e-6, atol=0)
+    decoded = get_code("sign1").decode(stored, matrix.shape[1])
+    assert torch.equal(torch.sign(decoded), torch.where(matrix < 0, -1.0, 1.0))
+    # any other scale of the same signs is worse
+    for factor in (0.9, 1.1):
+        assert (matrix - factor * decoded).square().sum() > (matrix - decoded).square().sum()
+    # it keeps (Σ|r|)²/n of each row's ‖r‖²
+    expected = float((matrix.abs().sum(-1).square() / matrix.shape[1]).sum() / matrix.square().sum())
+    assert kept_share("sign1", matrix) == pytest.approx(expected, rel=1e-5)
+
+
+def test_two_bits_keep_more_than_one_and_sign2_levels_average_their_groups():
+    matrix = residual()
+    assert kept_share("sign2", matrix) > kept_share("sign1", matrix) > 0.5
+    stored = get_code("sign2").encode(matrix, torch.float32, None)
+    high = unpack_bits(stored["high"], matrix.shape[1])
+    for row in range(matrix.shape[0]):
+        magnitudes = matrix[row].abs()
+        torch.testing.assert_close(stored["levels"][row, 1], magnitudes[high[row]].mean(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(stored["levels"][row, 0], magnitudes[~high[row]].mean(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name, level", [("full", None), ("sparse", 1.0), ("lowrank", 37)])
+def test_lossless_cases_are_exact(name, level):
+    generator = torch.Generator().manual_seed(3)
+    dense = torch.randn(24, 37, generator=generator).to(torch.bfloat16)
+    expert = (dense.float() + 0.01 * torch.randn(24, 37, generator=generator)).to(torch.bfloat16)
+    code = get_code(name)
+    stored = code.encode(expert.float() - dense.float(), torch.float32, level)
+    rebuilt = (dense.float() + code.decode(stored, 37)).to(torch.bfloat16)
+    if name == "lowrank":  # a full-rank SVD is exact up to float32 rounding
+        torch.testing.assert_close(rebuilt.float(), expert.float(), rtol=0, atol=1e-2)
+    else:
+        assert torch.equal(rebuilt, expert)
+
+
+def test_sparse_keeps_the_largest_entries_of_each_row():
+    matrix = residual()
+    stored = get_code("sparse").encode(matrix, torch.float32, 0.25)
+    kept = stored["indices"].long()
+    assert kept.shape[1] == int(0.25 * 37)
+    threshold = matrix.abs().gather(1, kept).min(-1).values
+    dropped = torch.ones_like(matrix, dtype=torch.bool).scatter_(1, kept, False)
+    assert bool((matrix.abs()[dropped].reshape(24, -1) <= threshold[:, None]).all())
+    assert torch.equal(stored["values"], matrix.gather(1, kept))
+
+
+@pytest.mark.parametrize("columns", [1, 7, 8, 9, 64, 65])
+def test_bits_round_trip(columns):
+    bits = torch.rand(5, columns, generator=torch.Generator().manual_seed(columns)) > 0.5
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (columns + 7) // 8)
+    assert torch.equal(unpack_bits(packed, columns), bits)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda stored: stored.pop("scale"), "scale is missing"),
+    (lambda stored: stored.update(scale=stored["scale"][:-1]), "scale must be"),
+    (lambda stored: stored.update(signs=stored["signs"].to(torch.int16)), "signs must be torch.uint8"),
+    (lambda stored: stored.update(scale=torch.full_like(stored["scale"], float("inf"))), "NaN or infinite"),
+    (lambda stored: stored.update(extra=torch.zeros(1)), "extra is not part of a sign1 expert"),
+])
+def test_tampered_parts_are_named(change, message):
+    code, matrix = get_code("sign1"), residual()
+    stored = code.encode(matrix, torch.float32, None)
+    change(stored)
+    with pytest.raises(MergewiseError, match=message):
+        code.validate(stored, *matrix.shape, torch.float32, None, "experts.safetensors: expert tensor t/w")
+
+
+def test_sparse_indices_out_of_range_or_unordered_are_refused():
+    code, matrix = get_code("sparse"), residual()
+    for position, value in (((0, -1), 40), ((1, 0), -1), ((2, 0), 36)):
+        stored = code.encode(matrix, torch.float32, 0.25)
+        stored["indices"] = stored["indices"].clone()
+        stored["indices"][position] = value
+        with pytest.raises(MergewiseError, match="ascending column positions"):
+            code.validate(stored, *matrix.shape, torch.float32, 0.25, "expert")
+
+
+def test_unknown_code_is_named():
+    with pytest.raises(MergewiseError, match="unknown residual code 'int3'"):
+        get_code("int3")
+
+
+# ------------------------------------------------------------------------------------- allocation
+def units_of(sizes: dict[str, int]) -> dict[str, list[RoutedTensor]]:
+    return {unit: [RoutedTensor(f"{unit}.weight", (rows, 64), torch.bfloat16), RoutedTensor(f"{unit}.norm", (64,),
+                                                                                            torch.bfloat16)]
+            for unit, rows in sizes.items()}
+
+
+def test_allocation_never_exceeds_the_budget_and_uses_it_well():
+    units = units_of({f"layers.{index}": 32 * (index + 1) for index in range(6)})
+    options = [("sign1", None), ("sign2", None), ("sparse", 0.25)]
+    generator = torch.Generator().manual_seed(0)
+    gains = {(unit, option): float(torch.rand(1, generator=generator)) * (1 + index) * unit_cost(units[unit], *option, 2)
+             for unit in units for index, option in enumerate(options)}
+    everything = sum(max(unit_cost(units[unit], *option, 2) for option in options) for unit in units)
+    for share in (0.0, 0.05, 0.2, 0.5, 1.0):
+        allocation = allocate(units, options, gains, share * everything, 2)
+        spent = sum(unit_cost(units[unit], *option, 2) for unit, option in allocation.choices.items())
+        assert spent == allocation.stored_bytes <= share * everything
+    best = allocate(units, options, gains, everything, 2)
+    assert len(best.choices) == len(units)  # with room for everything every unit takes its best option
+    assert all(gains[unit, option] == max(gains[unit, other] for other in options)
+               for unit, option in best.choices.items())
+
+
+def test_allocation_prefers_the_option_with_more_gain_per_byte():
+    units = units_of({"a": 64, "b": 64})
+    options = [("sign1", None), ("sign2", None)]
+    cost = {option: unit_cost(units["a"], *option, 1) for option in options}
+    gains = {("a", ("sign1", None)): 0.9, ("a", ("sign2", None)): 0.95,
+             ("b", ("sign1", None)): 0.5, ("b", ("sign2", None)): 1.0}
+    allocation = allocate(units, options, gains, cost[("sign1", None)] + cost[("sign2", None)], 1)
+    assert allocation.choices == {"a": ("sign1", None), "b": ("sign2", None)}
+
+
+def test_vectors_are_stored_whole():
+    vector = RoutedTensor("model.norm.weight", (64,), torch.bfloat16)
+    assert vector.option("sign1", None) == ("full", None)
+    assert vector.stored_bytes("sign1", None) == 64 * 4
