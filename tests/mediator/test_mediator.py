@@ -1,6 +1,6 @@
-"""Mediator end to end on tiny models: sparse storage, build, the routed runtime, export, eval and
-the CLI, and the recipe errors. (Router maths: test_mediator_router; conflict maths:
-test_mediator_analysis.)"""
+"""Mediator end to end on tiny models: build, the stored experts, the routed runtime (in-place
+switching), export, eval and the CLI, and the recipe and folder errors. (Codes and allocation:
+test_mediator_codes; router maths: test_mediator_router; conflict maths: test_mediator_analysis.)"""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import mergewise
 from mergewise.cli import main
 from mergewise.errors import MergewiseError
 from mergewise.mediator.build import build
+from mergewise.mediator.codes import get_code, matrix_shape
 from mergewise.mediator.runtime import load
-from mergewise.mediator.sparse import decompose, flat_indices, materialize, stored_bytes, uses_mask
 from tests.support.tiny_models import build_family, build_tiny_model, read_state_dict
 
 # Three prompt styles built from the tiny tokenizer's vocabulary, so their features separate.
@@ -52,91 +52,92 @@ def recipe(root: Path, family, **mediator) -> dict:
             "mediator": {"experts": experts, **mediator}}
 
 
-def built_mediator(family, tmp_path_factory, density: float) -> Path:
+def built_mediator(family, tmp_path_factory, **mediator) -> Path:
     root, built = family
     out = tmp_path_factory.mktemp("mediator-out") / "model"
-    build(recipe(root, built, memory_budget=2.0, density=density), out, quiet=True, seed=0)
+    build(recipe(root, built, **mediator), out, quiet=True, seed=0)
     return out
 
 
 @pytest.fixture(scope="module")
 def mediator_dir(family, tmp_path_factory):
-    return built_mediator(family, tmp_path_factory, 0.25)
+    """The default build: `code: auto` within a budget of 1.5."""
+    return built_mediator(family, tmp_path_factory)
 
 
-# ------------------------------------------------------------------------------------------ sparse
-@pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
-def test_sparse_residual_round_trip(density):
-    generator = torch.Generator().manual_seed(0)
-    dense = torch.randn(64, 48, generator=generator)
-    expert = dense + 0.1 * torch.randn(64, 48, generator=generator)
-    stored, retained = decompose(expert - dense, density, torch.float32)
-    assert ("mask" in stored) == uses_mask(density)
-    assert sum(t.numel() * t.element_size() for t in stored.values()) == stored_bytes(dense.numel(), density, torch.float32)
-    indices = flat_indices(stored, dense.numel())
-    rebuilt = materialize(dense, [(indices, stored["values"], 1.0)])
-    residual = (expert - dense).reshape(-1)
-    kept = residual.abs() >= residual.abs().kthvalue(residual.numel() - indices.numel() + 1).values
-    assert torch.equal(torch.sort(indices).values, torch.nonzero(kept).reshape(-1))
-    assert retained == pytest.approx(float(residual[indices].square().sum() / residual.square().sum()))
-    if density == 1.0:  # exact decomposition: θ = D + S
-        torch.testing.assert_close(rebuilt, expert, rtol=0, atol=1e-6)
-        assert retained == pytest.approx(1.0)
+@pytest.fixture(scope="module")
+def sparse_mediator_dir(family, tmp_path_factory):
+    return built_mediator(family, tmp_path_factory, memory_budget=2.0, code="sparse", density=0.25)
 
 
-def test_blend_is_weighted_sum_of_residuals():
-    dense = torch.zeros(10)
-    first = (torch.arange(3), torch.tensor([1.0, 2.0, 3.0]), 0.25)
-    second = (torch.tensor([2, 9]), torch.tensor([4.0, 8.0]), 0.75)
-    expected = torch.tensor([0.25, 0.5, 0.75 + 3.0, 0, 0, 0, 0, 0, 0, 6.0])
-    torch.testing.assert_close(materialize(dense, [first, second]), expected)
+def data_bytes(path: Path) -> dict[str, int]:
+    """Each stored tensor's bytes, from the safetensors header."""
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    return {name: entry["data_offsets"][1] - entry["data_offsets"][0] for name, entry in header.items()
+            if name != "__metadata__"}
 
 
 # ------------------------------------------------------------------------------------------- build
-def test_build_writes_dense_model_experts_and_router(mediator_dir, family):
+def test_build_writes_dense_model_coded_experts_and_router(mediator_dir, family):
     manifest = json.loads((mediator_dir / "mediator" / "mediator.json").read_text())
-    assert manifest["tasks"] == list(TASK_WORDS)
-    assert manifest["routed_units"], "a 2x budget must route some units"
-    assert manifest["memory"]["ratio"] <= 2.0
-    assert manifest["router_fit"]["heldout_accuracy"] >= 0.9
-    assert manifest["settings"]["density"] == 0.25
-    stored = load_file(mediator_dir / "mediator" / "experts.safetensors")
-    for task in TASK_WORDS:
-        for name in manifest["routed_tensors"]:
-            assert f"{task}/{name}.values" in stored and f"{task}/{name}.mask" in stored
+    assert manifest["format"] == 2 and manifest["tasks"] == list(TASK_WORDS) and manifest["code"] == "auto"
+    assert manifest["routed_units"], "a 1.5x budget must route some units"
+    assert manifest["memory"]["ratio"] <= 1.5
+    assert manifest["router_fit"]["heldout_accuracy"] >= 0.9 and manifest["router_fit"]["distinguishes_tasks"]
+    stored = data_bytes(mediator_dir / "mediator" / "experts.safetensors")
+    dense = load_file(mediator_dir / "model.safetensors")
+    accounted = 0
+    for name, spec in manifest["routed_tensors"].items():
+        code = get_code(spec["code"])
+        assert spec["code"] == "full" if dense[name].dim() == 1 else spec["code"] in ("sign1", "sign2", "sparse")
+        layout = code.layout(*matrix_shape(tuple(dense[name].shape)), dense[name].dtype, spec["level"])
+        for task in TASK_WORDS:
+            for suffix, part in layout.items():
+                assert stored[f"{task}/{name}.{suffix}"] == part.nbytes
+                accounted += part.nbytes
+    assert sum(stored.values()) == accounted  # the stored bytes are exactly what the budget counted
     routed_units = [unit for unit in manifest["units"] if unit["routed"]]
-    assert all(0.25 <= share <= 1.0 for unit in routed_units for share in unit["retained"].values())
+    assert {unit["unit"] for unit in routed_units} == set(manifest["routed_units"])
+    for unit in routed_units:
+        assert all(0 < share <= 1.0 for share in unit["retained"].values())
+        assert all(0 < share <= 1.0 for share in unit["estimated"].values())
     # the folder is a plain model too: the dense average of the experts
     _, built = family
     experts = [read_state_dict(path) for path in built.fine_tunes]
-    dense = read_state_dict(mediator_dir)
     name = "model.layers.0.mlp.up_proj.weight"
-    torch.testing.assert_close(dense[name], sum(expert[name] for expert in experts) / 3, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(read_state_dict(mediator_dir)[name], sum(expert[name] for expert in experts) / 3,
+                               rtol=1e-6, atol=1e-6)
 
 
-def test_auto_density_fills_the_budget_with_every_unit_routed(family, tmp_path):
+@pytest.mark.parametrize("budget", [1.1, 1.3, 2.5])
+def test_auto_code_stays_within_the_budget(family, tmp_path, budget):
     root, built = family
-    summary = build(recipe(root, built, memory_budget=1.8), tmp_path / "auto", quiet=True)
-    assert len(summary.routed_units) == summary.units and 0.01 <= summary.density < 1
-    assert summary.ratio <= 1.8
+    summary = build(recipe(root, built, memory_budget=budget), tmp_path / "auto", quiet=True)
+    assert summary.ratio <= budget and summary.routed_units
     manifest = json.loads((tmp_path / "auto" / "mediator" / "mediator.json").read_text())
-    assert manifest["density"] == summary.density and manifest["settings"]["density"] == "auto"
-    denser = build(recipe(root, built, memory_budget=1.8, density=summary.density + 0.01), tmp_path / "denser",
-                   quiet=True)
-    assert len(denser.routed_units) < denser.units  # the next density step no longer fits every unit
+    assert manifest["memory"]["stored_bytes"] <= budget * manifest["memory"]["dense_bytes"]
 
 
-def test_density_one_exports_each_expert_exactly(family, tmp_path):
+def test_the_dense_average_kept_share_matches_the_estimate(mediator_dir):
+    """With a linear D the analysis' proxy residual is the real one: estimate and build agree."""
+    manifest = json.loads((mediator_dir / "mediator" / "mediator.json").read_text())
+    for unit in (unit for unit in manifest["units"] if unit["routed"]):
+        for task, share in unit["retained"].items():
+            assert share == pytest.approx(unit["estimated"][task], abs=0.02)
+
+
+def test_sparse_at_density_one_exports_each_expert_exactly(family, tmp_path):
     root, built = family
     out = tmp_path / "full"
-    build(recipe(root, built, route_threshold=0.0, density=1.0), out, quiet=True)
+    build(recipe(root, built, route_threshold=0.0, code="sparse", density=1.0), out, quiet=True)
     manifest = json.loads((out / "mediator" / "mediator.json").read_text())
     assert len(manifest["routed_units"]) == len(manifest["units"])
     for path, task in zip(built.fine_tunes, TASK_WORDS):
         assert main(["mediator", "export", str(out), str(tmp_path / task), "--task", task, "--quiet"]) == 0
         exported, expert = read_state_dict(tmp_path / task), read_state_dict(path)
-        for name, tensor in expert.items():
-            torch.testing.assert_close(exported[name], tensor, rtol=1e-6, atol=1e-6)
+        for name, tensor in expert.items():  # float32: θ − D and D + r each round once
+            torch.testing.assert_close(exported[name], tensor, rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------- runtime
@@ -172,8 +173,28 @@ def test_mixed_batch_is_routed_per_sequence_like_the_exported_experts(mediator_d
     assert {route.task for _, route in results if route.decision == "select"} == set(TASK_WORDS)
 
 
-def test_selected_experts_are_cached_and_dense_weights_restored(mediator_dir):
-    model = load(mediator_dir, cache_size=1)
+def test_random_route_switches_leave_the_dense_weights_bit_identical(mediator_dir):
+    model = load(mediator_dir)
+    routed = {name: dict(model.model.named_parameters())[name] for name in model.experts.tensors}
+    dense = {name: parameter.detach().clone() for name, parameter in routed.items()}
+    pointers = {name: parameter.data_ptr() for name, parameter in routed.items()}
+    rng = random.Random(0)
+    for _ in range(100):
+        weights = [rng.random() for _ in TASK_WORDS]
+        mix = rng.choice([{}, {rng.choice(list(TASK_WORDS)): 1.0}, dict(zip(TASK_WORDS, weights))])
+        model.use_weights(mix)
+        for name, parameter in routed.items():  # D + Σ w_t decode(r_t), rounded once, in the same memory
+            expected = dense[name].reshape(model._routed[name].shape).float()
+            for task, weight in mix.items():
+                expected = expected + weight * model.experts.decode(task, name, slice(None), torch.device("cpu"))
+            assert torch.equal(parameter.detach(), expected.to(dense[name].dtype).reshape(dense[name].shape))
+            assert parameter.data_ptr() == pointers[name]
+    model.use_weights({})
+    assert all(torch.equal(routed[name].detach(), dense[name]) for name in routed)
+
+
+def test_a_route_runs_with_its_expert_then_restores_the_dense_model(mediator_dir):
+    model = load(mediator_dir)
     name = model.experts.tensors[0]
     parameter = dict(model.model.named_parameters())[name]
     dense = parameter.detach().clone()
@@ -181,7 +202,16 @@ def test_selected_experts_are_cached_and_dense_weights_restored(mediator_dir):
     with model.weights_for(route):
         changed = parameter.detach().clone()
     assert not torch.equal(changed, dense) and torch.equal(parameter.detach(), dense)
-    assert list(model._cache) == ([route.task] if route.decision == "select" else [])
+
+
+def test_a_folder_of_the_first_format_names_its_version(mediator_dir, tmp_path, capsys):
+    folder = Path(shutil.copytree(mediator_dir, tmp_path / "old"))
+    manifest_path = folder / "mediator" / "mediator.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(format=1, mergewise_version="0.1.0")
+    manifest_path.write_text(json.dumps(manifest))
+    error = cli_error(capsys, "generate", str(folder), "--prompt", "one two")
+    assert "Mediator format 1 (built by mergewise 0.1.0)" in error and "reads format 2" in error
 
 
 def test_plain_folder_generates_without_route(family):
@@ -316,7 +346,7 @@ def test_an_aim_block_relaxes_the_dense_model_of_a_mediator_build(family, tmp_pa
 
     root, built = family
     stats = calibrate(built.base, tmp_path / "stats.safetensors", CalibrationSettings(samples=2, seq_len=8), quiet=True)
-    data = recipe(root, built, memory_budget=2.0, density=0.25) | {"aim": {"omega": 0.5, "stats": str(stats)}}
+    data = recipe(root, built, memory_budget=2.0) | {"aim": {"omega": 0.5, "stats": str(stats)}}
     summary = build(data, tmp_path / "mediator", quiet=True, seed=0)
     plain = {key: value for key, value in data.items() if key not in ("mediator", "aim")}
     plain["models"] = [{"model": expert["model"], "parameters": {"weight": 1 / 3}} for expert in data["mediator"]["experts"]]
@@ -329,12 +359,6 @@ def test_an_aim_block_relaxes_the_dense_model_of_a_mediator_build(family, tmp_pa
     assert all(torch.equal(dense[name], relaxed[name]) for name in dense)
     assert not all(torch.equal(dense[name], read_state_dict(tmp_path / "merged")[name]) for name in dense)
     assert yaml.safe_load((summary.out_dir / "mergewise.yml").read_text())["aim"]["omega"] == 0.5
-
-
-@pytest.fixture(scope="module")
-def indices_mediator_dir(family, tmp_path_factory):
-    """Experts stored as indices (density ≤ 1/16), where `mediator_dir` stores bit masks."""
-    return built_mediator(family, tmp_path_factory, 0.05)
 
 
 def tampered_copy(mediator_dir: Path, tmp_path: Path, change) -> Path:
@@ -354,39 +378,56 @@ def first_expert_tensor(tensors: dict, suffix: str) -> str:
 
 
 @pytest.mark.parametrize("tamper, message", [
-    ("index past the end", "indices must be ascending positions"),
-    ("negative index", "indices must be ascending positions"),
-    ("one value short", "values for"),
-    ("mask too short", "mask must be"),
-    ("nan value", "values must be one finite vector"),
+    ("index past the end", "indices must be ascending column positions"),
+    ("negative index", "indices must be ascending column positions"),
+    ("one value short", ".values must be"),
+    ("nan value", ".values holds NaN"),
+    ("part missing", ".indices is missing"),
 ])
-def test_a_tampered_mediator_folder_is_one_clear_error(tamper, message, mediator_dir, indices_mediator_dir,
-                                                       tmp_path, capsys):
+def test_a_tampered_mediator_folder_is_one_clear_error(tamper, message, sparse_mediator_dir, tmp_path, capsys):
     def change(tensors):
-        if tamper == "mask too short":
-            name = first_expert_tensor(tensors, ".mask")
-            tensors[name] = tensors[name][:-1].clone()
-            return
         name = first_expert_tensor(tensors, ".indices")
         values = name.removesuffix(".indices") + ".values"
         if tamper == "index past the end":
             tensors[name] = tensors[name].clone()
-            tensors[name][-1] = 1 << 30
+            tensors[name][0, -1] = 30000
         elif tamper == "negative index":
             tensors[name] = tensors[name].clone()
-            tensors[name][0] = -1
+            tensors[name][0, 0] = -1
         elif tamper == "one value short":
-            tensors[values] = tensors[values][:-1].clone()
+            tensors[values] = tensors[values][:, :-1].clone()
+        elif tamper == "part missing":
+            del tensors[name]
         else:
             tensors[values] = tensors[values].clone()
-            tensors[values][0] = float("nan")
+            tensors[values][0, 0] = float("nan")
 
-    folder = tampered_copy(mediator_dir if tamper == "mask too short" else indices_mediator_dir, tmp_path, change)
+    folder = tampered_copy(sparse_mediator_dir, tmp_path, change)
     for command in (["generate", str(folder), "--prompt", "one two three"],
                     ["mediator", "export", str(folder), str(tmp_path / "out"), "--task", "merging"]):
         error = cli_error(capsys, *command)
         assert message in error and "experts.safetensors" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_experts_file_is_one_clear_error(mediator_dir, tmp_path, capsys):
+    folder = Path(shutil.copytree(mediator_dir, tmp_path / "truncated"))
+    experts = folder / "mediator" / "experts.safetensors"
+    experts.write_bytes(experts.read_bytes()[:-100])
+    error = cli_error(capsys, "generate", str(folder), "--prompt", "one two three")
+    [line] = [line for line in error.splitlines() if line.startswith("error:")]
+    assert "experts.safetensors: cannot read the experts" in line
+
+
+def test_an_unknown_code_in_the_manifest_is_named(mediator_dir, tmp_path, capsys):
+    folder = Path(shutil.copytree(mediator_dir, tmp_path / "unknown-code"))
+    manifest_path = folder / "mediator" / "mediator.json"
+    manifest = json.loads(manifest_path.read_text())
+    name = next(iter(manifest["routed_tensors"]))
+    manifest["routed_tensors"][name]["code"] = "int3"
+    manifest_path.write_text(json.dumps(manifest))
+    error = cli_error(capsys, "generate", str(folder), "--prompt", "one two")
+    assert f"routed tensor {name}: unknown residual code 'int3'" in error
 
 
 def test_a_router_of_other_tasks_is_refused(mediator_dir, tmp_path, capsys):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergewise.errors import MergewiseError
-from mergewise.mediator.codes import CODES, as_matrix, get_code, matrix_shape
+from mergewise.mediator.codes import as_matrix, get_code, matrix_shape
 from mergewise.mediator.units import unit_of
 
 HEADER_BYTES_PER_PART = 96  # a stored part's safetensors header entry, besides its name
@@ -63,12 +63,14 @@ def unit_cost(tensors: list[RoutedTensor], code: str, level: float | None, tasks
 
 @dataclass
 class KeptEstimate:
-    """Per (unit, task): ‖r̃‖² over every row, and over the sampled rows, plus each option's kept part
-    of the sampled ‖r̃‖². A conflict-analysis observer (see `analysis.analyze_conflicts`)."""
+    """Per (unit, task): ‖r̃‖² of every tensor, of the matrices, and of the matrices' sampled rows,
+    plus each option's kept part of the sampled ‖r̃‖². A conflict-analysis observer (see
+    `analysis.analyze_conflicts`)."""
 
     options: tuple[tuple[str, float | None], ...]
     shapes: dict[str, tuple[int, ...]]
     total: dict[tuple[str, int], float] = field(default_factory=dict)
+    matrix_total: dict[tuple[str, int], float] = field(default_factory=dict)
     sampled: dict[tuple[str, int], float] = field(default_factory=dict)
     kept: dict[tuple[str, int, tuple[str, float | None]], float] = field(default_factory=dict)
 
@@ -82,8 +84,8 @@ class KeptEstimate:
             energy = float(residual.double().square().sum())
             self.total[unit, task] = self.total.get((unit, task), 0.0) + energy
             if len(self.shapes[name]) < 2:  # vectors are stored losslessly
-                self.sampled[unit, task] = self.sampled.get((unit, task), 0.0)
                 continue
+            self.matrix_total[unit, task] = self.matrix_total.get((unit, task), 0.0) + energy
             sample = as_matrix(residual[picked])
             sample_energy = float(sample.double().square().sum())
             self.sampled[unit, task] = self.sampled.get((unit, task), 0.0) + sample_energy
@@ -94,18 +96,19 @@ class KeptEstimate:
                 self.kept[key] = self.kept.get(key, 0.0) + sample_energy - float(error.double().square().sum())
 
     def gain(self, unit: str, tasks: int, option: tuple[str, float | None]) -> float:
-        """The estimated ‖·‖² an option keeps in a unit, over all tasks (matrices scaled up from the
-        sampled rows; vectors kept whole)."""
-        gain = 0.0
-        for task in range(tasks):
-            total, sampled = self.total.get((unit, task), 0.0), self.sampled.get((unit, task), 0.0)
-            kept = self.kept.get((unit, task, option), 0.0)
-            gain += kept / sampled * total if sampled > 0 else total
-        return gain
+        """The estimated ‖·‖² an option keeps in a unit, over all tasks."""
+        return sum(self._kept(unit, task, option) for task in range(tasks))
 
     def share(self, unit: str, task: int, option: tuple[str, float | None]) -> float:
-        sampled = self.sampled.get((unit, task), 0.0)
-        return self.kept.get((unit, task, option), 0.0) / sampled if sampled > 0 else 1.0
+        total = self.total.get((unit, task), 0.0)
+        return self._kept(unit, task, option) / total if total > 0 else 1.0
+
+    def _kept(self, unit: str, task: int, option: tuple[str, float | None]) -> float:
+        """Matrices: the sampled rows' kept share times their whole ‖r̃‖²; vectors: kept whole."""
+        total, sampled = self.total.get((unit, task), 0.0), self.sampled.get((unit, task), 0.0)
+        matrices = self.matrix_total.get((unit, task), 0.0)
+        kept = self.kept.get((unit, task, option), 0.0)
+        return (total - matrices) + (kept / sampled * matrices if sampled > 0 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -173,8 +176,3 @@ def largest_level(units: dict[str, list[RoutedTensor]], code: str, levels: tuple
                  if sum(unit_cost(tensors, code, level, tasks) for tensors in units.values()) <= available),
                 levels[-1])
 
-
-def known_code(name: str) -> str:
-    if name != "auto" and name not in CODES:
-        get_code(name)
-    return name

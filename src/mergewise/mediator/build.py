@@ -1,5 +1,5 @@
-"""`mergewise mediator build`: how a Mediator model is laid out — which units to route, at which
-density, within the memory budget — and the build itself, the recipe's merge with its Mediator stage.
+"""`mergewise mediator build`: how a Mediator model is laid out — which units to route, with which
+residual code, within the memory budget — and the build itself, the recipe's merge with its stage.
 """
 
 from __future__ import annotations
@@ -11,17 +11,26 @@ import torch
 
 from mergewise.config import load_recipe as load_core_recipe
 from mergewise.errors import MergewiseError
+from mergewise.mediator.allocation import (
+    AUTO_OPTIONS,
+    LOWRANK_LEVELS,
+    SPARSE_LEVELS,
+    THRESHOLD_OPTION,
+    Allocation,
+    KeptEstimate,
+    RoutedTensor,
+    allocate,
+    largest_level,
+    smallest_budget,
+    too_small,
+    unit_cost,
+)
 from mergewise.mediator.analysis import ConflictReport
+from mergewise.mediator.codes import get_code
 from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, MediatorRecipe, MediatorSettings
-from mergewise.mediator.sparse import MASK_FROM_DENSITY, stored_bytes
-from mergewise.mediator.units import unit_of
-from mergewise.plan import MergePlan
 from mergewise.records import read_jsonl
 
-FORMAT_VERSION = 1
-AUTO_DENSITIES = sorted({step / 100 for step in range(1, 101)} | {MASK_FROM_DENSITY}, reverse=True)
-HEADER_BYTES_PER_TENSOR = 96  # a stored tensor's safetensors header entry, besides its name
-THRESHOLD_DENSITY = 0.1  # `density: auto` with a route_threshold has no budget to fill
+THRESHOLD_LEVELS = {"sparse": 0.1, "lowrank": 16}  # a named code's `auto` level with no budget to fill
 ONE_FILE = 1 << 62  # the experts file is never sharded
 
 
@@ -30,7 +39,7 @@ class BuildSummary:
     out_dir: Path
     routed_units: list[str]
     units: int
-    density: float
+    codes: dict[str, int]  # code name → routed units stored with it
     model_bytes: int
     stored_bytes: int
     budget: float | None
@@ -42,7 +51,8 @@ class BuildSummary:
 
     def describe(self) -> str:
         budget = f" (budget {self.budget:g}×)" if self.budget is not None else ""
-        return (f"routed {len(self.routed_units)} of {self.units} units at density {self.density:g}; stored {self.stored_bytes / 1e6:.1f} MB = "
+        codes = ", ".join(f"{count} {code}" for code, count in self.codes.items())
+        return (f"routed {len(self.routed_units)} of {self.units} units ({codes}); stored {self.stored_bytes / 1e6:.1f} MB = "
                 f"{self.ratio:.3f}× one model{budget}; router held-out accuracy {self.heldout_accuracy:.3f}")
 
 
@@ -66,61 +76,63 @@ def calibration_prompts(recipe: MediatorRecipe) -> dict[str, list[str]]:
     return prompts
 
 
-def unit_costs(plan: MergePlan, tasks: int, density: float) -> dict[str, int]:
-    """Bytes the sparse experts of each unit would add at `density`, for all tasks together."""
-    costs: dict[str, int] = {}
-    for job in plan.jobs:
-        if job.out_dtype.is_floating_point:
-            per_task = stored_bytes(torch.Size(job.shape).numel(), density, job.out_dtype)
-            per_task += 2 * (HEADER_BYTES_PER_TENSOR + len(job.name))  # values + positions entries
-            costs[unit_of(job.name)] = costs.get(unit_of(job.name), 0) + per_task * tasks
-    return costs
-
-
 def router_reserve(settings: MediatorSettings, hidden: int) -> int:
     """A bound on the router file: prototypes, scaling, a logistic head and calibration distances."""
     tasks = len(settings.experts)
     return 4 * (2 * tasks + 3) * hidden + 4 * tasks * settings.router.max_prompts + 4096
 
 
-def choose_routing(report: ConflictReport, plan: MergePlan, model_bytes: int, reserve: int,
-                   settings: MediatorSettings) -> tuple[list[str], float]:
-    """The routed units and the density of their sparse experts."""
+def fixed_option(settings: MediatorSettings, units: dict[str, list[RoutedTensor]], available: float | None
+                 ) -> tuple[str, float | None]:
+    """The (code, level) of a named code; an `auto` level is the largest at which every unit fits."""
+    code, tasks = settings.code, len(settings.experts)
+    if code == "auto":
+        return THRESHOLD_OPTION
+    level = {"sparse": settings.density, "lowrank": settings.rank}.get(code)
+    if level != "auto":
+        return code, level
+    if available is None:
+        return code, THRESHOLD_LEVELS[code]
+    return code, largest_level(units, code, SPARSE_LEVELS if code == "sparse" else LOWRANK_LEVELS, available, tasks)
+
+
+def estimated_options(settings: MediatorSettings, units: dict[str, list[RoutedTensor]], available: float | None
+                      ) -> tuple[tuple[str, float | None], ...]:
+    """The options whose kept share the conflict analysis measures (row-local codes only)."""
+    if settings.code == "auto" and available is not None:
+        return AUTO_OPTIONS
+    option = fixed_option(settings, units, available)
+    return (option,) if get_code(option[0]).row_local else ()
+
+
+def choose_routing(settings: MediatorSettings, report: ConflictReport, estimate: KeptEstimate,
+                   units: dict[str, list[RoutedTensor]], available: float | None, model_bytes: int,
+                   fixed_bytes: int) -> Allocation:
+    """The routed units and their codes: every unit over `route_threshold`, or (with a budget, where
+    `available` is the bytes left for experts) the best-kept share that fits."""
     tasks = len(settings.experts)
-    if settings.density != "auto":
-        density = settings.density
-    elif settings.route_threshold is not None:
-        density = THRESHOLD_DENSITY
-    else:
-        available = settings.memory_budget * model_bytes - model_bytes - reserve
-        density = next((candidate for candidate in AUTO_DENSITIES
-                        if sum(unit_costs(plan, tasks, candidate).values()) <= available), AUTO_DENSITIES[-1])
-    return select_units(report, unit_costs(plan, tasks, density), model_bytes, reserve, settings, density), density
-
-
-def select_units(report: ConflictReport, costs: dict[str, int], model_bytes: int, reserve: int,
-                 settings: MediatorSettings, density: float) -> list[str]:
-    """The most conflicting units that fit the budget, or every unit over the threshold."""
-    ranked = sorted((unit for unit in report.units if unit.unit in costs), key=lambda unit: -unit.sign_conflict)
-    if settings.route_threshold is not None:
-        routed = [unit.unit for unit in ranked if unit.sign_conflict >= settings.route_threshold]
+    conflicts = {unit.unit: unit for unit in report.units if unit.unit in units}
+    if available is None:
+        option = fixed_option(settings, units, None)
+        routed = [name for name, unit in conflicts.items() if unit.sign_conflict >= settings.route_threshold]
         if not routed:
-            highest = ranked[0].sign_conflict if ranked else 0.0
+            highest = max((unit.sign_conflict for unit in conflicts.values()), default=0.0)
             raise MergewiseError(f"mediator.route_threshold {settings.route_threshold:g} routes no unit "
                                  f"(highest sign conflict is {highest:.4f})")
-        return routed
-    available = settings.memory_budget * model_bytes - model_bytes - reserve
-    routed = []
-    for unit in ranked:
-        if costs[unit.unit] <= available:
-            routed.append(unit.unit)
-            available -= costs[unit.unit]
-    if not routed:
-        cheapest = min(costs.values())
-        needed = (model_bytes + reserve + cheapest) / model_bytes
-        raise MergewiseError(f"mediator.memory_budget {settings.memory_budget:g} is too small to route any unit "
-                             f"at density {density:g}: the cheapest unit needs a budget of {needed:.3f}")
-    return routed
+        return Allocation({name: option for name in routed},
+                          sum(unit_cost(units[name], *option, tasks) for name in routed))
+    candidates = list(AUTO_OPTIONS) if settings.code == "auto" else [fixed_option(settings, units, available)]
+    measured = set(estimate.options)
+    # A code the analysis cannot measure (low rank needs whole matrices) ranks units by sign conflict.
+    gains = {(name, option): estimate.gain(name, tasks, option) if option in measured
+             else conflicts[name].sign_conflict * conflicts[name].parameters
+             for name in units for option in candidates}
+    allocation = allocate(units, candidates, gains, available, tasks)
+    if not allocation.choices:
+        what = "any code" if settings.code == "auto" else f"code {candidates[0][0]}"
+        raise too_small(settings.memory_budget, smallest_budget(units, candidates, fixed_bytes, model_bytes, tasks),
+                        what)
+    return allocation
 
 
 def build(recipe_source, out_dir: str | Path, **options) -> BuildSummary:
@@ -132,6 +144,10 @@ def build(recipe_source, out_dir: str | Path, **options) -> BuildSummary:
     MediatorRecipe.of(recipe)  # a recipe without a mediator block fails here
     result = run_merge(recipe, out_dir, **options)
     built = result.records["mediator"]
-    return BuildSummary(result.out_dir, built["routed_units"], len(built["units"]), built["density"],
+    codes: dict[str, int] = {}
+    for unit in built["units"]:
+        if unit["routed"]:
+            codes[unit["code"]] = codes.get(unit["code"], 0) + 1
+    return BuildSummary(result.out_dir, built["routed_units"], len(built["units"]), codes,
                         built["memory"]["dense_bytes"], built["memory"]["stored_bytes"],
                         built["memory"]["budget"], built["router_fit"]["heldout_accuracy"])

@@ -24,6 +24,10 @@ Decision = Literal["select", "blend", "dense"]
 TEMPERATURE_RANGE = (1e-3, 1e3)
 TEMPERATURE_GRID = 61           # 10 points per decade, then a golden-section refinement
 UNCERTAINTY_FLOOR = 1e-3        # a perfectly confident router must still select, not blend, its own prompts
+UNCERTAINTY_CEILING = 0.99      # however the thresholds came out, probabilities this flat never select
+# Held-out accuracy below chance + this share of the way to 1 means the features do not tell the
+# tasks apart (3 tasks: below 2/3): the build warns and records it.
+DISTINGUISHING_MARGIN = 0.5
 LOGISTIC_L2 = 1e-2
 LOGISTIC_STEPS = 200
 
@@ -48,6 +52,10 @@ class Route:
                 "uncertainty": round(self.uncertainty, 4), "ood": round(self.ood, 4)}
 
 
+class RouterWarning(UserWarning):
+    """The router was fitted but cannot route well (its held-out accuracy is near chance)."""
+
+
 @dataclass
 class FitReport:
     heldout_accuracy: float
@@ -55,6 +63,13 @@ class FitReport:
     uncertainty_thresholds: dict[str, float]
     ood_thresholds: dict[str, float]
     prompts: dict[str, int]   # calibration prompts per task (fit + held-out)
+    distinguishes_tasks: bool = True
+
+    def warning(self) -> str:
+        chance = 1 / len(self.prompts)
+        return (f"the router cannot tell the tasks apart: held-out accuracy {self.heldout_accuracy:.2f} against "
+                f"{chance:.2f} by chance; most prompts will blend the experts. Give more (or more distinct) "
+                "calibration prompts per task, or another router.feature_layer")
 
 
 class Router:
@@ -128,10 +143,12 @@ class Router:
         router.calibration_distances = nearest.sort().values.contiguous()
 
         accuracy = float((held_probs.argmax(-1) == held_y).float().mean())
+        chance = 1 / len(tasks)
         report = FitReport(heldout_accuracy=accuracy, temperature=router.temperature,
                            uncertainty_thresholds=dict(zip(tasks, router.uncertainty_thresholds.tolist())),
                            ood_thresholds=dict(zip(tasks, router.ood_thresholds.tolist())),
-                           prompts={task: len(x) for task, x in zip(tasks, data)})
+                           prompts={task: len(x) for task, x in zip(tasks, data)},
+                           distinguishes_tasks=accuracy >= chance + DISTINGUISHING_MARGIN * (1 - chance))
         return router, report
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
@@ -150,7 +167,7 @@ class Router:
             p = {task: float(value) for task, value in zip(self.tasks, probs[row])}
             u, o = float(uncertainty[row]), float(ood[row])
             top = self.tasks[int(probs[row].argmax())]
-            uncertain = u > float(self.uncertainty_thresholds[self.tasks.index(top)])
+            uncertain = u > min(float(self.uncertainty_thresholds[self.tasks.index(top)]), UNCERTAINTY_CEILING)
             # Out of distribution: beyond the nearest task's radius, or uncertain and farther from
             # every prototype than (nearly) all calibration prompts: blending experts there hurt.
             if (float(nearest[row]) > float(self.ood_thresholds[nearest_task[row]])

@@ -1,16 +1,17 @@
 """`mergewise.load`: a model folder ready to generate; a Mediator folder routes every sequence.
 
-The transformers model holds the dense expert D. For a request, the router reads the prompt's
-mean-pooled hidden state (one prefill with D), picks select / blend / dense, and the routed tensors
-are swapped for D + S_t (select: materialised once, kept in an LRU cache) or D + Σ p_t S_t (blend:
-per request) only while that group of sequences runs. Sparse experts stay on the CPU until needed.
+The transformers model holds the dense expert D, once. For a request, the router reads the prompt's
+mean-pooled hidden state (one prefill with D) and picks select / blend / dense; while that group of
+sequences runs, the routed tensors hold D + decode(r_t) (select) or D + Σ p_t decode(r_t) (blend),
+written into them in place a row chunk at a time, and afterwards D again, re-read from the folder's
+own shards so that it is D bit for bit. No second copy of any weight is made; the coded residuals
+stay on the CPU (`offload`) and are decoded a row chunk at a time on the model's device.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,12 +21,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mergewise.checkpoint import ModelFolder
 from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.tokens import start_token_id
 from mergewise.devices import resolve_device
+from mergewise.engine import row_ranges
 from mergewise.errors import MergewiseError
+from mergewise.mediator.codes import CODES, Stored, matrix_shape
 from mergewise.mediator.router import Route, Router
-from mergewise.mediator.sparse import flat_indices, materialize
 from mergewise.plan import parse_dtype
 
 MEDIATOR_FOLDER = "mediator"
@@ -33,6 +36,13 @@ MANIFEST_FILE = "mediator.json"
 EXPERTS_FILE = "experts.safetensors"
 ROUTER_FILE = "router.safetensors"
 FEATURE_BATCH = 8  # every layer's hidden states are kept for one batch: keep it small
+FORMAT_VERSION = 2  # 1: one sparse code, flat indices or a bitmask per tensor (mergewise 0.1.0 before codes)
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt as routing sees them (an empty prompt is the start token)."""
+    fallback = start_token_id(tokenizer)
+    return [tokenizer(prompt)["input_ids"] or [fallback] for prompt in prompts]
+
 
 def is_mediator_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / MEDIATOR_FOLDER).is_dir()
@@ -48,31 +58,66 @@ class Generation:
 
 
 class ExpertBank:
-    """The sparse experts of a Mediator folder: flat indices and values per task and tensor."""
+    """Every expert's coded residual of every routed tensor, checked against its code's layout on
+    load; `expert_rows` rebuilds rows of D + Σ w_t decode(r_t)."""
 
-    def __init__(self, folder: Path, manifest: dict, shapes: dict[str, torch.Size], device: torch.device):
-        self.tasks: list[str] = manifest["tasks"]
-        self.tensors: list[str] = manifest["routed_tensors"]
-        self.entries: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, folder: Path, manifest: dict, dense: ModelFolder, device: torch.device):
+        self.tasks: list[str] = list(manifest["tasks"])
+        self.device = device
+        self.codes: dict[str, tuple] = {}
+        self.stored: dict[tuple[str, str], Stored] = {}
         path = folder / MEDIATOR_FOLDER / EXPERTS_FILE
+        routed = manifest["routed_tensors"]
         try:
             with safe_open(path, framework="pt") as stored:
-                for task in self.tasks:
-                    for name in self.tensors:
-                        parts = {suffix: stored.get_tensor(f"{task}/{name}.{suffix}")
-                                 for suffix in ("values", "indices", "mask")
-                                 if f"{task}/{name}.{suffix}" in stored.keys()}
-                        if "values" not in parts:
-                            raise MergewiseError(f"{path}: expert tensor {task}/{name}.values is missing")
-                        if name not in shapes:
-                            raise MergewiseError(f"{path}: routed tensor {name} is not in the dense model")
-                        indices = flat_indices(parts, shapes[name].numel(), f"{path}: expert tensor {task}/{name}")
-                        self.entries[task, name] = (indices.to(device), parts["values"].to(device))
+                keys = set(stored.keys())
+                for name, spec in routed.items():
+                    if name not in dense.tensors:
+                        raise MergewiseError(f"{path}: routed tensor {name} is not in the dense model")
+                    code, level = _code_of(spec, f"{folder / MEDIATOR_FOLDER / MANIFEST_FILE}: routed tensor {name}")
+                    info = dense.tensors[name]
+                    rows, columns = matrix_shape(tuple(info.shape))
+                    layout = code.layout(rows, columns, info.dtype, level)
+                    self.codes[name] = (code, level, columns, {suffix: part.per_row for suffix, part in layout.items()})
+                    for task in self.tasks:
+                        prefix = f"{task}/{name}"
+                        parts = {suffix: stored.get_tensor(f"{prefix}.{suffix}") for suffix in layout
+                                 if f"{prefix}.{suffix}" in keys}
+                        code.validate(parts, rows, columns, info.dtype, level, f"{path}: expert tensor {prefix}")
+                        self.stored[task, name] = {suffix: tensor.to(device) for suffix, tensor in parts.items()}
         except (OSError, SafetensorError) as error:
-            raise MergewiseError(f"{path}: cannot read sparse experts ({error})") from None
+            raise MergewiseError(f"{path}: cannot read the experts ({error})") from None
 
-    def parts(self, name: str, mix: dict[str, float]) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        return [(*self.entries[task, name], weight) for task, weight in mix.items() if weight]
+    @property
+    def tensors(self) -> list[str]:
+        return list(self.codes)
+
+    def decode(self, task: str, name: str, rows: slice, device: torch.device) -> torch.Tensor:
+        """Rows `rows` of task `task`'s decoded residual of `name` (float32 [rows, columns] on `device`)."""
+        code, _, columns, per_row = self.codes[name]
+        parts = {suffix: (tensor[rows] if per_row[suffix] else tensor).to(device)
+                 for suffix, tensor in self.stored[task, name].items()}
+        return code.decode(parts, columns)
+
+    def expert_rows(self, name: str, rows: slice, dense_rows: torch.Tensor, mix: dict[str, float]) -> torch.Tensor:
+        """D + Σ w_t decode(r_t) on these rows (a [rows, columns] matrix), summed in float32 and rounded
+        once to D's dtype: the same numbers whoever asks (serving, export)."""
+        total = dense_rows.float()
+        for task, weight in mix.items():
+            if weight:
+                total = total + weight * self.decode(task, name, rows, dense_rows.device)
+        return total.to(dense_rows.dtype)
+
+
+def _code_of(spec, where: str):
+    if not isinstance(spec, dict) or not isinstance(spec.get("code"), str):
+        raise MergewiseError(f"{where}: expected {{code, level}}, got {spec!r}")
+    level = spec.get("level")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, (int, float)) or not level > 0):
+        raise MergewiseError(f"{where}: level must be a positive number or null, got {level!r}")
+    if spec["code"] not in CODES:
+        raise MergewiseError(f"{where}: unknown residual code {spec['code']!r} (known: {', '.join(CODES)})")
+    return CODES[spec["code"]], level
 
 
 class RoutedModel:
@@ -80,7 +125,7 @@ class RoutedModel:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device,
                  path: Path, manifest: dict | None = None, router: Router | None = None,
-                 experts: ExpertBank | None = None, cache_size: int = 2):
+                 experts: ExpertBank | None = None, dense: ModelFolder | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -88,18 +133,16 @@ class RoutedModel:
         self.manifest = manifest
         self.router = router
         self.experts = experts
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self._parameters: dict[str, torch.nn.Parameter] = {}
-        self._dense: dict[str, torch.Tensor] = {}
+        self.dense = dense  # D's bytes of the routed tensors, re-read to restore them exactly
+        self._routed: dict[str, torch.Tensor] = {}  # [rows, columns] views of the routed parameters
+        self._mix: dict[str, float] = {}  # what the routed tensors hold now: D + Σ w_t decode(r_t)
         if experts is not None:
             named = dict(model.named_parameters())
             for name in experts.tensors:
                 if name not in named:
                     raise MergewiseError(f"{path}: routed tensor {name} is not a parameter of the "
                                          f"{type(model).__name__} model")
-                self._parameters[name] = named[name]
-                self._dense[name] = named[name].data
+                self._routed[name] = named[name].data.view(matrix_shape(tuple(named[name].shape)))
 
     @property
     def is_mediator(self) -> bool:
@@ -130,13 +173,13 @@ class RoutedModel:
         return torch.cat(pooled)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        fallback = start_token_id(self.tokenizer)
-        return [self.tokenizer(prompt)["input_ids"] or [fallback] for prompt in prompts]
+        return encode_prompts(self.tokenizer, prompts)
 
     def routes(self, prompt_ids: Sequence[Sequence[int]]) -> list[Route | None]:
         if self.router is None:
             return [None] * len(prompt_ids)
         settings = self.router.settings
+        self.use_weights({})  # the router was fitted on D's features
         features = self.features(prompt_ids, settings.feature_layer, settings.max_tokens)
         return self.router.route(features)
 
@@ -153,33 +196,29 @@ class RoutedModel:
 
     @contextmanager
     def weights_for(self, route: Route | None) -> Iterator[None]:
-        """Run the block with the route's weights in the routed tensors, then restore D."""
-        mix = route.weights() if route is not None else {}
-        if not mix or self.experts is None:
-            yield
-            return
-        weights = self._selected(route.task) if route.decision == "select" else self._materialized(mix)
+        """Run the block with the route's weights in the routed tensors, then D again."""
         try:
-            for name, parameter in self._parameters.items():
-                parameter.data = weights[name]
+            self.use_weights(route.weights() if route is not None else {})
             yield
         finally:
-            for name, parameter in self._parameters.items():
-                parameter.data = self._dense[name]
+            self.use_weights({})
 
-    def _materialized(self, mix: dict[str, float]) -> dict[str, torch.Tensor]:
-        return {name: materialize(dense, self.experts.parts(name, mix)) for name, dense in self._dense.items()}
+    @torch.no_grad()
+    def use_weights(self, mix: dict[str, float]) -> None:
+        """Write D + Σ w_t decode(r_t) into the routed tensors in place, a row chunk at a time ({} is
+        D). From D the current values are D's; from an expert, D's rows are re-read from the folder."""
+        mix = {task: weight for task, weight in mix.items() if weight}
+        if self.experts is None or mix == self._mix:
+            return
+        for name, matrix in self._routed.items():
+            for rows in row_ranges(tuple(matrix.shape)):
+                dense = matrix[rows] if not self._mix else self._dense_rows(name, rows, matrix)
+                matrix[rows] = self.experts.expert_rows(name, rows, dense, mix) if mix else dense
+        self._mix = mix
 
-    def _selected(self, task: str) -> dict[str, torch.Tensor]:
-        if task in self._cache:
-            self._cache.move_to_end(task)
-            return self._cache[task]
-        weights = self._materialized({task: 1.0})
-        if self.cache_size > 0:
-            self._cache[task] = weights
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return weights
+    def _dense_rows(self, name: str, rows: slice, matrix: torch.Tensor) -> torch.Tensor:
+        stored = self.dense.read(name, rows if len(self.dense.tensors[name].shape) >= 2 else None)
+        return stored.reshape(-1, matrix.shape[1]).to(matrix.device, matrix.dtype)
 
     # --------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -224,9 +263,10 @@ class RoutedModel:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         offload: str = "cpu", cache_size: int | None = None, trust_remote_code: bool = False) -> RoutedModel:
+         offload: str = "cpu", trust_remote_code: bool = False) -> RoutedModel:
     """Load a plain or Mediator model folder. `dtype` None keeps the stored dtype; `offload` "cpu"
-    keeps sparse experts in host memory until a route needs them, "none" moves them to `device`;
+    keeps the coded experts in host memory (decoded on `device` a row chunk at a time), "none" moves
+    them to `device`;
     `trust_remote_code` lets the folder's own Python run (see `checkpoint.pretrained.load_pretrained`)."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -251,13 +291,9 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
         return RoutedModel(model, tokenizer, torch_device, folder)
     manifest = read_manifest(folder)
     router = load_router(folder, manifest)
-    shapes = {name: parameter.shape for name, parameter in model.named_parameters()}
-    missing = [name for name in manifest["routed_tensors"] if name not in shapes]
-    if missing:
-        raise MergewiseError(f"{folder}: routed tensor {missing[0]} is not a parameter of the model")
-    experts = ExpertBank(folder, manifest, shapes, torch.device("cpu") if offload == "cpu" else torch_device)
-    size = manifest["settings"]["cache_size"] if cache_size is None else cache_size
-    return RoutedModel(model, tokenizer, torch_device, folder, manifest, router, experts, size)
+    dense = ModelFolder(folder)
+    experts = ExpertBank(folder, manifest, dense, torch.device("cpu") if offload == "cpu" else torch_device)
+    return RoutedModel(model, tokenizer, torch_device, folder, manifest, router, experts, dense)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -266,9 +302,15 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise MergewiseError(f"{path}: cannot read ({error})") from None
-    for key in ("tasks", "routed_tensors", "router", "settings"):
-        if key not in manifest:
-            raise MergewiseError(f"{path}: missing key {key!r}")
+    if not isinstance(manifest, dict):
+        raise MergewiseError(f"{path}: expected a JSON object")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise MergewiseError(f"{path}: Mediator format {manifest.get('format')!r} (built by mergewise "
+                             f"{manifest.get('mergewise_version', 'unknown')}); this mergewise reads format "
+                             f"{FORMAT_VERSION}: build the folder again with `mergewise mediator build`")
+    for key, kind in (("tasks", list), ("routed_tensors", dict), ("router", dict), ("settings", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise MergewiseError(f"{path}: missing or malformed key {key!r}")
     return manifest
 
 

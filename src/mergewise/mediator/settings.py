@@ -4,7 +4,7 @@
     base_model: ./base
     mediator:
       memory_budget: 1.5
-      density: auto        # or a share such as 0.1
+      code: auto           # or sparse | sign1 | sign2 | lowrank
       experts:
         - {model: ./expert-add, task: add, prompts: tasks/add/calib.txt}
 """
@@ -55,12 +55,15 @@ class MediatorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     memory_budget: float | None = Field(None, gt=1.0)  # stored bytes ≤ this × one model
     route_threshold: float | None = Field(None, ge=0.0, le=1.0)  # route units with d_l ≥ this
-    # Share of each routed tensor kept per expert; "auto": the largest that lets every unit be routed
-    # within memory_budget (on the zoo, routing every unit mattered more than a higher density).
+    # How each expert's residual θ_t − D is stored (mediator/codes); "auto": per unit, the code and
+    # the routed units that keep the most of ‖θ_t − D‖² within the budget.
+    code: Literal["auto", "sparse", "sign1", "sign2", "lowrank"] = "auto"
+    # The sparse code's share of each row kept, and the low-rank code's rank; "auto": the largest
+    # that lets every unit be routed within the budget (with route_threshold: 0.1 and 16).
     density: Union[Literal["auto"], Annotated[float, Field(gt=0.0, le=1.0)]] = "auto"
+    rank: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"
     conflict_density: float = Field(0.2, gt=0.0, le=1.0)  # top-k share per expert for the sign conflict
     router: RouterSettings = RouterSettings()
-    cache_size: int = Field(2, ge=0)  # materialised experts kept by the runtime
     experts: list[ExpertEntry] = Field(min_length=2)
     # Task vectors are measured from it: the recipe's base_model, which the dense merge itself may
     # not take (linear averages the experts alone).

@@ -1,19 +1,23 @@
 """The `mediator:` block of a recipe as a stage of the streaming merge.
 
-    on_plan     the conflict analysis (one streamed pass over the experts) chooses the routed units
-                and their density within the memory budget, and lays out the experts file;
+    on_plan     the conflict analysis (one streamed pass over the experts, which also measures what
+                each residual code would keep) chooses the routed units and their codes within the
+                memory budget, and lays out the experts file;
     on_tensor   each finished routed tensor of the dense model D (after AIM, if the recipe has it),
-                read back from the staged output, becomes every expert's top-ρ residual θ_t − D;
-    finalize    the router is fitted on the finished D's features of each expert's calibration
-                prompts, and the manifest written; its content is the stage's result.
+                read back from the staged output, becomes every expert's coded residual θ_t − D,
+                a row chunk at a time (whole matrices for codes that need them);
+    finalize    the router is fitted on features of each expert's calibration prompts, from a
+                layer-by-layer pass over the finished D in its own dtype, and the manifest written;
+                its content is the stage's result.
 
-Only one tensor of D and one of one expert are held at a time.
+Only one tensor of D and a row chunk of one expert are held at a time.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,19 +25,30 @@ import torch
 from safetensors.torch import save_file
 
 from mergewise.checkpoint import PlannedTensor, StreamingShardWriter
+from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.config import Recipe
+from mergewise.engine import row_ranges
+from mergewise.layerwise import pooled_hidden_states
+from mergewise.mediator.allocation import KeptEstimate, RoutedTensor
 from mergewise.mediator.analysis import analyze_conflicts
 from mergewise.mediator.build import (
-    FORMAT_VERSION,
     ONE_FILE,
     calibration_prompts,
     choose_routing,
+    estimated_options,
     router_reserve,
 )
-from mergewise.mediator.router import Router
-from mergewise.mediator.runtime import EXPERTS_FILE, MANIFEST_FILE, MEDIATOR_FOLDER, ROUTER_FILE, load
+from mergewise.mediator.codes import as_matrix, get_code, matrix_shape
+from mergewise.mediator.router import Router, RouterWarning
+from mergewise.mediator.runtime import (
+    EXPERTS_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MEDIATOR_FOLDER,
+    ROUTER_FILE,
+    encode_prompts,
+)
 from mergewise.mediator.settings import MediatorRecipe, MediatorSettings, experts_as_models
-from mergewise.mediator.sparse import decompose, stored_shapes, uses_mask
 from mergewise.mediator.units import ExpertTensors, expert_tensors, unit_of
 from mergewise.plan import TensorJob
 from mergewise.stages import BlockSpec, Stage, StageContext
@@ -56,48 +71,73 @@ class MediatorStage(Stage):
     def on_plan(self, context: StageContext) -> None:
         recipe, settings, plan = self.recipe, self.settings, context.plan
         self.device = context.device
+        self.quiet = context.quiet
         self.prompts = calibration_prompts(recipe)
         self.experts = expert_tensors(recipe)
-        self.report = analyze_conflicts(recipe, quiet=context.quiet)
+        units: dict[str, list[RoutedTensor]] = {}
+        for job in plan.jobs:
+            if job.out_dtype.is_floating_point:
+                units.setdefault(unit_of(job.name), []).append(RoutedTensor(job.name, tuple(job.shape), job.out_dtype))
         model_bytes = sum(torch.Size(job.shape).numel() * job.out_dtype.itemsize for job in plan.jobs)
         hidden = int(plan.reference.config.get("hidden_size") or plan.reference.config.get("n_embd") or 4096)
-        self.routed_units, self.density = choose_routing(self.report, plan, model_bytes,
-                                                         router_reserve(settings, hidden), settings)
-        self.routed_jobs = {job.name: job for job in plan.jobs
-                            if job.out_dtype.is_floating_point and unit_of(job.name) in self.routed_units}
+        fixed_bytes = model_bytes + router_reserve(settings, hidden)
+        available = (None if settings.route_threshold is not None
+                     else settings.memory_budget * model_bytes - fixed_bytes)
+        options = estimated_options(settings, units, available)
+        shapes = {tensor.name: tensor.shape for tensors in units.values() for tensor in tensors}
+        self.estimate = KeptEstimate(options, shapes)
+        self.report = analyze_conflicts(recipe, quiet=context.quiet, observers=[self.estimate] if options else ())
+        self.allocation = choose_routing(settings, self.report, self.estimate, units, available, model_bytes,
+                                         fixed_bytes)
+        self.routed = {tensor.name: (tensor, tensor.option(*self.allocation.choices[unit]))
+                       for unit, tensors in units.items() if unit in self.allocation.choices for tensor in tensors}
         self.expert_jobs = {job.name: job for job in self.experts.jobs}
-        planned = [PlannedTensor(f"{task}/{job.name}.{suffix}", shape, dtype)
-                   for task in settings.tasks for job in self.routed_jobs.values()
-                   for suffix, (shape, dtype) in stored_shapes(torch.Size(job.shape).numel(), self.density,
-                                                                 job.out_dtype).items()]
+        planned = [PlannedTensor(f"{task}/{name}.{suffix}", part.shape, part.dtype)
+                   for task in settings.tasks for name, (tensor, (code, level)) in self.routed.items()
+                   for suffix, part in get_code(code).layout(*matrix_shape(tensor.shape), tensor.dtype, level).items()]
         self.building = context.staging / BUILDING_FOLDER
         self.building.mkdir()
         self.writer = StreamingShardWriter(self.building, planned, ONE_FILE,
                                            {"mediator_format": str(FORMAT_VERSION)}, file_stem=Path(EXPERTS_FILE).stem)
 
     def wants_tensor(self, job: TensorJob) -> bool:
-        return job.name in self.routed_jobs
+        return job.name in self.routed
 
     def on_tensor(self, job: TensorJob, dense: torch.Tensor) -> None:
-        """Every expert's residual against D as stored, so that D + S_t is the closest to θ_t."""
+        """Every expert's coded residual against D as stored, so that D + decode(r_t) is the closest
+        to θ_t; the share of ‖θ_t − D‖² each keeps is summed per unit."""
+        tensor, (code_name, level) = self.routed[job.name]
+        code = get_code(code_name)
+        chunked = code.row_local and not tensor.is_vector
+        parts = code.layout(*matrix_shape(tensor.shape), tensor.dtype, level)
         for task, source in zip(self.settings.tasks, self.expert_jobs[job.name].inputs):
-            residual = source.model.read(source.name).float() - dense.float()
-            stored, retained = decompose(residual, self.density, job.out_dtype)
-            for suffix, tensor in stored.items():
-                self.writer.write(f"{task}/{job.name}.{suffix}", tensor)
-            total = float(residual.double().square().sum())
             sums = self.retained.setdefault((unit_of(job.name), task), [0.0, 0.0])
-            sums[0] += retained * total
-            sums[1] += total
+            for rows in row_ranges(job.shape) if chunked else [slice(None)]:
+                expert = source.model.read(source.name, rows if chunked else None)
+                residual = as_matrix(expert.float() - (dense[rows] if chunked else dense).float())
+                stored = code.encode(residual, tensor.dtype, level)
+                for suffix, part in stored.items():
+                    first = (rows.start or 0) if chunked and parts[suffix].per_row else 0
+                    self.writer.write(f"{task}/{job.name}.{suffix}", part, first)
+                total = float(residual.double().square().sum())
+                error = float((residual - code.decode(stored, residual.shape[1])).double().square().sum())
+                sums[0] += total - error
+                sums[1] += total
 
     def finalize(self, staging: Path) -> dict:
+        from transformers import AutoTokenizer
+
         self.writer.close()
-        dense = load(staging, str(self.device), dtype=torch.float32)  # still a plain folder: every unit is D
         router_settings = self.settings.router
-        features = {task: dense.features(dense.encode(texts), router_settings.feature_layer,
-                                         router_settings.max_tokens) for task, texts in self.prompts.items()}
-        del dense
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, staging, trust_remote_code=False)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        features = {task: pooled_hidden_states(staging, encode_prompts(tokenizer, texts), router_settings.feature_layer,
+                                               device=str(self.device), pad_id=pad or 0,
+                                               max_tokens=router_settings.max_tokens, quiet=self.quiet)
+                    for task, texts in self.prompts.items()}
         router, fit = Router.fit(features, router_settings)
+        if not fit.distinguishes_tasks:
+            warnings.warn(fit.warning(), RouterWarning, stacklevel=2)
         folder = staging / MEDIATOR_FOLDER
         folder.mkdir()
         shutil.move(self.building / EXPERTS_FILE, folder / EXPERTS_FILE)
@@ -120,23 +160,33 @@ class MediatorStage(Stage):
     def _manifest(self, router: Router, fit, dense_bytes: int, stored: int) -> dict:
         from mergewise import __version__
 
-        settings, report = self.settings, self.report
+        settings, report, tasks = self.settings, self.report, self.settings.tasks
+        choices = self.allocation.choices
+
+        def unit_record(unit) -> dict:
+            record = {"unit": unit.unit, "parameters": unit.parameters, "sign_conflict": unit.sign_conflict,
+                      "cancellation": unit.cancellation, "routed": unit.unit in choices}
+            if unit.unit in choices:
+                option = choices[unit.unit]
+                record.update(code=option[0], level=option[1],
+                              retained={task: round(self._retained_share(unit.unit, task), 6) for task in tasks})
+                if option in self.estimate.options:
+                    record["estimated"] = {task: round(self.estimate.share(unit.unit, index, option), 6)
+                                           for index, task in enumerate(tasks)}
+            return record
+
         return {
             "format": FORMAT_VERSION,
             "mergewise_version": __version__,
-            "tasks": settings.tasks,
+            "tasks": tasks,
             "merge_method": self.recipe.merge.merge_method,
-            "density": self.density,
-            "storage": "mask" if uses_mask(self.density) else "indices",
-            "routed_units": self.routed_units,
-            "routed_tensors": list(self.routed_jobs),
-            "units": [{"unit": unit.unit, "parameters": unit.parameters, "sign_conflict": unit.sign_conflict,
-                       "cancellation": unit.cancellation, "routed": unit.unit in self.routed_units,
-                       "retained": {task: round(self._retained_share(unit.unit, task), 6) for task in settings.tasks}
-                       if unit.unit in self.routed_units else None}
-                      for unit in report.units],
+            "code": settings.code,
+            "routed_units": list(choices),
+            "routed_tensors": {name: {"code": code, "level": level}
+                               for name, (_, (code, level)) in self.routed.items()},
+            "units": [unit_record(unit) for unit in report.units],
             "memory": {"dense_bytes": dense_bytes, "stored_bytes": stored, "ratio": round(stored / dense_bytes, 4),
-                       "budget": settings.memory_budget},
+                       "experts_bytes": self.allocation.stored_bytes, "budget": settings.memory_budget},
             "prompts": {task: len(texts) for task, texts in self.prompts.items()},
             "router": router.metadata(),
             "router_fit": asdict(fit),
