@@ -43,6 +43,7 @@ from mergewise.aim.data import (
 from mergewise.checkpoint import ModelFolder
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
+from mergewise.layerwise import Batch, LayerwiseModel
 from mergewise.checkpoint.pretrained import load_pretrained
 
 FINGERPRINT_WINDOWS = 16
@@ -204,130 +205,18 @@ def _documents(settings: CalibrationSettings) -> Iterable[str]:
 
 
 # ----------------------------------------------------------------------------- the layer-streamed pass
-class _StopForward(Exception):
-    """Raised by the capture hook: nothing after the first decoder layer needs to run."""
-
-
-def _model_skeleton(config, device: torch.device, trust_remote_code: bool) -> nn.Module:
-    """The model with its parameters on the meta device (no memory: the layers are loaded one at a
-    time) and its buffers on `device`. Buffers (rotary frequencies, embedding scales) are computed,
-    not stored in checkpoints: the model's own initialisation fills them, as in `from_pretrained`."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    for name, buffer in list(model.named_buffers()):
-        owner_name, _, leaf = name.rpartition(".")
-        model.get_submodule(owner_name)._buffers[leaf] = torch.empty_like(buffer, device=device)
-    model.initialize_weights()
-    return model.eval()
-
-
-class _LayerLoader:
-    """Loads a sub-module's parameters from the checkpoint (float32, on the device) and frees them."""
-
-    def __init__(self, folder: ModelFolder, prefix_to_strip: str, device: torch.device):
-        self.folder = folder
-        self.prefix_to_strip = prefix_to_strip
-        self.device = device
-
-    def load(self, module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> None:
-        for name, parameter in list(module.named_parameters()):
-            if name.startswith(skip):
-                continue
-            tensor = self.folder.read(self._checkpoint_name(f"{prefix}.{name}" if prefix else name))
-            self._set(module, name, tensor.to(self.device, torch.float32))
-
-    def unload(self, module: nn.Module) -> None:
-        for name, parameter in list(module.named_parameters()):
-            if parameter.device.type != "meta":
-                self._set(module, name, torch.empty_like(parameter, device="meta"))
-
-    def _checkpoint_name(self, name: str) -> str:
-        candidates = (name, name.removeprefix(self.prefix_to_strip))
-        found = next((candidate for candidate in candidates if candidate in self.folder.tensors), None)
-        if found is None:
-            raise MergewiseError(f"{self.folder.path}: tensor {name} is missing from the checkpoint")
-        return found
-
-    @staticmethod
-    def _set(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
-        owner_name, _, leaf = name.rpartition(".")
-        module.get_submodule(owner_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-
-
-def decoder_layers(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
-    """The decoder's block list, found generically: the ModuleList of `num_hidden_layers` modules."""
-    depth = config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == depth:
-            return name, module
-    raise MergewiseError(f"{config._name_or_path or 'model'}: no list of {depth} decoder layers found; "
-                         "use the in-memory pass (without --stream-layers)")
-
-
 def _streamed_statistics(folder: ModelFolder, config, blocks: list[torch.Tensor], recorder: ChannelStatistics,
                          device: torch.device, quiet: bool, trust_remote_code: bool) -> dict[str, int]:
-    if len(set(getattr(config, "layer_types", None) or [None])) > 1:
-        raise MergewiseError(f"{folder.path}: layers of different attention types ({sorted(set(config.layer_types))}) "
-                             "are not supported by --stream-layers; use the in-memory pass")
-    model = _model_skeleton(config, device, trust_remote_code)
-    layers_name, layers = decoder_layers(model, config)
-    targets = target_modules(model)
-    head = model.get_output_embeddings()
-    head_name = next(name for name, (module, _) in targets.items() if module is head)
-    tail = [module for name, (module, _) in targets.items()
-            if module is not head and not name.startswith(f"{layers_name}.")]
-    if len(tail) > 1:
-        raise MergewiseError(f"{folder.path}: more than one module between the decoder layers and the head; "
-                             "use the in-memory pass")
-    loader = _LayerLoader(folder, f"{model.base_model_prefix}.", device)
-    after_stem = (f"{layers_name}.", head_name.removesuffix("weight"),
-                  *(_module_name(model, module) + "." for module in tail))
-    hidden, layer_args, layer_kwargs = _first_layer_inputs(model, layers[0], loader, after_stem, blocks, device)
+    """The hooks record every module as the layer-by-layer pass runs it; the head never runs, its
+    input is the final norm's output."""
+    streamed = LayerwiseModel(folder, config, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
+    targets = target_modules(streamed.model)
+    head_name = next(name for name, (module, _) in targets.items() if module is streamed.head)
     with recording(targets, recorder):
-        for index, layer in enumerate(tqdm(layers, desc="calibrate (layers)", disable=quiet)):
-            loader.load(layer, f"{layers_name}.{index}")
-            for block, (args, kwargs) in enumerate(zip(layer_args, layer_kwargs)):
-                output = layer(hidden[block], *args, **kwargs)
-                hidden[block] = output[0] if isinstance(output, tuple) else output
-            loader.unload(layer)
-        for module in tail:
-            loader.load(module, _module_name(model, module))
-        for states in hidden:
-            recorder.observe(head_name, tail[0](states) if tail else states)
+        final = streamed.run([Batch(block) for block in blocks], desc="calibrate (layers)", quiet=quiet)
+    for states in final:
+        recorder.observe(head_name, states)
     return {name: axis for name, (_, axis) in targets.items()}
-
-
-def _module_name(model: nn.Module, target: nn.Module) -> str:
-    return next(name for name, module in model.named_modules() if module is target)
-
-
-def _first_layer_inputs(model: nn.Module, first_layer: nn.Module, loader: _LayerLoader, after_stem: tuple[str, ...],
-                        blocks: list[torch.Tensor], device: torch.device):
-    """Run every block up to the first decoder layer and keep what that layer receives: the hidden
-    states, and the other arguments (attention mask, rotary position embeddings, ...) as the model
-    passes them. The stem (embeddings: every parameter not under `after_stem`) is loaded for this
-    and freed afterwards."""
-    loader.load(model, "", skip=after_stem)
-    hidden, layer_args, layer_kwargs = [], [], []
-
-    def capture(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        layer_args.append(args[1:])
-        layer_kwargs.append(kwargs)
-        raise _StopForward
-
-    handle = first_layer.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for block in blocks:
-            try:
-                model(input_ids=block.to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    loader.unload(model)
-    return hidden, layer_args, layer_kwargs
 
 
 # ------------------------------------------------------------------------------------ the file

@@ -1,0 +1,261 @@
+"""A causal LM run one decoder layer at a time, straight from its checkpoint.
+
+The model is built on the meta device. Its stem (embeddings) runs once per batch to capture what the
+first decoder layer receives: the hidden states and the other arguments exactly as the model passes
+them (attention mask, rotary embeddings, ...). Then each decoder layer in turn is read from the
+checkpoint, runs every batch and is freed, and the final norm runs last. Peak memory is one layer's
+weights plus the batches' hidden states at one depth, whatever the depth of the model.
+
+AIM's `--stream-layers` calibration watches module inputs through forward hooks on `model`; Mediator's
+router reads `pooled_hidden_states`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from mergewise.checkpoint import ModelFolder
+from mergewise.checkpoint.pretrained import load_pretrained
+from mergewise.devices import resolve_device
+from mergewise.errors import MergewiseError
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids [batch, tokens] and, for right-padded prompts, their attention mask (1 = token)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first decoder layer needs to run."""
+
+
+class LayerwiseModel:
+    """Runs batches through a model folder's causal LM one decoder layer at a time, in `dtype`.
+
+    Hidden states are numbered as in transformers' `output_hidden_states`: 0 is the stem's output,
+    i the input of decoder layer i, `num_layers` the final norm's output. Forward hooks registered
+    on the modules of `model` see each module's real inputs while it runs."""
+
+    def __init__(self, folder: ModelFolder, config: PretrainedConfig, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device = torch.device("cpu"), trust_remote_code: bool = False):
+        if len(set(getattr(config, "layer_types", None) or [None])) > 1:
+            raise MergewiseError(f"{folder.path}: layers of different attention types "
+                                 f"({sorted(set(config.layer_types))}) cannot be run layer by layer; "
+                                 "use the in-memory pass")
+        if not dtype.is_floating_point:
+            raise MergewiseError(f"dtype {dtype}: expected a floating-point dtype")
+        self.folder = folder
+        self.device = device
+        self.model = _model_skeleton(config, dtype, device, trust_remote_code)
+        self.num_layers = config.num_hidden_layers
+        self.layers_name, self.layers = _decoder_layers(self.model, self.num_layers, folder)
+        self.head = self.model.get_output_embeddings()
+        self.tail = self._tail()
+        self._prefix_to_strip = f"{self.model.base_model_prefix}."
+
+    def hidden_state_index(self, layer: int) -> int:
+        """`layer` as a hidden state number 0..num_layers (negative ones count from the end)."""
+        count = self.num_layers + 1
+        if not -count <= layer < count:
+            raise MergewiseError(f"{self.folder.path}: hidden state {layer} does not exist; a model of "
+                                 f"{self.num_layers} decoder layers has {-count}..{count - 1}")
+        return layer % count
+
+    @torch.inference_mode()
+    def run(self, batches: Sequence[Batch], *, through: int = -1,
+            observe: Callable[[int, list[torch.Tensor]], None] | None = None, desc: str = "layers",
+            quiet: bool = False) -> list[torch.Tensor]:
+        """Each batch's hidden states number `through`; `observe(number, states)` sees every number
+        up to it. Only the layers (and the final norm) that `through` needs are loaded, and each
+        batch's states are replaced as it leaves a layer, so one depth's states are held at a time."""
+        through = self.hidden_state_index(through)
+        states, layer_args, layer_kwargs = self._first_layer_inputs(batches)
+        if observe:
+            observe(0, list(states))
+        for index in tqdm(range(through), desc=desc, disable=quiet):
+            layer = self.layers[index]
+            with self._loaded(layer, f"{self.layers_name}.{index}"):
+                for batch, (args, kwargs) in enumerate(zip(layer_args, layer_kwargs)):
+                    states[batch] = _hidden(layer(states[batch], *args, **kwargs))
+            if index + 1 == self.num_layers and self.tail is not None:
+                with self._loaded(self.tail, _module_name(self.model, self.tail)):
+                    for batch, hidden in enumerate(states):
+                        states[batch] = self.tail(hidden)
+            if observe:
+                observe(index + 1, list(states))
+        return states
+
+    # ------------------------------------------------------------------------------- the parts
+    def _tail(self) -> nn.Module | None:
+        """The one module with parameters between the decoder layers and the head (the final norm);
+        every other module outside the layers must be an embedding (the stem)."""
+        inside_layers = {id(module) for module in self.layers.modules()}
+        tail = [module for module in self.model.modules()
+                if any(parameter is not None for parameter in module._parameters.values())
+                and id(module) not in inside_layers and module is not self.head
+                and not isinstance(module, nn.Embedding)]
+        if len(tail) > 1:
+            raise MergewiseError(f"{self.folder.path}: more than one module besides the embeddings lies outside "
+                                 "the decoder layers and the head; it cannot be run layer by layer, "
+                                 "use the in-memory pass")
+        return tail[0] if tail else None
+
+    def _first_layer_inputs(self, batches: Sequence[Batch]):
+        """Run every batch up to the first decoder layer and keep what that layer receives. The stem
+        (every parameter outside the layers, the head and the final norm) is loaded only for this."""
+        hidden, layer_args, layer_kwargs = [], [], []
+
+        def capture(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+            layer_args.append(args[1:])
+            layer_kwargs.append(kwargs)
+            raise _StopForward
+
+        not_stem = (f"{self.layers_name}.", *(f"{_module_name(self.model, module)}."
+                                             for module in (self.head, self.tail) if module is not None))
+        # first of the layer's hooks: the caller's see the layer only when it really runs
+        handle = self.layers[0].register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
+        try:
+            with self._loaded(self.model, "", skip=not_stem):
+                for batch in batches:
+                    mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
+                    try:
+                        self.model(input_ids=batch.input_ids.to(self.device), attention_mask=mask, use_cache=False)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+        return hidden, layer_args, layer_kwargs
+
+    # ------------------------------------------------------------------------------ the weights
+    @contextmanager
+    def _loaded(self, module: nn.Module, prefix: str, skip: tuple[str, ...] = ()):
+        """`module`'s parameters (but those under `skip`) read from the checkpoint, in the dtype the
+        model declares for them, on the device; back on the meta device afterwards."""
+        try:
+            for name, parameter in list(module.named_parameters()):
+                if not name.startswith(skip):
+                    stored_name = self._stored_name(f"{prefix}.{name}" if prefix else name)
+                    tensor = self.folder.read(stored_name)
+                    if tensor.shape != parameter.shape:
+                        raise MergewiseError(f"{self.folder.path}: tensor {stored_name} has shape "
+                                             f"{list(tensor.shape)}, the model expects {list(parameter.shape)}")
+                    dtype = parameter.dtype if tensor.is_floating_point() else tensor.dtype
+                    _set_parameter(module, name, tensor.to(self.device, dtype))
+            yield
+        finally:
+            for name, parameter in list(module.named_parameters()):
+                if parameter.device.type != "meta":
+                    _set_parameter(module, name, torch.empty_like(parameter, device="meta"))
+
+    def _stored_name(self, name: str) -> str:
+        candidates = (name, name.removeprefix(self._prefix_to_strip))
+        found = next((candidate for candidate in candidates if candidate in self.folder.tensors), None)
+        if found is None:
+            raise MergewiseError(f"{self.folder.path}: tensor {name} is missing from the checkpoint")
+        return found
+
+
+def pooled_hidden_states(folder: str | Path | ModelFolder, prompt_ids: list[list[int]], layer: int = -1, *,
+                         dtype: torch.dtype | None = None, device: str = "cpu", batch_size: int = 8, pad_id: int = 0,
+                         max_tokens: int | None = None, quiet: bool = False,
+                         trust_remote_code: bool = False) -> torch.Tensor:
+    """Float32 [prompts, hidden]: each prompt's hidden state number `layer` (as in transformers'
+    `output_hidden_states`; -1 is the final norm's output) averaged over its tokens, with only its
+    last `max_tokens` ids if given. Prompts are right-padded per batch, so every prompt sees positions
+    0.. as in the in-memory model. `dtype` None computes in the checkpoint's stored floating dtype."""
+    if batch_size < 1:
+        raise MergewiseError(f"batch_size {batch_size}: expected at least 1")
+    if max_tokens is not None and max_tokens < 1:
+        raise MergewiseError(f"max_tokens {max_tokens}: expected at least 1 (or None for whole prompts)")
+    if not prompt_ids:
+        raise MergewiseError("no prompts to read hidden states of")
+    if empty := [row for row, ids in enumerate(prompt_ids) if not len(ids)]:
+        raise MergewiseError(f"prompt {empty[0]} has no token ids")
+    folder = folder if isinstance(folder, ModelFolder) else ModelFolder(folder)
+    try:  # the config first: it says whether the model's own code would run
+        config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise MergewiseError(f"{folder.path}: cannot load its config ({str(error).splitlines()[0]})") from None
+    runner = LayerwiseModel(folder, config, dtype=dtype or stored_dtype(folder), device=resolve_device(device),
+                            trust_remote_code=trust_remote_code)
+    kept = [list(ids)[-max_tokens:] if max_tokens else list(ids) for ids in prompt_ids]
+    batches = [right_padded(kept[start:start + batch_size], pad_id) for start in range(0, len(kept), batch_size)]
+    states = runner.run(batches, through=layer, desc="hidden states (layers)", quiet=quiet)
+    pooled = []
+    for hidden, batch in zip(states, batches):
+        weights = batch.attention_mask.to(hidden.device)[..., None].float()
+        pooled.append(((hidden.float() * weights).sum(1) / weights.sum(1)).cpu())
+    return torch.cat(pooled)
+
+
+def stored_dtype(folder: ModelFolder) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's values: the precision it was saved in,
+    which a few tensors kept in float32 (as some checkpoints keep norms) do not change."""
+    counts: dict[torch.dtype, int] = {}
+    for info in folder.tensors.values():
+        if info.dtype.is_floating_point:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes // info.dtype.itemsize
+    if not counts:
+        raise MergewiseError(f"{folder.path}: the checkpoint holds no floating-point tensor")
+    return max(counts, key=counts.__getitem__)
+
+
+def right_padded(prompts: list[list[int]], pad_id: int) -> Batch:
+    """Prompts as one batch padded on the right, so that each one's tokens sit at positions 0.."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, :len(ids)] = 1
+    return Batch(input_ids, mask)
+
+
+def _model_skeleton(config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
+                    trust_remote_code: bool) -> nn.Module:
+    """The model with its parameters on the meta device (no memory: the layers are loaded one at a
+    time) and its buffers on `device`. Buffers (rotary frequencies, embedding scales) are computed,
+    not stored in checkpoints: the model's own initialisation fills them, as in `from_pretrained`."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, buffer in list(model.named_buffers()):
+        owner_name, _, leaf = name.rpartition(".")
+        model.get_submodule(owner_name)._buffers[leaf] = torch.empty_like(buffer, device=device)
+    model.initialize_weights()
+    return model.eval()
+
+
+def _decoder_layers(model: nn.Module, depth: int, folder: ModelFolder) -> tuple[str, nn.ModuleList]:
+    """The decoder's block list, found generically: the ModuleList of `depth` modules."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth:
+            return name, module
+    raise MergewiseError(f"{folder.path}: no list of {depth} decoder layers found; it cannot be run layer "
+                         "by layer, use the in-memory pass")
+
+
+def _hidden(output) -> torch.Tensor:
+    """A decoder layer's hidden states, whether it returns them alone or first in a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _module_name(model: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
+
+
+def _set_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    module.get_submodule(owner_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)

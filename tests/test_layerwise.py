@@ -1,0 +1,197 @@
+"""The layer-by-layer pass against transformers' whole model in memory: every hidden state it
+numbers as `output_hidden_states` does, pooled features as the in-memory router computes them, one
+decoder layer's weights loaded at a time, and a clear error for what it cannot run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mergewise.checkpoint import ModelFolder
+from mergewise.errors import MergewiseError
+from mergewise.layerwise import Batch, LayerwiseModel, pooled_hidden_states, stored_dtype
+from tests.support.tiny_models import build_tiny_model
+from tests.test_remote_code import add_code, answers_yes  # noqa: F401 (answers_yes is a fixture)
+
+NUM_LAYERS = 4
+BATCH_SIZE = 4
+PAD_ID = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """make(arch, **options): a bfloat16 tiny model of NUM_LAYERS decoder layers, built once."""
+    built: dict[tuple, Path] = {}
+
+    def make(arch: str, **options) -> Path:
+        key = (arch, tuple(sorted(options.items())))
+        if key not in built:
+            options = {"num_layers": NUM_LAYERS, **options}
+            built[key] = build_tiny_model(arch, tmp_path_factory.mktemp(f"layerwise-{arch}") / "model", **options)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    """Prompts of different lengths, so every batch of BATCH_SIZE is right-padded."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(4, 256, (length,), generator=generator).tolist() for length in (5, 9, 1, 12, 7, 3, 10, 4, 6)]
+
+
+def in_memory_pooled(folder: Path, prompts: list[list[int]], layer: int, dtype: torch.dtype,
+                     max_tokens: int | None = None) -> torch.Tensor:
+    """The whole model in memory: right-padded batches with their attention mask, the mean over each
+    prompt's tokens of `output_hidden_states[layer]`."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    pooled = []
+    for start in range(0, len(prompts), BATCH_SIZE):
+        batch = [ids[-max_tokens:] if max_tokens else ids for ids in prompts[start:start + BATCH_SIZE]]
+        input_ids = torch.full((len(batch), max(map(len, batch))), PAD_ID)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(batch):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
+        with torch.no_grad():
+            hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+        weights = mask[..., None].float()
+        pooled.append((hidden.float() * weights).sum(1) / weights.sum(1))
+    return torch.cat(pooled)
+
+
+def runner_for(folder: Path, dtype: torch.dtype = torch.float32) -> LayerwiseModel:
+    model_folder = ModelFolder(folder)
+    return LayerwiseModel(model_folder, AutoConfig.from_pretrained(folder), dtype=dtype)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gpt2"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layer", [-1, 0, NUM_LAYERS // 2, -NUM_LAYERS])
+def test_pooled_hidden_states_match_the_model_in_memory(arch, dtype, tolerance, layer, tiny_model, prompts):
+    folder = tiny_model(arch)
+    streamed = pooled_hidden_states(folder, prompts, layer, dtype=dtype, batch_size=BATCH_SIZE, pad_id=PAD_ID,
+                                    quiet=True)
+    expected = in_memory_pooled(folder, prompts, layer, dtype)
+    assert streamed.dtype == torch.float32 and streamed.shape == expected.shape
+    torch.testing.assert_close(streamed, expected, atol=tolerance, rtol=tolerance)
+
+
+def test_max_tokens_keeps_the_last_ids(tiny_model, prompts):
+    folder = tiny_model("llama")
+    streamed = pooled_hidden_states(folder, prompts, -2, dtype=torch.float32, batch_size=BATCH_SIZE, pad_id=PAD_ID,
+                                    max_tokens=4, quiet=True)
+    torch.testing.assert_close(streamed, in_memory_pooled(folder, prompts, -2, torch.float32, max_tokens=4),
+                               atol=1e-5, rtol=1e-5)
+    truncated = [ids[-4:] for ids in prompts]
+    assert torch.equal(streamed, pooled_hidden_states(folder, truncated, -2, dtype=torch.float32,
+                                                      batch_size=BATCH_SIZE, pad_id=PAD_ID, quiet=True))
+
+
+def test_no_dtype_computes_in_the_stored_one(tiny_model, prompts, tmp_path):
+    folder = tiny_model("llama")
+    assert stored_dtype(ModelFolder(folder)) == torch.bfloat16
+    assert torch.equal(pooled_hidden_states(folder, prompts, quiet=True),
+                       pooled_hidden_states(folder, prompts, dtype=torch.bfloat16, quiet=True))
+    float_folder = build_tiny_model("llama", tmp_path / "fp32", dtype=torch.float32, num_layers=1)
+    assert stored_dtype(ModelFolder(float_folder)) == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_every_hidden_state_is_observed_with_the_attention_mask(arch, tiny_model):
+    """Left padding, where the mask changes every real token's hidden states: the first layer's
+    captured arguments carry it, and `observe` sees hidden states 0..num_layers in order."""
+    folder = tiny_model(arch)
+    input_ids = torch.randint(4, 256, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = mask[2, :1] = 0
+    observed = []
+    runner_for(folder).run([Batch(input_ids, mask)], observe=lambda index, states: observed.append((index, states)),
+                           quiet=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert [index for index, _ in observed] == list(range(NUM_LAYERS + 1)) == list(range(len(expected)))
+    tokens = mask.bool()
+    for index, states in observed:
+        torch.testing.assert_close(states[0][tokens], expected[index][tokens], atol=1e-5, rtol=1e-5)
+
+
+def test_one_decoder_layer_is_loaded_at_a_time(tiny_model):
+    """A spy on every decoder layer and the final norm lists the weights loaded while it runs: one
+    layer's (in the compute dtype), only up to the requested hidden state, nothing afterwards."""
+    runner = runner_for(tiny_model("llama", num_layers=6), torch.bfloat16)
+    loaded: list[tuple[str, set[str]]] = []
+
+    def spy(name):
+        def record(module, args):
+            weights = {key: value for key, value in runner.model.named_parameters() if value.device.type != "meta"}
+            assert all(value.dtype == torch.bfloat16 for value in weights.values())
+            loaded.append((name, set(weights)))
+        return record
+
+    for index, layer in enumerate(runner.layers):
+        layer.register_forward_pre_hook(spy(f"{runner.layers_name}.{index}"))
+    runner.model.get_input_embeddings().register_forward_pre_hook(spy("stem"))
+    runner.tail.register_forward_pre_hook(spy("norm"))
+    batches = [Batch(torch.tensor([[5, 6, 7]])), Batch(torch.tensor([[8, 9]]))]
+
+    def layer_weights(name):
+        return {f"{name}.{key}" for key, _ in runner.model.get_submodule(name).named_parameters()}
+
+    runner.run(batches, through=3, quiet=True)
+    assert loaded == [("stem", {"model.embed_tokens.weight"})] * 2 + [
+        (f"model.layers.{index}", layer_weights(f"model.layers.{index}")) for index in range(3) for _ in batches]
+    loaded.clear()
+    runner.run(batches, quiet=True)
+    assert [name for name, _ in loaded] == ["stem"] * 2 + [
+        f"model.layers.{index}" for index in range(6) for _ in batches] + ["norm"] * 2
+    assert loaded[-1] == ("norm", {"model.norm.weight"})
+    assert all(parameter.device.type == "meta" for parameter in runner.model.parameters())
+
+
+def test_layers_of_different_attention_types_are_one_clear_error(tiny_model, tmp_path, prompts):
+    folder = Path(shutil.copytree(tiny_model("qwen2"), tmp_path / "mixed"))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=4,
+                  layer_types=["full_attention", "sliding_attention"] * (NUM_LAYERS // 2))
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MergewiseError, match=r"mixed: layers of different attention types .*full_attention"):
+        pooled_hidden_states(folder, prompts, quiet=True)
+
+
+def test_a_missing_tensor_is_named(tiny_model, tmp_path, prompts):
+    folder = Path(shutil.copytree(tiny_model("llama"), tmp_path / "broken"))
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergewiseError, match=r"broken: tensor model\.layers\.1\.mlp\.up_proj\.weight is missing"):
+        pooled_hidden_states(folder, prompts, quiet=True)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"layer": NUM_LAYERS + 1}, rf"hidden state {NUM_LAYERS + 1} does not exist; .* -{NUM_LAYERS + 1}\.\.{NUM_LAYERS}"),
+    ({"layer": -NUM_LAYERS - 2}, "does not exist"),
+    ({"max_tokens": 0}, "max_tokens 0: expected at least 1"),
+    ({"batch_size": 0}, "batch_size 0: expected at least 1"),
+    ({"prompt_ids": [[5], []]}, "prompt 1 has no token ids"),
+    ({"prompt_ids": []}, "no prompts"),
+    ({"dtype": torch.int8}, "dtype torch.int8: expected a floating-point dtype"),
+])
+def test_bad_arguments_are_one_clear_error(options, message, tiny_model, prompts):
+    arguments = {"prompt_ids": prompts, **options}
+    with pytest.raises(MergewiseError, match=message):
+        pooled_hidden_states(tiny_model("llama"), quiet=True, **arguments)
+
+
+def test_folder_code_runs_only_when_trusted(tmp_path, prompts, answers_yes):  # noqa: F811 (the fixture)
+    folder = add_code(build_tiny_model("llama", tmp_path / "model", num_layers=1), "config")
+    with pytest.raises(MergewiseError, match="trust_remote_code=True"):
+        pooled_hidden_states(folder, prompts, quiet=True)
+    assert not (folder / "PWNED").exists()
