@@ -28,6 +28,7 @@ UNCERTAINTY_CEILING = 0.99      # however the thresholds came out, probabilities
 # Held-out accuracy below chance + this share of the way to 1 means the features do not tell the
 # tasks apart (3 tasks: below 2/3): the build warns and records it.
 DISTINGUISHING_MARGIN = 0.5
+VARIANCE_PRIOR = 4.0
 LOGISTIC_L2 = 1e-2
 LOGISTIC_STEPS = 200
 
@@ -85,6 +86,7 @@ class Router:
         self.calibration_distances = tensors["calibration_distances"]
         self.weight = tensors.get("weight")
         self.bias = tensors.get("bias")
+        self.variances = tensors.get("variances")
         self.temperature = float(temperature)
         self.uncertainty_thresholds = tensors["uncertainty_thresholds"]  # per predicted task
         self.ood_thresholds = tensors["ood_thresholds"]  # per task: a distance to its prototype
@@ -110,6 +112,8 @@ class Router:
         tensors = {"mean": mean, "std": std}
         fit_z, held_z = (fit_x - mean) / std, (held_x - mean) / std
         tensors["prototypes"] = torch.stack([fit_z[fit_y == t].mean(0) for t in range(len(tasks))])
+        if settings.kind == "gaussian":
+            tensors["variances"] = _class_variances(fit_z, fit_y, tensors["prototypes"])
         if settings.kind == "logistic":
             tensors["weight"], tensors["bias"] = _train_head(fit_z, fit_y, len(tasks))
 
@@ -120,14 +124,12 @@ class Router:
         router.temperature = _fit_temperature(held_scores, held_y)
 
         held_probs = router._softmax(held_scores)
-        held_distances = router._distances(held_z)
-        fit_distances = router._leave_one_out_distances(fit_z, fit_y)
         # Some tasks are inherently less certain than others (similar prompt formats): a threshold per
         # predicted task keeps the blended share of each task's own prompts near 1 − quantile. The
-        # prototype router's fit prompts count too, scored with their own prompt left out.
+        # distance routers' fit prompts count too, scored with their own prompt left out.
         probs = held_probs
-        if settings.kind == "prototype":
-            probs = torch.cat([held_probs, router._softmax(-fit_distances)])
+        if settings.kind != "logistic":
+            probs = torch.cat([held_probs, router._softmax(-router._leave_one_out_distances(fit_z, fit_y))])
         uncertainty, predicted = router._uncertainty(probs), probs.argmax(-1)
         overall = _quantile(uncertainty, settings.uncertainty_quantile)
         router.uncertainty_thresholds = torch.tensor([
@@ -135,6 +137,8 @@ class Router:
                 else overall, UNCERTAINTY_FLOOR) for t in range(len(tasks))])
         # Tasks differ in spread, so each prototype gets its own radius: a quantile of its own
         # prompts' distances (held-out and leave-one-out fit), widened by the margin.
+        held_distances = router._distances(held_z, spread=True)
+        fit_distances = router._leave_one_out_distances(fit_z, fit_y, spread=True)
         own = torch.cat([fit_distances.gather(1, fit_y[:, None]), held_distances.gather(1, held_y[:, None])])[:, 0]
         labels = torch.cat([fit_y, held_y])
         router.ood_thresholds = torch.tensor([_quantile(own[labels == t], settings.ood_quantile) * settings.ood_margin
@@ -159,7 +163,7 @@ class Router:
         z = self._standardised(features)
         probs = self._softmax(self._scores(z))
         uncertainty = self._uncertainty(probs)
-        nearest, nearest_task = self._distances(z).min(-1)
+        nearest, nearest_task = self._distances(z, spread=True).min(-1)
         ood = torch.searchsorted(self.calibration_distances, nearest, right=True).double()
         ood = ood / len(self.calibration_distances)
         routes = []
@@ -186,6 +190,8 @@ class Router:
                    "uncertainty_thresholds": self.uncertainty_thresholds}
         if self.weight is not None:
             tensors.update(weight=self.weight, bias=self.bias)
+        if self.variances is not None:
+            tensors["variances"] = self.variances
         return {name: tensor.contiguous() for name, tensor in tensors.items()}
 
     def metadata(self) -> dict:
@@ -201,7 +207,7 @@ class Router:
         except (KeyError, TypeError, ValueError) as error:
             raise MergewiseError(f"router metadata is incomplete or invalid ({error})") from None
         needed = ["mean", "std", "prototypes", "calibration_distances", "ood_thresholds", "uncertainty_thresholds"]
-        needed += ["weight", "bias"] if settings.kind == "logistic" else []
+        needed += {"logistic": ["weight", "bias"], "gaussian": ["variances"]}.get(settings.kind, [])
         missing = [name for name in needed if name not in tensors]
         if missing:
             raise MergewiseError(f"router tensors missing: {', '.join(missing)}")
@@ -209,9 +215,12 @@ class Router:
         if not all(bool(torch.isfinite(tensor).all()) for tensor in loaded.values()) or not (
                 math.isfinite(scalars[0]) and scalars[0] > 0):
             raise MergewiseError("router values must be finite (and its temperature positive)")
+        if "variances" in loaded and not bool((loaded["variances"] > 0).all()):
+            raise MergewiseError("router tensor 'variances' must be positive")
         hidden = loaded["mean"].shape[-1]
         shapes = {"mean": (hidden,), "std": (hidden,), "prototypes": (len(tasks), hidden),
                   "weight": (len(tasks), hidden), "bias": (len(tasks),), "ood_thresholds": (len(tasks),),
+                  "variances": (len(tasks), hidden),
                   "uncertainty_thresholds": (len(tasks),)}
         if loaded["calibration_distances"].dim() != 1 or not len(loaded["calibration_distances"]):
             raise MergewiseError("router tensor 'calibration_distances' must be a non-empty vector")
@@ -227,22 +236,29 @@ class Router:
                                  f"got {list(features.shape)}")
         return (features.detach().to("cpu", torch.float32) - self.mean) / self.std
 
-    def _distances(self, z: torch.Tensor) -> torch.Tensor:
-        """Distance of each standardised feature to each prototype [B, T], comparable across widths."""
+    def _distances(self, z: torch.Tensor, spread: bool = False) -> torch.Tensor:
+        """Distance of each standardised feature to each task [B, T], comparable across widths. With
+        `spread` (the out-of-distribution test) a gaussian router scales each feature's squared
+        deviation by the task's own variance of it; routing itself always compares with the means."""
+        if spread and self.variances is not None:
+            return torch.stack([((z - mean).square() / variance).mean(-1)
+                                for mean, variance in zip(self.prototypes, self.variances)], -1)
         if self.settings.metric == "cosine":
             return 1.0 - F.normalize(z, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
         exact = "donot_use_mm_for_euclid_dist"  # row by row, so a prompt's route does not depend on its batch
         return torch.cdist(z, self.prototypes, compute_mode=exact).square() / z.shape[-1]
 
-    def _leave_one_out_distances(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """`_distances` of fit features with their own prototype left out of their own task's mean.
+    def _leave_one_out_distances(self, z: torch.Tensor, labels: torch.Tensor, spread: bool = False) -> torch.Tensor:
+        """`_distances` of fit features with their own prompt left out of their own task's mean.
 
         A fit prompt is closer to a prototype it helped form, more so the wider the features; without
         this, fresh in-distribution prompts would land high in the calibration percentile."""
-        distances = self._distances(z)
+        distances = self._distances(z, spread)
         counts = torch.bincount(labels, minlength=len(self.tasks)).float()[labels, None]
         own = (self.prototypes[labels] * counts - z) / (counts - 1)
-        if self.settings.metric == "cosine":
+        if spread and self.variances is not None:
+            loo = _leave_one_out_spread(z, labels, self.prototypes)
+        elif self.settings.metric == "cosine":
             loo = 1.0 - (F.normalize(z, dim=-1) * F.normalize(own, dim=-1)).sum(-1)
         else:
             loo = (z - own).square().sum(-1) / z.shape[-1]
@@ -281,6 +297,36 @@ def _validated(features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         listed = ", ".join(f"{task}: {width}" for task, width in widths.items())
         raise MergewiseError(f"router features have mismatched widths ({listed})")
     return data
+
+
+def _class_variances(z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Each task's per-feature variance, shrunk toward the pooled within-task variance by
+    VARIANCE_PRIOR pseudo-prompts (a few prompts cannot pin down every feature's spread), floored."""
+    squares, counts, pooled = _spread_sums(z, labels, means)
+    return _shrunk(squares, counts[:, None], pooled)
+
+
+def _spread_sums(z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor):
+    deviations = (z - means[labels]).square()
+    squares = torch.zeros_like(means).index_add_(0, labels, deviations)
+    counts = torch.bincount(labels, minlength=len(means)).to(z.dtype)
+    return squares, counts, deviations.mean(0)
+
+
+def _shrunk(squares: torch.Tensor, counts: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    return ((squares + VARIANCE_PRIOR * pooled) / (counts + VARIANCE_PRIOR)).clamp_min(
+        max(1e-6 * float(pooled.max()), 1e-8))
+
+
+def _leave_one_out_spread(z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Each fit prompt's variance-scaled distance to its own task fitted without it (mean and
+    variances both), as a fresh prompt of the task would see it."""
+    squares, counts, pooled = _spread_sums(z, labels, means)
+    n = counts[labels, None]
+    deviation = z - means[labels]
+    own_mean = means[labels] - deviation / (n - 1)
+    own_squares = squares[labels] - deviation.square() * n / (n - 1)
+    return ((z - own_mean).square() / _shrunk(own_squares, n - 1, pooled)).mean(-1)
 
 
 def _stacked(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

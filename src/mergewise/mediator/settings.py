@@ -36,9 +36,12 @@ class RouterSettings(BaseModel):
     """How prompts are routed; every threshold is fitted on the calibration prompts."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["prototype", "logistic"] = "prototype"
+    # prototype: route by the distance to each task's mean; gaussian: the same routing, but the
+    # out-of-distribution test scales each feature by the task's own variance of it (a prompt that
+    # moves a feature its task never varies is far from it); logistic: a linear head.
+    kind: Literal["gaussian", "prototype", "logistic"] = "gaussian"
     feature_layer: int = -1            # hidden-state index: -1 is the last layer's output
-    metric: Literal["euclidean", "cosine"] = "euclidean"
+    metric: Literal["euclidean", "cosine"] = "euclidean"  # of the prototype router
     holdout: float = Field(0.25, gt=0.0, lt=1.0)         # share of prompts that fits temperature/thresholds
     uncertainty_quantile: float = Field(0.95, gt=0.0, le=1.0)  # in-distribution prompts below it are selected
     ood_quantile: float = Field(0.99, gt=0.0, le=1.0)    # nearest-prototype distance percentile beyond it is OOD
