@@ -196,8 +196,7 @@ def pooled_hidden_states(folder: str | Path | ModelFolder, prompt_ids: list[list
     states = runner.run(batches, through=layer, desc="hidden states (layers)", quiet=quiet)
     pooled = []
     for hidden, batch in zip(states, batches):
-        weights = batch.attention_mask.to(hidden.device)[..., None].float()
-        pooled.append(((hidden.float() * weights).sum(1) / weights.sum(1)).cpu())
+        pooled.append(mean_pooled(hidden, batch.attention_mask))
     return torch.cat(pooled)
 
 
@@ -211,6 +210,12 @@ def stored_dtype(folder: ModelFolder) -> torch.dtype:
     if not counts:
         raise MergewiseError(f"{folder.path}: the checkpoint holds no floating-point tensor")
     return max(counts, key=counts.__getitem__)
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean hidden state over its real tokens, float32 on the CPU."""
+    weights = attention_mask.to(hidden.device)[..., None].float()
+    return ((hidden.float() * weights).sum(1) / weights.sum(1)).cpu()
 
 
 def right_padded(prompts: list[list[int]], pad_id: int) -> Batch:

@@ -214,6 +214,18 @@ def test_a_folder_of_the_first_format_names_its_version(mediator_dir, tmp_path, 
     assert "Mediator format 1 (built by mergewise 0.1.0)" in error and "reads format 2" in error
 
 
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_the_builds_layer_streamed_features_are_the_runtimes(mediator_dir, layer):
+    """The router is fitted on features from a layer-by-layer pass; routing computes them with the
+    whole model in memory: the two are the same numbers."""
+    from mergewise.layerwise import pooled_hidden_states
+
+    model = load(mediator_dir)
+    ids = model.encode([text for words in TASK_WORDS.values() for text in prompts_for(words, 5, 9)])
+    streamed = pooled_hidden_states(mediator_dir, ids, layer, pad_id=model.tokenizer.pad_token_id, max_tokens=6)
+    assert torch.equal(streamed, model.features(ids, layer, max_tokens=6))
+
+
 def test_plain_folder_generates_without_route(family):
     _, built = family
     [(text, route)] = load(built.base).generate_text(["model merging"], max_new_tokens=3)

@@ -27,6 +27,7 @@ from mergewise.checkpoint.tokens import start_token_id
 from mergewise.devices import resolve_device
 from mergewise.engine import row_ranges
 from mergewise.errors import MergewiseError
+from mergewise.layerwise import mean_pooled, right_padded
 from mergewise.mediator.codes import CODES, Stored, matrix_shape
 from mergewise.mediator.router import Route, Router
 from mergewise.plan import parse_dtype
@@ -157,19 +158,11 @@ class RoutedModel:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         pooled = []
         for start in range(0, len(prompt_ids), FEATURE_BATCH):
-            batch = [list(ids)[-max_tokens:] if max_tokens else list(ids)
-                     for ids in prompt_ids[start:start + FEATURE_BATCH]]
-            width = max(len(ids) for ids in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, ids in enumerate(batch):
-                input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                mask[row, :len(ids)] = 1
-            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-            hidden = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            states = hidden[layer].float()
-            weights = mask[..., None].float()
-            pooled.append(((states * weights).sum(1) / weights.sum(1)).cpu())
+            batch = right_padded([list(ids)[-max_tokens:] if max_tokens else list(ids)
+                                  for ids in prompt_ids[start:start + FEATURE_BATCH]], pad)
+            hidden = self.model(input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device),
+                                output_hidden_states=True).hidden_states
+            pooled.append(mean_pooled(hidden[layer], batch.attention_mask))
         return torch.cat(pooled)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
