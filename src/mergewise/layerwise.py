@@ -168,13 +168,15 @@ class LayerwiseModel:
         return found
 
 
-def pooled_hidden_states(folder: str | Path | ModelFolder, prompt_ids: list[list[int]], layer: int = -1, *,
+def pooled_hidden_states(folder: str | Path | ModelFolder, prompt_ids: list[list[int]],
+                         layer: int | Sequence[int] = -1, *,
                          dtype: torch.dtype | None = None, device: str = "cpu", batch_size: int = 8, pad_id: int = 0,
                          max_tokens: int | None = None, quiet: bool = False,
                          trust_remote_code: bool = False) -> torch.Tensor:
     """Float32 [prompts, hidden]: each prompt's hidden state number `layer` (as in transformers'
     `output_hidden_states`; -1 is the final norm's output) averaged over its tokens, with only its
-    last `max_tokens` ids if given. Prompts are right-padded per batch, so every prompt sees positions
+    last `max_tokens` ids if given; for several numbers, their averages side by side in that order
+    ([prompts, hidden × numbers]), from one pass. Prompts are right-padded per batch, so every prompt sees positions
     0.. as in the in-memory model. `dtype` None computes in the checkpoint's stored floating dtype."""
     if batch_size < 1:
         raise MergewiseError(f"batch_size {batch_size}: expected at least 1")
@@ -193,11 +195,18 @@ def pooled_hidden_states(folder: str | Path | ModelFolder, prompt_ids: list[list
                             trust_remote_code=trust_remote_code)
     kept = [list(ids)[-max_tokens:] if max_tokens else list(ids) for ids in prompt_ids]
     batches = [right_padded(kept[start:start + batch_size], pad_id) for start in range(0, len(kept), batch_size)]
-    states = runner.run(batches, through=layer, desc="hidden states (layers)", quiet=quiet)
-    pooled = []
-    for hidden, batch in zip(states, batches):
-        pooled.append(mean_pooled(hidden, batch.attention_mask))
-    return torch.cat(pooled)
+    wanted = [runner.hidden_state_index(number) for number in ([layer] if isinstance(layer, int) else layer)]
+    if not wanted:
+        raise MergewiseError("no hidden state number given")
+    pooled: dict[int, torch.Tensor] = {}
+
+    def keep(number: int, states: list[torch.Tensor]) -> None:
+        if number in wanted:
+            pooled[number] = torch.cat([mean_pooled(hidden, batch.attention_mask)
+                                        for hidden, batch in zip(states, batches)])
+
+    runner.run(batches, through=max(wanted), observe=keep, desc="hidden states (layers)", quiet=quiet)
+    return torch.cat([pooled[number] for number in wanted], -1)
 
 
 def stored_dtype(folder: ModelFolder) -> torch.dtype:

@@ -214,7 +214,7 @@ def test_a_folder_of_the_first_format_names_its_version(mediator_dir, tmp_path, 
     assert "Mediator format 1 (built by mergewise 0.1.0)" in error and "reads format 2" in error
 
 
-@pytest.mark.parametrize("layer", [-1, 1])
+@pytest.mark.parametrize("layer", [-1, 1, [2, 1]])
 def test_the_builds_layer_streamed_features_are_the_runtimes(mediator_dir, layer):
     """The router is fitted on features from a layer-by-layer pass; routing computes them with the
     whole model in memory: the two are the same numbers."""

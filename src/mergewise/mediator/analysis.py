@@ -5,13 +5,17 @@
 - cancellation c = 1 − ‖Σ_t τ_t‖ / Σ_t ‖τ_t‖ (0: aligned, → 1: the updates cancel);
 - pairwise cosines of the task vectors, per unit and over the whole model.
 
-Streamed: one tensor of each expert at a time; every sum is accumulated in float64.
+Streamed in row chunks (memory: one chunk of each expert, whatever the tensor's size): per tensor,
+the cut of each expert's top-k comes from exact histograms of |τ|'s bit patterns over the row chunks,
+then a last pass over the chunks accumulates every sum in float64 and feeds the chunk observers.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,10 +25,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from mergewise.checkpoint import RECORD_FILE, check_output_location, staged_folder
-from mergewise.engine import CHUNK_ELEMENTS
+from mergewise.engine import row_ranges
+from mergewise.errors import MergewiseError
 from mergewise.mediator.settings import MediatorRecipe
+from mergewise.mediator.units import ExpertTensor, expert_tensors, unit_of
 from mergewise.methods.sparsify import kept_count
-from mergewise.mediator.units import expert_tensors, unit_of
 
 
 @dataclass
@@ -90,7 +95,7 @@ class ConflictReport:
 
 @dataclass
 class _Sums:
-    """Running float64 sums of one unit (or of the whole model)."""
+    """Running float64 sums of one row chunk, one unit or the whole model."""
 
     tasks: int
     parameters: int = 0
@@ -101,6 +106,13 @@ class _Sums:
 
     def __post_init__(self):
         self.gram = np.zeros((self.tasks, self.tasks))
+
+    def add(self, other: _Sums) -> None:
+        self.parameters += other.parameters
+        self.conflict += other.conflict
+        self.weight += other.weight
+        self.sum_square += other.sum_square
+        self.gram += other.gram
 
     def cosines(self) -> list[list[float]]:
         norms = np.sqrt(np.diag(self.gram))
@@ -114,41 +126,113 @@ class _Sums:
         return 1.0 - float(np.sqrt(self.sum_square)) / total if total > 0 else 0.0
 
 
-def kept_mask(magnitudes: np.ndarray, share: float) -> np.ndarray:
-    """The top-`share` entries by magnitude (entries tied at the cut are all kept)."""
-    keep = kept_count(magnitudes.size, share)
-    if keep >= magnitudes.size:
-        return magnitudes > 0
-    threshold = np.partition(magnitudes, magnitudes.size - keep)[magnitudes.size - keep]
-    return (magnitudes >= threshold) & (magnitudes > 0)
+# A row-chunk observer: (tensor name, its rows, the float32 task vectors [tasks, rows, *rest] there).
+ChunkObserver = Callable[[str, slice, torch.Tensor], None]
 
 
-def accumulate(sums: list[_Sums], vectors: np.ndarray, share: float) -> None:
-    """Add one tensor's task vectors (tasks × entries, float32) to every running sum in `sums`."""
-    magnitudes = np.abs(vectors)
-    kept = np.stack([kept_mask(row, share) for row in magnitudes])
+class TaskVectorChunks:
+    """The task vectors τ_t = θ_t − θ₀ of one tensor, float32 [tasks, rows, *rest], one row chunk at a
+    time, anew on every iteration: the cut needs passes over the whole tensor, and re-reading the
+    rows (from the page cache) keeps memory at one chunk. A tensor of one chunk is read once and kept.
+    1-D tensors come whole, as [tasks, n]; a scalar as [tasks]."""
+
+    def __init__(self, job: ExpertTensor):
+        self.job = job
+        self.ranges = row_ranges(job.shape, whole=len(job.shape) < 2)
+        self._only = self._read(self.ranges[0]) if len(self.ranges) == 1 else None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self._only is not None:
+            return iter([self._only])
+        return (self._read(rows) for rows in self.ranges)
+
+    def _read(self, rows: slice) -> torch.Tensor:
+        base = self.job.base.model.map_rows(self.job.base.name, rows).float()
+        vectors = torch.empty((len(self.job.inputs), *base.shape))
+        for row, source in zip(vectors, self.job.inputs):
+            torch.sub(source.model.map_rows(source.name, rows).float(), base, out=row)
+        return vectors
+
+
+_HALF_BITS = 16
+_BUCKETS = 1 << _HALF_BITS
+
+
+def _magnitude_keys(vectors: torch.Tensor) -> torch.Tensor:
+    """|τ| as int32 bit patterns [tasks, entries]: the bits of non-negative floats order as their values."""
+    return vectors.abs().reshape(len(vectors), -1).view(torch.int32)
+
+
+def _counts(positions: torch.Tensor, tasks: int) -> np.ndarray:
+    """Histograms [tasks, 2^16] of positions task · 2^16 + bucket (np.bincount: 3× torch's speed)."""
+    return np.bincount(positions.reshape(-1).numpy(), minlength=tasks * _BUCKETS).reshape(tasks, _BUCKETS)
+
+
+def _bucket_of_rank(counts: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per task, the bucket of `counts` (a histogram over ascending buckets) holding the rank-th
+    largest entry (rank 1: the largest), and that entry's rank among the bucket's own."""
+    at_or_above = counts[:, ::-1].cumsum(1)[:, ::-1]
+    bucket = (at_or_above >= rank[:, None]).sum(1) - 1
+    tasks = np.arange(len(counts))
+    return bucket, rank - (at_or_above[tasks, bucket] - counts[tasks, bucket])
+
+
+def magnitude_cuts(chunks: Iterable[torch.Tensor], tasks: int, count: int, share: float) -> torch.Tensor:
+    """Per task, the smallest |τ| bit pattern the top-`share` selection of a tensor's `count` entries
+    keeps: entries tied at the cut are all kept, zeros never (cut ≥ 1).
+
+    Exact, in memory bounded by a chunk: the k-th largest |τ| is found by a histogram of the upper 16
+    bits of the float32 bit patterns (one pass over `chunks`), then one of the lower 16 bits of the
+    entries in the bucket holding it (a second pass). `chunks` are row chunks [tasks, ...] of the
+    task vectors and are iterated twice.
+    """
+    keep = kept_count(count, share)
+    if keep >= count:
+        return torch.ones(tasks, dtype=torch.int32)
+    offsets = torch.arange(tasks, dtype=torch.int32).unsqueeze(1) << _HALF_BITS
+    upper = sum(_counts((_magnitude_keys(vectors) >> _HALF_BITS).add_(offsets), tasks) for vectors in chunks)
+    bucket, rank = _bucket_of_rank(upper, np.full(tasks, keep))
+    wanted = torch.from_numpy(bucket).to(torch.int32).unsqueeze(1)
+    lower = 0
+    for vectors in chunks:
+        keys = _magnitude_keys(vectors)
+        task, entry = ((keys >> _HALF_BITS) == wanted).nonzero(as_tuple=True)
+        lower = lower + _counts((keys[task, entry] & (_BUCKETS - 1)) | offsets[task, 0], tasks)
+    low, _ = _bucket_of_rank(lower, rank)
+    return torch.from_numpy((bucket << _HALF_BITS) | low).clamp(min=1).to(torch.int32)
+
+
+def kept_entries(vectors: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
+    """Which entries [tasks, entries] of a row chunk the selection behind `cuts` keeps."""
+    return _magnitude_keys(vectors) >= cuts.unsqueeze(1)
+
+
+def chunk_sums(vectors: torch.Tensor, cuts: torch.Tensor) -> _Sums:
+    """The float64 sums of one row chunk of task vectors [tasks, ...], given the tensor's cuts."""
+    flat = vectors.reshape(len(vectors), -1)
+    sums = _Sums(len(vectors), parameters=flat.shape[1])
+    kept = kept_entries(flat, cuts)
     shared = kept.sum(0) >= 2
     if shared.any():
-        signs = np.where(kept[:, shared], np.sign(vectors[:, shared]), 0)
-        disagree = (signs > 0).any(0) & (signs < 0).any(0)
-        weights = np.where(kept[:, shared], magnitudes[:, shared], 0).sum(0, dtype=np.float64)
-        conflict, weight = float(weights[disagree].sum()), float(weights.sum())
-    else:
-        conflict = weight = 0.0
-    gram, sum_square = np.zeros((len(vectors), len(vectors))), 0.0
-    for start in range(0, vectors.shape[1], CHUNK_ELEMENTS):  # float64 a chunk at a time, not a whole copy
-        chunk = vectors[:, start:start + CHUNK_ELEMENTS].astype(np.float64)
-        gram += chunk @ chunk.T
-        sum_square += float(np.square(chunk.sum(0)).sum())
-    for target in sums:
-        target.parameters += vectors.shape[1]
-        target.conflict += conflict
-        target.weight += weight
-        target.sum_square += sum_square
-        target.gram += gram
+        kept, values = kept[:, shared], flat[:, shared]
+        disagree = (kept & (values > 0)).any(0) & (kept & (values < 0)).any(0)
+        weights = torch.where(kept, values.abs(), 0).double().sum(0)
+        sums.conflict, sums.weight = float(weights[disagree].sum()), float(weights.sum())
+    wide = flat.double()
+    sums.gram = (wide @ wide.T).numpy()
+    sums.sum_square = float(wide.sum(0).square().sum())
+    return sums
 
 
-def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False) -> ConflictReport:
+def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False,
+                      observers: Sequence[ChunkObserver] = ()) -> ConflictReport:
+    """The conflict report of the recipe's experts, in memory bounded by one row chunk per expert.
+
+    Each observer is called as `observer(name, rows, task_vectors)` once per row chunk of every
+    floating tensor, in tensor order then row order, so that every row is seen exactly once;
+    `task_vectors` is float32 [tasks, rows, *rest] (1-D tensors: one chunk [tasks, n]) and is not
+    used by the analysis afterwards.
+    """
     plan = expert_tensors(recipe)
     tasks = recipe.settings.tasks
     share = recipe.settings.conflict_density
@@ -156,16 +240,21 @@ def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False) -> Conflic
     overall = _Sums(len(tasks))
     jobs = [job for job in plan.jobs if job.out_dtype.is_floating_point]
     try:
-        with tqdm(total=sum(int(np.prod(job.shape)) for job in jobs), unit="param", unit_scale=True,
+        with tqdm(total=sum(math.prod(job.shape) for job in jobs), unit="param", unit_scale=True,
                   desc="conflict analysis", disable=quiet) as progress:
             for job in jobs:
-                base = job.base.model.read(job.base.name).float().reshape(-1)
-                vectors = torch.stack([source.model.read(source.name).float().reshape(-1) - base
-                                       for source in job.inputs]).numpy()
                 unit_sums, names = units.setdefault(unit_of(job.name), (_Sums(len(tasks)), []))
                 names.append(job.name)
-                accumulate([unit_sums, overall], vectors, share)
-                progress.update(vectors.shape[1])
+                chunks = TaskVectorChunks(job)
+                cuts = magnitude_cuts(chunks, len(tasks), math.prod(job.shape), share)
+                for rows, vectors in zip(chunks.ranges, chunks):
+                    sums = chunk_sums(vectors, cuts)
+                    _check_finite(sums, job)
+                    unit_sums.add(sums)
+                    overall.add(sums)
+                    for observer in observers:
+                        observer(job.name, rows, vectors)
+                    progress.update(sums.parameters)
     finally:
         for model in plan.models:
             model.close()
@@ -177,6 +266,14 @@ def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False) -> Conflic
         overall_cosines=overall.cosines(),
         conflict_density=share,
     )
+
+
+def _check_finite(sums: _Sums, job: ExpertTensor) -> None:
+    """‖τ_t‖² of finite float32 entries cannot overflow float64: a non-finite one means NaN or infinity."""
+    for task, square in enumerate(np.diag(sums.gram)):
+        if not math.isfinite(square):
+            raise MergewiseError(f"tensor {job.name}: the task vector of expert {job.inputs[task].model.path} "
+                                 f"holds NaN or infinity; the conflict analysis needs finite weights")
 
 
 def analyze_to_folder(recipe: MediatorRecipe, report_dir: str | Path, *, overwrite: bool = False,

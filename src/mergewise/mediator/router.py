@@ -70,7 +70,7 @@ class FitReport:
         chance = 1 / len(self.prompts)
         return (f"the router cannot tell the tasks apart: held-out accuracy {self.heldout_accuracy:.2f} against "
                 f"{chance:.2f} by chance; most prompts will blend the experts. Give more (or more distinct) "
-                "calibration prompts per task, or another router.feature_layer")
+                "calibration prompts per task, or other router.feature_layers")
 
 
 class Router:

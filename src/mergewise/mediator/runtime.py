@@ -151,8 +151,10 @@ class RoutedModel:
 
     # ------------------------------------------------------------------------------ routing
     @torch.no_grad()
-    def features(self, prompt_ids: Sequence[Sequence[int]], layer: int = -1, max_tokens: int | None = None) -> torch.Tensor:
-        """Mean-pooled hidden state of each prompt at `layer`, with the current (dense) weights.
+    def features(self, prompt_ids: Sequence[Sequence[int]], layer: int | Sequence[int] = -1,
+                 max_tokens: int | None = None) -> torch.Tensor:
+        """Mean-pooled hidden state of each prompt at `layer` (several: side by side), with the
+        current (dense) weights.
 
         Prompts are right-padded so every prompt sees positions 0.., as at calibration time."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -162,7 +164,8 @@ class RoutedModel:
                                   for ids in prompt_ids[start:start + FEATURE_BATCH]], pad)
             hidden = self.model(input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device),
                                 output_hidden_states=True).hidden_states
-            pooled.append(mean_pooled(hidden[layer], batch.attention_mask))
+            pooled.append(torch.cat([mean_pooled(hidden[number], batch.attention_mask)
+                                     for number in ([layer] if isinstance(layer, int) else layer)], -1))
         return torch.cat(pooled)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -173,7 +176,8 @@ class RoutedModel:
             return [None] * len(prompt_ids)
         settings = self.router.settings
         self.use_weights({})  # the router was fitted on D's features
-        features = self.features(prompt_ids, settings.feature_layer, settings.max_tokens)
+        layers = settings.hidden_states(self.model.config.num_hidden_layers)
+        features = self.features(prompt_ids, layers, settings.max_tokens)
         return self.router.route(features)
 
     def route_texts(self, prompts: Sequence[str]) -> list[Route | None]:

@@ -40,7 +40,10 @@ class RouterSettings(BaseModel):
     # out-of-distribution test scales each feature by the task's own variance of it (a prompt that
     # moves a feature its task never varies is far from it); logistic: a linear head.
     kind: Literal["gaussian", "prototype", "logistic"] = "gaussian"
-    feature_layer: int = -1            # hidden-state index: -1 is the last layer's output
+    # Hidden states (as transformers numbers them: -1 is the final norm's output) whose prompt means,
+    # side by side, are the features; None: the last and the middle one, which told tasks and
+    # unseen prompts apart more reliably across builds than the last alone (README, Mediator).
+    feature_layers: list[int] | None = Field(None, min_length=1)
     metric: Literal["euclidean", "cosine"] = "euclidean"  # of the prototype router
     holdout: float = Field(0.25, gt=0.0, lt=1.0)         # share of prompts that fits temperature/thresholds
     uncertainty_quantile: float = Field(0.95, gt=0.0, le=1.0)  # in-distribution prompts below it are selected
@@ -50,6 +53,12 @@ class RouterSettings(BaseModel):
     max_prompts: int = Field(256, ge=MIN_CALIBRATION_PROMPTS)  # per task
     max_tokens: int = Field(256, ge=2)                   # prompt tokens used for the feature
     seed: int = 0
+
+    def hidden_states(self, num_layers: int) -> list[int]:
+        """The feature's hidden-state numbers for a model of `num_layers` decoder layers."""
+        if self.feature_layers is not None:
+            return list(self.feature_layers)
+        return [num_layers] if num_layers // 2 == num_layers else [num_layers, num_layers // 2]
 
 
 class MediatorSettings(BaseModel):

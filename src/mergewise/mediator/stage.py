@@ -125,16 +125,18 @@ class MediatorStage(Stage):
                 sums[1] += total
 
     def finalize(self, staging: Path) -> dict:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         self.writer.close()
         router_settings = self.settings.router
-        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, staging, trust_remote_code=False)
+        config = load_pretrained(AutoConfig.from_pretrained, staging, trust_remote_code=False)
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, staging, trust_remote_code=False, config=config)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        features = {task: pooled_hidden_states(staging, encode_prompts(tokenizer, texts), router_settings.feature_layer,
-                                               device=str(self.device), pad_id=pad or 0,
-                                               max_tokens=router_settings.max_tokens, quiet=self.quiet)
-                    for task, texts in self.prompts.items()}
+        prompt_ids = [ids for texts in self.prompts.values() for ids in encode_prompts(tokenizer, texts)]
+        pooled = pooled_hidden_states(staging, prompt_ids, router_settings.hidden_states(config.num_hidden_layers),
+                                      device=str(self.device), pad_id=pad or 0, max_tokens=router_settings.max_tokens,
+                                      quiet=self.quiet)
+        features = dict(zip(self.prompts, pooled.split([len(texts) for texts in self.prompts.values()])))
         router, fit = Router.fit(features, router_settings)
         if not fit.distinguishes_tasks:
             warnings.warn(fit.warning(), RouterWarning, stacklevel=2)
