@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 DEMO_METHODS = ["linear", "ties"]
-DEMO_MEDIATOR_BUDGET = 3.0  # this zoo's task vectors are dense: smaller budgets keep less (see README)
 
 
 def register(subparsers) -> None:
@@ -31,7 +30,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"building the micro zoo in {zoo_dir} (reused if already built)")
     build_zoo(zoo_dir, "micro")
     zoo = load_zoo(zoo_dir)
-    entries = [*zoo_entries(zoo, DEMO_METHODS), mediator_entry(zoo, DEMO_MEDIATOR_BUDGET)]
+    entries = [*zoo_entries(zoo, DEMO_METHODS), mediator_entry(zoo)]
     results = score_entries(zoo_dir, root / "work", entries, device=args.device, limit=args.limit)
     chart = root / "scores.png"
     bar_chart(results, zoo, chart)

@@ -44,27 +44,27 @@ def core_recipe(zoo: Zoo, method: str, dtype: str = "float32") -> dict:
     return {"merge_method": method, "base_model": str(zoo.base), "dtype": dtype, "models": models}
 
 
-def mediator_recipe(zoo: Zoo, memory_budget: float, density: float | str = "auto") -> dict:
-    """A Mediator recipe over every expert of `zoo`, each with its task's calibration prompts."""
+def mediator_recipe(zoo: Zoo, dtype: str = "float32", **settings) -> dict:
+    """A Mediator recipe over every expert of `zoo`, each with its task's calibration prompts;
+    `settings` (memory_budget, code, …) go into the mediator block, the rest keep their defaults."""
     experts = [{"model": str(task.expert), "task": name, "prompts": str(task.calibration)}
                for name, task in zoo.tasks.items() if task.expert]
-    return {"merge_method": "linear", "base_model": str(zoo.base), "dtype": "float32",
-            "mediator": {"memory_budget": memory_budget, "density": density, "experts": experts}}
+    return {"merge_method": "linear", "base_model": str(zoo.base), "dtype": dtype,
+            "mediator": {**settings, "experts": experts}}
 
 
-def mediator_entry(zoo: Zoo, memory_budget: float) -> Entry:
-    """A Mediator model of the zoo's experts at `memory_budget`, built into work/models on first use."""
-    label = f"mediator (budget {memory_budget:g})"
+def mediator_entry(zoo: Zoo) -> Entry:
+    """A Mediator model of the zoo's experts with the default settings, built into work/models on first use."""
 
     def produce(work: Path) -> Path:
-        out = work / "models" / f"mediator-b{memory_budget:g}"
+        out = work / "models" / "mediator"
         if not (out / "mediator" / "mediator.json").is_file():
             from mergewise.mediator.build import build
 
-            build(mediator_recipe(zoo, memory_budget), out, quiet=True, seed=0, overwrite=True)
+            build(mediator_recipe(zoo), out, quiet=True, seed=0, overwrite=True)
         return out
 
-    return Entry(label, produce)
+    return Entry("mediator", produce)
 
 
 def merged_entry(label: str, recipe: dict, merge: Callable[[dict, Path], Path] | None = None) -> Entry:
