@@ -66,18 +66,18 @@ def kept_share(result: dict, results: dict, zoo: Zoo) -> float:
 
 
 # Peak RSS is read by the child itself from VmHWM, which starts afresh at exec; ru_maxrss of a child
-# would also count the pages of this (by then large) parent it was forked from.
+# would also count the pages of this (by then large) parent it was forked from. Read at exit by an
+# exit handler: the command line ends with os._exit after running those, so a `finally` never runs.
 MEASURED_CHILD = """
-import runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_module(sys.argv[0], run_name="__main__")
-except SystemExit as done:
-    if done.code:
-        raise
-finally:
+import atexit, runpy, sys
+
+def report_peak():
     status = open("/proc/self/status").read()
     print("VmHWM", int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))), flush=True)
+
+atexit.register(report_peak)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__")
 """
 
 

@@ -80,7 +80,7 @@ class Run:
         return f"{min(self.walls_s):.1f}–{max(self.walls_s):.1f}" if len(self.walls_s) > 1 else ""
 
 
-def _llama_tensors(shape: LlamaShape, generator: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:
+def llama_tensors(shape: LlamaShape, generator: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:
     """Random bf16 tensors named as in `LlamaForCausalLM`, one at a time so memory stays small."""
 
     def weight(*dims: int) -> torch.Tensor:
@@ -134,6 +134,21 @@ def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, sh
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def llama_config(shape: LlamaShape) -> LlamaConfig:
+    """The bf16 `LlamaForCausalLM` config of `shape`, with an untied lm_head."""
+    return LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
+
+
 def build_workload(workdir: Path, shape: LlamaShape, seed: int = 0) -> Path:
     """Build (once) base + fine-tunes for `shape` under `workdir`; return the workload folder."""
     root = workdir / f"llama-h{shape.hidden}-l{shape.layers}"
@@ -145,20 +160,9 @@ def build_workload(workdir: Path, shape: LlamaShape, seed: int = 0) -> Path:
     base.mkdir(parents=True)
     print(f"building workload in {root} ...", flush=True)
     start = time.perf_counter()
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-        architectures=["LlamaForCausalLM"],
-    )
-    config.save_pretrained(base)
+    llama_config(shape).save_pretrained(base)
     save_tokenizer(base)
-    write_sharded(_llama_tensors(shape, torch.Generator().manual_seed(seed)), base, SHARD_BYTES)
+    write_sharded(llama_tensors(shape, torch.Generator().manual_seed(seed)), base, SHARD_BYTES)
     for index in range(1, NUM_FINE_TUNES + 1):
         build_fine_tune(base, root / f"ft{index}", seed=seed + index, noise=FINE_TUNE_NOISE)
     done_marker.touch()
@@ -288,12 +292,12 @@ def comparison_table(runs: list[Run], agreement: dict[str, str]) -> str:
 def sweep_table(runs: list[tuple[LlamaShape, Run]]) -> str:
     lines = ["| layers | parameters (M) | wall s | peak RSS MB |", "|---:|---:|---:|---:|"]
     for shape, run in runs:
-        parameters = _parameter_count(shape) / 1e6
+        parameters = parameter_count(shape) / 1e6
         lines.append(f"| {shape.layers} | {parameters:.0f} | {run.wall_s:.1f} | {run.peak_rss_mb:.0f} |")
     return "\n".join(lines)
 
 
-def _parameter_count(shape: LlamaShape) -> int:
+def parameter_count(shape: LlamaShape) -> int:
     per_layer = 2 * shape.hidden * (shape.hidden + shape.kv_dim) + 3 * shape.hidden * shape.intermediate
     return shape.layers * per_layer + 2 * shape.vocab * shape.hidden
 

@@ -1,6 +1,7 @@
 """Conflict analysis (mediator.md §1) on hand-built experts whose task vectors are set exactly, so the
-sign conflict d, the cancellation c and the cosines have known values; then the report files, the
-output-folder rules and the errors."""
+sign conflict d, the cancellation c and the cosines have known values; the streamed row chunks against
+the whole-tensor formulas, on both sides of the one-chunk switch; the chunk observers; then the report
+files, the output-folder rules and the errors."""
 
 from __future__ import annotations
 
@@ -16,21 +17,27 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from mergewise import engine
 from mergewise.cli import main
 from mergewise.errors import MergewiseError
-from mergewise.mediator import analysis
 from mergewise.mediator.analysis import (
     ConflictReport,
     analyze_conflicts,
     analyze_to_folder,
-    kept_mask,
+    kept_entries,
+    magnitude_cuts,
 )
 from mergewise.mediator.settings import load_recipe
+from mergewise.mediator.units import unit_of
+from mergewise.methods.sparsify import kept_count
 from tests.support.tiny_models import build_tiny_model, read_state_dict
 
 # Units of the tiny llama, in the order its tensors come in the checkpoint.
 UNITS = ["lm_head", "model.embed_tokens", "layers.0", "layers.1", "model.norm"]
 TASKS = ["a", "b", "c"]
+# Chunk sizes on both sides of the switch: every tiny tensor in one chunk (read once), or the 2-D ones
+# in many row chunks (15 rows of 64, read again on each pass).
+ONE_CHUNK, SEVERAL_CHUNKS = 1 << 20, 1000
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +134,138 @@ def test_sign_conflict_weighs_only_entries_kept_by_two_experts(base, base_state,
         assert by_unit[name].cosines == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 
 
-def test_kept_mask_keeps_ties_at_the_cut_and_never_zeros():
-    magnitudes = np.array([3.0, 1.0, 2.0, 2.0, 0.5], dtype=np.float32)
-    assert kept_mask(magnitudes, 0.4).tolist() == [True, False, True, True, False]
-    assert kept_mask(np.array([0.0, 0.0, 0.0, 1.0], dtype=np.float32), 1.0).tolist() == [False, False, False, True]
+def kept_mask(magnitudes: np.ndarray, share: float) -> np.ndarray:
+    """The whole-tensor reference: the top-`share` entries by a sort (ties at the cut kept, zeros never)."""
+    keep = kept_count(magnitudes.size, share)
+    if keep >= magnitudes.size:
+        return magnitudes > 0
+    threshold = np.partition(magnitudes, magnitudes.size - keep)[magnitudes.size - keep]
+    return (magnitudes >= threshold) & (magnitudes > 0)
+
+
+def kept(vectors: np.ndarray, share: float, pieces: int = 1) -> np.ndarray:
+    """What `kept_entries` keeps of `vectors` (tasks × entries) when its cuts come from `pieces` chunks."""
+    tensor = torch.from_numpy(vectors)
+    chunks = list(tensor.tensor_split(pieces, dim=1))
+    return kept_entries(tensor, magnitude_cuts(chunks, len(vectors), vectors.shape[1], share)).numpy()
+
+
+def test_cuts_keep_ties_at_the_cut_and_never_zeros():
+    magnitudes = np.array([[3.0, 1.0, 2.0, 2.0, 0.5]], dtype=np.float32)
+    assert kept(-magnitudes, 0.4).tolist() == [[True, False, True, True, False]]
+    assert kept(np.array([[0.0, 0.0, -0.0, 1.0]], dtype=np.float32), 1.0).tolist() == [[False, False, False, True]]
+    assert kept(np.array([[0.0, 0.0, 0.0, 1.0]], dtype=np.float32), 0.75).tolist() == [[False, False, False, True]]
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 64])
+@pytest.mark.parametrize("share", [0.0, 0.01, 0.2, 0.5, 0.999, 1.0])
+def test_cuts_over_row_chunks_are_those_of_a_whole_tensor_sort(pieces, share):
+    generator = np.random.default_rng(7)
+    size = 4096
+    tied = np.round(generator.standard_normal(size) * 3) / 4  # few values: long runs of ties at every cut
+    near = 1 + generator.integers(0, 8, size) * np.float32(2 ** -23)  # one upper-16-bit bucket, 8 lower values
+    tiny = generator.integers(0, 4, size) * np.float32(1e-45)  # subnormals and zeros
+    spread = generator.standard_normal(size) * 10.0 ** generator.integers(-30, 30, size)
+    vectors = np.stack([tied, near, tiny, spread, -near]).astype(np.float32)
+    reference = np.stack([kept_mask(np.abs(row), share) for row in vectors])
+    assert (kept(vectors, share, pieces) == reference).all()
+
+
+@pytest.mark.parametrize("chunk_elements", [ONE_CHUNK, SEVERAL_CHUNKS])
+@pytest.mark.parametrize("share", [0.2, 0.03, 1.0])
+def test_streamed_report_equals_the_whole_tensor_formulas(chunk_elements, share, base, base_state, tmp_path,
+                                                         monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk_elements)
+    generator = torch.Generator().manual_seed(3)
+    experts, states = [], []
+    for index, task in enumerate(TASKS):  # gaussian updates, and coarse ones with ties at the cuts
+        deltas = {name: 0.05 * torch.randn(tensor.shape, generator=generator) for name, tensor in base_state.items()}
+        if index:
+            deltas = {name: (delta * 8).round() / 8 if "mlp" in name or "embed" in name else delta
+                      for name, delta in deltas.items()}
+        experts.append(write_expert(base, tmp_path / task, deltas))
+        states.append(read_state_dict(experts[-1]))
+    report = analyze(base, experts, conflict_density=share)
+    reference = reference_units(base_state, states, share)
+    assert [unit.unit for unit in report.units] == list(reference)
+    for unit in report.units:
+        expected = reference[unit.unit]
+        assert unit.parameters == expected["parameters"]
+        assert unit.sign_conflict == pytest.approx(expected["sign_conflict"], rel=1e-12, abs=1e-15), unit.unit
+        assert unit.cancellation == pytest.approx(expected["cancellation"], rel=1e-9, abs=1e-12), unit.unit
+        assert np.allclose(unit.cosines, expected["cosines"], rtol=0, atol=2e-6), unit.unit
+
+
+def reference_units(base_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
+                    share: float) -> dict[str, dict]:
+    """Every unit's figures by the whole-tensor formulas: each tensor's task vectors in memory at once."""
+    sums: dict[str, dict] = {}
+    for name, tensor in base_state.items():
+        vectors = np.stack([(state[name].float() - tensor.float()).reshape(-1).numpy() for state in states])
+        magnitudes = np.abs(vectors)
+        mask = np.stack([kept_mask(row, share) for row in magnitudes])
+        shared = mask.sum(0) >= 2
+        signs = np.where(mask[:, shared], np.sign(vectors[:, shared]), 0)
+        disagree = (signs > 0).any(0) & (signs < 0).any(0)
+        weights = np.where(mask[:, shared], magnitudes[:, shared], 0).sum(0, dtype=np.float64)
+        wide = vectors.astype(np.float64)
+        unit = sums.setdefault(unit_of(name), {"parameters": 0, "conflict": 0.0, "weight": 0.0,
+                                               "sum_square": 0.0, "gram": 0.0})
+        unit["parameters"] += vectors.shape[1]
+        unit["conflict"] += float(weights[disagree].sum())
+        unit["weight"] += float(weights.sum())
+        unit["sum_square"] += float(np.square(wide.sum(0)).sum())
+        unit["gram"] = unit["gram"] + wide @ wide.T
+    for unit in sums.values():
+        norms = np.sqrt(np.diag(unit["gram"]))
+        unit["sign_conflict"] = unit["conflict"] / unit["weight"] if unit["weight"] > 0 else 0.0
+        unit["cancellation"] = 1 - np.sqrt(unit["sum_square"]) / norms.sum()
+        unit["cosines"] = unit["gram"] / np.outer(norms, norms)
+    return sums
+
+
+@pytest.mark.parametrize("chunk_elements", [ONE_CHUNK, SEVERAL_CHUNKS])
+def test_observers_see_every_row_once_in_order(chunk_elements, base, base_state, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk_elements)
+    experts = [write_expert(base, tmp_path / task, random_deltas(base_state, seed))
+               for seed, task in enumerate(TASKS)]
+    states = [read_state_dict(expert) for expert in experts]
+    seen: list[tuple[str, slice, torch.Tensor]] = []
+    calls = []
+    report = analyze_conflicts(load_recipe(recipe(base, experts)), quiet=True,
+                               observers=[lambda *call: seen.append(call), lambda *call: calls.append(call[:2])])
+    assert calls == [(name, rows) for name, rows, _ in seen]  # every observer, each chunk, in turn
+    assert list(dict.fromkeys(name for name, _, _ in seen)) == list(base_state)
+    for name, tensor in base_state.items():
+        chunks = [(rows, vectors) for seen_name, rows, vectors in seen if seen_name == name]
+        starts = [rows.start for rows, _ in chunks]
+        assert starts == sorted(starts) and starts[0] == 0
+        assert [rows.stop for rows, _ in chunks[:-1]] == starts[1:] and chunks[-1][0].stop == tensor.shape[0]
+        if tensor.dim() == 1 or chunk_elements == ONE_CHUNK:
+            assert len(chunks) == 1
+        else:
+            assert len(chunks) == -(-tensor.shape[0] // (SEVERAL_CHUNKS // tensor.shape[1]))
+        for rows, vectors in chunks:
+            expected = torch.stack([state[name][rows].float() - tensor[rows].float() for state in states])
+            assert vectors.dtype == torch.float32 and torch.equal(vectors, expected), (name, rows)
+    assert sum(vectors[0].numel() for _, _, vectors in seen) == sum(unit.parameters for unit in report.units)
+
+
+@pytest.mark.parametrize("chunk_elements", [ONE_CHUNK, SEVERAL_CHUNKS])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_task_vector_with_nan_names_the_tensor_and_the_expert(value, chunk_elements, base, base_state, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk_elements)
+    name = "model.layers.0.mlp.up_proj.weight"
+    broken = torch.zeros(base_state[name].shape)
+    broken[100, 7] = value
+    experts = [write_expert(base, tmp_path / "a", {}), write_expert(base, tmp_path / "b", {name: broken})]
+    with pytest.raises(MergewiseError, match=f"tensor {name}: the task vector of expert .*/b holds NaN or infinity"):
+        analyze(base, experts)
 
 
 def test_units_are_summed_separately_and_the_model_as_a_whole(base, base_state, tmp_path, monkeypatch):
-    monkeypatch.setattr(analysis, "CHUNK_ELEMENTS", 1000)  # float64 sums over several chunks per tensor
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", SEVERAL_CHUNKS)  # float64 sums over several chunks per tensor
     deltas = {name: delta for name, delta in random_deltas(base_state).items() if name.startswith("model.layers.")}
     flipped = {name: -delta if name.startswith("model.layers.1.") else delta for name, delta in deltas.items()}
     report = analyze(base, [write_expert(base, tmp_path / "a", deltas), write_expert(base, tmp_path / "b", flipped)])
