@@ -178,3 +178,21 @@ def test_vectors_are_stored_whole():
     vector = RoutedTensor("model.norm.weight", (64,), torch.bfloat16)
     assert vector.option("sign1", None) == ("full", None)
     assert vector.stored_bytes("sign1", None) == 64 * 4
+
+
+def test_the_estimate_samples_rows_across_chunks_as_one_tensor():
+    """Sampled rows are every k-th of the tensor whatever its chunks, and a chunk holding none of
+    them only adds to the totals."""
+    from mergewise.mediator.allocation import SAMPLED_ROWS, KeptEstimate
+
+    rows = 3 * SAMPLED_ROWS + 2
+    vectors = torch.randn(2, rows, 8, generator=torch.Generator().manual_seed(0))
+    whole = KeptEstimate((("sign1", None),), {"model.layers.0.w": (rows, 8)})
+    whole("model.layers.0.w", slice(0, rows), vectors)
+    chunked = KeptEstimate((("sign1", None),), {"model.layers.0.w": (rows, 8)})
+    for start in range(0, rows, 2):  # chunks of 2 rows: most hold no sampled row (every 4th is)
+        chunked("model.layers.0.w", slice(start, start + 2), vectors[:, start:start + 2])
+    for task in range(2):
+        assert chunked.share("layers.0", task, ("sign1", None)) == pytest.approx(
+            whole.share("layers.0", task, ("sign1", None)), rel=1e-9)
+        assert chunked.total["layers.0", task] == pytest.approx(whole.total["layers.0", task], rel=1e-9)

@@ -86,6 +86,8 @@ class KeptEstimate:
             if len(self.shapes[name]) < 2:  # vectors are stored losslessly
                 continue
             self.matrix_total[unit, task] = self.matrix_total.get((unit, task), 0.0) + energy
+            if not len(picked):  # a chunk between two sampled rows
+                continue
             sample = as_matrix(residual[picked])
             sample_energy = float(sample.double().square().sum())
             self.sampled[unit, task] = self.sampled.get((unit, task), 0.0) + sample_energy
