@@ -1,15 +1,17 @@
-"""Mediator on a zoo: quality against memory, routing, build/inference memory and latency.
+"""Mediator on a zoo: quality against memory for every residual code, routing, and serving.
 
     python benchmarks/mediator.py --zoo /path/to/micro-zoo [--limit 100]
 
-For every (memory budget, density) pair it builds a Mediator model from the zoo's experts (each
-build a child process, so its peak RSS is its own), scores it with `mergewise eval`, and puts it
-next to the experts (the oracle: each on its own task), the core merges and the dense model. Then it
-times `generate()` with a selected expert against the same expert exported as a plain model, side by
-side in one process, and measures the peak RSS of inference for both.
+For every (recipe dtype, residual code, memory budget) it builds a Mediator model from the zoo's
+experts (each build a child process, so its peak RSS is its own), scores it with `mergewise eval`,
+and puts it next to the experts (the oracle: each on its own task), the core merges and the dense
+model. A setting whose budget is too small for its code is reported as such. Then, for the default
+settings in bf16, it serves a selected expert side by side with the same expert exported as a plain
+model: `generate()` latency in one process, peak RSS of load + generate, and the cost of one route
+switch (the routed tensors rewritten in place, and D restored from the folder).
 
-Writes benchmarks/results/mediator-<size>.md and mediator-<size>.png (quality against stored size).
-Builds and scores are cached under --work.
+Writes benchmarks/results/mediator-<size>.md and mediator-<size>.png (quality against stored size,
+one line per code). Builds and scores are cached under --work.
 """
 
 from __future__ import annotations
@@ -29,23 +31,35 @@ from mergewise.zoo.manifest import Zoo, load_zoo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CORE_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
+CODES = ["auto", "sign1", "sign2", "sparse", "lowrank"]
+DEFAULT = ("bfloat16", "auto", 1.5)  # the settings served and timed
 
 
-def build_mediator(zoo: Zoo, work: Path, budget: float, density: float | str) -> tuple[Path, dict]:
-    """The Mediator folder for one setting and its build record (peak RSS, seconds, manifest)."""
-    label = f"mediator-b{budget:g}-d{density if density == 'auto' else format(density, 'g')}"
-    out = work / "models" / label
-    record_path = work / "builds" / f"{label}.json"
+def label_of(dtype: str, code: str, budget: float) -> str:
+    return f"mediator {dtype} {code} b={budget:g}"
+
+
+def build_mediator(zoo: Zoo, work: Path, dtype: str, code: str, budget: float) -> tuple[Path, dict]:
+    """The Mediator folder for one setting and its build record (peak RSS, seconds, manifest, or the
+    error that refused the setting)."""
+    name = f"mediator-{dtype}-{code}-b{budget:g}"
+    out = work / "models" / name
+    record_path = work / "builds" / f"{name}.json"
     if not record_path.is_file():
-        recipe = work / "recipes" / f"{label}.yml"
+        recipe = work / "recipes" / f"{name}.yml"
         recipe.parent.mkdir(parents=True, exist_ok=True)
-        recipe.write_text(yaml.safe_dump(mediator_recipe(zoo, budget, density)))
-        rss, seconds = peak_rss("mergewise.cli", "mediator", "build", str(recipe), str(out), "--overwrite", "--quiet",
-                                "--seed", "0")
+        recipe.write_text(yaml.safe_dump(mediator_recipe(zoo, dtype, memory_budget=budget, code=code)))
+        try:
+            rss, seconds = peak_rss("mergewise.cli", "mediator", "build", str(recipe), str(out), "--overwrite",
+                                    "--quiet", "--seed", "0")
+            record = {"peak_rss_mib": rss, "seconds": seconds}
+        except RuntimeError as error:
+            record = {"error": str(error).strip().splitlines()[-1]}
         record_path.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps({"peak_rss_mib": rss, "seconds": seconds}))
+        record_path.write_text(json.dumps(record))
     record = json.loads(record_path.read_text())
-    record["manifest"] = json.loads((out / "mediator" / "mediator.json").read_text())
+    if "error" not in record:
+        record["manifest"] = json.loads((out / "mediator" / "mediator.json").read_text())
     return out, record
 
 
@@ -86,7 +100,7 @@ def peak_rss(module: str, *args: str) -> tuple[float, float]:
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", MEASURED_CHILD, module, *args], capture_output=True, text=True)
     if run.returncode != 0:
-        raise SystemExit(f"{module} {' '.join(args)} failed:\n{run.stderr}")
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{run.stderr}")
     kib = int(next(line.split()[1] for line in run.stdout.splitlines() if line.startswith("VmHWM")))
     return kib / 1024, time.perf_counter() - started
 
@@ -104,15 +118,20 @@ for _ in range(repeats):  # alternate so both see the same machine state
     for name, model in (("mediator", mediator), ("plain", plain)):
         start = time.perf_counter(); model.generate_text([prompt], max_new_tokens=tokens, min_new_tokens=tokens)
         times[name].append(time.perf_counter() - start)
-print(json.dumps({"route": route.to_json(), "first": first,
-                  **{name: statistics.median(values) for name, values in times.items()}}))
+switches = {"select": [], "restore": []}
+for _ in range(repeats):  # one route switch: D -> D + decode(r_t) in place, then D re-read from the folder
+    start = time.perf_counter(); mediator.use_weights({route.task: 1.0}); switches["select"].append(time.perf_counter() - start)
+    start = time.perf_counter(); mediator.use_weights({}); switches["restore"].append(time.perf_counter() - start)
+routed = sum(m.numel() * m.element_size() for m in mediator._routed.values())
+print(json.dumps({"route": route.to_json(), "first": first, "routed_bytes": routed,
+                  **{name: statistics.median(values) for name, values in times.items()},
+                  **{f"switch_{name}": statistics.median(values) for name, values in switches.items()}}))
 """
 
 
-
-
-def latency(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int) -> dict:
-    """Selected-expert generate() vs the same expert exported as a plain model, one process."""
+def serving(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int) -> dict:
+    """Selected-expert generate() vs the same expert exported as a plain model (one process, one
+    thread), the cost of a route switch, and the peak RSS of load + generate of each."""
     from mergewise.mediator.export import export_task
 
     task = next(name for name, entry in zoo.tasks.items() if entry.expert)
@@ -129,28 +148,24 @@ def latency(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int)
     return {"task": task, **timing, "rss": memory}
 
 
-def density_setting(text: str) -> float | str:
-    return text if text == "auto" else float(text)
-
-
 def plot(points: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for density in sorted({point["density"] for point in points}):
-        line = sorted((p for p in points if p["density"] == density), key=lambda p: p["ratio"])
-        axis.plot([p["ratio"] for p in line], [100 * p["kept"] for p in line], marker="o", label=f"density {density}")
-        for p in line:
-            axis.annotate(f"budget {p['budget']:g}", (p["ratio"], 100 * p["kept"]), fontsize=7,
-                          textcoords="offset points", xytext=(4, -10))
-    axis.axhline(95, color="grey", linestyle="--", linewidth=0.8, label="95% of the experts")
-    axis.set_xlabel("stored size / one model")
-    axis.set_ylabel("mean % of each expert's own score")
-    axis.set_title(title)
-    axis.legend(fontsize=8)
+    dtypes = sorted({point["dtype"] for point in points})
+    figure, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.5), squeeze=False)
+    for axis, dtype in zip(axes[0], dtypes):
+        for code in CODES:
+            line = sorted((p for p in points if p["dtype"] == dtype and p["code"] == code), key=lambda p: p["ratio"])
+            if line:
+                axis.plot([p["ratio"] for p in line], [100 * p["kept"] for p in line], marker="o", label=code)
+        axis.axhline(95, color="grey", linestyle="--", linewidth=0.8, label="95% of the experts")
+        axis.set_xlabel("stored size / one model")
+        axis.set_ylabel("mean % of each expert's own score")
+        axis.set_title(f"{title} ({dtype} recipe)")
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -160,10 +175,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default: ZOO/mediator-bench)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[1.25, 1.5, 2.0, 3.0])
-    parser.add_argument("--densities", type=density_setting, nargs="+", default=["auto", 0.1, 0.25, 0.5])
-    parser.add_argument("--default-budget", type=float, default=1.5,
-                        help="the budget (at density auto) timed for latency and inference memory")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.1, 1.25, 1.5, 2.0])
+    parser.add_argument("--codes", nargs="+", default=CODES, choices=CODES)
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--limit", type=int, default=None, help="prompts per task")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per timed generate()")
     parser.add_argument("--repeats", type=int, default=15)
@@ -172,53 +186,74 @@ def main() -> None:
     work = args.work or args.zoo / "mediator-bench"
     entries = zoo_entries(zoo, CORE_METHODS)
     builds = {}
-    for budget in args.budgets:
-        for density in args.densities:
-            folder, record = build_mediator(zoo, work, budget, density)
-            builds[budget, density] = record
-            entries.append(Entry(f"mediator b={budget:g} ρ={density if density == 'auto' else format(density, 'g')}", lambda _, f=folder: f))
+    for dtype in args.dtypes:
+        for code in args.codes:
+            for budget in args.budgets:
+                folder, record = build_mediator(zoo, work, dtype, code, budget)
+                builds[dtype, code, budget] = record
+                if "error" not in record:
+                    entries.append(Entry(label_of(dtype, code, budget), lambda _, f=folder: f))
     results = score_entries(args.zoo, work, entries, limit=args.limit)
     experts = [name for name, task in zoo.tasks.items() if task.expert]
     held = [name for name, task in zoo.tasks.items() if not task.expert]
-    dense = results["linear"]  # the dense expert D is this average of the experts
-    lines = [f"# Mediator on the {zoo.raw.get('size', '')} zoo", "",
+    dense = results["linear"]  # the dense expert D is this average of the experts (float32 recipe)
+    size = zoo.raw.get("size", "zoo")
+    header = ("| model | " + " | ".join(zoo.tasks) + " | % of expert kept (mean) | routing correct | "
+              "held-back blend+dense | stored / one model | codes (units) | build peak RSS |")
+    lines = [f"# Mediator on the {size} zoo", "",
              f"Experts: {', '.join(experts)}; held-back task: {', '.join(held) or 'none'}. "
-             f"{args.limit or 'all'} prompts per task. Merge of calm units and dense expert: linear average.", "",
-             "| model | " + " | ".join(zoo.tasks) + " | % of expert kept (mean) | routing correct | held-back blend+dense "
-             "| stored / one model | build peak RSS |", "|" + "---|" * (len(zoo.tasks) + 6)]
+             f"{args.limit or 'all'} prompts per task. Merge of calm units and dense expert D: linear average. "
+             "Routing correct: share of in-distribution prompts whose most probable expert is their own.", "",
+             header, "|" + "---|" * (len(zoo.tasks) + 7)]
     points = []
     for label, result in results.items():
         cells = [f"{result['tasks'][name]['score']:.3f}" for name in zoo.tasks]
-        routing, ratio, rss = result.get("routing"), "1.000", ""
+        routing, ratio, rss, codes = result.get("routing"), "1.000", "", ""
         if label.startswith("mediator"):
-            budget, density = (density_setting(part[2:]) for part in label.split()[1:])
-            record = builds[budget, density]
-            ratio = f"{record['manifest']['memory']['ratio']:.3f}"
+            _, dtype, code, budget = label.split()
+            record = builds[dtype, code, float(budget[2:])]
+            manifest = record["manifest"]
+            ratio = f"{manifest['memory']['ratio']:.3f}"
             rss = f"{record['peak_rss_mib']:.0f} MiB"
-            points.append({"budget": budget, "density": str(density), "ratio": record["manifest"]["memory"]["ratio"],
-                           "kept": kept_share(result, results, zoo)})
+            used: dict[str, int] = {}
+            for unit in manifest["units"]:
+                if unit["routed"]:
+                    used[unit["code"]] = used.get(unit["code"], 0) + 1
+            codes = ", ".join(f"{name} {count}" for name, count in used.items()) + f" of {len(manifest['units'])}"
+            points.append({"dtype": dtype, "code": code, "budget": float(budget[2:]),
+                           "ratio": manifest["memory"]["ratio"], "kept": kept_share(result, results, zoo)})
         correct = (f"{statistics.mean(routing[name]['correct'] for name in experts):.3f}" if routing else "")
         flagged = (f"{statistics.mean(routing[name]['blend'] + routing[name]['dense'] for name in held):.3f}"
                    if routing and held else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * kept_share(result, results, zoo):.1f}% | {correct} | "
-                     f"{flagged} | {ratio} | {rss} |")
-    default_dir = work / "models" / f"mediator-b{args.default_budget:g}-dauto"
-    timing = latency(default_dir, zoo, work, args.tokens, args.repeats)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * kept_share(result, results, zoo):.1f}% | "
+                     f"{correct} | {flagged} | {ratio} | {codes} | {rss} |")
+    refused = [(key, record["error"]) for key, record in builds.items() if "error" in record]
+    if refused:
+        lines += ["", "Settings refused at build time:", ""]
+        lines += [f"- {label_of(*key)}: {error}" for key, error in refused]
     if held:
-        lines += ["", "Held-back task, dense model D: " + ", ".join(
+        lines += ["", "Held-back task, dense model D (float32 linear average): " + ", ".join(
             f"{name} {dense['tasks'][name]['score']:.3f}" for name in held)]
-    lines += ["", f"## Latency and memory of inference (budget {args.default_budget:g}, density auto)", "",
-        f"`generate()` of {args.tokens} new tokens for one `{timing['task']}` prompt (route: "
-        f"{timing['route']['decision']} {timing['route']['task']}), median of {args.repeats}, alternating, one thread:",
-        "", "| model | latency | peak RSS (load + generate) |", "|---|---:|---:|",
-        f"| Mediator, selected expert | {1000 * timing['mediator']:.1f} ms | {timing['rss']['mediator']:.0f} MiB |",
-        f"| same expert exported as a plain model | {1000 * timing['plain']:.1f} ms | {timing['rss']['plain']:.0f} MiB |",
-        "", f"Ratio: **{timing['mediator'] / timing['plain']:.2f}×** (first request, which materialises the expert: "
-        f"{1000 * timing['first']:.1f} ms)."]
+    default_dir = work / "models" / f"mediator-{DEFAULT[0]}-{DEFAULT[1]}-b{DEFAULT[2]:g}"
+    if (default_dir / "mediator" / "mediator.json").is_file():
+        timing = serving(default_dir, zoo, work, args.tokens, args.repeats)
+        gigabytes = timing["routed_bytes"] / 1e9
+        lines += ["", f"## Serving ({DEFAULT[0]}, code {DEFAULT[1]}, budget {DEFAULT[2]:g})", "",
+            f"`generate()` of {args.tokens} new tokens for one `{timing['task']}` prompt (route: "
+            f"{timing['route']['decision']} {timing['route']['task']}), median of {args.repeats}, alternating, one "
+            "thread; peak RSS of `mergewise generate` (load + generate) in a child process each:",
+            "", "| model | latency | peak RSS (load + generate) |", "|---|---:|---:|",
+            f"| Mediator, selected expert | {1000 * timing['mediator']:.1f} ms | {timing['rss']['mediator']:.0f} MiB |",
+            f"| same expert exported as a plain model | {1000 * timing['plain']:.1f} ms | "
+            f"{timing['rss']['plain']:.0f} MiB |",
+            "", f"Ratios: latency **{timing['mediator'] / timing['plain']:.2f}×** (first request: "
+            f"{1000 * timing['first']:.1f} ms), peak RSS **{timing['rss']['mediator'] / timing['rss']['plain']:.2f}×**.",
+            "", f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {args.repeats}): "
+            f"select {1000 * timing['switch_select']:.2f} ms ({1000 * timing['switch_select'] / gigabytes:.0f} ms/GB), "
+            f"restore D {1000 * timing['switch_restore']:.2f} ms ({1000 * timing['switch_restore'] / gigabytes:.0f} ms/GB)."]
     RESULTS.mkdir(exist_ok=True)
-    size = zoo.raw.get("size", "zoo")
     (RESULTS / f"mediator-{size}.md").write_text("\n".join(lines) + "\n")
-    plot(points, RESULTS / f"mediator-{size}.png", f"Mediator on the {size} zoo: quality vs memory")
+    plot(points, RESULTS / f"mediator-{size}.png", f"Mediator, {size} zoo")
     print("\n".join(lines))
 
 

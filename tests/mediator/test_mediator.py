@@ -281,8 +281,11 @@ def test_budget_too_small_to_route_anything(family, tmp_path, capsys):
     config = tmp_path / "mediator.yml"
     config.write_text(yaml.safe_dump(recipe(root, built, memory_budget=1.01)))
     error = cli_error(capsys, "mediator", "build", str(config), str(tmp_path / "out"), "--quiet")
-    assert "memory_budget 1.01 is too small to route any unit" in error
+    assert "memory_budget 1.01 is too small to route any unit with any code" in error
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["mediator.yml"]
+    smallest = float(error.rsplit("the smallest budget that routes one is ", 1)[1].split()[0])
+    summary = build(recipe(root, built, memory_budget=smallest), tmp_path / "smallest", quiet=True)
+    assert len(summary.routed_units) == 1 and summary.ratio <= smallest
 
 
 def test_task_without_prompts(family, tmp_path, capsys):
