@@ -220,3 +220,34 @@ def test_fresh_prompts_spread_over_the_ood_percentiles():
     ood = torch.tensor([route.ood for route in router.route(fresh)])
     assert 0.3 < float(ood.median()) < 0.7
     assert float((ood == 1.0).float().mean()) < 0.1
+
+
+def test_a_router_that_cannot_tell_the_tasks_apart_says_so_and_never_selects():
+    """Identically distributed tasks: held-out accuracy near chance is recorded as not telling them
+    apart, and probabilities at maximal uncertainty blend (or go dense), whatever the thresholds."""
+    router, report = fitted(0.0)
+    assert not report.distinguishes_tasks and "cannot tell the tasks apart" in report.warning()
+    assert fitted(10.0)[1].distinguishes_tasks
+    router.uncertainty_thresholds = torch.ones(len(TASKS))  # as a chance-level fit can leave them
+    flat = router.prototypes.mean(0, keepdim=True) * router.std + router.mean  # equidistant from every task
+    [route] = router.route(flat)
+    assert route.uncertainty > 0.99 and route.decision != "select"
+
+
+def test_the_gaussian_router_flags_a_prompt_that_moves_a_feature_its_task_never_varies():
+    """A value between the tasks' own values of a feature each task holds still (as a prompt's
+    keyword does) is out of distribution for the gaussian router, not for the prototype one."""
+    generator = torch.Generator().manual_seed(0)
+    still = 10  # each task holds feature 10 at its own value: 0, 1, -1
+    features = {}
+    for t, task in enumerate(TASKS):
+        x = 3.0 * torch.eye(len(TASKS), WIDTH)[t] + torch.randn(64, WIDTH, generator=generator)
+        x[:, still] = [0.0, 1.0, -1.0][t] + 0.01 * torch.randn(64, generator=generator)
+        features[task] = x
+    probe = features["add"][:20].clone()
+    probe[:, still] = 0.5  # within the feature's range over all tasks, but no task's own value
+    gaussian, _ = Router.fit(features, RouterSettings(kind="gaussian"))
+    prototype, _ = Router.fit(features, RouterSettings(kind="prototype"))
+    assert all(route.decision == "dense" for route in gaussian.route(probe))
+    assert sum(route.decision == "dense" for route in prototype.route(probe)) <= 2
+    assert all(route.decision == "select" and route.task == "add" for route in gaussian.route(features["add"][:5]))
