@@ -154,24 +154,30 @@ def test_allocation_never_exceeds_the_budget_and_uses_it_well():
     gains = {(unit, option): float(torch.rand(1, generator=generator)) * (1 + index) * unit_cost(units[unit], *option, 2)
              for unit in units for index, option in enumerate(options)}
     everything = sum(max(unit_cost(units[unit], *option, 2) for option in options) for unit in units)
+    totals = {unit: max(gains[unit, option] for option in options) * 1.5 for unit in units}
     for share in (0.0, 0.05, 0.2, 0.5, 1.0):
-        allocation = allocate(units, options, gains, share * everything, 2)
+        allocation = allocate(units, options, gains, totals, share * everything, 2)
         spent = sum(unit_cost(units[unit], *option, 2) for unit, option in allocation.choices.items())
         assert spent == allocation.stored_bytes <= share * everything
-    best = allocate(units, options, gains, everything, 2)
+    best = allocate(units, options, gains, totals, everything, 2)
     assert len(best.choices) == len(units)  # with room for everything every unit takes its best option
     assert all(gains[unit, option] == max(gains[unit, other] for other in options)
                for unit, option in best.choices.items())
 
 
-def test_allocation_prefers_the_option_with_more_gain_per_byte():
+def test_allocation_first_raises_the_worst_kept_unit():
     units = units_of({"a": 64, "b": 64})
     options = [("sign1", None), ("sign2", None)]
     cost = {option: unit_cost(units["a"], *option, 1) for option in options}
     gains = {("a", ("sign1", None)): 0.9, ("a", ("sign2", None)): 0.95,
              ("b", ("sign1", None)): 0.5, ("b", ("sign2", None)): 1.0}
-    allocation = allocate(units, options, gains, cost[("sign1", None)] + cost[("sign2", None)], 1)
-    assert allocation.choices == {"a": ("sign1", None), "b": ("sign2", None)}
+    totals = {"a": 1.0, "b": 1.0}
+    allocation = allocate(units, options, gains, totals, cost[("sign1", None)] + cost[("sign2", None)], 1)
+    assert allocation.choices == {"a": ("sign1", None), "b": ("sign2", None)}  # both keep ≥ 0.9
+    # room for one unit only: the one that keeps the most per byte
+    assert allocate(units, options, gains, totals, cost[("sign1", None)], 1).choices == {"a": ("sign1", None)}
+    # a unit without residual is never routed
+    assert "b" not in allocate(units, options, gains, {"a": 1.0, "b": 0.0}, 10 * cost[("sign2", None)], 1).choices
 
 
 def test_vectors_are_stored_whole():

@@ -17,6 +17,7 @@ import torch
 
 from mergewise.errors import MergewiseError
 from mergewise.mediator.codes import as_matrix, get_code, matrix_shape
+from mergewise.mediator.codes.lowrank import kept_energies
 from mergewise.mediator.units import unit_of
 
 HEADER_BYTES_PER_PART = 96  # a stored part's safetensors header entry, besides its name
@@ -25,6 +26,7 @@ SAMPLED_ROWS = 512  # rows per tensor the gains are measured on (every row of sm
 AUTO_OPTIONS: tuple[tuple[str, float | None], ...] = (
     ("sign1", None), ("sign2", None),
     ("sparse", 0.03), ("sparse", 0.0625), ("sparse", 0.125), ("sparse", 0.25),
+    *(("lowrank", rank) for rank in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)),
 )
 SPARSE_LEVELS = tuple(sorted({step / 100 for step in range(1, 101)} | {0.0625}, reverse=True))
 LOWRANK_LEVELS = tuple(sorted({2 ** power for power in range(13)} | {3 * 2 ** power for power in range(12)},
@@ -65,7 +67,11 @@ def unit_cost(tensors: list[RoutedTensor], code: str, level: float | None, tasks
 class KeptEstimate:
     """Per (unit, task): ‖r̃‖² of every tensor, of the matrices, and of the matrices' sampled rows,
     plus each option's kept part of the sampled ‖r̃‖². A conflict-analysis observer (see
-    `analysis.analyze_conflicts`)."""
+    `analysis.analyze_conflicts`); `finish()` after the last chunk.
+
+    Row-local codes are measured chunk by chunk on the sampled rows. A low-rank code is measured on
+    each matrix's sampled rows together, once the matrix is complete: their spectrum stands for the
+    matrix's (a row sample's Gram matrix is the whole one's, scaled, in expectation)."""
 
     options: tuple[tuple[str, float | None], ...]
     shapes: dict[str, tuple[int, ...]]
@@ -73,8 +79,13 @@ class KeptEstimate:
     matrix_total: dict[tuple[str, int], float] = field(default_factory=dict)
     sampled: dict[tuple[str, int], float] = field(default_factory=dict)
     kept: dict[tuple[str, int, tuple[str, float | None]], float] = field(default_factory=dict)
+    _samples: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # the open matrix's rows, per task
+    _open: str | None = None
 
     def __call__(self, name: str, rows: slice, task_vectors: torch.Tensor) -> None:
+        if name != self._open:
+            self.finish()
+            self._open = name
         unit = unit_of(name)
         residuals = task_vectors - task_vectors.mean(0, keepdim=True)
         first = rows.start or 0
@@ -91,11 +102,31 @@ class KeptEstimate:
             sample = as_matrix(residual[picked])
             sample_energy = float(sample.double().square().sum())
             self.sampled[unit, task] = self.sampled.get((unit, task), 0.0) + sample_energy
+            if self._ranks:
+                self._samples.setdefault(task, []).append(sample)
             for option in self.options:
                 code = get_code(option[0])
+                if not code.row_local:
+                    continue
                 error = sample - code.decode(code.encode(sample, torch.float32, option[1]), sample.shape[1])
                 key = (unit, task, option)
                 self.kept[key] = self.kept.get(key, 0.0) + sample_energy - float(error.double().square().sum())
+
+    def finish(self) -> None:
+        """Measure the low-rank options on the open matrix's sampled rows."""
+        unit = unit_of(self._open) if self._open is not None else None
+        for task, pieces in self._samples.items():
+            sample = torch.cat(pieces)
+            energy = float(sample.double().square().sum())
+            for rank, share in kept_energies(sample, sorted(self._ranks)).items():
+                key = (unit, task, ("lowrank", rank))
+                self.kept[key] = self.kept.get(key, 0.0) + share * energy
+        self._samples.clear()
+        self._open = None
+
+    @property
+    def _ranks(self) -> list[int]:
+        return [int(level) for code, level in self.options if code == "lowrank"]
 
     def gain(self, unit: str, tasks: int, option: tuple[str, float | None]) -> float:
         """The estimated ‖·‖² an option keeps in a unit, over all tasks."""
@@ -122,41 +153,52 @@ class Allocation:
 
 
 def allocate(units: dict[str, list[RoutedTensor]], candidates: list[tuple[str, float | None]],
-             gains: dict[tuple[str, tuple[str, float | None]], float], available: float, tasks: int) -> Allocation:
-    """The options maximising the summed gain with the summed cost within `available` bytes: each
-    unit's options on the upper convex hull of (cost, gain) from (0, 0), and hull steps taken in
-    order of gain per byte while they fit (a unit's later steps wait for its earlier ones)."""
-    steps = []
-    for unit, tensors in units.items():
-        points = sorted(((unit_cost(tensors, *option, tasks), gains[unit, option], option) for option in candidates),
-                        key=lambda point: (point[0], -point[1]))
-        hull = [(0, 0.0, None)]
-        for cost, gain, option in points:
-            if gain <= hull[-1][1]:
-                continue
-            while len(hull) >= 2 and _slope(hull[-2], hull[-1]) <= _slope(hull[-1], (cost, gain)):
-                hull.pop()
-            hull.append((cost, gain, option))
-        steps += [(_slope(before, after), order, unit, after) for order, (before, after)
-                  in enumerate(zip(hull, hull[1:]))]
-    steps.sort(key=lambda step: (-step[0], step[1]))
-    chosen: dict[str, tuple[int, float, tuple[str, float | None]]] = {}
-    blocked: set[str] = set()
-    spent = 0
-    for _, _, unit, (cost, gain, option) in steps:
-        if unit in blocked:
-            continue
-        extra = cost - (chosen[unit][0] if unit in chosen else 0)
-        if spent + extra > available:
-            blocked.add(unit)
-            continue
-        chosen[unit] = (cost, gain, option)
-        spent += extra
-    return Allocation({unit: option for unit, (_, _, option) in chosen.items()}, spent)
+             gains: dict[tuple[str, tuple[str, float | None]], float], totals: dict[str, float],
+             available: float, tasks: int) -> Allocation:
+    """The options within `available` bytes that keep the most of the worst-kept unit, then spend
+    what is left where it keeps the most ‖·‖² per byte.
 
+    On the zoo a skill came back only when every unit of the model was restored: routing fewer units
+    with a better code kept more ‖θ_t − D‖² and far less of the experts' scores. So the first goal is
+    the largest share s such that every unit with a residual gets an option keeping ≥ s (the cheapest
+    such); only when not even the cheapest options of all units fit are units left out, most
+    ‖·‖² per byte first."""
+    costs = {(unit, option): unit_cost(tensors, *option, tasks) for unit, tensors in units.items()
+             for option in candidates}
+    wanted = [unit for unit in units if totals.get(unit, 0.0) > 0]
+    shares = {key: gains[key] / totals[key[0]] for key in costs if key[0] in wanted}
 
-def _slope(before, after) -> float:
-    return (after[1] - before[1]) / max(after[0] - before[0], 1)
+    def cheapest_reaching(floor: float) -> dict[str, tuple[str, float | None]] | None:
+        chosen = {}
+        for unit in wanted:
+            reaching = [option for option in candidates if shares[unit, option] >= floor]
+            if not reaching:
+                return None
+            chosen[unit] = min(reaching, key=lambda option: (costs[unit, option], -shares[unit, option]))
+        return chosen if sum(costs[unit, option] for unit, option in chosen.items()) <= available else None
+
+    floors = sorted({share for share in shares.values()})
+    low, high, best = 0, len(floors) - 1, None
+    while low <= high:  # the cost of reaching a floor only grows with it
+        middle = (low + high) // 2
+        found = cheapest_reaching(floors[middle])
+        if found is not None:
+            best, low = found, middle + 1
+        else:
+            high = middle - 1
+    chosen = best if best is not None else {}
+    while True:  # upgrades (or, with nothing chosen, additions), best ‖·‖² per byte first
+        spent = sum(costs[unit, option] for unit, option in chosen.items())
+        steps = [((gains[unit, option] - (gains[unit, chosen[unit]] if unit in chosen else 0.0))
+                  / max(costs[unit, option] - (costs[unit, chosen[unit]] if unit in chosen else 0), 1), unit, option)
+                 for unit in wanted for option in candidates
+                 if gains[unit, option] > (gains[unit, chosen[unit]] if unit in chosen else 0.0)
+                 and spent + costs[unit, option] - (costs[unit, chosen[unit]] if unit in chosen else 0) <= available]
+        if not steps:
+            break
+        _, unit, option = max(steps, key=lambda step: step[0])
+        chosen[unit] = option
+    return Allocation(chosen, sum(costs[unit, option] for unit, option in chosen.items()))
 
 
 def smallest_budget(units: dict[str, list[RoutedTensor]], candidates: list[tuple[str, float | None]],

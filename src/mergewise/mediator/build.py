@@ -26,7 +26,6 @@ from mergewise.mediator.allocation import (
     unit_cost,
 )
 from mergewise.mediator.analysis import ConflictReport
-from mergewise.mediator.codes import get_code
 from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, MediatorRecipe, MediatorSettings
 from mergewise.records import read_jsonl
 
@@ -98,11 +97,10 @@ def fixed_option(settings: MediatorSettings, units: dict[str, list[RoutedTensor]
 
 def estimated_options(settings: MediatorSettings, units: dict[str, list[RoutedTensor]], available: float | None
                       ) -> tuple[tuple[str, float | None], ...]:
-    """The options whose kept share the conflict analysis measures (row-local codes only)."""
-    if settings.code == "auto" and available is not None:
-        return AUTO_OPTIONS
-    option = fixed_option(settings, units, available)
-    return (option,) if get_code(option[0]).row_local else ()
+    """The options whose kept share the conflict analysis measures: every candidate of a budget."""
+    if available is None:
+        return ()
+    return AUTO_OPTIONS if settings.code == "auto" else (fixed_option(settings, units, available),)
 
 
 def choose_routing(settings: MediatorSettings, report: ConflictReport, estimate: KeptEstimate,
@@ -121,13 +119,10 @@ def choose_routing(settings: MediatorSettings, report: ConflictReport, estimate:
                                  f"(highest sign conflict is {highest:.4f})")
         return Allocation({name: option for name in routed},
                           sum(unit_cost(units[name], *option, tasks) for name in routed))
-    candidates = list(AUTO_OPTIONS) if settings.code == "auto" else [fixed_option(settings, units, available)]
-    measured = set(estimate.options)
-    # A code the analysis cannot measure (low rank needs whole matrices) ranks units by sign conflict.
-    gains = {(name, option): estimate.gain(name, tasks, option) if option in measured
-             else conflicts[name].sign_conflict * conflicts[name].parameters
-             for name in units for option in candidates}
-    allocation = allocate(units, candidates, gains, available, tasks)
+    candidates = list(estimate.options)
+    gains = {(name, option): estimate.gain(name, tasks, option) for name in units for option in candidates}
+    totals = {name: sum(estimate.total.get((name, task), 0.0) for task in range(tasks)) for name in units}
+    allocation = allocate(units, candidates, gains, totals, available, tasks)
     if not allocation.choices:
         what = "any code" if settings.code == "auto" else f"code {candidates[0][0]}"
         raise too_small(settings.memory_budget, smallest_budget(units, candidates, fixed_bytes, model_bytes, tasks),

@@ -87,6 +87,7 @@ class MediatorStage(Stage):
         shapes = {tensor.name: tensor.shape for tensors in units.values() for tensor in tensors}
         self.estimate = KeptEstimate(options, shapes)
         self.report = analyze_conflicts(recipe, quiet=context.quiet, observers=[self.estimate] if options else ())
+        self.estimate.finish()
         self.allocation = choose_routing(settings, self.report, self.estimate, units, available, model_bytes,
                                          fixed_bytes)
         self.routed = {tensor.name: (tensor, tensor.option(*self.allocation.choices[unit]))
@@ -106,23 +107,41 @@ class MediatorStage(Stage):
     def on_tensor(self, job: TensorJob, dense: torch.Tensor) -> None:
         """Every expert's coded residual against D as stored, so that D + decode(r_t) is the closest
         to θ_t; the share of ‖θ_t − D‖² each keeps is summed per unit."""
-        tensor, (code_name, level) = self.routed[job.name]
-        code = get_code(code_name)
-        chunked = code.row_local and not tensor.is_vector
-        parts = code.layout(*matrix_shape(tensor.shape), tensor.dtype, level)
         for task, source in zip(self.settings.tasks, self.expert_jobs[job.name].inputs):
-            sums = self.retained.setdefault((unit_of(job.name), task), [0.0, 0.0])
-            for rows in row_ranges(job.shape) if chunked else [slice(None)]:
-                expert = source.model.read(source.name, rows if chunked else None)
-                residual = as_matrix(expert.float() - (dense[rows] if chunked else dense).float())
-                stored = code.encode(residual, tensor.dtype, level)
-                for suffix, part in stored.items():
-                    first = (rows.start or 0) if chunked and parts[suffix].per_row else 0
-                    self.writer.write(f"{task}/{job.name}.{suffix}", part, first)
-                total = float(residual.double().square().sum())
-                error = float((residual - code.decode(stored, residual.shape[1])).double().square().sum())
-                sums[0] += total - error
-                sums[1] += total
+            self._encode_expert(job.name, task, source, as_matrix(dense))
+
+    def _encode_expert(self, name: str, task: str, source, dense: torch.Tensor) -> None:
+        """One expert's residual, made a row chunk at a time (a code that needs the whole matrix
+        reads it chunk by chunk, several times), written as its code's parts."""
+        tensor, (code_name, level) = self.routed[name]
+        code = get_code(code_name)
+        rows, columns = dense.shape
+        chunks = row_ranges((rows, columns)) if not tensor.is_vector else [slice(0, 1)]
+        parts = code.layout(rows, columns, tensor.dtype, level)
+
+        def residual(chunk: slice) -> torch.Tensor:
+            expert = source.model.read(source.name, None if tensor.is_vector else chunk)
+            return as_matrix(expert).float() - dense[chunk].float()
+
+        def rows_of(stored: dict, chunk: slice) -> dict:
+            return {suffix: value[chunk] if parts[suffix].per_row else value for suffix, value in stored.items()}
+
+        if code.row_local:
+            encoded = [(chunk, code.encode(residual(chunk), tensor.dtype, level)) for chunk in chunks]
+            pieces = [(chunk, stored) for chunk, stored in encoded]
+        else:
+            whole = code.encode_rows(residual, rows, columns, tensor.dtype, level)
+            encoded = [(slice(0, rows), whole)]
+            pieces = [(chunk, rows_of(whole, chunk)) for chunk in chunks]
+        for chunk, stored in encoded:
+            for suffix, part in stored.items():
+                self.writer.write(f"{task}/{name}.{suffix}", part, chunk.start if parts[suffix].per_row else 0)
+        sums = self.retained.setdefault((unit_of(name), task), [0.0, 0.0])
+        for chunk, stored in pieces:  # the kept share, from the parts as written
+            exact = residual(chunk)
+            total = float(exact.double().square().sum())
+            sums[0] += total - float((exact - code.decode(stored, columns)).double().square().sum())
+            sums[1] += total
 
     def finalize(self, staging: Path) -> dict:
         from transformers import AutoConfig, AutoTokenizer

@@ -45,7 +45,9 @@ class ResidualCode:
     decode: Callable[[Stored, int], torch.Tensor]
     check: Callable[[Stored, int, str], None] = lambda stored, columns, where: None  # values a layout cannot see
     row_local: bool = True  # encoding a row chunk alone gives that chunk's stored rows
-    lossless: bool = False
+    # For codes that are not row-local: encode from `read(rows)` (float32 residual rows) with
+    # (read, rows, columns, dtype, level), so the whole residual never has to be in memory.
+    encode_rows: Callable | None = None
 
     def stored_bytes(self, rows: int, columns: int, dtype: torch.dtype, level: float | None) -> int:
         return sum(part.nbytes for part in self.layout(rows, columns, dtype, level).values())

@@ -21,4 +21,4 @@ def decode(stored: Stored, columns: int) -> torch.Tensor:
     return stored["residual"].float()
 
 
-FULL = ResidualCode("full", layout, encode, decode, lossless=True)
+FULL = ResidualCode("full", layout, encode, decode)

@@ -1,16 +1,25 @@
-"""`lowrank`: the residual's truncated SVD at rank k (the level), as Twin-Merging stores its experts.
+"""`lowrank`: the residual's rank-k approximation (k = the level), as Twin-Merging stores its experts.
 
 Stored as two factors in the model dtype, left = U·√S [rows, k] and right = √S·Vᵀ [k, columns]
 (split evenly so neither factor's range strains a 16-bit dtype). A row chunk decodes as its rows of
-`left` times the whole of `right`; encoding needs the whole matrix."""
+`left` times the whole of `right`. Encoding needs the whole matrix: small ones get an exact SVD;
+larger ones a randomized SVD (a seeded range sketch with power steps) that reads the residual a row
+chunk at a time, so encoding never holds more than the sketch and one chunk.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from mergewise.mediator.codes.base import Part, ResidualCode, Stored
 
 DEFAULT_RANK = 16
+EXACT_UP_TO = 1 << 22       # entries of a matrix given an exact SVD
+OVERSAMPLING = 10           # sketch columns beyond the rank
+POWER_STEPS = 2             # each sharpens the sketch toward the top singular vectors
+CHUNK_ENTRIES = 1 << 20     # residual entries read at a time by the randomized SVD
 
 
 def _rank(rows: int, columns: int, level: float | None) -> int:
@@ -23,15 +32,45 @@ def layout(rows: int, columns: int, dtype: torch.dtype, level: float | None) -> 
 
 
 def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> Stored:
-    rank = _rank(*residual.shape, level)
-    left, singular, right = torch.linalg.svd(residual.float(), full_matrices=False)
+    return encode_rows(lambda rows: residual[rows].float(), *residual.shape, dtype, level)
+
+
+def encode_rows(read: Callable[[slice], torch.Tensor], rows: int, columns: int, dtype: torch.dtype,
+                level: float | None) -> Stored:
+    """`read(rows)` gives those rows of the residual in float32."""
+    rank = _rank(rows, columns, level)
+    if rows * columns <= EXACT_UP_TO or rank + OVERSAMPLING >= min(rows, columns):
+        left, singular, right = torch.linalg.svd(read(slice(0, rows)), full_matrices=False)
+    else:
+        left, singular, right = _randomized_svd(read, rows, columns, rank + OVERSAMPLING)
     root = singular[:rank].sqrt()
     return {"left": (left[:, :rank] * root).to(dtype).contiguous(),
             "right": (root[:, None] * right[:rank]).to(dtype).contiguous()}
 
 
-def decode(stored: Stored, columns: int) -> torch.Tensor:
-    return stored["left"].float() @ stored["right"].float()
+def _randomized_svd(read: Callable[[slice], torch.Tensor], rows: int, columns: int, sketch: int):
+    chunks = [slice(start, min(start + max(1, CHUNK_ENTRIES // columns), rows))
+              for start in range(0, rows, max(1, CHUNK_ENTRIES // columns))]
+    probe = torch.randn(columns, sketch, generator=torch.Generator().manual_seed(0))
+    basis = torch.cat([read(chunk) @ probe for chunk in chunks])
+    for _ in range(POWER_STEPS):
+        basis = torch.linalg.qr(basis).Q
+        transposed = sum(read(chunk).T @ basis[chunk] for chunk in chunks)
+        transposed = torch.linalg.qr(transposed).Q
+        basis = torch.cat([read(chunk) @ transposed for chunk in chunks])
+    basis = torch.linalg.qr(basis).Q
+    projected = sum(basis[chunk].T @ read(chunk) for chunk in chunks)  # [sketch, columns]
+    left, singular, right = torch.linalg.svd(projected, full_matrices=False)
+    return basis @ left, singular, right
 
 
-LOWRANK = ResidualCode("lowrank", layout, encode, decode, row_local=False)
+def kept_energies(sample: torch.Tensor, ranks: list[int]) -> dict[int, float]:
+    """The share of a matrix's ‖·‖² its best rank-k approximation keeps, estimated from a sample of
+    its rows (whose Gram matrix is the whole one's, scaled, in expectation): k → share."""
+    squares = torch.linalg.svdvals(sample.double()).square()
+    total = float(squares.sum())
+    return {rank: float(squares[:rank].sum()) / total if total > 0 else 1.0 for rank in ranks}
+
+
+LOWRANK = ResidualCode("lowrank", layout, encode, decode=lambda stored, columns: stored["left"].float()
+                       @ stored["right"].float(), row_local=False, encode_rows=encode_rows)
