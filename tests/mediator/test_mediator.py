@@ -452,3 +452,23 @@ def test_a_router_of_other_tasks_is_refused(mediator_dir, tmp_path, capsys):
     manifest["router"]["tasks"] = list(reversed(manifest["router"]["tasks"]))
     manifest_path.write_text(json.dumps(manifest))
     assert "are not the manifest's" in cli_error(capsys, "generate", str(folder), "--prompt", "one two")
+
+
+@pytest.mark.parametrize("code", ["sign2", "lowrank"])
+def test_experts_built_in_row_chunks_equal_those_built_whole(family, tmp_path, monkeypatch, code):
+    """Both sides of the row-chunk switch: tiny chunks (every tensor in many) give the same experts
+    file and kept shares as chunks holding whole tensors."""
+    from mergewise import engine
+
+    root, built = family
+    data = recipe(root, built, memory_budget=1.6, code=code)
+    build(data, tmp_path / "whole", quiet=True, seed=0)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 64)
+    build(data, tmp_path / "chunked", quiet=True, seed=0)
+    whole, chunked = (load_file(tmp_path / name / "mediator" / "experts.safetensors") for name in ("whole", "chunked"))
+    assert whole.keys() == chunked.keys() and all(torch.equal(whole[name], chunked[name]) for name in whole)
+    manifests = [json.loads((tmp_path / name / "mediator" / "mediator.json").read_text())
+                 for name in ("whole", "chunked")]
+    for first, second in zip(*(manifest["units"] for manifest in manifests)):
+        if first["routed"]:
+            assert first["retained"] == pytest.approx(second["retained"], abs=1e-5)

@@ -202,3 +202,31 @@ def test_the_estimate_samples_rows_across_chunks_as_one_tensor():
         assert chunked.share("layers.0", task, ("sign1", None)) == pytest.approx(
             whole.share("layers.0", task, ("sign1", None)), rel=1e-9)
         assert chunked.total["layers.0", task] == pytest.approx(whole.total["layers.0", task], rel=1e-9)
+
+
+def test_the_randomized_svd_of_a_big_matrix_finds_the_exact_top_rank(monkeypatch):
+    """Past EXACT_UP_TO entries the low-rank code reads row chunks into a randomized SVD; on a matrix
+    of rank 5 plus noise it keeps what the exact SVD keeps."""
+    from mergewise.mediator.codes import lowrank
+
+    generator = torch.Generator().manual_seed(0)
+    signal = torch.randn(300, 5, generator=generator) @ torch.randn(5, 200, generator=generator)
+    matrix = signal + 0.01 * torch.randn(300, 200, generator=generator)
+    exact = lowrank.decode(lowrank.encode(matrix, torch.float32, 5), 200)
+    reads = []
+    monkeypatch.setattr(lowrank, "EXACT_UP_TO", 0)
+    monkeypatch.setattr(lowrank, "CHUNK_ENTRIES", 64 * 200)
+    stored = lowrank.encode_rows(lambda rows: reads.append(rows) or matrix[rows], 300, 200, torch.float32, 5)
+    assert max(rows.stop - rows.start for rows in reads) == 64  # never more than a chunk at a time
+    torch.testing.assert_close(lowrank.decode(stored, 200), exact, rtol=0, atol=1e-3)
+
+
+def test_low_rank_shares_from_all_rows_are_the_exact_spectrum():
+    from mergewise.mediator.codes.lowrank import kept_energies
+
+    matrix = residual()
+    squares = torch.linalg.svdvals(matrix.double()).square()
+    shares = kept_energies(matrix, [1, 4, 24])
+    assert shares[4] == pytest.approx(float(squares[:4].sum() / squares.sum()))
+    assert shares[24] == pytest.approx(1.0) and shares[1] < shares[4]
+    assert kept_share("lowrank", matrix, 4) == pytest.approx(shares[4], rel=1e-4)

@@ -64,6 +64,10 @@ def _randomized_svd(read: Callable[[slice], torch.Tensor], rows: int, columns: i
     return basis @ left, singular, right
 
 
+def decode(stored: Stored, columns: int) -> torch.Tensor:
+    return stored["left"].float() @ stored["right"].float()
+
+
 def kept_energies(sample: torch.Tensor, ranks: list[int]) -> dict[int, float]:
     """The share of a matrix's ‖·‖² its best rank-k approximation keeps, estimated from a sample of
     its rows (whose Gram matrix is the whole one's, scaled, in expectation): k → share."""
@@ -72,5 +76,4 @@ def kept_energies(sample: torch.Tensor, ranks: list[int]) -> dict[int, float]:
     return {rank: float(squares[:rank].sum()) / total if total > 0 else 1.0 for rank in ranks}
 
 
-LOWRANK = ResidualCode("lowrank", layout, encode, decode=lambda stored, columns: stored["left"].float()
-                       @ stored["right"].float(), row_local=False, encode_rows=encode_rows)
+LOWRANK = ResidualCode("lowrank", layout, encode, decode, row_local=False, encode_rows=encode_rows)
