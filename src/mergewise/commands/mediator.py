@@ -6,7 +6,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("mediator", help="conflict analysis and routed dense + sparse experts",
+    parser = subparsers.add_parser("mediator", help="conflict analysis and routed dense + coded experts",
                                    description="Mediator: measure where fine-tunes conflict, average the calm "
                                                "layers and route the conflicting ones per prompt.")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
