@@ -8,7 +8,7 @@ import torch
 from mergewise.errors import MergewiseError
 from mergewise.mediator.allocation import RoutedTensor, allocate, unit_cost
 from mergewise.mediator.codes import CODES, get_code
-from mergewise.mediator.codes.base import pack_bits, unpack_bits
+from mergewise.mediator.codes.base import bits_as, pack_bits
 
 LEVELS = {"sparse": 0.25, "lowrank": 4, "sign1": None, "sign2": None, "full": None}
 
@@ -70,7 +70,7 @@ def test_two_bits_keep_more_than_one_and_sign2_levels_average_their_groups():
     matrix = residual()
     assert kept_share("sign2", matrix) > kept_share("sign1", matrix) > 0.5
     stored = get_code("sign2").encode(matrix, torch.float32, None)
-    high = unpack_bits(stored["high"], matrix.shape[1])
+    high = bits_as(stored["high"], matrix.shape[1], 0.0, 1.0).bool()
     for row in range(matrix.shape[0]):
         magnitudes = matrix[row].abs()
         torch.testing.assert_close(stored["levels"][row, 1], magnitudes[high[row]].mean(), rtol=1e-5, atol=0)
@@ -107,7 +107,8 @@ def test_bits_round_trip(columns):
     bits = torch.rand(5, columns, generator=torch.Generator().manual_seed(columns)) > 0.5
     packed = pack_bits(bits)
     assert packed.dtype == torch.uint8 and packed.shape == (5, (columns + 7) // 8)
-    assert torch.equal(unpack_bits(packed, columns), bits)
+    assert torch.equal(bits_as(packed, columns, 0.0, 1.0), bits.float())
+    assert torch.equal(bits_as(packed, columns, 1.0, -1.0), 1.0 - 2.0 * bits.float())
 
 
 @pytest.mark.parametrize("change, message", [
@@ -230,3 +231,13 @@ def test_low_rank_shares_from_all_rows_are_the_exact_spectrum():
     assert shares[4] == pytest.approx(float(squares[:4].sum() / squares.sum()))
     assert shares[24] == pytest.approx(1.0) and shares[1] < shares[4]
     assert kept_share("lowrank", matrix, 4) == pytest.approx(shares[4], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(CODES))
+def test_decoded_rows_are_fresh_memory(name):
+    """Serving scales decoded rows in place: that must never reach the stored parts."""
+    code, matrix = CODES[name], residual()
+    stored = code.encode(matrix, torch.float32, LEVELS[name])
+    first = code.decode(stored, matrix.shape[1]).clone()
+    code.decode(stored, matrix.shape[1]).mul_(3.0)
+    assert torch.equal(code.decode(stored, matrix.shape[1]), first)

@@ -103,10 +103,11 @@ class ExpertBank:
     def expert_rows(self, name: str, rows: slice, dense_rows: torch.Tensor, mix: dict[str, float]) -> torch.Tensor:
         """D + Σ w_t decode(r_t) on these rows (a [rows, columns] matrix), summed in float32 and rounded
         once to D's dtype: the same numbers whoever asks (serving, export)."""
-        total = dense_rows.float()
+        total = dense_rows.to(torch.float32, copy=True)
         for task, weight in mix.items():
             if weight:
-                total = total + weight * self.decode(task, name, rows, dense_rows.device)
+                decoded = self.decode(task, name, rows, dense_rows.device)
+                total.add_(decoded if weight == 1 else decoded.mul_(weight))
         return total.to(dense_rows.dtype)
 
 

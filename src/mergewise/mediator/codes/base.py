@@ -2,18 +2,21 @@
 
 A code sees a residual as a matrix (first axis × the rest flattened; a vector is one row). `encode`
 gets the whole matrix in float32 and returns the stored parts; `decode` gets the parts of a row range
-(`Part.per_row` parts sliced to those rows, the others whole) and returns those rows in float32, so
-serving and export rebuild a tensor a row chunk at a time. `layout` gives every part's shape and
+(`Part.per_row` parts sliced to those rows, the others whole) and returns those rows in float32, in
+memory of their own (callers scale them in place), so serving and export rebuild a tensor a row
+chunk at a time. `layout` gives every part's shape and
 dtype before anything is encoded: the stored bytes the memory budget counts are exactly those.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from mergewise.errors import MergewiseError
 
@@ -94,11 +97,16 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (padded.view(rows, -1, 8) * BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, columns: int) -> torch.Tensor:
-    """The inverse of `pack_bits`: rows of bool, `columns` wide."""
-    bits = (packed[..., None] & BIT_WEIGHTS.to(packed.device)) != 0
-    return bits.reshape(packed.shape[0], -1)[:, :columns]
+def bits_as(packed: torch.Tensor, columns: int, zero: float, one: float) -> torch.Tensor:
+    """The inverse of `pack_bits` as float32 rows, `columns` wide: each 0 bit becomes `zero`, each 1
+    bit `one`. One table lookup per byte, several times faster than shifting and masking, which
+    matters because serving decodes every routed weight at each route switch."""
+    table = _bit_table(zero, one, str(packed.device))
+    return F.embedding(packed.int(), table).reshape(packed.shape[0], -1)[:, :columns]
 
 
-def row_sums(values: torch.Tensor) -> torch.Tensor:
-    return values.sum(-1, keepdim=True, dtype=torch.float64).float()
+@functools.cache
+def _bit_table(zero: float, one: float, device: str) -> torch.Tensor:
+    """[256, 8]: each byte's bits, first entry in the high bit, as `zero`/`one`."""
+    bits = ((torch.arange(256)[:, None] >> torch.arange(7, -1, -1)) & 1).bool()
+    return torch.where(bits, one, zero).float().to(device)

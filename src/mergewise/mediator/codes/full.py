@@ -18,7 +18,7 @@ def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> S
 
 
 def decode(stored: Stored, columns: int) -> torch.Tensor:
-    return stored["residual"].float()
+    return stored["residual"].to(torch.float32, copy=True)  # callers may scale it in place
 
 
 FULL = ResidualCode("full", layout, encode, decode)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from mergewise.mediator.codes.base import Part, ResidualCode, Stored, pack_bits, packed_width, unpack_bits
+from mergewise.mediator.codes.base import Part, ResidualCode, Stored, bits_as, pack_bits, packed_width
 
 
 def layout(rows: int, columns: int, dtype: torch.dtype, level: float | None) -> dict[str, Part]:
@@ -21,9 +21,7 @@ def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> S
 
 
 def decode(stored: Stored, columns: int) -> torch.Tensor:
-    negative = unpack_bits(stored["signs"], columns)
-    scale = stored["scale"].float()
-    return torch.where(negative, -scale, scale)
+    return bits_as(stored["signs"], columns, 1.0, -1.0).mul_(stored["scale"].float())
 
 
 SIGN1 = ResidualCode("sign1", layout, encode, decode)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mergewise.mediator.codes.base import Part, ResidualCode, Stored, pack_bits, packed_width, unpack_bits
+from mergewise.mediator.codes.base import Part, ResidualCode, Stored, bits_as, pack_bits, packed_width
 
 LLOYD_STEPS = 3
 
@@ -42,11 +42,10 @@ def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> S
 
 
 def decode(stored: Stored, columns: int) -> torch.Tensor:
-    negative = unpack_bits(stored["signs"], columns)
-    high = unpack_bits(stored["high"], columns)
     levels = stored["levels"].float()
-    magnitude = torch.where(high, levels[:, 1:], levels[:, :1])
-    return torch.where(negative, -magnitude, magnitude)
+    high = bits_as(stored["high"], columns, 0.0, 1.0)
+    magnitude = torch.lerp(levels[:, :1].expand_as(high), levels[:, 1:].expand_as(high), high)  # exact at 0 and 1
+    return magnitude.mul_(bits_as(stored["signs"], columns, 1.0, -1.0))
 
 
 SIGN2 = ResidualCode("sign2", layout, encode, decode)
