@@ -4,6 +4,6 @@ analysis  — per-unit sign conflict, cancellation and cosines of the task vecto
 codes     — how each expert's residual θ_t − D is stored (sign1, sign2, sparse, lowrank, full)
 allocation — which units are routed with which code, within the memory budget
 build     — dense merge + per-task coded experts + fitted router, written as one model folder
-router    — prototype/logistic task router with uncertainty and out-of-distribution decisions
+router    — gaussian/prototype/logistic task router with uncertainty and out-of-distribution decisions
 runtime   — `mergewise.load`: a model whose `generate()` routes every sequence, switching experts in place
 """

@@ -20,7 +20,7 @@ import torch
 
 
 # Parameters that are shares of a tensor's entries: outside [0, 1] they mean nothing (mergekit clamps).
-SHARES = frozenset({"density", "gamma", "epsilon"})
+SHARES = frozenset({"density", "gamma", "epsilon", "select_topk"})
 
 
 class PerModelMarker:

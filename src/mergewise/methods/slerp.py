@@ -21,8 +21,8 @@ from mergewise.methods.base import (
 )
 
 
-def _interpolation_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """mergekit's slerp works in float32, or in float64 for float64 inputs."""
+def interpolation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """mergekit's slerp (and karcher) work in float32, or in float64 for float64 inputs."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
@@ -34,7 +34,7 @@ def prepare_slerp(tensors: ChunkedTensors, *, t: float) -> tuple[torch.Tensor, t
     for rows in tensors.chunks():
         a, b = rows.base.double(), rows.inputs[0].double()
         sums += torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()]).cpu()
-        dtype = _interpolation_dtype(rows.base)
+        dtype = interpolation_dtype(rows.base)
     norms = sums[:2].sqrt().to(dtype)
     norms = torch.where(norms > 1e-8, norms, 1)
     cosine = (sums[2] / norms.double().prod()).to(dtype).clamp(-1, 1)

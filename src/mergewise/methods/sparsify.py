@@ -59,6 +59,16 @@ class KeepBits:
         offset = start - (first << 3)
         return torch.from_numpy(unpacked[offset:offset + count].view(np.bool_))
 
+    @classmethod
+    def of_mask(cls, mask: torch.Tensor) -> KeepBits:
+        """The entries a bool mask keeps, in its row-major order."""
+        return cls(np.packbits(mask.reshape(-1).cpu().numpy(), bitorder="little"))
+
+    def rows_like(self, first_row: int, like: torch.Tensor) -> torch.Tensor:
+        """The mask of the row chunk `like`, which starts at row `first_row`, shaped and placed like it."""
+        start = first_row * math.prod(like.shape[1:])
+        return self.rows(start, like.numel()).reshape(like.shape).to(like.device)
+
 
 def magnitude_keys(inputs: torch.Tensor, base: torch.Tensor, descending: bool, out: np.ndarray) -> None:
     """Write |inputs − base| into `out` as integers that sort as mergekit's keys `|delta|.float()`

@@ -7,7 +7,6 @@ that contributed, scale by lambda, add to the base — with a different sparsifi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,11 +45,7 @@ def _selected_rows(rows: TensorRows, index: int) -> torch.Tensor | None:
     keep = rows.stats.keeps[index]
     if isinstance(keep, Future):
         keep = keep.result()
-    if keep is None:
-        return None
-    like = rows.inputs[index]
-    start = rows.first_row * math.prod(like.shape[1:])
-    return keep.rows(start, like.numel()).reshape(like.shape).to(like.device)
+    return None if keep is None else keep.rows_like(rows.first_row, rows.inputs[index])
 
 
 def _keep_mask(rows: TensorRows, index: int, delta: torch.Tensor, sparsification: Sparsification | None,
@@ -157,13 +152,12 @@ def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
     parts = _weighted_deltas(rows, weights, sparsification, density, gamma, epsilon, reuse_memory=not consensus)
     if consensus:
         weighted = list(parts)
-        majority_positive = _sum_over_models(weighted) >= 0
-        agrees = [torch.where(majority_positive, part > 0, part < 0) for part in weighted]
-        combined = _sum_over_models(part.mul_(agree) for part, agree in zip(weighted, agrees))
-        divisor = _sum_over_models(weights[index] * agree for index, agree in enumerate(agrees))
+        agrees = majority_sign_agreement(weighted)
+        combined = sum_over_models(part.mul_(agree) for part, agree in zip(weighted, agrees))
+        divisor = sum_over_models(weights[index] * agree for index, agree in enumerate(agrees))
         divisor = torch.where(divisor == 0, 1, divisor)
     else:
-        combined = _sum_over_models(parts)
+        combined = sum_over_models(parts)
         divisor = _total_weight(weights)
     if normalize:
         combined.div_(divisor)
@@ -196,7 +190,7 @@ def _weighted_deltas(rows: TensorRows, weights: torch.Tensor, sparsification: Sp
         previous = delta if reuse_memory else None
 
 
-def _sum_over_models(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+def sum_over_models(parts: Iterable[torch.Tensor]) -> torch.Tensor:
     """Σ of the models' parts, accumulated in model order in at least float32 and rounded once; a new
     tensor.
 
@@ -211,6 +205,13 @@ def _sum_over_models(parts: Iterable[torch.Tensor]) -> torch.Tensor:
     for part in parts:
         total.add_(part)  # promoted to the accumulator's dtype, exactly
     return total.to(dtype)
+
+
+def majority_sign_agreement(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """TIES's sign election: per part, where its sign is that of Σ parts (a zero sum counts as
+    positive; zero entries agree with neither sign)."""
+    majority_positive = sum_over_models(parts) >= 0
+    return [torch.where(majority_positive, part > 0, part < 0) for part in parts]
 
 
 def _total_weight(weights: torch.Tensor) -> torch.Tensor:
