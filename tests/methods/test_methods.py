@@ -397,6 +397,56 @@ def test_passthrough_copies_its_input_optionally_scaled(scale, factor):
     assert_close(run_method("passthrough", None, [model], scale=(scale,)), factor * model)
 
 
+# ---------------------------------------------------------------------------------------------- sce
+SCE_BASE = torch.zeros(1, 4)
+SCE_INPUTS = [torch.tensor([[2.0, -1.0, 0.0, 1.0]]), torch.tensor([[1.0, 1.0, -3.0, 1.0]])]
+
+
+def test_sce_weighs_models_by_mean_square_and_erases_minority_signs():
+    # mean squares 1.5 and 3 → weights 1/3, 2/3; sums 3, 0, −3, 2 elect +, + (zero), −, +
+    merged = run_method("sce", SCE_BASE, SCE_INPUTS)
+    assert_close(merged, torch.tensor([[4 / 3, 1.0, -3.0, 1.0]]))
+
+
+def test_sce_selects_the_entries_that_vary_most_across_models_not_the_largest():
+    # variances 0.25, 1, 2.25, 0: ⌊0.5 · 3 non-zero⌋ = 1 entry kept, the third; the fourth, large
+    # but equal in both models, is dropped
+    merged = run_method("sce", SCE_BASE, SCE_INPUTS, select_topk=0.5)
+    assert_close(merged, torch.tensor([[0.0, 0.0, -3.0, 0.0]]))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_sce_select_topk_is_a_share_of_entries(value):
+    with pytest.raises(ValueError, match="share of entries"):
+        METHODS["sce"].parameters["select_topk"].coerce(value)
+
+
+# ----------------------------------------------------------------------------------------- nearswap
+def test_nearswap_moves_each_entry_toward_the_model_by_at_most_t():
+    base, model = tensor(0.0, 0.0, 1.0, 1.0), tensor(0.05, -0.5, 1.2, 1.0)
+    assert_close(run_method("nearswap", base, [model], t=0.1), tensor(0.05, -0.1, 1.1, 1.0))
+
+
+# ------------------------------------------------------------------------------------- arcee_fusion
+def test_arcee_fusion_takes_the_model_only_where_its_importance_is_an_outlier():
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(16, 32, generator=generator)
+    model = base + 0.01 * torch.randn(16, 32, generator=generator)
+    model[5, 7] += 3.0
+    merged = run_method("arcee_fusion", base, [model])
+    from_model = merged == model
+    assert torch.equal(from_model | (merged == base), torch.ones_like(from_model))
+    assert from_model[5, 7] and 0 < from_model.float().mean() < 0.25
+
+
+def test_arcee_fusion_takes_the_softmax_of_a_1d_tensor_over_all_its_chunks():
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(40, generator=generator)
+    model = base + 0.1 * torch.randn(40, generator=generator)
+    assert torch.equal(run_method("arcee_fusion", base, [model], chunk_rows=7),
+                       run_method("arcee_fusion", base, [model]))
+
+
 # ------------------------------------------------------------------------------- chunking invariance
 # Every method with parameters that exercise its whole-tensor statistics. Random methods run at
 # density 1 here (their masks are drawn per row chunk, so only their deterministic part can be
@@ -415,6 +465,9 @@ CHUNKING_CASES = {
     "nuslerp": dict(weight=(0.4, 0.6)),
     "model_stock": dict(),
     "passthrough": dict(scale=(0.7,)),
+    "sce": dict(select_topk=0.5),
+    "nearswap": dict(t=0.2),
+    "arcee_fusion": dict(),
 }
 
 
