@@ -193,6 +193,21 @@ def test_random_route_switches_leave_the_dense_weights_bit_identical(mediator_di
     assert all(torch.equal(routed[name].detach(), dense[name]) for name in routed)
 
 
+def test_experts_left_on_disk_decode_as_those_held_in_memory(mediator_dir):
+    """The default `offload="disk"` keeps no expert tensor in the process, and switches to the same
+    weights as experts held in memory."""
+    from mergewise.checkpoint import TensorInfo
+
+    on_disk, in_memory = load(mediator_dir), load(mediator_dir, offload="cpu")
+    assert all(isinstance(part, TensorInfo) for parts in on_disk.experts.stored.values() for part in parts.values())
+    assert all(isinstance(part, torch.Tensor) for parts in in_memory.experts.stored.values() for part in parts.values())
+    mix = {"merging": 0.25, "numbers": 0.75}
+    for model in (on_disk, in_memory):
+        model.use_weights(mix)
+    first, second = dict(on_disk.model.named_parameters()), dict(in_memory.model.named_parameters())
+    assert all(torch.equal(first[name], second[name]) for name in on_disk.experts.tensors)
+
+
 def test_a_route_runs_with_its_expert_then_restores_the_dense_model(mediator_dir):
     model = load(mediator_dir)
     name = model.experts.tensors[0]
@@ -431,7 +446,7 @@ def test_a_truncated_experts_file_is_one_clear_error(mediator_dir, tmp_path, cap
     experts.write_bytes(experts.read_bytes()[:-100])
     error = cli_error(capsys, "generate", str(folder), "--prompt", "one two three")
     [line] = [line for line in error.splitlines() if line.startswith("error:")]
-    assert "experts.safetensors: cannot read the experts" in line
+    assert "experts.safetensors: corrupt safetensors file" in line and "truncated" in line
 
 
 def test_an_unknown_code_in_the_manifest_is_named(mediator_dir, tmp_path, capsys):

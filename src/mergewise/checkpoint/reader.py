@@ -188,18 +188,7 @@ class ModelFolder:
         if info.file in self._pickled:
             tensor = self._pickled[info.file][name]
             return (tensor if rows is None or tensor.dim() == 0 else tensor[rows]).clone()
-        start, length, shape = self._extent(info, rows)
-        buffer = bytearray(length)
-        with _opened(info.file) as descriptor:
-            done = 0
-            while done < len(buffer):
-                chunk = os.preadv(descriptor, [memoryview(buffer)[done:]], start + done)
-                if chunk <= 0:
-                    raise MergewiseError(f"{info.file}: truncated while reading tensor {name}")
-                done += chunk
-        if not buffer:
-            return torch.empty(shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
+        return read_rows(info, rows)
 
     def map_rows(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """Like `read`, but the rows are mapped from the page cache instead of copied into fresh
@@ -209,7 +198,7 @@ class ModelFolder:
         info = self.tensors[name]
         if info.file in self._pickled:
             return self.read(name, rows)
-        start, length, shape = self._extent(info, rows)
+        start, length, shape = _extent(info, rows)
         if length == 0:
             return torch.empty(shape, dtype=info.dtype)
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
@@ -218,16 +207,6 @@ class ModelFolder:
                                flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         return torch.frombuffer(mapped, dtype=info.dtype, offset=start - aligned,
                                 count=length // info.dtype.itemsize).reshape(shape)
-
-    @staticmethod
-    def _extent(info: TensorInfo, rows: slice | None) -> tuple[int, int, tuple[int, ...]]:
-        """(absolute byte offset, byte length, shape) of the rows `rows` of a safetensors tensor."""
-        whole = rows is None or not info.shape
-        first, stop = (0, info.shape[0] if info.shape else 1) if whole else rows.indices(info.shape[0])[:2]
-        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
-        count = max(0, stop - first)
-        shape = (count, *info.shape[1:]) if info.shape else ()
-        return info.offset + first * row_bytes, count * row_bytes, shape
 
     def close(self) -> None:
         """Drop the tensors of loaded pickle files (no file stays open between reads)."""
@@ -246,6 +225,33 @@ class ModelFolder:
     def tied_embeddings(self) -> bool:
         """Whether lm_head shares the input embedding (HF's default is tied)."""
         return bool(self.config.get("tie_word_embeddings", True))
+
+
+def _extent(info: TensorInfo, rows: slice | None) -> tuple[int, int, tuple[int, ...]]:
+    """(absolute byte offset, byte length, shape) of the rows `rows` of a safetensors tensor."""
+    whole = rows is None or not info.shape
+    first, stop = (0, info.shape[0] if info.shape else 1) if whole else rows.indices(info.shape[0])[:2]
+    row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+    count = max(0, stop - first)
+    shape = (count, *info.shape[1:]) if info.shape else ()
+    return info.offset + first * row_bytes, count * row_bytes, shape
+
+
+def read_rows(info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
+    """A safetensors tensor, or only its rows `rows` (first axis), copied from disk now into memory
+    of its own: the file's pages stay in the page cache, outside the process."""
+    start, length, shape = _extent(info, rows)
+    buffer = bytearray(length)
+    with _opened(info.file) as descriptor:
+        done = 0
+        while done < len(buffer):
+            chunk = os.preadv(descriptor, [memoryview(buffer)[done:]], start + done)
+            if chunk <= 0:
+                raise MergewiseError(f"{info.file}: truncated while reading tensor {info.name}")
+            done += chunk
+    if not buffer:
+        return torch.empty(shape, dtype=info.dtype)
+    return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
 
 
 def read_safetensors_header(file: Path) -> list[TensorInfo]:

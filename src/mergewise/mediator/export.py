@@ -21,7 +21,7 @@ def export_task(mediator_dir: str | Path, task: str, out_dir: str | Path, *, sha
     if task not in manifest["tasks"]:
         raise MergewiseError(f"--task {task}: not an expert of {folder} (has {', '.join(manifest['tasks'])})")
     dense = ModelFolder(folder)
-    experts = ExpertBank(folder, {**manifest, "tasks": [task]}, dense, torch.device("cpu"))
+    experts = ExpertBank(folder, {**manifest, "tasks": [task]}, dense, None)  # each row range read as it is written
 
     def add_expert(name: str, rows: slice, chunk: torch.Tensor) -> torch.Tensor:
         if name not in experts.codes:

@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mergewise.checkpoint import ModelFolder
+from mergewise.checkpoint import ModelFolder, TensorInfo
+from mergewise.checkpoint.reader import read_rows, read_safetensors_header
 from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.tokens import start_token_id
 from mergewise.devices import resolve_device
@@ -60,34 +61,34 @@ class Generation:
 
 class ExpertBank:
     """Every expert's coded residual of every routed tensor, checked against its code's layout on
-    load; `expert_rows` rebuilds rows of D + Σ w_t decode(r_t)."""
+    load; `expert_rows` rebuilds rows of D + Σ w_t decode(r_t). `device` None leaves the parts in
+    the file and reads the rows a decode needs when it needs them (page cache, not process memory);
+    otherwise they are held there."""
 
-    def __init__(self, folder: Path, manifest: dict, dense: ModelFolder, device: torch.device):
+    def __init__(self, folder: Path, manifest: dict, dense: ModelFolder, device: torch.device | None):
         self.tasks: list[str] = list(manifest["tasks"])
-        self.device = device
         self.codes: dict[str, tuple] = {}
-        self.stored: dict[tuple[str, str], Stored] = {}
+        self.stored: dict[tuple[str, str], dict[str, torch.Tensor | TensorInfo]] = {}
         path = folder / MEDIATOR_FOLDER / EXPERTS_FILE
-        routed = manifest["routed_tensors"]
         try:
-            with safe_open(path, framework="pt") as stored:
-                keys = set(stored.keys())
-                for name, spec in routed.items():
-                    if name not in dense.tensors:
-                        raise MergewiseError(f"{path}: routed tensor {name} is not in the dense model")
-                    code, level = _code_of(spec, f"{folder / MEDIATOR_FOLDER / MANIFEST_FILE}: routed tensor {name}")
-                    info = dense.tensors[name]
-                    rows, columns = matrix_shape(tuple(info.shape))
-                    layout = code.layout(rows, columns, info.dtype, level)
-                    self.codes[name] = (code, level, columns, {suffix: part.per_row for suffix, part in layout.items()})
-                    for task in self.tasks:
-                        prefix = f"{task}/{name}"
-                        parts = {suffix: stored.get_tensor(f"{prefix}.{suffix}") for suffix in layout
-                                 if f"{prefix}.{suffix}" in keys}
-                        code.validate(parts, rows, columns, info.dtype, level, f"{path}: expert tensor {prefix}")
-                        self.stored[task, name] = {suffix: tensor.to(device) for suffix, tensor in parts.items()}
-        except (OSError, SafetensorError) as error:
+            entries = {info.name: info for info in read_safetensors_header(path)}
+        except OSError as error:
             raise MergewiseError(f"{path}: cannot read the experts ({error})") from None
+        for name, spec in manifest["routed_tensors"].items():
+            if name not in dense.tensors:
+                raise MergewiseError(f"{path}: routed tensor {name} is not in the dense model")
+            code, level = _code_of(spec, f"{folder / MEDIATOR_FOLDER / MANIFEST_FILE}: routed tensor {name}")
+            info = dense.tensors[name]
+            rows, columns = matrix_shape(tuple(info.shape))
+            layout = code.layout(rows, columns, info.dtype, level)
+            self.codes[name] = (code, level, columns, {suffix: part.per_row for suffix, part in layout.items()})
+            for task in self.tasks:
+                prefix = f"{task}/{name}"
+                found = {suffix: entries[f"{prefix}.{suffix}"] for suffix in layout if f"{prefix}.{suffix}" in entries}
+                parts = {suffix: read_rows(entry) for suffix, entry in found.items()}
+                code.validate(parts, rows, columns, info.dtype, level, f"{path}: expert tensor {prefix}")
+                self.stored[task, name] = (found if device is None
+                                           else {suffix: tensor.to(device) for suffix, tensor in parts.items()})
 
     @property
     def tensors(self) -> list[str]:
@@ -96,8 +97,8 @@ class ExpertBank:
     def decode(self, task: str, name: str, rows: slice, device: torch.device) -> torch.Tensor:
         """Rows `rows` of task `task`'s decoded residual of `name` (float32 [rows, columns] on `device`)."""
         code, _, columns, per_row = self.codes[name]
-        parts = {suffix: (tensor[rows] if per_row[suffix] else tensor).to(device)
-                 for suffix, tensor in self.stored[task, name].items()}
+        parts = {suffix: (_rows_of(part, rows if per_row[suffix] else None)).to(device)
+                 for suffix, part in self.stored[task, name].items()}
         return code.decode(parts, columns)
 
     def expert_rows(self, name: str, rows: slice, dense_rows: torch.Tensor, mix: dict[str, float]) -> torch.Tensor:
@@ -109,6 +110,12 @@ class ExpertBank:
                 decoded = self.decode(task, name, rows, dense_rows.device)
                 total.add_(decoded if weight == 1 else decoded.mul_(weight))
         return total.to(dense_rows.dtype)
+
+
+def _rows_of(part: torch.Tensor | TensorInfo, rows: slice | None) -> torch.Tensor:
+    if isinstance(part, TensorInfo):
+        return read_rows(part, rows)
+    return part if rows is None else part[rows]
 
 
 def _code_of(spec, where: str):
@@ -261,16 +268,17 @@ class RoutedModel:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         offload: str = "cpu", trust_remote_code: bool = False) -> RoutedModel:
-    """Load a plain or Mediator model folder. `dtype` None keeps the stored dtype; `offload` "cpu"
-    keeps the coded experts in host memory (decoded on `device` a row chunk at a time), "none" moves
-    them to `device`;
+         offload: str = "disk", trust_remote_code: bool = False) -> RoutedModel:
+    """Load a plain or Mediator model folder. `dtype` None keeps the stored dtype; `offload` "disk"
+    leaves the coded experts in their file and reads the rows a route switch decodes (so the process
+    holds one model), "cpu" keeps them in host memory, "none" on `device`; they are decoded on
+    `device` a row chunk at a time;
     `trust_remote_code` lets the folder's own Python run (see `checkpoint.pretrained.load_pretrained`)."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise MergewiseError(f"{folder}: not a model folder (no config.json)")
-    if offload not in ("cpu", "none"):
-        raise MergewiseError(f"offload {offload!r}: expected cpu or none")
+    if offload not in ("disk", "cpu", "none"):
+        raise MergewiseError(f"offload {offload!r}: expected disk, cpu or none")
     torch_device = resolve_device(device)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype, "dtype")
@@ -290,7 +298,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
     manifest = read_manifest(folder)
     router = load_router(folder, manifest)
     dense = ModelFolder(folder)
-    experts = ExpertBank(folder, manifest, dense, torch.device("cpu") if offload == "cpu" else torch_device)
+    experts = ExpertBank(folder, manifest, dense, {"disk": None, "cpu": torch.device("cpu")}.get(offload, torch_device))
     return RoutedModel(model, tokenizer, torch_device, folder, manifest, router, experts, dense)
 
 
