@@ -447,6 +447,76 @@ def test_arcee_fusion_takes_the_softmax_of_a_1d_tensor_over_all_its_chunks():
                        run_method("arcee_fusion", base, [model]))
 
 
+# ------------------------------------------------------------------------------- multislerp, karcher
+def on_circle(angle: float, norm: float = 1.0) -> torch.Tensor:
+    return tensor(norm * math.cos(angle), norm * math.sin(angle))
+
+
+def test_multislerp_of_two_task_vectors_with_equal_weights_is_their_arc_midpoint_at_the_mean_norm():
+    base = tensor(1.0, 1.0)
+    merged = run_method("multislerp", base, [base + tensor(2.0, 0.0), base + tensor(0.0, 4.0)], weight=(1.0, 1.0))
+    assert_close(merged, base + on_circle(math.pi / 4, 3.0))
+
+
+def test_multislerp_of_one_model_is_that_model():
+    model = tensor(3.0, -1.0)
+    assert torch.equal(run_method("multislerp", tensor(1.0, 1.0), [model], weight=(0.5,)), model)
+
+
+def test_multislerp_interpolates_an_antipodal_pair_linearly():
+    base = tensor(1.0, 1.0)
+    merged = run_method("multislerp", base, [base + tensor(2.0, 0.0), base - tensor(2.0, 0.0)], weight=(0.5, 0.5))
+    assert_close(merged, base)
+
+
+def test_multislerp_refuses_unit_vectors_whose_weighted_sum_cancels_out():
+    with pytest.raises(ValueError, match="cancel out"):
+        run_method("multislerp", None, [tensor(1.0, 0.0), tensor(-1.0, 0.0), tensor(0.0, 1.0)], weight=(1.0, 1.0, 0.0))
+
+
+def test_multislerp_refuses_to_normalise_weights_that_sum_to_zero():
+    with pytest.raises(ValueError, match="weight: weights sum to 0"):
+        run_method("multislerp", None, [tensor(1.0, 0.0), tensor(0.0, 1.0), tensor(1.0, 1.0)], weight=(1.0, -1.5, 0.5))
+
+
+def test_karcher_reaches_the_riemannian_mean_not_the_normalised_euclidean_one():
+    """On a circle the Karcher mean of directions is the mean of their angles (one step gets there);
+    the normalised Euclidean mean, where the steps start, lies nearer the two equal directions."""
+    inputs = [on_circle(0.0, 1.0), on_circle(0.0, 2.0), on_circle(2.0, 3.0)]
+    assert_close(run_method("karcher", None, inputs), on_circle(2 / 3, 2.0), atol=1e-5)
+    start = math.atan2(math.sin(2.0), 2 + math.cos(2.0))
+    assert_close(run_method("karcher", None, inputs, max_iter=0), on_circle(start, 2.0), atol=1e-5)
+
+
+def test_karcher_leaves_inputs_of_zero_norm_out_of_the_direction_but_not_out_of_the_norm():
+    assert_close(run_method("karcher", None, [tensor(0.0, 0.0), tensor(3.0, 4.0)]), tensor(1.5, 2.0))
+
+
+@pytest.mark.parametrize("parameters", [{"max_iter": -1}, {"tol": -1e-5}])
+def test_karcher_rejects_negative_iterations_and_tolerances(parameters):
+    with pytest.raises(ValueError, match=next(iter(parameters))):
+        run_method("karcher", None, [tensor(1.0, 0.0), tensor(0.0, 1.0)], **parameters)
+
+
+# ---------------------------------------------------------------------------------- ram, ramplus_tl
+# Task vectors: entry 1 is changed by both models, entries 0 and 4 by the first alone, entry 3 by the
+# second alone (its first model's 1e-6 is below epsilon), entry 2 by none.
+RAM_DELTAS = [tensor(1.0, 2.0, 0.0, 1e-6, 5.0), tensor(0.0, 4.0, 0.0, 3.0, 0.0)]
+
+
+def test_ram_keeps_changes_one_model_makes_and_averages_those_several_make():
+    base = tensor(1.0, 1.0, 1.0, 1.0, 1.0)
+    merged = run_method("ram", base, [base + delta for delta in RAM_DELTAS])
+    assert_close(merged, base + tensor(1.0, 3.0, 0.0, 3.0, 5.0))
+
+
+def test_ramplus_tl_scales_each_models_unique_changes_by_its_shared_to_unique_ratio():
+    """First model: 1 shared, 2 unique entries, so 1 + 0.5·0.5; second: 1 and 1, clamped: 1 + 0.5·0.6."""
+    base = torch.zeros(5)
+    merged = run_method("ramplus_tl", base, [base + delta for delta in RAM_DELTAS], r=0.5, alpha=0.6)
+    assert_close(merged, tensor(1.25, 3.0, 0.0, 3.9, 6.25))
+
+
 # ------------------------------------------------------------------------------- chunking invariance
 # Every method with parameters that exercise its whole-tensor statistics. Random methods run at
 # density 1 here (their masks are drawn per row chunk, so only their deterministic part can be
@@ -468,6 +538,10 @@ CHUNKING_CASES = {
     "sce": dict(select_topk=0.5),
     "nearswap": dict(t=0.2),
     "arcee_fusion": dict(),
+    "multislerp": dict(weight=(0.5, 0.3, 0.2)),
+    "karcher": dict(),
+    "ram": dict(epsilon=0.1),
+    "ramplus_tl": dict(epsilon=0.3, r=0.5, alpha=0.6),
 }
 
 

@@ -12,7 +12,12 @@ too. On tensors of over 1 M entries mergekit estimates `arcee_fusion`'s quartile
 sample drawn from torch's global generator, which no recipe seed fixes, where mergewise takes them
 exactly; its fence can move by a step there, so those tensors must agree to a relative error of
 1e-3 (and mergekit writes its arcee_fusion tensors in float32 whatever the recipe's dtype, so they are
-rounded to mergewise's first). Random methods (DARE, DELLA) are compared by statistics
+rounded to mergewise's first; so does ramplus_tl, whose float32 scale promotes its sum). `karcher`
+and `multislerp` hang on whole-tensor norms and dot products too, some of which mergekit takes in
+float32 (all of karcher's norms); on a tensor of several chunks these carry torch's float32
+accumulation error (5e-5 of a 2 M-entry norm) where mergewise's are exact, and bf16 roundings of
+unit vectors and outputs amplify it, so there they must agree within SPHERICAL_MEAN_TOLERANCE (a
+tensor of one chunk gets torch's own figures and is identical). Random methods (DARE, DELLA) are compared by statistics
 of the merged update. mergekit runs all recipes in one process, since its start-up costs seconds;
 mergewise runs in-process.
 
@@ -59,6 +64,11 @@ MULTI_CHUNK_SUMS_TOLERANCE = 1e-6
 # in bf16 and 5e-4 in float32 recipes.
 ARCEE_FUSION_SAMPLE = 1_000_000
 ARCEE_FUSION_TOLERANCE = 1e-3
+# Measured on the real-size Llama's 2 M-entry tensors: multislerp identical in bf16 (its figures are
+# bf16 there, and round alike) and 2.6e-5 in float32; karcher 7.4e-4 in bf16, 8.5e-5 in float32.
+SPHERICAL_MEAN_TOLERANCE = {"multislerp": 1e-4, "karcher": 1e-3}
+# mergekit promotes these methods' results to float32 and writes them so, whatever the recipe's dtype.
+MERGEKIT_WRITES_FLOAT32 = ("arcee_fusion", "ramplus_tl")
 NUM_LAYERS = 4  # enough layers for gradients and layer-range slices to mean something
 SEED = 0
 
@@ -149,6 +159,17 @@ RECIPES: dict[str, Recipe] = {
         t=[{"filter": "self_attn", "value": 1e-4}, {"value": 5e-4}],
     ),
     "arcee_fusion": lambda f: _recipe("arcee_fusion", f, [{"model": str(f.base)}, {"model": str(f.fine_tunes[0])}]),
+    # The base is one more input of karcher (mergekit adds it to the models).
+    "karcher": lambda f: _recipe("karcher", f, [{"model": str(path)} for path in f.fine_tunes], max_iter=5),
+    "multislerp": lambda f: _recipe(
+        "multislerp", f, _task_vectors(f, {"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2})
+    ),
+    "multislerp_no_base_unnormalized": lambda f: _recipe(
+        "multislerp", f, _no_base(f, 0.7, 0.6), base=False, normalize_weights=False
+    ),
+    # epsilon about a tiny model's typical |delta|, so entries changed by one, several and no model mix.
+    "ram": lambda f: _recipe("ram", f, _task_vectors(f, {}, {}, {}), epsilon=2e-4),
+    "ramplus_tl": lambda f: _recipe("ramplus_tl", f, _task_vectors(f, {}, {}, {}), epsilon=2e-4, r=0.5, alpha=0.6),
     "passthrough_frankenmerge": lambda f: {
         "merge_method": "passthrough",
         "dtype": "bfloat16",
@@ -177,6 +198,11 @@ CASES = [(arch, name) for arch in ("llama", "qwen2") for name in RECIPES if (arc
 TIED_EMBEDDING_RECIPES = ("linear", "ties", "slerp", "passthrough_frankenmerge")
 CASES += [(arch, name) for arch in ("gemma", "gpt2") for name in TIED_EMBEDDING_RECIPES]
 SPARSE_ARCH = "llama"
+# Fine-tunes 50 % away from the base (angles of ~0.5 rad), so that karcher takes its steps in bf16 too:
+# near ones have bf16 cosines of exactly 1.
+FAR_NOISE = 0.5
+FAR_RECIPES = ("karcher", "multislerp", "multislerp_no_base_unnormalized")
+FAR_CASES = [f"{SPARSE_ARCH}-far-{name}" for name in FAR_RECIPES]
 # A one-layer Llama whose tensors have 0.5 M (k/v), 1 M (q/o/mlp) and 2 M (embeddings) entries.
 REAL_SIZE = {"num_layers": 1, "hidden_size": 1024, "intermediate_size": 1024, "vocab_size": 2048,
              "num_heads": 16, "num_kv_heads": 8}
@@ -217,6 +243,8 @@ def peer_runs(tiny_family, tmp_path_factory) -> dict[str, PeerRun]:
     recipes = {f"{arch}-{name}": RECIPES[name](tiny_family(arch, num_layers=NUM_LAYERS)) for arch, name in CASES}
     sparse_family = tiny_family(SPARSE_ARCH, num_layers=NUM_LAYERS)
     recipes |= {f"{SPARSE_ARCH}-sparse-{method}": make(sparse_family) for method, make in SPARSE_RECIPES.items()}
+    far_family = tiny_family(SPARSE_ARCH, num_layers=NUM_LAYERS, noise=FAR_NOISE)
+    recipes |= {case: RECIPES[name](far_family) for case, name in zip(FAR_CASES, FAR_RECIPES)}
     real_family = tiny_family("llama", **REAL_SIZE)
     for case in REAL_SIZE_CASES:
         _, dtype, name = case.split("-", 2)
@@ -233,6 +261,8 @@ def _tolerance(method: str, merged: torch.Tensor) -> float | None:
         return MULTI_CHUNK_SUMS_TOLERANCE
     if method == "arcee_fusion" and merged.numel() > ARCEE_FUSION_SAMPLE:
         return ARCEE_FUSION_TOLERANCE
+    if method in SPHERICAL_MEAN_TOLERANCE and len(row_ranges(tuple(merged.shape))) > 1:
+        return SPHERICAL_MEAN_TOLERANCE[method]
     return None
 
 
@@ -250,7 +280,7 @@ def checkpoint_mismatches(ours: Path, theirs: Path, *, method: str) -> list[str]
                 problems.append(f"{name}: only in {'mergewise' if name in ours_state else 'mergekit'}")
             continue
         a, b = ours_state[name], theirs_state[name]
-        if method == "arcee_fusion":
+        if method in MERGEKIT_WRITES_FLOAT32:
             b = b.to(a.dtype)
         if a.shape != b.shape or a.dtype != b.dtype:
             problems.append(f"{name}: {a.dtype}{list(a.shape)} != mergekit {b.dtype}{list(b.shape)}")
@@ -263,7 +293,7 @@ def checkpoint_mismatches(ours: Path, theirs: Path, *, method: str) -> list[str]
     return problems
 
 
-@pytest.mark.parametrize("case", [f"{arch}-{name}" for arch, name in CASES] + REAL_SIZE_CASES)
+@pytest.mark.parametrize("case", [f"{arch}-{name}" for arch, name in CASES] + FAR_CASES + REAL_SIZE_CASES)
 def test_matches_mergekit(case, peer_runs, tmp_path):
     run = peer_runs[case]
     method = yaml.safe_load(run.config.read_text())["merge_method"]
