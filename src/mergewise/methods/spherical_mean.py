@@ -10,7 +10,9 @@ Each step hangs on whole-tensor figures (norms, dot products) of vectors the ste
 `prepare` reads the row chunks once per figure and records the figures; the merge then redoes each
 row chunk's arithmetic with them. The arithmetic is mergekit's, in its dtypes, so the roundings are
 the same; so are the figures of a tensor read in one chunk (torch's own reductions). A tensor of
-several chunks gets each figure from the chunks' float64 sums, rounded once to the figure's dtype.
+several chunks gets each figure from the chunks' float64 sums, rounded once to the figure's dtype:
+exact, where mergekit's float32 figures carry torch's accumulation error (5e-5 of the norm of a
+2 M-entry tensor), which can move a bf16 rounding (tests/methods/test_peer_mergekit.py).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def _whole_tensor(figures: Iterable[ChunkFigure],
 
 
 def _norm_figure(values: torch.Tensor, dtype: torch.dtype) -> ChunkFigure:
-    """The norm of all of `values`, taken in `dtype` (mergekit's multislerp: theirs; karcher: float32)."""
+    """The norm of all of `values`, taken in `dtype` as mergekit takes it (multislerp: the working
+    dtype; karcher: float32, or float64 for float64 inputs)."""
     return torch.linalg.vector_norm(values.to(dtype)), values.double().square().sum()
 
 
@@ -83,11 +86,14 @@ def _unit_vectors(vectors: torch.Tensor, norms: torch.Tensor, eps: float) -> tor
     return vectors / (norms + eps)
 
 
-def _tangent_average(units: torch.Tensor, figures: MultislerpFigures, dots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean direction, and the weighted average of the unit vectors' projections onto the tangent
-    space there."""
-    mean = _weighted_sum(units, figures.weights) / figures.mean_norm
-    return mean, _weighted_sum(units - dots * mean, figures.weights)
+def _mean_direction(units: torch.Tensor, figures: MultislerpFigures) -> torch.Tensor:
+    return _weighted_sum(units, figures.weights) / figures.mean_norm
+
+
+def _tangent_average(units: torch.Tensor, figures: MultislerpFigures, mean: torch.Tensor,
+                     dots: torch.Tensor) -> torch.Tensor:
+    """The weighted average of the unit vectors' projections onto the tangent space at `mean`."""
+    return _weighted_sum(units - dots * mean, figures.weights)
 
 
 def prepare_multislerp(tensors: ChunkedTensors, *, weight: PerModel, normalize_weights: bool = True,
@@ -116,12 +122,14 @@ def prepare_multislerp(tensors: ChunkedTensors, *, weight: PerModel, normalize_w
                          "change a weight")
 
     def dot_figure(units: torch.Tensor) -> ChunkFigure:
-        products = units * (_weighted_sum(units, weights) / mean_norm)
+        products = units * _mean_direction(units, figures)
         return products.sum(-1, keepdim=True), products.double().sum(-1, keepdim=True)
 
+    def tangent_figure(units: torch.Tensor) -> ChunkFigure:
+        return _norm_figure(_tangent_average(units, figures, _mean_direction(units, figures), dots), units.dtype)
+
     dots = _whole_tensor(dot_figure(units) for units in unit_chunks())
-    tangent_norm = _whole_tensor((_norm_figure(_tangent_average(units, figures, dots)[1], units.dtype)
-                                  for units in unit_chunks()), torch.sqrt) + eps
+    tangent_norm = _whole_tensor((tangent_figure(units) for units in unit_chunks()), torch.sqrt) + eps
     return dataclasses.replace(figures, dots=dots, tangent_norm=tangent_norm)
 
 
@@ -135,9 +143,12 @@ def merge_multislerp(rows: TensorRows, *, weight: PerModel, normalize_weights: b
     if figures.dots is None:
         merged = vectors[0] * weights[0] + vectors[1] * weights[1]
     else:
-        mean, tangent = _tangent_average(_unit_vectors(vectors, figures.norms, eps), figures, figures.dots)
+        units = _unit_vectors(vectors, figures.norms, eps)
+        mean = _mean_direction(units, figures)
+        tangent = _tangent_average(units, figures, mean, figures.dots)
         length = figures.tangent_norm
-        merged = (mean * torch.cos(length) + tangent * (torch.sin(length) / length)) * (figures.norms.squeeze(-1) * weights).sum()
+        average_norm = (figures.norms.squeeze(-1) * weights).sum()
+        merged = (mean * torch.cos(length) + tangent * (torch.sin(length) / length)) * average_norm
     merged = merged.view(rows.inputs[0].shape)
     return merged if rows.base is None else merged + rows.base
 
