@@ -173,8 +173,11 @@ def test_mixed_batch_is_routed_per_sequence_like_the_exported_experts(mediator_d
     assert {route.task for _, route in results if route.decision == "select"} == set(TASK_WORDS)
 
 
-def test_random_route_switches_leave_the_dense_weights_bit_identical(mediator_dir):
-    model = load(mediator_dir)
+@pytest.mark.parametrize("folder", ["mediator_dir", "sparse_mediator_dir"])
+def test_random_route_switches_leave_the_dense_weights_bit_identical(folder, request):
+    """Every switch writes D + Σ w_t decode(r_t) in the same memory; a sparse select touches only
+    its entries and puts D's back; D returns bit for bit."""
+    model = load(request.getfixturevalue(folder))
     routed = {name: dict(model.model.named_parameters())[name] for name in model.experts.tensors}
     dense = {name: parameter.detach().clone() for name, parameter in routed.items()}
     pointers = {name: parameter.data_ptr() for name, parameter in routed.items()}

@@ -96,10 +96,19 @@ class ExpertBank:
 
     def decode(self, task: str, name: str, rows: slice, device: torch.device) -> torch.Tensor:
         """Rows `rows` of task `task`'s decoded residual of `name` (float32 [rows, columns] on `device`)."""
-        code, _, columns, per_row = self.codes[name]
-        parts = {suffix: (_rows_of(part, rows if per_row[suffix] else None)).to(device)
-                 for suffix, part in self.stored[task, name].items()}
-        return code.decode(parts, columns)
+        code, _, columns, _ = self.codes[name]
+        return code.decode(self._parts(task, name, rows, device), columns)
+
+    def entries(self, task: str, name: str, rows: slice, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The only columns (and values) of these rows that `decode` sets, for codes that say so."""
+        code = self.codes[name][0]
+        return None if code.entries is None else code.entries(self._parts(task, name, rows, device))
+
+    def _parts(self, task: str, name: str, rows: slice, device: torch.device) -> dict[str, torch.Tensor]:
+        per_row = self.codes[name][3]
+        return {suffix: (_rows_of(part, rows if per_row[suffix] else None)).to(device)
+                for suffix, part in self.stored[task, name].items()}
 
     def expert_rows(self, name: str, rows: slice, dense_rows: torch.Tensor, mix: dict[str, float]) -> torch.Tensor:
         """D + Σ w_t decode(r_t) on these rows (a [rows, columns] matrix), summed in float32 and rounded
@@ -145,6 +154,8 @@ class RoutedModel:
         self.dense = dense  # D's bytes of the routed tensors, re-read to restore them exactly
         self._routed: dict[str, torch.Tensor] = {}  # [rows, columns] views of the routed parameters
         self._mix: dict[str, float] = {}  # what the routed tensors hold now: D + Σ w_t decode(r_t)
+        self._kept_dense: dict[str, list] = {}  # D's values where a sparse select wrote: (rows, columns, values)
+        self._touched: set[str] = set()  # routed tensors that hold D but at those entries
         if experts is not None:
             named = dict(model.named_parameters())
             for name in experts.tensors:
@@ -211,14 +222,33 @@ class RoutedModel:
     @torch.no_grad()
     def use_weights(self, mix: dict[str, float]) -> None:
         """Write D + Σ w_t decode(r_t) into the routed tensors in place, a row chunk at a time ({} is
-        D). From D the current values are D's; from an expert, D's rows are re-read from the folder."""
+        D), always by way of D. A selected expert whose code sets only a few entries per row
+        (`sparse`) touches only those, keeping D's values there to put back; otherwise D's rows
+        are re-read from the folder."""
         mix = {task: weight for task, weight in mix.items() if weight}
         if self.experts is None or mix == self._mix:
             return
+        if self._mix:
+            for name, matrix in self._routed.items():
+                for rows, columns, dense in self._kept_dense.pop(name, None) or ():
+                    matrix[rows].scatter_(1, columns, dense)
+                if name not in self._touched:
+                    for rows in row_ranges(tuple(matrix.shape)):
+                        matrix[rows] = self._dense_rows(name, rows, matrix)
+            self._touched.clear()
+            self._mix = {}
+        selected = next(iter(mix)) if list(mix.values()) == [1.0] else None
         for name, matrix in self._routed.items():
-            for rows in row_ranges(tuple(matrix.shape)):
-                dense = matrix[rows] if not self._mix else self._dense_rows(name, rows, matrix)
-                matrix[rows] = self.experts.expert_rows(name, rows, dense, mix) if mix else dense
+            for rows in row_ranges(tuple(matrix.shape)) if mix else ():
+                entries = self.experts.entries(selected, name, rows, matrix.device) if selected else None
+                if entries is None:
+                    matrix[rows] = self.experts.expert_rows(name, rows, matrix[rows], mix)
+                    continue
+                columns, values = entries
+                dense = matrix[rows].gather(1, columns)
+                matrix[rows].scatter_(1, columns, (dense.float() + values).to(matrix.dtype))
+                self._kept_dense.setdefault(name, []).append((rows, columns, dense))
+                self._touched.add(name)
         self._mix = mix
 
     def _dense_rows(self, name: str, rows: slice, matrix: torch.Tensor) -> torch.Tensor:

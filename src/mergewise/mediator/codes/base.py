@@ -51,6 +51,9 @@ class ResidualCode:
     # For codes that are not row-local: encode from `read(rows)` (float32 residual rows) with
     # (read, rows, columns, dtype, level), so the whole residual never has to be in memory.
     encode_rows: Callable | None = None
+    # For codes whose decode is zero but at a few columns per row: those columns [rows, k] (int64)
+    # and their values (float32), so that serving touches only them.
+    entries: Callable[[Stored], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def stored_bytes(self, rows: int, columns: int, dtype: torch.dtype, level: float | None) -> int:
         return sum(part.nbytes for part in self.layout(rows, columns, dtype, level).values())

@@ -48,4 +48,8 @@ def check(stored: Stored, columns: int, where: str) -> None:
         raise MergewiseError(f"{where}.indices must be ascending column positions in [0, {columns}) per row")
 
 
-SPARSE = ResidualCode("sparse", layout, encode, decode, check)
+def entries(stored: Stored) -> tuple[torch.Tensor, torch.Tensor]:
+    return stored["indices"].long(), stored["values"].float()
+
+
+SPARSE = ResidualCode("sparse", layout, encode, decode, check, entries=entries)
