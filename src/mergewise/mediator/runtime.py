@@ -154,7 +154,7 @@ class RoutedModel:
         self.dense = dense  # D's bytes of the routed tensors, re-read to restore them exactly
         self._routed: dict[str, torch.Tensor] = {}  # [rows, columns] views of the routed parameters
         self._mix: dict[str, float] = {}  # what the routed tensors hold now: D + Σ w_t decode(r_t)
-        self._kept_dense: dict[str, list] = {}  # D's values where a sparse select wrote: (rows, columns, values)
+        self._kept_dense: dict[str, list] = {}  # D's values where a sparse select wrote: (rows, positions, values)
         self._touched: set[str] = set()  # routed tensors that hold D but at those entries
         if experts is not None:
             named = dict(model.named_parameters())
@@ -230,8 +230,8 @@ class RoutedModel:
             return
         if self._mix:
             for name, matrix in self._routed.items():
-                for rows, columns, dense in self._kept_dense.pop(name, None) or ():
-                    matrix[rows].scatter_(1, columns, dense)
+                for rows, positions, dense in self._kept_dense.pop(name, None) or ():
+                    matrix[rows].view(-1).index_put_((positions,), dense)
                 if name not in self._touched:
                     for rows in row_ranges(tuple(matrix.shape)):
                         matrix[rows] = self._dense_rows(name, rows, matrix)
@@ -244,10 +244,13 @@ class RoutedModel:
                 if entries is None:
                     matrix[rows] = self.experts.expert_rows(name, rows, matrix[rows], mix)
                     continue
-                columns, values = entries
-                dense = matrix[rows].gather(1, columns)
-                matrix[rows].scatter_(1, columns, (dense.float() + values).to(matrix.dtype))
-                self._kept_dense.setdefault(name, []).append((rows, columns, dense))
+                columns, values = entries  # as flat positions in the rows: indexing beats scatter 4x
+                flat = matrix[rows].view(-1)
+                positions = (columns + torch.arange(len(columns), device=columns.device)[:, None]
+                             * matrix.shape[1]).view(-1)
+                dense = flat.take(positions)
+                flat.index_put_((positions,), (dense.float() + values.view(-1)).to(matrix.dtype))
+                self._kept_dense.setdefault(name, []).append((rows, positions, dense))
                 self._touched.add(name)
         self._mix = mix
 
