@@ -154,7 +154,7 @@ class RoutedModel:
         self.dense = dense  # D's bytes of the routed tensors, re-read to restore them exactly
         self._routed: dict[str, torch.Tensor] = {}  # [rows, columns] views of the routed parameters
         self._mix: dict[str, float] = {}  # what the routed tensors hold now: D + Σ w_t decode(r_t)
-        self._kept_dense: dict[str, list] = {}  # D's values where a sparse select wrote: (rows, positions, values)
+        self._kept_dense: dict[str, list] = {}  # D's values where a sparse select wrote: (rows, values)
         self._touched: set[str] = set()  # routed tensors that hold D but at those entries
         if experts is not None:
             named = dict(model.named_parameters())
@@ -230,7 +230,9 @@ class RoutedModel:
             return
         if self._mix:
             for name, matrix in self._routed.items():
-                for rows, positions, dense in self._kept_dense.pop(name, None) or ():
+                for rows, dense in self._kept_dense.pop(name, None) or ():
+                    positions = self._positions(*self.experts.entries(next(iter(self._mix)), name, rows,
+                                                                      matrix.device)[:1], matrix.shape[1])
                     matrix[rows].view(-1).index_put_((positions,), dense)
                 if name not in self._touched:
                     for rows in row_ranges(tuple(matrix.shape)):
@@ -244,15 +246,20 @@ class RoutedModel:
                 if entries is None:
                     matrix[rows] = self.experts.expert_rows(name, rows, matrix[rows], mix)
                     continue
-                columns, values = entries  # as flat positions in the rows: indexing beats scatter 4x
+                columns, values = entries
                 flat = matrix[rows].view(-1)
-                positions = (columns + torch.arange(len(columns), device=columns.device)[:, None]
-                             * matrix.shape[1]).view(-1)
+                positions = self._positions(columns, matrix.shape[1])
                 dense = flat.take(positions)
                 flat.index_put_((positions,), (dense.float() + values.view(-1)).to(matrix.dtype))
-                self._kept_dense.setdefault(name, []).append((rows, positions, dense))
+                self._kept_dense.setdefault(name, []).append((rows, dense))  # positions are re-read
                 self._touched.add(name)
         self._mix = mix
+
+    @staticmethod
+    def _positions(columns: torch.Tensor, width: int) -> torch.Tensor:
+        """Flat positions in a row chunk of the columns per row: indexing a flat view beats
+        scattering along rows 4× in bf16."""
+        return (columns + torch.arange(len(columns), device=columns.device)[:, None] * width).view(-1)
 
     def _dense_rows(self, name: str, rows: slice, matrix: torch.Tensor) -> torch.Tensor:
         stored = self.dense.read(name, rows if len(self.dense.tensors[name].shape) >= 2 else None)
