@@ -193,15 +193,19 @@ def test_the_estimate_samples_rows_across_chunks_as_one_tensor():
     from mergewise.mediator.allocation import SAMPLED_ROWS, KeptEstimate
 
     rows = 3 * SAMPLED_ROWS + 2
+    options = (("sign1", None), ("lowrank", 2))
     vectors = torch.randn(2, rows, 8, generator=torch.Generator().manual_seed(0))
-    whole = KeptEstimate((("sign1", None),), {"model.layers.0.w": (rows, 8)})
+    whole = KeptEstimate(options, {"model.layers.0.w": (rows, 8)})
     whole("model.layers.0.w", slice(0, rows), vectors)
-    chunked = KeptEstimate((("sign1", None),), {"model.layers.0.w": (rows, 8)})
+    whole.finish()
+    chunked = KeptEstimate(options, {"model.layers.0.w": (rows, 8)})
     for start in range(0, rows, 2):  # chunks of 2 rows: most hold no sampled row (every 4th is)
         chunked("model.layers.0.w", slice(start, start + 2), vectors[:, start:start + 2])
+    chunked.finish()
     for task in range(2):
-        assert chunked.share("layers.0", task, ("sign1", None)) == pytest.approx(
-            whole.share("layers.0", task, ("sign1", None)), rel=1e-9)
+        for option in options:
+            assert chunked.share("layers.0", task, option) == pytest.approx(whole.share("layers.0", task, option),
+                                                                            rel=1e-6)
         assert chunked.total["layers.0", task] == pytest.approx(whole.total["layers.0", task], rel=1e-9)
 
 

@@ -79,7 +79,10 @@ class KeptEstimate:
     matrix_total: dict[tuple[str, int], float] = field(default_factory=dict)
     sampled: dict[tuple[str, int], float] = field(default_factory=dict)
     kept: dict[tuple[str, int, tuple[str, float | None]], float] = field(default_factory=dict)
-    _samples: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # the open matrix's rows, per task
+    # The open matrix's sampled rows, per task, in one buffer each: thousands of small per-chunk
+    # pieces fragmented the heap (+0.5 GB of RSS that was never returned, on a 0.2 B model).
+    _samples: dict[int, torch.Tensor] = field(default_factory=dict)
+    _filled: int = 0
     _open: str | None = None
 
     def __call__(self, name: str, rows: slice, task_vectors: torch.Tensor) -> None:
@@ -103,7 +106,10 @@ class KeptEstimate:
             sample_energy = float(sample.double().square().sum())
             self.sampled[unit, task] = self.sampled.get((unit, task), 0.0) + sample_energy
             if self._ranks:
-                self._samples.setdefault(task, []).append(sample)
+                if task not in self._samples:
+                    sampled_rows = len(range(0, self.shapes[name][0], stride))
+                    self._samples[task] = torch.empty(sampled_rows, sample.shape[1])
+                self._samples[task][self._filled:self._filled + len(sample)] = sample
             for option in self.options:
                 code = get_code(option[0])
                 if not code.row_local:
@@ -111,17 +117,20 @@ class KeptEstimate:
                 error = sample - code.decode(code.encode(sample, torch.float32, option[1]), sample.shape[1])
                 key = (unit, task, option)
                 self.kept[key] = self.kept.get(key, 0.0) + sample_energy - float(error.double().square().sum())
+        if len(self.shapes[name]) >= 2:
+            self._filled += len(picked)
 
     def finish(self) -> None:
         """Measure the low-rank options on the open matrix's sampled rows."""
         unit = unit_of(self._open) if self._open is not None else None
-        for task, pieces in self._samples.items():
-            sample = torch.cat(pieces)
+        for task, sample in self._samples.items():
+            sample = sample[:self._filled]
             energy = float(sample.double().square().sum())
             for rank, share in kept_energies(sample, sorted(self._ranks)).items():
                 key = (unit, task, ("lowrank", rank))
                 self.kept[key] = self.kept.get(key, 0.0) + share * energy
         self._samples.clear()
+        self._filled = 0
         self._open = None
 
     @property
