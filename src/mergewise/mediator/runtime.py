@@ -222,26 +222,35 @@ class RoutedModel:
     @torch.no_grad()
     def use_weights(self, mix: dict[str, float]) -> None:
         """Write D + Σ w_t decode(r_t) into the routed tensors in place, a row chunk at a time ({} is
-        D), always by way of D. A selected expert whose code sets only a few entries per row
-        (`sparse`) touches only those, keeping D's values there to put back; otherwise D's rows
-        are re-read from the folder."""
+        D), always by way of D."""
         mix = {task: weight for task, weight in mix.items() if weight}
         if self.experts is None or mix == self._mix:
             return
         if self._mix:
-            for name, matrix in self._routed.items():
-                for rows, dense in self._kept_dense.pop(name, None) or ():
-                    positions = self._positions(*self.experts.entries(next(iter(self._mix)), name, rows,
-                                                                      matrix.device)[:1], matrix.shape[1])
-                    matrix[rows].view(-1).index_put_((positions,), dense)
-                if name not in self._touched:
-                    for rows in row_ranges(tuple(matrix.shape)):
-                        matrix[rows] = self._dense_rows(name, rows, matrix)
-            self._touched.clear()
-            self._mix = {}
+            self._restore_dense()
+        if mix:
+            self._apply(mix)
+
+    def _restore_dense(self) -> None:
+        """D again: the entries a sparse select wrote get D's kept values back; every other routed
+        tensor gets D's rows re-read from the folder."""
+        selected = next(iter(self._mix))
+        for name, matrix in self._routed.items():
+            for rows, dense in self._kept_dense.pop(name, None) or ():
+                columns, _ = self.experts.entries(selected, name, rows, matrix.device)
+                matrix[rows].view(-1).index_put_((self._positions(columns, matrix.shape[1]),), dense)
+            if name not in self._touched:
+                for rows in row_ranges(tuple(matrix.shape)):
+                    matrix[rows] = self._dense_rows(name, rows, matrix)
+        self._touched.clear()
+        self._mix = {}
+
+    def _apply(self, mix: dict[str, float]) -> None:
+        """From D. A selected expert whose code sets only a few entries per row (`sparse`) touches
+        only those and keeps D's values there (not their positions: they are re-read to restore)."""
         selected = next(iter(mix)) if list(mix.values()) == [1.0] else None
         for name, matrix in self._routed.items():
-            for rows in row_ranges(tuple(matrix.shape)) if mix else ():
+            for rows in row_ranges(tuple(matrix.shape)):
                 entries = self.experts.entries(selected, name, rows, matrix.device) if selected else None
                 if entries is None:
                     matrix[rows] = self.experts.expert_rows(name, rows, matrix[rows], mix)
@@ -251,7 +260,7 @@ class RoutedModel:
                 positions = self._positions(columns, matrix.shape[1])
                 dense = flat.take(positions)
                 flat.index_put_((positions,), (dense.float() + values.view(-1)).to(matrix.dtype))
-                self._kept_dense.setdefault(name, []).append((rows, dense))  # positions are re-read
+                self._kept_dense.setdefault(name, []).append((rows, dense))
                 self._touched.add(name)
         self._mix = mix
 
