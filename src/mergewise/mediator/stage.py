@@ -126,22 +126,28 @@ class MediatorStage(Stage):
         def rows_of(stored: dict, chunk: slice) -> dict:
             return {suffix: value[chunk] if parts[suffix].per_row else value for suffix, value in stored.items()}
 
-        if code.row_local:
-            encoded = [(chunk, code.encode(residual(chunk), tensor.dtype, level)) for chunk in chunks]
-            pieces = [(chunk, stored) for chunk, stored in encoded]
-        else:
-            whole = code.encode_rows(residual, rows, columns, tensor.dtype, level)
-            encoded = [(slice(0, rows), whole)]
-            pieces = [(chunk, rows_of(whole, chunk)) for chunk in chunks]
-        for chunk, stored in encoded:
+        def write(chunk: slice, stored: dict) -> None:
             for suffix, part in stored.items():
                 self.writer.write(f"{task}/{name}.{suffix}", part, chunk.start if parts[suffix].per_row else 0)
+
         sums = self.retained.setdefault((unit_of(name), task), [0.0, 0.0])
-        for chunk, stored in pieces:  # the kept share, from the parts as written
-            exact = residual(chunk)
+
+        def count(exact: torch.Tensor, stored: dict) -> None:  # the kept share, from the parts as written
             total = float(exact.double().square().sum())
             sums[0] += total - float((exact - code.decode(stored, columns)).double().square().sum())
             sums[1] += total
+
+        if code.row_local:  # each chunk encoded, written and counted before the next is read
+            for chunk in chunks:
+                exact = residual(chunk)
+                stored = code.encode(exact, tensor.dtype, level)
+                write(chunk, stored)
+                count(exact, stored)
+            return
+        whole = code.encode_rows(residual, rows, columns, tensor.dtype, level)
+        write(slice(0, rows), whole)
+        for chunk in chunks:
+            count(residual(chunk), rows_of(whole, chunk))
 
     def finalize(self, staging: Path) -> dict:
         from transformers import AutoConfig, AutoTokenizer
