@@ -490,3 +490,14 @@ def test_experts_built_in_row_chunks_equal_those_built_whole(family, tmp_path, m
     for first, second in zip(*(manifest["units"] for manifest in manifests)):
         if first["routed"]:
             assert first["retained"] == pytest.approx(second["retained"], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["experts.safetensors", "router.safetensors", "mediator.json"])
+def test_a_mediator_file_linked_from_outside_the_folder_is_refused(mediator_dir, tmp_path, capsys, name):
+    """A downloaded folder is untrusted: a symlink in mediator/ must not make mergewise read elsewhere."""
+    folder = Path(shutil.copytree(mediator_dir, tmp_path / "linked"))
+    outside = tmp_path / f"outside-{name}"
+    shutil.move(folder / "mediator" / name, outside)
+    (folder / "mediator" / name).symlink_to(outside)
+    error = cli_error(capsys, "generate", str(folder), "--prompt", "one two")
+    assert f"mediator/{name}" in error and "outside the model folder" in error

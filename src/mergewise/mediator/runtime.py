@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mergewise.checkpoint import ModelFolder, TensorInfo
-from mergewise.checkpoint.reader import read_rows, read_safetensors_header
+from mergewise.checkpoint.reader import inside_folder, read_rows, read_safetensors_header
 from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.tokens import start_token_id
 from mergewise.devices import resolve_device
@@ -69,7 +69,7 @@ class ExpertBank:
         self.tasks: list[str] = list(manifest["tasks"])
         self.codes: dict[str, tuple] = {}
         self.stored: dict[tuple[str, str], dict[str, torch.Tensor | TensorInfo]] = {}
-        path = folder / MEDIATOR_FOLDER / EXPERTS_FILE
+        path = mediator_file(folder, EXPERTS_FILE)
         try:
             entries = {info.name: info for info in read_safetensors_header(path)}
         except OSError as error:
@@ -352,7 +352,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
 
 
 def read_manifest(folder: Path) -> dict:
-    path = folder / MEDIATOR_FOLDER / MANIFEST_FILE
+    path = mediator_file(folder, MANIFEST_FILE)
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -369,8 +369,15 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def mediator_file(folder: Path, name: str) -> Path:
+    """A file of the folder's `mediator/`, which must not lead outside the folder (a downloaded
+    folder is untrusted: a symlink there must not make mergewise read a file from elsewhere)."""
+    path = folder / MEDIATOR_FOLDER / name
+    return inside_folder(path, folder, f"Mediator {name}") if path.exists() or path.is_symlink() else path
+
+
 def load_router(folder: Path, manifest: dict) -> Router:
-    path = folder / MEDIATOR_FOLDER / ROUTER_FILE
+    path = mediator_file(folder, ROUTER_FILE)
     try:
         with safe_open(path, framework="pt") as stored:
             tensors = {name: stored.get_tensor(name) for name in stored.keys()}
