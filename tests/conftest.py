@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from mergewise.zoo import build_zoo
 from tests.support.tiny_models import Family, build_family
 
 
@@ -25,3 +27,11 @@ def tiny_family(tmp_path_factory) -> Callable[..., Family]:
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    """The session's tiny zoo (built by whichever test asks first; a finished zoo is reused)."""
+    zoo_dir = tmp_path_factory.getbasetemp() / "shared-tiny-zoo"
+    build_zoo(zoo_dir, "tiny", seed=0, threads=1)
+    return zoo_dir

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,6 +52,48 @@ class OutputSlice(BaseModel):
     parameters: Parameters | None = None
 
 
+class ZeroEmbedding(BaseModel):
+    """`{kind: zero}`: the token's rows are zeros."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(BaseModel):
+    """`{kind: model_token, model: X, token: Y}` (or `token_id`): the token's rows are those of token Y
+    in model X's own vocabulary."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelTokenEmbedding":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class TokenSettings(BaseModel):
+    """Where one output token's embedding and head rows come from for models that lack it (all
+    models with `force`); `source` a model path takes that model's rows of the same token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: Union[ZeroEmbedding, ModelTokenEmbedding, str, None] = None
+    force: bool = False
+
+
+class TokenizerSettings(BaseModel):
+    """mergekit's `tokenizer:` block: the output vocabulary, per-token row sources, padding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str = "union"
+    tokens: dict[str, TokenSettings] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+
 class MergeConfig(BaseModel):
     """A mergekit-compatible merge recipe (the blocks of a `Recipe` aside)."""
 
@@ -64,13 +106,24 @@ class MergeConfig(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
 
     @model_validator(mode="after")
     def _one_input_form(self) -> "MergeConfig":
         if bool(self.models) == bool(self.slices):
             raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give at most one of 'tokenizer_source' or 'tokenizer' (its 'source')")
         return self
+
+    @property
+    def tokenizer_settings(self) -> TokenizerSettings | None:
+        """The vocabulary the output gets, `tokenizer_source` read as a `tokenizer:` block with no
+        per-token settings; None keeps the base's (else the first model's) tokenizer and tensors."""
+        if self.tokenizer_source is not None:
+            return TokenizerSettings(source=self.tokenizer_source)
+        return self.tokenizer
 
     def model_paths(self) -> list[str]:
         """Every model the recipe reads, in first-mention order."""
@@ -107,14 +160,17 @@ class Recipe:
                 **{name: block.model_dump(mode="json", exclude_none=True) for name, block in self.blocks.items()}}
 
 
-def load_recipe(source: str | Path | dict | MergeConfig | Recipe) -> Recipe:
-    """Parse a recipe from a YAML path, a mapping, a MergeConfig or a Recipe (returned as it is)."""
+def load_recipe(source: str | Path | dict | MergeConfig | Recipe, *, config_dir: str | Path | None = None,
+                origin: str = "config") -> Recipe:
+    """Parse a recipe from a YAML path, a mapping, a MergeConfig or a Recipe (returned as it is); a
+    mapping's relative paths are read from `config_dir` (default: the working folder), and its errors
+    name `origin`."""
     if isinstance(source, Recipe):
         return source
     if isinstance(source, MergeConfig):
         return Recipe(source, {}, Path.cwd(), "config")
     if isinstance(source, dict):
-        data, origin, config_dir = dict(source), "config", Path.cwd()
+        data, config_dir = dict(source), Path(config_dir or Path.cwd()).resolve()
     else:
         path = Path(source)
         data, origin, config_dir = read_yaml_mapping(path), str(path), path.parent.resolve()

@@ -13,15 +13,7 @@ from mergewise.cli import main
 from mergewise.errors import MergewiseError
 from mergewise.evaluate import evaluate_model, load_model
 from mergewise.evaluate.scoring import greedy_completions, text_nll
-from mergewise.zoo import build_zoo, load_zoo
-
-
-@pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory) -> Path:
-    """The session's tiny zoo (built by whichever test module asks first; a finished zoo is reused)."""
-    zoo_dir = tmp_path_factory.getbasetemp() / "shared-tiny-zoo"
-    build_zoo(zoo_dir, "tiny", seed=0, threads=1)
-    return zoo_dir
+from mergewise.zoo import load_zoo
 
 
 def direct_greedy(model, tokenizer, prompt: str, new_tokens: int) -> str:

@@ -17,15 +17,6 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 import mergewise.evaluate.lm_eval_adapter  # noqa: E402,F401  (registers the "mergewise" model type)
 from mergewise.evaluate import load_model  # noqa: E402
 from mergewise.evaluate.scoring import greedy_completions  # noqa: E402
-from mergewise.zoo import build_zoo  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory) -> Path:
-    """The session's tiny zoo (built by whichever test module asks first; a finished zoo is reused)."""
-    zoo_dir = tmp_path_factory.getbasetemp() / "shared-tiny-zoo"
-    build_zoo(zoo_dir, "tiny", seed=0, threads=1)
-    return zoo_dir
 
 
 def write_tasks(folder: Path, data_file: Path) -> list[str]:

@@ -12,6 +12,7 @@ from mergewise.errors import MergewiseError
 from mergewise.records import read_jsonl
 
 MANIFEST_NAME = "zoo.json"
+HELD_OUT_SPLITS = ("validation", "test")
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,16 @@ class Zoo:
     general_eval: Path
     raw: dict
 
-    def eval_examples(self, task: str) -> list[dict]:
-        """The task's held-out `{"prompt", "answer"}` records."""
-        return read_jsonl(self.tasks[task].eval, ("prompt", "answer"))
+    def eval_examples(self, task: str, split: str | None = None) -> list[dict]:
+        """The task's held-out `{"prompt", "answer"}` records; `split` halves them: "validation" (the
+        first half, which `mergewise search` scores trials on) or "test" (the rest, never searched)."""
+        examples = read_jsonl(self.tasks[task].eval, ("prompt", "answer"))
+        if split is None:
+            return examples
+        if split not in HELD_OUT_SPLITS:
+            raise ValueError(f"split must be one of {', '.join(HELD_OUT_SPLITS)}, got {split!r}")
+        half = (len(examples) + 1) // 2
+        return examples[:half] if split == "validation" else examples[half:]
 
 
 def manifest_path(zoo_dir: str | os.PathLike) -> Path:

@@ -1,0 +1,85 @@
+"""What a search maximises: a model folder's score on a zoo's validation prompts or on lm-eval tasks.
+
+The zoo's held-out prompts are halved (`Zoo.eval_examples`): trials are scored on the validation half
+only; the test half scores the best and the baseline recipe once, after the search.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergewise.errors import MergewiseError
+from mergewise.search.space import Objective
+
+
+def resolve_objective(objective: Objective, config_dir: Path, origin: str) -> Objective:
+    """The objective with its zoo (or lm-eval task folder) read from the recipe's folder, checked."""
+    if objective.zoo is not None:
+        from mergewise.zoo.manifest import load_zoo
+
+        zoo_dir = _inside(config_dir, objective.zoo)
+        zoo = load_zoo(zoo_dir)
+        missing = [name for name in objective.tasks if name not in zoo.tasks]
+        if missing:
+            raise MergewiseError(f"{origin}: search.objective.tasks: {', '.join(missing)} not in "
+                                 f"{zoo.root / 'zoo.json'} (has {', '.join(zoo.tasks)})")
+        if any(weight < 0 for weight in objective.tasks.values()) or not sum(objective.tasks.values()) > 0:
+            raise MergewiseError(f"{origin}: search.objective.tasks: weights are ≥ 0 and not all 0")
+        return objective.model_copy(update={"zoo": str(zoo_dir)})
+    lm_eval = objective.lm_eval
+    if lm_eval.include_path is not None:
+        lm_eval = lm_eval.model_copy(update={"include_path": str(_inside(config_dir, lm_eval.include_path))})
+    return objective.model_copy(update={"lm_eval": lm_eval})
+
+
+def _inside(config_dir: Path, path: str) -> Path:
+    path = Path(path).expanduser()
+    return (path if path.is_absolute() else config_dir / path).resolve()
+
+
+def score_model(model_dir: str | Path, objective: Objective, split: str, device: str = "cpu") -> dict:
+    """`{"score": the objective, "tasks": {task: score}}` on `split` ("validation" or "test"); for
+    lm-eval, `split` "test" scores the objective's `test_tasks` (None when it names none)."""
+    if objective.zoo is not None:
+        return _score_on_zoo(model_dir, objective, split, device)
+    return _score_with_lm_eval(model_dir, objective.lm_eval, split, device)
+
+
+def _score_on_zoo(model_dir, objective: Objective, split: str, device: str) -> dict:
+    from mergewise.evaluate.loading import load_model
+    from mergewise.evaluate.zoo_eval import score_task
+    from mergewise.zoo.manifest import load_zoo
+
+    zoo = load_zoo(objective.zoo)
+    loaded = load_model(model_dir, device)
+    limit = objective.limit if split == "validation" else None
+    tasks = {}
+    for name in objective.tasks:
+        result = score_task(loaded, zoo, name, objective.batch_size, limit, split)
+        own = result["metric"] == "exact_match" and objective.metric == "task"
+        tasks[name] = result["score"] if own else -result["answer_nll"]
+    total = sum(objective.tasks.values())
+    score = sum(weight * tasks[name] for name, weight in objective.tasks.items()) / total
+    return {"score": round(score, 6), "tasks": tasks}
+
+
+def _score_with_lm_eval(model_dir, lm_eval_objective, split: str, device: str) -> dict | None:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import mergewise.evaluate.lm_eval_adapter  # noqa: F401  (registers the "mergewise" model type)
+
+    tasks = lm_eval_objective.tasks if split == "validation" else lm_eval_objective.test_tasks
+    if not tasks:
+        return None
+    output = lm_eval.simple_evaluate(
+        model="mergewise", model_args=f"pretrained={model_dir},device={device}", tasks=list(tasks),
+        limit=lm_eval_objective.limit, batch_size=lm_eval_objective.batch_size,
+        task_manager=TaskManager(include_path=lm_eval_objective.include_path))
+    scores = {}
+    for task in tasks:
+        metric, value = next((key, value) for key, value in output["results"][task].items()
+                             if key != "alias" and "stderr" not in key and isinstance(value, (int, float)))
+        higher_is_better = output.get("higher_is_better", {}).get(task, {}).get(metric.split(",")[0], True)
+        scores[task] = float(value) if higher_is_better else -float(value)
+    return {"score": round(sum(scores.values()) / len(scores), 6), "tasks": scores}
