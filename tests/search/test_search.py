@@ -1,0 +1,245 @@
+"""`mergewise search`: search spaces and their errors, a 4-trial search on a local Ray, and `--resume`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mergewise import merge
+from mergewise.cli import main
+from mergewise.errors import MergewiseError
+from mergewise.search.objective import score_model
+from mergewise.search.space import load_search_recipe
+from tests.test_errors import assert_refused
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("optuna")
+
+
+def search_recipe(zoo: Path, **changes) -> dict:
+    """The issue's example shape, sized for the tiny zoo."""
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(zoo / "base"),
+        "models": [
+            {"model": str(zoo / "expert-first"),
+             "parameters": {"weight": {"search": "uniform", "low": 0.2, "high": 1.0},
+                            "density": {"search": "choice", "values": [0.3, 0.5, 0.7]}}},
+            {"model": str(zoo / "expert-last"),
+             "parameters": {"weight": {"search": "uniform", "low": 0.2, "high": 1.0}, "density": 0.5}},
+        ],
+        "aim": {"omega": {"search": "uniform", "low": 0.2, "high": 1.0},
+                "calibration": {"data": "self", "samples": 4, "seq_len": 32}},
+        "dtype": "bfloat16",
+        "search": {"trials": 4, "searcher": "optuna",
+                   "objective": {"zoo": str(zoo), "tasks": {"first": 1.0, "last": 1.0}, "limit": 4,
+                                 "metric": "answer_nll"},
+                   "keep": 2, "resources": {"cpus": 1}},
+    }
+    recipe.update(changes)
+    return recipe
+
+
+def write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def read_trials(out_dir: Path) -> list[dict]:
+    with (out_dir / "trials.csv").open() as file:
+        return list(csv.DictReader(file))
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    merged = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        merged.update(load_file(shard))
+    return merged
+
+
+# ----------------------------------------------------------------------------- spaces, no Ray
+
+
+def test_spaces_are_named_by_path_and_substituted(tiny_zoo, tmp_path):
+    recipe = search_recipe(tiny_zoo)
+    recipe["parameters"] = {"lambda": {"search": "loguniform", "low": 0.5, "high": 2.0}}
+    recipe["models"][1]["parameters"]["density"] = [{"search": "int", "low": 0, "high": 1}, 0.5]
+    search = load_search_recipe(write(tmp_path / "s.yml", recipe))
+    assert [space.name for space in search.spaces] == [
+        "models.0.parameters.weight", "models.0.parameters.density", "models.1.parameters.weight",
+        "models.1.parameters.density.0", "aim.omega", "parameters.lambda"]
+    baseline = search.baseline()
+    # the key's own default where it has one (AIM's ω 0.4, ties' λ 1.0), else the space's centre
+    assert baseline == {"models.0.parameters.weight": 0.6, "models.0.parameters.density": 0.5,
+                        "models.1.parameters.weight": 0.6, "models.1.parameters.density.0": 1.0,
+                        "aim.omega": 0.4, "parameters.lambda": 1.0}
+    concrete = search.concrete({**baseline, "models.1.parameters.density.0": 0})
+    assert concrete["models"][1]["parameters"]["density"] == [0, 0.5]
+    assert isinstance(concrete["models"][1]["parameters"]["density"][0], int)
+    assert concrete["aim"]["omega"] == 0.4 and "search" not in concrete
+    assert search.template["models"][0]["parameters"]["weight"] is None  # the template keeps no space
+
+
+def test_centre_of_a_space_without_a_default(tiny_zoo, tmp_path):
+    recipe = search_recipe(tiny_zoo)
+    recipe["aim"]["exponent"] = {"search": "loguniform", "low": 2.0, "high": 8.0}   # exponent's default 1 lies outside
+    recipe["aim"]["omega"]["default"] = 0.9
+    search = load_search_recipe(write(tmp_path / "s.yml", recipe))
+    assert search.baseline()["aim.exponent"] == pytest.approx(4.0)
+    assert search.baseline()["aim.omega"] == 0.9
+
+
+BAD_SPACES = {
+    "low above high": (("models", 0, "parameters", "weight"), {"search": "uniform", "low": 1.0, "high": 0.2},
+                       ["models.0.parameters.weight", "low (1.0) > high (0.2)"]),
+    "non-numeric key": (("dtype",), {"search": "choice", "values": [1, 2]}, ["dtype", "not a numeric setting"]),
+    "boolean parameter": (("parameters",), {"normalize": {"search": "choice", "values": [0, 1]}},
+                          ["parameters.normalize", "not numeric"]),
+    "string setting": (("aim", "modules"), {"search": "uniform", "low": 0, "high": 1},
+                       ["aim.modules", "not a numeric setting"]),
+    "calibration is fixed": (("aim", "calibration", "samples"), {"search": "int", "low": 2, "high": 8},
+                             ["aim.calibration.samples", "not a numeric setting"]),
+    "unknown parameter": (("models", 1, "parameters", "gamma"), {"search": "uniform", "low": 0, "high": 1},
+                          ["models.1.parameters.gamma", "not a parameter of ties"]),
+    "unknown kind": (("aim", "omega"), {"search": "normal", "low": 0, "high": 1}, ["aim.omega", "'normal'"]),
+    "choice of words": (("aim", "omega"), {"search": "choice", "values": ["low", "high"]},
+                        ["aim.omega.values", "expected a finite number"]),
+    "default outside": (("aim", "omega"), {"search": "uniform", "low": 0.2, "high": 0.5, "default": 0.9},
+                        ["aim.omega.default", "outside"]),
+    "loguniform at zero": (("aim", "omega"), {"search": "loguniform", "low": 0, "high": 1},
+                           ["aim.omega.low", "above 0"]),
+    "bound the recipe refuses": (("models", 1, "parameters", "density"), {"search": "uniform", "low": 0.5, "high": 1.5},
+                                 ["density", "[0, 1]"]),
+    "objective task not in the zoo": (("search", "objective", "tasks"), {"first": 1.0, "sum": 1.0},
+                                      ["search.objective.tasks", "sum"]),
+    "grid over a uniform space": (("search", "searcher"), "grid", ["grid needs choice or int", "weight"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SPACES, ids=list(BAD_SPACES))
+def test_bad_search_recipe_is_one_error_naming_the_key(case, tiny_zoo, tmp_path, capsys):
+    path, value, named = BAD_SPACES[case]
+    recipe = search_recipe(tiny_zoo)
+    node = recipe
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    status = main(["search", str(write(tmp_path / "s.yml", recipe)), str(tmp_path / "out"), "--quiet"])
+    assert_refused(capsys, status, tmp_path / "out", *named)
+
+
+def test_a_folder_holding_something_else_is_refused_without_resume(tiny_zoo, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    status = main(["search", str(write(tmp_path / "s.yml", search_recipe(tiny_zoo))), str(tmp_path / "out")])
+    assert_refused(capsys, status, tmp_path / "out", "not empty", "--resume",
+                   out_dir_before={"notes.txt": __import__("hashlib").sha256(b"mine").hexdigest()})
+
+
+def test_zoo_held_out_prompts_split_into_disjoint_halves(tiny_zoo):
+    from mergewise.zoo import load_zoo
+
+    zoo = load_zoo(tiny_zoo)
+    everything = zoo.eval_examples("first")
+    validation, test = zoo.eval_examples("first", "validation"), zoo.eval_examples("first", "test")
+    assert validation + test == everything and len(validation) == math.ceil(len(everything) / 2)
+    with pytest.raises(ValueError, match="split"):
+        zoo.eval_examples("first", "train")
+
+
+# ----------------------------------------------------------------------------- on a local Ray
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray of 2 CPUs (what CI has); the search attaches to it and leaves it running."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_four_trial_search_writes_a_runnable_best_recipe(tiny_zoo, tmp_path, local_ray):
+    from mergewise.search import run_search
+
+    out_dir = tmp_path / "out"
+    result = run_search(write(tmp_path / "search.yml", search_recipe(tiny_zoo)), out_dir, quiet=True)
+    assert ray.is_initialized()  # a Ray it did not start is left running
+    rows = read_trials(out_dir)
+    assert len(rows) == 4 and {row["status"] for row in rows} == {"TERMINATED"}
+    for row in rows:
+        assert 0.2 <= float(row["models.0.parameters.weight"]) <= 1.0
+        assert float(row["models.0.parameters.density"]) in (0.3, 0.5, 0.7)
+        assert float(row["score"]) == pytest.approx((float(row["task:first"]) + float(row["task:last"])) / 2,
+                                                     abs=1e-6)
+    scores = [float(row["score"]) for row in rows]
+    best = max(rows, key=lambda row: float(row["score"]))
+    assert result.best["trial"] == best["trial"] and result.best["validation"] == max(scores)
+    # only the `keep` best models stay, the best among them
+    assert sorted(path.name for path in (out_dir / "models").iterdir()) == sorted(
+        row["trial"] for row in sorted(rows, key=lambda row: -float(row["score"]))[:2])
+    # the baseline is the first trial (seeded), so the best never scores below it on validation
+    baseline_values = {"models.0.parameters.weight": 0.6, "models.0.parameters.density": 0.5,
+                       "models.1.parameters.weight": 0.6, "aim.omega": 0.4}
+    assert result.baseline["values"] == baseline_values
+    seeded = [row for row in rows if all(float(row[key]) == value for key, value in baseline_values.items())]
+    assert [float(row["score"]) for row in seeded] == [result.baseline["validation"]]
+    # best.yml is concrete and runnable from anywhere: merging it again gives best-model's tensors
+    best_recipe = yaml.safe_load((out_dir / "best.yml").read_text())
+    assert "search" not in best_recipe and best_recipe["aim"]["calibration"]["samples"] == 4
+    again = merge(out_dir / "best.yml", tmp_path / "again", quiet=True, threads=1)
+    expected, found = tensors(out_dir / "best-model"), tensors(Path(again))
+    assert expected.keys() == found.keys()
+    assert all(torch.equal(expected[name], found[name]) for name in expected)
+    # scores: validation as recorded, test on the other half
+    objective = load_search_recipe(out_dir.parent / "search.yml").settings.objective
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["best"]["test"] == score_model(out_dir / "best-model", objective, "test")
+    assert summary["best"]["validation"] == score_model(out_dir / "best-model", objective, "validation")["score"]
+    assert (out_dir / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out_dir / "models" / "baseline").exists()
+
+
+def test_resume_after_an_interrupted_search_does_not_redo_finished_trials(tiny_zoo, tmp_path):
+    recipe = search_recipe(tiny_zoo)
+    recipe["search"].update(trials=8, resources={"cpus": 2})   # one trial at a time
+    search_file, out_dir = write(tmp_path / "search.yml", recipe), tmp_path / "out"
+    command = [sys.executable, "-m", "mergewise.cli", "search", str(search_file), str(out_dir), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records = out_dir / "trials"
+    deadline = time.monotonic() + 240
+    while not (records.is_dir() and any(records.glob("*.json"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)   # as Ctrl-C does
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and "--resume" in err, err
+    finished = {path.name: (path.stat().st_mtime_ns, path.read_text()) for path in records.glob("*.json")}
+    assert 1 <= len(finished) < 8
+
+    assert main(["search", str(search_file), str(out_dir), "--resume", "--quiet"]) == 0
+    rows = read_trials(out_dir)
+    assert len(rows) == 8 and {row["status"] for row in rows} == {"TERMINATED"}
+    for name, (mtime, text) in finished.items():  # reported from its record, not merged and scored again
+        assert (records / name).stat().st_mtime_ns == mtime and (records / name).read_text() == text
+    assert len(list(records.glob("*.json"))) == 8
+    assert (out_dir / "best-model").is_dir() and len(list((out_dir / "models").iterdir())) == 2
+
+
+def test_run_search_names_the_missing_extra(monkeypatch, tmp_path):
+    import mergewise.search as search
+
+    monkeypatch.setitem(sys.modules, "ray.tune", None)
+    with pytest.raises(MergewiseError, match=r"mergewise\[search\]"):
+        search.run_search(tmp_path / "s.yml", tmp_path / "out")
+    assert os.path.exists(tmp_path) and not (tmp_path / "out").exists()
