@@ -145,6 +145,9 @@ def load_search_recipe(path: str | Path) -> SearchRecipe:
     for space in spaces:
         _check_numeric_key(space, method, origin)
     spaces = tuple(_with_default(space, method, origin) for space in spaces)
+    if settings.searcher == "grid":
+        for space in spaces:
+            space.grid()
     return SearchRecipe(template, spaces, settings, path.parent.resolve(), origin)
 
 
