@@ -243,3 +243,34 @@ def test_run_search_names_the_missing_extra(monkeypatch, tmp_path):
     with pytest.raises(MergewiseError, match=r"mergewise\[search\]"):
         search.run_search(tmp_path / "s.yml", tmp_path / "out")
     assert os.path.exists(tmp_path) and not (tmp_path / "out").exists()
+
+
+def test_lm_eval_objective_takes_each_task_first_metric_higher_is_better(tiny_zoo, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from mergewise.evaluate import load_model
+    from mergewise.evaluate.scoring import greedy_completions
+    from mergewise.search.objective import resolve_objective
+    from mergewise.search.space import Objective
+    from tests.evaluate.test_lm_eval_adapter import write_tasks
+
+    model_dir = tiny_zoo / "expert-max"
+    prompts = [json.loads(line)["prompt"] for line in (tiny_zoo / "tasks/max/eval.jsonl").read_text().splitlines()][:4]
+    answers = greedy_completions(load_model(model_dir), prompts, max_new_tokens=4, batch_size=4)  # exact match 1
+    data_file = tmp_path / "tasks" / "max.jsonl"
+    data_file.parent.mkdir()
+    data_file.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers)))
+    write_tasks(data_file.parent, data_file)
+    objective = resolve_objective(Objective(lm_eval={"tasks": ["mw_generate", "mw_rolling"], "include_path": "tasks",
+                                                     "test_tasks": ["mw_generate"], "batch_size": 4}),
+                                  tmp_path, "s.yml")
+    validation = score_model(model_dir, objective, "validation")
+    perplexity = lm_eval.simple_evaluate(
+        model="mergewise", model_args=f"pretrained={model_dir},device=cpu", tasks=["mw_rolling"], batch_size=4,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")))["results"]["mw_rolling"]["word_perplexity,none"]
+    assert validation["tasks"] == {"mw_generate": 1.0, "mw_rolling": pytest.approx(-perplexity)}  # lower is better
+    assert validation["score"] == pytest.approx((1.0 - perplexity) / 2, abs=1e-6)
+    assert score_model(model_dir, objective, "test") == {"score": 1.0, "tasks": {"mw_generate": 1.0}}
+    assert score_model(model_dir, objective.model_copy(update={"lm_eval": objective.lm_eval.model_copy(
+        update={"test_tasks": None})}), "test") is None

@@ -77,9 +77,8 @@ def _score_with_lm_eval(model_dir, lm_eval_objective, split: str, device: str) -
         limit=lm_eval_objective.limit, batch_size=lm_eval_objective.batch_size,
         task_manager=TaskManager(include_path=lm_eval_objective.include_path))
     scores = {}
-    for task in tasks:
-        metric, value = next((key, value) for key, value in output["results"][task].items()
-                             if key != "alias" and "stderr" not in key and isinstance(value, (int, float)))
-        higher_is_better = output.get("higher_is_better", {}).get(task, {}).get(metric.split(",")[0], True)
+    for task in tasks:  # results hold "metric,filter" keys beside counts and stderrs
+        metric, higher_is_better = next(iter(output["higher_is_better"][task].items()))
+        value = next(value for key, value in output["results"][task].items() if key.split(",")[0] == metric)
         scores[task] = float(value) if higher_is_better else -float(value)
     return {"score": round(sum(scores.values()) / len(scores), 6), "tasks": scores}
