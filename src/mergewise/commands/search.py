@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to attach to (auto, ray://HOST:PORT); default: a local Ray on this machine")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted search in OUT_DIR")
-    parser.add_argument("--device", default="cpu", help="where trials merge and score: cpu or cuda")
+    parser.add_argument("--device", default=None,
+                        help="where trials merge and score (default: cuda when search.resources.gpus > 0, else cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress table")
     parser.set_defaults(handler=run)
 

@@ -46,12 +46,14 @@ class SearchResult:
 
 
 def run_search(search_file: str | Path, out_dir: str | Path, *, trials: int | None = None,
-               address: str | None = None, resume: bool = False, device: str = "cpu",
+               address: str | None = None, resume: bool = False, device: str | None = None,
                quiet: bool = False) -> SearchResult:
     """Search the spaces of SEARCH.yml on Ray Tune (local Ray unless `address` names a cluster) and
-    write OUT_DIR (see the module docstring)."""
+    write OUT_DIR (see the module docstring). Trials merge and score on `device`, by default the GPU
+    when `search.resources` gives each trial one."""
     started = time.time()
     search = load_search_recipe(search_file)
+    device = device or ("cuda" if search.settings.resources.gpus > 0 else "cpu")
     if trials is not None:
         search = dataclasses.replace(search, settings=search.settings.model_copy(update={"trials": trials}))
     objective = resolve_objective(search.settings.objective, search.config_dir, search.origin)
