@@ -32,6 +32,13 @@ def test_a_yaml_recipe_reads_relative_paths_from_its_folder_and_validates_its_bl
     ({"merge_method": "ties", "models": [{"model": "a"}], "aim": {"omega": 0.4}}, "exactly one of 'stats' or 'calibration'"),
     ({"merge_method": "ties", "models": [{"model": "a"}], "aimm": {}}, "aimm: unknown key"),
     ({"merge_method": "ties"}, "exactly one of 'models' or 'slices'"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union", "tokenizer": {}},
+     "at most one of 'tokenizer_source' or 'tokenizer'"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer": {"pad_to_multiple_of": 0}},
+     r"tokenizer\.pad_to_multiple_of: .*greater than 0"),
+    ({"merge_method": "ties", "models": [{"model": "a"}],
+      "tokenizer": {"tokens": {"x": {"source": {"kind": "model_token", "model": "a"}}}}},
+     "exactly one of 'token' or 'token_id'"),
     ({"merge_method": "linear", "base_model": "b", "mediator": {"experts": [{"model": "a", "task": "x"}] * 2}},
      "task names must be unique"),
 ])

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from mergewise.errors import MergewiseError
 
@@ -76,12 +76,23 @@ class ModelTokenEmbedding(BaseModel):
         return self
 
 
+def _source_kind(value: Any) -> str | None:
+    """Which form a token's `source` takes, so that an error names that form's keys."""
+    if isinstance(value, dict):
+        return value.get("kind")
+    return value.kind if isinstance(value, BaseModel) else "model"
+
+
+TokenSource = Annotated[Union[Annotated[ZeroEmbedding, Tag("zero")], Annotated[ModelTokenEmbedding, Tag("model_token")],
+                              Annotated[str, Tag("model")]], Discriminator(_source_kind)]
+
+
 class TokenSettings(BaseModel):
     """Where one output token's embedding and head rows come from for models that lack it (all
     models with `force`); `source` a model path takes that model's rows of the same token."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    source: Union[ZeroEmbedding, ModelTokenEmbedding, str, None] = None
+    source: TokenSource | None = None
     force: bool = False
 
 

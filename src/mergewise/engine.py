@@ -120,6 +120,12 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
     shard_size = parse_size(options.shard_size)
     chat_template = (resolve_chat_template(plan.config.chat_template, [model.path for model in plan.models])
                      if plan.config.chat_template else None)
+    if stages and any(source.vocabulary is not None for job in plan.jobs for source in (*job.inputs, job.base)
+                      if source is not None):
+        names = ", ".join(f"{stage.name}:" for stage in stages)
+        raise MergewiseError(f"tokenizer: re-indexing embedding rows into a new vocabulary cannot be combined with "
+                             f"{names} yet (its stage reads the inputs' rows as stored); merge models of one "
+                             "vocabulary, or leave out tokenizer_source / tokenizer")
     if options.resume and any(stage.name == "mediator" for stage in stages):
         raise MergewiseError("--resume: a Mediator build cannot be resumed yet; build it again")
     threads = torch.get_num_threads()
@@ -137,8 +143,12 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
             _merge_tensors(plan, staging, options, stages, seed, device, shard_size, reader, write_thread,
                            fingerprint, finished)
             (staging / JOURNAL_FILE).unlink()
-            write_model_config(staging, plan.reference.config, _config_dtype(plan), plan.source_layers)
-            copy_tokenizer(plan.tokenizer_source.path, staging)
+            write_model_config(staging, plan.reference.config, _config_dtype(plan), plan.source_layers,
+                               plan.vocabulary.rows if plan.vocabulary is not None else None)
+            if plan.vocabulary is None:
+                copy_tokenizer(plan.tokenizer_source.path, staging)
+            else:
+                plan.vocabulary.save(staging)
             if chat_template is not None:
                 write_chat_template(staging, chat_template)
             records = {stage.name: stage.finalize(staging) for stage in stages}
@@ -372,7 +382,7 @@ class _JobExecutor:
     def _load(self, source, rows) -> torch.Tensor:
         """Rows in the working dtype: the recipe's `dtype`, else as stored (mergekit's rule); each
         method decides where it needs more precision."""
-        tensor = source.model.map_rows(source.name, rows)
+        tensor = source.map_rows(rows)
         return tensor.to(self.device, self.plan.compute_dtype or tensor.dtype)
 
     def _generator(self, job: TensorJob, index: int, first_row: int) -> torch.Generator:

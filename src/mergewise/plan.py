@@ -3,12 +3,15 @@ which parameter values. No tensor data is read here, only headers, so every erro
 
 No per-architecture tables: a decoder layer is recognised by the first numeric path component of a
 tensor name (`model.layers.7.…`, `transformer.h.7.…`), and tied embeddings by the model's config.
+With `tokenizer_source` or `tokenizer:`, each input's embedding and head are read through their rows
+in the output vocabulary (`checkpoint/vocabulary.py`), so the methods see inputs of one vocabulary.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,8 @@ import torch
 from mergewise.checkpoint import TOKENIZER_FILES, ModelFolder
 from mergewise.checkpoint.hub import hub_snapshot, is_hub_id
 from mergewise.checkpoint.lora import ADAPTER_FILES, AdaptedFolder
-from mergewise.config import ConditionalParameter, MergeConfig, OutputSlice
+from mergewise.checkpoint.vocabulary import OutputVocabulary, PeerRows, TokenRule, build_vocabulary
+from mergewise.config import ConditionalParameter, MergeConfig, ModelTokenEmbedding, OutputSlice, ZeroEmbedding
 from mergewise.errors import MergewiseError
 from mergewise.methods import BasePolicy, MergeMethod, Parameter, get_method
 from mergewise.methods.base import REQUIRED
@@ -34,6 +38,14 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 class TensorSource:
     model: ModelFolder
     name: str
+    vocabulary: PeerRows | None = None  # re-indexes an embedding's or head's rows into the output vocabulary
+
+    def map_rows(self, rows: slice) -> torch.Tensor:
+        """This input's rows `rows` of the output tensor (mapped from the page cache where they are
+        its own rows as stored)."""
+        if self.vocabulary is not None:
+            return self.vocabulary.read(rows)
+        return self.model.map_rows(self.name, rows)
 
 
 @dataclass
@@ -68,6 +80,9 @@ class MergePlan:
     # The recipe's base model, also where the method takes it as an input or not at all: recipe
     # blocks measure against it.
     base_model: ModelFolder | None = None
+    # The output vocabulary of `tokenizer_source` / `tokenizer:` (None: the tokenizer source's files
+    # are copied and every tensor keeps its rows).
+    vocabulary: OutputVocabulary | None = None
 
 
 def layer_index(name: str) -> int | None:
@@ -174,17 +189,71 @@ class Planner:
             jobs, source_layers, reference = self._plan_slices()
         tokenizer = self._tokenizer_source(reference)
         base_model = self.model(self.base_model, "base_model") if self.base_model else None
+        vocabulary = self.vocabulary if self.config.tokenizer_settings is not None else None
         return MergePlan(self.config, self.method, jobs, list(self._models.values()), reference, tokenizer,
-                         self.compute_dtype, source_layers, base_model=base_model)
+                         self.compute_dtype, source_layers, base_model=base_model, vocabulary=vocabulary)
 
     def _tokenizer_source(self, reference: ModelFolder) -> ModelFolder:
-        source = self.config.tokenizer_source
-        if source is None or source == "base":
+        settings = self.config.tokenizer_settings
+        if settings is None or settings.source in ("base", "union"):
             return self.model(self.config.base_model, "base_model") if self.config.base_model else reference
-        if source == "union":
-            raise MergewiseError("tokenizer_source: 'union' (vocabulary surgery) is not supported; "
-                                 "merge models that share a tokenizer, or name one model")
-        return self.model(source, "tokenizer_source")
+        return self.model(settings.source, self._tokenizer_key)
+
+    # -------------------------------------------------------------------------- vocabulary
+    @property
+    def _tokenizer_key(self) -> str:
+        return "tokenizer_source" if self.config.tokenizer_source is not None else "tokenizer.source"
+
+    @cached_property
+    def vocabulary(self) -> OutputVocabulary:
+        """The output vocabulary, built once the recipe's models are located (on the first embedding
+        or head planned)."""
+        settings = self.config.tokenizer_settings
+        models = [self.model(path, "model") for path in self.config.model_paths()]  # located already
+        source = settings.source
+        if source not in ("base", "union"):
+            source = self.model(source, self._tokenizer_key)
+        return build_vocabulary(source, models[0], models, list(self._token_rules), settings.pad_to_multiple_of,
+                                self._tokenizer_key)
+
+    @cached_property
+    def _token_rules(self) -> dict[str, TokenRule]:
+        """The `tokenizer.tokens` entries, each model reference resolved to a recipe model."""
+        rules = {}
+        for token, entry in (self.config.tokenizer_settings.tokens or {}).items():
+            key = f"tokenizer.tokens.{token}.source"
+            source = entry.source
+            if isinstance(source, ZeroEmbedding):
+                rules[token] = TokenRule(key, zero=True, force=entry.force)
+            elif isinstance(source, ModelTokenEmbedding):
+                rules[token] = TokenRule(key, self._recipe_model(source.model, f"{key}.model"), token=source.token,
+                                         token_id=source.token_id, force=entry.force)
+            else:
+                model = self._recipe_model(source, key) if source is not None else None
+                rules[token] = TokenRule(key, model, force=entry.force)
+        return rules
+
+    def _recipe_model(self, reference: str, key: str) -> ModelFolder:
+        """The recipe's model that `reference` names (as the recipe spells it, or the same folder)."""
+        paths = self.config.model_paths()
+        folders = [candidate.resolve() for candidate in self._candidates(reference) if candidate.is_dir()]
+        for path in paths:
+            if path == reference or self.model(path, "model").path in folders:
+                return self.model(path, "model")
+        raise MergewiseError(f"{key}: {reference} is not one of the recipe's models ({', '.join(paths)})")
+
+    def _aligned_rows(self, name: str, shape, peers: list[ModelFolder],
+                      base: ModelFolder | None) -> dict[ModelFolder, PeerRows | None]:
+        """Each peer's rows of the vocabulary tensor `name` in the output vocabulary; its other
+        dimensions must match."""
+        tensors = [(model, self._tensor_name(model, name, name)) for model in peers]
+        for model, tensor in tensors:
+            found = model.tensors[tensor].shape
+            if found[1:] != tuple(shape[1:]):
+                raise MergewiseError(f"shape mismatch for tensor {tensor}: {model.path} has {list(found)}, expected "
+                                     f"[vocabulary, {', '.join(map(str, shape[1:]))}]")
+        rows = self.vocabulary.align(name, tensors, base, self._token_rules, self.compute_dtype)
+        return dict(zip(peers, rows))
 
     def _plan_models(self):
         config = self.config
@@ -199,13 +268,17 @@ class Planner:
             _check_same_architecture(reference, model, "the base" if reference is base else "the first model")
             _check_same_tensors(reference, model)
         depth = _depth(reference)
+        # mergekit's inputs of every tensor: the listed models, then the base if it is not listed.
+        recipe_base = self.model(config.base_model, "base_model") if config.base_model else None
+        listed = [model for model, _ in entries] + ([recipe_base] if recipe_base is not None else [])
+        peers = (list(dict.fromkeys(listed)), recipe_base)
         jobs = []
         for name, info in reference.tensors.items():
             layer = layer_index(name)
             t = layer / (depth - 1) if layer is not None and depth > 1 else (1.0 if layer is not None else 0.0)
             sources = [(model, name, params) for model, params in inputs]
             jobs.append(self._job(name, info.shape, [config.parameters], sources,
-                                  TensorSource(base, name) if base else None, t, layer, info.dtype))
+                                  TensorSource(base, name) if base else None, t, layer, info.dtype, peers))
         return jobs, None, reference
 
     def _split_base(self, entries, base, where):
@@ -287,14 +360,23 @@ class Planner:
                 continue
             output_slice, inputs, base = first if any(h in name for h in EMBEDDING_HINTS) else last
             sources = [(model, name, params) for model, params in inputs]
+            slice_models = [self.model(source.model, "slices") for source in output_slice.sources]
+            slice_base = output_slice.base_model or self.config.base_model
+            peers = (list(dict.fromkeys(slice_models)), self.model(slice_base, "base_model") if slice_base else None)
             jobs.append(self._job(name, info.shape, [output_slice.parameters, self.config.parameters], sources,
-                                  TensorSource(base, name) if base else None, 0.0, None, info.dtype))
+                                  TensorSource(base, name) if base else None, 0.0, None, info.dtype, peers))
         return jobs
 
-    def _job(self, name, shape, shared_scopes, sources, base, t, layer, dtype) -> TensorJob:
-        resolved_inputs = [self._source(model, tensor, name, shape) for model, tensor, _ in sources]
+    def _job(self, name, shape, shared_scopes, sources, base, t, layer, dtype, peers=None) -> TensorJob:
+        """One output tensor; `peers` (the tensor's inputs in mergekit's order, and its base) decide
+        an embedding's or head's rows in a new output vocabulary."""
+        aligned = None
+        if peers is not None and self.config.tokenizer_settings is not None and _is_vocabulary_tensor(name):
+            aligned = self._aligned_rows(name, shape, *peers)
+            shape = (self.vocabulary.rows, *shape[1:])
+        resolved_inputs = [self._source(model, tensor, name, shape, aligned) for model, tensor, _ in sources]
         if base is not None:
-            base = self._source(base.model, base.name, name, shape)
+            base = self._source(base.model, base.name, name, shape, aligned)
         shared, per_model = {}, {}
         for parameter in self.schema.values():
             if parameter.per_model:
@@ -308,19 +390,34 @@ class Planner:
             out_dtype = dtype
         return TensorJob(name, shape, out_dtype, resolved_inputs, base, shared, per_model, layer)
 
-    def _source(self, model: ModelFolder, tensor: str, output: str, shape) -> TensorSource:
-        """The input tensor, following tied embeddings; checked for presence and shape."""
+    def _source(self, model: ModelFolder, tensor: str, output: str, shape,
+                aligned: dict[ModelFolder, PeerRows | None] | None = None) -> TensorSource:
+        """The input tensor, following tied embeddings; checked for presence and shape (`aligned`:
+        its rows in the output vocabulary, checked already)."""
+        name = self._tensor_name(model, tensor, output)
+        if aligned is not None:
+            return TensorSource(model, name, aligned[model])
+        found = model.tensors[name].shape
+        if found != tuple(shape):
+            vocab = (" (vocabulary sizes differ: tokenizer_source: union or base aligns them)"
+                     if _is_vocabulary_tensor(output) else "")
+            raise MergewiseError(f"shape mismatch for tensor {tensor}: {model.path} has {list(found)}, "
+                                 f"expected {list(shape)}{vocab}")
+        return TensorSource(model, name)
+
+    def _tensor_name(self, model: ModelFolder, tensor: str, output: str) -> str:
+        """The model's name for `tensor`: its input embedding for a tied head."""
         name = tensor
         if name not in model.tensors and name in OUTPUT_EMBEDDING_NAMES and model.tied_embeddings:
             name = next((n for n in model.tensors if n.endswith(INPUT_EMBEDDING_SUFFIXES)), name)
         if name not in model.tensors:
             raise MergewiseError(f"tensor {tensor} is missing in {model.path} (needed for output {output})")
-        found = model.tensors[name].shape
-        if found != tuple(shape):
-            vocab = " (vocabulary sizes differ)" if any(h in output for h in (*EMBEDDING_HINTS, "lm_head")) else ""
-            raise MergewiseError(f"shape mismatch for tensor {tensor}: {model.path} has {list(found)}, "
-                                 f"expected {list(shape)}{vocab}")
-        return TensorSource(model, name)
+        return name
+
+
+def _is_vocabulary_tensor(name: str) -> bool:
+    """An input embedding or output head: one row per token."""
+    return name in OUTPUT_EMBEDDING_NAMES or name.endswith(INPUT_EMBEDDING_SUFFIXES)
 
 
 def _check_same_architecture(reference: ModelFolder, model: ModelFolder, role: str) -> None:

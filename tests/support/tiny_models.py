@@ -12,11 +12,13 @@ import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    AddedToken,
     AutoModelForCausalLM,
     GemmaConfig,
     GPT2Config,
@@ -181,6 +183,30 @@ def build_fine_tune(base_dir: str | Path, out_dir: str | Path, *, seed: int, noi
             if tensors[name].is_floating_point():
                 tensors[name] = perturb(tensors[name], noise, generator)
         save_file(tensors, out_dir / path.name, metadata={"format": "pt"})
+    return out_dir
+
+
+def with_added_tokens(model_dir: str | Path, out_dir: str | Path, tokens: Sequence[str], *, seed: int,
+                      special: bool = True) -> Path:
+    """Copy a single-file model folder with `tokens` appended to its tokenizer (special tokens, like a
+    fine-tune's PAD or chat markers, unless `special` is False) and one random row per new token
+    appended to its embedding and untied head, growing config.json's vocab_size to match."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    shutil.copytree(model_dir, out_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    tokenizer.add_tokens([AddedToken(token, special=special, normalized=not special) for token in tokens])
+    tokenizer.save_pretrained(out_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["vocab_size"] = len(tokenizer)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = load_file(model_dir / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight"):
+        if name in tensors:
+            rows = tensors[name]
+            new = perturb(rows[: len(tokens)], 1.0, generator)  # rows of a typical size
+            tensors[name] = torch.cat([rows, new])
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir
 
 

@@ -167,12 +167,15 @@ def _exclusive(lock_path: Path, out_dir: Path) -> Iterator[None]:
 
 
 def write_model_config(folder: Path, config: dict, dtype: torch.dtype,
-                       source_layers: list[int] | None = None) -> None:
+                       source_layers: list[int] | None = None, vocab_size: int | None = None) -> None:
     """config.json of the source model with the output's dtype; for frankenmerges, the new depth
-    and the per-layer settings (e.g. `layer_types`) of the layers each output layer came from."""
+    and the per-layer settings (e.g. `layer_types`) of the layers each output layer came from; the
+    rows of a new output vocabulary."""
     config = json.loads(json.dumps(config))
     target = config.get("text_config", config)
     target["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if vocab_size is not None:
+        target["vocab_size"] = vocab_size
     if "dtype" in target:
         target["dtype"] = target["torch_dtype"]
     if source_layers is not None:
