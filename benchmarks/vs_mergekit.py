@@ -4,7 +4,7 @@ Workload W1: a random bf16 Llama (hidden 1024, 12 layers, untied lm_head, vocab 
 fine-tunes of it, sharded at 200 MB with an index, cached under --workdir. Each tool runs as its
 own child process so that its wall time and peak RSS (from `os.wait4`) are its alone.
 
-    python benchmarks/vs_mergekit.py                 # both tools, ties and task_arithmetic
+    python benchmarks/vs_mergekit.py                 # both tools, ties, task_arithmetic and sce
     python benchmarks/vs_mergekit.py --only mergekit
     python benchmarks/vs_mergekit.py --depth-sweep   # mergewise peak RSS at 6, 12 and 24 layers
 """
@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,8 @@ SHARD_BYTES = 200 * 10**6
 NUM_FINE_TUNES = 3
 FINE_TUNE_NOISE = 0.01
 TOOLS = ("mergekit", "mergewise")
+METHODS = ("ties", "task_arithmetic", "sce")
+SCE_SELECT_TOPK = 0.5
 # (speed-up over mergekit, peak RSS relative to mergekit) the engine aims at on 2 cores.
 TARGETS = {"ties": (8.0, 0.6), "task_arithmetic": (3.0, 0.8)}
 SWEEP_DEPTHS = (6, 12, 24)
@@ -171,13 +173,21 @@ def build_workload(workdir: Path, shape: LlamaShape, seed: int = 0) -> Path:
 
 
 def merge_config(method: str, workload: Path) -> dict:
-    """The mergekit-style YAML both tools read: each fine-tune weighted 1/3 (TIES at density 0.5)."""
-    per_model = {"weight": round(1 / NUM_FINE_TUNES, 4)}
-    if method == "ties":
-        per_model["density"] = 0.5
-    models = [{"model": str(workload / "base")}]
-    models += [{"model": str(workload / f"ft{i}"), "parameters": per_model} for i in range(1, NUM_FINE_TUNES + 1)]
-    return {"merge_method": method, "base_model": str(workload / "base"), "models": models, "dtype": "bfloat16"}
+    """The mergekit-style YAML both tools read: each fine-tune weighted 1/3 (TIES at density 0.5);
+    SCE weighs the fine-tunes itself, so it only gets the share of entries it selects."""
+    config = {"merge_method": method, "base_model": str(workload / "base"), "models": [{"model": str(workload / "base")}],
+              "dtype": "bfloat16"}
+    fine_tunes = [{"model": str(workload / f"ft{i}")} for i in range(1, NUM_FINE_TUNES + 1)]
+    if method == "sce":
+        config["parameters"] = {"select_topk": SCE_SELECT_TOPK}
+    else:
+        per_model = {"weight": round(1 / NUM_FINE_TUNES, 4)}
+        if method == "ties":
+            per_model["density"] = 0.5
+        for entry in fine_tunes:
+            entry["parameters"] = per_model
+    config["models"] += fine_tunes
+    return config
 
 
 # Runs the command given after it and prints its wall time and peak RSS. A child's ru_maxrss also
@@ -235,7 +245,7 @@ def output_dir(method: str, tool: str, workload: Path, args: argparse.Namespace)
     return args.workdir / "runs" / f"{workload.name}-{method}-{tool}"
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
+def tensor_files(folder: Path) -> dict[str, Path]:
     files = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, "pt") as handle:
@@ -245,7 +255,7 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 def compare_outputs(ours: Path, theirs: Path) -> str:
     """Both tools' outputs tensor by tensor: how many are identical, and the worst relative error."""
-    ours_files, theirs_files = _tensor_files(ours), _tensor_files(theirs)
+    ours_files, theirs_files = tensor_files(ours), tensor_files(theirs)
     if ours_files.keys() != theirs_files.keys():
         return f"different tensor names: {sorted(ours_files.keys() ^ theirs_files.keys())[:3]}"
     identical = 0
@@ -259,11 +269,11 @@ def compare_outputs(ours: Path, theirs: Path) -> str:
     return f"{identical}/{len(ours_files)} identical, worst {worst:.1e}"
 
 
-def repeated(method: str, tools: list[str], workload: Path, args: argparse.Namespace) -> list[Run]:
-    """`args.repeats` rounds, the tools taking turns within each round, so that a slow spell of the
-    machine falls on both rather than on one tool's runs."""
-    rounds = [[benchmark(method, tool, workload, args) for tool in tools] for _ in range(args.repeats)]
-    return [Run(method, tool, tuple(r[index][0] for r in rounds), tuple(r[index][1] for r in rounds))
+def repeated(label: str, tools: list[str], measure: Callable[[str], tuple[float, float]], repeats: int) -> list[Run]:
+    """`repeats` rounds of `measure(tool)` (wall seconds, peak RSS MB), the tools taking turns within
+    each round, so that a slow spell of the machine falls on both rather than on one tool's runs."""
+    rounds = [[measure(tool) for tool in tools] for _ in range(repeats)]
+    return [Run(label, tool, tuple(r[index][0] for r in rounds), tuple(r[index][1] for r in rounds))
             for index, tool in enumerate(tools)]
 
 
@@ -316,7 +326,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=ROOT / ".work", help="cache for workloads and outputs")
     parser.add_argument("--only", choices=TOOLS, help="run a single tool")
-    parser.add_argument("--methods", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, help="CPU threads for each tool (default: the tool's own)")
     parser.add_argument("--depth-sweep", action="store_true", help=f"mergewise {SWEEP_METHOD} at {SWEEP_DEPTHS} layers")
     parser.add_argument(
@@ -339,7 +349,10 @@ def main() -> None:
         sweep = []
         for layers in SWEEP_DEPTHS:
             shape = LlamaShape(layers=layers)
-            sweep.extend((shape, run) for run in repeated(SWEEP_METHOD, ["mergewise"], build_workload(args.workdir, shape), args))
+            workload = build_workload(args.workdir, shape)
+            runs = repeated(SWEEP_METHOD, ["mergewise"], lambda tool: benchmark(SWEEP_METHOD, tool, workload, args),
+                            args.repeats)
+            sweep.extend((shape, run) for run in runs)
         title = f"mergewise {SWEEP_METHOD}: peak RSS by depth"
         write_report(args.results / "depth_sweep.md", title, sweep_table(sweep), args)
         return
@@ -347,7 +360,7 @@ def main() -> None:
     tools = [args.only] if args.only else list(TOOLS)
     runs, agreement = [], {}
     for method in args.methods:
-        runs += repeated(method, tools, workload, args)
+        runs += repeated(method, tools, lambda tool: benchmark(method, tool, workload, args), args.repeats)
         outputs = [output_dir(method, tool, workload, args) for tool in TOOLS]
         if tools == list(TOOLS):
             agreement[method] = compare_outputs(outputs[1], outputs[0])
