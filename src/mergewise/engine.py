@@ -260,10 +260,10 @@ class _BackgroundWrites:
             self._pending.popleft().result()
         self._pending.append(self._thread.submit(callback, *arguments))
 
-    def read_back(self, name: str) -> torch.Tensor:
-        """A tensor as written, once its pending rows are on file."""
+    def read_back(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """A tensor as written (or some of its rows), once its pending rows are on file."""
         self.drain()
-        return self._writer.read(name)
+        return self._writer.read(name, rows)
 
 
 class _JobExecutor:
@@ -305,11 +305,9 @@ class _JobExecutor:
             writer.write(job.name, source.model.read(source.name))
             return
         self._merge_job(job, statistics.result() if statistics is not None else None, writer)
-        wanting = [stage for stage in self.stages if stage.wants_tensor(job)]
-        if wanting:
-            tensor = writer.read_back(job.name)
-            for stage in wanting:
-                stage.on_tensor(job, tensor)
+        for stage in self.stages:
+            if stage.wants_tensor(job):
+                stage.on_tensor(job, lambda rows=None: writer.read_back(job.name, rows))
 
     def _ranges(self, job: TensorJob) -> list[slice]:
         return row_ranges(job.shape, whole=self.method.whole_tensor(job.params))

@@ -7,8 +7,9 @@ every stage of the recipe through the same hooks, in `BLOCKS` order:
     on_plan(context)            once, before any tensor: calibrate, analyse, lay out extra files
     on_rows(job, rows, merged)  every merged row chunk, with the input rows already read (base too);
                                 returns the rows to write
-    on_tensor(job, tensor)      every finished tensor the stage asked for (`wants_tensor`), read back
-                                from the staged output, so no stage buffers tensors
+    on_tensor(job, read)        every finished tensor the stage asked for (`wants_tensor`): `read(rows)`
+                                reads those rows back from the staged output (`read()`: all of it),
+                                so neither a stage nor the engine holds a whole tensor
     finalize(staging)           the staged folder, complete but not yet in place; what it returns is
                                 the stage's result (in `MergeResult.records` and mergewise.yml)
     close()                     always, last: release what the stage holds
@@ -62,7 +63,7 @@ class Stage:
     def wants_tensor(self, job: TensorJob) -> bool:
         return False
 
-    def on_tensor(self, job: TensorJob, tensor: torch.Tensor) -> None:
+    def on_tensor(self, job: TensorJob, read: Callable[[slice | None], torch.Tensor]) -> None:
         pass
 
     def finalize(self, staging: Path) -> Any:

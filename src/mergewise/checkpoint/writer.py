@@ -115,11 +115,21 @@ class StreamingShardWriter:
         finally:
             os.close(descriptor)
 
-    def read(self, name: str) -> torch.Tensor:
-        """A tensor as written so far, read back from its shard (a copy)."""
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """A tensor as written so far, or the rows `rows` of its first dimension, read back from its
+        shard (a copy)."""
         slot = self._slots[name]
-        data = np.fromfile(slot.file, dtype=np.uint8, count=slot.tensor.nbytes, offset=slot.offset)
-        return torch.from_numpy(data).view(slot.tensor.dtype).reshape(slot.tensor.shape)
+        shape = tuple(slot.tensor.shape)
+        offset, count = slot.offset, slot.tensor.nbytes
+        if rows is not None:
+            start, stop, _ = rows.indices(shape[0])
+            row_bytes = slot.tensor.nbytes // shape[0] if shape[0] else 0
+            shape = (max(stop - start, 0), *shape[1:])
+            offset, count = slot.offset + start * row_bytes, shape[0] * row_bytes
+        if count == 0:
+            return torch.empty(shape, dtype=slot.tensor.dtype)
+        data = np.fromfile(slot.file, dtype=np.uint8, count=count, offset=offset)
+        return torch.from_numpy(data).view(slot.tensor.dtype).reshape(shape)
 
     def close(self) -> None:
         """When there are several shards, write the Hugging Face index."""

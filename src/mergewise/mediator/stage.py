@@ -4,8 +4,8 @@
                 each residual code would keep) chooses the routed units and their codes within the
                 memory budget, and lays out the experts file;
     on_tensor   each finished routed tensor of the dense model D (after AIM, if the recipe has it),
-                read back from the staged output, becomes every expert's coded residual θ_t − D,
-                a row chunk at a time (whole matrices for codes that need them);
+                read back from the staged output a row chunk at a time, becomes every expert's
+                coded residual θ_t − D (codes that need whole matrices read them chunk by chunk);
     finalize    the router is fitted on features of each expert's calibration prompts, from a
                 layer-by-layer pass over the finished D in its own dtype, and the manifest written;
                 its content is the stage's result.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,24 +105,25 @@ class MediatorStage(Stage):
     def wants_tensor(self, job: TensorJob) -> bool:
         return job.name in self.routed
 
-    def on_tensor(self, job: TensorJob, dense: torch.Tensor) -> None:
+    def on_tensor(self, job: TensorJob, read_dense: Callable[[slice | None], torch.Tensor]) -> None:
         """Every expert's coded residual against D as stored, so that D + decode(r_t) is the closest
         to θ_t; the share of ‖θ_t − D‖² each keeps is summed per unit."""
         for task, source in zip(self.settings.tasks, self.expert_jobs[job.name].inputs):
-            self._encode_expert(job.name, task, source, as_matrix(dense))
+            self._encode_expert(job.name, task, source, read_dense)
 
-    def _encode_expert(self, name: str, task: str, source, dense: torch.Tensor) -> None:
-        """One expert's residual, made a row chunk at a time (a code that needs the whole matrix
-        reads it chunk by chunk, several times), written as its code's parts."""
+    def _encode_expert(self, name: str, task: str, source, read_dense: Callable) -> None:
+        """One expert's residual, made a row chunk at a time from rows of D and of the expert read as
+        needed (a code that needs the whole matrix reads it chunk by chunk, several times), written
+        as its code's parts."""
         tensor, (code_name, level) = self.routed[name]
         code = get_code(code_name)
-        rows, columns = dense.shape
+        rows, columns = matrix_shape(tensor.shape)
         chunks = row_ranges((rows, columns)) if not tensor.is_vector else [slice(0, 1)]
         parts = code.layout(rows, columns, tensor.dtype, level)
 
         def residual(chunk: slice) -> torch.Tensor:
-            expert = source.model.read(source.name, None if tensor.is_vector else chunk)
-            return as_matrix(expert).float() - dense[chunk].float()
+            span = None if tensor.is_vector else chunk
+            return as_matrix(source.model.read(source.name, span)).float() - as_matrix(read_dense(span)).float()
 
         def rows_of(stored: dict, chunk: slice) -> dict:
             return {suffix: value[chunk] if parts[suffix].per_row else value for suffix, value in stored.items()}
