@@ -274,3 +274,21 @@ def test_lm_eval_objective_takes_each_task_first_metric_higher_is_better(tiny_zo
     assert score_model(model_dir, objective, "test") == {"score": 1.0, "tasks": {"mw_generate": 1.0}}
     assert score_model(model_dir, objective.model_copy(update={"lm_eval": objective.lm_eval.model_copy(
         update={"test_tasks": None})}), "test") is None
+
+
+def test_grid_runs_every_combination_once_and_cmaes_runs(tiny_zoo, tmp_path, local_ray):
+    from mergewise.search import run_search
+
+    grid = search_recipe(tiny_zoo)
+    grid["models"][0]["parameters"]["weight"] = {"search": "choice", "values": [0.5, 1.0]}
+    grid["models"][1]["parameters"]["weight"] = {"search": "int", "low": 0, "high": 1}
+    grid["aim"]["omega"] = 0.4
+    grid["search"].update(searcher="grid", trials=1)
+    run_search(write(tmp_path / "grid.yml", grid), tmp_path / "grid", quiet=True)
+    combinations = {(float(row["models.0.parameters.weight"]), float(row["models.0.parameters.density"]),
+                     float(row["models.1.parameters.weight"])) for row in read_trials(tmp_path / "grid")}
+    assert len(read_trials(tmp_path / "grid")) == len(combinations) == 2 * 3 * 2
+    cmaes = search_recipe(tiny_zoo)
+    cmaes["search"].update(searcher="cmaes", trials=3)
+    result = run_search(write(tmp_path / "cmaes.yml", cmaes), tmp_path / "cmaes", quiet=True)
+    assert len(result.trials) == 3 and result.best["validation"] >= result.baseline["validation"]
