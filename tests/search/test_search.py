@@ -122,6 +122,8 @@ BAD_SPACES = {
                            ["aim.omega.low", "above 0"]),
     "bound the recipe refuses": (("models", 1, "parameters", "density"), {"search": "uniform", "low": 0.5, "high": 1.5},
                                  ["density", "[0, 1]"]),
+    "choice the recipe refuses": (("models", 1, "parameters", "density"), {"search": "choice", "values": [0.5, 1.5, 0.3]},
+                                  ["density", "[0, 1]"]),
     "objective task not in the zoo": (("search", "objective", "tasks"), {"first": 1.0, "sum": 1.0},
                                       ["search.objective.tasks", "sum"]),
     "grid over a uniform space": (("search", "searcher"), "grid", ["grid needs choice or int", "weight"]),

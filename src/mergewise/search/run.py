@@ -101,8 +101,8 @@ def _check_corners(search: SearchRecipe) -> None:
     from mergewise.plan import build_plan
 
     corners = [search.baseline(),
-               {space.name: space.values[0] if space.kind == "choice" else space.low for space in search.spaces},
-               {space.name: space.values[-1] if space.kind == "choice" else space.high for space in search.spaces}]
+               {space.name: min(space.values) if space.kind == "choice" else space.low for space in search.spaces},
+               {space.name: max(space.values) if space.kind == "choice" else space.high for space in search.spaces}]
     for values in corners:
         recipe = load_recipe(search.concrete(values), config_dir=search.config_dir, origin=search.origin)
         build_plan(recipe.config, recipe.config_dir, base_model=recipe.base_model)
