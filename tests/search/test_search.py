@@ -150,6 +150,12 @@ def test_a_folder_holding_something_else_is_refused_without_resume(tiny_zoo, tmp
                    out_dir_before={"notes.txt": __import__("hashlib").sha256(b"mine").hexdigest()})
 
 
+def test_resume_keeps_the_trial_count_it_started_with(tiny_zoo, tmp_path, capsys):
+    search_file = write(tmp_path / "s.yml", search_recipe(tiny_zoo))
+    status = main(["search", str(search_file), str(tmp_path / "out"), "--resume", "--trials", "9"])
+    assert_refused(capsys, status, tmp_path / "out", "--trials", "resumed")
+
+
 def test_zoo_held_out_prompts_split_into_disjoint_halves(tiny_zoo):
     from mergewise.zoo import load_zoo
 

@@ -13,7 +13,7 @@ def register(subparsers) -> None:
                     "and summary.json (the best and the baseline recipe on held-out test prompts).")
     parser.add_argument("search_file", help="a recipe with search spaces and a search: block (YAML)")
     parser.add_argument("out_dir", help="output folder (new or empty, unless --resume)")
-    parser.add_argument("--trials", type=int, default=None, help="number of trials (default: search.trials)")
+    parser.add_argument("--trials", type=int, default=None, help="number of trials (default: search.trials; not with --resume)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to attach to (auto, ray://HOST:PORT); default: a local Ray on this machine")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted search in OUT_DIR")

@@ -54,6 +54,8 @@ def run_search(search_file: str | Path, out_dir: str | Path, *, trials: int | No
     started = time.time()
     search = load_search_recipe(search_file)
     device = device or ("cuda" if search.settings.resources.gpus > 0 else "cpu")
+    if trials is not None and resume:
+        raise MergewiseError("--trials: a resumed search keeps the trial count it started with; leave it out")
     if trials is not None:
         search = dataclasses.replace(search, settings=search.settings.model_copy(update={"trials": trials}))
     objective = resolve_objective(search.settings.objective, search.config_dir, search.origin)
