@@ -133,14 +133,13 @@ def markdown_table(results: dict[str, dict], zoo: Zoo) -> str:
 def bar_chart(results: dict[str, dict], zoo: Zoo, path: str | Path) -> None:
     """Grouped bars: one group per task, one bar per model."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the process's backend stays as it is
 
     tasks = list(zoo.tasks)
     width = 0.8 / max(len(results), 1)
-    figure, axis = plt.subplots(figsize=(max(8, 1.6 * len(tasks) + 0.3 * len(results)), 4.5))
-    colors = plt.get_cmap("tab20").colors
+    figure = Figure(figsize=(max(8, 1.6 * len(tasks) + 0.3 * len(results)), 4.5))
+    axis = figure.subplots()
+    colors = matplotlib.colormaps["tab20"].colors
     for index, (label, result) in enumerate(results.items()):
         positions = [task_index + index * width for task_index in range(len(tasks))]
         axis.bar(positions, [result["tasks"][name]["score"] for name in tasks], width, label=label,
@@ -155,4 +154,3 @@ def bar_chart(results: dict[str, dict], zoo: Zoo, path: str | Path) -> None:
     axis.set_title(f"{zoo.raw.get('size', '')} zoo: score per task")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)

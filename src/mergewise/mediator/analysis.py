@@ -66,12 +66,10 @@ class ConflictReport:
         self._plot(report_dir / "conflict.png")
 
     def _plot(self, path: Path) -> None:
-        import matplotlib
+        from matplotlib.figure import Figure  # not pyplot: the process's backend stays as it is
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, (lines, heatmap) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2, 1]})
+        figure = Figure(figsize=(13, 4.8))
+        lines, heatmap = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
         positions = range(len(self.units))
         lines.plot(positions, [unit.sign_conflict for unit in self.units], marker="o", label="sign conflict d")
         lines.plot(positions, [unit.cancellation for unit in self.units], marker="s", label="cancellation c")
@@ -90,7 +88,6 @@ class ConflictReport:
         figure.colorbar(image, ax=heatmap, fraction=0.046)
         figure.tight_layout()
         figure.savefig(path, dpi=120)
-        plt.close(figure)
 
 
 @dataclass

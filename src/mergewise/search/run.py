@@ -27,7 +27,9 @@ from pathlib import Path
 
 import yaml
 
+from mergewise.config import Recipe, load_recipe
 from mergewise.errors import MergewiseError
+from mergewise.plan import MergePlan, build_plan
 from mergewise.search.objective import resolve_objective, score_model
 from mergewise.search.space import SearchRecipe, load_search_recipe
 from mergewise.search.trial import TrialSetup, run_trial
@@ -63,9 +65,9 @@ def run_search(search_file: str | Path, out_dir: str | Path, *, trials: int | No
     experiment = out_dir / "ray" / EXPERIMENT
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
         raise MergewiseError(f"{out_dir}: not empty (--resume continues the search it holds; or choose a new folder)")
-    _check_corners(search)
+    baseline_plan = _check_corners(search)
     out_dir.mkdir(parents=True, exist_ok=True)
-    setup = TrialSetup(_calibrated_once(search, out_dir, device, quiet), objective, out_dir / "models",
+    setup = TrialSetup(_calibrated_once(search, baseline_plan, out_dir, device, quiet), objective, out_dir / "models",
                        out_dir / "trials", max(1, math.floor(search.settings.resources.cpus)), device)
     rows = _run_trials(setup, search, experiment, out_dir, address, resume, quiet)
     if len(rows) < _expected_trials(search):
@@ -77,7 +79,7 @@ def run_search(search_file: str | Path, out_dir: str | Path, *, trials: int | No
     best = max(finished, key=lambda row: row["score"])
     best_model = _publish_best_model(out_dir, setup.models_dir / best["trial"])
     _write_best_recipe(search, best, out_dir)
-    baseline = _score_baseline(setup, out_dir)
+    baseline = _score_baseline(setup, out_dir, rows)
     best_test = score_model(best_model, objective, "test", device)
     summary = {
         "best": {"trial": best["trial"], "values": {space.name: best[space.name] for space in search.spaces},
@@ -96,32 +98,29 @@ def _expected_trials(search: SearchRecipe) -> int:
     return search.settings.trials
 
 
-def _check_corners(search: SearchRecipe) -> None:
+def _check_corners(search: SearchRecipe) -> tuple[Recipe, MergePlan]:
     """Plan the baseline and the recipes at every space's low and high end: a bound the recipe
-    refuses (a density of 1.5) fails now, naming the key, not in trial 17."""
-    from mergewise.config import load_recipe
-    from mergewise.plan import build_plan
-
+    refuses (a density of 1.5) fails now, naming the key, not in trial 17. Returns the baseline's."""
     corners = [search.baseline(),
                {space.name: min(space.values) if space.kind == "choice" else space.low for space in search.spaces},
                {space.name: max(space.values) if space.kind == "choice" else space.high for space in search.spaces}]
+    planned = []
     for values in corners:
         recipe = load_recipe(search.concrete(values), config_dir=search.config_dir, origin=search.origin)
-        build_plan(recipe.config, recipe.config_dir, base_model=recipe.base_model)
+        planned.append((recipe, build_plan(recipe.config, recipe.config_dir, base_model=recipe.base_model)))
+    return planned[0]
 
 
-def _calibrated_once(search: SearchRecipe, out_dir: Path, device: str, quiet: bool) -> SearchRecipe:
+def _calibrated_once(search: SearchRecipe, baseline: tuple[Recipe, MergePlan], out_dir: Path, device: str,
+                     quiet: bool) -> SearchRecipe:
     """AIM's statistics depend on the base and the calibration settings alone, which no trial
     changes: calibrate once and let every trial read the file."""
     aim = search.template.get("aim")
     if not isinstance(aim, dict) or "calibration" not in aim:
         return search
     from mergewise.aim.statistics import CalibrationSettings, calibrate
-    from mergewise.config import load_recipe
-    from mergewise.plan import build_plan
 
-    recipe = load_recipe(search.concrete(search.baseline()), config_dir=search.config_dir, origin=search.origin)
-    plan = build_plan(recipe.config, recipe.config_dir, base_model=recipe.base_model)
+    recipe, plan = baseline
     calibration = recipe.blocks["aim"].calibration
     stats_path = out_dir / "aim-stats.safetensors"
     if not stats_path.is_file():
@@ -161,7 +160,7 @@ def _run_trials(setup: TrialSetup, search: SearchRecipe, experiment: Path, out_d
     rows = [_row(search, Path(result.path).name, result.config, result.metrics,
                  "ERROR" if result.error else "TERMINATED", result.error) for result in results]
     keep_best(rows, setup.models_dir, search.settings.keep)
-    _write_trials_csv(search, rows, out_dir / "trials.csv")
+    _write_trials_csv(rows, out_dir / "trials.csv")
     return rows
 
 
@@ -220,7 +219,7 @@ def _row(search: SearchRecipe, trial: str, config: dict, metrics: dict, status: 
     return row
 
 
-def _write_trials_csv(search: SearchRecipe, rows: list[dict], path: Path) -> None:
+def _write_trials_csv(rows: list[dict], path: Path) -> None:
     rows = sorted(rows, key=lambda row: (row["finished"] is None, row["finished"] or ""))
     columns = list(dict.fromkeys(key for row in rows for key in row))
     temporary = path.with_suffix(".csv.tmp")
@@ -261,7 +260,7 @@ class KeepBest(_TuneCallback):
                      status if trial.trial_id == ended else trial.status,
                      trial.error_file and "see " + trial.error_file) for trial in trials]
         keep_best(rows, self.models_dir, self.search.settings.keep)
-        _write_trials_csv(self.search, rows, self.csv_path)
+        _write_trials_csv(rows, self.csv_path)
 
 
 def keep_best(rows: list[dict], models_dir: Path, keep: int) -> None:
@@ -317,10 +316,17 @@ def _relocated(path: str, config_dir: Path, out_dir: Path) -> str:
     return os.path.relpath(config_dir / path, out_dir)
 
 
-def _score_baseline(setup: TrialSetup, out_dir: Path) -> dict:
-    """Merge the baseline recipe once more and score it on both halves, then delete it."""
-    folder = out_dir / "models" / "baseline"
+def _score_baseline(setup: TrialSetup, out_dir: Path, rows: list[dict]) -> dict:
+    """The baseline recipe on both halves: its seeded trial's model where it is still on disk, else
+    merged once more (and deleted after)."""
     values = setup.search.baseline()
+    seeded = next((row for row in _ranked(rows) if all(row[name] == value for name, value in values.items())
+                   and (setup.models_dir / row["trial"]).is_dir()), None)
+    if seeded is not None:
+        folder = setup.models_dir / seeded["trial"]
+        return {"values": values, "validation": seeded["score"],
+                "test": score_model(folder, setup.objective, "test", setup.device)}
+    folder = setup.models_dir / "baseline"
     setup.merge(values, folder)
     try:
         return {"values": values, "validation": score_model(folder, setup.objective, "validation", setup.device)["score"],
@@ -330,17 +336,13 @@ def _score_baseline(setup: TrialSetup, out_dir: Path) -> dict:
 
 
 def _plot(search: SearchRecipe, rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the process's backend stays as it is
 
     scored = [row for row in sorted(rows, key=lambda row: row["finished"] or "") if row["score"] is not None]
     panels = 1 + len(search.spaces)
     columns = min(panels, 3)
-    figure, axes = plt.subplots(math.ceil(panels / columns), columns, figsize=(4.2 * columns,
-                                3.4 * math.ceil(panels / columns)), squeeze=False)
-    axes = axes.ravel()
+    figure = Figure(figsize=(4.2 * columns, 3.4 * math.ceil(panels / columns)))
+    axes = figure.subplots(math.ceil(panels / columns), columns, squeeze=False).ravel()
     scores = [row["score"] for row in scored]
     axes[0].plot(range(1, len(scores) + 1), scores, "o", label="trial")
     axes[0].plot(range(1, len(scores) + 1), [max(scores[:i + 1]) for i in range(len(scores))], "-", label="best so far")
@@ -353,4 +355,3 @@ def _plot(search: SearchRecipe, rows: list[dict], path: Path) -> None:
         axis.set_visible(False)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)

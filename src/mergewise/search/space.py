@@ -22,16 +22,18 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 
 from mergewise.config import read_yaml_mapping, validate_block
 from mergewise.errors import MergewiseError
 from mergewise.methods.registry import get_method
+from mergewise.stages import block_spec
 
 SPACE_KINDS = ("uniform", "loguniform", "int", "choice")
 PARAMETER_MAPS = (("parameters",), ("models", int, "parameters"), ("slices", int, "parameters"),
                   ("slices", int, "sources", int, "parameters"))
-BLOCK_SCHEMAS = {"aim": "mergewise.aim.stage:AimBlock", "mediator": "mergewise.mediator.settings:MediatorSettings"}
-FIXED_BLOCK_KEYS = {"aim": ("calibration",), "mediator": ("experts",)}  # what decides the inputs, not the merge
+# Block settings that decide the inputs rather than the merge (AIM calibrates once for every trial).
+FIXED_BLOCK_KEYS = {"aim": ("calibration",), "mediator": ("experts",)}
 
 
 class LmEvalObjective(BaseModel):
@@ -233,10 +235,9 @@ def _check_numeric_key(space: Space, method: Any, origin: str) -> None:
         if schema[parameter].kind is bool:
             raise MergewiseError(f"{where}: {method}'s {parameter!r} is not numeric (true/false): it cannot be searched")
         return
-    block = space.path[0]
-    if block in BLOCK_SCHEMAS and len(space.path) > 1 and space.path[1] not in FIXED_BLOCK_KEYS[block]:
-        if _numeric_field(_import(BLOCK_SCHEMAS[block]), space.path[1:]):
-            return
+    field = _block_field(space.path)
+    if field is not None and any(member in (int, float) for member in _members(field.annotation)):
+        return
     raise MergewiseError(f"{where}: not a numeric setting a search may vary (search spaces go on method "
                          "parameters and on the numeric settings of aim: and mediator:)")
 
@@ -254,15 +255,18 @@ def _method_parameter(path: tuple) -> str | None:
     return None
 
 
-def _numeric_field(schema: type[BaseModel], path: tuple) -> bool:
-    field = schema.model_fields.get(path[0]) if isinstance(path[0], str) else None
-    if field is None:
-        return False
-    members = _members(field.annotation)
-    if len(path) > 1:
-        nested = [member for member in members if isinstance(member, type) and issubclass(member, BaseModel)]
-        return bool(nested) and _numeric_field(nested[0], path[1:])
-    return any(member in (int, float) for member in members)
+def _block_field(path: tuple) -> FieldInfo | None:
+    """The schema field of a recipe block (`aim:`, `mediator:`) that `path` sets, if any."""
+    if path[0] not in FIXED_BLOCK_KEYS or len(path) < 2 or path[1] in FIXED_BLOCK_KEYS[path[0]]:
+        return None
+    schema, field = block_spec(path[0]).schema, None
+    for part in path[1:]:
+        if schema is None or not isinstance(part, str) or part not in schema.model_fields:
+            return None
+        field = schema.model_fields[part]
+        schema = next((member for member in _members(field.annotation)
+                       if isinstance(member, type) and issubclass(member, BaseModel)), None)
+    return field
 
 
 def _members(annotation: Any) -> list:
@@ -273,13 +277,6 @@ def _members(annotation: Any) -> list:
     if origin is typing.Annotated:
         return _members(typing.get_args(annotation)[0])
     return [annotation]
-
-
-def _import(reference: str) -> type[BaseModel]:
-    import importlib
-
-    module, name = reference.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _with_default(space: Space, method: str, origin: str) -> Space:
@@ -294,14 +291,7 @@ def _with_default(space: Space, method: str, origin: str) -> Space:
 
 def _key_default(space: Space, method: str) -> float | None:
     parameter = _method_parameter(space.path)
-    if parameter is not None:
-        value = get_method(method).parameters[parameter].default
-    else:
-        schema = _import(BLOCK_SCHEMAS[space.path[0]])
-        for part in space.path[1:-1]:
-            schema = next(member for member in _members(schema.model_fields[part].annotation)
-                          if isinstance(member, type) and issubclass(member, BaseModel))
-        value = schema.model_fields[space.path[-1]].default
+    value = get_method(method).parameters[parameter].default if parameter else _block_field(space.path).default
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
