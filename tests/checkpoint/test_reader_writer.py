@@ -94,7 +94,24 @@ def test_reader_returns_the_stored_rows_of_single_and_sharded_folders(tmp_path):
                 rows = slice(1, 4)
                 assert torch.equal(model.read(name, rows), tensor[rows])
                 assert torch.equal(model.map_rows(name, rows), tensor[rows])
+                into = torch.empty_like(tensor[rows])
+                assert model.read(name, rows, out=into) is into and torch.equal(into, tensor[rows])
         model.close()
+
+
+def test_reading_into_memory_of_another_size_or_dtype_is_refused_and_a_shrunk_file_is_named(tmp_path):
+    save_file({"w": torch.arange(12.0).reshape(4, 3)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    model = ModelFolder(tmp_path)
+    for wrong in (torch.empty(2, 3, dtype=torch.float64), torch.empty(3, 3)):
+        with pytest.raises(ValueError, match="cannot read"):
+            model.read("w", slice(0, 2), out=wrong)
+    with open(tmp_path / "model.safetensors", "r+b") as handle:  # changed after its header was read
+        handle.truncate(handle.seek(0, 2) - 8)
+    with pytest.raises(MergewiseError, match="truncated while reading tensor w"):
+        model.map_rows("w", slice(2, 4))
+    with pytest.raises(MergewiseError, match="truncated while reading tensor w"):
+        model.read("w", slice(2, 4))
 
 
 def test_reader_names_the_file_of_a_broken_index(tmp_path):

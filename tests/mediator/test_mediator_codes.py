@@ -245,3 +245,49 @@ def test_decoded_rows_are_fresh_memory(name):
     first = code.decode(stored, matrix.shape[1]).clone()
     code.decode(stored, matrix.shape[1]).mul_(3.0)
     assert torch.equal(code.decode(stored, matrix.shape[1]), first)
+
+
+@pytest.mark.parametrize("name", ["sign1", "sign2", "sparse"])
+@pytest.mark.parametrize("weights_dtype, stored_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                                         (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("columns", [37, 64])
+def test_fused_switch_kernels_write_the_bits_of_the_torch_path(name, weights_dtype, stored_dtype, columns):
+    """D + decode(r) written in place by the CPU kernels equals `(D.float() + decode).to(dtype)` bit for
+    bit (widths with and without a partial last byte of bits); a sparse select puts D back exactly."""
+    from mergewise.mediator import switching
+
+    code, matrix = CODES[name], residual(rows=19, columns=columns) * 1e-2
+    stored = code.encode(matrix, stored_dtype, LEVELS[name])
+    dense = (torch.randn(19, columns, generator=torch.Generator().manual_seed(1)) * 0.02).to(weights_dtype)
+    expected = (dense.float() + code.decode(stored, columns)).to(weights_dtype)
+    weights = dense.clone()
+    if code.entries is not None:
+        columns_kept, values = code.entries(stored)
+        kept = switching.add_entries(weights, columns_kept, values)
+        assert torch.equal(weights, expected)
+        switching.put_entries(weights, columns_kept, kept)
+        assert torch.equal(weights, dense)
+    else:
+        code.add_to(stored, weights)
+        assert torch.equal(weights, expected)
+
+
+def test_fused_switch_kernels_refuse_columns_outside_the_weights_and_leave_that_row():
+    from mergewise.mediator import switching
+
+    weights = torch.zeros(3, 8, dtype=torch.bfloat16)
+    columns = torch.tensor([[0, 1], [2, 8], [0, 1]], dtype=torch.int16)
+    with pytest.raises(ValueError, match="row 1"):
+        switching.add_entries(weights, columns, torch.ones(3, 2, dtype=torch.bfloat16))
+    assert weights[1:].abs().sum() == 0  # row 0 was written before the bad row was found; row 1 not at all
+    with pytest.raises(ValueError, match="row 0"):
+        switching.put_entries(weights, torch.tensor([[-1, 0]], dtype=torch.int16), torch.ones(1, 2, dtype=torch.bfloat16))
+
+
+def test_importing_the_runtime_leaves_numba_unloaded():
+    """A plain model's `mergewise generate` never pays for numba: the switch kernels load on first use."""
+    import subprocess
+    import sys
+
+    check = "import sys, mergewise.mediator.runtime; assert 'numba' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", check]).returncode == 0

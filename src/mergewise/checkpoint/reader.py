@@ -181,14 +181,16 @@ class ModelFolder:
         return sorted({info.file for info in self.tensors.values()})
 
     # ------------------------------------------------------------------------------------ reads
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor `name`, or only its rows `rows` (first axis), copied from disk now into memory
-        of its own (no file descriptor or mapping stays attached to it)."""
+        of its own (no file descriptor or mapping stays attached to it), or into `out`: CPU memory of
+        the same dtype and number of elements, contiguous."""
         info = self.tensors[name]
         if info.file in self._pickled:
             tensor = self._pickled[info.file][name]
-            return (tensor if rows is None or tensor.dim() == 0 else tensor[rows]).clone()
-        return read_rows(info, rows)
+            tensor = tensor if rows is None or tensor.dim() == 0 else tensor[rows]
+            return tensor.clone() if out is None else out.copy_(tensor.reshape(out.shape))
+        return read_rows(info, rows, out)
 
     def map_rows(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """Like `read`, but the rows are mapped from the page cache instead of copied into fresh
@@ -198,15 +200,7 @@ class ModelFolder:
         info = self.tensors[name]
         if info.file in self._pickled:
             return self.read(name, rows)
-        start, length, shape = _extent(info, rows)
-        if length == 0:
-            return torch.empty(shape, dtype=info.dtype)
-        aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        with _opened(info.file) as descriptor:
-            mapped = mmap.mmap(descriptor, length + start - aligned, offset=aligned,
-                               flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        return torch.frombuffer(mapped, dtype=info.dtype, offset=start - aligned,
-                                count=length // info.dtype.itemsize).reshape(shape)
+        return map_rows(info, rows)
 
     def close(self) -> None:
         """Drop the tensors of loaded pickle files (no file stays open between reads)."""
@@ -237,11 +231,19 @@ def _extent(info: TensorInfo, rows: slice | None) -> tuple[int, int, tuple[int, 
     return info.offset + first * row_bytes, count * row_bytes, shape
 
 
-def read_rows(info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
+def read_rows(info: TensorInfo, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """A safetensors tensor, or only its rows `rows` (first axis), copied from disk now into memory
-    of its own: the file's pages stay in the page cache, outside the process."""
+    of its own (the file's pages stay in the page cache, outside the process), or straight into
+    `out` (contiguous CPU memory of the same dtype and number of elements, returned as it is)."""
     start, length, shape = _extent(info, rows)
-    buffer = bytearray(length)
+    if out is not None:
+        if not (out.device.type == "cpu" and out.dtype == info.dtype and out.is_contiguous()
+                and out.numel() * out.element_size() == length):
+            raise ValueError(f"{info.name}: cannot read {list(shape)} {info.dtype} into {list(out.shape)} "
+                             f"{out.dtype} on {out.device}")
+    else:  # not zero-filled first: every byte is read
+        out = torch.empty(shape, dtype=info.dtype)
+    buffer = out.view(-1).view(torch.uint8).numpy() if length else bytearray()
     with _opened(info.file) as descriptor:
         done = 0
         while done < len(buffer):
@@ -249,9 +251,24 @@ def read_rows(info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
             if chunk <= 0:
                 raise MergewiseError(f"{info.file}: truncated while reading tensor {info.name}")
             done += chunk
-    if not buffer:
+    return out
+
+
+def map_rows(info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
+    """A safetensors tensor, or its rows `rows`, mapped from the page cache (privately: a write copies
+    the page and never reaches the file); the mapping keeps its own descriptor until it is freed."""
+    start, length, shape = _extent(info, rows)
+    if length == 0:
         return torch.empty(shape, dtype=info.dtype)
-    return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    with _opened(info.file) as descriptor:
+        try:
+            mapped = mmap.mmap(descriptor, length + start - aligned, offset=aligned,
+                               flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except ValueError:  # the file is shorter than its header said (changed since it was read)
+            raise MergewiseError(f"{info.file}: truncated while reading tensor {info.name}") from None
+    return torch.frombuffer(mapped, dtype=info.dtype, offset=start - aligned,
+                            count=length // info.dtype.itemsize).reshape(shape)
 
 
 def read_safetensors_header(file: Path) -> list[TensorInfo]:

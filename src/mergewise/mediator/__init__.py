@@ -6,4 +6,5 @@ allocation — which units are routed with which code, within the memory budget
 build     — dense merge + per-task coded experts + fitted router, written as one model folder
 router    — gaussian/prototype/logistic task router with uncertainty and out-of-distribution decisions
 runtime   — `mergewise.load`: a model whose `generate()` routes every sequence, switching experts in place
+switching — the CPU route switches through the fused kernels of `kernels` (numba, loaded on first use)
 """

@@ -22,13 +22,14 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mergewise.checkpoint import ModelFolder, TensorInfo
-from mergewise.checkpoint.reader import inside_folder, read_rows, read_safetensors_header
+from mergewise.checkpoint.reader import inside_folder, map_rows, read_rows, read_safetensors_header
 from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.tokens import start_token_id
 from mergewise.devices import resolve_device
 from mergewise.engine import row_ranges
 from mergewise.errors import MergewiseError
 from mergewise.layerwise import mean_pooled, right_padded
+from mergewise.mediator import switching
 from mergewise.mediator.codes import CODES, Stored, matrix_shape
 from mergewise.mediator.router import Route, Router
 from mergewise.plan import parse_dtype
@@ -97,15 +98,15 @@ class ExpertBank:
     def decode(self, task: str, name: str, rows: slice, device: torch.device) -> torch.Tensor:
         """Rows `rows` of task `task`'s decoded residual of `name` (float32 [rows, columns] on `device`)."""
         code, _, columns, _ = self.codes[name]
-        return code.decode(self._parts(task, name, rows, device), columns)
+        return code.decode(self.parts(task, name, rows, device), columns)
 
     def entries(self, task: str, name: str, rows: slice, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The only columns (and values) of these rows that `decode` sets, for codes that say so."""
         code = self.codes[name][0]
-        return None if code.entries is None else code.entries(self._parts(task, name, rows, device))
+        return None if code.entries is None else code.entries(self.parts(task, name, rows, device))
 
-    def _parts(self, task: str, name: str, rows: slice, device: torch.device) -> dict[str, torch.Tensor]:
+    def parts(self, task: str, name: str, rows: slice, device: torch.device) -> Stored:
         per_row = self.codes[name][3]
         return {suffix: (_rows_of(part, rows if per_row[suffix] else None)).to(device)
                 for suffix, part in self.stored[task, name].items()}
@@ -122,8 +123,8 @@ class ExpertBank:
 
 
 def _rows_of(part: torch.Tensor | TensorInfo, rows: slice | None) -> torch.Tensor:
-    if isinstance(part, TensorInfo):
-        return read_rows(part, rows)
+    if isinstance(part, TensorInfo):  # mapped, not copied: a switch reads every part once
+        return map_rows(part, rows)
     return part if rows is None else part[rows]
 
 
@@ -181,8 +182,10 @@ class RoutedModel:
         for start in range(0, len(prompt_ids), FEATURE_BATCH):
             batch = right_padded([list(ids)[-max_tokens:] if max_tokens else list(ids)
                                   for ids in prompt_ids[start:start + FEATURE_BATCH]], pad)
-            hidden = self.model(input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device),
-                                output_hidden_states=True).hidden_states
+            # The model without its head: the logits of every prompt token are not needed here.
+            hidden = self.model.base_model(input_ids=batch.input_ids.to(self.device),
+                                           attention_mask=batch.attention_mask.to(self.device),
+                                           output_hidden_states=True).hidden_states
             pooled.append(torch.cat([mean_pooled(hidden[number], batch.attention_mask)
                                      for number in ([layer] if isinstance(layer, int) else layer)], -1))
         return torch.cat(pooled)
@@ -238,41 +241,69 @@ class RoutedModel:
         for name, matrix in self._routed.items():
             for rows, dense in self._kept_dense.pop(name, None) or ():
                 columns, _ = self.experts.entries(selected, name, rows, matrix.device)
-                matrix[rows].view(-1).index_put_((self._positions(columns, matrix.shape[1]),), dense)
+                target = matrix[rows]
+                if switching.applies(target):
+                    self._checked(selected, name, lambda: switching.put_entries(target, columns, dense))
+                else:
+                    target.view(-1).index_put_((self._positions(columns, matrix.shape[1]),), dense)
             if name not in self._touched:
                 for rows in row_ranges(tuple(matrix.shape)):
-                    matrix[rows] = self._dense_rows(name, rows, matrix)
+                    self._read_dense(name, rows, matrix[rows])
         self._touched.clear()
         self._mix = {}
 
     def _apply(self, mix: dict[str, float]) -> None:
         """From D. A selected expert whose code sets only a few entries per row (`sparse`) touches
-        only those and keeps D's values there (not their positions: they are re-read to restore)."""
+        only those and keeps D's values there (not their positions: they are re-read to restore); on
+        the CPU a selected expert's rows are written by the codes' fused kernels where they have one."""
         selected = next(iter(mix)) if list(mix.values()) == [1.0] else None
         for name, matrix in self._routed.items():
+            code = self.experts.codes[name][0]
             for rows in row_ranges(tuple(matrix.shape)):
-                entries = self.experts.entries(selected, name, rows, matrix.device) if selected else None
-                if entries is None:
-                    matrix[rows] = self.experts.expert_rows(name, rows, matrix[rows], mix)
-                    continue
-                columns, values = entries
-                flat = matrix[rows].view(-1)
-                positions = self._positions(columns, matrix.shape[1])
-                dense = flat.take(positions)
-                flat.index_put_((positions,), (dense.float() + values.view(-1)).to(matrix.dtype))
-                self._kept_dense.setdefault(name, []).append((rows, dense))
-                self._touched.add(name)
+                target = matrix[rows]
+                if selected is not None and code.entries is not None:
+                    self._add_entries(selected, name, rows, target)
+                elif selected is not None and code.add_to is not None and switching.applies(target):
+                    code.add_to(self.experts.parts(selected, name, rows, matrix.device), target)
+                else:
+                    target.copy_(self.experts.expert_rows(name, rows, target, mix))
         self._mix = mix
+
+    def _add_entries(self, task: str, name: str, rows: slice, target: torch.Tensor) -> None:
+        columns, values = self.experts.entries(task, name, rows, target.device)
+        if switching.applies(target):
+            dense = self._checked(task, name, lambda: switching.add_entries(target, columns, values))
+        else:
+            flat = target.view(-1)
+            positions = self._positions(columns, target.shape[1])
+            dense = flat.take(positions)
+            flat.index_put_((positions,), (dense.float() + values.float().view(-1)).to(target.dtype))
+        self._kept_dense.setdefault(name, []).append((rows, dense))
+        self._touched.add(name)
+
+    def _checked(self, task: str, name: str, work):
+        """The experts file is re-read at each switch: a change to it since loading is named."""
+        try:
+            return work()
+        except ValueError as error:
+            raise MergewiseError(f"{mediator_file(self.path, EXPERTS_FILE)}: expert tensor {task}/{name}: "
+                                 f"{error}") from None
 
     @staticmethod
     def _positions(columns: torch.Tensor, width: int) -> torch.Tensor:
         """Flat positions in a row chunk of the columns per row: indexing a flat view beats
         scattering along rows 4× in bf16."""
+        columns = columns.long()
         return (columns + torch.arange(len(columns), device=columns.device)[:, None] * width).view(-1)
 
-    def _dense_rows(self, name: str, rows: slice, matrix: torch.Tensor) -> torch.Tensor:
-        stored = self.dense.read(name, rows if len(self.dense.tensors[name].shape) >= 2 else None)
-        return stored.reshape(-1, matrix.shape[1]).to(matrix.device, matrix.dtype)
+    def _read_dense(self, name: str, rows: slice, target: torch.Tensor) -> None:
+        """D's stored rows into `target`: read straight into it where it is CPU memory of the stored
+        dtype, else converted on the way."""
+        span = rows if len(self.dense.tensors[name].shape) >= 2 else None
+        if target.device.type == "cpu" and target.dtype == self.dense.tensors[name].dtype and target.is_contiguous():
+            self.dense.read(name, span, out=target)
+        else:
+            target.copy_(self.dense.read(name, span).reshape(target.shape))
 
     # --------------------------------------------------------------------------- generation
     @torch.no_grad()

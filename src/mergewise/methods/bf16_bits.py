@@ -10,7 +10,7 @@ from numba.extending import intrinsic
 
 
 @intrinsic
-def _float_bits(typingctx, value):
+def float_bits(typingctx, value):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
 
@@ -18,7 +18,7 @@ def _float_bits(typingctx, value):
 
 
 @intrinsic
-def _bits_float(typingctx, value):
+def bits_float(typingctx, value):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
 
@@ -28,13 +28,13 @@ def _bits_float(typingctx, value):
 @njit(inline="always")
 def widen(bits):
     """bf16 bit pattern → float32 (exact)."""
-    return _bits_float(np.int32(bits) << 16)
+    return bits_float(np.int32(bits) << 16)
 
 
 @njit(inline="always")
 def narrow(value):
     """float32 → bf16 bit pattern, rounding to nearest even; NaN stays a (quiet) NaN."""
-    bits = _float_bits(value)
+    bits = float_bits(value)
     rounded = (bits + np.int32(0x7FFF) + ((bits >> 16) & np.int32(1))) >> 16
     quiet_nan = (bits >> 16) | np.int32(0x40)
     return np.int16(quiet_nan if value != value else rounded)

@@ -51,9 +51,12 @@ class ResidualCode:
     # For codes that are not row-local: encode from `read(rows)` (float32 residual rows) with
     # (read, rows, columns, dtype, level), so the whole residual never has to be in memory.
     encode_rows: Callable | None = None
-    # For codes whose decode is zero but at a few columns per row: those columns [rows, k] (int64)
-    # and their values (float32), so that serving touches only them.
+    # For codes whose decode is zero but at a few columns per row: those columns [rows, k] and their
+    # values, as stored, so that serving touches only them.
     entries: Callable[[Stored], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Serving's CPU fast path: add decode(stored) to D's rows (bf16 or float32 [rows, columns], in
+    # place) in one pass, bit for bit as `(rows.float() + decode(stored, columns)).to(rows.dtype)`.
+    add_to: Callable[[Stored, torch.Tensor], None] | None = None
 
     def stored_bytes(self, rows: int, columns: int, dtype: torch.dtype, level: float | None) -> int:
         return sum(part.nbytes for part in self.layout(rows, columns, dtype, level).values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from mergewise.mediator import switching
 from mergewise.mediator.codes.base import Part, ResidualCode, Stored, bits_as, pack_bits, packed_width
 
 
@@ -24,4 +25,8 @@ def decode(stored: Stored, columns: int) -> torch.Tensor:
     return bits_as(stored["signs"], columns, 1.0, -1.0).mul_(stored["scale"].float())
 
 
-SIGN1 = ResidualCode("sign1", layout, encode, decode)
+def add_to(stored: Stored, rows: torch.Tensor) -> None:
+    switching.add_signs(rows, stored["signs"], stored["signs"], stored["scale"])  # one level: any bits pick it
+
+
+SIGN1 = ResidualCode("sign1", layout, encode, decode, add_to=add_to)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from mergewise.mediator import switching
 from mergewise.mediator.codes.base import Part, ResidualCode, Stored, bits_as, pack_bits, packed_width
 
 LLOYD_STEPS = 3
@@ -48,4 +49,8 @@ def decode(stored: Stored, columns: int) -> torch.Tensor:
     return magnitude.mul_(bits_as(stored["signs"], columns, 1.0, -1.0))
 
 
-SIGN2 = ResidualCode("sign2", layout, encode, decode)
+def add_to(stored: Stored, rows: torch.Tensor) -> None:
+    switching.add_signs(rows, stored["signs"], stored["high"], stored["levels"])
+
+
+SIGN2 = ResidualCode("sign2", layout, encode, decode, add_to=add_to)

@@ -49,7 +49,7 @@ def check(stored: Stored, columns: int, where: str) -> None:
 
 
 def entries(stored: Stored) -> tuple[torch.Tensor, torch.Tensor]:
-    return stored["indices"].long(), stored["values"].float()
+    return stored["indices"], stored["values"]
 
 
 SPARSE = ResidualCode("sparse", layout, encode, decode, check, entries=entries)
