@@ -361,3 +361,27 @@ def test_the_output_has_a_model_card_unless_asked_not_to(tiny_family, tmp_path):
     assert "# carded" in card and "merge_method: ties" in card
     assert main(["merge", str(config), str(tmp_path / "bare"), "--quiet", "--no-model-card"]) == 0
     assert not (tmp_path / "bare" / "README.md").exists()
+
+
+@pytest.mark.parametrize("limit", [1, 10, 10**9])
+def test_statistics_are_asked_for_ahead_in_order_once_each(limit, monkeypatch):
+    """While a tensor merges, the statistics of the tensors after it are gathered, up to the limit's
+    parameters (at least the next tensor's); every job comes out once, in order, with its own."""
+    from types import SimpleNamespace
+
+    from mergewise import engine
+
+    monkeypatch.setattr(engine, "PREPARED_AHEAD_ELEMENTS", limit)
+    jobs = [SimpleNamespace(name=f"t{index}", shape=(size,)) for index, size in enumerate([8, 1, 1, 4, 2, 8, 1])]
+    asked: list[str] = []
+    seen = []
+    for job, statistics in engine._prepared_ahead(jobs, lambda job: asked.append(job.name) or f"stats {job.name}"):
+        seen.append(job.name)
+        assert statistics == f"stats {job.name}"
+        ahead = asked[len(seen):]
+        remaining = [other.name for other in jobs[len(seen):]]
+        queued = sum(job.shape[0] for job in jobs if job.name in ahead)
+        assert ahead == remaining[:len(ahead)]  # in order, nothing skipped
+        assert queued >= min(limit, sum(other.shape[0] for other in jobs[len(seen):]))
+        assert not ahead or queued - jobs[len(seen) + len(ahead) - 1].shape[0] < limit  # no further than needed
+    assert seen == asked == [job.name for job in jobs]

@@ -54,6 +54,9 @@ from mergewise.stages import Stage, StageContext, recipe_stages
 # between its passes (with 4 M-element chunks eager task arithmetic on a 0.2 B-parameter model took
 # 1.0-1.5 s instead of 0.85-1.0 s on 2 cores).
 CHUNK_ELEMENTS = 1 << 20
+# Whole-tensor statistics (magnitude selections) are asked for up to this many parameters ahead of
+# the tensor being merged; they hold a bit per entry and input.
+PREPARED_AHEAD_ELEMENTS = 1 << 25
 # Row chunks at least this large run through a torch.compile'd method: the fused kernel makes one
 # pass instead of one per operation. Smaller tensors are not worth the compilation.
 COMPILE_MIN_ELEMENTS = 1 << 18
@@ -202,19 +205,16 @@ def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages
     total = sum(math.prod(job.shape) for job in plan.jobs)
     compile_kernels = options.compile if options.compile is not None else total >= COMPILE_MIN_PARAMETERS
     fused = plan.method.fused if total >= plan.method.fused_min_parameters else None
+    if fused is not None and plan.method.load_fused is not None and jobs:
+        plan.method.load_fused(len(jobs[0].inputs))
     executor = _JobExecutor(plan, device, seed, reader, stages, compile_kernels, fused, options.strict)
     try:
         background = _BackgroundWrites(writer, write_thread)
         with (tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
                    disable=options.quiet) as progress,
               ThreadPoolExecutor(1, thread_name_prefix="mergewise-prepare") as preparing):
-            # Each tensor's whole-tensor statistics are gathered while the previous tensor merges.
             progress.update(total - sum(math.prod(job.shape) for job in jobs))  # finished before a resume
-            upcoming = executor.prepare(jobs[0], preparing) if jobs else None
-            for index, job in enumerate(jobs):
-                statistics = upcoming
-                if index + 1 < len(jobs):
-                    upcoming = executor.prepare(jobs[index + 1], preparing)
+            for job, statistics in _prepared_ahead(jobs, lambda job: executor.prepare(job, preparing)):
                 progress.set_postfix_str(job.name, refresh=False)
                 executor.run(job, statistics, background)
                 background.after(journal.tensor_written, job.name)
@@ -223,6 +223,28 @@ def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages
         writer.close()
     finally:
         executor.close()
+
+
+def _prepared_ahead(jobs: list[TensorJob], prepare: Callable[[TensorJob], Future | None]
+                    ) -> Iterator[tuple[TensorJob, Future | None]]:
+    """Each job with its whole-tensor statistics, asked for ahead: while one tensor merges, those of
+    the tensors after it are gathered, up to PREPARED_AHEAD_ELEMENTS of them (a selection queues
+    behind the ones before it, so a single small tensor ahead would leave workers idle behind a large
+    one)."""
+    ahead: deque[tuple[TensorJob, Future | None]] = deque()
+    upcoming = iter(jobs)
+    queued = 0
+    for _ in jobs:
+        if not ahead:
+            first = next(upcoming)
+            ahead.append((first, prepare(first)))
+            queued += math.prod(first.shape)
+        current = ahead.popleft()
+        queued -= math.prod(current[0].shape)
+        while queued < PREPARED_AHEAD_ELEMENTS and (following := next(upcoming, None)) is not None:
+            ahead.append((following, prepare(following)))
+            queued += math.prod(following.shape)
+        yield current
 
 
 def row_ranges(shape: tuple[int, ...], *, whole: bool = False) -> list[slice]:
@@ -319,7 +341,7 @@ class _JobExecutor:
         for rows_in, rows in zip(self._chunks(job, ranges), ranges):
             rows_in.stats = stats
             merged = self._guard(job, lambda: self._merge(rows_in, params))
-            if not reported and _holds_non_finite(merged):
+            if not reported and (rows_in.non_finite if rows_in.non_finite is not None else _holds_non_finite(merged)):
                 self._report_non_finite(job, rows_in)
                 reported = True
             for stage in self.stages:

@@ -42,8 +42,19 @@ def write_streamed(folder, tensors: dict[str, torch.Tensor], shard_size: int) ->
     return writer
 
 
+@pytest.mark.parametrize("writeback", ["started early", "where the call is missing"])
 @pytest.mark.parametrize("shard_size", [1 << 30, 200])
-def test_streamed_shards_read_back_bit_for_bit(tmp_path, shard_size):
+def test_streamed_shards_read_back_bit_for_bit(tmp_path, shard_size, writeback, monkeypatch):
+    from mergewise.checkpoint import writer as writer_module
+
+    started = []
+    if writeback == "started early":  # each write asks the kernel to start writing its bytes to disk
+        real = writer_module._sync_file_range()
+        assert real is not None  # Linux
+        monkeypatch.setattr(writer_module, "_sync_file_range",
+                            lambda: lambda *arguments: started.append(arguments[1:]) or real(*arguments))
+    else:
+        monkeypatch.setattr(writer_module, "_sync_file_range", lambda: None)
     tensors = random_tensors()
     writer = write_streamed(tmp_path, tensors, shard_size)
     assert torch.equal(writer.read("layer.1.weight"), tensors["layer.1.weight"])  # before close too
@@ -52,6 +63,8 @@ def test_streamed_shards_read_back_bit_for_bit(tmp_path, shard_size):
             for rows in (slice(0, 1), slice(1, 3), slice(2, None), slice(5, 5)):
                 assert torch.equal(writer.read(name, rows), tensor[rows]), (name, rows)
     writer.close()
+    assert (len(started) > 0) == (writeback == "started early")
+    assert all(length > 0 and flags == 2 for _, length, flags in started)  # SYNC_FILE_RANGE_WRITE: no waiting
     files = sorted(tmp_path.glob("*.safetensors"))
     index = tmp_path / "model.safetensors.index.json"
     assert (len(files) > 1) == index.exists() == (shard_size == 200)

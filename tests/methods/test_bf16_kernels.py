@@ -88,6 +88,9 @@ def test_fused_task_arithmetic_is_bit_identical_to_eager(name, count, variant):
 
         assert fused is not None
         assert_same_bits(fused, eager)
+        # NaN/infinity counted in the same pass (rows 3 and 7 hold them; the second range has none)
+        assert rows.non_finite is (not bool(torch.isfinite(eager).all()))
+        assert rows.non_finite is (first_row == 0)
 
 
 def test_fused_path_declines_rows_it_does_not_cover():
@@ -142,8 +145,11 @@ def test_the_engine_tries_the_kernels_only_from_the_methods_size(threshold, used
         calls.append(rows.first_row)
         return method.fused(rows, **arguments)
 
-    monkeypatch.setitem(METHODS, "ties", dataclasses.replace(method, fused=spy, fused_min_parameters=threshold))
+    loads = []  # and their loading starts before the first tensor, for the recipe's number of inputs
+    monkeypatch.setitem(METHODS, "ties", dataclasses.replace(method, fused=spy, fused_min_parameters=threshold,
+                                                             load_fused=loads.append))
     models = [{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}} for path in family.fine_tunes]
     recipe = {"merge_method": "ties", "base_model": str(family.base), "dtype": "bfloat16", "models": models}
     mergewise.merge(recipe, tmp_path / "out", quiet=True)
     assert bool(calls) is used
+    assert loads == ([len(family.fine_tunes)] if used else [])

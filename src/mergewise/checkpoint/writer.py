@@ -7,13 +7,16 @@ is ever buffered in memory, whatever `shard_size` is.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
-import os
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -107,11 +110,13 @@ class StreamingShardWriter:
         slot = self._slots[name]
         view = memoryview(data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         offset = slot.offset + first_row * slot.row_bytes
+        start = offset
         descriptor = os.open(slot.file, os.O_WRONLY)
         try:
             while view:
                 written = os.pwrite(descriptor, view, offset)
                 view, offset = view[written:], offset + written
+            _start_writeback(descriptor, start, offset - start)
         finally:
             os.close(descriptor)
 
@@ -136,6 +141,29 @@ class StreamingShardWriter:
         if not self.single_file:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable | None:
+    """Linux's sync_file_range from the C library (None elsewhere)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+def _start_writeback(descriptor: int, offset: int, length: int) -> None:
+    """Start writing these bytes to disk now, without waiting: the output is flushed before it is
+    moved into place, and that flush then finds little left to write (on a 0.4 GB output it took
+    ~0.3 s of a merge's wall time otherwise). Where the call is missing it is skipped."""
+    function = _sync_file_range()
+    if function is not None and length:
+        function(descriptor, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _assign_shards(tensors: list[PlannedTensor], shard_size: int) -> list[list[PlannedTensor]]:

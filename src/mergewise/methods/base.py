@@ -48,6 +48,7 @@ class TensorRows:
     first_row: int = 0
     stats: Any = None
     rng: Callable[[int], torch.Generator] | None = None  # generator for input i, fixed per row chunk
+    non_finite: bool | None = None  # set by a merge that counted NaN/infinity in its own output
 
 
 class ChunkedTensors:
@@ -127,6 +128,9 @@ class MergeMethod:
     # Loading `fused` costs a fixed ~0.7 s per process; merges producing fewer parameters than this
     # finish sooner without it.
     fused_min_parameters: int = 0
+    # Starts loading `fused` for this many inputs in the background and returns at once, so that the
+    # first tensors need not take the slower path while it loads.
+    load_fused: Callable[[int], Any] | None = None
     description: str = ""
 
     @cached_property

@@ -19,14 +19,17 @@ from numba import njit, prange
 from mergewise.methods.bf16_bits import narrow, round_bf16, widen
 
 BLOCK = 4096  # elements per work item: the block's float32 scratch stays in L1/L2
+EXPONENT = np.int16(0x7F80)  # a bf16's exponent bits
 
 
 @njit(parallel=True, cache=True)
 def _task_arithmetic(base, inputs, weights, scales, masks, sparsified, consensus, normalize, divisor,
                      lambda_, out):
+    """Writes `out`; returns how many of its values are NaN or infinite."""
     size = base.shape[0]
     count = len(inputs)
     blocks = (size + BLOCK - 1) // BLOCK
+    non_finite = 0
     # Each step is its own simple loop over the block so that LLVM vectorises it.
     for block in prange(blocks):
         start = block * BLOCK
@@ -91,6 +94,9 @@ def _task_arithmetic(base, inputs, weights, scales, masks, sparsified, consensus
         else:
             for k in range(width):
                 out_block[k] = narrow(base_values[k] + round_bf16(round_bf16(total[k]) * lambda_))
+        for k in range(width):  # every exponent bit set: infinity or NaN
+            non_finite += (out_block[k] & EXPONENT) == EXPONENT
+    return non_finite
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
@@ -126,8 +132,9 @@ def _follow_torch_threads() -> None:
 
 def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: list[float],
                     scales: list[float], masks: list[torch.Tensor | None], consensus: bool,
-                    normalize: bool, divisor: float, lambda_: float) -> torch.Tensor:
-    """base + lambda · combine(weight_i · scale_i · masked (input_i − base)), in one pass.
+                    normalize: bool, divisor: float, lambda_: float) -> tuple[torch.Tensor, bool]:
+    """base + lambda · combine(weight_i · scale_i · masked (input_i − base)), in one pass, and whether
+    any of it is NaN or infinite (counted in the same pass, so the engine need not check).
 
     `masks[i]` says which entries of these rows input i keeps (bool, None: every entry); a mask in
     its own contiguous bytes lets each step stay vectorised. `divisor` is the normaliser without consensus (with
@@ -136,14 +143,14 @@ def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: 
     out = torch.empty(base.shape, dtype=torch.bfloat16)
     with _launch_lock:
         _follow_torch_threads()
-        _task_arithmetic(
+        non_finite = _task_arithmetic(
             _bits(base), tuple(_bits(tensor) for tensor in inputs),
             _floats([_as_bf16_scalar(weight) for weight in weights]),
             _floats([_as_bf16_scalar(scale) for scale in scales]),
             tuple(_NO_SELECTION if mask is None else mask.reshape(-1).numpy() for mask in masks),
             np.array([mask is not None for mask in masks]), consensus, normalize,
             _as_bf16_scalar(divisor), np.float32(lambda_), _bits(out))
-    return out
+    return out, non_finite > 0
 
 
 def warm_up(input_count: int) -> None:

@@ -7,6 +7,7 @@ that contributed, scale by lambda, add to the base — with a different sparsifi
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,31 +98,31 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
 
 class _MagnitudeSelections:
     """The magnitude selections of one merge, kept in its workspace (closed when the merge ends): two
-    worker threads select (the kernel is single-threaded) while the next task vector is read, in two
-    scratch memories used in turn, also across tensors. A task vector is read into a scratch memory
-    once the selection that used it before is done, so a tensor's selections may still run while
-    the next tensor is read; the merge waits for them only where it needs them. Fresh memory and
-    fresh threads per tensor cost more than selecting on a 0.2 B-parameter model."""
+    worker threads (the selection kernel is single-threaded) each read a task vector into a scratch
+    memory of its own and select in it, queued as the tensors' statistics are asked for, so a
+    tensor's selections may still run while the next tensor is read; the merge waits for them only
+    where it needs them. Fresh memory and fresh threads per tensor cost more than selecting on a
+    0.2 B-parameter model, so both are kept from tensor to tensor."""
+
+    WORKERS = 2
 
     def __init__(self):
-        self.scratches = (SelectionScratch(), SelectionScratch())
-        self.last_use: list[Future | None] = [None] * len(self.scratches)
-        self.turn = 0
-        self.workers = ThreadPoolExecutor(len(self.scratches), thread_name_prefix="mergewise-select")
+        self.scratches: queue.SimpleQueue[SelectionScratch] = queue.SimpleQueue()
+        for _ in range(self.WORKERS):
+            self.scratches.put(SelectionScratch())
+        self.workers = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="mergewise-select")
 
     def keeps(self, tensors: ChunkedTensors, density: PerModel, gammas) -> list[Future]:
         """Each input's selection, as a future of its `KeepBits` (or None: every entry kept)."""
-        selections = []
-        for index, (share, gamma) in enumerate(zip(density, gammas)):
-            slot = self.turn % len(self.scratches)
-            self.turn += 1
-            if self.last_use[slot] is not None:
-                self.last_use[slot].result()
-            selection = gather_magnitudes(_input_and_base(tensors, index), tensors.numel, share, gamma,
-                                          self.scratches[slot])
-            self.last_use[slot] = self.workers.submit(selection)
-            selections.append(self.last_use[slot])
-        return selections
+        return [self.workers.submit(self._select, tensors, index, share, gamma)
+                for index, (share, gamma) in enumerate(zip(density, gammas))]
+
+    def _select(self, tensors: ChunkedTensors, index: int, density: float, gamma: float | None) -> KeepBits | None:
+        scratch = self.scratches.get()  # one per worker: never waits
+        try:
+            return gather_magnitudes(_input_and_base(tensors, index), tensors.numel, density, gamma, scratch)()
+        finally:
+            self.scratches.put(scratch)
 
     def close(self) -> None:
         self.workers.shutdown()
@@ -235,10 +236,11 @@ def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
     masks = [None if sparsification is None or density[index] >= 1 else _selected_rows(rows, index)
              for index in range(count)]
     weights = torch.tensor(weight, dtype=torch.bfloat16)
-    return kernels.task_arithmetic(
+    merged, rows.non_finite = kernels.task_arithmetic(
         rows.base, rows.inputs, weights=list(weight), masks=masks,
         scales=rows.stats.scales if rows.stats is not None else [1.0] * count, consensus=consensus,
         normalize=normalize, divisor=float(_total_weight(weights)), lambda_=lambda_)
+    return merged
 
 
 def _preset(name: str, sparsification: Sparsification | None, consensus: bool, normalize: bool,
@@ -255,6 +257,7 @@ def _preset(name: str, sparsification: Sparsification | None, consensus: bool, n
         fused=fused_task_arithmetic,
         fused_min_parameters=(PLAIN_FUSED_MIN_PARAMETERS if sparsification is None and not consensus
                               else SELECTING_FUSED_MIN_PARAMETERS),
+        load_fused=bf16_kernels,
         prepare=prepare_task_arithmetic,
         base=BasePolicy.REQUIRED,
         fixed={"sparsification": sparsification, "consensus": consensus, **unused},
