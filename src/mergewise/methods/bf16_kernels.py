@@ -23,9 +23,10 @@ EXPONENT = np.int16(0x7F80)  # a bf16's exponent bits
 
 
 @njit(parallel=True, cache=True)
-def _task_arithmetic(base, inputs, weights, scales, masks, sparsified, consensus, normalize, divisor,
-                     lambda_, out):
-    """Writes `out`; returns how many of its values are NaN or infinite."""
+def _task_arithmetic(base, inputs, weights, scales, masks, mask_offsets, sparsified, consensus, normalize,
+                     divisor, lambda_, out):
+    """Writes `out`; returns how many of its values are NaN or infinite. `masks[i]` holds input i's
+    kept entries as bits (little-endian within a byte), these rows' first at bit `mask_offsets[i]`."""
     size = base.shape[0]
     count = len(inputs)
     blocks = (size + BLOCK - 1) // BLOCK
@@ -39,6 +40,7 @@ def _task_arithmetic(base, inputs, weights, scales, masks, sparsified, consensus
         base_values = np.empty(BLOCK, np.float32)
         weighted = np.empty((count, BLOCK), np.float32)
         total = np.zeros(BLOCK, np.float32)
+        mask = np.empty(BLOCK + 8, np.uint8)
         for k in range(width):
             base_values[k] = widen(base_block[k])
         for index in range(count):
@@ -48,7 +50,18 @@ def _task_arithmetic(base, inputs, weights, scales, masks, sparsified, consensus
             scale = scales[index]
             masked = sparsified[index]
             if masked:
-                mask = masks[index][start:stop]
+                bits = masks[index]
+                first_bit = mask_offsets[index] + start
+                if first_bit & 7 == 0:  # whole bytes: unpacked eight at a time
+                    first_byte = first_bit >> 3
+                    for byte in range((width + 7) >> 3):
+                        packed = bits[first_byte + byte]
+                        for bit in range(8):
+                            mask[(byte << 3) + bit] = (packed >> bit) & 1
+                else:
+                    for k in range(width):
+                        position = first_bit + k
+                        mask[k] = (bits[position >> 3] >> (position & 7)) & 1
                 for k in range(width):
                     delta = round_bf16(widen(rows[k]) - base_values[k])
                     delta = delta if mask[k] else np.float32(0) * delta
@@ -112,7 +125,7 @@ def _as_bf16_scalar(value: float) -> np.float32:
 
 
 # The mask of an input that keeps every entry (never read: its `sparsified` flag is off).
-_NO_SELECTION = np.zeros(1, dtype=np.bool_)
+_NO_SELECTION = (np.zeros(1, dtype=np.uint8), 0)
 
 
 def supports(tensors: list[torch.Tensor]) -> bool:
@@ -131,14 +144,14 @@ def _follow_torch_threads() -> None:
 
 
 def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: list[float],
-                    scales: list[float], masks: list[torch.Tensor | None], consensus: bool,
+                    scales: list[float], masks: list[tuple[np.ndarray, int] | None], consensus: bool,
                     normalize: bool, divisor: float, lambda_: float) -> tuple[torch.Tensor, bool]:
     """base + lambda · combine(weight_i · scale_i · masked (input_i − base)), in one pass, and whether
     any of it is NaN or infinite (counted in the same pass, so the engine need not check).
 
-    `masks[i]` says which entries of these rows input i keeps (bool, None: every entry); a mask in
-    its own contiguous bytes lets each step stay vectorised. `divisor` is the normaliser without consensus (with
-    consensus it is per entry, from the agreeing weights).
+    `masks[i]` says which entries of these rows input i keeps (None: every entry): packed bits, little-endian
+    within a byte, and the position of these rows' first entry among them. `divisor` is the normaliser
+    without consensus (with consensus it is per entry, from the agreeing weights).
     """
     out = torch.empty(base.shape, dtype=torch.bfloat16)
     with _launch_lock:
@@ -147,7 +160,8 @@ def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: 
             _bits(base), tuple(_bits(tensor) for tensor in inputs),
             _floats([_as_bf16_scalar(weight) for weight in weights]),
             _floats([_as_bf16_scalar(scale) for scale in scales]),
-            tuple(_NO_SELECTION if mask is None else mask.reshape(-1).numpy() for mask in masks),
+            tuple((mask or _NO_SELECTION)[0] for mask in masks),
+            np.array([(mask or _NO_SELECTION)[1] for mask in masks], dtype=np.int64),
             np.array([mask is not None for mask in masks]), consensus, normalize,
             _as_bf16_scalar(divisor), np.float32(lambda_), _bits(out))
     return out, non_finite > 0
@@ -156,7 +170,7 @@ def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: 
 def warm_up(input_count: int) -> None:
     """Load (or, the first time, compile) the kernels for `input_count` inputs."""
     rows = torch.zeros(BLOCK + 1, dtype=torch.bfloat16)
-    mask = torch.ones(BLOCK + 1, dtype=torch.bool)
+    mask = (np.full(BLOCK // 8 + 1, 0xFF, dtype=np.uint8), 0)
     task_arithmetic(rows, [rows] * input_count, weights=[1.0] * input_count, scales=[1.0] * input_count,
                     masks=[mask] * input_count, consensus=True, normalize=True, divisor=1.0,
                     lambda_=1.0)

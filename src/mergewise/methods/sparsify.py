@@ -59,6 +59,13 @@ class KeepBits:
         offset = start - (first << 3)
         return torch.from_numpy(unpacked[offset:offset + count].view(np.bool_))
 
+    def packed_rows(self, first_row: int, like: torch.Tensor) -> tuple[np.ndarray, int]:
+        """The bits of the row chunk `like`, which starts at row `first_row`, still packed: the bytes
+        holding them and the position of its first entry in those bytes."""
+        start = first_row * math.prod(like.shape[1:])
+        first = start >> 3
+        return self.bits[first:(start + like.numel() + 7) >> 3], start - (first << 3)
+
     @classmethod
     def of_mask(cls, mask: torch.Tensor) -> KeepBits:
         """The entries a bool mask keeps, in its row-major order."""

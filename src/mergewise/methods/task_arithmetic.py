@@ -43,10 +43,13 @@ class SparsifyStats:
 
 def _selected_rows(rows: TensorRows, index: int) -> torch.Tensor | None:
     """Input `index`'s magnitude selection over these rows, as bools shaped like them (None: all)."""
-    keep = rows.stats.keeps[index]
-    if isinstance(keep, Future):
-        keep = keep.result()
+    keep = _selection(rows, index)
     return None if keep is None else keep.rows_like(rows.first_row, rows.inputs[index])
+
+
+def _selection(rows: TensorRows, index: int) -> KeepBits | None:
+    keep = rows.stats.keeps[index]
+    return keep.result() if isinstance(keep, Future) else keep
 
 
 def _keep_mask(rows: TensorRows, index: int, delta: torch.Tensor, sparsification: Sparsification | None,
@@ -233,8 +236,10 @@ def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
         return None
     count = len(rows.inputs)
     density = density or (1.0,) * count
-    masks = [None if sparsification is None or density[index] >= 1 else _selected_rows(rows, index)
-             for index in range(count)]
+    selections = [None if sparsification is None or density[index] >= 1 else _selection(rows, index)
+                  for index in range(count)]
+    masks = [None if keep is None else keep.packed_rows(rows.first_row, rows.inputs[index])
+             for index, keep in enumerate(selections)]
     weights = torch.tensor(weight, dtype=torch.bfloat16)
     merged, rows.non_finite = kernels.task_arithmetic(
         rows.base, rows.inputs, weights=list(weight), masks=masks,
