@@ -8,7 +8,8 @@ and puts it next to the experts (the oracle: each on its own task), the core mer
 model. A setting whose budget is too small for its code is reported as such. Then, for the default
 settings in bf16, it serves a selected expert side by side with the same expert exported as a plain
 model: `generate()` latency in one process, peak RSS of load + generate, and the cost of one route
-switch (the routed tensors rewritten in place, and D restored from the folder).
+switch (the routed tensors rewritten in place, and D restored from the folder). `--serving-only`
+measures that part again and replaces it in the existing report.
 
 Writes benchmarks/results/mediator-<size>.md and mediator-<size>.png (quality against stored size,
 one line per code). Builds and scores are cached under --work.
@@ -118,14 +119,19 @@ for _ in range(repeats):  # alternate so both see the same machine state
     for name, model in (("mediator", mediator), ("plain", plain)):
         start = time.perf_counter(); model.generate_text([prompt], max_new_tokens=tokens, min_new_tokens=tokens)
         times[name].append(time.perf_counter() - start)
-switches = {"select": [], "restore": []}
-for _ in range(repeats):  # one route switch: D -> D + decode(r_t) in place, then D re-read from the folder
-    start = time.perf_counter(); mediator.use_weights({route.task: 1.0}); switches["select"].append(time.perf_counter() - start)
-    start = time.perf_counter(); mediator.use_weights({}); switches["restore"].append(time.perf_counter() - start)
+switches = {}
+fused_by_size = mediator.fused_switches
+for fused in (fused_by_size, not fused_by_size):  # the path this size takes first, then the other one
+    mediator.fused_switches = fused
+    mediator.use_weights({route.task: 1.0}); mediator.use_weights({})  # loads the kernels
+    for _ in range(repeats):  # one route switch: D -> D + decode(r_t) in place, then D again
+        for step, mix in (("select", {route.task: 1.0}), ("restore", {})):
+            start = time.perf_counter(); mediator.use_weights(mix)
+            switches.setdefault(f"switch_{step}" + ("_fused" if fused else "_torch"), []).append(time.perf_counter() - start)
 routed = sum(m.numel() * m.element_size() for m in mediator._routed.values())
-print(json.dumps({"route": route.to_json(), "first": first, "routed_bytes": routed,
+print(json.dumps({"route": route.to_json(), "first": first, "routed_bytes": routed, "fused_by_size": fused_by_size,
                   **{name: statistics.median(values) for name, values in times.items()},
-                  **{f"switch_{name}": statistics.median(values) for name, values in switches.items()}}))
+                  **{name: statistics.median(values) for name, values in switches.items()}}))
 """
 
 
@@ -146,6 +152,49 @@ def serving(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int)
                              str(tokens))[0]
               for name, folder in (("mediator", mediator_dir), ("plain", plain))}
     return {"task": task, **timing, "rss": memory}
+
+
+def default_folder(work: Path) -> Path:
+    return work / "models" / f"mediator-{DEFAULT[0]}-{DEFAULT[1]}-b{DEFAULT[2]:g}"
+
+
+SERVING_HEADING = "## Serving"
+
+
+def serving_section(timing: dict, args: argparse.Namespace) -> list[str]:
+    gigabytes = timing["routed_bytes"] / 1e9
+    lines = ["", f"{SERVING_HEADING} ({DEFAULT[0]}, code {DEFAULT[1]}, budget {DEFAULT[2]:g})", "",
+            f"`generate()` of {args.tokens} new tokens for one `{timing['task']}` prompt (route: "
+            f"{timing['route']['decision']} {timing['route']['task']}), median of {args.repeats}, alternating, one "
+            "thread; peak RSS of `mergewise generate` (load + generate) in a child process each:",
+            "", "| model | latency | peak RSS (load + generate) |", "|---|---:|---:|",
+            f"| Mediator, selected expert | {1000 * timing['mediator']:.1f} ms | {timing['rss']['mediator']:.0f} MiB |",
+            f"| same expert exported as a plain model | {1000 * timing['plain']:.1f} ms | "
+            f"{timing['rss']['plain']:.0f} MiB |",
+            "", f"Ratios: latency **{timing['mediator'] / timing['plain']:.2f}×** (first request: "
+            f"{1000 * timing['first']:.1f} ms), peak RSS **{timing['rss']['mediator'] / timing['rss']['plain']:.2f}×**.",
+            "", f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {args.repeats}; "
+            f"this size switches with {'the fused kernels' if timing['fused_by_size'] else 'torch operations'}):", ""]
+    for path, label in (("torch", "torch operations"), ("fused", "fused CPU kernels")):
+        select, restore = timing[f"switch_select_{path}"], timing[f"switch_restore_{path}"]
+        lines.append(f"- {label}: select {1000 * select:.2f} ms ({1000 * select / gigabytes:.0f} ms/GB), "
+                     f"restore D {1000 * restore:.2f} ms ({1000 * restore / gigabytes:.0f} ms/GB)")
+    return lines
+
+
+def serving_only(zoo: Zoo, work: Path, args: argparse.Namespace) -> None:
+    """Measure serving again for the default build and replace that section of the zoo's report,
+    leaving the quality table (whose builds and scores take far longer) as it is."""
+    report = RESULTS / f"mediator-{zoo.raw.get('size', 'zoo')}.md"
+    if not report.is_file():
+        sys.exit(f"{report} does not exist yet: run the whole benchmark once")
+    folder, record = build_mediator(zoo, work, *DEFAULT)
+    if "error" in record:
+        sys.exit(f"the default settings do not build on this zoo: {record['error']}")
+    kept = report.read_text().split(f"\n{SERVING_HEADING}")[0].rstrip("\n").splitlines()
+    lines = kept + serving_section(serving(folder, zoo, work, args.tokens, args.repeats), args)
+    report.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
@@ -181,9 +230,14 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="prompts per task")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per timed generate()")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--serving-only", action="store_true",
+                        help="measure serving of the default settings again, keeping the report's quality table")
     args = parser.parse_args()
     zoo = load_zoo(args.zoo)
     work = args.work or args.zoo / "mediator-bench"
+    if args.serving_only:
+        serving_only(zoo, work, args)
+        return
     entries = zoo_entries(zoo, CORE_METHODS)
     builds = {}
     for dtype in args.dtypes:
@@ -234,23 +288,9 @@ def main() -> None:
     if held:
         lines += ["", "Held-back task, dense model D (float32 linear average): " + ", ".join(
             f"{name} {dense['tasks'][name]['score']:.3f}" for name in held)]
-    default_dir = work / "models" / f"mediator-{DEFAULT[0]}-{DEFAULT[1]}-b{DEFAULT[2]:g}"
+    default_dir = default_folder(work)
     if (default_dir / "mediator" / "mediator.json").is_file():
-        timing = serving(default_dir, zoo, work, args.tokens, args.repeats)
-        gigabytes = timing["routed_bytes"] / 1e9
-        lines += ["", f"## Serving ({DEFAULT[0]}, code {DEFAULT[1]}, budget {DEFAULT[2]:g})", "",
-            f"`generate()` of {args.tokens} new tokens for one `{timing['task']}` prompt (route: "
-            f"{timing['route']['decision']} {timing['route']['task']}), median of {args.repeats}, alternating, one "
-            "thread; peak RSS of `mergewise generate` (load + generate) in a child process each:",
-            "", "| model | latency | peak RSS (load + generate) |", "|---|---:|---:|",
-            f"| Mediator, selected expert | {1000 * timing['mediator']:.1f} ms | {timing['rss']['mediator']:.0f} MiB |",
-            f"| same expert exported as a plain model | {1000 * timing['plain']:.1f} ms | "
-            f"{timing['rss']['plain']:.0f} MiB |",
-            "", f"Ratios: latency **{timing['mediator'] / timing['plain']:.2f}×** (first request: "
-            f"{1000 * timing['first']:.1f} ms), peak RSS **{timing['rss']['mediator'] / timing['rss']['plain']:.2f}×**.",
-            "", f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {args.repeats}): "
-            f"select {1000 * timing['switch_select']:.2f} ms ({1000 * timing['switch_select'] / gigabytes:.0f} ms/GB), "
-            f"restore D {1000 * timing['switch_restore']:.2f} ms ({1000 * timing['switch_restore'] / gigabytes:.0f} ms/GB)."]
+        lines += serving_section(serving(default_dir, zoo, work, args.tokens, args.repeats), args)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"mediator-{size}.md").write_text("\n".join(lines) + "\n")
     plot(points, RESULTS / f"mediator-{size}.png", f"Mediator, {size} zoo")
