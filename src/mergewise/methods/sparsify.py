@@ -10,7 +10,7 @@ the same mask.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -121,20 +121,19 @@ class SelectionScratch:
         return buffer[:count]
 
 
-def gather_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, density: float,
-                      gamma: float | None, scratch: SelectionScratch) -> Callable[[], KeepBits | None]:
-    """Read a task vector, given as consecutive row chunks (input, base) of `count` entries in all,
-    into `scratch`; return the selection still to run, which needs no GIL (None: every entry is kept).
-
-    The selection keeps the entries mergekit's magnitude sparsification keeps, ties at the cuts
-    included: mergekit sorts the whole |delta| with `torch.argsort`, `positions_in_range` finds the
-    same entries in linear time.
+def select_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, density: float,
+                      gamma: float | None = None, scratch: SelectionScratch | None = None) -> KeepBits | None:
+    """The entries of a task vector, given as consecutive row chunks (input, base) of `count` entries
+    in all, that mergekit's magnitude sparsification keeps, ties at the cuts included (None: every
+    entry is kept). mergekit sorts the whole |delta| with `torch.argsort`; `positions_in_range` finds
+    the same entries in linear time. `scratch` is memory to work in, kept by callers that select again.
     """
     if density >= 1:
-        return lambda: None
+        return None
     start, stop, descending = magnitude_positions(count, density, gamma)
     if density <= 0 or count == 0 or stop <= start:
-        return lambda: KeepBits(np.zeros((count + 7) // 8, dtype=np.uint8))
+        return KeepBits(np.zeros((count + 7) // 8, dtype=np.uint8))
+    scratch = scratch or SelectionScratch()
     keys = None
     filled = 0
     for inputs, base in pairs:
@@ -146,13 +145,7 @@ def gather_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count:
     order = scratch.buffer("order", count, np.int32 if count < 2**31 else np.int64)
     from mergewise.methods.sort_order import positions_in_range  # numba, as above
 
-    return lambda: KeepBits(positions_in_range(keys, start, stop, order))
-
-
-def select_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, density: float,
-                      gamma: float | None = None) -> KeepBits | None:
-    """`gather_magnitudes` and its selection, at once."""
-    return gather_magnitudes(pairs, count, density, gamma, SelectionScratch())()
+    return KeepBits(positions_in_range(keys, start, stop, order))
 
 
 def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
