@@ -32,7 +32,7 @@ from mergewise.zoo.manifest import Zoo, load_zoo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CORE_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
-CODES = ["auto", "sign1", "sign2", "sparse", "lowrank"]
+CODES = ["auto", "sign1", "sign2", "sparse", "lowrank", "lowrank4"]
 DEFAULT = ("bfloat16", "auto", 1.5)  # the settings served and timed
 
 

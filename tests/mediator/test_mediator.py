@@ -90,7 +90,7 @@ def test_build_writes_dense_model_coded_experts_and_router(mediator_dir, family)
     accounted = 0
     for name, spec in manifest["routed_tensors"].items():
         code = get_code(spec["code"])
-        assert spec["code"] == "full" if dense[name].dim() == 1 else spec["code"] in ("sign1", "sign2", "sparse")
+        assert (spec["code"] == "full") == (dense[name].dim() == 1)
         layout = code.layout(*matrix_shape(tuple(dense[name].shape)), dense[name].dtype, spec["level"])
         for task in TASK_WORDS:
             for suffix, part in layout.items():
@@ -474,7 +474,7 @@ def test_a_router_of_other_tasks_is_refused(mediator_dir, tmp_path, capsys):
     assert "are not the manifest's" in cli_error(capsys, "generate", str(folder), "--prompt", "one two")
 
 
-@pytest.mark.parametrize("code", ["sign2", "lowrank"])
+@pytest.mark.parametrize("code", ["sign2", "lowrank", "lowrank4"])
 def test_experts_built_in_row_chunks_equal_those_built_whole(family, tmp_path, monkeypatch, code):
     """Both sides of the row-chunk switch: tiny chunks (every tensor in many) give the same experts
     file and kept shares as chunks holding whole tensors."""

@@ -10,7 +10,7 @@ from mergewise.mediator.allocation import RoutedTensor, allocate, unit_cost
 from mergewise.mediator.codes import CODES, get_code
 from mergewise.mediator.codes.base import bits_as, pack_bits
 
-LEVELS = {"sparse": 0.25, "lowrank": 4, "sign1": None, "sign2": None, "full": None}
+LEVELS = {"sparse": 0.25, "lowrank": 4, "lowrank4": 5, "sign1": None, "sign2": None, "full": None}
 
 
 def residual(rows: int = 24, columns: int = 37, seed: int = 0) -> torch.Tensor:
@@ -89,6 +89,52 @@ def test_lossless_cases_are_exact(name, level):
         torch.testing.assert_close(rebuilt.float(), expert.float(), rtol=0, atol=1e-2)
     else:
         assert torch.equal(rebuilt, expert)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 5, 24])
+def test_lowrank4_stores_each_component_in_4_bits_with_its_best_scale(rank):
+    """Each factor component is its integers −7…7 (nibbles, odd widths padded with zero) times a
+    scale, the one among the clip candidates with the least squared error; decoding is
+    (left · scale) @ right."""
+    from mergewise.mediator.codes import lowrank, lowrank4
+
+    matrix = residual()
+    stored = lowrank4.encode(matrix, torch.float32, rank)
+    left = lowrank4._unpack(stored["left"], rank)
+    right = lowrank4._unpack(stored["right"], matrix.shape[1])
+    for levels in (left, right):
+        assert float(levels.abs().max()) <= 7 and torch.equal(levels, levels.round())
+    if rank % 2:  # the padding nibble of each left row is the zero level
+        assert bool((stored["left"][:, -1] & 15 == 8).all())
+    assert bool((stored["right"][:, -1] & 15 == 8).all())  # 37 columns: odd
+    torch.testing.assert_close(lowrank4.decode(stored, matrix.shape[1]), (left * stored["scale"]) @ right)
+    # every component's scale is its best clip: no candidate quantizes the exact factor with less error
+    exact_left, exact_right = lowrank.top_factors(lambda rows: matrix[rows], *matrix.shape, rank)
+    for vectors in (exact_left.T, exact_right):
+        levels, scale = lowrank4._quantized(vectors)
+        error = (vectors - levels * scale[:, None]).square().sum(-1)
+        for clip in lowrank4.CLIPS:
+            step = vectors.abs().amax(-1, keepdim=True) * clip / 7
+            other = (vectors / step).round().clamp(-7, 7) * step
+            assert bool((error <= (vectors - other).square().sum(-1) * (1 + 1e-5)).all())
+
+
+def test_lowrank4_at_nearly_four_times_the_rank_keeps_more_than_lowrank_in_the_same_bytes():
+    matrix = residual(rows=64, columns=96)
+    lowrank_bytes = get_code("lowrank").stored_bytes(64, 96, torch.bfloat16, 4)
+    assert get_code("lowrank4").stored_bytes(64, 96, torch.bfloat16, 15) <= lowrank_bytes
+    assert kept_share("lowrank4", matrix, 15) > kept_share("lowrank", matrix, 4)
+    assert kept_share("lowrank4", matrix, 96) > 0.96  # full rank: only the 4-bit rounding is lost
+
+
+def test_lowrank4_shares_from_all_rows_are_what_encoding_keeps():
+    from mergewise.mediator.codes.lowrank4 import kept_shares
+
+    matrix = residual()
+    shares = kept_shares(matrix, [2, 5, 24])
+    for rank in (2, 5, 24):
+        assert shares[rank] == pytest.approx(kept_share("lowrank4", matrix, rank), abs=1e-5)
+    assert shares[2] < shares[5] < shares[24]
 
 
 def test_sparse_keeps_the_largest_entries_of_each_row():
@@ -193,7 +239,7 @@ def test_the_estimate_samples_rows_across_chunks_as_one_tensor():
     from mergewise.mediator.allocation import SAMPLED_ROWS, KeptEstimate
 
     rows = 3 * SAMPLED_ROWS + 2
-    options = (("sign1", None), ("lowrank", 2))
+    options = (("sign1", None), ("lowrank", 2), ("lowrank4", 4))
     vectors = torch.randn(2, rows, 8, generator=torch.Generator().manual_seed(0))
     whole = KeptEstimate(options, {"model.layers.0.w": (rows, 8)})
     whole("model.layers.0.w", slice(0, rows), vectors)

@@ -17,7 +17,6 @@ import torch
 
 from mergewise.errors import MergewiseError
 from mergewise.mediator.codes import as_matrix, get_code, matrix_shape
-from mergewise.mediator.codes.lowrank import kept_energies
 from mergewise.mediator.units import unit_of
 
 HEADER_BYTES_PER_PART = 96  # a stored part's safetensors header entry, besides its name
@@ -27,6 +26,7 @@ AUTO_OPTIONS: tuple[tuple[str, float | None], ...] = (
     ("sign1", None), ("sign2", None),
     ("sparse", 0.03), ("sparse", 0.0625), ("sparse", 0.125), ("sparse", 0.25),
     *(("lowrank", rank) for rank in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)),
+    *(("lowrank4", rank) for rank in (2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)),
 )
 SPARSE_LEVELS = tuple(sorted({step / 100 for step in range(1, 101)} | {0.0625}, reverse=True))
 LOWRANK_LEVELS = tuple(sorted({2 ** power for power in range(13)} | {3 * 2 ** power for power in range(12)},
@@ -105,7 +105,7 @@ class KeptEstimate:
             sample = as_matrix(residual[picked])
             sample_energy = float(sample.double().square().sum())
             self.sampled[unit, task] = self.sampled.get((unit, task), 0.0) + sample_energy
-            if self._ranks:
+            if self._whole_matrix_levels:
                 if task not in self._samples:
                     sampled_rows = len(range(0, self.shapes[name][0], stride))
                     self._samples[task] = torch.empty(sampled_rows, sample.shape[1])
@@ -121,21 +121,27 @@ class KeptEstimate:
             self._filled += len(picked)
 
     def finish(self) -> None:
-        """Measure the low-rank options on the open matrix's sampled rows."""
+        """Measure the options that need the whole matrix (low-rank) on the open matrix's sampled rows."""
         unit = unit_of(self._open) if self._open is not None else None
         for task, sample in self._samples.items():
             sample = sample[:self._filled]
             energy = float(sample.double().square().sum())
-            for rank, share in kept_energies(sample, sorted(self._ranks)).items():
-                key = (unit, task, ("lowrank", rank))
-                self.kept[key] = self.kept.get(key, 0.0) + share * energy
+            for name, levels in self._whole_matrix_levels.items():
+                for level, share in get_code(name).kept_shares(sample, levels).items():
+                    key = (unit, task, (name, level))
+                    self.kept[key] = self.kept.get(key, 0.0) + share * energy
         self._samples.clear()
         self._filled = 0
         self._open = None
 
     @property
-    def _ranks(self) -> list[int]:
-        return [int(level) for code, level in self.options if code == "lowrank"]
+    def _whole_matrix_levels(self) -> dict[str, list[float]]:
+        """Code name → its levels among the options, for codes measured once a matrix is complete."""
+        levels: dict[str, list[float]] = {}
+        for name, level in self.options:
+            if not get_code(name).row_local:
+                levels.setdefault(name, []).append(level)
+        return levels
 
     def gain(self, unit: str, tasks: int, option: tuple[str, float | None]) -> float:
         """The estimated ‖·‖² an option keeps in a unit, over all tasks."""

@@ -29,7 +29,7 @@ from mergewise.mediator.analysis import ConflictReport
 from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, MediatorRecipe, MediatorSettings
 from mergewise.records import read_jsonl
 
-THRESHOLD_LEVELS = {"sparse": 0.1, "lowrank": 16}  # a named code's `auto` level with no budget to fill
+THRESHOLD_LEVELS = {"sparse": 0.1, "lowrank": 16, "lowrank4": 64}  # a named code's `auto` level with no budget to fill
 ONE_FILE = 1 << 62  # the experts file is never sharded
 
 
@@ -87,7 +87,7 @@ def fixed_option(settings: MediatorSettings, units: dict[str, list[RoutedTensor]
     code, tasks = settings.code, len(settings.experts)
     if code == "auto":
         return THRESHOLD_OPTION
-    level = {"sparse": settings.density, "lowrank": settings.rank}.get(code)
+    level = {"sparse": settings.density, "lowrank": settings.rank, "lowrank4": settings.rank}.get(code)
     if level != "auto":
         return code, level
     if available is None:

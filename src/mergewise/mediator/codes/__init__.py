@@ -8,11 +8,12 @@ from mergewise.errors import MergewiseError
 from mergewise.mediator.codes.base import Part, ResidualCode, Stored, as_matrix, matrix_shape
 from mergewise.mediator.codes.full import FULL
 from mergewise.mediator.codes.lowrank import LOWRANK
+from mergewise.mediator.codes.lowrank4 import LOWRANK4
 from mergewise.mediator.codes.sign1 import SIGN1
 from mergewise.mediator.codes.sign2 import SIGN2
 from mergewise.mediator.codes.sparse import SPARSE
 
-_ALL = (SPARSE, SIGN1, SIGN2, LOWRANK, FULL)
+_ALL = (SPARSE, SIGN1, SIGN2, LOWRANK, LOWRANK4, FULL)
 CODES = {code.name: code for code in _ALL}
 
 

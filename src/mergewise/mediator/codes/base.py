@@ -51,6 +51,9 @@ class ResidualCode:
     # For codes that are not row-local: encode from `read(rows)` (float32 residual rows) with
     # (read, rows, columns, dtype, level), so the whole residual never has to be in memory.
     encode_rows: Callable | None = None
+    # For codes that are not row-local: the share of a matrix's ‖·‖² each level keeps, estimated from
+    # a sample of its rows, (sample, levels) → {level: share}.
+    kept_shares: Callable[[torch.Tensor, list[float]], dict[float, float]] | None = None
     # For codes whose decode is zero but at a few columns per row: those columns [rows, k] and their
     # values, as stored, so that serving touches only them.
     entries: Callable[[Stored], tuple[torch.Tensor, torch.Tensor]] | None = None

@@ -22,12 +22,12 @@ POWER_STEPS = 2             # each sharpens the sketch toward the top singular v
 CHUNK_ENTRIES = 1 << 20     # residual entries read at a time by the randomized SVD
 
 
-def _rank(rows: int, columns: int, level: float | None) -> int:
+def rank_of(rows: int, columns: int, level: float | None) -> int:
     return max(1, min(rows, columns, int(DEFAULT_RANK if level is None else level)))
 
 
 def layout(rows: int, columns: int, dtype: torch.dtype, level: float | None) -> dict[str, Part]:
-    rank = _rank(rows, columns, level)
+    rank = rank_of(rows, columns, level)
     return {"left": Part((rows, rank), dtype), "right": Part((rank, columns), dtype, per_row=False)}
 
 
@@ -38,14 +38,19 @@ def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> S
 def encode_rows(read: Callable[[slice], torch.Tensor], rows: int, columns: int, dtype: torch.dtype,
                 level: float | None) -> Stored:
     """`read(rows)` gives those rows of the residual in float32."""
-    rank = _rank(rows, columns, level)
+    left, right = top_factors(read, rows, columns, rank_of(rows, columns, level))
+    return {"left": left.to(dtype).contiguous(), "right": right.to(dtype).contiguous()}
+
+
+def top_factors(read: Callable[[slice], torch.Tensor], rows: int, columns: int, rank: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 factors U·√S [rows, rank] and √S·Vᵀ [rank, columns] of the best rank-k approximation."""
     if rows * columns <= EXACT_UP_TO or rank + OVERSAMPLING >= min(rows, columns):
         left, singular, right = torch.linalg.svd(read(slice(0, rows)), full_matrices=False)
     else:
         left, singular, right = _randomized_svd(read, rows, columns, rank + OVERSAMPLING)
     root = singular[:rank].sqrt()
-    return {"left": (left[:, :rank] * root).to(dtype).contiguous(),
-            "right": (root[:, None] * right[:rank]).to(dtype).contiguous()}
+    return left[:, :rank] * root, root[:, None] * right[:rank]
 
 
 def _randomized_svd(read: Callable[[slice], torch.Tensor], rows: int, columns: int, sketch: int):
@@ -68,12 +73,13 @@ def decode(stored: Stored, columns: int) -> torch.Tensor:
     return stored["left"].float() @ stored["right"].float()
 
 
-def kept_energies(sample: torch.Tensor, ranks: list[int]) -> dict[int, float]:
+def kept_energies(sample: torch.Tensor, ranks: list[float]) -> dict[float, float]:
     """The share of a matrix's ‖·‖² its best rank-k approximation keeps, estimated from a sample of
     its rows (whose Gram matrix is the whole one's, scaled, in expectation): k → share."""
     squares = torch.linalg.svdvals(sample.double()).square()
     total = float(squares.sum())
-    return {rank: float(squares[:rank].sum()) / total if total > 0 else 1.0 for rank in ranks}
+    return {rank: float(squares[:int(rank)].sum()) / total if total > 0 else 1.0 for rank in ranks}
 
 
-LOWRANK = ResidualCode("lowrank", layout, encode, decode, row_local=False, encode_rows=encode_rows)
+LOWRANK = ResidualCode("lowrank", layout, encode, decode, row_local=False, encode_rows=encode_rows,
+                       kept_shares=kept_energies)
