@@ -7,7 +7,8 @@ experts (each build a child process, so its peak RSS is its own), scores it with
 and puts it next to the experts (the oracle: each on its own task), the core merges and the dense
 model. A setting whose budget is too small for its code is reported as such. Then, for the default
 settings in bf16, it serves a selected expert side by side with the same expert exported as a plain
-model: `generate()` latency in one process, peak RSS of load + generate, and the cost of one route
+model: `generate()` latency in one process (the same prompt again and again, then prompts of two
+experts in turn, so that every request switches), peak RSS of load + generate, and the cost of one route
 switch (the routed tensors rewritten in place, and D restored from the folder). `--serving-only`
 measures that part again and replaces it in the existing report.
 
@@ -109,16 +110,22 @@ def peak_rss(module: str, *args: str) -> tuple[float, float]:
 LATENCY_CHILD = """
 import statistics, sys, time, json, torch
 from mergewise.mediator.runtime import load
-mediator_dir, plain_dir, prompt, tokens, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+mediator_dir, plain_dir, prompt, other, tokens, repeats = sys.argv[1:5] + [int(sys.argv[5]), int(sys.argv[6])]
 torch.set_num_threads(1)
 mediator, plain = load(mediator_dir), load(plain_dir)
 first = time.perf_counter(); [(_, route)] = mediator.generate_text([prompt], max_new_tokens=tokens)
 first = time.perf_counter() - first
-times = {"mediator": [], "plain": []}
+times = {"mediator": [], "plain": [], "mediator_changing": [], "plain_changing": []}
 for _ in range(repeats):  # alternate so both see the same machine state
     for name, model in (("mediator", mediator), ("plain", plain)):
         start = time.perf_counter(); model.generate_text([prompt], max_new_tokens=tokens, min_new_tokens=tokens)
         times[name].append(time.perf_counter() - start)
+for index in range(2 * repeats):  # every Mediator request routes to another expert than the one before
+    text = prompt if index % 2 else other
+    for name, model in (("mediator_changing", mediator), ("plain_changing", plain)):
+        start = time.perf_counter(); model.generate_text([text], max_new_tokens=tokens, min_new_tokens=tokens)
+        times[name].append(time.perf_counter() - start)
+[(_, other_route)] = mediator.generate_text([other], max_new_tokens=1)
 switches = {}
 fused_by_size = mediator.fused_switches
 for fused in (fused_by_size, not fused_by_size):  # the path this size takes first, then the other one
@@ -129,7 +136,9 @@ for fused in (fused_by_size, not fused_by_size):  # the path this size takes fir
             start = time.perf_counter(); mediator.use_weights(mix)
             switches.setdefault(f"switch_{step}" + ("_fused" if fused else "_torch"), []).append(time.perf_counter() - start)
 routed = sum(m.numel() * m.element_size() for m in mediator._routed.values())
-print(json.dumps({"route": route.to_json(), "first": first, "routed_bytes": routed, "fused_by_size": fused_by_size,
+print(json.dumps({"route": route.to_json(), "other_route": other_route.to_json(), "first": first,
+                  "routed_bytes": routed, "fused_by_size": fused_by_size,
+                  "changing_ratio": sum(times["mediator_changing"]) / sum(times["plain_changing"]),
                   **{name: statistics.median(values) for name, values in times.items()},
                   **{name: statistics.median(values) for name, values in switches.items()}}))
 """
@@ -140,13 +149,13 @@ def serving(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int)
     thread), the cost of a route switch, and the peak RSS of load + generate of each."""
     from mergewise.mediator.export import export_task
 
-    task = next(name for name, entry in zoo.tasks.items() if entry.expert)
-    prompt = zoo.eval_examples(task)[0]["prompt"]
+    task, other_task = [name for name, entry in zoo.tasks.items() if entry.expert][:2]
+    prompt, other = zoo.eval_examples(task)[0]["prompt"], zoo.eval_examples(other_task)[0]["prompt"]
     plain = work / "models" / f"export-{task}"
     if not (plain / "config.json").is_file():
         export_task(mediator_dir, task, plain, overwrite=True, quiet=True)
-    output = subprocess.run([sys.executable, "-c", LATENCY_CHILD, str(mediator_dir), str(plain), prompt, str(tokens),
-                             str(repeats)], check=True, capture_output=True, text=True).stdout
+    output = subprocess.run([sys.executable, "-c", LATENCY_CHILD, str(mediator_dir), str(plain), prompt, other,
+                             str(tokens), str(repeats)], check=True, capture_output=True, text=True).stdout
     timing = json.loads(output.strip().splitlines()[-1])
     memory = {name: peak_rss("mergewise.cli", "generate", str(folder), "--prompt", prompt, "--max-new-tokens",
                              str(tokens))[0]
@@ -173,6 +182,11 @@ def serving_section(timing: dict, args: argparse.Namespace) -> list[str]:
             f"{timing['rss']['plain']:.0f} MiB |",
             "", f"Ratios: latency **{timing['mediator'] / timing['plain']:.2f}×** (first request: "
             f"{1000 * timing['first']:.1f} ms), peak RSS **{timing['rss']['mediator'] / timing['rss']['plain']:.2f}×**.",
+            "", "The selected expert stays in the routed tensors between requests (routing reads D's values module "
+            "by module), so these requests after the first switch nothing. When every request goes to another "
+            f"expert (`{timing['task']}` and `{timing['other_route']['task']}` prompts in turn, route of the second: "
+            f"{timing['other_route']['decision']}; the plain model runs the same prompts), Mediator takes "
+            f"**{timing['changing_ratio']:.2f}×** the plain model's time.",
             "", f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {args.repeats}; "
             f"this size switches with {'the fused kernels' if timing['fused_by_size'] else 'torch operations'}):", ""]
     for path, label in (("torch", "torch operations"), ("fused", "fused CPU kernels")):

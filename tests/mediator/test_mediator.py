@@ -213,15 +213,77 @@ def test_experts_left_on_disk_decode_as_those_held_in_memory(mediator_dir):
     assert all(torch.equal(first[name], second[name]) for name in on_disk.experts.tensors)
 
 
-def test_a_route_runs_with_its_expert_then_restores_the_dense_model(mediator_dir):
+def test_a_route_keeps_its_expert_until_a_route_needs_other_weights(mediator_dir, monkeypatch):
+    """The same expert again switches nothing: routing sees D without writing it back."""
     model = load(mediator_dir)
     name = model.experts.tensors[0]
     parameter = dict(model.model.named_parameters())[name]
     dense = parameter.detach().clone()
-    [route] = model.route_texts([prompts_for(TASK_WORDS["numbers"], 1, 3)[0]])
+    prompt = prompts_for(TASK_WORDS["numbers"], 1, 3)[0]
+    [route] = model.route_texts([prompt])
+    assert route.decision == "select"
     with model.weights_for(route):
-        changed = parameter.detach().clone()
-    assert not torch.equal(changed, dense) and torch.equal(parameter.detach(), dense)
+        selected = parameter.detach().clone()
+    assert not torch.equal(selected, dense) and torch.equal(parameter.detach(), selected)
+    switches = []
+    monkeypatch.setattr(model, "_apply", lambda mix: switches.append(mix))
+    [again] = model.route_texts([prompt])
+    with model.weights_for(again):
+        pass
+    assert again == route and not switches and torch.equal(parameter.detach(), selected)
+    monkeypatch.undo()
+    model.use_weights({})
+    assert torch.equal(parameter.detach(), dense)
+
+
+@pytest.mark.parametrize("folder", ["mediator_dir", "sparse_mediator_dir"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_routing_with_an_expert_in_place_sees_the_dense_model(folder, dtype, request):
+    """With any weights in the routed tensors, the routing prefill gets D's values, bit for bit (an
+    embedding's rows too), and leaves those weights as they were."""
+    model = load(request.getfixturevalue(folder), dtype=dtype)
+    embedding_routed = any(isinstance(model.model.get_submodule(module), torch.nn.Embedding)
+                           for module in model._routed_by_module)
+    assert embedding_routed == (folder == "mediator_dir")
+    assert model.model.get_input_embeddings().padding_idx is not None  # renumbered ids never reach it
+    ids = model.encode([text for words in TASK_WORDS.values() for text in prompts_for(words, 4, 5)]
+                       + prompts_for(HELD_BACK_WORDS, 3, 6))
+    layers = model.router.settings.hidden_states(model.model.config.num_hidden_layers)
+    dense_features, dense_routes = model.features(ids, layers), model.routes(ids)
+
+    def hooks():
+        return [(len(module._forward_hooks), len(module._forward_pre_hooks)) for module in model.model.modules()]
+
+    before = hooks()
+    for mix in ({"numbers": 1.0}, {"merging": 0.3, "numbers": 0.7}):
+        model.use_weights(mix)
+        held = {name: parameter.detach().clone() for name, parameter in model._parameters.items()}
+        assert not torch.equal(model.features(ids, layers), dense_features)
+        with model._dense_forward():
+            assert torch.equal(model.features(ids, layers), dense_features)
+        assert model.routes(ids) == dense_routes
+        assert all(torch.equal(model._parameters[name].detach(), held[name]) for name in held)
+        assert hooks() == before
+
+
+def test_a_switch_cut_short_puts_the_dense_model_back(mediator_dir, monkeypatch):
+    model = load(mediator_dir)
+    dense = {name: parameter.detach().clone() for name, parameter in model._parameters.items()}
+    model.use_weights({"merging": 1.0})
+    decoded, calls = model.experts.expert_rows, []
+
+    def failing(*args):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise MergewiseError("experts file changed")
+        return decoded(*args)
+
+    monkeypatch.setattr(model.experts, "expert_rows", failing)
+    monkeypatch.setattr(model, "fused_switches", False)
+    with pytest.raises(MergewiseError, match="experts file changed"):
+        model.use_weights({"merging": 0.5, "numbers": 0.5})
+    assert model._mix == {}
+    assert all(torch.equal(model._parameters[name].detach(), dense[name]) for name in dense)
 
 
 def test_a_folder_of_the_first_format_names_its_version(mediator_dir, tmp_path, capsys):

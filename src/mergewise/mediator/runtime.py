@@ -3,13 +3,17 @@
 The transformers model holds the dense expert D, once. For a request, the router reads the prompt's
 mean-pooled hidden state (one prefill with D) and picks select / blend / dense; while that group of
 sequences runs, the routed tensors hold D + decode(r_t) (select) or D + Σ p_t decode(r_t) (blend),
-written into them in place a row chunk at a time, and afterwards D again, re-read from the folder's
-own shards so that it is D bit for bit. No second copy of any weight is made; the coded residuals
-stay on the CPU (`offload`) and are decoded a row chunk at a time on the model's device.
+written into them in place a row chunk at a time. They keep those weights until a request needs
+others: the routing prefill sees D's values of the routed tensors, read from the folder's own shards
+module by module, without writing them back, so a run of requests for one expert switches once.
+Going back to D re-reads it from the shards, bit for bit. No second copy of any weight is made; the
+coded residuals stay on the CPU (`offload`) and are decoded a row chunk at a time on the model's
+device.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -158,6 +162,10 @@ class RoutedModel:
         self._mix: dict[str, float] = {}  # what the routed tensors hold now: D + Σ w_t decode(r_t)
         self._kept_dense: dict[str, list] = {}  # D's values where a sparse select wrote: (rows, values)
         self._touched: set[str] = set()  # routed tensors that hold D but at those entries
+        self._parameters: dict[str, torch.nn.Parameter] = {}  # the routed parameters themselves
+        self._routed_by_module: dict[str, list[str]] = {}  # module name → its routed parameters
+        self._swapped: dict[str, torch.Tensor] = {}  # during `_dense_forward`: what a module's tensors held
+        self._swapped_padding: dict[torch.nn.Module, int | None] = {}  # …and an embedding's padding_idx
         if experts is not None:
             named = dict(model.named_parameters())
             for name in experts.tensors:
@@ -165,6 +173,8 @@ class RoutedModel:
                     raise MergewiseError(f"{path}: routed tensor {name} is not a parameter of the "
                                          f"{type(model).__name__} model")
                 self._routed[name] = named[name].data.view(matrix_shape(tuple(named[name].shape)))
+                self._parameters[name] = named[name]
+                self._routed_by_module.setdefault(name.rpartition(".")[0], []).append(name)
         # CPU switches through the fused kernels: ~3× faster, for ~0.12 GB of numba and LLVM code in
         # the process, so from FUSED_MIN_ROUTED_BYTES of routed weights on (a fraction of the model then).
         routed_bytes = sum(matrix.numel() * matrix.element_size() for matrix in self._routed.values())
@@ -179,7 +189,7 @@ class RoutedModel:
     def features(self, prompt_ids: Sequence[Sequence[int]], layer: int | Sequence[int] = -1,
                  max_tokens: int | None = None) -> torch.Tensor:
         """Mean-pooled hidden state of each prompt at `layer` (several: side by side), with the
-        current (dense) weights.
+        weights the model holds now.
 
         Prompts are right-padded so every prompt sees positions 0.., as at calibration time."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -202,10 +212,56 @@ class RoutedModel:
         if self.router is None:
             return [None] * len(prompt_ids)
         settings = self.router.settings
-        self.use_weights({})  # the router was fitted on D's features
         layers = settings.hidden_states(self.model.config.num_hidden_layers)
-        features = self.features(prompt_ids, layers, settings.max_tokens)
+        with self._dense_forward():  # the router was fitted on D's features
+            features = self.features(prompt_ids, layers, settings.max_tokens)
         return self.router.route(features)
+
+    @contextmanager
+    def _dense_forward(self) -> Iterator[None]:
+        """Forward passes inside see D in every routed tensor while the tensors keep what they hold:
+        each module with routed tensors gets D's values, read from the folder into memory of its own,
+        for its own forward only. An embedding gets only the rows of the tokens it is given (its ids
+        renumbered into them), so this never holds more than one module's weights besides the model."""
+        if not self._mix:
+            yield
+            return
+        handles = []
+        for module_name, names in self._routed_by_module.items():
+            module = self.model.get_submodule(module_name)
+            handles.append(module.register_forward_pre_hook(functools.partial(self._swap_in_dense, names)))
+            handles.append(module.register_forward_hook(functools.partial(self._swap_back, names)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._swapped.clear()
+            self._swapped_padding.clear()
+
+    def _swap_in_dense(self, names: list[str], module: torch.nn.Module, args: tuple):
+        for name in names:
+            parameter = self._parameters[name]
+            self._swapped[name] = parameter.data
+            if isinstance(module, torch.nn.Embedding) and args and name.endswith(".weight"):
+                tokens, renumbered = torch.unique(args[0], return_inverse=True)
+                rows = self.dense.map_rows(name)[tokens.cpu()]
+                parameter.data = rows.to(device=parameter.device, dtype=parameter.dtype)
+                args = (renumbered, *args[1:])
+                # only gradients treat that row apart: the renumbered rows need not hold it
+                self._swapped_padding[module] = module.padding_idx
+                module.padding_idx = None
+            else:
+                dense = torch.empty(self._routed[name].shape, dtype=parameter.dtype, device=parameter.device)
+                self._read_dense(name, slice(0, len(dense)), dense)
+                parameter.data = dense.view(parameter.shape)
+        return args
+
+    def _swap_back(self, names: list[str], module: torch.nn.Module, args: tuple, output):
+        for name in names:
+            self._parameters[name].data = self._swapped.pop(name)
+        if module in self._swapped_padding:
+            module.padding_idx = self._swapped_padding.pop(module)
 
     def route_texts(self, prompts: Sequence[str]) -> list[Route | None]:
         return self.routes(self.encode(prompts))
@@ -220,24 +276,34 @@ class RoutedModel:
 
     @contextmanager
     def weights_for(self, route: Route | None) -> Iterator[None]:
-        """Run the block with the route's weights in the routed tensors, then D again."""
-        try:
-            self.use_weights(route.weights() if route is not None else {})
-            yield
-        finally:
-            self.use_weights({})
+        """Run the block with the route's weights in the routed tensors; they stay after it, until a
+        route needs others (`use_weights({})` puts D back)."""
+        self.use_weights(route.weights() if route is not None else {})
+        yield
 
     @torch.no_grad()
     def use_weights(self, mix: dict[str, float]) -> None:
         """Write D + Σ w_t decode(r_t) into the routed tensors in place, a row chunk at a time ({} is
-        D), always by way of D."""
+        D), always by way of D. A switch cut short (a changed experts file) puts D back whole."""
         mix = {task: weight for task, weight in mix.items() if weight}
         if self.experts is None or mix == self._mix:
             return
-        if self._mix:
-            self._restore_dense()
-        if mix:
-            self._apply(mix)
+        try:
+            if self._mix:
+                self._restore_dense()
+            if mix:
+                self._apply(mix)
+        except BaseException:
+            self._reread_dense()
+            raise
+
+    def _reread_dense(self) -> None:
+        """D in every routed tensor, whatever they hold now."""
+        for name in self._routed:
+            self._reread(name)
+        self._kept_dense.clear()
+        self._touched.clear()
+        self._mix = {}
 
     def _restore_dense(self) -> None:
         """D again: the entries a sparse select wrote get D's kept values back; every other routed
@@ -252,8 +318,7 @@ class RoutedModel:
                 else:
                     target.view(-1).index_put_((self._positions(columns, matrix.shape[1]),), dense.reshape(-1))
             if name not in self._touched:
-                for rows in row_ranges(tuple(matrix.shape)):
-                    self._read_dense(name, rows, matrix[rows])
+                self._reread(name)
         self._touched.clear()
         self._mix = {}
 
@@ -304,6 +369,11 @@ class RoutedModel:
         scattering along rows 4× in bf16."""
         columns = columns.long()
         return (columns + torch.arange(len(columns), device=columns.device)[:, None] * width).view(-1)
+
+    def _reread(self, name: str) -> None:
+        matrix = self._routed[name]
+        for rows in row_ranges(tuple(matrix.shape)):
+            self._read_dense(name, rows, matrix[rows])
 
     def _read_dense(self, name: str, rows: slice, target: torch.Tensor) -> None:
         """D's stored rows into `target`: read straight into it where it is CPU memory of the stored
