@@ -46,7 +46,10 @@ def test_decoding_row_chunks_gives_the_rows_of_the_whole(name):
     layout = code.layout(*matrix.shape, torch.float32, LEVELS[name])
     for rows in (slice(0, 7), slice(7, 8), slice(8, 30)):
         parts = {suffix: tensor[rows] if layout[suffix].per_row else tensor for suffix, tensor in stored.items()}
-        assert torch.equal(code.decode(parts, matrix.shape[1]), whole[rows])
+        if code.row_local:
+            assert torch.equal(code.decode(parts, matrix.shape[1]), whole[rows])
+        else:  # a matrix product: its last bits depend on how BLAS splits the rows (and on the load)
+            torch.testing.assert_close(code.decode(parts, matrix.shape[1]), whole[rows], rtol=1e-5, atol=1e-6)
     if code.row_local:  # encoding a chunk alone gives the chunk's parts
         alone = code.encode(matrix[8:30], torch.float32, LEVELS[name])
         assert all(torch.equal(alone[suffix], stored[suffix][8:30]) for suffix in stored)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mergewise.mediator.codes.base import Part, ResidualCode, Stored
-from mergewise.mediator.codes.lowrank import rank_of, top_factors
+from mergewise.mediator.codes.lowrank import rank_of, sample_factors, top_factors
 
 LARGEST = 7
 CLIPS = (1.0, 0.9, 0.8, 0.7)  # shares of a component's absmax tried as its largest level
@@ -60,12 +60,12 @@ def kept_shares(sample: torch.Tensor, ranks: list[float]) -> dict[float, float]:
     total = float(sample.double().square().sum())
     if total == 0:
         return {rank: 1.0 for rank in ranks}
-    left, singular, right = torch.linalg.svd(sample, full_matrices=False)
+    most = max(rank_of(*sample.shape, rank) for rank in ranks)
+    left, right = sample_factors(sample, most)
     shares = {}
     for rank in ranks:
-        root = singular[:rank_of(*sample.shape, rank)].sqrt()
-        stored = _stored(left[:, :len(root)] * root, root[:, None] * right[:len(root)], torch.float32)
-        error = sample - decode(stored, sample.shape[1])
+        kept = rank_of(*sample.shape, rank)
+        error = sample - decode(_stored(left[:, :kept], right[:kept], torch.float32), sample.shape[1])
         shares[rank] = 1.0 - float(error.double().square().sum()) / total
     return shares
 
