@@ -9,6 +9,7 @@ from mergewise.errors import MergewiseError
 from mergewise.mediator.allocation import RoutedTensor, allocate, unit_cost
 from mergewise.mediator.codes import CODES, get_code
 from mergewise.mediator.codes.base import bits_as, pack_bits
+from mergewise.mediator.codes.spectrum import SampleSpectrum
 
 LEVELS = {"sparse": 0.25, "lowrank": 4, "lowrank4": 5, "sign1": None, "sign2": None, "full": None}
 
@@ -134,7 +135,7 @@ def test_lowrank4_shares_from_all_rows_are_what_encoding_keeps():
     from mergewise.mediator.codes.lowrank4 import kept_shares
 
     matrix = residual()
-    shares = kept_shares(matrix, [2, 5, 24])
+    shares = kept_shares(SampleSpectrum(matrix), [2, 5, 24])
     for rank in (2, 5, 24):
         assert shares[rank] == pytest.approx(kept_share("lowrank4", matrix, rank), abs=1e-5)
     assert shares[2] < shares[5] < shares[24]
@@ -275,12 +276,24 @@ def test_the_randomized_svd_of_a_big_matrix_finds_the_exact_top_rank(monkeypatch
     torch.testing.assert_close(lowrank.decode(stored, 200), exact, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("rows, columns", [(24, 37), (37, 24)])  # the Gram matrix of the rows / of the columns
+def test_sample_spectrum_gives_the_svd_of_the_sample(rows, columns):
+    matrix = residual(rows=rows, columns=columns)
+    spectrum = SampleSpectrum(matrix)
+    left, singular, right = torch.linalg.svd(matrix.double(), full_matrices=False)
+    torch.testing.assert_close(spectrum.energies, singular.square(), rtol=1e-9, atol=1e-9)
+    factor_left, factor_right = spectrum.factors(5)
+    best = (left[:, :5] * singular[:5]) @ right[:5]
+    torch.testing.assert_close((factor_left @ factor_right).double(), best, rtol=0, atol=1e-5)
+    assert spectrum._decomposition is spectrum._decomposition  # one decomposition for every code and rank
+
+
 def test_low_rank_shares_from_all_rows_are_the_exact_spectrum():
     from mergewise.mediator.codes.lowrank import kept_energies
 
     matrix = residual()
     squares = torch.linalg.svdvals(matrix.double()).square()
-    shares = kept_energies(matrix, [1, 4, 24])
+    shares = kept_energies(SampleSpectrum(matrix), [1, 4, 24])
     assert shares[4] == pytest.approx(float(squares[:4].sum() / squares.sum()))
     assert shares[24] == pytest.approx(1.0) and shares[1] < shares[4]
     assert kept_share("lowrank", matrix, 4) == pytest.approx(shares[4], rel=1e-4)

@@ -17,6 +17,7 @@ import torch
 
 from mergewise.errors import MergewiseError
 from mergewise.mediator.codes import as_matrix, get_code, matrix_shape
+from mergewise.mediator.codes.spectrum import SampleSpectrum
 from mergewise.mediator.units import unit_of
 
 HEADER_BYTES_PER_PART = 96  # a stored part's safetensors header entry, besides its name
@@ -126,8 +127,9 @@ class KeptEstimate:
         for task, sample in self._samples.items():
             sample = sample[:self._filled]
             energy = float(sample.double().square().sum())
+            spectrum = SampleSpectrum(sample)
             for name, levels in self._whole_matrix_levels.items():
-                for level, share in get_code(name).kept_shares(sample, levels).items():
+                for level, share in get_code(name).kept_shares(spectrum, levels).items():
                     key = (unit, task, (name, level))
                     self.kept[key] = self.kept.get(key, 0.0) + share * energy
         self._samples.clear()

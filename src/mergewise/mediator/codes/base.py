@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mergewise.errors import MergewiseError
+from mergewise.mediator.codes.spectrum import SampleSpectrum
 
 BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # first entry in the high bit
 
@@ -52,8 +53,8 @@ class ResidualCode:
     # (read, rows, columns, dtype, level), so the whole residual never has to be in memory.
     encode_rows: Callable | None = None
     # For codes that are not row-local: the share of a matrix's ‖·‖² each level keeps, estimated from
-    # a sample of its rows, (sample, levels) → {level: share}.
-    kept_shares: Callable[[torch.Tensor, list[float]], dict[float, float]] | None = None
+    # a sample of its rows, (SampleSpectrum of the sample, levels) → {level: share}.
+    kept_shares: Callable[[SampleSpectrum, list[float]], dict[float, float]] | None = None
     # For codes whose decode is zero but at a few columns per row: those columns [rows, k] and their
     # values, as stored, so that serving touches only them.
     entries: Callable[[Stored], tuple[torch.Tensor, torch.Tensor]] | None = None

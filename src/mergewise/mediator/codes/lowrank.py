@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from mergewise.mediator.codes.base import Part, ResidualCode, Stored
+from mergewise.mediator.codes.spectrum import SampleSpectrum
 
 DEFAULT_RANK = 16
 EXACT_UP_TO = 1 << 22       # entries of a matrix given an exact SVD
@@ -73,37 +74,12 @@ def decode(stored: Stored, columns: int) -> torch.Tensor:
     return stored["left"].float() @ stored["right"].float()
 
 
-def kept_energies(sample: torch.Tensor, ranks: list[float]) -> dict[float, float]:
+def kept_energies(spectrum: SampleSpectrum, ranks: list[float]) -> dict[float, float]:
     """The share of a matrix's ‖·‖² its best rank-k approximation keeps, estimated from a sample of
     its rows (whose Gram matrix is the whole one's, scaled, in expectation): k → share."""
-    squares = torch.linalg.eigvalsh(_gram(sample)).flip(0).clamp_(min=0)
+    squares = spectrum.energies
     total = float(squares.sum())
     return {rank: float(squares[:int(rank)].sum()) / total if total > 0 else 1.0 for rank in ranks}
-
-
-def sample_factors(sample: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`top_factors` of a sample, from the eigenvectors of its smaller Gram matrix in float64: for the
-    ≤ 512 sampled rows of a wide matrix that is ~10× faster than its SVD, and the build measures every
-    sampled matrix once per task."""
-    sample = sample.double()
-    wide = sample.shape[0] <= sample.shape[1]
-    squares, vectors = torch.linalg.eigh(_gram(sample))
-    squares, vectors = squares.flip(0)[:rank].clamp(min=0), vectors.flip(1)[:, :rank]
-    singular = squares.sqrt()
-    # Components at rounding level carry nothing; dividing by their singular values would only add noise.
-    inverse = torch.where(singular > singular[:1] * 1e-7, 1 / singular, torch.zeros_like(singular))
-    if wide:
-        left, right = vectors, inverse[:, None] * (vectors.T @ sample)
-    else:
-        left, right = (sample @ vectors) * inverse, vectors.T
-    root = singular.sqrt()
-    return (left * root).float(), (root[:, None] * right).float()
-
-
-def _gram(sample: torch.Tensor) -> torch.Tensor:
-    """The smaller of the sample's two Gram matrices, in float64."""
-    sample = sample.double()
-    return sample @ sample.T if sample.shape[0] <= sample.shape[1] else sample.T @ sample
 
 
 LOWRANK = ResidualCode("lowrank", layout, encode, decode, row_local=False, encode_rows=encode_rows,

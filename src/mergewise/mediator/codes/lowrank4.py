@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mergewise.mediator.codes.base import Part, ResidualCode, Stored
-from mergewise.mediator.codes.lowrank import rank_of, sample_factors, top_factors
+from mergewise.mediator.codes.lowrank import rank_of, top_factors
+from mergewise.mediator.codes.spectrum import SampleSpectrum
 
 LARGEST = 7
 CLIPS = (1.0, 0.9, 0.8, 0.7)  # shares of a component's absmax tried as its largest level
@@ -53,15 +54,14 @@ def decode(stored: Stored, columns: int) -> torch.Tensor:
     return left @ _unpack(stored["right"], columns)
 
 
-def kept_shares(sample: torch.Tensor, ranks: list[float]) -> dict[float, float]:
+def kept_shares(spectrum: SampleSpectrum, ranks: list[float]) -> dict[float, float]:
     """The share of a matrix's ‖·‖² each rank keeps after quantization, measured on a sample of its
     rows (whose right singular vectors stand for the matrix's)."""
-    sample = sample.float()
+    sample = spectrum.sample
     total = float(sample.double().square().sum())
     if total == 0:
         return {rank: 1.0 for rank in ranks}
-    most = max(rank_of(*sample.shape, rank) for rank in ranks)
-    left, right = sample_factors(sample, most)
+    left, right = spectrum.factors(max(rank_of(*sample.shape, rank) for rank in ranks))
     shares = {}
     for rank in ranks:
         kept = rank_of(*sample.shape, rank)
