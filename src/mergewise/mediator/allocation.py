@@ -126,12 +126,11 @@ class KeptEstimate:
         unit = unit_of(self._open) if self._open is not None else None
         for task, sample in self._samples.items():
             sample = sample[:self._filled]
-            energy = float(sample.double().square().sum())
             spectrum = SampleSpectrum(sample)
             for name, levels in self._whole_matrix_levels.items():
                 for level, share in get_code(name).kept_shares(spectrum, levels).items():
                     key = (unit, task, (name, level))
-                    self.kept[key] = self.kept.get(key, 0.0) + share * energy
+                    self.kept[key] = self.kept.get(key, 0.0) + share * spectrum.energy
         self._samples.clear()
         self._filled = 0
         self._open = None

@@ -57,8 +57,7 @@ def decode(stored: Stored, columns: int) -> torch.Tensor:
 def kept_shares(spectrum: SampleSpectrum, ranks: list[float]) -> dict[float, float]:
     """The share of a matrix's ‖·‖² each rank keeps after quantization, measured on a sample of its
     rows (whose right singular vectors stand for the matrix's)."""
-    sample = spectrum.sample
-    total = float(sample.double().square().sum())
+    sample, total = spectrum.sample, spectrum.energy
     if total == 0:
         return {rank: 1.0 for rank in ranks}
     left, right = spectrum.factors(max(rank_of(*sample.shape, rank) for rank in ranks))

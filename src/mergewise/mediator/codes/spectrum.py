@@ -20,6 +20,11 @@ class SampleSpectrum:
     def __init__(self, sample: torch.Tensor):
         self.sample = sample.float()
 
+    @functools.cached_property
+    def energy(self) -> float:
+        """‖sample‖², in float64."""
+        return float(self._float64.square().sum())
+
     @property
     def energies(self) -> torch.Tensor:
         """The squared singular values, largest first."""
@@ -28,7 +33,7 @@ class SampleSpectrum:
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """U·√S [rows, rank] and √S·Vᵀ [rank, columns] of the sample's best rank-k approximation, float32."""
         squares, vectors = self._decomposition
-        sample = self.sample.double()
+        sample = self._float64
         singular, vectors = squares[:rank].sqrt(), vectors[:, :rank]
         # Components at rounding level carry nothing; dividing by their singular values would only add noise.
         inverse = torch.where(singular > singular[:1] * 1e-7, 1 / singular, torch.zeros_like(singular))
@@ -44,9 +49,13 @@ class SampleSpectrum:
         return self.sample.shape[0] <= self.sample.shape[1]
 
     @functools.cached_property
+    def _float64(self) -> torch.Tensor:
+        return self.sample.double()
+
+    @functools.cached_property
     def _decomposition(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (descending, ≥ 0) and eigenvectors of the smaller Gram matrix, float64."""
-        sample = self.sample.double()
+        sample = self._float64
         gram = sample @ sample.T if self._wide else sample.T @ sample
         squares, vectors = torch.linalg.eigh(gram)
         return squares.flip(0).clamp_(min=0), vectors.flip(1)
