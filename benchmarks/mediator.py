@@ -182,8 +182,8 @@ def serving_section(timing: dict, args: argparse.Namespace) -> list[str]:
             f"{timing['rss']['plain']:.0f} MiB |",
             "", f"Ratios: latency **{timing['mediator'] / timing['plain']:.2f}×** (first request: "
             f"{1000 * timing['first']:.1f} ms), peak RSS **{timing['rss']['mediator'] / timing['rss']['plain']:.2f}×**.",
-            "", "The selected expert stays in the routed tensors between requests (routing reads D's values module "
-            "by module), so these requests after the first switch nothing. When every request goes to another "
+            "", "The selected expert stays in the routed tensors between requests (routing reads D's values one decoder "
+            "layer at a time), so these requests after the first switch nothing. When every request goes to another "
             f"expert (`{timing['task']}` and `{timing['other_route']['task']}` prompts in turn, route of the second: "
             f"{timing['other_route']['decision']}; the plain model runs the same prompts), Mediator takes "
             f"**{timing['changing_ratio']:.2f}×** the plain model's time.",

@@ -112,6 +112,50 @@ def test_reader_returns_the_stored_rows_of_single_and_sharded_folders(tmp_path):
         model.close()
 
 
+def raw_safetensors(path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file laid out in the given order, unpadded (offsets need not be aligned)."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.uint8: "U8", torch.int64: "I64"}
+    header, data = {}, b""
+    for name, tensor in tensors.items():
+        raw = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+def test_reading_tensors_together_gives_each_tensor_with_one_read_per_run(tmp_path, monkeypatch):
+    """Neighbours in a file come in one read; a far one (past READ_TOGETHER_GAP of unread bytes),
+    another file, or a view that would start inside an element starts a new read."""
+    from mergewise.checkpoint import reader
+
+    gap = torch.zeros(reader.READ_TOGETHER_GAP // 4 + 1)
+    first = {"a.weight": torch.randn(4, 3).bfloat16(), "a.bias": torch.randn(5),
+             "a.odd": torch.arange(3, dtype=torch.uint8),
+             "a.after_odd": torch.randn(2), "skipped": torch.randn(4), "far_gap": gap, "far": torch.randn(2, 2),
+             "a.empty": torch.empty(0, 4), "a.scalar": torch.tensor(7, dtype=torch.int64)}
+    raw_safetensors(tmp_path / "model-1.safetensors", first)
+    save_file({"b.weight": torch.randn(3, 3)}, tmp_path / "model-2.safetensors")
+    weight_map = {**dict.fromkeys(first, "model-1.safetensors"), "b.weight": "model-2.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text("{}")
+    model = ModelFolder(tmp_path)
+    reads = []
+    read_rows = reader.read_rows
+    monkeypatch.setattr(reader, "read_rows", lambda info, *args: reads.append(info.name) or read_rows(info, *args))
+    names = ["far", "b.weight", "a.after_odd", "a.weight", "a.odd", "a.bias", "a.scalar", "a.empty"]
+    for _ in range(2):
+        reads.clear()
+        together = model.read_together(names)
+        runs = sorted(reads)
+        assert [tensor.dtype for tensor in together] == [model.tensors[name].dtype for name in names]
+        assert all(torch.equal(tensor, model.read(name)) for name, tensor in zip(names, together))
+        # a.weight … a.odd (a.bias and a.odd read through), then a.after_odd (3 bytes in: not a float's
+        # start), far (past the gap), b.weight (another file); a.empty and a.scalar follow far
+        assert runs == sorted(["a.weight", "a.after_odd", "far", "b.weight"]), runs
+
+
 def test_reading_into_memory_of_another_size_or_dtype_is_refused_and_a_shrunk_file_is_named(tmp_path):
     save_file({"w": torch.arange(12.0).reshape(4, 3)}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")

@@ -242,8 +242,10 @@ def test_routing_with_an_expert_in_place_sees_the_dense_model(folder, dtype, req
     """With any weights in the routed tensors, the routing prefill gets D's values, bit for bit (an
     embedding's rows too), and leaves those weights as they were."""
     model = load(request.getfixturevalue(folder), dtype=dtype)
-    embedding_routed = any(isinstance(model.model.get_submodule(module), torch.nn.Embedding)
-                           for module in model._routed_by_module)
+    embedding_routed = any(isinstance(module, torch.nn.Embedding) for module, _ in model._dense_blocks)
+    layers = list(model.model.base_model.layers)  # a decoder layer's routed tensors are swapped in together
+    assert all(any(module is layer for layer in layers) == (".layers." in names[0])
+               for module, names in model._dense_blocks)
     assert embedding_routed == (folder == "mediator_dir")
     assert model.model.get_input_embeddings().padding_idx is not None  # renumbered ids never reach it
     ids = model.encode([text for words in TASK_WORDS.values() for text in prompts_for(words, 4, 5)]

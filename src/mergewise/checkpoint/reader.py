@@ -12,7 +12,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,9 @@ SAFETENSORS_DTYPES = {  # the header's dtype names; the writer uses the same tab
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+READ_TOGETHER_GAP = 1 << 16  # bytes of other tensors `read_together` reads through rather than read twice
 
 
 @contextmanager
@@ -90,6 +93,7 @@ class ModelFolder:
             raise MergewiseError(f"model folder not found: {path}")
         self.config = self._read_config()
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._runs: dict[tuple[str, ...], list[list[TensorInfo]]] = {}  # see `read_together`
         self._allow_pickle = allow_pickle
         self.reference = str(self.path)  # how a recipe named it (a path, or a Hub id)
         self.tensors: dict[str, TensorInfo] = self._index_weights()
@@ -192,6 +196,24 @@ class ModelFolder:
             return tensor.clone() if out is None else out.copy_(tensor.reshape(out.shape))
         return read_rows(info, rows, out)
 
+    def read_together(self, names: Sequence[str]) -> list[torch.Tensor]:
+        """The whole tensors `names`, copied from disk now: tensors that lie close together in a
+        safetensors file (a decoder layer's) come in one read into one buffer, as views of it, instead
+        of one read each. The grouping is worked out once per list of names."""
+        key = tuple(names)
+        if key not in self._runs:
+            self._runs[key] = _runs([info for info in map(self.tensors.__getitem__, names)
+                                     if info.file not in self._pickled])
+        tensors = {name: self.read(name) for name in names if self.tensors[name].file in self._pickled}
+        for run in self._runs[key]:
+            start = run[0].offset
+            span = read_rows(TensorInfo(run[0].name, (run[-1].offset + run[-1].nbytes - start,), torch.uint8,
+                                        run[0].file, start))
+            for info in run:
+                part = span[info.offset - start:info.offset - start + info.nbytes]
+                tensors[info.name] = part.view(info.dtype).view(info.shape)
+        return [tensors[name] for name in names]
+
     def map_rows(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """Like `read`, but the rows are mapped from the page cache instead of copied into fresh
         memory. The mapping is private: a write to the tensor copies the page and never reaches the
@@ -229,6 +251,21 @@ def _extent(info: TensorInfo, rows: slice | None) -> tuple[int, int, tuple[int, 
     count = max(0, stop - first)
     shape = (count, *info.shape[1:]) if info.shape else ()
     return info.offset + first * row_bytes, count * row_bytes, shape
+
+
+def _runs(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
+    """Safetensors tensors in runs that one read each can bring: same file, at most READ_TOGETHER_GAP
+    bytes apart, each one's view of the run's buffer starting at a whole element."""
+    runs: list[list[TensorInfo]] = []
+    for info in sorted(infos, key=lambda info: (str(info.file), info.offset, info.nbytes)):
+        last = runs[-1][-1] if runs else None
+        if (last is not None and last.file == info.file
+                and 0 <= info.offset - (last.offset + last.nbytes) <= READ_TOGETHER_GAP
+                and (info.offset - runs[-1][0].offset) % info.dtype.itemsize == 0):
+            runs[-1].append(info)
+        else:
+            runs.append([info])
+    return runs
 
 
 def read_rows(info: TensorInfo, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ mean-pooled hidden state (one prefill with D) and picks select / blend / dense; 
 sequences runs, the routed tensors hold D + decode(r_t) (select) or D + Σ p_t decode(r_t) (blend),
 written into them in place a row chunk at a time. They keep those weights until a request needs
 others: the routing prefill sees D's values of the routed tensors, read from the folder's own shards
-module by module, without writing them back, so a run of requests for one expert switches once.
+one decoder layer at a time, without writing them back, so a run of requests for one expert switches once.
 Going back to D re-reads it from the shards, bit for bit. No second copy of any weight is made; the
 coded residuals stay on the CPU (`offload`) and are decoded a row chunk at a time on the model's
 device.
@@ -163,7 +163,7 @@ class RoutedModel:
         self._kept_dense: dict[str, list] = {}  # D's values where a sparse select wrote: (rows, values)
         self._touched: set[str] = set()  # routed tensors that hold D but at those entries
         self._parameters: dict[str, torch.nn.Parameter] = {}  # the routed parameters themselves
-        self._routed_by_module: dict[str, list[str]] = {}  # module name → its routed parameters
+        self._dense_blocks: list[tuple[torch.nn.Module, list[str]]] = []  # see `_dense_forward`
         self._swapped: dict[str, torch.Tensor] = {}  # during `_dense_forward`: what a module's tensors held
         self._swapped_padding: dict[torch.nn.Module, int | None] = {}  # …and an embedding's padding_idx
         if experts is not None:
@@ -174,7 +174,7 @@ class RoutedModel:
                                          f"{type(model).__name__} model")
                 self._routed[name] = named[name].data.view(matrix_shape(tuple(named[name].shape)))
                 self._parameters[name] = named[name]
-                self._routed_by_module.setdefault(name.rpartition(".")[0], []).append(name)
+            self._dense_blocks = dense_blocks(model, experts.tensors)
         # CPU switches through the fused kernels: ~3× faster, for ~0.12 GB of numba and LLVM code in
         # the process, so from FUSED_MIN_ROUTED_BYTES of routed weights on (a fraction of the model then).
         routed_bytes = sum(matrix.numel() * matrix.element_size() for matrix in self._routed.values())
@@ -220,15 +220,15 @@ class RoutedModel:
     @contextmanager
     def _dense_forward(self) -> Iterator[None]:
         """Forward passes inside see D in every routed tensor while the tensors keep what they hold:
-        each module with routed tensors gets D's values, read from the folder into memory of its own,
-        for its own forward only. An embedding gets only the rows of the tokens it is given (its ids
-        renumbered into them), so this never holds more than one module's weights besides the model."""
+        each block with routed tensors (a decoder layer, or a module outside the layers) gets D's
+        values, read from the folder into memory of its own, for its own forward only. An embedding
+        gets only the rows of the tokens it is given (its ids renumbered into them), so this never
+        holds more than one decoder layer's weights besides the model."""
         if not self._mix:
             yield
             return
         handles = []
-        for module_name, names in self._routed_by_module.items():
-            module = self.model.get_submodule(module_name)
+        for module, names in self._dense_blocks:
             handles.append(module.register_forward_pre_hook(functools.partial(self._swap_in_dense, names)))
             handles.append(module.register_forward_hook(functools.partial(self._swap_back, names)))
         try:
@@ -240,21 +240,21 @@ class RoutedModel:
             self._swapped_padding.clear()
 
     def _swap_in_dense(self, names: list[str], module: torch.nn.Module, args: tuple):
-        for name in names:
+        if isinstance(module, torch.nn.Embedding):
+            [name] = names
             parameter = self._parameters[name]
             self._swapped[name] = parameter.data
-            if isinstance(module, torch.nn.Embedding) and args and name.endswith(".weight"):
-                tokens, renumbered = torch.unique(args[0], return_inverse=True)
-                rows = self.dense.map_rows(name)[tokens.cpu()]
-                parameter.data = rows.to(device=parameter.device, dtype=parameter.dtype)
-                args = (renumbered, *args[1:])
-                # only gradients treat that row apart: the renumbered rows need not hold it
-                self._swapped_padding[module] = module.padding_idx
-                module.padding_idx = None
-            else:
-                dense = torch.empty(self._routed[name].shape, dtype=parameter.dtype, device=parameter.device)
-                self._read_dense(name, slice(0, len(dense)), dense)
-                parameter.data = dense.view(parameter.shape)
+            tokens, renumbered = torch.unique(args[0], return_inverse=True)
+            parameter.data = self.dense.map_rows(name)[tokens.cpu()].to(device=parameter.device,
+                                                                        dtype=parameter.dtype)
+            # only gradients treat that row apart: the renumbered rows need not hold it
+            self._swapped_padding[module] = module.padding_idx
+            module.padding_idx = None
+            return (renumbered, *args[1:])
+        for name, dense in zip(names, self.dense.read_together(names)):
+            parameter = self._parameters[name]
+            self._swapped[name] = parameter.data
+            parameter.data = dense.to(device=parameter.device, dtype=parameter.dtype).view(parameter.shape)
         return args
 
     def _swap_back(self, names: list[str], module: torch.nn.Module, args: tuple, output):
@@ -424,6 +424,21 @@ class RoutedModel:
         result = self.generate(input_ids, mask, max_new_tokens=max_new_tokens, **generate_options)
         texts = [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in result.sequences]
         return list(zip(texts, result.routes))
+
+
+def dense_blocks(model: torch.nn.Module, names: Sequence[str]) -> list[tuple[torch.nn.Module, list[str]]]:
+    """The routed parameters grouped by the block whose forward uses them: the numbered child of a
+    module list (a decoder layer) that holds them, else their own module; an embedding's weight stays
+    alone, since only the rows of its tokens are swapped in. One block's tensors are read in one go."""
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        module_name = name.rpartition(".")[0]
+        parts = module_name.split(".")
+        numbered = next((index for index, part in enumerate(parts) if part.isdigit()), None)
+        if numbered is not None and not isinstance(model.get_submodule(module_name), torch.nn.Embedding):
+            module_name = ".".join(parts[:numbered + 1])
+        blocks.setdefault(module_name, []).append(name)
+    return [(model.get_submodule(module_name), names) for module_name, names in blocks.items()]
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
