@@ -38,6 +38,9 @@ def _move_median_to_first(keys, order, result, a, b, c):
 
 
 BLOCK = 128  # positions scanned at a time by the branch-free phase of a partition
+# Unsigned positions spare every indexing through them numba's negative-index check (~2× faster
+# swaps); uint32 and int64 mix into int64 where the partition computes with them.
+UNSIGNED_POSITIONS_BELOW = 2**32  # entries; larger selections index with int64
 
 
 @njit
@@ -200,9 +203,7 @@ def positions_in_range(keys: np.ndarray, start: int, stop: int, order: np.ndarra
     if order is None:
         order = np.empty(size, dtype=np.int32 if size < 2**31 else np.int64)
     order = order[:size]
-    # Unsigned positions spare every indexing through them numba's negative-index check (~2× faster
-    # swaps); uint32 and int64 mix into int64 where the partition computes with them.
-    positions = np.uint32 if size < 2**32 else np.int64
+    positions = np.uint32 if size < UNSIGNED_POSITIONS_BELOW else np.int64
     _order_around_cuts(keys, order, np.array([start, stop], dtype=np.int64), np.empty(BLOCK, dtype=positions),
                        np.empty(BLOCK, dtype=positions))
     bits = np.zeros((size + 7) // 8, dtype=np.uint8)
