@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mergewise.checkpoint import ModelFolder
 from mergewise.errors import MergewiseError
-from mergewise.layerwise import Batch, LayerwiseModel, pooled_hidden_states, stored_dtype
+from mergewise.layerwise import Batch, LayerwiseModel, pooled_hidden_states, return_freed_memory, stored_dtype
 from tests.support.tiny_models import build_tiny_model
 from tests.test_remote_code import add_code, answers_yes  # noqa: F401 (answers_yes is a fixture)
 
@@ -123,11 +123,18 @@ def test_every_hidden_state_is_observed_with_the_attention_mask(arch, tiny_model
         torch.testing.assert_close(states[0][tokens], expected[index][tokens], atol=1e-5, rtol=1e-5)
 
 
-def test_one_decoder_layer_is_loaded_at_a_time(tiny_model):
+def test_one_decoder_layer_is_loaded_at_a_time(tiny_model, monkeypatch):
     """A spy on every decoder layer and the final norm lists the weights loaded while it runs: one
-    layer's (in the compute dtype), only up to the requested hidden state, nothing afterwards."""
+    layer's (in the compute dtype, in one read), only up to the requested hidden state, nothing
+    afterwards; the heap's free pages go back to the system after each layer."""
+    import mergewise.layerwise as layerwise
+
     runner = runner_for(tiny_model("llama", num_layers=6), torch.bfloat16)
     loaded: list[tuple[str, set[str]]] = []
+    reads, trims = [], []
+    read_together = runner.folder.read_together
+    monkeypatch.setattr(runner.folder, "read_together", lambda names: reads.append(names) or read_together(names))
+    monkeypatch.setattr(layerwise, "return_freed_memory", lambda: trims.append(len(reads)) or return_freed_memory())
 
     def spy(name):
         def record(module, args):
@@ -148,6 +155,9 @@ def test_one_decoder_layer_is_loaded_at_a_time(tiny_model):
     runner.run(batches, through=3, quiet=True)
     assert loaded == [("stem", {"model.embed_tokens.weight"})] * 2 + [
         (f"model.layers.{index}", layer_weights(f"model.layers.{index}")) for index in range(3) for _ in batches]
+    assert [set(names) for names in reads[1:]] == [
+        {name for name in runner.folder.tensors if name.startswith(f"model.layers.{index}.")} for index in range(3)]
+    assert trims == [2, 3, 4]  # after each layer's weights are dropped
     loaded.clear()
     runner.run(batches, quiet=True)
     assert [name for name, _ in loaded] == ["stem"] * 2 + [

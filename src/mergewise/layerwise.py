@@ -12,6 +12,8 @@ router reads `pooled_hidden_states`.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,6 +96,7 @@ class LayerwiseModel:
                         states[batch] = self.tail(hidden)
             if observe:
                 observe(index + 1, list(states))
+            return_freed_memory()
         return states
 
     # ------------------------------------------------------------------------------- the parts
@@ -143,17 +146,19 @@ class LayerwiseModel:
     @contextmanager
     def _loaded(self, module: nn.Module, prefix: str, skip: tuple[str, ...] = ()):
         """`module`'s parameters (but those under `skip`) read from the checkpoint, in the dtype the
-        model declares for them, on the device; back on the meta device afterwards."""
+        model declares for them, on the device; back on the meta device afterwards. A layer's tensors
+        come in one read, into one buffer that goes back to the system as a whole afterwards: one
+        allocation per tensor left holes in the heap that grew it layer after layer."""
         try:
-            for name, parameter in list(module.named_parameters()):
-                if not name.startswith(skip):
-                    stored_name = self._stored_name(f"{prefix}.{name}" if prefix else name)
-                    tensor = self.folder.read(stored_name)
-                    if tensor.shape != parameter.shape:
-                        raise MergewiseError(f"{self.folder.path}: tensor {stored_name} has shape "
-                                             f"{list(tensor.shape)}, the model expects {list(parameter.shape)}")
-                    dtype = parameter.dtype if tensor.is_floating_point() else tensor.dtype
-                    _set_parameter(module, name, tensor.to(self.device, dtype))
+            wanted = [(name, parameter, self._stored_name(f"{prefix}.{name}" if prefix else name))
+                      for name, parameter in list(module.named_parameters()) if not name.startswith(skip)]
+            stored = self.folder.read_together([stored_name for _, _, stored_name in wanted])
+            for (name, parameter, stored_name), tensor in zip(wanted, stored):
+                if tensor.shape != parameter.shape:
+                    raise MergewiseError(f"{self.folder.path}: tensor {stored_name} has shape "
+                                         f"{list(tensor.shape)}, the model expects {list(parameter.shape)}")
+                dtype = parameter.dtype if tensor.is_floating_point() else tensor.dtype
+                _set_parameter(module, name, tensor.to(self.device, dtype))
             yield
         finally:
             for name, parameter in list(module.named_parameters()):
@@ -207,6 +212,24 @@ def pooled_hidden_states(folder: str | Path | ModelFolder, prompt_ids: list[list
 
     runner.run(batches, through=max(wanted), observe=keep, desc="hidden states (layers)", quiet=quiet)
     return torch.cat([pooled[number] for number in wanted], -1)
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). Each
+    layer's activations come in other sizes than the last one's, and the holes they leave in the heap
+    otherwise added up layer after layer: +17 MB per layer of a 0.9 B model over 72 prompts, without
+    end. It changes no allocator setting; the next layer faults its pages in again."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def stored_dtype(folder: ModelFolder) -> torch.dtype:
