@@ -151,7 +151,7 @@ class LayerwiseModel:
         allocation per tensor left holes in the heap that grew it layer after layer."""
         try:
             wanted = [(name, parameter, self._stored_name(f"{prefix}.{name}" if prefix else name))
-                      for name, parameter in list(module.named_parameters()) if not name.startswith(skip)]
+                      for name, parameter in module.named_parameters() if not name.startswith(skip)]
             stored = self.folder.read_together([stored_name for _, _, stored_name in wanted])
             for (name, parameter, stored_name), tensor in zip(wanted, stored):
                 if tensor.shape != parameter.shape:
