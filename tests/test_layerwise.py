@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mergewise.checkpoint import ModelFolder
 from mergewise.errors import MergewiseError
-from mergewise.layerwise import Batch, LayerwiseModel, pooled_hidden_states, return_freed_memory, stored_dtype
+from mergewise.layerwise import (Batch, LayerwiseModel, float32_matmuls, pooled_hidden_states, return_freed_memory,
+                                 stored_dtype)
 from tests.support.tiny_models import build_tiny_model
 from tests.test_remote_code import add_code, answers_yes  # noqa: F401 (answers_yes is a fixture)
 
@@ -47,9 +48,10 @@ def prompts() -> list[list[int]]:
 
 
 def in_memory_pooled(folder: Path, prompts: list[list[int]], layer: int, dtype: torch.dtype,
-                     max_tokens: int | None = None) -> torch.Tensor:
+                     max_tokens: int | None = None, device: str = "meta") -> torch.Tensor:
     """The whole model in memory: right-padded batches with their attention mask, the mean over each
-    prompt's tokens of `output_hidden_states[layer]`."""
+    prompt's tokens of `output_hidden_states[layer]`, its matmuls as `float32_matmuls` runs them for
+    `device` (the default: the model's own)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     pooled = []
     for start in range(0, len(prompts), BATCH_SIZE):
@@ -59,7 +61,7 @@ def in_memory_pooled(folder: Path, prompts: list[list[int]], layer: int, dtype: 
         for row, ids in enumerate(batch):
             input_ids[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
-        with torch.no_grad():
+        with torch.no_grad(), float32_matmuls(model, torch.device(device)):
             hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
         weights = mask[..., None].float()
         pooled.append((hidden.float() * weights).sum(1) / weights.sum(1))
@@ -101,6 +103,44 @@ def test_no_dtype_computes_in_the_stored_one(tiny_model, prompts, tmp_path):
                        pooled_hidden_states(folder, prompts, dtype=torch.bfloat16, quiet=True))
     float_folder = build_tiny_model("llama", tmp_path / "fp32", dtype=torch.float32, num_layers=1)
     assert stored_dtype(ModelFolder(float_folder)) == torch.float32
+
+
+@pytest.mark.parametrize("layer", [-1, NUM_LAYERS // 2])
+def test_bf16_features_equal_the_in_memory_models_with_float32_matmuls(layer, tiny_model, prompts):
+    folder = tiny_model("llama")
+    streamed = pooled_hidden_states(folder, prompts, layer, batch_size=BATCH_SIZE, pad_id=PAD_ID, quiet=True)
+    assert torch.equal(streamed, in_memory_pooled(folder, prompts, layer, torch.bfloat16, device="cpu"))
+
+
+def float32_product(linear: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+    return (inputs.float() @ linear.weight.float().T + linear.bias.float()).to(linear.weight.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_linears_multiply_in_float32_on_the_cpu(dtype):
+    """On the CPU a half-precision Linear gives the float32 product rounded once to its dtype, the
+    model's own forward is back afterwards (an exception inside too), and float32 Linears are untouched."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32)).to(dtype)
+    model[1].float()
+    inputs = torch.randn(5, 7, 64).to(dtype)
+    native = model[0](inputs)
+    with float32_matmuls(model, torch.device("cpu")):
+        upcast = model[0](inputs)
+        assert "forward" in vars(model[0]) and "forward" not in vars(model[1])
+    assert upcast.dtype == dtype and torch.equal(upcast, float32_product(model[0], inputs))
+    torch.testing.assert_close(upcast, native, atol=2e-2, rtol=2e-2)  # the same product, summed in another order
+    with pytest.raises(RuntimeError, match="inside"):
+        with float32_matmuls(model, torch.device("cpu")):
+            raise RuntimeError("inside")
+    assert all("forward" not in vars(module) for module in model) and torch.equal(model[0](inputs), native)
+
+
+def test_off_the_cpu_linears_multiply_in_their_dtype():
+    """The other side of the switch: on an accelerator the model's matmuls are its own."""
+    linear = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    with float32_matmuls(linear, torch.device("meta")):
+        assert "forward" not in vars(linear)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
