@@ -194,16 +194,16 @@ class RoutedModel:
         Prompts are right-padded so every prompt sees positions 0.., as at calibration time."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         pooled = []
-        for start in range(0, len(prompt_ids), FEATURE_BATCH):
-            batch = right_padded([list(ids)[-max_tokens:] if max_tokens else list(ids)
-                                  for ids in prompt_ids[start:start + FEATURE_BATCH]], pad)
-            # The model without its head: the logits of every prompt token are not needed here.
-            with float32_matmuls(self.model, self.device):
+        with float32_matmuls(self.model, self.device):
+            for start in range(0, len(prompt_ids), FEATURE_BATCH):
+                batch = right_padded([list(ids)[-max_tokens:] if max_tokens else list(ids)
+                                      for ids in prompt_ids[start:start + FEATURE_BATCH]], pad)
+                # The model without its head: the logits of every prompt token are not needed here.
                 hidden = self.model.base_model(input_ids=batch.input_ids.to(self.device),
                                                attention_mask=batch.attention_mask.to(self.device),
                                                output_hidden_states=True).hidden_states
-            pooled.append(torch.cat([mean_pooled(hidden[number], batch.attention_mask)
-                                     for number in ([layer] if isinstance(layer, int) else layer)], -1))
+                pooled.append(torch.cat([mean_pooled(hidden[number], batch.attention_mask)
+                                         for number in ([layer] if isinstance(layer, int) else layer)], -1))
         return torch.cat(pooled)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
