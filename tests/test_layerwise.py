@@ -136,6 +136,18 @@ def test_half_precision_linears_multiply_in_float32_on_the_cpu(dtype):
     assert all("forward" not in vars(module) for module in model) and torch.equal(model[0](inputs), native)
 
 
+def test_a_linear_with_a_forward_of_its_own_keeps_it():
+    """A Linear another library already gave an instance `forward` (an offload hook) is left alone,
+    during and after; its neighbours still multiply in float32."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
+    hooked = model[0].forward = lambda inputs: torch.zeros(*inputs.shape[:-1], 8, dtype=torch.bfloat16)
+    with float32_matmuls(model, torch.device("cpu")):
+        assert model[0].forward is hooked and "forward" in vars(model[1])
+        assert torch.equal(model(torch.ones(2, 16, dtype=torch.bfloat16)),
+                           float32_product(model[1], torch.zeros(2, 8, dtype=torch.bfloat16)))
+    assert model[0].forward is hooked and "forward" not in vars(model[1])
+
+
 def test_off_the_cpu_linears_multiply_in_their_dtype():
     """The other side of the switch: on an accelerator the model's matmuls are its own."""
     linear = torch.nn.Linear(16, 8).to(torch.bfloat16)

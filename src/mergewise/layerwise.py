@@ -226,12 +226,13 @@ def float32_matmuls(model: nn.Module, device: torch.device) -> Iterator[None]:
     outputs to their dtype: what a half-precision matmul computes (it sums in float32), at float32's
     speed. CPUs without bf16 instructions run bf16 matmuls several times slower (a 59-token prefill of
     a 135 M model: 2.5 s against 0.7 s here). Always on the CPU, whatever its instructions, so features
-    computed on one machine are those computed on another. One weight is upcast at a time."""
+    computed on one machine are those computed on another. One weight is upcast at a time. A Linear
+    that already carries a `forward` of its own (another library's hook) keeps it, untouched."""
     if device.type != "cpu":
         yield
         return
     linears = [module for module in model.modules()
-               if type(module) is nn.Linear and module.weight.dtype in HALF_DTYPES]
+               if type(module) is nn.Linear and module.weight.dtype in HALF_DTYPES and "forward" not in vars(module)]
     for module in linears:
         module.forward = functools.partial(_float32_linear, module)
     try:
