@@ -170,11 +170,18 @@ def default_folder(work: Path) -> Path:
 SERVING_HEADING = "## Serving"
 
 
-def serving_section(timing: dict, args: argparse.Namespace) -> list[str]:
+def serving_sections(folder: Path, zoo: Zoo, work: Path, args: argparse.Namespace) -> list[str]:
+    """One serving section per `--tokens` count: routing costs one prefill per request, so its share
+    of a request depends on how many tokens the request generates."""
+    return [line for tokens in args.tokens
+            for line in serving_section(serving(folder, zoo, work, tokens, args.repeats), tokens, args.repeats)]
+
+
+def serving_section(timing: dict, tokens: int, repeats: int) -> list[str]:
     gigabytes = timing["routed_bytes"] / 1e9
-    lines = ["", f"{SERVING_HEADING} ({DEFAULT[0]}, code {DEFAULT[1]}, budget {DEFAULT[2]:g})", "",
-            f"`generate()` of {args.tokens} new tokens for one `{timing['task']}` prompt (route: "
-            f"{timing['route']['decision']} {timing['route']['task']}), median of {args.repeats}, alternating, one "
+    lines = ["", f"{SERVING_HEADING} ({DEFAULT[0]}, code {DEFAULT[1]}, budget {DEFAULT[2]:g}, {tokens} new tokens)", "",
+            f"`generate()` of {tokens} new tokens for one `{timing['task']}` prompt (route: "
+            f"{timing['route']['decision']} {timing['route']['task']}), median of {repeats}, alternating, one "
             "thread; peak RSS of `mergewise generate` (load + generate) in a child process each:",
             "", "| model | latency | peak RSS (load + generate) |", "|---|---:|---:|",
             f"| Mediator, selected expert | {1000 * timing['mediator']:.1f} ms | {timing['rss']['mediator']:.0f} MiB |",
@@ -187,7 +194,7 @@ def serving_section(timing: dict, args: argparse.Namespace) -> list[str]:
             f"expert (`{timing['task']}` and `{timing['other_route']['task']}` prompts in turn, route of the second: "
             f"{timing['other_route']['decision']}; the plain model runs the same prompts), Mediator takes "
             f"**{timing['changing_ratio']:.2f}×** the plain model's time.",
-            "", f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {args.repeats}; "
+            "", f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {repeats}; "
             f"this size switches with {'the fused kernels' if timing['fused_by_size'] else 'torch operations'}):", ""]
     for path, label in (("torch", "torch operations"), ("fused", "fused CPU kernels")):
         select, restore = timing[f"switch_select_{path}"], timing[f"switch_restore_{path}"]
@@ -206,7 +213,7 @@ def serving_only(zoo: Zoo, work: Path, args: argparse.Namespace) -> None:
     if "error" in record:
         sys.exit(f"the default settings do not build on this zoo: {record['error']}")
     kept = report.read_text().split(f"\n{SERVING_HEADING}")[0].rstrip("\n").splitlines()
-    lines = kept + serving_section(serving(folder, zoo, work, args.tokens, args.repeats), args)
+    lines = kept + serving_sections(folder, zoo, work, args)
     report.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -242,7 +249,8 @@ def main() -> None:
     parser.add_argument("--codes", nargs="+", default=CODES, choices=CODES)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--limit", type=int, default=None, help="prompts per task")
-    parser.add_argument("--tokens", type=int, default=32, help="new tokens per timed generate()")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32],
+                        help="new tokens per timed generate() (several: one serving section each)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--serving-only", action="store_true",
                         help="measure serving of the default settings again, keeping the report's quality table")
@@ -304,7 +312,7 @@ def main() -> None:
             f"{name} {dense['tasks'][name]['score']:.3f}" for name in held)]
     default_dir = default_folder(work)
     if (default_dir / "mediator" / "mediator.json").is_file():
-        lines += serving_section(serving(default_dir, zoo, work, args.tokens, args.repeats), args)
+        lines += serving_sections(default_dir, zoo, work, args)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"mediator-{size}.md").write_text("\n".join(lines) + "\n")
     plot(points, RESULTS / f"mediator-{size}.png", f"Mediator, {size} zoo")
