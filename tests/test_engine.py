@@ -283,6 +283,18 @@ def test_the_command_tunes_its_process_before_torch_loads_unless_told_otherwise(
     assert done.stdout.split() == [*expected, "True"]
 
 
+@pytest.mark.parametrize("command, keeps", [(["merge", "missing.yml", "out"], True),
+                                             (["generate", "missing-model", "--prompt", "hi"], False)])
+def test_only_streaming_commands_keep_freed_buffers_in_the_heap(command, keeps, tmp_path, monkeypatch):
+    import mergewise.cli as cli
+
+    kept = []
+    monkeypatch.setattr(cli, "_keep_freed_buffers", lambda: kept.append(True))
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2  # nothing there: one clear error, after the process was tuned
+    assert kept == ([True] if keeps else [])
+
+
 def test_relative_model_paths_are_read_from_the_recipe_folder(tiny_family, tmp_path, monkeypatch):
     family = tiny_family("llama")
     absolute = merge_cli(tmp_path, linear_recipe(family), "absolute")

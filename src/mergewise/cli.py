@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mergewise import __version__
 
     parser = argparse.ArgumentParser(prog="mergewise", description="Merge fine-tuned language models.")
+    parser.set_defaults(keep_freed_buffers=True)  # a command that holds its weights whole sets False
     parser.add_argument("--version", action="version", version=f"mergewise {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _tune_process()
+    _tune_process(keep_freed_buffers=args.keep_freed_buffers)
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
@@ -66,7 +67,7 @@ def _terminate(signum, frame) -> None:
     raise _Terminated
 
 
-def _tune_process() -> None:
+def _tune_process(keep_freed_buffers: bool = True) -> None:
     """Settings for streaming work on few cores, made before torch loads (a user's own win). On a
     0.2 B-parameter merge on 2 cores the spin and heap settings cut CPU time by about a fifth."""
     # OpenMP workers spin ~300k rounds after each parallel region by default, taking a core from the
@@ -75,7 +76,8 @@ def _tune_process() -> None:
     # numpy's OpenBLAS starts a thread per core that spins while idle; mergewise's numpy work is
     # element-wise, so those threads only took ~0.2 s of CPU from a 2-core TIES merge.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    _keep_freed_buffers()
+    if keep_freed_buffers:
+        _keep_freed_buffers()
     _import_torch()
 
 
