@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the model folder run its own Python code (auto_map); only for code you trust")
     # Serving allocates no row chunks to reuse; freed buffers kept in the heap only raised the peak
-    # RSS of a Mediator request by 0-80 MB from run to run (135 M model, 740-820 MiB).
+    # RSS of a Mediator request by 0-80 MB from run to run (135 M model, 736-815 MiB).
     parser.set_defaults(handler=run, keep_freed_buffers=False)
 
 
