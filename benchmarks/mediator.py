@@ -26,9 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from mergewise.evaluate.comparison import Entry, mediator_recipe, score_entries, zoo_entries
+from mergewise.layerwise import native_half_matmuls
 from mergewise.zoo.manifest import Zoo, load_zoo
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,21 +112,25 @@ def peak_rss(module: str, *args: str) -> tuple[float, float]:
 LATENCY_CHILD = """
 import statistics, sys, time, json, torch
 from mergewise.mediator.runtime import load
-mediator_dir, plain_dir, prompt, other, tokens, repeats = sys.argv[1:5] + [int(sys.argv[5]), int(sys.argv[6])]
-torch.set_num_threads(1)
+mediator_dir, plain_dir, prompt, other, tokens, repeats, threads = sys.argv[1:5] + [int(arg) for arg in sys.argv[5:8]]
+if threads:  # 0: torch's default, as `mergewise generate` runs
+    torch.set_num_threads(threads)
 mediator, plain = load(mediator_dir), load(plain_dir)
 first = time.perf_counter(); [(_, route)] = mediator.generate_text([prompt], max_new_tokens=tokens)
 first = time.perf_counter() - first
 times = {"mediator": [], "plain": [], "mediator_changing": [], "plain_changing": []}
-for _ in range(repeats):  # alternate so both see the same machine state
-    for name, model in (("mediator", mediator), ("plain", plain)):
-        start = time.perf_counter(); model.generate_text([prompt], max_new_tokens=tokens, min_new_tokens=tokens)
-        times[name].append(time.perf_counter() - start)
-for index in range(2 * repeats):  # every Mediator request routes to another expert than the one before
-    text = prompt if index % 2 else other
-    for name, model in (("mediator_changing", mediator), ("plain_changing", plain)):
+pair_ratios = {"same": [], "changing": []}
+def timed_pair(mediator_first, text, names):  # both models on one prompt, back to back
+    pair = [(names[0], mediator), (names[1], plain)]
+    for name, model in (pair if mediator_first else pair[::-1]):
         start = time.perf_counter(); model.generate_text([text], max_new_tokens=tokens, min_new_tokens=tokens)
         times[name].append(time.perf_counter() - start)
+    return times[names[0]][-1] / times[names[1]][-1]
+for index in range(repeats):
+    pair_ratios["same"].append(timed_pair(index % 2, prompt, ("mediator", "plain")))
+for index in range(2 * repeats):  # every Mediator request routes to another expert than the one before
+    pair_ratios["changing"].append(timed_pair(index // 2 % 2, prompt if index % 2 else other,
+                                              ("mediator_changing", "plain_changing")))
 [(_, other_route)] = mediator.generate_text([other], max_new_tokens=1)
 switches = {}
 fused_by_size = mediator.fused_switches
@@ -136,17 +142,18 @@ for fused in (fused_by_size, not fused_by_size):  # the path this size takes fir
             start = time.perf_counter(); mediator.use_weights(mix)
             switches.setdefault(f"switch_{step}" + ("_fused" if fused else "_torch"), []).append(time.perf_counter() - start)
 routed = sum(m.numel() * m.element_size() for m in mediator._routed.values())
-print(json.dumps({"route": route.to_json(), "other_route": other_route.to_json(), "first": first,
+print(json.dumps({"threads": torch.get_num_threads(), "route": route.to_json(), "other_route": other_route.to_json(), "first": first,
                   "routed_bytes": routed, "fused_by_size": fused_by_size,
-                  "changing_ratio": sum(times["mediator_changing"]) / sum(times["plain_changing"]),
+                  "ratio": statistics.median(pair_ratios["same"]),
+                  "changing_ratio": statistics.median(pair_ratios["changing"]),
                   **{name: statistics.median(values) for name, values in times.items()},
                   **{name: statistics.median(values) for name, values in switches.items()}}))
 """
 
 
-def serving(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int) -> dict:
-    """Selected-expert generate() vs the same expert exported as a plain model (one process, one
-    thread), the cost of a route switch, and the peak RSS of load + generate of each."""
+def serving(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int, threads: list[int]) -> dict:
+    """Selected-expert generate() vs the same expert exported as a plain model (one process per thread
+    count), the cost of a route switch, and the peak RSS of load + generate of each."""
     from mergewise.mediator.export import export_task
 
     task, other_task = [name for name, entry in zoo.tasks.items() if entry.expert][:2]
@@ -154,13 +161,16 @@ def serving(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int)
     plain = work / "models" / f"export-{task}"
     if not (plain / "config.json").is_file():
         export_task(mediator_dir, task, plain, overwrite=True, quiet=True)
-    output = subprocess.run([sys.executable, "-c", LATENCY_CHILD, str(mediator_dir), str(plain), prompt, other,
-                             str(tokens), str(repeats)], check=True, capture_output=True, text=True).stdout
-    timing = json.loads(output.strip().splitlines()[-1])
+    timings = []
+    for count in threads:
+        output = subprocess.run([sys.executable, "-c", LATENCY_CHILD, str(mediator_dir), str(plain), prompt, other,
+                                 str(tokens), str(repeats), str(count)], check=True, capture_output=True,
+                                text=True).stdout
+        timings.append(json.loads(output.strip().splitlines()[-1]))
     memory = {name: peak_rss("mergewise.cli", "generate", str(folder), "--prompt", prompt, "--max-new-tokens",
                              str(tokens))[0]
               for name, folder in (("mediator", mediator_dir), ("plain", plain))}
-    return {"task": task, **timing, "rss": memory}
+    return {"task": task, "timings": timings, "rss": memory}
 
 
 def default_folder(work: Path) -> Path:
@@ -174,28 +184,35 @@ def serving_sections(folder: Path, zoo: Zoo, work: Path, args: argparse.Namespac
     """One serving section per `--tokens` count: routing costs one prefill per request, so its share
     of a request depends on how many tokens the request generates."""
     return [line for tokens in args.tokens
-            for line in serving_section(serving(folder, zoo, work, tokens, args.repeats), tokens, args.repeats)]
+            for line in serving_section(serving(folder, zoo, work, tokens, args.repeats, args.threads), tokens,
+                                         args.repeats)]
 
 
-def serving_section(timing: dict, tokens: int, repeats: int) -> list[str]:
+def serving_section(serving: dict, tokens: int, repeats: int) -> list[str]:
+    timing = serving["timings"][0]
     gigabytes = timing["routed_bytes"] / 1e9
     lines = ["", f"{SERVING_HEADING} ({DEFAULT[0]}, code {DEFAULT[1]}, budget {DEFAULT[2]:g}, {tokens} new tokens)", "",
-            f"`generate()` of {tokens} new tokens for one `{timing['task']}` prompt (route: "
-            f"{timing['route']['decision']} {timing['route']['task']}), median of {repeats}, alternating, one "
-            "thread; peak RSS of `mergewise generate` (load + generate) in a child process each:",
-            "", "| model | latency | peak RSS (load + generate) |", "|---|---:|---:|",
-            f"| Mediator, selected expert | {1000 * timing['mediator']:.1f} ms | {timing['rss']['mediator']:.0f} MiB |",
-            f"| same expert exported as a plain model | {1000 * timing['plain']:.1f} ms | "
-            f"{timing['rss']['plain']:.0f} MiB |",
-            "", f"Ratios: latency **{timing['mediator'] / timing['plain']:.2f}×** (first request: "
-            f"{1000 * timing['first']:.1f} ms), peak RSS **{timing['rss']['mediator'] / timing['rss']['plain']:.2f}×**.",
-            "", "The selected expert stays in the routed tensors between requests (routing reads D's values one decoder "
-            "layer at a time), so these requests after the first switch nothing. When every request goes to another "
-            f"expert (`{timing['task']}` and `{timing['other_route']['task']}` prompts in turn, route of the second: "
-            f"{timing['other_route']['decision']}; the plain model runs the same prompts), Mediator takes "
-            f"**{timing['changing_ratio']:.2f}×** the plain model's time.",
-            "", f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {repeats}; "
-            f"this size switches with {'the fused kernels' if timing['fused_by_size'] else 'torch operations'}):", ""]
+             f"`generate()` of {tokens} new tokens for one `{serving['task']}` prompt (route: "
+             f"{timing['route']['decision']} {timing['route']['task']}), median of {repeats}, one process per thread "
+             "count (the last: torch's default, as `mergewise generate` runs). The two models take turns on the same "
+             "prompt, back to back, which of them goes first alternating; the latency ratio is the median of those "
+             "pairs' ratios (the machine's speed drifts between pairs):",
+             "", "| torch threads | Mediator, selected expert | same expert exported as a plain model | latency | "
+             "first request | every request changing expert |", "|---:|---:|---:|---:|---:|---:|"]
+    for run in serving["timings"]:
+        lines.append(f"| {run['threads']} | {1000 * run['mediator']:.1f} ms | {1000 * run['plain']:.1f} ms | "
+                     f"**{run['ratio']:.2f}×** | {1000 * run['first']:.1f} ms | "
+                     f"{run['changing_ratio']:.2f}× |")
+    rss = serving["rss"]
+    lines += ["", f"Peak RSS of `mergewise generate` (load + generate) in a child process each: Mediator "
+              f"{rss['mediator']:.0f} MiB, plain model {rss['plain']:.0f} MiB, **{rss['mediator'] / rss['plain']:.2f}×**.",
+              "", "The selected expert stays in the routed tensors between requests (routing reads D's values one decoder "
+              "layer at a time), so these requests after the first switch nothing. In the last column every request "
+              f"goes to another expert (`{serving['task']}` and `{timing['other_route']['task']}` prompts in turn, "
+              f"route of the second: {timing['other_route']['decision']}; the plain model runs the same prompts).",
+              "", f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {repeats}, "
+              f"{timing['threads']} thread(s); this size switches with "
+              f"{'the fused kernels' if timing['fused_by_size'] else 'torch operations'}):", ""]
     for path, label in (("torch", "torch operations"), ("fused", "fused CPU kernels")):
         select, restore = timing[f"switch_select_{path}"], timing[f"switch_restore_{path}"]
         lines.append(f"- {label}: select {1000 * select:.2f} ms ({1000 * select / gigabytes:.0f} ms/GB), "
@@ -252,6 +269,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[32],
                         help="new tokens per timed generate() (several: one serving section each)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 0],
+                        help="torch threads of the timed requests, one process each (0: torch's default)")
     parser.add_argument("--serving-only", action="store_true",
                         help="measure serving of the default settings again, keeping the report's quality table")
     args = parser.parse_args()
@@ -279,8 +298,10 @@ def main() -> None:
     lines = [f"# Mediator on the {size} zoo", "",
              f"Experts: {', '.join(experts)}; held-back task: {', '.join(held) or 'none'}. "
              f"{args.limit or 'all'} prompts per task. Merge of calm units and dense expert D: linear average. "
-             "Routing correct: share of in-distribution prompts whose most probable expert is their own.", "",
-             header, "|" + "---|" * (len(zoo.tasks) + 7)]
+             "Routing correct: share of in-distribution prompts whose most probable expert is their own. "
+             "The router's features on this machine: bf16 Linear layers multiply "
+             f"{'natively (the CPU has AVX-512 BF16)' if native_half_matmuls(torch.bfloat16) else 'in float32'}.",
+             "", header, "|" + "---|" * (len(zoo.tasks) + 7)]
     points = []
     for label, result in results.items():
         cells = [f"{result['tasks'][name]['score']:.3f}" for name in zoo.tasks]

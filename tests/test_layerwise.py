@@ -15,8 +15,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mergewise.checkpoint import ModelFolder
 from mergewise.errors import MergewiseError
-from mergewise.layerwise import (Batch, LayerwiseModel, float32_matmuls, pooled_hidden_states, return_freed_memory,
-                                 stored_dtype)
+from mergewise import layerwise
+from mergewise.layerwise import (Batch, LayerwiseModel, fast_half_matmuls, native_half_matmuls, pooled_hidden_states,
+                                 return_freed_memory, stored_dtype)
 from tests.support.tiny_models import build_tiny_model
 from tests.test_remote_code import add_code, answers_yes  # noqa: F401 (answers_yes is a fixture)
 
@@ -50,7 +51,7 @@ def prompts() -> list[list[int]]:
 def in_memory_pooled(folder: Path, prompts: list[list[int]], layer: int, dtype: torch.dtype,
                      max_tokens: int | None = None, device: str = "meta") -> torch.Tensor:
     """The whole model in memory: right-padded batches with their attention mask, the mean over each
-    prompt's tokens of `output_hidden_states[layer]`, its matmuls as `float32_matmuls` runs them for
+    prompt's tokens of `output_hidden_states[layer]`, its matmuls as `fast_half_matmuls` runs them for
     `device` (the default: the model's own)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     pooled = []
@@ -61,7 +62,7 @@ def in_memory_pooled(folder: Path, prompts: list[list[int]], layer: int, dtype: 
         for row, ids in enumerate(batch):
             input_ids[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
-        with torch.no_grad(), float32_matmuls(model, torch.device(device)):
+        with torch.no_grad(), fast_half_matmuls(model, torch.device(device)):
             hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
         weights = mask[..., None].float()
         pooled.append((hidden.float() * weights).sum(1) / weights.sum(1))
@@ -105,8 +106,16 @@ def test_no_dtype_computes_in_the_stored_one(tiny_model, prompts, tmp_path):
     assert stored_dtype(ModelFolder(float_folder)) == torch.float32
 
 
+@pytest.fixture(params=[False, True], ids=["float32-matmuls", "native-matmuls"])
+def cpu_instructions(request, monkeypatch):
+    """Both sides of `native_half_matmuls`, whatever this CPU has: without, then with, instructions
+    for every half-precision dtype."""
+    monkeypatch.setattr(layerwise, "native_half_matmuls", lambda dtype: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("layer", [-1, NUM_LAYERS // 2])
-def test_bf16_features_equal_the_in_memory_models_with_float32_matmuls(layer, tiny_model, prompts):
+def test_bf16_features_equal_the_in_memory_models_with_the_same_matmuls(layer, tiny_model, prompts, cpu_instructions):
     folder = tiny_model("llama")
     streamed = pooled_hidden_states(folder, prompts, layer, batch_size=BATCH_SIZE, pad_id=PAD_ID, quiet=True)
     assert torch.equal(streamed, in_memory_pooled(folder, prompts, layer, torch.bfloat16, device="cpu"))
@@ -116,42 +125,74 @@ def float32_product(linear: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tens
     return (inputs.float() @ linear.weight.float().T + linear.bias.float()).to(linear.weight.dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_linears_multiply_in_float32_on_the_cpu(dtype):
-    """On the CPU a half-precision Linear gives the float32 product rounded once to its dtype, the
-    model's own forward is back afterwards (an exception inside too), and float32 Linears are untouched."""
+def half_model(dtype: torch.dtype) -> tuple[torch.nn.Sequential, torch.Tensor]:
+    """Two Linears in `dtype`, the second turned float32, and inputs for the first."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32)).to(dtype)
     model[1].float()
-    inputs = torch.randn(5, 7, 64).to(dtype)
+    return model, torch.randn(5, 7, 64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_linears_multiply_in_float32_on_a_cpu_without_instructions_for_them(dtype, monkeypatch):
+    """There a half-precision Linear gives the float32 product rounded once to its dtype, the model's
+    own forward is back afterwards (an exception inside too), and float32 Linears are untouched."""
+    monkeypatch.setattr(layerwise, "native_half_matmuls", lambda dtype: False)
+    model, inputs = half_model(dtype)
     native = model[0](inputs)
-    with float32_matmuls(model, torch.device("cpu")):
+    with fast_half_matmuls(model, torch.device("cpu")):
         upcast = model[0](inputs)
         assert "forward" in vars(model[0]) and "forward" not in vars(model[1])
     assert upcast.dtype == dtype and torch.equal(upcast, float32_product(model[0], inputs))
     torch.testing.assert_close(upcast, native, atol=2e-2, rtol=2e-2)  # the same product, summed in another order
     with pytest.raises(RuntimeError, match="inside"):
-        with float32_matmuls(model, torch.device("cpu")):
+        with fast_half_matmuls(model, torch.device("cpu")):
             raise RuntimeError("inside")
     assert all("forward" not in vars(module) for module in model) and torch.equal(model[0](inputs), native)
 
 
-def test_a_linear_with_a_forward_of_its_own_keeps_it():
+def test_a_cpu_with_instructions_for_one_dtype_runs_its_matmuls_natively(monkeypatch):
+    """The other side of the switch, per dtype: bf16 Linears keep their own forward on a CPU with bf16
+    instructions while fp16 ones, which it lacks, multiply in float32."""
+    monkeypatch.setattr(layerwise, "native_half_matmuls", lambda dtype: dtype == torch.bfloat16)
+    model, inputs = half_model(torch.bfloat16)
+    model.append(torch.nn.Linear(32, 8).to(torch.float16))
+    native = model[0](inputs)
+    with fast_half_matmuls(model, torch.device("cpu")):
+        assert [("forward" in vars(module)) for module in model] == [False, False, True]
+        assert torch.equal(model[0](inputs), native)
+    assert all("forward" not in vars(module) for module in model)
+
+
+def test_native_half_matmuls_follows_the_cpus_instructions():
+    """bf16 is native exactly where the CPU lists AVX-512 BF16 (Linux x86 lists its flags); float32 is
+    no half-precision dtype."""
+    assert native_half_matmuls(torch.float32) is False
+    assert isinstance(native_half_matmuls(torch.float16), bool)
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or " avx2" not in cpuinfo.read_text():
+        pytest.skip("not a Linux x86 machine")
+    assert native_half_matmuls(torch.bfloat16) is (" avx512_bf16" in cpuinfo.read_text())
+
+
+def test_a_linear_with_a_forward_of_its_own_keeps_it(monkeypatch):
     """A Linear another library already gave an instance `forward` (an offload hook) is left alone,
     during and after; its neighbours still multiply in float32."""
+    monkeypatch.setattr(layerwise, "native_half_matmuls", lambda dtype: False)
     model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
     hooked = model[0].forward = lambda inputs: torch.zeros(*inputs.shape[:-1], 8, dtype=torch.bfloat16)
-    with float32_matmuls(model, torch.device("cpu")):
+    with fast_half_matmuls(model, torch.device("cpu")):
         assert model[0].forward is hooked and "forward" in vars(model[1])
         assert torch.equal(model(torch.ones(2, 16, dtype=torch.bfloat16)),
                            float32_product(model[1], torch.zeros(2, 8, dtype=torch.bfloat16)))
     assert model[0].forward is hooked and "forward" not in vars(model[1])
 
 
-def test_off_the_cpu_linears_multiply_in_their_dtype():
-    """The other side of the switch: on an accelerator the model's matmuls are its own."""
+def test_off_the_cpu_linears_multiply_in_their_dtype(monkeypatch):
+    """On an accelerator the model's matmuls are its own, whatever the CPU has."""
+    monkeypatch.setattr(layerwise, "native_half_matmuls", lambda dtype: False)
     linear = torch.nn.Linear(16, 8).to(torch.bfloat16)
-    with float32_matmuls(linear, torch.device("meta")):
+    with fast_half_matmuls(linear, torch.device("meta")):
         assert "forward" not in vars(linear)
 
 

@@ -298,15 +298,19 @@ def test_a_folder_of_the_first_format_names_its_version(mediator_dir, tmp_path, 
     assert "Mediator format 1 (built by mergewise 0.1.0)" in error and "reads format 2" in error
 
 
+@pytest.mark.parametrize("dtype,native", [(None, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["stored", "bf16-float32-matmuls", "bf16-native-matmuls"])
 @pytest.mark.parametrize("layer", [-1, 1, [2, 1]])
-def test_the_builds_layer_streamed_features_are_the_runtimes(mediator_dir, layer):
+def test_the_builds_layer_streamed_features_are_the_runtimes(mediator_dir, layer, dtype, native, monkeypatch):
     """The router is fitted on features from a layer-by-layer pass; routing computes them with the
-    whole model in memory: the two are the same numbers."""
-    from mergewise.layerwise import pooled_hidden_states
+    whole model in memory: the two are the same numbers, in half precision on either kind of CPU."""
+    from mergewise import layerwise
 
-    model = load(mediator_dir)
+    monkeypatch.setattr(layerwise, "native_half_matmuls", lambda half: native)
+    model = load(mediator_dir, dtype=dtype)
     ids = model.encode([text for words in TASK_WORDS.values() for text in prompts_for(words, 5, 9)])
-    streamed = pooled_hidden_states(mediator_dir, ids, layer, pad_id=model.tokenizer.pad_token_id, max_tokens=6)
+    streamed = layerwise.pooled_hidden_states(mediator_dir, ids, layer, dtype=dtype,
+                                              pad_id=model.tokenizer.pad_token_id, max_tokens=6)
     assert torch.equal(streamed, model.features(ids, layer, max_tokens=6))
 
 

@@ -32,7 +32,7 @@ from mergewise.checkpoint.tokens import start_token_id
 from mergewise.devices import resolve_device
 from mergewise.engine import row_ranges
 from mergewise.errors import MergewiseError
-from mergewise.layerwise import float32_matmuls, mean_pooled, right_padded
+from mergewise.layerwise import fast_half_matmuls, mean_pooled, right_padded
 from mergewise.mediator import switching
 from mergewise.mediator.codes import CODES, Stored, matrix_shape
 from mergewise.mediator.router import Route, Router
@@ -189,12 +189,12 @@ class RoutedModel:
     def features(self, prompt_ids: Sequence[Sequence[int]], layer: int | Sequence[int] = -1,
                  max_tokens: int | None = None) -> torch.Tensor:
         """Mean-pooled hidden state of each prompt at `layer` (several: side by side), with the
-        weights the model holds now, computed as the build computed them (`float32_matmuls`).
+        weights the model holds now, computed as the build computed them (`fast_half_matmuls`).
 
         Prompts are right-padded so every prompt sees positions 0.., as at calibration time."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         pooled = []
-        with float32_matmuls(self.model, self.device):
+        with fast_half_matmuls(self.model, self.device):
             for start in range(0, len(prompt_ids), FEATURE_BATCH):
                 batch = right_padded([list(ids)[-max_tokens:] if max_tokens else list(ids)
                                       for ids in prompt_ids[start:start + FEATURE_BATCH]], pad)
