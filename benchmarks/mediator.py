@@ -142,7 +142,8 @@ for fused in (fused_by_size, not fused_by_size):  # the path this size takes fir
             start = time.perf_counter(); mediator.use_weights(mix)
             switches.setdefault(f"switch_{step}" + ("_fused" if fused else "_torch"), []).append(time.perf_counter() - start)
 routed = sum(m.numel() * m.element_size() for m in mediator._routed.values())
-print(json.dumps({"threads": torch.get_num_threads(), "route": route.to_json(), "other_route": other_route.to_json(), "first": first,
+print(json.dumps({"threads": torch.get_num_threads(), "route": route.to_json(),
+                  "other_route": other_route.to_json(), "first": first,
                   "routed_bytes": routed, "fused_by_size": fused_by_size,
                   "ratio": statistics.median(pair_ratios["same"]),
                   "changing_ratio": statistics.median(pair_ratios["changing"]),
@@ -188,28 +189,29 @@ def serving_sections(folder: Path, zoo: Zoo, work: Path, args: argparse.Namespac
                                          args.repeats)]
 
 
-def serving_section(serving: dict, tokens: int, repeats: int) -> list[str]:
-    timing = serving["timings"][0]
+def serving_section(measured: dict, tokens: int, repeats: int) -> list[str]:
+    timing = measured["timings"][0]
     gigabytes = timing["routed_bytes"] / 1e9
     lines = ["", f"{SERVING_HEADING} ({DEFAULT[0]}, code {DEFAULT[1]}, budget {DEFAULT[2]:g}, {tokens} new tokens)", "",
-             f"`generate()` of {tokens} new tokens for one `{serving['task']}` prompt (route: "
+             f"`generate()` of {tokens} new tokens for one `{measured['task']}` prompt (route: "
              f"{timing['route']['decision']} {timing['route']['task']}), median of {repeats}, one process per thread "
              "count (the last: torch's default, as `mergewise generate` runs). The two models take turns on the same "
              "prompt, back to back, which of them goes first alternating; the latency ratio is the median of those "
              "pairs' ratios (the machine's speed drifts between pairs):",
              "", "| torch threads | Mediator, selected expert | same expert exported as a plain model | latency | "
              "first request | every request changing expert |", "|---:|---:|---:|---:|---:|---:|"]
-    for run in serving["timings"]:
+    for run in measured["timings"]:
         lines.append(f"| {run['threads']} | {1000 * run['mediator']:.1f} ms | {1000 * run['plain']:.1f} ms | "
                      f"**{run['ratio']:.2f}×** | {1000 * run['first']:.1f} ms | "
                      f"{run['changing_ratio']:.2f}× |")
-    rss = serving["rss"]
+    rss = measured["rss"]
     lines += ["", f"Peak RSS of `mergewise generate` (load + generate) in a child process each: Mediator "
-              f"{rss['mediator']:.0f} MiB, plain model {rss['plain']:.0f} MiB, **{rss['mediator'] / rss['plain']:.2f}×**.",
-              "", "The selected expert stays in the routed tensors between requests (routing reads D's values one decoder "
-              "layer at a time), so these requests after the first switch nothing. In the last column every request "
-              f"goes to another expert (`{serving['task']}` and `{timing['other_route']['task']}` prompts in turn, "
-              f"route of the second: {timing['other_route']['decision']}; the plain model runs the same prompts).",
+              f"{rss['mediator']:.0f} MiB, plain model {rss['plain']:.0f} MiB, "
+              f"**{rss['mediator'] / rss['plain']:.2f}×**.",
+              "", "The selected expert stays in the routed tensors between requests (routing reads D's values one "
+              "decoder layer at a time), so these requests after the first switch nothing. In the last column every "
+              f"request goes to another expert (`{measured['task']}` and `{timing['other_route']['task']}` prompts "
+              f"in turn, route of the second: {timing['other_route']['decision']}; the plain model runs the same prompts).",
               "", f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {repeats}, "
               f"{timing['threads']} thread(s); this size switches with "
               f"{'the fused kernels' if timing['fused_by_size'] else 'torch operations'}):", ""]

@@ -114,6 +114,12 @@ def cpu_instructions(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def without_half_instructions(monkeypatch):
+    """A CPU without matmul instructions for any half-precision dtype, whatever this one has."""
+    monkeypatch.setattr(layerwise, "native_half_matmuls", lambda dtype: False)
+
+
 @pytest.mark.parametrize("layer", [-1, NUM_LAYERS // 2])
 def test_bf16_features_equal_the_in_memory_models_with_the_same_matmuls(layer, tiny_model, prompts, cpu_instructions):
     folder = tiny_model("llama")
@@ -134,10 +140,10 @@ def half_model(dtype: torch.dtype) -> tuple[torch.nn.Sequential, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_linears_multiply_in_float32_on_a_cpu_without_instructions_for_them(dtype, monkeypatch):
+def test_half_precision_linears_multiply_in_float32_on_a_cpu_without_instructions_for_them(
+        dtype, without_half_instructions):
     """There a half-precision Linear gives the float32 product rounded once to its dtype, the model's
     own forward is back afterwards (an exception inside too), and float32 Linears are untouched."""
-    monkeypatch.setattr(layerwise, "native_half_matmuls", lambda dtype: False)
     model, inputs = half_model(dtype)
     native = model[0](inputs)
     with fast_half_matmuls(model, torch.device("cpu")):
@@ -175,10 +181,9 @@ def test_native_half_matmuls_follows_the_cpus_instructions():
     assert native_half_matmuls(torch.bfloat16) is (" avx512_bf16" in cpuinfo.read_text())
 
 
-def test_a_linear_with_a_forward_of_its_own_keeps_it(monkeypatch):
+def test_a_linear_with_a_forward_of_its_own_keeps_it(without_half_instructions):
     """A Linear another library already gave an instance `forward` (an offload hook) is left alone,
     during and after; its neighbours still multiply in float32."""
-    monkeypatch.setattr(layerwise, "native_half_matmuls", lambda dtype: False)
     model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
     hooked = model[0].forward = lambda inputs: torch.zeros(*inputs.shape[:-1], 8, dtype=torch.bfloat16)
     with fast_half_matmuls(model, torch.device("cpu")):
@@ -188,9 +193,8 @@ def test_a_linear_with_a_forward_of_its_own_keeps_it(monkeypatch):
     assert model[0].forward is hooked and "forward" not in vars(model[1])
 
 
-def test_off_the_cpu_linears_multiply_in_their_dtype(monkeypatch):
+def test_off_the_cpu_linears_multiply_in_their_dtype(without_half_instructions):
     """On an accelerator the model's matmuls are its own, whatever the CPU has."""
-    monkeypatch.setattr(layerwise, "native_half_matmuls", lambda dtype: False)
     linear = torch.nn.Linear(16, 8).to(torch.bfloat16)
     with fast_half_matmuls(linear, torch.device("meta")):
         assert "forward" not in vars(linear)
