@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from mergewise.config import MergeConfig, load_recipe
-from mergewise.errors import MergewiseError
+from mergewise.errors import MergewiseError, RecipeWarning
 from mergewise.plan import build_plan
 
 
@@ -30,7 +30,7 @@ def test_a_yaml_recipe_reads_relative_paths_from_its_folder_and_validates_its_bl
 @pytest.mark.parametrize("data,message", [
     ({"merge_method": "ties", "models": [{"model": "a"}], "aim": {"omega": 2}}, r"aim\.omega: .*less than or equal to 1"),
     ({"merge_method": "ties", "models": [{"model": "a"}], "aim": {"omega": 0.4}}, "exactly one of 'stats' or 'calibration'"),
-    ({"merge_method": "ties", "models": [{"model": "a"}], "aimm": {}}, "aimm: unknown key"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "modules": {}}, "modules: .* not supported yet"),
     ({"merge_method": "ties"}, "exactly one of 'models' or 'slices'"),
     ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union", "tokenizer": {}},
      "at most one of 'tokenizer_source' or 'tokenizer'"),
@@ -79,3 +79,62 @@ def test_the_plan_refuses_models_of_another_architecture(tiny_family):
                          models=[{"model": str(qwen.fine_tunes[0]), "parameters": {"weight": 1.0}}])
     with pytest.raises(MergewiseError, match="is a qwen2 model but the base .* is a llama model"):
         build_plan(config, llama.base.parent)
+
+
+def test_keys_mergekit_ignores_are_named_kept_out_of_the_record_and_refused_under_strict():
+    data = {"merge_method": "ties", "name": "stage-1", "normalize": True, "base_model": "b",
+            "models": [{"model": "org/a", "revision": "v2", "parameters": {"weight": 1.0}},
+                       {"model": "c", "parameters": {"weight": [{"filter": "mlp", "value": 1, "pattern": "x"}]}}]}
+    with pytest.warns(RecipeWarning) as warned:
+        recipe = load_recipe(data, origin="r.yml")
+    assert [str(warning.message) for warning in warned] == [
+        "r.yml: name: unknown key, ignored, as mergekit ignores it (it names one stage of a multi-stage recipe)",
+        "r.yml: normalize: a parameter of ties written at the top level is ignored, as mergekit ignores it; put it "
+        "under parameters: to apply it",
+        "r.yml: models[0].revision: read as the model's revision (org/a@v2); mergekit ignores it and reads the "
+        "model's default revision",
+        "r.yml: models[1].parameters.weight[0].pattern: unknown key, ignored, as mergekit ignores it"]
+    assert recipe.config.models[0].model == "org/a@v2"
+    assert recipe.record() == {"merge_method": "ties", "base_model": "b", "models": [
+        {"model": "org/a@v2", "parameters": {"weight": 1.0}},
+        {"model": "c", "parameters": {"weight": [{"filter": "mlp", "value": 1}]}}]}
+    with pytest.raises(MergewiseError, match=r"r\.yml: name: unknown key.*\(refused: --strict\)"):
+        load_recipe(data, origin="r.yml", strict=True)
+
+
+def test_a_near_miss_names_the_key_it_resembles():
+    with pytest.warns(RecipeWarning, match=r"tokenizer_sourc: unknown key.*did you mean tokenizer_source\?"):
+        load_recipe({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_sourc": "base"})
+    with pytest.warns(RecipeWarning, match=r"mediatr: unknown key.*did you mean mediator\?"):
+        load_recipe({"merge_method": "linear", "models": [{"model": "a"}], "mediatr": {}})
+
+
+def test_one_folder_however_the_recipe_spells_it(tiny_family):
+    """`./base`, `base` and `base@main` are one input, so a slice of the base and a fine-tune has a
+    base even when one source names a revision."""
+    family = tiny_family("llama", num_layers=4)
+    config = MergeConfig(merge_method="slerp", base_model="base", parameters={"t": 0.5}, slices=[{"sources": [
+        {"model": "./base@main", "layer_range": [0, 4]}, {"model": "ft1", "layer_range": [0, 4]}]}])
+    with pytest.warns(RecipeWarning, match="base is a local folder; its revision 'main' is ignored"):
+        plan = build_plan(config, family.base.parent)
+    assert len(plan.models) == 2
+    assert all(job.base.model is plan.base_model and len(job.inputs) == 1 for job in plan.jobs)
+
+
+def test_a_slice_of_the_base_alone_copies_the_base_and_the_head_follows_mergekit(tiny_family):
+    family = tiny_family("llama", num_layers=4)
+    config = MergeConfig(merge_method="task_arithmetic", base_model="base", slices=[
+        {"sources": [{"model": "base", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "base", "layer_range": [2, 4]},
+                     {"model": "ft1", "layer_range": [2, 4], "parameters": {"weight": 0.5}}]}])
+    with pytest.warns(RecipeWarning) as warned:
+        plan = build_plan(config, family.base.parent)
+    messages = {str(warning.message) for warning in warned}
+    assert any("slices[0]: merge_method task_arithmetic gets only the base model here" in m for m in messages)
+    jobs = {job.name: job for job in plan.jobs}
+    assert jobs["model.layers.0.mlp.up_proj.weight"].inputs == []
+    assert len(jobs["model.layers.3.mlp.up_proj.weight"].inputs) == 1
+    # The head and final norm: the last slice's first source only (the first slice has one), the base.
+    assert jobs["lm_head.weight"].inputs == [] and jobs["model.norm.weight"].inputs == []
+    with pytest.raises(MergewiseError, match=r"slices\[0\]: .*only the base.*refused: --strict"):
+        build_plan(config, family.base.parent, strict=True)

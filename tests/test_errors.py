@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from mergewise.cli import main
+from mergewise.errors import RecipeWarning
 from tests.support.tiny_models import Family, build_tiny_model, read_state_dict
 
 
@@ -49,7 +50,7 @@ def assert_refused(capsys, status: int, out_dir: Path, *named: str, out_dir_befo
     """The single error line (returned); the output folder neither created nor half-built, or, when
     it existed (`out_dir_before`, its digest), left exactly as it was."""
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
+    lines = [line for line in captured.err.strip().splitlines() if not line.startswith("warning: ")]
     assert status == 2, captured.err
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("error: ")
@@ -83,13 +84,10 @@ def test_invalid_yaml_names_the_file_and_line(tmp_path, capsys):
 
 # Each case edits a valid linear recipe over the base and one fine-tune; `named` must appear in the error.
 RECIPE_CASES = {
-    "unknown top-level key": (lambda r: {**r, "merge_methd": "ties"}, ["merge_methd", "unknown key"]),
     "unknown method": (lambda r: {**r, "merge_method": "tie"}, ["unknown merge_method", "'tie'"]),
-    "unknown parameter": (
+    "misspelled required parameter": (
         lambda r: {**r, "models": [{**r["models"][0], "parameters": {"wieght": 1.0}}, r["models"][1]]},
-        ["models[0].parameters.wieght", "unknown parameter", "linear"]),
-    "unknown shared parameter": (lambda r: {**r, "parameters": {"density": 0.5}},
-                                 ["parameters.density", "unknown parameter"]),
+        ["missing required parameter weight", "models[0].parameters.wieght looks like a misspelling"]),
     "missing required parameter": (lambda r: {**r, "models": [{"model": m["model"]} for m in r["models"]]},
                                    ["missing required parameter weight"]),
     "parameter of the wrong type": (lambda r: {**r, "parameters": {"normalize": "maybe"}},
@@ -116,6 +114,35 @@ def test_bad_recipe_is_refused_naming_the_key(case, family, tmp_path, capsys):
     edit, named = RECIPE_CASES[case]
     config = write_recipe(tmp_path, edit(linear_recipe(family.base, family.fine_tunes[0])))
     assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", *named)
+
+
+# Keys and parameters mergekit ignores: a merge warns (naming the key, and the known key it resembles),
+# --strict refuses.
+TOLERATED_CASES = {
+    "unknown top-level key": (lambda r: {**r, "merge_methd": "ties"}, ["merge_methd", "did you mean merge_method?"]),
+    "parameter written at the top level": (lambda r: {**r, "normalize": False},
+                                           ["normalize", "put it under parameters:"]),
+    "unknown shared parameter": (lambda r: {**r, "parameters": {"density": 0.5}},
+                                 ["parameters.density", "unknown parameter for merge_method linear"]),
+    "unknown key beside a model": (lambda r: {**r, "models": [{**r["models"][0], "layer_range": [0, 2]},
+                                                              r["models"][1]]},
+                                   ["models[0].layer_range", "slices: sources only"]),
+    "unknown tokenizer key": (lambda r: {**r, "tokenizer": {"sorce": "base"}},
+                              ["tokenizer.sorce", "did you mean source?"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOLERATED_CASES))
+def test_keys_mergekit_ignores_are_named_and_refused_under_strict(case, family, tmp_path, capsys):
+    edit, named = TOLERATED_CASES[case]
+    config = write_recipe(tmp_path, edit(linear_recipe(family.base, family.fine_tunes[0])))
+
+    with pytest.warns(RecipeWarning) as warned:
+        assert merge(config, tmp_path / "out") == 0
+    messages = [str(warning.message) for warning in warned if warning.category is RecipeWarning]
+    assert len(messages) == 1 and all(fragment in messages[0] for fragment in named), messages
+    assert_refused(capsys, merge(config, tmp_path / "strict", "--strict"), tmp_path / "strict", *named,
+                   "refused: --strict")
 
 
 @pytest.mark.parametrize("flags, named", [(["--device", "cuda"], ["cuda"]),

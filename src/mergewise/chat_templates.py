@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from mergewise.checkpoint.reader import inside_folder
-from mergewise.errors import MergewiseError
+from mergewise.errors import MergewiseError, tolerated
 
 NAMED = {
     "chatml": (
@@ -30,15 +30,18 @@ NAMED = {
 }
 
 
-def resolve_chat_template(setting: str, models: list[Path]) -> str:
-    """The Jinja template a recipe's `chat_template` stands for; one error naming the setting if
-    it is neither a known name, `auto` with a template among the inputs, nor Jinja."""
+def resolve_chat_template(setting: str, models: list[Path], *, strict: bool = False) -> str | None:
+    """The Jinja template a recipe's `chat_template` stands for (None: `auto` found none among the
+    inputs, and the output gets none, as mergekit's); one error naming the setting if it is neither
+    a known name, `auto`, nor Jinja."""
     if setting in NAMED:
         return NAMED[setting]
     if setting == "auto":
         found = Counter(template for model in models if (template := model_chat_template(model)))
         if not found:
-            raise MergewiseError("chat_template: auto, but none of the input models has a chat template")
+            tolerated("chat_template: auto, but none of the input models has a chat template; the output gets "
+                      "none, as mergekit writes none", strict=strict)
+            return None
         return found.most_common(1)[0][0]
     if "{{" in setting or "{%" in setting:
         return setting

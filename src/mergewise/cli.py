@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from mergewise.errors import MergewiseError
 
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
-        status = args.handler(args)
+        with warnings.catch_warnings():
+            warnings.formatwarning = _format_warning
+            status = args.handler(args)
     except MergewiseError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -57,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
     return int(status or 0)
+
+
+_python_format_warning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """mergewise's own warnings as one `warning: …` line each, like its errors; others as Python shows them."""
+    if category.__module__.split(".")[0] == "mergewise":
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
 
 
 class _Terminated(KeyboardInterrupt):

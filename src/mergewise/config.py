@@ -1,29 +1,70 @@
 """The merge recipe: mergekit's YAML schema, read unchanged, plus mergewise's optional blocks.
 
-Method names and parameter names are checked against the method's signature when the config loads,
-so a typo fails before any tensor is read. The blocks (`aim:`, `mediator:`) are validated by their
-own schemas (`mergewise.stages.BLOCKS`) as the recipe loads.
+mergekit's schema lets keys it does not know pass unused (a `name:` of a multi-stage card, a
+`normalize:` written beside `merge_method`); so does this one, naming each in a RecipeWarning (an
+error with `strict`), with the known key it most resembles. A source's `revision:` is read as the
+model's revision. Parameter names are checked against the method's signature as the plan is made,
+before any tensor is read. The blocks (`aim:`, `mediator:`) are mergewise's own: their schemas
+(`mergewise.stages.BLOCKS`) refuse unknown keys as the recipe loads.
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
 
-from mergewise.errors import MergewiseError
+from mergewise.errors import MergewiseError, tolerated
 
 Scalar = Union[bool, int, float, str]
 MAX_RECIPE_BYTES = 1 << 20
 
 
-class ConditionalParameter(BaseModel):
+class MergekitSchema(BaseModel):
+    """A part of mergekit's schema. Keys it does not know pass, as they pass mergekit, and are kept
+    aside (`ignored`) so that each can be named."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    _ignored: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_ignored_keys(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> "MergekitSchema":
+        if isinstance(data, dict):
+            data = cls._read_extra_keys(data)
+        validated = handler(data)
+        if isinstance(data, dict) and isinstance(validated, cls):
+            validated._ignored = {key: value for key, value in data.items() if key not in cls.model_fields}
+        return validated
+
+    @classmethod
+    def _read_extra_keys(cls, data: dict) -> dict:
+        """The entry with the extra keys mergewise honours folded into its fields."""
+        return data
+
+    @property
+    def ignored(self) -> dict[str, Any]:
+        return dict(self._ignored)
+
+
+class ConditionalParameter(MergekitSchema):
     """`{filter: self_attn, value: 0.3}`: the value applies to tensors whose name contains filter."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     value: Union[Scalar, list[Scalar]]
     filter: str | None = None
 
@@ -32,38 +73,46 @@ ParameterSetting = Union[Scalar, list[Scalar], ConditionalParameter, list[Condit
 Parameters = dict[str, ParameterSetting]
 
 
-class InputModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ModelEntry(MergekitSchema):
+    """A model the recipe reads; a `revision:` beside it (which mergekit ignores) is read as the
+    model's revision, `org/name@revision`."""
+
     model: str
     parameters: Parameters | None = None
 
+    @classmethod
+    def _read_extra_keys(cls, data: dict) -> dict:
+        model, revision = data.get("model"), data.get("revision")
+        if isinstance(model, str) and isinstance(revision, str) and revision and "@" not in model:
+            name, plus, adapter = model.partition("+")
+            return {**data, "model": f"{name}@{revision}{plus}{adapter}"}
+        return data
 
-class InputSlice(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    model: str
+
+class InputModel(ModelEntry):
+    pass
+
+
+class InputSlice(ModelEntry):
     layer_range: tuple[int, int]
-    parameters: Parameters | None = None
 
 
-class OutputSlice(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class OutputSlice(MergekitSchema):
     sources: list[InputSlice] = Field(min_length=1)
     base_model: str | None = None
     parameters: Parameters | None = None
 
 
-class ZeroEmbedding(BaseModel):
+class ZeroEmbedding(MergekitSchema):
     """`{kind: zero}`: the token's rows are zeros."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["zero"]
 
 
-class ModelTokenEmbedding(BaseModel):
+class ModelTokenEmbedding(MergekitSchema):
     """`{kind: model_token, model: X, token: Y}` (or `token_id`): the token's rows are those of token Y
     in model X's own vocabulary."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["model_token"]
     model: str
     token: str | None = None
@@ -87,28 +136,25 @@ TokenSource = Annotated[Union[Annotated[ZeroEmbedding, Tag("zero")], Annotated[M
                               Annotated[str, Tag("model")]], Discriminator(_source_kind)]
 
 
-class TokenSettings(BaseModel):
+class TokenSettings(MergekitSchema):
     """Where one output token's embedding and head rows come from for models that lack it (all
     models with `force`); `source` a model path takes that model's rows of the same token."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     source: TokenSource | None = None
     force: bool = False
 
 
-class TokenizerSettings(BaseModel):
+class TokenizerSettings(MergekitSchema):
     """mergekit's `tokenizer:` block: the output vocabulary, per-token row sources, padding."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     source: str = "union"
     tokens: dict[str, TokenSettings] | None = None
     pad_to_multiple_of: int | None = Field(default=None, gt=0)
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(MergekitSchema):
     """A mergekit-compatible merge recipe (the blocks of a `Recipe` aside)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
@@ -172,10 +218,10 @@ class Recipe:
 
 
 def load_recipe(source: str | Path | dict | MergeConfig | Recipe, *, config_dir: str | Path | None = None,
-                origin: str = "config") -> Recipe:
+                origin: str = "config", strict: bool = False) -> Recipe:
     """Parse a recipe from a YAML path, a mapping, a MergeConfig or a Recipe (returned as it is); a
     mapping's relative paths are read from `config_dir` (default: the working folder), and its errors
-    name `origin`."""
+    name `origin`. Keys mergekit would ignore are named in RecipeWarnings (errors with `strict`)."""
     if isinstance(source, Recipe):
         return source
     if isinstance(source, MergeConfig):
@@ -187,6 +233,9 @@ def load_recipe(source: str | Path | dict | MergeConfig | Recipe, *, config_dir:
         data, origin, config_dir = read_yaml_mapping(path), str(path), path.parent.resolve()
     from mergewise.stages import BLOCKS, block_spec
 
+    if "modules" in data:
+        raise MergewiseError(f"{origin}: modules: recipes of one merge per module are not supported yet; "
+                             "write the merge with models: or slices:")
     blocks = {}
     for name in BLOCKS:
         if name not in data:
@@ -196,7 +245,52 @@ def load_recipe(source: str | Path | dict | MergeConfig | Recipe, *, config_dir:
         if spec.rewrite_recipe is not None:
             data, block = spec.rewrite_recipe(data, block, origin)
         blocks[name] = block
-    return Recipe(validate_config(data, origin), blocks, config_dir, origin)
+    config = validate_config(data, origin)
+    for message in ignored_key_messages(config, known_top_level=(*MergeConfig.model_fields, *BLOCKS)):
+        tolerated(f"{origin}: {message}", strict=strict)
+    return Recipe(config, blocks, config_dir, origin)
+
+
+def ignored_key_messages(config: MergeConfig, known_top_level: tuple[str, ...]) -> list[str]:
+    """One sentence per key of the recipe that mergekit's schema lets pass unused."""
+    from mergewise.methods import METHODS
+
+    method = METHODS.get(config.merge_method)
+    messages = []
+    for location, key, value, node in _ignored_keys(config):
+        where = f"{location}.{key}" if location else key
+        if location == "" and method is not None and key in method.parameters:
+            messages.append(f"{key}: a parameter of {method.name} written at the top level is ignored, as mergekit "
+                            "ignores it; put it under parameters: to apply it")
+        elif key == "revision" and isinstance(node, ModelEntry) and f"@{value}" in node.model:
+            messages.append(f"{where}: read as the model's revision ({node.model}); mergekit ignores it and reads "
+                            "the model's default revision")
+        else:
+            known = known_top_level if location == "" else tuple(type(node).model_fields)
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]}?)" if close else _KEY_NOTES.get(key, "")
+            messages.append(f"{where}: unknown key, ignored, as mergekit ignores it{hint}")
+    return messages
+
+
+# Why a recipe often holds a key that mergekit does not read.
+_KEY_NOTES = {"name": " (it names one stage of a multi-stage recipe)",
+              "layer_range": " (a layer range applies to slices: sources only)"}
+
+
+def _ignored_keys(node: Any, location: str = "") -> Iterator[tuple[str, str, Any, "MergekitSchema"]]:
+    """(where, key, value, the entry holding it) of every key mergekit's schema lets pass unused."""
+    if isinstance(node, MergekitSchema):
+        for key, value in node.ignored.items():
+            yield location, str(key), value, node
+        for name in type(node).model_fields:
+            yield from _ignored_keys(getattr(node, name), f"{location}.{name}" if location else name)
+    elif isinstance(node, (list, tuple)):
+        for index, item in enumerate(node):
+            yield from _ignored_keys(item, f"{location}[{index}]")
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            yield from _ignored_keys(item, f"{location}.{key}")
 
 
 def read_yaml_mapping(path: Path) -> dict:

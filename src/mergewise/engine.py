@@ -81,7 +81,8 @@ class MergeOptions:
     seed: int | None = None
     quiet: bool = False
     compile: bool | None = None  # fuse big row chunks with torch.compile; None: only for big models
-    strict: bool = False  # NaN or infinity in a merged tensor is an error, not a warning
+    # NaN or infinity in a merged tensor, and recipe keys mergekit ignores, are errors, not warnings
+    strict: bool = False
     resume: bool = False  # build on the staged output of a killed merge into the same folder
     model_card: bool = True  # write README.md with Hub metadata and the recipe
 
@@ -106,10 +107,17 @@ def run_merge(recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: 
     """Merge the models a recipe describes into the Hugging Face folder `out_dir`, running the stages
     of its blocks (`aim:`, `mediator:`) inside the same streaming pass."""
     options = MergeOptions(**options)
-    recipe = load_recipe(recipe_source)
-    plan = build_plan(recipe.config, recipe.config_dir, allow_pickle=options.allow_pickle,
-                      base_model=recipe.base_model)
+    recipe, plan = plan_recipe(recipe_source, strict=options.strict, allow_pickle=options.allow_pickle)
     return execute_plan(plan, out_dir, options, stages=recipe_stages(recipe), recipe=recipe)
+
+
+def plan_recipe(recipe_source: str | Path | dict | MergeConfig | Recipe, *, strict: bool = False,
+                allow_pickle: bool = False) -> tuple[Recipe, MergePlan]:
+    """A recipe and its plan, from headers alone: every error a recipe can hold but a bad tensor."""
+    recipe = load_recipe(recipe_source, strict=strict)
+    plan = build_plan(recipe.config, recipe.config_dir, allow_pickle=allow_pickle, base_model=recipe.base_model,
+                      strict=strict)
+    return recipe, plan
 
 
 def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *, stages: Sequence[Stage] = (),
@@ -121,7 +129,8 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
     check_output_location(out_dir, [model.path for model in plan.models], options.overwrite, protected)
     device = resolve_device(options.device)
     shard_size = parse_size(options.shard_size)
-    chat_template = (resolve_chat_template(plan.config.chat_template, [model.path for model in plan.models])
+    chat_template = (resolve_chat_template(plan.config.chat_template, [model.path for model in plan.models],
+                                           strict=options.strict)
                      if plan.config.chat_template else None)
     if stages and any(source.vocabulary is not None for job in plan.jobs for source in (*job.inputs, job.base)
                       if source is not None):
@@ -315,7 +324,7 @@ class _JobExecutor:
 
     def prepare(self, job: TensorJob, thread: ThreadPoolExecutor) -> Future | None:
         """The method's whole-tensor statistics of `job`, computed on `thread` (None: it has none)."""
-        if self.method.prepare is None or not job.out_dtype.is_floating_point:
+        if self.method.prepare is None or not job.out_dtype.is_floating_point or not job.inputs:
             return None
         ranges = self._ranges(job)
         tensors = ChunkedTensors(job.shape, lambda models: self._chunks(job, ranges, models), self.workspace)
@@ -362,6 +371,8 @@ class _JobExecutor:
         warnings.warn(message + "; --strict makes this an error", NonFiniteWarning, stacklevel=2)
 
     def _merge(self, rows: TensorRows, params: dict) -> torch.Tensor:
+        if not rows.inputs:  # the base alone (methods with `base_alone_is_base`)
+            return rows.base
         if self.fused is not None:
             merged = self.method.merge(rows, params, self.fused)
             if merged is not None:

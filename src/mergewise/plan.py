@@ -9,7 +9,9 @@ in the output vocabulary (`checkpoint/vocabulary.py`), so the methods see inputs
 
 from __future__ import annotations
 
+import difflib
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,8 +23,8 @@ from mergewise.checkpoint import TOKENIZER_FILES, ModelFolder
 from mergewise.checkpoint.hub import hub_snapshot, is_hub_id
 from mergewise.checkpoint.lora import ADAPTER_FILES, AdaptedFolder
 from mergewise.checkpoint.vocabulary import OutputVocabulary, PeerRows, TokenRule, build_vocabulary
-from mergewise.config import ConditionalParameter, MergeConfig, ModelTokenEmbedding, OutputSlice, ZeroEmbedding
-from mergewise.errors import MergewiseError
+from mergewise.config import ConditionalParameter, MergeConfig, ModelTokenEmbedding, ZeroEmbedding
+from mergewise.errors import MergewiseError, RecipeWarning, tolerated
 from mergewise.methods import BasePolicy, MergeMethod, Parameter, get_method
 from mergewise.methods.base import REQUIRED
 
@@ -108,34 +110,40 @@ class Planner:
     """Builds a MergePlan; one instance per merge."""
 
     def __init__(self, config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False,
-                 base_model: str | None = None):
+                 base_model: str | None = None, strict: bool = False):
         self.config = config
+        self.strict = strict
         self.base_model = base_model or config.base_model
         self.config_dir = config_dir
         self.allow_pickle = allow_pickle
         self.method = get_method(config.merge_method)
         self.schema = self.method.parameters
-        self._models: dict[str, ModelFolder] = {}
+        self._models: dict[str, ModelFolder] = {}  # by reference, as the recipe spells it
+        self._folders: dict[tuple[Path, Path | None], ModelFolder] = {}  # by (folder, adapter folder)
+        self._misspelled: dict[str, str] = {}  # parameter → where a name close to it was ignored
         self.compute_dtype = parse_dtype(config.dtype, "dtype")
         self.out_dtype = parse_dtype(config.out_dtype, "out_dtype") or self.compute_dtype
         self._check_parameter_names()
 
     # ------------------------------------------------------------------------------ models
     def model(self, reference: str, key: str) -> ModelFolder:
+        """The folder a reference names: one object per folder (and adapter), however it is spelled."""
         if reference not in self._models:
             model, plus, adapter = reference.partition("+")
             if plus and not self._exists(reference):  # mergekit's model+adapter: a PEFT LoRA on the model
-                folder = AdaptedFolder(self._locate(model, key), self._locate(adapter, f"{key} (adapter)", ADAPTER_FILES),
-                                       allow_pickle=self.allow_pickle)
+                location = (self._locate(model, key), self._locate(adapter, f"{key} (adapter)", ADAPTER_FILES))
             else:
-                folder = ModelFolder(self._locate(reference, key), allow_pickle=self.allow_pickle)
-            folder.reference = reference
-            self._models[reference] = folder
+                location = (self._locate(reference, key), None)
+            if location not in self._folders:
+                folder = (AdaptedFolder(*location, allow_pickle=self.allow_pickle) if location[1] is not None
+                          else ModelFolder(location[0], allow_pickle=self.allow_pickle))
+                folder.reference = reference
+                self._folders[location] = folder
+            self._models[reference] = self._folders[location]
         return self._models[reference]
 
     def _candidates(self, reference: str) -> list[Path]:
-        path = Path(reference).expanduser()
-        return [path] if path.is_absolute() else [self.config_dir / path, Path.cwd() / path]
+        return folder_candidates(reference, self.config_dir)
 
     def _exists(self, reference: str) -> bool:
         return any(candidate.is_dir() for candidate in self._candidates(reference))
@@ -146,6 +154,11 @@ class Planner:
         for candidate in self._candidates(reference):
             if candidate.is_dir():
                 return candidate.resolve()
+        path, at, revision = reference.rpartition("@")
+        if at and self._exists(path):
+            tolerated(f"{key}: {path} is a local folder; its revision {revision!r} is ignored, as mergekit ignores "
+                      "it", strict=self.strict)
+            return self._locate(path, key, files)
         if is_hub_id(reference):
             return hub_snapshot(reference, key, files, allow_pickle=self.allow_pickle)
         raise MergewiseError(f"{key}: model folder not found: {reference} (a local folder, or a Hub id "
@@ -163,9 +176,13 @@ class Planner:
         for key, settings in scopes:
             for name in settings or {}:
                 if name not in self.schema:
-                    known = ", ".join(self.schema) or "none"
-                    raise MergewiseError(f"{key}.{name}: unknown parameter for merge_method "
-                                         f"{self.method.name} (it takes: {known})")
+                    close = difflib.get_close_matches(name, list(self.schema), n=1, cutoff=0.75)
+                    hint = f"did you mean {close[0]}? " if close else ""
+                    tolerated(f"{key}.{name}: unknown parameter for merge_method {self.method.name}, ignored, as "
+                              f"mergekit ignores it ({hint}it takes: {', '.join(self.schema) or 'none'})",
+                              strict=self.strict)
+                    if close:
+                        self._misspelled.setdefault(close[0], f"{key}.{name}")
 
     def _resolve(self, parameter: Parameter, scopes: list[dict | None], tensor: str, t: float,
                  where: str) -> Any:
@@ -178,7 +195,9 @@ class Planner:
                     except ValueError as error:
                         raise MergewiseError(f"parameter {parameter.name} for {where}: {error}") from None
         if parameter.default is REQUIRED:
-            raise MergewiseError(f"missing required parameter {parameter.name} for {where}")
+            misspelled = self._misspelled.get(parameter.name)
+            hint = f" ({misspelled} looks like a misspelling of it)" if misspelled else ""
+            raise MergewiseError(f"missing required parameter {parameter.name} for {where}{hint}")
         return parameter.default
 
     # ------------------------------------------------------------------------------- plan
@@ -190,7 +209,13 @@ class Planner:
         tokenizer = self._tokenizer_source(reference)
         base_model = self.model(self.base_model, "base_model") if self.base_model else None
         vocabulary = self.vocabulary if self.config.tokenizer_settings is not None else None
-        return MergePlan(self.config, self.method, jobs, list(self._models.values()), reference, tokenizer,
+        narrower = {str(job.out_dtype).removeprefix("torch.") for job in jobs
+                    if job.out_dtype.is_floating_point and job.out_dtype != torch.float32}
+        if self.method.mergekit_writes_float32 and narrower:
+            warnings.warn(f"merge_method {self.method.name}: written in {', '.join(sorted(narrower))} as the recipe "
+                          "asks; mergekit 0.1.5 writes this method's tensors in float32 whatever the dtype "
+                          "(out_dtype: float32 gives its files)", RecipeWarning, stacklevel=2)
+        return MergePlan(self.config, self.method, jobs, list(self._folders.values()), reference, tokenizer,
                          self.compute_dtype, source_layers, base_model=base_model, vocabulary=vocabulary)
 
     def _tokenizer_source(self, reference: ModelFolder) -> ModelFolder:
@@ -291,6 +316,10 @@ class Planner:
         else:
             inputs = [(model, params) for model, params in entries if model is not base]
             split_base = base
+        if not inputs and split_base is not None and method.base_alone_is_base:
+            tolerated(f"{where}: merge_method {method.name} gets only the base model here, so the base's tensors are "
+                      "written unchanged, as mergekit writes them", strict=self.strict)
+            return inputs, split_base
         if len(inputs) < method.min_inputs or (method.max_inputs is not None and len(inputs) > method.max_inputs):
             wanted = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs
                       else f"at least {method.min_inputs}" if method.max_inputs is None
@@ -304,7 +333,6 @@ class Planner:
         jobs: list[TensorJob] = []
         source_layers: list[int] = []
         first_reference = None
-        post_slice = None
         for slice_index, output_slice in enumerate(config.slices):
             where = f"slices[{slice_index}]"
             lengths = {source.layer_range[1] - source.layer_range[0] for source in output_slice.sources}
@@ -344,26 +372,38 @@ class Planner:
                     jobs.append(self._job(_with_layer(template, out_layer), info.shape,
                                           [output_slice.parameters, config.parameters], input_sources,
                                           base_tensor, t, out_layer, info.dtype))
-            post_slice = (output_slice, inputs, split_base)
-        jobs = self._non_layer_jobs(first_reference, config.slices[0], post_slice) + jobs
+        jobs = self._non_layer_jobs(first_reference) + jobs
         return jobs, source_layers, first_reference
 
-    def _non_layer_jobs(self, reference: ModelFolder, first_slice: OutputSlice, last) -> list[TensorJob]:
-        """Embeddings come from the first slice's sources, final norm and head from the last's."""
-        first_entries = [(self.model(s.model, "slices[0]"), s.parameters) for s in first_slice.sources]
-        first_base_name = first_slice.base_model or self.config.base_model
-        first_base = self.model(first_base_name, "base_model") if first_base_name else None
-        first = (first_slice, *self._split_base(first_entries, first_base, "slices[0]"))
+    def _slice_inputs(self, index: int, count: int | None = None):
+        """Slice `index` read from its first `count` sources: (those sources' models, the method's
+        inputs, its base, the slice's base model)."""
+        output_slice = self.config.slices[index]
+        where = f"slices[{index}]"
+        entries = [(self.model(source.model, where), source.parameters) for source in output_slice.sources[:count]]
+        base_name = output_slice.base_model or self.config.base_model
+        base = self.model(base_name, "base_model") if base_name else None
+        return ([model for model, _ in entries], *self._split_base(entries, base, where), base)
+
+    def _non_layer_jobs(self, reference: ModelFolder) -> list[TensorJob]:
+        """Embeddings come from the first slice's sources, final norm and head from the last's: as
+        mergekit reads them, from as many of its sources as the first slice has."""
+        slices = self.config.slices
+        first = self._slice_inputs(0)
+        count = len(slices[0].sources)
+        if len(slices[-1].sources) > count:
+            tolerated(f"slices[{len(slices) - 1}]: the final norm and head are merged from its first {count} "
+                      f"source(s) only, as many as slices[0] has, as mergekit merges them", strict=self.strict)
+        last = self._slice_inputs(len(slices) - 1, count)
         jobs = []
         for name, info in reference.tensors.items():
             if layer_index(name) is not None:
                 continue
-            output_slice, inputs, base = first if any(h in name for h in EMBEDDING_HINTS) else last
+            slice_index = 0 if any(h in name for h in EMBEDDING_HINTS) else len(slices) - 1
+            listed, inputs, base, slice_base = first if slice_index == 0 else last
             sources = [(model, name, params) for model, params in inputs]
-            slice_models = [self.model(source.model, "slices") for source in output_slice.sources]
-            slice_base = output_slice.base_model or self.config.base_model
-            peers = (list(dict.fromkeys(slice_models)), self.model(slice_base, "base_model") if slice_base else None)
-            jobs.append(self._job(name, info.shape, [output_slice.parameters, self.config.parameters], sources,
+            peers = (list(dict.fromkeys(listed)), slice_base)
+            jobs.append(self._job(name, info.shape, [slices[slice_index].parameters, self.config.parameters], sources,
                                   TensorSource(base, name) if base else None, 0.0, None, info.dtype, peers))
         return jobs
 
@@ -415,6 +455,22 @@ class Planner:
         return name
 
 
+def folder_candidates(reference: str, config_dir: Path) -> list[Path]:
+    """Where a recipe's model reference may be a local folder: the recipe's folder first, then the working folder."""
+    path = Path(reference).expanduser()
+    return [path] if path.is_absolute() else [config_dir / path, Path.cwd() / path]
+
+
+def is_remote(reference: str, config_dir: Path) -> bool:
+    """Whether a merge would download a model reference (or the adapter of `model+adapter`) from the Hub."""
+    def local(name: str) -> bool:
+        return any(candidate.is_dir() for candidate in folder_candidates(name, config_dir))
+
+    if local(reference):
+        return False
+    return any(is_hub_id(part) and not local(part.rpartition("@")[0] or part) for part in reference.split("+"))
+
+
 def _is_vocabulary_tensor(name: str) -> bool:
     """An input embedding or output head: one row per token."""
     return name in OUTPUT_EMBEDDING_NAMES or name.endswith(INPUT_EMBEDDING_SUFFIXES)
@@ -463,5 +519,5 @@ def _evaluate(setting, tensor: str, t: float) -> Any:
 
 
 def build_plan(config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False,
-               base_model: str | None = None) -> MergePlan:
-    return Planner(config, config_dir, allow_pickle=allow_pickle, base_model=base_model).plan()
+               base_model: str | None = None, strict: bool = False) -> MergePlan:
+    return Planner(config, config_dir, allow_pickle=allow_pickle, base_model=base_model, strict=strict).plan()

@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import torch
 import yaml
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 import mergewise
 from mergewise.cli import main
+from tests.support.tiny_models import build_lora_adapter as build_adapter
 from tests.support.tiny_models import build_tiny_model, read_state_dict
-
-
-def build_adapter(base, folder, *, rank: int = 4, seed: int = 0, **options):
-    """A LoRA on q/v of `base` with random (not zero) B factors, and the weights PEFT merges it into."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
-                                                  **options))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-    peft_model.save_pretrained(folder)
-    return {name: tensor for name, tensor in peft_model.merge_and_unload().state_dict().items()}
 
 
 def test_a_lora_path_merges_as_peft_merges_it(tmp_path):
@@ -59,15 +44,8 @@ def test_an_adapter_of_another_model_is_one_error_line(tmp_path, capsys):
 def test_a_lora_on_gpt2_conv1d_weights_merges_as_peft_merges_it(tmp_path):
     """GPT-2 stores its projections as (in, out): PEFT's fan_in_fan_out layout."""
     base = build_tiny_model("gpt2", tmp_path / "base", dtype=torch.float32, num_layers=2)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-    peft_model.save_pretrained(tmp_path / "adapter")
-    expected = peft_model.merge_and_unload().state_dict()
+    expected = build_adapter(base, tmp_path / "adapter", seed=1, lora_alpha=4, target_modules=["c_attn"],
+                             fan_in_fan_out=True)
     recipe = {"merge_method": "linear", "models": [{"model": f"{base}+{tmp_path / 'adapter'}",
                                                     "parameters": {"weight": 1.0}}]}
     mergewise.merge(recipe, tmp_path / "out", quiet=True)

@@ -241,3 +241,21 @@ def read_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
     for name in files:
         state.update(load_file(model_dir / name))
     return state
+
+
+def build_lora_adapter(base: str | Path, folder: str | Path, *, rank: int = 4, seed: int = 0,
+                       **options) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA (on q/v unless `options` say otherwise) of `base` with random (not zero) B factors,
+    saved in `folder`; returns the weights PEFT's `merge_and_unload` makes of it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    options = {"lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"], **options}
+    peft_model = get_peft_model(model, LoraConfig(r=rank, **options))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    peft_model.save_pretrained(folder)
+    return {name: tensor for name, tensor in peft_model.merge_and_unload().state_dict().items()}

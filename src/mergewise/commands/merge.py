@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections import Counter
+
+from mergewise.errors import MergewiseError
 
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +26,8 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue a killed merge into OUT_DIR: keep its finished shards, compute the rest")
     parser.add_argument("--strict", action="store_true",
-                        help="NaN or infinity in a merged tensor is an error (default: a warning naming it)")
+                        help="NaN or infinity in a merged tensor, and recipe keys mergekit ignores, are errors "
+                             "(default: a warning naming each)")
 
 
 def merge_options(args: argparse.Namespace) -> dict:
@@ -36,7 +41,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("merge", help="merge models as a YAML recipe describes",
                                    description="Merge models as a mergekit-compatible YAML recipe describes.")
     parser.add_argument("config", help="merge recipe (YAML)")
-    parser.add_argument("out_dir", help="output model folder (created; must not exist unless --overwrite)")
+    parser.add_argument("out_dir", nargs="?",
+                        help="output model folder (created; must not exist unless --overwrite)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate and plan the recipe from the models' headers, print the plan and any "
+                             "warnings, and stop (no weights read, nothing written)")
     add_merge_options(parser)
     parser.set_defaults(handler=run)
 
@@ -44,6 +53,41 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     from mergewise.engine import run_merge
 
+    if args.check:
+        check(args)
+        return
+    if args.out_dir is None:
+        raise MergewiseError("merge: give OUT_DIR, the folder to write the merged model to (or --check)")
     result = run_merge(args.config, args.out_dir, **merge_options(args))
     if not args.quiet:
         print(f"merged model written to {result.out_dir}")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Load and plan the recipe as a merge would, and say what the merge would write."""
+    from mergewise.config import load_recipe
+    from mergewise.engine import plan_recipe
+    from mergewise.plan import is_remote
+
+    recipe = load_recipe(args.config, strict=args.strict)
+    remote = [path for path in recipe.config.model_paths() if is_remote(path, recipe.config_dir)]
+    if remote:
+        print(f"{args.config}: the recipe is valid; not planned, since it names Hub models that would be downloaded "
+              f"first: {', '.join(remote)}")
+        return
+    _, plan = plan_recipe(recipe, strict=args.strict, allow_pickle=args.allow_pickle)
+    try:
+        parameters = sum(math.prod(job.shape) for job in plan.jobs)
+        dtypes = Counter(str(job.out_dtype).removeprefix("torch.") for job in plan.jobs)
+        inputs = len({source.model.path for job in plan.jobs for source in job.inputs})
+        base = f" onto base {plan.base_model.path}" if plan.base_model is not None else ""
+        layers = len(plan.source_layers) if plan.source_layers is not None else plan.reference.num_layers
+        print(f"{args.config}: {plan.method.name} of {inputs} model(s){base}: {len(plan.jobs)} tensors, "
+              f"{parameters:,} parameters ({', '.join(f'{count} {dtype}' for dtype, count in dtypes.most_common())}), "
+              f"{layers} layers")
+        for stage in recipe.blocks:
+            print(f"  with the {stage}: block (its own work runs in the merge)")
+    finally:
+        for model in plan.models:
+            model.close()
+

@@ -54,5 +54,5 @@ def merge_arcee_fusion(rows: TensorRows) -> torch.Tensor:
 
 
 ARCEE_FUSION = MergeMethod(name="arcee_fusion", merge_rows=merge_arcee_fusion, prepare=prepare_arcee_fusion,
-                           base=BasePolicy.REQUIRED, min_inputs=1, max_inputs=1,
+                           base=BasePolicy.REQUIRED, min_inputs=1, max_inputs=1, mergekit_writes_float32=True,
                            description="the model's entries whose importance passes median + 1.5·IQR")

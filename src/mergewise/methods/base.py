@@ -117,6 +117,8 @@ class MergeMethod:
     merge_rows: Callable[..., torch.Tensor]
     base: BasePolicy
     min_inputs: int = 1          # models other than the base
+    # With the base alone (a slice of only the base), the output is the base, as mergekit makes it.
+    base_alone_is_base: bool = False
     max_inputs: int | None = None
     prepare: Callable[..., Any] | None = None
     uses_randomness: bool = False
@@ -132,6 +134,9 @@ class MergeMethod:
     # first tensors need not take the slower path while it loads.
     load_fused: Callable[[int], Any] | None = None
     description: str = ""
+    # mergekit 0.1.5 promotes this method's results to float32 and writes them so whatever the
+    # recipe's dtype; mergewise writes the dtype asked for, and says so when the two differ.
+    mergekit_writes_float32: bool = False
 
     @cached_property
     def parameters(self) -> dict[str, Parameter]:

@@ -56,5 +56,5 @@ def merge_ramplus_tl(rows: TensorRows, *, r: float = 0.1, alpha: float = 0.2, ep
 RAM = MergeMethod(name="ram", merge_rows=merge_ram, base=BasePolicy.REQUIRED,
                   description="entries one model changes kept whole, shared ones averaged over their models")
 RAMPLUS_TL = MergeMethod(name="ramplus_tl", merge_rows=merge_ramplus_tl, prepare=prepare_ramplus_tl,
-                         base=BasePolicy.REQUIRED,
+                         base=BasePolicy.REQUIRED, mergekit_writes_float32=True,
                          description="ram with each model's unique entries scaled up by its shared/unique ratio")

@@ -265,6 +265,7 @@ def _preset(name: str, sparsification: Sparsification | None, consensus: bool, n
         load_fused=bf16_kernels,
         prepare=prepare_task_arithmetic,
         base=BasePolicy.REQUIRED,
+        base_alone_is_base=True,
         fixed={"sparsification": sparsification, "consensus": consensus, **unused},
         defaults=defaults,
         uses_randomness=sparsification in (Sparsification.RANDOM, Sparsification.RANK_RANDOM),
