@@ -20,42 +20,24 @@ from mergewise.errors import MergewiseError
 from mergewise.mediator.build import build
 from mergewise.mediator.codes import get_code, matrix_shape
 from mergewise.mediator.runtime import load
-from tests.support.tiny_models import build_family, build_tiny_model, read_state_dict
-
-# Three prompt styles built from the tiny tokenizer's vocabulary, so their features separate.
-TASK_WORDS = {
-    "merging": "model merging weights task arithmetic fine tuned language models base".split(),
-    "animals": "quick brown fox jumps over lazy dog cat sleeps warm sun".split(),
-    "numbers": "one two three four five six seven eight nine ten".split(),
-}
-HELD_BACK_WORDS = "attention heads share keys values across groups memory generation".split()
-
-
-def prompts_for(words: list[str], count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) for _ in range(count)]
-
+from tests.support.tiny_mediator import (
+    HELD_BACK_WORDS,
+    TASK_WORDS,
+    build_mediator_family,
+    build_tiny_mediator,
+    mediator_recipe,
+    prompts_for,
+)
+from tests.support.tiny_models import build_tiny_model, read_state_dict
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mediator-family")
-    built = build_family("llama", root, num_fine_tunes=3, noise=0.05, dtype=torch.float32)
-    for index, task in enumerate(TASK_WORDS):
-        (root / f"{task}.txt").write_text("\n".join(prompts_for(TASK_WORDS[task], 40, index)) + "\n")
-    return root, built
-
-
-def recipe(root: Path, family, **mediator) -> dict:
-    experts = [{"model": str(path), "task": task, "prompts": str(root / f"{task}.txt")}
-               for path, task in zip(family.fine_tunes, TASK_WORDS)]
-    return {"merge_method": "linear", "base_model": str(family.base), "dtype": "float32",
-            "mediator": {"experts": experts, **mediator}}
+    return build_mediator_family(tmp_path_factory.mktemp("mediator-family"))
 
 
 def built_mediator(family, tmp_path_factory, **mediator) -> Path:
-    root, built = family
     out = tmp_path_factory.mktemp("mediator-out") / "model"
-    build(recipe(root, built, **mediator), out, quiet=True, seed=0)
+    build_tiny_mediator(family, out, **mediator)
     return out
 
 
@@ -113,7 +95,7 @@ def test_build_writes_dense_model_coded_experts_and_router(mediator_dir, family)
 @pytest.mark.parametrize("budget", [1.1, 1.3, 2.5])
 def test_auto_code_stays_within_the_budget(family, tmp_path, budget):
     root, built = family
-    summary = build(recipe(root, built, memory_budget=budget), tmp_path / "auto", quiet=True)
+    summary = build(mediator_recipe(root, built, memory_budget=budget), tmp_path / "auto", quiet=True)
     assert summary.ratio <= budget and summary.routed_units
     manifest = json.loads((tmp_path / "auto" / "mediator" / "mediator.json").read_text())
     assert manifest["memory"]["stored_bytes"] <= budget * manifest["memory"]["dense_bytes"]
@@ -130,7 +112,7 @@ def test_the_dense_average_kept_share_matches_the_estimate(mediator_dir):
 def test_sparse_at_density_one_exports_each_expert_exactly(family, tmp_path):
     root, built = family
     out = tmp_path / "full"
-    build(recipe(root, built, route_threshold=0.0, code="sparse", density=1.0), out, quiet=True)
+    build(mediator_recipe(root, built, route_threshold=0.0, code="sparse", density=1.0), out, quiet=True)
     manifest = json.loads((out / "mediator" / "mediator.json").read_text())
     assert len(manifest["routed_units"]) == len(manifest["units"])
     for path, task in zip(built.fine_tunes, TASK_WORDS):
@@ -367,18 +349,18 @@ def cli_error(capsys, *argv: str) -> str:
 def test_budget_too_small_to_route_anything(family, tmp_path, capsys):
     root, built = family
     config = tmp_path / "mediator.yml"
-    config.write_text(yaml.safe_dump(recipe(root, built, memory_budget=1.01)))
+    config.write_text(yaml.safe_dump(mediator_recipe(root, built, memory_budget=1.01)))
     error = cli_error(capsys, "mediator", "build", str(config), str(tmp_path / "out"), "--quiet")
     assert "memory_budget 1.01 is too small to route any unit with any code" in error
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["mediator.yml"]
     smallest = float(error.rsplit("the smallest budget that routes one is ", 1)[1].split()[0])
-    summary = build(recipe(root, built, memory_budget=smallest), tmp_path / "smallest", quiet=True)
+    summary = build(mediator_recipe(root, built, memory_budget=smallest), tmp_path / "smallest", quiet=True)
     assert len(summary.routed_units) == 1 and summary.ratio <= smallest
 
 
 def test_task_without_prompts(family, tmp_path, capsys):
     root, built = family
-    data = recipe(root, built)
+    data = mediator_recipe(root, built)
     del data["mediator"]["experts"][1]["prompts"]
     config = tmp_path / "mediator.yml"
     config.write_text(yaml.safe_dump(data))
@@ -387,7 +369,7 @@ def test_task_without_prompts(family, tmp_path, capsys):
 
 def test_task_with_too_few_prompts(family, tmp_path, capsys):
     root, built = family
-    data = recipe(root, built)
+    data = mediator_recipe(root, built)
     few = tmp_path / "few.txt"
     few.write_text("one two\nthree four\n")
     data["mediator"]["experts"][2]["prompts"] = str(few)
@@ -399,7 +381,7 @@ def test_task_with_too_few_prompts(family, tmp_path, capsys):
 def test_expert_of_another_architecture(family, tmp_path, capsys):
     root, built = family
     other = build_tiny_model("qwen2", tmp_path / "qwen", dtype=torch.float32)
-    data = recipe(root, built)
+    data = mediator_recipe(root, built)
     data["mediator"]["experts"][0]["model"] = str(other)
     config = tmp_path / "mediator.yml"
     config.write_text(yaml.safe_dump(data))
@@ -417,7 +399,7 @@ def test_expert_of_another_architecture(family, tmp_path, capsys):
 ])
 def test_recipe_errors(family, tmp_path, capsys, change, message):
     root, built = family
-    data = recipe(root, built)
+    data = mediator_recipe(root, built)
     change(data)
     config = tmp_path / "mediator.yml"
     config.write_text(yaml.safe_dump(data))
@@ -449,7 +431,7 @@ def test_an_aim_block_relaxes_the_dense_model_of_a_mediator_build(family, tmp_pa
 
     root, built = family
     stats = calibrate(built.base, tmp_path / "stats.safetensors", CalibrationSettings(samples=2, seq_len=8), quiet=True)
-    data = recipe(root, built, memory_budget=2.0) | {"aim": {"omega": 0.5, "stats": str(stats)}}
+    data = mediator_recipe(root, built, memory_budget=2.0) | {"aim": {"omega": 0.5, "stats": str(stats)}}
     summary = build(data, tmp_path / "mediator", quiet=True, seed=0)
     plain = {key: value for key, value in data.items() if key not in ("mediator", "aim")}
     plain["models"] = [{"model": expert["model"], "parameters": {"weight": 1 / 3}} for expert in data["mediator"]["experts"]]
@@ -549,7 +531,7 @@ def test_experts_built_in_row_chunks_equal_those_built_whole(family, tmp_path, m
     from mergewise import engine
 
     root, built = family
-    data = recipe(root, built, memory_budget=1.6, code=code)
+    data = mediator_recipe(root, built, memory_budget=1.6, code=code)
     build(data, tmp_path / "whole", quiet=True, seed=0)
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 64)
     build(data, tmp_path / "chunked", quiet=True, seed=0)
