@@ -251,3 +251,19 @@ def test_sigterm_finishes_the_streams_in_flight_refuses_new_ones_and_exits_0(med
     status, err = server.stop()
     assert status == 0, err
     assert "Traceback" not in err
+
+
+def test_an_api_key_guards_v1_and_binding_beyond_loopback_needs_one(mediator_dir, capsys):
+    from mergewise.cli import main
+
+    assert main(["serve", str(mediator_dir), "--host", "0.0.0.0"]) == 2
+    assert "needs --api-key" in capsys.readouterr().err
+    server = Server(mediator_dir, "--api-key", "s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            server.client().models.list()
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+        assert [model.id for model in client.models.list().data][:2] == ["tiny-mediator", "auto"]
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200  # probes need no key
+    finally:
+        server.stop()
