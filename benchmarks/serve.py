@@ -11,10 +11,11 @@ Serves, one setup after the other on loopback, each in a process of its own:
 A bounded load generator (the async `openai` client, streaming) sends the same mixed-task prompts of
 the zoo's experts (held-out eval prompts, tasks interleaved) at each concurrency: requests/s, tokens/s,
 p50/p99 time to first token and end-to-end latency, failed requests, route switches per 100 requests
-(from /metrics), and peak RSS of the serving process(es) at that concurrency (the kernel's high-water
-mark, reset before each level). For (a) it also records routing accuracy through the server (the share
-of each task's prompts whose `x-mergewise-task` is that task) next to the router's own decisions on the
-same prompts in this process (what `mergewise eval` computes).
+(from /metrics), and peak RSS at that concurrency: the largest sum of the RSS of the serving
+processes and their children (a peer runs its model in a child process), sampled every 20 ms. For
+(a) it also records routing accuracy through the server (the share of the prompts selected to their
+own task's expert, from the `x-mergewise-*` headers) next to the router's own decisions on the same
+prompts in this process (what `mergewise eval` computes).
 
 Writes benchmarks/results/serve-<zoo name>.md and .png. The Mediator build and the exports are cached
 under --work.
@@ -32,12 +33,14 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2
 import openai
+import psutil
 
 from mergewise.zoo.manifest import load_zoo
 
@@ -121,16 +124,17 @@ class Served:
                 time.sleep(0.5)
         raise RuntimeError(f"{' '.join(command)} did not start; see {log}")
 
-    def reset_peak(self) -> None:
-        """Start the kernel's RSS high-water mark of the process over (Linux: clear_refs 5)."""
-        try:
-            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-    def peak_rss_mib(self) -> float:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    def rss_mib(self) -> float:
+        """RSS of the serving process and every process it started (a peer may run its model in a
+        child process)."""
+        root = psutil.Process(self.process.pid)
+        total = 0
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:  # it ended meanwhile
+                pass
+        return total / 2**20
 
     def switches(self) -> float | None:
         metrics = httpx2.get(f"{self.url}/metrics", timeout=10)
@@ -146,6 +150,31 @@ class Served:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.log.close()
+
+
+class PeakRss:
+    """The largest sum of the servers' RSS (with their child processes), sampled every 20 ms in a
+    thread while the block runs."""
+
+    def __init__(self, servers: list[Served]):
+        self.servers = servers
+        self.mib = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.mib = max(self.mib, sum(served.rss_mib() for served in self.servers))
+            self._done.wait(0.02)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.mib = max(self.mib, sum(served.rss_mib() for served in self.servers))
 
 
 def mergewise_serve(folder: Path, *flags: str) -> list[str]:
@@ -165,7 +194,7 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
             stream_options={"include_usage": True})
         outcome.decision, outcome.task = raw.headers.get("x-mergewise-route"), raw.headers.get("x-mergewise-task")
         chunks = 0
-        async for chunk in await raw.parse():
+        async for chunk in raw.parse():
             if chunk.choices and chunk.choices[0].text:
                 chunks += 1
                 if outcome.ttft is None:
@@ -206,16 +235,15 @@ def run_setup(name: str, servers: dict[str, Served], prompts: list[tuple[str, st
     measured = []
     targets = [(servers.get(task) or servers["*"], prompt) for task, prompt in prompts]
     asyncio.run(load(targets[:min(4, len(targets))], 1, max_tokens))  # warm-up: first-call costs out of the way
+    unique = list({id(served): served for served in servers.values()}.values())
     for concurrency in levels:
-        unique = list({id(served): served for served in servers.values()}.values())
-        for served in unique:
-            served.reset_peak()
         before = [served.switches() for served in unique]
-        seconds, outcomes = asyncio.run(load(targets, concurrency, max_tokens))
+        with PeakRss(unique) as peak:
+            seconds, outcomes = asyncio.run(load(targets, concurrency, max_tokens))
         after = [served.switches() for served in unique]
         switches = (sum(b - a for a, b in zip(before, after)) if all(value is not None for value in before + after)
                     else None)
-        level = Level(concurrency, seconds, outcomes, switches, sum(served.peak_rss_mib() for served in unique))
+        level = Level(concurrency, seconds, outcomes, switches, peak.mib)
         print(level.row(name), flush=True)
         measured.append(level)
     return measured
@@ -339,7 +367,7 @@ def write_report(args, zoo, work, mediator_dir, prompts, results, failures, head
         lines += ["", "Mediator against `transformers serve` on D (same concurrency):", ""]
         for level in mediator:
             same = [other for other in peer if other.concurrency == level.concurrency]
-            best = max(other.tokens_per_second for other in same)
+            best = max(other.tokens_per_second for other in same) or float("nan")
             rss = min(other.peak_rss_mib for other in same)
             lines.append(f"- {level.concurrency} clients: tokens/s {level.tokens_per_second / best:.2f}× the peer's "
                          f"best, peak RSS {level.peak_rss_mib / rss:.2f}× its smaller")
