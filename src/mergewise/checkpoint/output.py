@@ -261,15 +261,17 @@ def _exclusive(lock_path: Path, out_dir: Path) -> Iterator[None]:
 def _open_lock(lock_path: Path) -> int:
     """A descriptor of the lock file, created if missing. Never through a symlink (that would create a
     file elsewhere), and only a regular file: opening a FIFO or a device does not wait, but is refused."""
+    refused = MergewiseError(f"lock file {lock_path} is not a regular file (a symlink, FIFO, device or folder); "
+                             "remove it")
     try:
         descriptor = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     except OSError as error:
-        if error.errno != errno.ELOOP:
-            raise
-        raise MergewiseError(f"lock file {lock_path} is a symbolic link; remove it") from None
+        if error.errno in (errno.ELOOP, errno.EISDIR):
+            raise refused from None
+        raise
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):
         os.close(descriptor)
-        raise MergewiseError(f"lock file {lock_path} is not a regular file (a FIFO, a device or a folder); remove it")
+        raise refused
     return descriptor
 
 
