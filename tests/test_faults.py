@@ -212,7 +212,7 @@ def test_an_unwritable_parent_is_one_error_line(recipe, tmp_path):
 
 
 # ------------------------------------------------------------------------------- kill at every call
-# A merge of a few MB (three shards) is killed just before each call that changes a file, one kill
+# A merge of 3 MB (four shards) is killed just before each call that changes a file, one kill
 # point per run: shard headers and rows, journal updates, metadata files, the journal's removal, each
 # rename and removal. From each killed state the same merge is run again, plainly and with --resume.
 KILL_HARNESS = Path(__file__).parent / "support" / "kill_harness.py"
@@ -266,11 +266,10 @@ def few_mb(tiny_family, tmp_path_factory) -> dict[str, Path]:
 
 def output_files(folder: Path) -> dict[str, object]:
     """What an output holds, by file: bytes, but mergewise.yml's creation time."""
-    files = {}
-    for path in sorted(folder.iterdir()):
-        files[path.name] = path.read_bytes()
-        if path.name == "mergewise.yml":
-            files[path.name] = {key: value for key, value in yaml.safe_load(path.read_bytes()).items() if key != "created"}
+    files: dict[str, object] = {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+    if "mergewise.yml" in files:
+        files["mergewise.yml"] = {key: value for key, value in yaml.safe_load(files["mergewise.yml"]).items()
+                                  if key != "created"}
     return files
 
 
@@ -303,8 +302,7 @@ class Sweep:
         self.recipe = few_mb["new"]
         reference = tmp_path / "reference"
         assert harness.run(["merge", self.recipe, reference / "out", *SWEEP_FLAGS], tmp_path)["status"] == 0
-        self.new = output_files(reference / "out")
-        self.states: dict[str, dict] = {"absent": None, "new": self.new}
+        self.states: dict[str, dict | None] = {"absent": None, "new": output_files(reference / "out")}
         self.matrix = ["| # | killed before | OUT_DIR, beside it | plain merge | --resume |", "|---|---|---|---|---|"]
 
     def merge(self, work: Path, flags: list[str], kill_at: int | None = None) -> dict:
@@ -333,7 +331,7 @@ class Sweep:
             if killed == "absent" and "old" in self.states:  # between the renames: the old one set aside whole
                 assert [output_files(path) for path in work.glob(".out.old-*/out")] == [self.states["old"]]
             plain = [flag for flag in self.flags if flag != "--resume"]
-            outcomes = [self.rerun(work, kill_at, *flags) for flags in (plain, [*plain, "--resume"])]
+            outcomes = [self.rerun(work, kill_at, flags) for flags in (plain, [*plain, "--resume"])]
             self.matrix.append(f"| {kill_at} | `{call}` | {killed}; {beside(work / 'out')} | {' | '.join(outcomes)} |")
         print("\n".join(self.matrix))
         for work in ("start", "killed", "rerun"):
@@ -355,8 +353,9 @@ class Sweep:
             outcome = "refused: exists"
         else:
             assert done["status"] == 0 and all(line.startswith("warning: ") for line in lines), (kill_at, done)
-            kept = sum(path.stat().st_mtime_ns == STAGED_MTIME_NS for path in (work / "out").glob("*.safetensors"))
-            outcome = f"resumed, {kept} shards kept" if kept else "merged"
+            shards = list((work / "out").glob("*.safetensors"))
+            kept = sum(shard.stat().st_mtime_ns == STAGED_MTIME_NS for shard in shards)
+            outcome = f"resumed, kept {kept}/{len(shards)} shards" if kept else "merged"
             if lines:
                 outcome += " (restored old first)" if "put back" in done["stderr"] else f" ({lines})"
         assert self.state(work / "out") == "new", (kill_at, flags)

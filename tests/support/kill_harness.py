@@ -2,10 +2,11 @@
 a file (create, truncate, write, rename, remove), for the kill sweeps of tests/test_faults.py.
 
 It is a small server: torch and mergewise are imported once, then each request (one JSON line on
-stdin: argv, cwd, kill_at, timeout) runs `mergewise.cli.main(argv)` in a fork of this process, so that a sweep
-of a hundred kill points costs a fork each instead of a Python start-up. Each answer is one JSON
-line: the exit status (negative: the signal that ended it), its stderr, and the calls it made that
-change files, in order, each as "function name(s)" (only for a run that was not killed).
+stdin: argv, cwd, kill_at, timeout) runs `mergewise.cli.main(argv)` in a fork of this process, so
+that a sweep of a hundred kill points costs a fork each instead of a Python start-up. Each answer is
+one JSON line: the exit status (negative: the signal that ended it), its stderr and stdout, and the
+calls it made that change files, in order, each as "function name(s)" (only for a run that was not
+killed).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 
 _write = os.write  # the trace is written with the function as it was
 
@@ -55,10 +57,9 @@ def _install(kill_at: int | None, trace_descriptor: int) -> None:
                     count[0] += 1
                     if count[0] == kill_at:
                         os.kill(os.getpid(), signal.SIGKILL)
-                    targets = [_name(argument) for argument in args[:2] if isinstance(argument, (str, bytes, os.PathLike))]
-                    if label in ("os.pwrite", "os.sendfile", "os.ftruncate"):
-                        targets = [_name(args[0])]
-                    _write(trace_descriptor, f"{label} {' '.join(targets)}\n".encode())
+                    targets = ([args[0]] if label in ("os.pwrite", "os.sendfile", "os.ftruncate") else
+                               [argument for argument in args[:2] if isinstance(argument, (str, bytes, os.PathLike))])
+                    _write(trace_descriptor, f"{label} {' '.join(map(_name, targets))}\n".encode())
             return function(*args, **kwargs)
 
         setattr(module, attribute, hook)
@@ -85,6 +86,8 @@ def _run(request: dict) -> dict:
             signal.alarm(request.get("timeout", 0))  # a run that hangs ends with SIGALRM
             _install(request.get("kill_at"), trace_descriptor)
             status = main(request["argv"])
+        except BaseException:
+            traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -103,7 +106,7 @@ def serve() -> None:
     import torch  # noqa: F401  (imported once here, not in each fork)
 
     import mergewise.cli
-    import mergewise.engine  # noqa: F401
+    import mergewise.engine
 
     mergewise.cli.build_parser()  # imports every command module
     print(json.dumps({"ready": True}), flush=True)

@@ -96,7 +96,7 @@ def staged_folder(out_dir: Path, overwrite: bool = False, resume: str | None = N
                 raise MergewiseError(f"output folder {out_dir} appeared while this one was being built; "
                                      "it was left as it is")
             _sync(staging)
-            (staging / JOURNAL_FILE).unlink(missing_ok=True)  # last: a staged output with a journal is resumable
+            (staging / JOURNAL_FILE).unlink(missing_ok=True)  # last: only a folder with a journal is built on
             _sync_folder(staging)
         except BaseException:
             if adopted is None:  # an adopted folder stays for the next --resume (its journal is consistent)
