@@ -437,7 +437,7 @@ def test_resume_of_another_recipe_never_builds_on_a_finished_merge(harness, few_
 
 
 @pytest.mark.parametrize("planted", ["symlinked shard", "hard-linked shard", "FIFO shard", "subfolder",
-                                     "symlinked staging folder"])
+                                     "symlinked staging folder", "another user's staging folder"])
 def test_resume_refuses_a_staging_folder_that_leads_elsewhere(harness, few_mb, tmp_path, planted):
     """A resumed merge would write its unfinished shard through a symlink or a hard link (into a file
     outside OUT_DIR), hang on a FIFO, or publish what it did not write."""
@@ -457,6 +457,10 @@ def test_resume_refuses_a_staging_folder_that_leads_elsewhere(harness, few_mb, t
         os.mkfifo(unfinished)
     elif planted == "subfolder":
         (staging / "extra").mkdir()
+    elif planted == "another user's staging folder":
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a folder to another user")
+        os.chown(staging, os.geteuid() + 4242, -1)
     else:
         elsewhere = shutil.move(staging, tmp_path / "elsewhere")
         staging.symlink_to(elsewhere)
