@@ -28,7 +28,6 @@ import yaml
 from tqdm.auto import tqdm
 
 from mergewise.checkpoint import (
-    JOURNAL_FILE,
     RECORD_FILE,
     Journal,
     ModelFolder,
@@ -140,21 +139,20 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
                              "vocabulary, or leave out tokenizer_source / tokenizer")
     if options.resume and any(stage.name == "mediator" for stage in stages):
         raise MergewiseError("--resume: a Mediator build cannot be resumed yet; build it again")
+    fingerprint = _fingerprint(plan, recipe, shard_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(options.threads or os.cpu_count() or 1)
     try:
-        with (staged_folder(out_dir, options.overwrite, options.resume) as staging,
+        with (staged_folder(out_dir, options.overwrite, fingerprint if options.resume else None) as staging,
               ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader,
               ThreadPoolExecutor(1, thread_name_prefix="mergewise-write") as write_thread):
-            fingerprint = _fingerprint(plan, recipe, shard_size)
-            recorded = Journal.recorded(staging, fingerprint) if options.resume else None
+            recorded = Journal.resumed(staging) if options.resume else None
             seed, finished = _resumed_seed(options, recorded)
             context = StageContext(plan, device, staging, shard_size, options.quiet)
             for stage in stages:
                 stage.on_plan(context)
             _merge_tensors(plan, staging, options, stages, seed, device, shard_size, reader, write_thread,
                            fingerprint, finished)
-            (staging / JOURNAL_FILE).unlink()
             write_model_config(staging, plan.reference.config, _config_dtype(plan), plan.source_layers,
                                plan.vocabulary.rows if plan.vocabulary is not None else None)
             if plan.vocabulary is None:

@@ -4,6 +4,9 @@ The journal sits in the staging folder: the fingerprint of the plan it is built 
 input files, shard layout, version), the seed, and each finished shard with its SHA-256. A resumed
 merge keeps the shards whose hashes still verify and computes the rest; the random methods draw
 the same masks, since the seed is the recorded one.
+
+The journal is the last file removed from a staging folder, once everything else is on disk: a
+staging folder without one is never built on.
 """
 
 from __future__ import annotations
@@ -32,22 +35,19 @@ class Journal:
         self._save()
 
     @staticmethod
-    def recorded(staging: Path, fingerprint: str) -> tuple[int, dict[str, str]] | None:
-        """(seed, the finished shards whose files still hash as recorded) of a staged output built
-        from the same plan; None when there is no journal there."""
-        path = staging / JOURNAL_FILE
-        if not path.is_file():
+    def resumed(staging: Path) -> tuple[int, dict[str, str]] | None:
+        """(seed, the finished shards whose files still hash as recorded) of a staged output that
+        staged_folder adopted for the same plan; None when there is no journal there (a new staging
+        folder). Its other files are removed: the resumed merge writes each of them again."""
+        record = _record(staging)
+        if record is None:
             return None
-        try:
-            data = json.loads(path.read_text())
-            recorded_fingerprint, seed, finished = data["fingerprint"], int(data["seed"]), dict(data["finished"])
-        except (ValueError, KeyError, TypeError):
-            raise MergewiseError(f"{path}: unreadable progress record; merge again without --resume") from None
-        if recorded_fingerprint != fingerprint:
-            raise MergewiseError(f"{staging}: was staged from another recipe, other inputs or another shard size; "
-                                 "merge again without --resume")
+        _, seed, finished = record
         verified = {file: digest for file, digest in finished.items()
                     if (staging / file).is_file() and _sha256(staging / file) == digest}
+        for path in staging.iterdir():
+            if path.name not in verified and path.name != JOURNAL_FILE:
+                path.unlink()
         return seed, verified
 
     def tensor_written(self, name: str) -> None:
@@ -74,6 +74,24 @@ class Journal:
         partial = self.path.with_suffix(".tmp")
         partial.write_text(json.dumps({"fingerprint": self.fingerprint, "seed": self.seed, "finished": self.finished}))
         os.replace(partial, self.path)
+
+
+def recorded_fingerprint(staging: Path) -> str | None:
+    """The fingerprint of the plan a staged output was built from; None when it has no journal."""
+    record = _record(staging)
+    return record[0] if record is not None else None
+
+
+def _record(staging: Path) -> tuple[str, int, dict[str, str]] | None:
+    """(fingerprint, seed, finished shards) of a staged output's journal; None when it has none."""
+    path = staging / JOURNAL_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return str(data["fingerprint"]), int(data["seed"]), dict(data["finished"])
+    except (ValueError, KeyError, TypeError):
+        raise MergewiseError(f"{path}: unreadable progress record; merge again without --resume") from None
 
 
 def _sha256(path: Path) -> str:

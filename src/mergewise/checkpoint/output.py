@@ -5,17 +5,21 @@ Nothing is written into an input model, and a failed or interrupted merge leaves
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from mergewise.checkpoint.journal import JOURNAL_FILE, recorded_fingerprint
 from mergewise.checkpoint.reader import DEPTH_KEYS, inside_folder
 from mergewise.errors import MergewiseError
 
@@ -56,24 +60,32 @@ def check_output_location(out_dir: Path, inputs: list[Path], overwrite: bool, pr
                              "empty; --overwrite replaces only those")
 
 
+class RestoredOutputWarning(RuntimeWarning):
+    """An `--overwrite` was killed between its two renames; the output it was replacing is back in place."""
+
+
 @contextmanager
-def staged_folder(out_dir: Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+def staged_folder(out_dir: Path, overwrite: bool = False, resume: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` atomically.
 
     One build per `out_dir` at a time: a lock file beside it is held (released by the kernel if the
     process dies). Staging folders carry their process id; those of processes that are gone (killed
-    with SIGKILL, say) are removed when the next build of `out_dir` starts. A folder that appeared at
-    `out_dir` during the build is never replaced without `overwrite`. The new folder's permissions
-    follow the umask, and its files are on disk before it is moved into place. With `resume`, the
-    newest staging folder of a process that is gone is built on instead of a new one."""
+    with SIGKILL, say) are removed when the next build of `out_dir` starts, and an output that a killed
+    `--overwrite` had set aside is put back if `out_dir` is missing. A folder that appeared at `out_dir`
+    during the build is never replaced without `overwrite`. The new folder's permissions follow the
+    umask, and its files are on disk before its journal is removed and it is moved into place. With
+    `resume` (the fingerprint of the plan, see journal.py), the newest staging folder of a process that
+    is gone whose journal records that fingerprint is built on instead of a new one."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir.parent / f".{out_dir.name}.lock", out_dir):
-        orphans = _orphans(out_dir)
-        staged = [folder for folder in orphans if folder.name.startswith(f".{out_dir.name}.partial-")]
-        adopted = max(staged, key=lambda folder: folder.stat().st_mtime) if resume and staged else None
-        for folder in orphans:
+        _recover_replaced_output(out_dir)
+        if out_dir.exists() and not overwrite:
+            raise MergewiseError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
+        staged = _orphans(out_dir, "partial")
+        adopted = _resumable(staged, resume) if resume is not None else None
+        for folder in staged:
             if folder != adopted:
-                shutil.rmtree(folder, ignore_errors=True)
+                _remove(folder)
         existed = out_dir.exists()
         staging = adopted or Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-",
                                                    dir=out_dir.parent))
@@ -84,28 +96,102 @@ def staged_folder(out_dir: Path, overwrite: bool = False, resume: bool = False) 
                 raise MergewiseError(f"output folder {out_dir} appeared while this one was being built; "
                                      "it was left as it is")
             _sync(staging)
+            (staging / JOURNAL_FILE).unlink(missing_ok=True)  # last: only a folder with a journal is built on
+            _sync_folder(staging)
         except BaseException:
             if adopted is None:  # an adopted folder stays for the next --resume (its journal is consistent)
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=out_dir.parent))
-            out_dir.rename(retired / out_dir.name)
-            staging.rename(out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(out_dir)
+        _move_into_place(staging, out_dir)
 
 
-def _orphans(out_dir: Path) -> list[Path]:
-    """Staging and retired folders of `out_dir` whose process is gone."""
+# In a retired folder (`.NAME.old-PID-…`), an output set aside by `--overwrite` is kept under its own
+# name while it may have to be put back, and renamed to this name once its replacement is in place.
+_DISCARDED = "discarded"
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename `staging` to `out_dir`. An existing `out_dir` is first set aside whole in a retired
+    folder, so that a kill at any point leaves either output under a name the next build looks at."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        _sync_folder(out_dir.parent)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=out_dir.parent))
+    out_dir.rename(retired / out_dir.name)
+    staging.rename(out_dir)
+    _sync_folder(out_dir.parent)
+    (retired / out_dir.name).rename(retired / _DISCARDED)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _recover_replaced_output(out_dir: Path) -> None:
+    """Finish what a killed `--overwrite` left: the output it set aside is put back when `out_dir` is
+    missing (the new one never got there), and removed otherwise (the new one did)."""
+    for retired in _orphans(out_dir, "old"):
+        kept = retired / out_dir.name
+        if not os.path.lexists(out_dir) and _is_plain_folder(kept):
+            kept.rename(out_dir)
+            _sync_folder(out_dir.parent)
+            warnings.warn(f"{out_dir}: put back the output that an interrupted --overwrite had moved to "
+                          f"{retired.name}", RestoredOutputWarning, stacklevel=2)
+        _remove(retired)
+
+
+def _resumable(staged: list[Path], fingerprint: str) -> Path | None:
+    """The newest of `staged` whose journal records `fingerprint` (None when none has a journal).
+    Each must be a folder `--resume` may write in; one staged from another plan is refused and kept."""
+    recorded = {}
+    for folder in sorted(staged, key=lambda folder: folder.lstat().st_mtime, reverse=True):
+        _check_adoptable(folder)
+        recorded[folder] = recorded_fingerprint(folder)
+    matching = [folder for folder, staged_from in recorded.items() if staged_from == fingerprint]
+    other = [folder for folder, staged_from in recorded.items() if staged_from not in (None, fingerprint)]
+    if not matching and other:
+        raise MergewiseError(f"--resume: {other[0]} was staged from another recipe, other inputs or another shard "
+                             "size; it was kept (merge again without --resume to replace it)")
+    return matching[0] if matching else None
+
+
+def _check_adoptable(folder: Path) -> None:
+    """Refuse a staging folder through which a resumed merge would write or hang outside it: it must
+    be this user's own folder holding only regular files with no other link (no symlink, hard
+    link, FIFO or folder)."""
+    if not _is_plain_folder(folder) or folder.lstat().st_uid != os.geteuid():
+        raise MergewiseError(f"--resume: {folder} is not a folder of this user's; remove it or merge again "
+                             "without --resume")
+    for entry in os.scandir(folder):
+        status = entry.stat(follow_symlinks=False)
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+            raise MergewiseError(f"--resume: {entry.path} is not a file the staged merge wrote (a symlink, hard link, "
+                                 "FIFO or folder); merge again without --resume")
+
+
+def _orphans(out_dir: Path, kind: str) -> list[Path]:
+    """Staging (`kind` "partial") or retired ("old") folders of `out_dir` whose process is gone. The
+    lock is held, so one carrying this process's id is an orphan too (its id was reused)."""
     found = []
-    for folder in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
-        kind, _, rest = folder.name.removeprefix(f".{out_dir.name}.").partition("-")
-        pid = rest.partition("-")[0]
-        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+    for folder in out_dir.parent.glob(f".{out_dir.name}.{kind}-*-*"):
+        pid = folder.name.removeprefix(f".{out_dir.name}.{kind}-").partition("-")[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             found.append(folder)
     return sorted(found)
+
+
+def _is_plain_folder(path: Path) -> bool:
+    """A folder, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder with everything in it, or whatever else is at `path` (never following a symlink)."""
+    if _is_plain_folder(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -138,6 +224,11 @@ def _sync(folder: Path) -> None:
                 os.fsync(descriptor)
             finally:
                 os.close(descriptor)
+    _sync_folder(folder)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (files created, removed or renamed in it) to disk."""
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -150,20 +241,45 @@ def _exclusive(lock_path: Path, out_dir: Path) -> Iterator[None]:
     """Hold `lock_path` exclusively; it is removed when released. A lock taken on a file that its
     previous holder removed meanwhile is taken again on the new one."""
     while True:
-        lock = open(lock_path, "a")
+        lock = _open_lock(lock_path)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.close()
+            os.close(lock)
             raise MergewiseError(f"another mergewise process is writing {out_dir}; wait for it to finish") from None
-        if lock_path.exists() and os.fstat(lock.fileno()).st_ino == lock_path.stat().st_ino:
+        held, current = os.fstat(lock), _lstat(lock_path)
+        if current is not None and (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
             break
-        lock.close()
+        os.close(lock)
     try:
         yield
     finally:
         lock_path.unlink(missing_ok=True)
-        lock.close()
+        os.close(lock)
+
+
+def _open_lock(lock_path: Path) -> int:
+    """A descriptor of the lock file, created if missing. Never through a symlink (that would create a
+    file elsewhere), and only a regular file: opening a FIFO or a device does not wait, but is refused."""
+    refused = MergewiseError(f"lock file {lock_path} is not a regular file (a symlink, FIFO, device or folder); "
+                             "remove it")
+    try:
+        descriptor = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.EISDIR):
+            raise refused from None
+        raise
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise refused
+    return descriptor
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except FileNotFoundError:
+        return None
 
 
 def write_model_config(folder: Path, config: dict, dtype: torch.dtype,
