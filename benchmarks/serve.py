@@ -17,7 +17,7 @@ processes and their children (a peer runs its model in a child process), sampled
 own task's expert, from the `x-mergewise-*` headers) next to the router's own decisions on the same
 prompts in this process (what `mergewise eval` computes).
 
-Writes benchmarks/results/serve-<zoo name>.md and .png. The Mediator build and the exports are cached
+Writes benchmarks/results/serve-<zoo name>[-<dtype>].md and .png. The Mediator build and the exports are cached
 under --work.
 """
 
@@ -307,6 +307,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="every server's weights in this dtype (default: as stored)")
     parser.add_argument("--skip", nargs="*", default=[], help="setups to leave out (by name)")
     args = parser.parse_args()
     zoo = load_zoo(args.zoo)
@@ -316,17 +318,20 @@ def main() -> None:
     mediator_dir, _ = build_mediator(zoo, work, *DEFAULT)
     experts = export_experts(mediator_dir, zoo, work)
     prompts = mixed_prompts(zoo, args.requests)
-    flags = ["--device", args.device, "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.requests)]
+    flags = ["--device", args.device, "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.requests),
+             *(["--dtype", args.dtype] if args.dtype else [])]
+    peer_flags = ["--dtype", args.dtype] if args.dtype else []
     dense_name = str(mediator_dir)
     setups = {
         "mergewise serve, Mediator (auto)": lambda: {"*": Served(mergewise_serve(mediator_dir, *flags), "auto",
                                                                  logs / "mediator.log")},
         "mergewise serve, dense D": lambda: {"*": Served(mergewise_serve(mediator_dir, *flags), "dense",
                                                          logs / "dense.log")},
-        "transformers serve, D": lambda: {"*": Served(transformers_serve(mediator_dir), dense_name,
+        "transformers serve, D": lambda: {"*": Served(transformers_serve(mediator_dir, *peer_flags), dense_name,
                                                       logs / "transformers.log")},
         "transformers serve --continuous-batching, D": lambda: {"*": Served(
-            transformers_serve(mediator_dir, "--continuous-batching"), dense_name, logs / "transformers-cb.log")},
+            transformers_serve(mediator_dir, "--continuous-batching", *peer_flags), dense_name,
+            logs / "transformers-cb.log")},
         f"{len(experts)} experts, one mergewise serve each": lambda: {
             task: Served(mergewise_serve(folder, *flags), folder.name, logs / f"expert-{task}.log")
             for task, folder in experts.items()},
@@ -357,7 +362,8 @@ def write_report(args, zoo, work, mediator_dir, prompts, results, failures, head
     name = Path(args.zoo).resolve().name
     lines = [f"# mergewise serve on {name}", "",
              f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"device {args.device}; {len(prompts)} requests per level (held-out prompts of "
+             f"device {args.device}, weights in {args.dtype or 'their stored dtype'}; {len(prompts)} requests "
+             f"per level (held-out prompts of "
              f"{', '.join(sorted({task for task, _ in prompts}))}, interleaved), max_tokens {args.max_tokens}, greedy, "
              f"streamed; mergewise --max-batch {args.max_batch}.", "", header]
     lines += [level.row(setup) for setup, levels in results.items() for level in levels]
@@ -378,10 +384,11 @@ def write_report(args, zoo, work, mediator_dir, prompts, results, failures, head
     if failures:
         lines += ["", "Setups that could not be measured here:", ""]
         lines += [f"- {setup}: {error}" for setup, error in failures.items()]
-    report = RESULTS / f"serve-{name}.md"
+    stem = f"serve-{name}" + (f"-{args.dtype}" if args.dtype else "")
+    report = RESULTS / f"{stem}.md"
     report.write_text("\n".join(lines) + "\n")
     if results:
-        plot(results, RESULTS / f"serve-{name}.png")
+        plot(results, RESULTS / f"{stem}.png")
     print(f"wrote {report}")
 
 

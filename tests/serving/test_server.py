@@ -258,12 +258,14 @@ def test_an_api_key_guards_v1_and_binding_beyond_loopback_needs_one(mediator_dir
 
     assert main(["serve", str(mediator_dir), "--host", "0.0.0.0"]) == 2
     assert "needs --api-key" in capsys.readouterr().err
-    server = Server(mediator_dir, "--api-key", "s3cret")
+    server = Server(mediator_dir, "--api-key", "s3cret", "--dtype", "bfloat16")
     try:
         with pytest.raises(openai.AuthenticationError):
             server.client().models.list()
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
         assert [model.id for model in client.models.list().data][:2] == ["tiny-mediator", "auto"]
+        answer = client.completions.create(model="numbers", prompt="one two three", max_tokens=3)  # weights in bf16
+        assert answer.usage.completion_tokens <= 3
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200  # probes need no key
     finally:
         server.stop()

@@ -183,3 +183,15 @@ def test_a_cancelled_request_leaves_its_slot_and_its_batch_goes_on(model):
     assert whole[-1].finish_reason in ("stop", "length")
     assert cut[-1].kind == "done" and cut[-1].finish_reason == "cancelled"
     assert cut[-1].completion_tokens < whole[-1].completion_tokens or whole[-1].completion_tokens <= 1
+
+
+def test_a_caller_that_cannot_take_events_is_dropped_and_the_worker_goes_on(model):
+    def closed_loop(event):
+        raise RuntimeError("Event loop is closed")
+
+    ids = model.encode(["five six seven"])[0]
+    with ServingCore(model, served_name="tiny") as core:
+        gone = core.submit(ServeRequest(ids, Sampling(max_tokens=5, temperature=0), "dense"), closed_loop)
+        after = core.submit(ServeRequest(ids, Sampling(max_tokens=5, temperature=0), "dense"))
+        events = list(after.events(timeout=60))
+    assert gone.cancelled and events[-1].kind == "done"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import signal
 import socket
 import threading
@@ -20,6 +21,12 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="the weights' dtype in memory (default: as stored; float32 is faster on a CPU "
+                             "without bf16 instructions, at twice the memory)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the forward passes (default: all cores but one, which is left "
+                             "to the HTTP server and tokenization)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests of one route decoded together")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait; past it a request gets 429 with Retry-After")
@@ -40,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
     from mergewise.errors import MergewiseError
 
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
-                        ("--max-tokens", args.max_tokens)):
+                        ("--max-tokens", args.max_tokens), ("--threads", args.threads or 1)):
         if value < 1:
             raise MergewiseError(f"{flag}: must be at least 1, got {value}")
     if args.max_wait < 0:
@@ -55,9 +62,13 @@ def run(args: argparse.Namespace) -> None:
     except ImportError as error:
         raise MergewiseError(f"serving needs the serve extra ({error.name} is missing): "
                              "pip install 'mergewise[serve]'") from None
+    import torch
+
     from mergewise.mediator.runtime import load
 
-    model = load(args.folder, args.device, trust_remote_code=args.trust_remote_code)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+
+    model = load(args.folder, args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     core = ServingCore(model, served_name=args.served_name or Path(args.folder).resolve().name,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_wait=args.max_wait)
     app = create_app(core, api_key=args.api_key, default_max_tokens=args.max_tokens)

@@ -84,6 +84,14 @@ class Ticket:
         """The client is gone: drop the request, or end its sequence at the next step."""
         self._cancelled.set()
 
+    def send(self, event: Event) -> None:
+        """Hand an event to the caller; a caller that can no longer take it (its event loop closed)
+        has gone, so the request is cancelled rather than the worker failing."""
+        try:
+            self.deliver(event)
+        except Exception:
+            self.cancel()
+
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
@@ -235,7 +243,7 @@ class ServingCore:
             self.metrics.queue_length.set(self._waiting)
         for ticket in tickets:
             if ticket.route is not None or not self.model.is_mediator:
-                ticket.deliver(Event("route"))
+                ticket.send(Event("route"))
 
     def _forced_route(self, model: str) -> Route | None:
         if not self.model.is_mediator:
@@ -287,7 +295,7 @@ class ServingCore:
                     completion.cancelled = True
                     return
                 if text:
-                    ticket.deliver(Event("text", text))
+                    ticket.send(Event("text", text))
 
             decode(self.model.model, completions, self.pad_id, self.model.device, released)
             for ticket, completion in zip(batch, completions):
@@ -315,14 +323,14 @@ class ServingCore:
         self.metrics.completion_tokens.inc(generated)
         if generated > 1 and ticket.first_token is not None:
             self.metrics.time_per_output_token.observe((time.monotonic() - ticket.first_token) / (generated - 1))
-        ticket.deliver(Event("done", finish_reason=reason, prompt_tokens=len(completion.prompt_ids),
+        ticket.send(Event("done", finish_reason=reason, prompt_tokens=len(completion.prompt_ids),
                              completion_tokens=generated))
 
     def _fail(self, ticket: Ticket, error: Exception) -> None:
         self.metrics.requests.labels(_route_label(ticket.route), "error").inc()
         failure = error if isinstance(error, ServingError) else ServingError(
             500, f"generation failed: {type(error).__name__}: {error}", "server_error")
-        ticket.deliver(Event("error", error=failure))
+        ticket.send(Event("error", error=failure))
 
 
 def _route_key(route: Route | None) -> tuple:
