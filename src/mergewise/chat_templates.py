@@ -6,9 +6,15 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Annotated
 
-from mergewise.checkpoint.reader import inside_folder
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergewise.checkpoint.files import read_json, read_text, validated
+from mergewise.checkpoint.writer import write_text
 from mergewise.errors import MergewiseError, tolerated
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 NAMED = {
     "chatml": (
@@ -33,7 +39,7 @@ NAMED = {
 def resolve_chat_template(setting: str, models: list[Path], *, strict: bool = False) -> str | None:
     """The Jinja template a recipe's `chat_template` stands for (None: `auto` found none among the
     inputs, and the output gets none, as mergekit's); one error naming the setting if it is neither
-    a known name, `auto`, nor Jinja."""
+    a known name, `auto`, nor a template that compiles."""
     if setting in NAMED:
         return NAMED[setting]
     if setting == "auto":
@@ -44,32 +50,69 @@ def resolve_chat_template(setting: str, models: list[Path], *, strict: bool = Fa
             return None
         return found.most_common(1)[0][0]
     if "{{" in setting or "{%" in setting:
-        return setting
+        return checked_template(setting, "chat_template")
     raise MergewiseError(f"chat_template: unknown template {setting!r} (use auto, {', '.join(NAMED)}, "
                          "or a Jinja template)")
 
 
+def checked_template(template: str, where: str) -> str:
+    """`template` if it compiles as transformers compiles a chat template (jinja2's sandbox)."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateError as error:
+        line = f" at line {error.lineno}" if getattr(error, "lineno", None) else ""
+        raise MergewiseError(f"{where}: not a valid Jinja template ({error.message or error}{line})") from None
+    return template
+
+
+class NamedTemplate(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: Annotated[str, Field(strict=True)]
+    template: Annotated[str, Field(strict=True)]
+
+
+class TokenizerConfig(BaseModel):
+    """tokenizer_config.json's chat template: one, or several by name (transformers applies "default")."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    chat_template: Annotated[str, Field(strict=True)] | list[NamedTemplate] | None = None
+
+    @property
+    def default_template(self) -> str | None:
+        if not isinstance(self.chat_template, list):
+            return self.chat_template
+        return next((entry.template for entry in self.chat_template if entry.name == "default"), None)
+
+
+def read_tokenizer_config(folder: Path) -> dict:
+    """A folder's tokenizer_config.json ({} when it has none), its chat template checked."""
+    path = folder / TOKENIZER_CONFIG
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    config = read_json(path, "tokenizer config", folder=folder, finite=False)
+    if not isinstance(config, dict):
+        raise MergewiseError(f"{path}: not a JSON object")
+    validated(TokenizerConfig, config, str(path))
+    return config
+
+
 def model_chat_template(folder: Path) -> str | None:
-    """A model folder's chat template: `chat_template.jinja`, else tokenizer_config.json's."""
+    """A model folder's chat template: `chat_template.jinja`, else tokenizer_config.json's (its
+    "default" one, when it names several)."""
     jinja = folder / "chat_template.jinja"
     if jinja.exists() or jinja.is_symlink():
-        return inside_folder(jinja, folder, "chat template").read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.exists() or config.is_symlink():
-        inside_folder(config, folder, "tokenizer config")
-        try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, AttributeError):
-            return None
-        return template if isinstance(template, str) else None
-    return None
+        return checked_template(read_text(jinja, "chat template", folder=folder), str(jinja))
+    template = TokenizerConfig.model_validate(read_tokenizer_config(folder)).default_template
+    return checked_template(template, str(folder / TOKENIZER_CONFIG)) if template is not None else None
 
 
 def write_chat_template(folder: Path, template: str) -> None:
     """Give the output's tokenizer `template`: in chat_template.jinja, which transformers reads first,
-    and in tokenizer_config.json, for older readers."""
-    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    config["chat_template"] = template
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    and in tokenizer_config.json, for older readers (the one copied into `folder`, checked by
+    `read_tokenizer_config` before the merge started, or the one transformers wrote)."""
+    write_text(folder / "chat_template.jinja", template)
+    config = {**read_tokenizer_config(folder), "chat_template": template}
+    write_text(folder / TOKENIZER_CONFIG, json.dumps(config, indent=2, ensure_ascii=False) + "\n")

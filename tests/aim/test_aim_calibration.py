@@ -126,7 +126,7 @@ def test_statistics_match_the_reference_conventions(arch, bos_base, documents_js
 
 def test_blocks_keep_the_document_order_and_drop_the_partial_block(bos_base, documents_jsonl):
     tokenizer = AutoTokenizer.from_pretrained(bos_base("llama"))
-    texts = read_documents(str(documents_jsonl))
+    texts = list(read_documents(str(documents_jsonl), SEQ_LEN))
     encoded = [tokenizer.encode(text.strip()) for text in texts]
     assert all(tokens[0] == tokenizer.bos_token_id for tokens in encoded)
     assert len(encoded[3]) == SEQ_LEN + 1 and encoded[5] == [tokenizer.bos_token_id]

@@ -14,6 +14,7 @@ import os
 import threading
 from pathlib import Path
 
+from mergewise.checkpoint.files import read_json
 from mergewise.errors import MergewiseError
 
 JOURNAL_FILE = ".mergewise-progress.json"
@@ -39,7 +40,7 @@ class Journal:
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path, "progress record")
             recorded_fingerprint, seed, finished = data["fingerprint"], int(data["seed"]), dict(data["finished"])
         except (ValueError, KeyError, TypeError):
             raise MergewiseError(f"{path}: unreadable progress record; merge again without --resume") from None

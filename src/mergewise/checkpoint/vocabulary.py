@@ -35,6 +35,7 @@ from mergewise.errors import MergewiseError
 TOKENIZER_DEFINITIONS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Rows wanted from a tensor at most this far apart are read in one span (fewer, larger reads).
 GATHER_GAP = 64
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,12 @@ def load_tokenizer(folder: Path):
 
 
 def vocab_size(model: ModelFolder, tokens: int) -> int:
-    """The rows of the model's vocabulary tensors by its config (mergekit's reading), else `tokens`."""
-    for config in (model.config.get("text_config"), model.config):
-        if isinstance(config, dict) and isinstance(config.get("vocab_size"), int):
-            return config["vocab_size"]
-    return tokens
+    """The rows of the model's vocabulary tensors by its config (mergekit's reading), else `tokens`;
+    never more than its input embedding holds (a config may claim more)."""
+    declared = model.declared.text.vocab_size or model.declared.vocab_size or tokens
+    held = [info.shape[0] for name, info in model.tensors.items() if name.endswith(INPUT_EMBEDDING_SUFFIXES)
+            and info.shape]
+    return min(declared, *held)
 
 
 def _stripped(tokenizer, size: int, folder: Path):
@@ -119,6 +121,9 @@ class OutputVocabulary:
             raise MergewiseError(f"{source}: the output tokenizer's ids are not 0..{self.real - 1} without gaps, "
                                  "so they cannot index embedding rows")
         multiple = pad_to_multiple_of or 1
+        if multiple > self.real:  # padding at most doubles the rows
+            raise MergewiseError(f"tokenizer.pad_to_multiple_of: {multiple} is more than the {self.real} tokens of the "
+                                 "output vocabulary")
         self.rows = math.ceil(self.real / multiple) * multiple
         self.names = sorted(self.tokens, key=self.tokens.get)
 
@@ -306,11 +311,8 @@ def build_vocabulary(source: str | ModelFolder, base: ModelFolder, models: list[
             _add_union(tokenizer, [(tokenizers[model], sizes[model]) for model in models if tokenizers[model]])
         elif source != "base":
             raise MergewiseError(f"{key}: {source!r} is neither base, union nor a model")
-    present = set(tokenizer.get_vocab())
-    for token in added:
-        if token not in present:
-            tokenizer.add_tokens(token)
-            present.add(token)
+    present = tokenizer.get_vocab()
+    tokenizer.add_tokens([token for token in dict.fromkeys(added) if token not in present])
     vocabulary = OutputVocabulary(tokenizer, source_folder, pad_to_multiple_of)
     for model in models:
         vocabulary.add_input(model, (tokenizers[model] or tokenizers[base]).get_vocab(), sizes[model])
@@ -330,8 +332,7 @@ def _add_union(tokenizer: Any, inputs: list[tuple[Any, int]]) -> None:
             if index < size:
                 added.setdefault(info.content, info)
     known = tokenizer.get_vocab()
-    for token in plain:
-        if token not in added and token not in known:
-            tokenizer.add_tokens(token)
-    for info in added.values():
-        tokenizer.add_tokens(info)
+    # One call each: the tokenizer rebuilds its added-token matcher per call, so token by token the
+    # union took time quadratic in the tokens it adds.
+    tokenizer.add_tokens([token for token in plain if token not in added and token not in known])
+    tokenizer.add_tokens(list(added.values()))
