@@ -19,6 +19,7 @@ from mergewise.checkpoint.files import (
     read_yaml,
 )
 from mergewise.errors import MergewiseError
+from tests.support.crafted import billion_laughs
 
 
 @pytest.mark.parametrize("text, named", [
@@ -66,13 +67,6 @@ def test_a_schema_error_names_the_file_and_key(tmp_path):
         read_json(path, "adapter config", schema=Adapter)
     path.write_text('{"r": 8}')
     assert read_json(path, "adapter config", schema=Adapter) == Adapter(r=8)
-
-
-def billion_laughs(levels: int) -> str:
-    """A few hundred bytes of YAML that stand for 10**levels values once its aliases are expanded."""
-    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{level}: &a{level} [{', '.join([f'*a{level - 1}'] * 10)}]" for level in range(1, levels)]
-    return "\n".join(lines) + "\n"
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):

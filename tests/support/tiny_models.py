@@ -223,7 +223,7 @@ def with_added_tokens(model_dir: str | Path, out_dir: str | Path, tokens: Sequen
     for name in ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight"):
         if name in tensors:
             rows = tensors[name]
-            new = perturb(rows[: len(tokens)], 1.0, generator)  # rows of a typical size
+            new = perturb(rows[torch.arange(len(tokens)) % len(rows)], 1.0, generator)  # rows of a typical size
             tensors[name] = torch.cat([rows, new])
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir
