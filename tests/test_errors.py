@@ -332,7 +332,8 @@ def test_a_lora_adapter_is_an_input_no_output_may_touch(family, tmp_path, capsys
     (adapter / "mergewise.yml").write_text("recipe: {}\n")
     before = folder_digest(adapter)
     capsys.readouterr()
-    recipe = {"merge_method": "linear", "models": [{"model": f"{family.base}+{adapter}", "parameters": {"weight": 1.0}}]}
+    recipe = {"merge_method": "linear",
+              "models": [{"model": f"{family.base}+{adapter}", "parameters": {"weight": 1.0}}]}
     config = write_recipe(tmp_path, recipe)
     assert_refused(capsys, merge(config, adapter, "--overwrite"), adapter, "is inside input model", str(adapter),
                    out_dir_before=before)

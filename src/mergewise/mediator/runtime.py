@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import reprlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from mergewise.layerwise import fast_half_matmuls, hidden_state_index, mean_pool
 from mergewise.mediator import switching
 from mergewise.mediator.codes import CODES, Stored, matrix_shape
 from mergewise.mediator.router import Route, Router
+from mergewise.mediator.settings import RouterSettings
 from mergewise.plan import parse_dtype
 
 MEDIATOR_FOLDER = "mediator"
@@ -482,14 +484,23 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
     return RoutedModel(model, tokenizer, torch_device, folder, manifest, router, experts, dense)
 
 
+class RouterRecord(BaseModel):
+    """mediator.json's `router`: what `Router.from_state` builds the router of, with its tensors."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    tasks: list[Annotated[str, Field(strict=True)]]
+    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    settings: RouterSettings
+
+
 class Manifest(BaseModel):
-    """The keys of mediator.json that loading reads (the router checks its own, `Router.from_state`;
-    each routed tensor's code, `_code_of`)."""
+    """The keys of mediator.json that loading reads (each routed tensor's code is checked by
+    `_code_of`)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
     tasks: list[Annotated[str, Field(strict=True)]] = Field(min_length=1)
     routed_tensors: dict[str, Any]
-    router: dict[str, Any]
+    router: RouterRecord
     settings: dict[str, Any]
 
 
@@ -499,8 +510,8 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(manifest, dict):
         raise MergewiseError(f"{path}: expected a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
-        raise MergewiseError(f"{path}: Mediator format {manifest.get('format')!r} (built by mergewise "
-                             f"{manifest.get('mergewise_version', 'unknown')}); this mergewise reads format "
+        raise MergewiseError(f"{path}: Mediator format {reprlib.repr(manifest.get('format'))} (built by mergewise "
+                             f"{str(manifest.get('mergewise_version', 'unknown'))[:40]}); this mergewise reads format "
                              f"{FORMAT_VERSION}: build the folder again with `mergewise mediator build`")
     validated(Manifest, manifest, str(path))
     return manifest
