@@ -4,12 +4,11 @@ file size limit (a full disk)."""
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -40,6 +39,18 @@ class Measured:
         assert self.peak_rss < LIMIT_RSS, f"peak RSS {self.peak_rss / 2**20:.0f} MiB"
 
 
+# The command, then its peak resident memory (VmHWM, kB) written to the file named first. Measured by
+# the process itself: a child's ru_maxrss starts at the resident size of the process it was forked from.
+MEASURED_COMMAND = """
+import sys
+from mergewise.cli import main
+status = main(sys.argv[2:])
+with open("/proc/self/status") as status_file, open(sys.argv[1], "w") as report:
+    report.write(next(line.split()[1] for line in status_file if line.startswith("VmHWM:")))
+sys.exit(status)
+"""
+
+
 def run_measured(*argv: str, file_size_limit: int | None = None) -> Measured:
     """`mergewise ARGV` run to its end (killed past twice LIMIT_SECONDS); with `file_size_limit`, no
     file it writes may grow past that many bytes (a write past it fails as on a full disk)."""
@@ -48,18 +59,13 @@ def run_measured(*argv: str, file_size_limit: int | None = None) -> Measured:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "mergewise.cli", *argv], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, preexec_fn=limits)
-    stderr: list[str] = []
-    reader = threading.Thread(target=lambda: stderr.append(child.stderr.read()))
-    reader.start()
-    killer = threading.Timer(2 * LIMIT_SECONDS, child.kill)
-    killer.start()
-    try:
-        _, status, usage = os.wait4(child.pid, 0)  # reaped here, with the child's own peak memory
-    finally:
-        killer.cancel()
-    reader.join()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return Measured(child.returncode, stderr[0], time.perf_counter() - started, usage.ru_maxrss * 1024)
+    with tempfile.NamedTemporaryFile("r") as report:
+        started = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, "-c", MEASURED_COMMAND, report.name, *argv], text=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limits,
+                                  timeout=2 * LIMIT_SECONDS)
+        except subprocess.TimeoutExpired as expired:
+            return Measured(-9, expired.stderr or "", time.perf_counter() - started, 0)
+        peak = report.read().strip()
+    return Measured(done.returncode, done.stderr, time.perf_counter() - started, int(peak or 0) * 1024)
