@@ -239,3 +239,23 @@ def test_a_full_disk_is_one_error_line_naming_the_file(tiny_family, calibration_
                            str(stats), "--quiet", str(out), file_size_limit=50_000)
     relaxed.assert_one_error("model.safetensors: cannot write")
     assert not out.exists() and sorted(tmp_path.glob(".out.*")) == []
+
+
+def test_a_statistics_file_is_an_input_no_output_may_replace(tiny_family, tmp_path, capsys):
+    """`--overwrite` of an earlier output that holds the statistics the merge reads would delete them."""
+    family = tiny_family("llama")
+    old_out = tmp_path / "old-out"
+    old_out.mkdir()
+    (old_out / "mergewise.yml").write_text("recipe: {}\n")
+    stats = old_out / "stats.safetensors"
+    calibrate_cli(family.base, stats, "--samples", "1", "--seq-len", "8")
+    before = stats.read_bytes()
+    capsys.readouterr()
+    recipe = write_recipe(tmp_path / "aim.yml", family, {"omega": 0.4, "stats": str(stats)})
+    for command in (["merge", str(recipe), str(old_out), "--overwrite", "--quiet"],
+                    ["aim", "--base", str(family.base), "--merged", str(family.fine_tunes[0]), "--stats", str(stats),
+                     str(old_out), "--overwrite", "--quiet"]):
+        assert main(command) == 2
+        [error] = capsys.readouterr().err.strip().splitlines()
+        assert error == f"error: output folder {old_out} contains input model {stats}; choose another"
+    assert stats.read_bytes() == before

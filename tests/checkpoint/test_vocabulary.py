@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mergewise
@@ -267,3 +268,15 @@ def test_a_union_of_thousands_of_new_tokens_is_built_in_one_pass(models, tmp_pat
     plan = build_plan(config, Path.cwd())
     assert time.perf_counter() - started < 3
     assert plan.vocabulary.real == 4256 and plan.vocabulary.tokens["<|extra_3999|>"] == 4255
+
+
+def test_an_embedding_without_rows_is_refused_before_rows_are_sized_by_its_width(models, tmp_path, capsys):
+    """A tensor of no rows holds no bytes whatever its width: re-indexing it into the output vocabulary
+    would allocate rows of that width out of nothing."""
+    empty = Path(shutil.copytree(models.pad, tmp_path / "empty"))
+    tensors = load_file(empty / "model.safetensors")
+    tensors["model.embed_tokens.weight"] = torch.empty(0, 64, dtype=torch.bfloat16)
+    save_file(tensors, empty / "model.safetensors", metadata={"format": "pt"})
+    config = write_recipe(tmp_path, _task_arithmetic(models, empty, tokenizer_source="union"))
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "tensor model.embed_tokens.weight",
+                   str(empty), "has shape [0, 64]: no rows to re-index")

@@ -670,3 +670,18 @@ def test_generate_follows_no_symlink_out_of_the_folder(family, tmp_path, capsys,
     (folder / name).symlink_to(outside)
     error = one_error_line(capsys, "generate", str(folder), "--prompt", "one two")
     assert f"{folder / name}" in error and "outside the model folder" in error
+
+
+def test_a_prompts_file_is_an_input_no_output_may_replace(family, tmp_path, capsys):
+    root, built = family
+    old_out = tmp_path / "old-out"
+    old_out.mkdir()
+    (old_out / "mergewise.yml").write_text("recipe: {}\n")
+    prompts = Path(shutil.copy(root / "merging.txt", old_out / "merging.txt"))
+    data = recipe(root, built)
+    data["mediator"]["experts"][0]["prompts"] = str(prompts)
+    config = tmp_path / "mediator.yml"
+    config.write_text(yaml.safe_dump(data))
+    error = one_error_line(capsys, "mediator", "build", str(config), str(old_out), "--overwrite", "--quiet")
+    assert error == f"error: output folder {old_out} contains input model {prompts}; choose another"
+    assert prompts.read_text() == (root / "merging.txt").read_text()

@@ -76,7 +76,7 @@ def vocab_size(model: ModelFolder, tokens: int) -> int:
     declared = model.declared.text.vocab_size or model.declared.vocab_size or tokens
     held = [info.shape[0] for name, info in model.tensors.items() if name.endswith(INPUT_EMBEDDING_SUFFIXES)
             and info.shape]
-    return min(declared, *held)
+    return min([declared, *held])
 
 
 def _stripped(tokenizer, size: int, folder: Path):
