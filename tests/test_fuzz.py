@@ -145,7 +145,7 @@ def test_fuzzed_safetensors_headers_end_in_a_merge_or_one_error_line(tmp_path_fa
         folder = tmp_path_factory.mktemp("weights")
         model = folder / "model"
         model.mkdir()
-        (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
+        (model / "config.json").write_text(json.dumps({"model_type": "llama"}))  # depth: the layers the weights hold
         encoded = json.dumps(entries).encode() if nesting < 2500 else ("[" * nesting + "]" * nesting).encode()
         (model / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(data_size))
         recipe = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 1.0}}]}
