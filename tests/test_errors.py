@@ -274,6 +274,8 @@ INDEX_BREAKAGES = {
     "a list for a shard": ({"weight_map": {"model.norm.weight": ["a.safetensors"]}}, "Input should be a valid string"),
     "an integer for a shard": ({"weight_map": {"model.norm.weight": 7}}, "Input should be a valid string"),
     "no weight_map": ({"metadata": {}}, "weight_map: Field required"),
+    "a name holding a line break and an escape": ({"weight_map": {"model.norm\n\x1b[2J": 7}},
+                                                  "weight_map.model.norm\\n\\x1b[2J: Input should be a valid string"),
 }
 
 
