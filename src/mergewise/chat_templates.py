@@ -6,15 +6,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from mergewise.checkpoint.files import read_json, read_text, validated
+from mergewise.checkpoint.files import read_text
+from mergewise.checkpoint.vocabulary import TOKENIZER_CONFIG, TokenizerConfig, read_tokenizer_config
 from mergewise.checkpoint.writer import write_text
 from mergewise.errors import MergewiseError, tolerated
-
-TOKENIZER_CONFIG = "tokenizer_config.json"
 
 NAMED = {
     "chatml": (
@@ -66,37 +62,6 @@ def checked_template(template: str, where: str) -> str:
         line = f" at line {error.lineno}" if getattr(error, "lineno", None) else ""
         raise MergewiseError(f"{where}: not a valid Jinja template ({error.message or error}{line})") from None
     return template
-
-
-class NamedTemplate(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    name: Annotated[str, Field(strict=True)]
-    template: Annotated[str, Field(strict=True)]
-
-
-class TokenizerConfig(BaseModel):
-    """tokenizer_config.json's chat template: one, or several by name (transformers applies "default")."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    chat_template: Annotated[str, Field(strict=True)] | list[NamedTemplate] | None = None
-
-    @property
-    def default_template(self) -> str | None:
-        if not isinstance(self.chat_template, list):
-            return self.chat_template
-        return next((entry.template for entry in self.chat_template if entry.name == "default"), None)
-
-
-def read_tokenizer_config(folder: Path) -> dict:
-    """A folder's tokenizer_config.json ({} when it has none), its chat template checked."""
-    path = folder / TOKENIZER_CONFIG
-    if not (path.exists() or path.is_symlink()):
-        return {}
-    config = read_json(path, "tokenizer config", folder=folder, finite=False)
-    if not isinstance(config, dict):
-        raise MergewiseError(f"{path}: not a JSON object")
-    validated(TokenizerConfig, config, str(path))
-    return config
 
 
 def model_chat_template(folder: Path) -> str | None:

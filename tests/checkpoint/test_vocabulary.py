@@ -280,3 +280,14 @@ def test_an_embedding_without_rows_is_refused_before_rows_are_sized_by_its_width
     config = write_recipe(tmp_path, _task_arithmetic(models, empty, tokenizer_source="union"))
     assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "tensor model.embed_tokens.weight",
                    str(empty), "has shape [0, 64]: no rows to re-index")
+
+
+def test_a_tokenizer_config_transformers_could_not_write_back_is_refused_before_the_merge(models, tmp_path, capsys):
+    """A new vocabulary's tokenizer is written by transformers after the merge; a chat template
+    mapped to null failed there (found by fuzzing)."""
+    odd = Path(shutil.copytree(models.pad, tmp_path / "odd"))
+    config_path = odd / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "chat_template": {"": None}}))
+    config = write_recipe(tmp_path, _task_arithmetic(models, odd, tokenizer_source="union"))
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(config_path),
+                   "chat_template.str: Input should be a valid string")

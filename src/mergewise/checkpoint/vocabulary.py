@@ -22,17 +22,20 @@ import threading
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from mergewise.checkpoint.files import inside_folder, read_json, validated
 from mergewise.checkpoint.output import TOKENIZER_FILES
 from mergewise.checkpoint.pretrained import load_pretrained
-from mergewise.checkpoint.reader import ModelFolder, inside_folder
+from mergewise.checkpoint.reader import ModelFolder
 from mergewise.errors import MergewiseError
 
+TOKENIZER_CONFIG = "tokenizer_config.json"
 # A folder holding none of these has no tokenizer of its own; mergekit reads it with the base's.
-TOKENIZER_DEFINITIONS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+TOKENIZER_DEFINITIONS = ("tokenizer.json", TOKENIZER_CONFIG, "tokenizer.model", "vocab.json", "vocab.txt")
 # Rows wanted from a tensor at most this far apart are read in one span (fewer, larger reads).
 GATHER_GAP = 64
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
@@ -52,6 +55,44 @@ class TokenRule:
     force: bool = False
 
 
+Template = Annotated[str, Field(strict=True)]
+
+
+class NamedTemplate(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: Template
+    template: Template
+
+
+class TokenizerConfig(BaseModel):
+    """tokenizer_config.json's chat template: one, or several by name, listed or mapped (transformers
+    applies the "default" one). Checked whenever a tokenizer is loaded: transformers writes out a
+    template it loaded (a merge's new vocabulary), and one it cannot write failed after the merge."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    chat_template: Template | list[NamedTemplate] | dict[str, Template] | None = None
+
+    @property
+    def default_template(self) -> str | None:
+        if isinstance(self.chat_template, list):
+            return next((entry.template for entry in self.chat_template if entry.name == "default"), None)
+        if isinstance(self.chat_template, dict):
+            return self.chat_template.get("default")
+        return self.chat_template
+
+
+def read_tokenizer_config(folder: Path) -> dict:
+    """A folder's tokenizer_config.json ({} when it has none), its chat template checked."""
+    path = folder / TOKENIZER_CONFIG
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    config = read_json(path, "tokenizer config", folder=folder, finite=False)
+    if not isinstance(config, dict):
+        raise MergewiseError(f"{path}: not a JSON object")
+    validated(TokenizerConfig, config, str(path))
+    return config
+
+
 def load_tokenizer(folder: Path):
     """The folder's tokenizer through transformers, never running the folder's own code; None when
     the folder has no tokenizer files."""
@@ -60,6 +101,7 @@ def load_tokenizer(folder: Path):
         inside_folder(file, folder, "tokenizer file")
     if not any(file.name in TOKENIZER_DEFINITIONS for file in present):
         return None
+    read_tokenizer_config(folder)
     from transformers import AutoTokenizer
 
     try:
