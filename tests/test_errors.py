@@ -4,7 +4,9 @@ stderr naming the file, tensor or key at fault, no traceback, and nothing writte
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from mergewise.checkpoint import StreamingShardWriter
 from mergewise.cli import main
 from mergewise.errors import RecipeWarning
-from tests.support.tiny_models import Family, build_tiny_model, read_state_dict
+from tests.support.tiny_models import Family, build_lora_adapter, build_tiny_model, read_state_dict
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -227,6 +230,118 @@ def test_different_vocabulary_is_a_shape_mismatch_naming_the_embedding(family, t
     config = write_recipe(tmp_path, linear_recipe(family.base, wider))
     assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "shape mismatch",
                    "[320, 64]", str(wider), "vocabulary sizes differ")
+
+
+# ------------------------------------------------------------------- what a downloaded folder may hold
+def passthrough_recipe(model: Path, layer_range: list[int]) -> dict:
+    return {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(model), "layer_range": layer_range}]}]}
+
+
+def edit_config(model: Path, **changes) -> None:
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+CONFIG_BREAKAGES = {  # config.json change, layer range of a passthrough slice, what the error names
+    "text_config a string": ({"text_config": "llama"}, [0, 2], "text_config: Input should be a valid dictionary"),
+    "layer_types shorter than the layers": ({"layer_types": ["full_attention"]}, [0, 2],
+                                            "layer_types lists 1 layers, but the model has 2"),
+    "more layers declared than held": ({"num_hidden_layers": 3}, [0, 3], "declares 3 decoder layers"),
+    "a billion layers declared": ({"num_hidden_layers": 10**9}, [4, 10**9], "declares 1000000000 decoder layers"),
+    "an integer of 5000 digits": ({"max_position_embeddings": "DIGITS"}, [0, 2], "an integer of 5000 digits"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_BREAKAGES))
+def test_a_broken_config_json_is_refused_before_the_merge(case, family, tmp_path, capsys, monkeypatch):
+    changes, layer_range, named = CONFIG_BREAKAGES[case]
+    model = copy_model(family.fine_tunes[0], tmp_path / "downloaded")
+    edit_config(model, **changes)
+    config_path = model / "config.json"
+    config_path.write_text(config_path.read_text().replace('"DIGITS"', "7" * 5000))
+    monkeypatch.setattr(StreamingShardWriter, "write", refuse_writes)
+    config = write_recipe(tmp_path, passthrough_recipe(model, layer_range))
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(config_path), named)
+
+
+def refuse_writes(*args, **kwargs):
+    raise AssertionError("a tensor was merged before the bad input was refused")
+
+
+INDEX_BREAKAGES = {
+    "nested 20 000 deep": ("[" * 20_000 + "]" * 20_000, "nested more than 64 levels deep"),
+    "binary": (bytes(range(256)), "not UTF-8 text"),
+    "a list for a shard": ({"weight_map": {"model.norm.weight": ["a.safetensors"]}}, "Input should be a valid string"),
+    "an integer for a shard": ({"weight_map": {"model.norm.weight": 7}}, "Input should be a valid string"),
+    "no weight_map": ({"metadata": {}}, "weight_map: Field required"),
+    "a name holding a line break and an escape": ({"weight_map": {"model.norm\n\x1b[2J": 7}},
+                                                  "weight_map.model.norm\\n\\x1b[2J: Input should be a valid string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_BREAKAGES))
+def test_a_broken_weight_index_is_one_error_naming_it(case, tiny_family, tmp_path, capsys):
+    content, named = INDEX_BREAKAGES[case]
+    sharded = tiny_family("llama", shard_size="100KB")
+    capsys.readouterr()  # the models' build
+    model = copy_model(sharded.fine_tunes[0], tmp_path / "downloaded")
+    index = model / "model.safetensors.index.json"
+    index.write_bytes(content if isinstance(content, bytes) else
+                      content.encode() if isinstance(content, str) else json.dumps(content).encode())
+    config = write_recipe(tmp_path, linear_recipe(sharded.base, model))
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(index), named)
+
+
+def test_a_dimension_no_tensor_can_have_is_refused_from_the_header(tmp_path, capsys):
+    """A tensor of no bytes whose shape holds 2**64: its header adds up, but torch cannot make it."""
+    model = tmp_path / "downloaded"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    header = {"model.layers.0.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "model.norm.weight": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [8, 8]}}
+    encoded = json.dumps(header).encode()
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(8))
+    config = write_recipe(tmp_path, linear_recipe(model))
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "model.safetensors",
+                   "tensor model.norm.weight has shape [0, 18446744073709551616]")
+
+
+def test_a_recipe_nested_20000_deep_is_one_error_line(tmp_path, capsys):
+    config = write_recipe(tmp_path, "merge_method: linear\nmodels: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "recipe.yml", "invalid YAML",
+                   "nested more than 64 levels deep")
+
+
+def test_an_unreadable_progress_record_is_one_error_line(family, tmp_path, capsys):
+    """`--resume` reads the journal of a killed merge's staging folder with the same reader: a seed of
+    Infinity is refused there, not turned into a traceback."""
+    config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
+    staged = tmp_path / ".out.partial-999999999-killed"
+    staged.mkdir()
+    (staged / ".mergewise-progress.json").write_text('{"fingerprint": "x", "seed": Infinity, "finished": {}}')
+    status = merge(config, tmp_path / "out", "--resume")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and ".mergewise-progress.json" in lines[0] and "Infinity" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_adapter_is_an_input_no_output_may_touch(family, tmp_path, capsys):
+    """An adapter folder is read like the models: `--overwrite` into it (a merge output holding an
+    adapter) or an output inside it is refused, and the adapter is left as it was."""
+    adapter = tmp_path / "old-out"
+    build_lora_adapter(family.base, adapter)
+    (adapter / "mergewise.yml").write_text("recipe: {}\n")
+    before = folder_digest(adapter)
+    capsys.readouterr()
+    recipe = {"merge_method": "linear",
+              "models": [{"model": f"{family.base}+{adapter}", "parameters": {"weight": 1.0}}]}
+    config = write_recipe(tmp_path, recipe)
+    assert_refused(capsys, merge(config, adapter, "--overwrite"), adapter, "is inside input model", str(adapter),
+                   out_dir_before=before)
+    assert_refused(capsys, merge(config, adapter / "merged"), adapter / "merged", "is inside input model",
+                   str(adapter))
+    assert folder_digest(adapter) == before
 
 
 # ---------------------------------------------------------------------------------------- pickles

@@ -7,7 +7,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from mergewise.checkpoint.reader import inside_folder
+from mergewise.checkpoint.files import read_text
+from mergewise.checkpoint.vocabulary import TOKENIZER_CONFIG, TokenizerConfig, read_tokenizer_config
+from mergewise.checkpoint.writer import write_text
 from mergewise.errors import MergewiseError, tolerated
 
 NAMED = {
@@ -33,7 +35,7 @@ NAMED = {
 def resolve_chat_template(setting: str, models: list[Path], *, strict: bool = False) -> str | None:
     """The Jinja template a recipe's `chat_template` stands for (None: `auto` found none among the
     inputs, and the output gets none, as mergekit's); one error naming the setting if it is neither
-    a known name, `auto`, nor Jinja."""
+    a known name, `auto`, nor a template that compiles."""
     if setting in NAMED:
         return NAMED[setting]
     if setting == "auto":
@@ -44,32 +46,38 @@ def resolve_chat_template(setting: str, models: list[Path], *, strict: bool = Fa
             return None
         return found.most_common(1)[0][0]
     if "{{" in setting or "{%" in setting:
-        return setting
+        return checked_template(setting, "chat_template")
     raise MergewiseError(f"chat_template: unknown template {setting!r} (use auto, {', '.join(NAMED)}, "
                          "or a Jinja template)")
 
 
+def checked_template(template: str, where: str) -> str:
+    """`template` if it compiles as transformers compiles a chat template (jinja2's sandbox)."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateError as error:
+        line = f" at line {error.lineno}" if getattr(error, "lineno", None) else ""
+        raise MergewiseError(f"{where}: not a valid Jinja template ({error.message or error}{line})") from None
+    return template
+
+
 def model_chat_template(folder: Path) -> str | None:
-    """A model folder's chat template: `chat_template.jinja`, else tokenizer_config.json's."""
+    """A model folder's chat template: `chat_template.jinja`, else tokenizer_config.json's (its
+    "default" one, when it names several)."""
     jinja = folder / "chat_template.jinja"
     if jinja.exists() or jinja.is_symlink():
-        return inside_folder(jinja, folder, "chat template").read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.exists() or config.is_symlink():
-        inside_folder(config, folder, "tokenizer config")
-        try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, AttributeError):
-            return None
-        return template if isinstance(template, str) else None
-    return None
+        return checked_template(read_text(jinja, "chat template", folder=folder), str(jinja))
+    template = TokenizerConfig.model_validate(read_tokenizer_config(folder)).default_template
+    return checked_template(template, str(folder / TOKENIZER_CONFIG)) if template is not None else None
 
 
 def write_chat_template(folder: Path, template: str) -> None:
     """Give the output's tokenizer `template`: in chat_template.jinja, which transformers reads first,
-    and in tokenizer_config.json, for older readers."""
-    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    config["chat_template"] = template
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    and in tokenizer_config.json, for older readers (the one copied into `folder`, checked by
+    `read_tokenizer_config` before the merge started, or the one transformers wrote)."""
+    write_text(folder / "chat_template.jinja", template)
+    config = {**read_tokenizer_config(folder), "chat_template": template}
+    write_text(folder / TOKENIZER_CONFIG, json.dumps(config, indent=2, ensure_ascii=False) + "\n")

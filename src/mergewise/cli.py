@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             warnings.formatwarning = _format_warning
             status = args.handler(args)
     except MergewiseError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(str(error))}", file=sys.stderr)
         return 2
     except OSError as error:  # a full disk, a read-only folder, too many open files…
         where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        print(f"error: {_one_line(f'{where}{error.strerror or error}')}", file=sys.stderr)
         return 2
     except _Terminated:
         print("error: terminated", file=sys.stderr)
@@ -68,8 +68,14 @@ _python_format_warning = warnings.formatwarning
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """mergewise's own warnings as one `warning: …` line each, like its errors; others as Python shows them."""
     if category.__module__.split(".")[0] == "mergewise":
-        return f"warning: {message}\n"
+        return f"warning: {_one_line(str(message))}\n"
     return _python_format_warning(message, category, filename, lineno, line)
+
+
+def _one_line(text: str) -> str:
+    """`text` as one line of plain characters: a message quotes names and keys from downloaded files,
+    which may hold line breaks or terminal escapes; those are shown as Python writes them (`\\n`)."""
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in text)
 
 
 class _Terminated(KeyboardInterrupt):

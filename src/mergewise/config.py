@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,11 +23,11 @@ from pydantic import (
     Field,
     PrivateAttr,
     Tag,
-    ValidationError,
     ValidatorFunctionWrapHandler,
     model_validator,
 )
 
+from mergewise.checkpoint.files import read_yaml, validated
 from mergewise.errors import MergewiseError, tolerated
 
 Scalar = Union[bool, int, float, str]
@@ -300,19 +299,10 @@ def read_yaml_mapping(path: Path) -> dict:
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise MergewiseError(f"{path}: {path.stat().st_size} bytes; a recipe over {MAX_RECIPE_BYTES} bytes is refused "
                              "(YAML that large is not a recipe, and parsing it takes minutes)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise MergewiseError(f"{path}: invalid YAML ({str(error).splitlines()[0]} "
-                             f"{_yaml_position(error)})") from None
+    data = read_yaml(path, "recipe", max_bytes=MAX_RECIPE_BYTES)
     if not isinstance(data, dict):
         raise MergewiseError(f"{path}: expected a mapping with merge_method and models/slices")
     return data
-
-
-def _yaml_position(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    return f"at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
 
 
 def validate_config(data: dict, origin: str) -> MergeConfig:
@@ -324,10 +314,4 @@ Block = TypeVar("Block", bound=BaseModel)
 
 def validate_block(schema: type[Block], data: Any, origin: str, key: str = "") -> Block:
     """Validate one recipe block; the first problem becomes one error naming the file and key path."""
-    try:
-        return schema.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        location = ".".join(str(part) for part in (key, *first["loc"]) if part != "") or "(top level)"
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise MergewiseError(f"{origin}: {location}: {message}") from None
+    return validated(schema, data, origin, key)

@@ -39,8 +39,10 @@ from mergewise.checkpoint import (
     staged_folder,
     write_model_config,
 )
-from mergewise.chat_templates import resolve_chat_template, write_chat_template
+from mergewise.chat_templates import read_tokenizer_config, resolve_chat_template, write_chat_template
+from mergewise.checkpoint.files import inside_folder, read_yaml
 from mergewise.checkpoint.hub import revision_of
+from mergewise.checkpoint.writer import write_text
 from mergewise.config import MergeConfig, Recipe, load_recipe
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
@@ -125,12 +127,16 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
         raise MergewiseError(f"--threads: must be at least 1, got {options.threads}")
     out_dir = Path(out_dir).expanduser().resolve()
     protected = [Path(recipe.origin)] if recipe is not None and Path(recipe.origin).is_file() else []
-    check_output_location(out_dir, [model.path for model in plan.models], options.overwrite, protected)
+    inputs = [*(folder for model in plan.models for folder in model.folders),
+              *(path.resolve() for stage in stages for path in stage.inputs())]
+    check_output_location(out_dir, inputs, options.overwrite, protected)
     device = resolve_device(options.device)
     shard_size = parse_size(options.shard_size)
     chat_template = (resolve_chat_template(plan.config.chat_template, [model.path for model in plan.models],
                                            strict=options.strict)
                      if plan.config.chat_template else None)
+    if chat_template is not None and plan.vocabulary is None:
+        read_tokenizer_config(plan.tokenizer_source.path)  # the template goes into its copy
     if stages and any(source.vocabulary is not None for job in plan.jobs for source in (*job.inputs, job.base)
                       if source is not None):
         names = ", ".join(f"{stage.name}:" for stage in stages)
@@ -360,7 +366,7 @@ class _JobExecutor:
         some, so a clean merge pays one pass over its output)."""
         sources = [*([job.base] if job.base is not None else []), *job.inputs]
         tensors = [*([rows.base] if rows.base is not None else []), *rows.inputs]
-        culprits = [str(source.model.path) for source, tensor in zip(sources, tensors)
+        culprits = [source.model.label for source, tensor in zip(sources, tensors)
                     if not bool(torch.isfinite(tensor).all())]
         cause = f"NaN or infinity in {', '.join(culprits)}" if culprits else "the arithmetic overflowed"
         message = f"tensor {job.name}: the merged values hold NaN or infinity ({cause})"
@@ -467,7 +473,7 @@ def _write_record(folder: Path, plan: MergePlan, recipe: Recipe | None, seed: in
         "device": options.device,
         **{name: value for name, value in records.items() if value is not None},
     }
-    (folder / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+    write_text(folder / RECORD_FILE, yaml.safe_dump(record, sort_keys=False))
 
 
 # A per-row-chunk rewrite of one stored tensor: (tensor name, rows, stored rows) → new rows.
@@ -483,6 +489,10 @@ def rewrite_folder(source: ModelFolder, out_dir: Path, transform: ChunkTransform
 
     out_dir = Path(out_dir).expanduser().resolve()
     check_output_location(out_dir, inputs, overwrite)
+    previous = source.path / RECORD_FILE
+    history = (read_yaml(previous, RECORD_FILE, folder=source.path, schema=dict[str, Any])
+               if previous.exists() or previous.is_symlink() else {})
+    history[record_key] = {**record, "mergewise_version": __version__}
     tensors = list(source.tensors.values())
     with staged_folder(out_dir, overwrite) as staging:
         writer = StreamingShardWriter(staging, [PlannedTensor(t.name, t.shape, t.dtype) for t in tensors],
@@ -492,11 +502,8 @@ def rewrite_folder(source: ModelFolder, out_dir: Path, transform: ChunkTransform
                 chunk = transform(info.name, rows, source.read(info.name, rows))
                 writer.write(info.name, chunk.to(info.dtype), rows.start or 0)
         writer.close()
-        shutil.copy2(source.path / "config.json", staging / "config.json")
+        shutil.copyfile(inside_folder(source.path / "config.json", source.path, "config.json"),
+                        staging / "config.json")
         copy_tokenizer(source.path, staging)
-        previous = source.path / RECORD_FILE
-        history = yaml.safe_load(previous.read_text()) if previous.is_file() else {}
-        history = history if isinstance(history, dict) else {}
-        history[record_key] = {**record, "mergewise_version": __version__}
-        (staging / RECORD_FILE).write_text(yaml.safe_dump(history, sort_keys=False))
+        write_text(staging / RECORD_FILE, yaml.safe_dump(history, sort_keys=False))
     return out_dir

@@ -39,6 +39,16 @@ class Batch:
     attention_mask: torch.Tensor | None = None
 
 
+def hidden_state_index(layer: int, num_layers: int, where: str) -> int:
+    """`layer` as a hidden state number 0..num_layers of a model of `num_layers` decoder layers
+    (negative ones count from the end); one error naming `where` if there is no such state."""
+    count = num_layers + 1
+    if not -count <= layer < count:
+        raise MergewiseError(f"{where}: hidden state {layer} does not exist; a model of {num_layers} decoder layers "
+                             f"has {-count}..{count - 1}")
+    return layer % count
+
+
 class _StopForward(Exception):
     """Raised by the capture hook: nothing after the first decoder layer needs to run."""
 
@@ -52,6 +62,10 @@ class LayerwiseModel:
 
     def __init__(self, folder: ModelFolder, config: PretrainedConfig, *, dtype: torch.dtype = torch.float32,
                  device: torch.device = torch.device("cpu"), trust_remote_code: bool = False):
+        if config.get_text_config() is not config:
+            raise MergewiseError(f"{folder.path}: a multimodal model (its language model is its config's "
+                                 f"{type(config.get_text_config()).__name__}) cannot be run layer by layer; "
+                                 "use the in-memory pass")
         if len(set(getattr(config, "layer_types", None) or [None])) > 1:
             raise MergewiseError(f"{folder.path}: layers of different attention types "
                                  f"({sorted(set(config.layer_types))}) cannot be run layer by layer; "
@@ -69,11 +83,7 @@ class LayerwiseModel:
 
     def hidden_state_index(self, layer: int) -> int:
         """`layer` as a hidden state number 0..num_layers (negative ones count from the end)."""
-        count = self.num_layers + 1
-        if not -count <= layer < count:
-            raise MergewiseError(f"{self.folder.path}: hidden state {layer} does not exist; a model of "
-                                 f"{self.num_layers} decoder layers has {-count}..{count - 1}")
-        return layer % count
+        return hidden_state_index(layer, self.num_layers, str(self.folder.path))
 
     @torch.inference_mode()
     def run(self, batches: Sequence[Batch], *, through: int = -1,

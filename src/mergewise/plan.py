@@ -22,7 +22,13 @@ import torch
 from mergewise.checkpoint import TOKENIZER_FILES, ModelFolder
 from mergewise.checkpoint.hub import hub_snapshot, is_hub_id
 from mergewise.checkpoint.lora import ADAPTER_FILES, AdaptedFolder
-from mergewise.checkpoint.vocabulary import OutputVocabulary, PeerRows, TokenRule, build_vocabulary
+from mergewise.checkpoint.vocabulary import (
+    INPUT_EMBEDDING_SUFFIXES,
+    OutputVocabulary,
+    PeerRows,
+    TokenRule,
+    build_vocabulary,
+)
 from mergewise.config import ConditionalParameter, MergeConfig, ModelTokenEmbedding, ZeroEmbedding
 from mergewise.errors import MergewiseError, RecipeWarning, tolerated
 from mergewise.methods import BasePolicy, MergeMethod, Parameter, get_method
@@ -30,7 +36,6 @@ from mergewise.methods.base import REQUIRED
 
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+\.)(?P<index>\d+)\.(?P<rest>.+)$")
 EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings")
-INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 OUTPUT_EMBEDDING_NAMES = ("lm_head.weight", "embed_out.weight")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "float64": torch.float64}
@@ -274,6 +279,9 @@ class Planner:
         tensors = [(model, self._tensor_name(model, name, name)) for model in peers]
         for model, tensor in tensors:
             found = model.tensors[tensor].shape
+            if not found or not found[0]:
+                raise MergewiseError(f"tensor {tensor} of {model.path} has shape {list(found)}: no rows to re-index "
+                                     "into the output vocabulary")
             if found[1:] != tuple(shape[1:]):
                 raise MergewiseError(f"shape mismatch for tensor {tensor}: {model.path} has {list(found)}, expected "
                                      f"[vocabulary, {', '.join(map(str, shape[1:]))}]")
@@ -491,8 +499,15 @@ def _check_same_tensors(reference: ModelFolder, model: ModelFolder) -> None:
 
 
 def _depth(model: ModelFolder) -> int:
+    """The model's decoder depth: config.json's, which may not claim more layers than the weights
+    hold (a layer range or a layer type list is bounded by it), else the weights'."""
     indices = [index for index in map(layer_index, model.tensors) if index is not None]
-    return model.num_layers or (max(indices) + 1 if indices else 0)
+    held = max(indices) + 1 if indices else 0
+    declared = model.num_layers
+    if declared is not None and declared > held:
+        raise MergewiseError(f"{model.path / 'config.json'}: declares {declared} decoder layers, but the weights hold "
+                             f"{held}")
+    return declared or held
 
 
 def _evaluate(setting, tensor: str, t: float) -> Any:

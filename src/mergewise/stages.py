@@ -54,6 +54,11 @@ class Stage:
 
     name = ""
 
+    def inputs(self) -> list[Path]:
+        """The files and folders the stage reads besides the recipe's models: the output must
+        neither be nor hold any of them."""
+        return []
+
     def on_plan(self, context: StageContext) -> None:
         pass
 

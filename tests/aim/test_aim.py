@@ -4,6 +4,7 @@ merge-then-`mergewise aim`. Calibration on documents is checked in test_aim_cali
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from safetensors import safe_open
 from mergewise.aim import AimSettings, CalibrationStats, Relaxation, load_statistics
 from mergewise.aim.data import SAMPLED_CONVENTIONS
 from mergewise.cli import main
-from tests.support.tiny_models import read_state_dict
+from tests.support.processes import run_measured
+from tests.support.tiny_models import build_tiny_vision_language_model, read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +165,97 @@ def test_aim_block_errors(aim, message, tiny_family, tmp_path, capsys):
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- what it may not touch
+def test_calibrate_never_writes_into_an_input_and_replaces_only_with_overwrite(tiny_family, calibration_text,
+                                                                               tmp_path, capsys):
+    """`mergewise calibrate base base/model.safetensors` would replace the weights it measures."""
+    base = Path(shutil.copytree(tiny_family("llama").base, tmp_path / "base"))
+    data = Path(shutil.copy(calibration_text, tmp_path / "calibration.txt"))
+    inputs = {path: path.read_bytes() for path in (base / "model.safetensors", data)}
+    options = ["--data", str(data), "--seq-len", "32", "--samples", "4", "--quiet"]
+    capsys.readouterr()  # the models' build
+    for output in inputs:
+        assert main(["calibrate", str(base), str(output), *options]) == 2
+        [error] = capsys.readouterr().err.strip().splitlines()
+        assert error.startswith("error: statistics file") and "would be written into input" in error
+    assert all(path.read_bytes() == content for path, content in inputs.items())
+    stats = tmp_path / "stats.safetensors"
+    assert main(["calibrate", str(base), str(stats), *options]) == 0
+    first = stats.read_bytes()
+    assert main(["calibrate", str(base), str(stats), *options, "--samples", "2"]) == 2
+    assert "already exists (use --overwrite" in capsys.readouterr().err
+    assert stats.read_bytes() == first
+    assert main(["calibrate", str(base), str(stats), *options, "--samples", "2", "--overwrite"]) == 0
+    assert load_statistics(stats).metadata["samples"] == "2"
+
+
+@pytest.mark.parametrize("record, named", [
+    ("symlink", "resolves to"),
+    ("recipe: [unclosed\n", "invalid YAML"),
+    ("- a list\n", "(top level): Input should be a valid dictionary"),
+])
+def test_aim_reads_the_merged_folders_record_only_inside_it(record, named, tiny_family, tmp_path, capsys):
+    """`mergewise aim` carries the merged folder's mergewise.yml over into its output: a symlink out of
+    the folder (to a token, say) must not be copied into a folder meant for upload."""
+    family = tiny_family("llama")
+    stats = tmp_path / "stats.safetensors"
+    calibrate_cli(family.base, stats, "--samples", "1", "--seq-len", "8")
+    merged = Path(shutil.copytree(family.fine_tunes[0], tmp_path / "merged"))
+    if record == "symlink":
+        (tmp_path / "token").write_text("token: hf_secret\n")
+        (merged / "mergewise.yml").symlink_to(tmp_path / "token")
+    else:
+        (merged / "mergewise.yml").write_text(record)
+    capsys.readouterr()  # the calibration's model loading
+    status = main(["aim", "--base", str(family.base), "--merged", str(merged), "--stats", str(stats), "--quiet",
+                   str(tmp_path / "out")])
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and error.startswith("error: ") and str(merged / "mergewise.yml") in error and named in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_layer_streamed_calibration_of_a_multimodal_model_is_one_error_line(calibration_text, tmp_path, capsys):
+    vlm = build_tiny_vision_language_model(tmp_path / "vlm")
+    capsys.readouterr()  # the model's build
+    status = main(["calibrate", str(vlm), str(tmp_path / "s.safetensors"), "--data", str(calibration_text),
+                   "--seq-len", "32", "--stream-layers", "--quiet"])
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and error.startswith(f"error: {vlm}: a multimodal model") and "in-memory pass" in error
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_full_disk_is_one_error_line_naming_the_file(tiny_family, calibration_text, tmp_path):
+    family = tiny_family("llama")
+    stats = tmp_path / "stats.safetensors"
+    options = ["--data", str(calibration_text), "--seq-len", "32", "--samples", "4", "--quiet"]
+    run_measured("calibrate", str(family.base), str(stats), *options,
+                 file_size_limit=2000).assert_one_error(str(stats), "cannot write")
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+    calibrate_cli(family.base, stats, *options[:-1])
+    out = tmp_path / "out"
+    relaxed = run_measured("aim", "--base", str(family.base), "--merged", str(family.fine_tunes[0]), "--stats",
+                           str(stats), "--quiet", str(out), file_size_limit=50_000)
+    relaxed.assert_one_error("model.safetensors: cannot write")
+    assert not out.exists() and sorted(tmp_path.glob(".out.*")) == []
+
+
+def test_a_statistics_file_is_an_input_no_output_may_replace(tiny_family, tmp_path, capsys):
+    """`--overwrite` of an earlier output that holds the statistics the merge reads would delete them."""
+    family = tiny_family("llama")
+    old_out = tmp_path / "old-out"
+    old_out.mkdir()
+    (old_out / "mergewise.yml").write_text("recipe: {}\n")
+    stats = old_out / "stats.safetensors"
+    calibrate_cli(family.base, stats, "--samples", "1", "--seq-len", "8")
+    before = stats.read_bytes()
+    capsys.readouterr()
+    recipe = write_recipe(tmp_path / "aim.yml", family, {"omega": 0.4, "stats": str(stats)})
+    for command in (["merge", str(recipe), str(old_out), "--overwrite", "--quiet"],
+                    ["aim", "--base", str(family.base), "--merged", str(family.fine_tunes[0]), "--stats", str(stats),
+                     str(old_out), "--overwrite", "--quiet"]):
+        assert main(command) == 2
+        [error] = capsys.readouterr().err.strip().splitlines()
+        assert error == f"error: output folder {old_out} contains input model {stats}; choose another"
+    assert stats.read_bytes() == before

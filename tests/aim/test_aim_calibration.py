@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mergewise.aim import CalibrationSettings, calibrate, load_statistics
 from mergewise.aim.data import DOCUMENT_CONVENTIONS, blocks_from_documents, hub_documents, read_documents
 from mergewise.cli import main
+from tests.support.processes import run_measured
 
 SAMPLES, SEQ_LEN = 24, 16
 WORDS = "the quick brown fox jumps over lazy dog model merging adds task vectors weights layer average sign".split()
@@ -126,7 +127,7 @@ def test_statistics_match_the_reference_conventions(arch, bos_base, documents_js
 
 def test_blocks_keep_the_document_order_and_drop_the_partial_block(bos_base, documents_jsonl):
     tokenizer = AutoTokenizer.from_pretrained(bos_base("llama"))
-    texts = read_documents(str(documents_jsonl))
+    texts = list(read_documents(str(documents_jsonl), SEQ_LEN))
     encoded = [tokenizer.encode(text.strip()) for text in texts]
     assert all(tokens[0] == tokenizer.bos_token_id for tokens in encoded)
     assert len(encoded[3]) == SEQ_LEN + 1 and encoded[5] == [tokenizer.bos_token_id]
@@ -192,3 +193,25 @@ def test_calibration_leaves_process_state_alone(tiny_family, documents_jsonl, tm
     assert patched_while_registering and not any(patched_while_registering)
     assert nn.Module.register_parameter is register_parameter
     assert LibraryRecordingMallopt.calls == []
+
+
+def test_a_document_of_megabytes_is_skipped_in_flat_memory(tiny_family, tmp_path):
+    """A text of 10 MB without a blank line is one document, far too long for a block: it is skipped
+    as the reference skips it, but unread and untokenized (tokenized whole, it took 2.5 GB), and the
+    statistics are those of the data without it."""
+    generator = random.Random(1)
+    documents = [" ".join(generator.choices(WORDS, k=generator.randint(3, 8))) for _ in range(40)]
+    plain, padded = tmp_path / "plain.txt", tmp_path / "padded.txt"
+    plain.write_text("\n\n".join(documents))
+    with padded.open("w") as file:
+        file.write(("the lazy dog " * 800 + "\n") * 1000 + "\n\n" + "\n\n".join(documents))
+    assert padded.stat().st_size > 10_000_000
+    base = tiny_family("llama").base
+    options = ["--seq-len", str(SEQ_LEN), "--samples", "8", "--quiet"]
+    run_measured("calibrate", str(base), str(tmp_path / "padded.safetensors"), "--data", str(padded),
+                 *options).assert_bounded()
+    assert main(["calibrate", str(base), str(tmp_path / "plain.safetensors"), "--data", str(plain), *options]) == 0
+    padded_stats, plain_stats = (load_statistics(tmp_path / f"{name}.safetensors") for name in ("padded", "plain"))
+    assert padded_stats.metadata["blocks"] == plain_stats.metadata["blocks"]
+    for name, vector in plain_stats.vectors.items():
+        torch.testing.assert_close(padded_stats.vectors[name], vector, rtol=0, atol=0)

@@ -7,9 +7,11 @@ import json
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from mergewise.cli import main
+from tests.support.processes import run_measured
 from tests.support.tiny_models import build_fine_tune, build_tiny_model, read_state_dict
 
 
@@ -37,3 +39,35 @@ def test_a_rank_below_one_is_one_error_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["extract-lora", str(base), str(base), str(tmp_path / "out"), "--rank", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --rank: must be at least 1, got 0"
+
+
+def test_a_rank_past_every_matrix_is_refused_before_any_allocation(tmp_path):
+    """Every factor is padded to the rank, so a rank of millions on a 64 × 160 model took 7 GB."""
+    base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=1, hidden_size=64,
+                            intermediate_size=160)
+    run_measured("extract-lora", str(base), str(base), str(tmp_path / "out"), "--rank", "2000000",
+                 "--quiet").assert_one_error("--rank: 2000000 is more than the rank of any weight matrix",
+                                             "(at most 64)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_in_the_fine_tune_is_one_error_line_naming_it(tmp_path, capsys):
+    base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=1)
+    tuned = build_fine_tune(base, tmp_path / "tuned", seed=1)
+    tensors = load_file(tuned / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["extract-lora", str(tuned), str(base), str(tmp_path / "out"), "--rank", "4", "--quiet"]) == 2
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error == (f"error: tensor model.layers.0.mlp.up_proj.weight: {tuned} holds NaN or infinity (or their "
+                     "difference overflows)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_is_one_error_line_naming_the_file(tmp_path):
+    base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=1)
+    tuned = build_fine_tune(base, tmp_path / "tuned", seed=1)
+    run_measured("extract-lora", str(tuned), str(base), str(tmp_path / "out"), "--rank", "8", "--quiet",
+                 file_size_limit=4000).assert_one_error("adapter_model.safetensors: cannot write")
+    assert not (tmp_path / "out").exists() and sorted(tmp_path.glob(".out.*")) == []

@@ -109,6 +109,6 @@ def test_bad_input_is_one_error_naming_the_culprit(tiny_zoo, tmp_path):
     mediator = tmp_path / "mediator-model"
     shutil.copytree(tiny_zoo / "base", mediator)
     (mediator / "mediator").mkdir()
-    with pytest.raises(MergewiseError, match="mediator.json: cannot read"):
+    with pytest.raises(MergewiseError, match="mediator.json: Mediator manifest is missing"):
         load_model(mediator)
     assert main(["eval", str(tiny_zoo / "base"), "--zoo", str(tmp_path)]) == 2

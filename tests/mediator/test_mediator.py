@@ -15,11 +15,13 @@ import yaml
 from safetensors.torch import load_file
 
 import mergewise
+from mergewise.checkpoint import StreamingShardWriter
 from mergewise.cli import main
 from mergewise.errors import MergewiseError
 from mergewise.mediator.build import build
 from mergewise.mediator.codes import get_code, matrix_shape
 from mergewise.mediator.runtime import load
+from tests.support.processes import run_measured
 from tests.support.tiny_mediator import (
     HELD_BACK_WORDS,
     TASK_WORDS,
@@ -553,3 +555,115 @@ def test_a_mediator_file_linked_from_outside_the_folder_is_refused(mediator_dir,
     (folder / "mediator" / name).symlink_to(outside)
     error = cli_error(capsys, "generate", str(folder), "--prompt", "one two")
     assert f"mediator/{name}" in error and "outside the model folder" in error
+
+
+# ------------------------------------------------------------------------ what a downloaded folder may hold
+def one_error_line(capsys, *argv: str) -> str:
+    """The command's single `error:` line (transformers' loading progress may come before it)."""
+    status = main(list(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and [line for line in lines if line.startswith("error: ")] == lines[-1:], lines
+    return lines[-1]
+
+
+def with_manifest(mediator_dir: Path, tmp_path: Path, content: bytes) -> Path:
+    folder = Path(shutil.copytree(mediator_dir, tmp_path / "downloaded"))
+    (folder / "mediator" / "mediator.json").write_bytes(content)
+    return folder
+
+
+@pytest.mark.parametrize("content, named", [
+    (b"[" * 20_000 + b"]" * 20_000, "nested more than 64 levels deep"),
+    (bytes(range(256)), "not UTF-8 text"),
+    (b'{"format": 2, "tasks": "merging", "routed_tensors": {}, "router": {}, "settings": {}}',
+     "tasks: Input should be a valid list"),
+])
+def test_a_broken_manifest_is_one_error_line_naming_it(content, named, mediator_dir, tmp_path, capsys):
+    folder = with_manifest(mediator_dir, tmp_path, content)
+    for command in (["generate", str(folder), "--prompt", "one two"],
+                    ["mediator", "export", str(folder), str(tmp_path / "out"), "--task", "merging", "--quiet"]):
+        error = one_error_line(capsys, *command)
+        assert str(folder / "mediator" / "mediator.json") in error and named in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_feature_layers_the_model_lacks_are_refused(mediator_dir, family, tmp_path, capsys, monkeypatch):
+    """In a folder's manifest (an IndexError while routing), and in a recipe (found after the merge)."""
+    manifest = json.loads((mediator_dir / "mediator" / "mediator.json").read_text())
+    manifest["router"]["settings"]["feature_layers"] = [999]
+    folder = with_manifest(mediator_dir, tmp_path, json.dumps(manifest).encode())
+    error = one_error_line(capsys, "generate", str(folder), "--prompt", "one two")
+    assert "mediator.json: router.settings.feature_layers: hidden state 999 does not exist" in error
+    root, built = family
+    config = tmp_path / "mediator.yml"
+    config.write_text(yaml.safe_dump(mediator_recipe(root, built, router={"feature_layers": [999]})))
+    monkeypatch.setattr(StreamingShardWriter, "write", refuse_writes)
+    error = one_error_line(capsys, "mediator", "build", str(config), str(tmp_path / "out"), "--quiet")
+    assert error == (f"error: {config}: mediator.router.feature_layers: hidden state 999 does not exist; a model "
+                     "of 2 decoder layers has -3..2")
+
+
+def refuse_writes(*args, **kwargs):
+    raise AssertionError("a tensor was merged before the bad input was refused")
+
+
+@pytest.mark.parametrize("name, content, named", [
+    ("binary.txt", bytes(range(256)), "not UTF-8 text"),
+    ("nested.jsonl", b'{"prompt": "one"}\n' + b"[" * 20_000 + b"]" * 20_000 + b"\n", ":2: nested more than 64"),
+    ("digits.jsonl", b'{"prompt": "one", "n": ' + b"9" * 5000 + b"}\n", ":1: an integer of 5000 digits"),
+])
+def test_a_broken_prompts_file_is_one_error_line_naming_it(name, content, named, family, tmp_path, capsys):
+    root, built = family
+    data = mediator_recipe(root, built)
+    prompts = tmp_path / name
+    prompts.write_bytes(content)
+    data["mediator"]["experts"][0]["prompts"] = str(prompts)
+    config = tmp_path / "mediator.yml"
+    config.write_text(yaml.safe_dump(data))
+    error = one_error_line(capsys, "mediator", "build", str(config), str(tmp_path / "out"), "--quiet")
+    assert error.startswith(f"error: {prompts}") and named in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_carries_over_no_record_from_outside_the_folder(mediator_dir, tmp_path, capsys):
+    folder = Path(shutil.copytree(mediator_dir, tmp_path / "downloaded"))
+    (tmp_path / "token").write_text("token: hf_secret\n")
+    (folder / "mergewise.yml").unlink()
+    (folder / "mergewise.yml").symlink_to(tmp_path / "token")
+    error = one_error_line(capsys, "mediator", "export", str(folder), str(tmp_path / "out"), "--task", "merging",
+                           "--quiet")
+    assert str(folder / "mergewise.yml") in error and "outside the model folder" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_onto_a_full_disk_names_the_file(mediator_dir, tmp_path):
+    run_measured("mediator", "export", str(mediator_dir), str(tmp_path / "out"), "--task", "merging", "--quiet",
+                 file_size_limit=20_000).assert_one_error("model.safetensors: cannot write")
+    assert not (tmp_path / "out").exists() and sorted(tmp_path.glob(".out.*")) == []
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+def test_generate_follows_no_symlink_out_of_the_folder(family, tmp_path, capsys, name):
+    """The rule `merge` and `calibrate` keep: a downloaded folder's files resolve inside it."""
+    _, built = family
+    folder = Path(shutil.copytree(built.fine_tunes[0], tmp_path / "downloaded"))
+    outside = tmp_path / f"outside-{name}"
+    shutil.move(folder / name, outside)
+    (folder / name).symlink_to(outside)
+    error = one_error_line(capsys, "generate", str(folder), "--prompt", "one two")
+    assert f"{folder / name}" in error and "outside the model folder" in error
+
+
+def test_a_prompts_file_is_an_input_no_output_may_replace(family, tmp_path, capsys):
+    root, built = family
+    old_out = tmp_path / "old-out"
+    old_out.mkdir()
+    (old_out / "mergewise.yml").write_text("recipe: {}\n")
+    prompts = Path(shutil.copy(root / "merging.txt", old_out / "merging.txt"))
+    data = mediator_recipe(root, built)
+    data["mediator"]["experts"][0]["prompts"] = str(prompts)
+    config = tmp_path / "mediator.yml"
+    config.write_text(yaml.safe_dump(data))
+    error = one_error_line(capsys, "mediator", "build", str(config), str(old_out), "--overwrite", "--quiet")
+    assert error == f"error: output folder {old_out} contains input model {prompts}; choose another"
+    assert prompts.read_text() == (root / "merging.txt").read_text()

@@ -22,6 +22,8 @@ from mergewise.cli import main
 from mergewise.errors import MergewiseError
 from mergewise.search.objective import score_model
 from mergewise.search.space import load_search_recipe
+from tests.support.crafted import billion_laughs
+from tests.support.processes import run_measured
 from tests.test_errors import assert_refused
 
 ray = pytest.importorskip("ray")
@@ -140,6 +142,28 @@ def test_bad_search_recipe_is_one_error_naming_the_key(case, tiny_zoo, tmp_path,
     node[path[-1]] = value
     status = main(["search", str(write(tmp_path / "s.yml", recipe)), str(tmp_path / "out"), "--quiet"])
     assert_refused(capsys, status, tmp_path / "out", *named)
+
+
+def test_a_grid_of_a_billion_points_is_refused_before_it_is_listed(tiny_zoo, tmp_path):
+    """An int space of a billion values under `searcher: grid` was listed whole: a MemoryError."""
+    recipe = search_recipe(tiny_zoo)
+    recipe["models"][0]["parameters"] = {"weight": {"search": "int", "low": 0, "high": 1_000_000_000}, "density": 0.5}
+    recipe["models"][1]["parameters"]["weight"] = 0.5
+    recipe["aim"]["omega"] = 0.4
+    recipe["search"]["searcher"] = "grid"
+    run_measured("search", str(write(tmp_path / "s.yml", recipe)), str(tmp_path / "out"), "--quiet").assert_one_error(
+        "search.searcher: grid runs every combination of the spaces, here 1000000001 trials; at most 10000")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_search_file_of_nested_aliases_is_refused_at_once(tiny_zoo, tmp_path):
+    """616 bytes of YAML anchors standing for 10**9 values ran for minutes."""
+    text = yaml.safe_dump(search_recipe(tiny_zoo), sort_keys=False) + billion_laughs(9, "bomb_")
+    search_file = tmp_path / "s.yml"
+    search_file.write_text(text)
+    result = run_measured("search", str(search_file), str(tmp_path / "out"), "--quiet")
+    result.assert_one_error(str(search_file), "more than 1000000 values once its aliases are expanded")
+    assert result.seconds < 20 and not (tmp_path / "out").exists()
 
 
 def test_a_folder_holding_something_else_is_refused_without_resume(tiny_zoo, tmp_path, capsys):

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     AddedToken,
     AutoModelForCausalLM,
+    Gemma3Config,
     GemmaConfig,
     GPT2Config,
     LlamaConfig,
@@ -156,6 +157,24 @@ def build_tiny_model(
     return out_dir
 
 
+def build_tiny_vision_language_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random Gemma 3 (a vision tower, a projector and a language model under `text_config`) of two
+    text layers, with the tiny tokenizer: a multimodal folder as the Hub has them."""
+    config = Gemma3Config(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 256, "sliding_window": 8,
+                     "layer_types": ["full_attention", "full_attention"]},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 28, "patch_size": 14},
+        mm_tokens_per_image=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir)
+    save_tokenizer(out_dir, 256)
+    return Path(out_dir)
+
+
 def perturb(tensor: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
     """`tensor` plus gaussian noise whose RMS is `noise` times the tensor's RMS (same dtype)."""
     values = tensor.float()
@@ -204,7 +223,7 @@ def with_added_tokens(model_dir: str | Path, out_dir: str | Path, tokens: Sequen
     for name in ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight"):
         if name in tensors:
             rows = tensors[name]
-            new = perturb(rows[: len(tokens)], 1.0, generator)  # rows of a typical size
+            new = perturb(rows[torch.arange(len(tokens)) % len(rows)], 1.0, generator)  # rows of a typical size
             tensors[name] = torch.cat([rows, new])
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir

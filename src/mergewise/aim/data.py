@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from mergewise.checkpoint.files import iter_jsonl, read_lines
 from mergewise.checkpoint.tokens import start_token_id
 from mergewise.errors import MergewiseError
-from mergewise.records import read_jsonl
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
 
@@ -27,31 +27,55 @@ DOCUMENT_CONVENTIONS = {
     "partial_block": "dropped",  # only whole blocks of seq_len tokens
 }
 SAMPLED_CONVENTIONS = {"sampling": "temperature_1_from_bos"}  # `samples` whole blocks, seeded
+# A document of more characters than this per token of a block cannot fit one (English text takes
+# about 4 a token, code's runs of spaces a few more): it is skipped without being tokenized, which
+# for a document of megabytes took gigabytes.
+CHARACTERS_PER_TOKEN = 32
 
 
-def read_documents(source: str) -> list[str]:
+def read_documents(source: str, seq_len: int) -> Iterator[str | None]:
     """The documents of a text file (its non-blank, blank-line-separated paragraphs), a JSONL file
-    (its `text` fields), or every such file in a folder, in sorted order."""
+    (its `text` fields), or every such file in a folder, in sorted order, streamed a line at a time:
+    however large the data, only the documents the blocks take are read, one at a time. A document
+    too long for `seq_len` tokens by its characters alone (`fits`) comes as None, never held whole."""
     path = Path(source).expanduser()
+    limit = CHARACTERS_PER_TOKEN * seq_len
     if path.is_dir():
         files = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix in TEXT_SUFFIXES)
         if not files:
             raise MergewiseError(f"--data {source}: folder holds no .txt or .jsonl files")
-        return [document for file in files for document in _file_documents(file)]
+        return (document for file in files for document in _file_documents(file, limit))
     if path.is_file():
-        return _file_documents(path)
+        return _file_documents(path, limit)
     raise MergewiseError(f"--data {source}: no such file or folder (use a text/JSONL file, a folder, "
                          "'self' or 'hf:NAME')")
 
 
-def _file_documents(file: Path) -> list[str]:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise MergewiseError(f"{file}: not UTF-8 text") from None
-    if file.suffix not in (".jsonl", ".json"):
-        return [paragraph.strip() for paragraph in text.split("\n\n") if paragraph.strip()]
-    return [record["text"] for record in read_jsonl(file, ("text",))]
+def _file_documents(file: Path, limit: int) -> Iterator[str | None]:
+    if file.suffix in (".jsonl", ".json"):  # a JSON escape spells a character in up to 6 bytes
+        for record in iter_jsonl(file, "calibration data", ("text",), max_line_bytes=6 * limit + 4096):
+            yield None if record is None else record["text"]
+        return
+    lines: list[str] | None = []  # the paragraph so far; None once it is longer than `limit`
+    size = 0
+    for _, line in read_lines(file, "calibration data", max_line_bytes=4 * limit):  # UTF-8: ≤ 4 bytes a character
+        if line == "":
+            yield from _paragraph(lines)
+            lines, size = [], 0
+        elif lines is not None:
+            size += len(line) + 1 if line is not None else limit + 1
+            if size > limit:
+                lines = None
+            else:
+                lines.append(line)
+    yield from _paragraph(lines)
+
+
+def _paragraph(lines: list[str] | None) -> Iterator[str | None]:
+    if lines is None:
+        yield None
+    elif text := "\n".join(lines).strip():
+        yield text
 
 
 def hub_documents(name: str) -> Iterator[str]:
@@ -72,15 +96,18 @@ def hub_documents(name: str) -> Iterator[str]:
     return (record["text"] for record in split)
 
 
-def blocks_from_documents(documents: Iterable[str], tokenizer, samples: int, seq_len: int,
+def blocks_from_documents(documents: Iterable[str | None], tokenizer, samples: int, seq_len: int,
                           origin: str) -> list[torch.Tensor]:
     """Blocks of `seq_len` tokens from the first `samples` documents of 1 to `seq_len` tokens, as the
-    reference makes them (DOCUMENT_CONVENTIONS)."""
+    reference makes them (DOCUMENT_CONVENTIONS); a document (None: one left unread) of more than
+    CHARACTERS_PER_TOKEN characters per token of a block is skipped untokenized, as too long."""
     ids: list[int] = []
     kept = 0
     for document in documents:
         if kept == samples:
             break
+        if document is None or len(document) > CHARACTERS_PER_TOKEN * seq_len:
+            continue
         tokens = tokenizer.encode(document.strip())
         if not tokens or len(tokens) > seq_len:
             continue

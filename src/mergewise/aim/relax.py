@@ -111,7 +111,8 @@ def relax_folder(base_dir: str | Path, merged_dir: str | Path, stats_path: str |
     """`mergewise aim`: relax an existing merged folder into `out_dir`, tensor by tensor."""
     base, merged = ModelFolder(base_dir), ModelFolder(merged_dir)
     out_dir = Path(out_dir).expanduser().resolve()
-    check_output_location(out_dir, [base.path, merged.path], overwrite)
+    inputs = [base.path, merged.path, Path(stats_path).expanduser().resolve()]
+    check_output_location(out_dir, inputs, overwrite)
     stats = load_statistics(stats_path)
     check_fingerprint(stats, base, stats_path, settings.allow_fingerprint_mismatch)
     relaxation = Relaxation(stats, settings)
@@ -121,7 +122,7 @@ def relax_folder(base_dir: str | Path, merged_dir: str | Path, stats_path: str |
     def relax(name: str, rows: slice, chunk: torch.Tensor) -> torch.Tensor:
         return relaxation.apply(name, chunk, base.read(name, rows), rows) if name in relaxed else chunk
 
-    return rewrite_folder(merged, out_dir, relax, record_key="aim", inputs=[base.path, merged.path],
+    return rewrite_folder(merged, out_dir, relax, record_key="aim", inputs=inputs,
                           record={**record(relaxation, Path(stats_path).resolve()), "base": str(base.path),
                                   "merged": str(merged.path), "relaxed_tensors": len(relaxed)},
                           shard_size=shard_size, overwrite=overwrite, quiet=quiet)

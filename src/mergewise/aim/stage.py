@@ -51,13 +51,20 @@ class AimStage(Stage):
         self.recipe = recipe
         self.base: ModelFolder | None = None
         self.relaxation: Relaxation | None = None
-        self.stats_path: Path | None = None
+        self.stats_path = (_relative_to(Path(block.stats).expanduser(), recipe.config_dir)
+                           if block.stats is not None else None)
         self._scratch: tempfile.TemporaryDirectory | None = None
+
+    def inputs(self) -> list[Path]:
+        calibration = self.block.calibration
+        data = (Path(calibration.data).expanduser()
+                if calibration is not None and calibration.data != "self" and not calibration.data.startswith("hf:")
+                else None)
+        return [path for path in (self.stats_path, data) if path is not None and path.exists()]
 
     def on_plan(self, context: StageContext) -> None:
         self.base = context.plan.base_model
-        if self.block.stats is not None:
-            self.stats_path = _relative_to(Path(self.block.stats).expanduser(), self.recipe.config_dir)
+        if self.stats_path is not None:
             stats_path = self.stats_path
         else:
             self._scratch = tempfile.TemporaryDirectory(prefix="mergewise-aim-")

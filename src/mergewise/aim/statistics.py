@@ -41,6 +41,8 @@ from mergewise.aim.data import (
     self_generated_blocks,
 )
 from mergewise.checkpoint import ModelFolder
+from mergewise.checkpoint.files import parse_json, validated
+from mergewise.checkpoint.writer import writing
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.layerwise import Batch, LayerwiseModel
@@ -139,11 +141,14 @@ def recording(targets: dict[str, tuple[nn.Module, int]], recorder: ChannelStatis
 # ------------------------------------------------------------------------------------ the command
 def calibrate(base_dir: str | Path, stats_path: str | Path, settings: CalibrationSettings = CalibrationSettings(),
               *, device: str = "cpu", stream_layers: bool = False, quiet: bool = False,
-              trust_remote_code: bool = False) -> Path:
-    """Compute the base model's statistics and save them (atomically) to `stats_path`; the folder's
-    own Python runs only if `trust_remote_code`."""
+              trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+    """Compute the base model's statistics and save them (atomically) to `stats_path`, which must not
+    exist unless `overwrite`; the folder's own Python runs only if `trust_remote_code`."""
     folder = ModelFolder(base_dir)
     stats_path = Path(stats_path).expanduser().resolve()
+    data = Path(settings.data).expanduser().resolve()
+    local_data = [data] if settings.data != "self" and not settings.data.startswith("hf:") and data.exists() else []
+    _check_stats_location(stats_path, [*folder.folders, *local_data], overwrite)
     target_device = resolve_device(device)
     recorder = ChannelStatistics(settings.statistic)
     try:  # the config first: it says whether the model's own code would run
@@ -198,10 +203,24 @@ def _load_model(folder: ModelFolder, config, device: torch.device, trust_remote_
     return model.to(device).eval()
 
 
-def _documents(settings: CalibrationSettings) -> Iterable[str]:
+def _documents(settings: CalibrationSettings) -> Iterable[str | None]:
     if settings.data.startswith("hf:"):
         return hub_documents(settings.data.removeprefix("hf:"))
-    return read_documents(settings.data)
+    return read_documents(settings.data, settings.seq_len)
+
+
+def _check_stats_location(path: Path, inputs: list[Path], overwrite: bool) -> None:
+    """The statistics file may be no input and lie in none (`mergewise calibrate base
+    base/model.safetensors` would replace the weights it measures); an existing file is replaced only
+    with `overwrite`."""
+    for source in inputs:
+        if path == source or source in path.parents:
+            raise MergewiseError(f"statistics file {path} would be written into input {source}; choose another path")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise MergewiseError(f"statistics path {path} exists and is not a file")
+        if not overwrite:
+            raise MergewiseError(f"statistics file {path} already exists (use --overwrite to replace it)")
 
 
 # ----------------------------------------------------------------------------- the layer-streamed pass
@@ -241,8 +260,9 @@ def _save(path: Path, vectors: dict[str, torch.Tensor], metadata: dict[str, str]
     handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(handle)
     try:
-        save_file(vectors, partial, metadata=metadata)
-        os.replace(partial, path)
+        with writing(path):
+            save_file(vectors, partial, metadata=metadata)
+            os.replace(partial, path)
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
@@ -260,4 +280,9 @@ def load_statistics(path: str | Path) -> CalibrationStats:
         raise MergewiseError(f"{path}: not a readable safetensors statistics file ({error})") from None
     if "base_fingerprint" not in metadata:
         raise MergewiseError(f"{path}: no base_fingerprint in its metadata (not made by `mergewise calibrate`?)")
+    for name, vector in vectors.items():
+        if vector.dim() != 1 or not bool(torch.isfinite(vector).all()):
+            raise MergewiseError(f"{path}: statistics vector {name} is not a vector of finite values")
+    validated(dict[str, Literal[0, -1]], parse_json(metadata.get("input_axis", "{}"), f"{path}: input_axis"),
+              f"{path}: input_axis")  # as `input_axis` reads it
     return CalibrationStats(vectors, metadata)

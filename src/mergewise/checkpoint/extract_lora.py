@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mergewise.checkpoint.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from mergewise.checkpoint.output import check_output_location, staged_folder
 from mergewise.checkpoint.reader import ModelFolder
+from mergewise.checkpoint.writer import save_tensors, write_text
 from mergewise.errors import MergewiseError
 
 EMBEDDING_HINTS = ("embed", "wte", "wpe", "lm_head")
@@ -33,11 +33,19 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, r
                and not any(hint in name for hint in EMBEDDING_HINTS)]
     if not targets:
         raise MergewiseError(f"{tuned.path}: no 2-D weight matrices to factorise")
-    factors, errors = {}, {}
-    for name in tqdm(targets, desc="extract-lora", disable=quiet):
+    for name in targets:
         if name not in reference.tensors or reference.tensors[name].shape != tuned.tensors[name].shape:
             raise MergewiseError(f"tensor {name}: missing from {reference.path} or of another shape there")
+    highest = max(min(tuned.tensors[name].shape) for name in targets)
+    if rank > highest:  # the zero-padded factors would be sized by the rank alone
+        raise MergewiseError(f"--rank: {rank} is more than the rank of any weight matrix of {tuned.path} (at most "
+                             f"{highest})")
+    factors, errors = {}, {}
+    for name in tqdm(targets, desc="extract-lora", disable=quiet):
         delta = tuned.read(name).float() - reference.read(name).float()
+        if not bool(torch.isfinite(delta).all()):
+            culprit = tuned.path if not bool(torch.isfinite(tuned.read(name)).all()) else reference.path
+            raise MergewiseError(f"tensor {name}: {culprit} holds NaN or infinity (or their difference overflows)")
         left, values, right = torch.linalg.svd(delta, full_matrices=False)
         kept = min(rank, len(values))
         root = values[:kept].sqrt()
@@ -56,9 +64,9 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, r
               "fan_in_fan_out": False, "use_rslora": False, "lora_dropout": 0.0,
               "inference_mode": True, "init_lora_weights": True}
     with staged_folder(out_dir, overwrite) as staging:
-        save_file(factors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (staging / "extraction.json").write_text(json.dumps(
+        save_tensors(factors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_text(staging / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+        write_text(staging / "extraction.json", json.dumps(
             {"finetuned": str(tuned.path), "base": str(reference.path), "rank": rank,
              "relative_error": errors}, indent=2) + "\n")
     return errors

@@ -16,10 +16,25 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import Field
+from typing_extensions import TypedDict  # pydantic reads typing's only from Python 3.12
+
+from mergewise.checkpoint.files import read_json
 from mergewise.errors import MergewiseError
 
 JOURNAL_FILE = ".mergewise-progress.json"
+ShardName = Annotated[str, Field(pattern=r"^[\w.-]+\.safetensors$")]  # a file of the staging folder, never a path
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ProgressRecord(TypedDict):
+    """The journal as `Journal._save` writes it."""
+
+    fingerprint: str
+    seed: Annotated[int, Field(strict=True)]
+    finished: dict[ShardName, Digest]
 
 
 class Journal:
@@ -88,10 +103,10 @@ def _record(staging: Path) -> tuple[str, int, dict[str, str]] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-        return str(data["fingerprint"]), int(data["seed"]), dict(data["finished"])
-    except (ValueError, KeyError, TypeError):
-        raise MergewiseError(f"{path}: unreadable progress record; merge again without --resume") from None
+        data = read_json(path, "progress record", schema=ProgressRecord)
+    except MergewiseError as error:
+        raise MergewiseError(f"{error}; merge again without --resume") from None
+    return data["fingerprint"], data["seed"], dict(data["finished"])
 
 
 def _sha256(path: Path) -> str:

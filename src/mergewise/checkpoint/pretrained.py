@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from mergewise.checkpoint.files import check_folder_links
 from mergewise.errors import MergewiseError
 
 Loaded = TypeVar("Loaded")
@@ -14,7 +15,10 @@ def load_pretrained(loader: Callable[..., Loaded], folder: Path, *, trust_remote
                     **options) -> Loaded:
     """`loader(folder, **options)`, a transformers `from_pretrained`, running the folder's own Python
     (an `auto_map` in its config or tokenizer files) only when trusted: left undecided, transformers
-    asks on stdin, and a "y" runs code that came with a downloaded folder."""
+    asks on stdin, and a "y" runs code that came with a downloaded folder. No file it reads may be a
+    symlink out of the folder (`check_folder_links`)."""
+    if Path(folder).is_dir():
+        check_folder_links(Path(folder))
     try:
         return loader(folder, trust_remote_code=trust_remote_code, **options)
     except ValueError as error:

@@ -16,8 +16,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mergewise.checkpoint.files import inside_folder, read_json, validated
 from mergewise.errors import MergewiseError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -52,21 +56,51 @@ def _opened(file: Path) -> Iterator[int]:
         os.close(descriptor)
 
 
-def inside_folder(file: Path, folder: Path, what: str) -> Path:
-    """`file` if it is a regular file inside `folder` (resolved), or inside the Hugging Face cache
-    repository the folder is a snapshot of (the cache keeps a snapshot's files as symlinks into the
-    repository's blobs). A downloaded folder is untrusted input: an index entry or a symlink must not
-    make mergewise read, or copy into its output, a file from elsewhere."""
-    folder = folder.resolve()
-    resolved = file.resolve()
-    allowed = [folder]
-    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
-        allowed.append(folder.parent.parent)
-    if not any(resolved.is_relative_to(root) for root in allowed):
-        raise MergewiseError(f"{file}: {what} resolves to {resolved}, outside the model folder {folder}")
-    if not resolved.is_file():
-        raise MergewiseError(f"{file}: {what} is not a regular file")
-    return file
+Count = Annotated[int, Field(strict=True, ge=0)]
+
+
+class TextConfig(BaseModel):
+    """The fields of config.json (or of its `text_config`, a multimodal model's language model) that
+    mergewise reads, each of the type transformers gives it; the rest is kept as it is."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    num_hidden_layers: Count | None = None
+    n_layer: Count | None = None
+    num_layers: Count | None = None
+    n_layers: Count | None = None
+    layer_types: list[Annotated[str, Field(strict=True)]] | None = None
+    vocab_size: Count | None = None
+    hidden_size: Count | None = None
+    n_embd: Count | None = None
+    tie_word_embeddings: Annotated[bool, Field(strict=True)] | None = None
+
+    @property
+    def depth(self) -> int | None:
+        """The decoder depth, whatever the architecture calls it."""
+        return next((value for key in DEPTH_KEYS if (value := getattr(self, key)) is not None), None)
+
+    @model_validator(mode="after")
+    def _one_type_per_layer(self) -> "TextConfig":
+        if self.layer_types is not None and self.depth is not None and len(self.layer_types) != self.depth:
+            raise ValueError(f"layer_types lists {len(self.layer_types)} layers, but the model has {self.depth} "
+                             "(transformers refuses such a config)")
+        return self
+
+
+class ModelConfig(TextConfig):
+    model_type: Annotated[str, Field(strict=True)] | None = None
+    text_config: TextConfig = None  # an object when given (the output's config is written into it)
+
+    @property
+    def text(self) -> TextConfig:
+        return self.text_config or self
+
+
+class WeightIndex(BaseModel):
+    """model.safetensors.index.json: which shard file holds each tensor."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    weight_map: dict[str, Annotated[str, Field(strict=True)]]
 
 
 @dataclass(frozen=True)
@@ -91,7 +125,7 @@ class ModelFolder:
         self.path = Path(path).expanduser().resolve()
         if not self.path.is_dir():
             raise MergewiseError(f"model folder not found: {path}")
-        self.config = self._read_config()
+        self.config, self.declared = self._read_config()
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self._runs: dict[tuple[str, ...], list[list[TensorInfo]]] = {}  # see `read_together`
         self._allow_pickle = allow_pickle
@@ -105,19 +139,16 @@ class ModelFolder:
     def _inside(self, file: Path, what: str) -> Path:
         return inside_folder(file, self.path, what)
 
-    def _read_config(self) -> dict:
+    def _read_config(self) -> tuple[dict, ModelConfig]:
+        """config.json as it is (it is written out again) and its fields that mergewise reads, checked
+        (NaN and infinity may stand in the others)."""
         config_path = self.path / "config.json"
-        if config_path.exists() or config_path.is_symlink():
-            self._inside(config_path, "config.json")
-        if not config_path.is_file():
+        if not (config_path.exists() or config_path.is_symlink()):
             raise MergewiseError(f"{config_path}: missing (not a Hugging Face model folder?)")
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-            raise MergewiseError(f"{config_path}: not valid JSON ({str(error)[:200]})") from None
+        config = read_json(config_path, "config.json", folder=self.path, finite=False)
         if not isinstance(config, dict):
             raise MergewiseError(f"{config_path}: not a JSON object")
-        return config
+        return config, validated(ModelConfig, config, str(config_path))
 
     def _index_weights(self) -> dict[str, TensorInfo]:
         files = self._safetensors_files()
@@ -149,10 +180,7 @@ class ModelFolder:
         return [self._inside(file, "weights file") for file in sorted(self.path.glob("pytorch_model*.bin"))]
 
     def _files_from_index(self, index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise MergewiseError(f"{index}: not a valid weight index ({error})") from None
+        weight_map = read_json(index, "weight index", folder=self.path, schema=WeightIndex).weight_map
         files = []
         for name in dict.fromkeys(weight_map.values()):
             file = self.path / name
@@ -183,6 +211,16 @@ class ModelFolder:
     def source_files(self) -> list[Path]:
         """The files the weights are read from (what decides them)."""
         return sorted({info.file for info in self.tensors.values()})
+
+    @property
+    def folders(self) -> list[Path]:
+        """The folders the model is read from (an adapter's too): no output may touch them."""
+        return [self.path]
+
+    @property
+    def label(self) -> str:
+        """The model as messages about its values name it."""
+        return str(self.path)
 
     # ------------------------------------------------------------------------------------ reads
     def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,11 +269,7 @@ class ModelFolder:
     @property
     def num_layers(self) -> int | None:
         """Decoder depth from config.json, whatever the architecture calls it."""
-        config = self.config.get("text_config", self.config)
-        for key in DEPTH_KEYS:
-            if isinstance(config.get(key), int):
-                return config[key]
-        return None
+        return self.declared.text.depth
 
     @property
     def tied_embeddings(self) -> bool:
@@ -342,6 +376,9 @@ def read_safetensors_header(file: Path) -> list[TensorInfo]:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise MergewiseError(f"{file}: corrupt safetensors header entry for tensor {name}") from None
+        if math.prod(max(size, 1) for size in shape) >= 2**63:  # torch's strides must fit 64 bits
+            raise MergewiseError(f"{file}: corrupt safetensors header: tensor {name} has shape {shape}, which no "
+                                 "tensor can have")
         begin, end = offsets
         info = TensorInfo(name, tuple(shape), dtype, file, data_start + begin)
         if end - begin != info.nbytes:

@@ -22,19 +22,23 @@ import threading
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from mergewise.checkpoint.files import inside_folder, read_json, validated
 from mergewise.checkpoint.output import TOKENIZER_FILES
 from mergewise.checkpoint.pretrained import load_pretrained
-from mergewise.checkpoint.reader import ModelFolder, inside_folder
+from mergewise.checkpoint.reader import ModelFolder
 from mergewise.errors import MergewiseError
 
+TOKENIZER_CONFIG = "tokenizer_config.json"
 # A folder holding none of these has no tokenizer of its own; mergekit reads it with the base's.
-TOKENIZER_DEFINITIONS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+TOKENIZER_DEFINITIONS = ("tokenizer.json", TOKENIZER_CONFIG, "tokenizer.model", "vocab.json", "vocab.txt")
 # Rows wanted from a tensor at most this far apart are read in one span (fewer, larger reads).
 GATHER_GAP = 64
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,44 @@ class TokenRule:
     force: bool = False
 
 
+Template = Annotated[str, Field(strict=True)]
+
+
+class NamedTemplate(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: Template
+    template: Template
+
+
+class TokenizerConfig(BaseModel):
+    """tokenizer_config.json's chat template: one, or several by name, listed or mapped (transformers
+    applies the "default" one). Checked whenever a tokenizer is loaded: transformers writes out a
+    template it loaded (a merge's new vocabulary), and one it cannot write failed after the merge."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    chat_template: Template | list[NamedTemplate] | dict[str, Template] | None = None
+
+    @property
+    def default_template(self) -> str | None:
+        if isinstance(self.chat_template, list):
+            return next((entry.template for entry in self.chat_template if entry.name == "default"), None)
+        if isinstance(self.chat_template, dict):
+            return self.chat_template.get("default")
+        return self.chat_template
+
+
+def read_tokenizer_config(folder: Path) -> dict:
+    """A folder's tokenizer_config.json ({} when it has none), its chat template checked."""
+    path = folder / TOKENIZER_CONFIG
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    config = read_json(path, "tokenizer config", folder=folder, finite=False)
+    if not isinstance(config, dict):
+        raise MergewiseError(f"{path}: not a JSON object")
+    validated(TokenizerConfig, config, str(path))
+    return config
+
+
 def load_tokenizer(folder: Path):
     """The folder's tokenizer through transformers, never running the folder's own code; None when
     the folder has no tokenizer files."""
@@ -59,6 +101,7 @@ def load_tokenizer(folder: Path):
         inside_folder(file, folder, "tokenizer file")
     if not any(file.name in TOKENIZER_DEFINITIONS for file in present):
         return None
+    read_tokenizer_config(folder)
     from transformers import AutoTokenizer
 
     try:
@@ -70,11 +113,12 @@ def load_tokenizer(folder: Path):
 
 
 def vocab_size(model: ModelFolder, tokens: int) -> int:
-    """The rows of the model's vocabulary tensors by its config (mergekit's reading), else `tokens`."""
-    for config in (model.config.get("text_config"), model.config):
-        if isinstance(config, dict) and isinstance(config.get("vocab_size"), int):
-            return config["vocab_size"]
-    return tokens
+    """The rows of the model's vocabulary tensors by its config (mergekit's reading), else `tokens`;
+    never more than its input embedding holds (a config may claim more)."""
+    declared = model.declared.text.vocab_size or model.declared.vocab_size or tokens
+    held = [info.shape[0] for name, info in model.tensors.items() if name.endswith(INPUT_EMBEDDING_SUFFIXES)
+            and info.shape]
+    return min([declared, *held])
 
 
 def _stripped(tokenizer, size: int, folder: Path):
@@ -119,6 +163,9 @@ class OutputVocabulary:
             raise MergewiseError(f"{source}: the output tokenizer's ids are not 0..{self.real - 1} without gaps, "
                                  "so they cannot index embedding rows")
         multiple = pad_to_multiple_of or 1
+        if multiple > self.real:  # padding at most doubles the rows
+            raise MergewiseError(f"tokenizer.pad_to_multiple_of: {multiple} is more than the {self.real} tokens of the "
+                                 "output vocabulary")
         self.rows = math.ceil(self.real / multiple) * multiple
         self.names = sorted(self.tokens, key=self.tokens.get)
 
@@ -306,11 +353,8 @@ def build_vocabulary(source: str | ModelFolder, base: ModelFolder, models: list[
             _add_union(tokenizer, [(tokenizers[model], sizes[model]) for model in models if tokenizers[model]])
         elif source != "base":
             raise MergewiseError(f"{key}: {source!r} is neither base, union nor a model")
-    present = set(tokenizer.get_vocab())
-    for token in added:
-        if token not in present:
-            tokenizer.add_tokens(token)
-            present.add(token)
+    present = tokenizer.get_vocab()
+    tokenizer.add_tokens([token for token in dict.fromkeys(added) if token not in present])
     vocabulary = OutputVocabulary(tokenizer, source_folder, pad_to_multiple_of)
     for model in models:
         vocabulary.add_input(model, (tokenizers[model] or tokenizers[base]).get_vocab(), sizes[model])
@@ -330,8 +374,7 @@ def _add_union(tokenizer: Any, inputs: list[tuple[Any, int]]) -> None:
             if index < size:
                 added.setdefault(info.content, info)
     known = tokenizer.get_vocab()
-    for token in plain:
-        if token not in added and token not in known:
-            tokenizer.add_tokens(token)
-    for info in added.values():
-        tokenizer.add_tokens(info)
+    # One call each: the tokenizer rebuilds its added-token matcher per call, so token by token the
+    # union took time quadratic in the tokens it adds.
+    tokenizer.add_tokens([token for token in plain if token not in added and token not in known])
+    tokenizer.add_tokens(list(added.values()))

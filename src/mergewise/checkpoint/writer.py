@@ -14,12 +14,16 @@ import math
 import os
 import re
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from mergewise.checkpoint.reader import SAFETENSORS_DTYPES, SAFETENSORS_INDEX
 from mergewise.errors import MergewiseError
@@ -41,6 +45,29 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise MergewiseError(f"shard size {text!r} must be positive")
     return size
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A write that fails (a full disk, a file size limit, a read-only folder) as one error naming
+    the file: the OSError of a write or a flush names none."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        reason = getattr(error, "strerror", None) or str(error).removeprefix("Error while serializing: ")
+        raise MergewiseError(f"{path}: cannot write ({reason})") from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, its failures named as `writing` names them."""
+    with writing(path):
+        save_file(tensors, path, metadata=metadata)
+
+
+def write_text(path: Path, text: str) -> None:
+    """A small UTF-8 file (a record, a config), its failures named as `writing` names them."""
+    with writing(path):
+        path.write_text(text, encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -95,7 +122,7 @@ class StreamingShardWriter:
         encoded += b" " * (-len(encoded) % 8)  # data must start 8-byte aligned
         data_start = 8 + len(encoded)
         if create:
-            with open(path, "wb") as handle:
+            with writing(path), open(path, "wb") as handle:
                 handle.write(struct.pack("<Q", len(encoded)))
                 handle.write(encoded)
                 handle.truncate(data_start + start)
@@ -111,14 +138,15 @@ class StreamingShardWriter:
         view = memoryview(data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         offset = slot.offset + first_row * slot.row_bytes
         start = offset
-        descriptor = os.open(slot.file, os.O_WRONLY)
-        try:
-            while view:
-                written = os.pwrite(descriptor, view, offset)
-                view, offset = view[written:], offset + written
-            _start_writeback(descriptor, start, offset - start)
-        finally:
-            os.close(descriptor)
+        with writing(slot.file):
+            descriptor = os.open(slot.file, os.O_WRONLY)
+            try:
+                while view:
+                    written = os.pwrite(descriptor, view, offset)
+                    view, offset = view[written:], offset + written
+                _start_writeback(descriptor, start, offset - start)
+            finally:
+                os.close(descriptor)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """A tensor as written so far, or the rows `rows` of its first dimension, read back from its
@@ -140,7 +168,7 @@ class StreamingShardWriter:
         """When there are several shards, write the Hugging Face index."""
         if not self.single_file:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            write_text(self.folder / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
 
 
 _SYNC_FILE_RANGE_WRITE = 2

@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--stream-layers", action="store_true",
                         help="load one decoder layer at a time: memory independent of depth")
+    parser.add_argument("--overwrite", action="store_true", help="replace STATS_PATH if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the model folder run its own Python code (auto_map); only for code you trust")
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> None:
                                                     "statistic": args.statistic, "seed": args.seed},
                               "mergewise calibrate")
     path = calibrate(args.base_dir, args.stats_path, settings, device=args.device,
-                     stream_layers=args.stream_layers, quiet=args.quiet, trust_remote_code=args.trust_remote_code)
+                     stream_layers=args.stream_layers, quiet=args.quiet, trust_remote_code=args.trust_remote_code,
+                     overwrite=args.overwrite)
     if not args.quiet:
         print(f"statistics written to {path}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mergewise.checkpoint.files import read_json
 from mergewise.evaluate.zoo_eval import evaluate_model
 from mergewise.zoo.manifest import Zoo
 
@@ -102,7 +103,7 @@ def score_entries(zoo_dir: str | Path, work: str | Path, entries: list[Entry], *
     for entry in entries:
         cache = work / "scores" / f"{entry.label.replace(':', '-')}.json"
         if cache.is_file():
-            results[entry.label] = json.loads(cache.read_text())
+            results[entry.label] = read_json(cache, "cached scores", finite=False)
             continue
         progress(f"scoring {entry.label}")
         results[entry.label] = evaluate_model(entry.produce(work), zoo_dir, device=device, limit=limit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from mergewise.checkpoint.files import read_text
 from mergewise.errors import MergewiseError
 from mergewise.evaluate.loading import LoadedModel, load_model
 from mergewise.evaluate.scoring import continuation_log_likelihoods, exact_match, greedy_completions, text_nll
@@ -34,7 +35,7 @@ def evaluate_model(
         raise MergewiseError(f"--limit: must be at least 1, got {limit}")
     loaded = load_model(model_dir, device, trust_remote_code=trust_remote_code)
     task_scores = {name: score_task(loaded, zoo, name, batch_size, limit) for name in selected}
-    general_text = zoo.general_eval.read_text(encoding="utf-8")
+    general_text = read_text(zoo.general_eval, "general evaluation text")
     window = min(GENERAL_WINDOW_TOKENS, loaded.model.config.max_position_embeddings - 1)
     general = text_nll(loaded, general_text, window, batch_size, max_windows=limit)
     results = {

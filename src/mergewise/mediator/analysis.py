@@ -277,7 +277,7 @@ def analyze_to_folder(recipe: MediatorRecipe, report_dir: str | Path, *, overwri
                       quiet: bool = False) -> ConflictReport:
     """Analyse, then write conflict.csv/.json/.png to a staged `report_dir` (nothing on error)."""
     report_dir = Path(report_dir).expanduser().resolve()
-    inputs = [model.path for model in expert_tensors(recipe).models]
+    inputs = [folder for model in expert_tensors(recipe).models for folder in model.folders]
     check_output_location(report_dir, inputs, overwrite)
     report = analyze_conflicts(recipe, quiet=quiet)
     with staged_folder(report_dir, overwrite) as staging:

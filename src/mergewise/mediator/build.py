@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from mergewise.checkpoint.files import read_jsonl, read_text
 from mergewise.config import load_recipe as load_core_recipe
 from mergewise.errors import MergewiseError
 from mergewise.mediator.allocation import (
@@ -27,7 +28,6 @@ from mergewise.mediator.allocation import (
 )
 from mergewise.mediator.analysis import ConflictReport
 from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, MediatorRecipe, MediatorSettings
-from mergewise.records import read_jsonl
 
 THRESHOLD_LEVELS = {"sparse": 0.1, "lowrank": 16, "lowrank4": 64}  # a named code's `auto` level with no budget to fill
 ONE_FILE = 1 << 62  # the experts file is never sharded
@@ -59,8 +59,8 @@ def read_prompts(path: Path) -> list[str]:
     """One prompt per line, or JSONL records with a `prompt` (or `text`) field."""
     if path.suffix in (".jsonl", ".json"):
         return [next(record[name] for name in ("prompt", "text") if isinstance(record.get(name), str))
-                for record in read_jsonl(path, ("prompt|text",))]
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                for record in read_jsonl(path, "prompts file", ("prompt|text",))]
+    return [line for line in read_text(path, "prompts file").splitlines() if line.strip()]
 
 
 def calibration_prompts(recipe: MediatorRecipe) -> dict[str, list[str]]:

@@ -14,28 +14,32 @@ device.
 from __future__ import annotations
 
 import functools
-import json
 import os
+import reprlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mergewise.checkpoint import ModelFolder, TensorInfo
-from mergewise.checkpoint.reader import inside_folder, map_rows, read_rows, read_safetensors_header
+from mergewise.checkpoint.files import inside_folder, read_json, validated
+from mergewise.checkpoint.reader import map_rows, read_rows, read_safetensors_header
 from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.tokens import start_token_id
 from mergewise.devices import resolve_device
 from mergewise.engine import row_ranges
 from mergewise.errors import MergewiseError
-from mergewise.layerwise import fast_half_matmuls, mean_pooled, right_padded
+from mergewise.layerwise import fast_half_matmuls, hidden_state_index, mean_pooled, right_padded
 from mergewise.mediator import switching
 from mergewise.mediator.codes import CODES, Stored, matrix_shape
 from mergewise.mediator.router import Route, Router
+from mergewise.mediator.settings import RouterSettings
 from mergewise.plan import parse_dtype
 
 MEDIATOR_FOLDER = "mediator"
@@ -472,26 +476,44 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
         return RoutedModel(model, tokenizer, torch_device, folder)
     manifest = read_manifest(folder)
     router = load_router(folder, manifest)
+    for number in router.settings.hidden_states(model.config.num_hidden_layers):
+        hidden_state_index(number, model.config.num_hidden_layers,
+                           f"{folder / MEDIATOR_FOLDER / MANIFEST_FILE}: router.settings.feature_layers")
     dense = ModelFolder(folder)
     experts = ExpertBank(folder, manifest, dense, {"disk": None, "cpu": torch.device("cpu")}.get(offload, torch_device))
     return RoutedModel(model, tokenizer, torch_device, folder, manifest, router, experts, dense)
 
 
+class RouterRecord(BaseModel):
+    """mediator.json's `router`: what `Router.from_state` builds the router of, with its tensors."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    tasks: list[Annotated[str, Field(strict=True)]]
+    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    settings: RouterSettings
+
+
+class Manifest(BaseModel):
+    """The keys of mediator.json that loading reads (each routed tensor's code is checked by
+    `_code_of`)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    tasks: list[Annotated[str, Field(strict=True)]] = Field(min_length=1)
+    routed_tensors: dict[str, Any]
+    router: RouterRecord
+    settings: dict[str, Any]
+
+
 def read_manifest(folder: Path) -> dict:
     path = mediator_file(folder, MANIFEST_FILE)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise MergewiseError(f"{path}: cannot read ({error})") from None
+    manifest = read_json(path, "Mediator manifest", folder=folder)
     if not isinstance(manifest, dict):
         raise MergewiseError(f"{path}: expected a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
-        raise MergewiseError(f"{path}: Mediator format {manifest.get('format')!r} (built by mergewise "
-                             f"{manifest.get('mergewise_version', 'unknown')}); this mergewise reads format "
+        raise MergewiseError(f"{path}: Mediator format {reprlib.repr(manifest.get('format'))} (built by mergewise "
+                             f"{str(manifest.get('mergewise_version', 'unknown'))[:40]}); this mergewise reads format "
                              f"{FORMAT_VERSION}: build the folder again with `mergewise mediator build`")
-    for key, kind in (("tasks", list), ("routed_tensors", dict), ("router", dict), ("settings", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise MergewiseError(f"{path}: missing or malformed key {key!r}")
+    validated(Manifest, manifest, str(path))
     return manifest
 
 

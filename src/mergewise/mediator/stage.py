@@ -23,13 +23,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from mergewise.checkpoint import PlannedTensor, StreamingShardWriter
+from mergewise.checkpoint.writer import save_tensors, write_text
 from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.config import Recipe
 from mergewise.engine import row_ranges
-from mergewise.layerwise import pooled_hidden_states
+from mergewise.errors import MergewiseError
+from mergewise.layerwise import hidden_state_index, pooled_hidden_states
 from mergewise.mediator.allocation import KeptEstimate, RoutedTensor
 from mergewise.mediator.analysis import analyze_conflicts
 from mergewise.mediator.build import (
@@ -69,8 +70,17 @@ class MediatorStage(Stage):
         self.experts: ExpertTensors | None = None
         self.retained: dict[tuple[str, str], list[float]] = {}  # (unit, task) → [kept, total] ‖·‖²
 
+    def inputs(self) -> list[Path]:
+        return [self.recipe.prompts_path(expert) for expert in self.settings.experts]
+
     def on_plan(self, context: StageContext) -> None:
         recipe, settings, plan = self.recipe, self.settings, context.plan
+        depth = plan.reference.declared.depth  # the router reads D's hidden states by this depth
+        if depth is None:
+            raise MergewiseError(f"{plan.reference.path / 'config.json'}: gives no decoder depth at its top level (a "
+                                 "multimodal model?); Mediator routes plain causal language models")
+        for number in settings.router.hidden_states(depth):
+            hidden_state_index(number, depth, f"{recipe.origin}: mediator.router.feature_layers")
         self.device = context.device
         self.quiet = context.quiet
         self.prompts = calibration_prompts(recipe)
@@ -171,11 +181,11 @@ class MediatorStage(Stage):
         folder.mkdir()
         shutil.move(self.building / EXPERTS_FILE, folder / EXPERTS_FILE)
         self.building.rmdir()
-        save_file(router.state_dict(), folder / ROUTER_FILE)
+        save_tensors(router.state_dict(), folder / ROUTER_FILE)
         stored = sum(file.stat().st_size for file in staging.rglob("*.safetensors"))
         dense_bytes = sum(file.stat().st_size for file in staging.glob("*.safetensors"))
         manifest = self._manifest(router, fit, dense_bytes, stored)
-        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
         return manifest
 
     def close(self) -> None:

@@ -94,7 +94,7 @@ def run_search(search_file: str | Path, out_dir: str | Path, *, trials: int | No
 
 def _expected_trials(search: SearchRecipe) -> int:
     if search.settings.searcher == "grid":
-        return math.prod(len(space.grid()) for space in search.spaces)
+        return math.prod(space.grid_size() for space in search.spaces)
     return search.settings.trials
 
 

@@ -30,6 +30,7 @@ from mergewise.methods.registry import get_method
 from mergewise.stages import block_spec
 
 SPACE_KINDS = ("uniform", "loguniform", "int", "choice")
+MAX_GRID_POINTS = 10_000  # trials of a grid search; each one is a merge and a scoring run
 PARAMETER_MAPS = (("parameters",), ("models", int, "parameters"), ("slices", int, "parameters"),
                   ("slices", int, "sources", int, "parameters"))
 # Block settings that decide the inputs rather than the merge (AIM calibrates once for every trial).
@@ -101,10 +102,14 @@ class Space:
     default: float
 
     def grid(self) -> list[float]:
+        return list(self.values) if self.kind == "choice" else list(range(int(self.low), int(self.high) + 1))
+
+    def grid_size(self) -> int:
+        """The values `grid` lists, counted without listing them."""
         if self.kind == "choice":
-            return list(self.values)
+            return len(self.values)
         if self.kind == "int":
-            return list(range(int(self.low), int(self.high) + 1))
+            return int(self.high) - int(self.low) + 1
         raise MergewiseError(f"search.searcher: grid needs choice or int spaces; {self.name} is {self.kind}")
 
 
@@ -148,8 +153,10 @@ def load_search_recipe(path: str | Path) -> SearchRecipe:
         _check_numeric_key(space, method, origin)
     spaces = tuple(_with_default(space, method, origin) for space in spaces)
     if settings.searcher == "grid":
-        for space in spaces:
-            space.grid()
+        points = math.prod(space.grid_size() for space in spaces)
+        if points > MAX_GRID_POINTS:
+            raise MergewiseError(f"{origin}: search.searcher: grid runs every combination of the spaces, here {points} "
+                                 f"trials; at most {MAX_GRID_POINTS} (narrow the spaces, or use another searcher)")
     return SearchRecipe(template, spaces, settings, path.parent.resolve(), origin)
 
 

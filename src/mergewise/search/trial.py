@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from mergewise.checkpoint.files import read_json
 from mergewise.search.objective import score_model
 from mergewise.search.space import Objective, SearchRecipe
 
@@ -43,7 +44,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     trial = tune.get_context().get_trial_id()
     record = setup.records_dir / f"{trial}.json"
     if record.is_file():
-        tune.report(json.loads(record.read_text(encoding="utf-8")))
+        tune.report(read_json(record, "trial record", finite=False))
         return
     started = time.time()
     out_dir = setup.models_dir / trial

@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergewise.checkpoint.files import read_json, read_jsonl
 from mergewise.errors import MergewiseError
-from mergewise.records import read_jsonl
 
 MANIFEST_NAME = "zoo.json"
+KIND_NAMES = {str: "a string", dict: "an object", type(None): "null"}
 HELD_OUT_SPLITS = ("validation", "test")
 
 
@@ -35,7 +36,7 @@ class Zoo:
     def eval_examples(self, task: str, split: str | None = None) -> list[dict]:
         """The task's held-out `{"prompt", "answer"}` records; `split` halves them: "validation" (the
         first half, which `mergewise search` scores trials on) or "test" (the rest, never searched)."""
-        examples = read_jsonl(self.tasks[task].eval, ("prompt", "answer"))
+        examples = read_jsonl(self.tasks[task].eval, "evaluation examples", ("prompt", "answer"))
         if split is None:
             return examples
         if split not in HELD_OUT_SPLITS:
@@ -53,10 +54,7 @@ def read_manifest_dict(zoo_dir: str | os.PathLike) -> dict | None:
     path = manifest_path(zoo_dir)
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise MergewiseError(f"{path}: not valid JSON ({error.msg})") from None
+    manifest = read_json(path, "zoo manifest", finite=False)
     if not isinstance(manifest, dict):
         raise MergewiseError(f"{path}: expected a JSON object")
     return manifest
@@ -78,20 +76,22 @@ def load_zoo(zoo_dir: str | os.PathLike) -> Zoo:
     if manifest is None:
         raise MergewiseError(f"{path}: no zoo here (build one with `mergewise zoo build`)")
 
-    def required(mapping: dict, key: str, where: str):
+    def required(mapping: dict, key: str, where: str, kinds: tuple[type, ...] = (str,)):
         if key not in mapping:
             raise MergewiseError(f"{path}: missing key '{where}{key}'")
+        if not isinstance(mapping[key], kinds):
+            raise MergewiseError(f"{path}: '{where}{key}' must be {' or '.join(KIND_NAMES[kind] for kind in kinds)}")
         return mapping[key]
 
-    tasks_section = required(manifest, "tasks", "")
-    if not isinstance(tasks_section, dict) or not tasks_section:
+    tasks_section = required(manifest, "tasks", "", (dict,))
+    if not tasks_section:
         raise MergewiseError(f"{path}: 'tasks' must be a non-empty object")
     tasks = {}
     for name, entry in tasks_section.items():
         where = f"tasks.{name}."
         if not isinstance(entry, dict):
             raise MergewiseError(f"{path}: 'tasks.{name}' must be an object")
-        expert = required(entry, "expert", where)
+        expert = required(entry, "expert", where, (str, type(None)))
         tasks[name] = ZooTask(
             name=name,
             expert=None if expert is None else root / expert,
@@ -101,7 +101,7 @@ def load_zoo(zoo_dir: str | os.PathLike) -> Zoo:
         )
         if tasks[name].metric not in {"exact_match", "nll"}:
             raise MergewiseError(f"{path}: 'tasks.{name}.metric' must be 'exact_match' or 'nll'")
-    general = required(manifest, "general", "")
+    general = required(manifest, "general", "", (dict,))
     return Zoo(
         root=root,
         base=root / required(manifest, "base", ""),

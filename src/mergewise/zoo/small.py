@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mergewise.checkpoint.files import read_jsonl
 from mergewise.errors import MergewiseError
-from mergewise.records import read_jsonl
 from mergewise.zoo.building import (
     build_model_once,
     derived_seed,
@@ -121,7 +121,7 @@ def locate_gsm8k(data_dir: str | None) -> Path:
 def math_examples(path: Path) -> list[tuple[str, str]]:
     """(prompt, worked answer) pairs; the calculator annotations `<<48/2=24>>` are dropped."""
     return [(f"Question: {record['question']}\nAnswer:", " " + CALCULATOR_ANNOTATION.sub("", record["answer"]))
-            for record in read_jsonl(path, ("question", "answer"))]
+            for record in read_jsonl(path, "GSM8K data", ("question", "answer"))]
 
 
 def code_splits(scale: SmallScale, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
