@@ -39,10 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     _tune_process(keep_freed_buffers=args.keep_freed_buffers)
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    formatting, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
-        with warnings.catch_warnings():
-            warnings.formatwarning = _format_warning
-            status = args.handler(args)
+        status = args.handler(args)
     except MergewiseError as error:
         print(f"error: {_one_line(str(error))}", file=sys.stderr)
         return 2
@@ -57,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = formatting
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
     return int(status or 0)
