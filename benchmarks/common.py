@@ -65,7 +65,7 @@ def run_measured(command: Sequence[str], log: Path | None = None, env: dict[str,
     names the log or, without one, ends with the command's output (its last line is the command's)."""
     launch = [sys.executable, "-c", LAUNCHER, *command]
     if log is None:
-        done = subprocess.run(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, check=True)
+        done = subprocess.run(launch, capture_output=True, env=env, check=True)
         detail = done.stderr.decode(errors="replace").strip()
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
