@@ -4,11 +4,12 @@ the peak RSS of servers while they run, repeated runs taking turns, and the repo
 Peak memory is measured one way: the kernel's high-water mark of each process's resident set (VmHWM;
 `ru_maxrss` is the same counter), never a sample. A command that runs to its end is started by a small
 launcher that reads it from `os.wait4` (`run_measured`); servers still running have it read from /proc,
-reset as the measured span starts (`PeakRss`). Of the ways the benchmarks used before, this is the one
-that is right in every case: sampling RSS (the serving benchmark, every 20 ms) misses a peak between two
-samples; a child reading its own VmHWM at exit (the Mediator benchmarks) misses the processes it starts
-and needs its exit handlers to run; `ru_maxrss` of a child spawned by the benchmark itself (the
-calibration benchmark) also counts the benchmark's memory, which Linux carries across exec.
+reset as the measured span starts (`PeakRss`). The launcher is how the comparisons with mergekit
+measured before; the other ways the benchmarks used were each wrong somewhere: sampling RSS (the
+serving benchmark, every 20 ms) misses a peak between two samples; a child reading its own VmHWM at
+exit (the Mediator benchmarks) misses the processes it starts and needs its exit handlers to run;
+`ru_maxrss` of a child spawned by the benchmark itself (the calibration benchmark) also counts the
+benchmark's memory, which Linux carries across exec.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def run_measured(command: Sequence[str], log: Path | None = None, env: dict[str,
 class PeakRss:
     """The peak RSS of running processes and of every process they started, over a `with` block: the sum
     of each one's high-water mark (VmHWM), reset as the block starts. For several processes a sum of
-    peaks: never below what they held together at any moment, above it where their peaks fell apart."""
+    peaks: never below what they held together at any moment, above it where their peaks fell apart.
+    A process that ends within the block is not counted (servers and their model processes do not)."""
 
     def __init__(self, pids: Iterable[int]):
         self.pids = list(pids)
