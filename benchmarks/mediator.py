@@ -23,48 +23,23 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from mergewise.evaluate.comparison import Entry, mediator_recipe, score_entries, zoo_entries
+from mergewise.evaluate.comparison import Entry, score_entries, zoo_entries
 from mergewise.layerwise import native_half_matmuls
 from mergewise.zoo.manifest import Zoo, load_zoo
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, mergewise_command, run_measured, write_result
+from workloads import MEDIATOR_DEFAULT, build_mediator, mediator_folder
+
 CORE_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
 CODES = ["auto", "sign1", "sign2", "sparse", "lowrank", "lowrank4"]
-DEFAULT = ("bfloat16", "auto", 1.5)  # the settings served and timed
 
 
 def label_of(dtype: str, code: str, budget: float) -> str:
     return f"mediator {dtype} {code} b={budget:g}"
-
-
-def build_mediator(zoo: Zoo, work: Path, dtype: str, code: str, budget: float) -> tuple[Path, dict]:
-    """The Mediator folder for one setting and its build record (peak RSS, seconds, manifest, or the
-    error that refused the setting)."""
-    name = f"mediator-{dtype}-{code}-b{budget:g}"
-    out = work / "models" / name
-    record_path = work / "builds" / f"{name}.json"
-    if not record_path.is_file():
-        recipe = work / "recipes" / f"{name}.yml"
-        recipe.parent.mkdir(parents=True, exist_ok=True)
-        recipe.write_text(yaml.safe_dump(mediator_recipe(zoo, dtype, memory_budget=budget, code=code)))
-        try:
-            rss, seconds = peak_rss("mergewise.cli", "mediator", "build", str(recipe), str(out), "--overwrite",
-                                    "--quiet", "--seed", "0")
-            record = {"peak_rss_mib": rss, "seconds": seconds}
-        except RuntimeError as error:
-            record = {"error": str(error).strip().splitlines()[-1]}
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(record))
-    record = json.loads(record_path.read_text())
-    if "error" not in record:
-        record["manifest"] = json.loads((out / "mediator" / "mediator.json").read_text())
-    return out, record
 
 
 def kept_share(result: dict, results: dict, zoo: Zoo) -> float:
@@ -81,32 +56,6 @@ def kept_share(result: dict, results: dict, zoo: Zoo) -> float:
         else:
             shares.append(score / expert if expert else 1.0)
     return statistics.mean(shares)
-
-
-# Peak RSS is read by the child itself from VmHWM, which starts afresh at exec; ru_maxrss of a child
-# would also count the pages of this (by then large) parent it was forked from. Read at exit by an
-# exit handler: the command line ends with os._exit after running those, so a `finally` never runs.
-MEASURED_CHILD = """
-import atexit, runpy, sys
-
-def report_peak():
-    status = open("/proc/self/status").read()
-    print("VmHWM", int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))), flush=True)
-
-atexit.register(report_peak)
-sys.argv = sys.argv[1:]
-runpy.run_module(sys.argv[0], run_name="__main__")
-"""
-
-
-def peak_rss(module: str, *args: str) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of `python -m module args…` in a child process."""
-    started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", MEASURED_CHILD, module, *args], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{run.stderr}")
-    kib = int(next(line.split()[1] for line in run.stdout.splitlines() if line.startswith("VmHWM")))
-    return kib / 1024, time.perf_counter() - started
 
 
 LATENCY_CHILD = """
@@ -168,14 +117,10 @@ def serving(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int,
                                  str(tokens), str(repeats), str(count)], check=True, capture_output=True,
                                 text=True).stdout
         timings.append(json.loads(output.strip().splitlines()[-1]))
-    memory = {name: peak_rss("mergewise.cli", "generate", str(folder), "--prompt", prompt, "--max-new-tokens",
-                             str(tokens))[0]
+    memory = {name: run_measured(mergewise_command("generate", str(folder), "--prompt", prompt, "--max-new-tokens",
+                                                   str(tokens))).peak_rss_mib
               for name, folder in (("mediator", mediator_dir), ("plain", plain))}
     return {"task": task, "timings": timings, "rss": memory}
-
-
-def default_folder(work: Path) -> Path:
-    return work / "models" / f"mediator-{DEFAULT[0]}-{DEFAULT[1]}-b{DEFAULT[2]:g}"
 
 
 SERVING_HEADING = "## Serving"
@@ -192,7 +137,8 @@ def serving_sections(folder: Path, zoo: Zoo, work: Path, args: argparse.Namespac
 def serving_section(measured: dict, tokens: int, repeats: int) -> list[str]:
     timing = measured["timings"][0]
     gigabytes = timing["routed_bytes"] / 1e9
-    lines = ["", f"{SERVING_HEADING} ({DEFAULT[0]}, code {DEFAULT[1]}, budget {DEFAULT[2]:g}, {tokens} new tokens)", "",
+    dtype, code, budget = MEDIATOR_DEFAULT
+    lines = ["", f"{SERVING_HEADING} ({dtype}, code {code}, budget {budget:g}, {tokens} new tokens)", "",
              f"`generate()` of {tokens} new tokens for one `{measured['task']}` prompt (route: "
              f"{timing['route']['decision']} {timing['route']['task']}), median of {repeats}, one process per thread "
              "count (the last: torch's default, as `mergewise generate` runs). The two models take turns on the same "
@@ -228,12 +174,12 @@ def serving_only(zoo: Zoo, work: Path, args: argparse.Namespace) -> None:
     report = RESULTS / f"mediator-{zoo.raw.get('size', 'zoo')}.md"
     if not report.is_file():
         sys.exit(f"{report} does not exist yet: run the whole benchmark once")
-    folder, record = build_mediator(zoo, work, *DEFAULT)
+    folder, record = build_mediator(zoo, work, *MEDIATOR_DEFAULT)
     if "error" in record:
         sys.exit(f"the default settings do not build on this zoo: {record['error']}")
     kept = report.read_text().split(f"\n{SERVING_HEADING}")[0].rstrip("\n").splitlines()
     lines = kept + serving_sections(folder, zoo, work, args)
-    report.write_text("\n".join(lines) + "\n")
+    write_result(report, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -333,11 +279,10 @@ def main() -> None:
     if held:
         lines += ["", "Held-back task, dense model D (float32 linear average): " + ", ".join(
             f"{name} {dense['tasks'][name]['score']:.3f}" for name in held)]
-    default_dir = default_folder(work)
+    default_dir = mediator_folder(work, *MEDIATOR_DEFAULT)
     if (default_dir / "mediator" / "mediator.json").is_file():
         lines += serving_sections(default_dir, zoo, work, args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"mediator-{size}.md").write_text("\n".join(lines) + "\n")
+    write_result(RESULTS / f"mediator-{size}.md", "\n".join(lines) + "\n")
     plot(points, RESULTS / f"mediator-{size}.png", f"Mediator, {size} zoo")
     print("\n".join(lines))
 

@@ -10,7 +10,7 @@ Every expert has 24 calibration prompts drawn from a word list of its own. All o
 --work.
 
 `mergewise mediator analyze` and `mergewise mediator build` (linear merge, default memory budget) run
-in child processes that report their own peak RSS (VmHWM, see benchmarks/mediator.py). Target: build
+as measured child processes (wall time and peak RSS: `common.run_measured`). Target: build
 peak ≤ 0.5 × one model's bytes, and flat when the depth doubles. Writes
 benchmarks/results/mediator_scale.md.
 
@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from mediator import peak_rss
-from vs_mergekit import (ROOT, SHARD_BYTES, LlamaShape, llama_config, llama_tensors, parameter_count, write_report,
-                         write_sharded)
-
 from mergewise.plan import layer_index
 from mergewise.zoo.tokenizer import build_char_tokenizer
+
+from common import RESULTS, WORK, Measured, mergewise_command, run_measured, write_report
+from workloads import LlamaShape, llama_config, llama_tensors, parameter_count, write_sharded
 
 TARGET_RATIO = 0.5   # build peak RSS / one model's bytes
 NOISE = 0.002        # std of an expert's update, a tenth of the base weights' (0.02)
@@ -66,7 +65,7 @@ def write_model(folder: Path, shape: LlamaShape, tensors: Iterator[tuple[str, to
     folder.mkdir(parents=True)
     llama_config(shape).save_pretrained(folder)
     build_char_tokenizer().save_pretrained(folder)
-    write_sharded(tensors, folder, SHARD_BYTES)
+    write_sharded(tensors, folder)
 
 
 def write_prompts(path: Path, words: list[str], generator: random.Random) -> None:
@@ -103,15 +102,15 @@ def build_workload(work: Path, shape: LlamaShape, seed: int) -> Path:
     return root
 
 
-def measure(workload: Path, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
-    """{step: (peak RSS MiB, wall seconds)} of the analysis and of the build, each its own child."""
+def measure(workload: Path, args: argparse.Namespace) -> dict[str, Measured]:
+    """The analysis and the build, each its own measured child."""
     recipe = str(workload / "recipe.yml")
     threads = ["--threads", str(args.threads)] if args.threads is not None else []
     runs = workload / "runs"
-    measured = {"analyze": peak_rss("mergewise.cli", "mediator", "analyze", recipe, str(runs / "analysis"),
-                                    "--overwrite", "--quiet"),
-                "build": peak_rss("mergewise.cli", "mediator", "build", recipe, str(runs / "mediator"),
-                                  "--overwrite", "--quiet", *threads)}
+    measured = {"analyze": run_measured(mergewise_command("mediator", "analyze", recipe, str(runs / "analysis"),
+                                                          "--overwrite", "--quiet")),
+                "build": run_measured(mergewise_command("mediator", "build", recipe, str(runs / "mediator"),
+                                                        "--overwrite", "--quiet", *threads))}
     shutil.rmtree(runs / "mediator")  # a model and more of disk, kept by no one
     return measured
 
@@ -120,20 +119,20 @@ def model_bytes(folder: Path) -> int:
     return sum(file.stat().st_size for file in folder.glob("*.safetensors"))
 
 
-def report_table(rows: list[tuple[LlamaShape, int, dict[str, tuple[float, float]]]]) -> str:
+def report_table(rows: list[tuple[LlamaShape, int, dict[str, Measured]]]) -> str:
     lines = ["| layers | parameters (M) | one model (MiB) | step | peak RSS (MiB) | peak / one model | wall s |",
              "|---:|---:|---:|---|---:|---:|---:|"]
     for shape, size, measured in rows:
-        for step, (rss, seconds) in measured.items():
+        for step, run in measured.items():
             lines.append(f"| {shape.layers} | {parameter_count(shape) / 1e6:.0f} | {size / 2**20:.0f} | {step} | "
-                         f"{rss:.0f} | {rss * 2**20 / size:.3f} | {seconds:.1f} |")
+                         f"{run.peak_rss_mib:.0f} | {run.peak_rss_mib * 2**20 / size:.3f} | {run.wall_s:.1f} |")
     (_, shallow_size, shallow), (_, deep_size, deep) = rows
-    worst = max(measured["build"][0] * 2**20 / size for _, size, measured in rows)
-    growth = deep["build"][0] / shallow["build"][0]
+    worst = max(measured["build"].peak_rss_mib * 2**20 / size for _, size, measured in rows)
+    growth = deep["build"].peak_rss_mib / shallow["build"].peak_rss_mib
     lines += ["", f"Build peak / one model: at most **{worst:.3f}×** (target ≤ {TARGET_RATIO}×: "
                   f"{'met' if worst <= TARGET_RATIO else 'missed'}). Doubling the depth grows the model "
                   f"{deep_size / shallow_size:.2f}× and the build's peak RSS **{growth:.2f}×** "
-                  f"(analysis: {deep['analyze'][0] / shallow['analyze'][0]:.2f}×)."]
+                  f"(analysis: {deep['analyze'].peak_rss_mib / shallow['analyze'].peak_rss_mib:.2f}×)."]
     return "\n".join(lines)
 
 
@@ -147,8 +146,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="--threads of the build (default: all cores)")
-    parser.add_argument("--work", type=Path, default=ROOT / ".work", help="cache of the workloads")
-    parser.add_argument("--results", type=Path, default=ROOT / "results", help="where mediator_scale.md goes")
+    parser.add_argument("--work", type=Path, default=WORK, help="cache of the workloads")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where mediator_scale.md goes")
     return parser.parse_args()
 
 
@@ -162,7 +161,7 @@ def main() -> None:
         rows.append((shape, model_bytes(workload / "base"), measure(workload, args)))
     title = (f"Mediator build memory: random bf16 Llama, hidden {args.hidden}, intermediate {args.intermediate}, "
              f"vocabulary {args.vocab}, 3 experts")
-    write_report(args.results / "mediator_scale.md", title, report_table(rows), args)
+    write_report(args.results / "mediator_scale.md", title, report_table(rows), args.threads)
 
 
 if __name__ == "__main__":

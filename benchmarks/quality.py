@@ -23,7 +23,7 @@ from mergewise.evaluate.comparison import (
 )
 from mergewise.zoo.manifest import Zoo, load_zoo
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, write_result
 
 
 def aim_entries(zoo: Zoo, work: Path, methods: list[str], omegas: list[float], samples: int,
@@ -70,12 +70,12 @@ def main() -> None:
         entries += aim_entries(zoo, work, args.methods, args.aim, args.aim_samples, args.aim_seq_len)
     results = score_entries(args.zoo, work, entries, device=args.device, limit=args.limit)
     size = zoo.raw.get("size", "zoo")
-    args.results.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results, zoo)
     settings = "\n".join(f"- `{method}`: {CORE_METHOD_SETTINGS[method]['per_model']} per expert"
                          for method in args.methods)
     scored = f"first {args.limit} prompts per task" if args.limit else "every held-out prompt"
-    (args.results / f"quality-{size}.md").write_text(
+    write_result(
+        args.results / f"quality-{size}.md",
         f"# Merge quality on the {size} zoo\n\nPer task: exact match (greedy) or answer NLL per token ({scored}); general NLL per token on "
         f"held-out text. Experts merged in float32 with:\n{settings}\n"
         + (f"\nAIM: statistics from `calibrate --data self` ({args.aim_samples} × {args.aim_seq_len} tokens) "

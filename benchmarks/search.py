@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent
+from common import RESULTS, WORK, mergewise_command, run_measured, write_result
+
 CORES = 2
 DEFAULT_WEIGHT, DEFAULT_DENSITY, DEFAULT_OMEGA = 1.0, 0.5, 0.4   # the zoo's configs/ties.yml, AIM's default ω
 
@@ -53,10 +51,8 @@ def run_search(recipe: dict, workdir: Path) -> tuple[float, dict, list[dict]]:
     workdir.mkdir(parents=True)
     recipe_path = workdir / "search.yml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mergewise.cli", "search", str(recipe_path), str(workdir / "out"),
-                    "--quiet"], check=True)
-    wall = time.perf_counter() - started
+    wall = run_measured(mergewise_command("search", str(recipe_path), str(workdir / "out"), "--quiet"),
+                        workdir / "search.log").wall_s
     with (workdir / "out" / "trials.csv").open() as file:
         rows = list(csv.DictReader(file))
     return wall, json.loads((workdir / "out" / "summary.json").read_text()), rows
@@ -72,14 +68,14 @@ def plain_ties_test_scores(zoo: Path, workdir: Path, objective: dict) -> dict:
     return score_model(Path(out), Objective(**objective), "test")
 
 
-def report(zoo: Path, runs: dict[int, tuple[float, dict, list[dict]]], plain: dict, trials: int) -> str:
+def report(zoo: Path, runs: dict[int, tuple[float, dict, list[dict]]], plain: dict, trials: int, limit: int) -> str:
     workers = sorted(runs)
     _, summary, _ = runs[workers[-1]]
     tasks = list(summary["best"]["test"]["tasks"])
     lines = [f"# `mergewise search` on the micro zoo ({zoo})", "",
              f"ties over the zoo's {len(tasks)} experts: each weight in [0.2, 1], each density in "
              "{0.3, 0.5, 0.7}, AIM's ω in [0, 1]; Optuna TPE, "
-             f"{trials} trials scored on the first 50 validation prompts of each task (exact match); "
+             f"{trials} trials scored on the first {limit} validation prompts of each task (exact match); "
              "the test half of each task's held-out prompts is scored once, after the search.", "",
              "| recipe | validation | test (mean) | " + " | ".join(f"test {task}" for task in tasks) + " |",
              "|---|---|---|" + "---|" * len(tasks)]
@@ -114,17 +110,16 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--limit", type=int, default=50, help="validation prompts per task and trial")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], choices=[1, 2])
-    parser.add_argument("--workdir", type=Path, default=ROOT / ".work" / "search")
-    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--workdir", type=Path, default=WORK / "search")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     zoo = args.zoo.resolve()
     runs = {count: run_search(search_recipe(zoo, args.trials, CORES // count, args.limit),
                               args.workdir / f"workers-{count}") for count in args.workers}
     objective = search_recipe(zoo, 1, 1, args.limit)["search"]["objective"]
     plain = plain_ties_test_scores(zoo, args.workdir, objective)
-    text = report(zoo, runs, plain, args.trials)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "search-micro.md").write_text(text)
+    text = report(zoo, runs, plain, args.trials, args.limit)
+    write_result(args.results / "search-micro.md", text)
     shutil.copyfile(args.workdir / f"workers-{max(args.workers)}" / "out" / "search.png",
                     args.results / "search-micro.png")
     print(text)

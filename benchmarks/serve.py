@@ -11,11 +11,11 @@ Serves, one setup after the other on loopback, each in a process of its own:
 A bounded load generator (the async `openai` client, streaming) sends the same mixed-task prompts of
 the zoo's experts (held-out eval prompts, tasks interleaved) at each concurrency: requests/s, tokens/s,
 p50/p99 time to first token and end-to-end latency, failed requests, route switches per 100 requests
-(from /metrics), and peak RSS at that concurrency: the largest sum of the RSS of the serving
-processes and their children (a peer runs its model in a child process), sampled every 20 ms. For
-(a) it also records routing accuracy through the server (the share of the prompts selected to their
-own task's expert, from the `x-mergewise-*` headers) next to the router's own decisions on the same
-prompts in this process (what `mergewise eval` computes).
+(from /metrics), and peak RSS at that concurrency: the sum of the high-water marks of the serving
+processes and their children (a peer runs its model in a child process), reset as the level starts
+(`common.PeakRss`). For (a) it also records routing accuracy through the server (the share of the
+prompts selected to their own task's expert, from the `x-mergewise-*` headers) next to the router's
+own decisions on the same prompts in this process (what `mergewise eval` computes).
 
 Writes benchmarks/results/serve-<zoo name>[-<dtype>].md and .png. The Mediator build and the exports are cached
 under --work.
@@ -32,22 +32,18 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2
 import openai
-import psutil
 
 from mergewise.zoo.manifest import load_zoo
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mediator import DEFAULT, build_mediator  # noqa: E402  (the Mediator build the mediator benchmark times)
+from common import RESULTS, WORK, PeakRss, mergewise_command, write_result
+from workloads import MEDIATOR_DEFAULT, build_mediator
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STARTUP_SECONDS = 600
 
 
@@ -124,18 +120,6 @@ class Served:
                 time.sleep(0.5)
         raise RuntimeError(f"{' '.join(command)} did not start; see {log}")
 
-    def rss_mib(self) -> float:
-        """RSS of the serving process and every process it started (a peer may run its model in a
-        child process)."""
-        root = psutil.Process(self.process.pid)
-        total = 0
-        for process in [root, *root.children(recursive=True)]:
-            try:
-                total += process.memory_info().rss
-            except psutil.Error:  # it ended meanwhile
-                pass
-        return total / 2**20
-
     def switches(self) -> float | None:
         metrics = httpx2.get(f"{self.url}/metrics", timeout=10)
         found = re.search(r"^mergewise_route_switches_total (\S+)$", metrics.text, re.M) if metrics.is_success else None
@@ -152,33 +136,8 @@ class Served:
         self.log.close()
 
 
-class PeakRss:
-    """The largest sum of the servers' RSS (with their child processes), sampled every 20 ms in a
-    thread while the block runs."""
-
-    def __init__(self, servers: list[Served]):
-        self.servers = servers
-        self.mib = 0.0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._done.is_set():
-            self.mib = max(self.mib, sum(served.rss_mib() for served in self.servers))
-            self._done.wait(0.02)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-        self.mib = max(self.mib, sum(served.rss_mib() for served in self.servers))
-
-
 def mergewise_serve(folder: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "mergewise.cli", "serve", str(folder), "--log-level", "warning", *flags]
+    return mergewise_command("serve", str(folder), "--log-level", "warning", *flags)
 
 
 def transformers_serve(folder: Path, *flags: str) -> list[str]:
@@ -238,7 +197,7 @@ def run_setup(name: str, servers: dict[str, Served], prompts: list[tuple[str, st
     unique = list({id(served): served for served in servers.values()}.values())
     for concurrency in levels:
         before = [served.switches() for served in unique]
-        with PeakRss(unique) as peak:
+        with PeakRss(served.process.pid for served in unique) as peak:
             seconds, outcomes = asyncio.run(load(targets, concurrency, max_tokens))
         after = [served.switches() for served in unique]
         switches = (sum(b - a for a, b in zip(before, after)) if all(value is not None for value in before + after)
@@ -263,8 +222,8 @@ def export_experts(mediator_dir: Path, zoo, work: Path) -> dict[str, Path]:
         if task.expert:
             out = work / "experts" / task.name
             if not out.is_dir():
-                subprocess.run([sys.executable, "-m", "mergewise.cli", "mediator", "export", str(mediator_dir),
-                                str(out), "--task", task.name, "--quiet"], check=True)
+                subprocess.run(mergewise_command("mediator", "export", str(mediator_dir), str(out), "--task",
+                                                 task.name, "--quiet"), check=True)
             exported[task.name] = out
     return exported
 
@@ -301,7 +260,7 @@ def plot(results: dict[str, list[Level]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", required=True)
-    parser.add_argument("--work", default=str(Path(__file__).resolve().parent / ".work" / "serve"))
+    parser.add_argument("--work", default=str(WORK / "serve"))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -315,7 +274,7 @@ def main() -> None:
     work = Path(args.work) / Path(args.zoo).resolve().name
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    mediator_dir, _ = build_mediator(zoo, work, *DEFAULT)
+    mediator_dir, _ = build_mediator(zoo, work, *MEDIATOR_DEFAULT)
     experts = export_experts(mediator_dir, zoo, work)
     prompts = mixed_prompts(zoo, args.requests)
     flags = ["--device", args.device, "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.requests),
@@ -358,7 +317,6 @@ def main() -> None:
 
 
 def write_report(args, zoo, work, mediator_dir, prompts, results, failures, header) -> None:
-    RESULTS.mkdir(exist_ok=True)
     name = Path(args.zoo).resolve().name
     lines = [f"# mergewise serve on {name}", "",
              f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -386,7 +344,7 @@ def write_report(args, zoo, work, mediator_dir, prompts, results, failures, head
         lines += [f"- {setup}: {error}" for setup, error in failures.items()]
     stem = f"serve-{name}" + (f"-{args.dtype}" if args.dtype else "")
     report = RESULTS / f"{stem}.md"
-    report.write_text("\n".join(lines) + "\n")
+    write_result(report, "\n".join(lines) + "\n")
     if results:
         plot(results, RESULTS / f"{stem}.png")
     print(f"wrote {report}")

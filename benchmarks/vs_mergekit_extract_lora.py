@@ -3,7 +3,7 @@
 The base is W1's (`vs_mergekit.py`: a random bf16 Llama of ~207 M parameters); the fine-tune adds to
 every matrix a difference of rank 24 with decaying singular values plus gaussian noise, so that the
 adapter's rank decides how much of it survives. Each tool extracts an adapter at each rank in its own
-child process (wall time and peak RSS as in `vs_mergekit.py`, the tools taking turns), then this
+child process (wall time and peak RSS: `common.run_measured`, the tools taking turns), then this
 script loads both adapters and measures, with the same code for both, each module's relative
 reconstruction error ‖ΔW − scale·B·A‖ / ‖ΔW‖ against the exact float32 difference of the two models.
 
@@ -28,10 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vs_mergekit import (
-    ROOT, SHARD_BYTES, TOOLS, LlamaShape, Run, build_workload, comparison_table, repeated, run_measured, tensor_files,
-    write_report, write_sharded,
-)
+from common import (RESULTS, TOOLS, WORK, Measured, Run, comparison_table, mergewise_command, repeated, run_measured,
+                    write_report)
+from workloads import LlamaShape, build_workload, tensor_files, write_sharded
 
 TRUE_RANK = 24  # rank of the structured part of each matrix's difference
 DECAY = 0.9  # ratio of successive singular values of that part
@@ -67,7 +66,7 @@ def build_fine_tune(workload: Path, seed: int = 100) -> Path:
     for path in base.iterdir():  # config and tokenizer
         if path.is_file() and "safetensors" not in path.name:
             shutil.copy2(path, out / path.name)
-    write_sharded(low_rank_fine_tune(base, torch.Generator().manual_seed(seed)), out, SHARD_BYTES)
+    write_sharded(low_rank_fine_tune(base, torch.Generator().manual_seed(seed)), out)
     (out / "COMPLETE").touch()
     return out
 
@@ -77,12 +76,11 @@ def tool_command(tool: str, fine_tune: Path, base: Path, out_dir: Path, rank: in
         command = [args.mergekit_extract_lora, "--model", str(fine_tune), "--base-model", str(base),
                    "--out-path", str(out_dir), "--max-rank", str(rank), "--no-cuda", "--quiet"]
         return command + (["-j", str(args.threads)] if args.threads is not None else [])
-    return [sys.executable, "-m", "mergewise.cli", "extract-lora", str(fine_tune), str(base), str(out_dir),
-            "--rank", str(rank), "--quiet"]
+    return mergewise_command("extract-lora", str(fine_tune), str(base), str(out_dir), "--rank", str(rank), "--quiet")
 
 
-def extract(tool: str, rank: int, fine_tune: Path, base: Path, args: argparse.Namespace) -> tuple[float, float]:
-    """Extract `tool`'s adapter at `rank` into a fresh folder; (wall seconds, peak RSS MB)."""
+def extract(tool: str, rank: int, fine_tune: Path, base: Path, args: argparse.Namespace) -> Measured:
+    """Extract `tool`'s adapter at `rank` into a fresh folder."""
     out_dir = adapter_dir(tool, rank, args)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +172,7 @@ def fidelity_table(rows: list[tuple[int, str, Fidelity]]) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=ROOT / ".work", help="cache for the models and adapters")
+    parser.add_argument("--workdir", type=Path, default=WORK, help="cache for the models and adapters")
     parser.add_argument("--only", choices=TOOLS, help="run a single tool")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both tools, and mergekit's -j")
@@ -184,7 +182,7 @@ def parse_args() -> argparse.Namespace:
         help="mergekit-extract-lora executable (default: $MERGEKIT_EXTRACT_LORA, else PATH)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs per tool and rank; tables give medians")
-    parser.add_argument("--results", type=Path, default=ROOT / "results", help="where the markdown report goes")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the markdown report goes")
     args = parser.parse_args()
     if args.only != "mergewise" and not args.mergekit_extract_lora:
         parser.error("mergekit-extract-lora not found: set MERGEKIT_EXTRACT_LORA or pass --mergekit-extract-lora")
@@ -213,7 +211,7 @@ def main() -> None:
              f"‖·‖ = {STRUCTURED_SHARE:g}·‖W‖) + gaussian noise ({NOISE_SHARE:g}·‖W‖, on norms too)")
     report = f"{shape}\n\n{comparison_table(runs, agreements)}\n\n{fidelity_table(fidelities)}"
     title = "mergewise extract-lora vs mergekit-extract-lora on W1's base (~200M Llama, bf16)"
-    write_report(args.results / RESULTS_NAME, title, report, args)
+    write_report(args.results / RESULTS_NAME, title, report, args.threads)
 
 
 if __name__ == "__main__":

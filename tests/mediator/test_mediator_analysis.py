@@ -1,4 +1,4 @@
-"""Conflict analysis (mediator.md §1) on hand-built experts whose task vectors are set exactly, so the
+"""Conflict analysis (docs/mediator.md, Analysis) on hand-built experts whose task vectors are set exactly, so the
 sign conflict d, the cancellation c and the cosines have known values; the streamed row chunks against
 the whole-tensor formulas, on both sides of the one-chunk switch; the chunk observers; then the report
 files, the output-folder rules and the errors."""

@@ -6,7 +6,7 @@ chunking, the magnitude selection among the many ties of bf16 task vectors and t
 kernels all run as on a real model, in bf16 and in float32 recipes. The exception is the angle of
 `model_stock` and of `nuslerp` on a tensor of several row chunks: it comes from whole-tensor sums,
 which torch accumulates in float32 in an order that depends on the tensor's length and thread count,
-and which mergewise adds chunk by chunk in float64 (see README); there the merged tensors must agree
+and which mergewise adds chunk by chunk in float64 (docs/reference/agreement.md); there the merged tensors must agree
 to a relative error of 1e-6. The weights of `sce` (mean squares of the task vectors) are such sums
 too. On tensors of over 1 M entries mergekit estimates `arcee_fusion`'s quartiles from a random
 sample drawn from torch's global generator, which no recipe seed fixes, where mergewise takes them

@@ -1,4 +1,4 @@
-"""`mergewise zoo build ZOO_DIR --size micro|small`: build the zoo of fine-tuned models (zoo.md)."""
+"""`mergewise zoo build ZOO_DIR --size micro|small`: build the zoo of fine-tuned models (docs/zoo.md)."""
 
 from __future__ import annotations
 

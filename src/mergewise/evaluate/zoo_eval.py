@@ -1,4 +1,4 @@
-"""Score one model folder on a zoo's tasks and general text (the JSON of zoo.md)."""
+"""Score one model folder on a zoo's tasks and general text (`mergewise eval`; docs/zoo.md)."""
 
 from __future__ import annotations
 

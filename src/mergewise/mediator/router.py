@@ -1,4 +1,4 @@
-"""Per-sequence task routing with uncertainty (mediator.md §4).
+"""Per-sequence task routing with uncertainty (docs/mediator.md, Router).
 
 Prompt features (mean-pooled hidden states, [N, H]) are standardised with calibration statistics and
 scored against one prototype (or a linear head) per task. The softmax temperature and both thresholds

@@ -42,7 +42,7 @@ class RouterSettings(BaseModel):
     kind: Literal["gaussian", "prototype", "logistic"] = "gaussian"
     # Hidden states (as transformers numbers them: -1 is the final norm's output) whose prompt means,
     # side by side, are the features; None: the last and the middle one, which told tasks and
-    # unseen prompts apart more reliably across builds than the last alone (README, Mediator).
+    # unseen prompts apart more reliably across builds than the last alone.
     feature_layers: list[int] | None = Field(None, min_length=1)
     metric: Literal["euclidean", "cosine"] = "euclidean"  # of the prototype router
     holdout: float = Field(0.25, gt=0.0, lt=1.0)         # share of prompts that fits temperature/thresholds
@@ -62,7 +62,7 @@ class RouterSettings(BaseModel):
 
 
 class MediatorSettings(BaseModel):
-    """The `mediator:` block (mediator.md); all of it is recorded in the output's mediator.json."""
+    """The `mediator:` block (docs/mediator.md); all of it is recorded in the output's mediator.json."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     memory_budget: float | None = Field(None, gt=1.0)  # stored bytes ≤ this × one model

@@ -1,4 +1,4 @@
-"""The model zoo: real fine-tunes of one base, built offline and reproducibly (see zoo.md)."""
+"""The model zoo: real fine-tunes of one base, built offline and reproducibly (see docs/zoo.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mergewise.zoo.micro import MICRO_SCALES, build_micro_zoo
 from mergewise.zoo.small import build_small_zoo
 
 SIZES = [*MICRO_SCALES, "small"]
-DEFAULT_THREADS = 2  # the budget in zoo.md is measured on 2 CPU cores
+DEFAULT_THREADS = 2  # the build times docs/zoo.md gives are measured on 2 CPU cores
 
 
 def build_zoo(

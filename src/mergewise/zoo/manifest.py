@@ -1,5 +1,5 @@
 """zoo.json: the contract between `mergewise zoo build` and everything that reads a zoo (eval, checks).
-See docs in /work/shared/design/zoo.md; paths inside are relative to the zoo folder."""
+docs/zoo.md describes the zoo; paths inside are relative to the zoo folder."""
 
 from __future__ import annotations
 

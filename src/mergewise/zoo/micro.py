@@ -48,7 +48,7 @@ class MicroScale:
     max_positions: int = 128
 
 
-EXPERT_TARGET = 0.9  # zoo.md: every expert solves its own task
+EXPERT_TARGET = 0.9  # every expert solves its own task
 BASE_CEILING = 0.2   # …and the base does not
 
 MICRO_SCALES = {
@@ -200,7 +200,7 @@ def finetune_expert(base, tokenizer, examples: list[tuple[str, str]], scale: Mic
 
 
 def describe_zoo(zoo_dir: Path, scale: MicroScale, tasks: list[Task], train_sets: dict) -> dict:
-    """The contract part of zoo.json (zoo.md), plus data sizes, schedules and versions."""
+    """The contract part of zoo.json (what zoo/manifest.py reads), plus data sizes, schedules and versions."""
     experts = {task.name: f"expert-{task.name}" for task in MICRO_TASKS}
     return {
         "base": "base",

@@ -70,7 +70,7 @@ def build_small_zoo(zoo_dir: Path, seed: int, data_dir: str | None) -> dict:
     }
     for task, split in splits.items():
         write_eval_jsonl(zoo_dir / "tasks" / task / "eval.jsonl", split["eval"])
-        # zoo.md: one calibration prompt per line, so multi-line prompts are folded onto one.
+        # A prompts file holds one prompt per line (mediator/build.py), so multi-line prompts are folded onto one.
         write_lines(
             zoo_dir / "tasks" / task / "calib.txt", [prompt.replace("\n", " ") for prompt, _ in split["calibration"]]
         )
