@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mergewise.zoo import build_zoo
+from tests.support.fake_zoo import build_fake_zoo
 from tests.support.tiny_models import Family, build_family
 
 
@@ -35,3 +36,9 @@ def tiny_zoo(tmp_path_factory) -> Path:
     zoo_dir = tmp_path_factory.getbasetemp() / "shared-tiny-zoo"
     build_zoo(zoo_dir, "tiny", seed=0, threads=1)
     return zoo_dir
+
+
+@pytest.fixture(scope="session")
+def fake_zoo(tmp_path_factory) -> Path:
+    """A zoo of untrained models (zoo.json, task files, folders): for tests that need only its paths."""
+    return build_fake_zoo(tmp_path_factory.mktemp("fake-zoo"))
