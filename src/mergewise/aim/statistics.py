@@ -19,9 +19,9 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -42,11 +42,11 @@ from mergewise.aim.data import (
 )
 from mergewise.checkpoint import ModelFolder
 from mergewise.checkpoint.files import parse_json, validated
+from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.writer import writing
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.layerwise import Batch, LayerwiseModel
-from mergewise.checkpoint.pretrained import load_pretrained
 
 FINGERPRINT_WINDOWS = 16
 FINGERPRINT_WINDOW_BYTES = 4096

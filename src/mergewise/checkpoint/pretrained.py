@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from mergewise.checkpoint.files import check_folder_links
 from mergewise.errors import MergewiseError

@@ -80,7 +80,7 @@ class TextConfig(BaseModel):
         return next((value for key in DEPTH_KEYS if (value := getattr(self, key)) is not None), None)
 
     @model_validator(mode="after")
-    def _one_type_per_layer(self) -> "TextConfig":
+    def _one_type_per_layer(self) -> TextConfig:
         if self.layer_types is not None and self.depth is not None and len(self.layer_types) != self.depth:
             raise ValueError(f"layer_types lists {len(self.layer_types)} layers, but the model has {self.depth} "
                              "(transformers refuses such a config)")

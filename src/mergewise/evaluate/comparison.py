@@ -7,9 +7,9 @@ folder so a rerun only does what is missing.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from mergewise.checkpoint.files import read_json
 from mergewise.evaluate.zoo_eval import evaluate_model

@@ -16,8 +16,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from mergewise.evaluate.loading import load_model
 from mergewise.checkpoint.tokens import start_token_id
+from mergewise.evaluate.loading import load_model
 from mergewise.evaluate.scoring import continuation_log_likelihoods, greedy_completions, score_encoded
 
 DEFAULT_BATCH_SIZE = 16
@@ -61,9 +61,10 @@ class MergewiseLM(LM):
         for request in requests:
             (text,) = request.args
             token_ids = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+            start_id = start_token_id(self.loaded.tokenizer)
             windows = [
                 make_disjoint_window(window)
-                for window in get_rolling_token_windows(token_ids, start_token_id(self.loaded.tokenizer), self.max_length, 1)
+                for window in get_rolling_token_windows(token_ids, start_id, self.max_length, 1)
             ]
             total = 0.0
             for start in range(0, len(windows), self.batch_size):

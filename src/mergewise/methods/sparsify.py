@@ -12,14 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import torch
 
 
-
-class Sparsification(str, Enum):
+class Sparsification(StrEnum):
     MAGNITUDE = "magnitude"                    # TIES: keep the top-k |delta|
     MAGNITUDE_OUTLIERS = "magnitude_outliers"  # breadcrumbs: drop the largest too
     RANDOM = "random"                          # DARE: Bernoulli(density)

@@ -276,22 +276,28 @@ def prepare_karcher(tensors: ChunkedTensors, *, max_iter: int = 10, tol: float =
         return (torch.stack([torch.dot(mean.flatten(), unit.flatten()) for unit in units]),
                 torch.stack([(mean.double() * unit.double()).sum() for unit in units]))
 
-    for _ in range(max_iter):
-        dots = [dot.clamp(-1.0, 1.0) for dot in each_chunk(cosines, finish=None)]
-        thetas = [torch.arccos(dot) for dot in dots]
-        pulls = [None if theta.item() < tol else alpha * (theta / torch.sin(theta)) for theta in thetas]
-        length = each_chunk(lambda rows, units: _norm_figure(_tangent(means.read(rows), units, dots, pulls),
-                                                             norms.dtype))
-        if length.item() < tol:
-            break
+    def tangent_length(dots: list[torch.Tensor], pulls: list[torch.Tensor | None]) -> torch.Tensor:
+        return each_chunk(lambda rows, units: _norm_figure(_tangent(means.read(rows), units, dots, pulls),
+                                                           norms.dtype))
 
+    def take_step(dots: list[torch.Tensor], pulls: list[torch.Tensor | None], length: torch.Tensor) -> torch.Tensor:
+        """Moves the running mean along the tangent; the norm of the moved mean."""
         def step(rows: TensorRows, units: list[torch.Tensor]) -> ChunkFigure:
             mean = means.read(rows)
             stepped = _stepped(mean, _tangent(mean, units, dots, pulls), length)
             means.write(rows, stepped)
             return _norm_figure(stepped, norms.dtype)
 
-        renorm = each_chunk(step)
+        return each_chunk(step)
+
+    for _ in range(max_iter):
+        dots = [dot.clamp(-1.0, 1.0) for dot in each_chunk(cosines, finish=None)]
+        thetas = [torch.arccos(dot) for dot in dots]
+        pulls = [None if theta.item() < tol else alpha * (theta / torch.sin(theta)) for theta in thetas]
+        length = tangent_length(dots, pulls)
+        if length.item() < tol:
+            break
+        renorm = take_step(dots, pulls, length)
         steps.append(KarcherStep(dots, pulls, length, renorm if renorm.item() > tol else None))
     return KarcherPath(norms, counted, alpha, start, steps, scale)
 

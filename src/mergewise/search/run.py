@@ -148,8 +148,8 @@ def _run_trials(setup: TrialSetup, search: SearchRecipe, experiment: Path, out_d
             tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
         else:
             concurrent = _concurrent_trials(ray.cluster_resources(), resources)
-            tuner = tune.Tuner(trainable, param_space=_param_space(search), tune_config=_tune_config(search, concurrent),
-                               run_config=tune.RunConfig(
+            tuner = tune.Tuner(trainable, param_space=_param_space(search),
+                               tune_config=_tune_config(search, concurrent), run_config=tune.RunConfig(
                                    name=EXPERIMENT, storage_path=str(experiment.parent),
                                    callbacks=[KeepBest(search, setup.models_dir, out_dir / "trials.csv")],
                                    verbose=0 if quiet else 1))
@@ -329,7 +329,8 @@ def _score_baseline(setup: TrialSetup, out_dir: Path, rows: list[dict]) -> dict:
     folder = setup.models_dir / "baseline"
     setup.merge(values, folder)
     try:
-        return {"values": values, "validation": score_model(folder, setup.objective, "validation", setup.device)["score"],
+        validation = score_model(folder, setup.objective, "validation", setup.device)["score"]
+        return {"values": values, "validation": validation,
                 "test": score_model(folder, setup.objective, "test", setup.device)}
     finally:
         shutil.rmtree(folder, ignore_errors=True)

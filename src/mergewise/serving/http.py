@@ -270,7 +270,7 @@ async def _next_event(events: asyncio.Queue, request: Request, ticket: Ticket) -
     while True:
         try:
             return await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if await request.is_disconnected():
                 ticket.cancel()
                 raise asyncio.CancelledError from None
