@@ -144,6 +144,8 @@ def select_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count:
     order = scratch.buffer("order", count, np.int32 if count < 2**31 else np.int64)
     from mergewise.methods.sort_order import positions_in_range  # numba, as above
 
+    assert keys is not None  # `count` entries > 0 came in `pairs`
+
     return KeepBits(positions_in_range(keys, start, stop, order))
 
 

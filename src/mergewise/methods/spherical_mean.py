@@ -39,8 +39,14 @@ def _whole_tensor(figures: Iterable[ChunkFigure],
     figures = list(figures)
     if len(figures) == 1:
         return figures[0][0]
-    total = sum(partial for _, partial in figures)
+    total = sum((partial for _, partial in figures[1:]), start=figures[0][1])
     return (finish(total) if finish else total).to(figures[0][0].dtype)
+
+
+def _stacked(figures: list[ChunkFigure]) -> ChunkFigure:
+    """Several figures of one chunk (one per input) as one figure of stacked values."""
+    values, partials = zip(*figures)
+    return torch.stack(values), torch.stack(partials)
 
 
 def _norm_figure(values: torch.Tensor, dtype: torch.dtype) -> ChunkFigure:
@@ -232,6 +238,7 @@ class _RunningMean:
         self.flat[self._span(rows)] = mean.reshape(-1)
 
     def read(self, rows: TensorRows) -> torch.Tensor:
+        assert self.flat is not None  # every pass writes the rows before a later one reads them
         return self.flat[self._span(rows)].view(rows.inputs[0].shape)
 
 
@@ -242,9 +249,8 @@ def prepare_karcher(tensors: ChunkedTensors, *, max_iter: int = 10, tol: float =
         raise ValueError(f"max_iter must be at least 0, got {max_iter}")
     if tol < 0:
         raise ValueError(f"tol must be at least 0, got {tol}")
-    norms = _whole_tensor((
-        tuple(map(torch.stack, zip(*(_norm_figure(tensor, interpolation_dtype(tensor)) for tensor in rows.inputs))))
-        for rows in tensors.chunks()), torch.sqrt)
+    norms = _whole_tensor((_stacked([_norm_figure(tensor, interpolation_dtype(tensor)) for tensor in rows.inputs])
+                           for rows in tensors.chunks()), torch.sqrt)
     if len(norms) == 1:
         return None
     equal = 1.0 / len(norms)
@@ -264,8 +270,8 @@ def prepare_karcher(tensors: ChunkedTensors, *, max_iter: int = 10, tol: float =
         means.write(rows, total)
         return _norm_figure(total, norms.dtype)
 
-    start = each_chunk(start_sum)
-    start = None if start.item() < tol else start
+    start_norm = each_chunk(start_sum)
+    start = None if start_norm.item() < tol else start_norm
     steps: list[KarcherStep] = []
 
     def cosines(rows: TensorRows, units: list[torch.Tensor]) -> ChunkFigure:
