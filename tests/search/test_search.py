@@ -156,6 +156,16 @@ def test_a_grid_of_a_billion_points_is_refused_before_it_is_listed(tiny_zoo, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_aim_without_a_base_model_is_refused_before_calibrating(tiny_zoo, tmp_path, capsys):
+    """Calibrating once for every trial read the base of a recipe that had none: an AttributeError."""
+    recipe = search_recipe(tiny_zoo, merge_method="linear")
+    del recipe["base_model"]
+    for model in recipe["models"]:
+        del model["parameters"]["density"]
+    status = main(["search", str(write(tmp_path / "s.yml", recipe)), str(tmp_path / "out"), "--quiet"])
+    assert_refused(capsys, status, tmp_path / "out", "s.yml", "aim needs base_model")
+
+
 def test_a_search_file_of_nested_aliases_is_refused_at_once(tiny_zoo, tmp_path):
     """616 bytes of YAML anchors standing for 10**9 values ran for minutes."""
     text = yaml.safe_dump(search_recipe(tiny_zoo), sort_keys=False) + billion_laughs(9, "bomb_")
