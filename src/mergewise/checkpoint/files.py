@@ -168,10 +168,15 @@ def read_jsonl(path: Path, what: str, fields: tuple[str, ...], *, max_bytes: int
                max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
     """The objects of a JSON Lines file of at most `max_bytes`, blank lines skipped; each must hold
     every one of `fields` as a string (`"prompt|text"`: either one). A bad line is one error naming
-    the file, the line and what was expected."""
+    the file, the line and what was expected; so is a line over `max_line_bytes`."""
     if path.is_file() and path.stat().st_size > max_bytes:
         raise MergewiseError(f"{path}: {what} is larger than {max_bytes} bytes; refused")
-    return list(iter_jsonl(path, what, fields, max_line_bytes=max_line_bytes))
+    records = []
+    for record in iter_jsonl(path, what, fields, max_line_bytes=max_line_bytes):
+        if record is None:
+            raise MergewiseError(f"{path}: {what} has a line longer than {max_line_bytes} bytes; refused")
+        records.append(record)
+    return records
 
 
 def iter_jsonl(path: Path, what: str, fields: tuple[str, ...], *,

@@ -68,6 +68,11 @@ def mediator_entry(zoo: Zoo) -> Entry:
     return Entry("mediator", produce)
 
 
+def _existing(folder: Path) -> Callable[[Path], Path]:
+    """The producer of a model that exists already."""
+    return lambda work: folder
+
+
 def merged_entry(label: str, recipe: dict, merge: Callable[[dict, Path], Path] | None = None) -> Entry:
     """An entry whose model is `recipe` merged (by `merge`, default the plain engine) into work/label."""
     def produce(work: Path) -> Path:
@@ -86,10 +91,10 @@ def merged_entry(label: str, recipe: dict, merge: Callable[[dict, Path], Path] |
 
 def zoo_entries(zoo: Zoo, methods: list[str]) -> list[Entry]:
     """Base, every expert, then each core method."""
-    entries = [Entry("base", lambda work: zoo.base)]
+    entries = [Entry("base", _existing(zoo.base))]
     for task in zoo.tasks.values():
         if task.expert:
-            entries.append(Entry(f"expert:{task.name}", lambda work, folder=task.expert: folder))
+            entries.append(Entry(f"expert:{task.name}", _existing(task.expert)))
     entries += [merged_entry(method, core_recipe(zoo, method)) for method in methods]
     return entries
 
@@ -134,13 +139,16 @@ def markdown_table(results: dict[str, dict], zoo: Zoo) -> str:
 def bar_chart(results: dict[str, dict], zoo: Zoo, path: str | Path) -> None:
     """Grouped bars: one group per task, one bar per model."""
     import matplotlib
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure  # not pyplot: the process's backend stays as it is
 
     tasks = list(zoo.tasks)
     width = 0.8 / max(len(results), 1)
     figure = Figure(figsize=(max(8, 1.6 * len(tasks) + 0.3 * len(results)), 4.5))
     axis = figure.subplots()
-    colors = matplotlib.colormaps["tab20"].colors
+    palette = matplotlib.colormaps["tab20"]
+    assert isinstance(palette, ListedColormap)  # a qualitative map: a list of colours
+    colors = palette.colors
     for index, (label, result) in enumerate(results.items()):
         positions = [task_index + index * width for task_index in range(len(tasks))]
         axis.bar(positions, [result["tasks"][name]["score"] for name in tasks], width, label=label,

@@ -40,7 +40,8 @@ class MergewiseLM(LM):
         super().__init__()
         self.loaded = load_model(pretrained, device or "cpu", trust_remote_code=trust_remote_code)
         # lm-eval may pass "auto"; a fixed size is predictable on CPU and small models.
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
+        given = str(batch_size)
+        self.batch_size = int(given) if given.isdigit() else DEFAULT_BATCH_SIZE
         self.max_length = int(max_length or self.loaded.model.config.max_position_embeddings)
 
     @property
@@ -77,8 +78,8 @@ class MergewiseLM(LM):
         """Greedy generation; requests sharing generation settings are batched together."""
         results: dict[int, str] = {}
         indexed = sorted(enumerate(requests), key=lambda item: repr(sorted(item[1].args[1].items())))
-        for _, group in groupby(indexed, key=lambda item: repr(sorted(item[1].args[1].items()))):
-            group = list(group)
+        for _, grouped in groupby(indexed, key=lambda item: repr(sorted(item[1].args[1].items()))):
+            group = list(grouped)
             settings = group[0][1].args[1]
             until = settings.get("until") or []
             stop = [until] if isinstance(until, str) else list(until)

@@ -198,8 +198,8 @@ def _tune_config(search: SearchRecipe, concurrent: int):
     from ray import tune
 
     settings = search.settings
-    common: dict[str, Any] = {"metric": "score", "mode": "max", "max_concurrent_trials": concurrent, "reuse_actors": True,
-              "trial_dirname_creator": _trial_dirname}
+    common: dict[str, Any] = {"metric": "score", "mode": "max", "max_concurrent_trials": concurrent,
+                              "reuse_actors": True, "trial_dirname_creator": _trial_dirname}
     if settings.searcher == "grid":
         return tune.TuneConfig(num_samples=1, **common)
     import optuna

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -81,7 +82,7 @@ class Completion:
         return self._release(text, final=False)
 
     def _decoded(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return cast(str, self.tokenizer.decode(tokens, skip_special_tokens=True))  # one sequence: one str
 
     def _release(self, text: str, *, final: bool) -> str:
         if not final:
