@@ -200,7 +200,7 @@ def iter_jsonl(path: Path, what: str, fields: tuple[str, ...], *,
 def validated(schema: type[Schema], data: Any, origin: str, key: str = "") -> Schema:
     """`data` checked against `schema`; the first problem is one error naming `origin` and the key path."""
     try:
-        return _adapter(schema).validate_python(data)
+        return _adapter(schema).validate_python(data)  # type: ignore[arg-type]  # mypy: type[T] is not Hashable
     except ValidationError as error:
         first = error.errors()[0]
         location = ".".join(str(part) for part in (key, *first["loc"]) if part != "") or "(top level)"

@@ -139,20 +139,17 @@ def markdown_table(results: dict[str, dict], zoo: Zoo) -> str:
 def bar_chart(results: dict[str, dict], zoo: Zoo, path: str | Path) -> None:
     """Grouped bars: one group per task, one bar per model."""
     import matplotlib
-    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure  # not pyplot: the process's backend stays as it is
 
     tasks = list(zoo.tasks)
     width = 0.8 / max(len(results), 1)
     figure = Figure(figsize=(max(8, 1.6 * len(tasks) + 0.3 * len(results)), 4.5))
     axis = figure.subplots()
-    palette = matplotlib.colormaps["tab20"]
-    assert isinstance(palette, ListedColormap)  # a qualitative map: a list of colours
-    colors = palette.colors
+    palette = matplotlib.colormaps["tab20"]  # qualitative: its N colours, each picked by its index
     for index, (label, result) in enumerate(results.items()):
         positions = [task_index + index * width for task_index in range(len(tasks))]
         axis.bar(positions, [result["tasks"][name]["score"] for name in tasks], width, label=label,
-                 color=colors[index % len(colors)])
+                 color=palette(index % palette.N))
     axis.set_xticks([task_index + 0.4 - width / 2 for task_index in range(len(tasks))])
     axis.set_xticklabels([_column(zoo, name).replace(" (", "\n(") for name in tasks])
     exact_match = all(zoo.tasks[name].metric == "exact_match" for name in tasks)

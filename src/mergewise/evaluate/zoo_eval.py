@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from operator import itemgetter
 
 from mergewise.checkpoint.files import read_text
 from mergewise.errors import MergewiseError
@@ -58,7 +59,7 @@ def routing_summary(routing: RoutedModel, zoo: Zoo, name: str, limit: int | None
     routes = [route for route in routing.route_texts(prompts) if route is not None]  # a router routes every one
     summary = {}
     if name in routing.router.tasks:
-        top = [max(route.probs, key=route.probs.get) for route in routes]
+        top = [max(route.probs.items(), key=itemgetter(1))[0] for route in routes]
         summary["correct"] = round(sum(task == name for task in top) / len(routes), 4)
     for decision in ("select", "blend", "dense"):
         summary[decision] = round(sum(route.decision == decision for route in routes) / len(routes), 4)

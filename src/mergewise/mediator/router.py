@@ -189,6 +189,7 @@ class Router:
                    "calibration_distances": self.calibration_distances, "ood_thresholds": self.ood_thresholds,
                    "uncertainty_thresholds": self.uncertainty_thresholds}
         if self.weight is not None:
+            assert self.bias is not None  # a logistic head has both (from_state checks)
             tensors.update(weight=self.weight, bias=self.bias)
         if self.variances is not None:
             tensors["variances"] = self.variances
@@ -267,6 +268,7 @@ class Router:
     def _scores(self, z: torch.Tensor) -> torch.Tensor:
         """Logits before the temperature."""
         if self.weight is not None:
+            assert self.bias is not None  # a logistic head has both (from_state checks)
             return z @ self.weight.T + self.bias
         return -self._distances(z)
 
