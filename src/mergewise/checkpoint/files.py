@@ -24,7 +24,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 from yaml.composer import ComposerError
 from yaml.events import AliasEvent
-from yaml.nodes import MappingNode, SequenceNode
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 from mergewise.errors import MergewiseError
 
@@ -209,7 +209,7 @@ def validated(schema: type[Schema], data: Any, origin: str, key: str = "") -> Sc
 
 
 @functools.cache
-def _adapter(schema) -> TypeAdapter:
+def _adapter(schema: Any) -> TypeAdapter:
     return TypeAdapter(schema)
 
 
@@ -248,7 +248,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self._level = 0
         self._values: dict[int, int] = {}  # composed node → values it stands for
 
-    def compose_node(self, parent, index):
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         if self.check_event(AliasEvent):
             event = self.peek_event()
             anchored = self.anchors.get(event.anchor)

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mergewise.checkpoint.files import read_json
 from mergewise.evaluate.zoo_eval import evaluate_model
@@ -45,7 +46,7 @@ def core_recipe(zoo: Zoo, method: str, dtype: str = "float32") -> dict:
     return {"merge_method": method, "base_model": str(zoo.base), "dtype": dtype, "models": models}
 
 
-def mediator_recipe(zoo: Zoo, dtype: str = "float32", **settings) -> dict:
+def mediator_recipe(zoo: Zoo, dtype: str = "float32", **settings: Any) -> dict:
     """A Mediator recipe over every expert of `zoo`, each with its task's calibration prompts;
     `settings` (memory_budget, code, …) go into the mediator block, the rest keep their defaults."""
     experts = [{"model": str(task.expert), "task": name, "prompts": str(task.calibration)}

@@ -308,7 +308,8 @@ def _class_variances(z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor)
     return _shrunk(squares, counts[:, None], pooled)
 
 
-def _spread_sums(z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor):
+def _spread_sums(z: torch.Tensor, labels: torch.Tensor,
+                 means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     deviations = (z - means[labels]).square()
     squares = torch.zeros_like(means).index_add_(0, labels, deviations)
     counts = torch.bincount(labels, minlength=len(means)).to(z.dtype)

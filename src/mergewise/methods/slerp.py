@@ -68,7 +68,7 @@ def _nuslerp_pair(rows: TensorRows) -> tuple[torch.Tensor, torch.Tensor]:
     return first - rows.base, second - rows.base
 
 
-def _nuslerp_fraction(weight) -> float:
+def _nuslerp_fraction(weight: PerModel) -> float:
     total = sum(weight)
     return 0.5 if abs(total) < 1e-6 else weight[1] / total
 
@@ -82,7 +82,7 @@ def _nuslerp_combine(first: torch.Tensor, second: torch.Tensor, t: float, cosine
 
 
 def prepare_nuslerp(tensors: ChunkedTensors, *, weight: PerModel, nuslerp_flatten: bool = True,
-                    nuslerp_row_wise: bool = False):
+                    nuslerp_row_wise: bool = False) -> torch.Tensor | None:
     if not nuslerp_flatten:
         return None
     norms = [combine_chunk_norms(list(parts)) for parts in zip(*(

@@ -109,10 +109,10 @@ class SelectionScratch:
     """Memory one magnitude selection at a time works in (integer keys and the permutation), kept for
     the next: fresh pages cost ~2 µs each to fault in on some machines, more than selecting them."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
 
-    def buffer(self, use: str, count: int, dtype) -> np.ndarray:
+    def buffer(self, use: str, count: int, dtype: type[np.generic]) -> np.ndarray:
         key = (use, np.dtype(dtype))
         buffer = self._buffers.get(key)
         if buffer is None or buffer.size < count:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -108,14 +108,14 @@ def prepare_multislerp(tensors: ChunkedTensors, *, weight: PerModel, normalize_w
     if len(weight) == 1:
         return None
 
-    def vector_chunks():
+    def vector_chunks() -> Iterator[torch.Tensor]:
         return (_multislerp_vectors(rows) for rows in tensors.chunks())
 
     norms = _whole_tensor(((vectors.norm(dim=-1, keepdim=True), vectors.double().square().sum(-1, keepdim=True))
                            for vectors in vector_chunks()), torch.sqrt)
     weights = _multislerp_weights(weight, normalize_weights, norms)
 
-    def unit_chunks():
+    def unit_chunks() -> Iterator[torch.Tensor]:
         return (_unit_vectors(vectors, norms, eps) for vectors in vector_chunks())
 
     mean_norm = _whole_tensor((_norm_figure(_weighted_sum(units, weights), units.dtype) for units in unit_chunks()),

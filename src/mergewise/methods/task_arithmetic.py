@@ -8,9 +8,10 @@ that contributed, scale by lambda, add to the base — with a different sparsifi
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -112,13 +113,13 @@ class _MagnitudeSelections:
 
     WORKERS = 2
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.scratches: queue.SimpleQueue[SelectionScratch] = queue.SimpleQueue()
         for _ in range(self.WORKERS):
             self.scratches.put(SelectionScratch())
         self.workers = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="mergewise-select")
 
-    def keeps(self, tensors: ChunkedTensors, density: PerModel, gammas) -> list[Future]:
+    def keeps(self, tensors: ChunkedTensors, density: PerModel, gammas: Sequence[float | None]) -> list[Future]:
         """Each input's selection, as a future of its `KeepBits` (or None: every entry kept)."""
         return [self.workers.submit(self._select, tensors, index, share, gamma)
                 for index, (share, gamma) in enumerate(zip(density, gammas))]
@@ -232,7 +233,7 @@ def _total_weight(weights: torch.Tensor) -> torch.Tensor:
 
 def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | None, consensus: bool,
                           weight: PerModel, density: PerModel = (), normalize: bool = False,
-                          lambda_: float = 1.0, **unused) -> torch.Tensor | None:
+                          lambda_: float = 1.0, **unused: Any) -> torch.Tensor | None:
     """`merge_task_arithmetic` in one pass over bf16 CPU rows, bit for bit; None for rows it does not
     take (other dtypes or devices, random masks) and while the kernels are still loading."""
     if rows.base is None or sparsification not in (None, Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):

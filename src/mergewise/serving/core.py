@@ -77,7 +77,7 @@ class Ticket:
     _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.deliver is None:
             self.deliver = self._events.put
 
@@ -164,7 +164,7 @@ class ServingCore:
     def __enter__(self) -> ServingCore:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def submit(self, request: ServeRequest, deliver: Callable[[Event], object] | None = None) -> Ticket:

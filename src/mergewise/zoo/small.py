@@ -177,7 +177,7 @@ def load_gguf_base():
                                                  trust_remote_code=False)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained; transformers' types lack it
     record = {
         "source": f"{GGUF_PACKAGE}/{GGUF_FILE}",
         "parameters": sum(p.numel() for p in model.parameters()),
