@@ -466,8 +466,9 @@ def test_non_finite_and_out_of_range_parameters_are_errors(parameters, named, fa
 
 
 def test_weights_summing_to_zero_are_an_error_not_nan_weights(family, tmp_path, capsys):
-    recipe = {"merge_method": "linear", "models": [{"model": str(family.fine_tunes[0]), "parameters": {"weight": 1.0}},
-                                                   {"model": str(family.fine_tunes[1]), "parameters": {"weight": -1.0}}]}
+    recipe = {"merge_method": "linear",
+              "models": [{"model": str(family.fine_tunes[0]), "parameters": {"weight": 1.0}},
+                         {"model": str(family.fine_tunes[1]), "parameters": {"weight": -1.0}}]}
     assert_refused(capsys, merge(write_recipe(tmp_path, recipe), tmp_path / "out"), tmp_path / "out",
                    "weights sum to 0")
 

@@ -110,8 +110,8 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(recipe, tmp_path):
 
 def test_an_output_under_a_file_is_one_error_line(recipe, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
-    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(tmp_path / "a-file" / "out"),
-                           "--quiet"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe),
+                           str(tmp_path / "a-file" / "out"), "--quiet"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         line for line in done.stderr.strip().splitlines() if line.startswith("error: ")], done.stderr
     assert "a-file" in done.stderr

@@ -13,11 +13,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from mergewise import layerwise
 from mergewise.checkpoint import ModelFolder
 from mergewise.errors import MergewiseError
-from mergewise import layerwise
-from mergewise.layerwise import (Batch, LayerwiseModel, fast_half_matmuls, native_half_matmuls, pooled_hidden_states,
-                                 return_freed_memory, stored_dtype)
+from mergewise.layerwise import (
+    Batch,
+    LayerwiseModel,
+    fast_half_matmuls,
+    native_half_matmuls,
+    pooled_hidden_states,
+    return_freed_memory,
+    stored_dtype,
+)
 from tests.support.tiny_models import build_tiny_model
 from tests.test_remote_code import add_code, answers_yes  # noqa: F401 (answers_yes is a fixture)
 

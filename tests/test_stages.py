@@ -88,7 +88,8 @@ def test_a_registered_block_runs_every_hook_and_returns_its_result(probe_block, 
     calls = probe_block.calls
     assert calls[0][0] == "plan" and calls[0][2] and calls[-1] == ("close",)
     assert all(with_base for kind, *rest in calls if kind == "rows" for with_base in rest[1:])
-    written, expected = load_file(tmp_path / "probed" / "model.safetensors"), load_file(plain.out_dir / "model.safetensors")
+    written = load_file(tmp_path / "probed" / "model.safetensors")
+    expected = load_file(plain.out_dir / "model.safetensors")
     for name, tensor in expected.items():
         assert torch.equal(written[name], tensor * 2)
     stage_seen = result.records["probe"]["tensors"]

@@ -59,7 +59,8 @@ def checked_template(template: str, where: str) -> str:
     try:
         _compile_jinja_template(template)
     except TemplateError as error:
-        line = f" at line {error.lineno}" if getattr(error, "lineno", None) else ""
+        lineno = getattr(error, "lineno", None)  # a syntax error's
+        line = f" at line {lineno}" if lineno else ""
         raise MergewiseError(f"{where}: not a valid Jinja template ({error.message or error}{line})") from None
     return template
 

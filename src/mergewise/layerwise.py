@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from mergewise.checkpoint import ModelFolder
 from mergewise.checkpoint.pretrained import load_pretrained
@@ -219,8 +219,11 @@ def pooled_hidden_states(folder: str | Path | ModelFolder, prompt_ids: list[list
 
     def keep(number: int, states: list[torch.Tensor]) -> None:
         if number in wanted:
-            pooled[number] = torch.cat([mean_pooled(hidden, batch.attention_mask)
-                                        for hidden, batch in zip(states, batches)])
+            parts = []
+            for hidden, batch in zip(states, batches):
+                assert batch.attention_mask is not None  # right_padded's batches carry one
+                parts.append(mean_pooled(hidden, batch.attention_mask))
+            pooled[number] = torch.cat(parts)
 
     with fast_half_matmuls(runner.model, runner.device):
         runner.run(batches, through=max(wanted), observe=keep, desc="hidden states (layers)", quiet=quiet)
@@ -263,7 +266,7 @@ def fast_half_matmuls(model: nn.Module, device: torch.device) -> Iterator[None]:
                if type(module) is nn.Linear and module.weight.dtype in HALF_DTYPES
                and not native_half_matmuls(module.weight.dtype) and "forward" not in vars(module)]
     for module in linears:
-        module.forward = functools.partial(_float32_linear, module)
+        module.forward = functools.partial(_float32_linear, module)  # type: ignore[method-assign]  # undone below
     try:
         yield
     finally:
@@ -324,7 +327,7 @@ def right_padded(prompts: list[list[int]], pad_id: int) -> Batch:
 
 
 def _model_skeleton(config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
-                    trust_remote_code: bool) -> nn.Module:
+                    trust_remote_code: bool) -> PreTrainedModel:
     """The model with its parameters on the meta device (no memory: the layers are loaded one at a
     time) and its buffers on `device`. Buffers (rotary frequencies, embedding scales) are computed,
     not stored in checkpoints: the model's own initialisation fills them, as in `from_pretrained`."""

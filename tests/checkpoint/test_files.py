@@ -111,6 +111,9 @@ def test_jsonl_is_streamed_a_line_at_a_time_and_bad_lines_are_named(tmp_path):
         path.write_text('{"prompt": "one"}\n' + line + "\n")
         with pytest.raises(MergewiseError, match=named):
             read_jsonl(path, "prompts file", ("prompt",))
+    path.write_text('{"prompt": "one"}\n{"prompt": "' + "x" * 5000 + '"}\n')
+    with pytest.raises(MergewiseError, match="prompts.jsonl: prompts file has a line longer than 1000 bytes"):
+        read_jsonl(path, "prompts file", ("prompt",), max_line_bytes=1000)  # was a None among the records
     path.write_bytes(b'{"prompt": "one"}\n\xff\xfe\n')
     with pytest.raises(MergewiseError, match="prompts.jsonl:2: prompts file is not UTF-8 text"):
         read_jsonl(path, "prompts file", ("prompt",))

@@ -12,6 +12,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import mergewise
+from mergewise.checkpoint import ModelFolder
+from mergewise.checkpoint.lora import AdaptedFolder
 from mergewise.cli import main
 from mergewise.engine import NonFiniteWarning
 from tests.support.tiny_models import build_lora_adapter as build_adapter
@@ -67,6 +69,19 @@ def adapted(tmp_path_factory) -> tuple[Path, Path]:
     base = build_tiny_model("llama", root / "base", dtype=torch.float32, num_layers=2)
     build_adapter(base, root / "adapter")
     return base, root / "adapter"
+
+
+def test_an_adapted_folder_reads_adapted_tensors_every_way(adapted):
+    """`read(out=...)` refused the keyword, and `read_together` (ModelFolder's) left the adapter out."""
+    base, adapter = adapted
+    folder = AdaptedFolder(base, adapter)
+    names = [name for name in folder.tensors if "q_proj" in name or "v_proj" in name]
+    expected = [folder.read(name) for name in names]
+    assert not torch.equal(expected[0], ModelFolder(base).read(names[0]))
+    for tensor, wanted in zip(folder.read_together(names), expected, strict=True):
+        assert torch.equal(tensor, wanted)
+    out = torch.empty_like(expected[0])
+    assert folder.read(names[0], out=out) is out and torch.equal(out, expected[0])
 
 
 def edit_config(text: str | None = None, **changes):

@@ -112,3 +112,13 @@ def test_bad_input_is_one_error_naming_the_culprit(tiny_zoo, tmp_path):
     with pytest.raises(MergewiseError, match="mediator.json: Mediator manifest is missing"):
         load_model(mediator)
     assert main(["eval", str(tiny_zoo / "base"), "--zoo", str(tmp_path)]) == 2
+
+
+def test_an_eval_record_longer_than_a_line_may_be_is_one_error(tiny_zoo, tmp_path, capsys):
+    """A record over the 16 MiB line limit came back as None among the examples: a TypeError."""
+    zoo = zoo_with_answers(tiny_zoo, tmp_path / "zoo", "first", ["a"] * 16)
+    eval_path = zoo / "tasks" / "first" / "eval.jsonl"
+    with eval_path.open("a") as file:
+        file.write(json.dumps({"prompt": "x" * (16 << 20), "answer": "a"}) + "\n")
+    assert main(["eval", str(tiny_zoo / "base"), "--zoo", str(zoo), "--tasks", "first"]) == 2
+    assert f"{eval_path}: evaluation examples has a line longer than {16 << 20} bytes" in capsys.readouterr().err

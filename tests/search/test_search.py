@@ -122,10 +122,10 @@ BAD_SPACES = {
                         ["aim.omega.default", "outside"]),
     "loguniform at zero": (("aim", "omega"), {"search": "loguniform", "low": 0, "high": 1},
                            ["aim.omega.low", "above 0"]),
-    "bound the recipe refuses": (("models", 1, "parameters", "density"), {"search": "uniform", "low": 0.5, "high": 1.5},
-                                 ["density", "[0, 1]"]),
-    "choice the recipe refuses": (("models", 1, "parameters", "density"), {"search": "choice", "values": [0.5, 1.5, 0.3]},
-                                  ["density", "[0, 1]"]),
+    "bound the recipe refuses": (("models", 1, "parameters", "density"),
+                                 {"search": "uniform", "low": 0.5, "high": 1.5}, ["density", "[0, 1]"]),
+    "choice the recipe refuses": (("models", 1, "parameters", "density"),
+                                  {"search": "choice", "values": [0.5, 1.5, 0.3]}, ["density", "[0, 1]"]),
     "objective task not in the zoo": (("search", "objective", "tasks"), {"first": 1.0, "sum": 1.0},
                                       ["search.objective.tasks", "sum"]),
     "grid over a uniform space": (("search", "searcher"), "grid", ["grid needs choice or int", "weight"]),
@@ -154,6 +154,16 @@ def test_a_grid_of_a_billion_points_is_refused_before_it_is_listed(tiny_zoo, tmp
     run_measured("search", str(write(tmp_path / "s.yml", recipe)), str(tmp_path / "out"), "--quiet").assert_one_error(
         "search.searcher: grid runs every combination of the spaces, here 1000000001 trials; at most 10000")
     assert not (tmp_path / "out").exists()
+
+
+def test_aim_without_a_base_model_is_refused_before_calibrating(tiny_zoo, tmp_path, capsys):
+    """Calibrating once for every trial read the base of a recipe that had none: an AttributeError."""
+    recipe = search_recipe(tiny_zoo, merge_method="linear")
+    del recipe["base_model"]
+    for model in recipe["models"]:
+        del model["parameters"]["density"]
+    status = main(["search", str(write(tmp_path / "s.yml", recipe)), str(tmp_path / "out"), "--quiet"])
+    assert_refused(capsys, status, tmp_path / "out", "s.yml", "aim needs base_model")
 
 
 def test_a_search_file_of_nested_aliases_is_refused_at_once(tiny_zoo, tmp_path):

@@ -21,8 +21,13 @@ httpx = pytest.importorskip("httpx2")  # the HTTP library of openai 3
 
 from mergewise.chat_templates import NAMED, write_chat_template  # noqa: E402
 from mergewise.mediator.runtime import load  # noqa: E402
-from tests.support.tiny_mediator import HELD_BACK_WORDS, TASK_WORDS, build_mediator_family  # noqa: E402
-from tests.support.tiny_mediator import build_tiny_mediator, prompts_for  # noqa: E402
+from tests.support.tiny_mediator import (  # noqa: E402
+    HELD_BACK_WORDS,
+    TASK_WORDS,
+    build_mediator_family,
+    build_tiny_mediator,
+    prompts_for,
+)
 
 STARTUP_SECONDS = 120
 

@@ -19,8 +19,13 @@ from mergewise.mediator.runtime import load  # noqa: E402
 from mergewise.serving.core import ServeRequest, ServingCore, ServingError  # noqa: E402
 from mergewise.serving.decoding import Completion, Sampling, decode  # noqa: E402
 from mergewise.serving.http import create_app  # noqa: E402
-from tests.support.tiny_mediator import HELD_BACK_WORDS, TASK_WORDS, build_mediator_family, build_tiny_mediator  # noqa: E402
-from tests.support.tiny_mediator import prompts_for  # noqa: E402
+from tests.support.tiny_mediator import (  # noqa: E402
+    HELD_BACK_WORDS,
+    TASK_WORDS,
+    build_mediator_family,
+    build_tiny_mediator,
+    prompts_for,
+)
 
 
 @pytest.fixture(scope="module")

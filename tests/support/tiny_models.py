@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -56,7 +56,7 @@ class Family:
     fine_tunes: tuple[Path, ...]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A BPE tokenizer trained on the built-in text; cached since every model reuses it."""
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))

@@ -203,5 +203,6 @@ def test_comparison_recipes_find_the_zoo_given_by_a_relative_path(tiny_zoo, tmp_
     for recipe in (core_recipe(zoo, "ties"), core_recipe(zoo, "linear")):
         assert Path(recipe["base_model"]).is_dir()
         assert all(Path(entry["model"]).is_dir() for entry in recipe["models"])
-    assert all(Path(expert["model"]).is_dir() for expert in mediator_recipe(zoo, memory_budget=1.5)["mediator"]["experts"])
+    experts = mediator_recipe(zoo, memory_budget=1.5)["mediator"]["experts"]
+    assert all(Path(expert["model"]).is_dir() for expert in experts)
     assert all(entry.produce(tmp_path).is_dir() for entry in zoo_entries(zoo, []))

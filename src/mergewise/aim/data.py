@@ -63,10 +63,10 @@ def _file_documents(file: Path, limit: int) -> Iterator[str | None]:
             yield from _paragraph(lines)
             lines, size = [], 0
         elif lines is not None:
-            size += len(line) + 1 if line is not None else limit + 1
-            if size > limit:
+            if line is None or size + len(line) + 1 > limit:  # None: a line over the limit, unread
                 lines = None
             else:
+                size += len(line) + 1
                 lines.append(line)
     yield from _paragraph(lines)
 

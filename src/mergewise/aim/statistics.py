@@ -19,9 +19,9 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -42,11 +42,11 @@ from mergewise.aim.data import (
 )
 from mergewise.checkpoint import ModelFolder
 from mergewise.checkpoint.files import parse_json, validated
+from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.writer import writing
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.layerwise import Batch, LayerwiseModel
-from mergewise.checkpoint.pretrained import load_pretrained
 
 FINGERPRINT_WINDOWS = 16
 FINGERPRINT_WINDOW_BYTES = 4096
@@ -158,6 +158,7 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
     except (OSError, ValueError) as error:
         raise MergewiseError(f"{folder.path}: cannot load its config or tokenizer ({str(error).splitlines()[0]})"
                              ) from None
+    model: nn.Module | None
     if settings.data == "self":
         model = _load_model(folder, config, target_device, trust_remote_code)
         blocks = self_generated_blocks(model, tokenizer, settings.samples, settings.seq_len, settings.seed)
@@ -173,6 +174,7 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
             input_axes = _streamed_statistics(folder, config, blocks, recorder, target_device, quiet,
                                               trust_remote_code)
         else:
+            assert model is not None  # loaded above unless the layers stream
             targets = target_modules(model)
             input_axes = {name: axis for name, (_, axis) in targets.items()}
             with recording(targets, recorder):
@@ -196,8 +198,9 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
 def _load_model(folder: ModelFolder, config, device: torch.device, trust_remote_code: bool) -> nn.Module:
     """The whole base model in float32 (safetensors only: nothing is unpickled)."""
     try:
-        model = load_pretrained(AutoModelForCausalLM.from_pretrained, folder.path, trust_remote_code=trust_remote_code,
-                                config=config, dtype=torch.float32, use_safetensors=True)
+        model: nn.Module = load_pretrained(AutoModelForCausalLM.from_pretrained, folder.path,
+                                           trust_remote_code=trust_remote_code, config=config, dtype=torch.float32,
+                                           use_safetensors=True)
     except (OSError, ValueError) as error:
         raise MergewiseError(f"{folder.path}: cannot load the model ({str(error).splitlines()[0]})") from None
     return model.to(device).eval()

@@ -24,7 +24,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 from yaml.composer import ComposerError
 from yaml.events import AliasEvent
-from yaml.nodes import MappingNode, SequenceNode
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 from mergewise.errors import MergewiseError
 
@@ -168,10 +168,15 @@ def read_jsonl(path: Path, what: str, fields: tuple[str, ...], *, max_bytes: int
                max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
     """The objects of a JSON Lines file of at most `max_bytes`, blank lines skipped; each must hold
     every one of `fields` as a string (`"prompt|text"`: either one). A bad line is one error naming
-    the file, the line and what was expected."""
+    the file, the line and what was expected; so is a line over `max_line_bytes`."""
     if path.is_file() and path.stat().st_size > max_bytes:
         raise MergewiseError(f"{path}: {what} is larger than {max_bytes} bytes; refused")
-    return list(iter_jsonl(path, what, fields, max_line_bytes=max_line_bytes))
+    records = []
+    for record in iter_jsonl(path, what, fields, max_line_bytes=max_line_bytes):
+        if record is None:
+            raise MergewiseError(f"{path}: {what} has a line longer than {max_line_bytes} bytes; refused")
+        records.append(record)
+    return records
 
 
 def iter_jsonl(path: Path, what: str, fields: tuple[str, ...], *,
@@ -195,7 +200,7 @@ def iter_jsonl(path: Path, what: str, fields: tuple[str, ...], *,
 def validated(schema: type[Schema], data: Any, origin: str, key: str = "") -> Schema:
     """`data` checked against `schema`; the first problem is one error naming `origin` and the key path."""
     try:
-        return _adapter(schema).validate_python(data)
+        return _adapter(schema).validate_python(data)  # type: ignore[arg-type]  # mypy: type[T] is not Hashable
     except ValidationError as error:
         first = error.errors()[0]
         location = ".".join(str(part) for part in (key, *first["loc"]) if part != "") or "(top level)"
@@ -204,7 +209,7 @@ def validated(schema: type[Schema], data: Any, origin: str, key: str = "") -> Sc
 
 
 @functools.cache
-def _adapter(schema) -> TypeAdapter:
+def _adapter(schema: Any) -> TypeAdapter:
     return TypeAdapter(schema)
 
 
@@ -243,7 +248,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self._level = 0
         self._values: dict[int, int] = {}  # composed node → values it stands for
 
-    def compose_node(self, parent, index):
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         if self.check_event(AliasEvent):
             event = self.peek_event()
             anchored = self.anchors.get(event.anchor)

@@ -31,6 +31,7 @@ def hub_snapshot(reference: str, key: str, files: tuple[str, ...], *, allow_pick
     )
 
     match = HUB_ID.match(reference)
+    assert match is not None, reference  # callers take only what is_hub_id accepts
     repo, revision = match["repo"], match["revision"]
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     patterns = [*WEIGHTS, *(PICKLED_WEIGHTS if allow_pickle else ()), "config.json", *files]

@@ -4,6 +4,7 @@ row chunk by row chunk (W + scale · B · A), never loading the model, as mergek
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -116,8 +117,12 @@ class AdaptedFolder(ModelFolder):
     def label(self) -> str:
         return f"{self.path} with adapter {self.adapter.folder}"
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        return self.adapter.apply(name, super().read(name, rows), rows)
+    def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        adapted = self.adapter.apply(name, super().read(name, rows), rows)
+        return adapted if out is None else out.copy_(adapted.reshape(out.shape))
+
+    def read_together(self, names: Sequence[str]) -> list[torch.Tensor]:
+        return [self.adapter.apply(name, tensor, None) for name, tensor in zip(names, super().read_together(names))]
 
     def map_rows(self, name: str, rows: slice | None = None) -> torch.Tensor:
         return self.adapter.apply(name, super().map_rows(name, rows), rows)

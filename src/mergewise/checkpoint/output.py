@@ -13,9 +13,9 @@ import shutil
 import stat
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -35,7 +35,7 @@ TOKENIZER_FILES = (
 RECORD_FILE = "mergewise.yml"
 
 
-def check_output_location(out_dir: Path, inputs: list[Path], overwrite: bool, protected: list[Path] = ()) -> None:
+def check_output_location(out_dir: Path, inputs: list[Path], overwrite: bool, protected: Sequence[Path] = ()) -> None:
     """Refuse destinations that would overwrite or sit inside an input model, and `--overwrite` of
     anything but an earlier mergewise output or an empty folder: never a folder holding the working
     directory or a `protected` path (the recipe)."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, TypeVar
 
 from mergewise.checkpoint.files import check_folder_links
 from mergewise.errors import MergewiseError
@@ -12,7 +13,7 @@ Loaded = TypeVar("Loaded")
 
 
 def load_pretrained(loader: Callable[..., Loaded], folder: Path, *, trust_remote_code: bool = False,
-                    **options) -> Loaded:
+                    **options: Any) -> Loaded:
     """`loader(folder, **options)`, a transformers `from_pretrained`, running the folder's own Python
     (an `auto_map` in its config or tokenizer files) only when trusted: left undecided, transformers
     asks on stdin, and a "y" runs code that came with a downloaded folder. No file it reads may be a

@@ -80,7 +80,7 @@ class TextConfig(BaseModel):
         return next((value for key in DEPTH_KEYS if (value := getattr(self, key)) is not None), None)
 
     @model_validator(mode="after")
-    def _one_type_per_layer(self) -> "TextConfig":
+    def _one_type_per_layer(self) -> TextConfig:
         if self.layer_types is not None and self.depth is not None and len(self.layer_types) != self.depth:
             raise ValueError(f"layer_types lists {len(self.layer_types)} layers, but the model has {self.depth} "
                              "(transformers refuses such a config)")
@@ -89,7 +89,8 @@ class TextConfig(BaseModel):
 
 class ModelConfig(TextConfig):
     model_type: Annotated[str, Field(strict=True)] | None = None
-    text_config: TextConfig = None  # an object when given (the output's config is written into it)
+    # an object when given, null refused (the output's config is written into it)
+    text_config: TextConfig = None  # type: ignore[assignment]
 
     @property
     def text(self) -> TextConfig:
@@ -279,8 +280,10 @@ class ModelFolder:
 
 def _extent(info: TensorInfo, rows: slice | None) -> tuple[int, int, tuple[int, ...]]:
     """(absolute byte offset, byte length, shape) of the rows `rows` of a safetensors tensor."""
-    whole = rows is None or not info.shape
-    first, stop = (0, info.shape[0] if info.shape else 1) if whole else rows.indices(info.shape[0])[:2]
+    if rows is None or not info.shape:
+        first, stop = 0, info.shape[0] if info.shape else 1
+    else:
+        first, stop = rows.indices(info.shape[0])[:2]
     row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
     count = max(0, stop - first)
     shape = (count, *info.shape[1:]) if info.shape else ()
@@ -314,11 +317,11 @@ def read_rows(info: TensorInfo, rows: slice | None = None, out: torch.Tensor | N
                              f"{out.dtype} on {out.device}")
     else:  # not zero-filled first: every byte is read
         out = torch.empty(shape, dtype=info.dtype)
-    buffer = out.view(-1).view(torch.uint8).numpy() if length else bytearray()
+    buffer = out.view(-1).view(torch.uint8).numpy().data if length else memoryview(bytearray())
     with _opened(info.file) as descriptor:
         done = 0
         while done < len(buffer):
-            chunk = os.preadv(descriptor, [memoryview(buffer)[done:]], start + done)
+            chunk = os.preadv(descriptor, [buffer[done:]], start + done)
             if chunk <= 0:
                 raise MergewiseError(f"{info.file}: truncated while reading tensor {info.name}")
             done += chunk
@@ -406,5 +409,5 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
-def _is_count(value) -> bool:
+def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -19,10 +19,11 @@ import json
 import math
 import shutil
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
-from typing import Annotated, Any, Iterable
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field

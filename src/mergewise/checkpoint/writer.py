@@ -14,11 +14,10 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -135,7 +134,7 @@ class StreamingShardWriter:
         """Write `data` (rows starting at `first_row`, already in the planned dtype) into place. Each
         write opens its shard for itself, so however many shards there are, few files are open."""
         slot = self._slots[name]
-        view = memoryview(data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        view = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
         offset = slot.offset + first_row * slot.row_bytes
         start = offset
         with writing(slot.file):

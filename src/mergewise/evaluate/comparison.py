@@ -7,9 +7,10 @@ folder so a rerun only does what is missing.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from mergewise.checkpoint.files import read_json
 from mergewise.evaluate.zoo_eval import evaluate_model
@@ -45,7 +46,7 @@ def core_recipe(zoo: Zoo, method: str, dtype: str = "float32") -> dict:
     return {"merge_method": method, "base_model": str(zoo.base), "dtype": dtype, "models": models}
 
 
-def mediator_recipe(zoo: Zoo, dtype: str = "float32", **settings) -> dict:
+def mediator_recipe(zoo: Zoo, dtype: str = "float32", **settings: Any) -> dict:
     """A Mediator recipe over every expert of `zoo`, each with its task's calibration prompts;
     `settings` (memory_budget, code, …) go into the mediator block, the rest keep their defaults."""
     experts = [{"model": str(task.expert), "task": name, "prompts": str(task.calibration)}
@@ -68,6 +69,11 @@ def mediator_entry(zoo: Zoo) -> Entry:
     return Entry("mediator", produce)
 
 
+def _existing(folder: Path) -> Callable[[Path], Path]:
+    """The producer of a model that exists already."""
+    return lambda work: folder
+
+
 def merged_entry(label: str, recipe: dict, merge: Callable[[dict, Path], Path] | None = None) -> Entry:
     """An entry whose model is `recipe` merged (by `merge`, default the plain engine) into work/label."""
     def produce(work: Path) -> Path:
@@ -86,10 +92,10 @@ def merged_entry(label: str, recipe: dict, merge: Callable[[dict, Path], Path] |
 
 def zoo_entries(zoo: Zoo, methods: list[str]) -> list[Entry]:
     """Base, every expert, then each core method."""
-    entries = [Entry("base", lambda work: zoo.base)]
+    entries = [Entry("base", _existing(zoo.base))]
     for task in zoo.tasks.values():
         if task.expert:
-            entries.append(Entry(f"expert:{task.name}", lambda work, folder=task.expert: folder))
+            entries.append(Entry(f"expert:{task.name}", _existing(task.expert)))
     entries += [merged_entry(method, core_recipe(zoo, method)) for method in methods]
     return entries
 
@@ -140,11 +146,11 @@ def bar_chart(results: dict[str, dict], zoo: Zoo, path: str | Path) -> None:
     width = 0.8 / max(len(results), 1)
     figure = Figure(figsize=(max(8, 1.6 * len(tasks) + 0.3 * len(results)), 4.5))
     axis = figure.subplots()
-    colors = matplotlib.colormaps["tab20"].colors
+    palette = matplotlib.colormaps["tab20"]  # qualitative: its N colours, each picked by its index
     for index, (label, result) in enumerate(results.items()):
         positions = [task_index + index * width for task_index in range(len(tasks))]
         axis.bar(positions, [result["tasks"][name]["score"] for name in tasks], width, label=label,
-                 color=colors[index % len(colors)])
+                 color=palette(index % palette.N))
     axis.set_xticks([task_index + 0.4 - width / 2 for task_index in range(len(tasks))])
     axis.set_xticklabels([_column(zoo, name).replace(" (", "\n(") for name in tasks])
     exact_match = all(zoo.tasks[name].metric == "exact_match" for name in tasks)

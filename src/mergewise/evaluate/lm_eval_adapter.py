@@ -16,8 +16,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from mergewise.evaluate.loading import load_model
 from mergewise.checkpoint.tokens import start_token_id
+from mergewise.evaluate.loading import load_model
 from mergewise.evaluate.scoring import continuation_log_likelihoods, greedy_completions, score_encoded
 
 DEFAULT_BATCH_SIZE = 16
@@ -40,7 +40,8 @@ class MergewiseLM(LM):
         super().__init__()
         self.loaded = load_model(pretrained, device or "cpu", trust_remote_code=trust_remote_code)
         # lm-eval may pass "auto"; a fixed size is predictable on CPU and small models.
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
+        given = str(batch_size)
+        self.batch_size = int(given) if given.isdigit() else DEFAULT_BATCH_SIZE
         self.max_length = int(max_length or self.loaded.model.config.max_position_embeddings)
 
     @property
@@ -61,9 +62,10 @@ class MergewiseLM(LM):
         for request in requests:
             (text,) = request.args
             token_ids = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+            start_id = start_token_id(self.loaded.tokenizer)
             windows = [
                 make_disjoint_window(window)
-                for window in get_rolling_token_windows(token_ids, start_token_id(self.loaded.tokenizer), self.max_length, 1)
+                for window in get_rolling_token_windows(token_ids, start_id, self.max_length, 1)
             ]
             total = 0.0
             for start in range(0, len(windows), self.batch_size):
@@ -76,8 +78,8 @@ class MergewiseLM(LM):
         """Greedy generation; requests sharing generation settings are batched together."""
         results: dict[int, str] = {}
         indexed = sorted(enumerate(requests), key=lambda item: repr(sorted(item[1].args[1].items())))
-        for _, group in groupby(indexed, key=lambda item: repr(sorted(item[1].args[1].items()))):
-            group = list(group)
+        for _, grouped in groupby(indexed, key=lambda item: repr(sorted(item[1].args[1].items()))):
+            group = list(grouped)
             settings = group[0][1].args[1]
             until = settings.get("until") or []
             stop = [until] if isinstance(until, str) else list(until)

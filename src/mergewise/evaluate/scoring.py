@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -57,7 +58,7 @@ def encode_pair(
 @torch.no_grad()
 def score_encoded(loaded: LoadedModel, encoded: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool, int]]:
     """One right-padded forward pass over token-id pairs (context, continuation)."""
-    results: list[tuple[float, bool, int] | None] = [None] * len(encoded)
+    results: dict[int, tuple[float, bool, int]] = {}
     for rows, weights in loaded.route_groups([context for context, _ in encoded]):
         group = [encoded[row] for row in rows]
         sequences = [context + continuation for context, continuation in group]
@@ -72,7 +73,7 @@ def score_encoded(loaded: LoadedModel, encoded: list[tuple[list[int], list[int]]
             total = row_log_probs.gather(-1, targets[:, None]).sum().item()
             greedy = bool((row_log_probs.argmax(-1) == targets).all().item())
             results[row] = (total, greedy, len(continuation))
-    return results
+    return [results[row] for row in range(len(encoded))]
 
 
 def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,8 @@ def greedy_completions(
                 input_ids[position, width - len(ids) :] = torch.tensor(ids, device=loaded.device)
                 attention_mask[position, width - len(ids) :] = 1
             with weights:
-                generated = loaded.model.generate(
+                # generate() is GenerationMixin's, which torch's types of PreTrainedModel do not show
+                generated = loaded.model.generate(  # type: ignore[operator]
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     max_new_tokens=max_new_tokens,
@@ -120,7 +122,8 @@ def greedy_completions(
                     eos_token_id=tokenizer.eos_token_id,
                 )
             for row, new_tokens in zip(rows, generated[:, width:]):
-                texts[row] = cut_at_stop(tokenizer.decode(new_tokens, skip_special_tokens=True), stop)
+                text = cast(str, tokenizer.decode(new_tokens, skip_special_tokens=True))  # one sequence: one str
+                texts[row] = cut_at_stop(text, stop)
         completions.extend(texts)
     return completions
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from operator import itemgetter
 
 from mergewise.checkpoint.files import read_text
 from mergewise.errors import MergewiseError
 from mergewise.evaluate.loading import LoadedModel, load_model
 from mergewise.evaluate.scoring import continuation_log_likelihoods, exact_match, greedy_completions, text_nll
+from mergewise.mediator.runtime import RoutedModel
 from mergewise.zoo.manifest import Zoo, load_zoo
 
 GENERAL_WINDOW_TOKENS = 128
@@ -45,17 +47,19 @@ def evaluate_model(
         "general": {"metric": "nll", "score": round(general.mean, 4), "n": general.tokens},
     }
     if loaded.routing is not None:
-        results["routing"] = {name: routing_summary(loaded, zoo, name, limit) for name in selected}
+        results["routing"] = {name: routing_summary(loaded.routing, zoo, name, limit) for name in selected}
     return results
 
 
-def routing_summary(loaded: LoadedModel, zoo: Zoo, name: str, limit: int | None) -> dict:
+def routing_summary(routing: RoutedModel, zoo: Zoo, name: str, limit: int | None) -> dict:
     """How a Mediator model routed a task's prompts: the share whose most probable expert is the
     task's own (`correct`, absent for a task without an expert) and the share of each decision."""
-    routes = loaded.routing.route_texts([example["prompt"] for example in zoo.eval_examples(name)[:limit]])
+    assert routing.router is not None  # a Mediator model's
+    prompts = [example["prompt"] for example in zoo.eval_examples(name)[:limit]]
+    routes = [route for route in routing.route_texts(prompts) if route is not None]  # a router routes every one
     summary = {}
-    if name in loaded.routing.router.tasks:
-        top = [max(route.probs, key=route.probs.get) for route in routes]
+    if name in routing.router.tasks:
+        top = [max(route.probs.items(), key=itemgetter(1))[0] for route in routes]
         summary["correct"] = round(sum(task == name for task in top) / len(routes), 4)
     for decision in ("select", "blend", "dense"):
         summary[decision] = round(sum(route.decision == decision for route in routes) / len(routes), 4)

@@ -189,6 +189,7 @@ class Router:
                    "calibration_distances": self.calibration_distances, "ood_thresholds": self.ood_thresholds,
                    "uncertainty_thresholds": self.uncertainty_thresholds}
         if self.weight is not None:
+            assert self.bias is not None  # a logistic head has both (from_state checks)
             tensors.update(weight=self.weight, bias=self.bias)
         if self.variances is not None:
             tensors["variances"] = self.variances
@@ -267,6 +268,7 @@ class Router:
     def _scores(self, z: torch.Tensor) -> torch.Tensor:
         """Logits before the temperature."""
         if self.weight is not None:
+            assert self.bias is not None  # a logistic head has both (from_state checks)
             return z @ self.weight.T + self.bias
         return -self._distances(z)
 
@@ -306,7 +308,8 @@ def _class_variances(z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor)
     return _shrunk(squares, counts[:, None], pooled)
 
 
-def _spread_sums(z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor):
+def _spread_sums(z: torch.Tensor, labels: torch.Tensor,
+                 means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     deviations = (z - means[labels]).square()
     squares = torch.zeros_like(means).index_add_(0, labels, deviations)
     counts = torch.bincount(labels, minlength=len(means)).to(z.dtype)

@@ -7,10 +7,13 @@ importance (Tukey's outlier fence) take the model's value; the others keep the b
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, TensorRows
 from mergewise.methods.sparsify import KeepBits
+from mergewise.methods.task_arithmetic import input_and_base
 
 PROBABILITY_FLOOR = 1e-8  # added to both softmaxes, so the log ratio stays finite
 
@@ -26,7 +29,8 @@ def _importance(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
 def _importances(tensors: ChunkedTensors) -> torch.Tensor:
     """Every entry's importance, flat, on the CPU. A softmax spans a whole row, so a 1-D tensor (one
     row, maybe read in several chunks) is put together first."""
-    pairs = ((rows.base, rows.inputs[0]) for rows in tensors.chunks())
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]] = (
+        (base, model) for model, base in input_and_base(tensors, 0))
     if len(tensors.shape) == 1:
         bases, models = zip(*pairs)
         pairs = [(torch.cat(bases), torch.cat(models))]
@@ -49,6 +53,7 @@ def prepare_arcee_fusion(tensors: ChunkedTensors) -> KeepBits:
 def merge_arcee_fusion(rows: TensorRows) -> torch.Tensor:
     """base + (model − base) · mask, the mask float32 as mergekit's: a bf16 sum is rounded once, on output."""
     base = rows.base
+    assert base is not None  # BasePolicy.REQUIRED
     fused = rows.stats.rows_like(rows.first_row, base).to(torch.float32)
     return base + (rows.inputs[0] - base) * fused
 

@@ -116,7 +116,7 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(torch.int16).numpy()
 
 
-def _floats(values: list[float]) -> np.ndarray:
+def _floats(values: list[np.float32]) -> np.ndarray:
     return np.array(values, dtype=np.float32)
 
 
@@ -140,7 +140,8 @@ _launch_lock = threading.Lock()
 
 def _follow_torch_threads() -> None:
     """Use as many threads as the engine gave torch."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set from the environment at import
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
 
 
 def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: list[float],

@@ -30,6 +30,7 @@ def _interpolation_ratio(norms: torch.Tensor, dots: torch.Tensor) -> torch.Tenso
 
 
 def _task_vectors(rows: TensorRows, shape: tuple[int, ...]) -> torch.Tensor:
+    assert rows.base is not None  # BasePolicy.REQUIRED
     base = rows.base.reshape(shape)
     return torch.stack([tensor.reshape(shape) - base for tensor in rows.inputs])
 
@@ -40,7 +41,7 @@ def prepare_model_stock(tensors: ChunkedTensors, *, filter_wise: bool = False) -
     several chunks are added in float64 and rounded once."""
     if filter_wise:
         return None
-    count = None
+    count = 0
     norm_parts, dot_parts = [], []
     for rows in tensors.chunks():
         vectors = _task_vectors(rows, (-1,))
@@ -56,6 +57,7 @@ def prepare_model_stock(tensors: ChunkedTensors, *, filter_wise: bool = False) -
 
 def merge_model_stock(rows: TensorRows, *, filter_wise: bool = False) -> torch.Tensor:
     base = rows.base
+    assert base is not None  # BasePolicy.REQUIRED
     if filter_wise:
         per_row = (base.shape[0], -1) if base.dim() >= 2 else (1, -1)
         vectors = _task_vectors(rows, per_row)

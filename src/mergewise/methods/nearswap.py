@@ -14,6 +14,7 @@ from mergewise.methods.base import BasePolicy, MergeMethod, TensorRows
 
 def merge_nearswap(rows: TensorRows, *, t: float) -> torch.Tensor:
     base, model = rows.base, rows.inputs[0]
+    assert base is not None  # BasePolicy.REQUIRED
     share = (t / (model - base).abs().clamp(min=1e-6)).clamp(0, 1)
     return share * model + (1 - share) * base
 

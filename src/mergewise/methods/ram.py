@@ -17,12 +17,15 @@ from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, Tens
 def _counted_deltas(rows: TensorRows, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The task vectors, stacked, with entries of magnitude ≤ epsilon zeroed; which entries count;
     and for each entry, how many models change it."""
-    deltas = torch.stack([tensor - rows.base for tensor in rows.inputs])
+    base = rows.base
+    assert base is not None  # BasePolicy.REQUIRED
+    deltas = torch.stack([tensor - base for tensor in rows.inputs])
     counted = deltas.abs() > epsilon
     return deltas.mul_(counted), counted, counted.sum(dim=0)
 
 
 def _merge(rows: TensorRows, epsilon: float, unique_scales: torch.Tensor | None) -> torch.Tensor:
+    assert rows.base is not None  # BasePolicy.REQUIRED
     deltas, _, contributors = _counted_deltas(rows, epsilon)
     parts = deltas / contributors.clamp(min=1)  # a unique entry is divided by 1: kept exactly
     if unique_scales is not None:
@@ -39,17 +42,19 @@ def prepare_ramplus_tl(tensors: ChunkedTensors, *, r: float = 0.1, alpha: float 
                        epsilon: float = 1e-5) -> torch.Tensor:
     """Each model's unique-entry scale 1 + r·clamp(shared / unique, 0, alpha), in float32 as
     mergekit's (a model without unique entries divides by epsilon instead)."""
-    shared = unique = 0
+    shared_parts, unique_parts = [], []
     for rows in tensors.chunks():
         _, counted, contributors = _counted_deltas(rows, epsilon)
         counted, contributors = counted.reshape(len(counted), -1), contributors.reshape(-1)
-        shared = shared + (counted & (contributors > 1)).sum(dim=1)
-        unique = unique + (counted & (contributors == 1)).sum(dim=1)
+        shared_parts.append((counted & (contributors > 1)).sum(dim=1))
+        unique_parts.append((counted & (contributors == 1)).sum(dim=1))
+    shared, unique = torch.stack(shared_parts).sum(dim=0), torch.stack(unique_parts).sum(dim=0)
     ratio = shared / unique.clamp(min=epsilon)
     return 1 + r * ratio.clamp(min=0, max=alpha)
 
 
 def merge_ramplus_tl(rows: TensorRows, *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
+    assert rows.base is not None  # BasePolicy.REQUIRED
     return _merge(rows, epsilon, rows.stats.to(rows.base.device))
 
 

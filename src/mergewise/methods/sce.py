@@ -24,6 +24,7 @@ class SceStats:
 
 
 def _task_vectors(rows: TensorRows, keep: KeepBits | None) -> list[torch.Tensor]:
+    assert rows.base is not None  # BasePolicy.REQUIRED
     vectors = [tensor - rows.base for tensor in rows.inputs]
     if keep is None:
         return vectors
@@ -80,6 +81,7 @@ def merge_sce(rows: TensorRows, *, select_topk: float = 1.0, int8_mask: bool = F
 
     `int8_mask` is accepted for config compatibility: it only chose a mask dtype to save memory.
     """
+    assert rows.base is not None  # BasePolicy.REQUIRED
     vectors = _task_vectors(rows, rows.stats.keep)
     weights = rows.stats.weights.to(rows.base.device)
     kept_weights = [weight * agrees for weight, agrees in zip(weights, majority_sign_agreement(vectors))]

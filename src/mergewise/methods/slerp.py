@@ -32,6 +32,7 @@ def prepare_slerp(tensors: ChunkedTensors, *, t: float) -> tuple[torch.Tensor, t
     norms on in the interpolation dtype, as mergekit takes them (so `1 − t` rounds as in mergekit)."""
     sums = torch.zeros(3, dtype=torch.float64)
     for rows in tensors.chunks():
+        assert rows.base is not None  # BasePolicy.REQUIRED
         a, b = rows.base.double(), rows.inputs[0].double()
         sums += torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()]).cpu()
         dtype = interpolation_dtype(rows.base)
@@ -39,15 +40,16 @@ def prepare_slerp(tensors: ChunkedTensors, *, t: float) -> tuple[torch.Tensor, t
     norms = torch.where(norms > 1e-8, norms, 1)
     cosine = (sums[2] / norms.double().prod()).to(dtype).clamp(-1, 1)
     linear = cosine.abs() > 0.9995
-    t = torch.tensor(t, dtype=dtype)
+    fraction = torch.tensor(t, dtype=dtype)
     theta = torch.acos(torch.where(linear, 0, cosine))
     sin_theta = torch.sin(theta)
-    first = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    second = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    first = torch.where(linear, 1 - fraction, torch.sin((1 - fraction) * theta) / sin_theta)
+    second = torch.where(linear, fraction, torch.sin(fraction * theta) / sin_theta)
     return first, second
 
 
 def merge_slerp(rows: TensorRows, *, t: float) -> torch.Tensor:
+    assert rows.base is not None  # BasePolicy.REQUIRED
     first, second = (coefficient.to(rows.base.device) for coefficient in rows.stats)
     dtype = first.dtype
     return rows.base.to(dtype) * first + rows.inputs[0].to(dtype) * second
@@ -66,7 +68,7 @@ def _nuslerp_pair(rows: TensorRows) -> tuple[torch.Tensor, torch.Tensor]:
     return first - rows.base, second - rows.base
 
 
-def _nuslerp_fraction(weight) -> float:
+def _nuslerp_fraction(weight: PerModel) -> float:
     total = sum(weight)
     return 0.5 if abs(total) < 1e-6 else weight[1] / total
 
@@ -80,10 +82,10 @@ def _nuslerp_combine(first: torch.Tensor, second: torch.Tensor, t: float, cosine
 
 
 def prepare_nuslerp(tensors: ChunkedTensors, *, weight: PerModel, nuslerp_flatten: bool = True,
-                    nuslerp_row_wise: bool = False):
+                    nuslerp_row_wise: bool = False) -> torch.Tensor | None:
     if not nuslerp_flatten:
         return None
-    norms = [combine_chunk_norms(parts) for parts in zip(*(
+    norms = [combine_chunk_norms(list(parts)) for parts in zip(*(
         [vector.reshape(-1).norm(dim=-1) for vector in _nuslerp_pair(rows)] for rows in tensors.chunks()))]
     norms = [norm.clamp(min=1e-7) for norm in norms]
     cosine = combine_chunk_sums([

@@ -12,14 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import torch
 
 
-
-class Sparsification(str, Enum):
+class Sparsification(StrEnum):
     MAGNITUDE = "magnitude"                    # TIES: keep the top-k |delta|
     MAGNITUDE_OUTLIERS = "magnitude_outliers"  # breadcrumbs: drop the largest too
     RANDOM = "random"                          # DARE: Bernoulli(density)
@@ -110,10 +109,10 @@ class SelectionScratch:
     """Memory one magnitude selection at a time works in (integer keys and the permutation), kept for
     the next: fresh pages cost ~2 µs each to fault in on some machines, more than selecting them."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
 
-    def buffer(self, use: str, count: int, dtype) -> np.ndarray:
+    def buffer(self, use: str, count: int, dtype: type[np.generic]) -> np.ndarray:
         key = (use, np.dtype(dtype))
         buffer = self._buffers.get(key)
         if buffer is None or buffer.size < count:
@@ -144,6 +143,8 @@ def select_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count:
         filled += inputs.numel()
     order = scratch.buffer("order", count, np.int32 if count < 2**31 else np.int64)
     from mergewise.methods.sort_order import positions_in_range  # numba, as above
+
+    assert keys is not None  # `count` entries > 0 came in `pairs`
 
     return KeepBits(positions_in_range(keys, start, stop, order))
 

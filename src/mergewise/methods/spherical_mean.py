@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +39,14 @@ def _whole_tensor(figures: Iterable[ChunkFigure],
     figures = list(figures)
     if len(figures) == 1:
         return figures[0][0]
-    total = sum(partial for _, partial in figures)
+    total = sum((partial for _, partial in figures[1:]), start=figures[0][1])
     return (finish(total) if finish else total).to(figures[0][0].dtype)
+
+
+def _stacked(figures: list[ChunkFigure]) -> ChunkFigure:
+    """Several figures of one chunk (one per input) as one figure of stacked values."""
+    values, partials = zip(*figures)
+    return torch.stack(values), torch.stack(partials)
 
 
 def _norm_figure(values: torch.Tensor, dtype: torch.dtype) -> ChunkFigure:
@@ -102,14 +108,14 @@ def prepare_multislerp(tensors: ChunkedTensors, *, weight: PerModel, normalize_w
     if len(weight) == 1:
         return None
 
-    def vector_chunks():
+    def vector_chunks() -> Iterator[torch.Tensor]:
         return (_multislerp_vectors(rows) for rows in tensors.chunks())
 
     norms = _whole_tensor(((vectors.norm(dim=-1, keepdim=True), vectors.double().square().sum(-1, keepdim=True))
                            for vectors in vector_chunks()), torch.sqrt)
     weights = _multislerp_weights(weight, normalize_weights, norms)
 
-    def unit_chunks():
+    def unit_chunks() -> Iterator[torch.Tensor]:
         return (_unit_vectors(vectors, norms, eps) for vectors in vector_chunks())
 
     mean_norm = _whole_tensor((_norm_figure(_weighted_sum(units, weights), units.dtype) for units in unit_chunks()),
@@ -232,6 +238,7 @@ class _RunningMean:
         self.flat[self._span(rows)] = mean.reshape(-1)
 
     def read(self, rows: TensorRows) -> torch.Tensor:
+        assert self.flat is not None  # every pass writes the rows before a later one reads them
         return self.flat[self._span(rows)].view(rows.inputs[0].shape)
 
 
@@ -242,9 +249,8 @@ def prepare_karcher(tensors: ChunkedTensors, *, max_iter: int = 10, tol: float =
         raise ValueError(f"max_iter must be at least 0, got {max_iter}")
     if tol < 0:
         raise ValueError(f"tol must be at least 0, got {tol}")
-    norms = _whole_tensor((
-        tuple(map(torch.stack, zip(*(_norm_figure(tensor, interpolation_dtype(tensor)) for tensor in rows.inputs))))
-        for rows in tensors.chunks()), torch.sqrt)
+    norms = _whole_tensor((_stacked([_norm_figure(tensor, interpolation_dtype(tensor)) for tensor in rows.inputs])
+                           for rows in tensors.chunks()), torch.sqrt)
     if len(norms) == 1:
         return None
     equal = 1.0 / len(norms)
@@ -264,8 +270,8 @@ def prepare_karcher(tensors: ChunkedTensors, *, max_iter: int = 10, tol: float =
         means.write(rows, total)
         return _norm_figure(total, norms.dtype)
 
-    start = each_chunk(start_sum)
-    start = None if start.item() < tol else start
+    start_norm = each_chunk(start_sum)
+    start = None if start_norm.item() < tol else start_norm
     steps: list[KarcherStep] = []
 
     def cosines(rows: TensorRows, units: list[torch.Tensor]) -> ChunkFigure:
@@ -276,22 +282,28 @@ def prepare_karcher(tensors: ChunkedTensors, *, max_iter: int = 10, tol: float =
         return (torch.stack([torch.dot(mean.flatten(), unit.flatten()) for unit in units]),
                 torch.stack([(mean.double() * unit.double()).sum() for unit in units]))
 
-    for _ in range(max_iter):
-        dots = [dot.clamp(-1.0, 1.0) for dot in each_chunk(cosines, finish=None)]
-        thetas = [torch.arccos(dot) for dot in dots]
-        pulls = [None if theta.item() < tol else alpha * (theta / torch.sin(theta)) for theta in thetas]
-        length = each_chunk(lambda rows, units: _norm_figure(_tangent(means.read(rows), units, dots, pulls),
-                                                             norms.dtype))
-        if length.item() < tol:
-            break
+    def tangent_length(dots: list[torch.Tensor], pulls: list[torch.Tensor | None]) -> torch.Tensor:
+        return each_chunk(lambda rows, units: _norm_figure(_tangent(means.read(rows), units, dots, pulls),
+                                                           norms.dtype))
 
+    def take_step(dots: list[torch.Tensor], pulls: list[torch.Tensor | None], length: torch.Tensor) -> torch.Tensor:
+        """Moves the running mean along the tangent; the norm of the moved mean."""
         def step(rows: TensorRows, units: list[torch.Tensor]) -> ChunkFigure:
             mean = means.read(rows)
             stepped = _stepped(mean, _tangent(mean, units, dots, pulls), length)
             means.write(rows, stepped)
             return _norm_figure(stepped, norms.dtype)
 
-        renorm = each_chunk(step)
+        return each_chunk(step)
+
+    for _ in range(max_iter):
+        dots = [dot.clamp(-1.0, 1.0) for dot in each_chunk(cosines, finish=None)]
+        thetas = [torch.arccos(dot) for dot in dots]
+        pulls = [None if theta.item() < tol else alpha * (theta / torch.sin(theta)) for theta in thetas]
+        length = tangent_length(dots, pulls)
+        if length.item() < tol:
+            break
+        renorm = take_step(dots, pulls, length)
         steps.append(KarcherStep(dots, pulls, length, renorm if renorm.item() > tol else None))
     return KarcherPath(norms, counted, alpha, start, steps, scale)
 

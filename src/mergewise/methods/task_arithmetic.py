@@ -8,9 +8,10 @@ that contributed, scale by lambda, add to the base — with a different sparsifi
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,6 +60,7 @@ def _keep_mask(rows: TensorRows, index: int, delta: torch.Tensor, sparsification
         return None
     if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
         return _selected_rows(rows, index)
+    assert rows.rng is not None  # the engine seeds the rows of every method that uses randomness
     if sparsification is Sparsification.RANDOM:
         return random_mask(delta, density, rows.rng(index))
     if not (0 < density - epsilon and density + epsilon < 1):
@@ -86,6 +88,7 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
         totals = [0.0] * count
         kept = [0.0] * count
         for rows in tensors.chunks():
+            assert rows.base is not None  # BasePolicy.REQUIRED
             rows.stats = stats
             for index, tensor in enumerate(rows.inputs):
                 delta = tensor - rows.base
@@ -94,6 +97,7 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
                 magnitude = delta.abs()
                 totals[index] += float(magnitude.sum(dtype=torch.float64))
                 kept[index] += float((magnitude if mask is None else magnitude * mask).sum(dtype=torch.float64))
+        assert rows.base is not None
         dtype = rows.base.dtype
         scales = [l1_rescale(_rounded(total, dtype), _rounded(part, dtype)) for total, part in zip(totals, kept)]
     return SparsifyStats(keeps, scales)
@@ -109,13 +113,13 @@ class _MagnitudeSelections:
 
     WORKERS = 2
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.scratches: queue.SimpleQueue[SelectionScratch] = queue.SimpleQueue()
         for _ in range(self.WORKERS):
             self.scratches.put(SelectionScratch())
         self.workers = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="mergewise-select")
 
-    def keeps(self, tensors: ChunkedTensors, density: PerModel, gammas) -> list[Future]:
+    def keeps(self, tensors: ChunkedTensors, density: PerModel, gammas: Sequence[float | None]) -> list[Future]:
         """Each input's selection, as a future of its `KeepBits` (or None: every entry kept)."""
         return [self.workers.submit(self._select, tensors, index, share, gamma)
                 for index, (share, gamma) in enumerate(zip(density, gammas))]
@@ -123,7 +127,7 @@ class _MagnitudeSelections:
     def _select(self, tensors: ChunkedTensors, index: int, density: float, gamma: float | None) -> KeepBits | None:
         scratch = self.scratches.get()  # one per worker: never waits
         try:
-            return select_magnitudes(_input_and_base(tensors, index), tensors.numel, density, gamma, scratch)
+            return select_magnitudes(input_and_base(tensors, index), tensors.numel, density, gamma, scratch)
         finally:
             self.scratches.put(scratch)
 
@@ -131,9 +135,10 @@ class _MagnitudeSelections:
         self.workers.shutdown()
 
 
-def _input_and_base(tensors: ChunkedTensors, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def input_and_base(tensors: ChunkedTensors, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Input `index` and the base, row chunk by row chunk (read only when iterated)."""
     for rows in tensors.chunks(models=[index]):
+        assert rows.base is not None  # BasePolicy.REQUIRED
         yield rows.inputs[0], rows.base
 
 
@@ -142,15 +147,16 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
 
 
 def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | None, consensus: bool,
-                          weight: PerModel, density: PerModel = None, normalize: bool = False,
+                          weight: PerModel, density: PerModel = (), normalize: bool = False,
                           rescale: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
-                          gamma: PerModel = None, epsilon: PerModel = None) -> torch.Tensor:
+                          gamma: PerModel = (), epsilon: PerModel = ()) -> torch.Tensor:
     """base + lambda · combine(weight_i · sparsify(input_i − base)).
 
     `int8_mask` is accepted for config compatibility: it only chose a mask dtype to save memory, and
     masks here are booleans on row chunks already.
     """
     base = rows.base
+    assert base is not None  # BasePolicy.REQUIRED
     # Weights and rescale factors are tensors of the working dtype so each step rounds as mergekit's.
     weights = torch.tensor(weight, dtype=base.dtype, device=base.device)
     parts = _weighted_deltas(rows, weights, sparsification, density, gamma, epsilon, reuse_memory=not consensus)
@@ -178,6 +184,7 @@ def _weighted_deltas(rows: TensorRows, weights: torch.Tensor, sparsification: Sp
     each model's part is computed into the previous one's memory, so it must be used up before the
     next is asked for."""
     base = rows.base
+    assert base is not None  # BasePolicy.REQUIRED
     count = len(rows.inputs)
     density = density or (1.0,) * count
     gamma = gamma or (0.0,) * count
@@ -225,8 +232,8 @@ def _total_weight(weights: torch.Tensor) -> torch.Tensor:
 
 
 def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | None, consensus: bool,
-                          weight: PerModel, density: PerModel = None, normalize: bool = False,
-                          lambda_: float = 1.0, **unused) -> torch.Tensor | None:
+                          weight: PerModel, density: PerModel = (), normalize: bool = False,
+                          lambda_: float = 1.0, **unused: Any) -> torch.Tensor | None:
     """`merge_task_arithmetic` in one pass over bf16 CPU rows, bit for bit; None for rows it does not
     take (other dtypes or devices, random masks) and while the kernels are still loading."""
     if rows.base is None or sparsification not in (None, Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
@@ -250,11 +257,11 @@ def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
 
 def _preset(name: str, sparsification: Sparsification | None, consensus: bool, normalize: bool,
             rescale: bool, description: str) -> MergeMethod:
-    unused = {}
+    unused: dict[str, PerModel] = {}  # an empty PerModel: not given
     if sparsification is not Sparsification.MAGNITUDE_OUTLIERS:
-        unused["gamma"] = None
+        unused["gamma"] = ()
     if sparsification is not Sparsification.RANK_RANDOM:
-        unused["epsilon"] = None
+        unused["epsilon"] = ()
     defaults = {"normalize": normalize, "rescale": rescale, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
     return MergeMethod(
         name=name,

@@ -7,9 +7,10 @@ only; the test half scores the best and the baseline recipe once, after the sear
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, overload
 
 from mergewise.errors import MergewiseError
-from mergewise.search.space import Objective
+from mergewise.search.space import LmEvalObjective, Objective
 
 
 def resolve_objective(objective: Objective, config_dir: Path, origin: str) -> Objective:
@@ -19,51 +20,66 @@ def resolve_objective(objective: Objective, config_dir: Path, origin: str) -> Ob
 
         zoo_dir = _inside(config_dir, objective.zoo)
         zoo = load_zoo(zoo_dir)
-        missing = [name for name in objective.tasks if name not in zoo.tasks]
+        weights = objective.tasks
+        assert weights is not None  # Objective's validator: a zoo objective names its tasks
+        missing = [name for name in weights if name not in zoo.tasks]
         if missing:
             raise MergewiseError(f"{origin}: search.objective.tasks: {', '.join(missing)} not in "
                                  f"{zoo.root / 'zoo.json'} (has {', '.join(zoo.tasks)})")
-        if any(weight < 0 for weight in objective.tasks.values()) or not sum(objective.tasks.values()) > 0:
+        if any(weight < 0 for weight in weights.values()) or not sum(weights.values()) > 0:
             raise MergewiseError(f"{origin}: search.objective.tasks: weights are ≥ 0 and not all 0")
         return objective.model_copy(update={"zoo": str(zoo_dir)})
     lm_eval = objective.lm_eval
+    assert lm_eval is not None  # Objective's validator: a zoo or lm_eval
     if lm_eval.include_path is not None:
         lm_eval = lm_eval.model_copy(update={"include_path": str(_inside(config_dir, lm_eval.include_path))})
     return objective.model_copy(update={"lm_eval": lm_eval})
 
 
 def _inside(config_dir: Path, path: str) -> Path:
-    path = Path(path).expanduser()
-    return (path if path.is_absolute() else config_dir / path).resolve()
+    written = Path(path).expanduser()
+    return (written if written.is_absolute() else config_dir / written).resolve()
 
 
-def score_model(model_dir: str | Path, objective: Objective, split: str, device: str = "cpu") -> dict:
-    """`{"score": the objective, "tasks": {task: score}}` on `split` ("validation" or "test"); for
-    lm-eval, `split` "test" scores the objective's `test_tasks` (None when it names none)."""
+Split = Literal["validation", "test"]
+
+
+@overload
+def score_model(model_dir: str | Path, objective: Objective, split: Literal["validation"],
+                device: str = "cpu") -> dict: ...
+@overload
+def score_model(model_dir: str | Path, objective: Objective, split: Split, device: str = "cpu") -> dict | None: ...
+def score_model(model_dir: str | Path, objective: Objective, split: Split, device: str = "cpu") -> dict | None:
+    """`{"score": the objective, "tasks": {task: score}}` on `split`; for lm-eval, `split` "test"
+    scores the objective's `test_tasks` (None when it names none)."""
     if objective.zoo is not None:
-        return _score_on_zoo(model_dir, objective, split, device)
+        return _score_on_zoo(model_dir, objective.zoo, objective, split, device)
+    assert objective.lm_eval is not None  # Objective's validator: a zoo or lm_eval
     return _score_with_lm_eval(model_dir, objective.lm_eval, split, device)
 
 
-def _score_on_zoo(model_dir, objective: Objective, split: str, device: str) -> dict:
+def _score_on_zoo(model_dir: str | Path, zoo_dir: str, objective: Objective, split: Split, device: str) -> dict:
     from mergewise.evaluate.loading import load_model
     from mergewise.evaluate.zoo_eval import score_task
     from mergewise.zoo.manifest import load_zoo
 
-    zoo = load_zoo(objective.zoo)
+    weights = objective.tasks
+    assert weights is not None  # Objective's validator: a zoo objective names its tasks
+    zoo = load_zoo(zoo_dir)
     loaded = load_model(model_dir, device)
     limit = objective.limit if split == "validation" else None
     tasks = {}
-    for name in objective.tasks:
+    for name in weights:
         result = score_task(loaded, zoo, name, objective.batch_size, limit, split)
         own = result["metric"] == "exact_match" and objective.metric == "task"
         tasks[name] = result["score"] if own else -result["answer_nll"]
-    total = sum(objective.tasks.values())
-    score = sum(weight * tasks[name] for name, weight in objective.tasks.items()) / total
+    total = sum(weights.values())
+    score = sum(weight * tasks[name] for name, weight in weights.items()) / total
     return {"score": round(score, 6), "tasks": tasks}
 
 
-def _score_with_lm_eval(model_dir, lm_eval_objective, split: str, device: str) -> dict | None:
+def _score_with_lm_eval(model_dir: str | Path, lm_eval_objective: LmEvalObjective, split: Split,
+                        device: str) -> dict | None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -80,16 +82,14 @@ def run_search(search_file: str | Path, out_dir: str | Path, *, trials: int | No
     best_model = _publish_best_model(out_dir, setup.models_dir / best["trial"])
     _write_best_recipe(search, best, out_dir)
     baseline = _score_baseline(setup, out_dir, rows)
-    best_test = score_model(best_model, objective, "test", device)
-    summary = {
-        "best": {"trial": best["trial"], "values": {space.name: best[space.name] for space in search.spaces},
-                 "validation": best["score"], "test": best_test},
-        "baseline": baseline,
-        "trials": len(rows), "finished": len(finished), "seconds": round(time.time() - started, 1),
-    }
+    best_summary = {"trial": best["trial"], "values": {space.name: best[space.name] for space in search.spaces},
+                    "validation": best["score"], "test": score_model(best_model, objective, "test", device)}
+    seconds = round(time.time() - started, 1)
+    summary = {"best": best_summary, "baseline": baseline, "trials": len(rows), "finished": len(finished),
+               "seconds": seconds}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     _plot(search, rows, out_dir / "search.png")
-    return SearchResult(out_dir, summary["best"], baseline, rows, summary["seconds"])
+    return SearchResult(out_dir, best_summary, baseline, rows, seconds)
 
 
 def _expected_trials(search: SearchRecipe) -> int:
@@ -100,14 +100,19 @@ def _expected_trials(search: SearchRecipe) -> int:
 
 def _check_corners(search: SearchRecipe) -> tuple[Recipe, MergePlan]:
     """Plan the baseline and the recipes at every space's low and high end: a bound the recipe
-    refuses (a density of 1.5) fails now, naming the key, not in trial 17. Returns the baseline's."""
-    corners = [search.baseline(),
-               {space.name: min(space.values) if space.kind == "choice" else space.low for space in search.spaces},
-               {space.name: max(space.values) if space.kind == "choice" else space.high for space in search.spaces}]
+    refuses (a density of 1.5) fails now, naming the key, not in trial 17; so does an aim block
+    without a base model. Returns the baseline's."""
+    corners: list[dict[str, Any]] = [
+        search.baseline(),
+        {space.name: min(space.values) if space.kind == "choice" else space.low for space in search.spaces},
+        {space.name: max(space.values) if space.kind == "choice" else space.high for space in search.spaces}]
     planned = []
     for values in corners:
         recipe = load_recipe(search.concrete(values), config_dir=search.config_dir, origin=search.origin)
         planned.append((recipe, build_plan(recipe.config, recipe.config_dir, base_model=recipe.base_model)))
+    baseline = planned[0][0]
+    if "aim" in baseline.blocks and baseline.base_model is None:
+        raise MergewiseError(f"{search.origin}: aim needs base_model (the model the relaxation pulls toward)")
     return planned[0]
 
 
@@ -118,10 +123,14 @@ def _calibrated_once(search: SearchRecipe, baseline: tuple[Recipe, MergePlan], o
     aim = search.template.get("aim")
     if not isinstance(aim, dict) or "calibration" not in aim:
         return search
+    from mergewise.aim.stage import AimBlock
     from mergewise.aim.statistics import CalibrationSettings, calibrate
 
     recipe, plan = baseline
-    calibration = recipe.blocks["aim"].calibration
+    block = recipe.blocks["aim"]
+    assert isinstance(block, AimBlock) and block.calibration is not None  # the template's aim block calibrates
+    assert plan.base_model is not None  # _check_corners refused an aim block without one
+    calibration = block.calibration
     stats_path = out_dir / "aim-stats.safetensors"
     if not stats_path.is_file():
         settings = CalibrationSettings(**calibration.model_dump(exclude={"stream_layers"}))
@@ -140,7 +149,7 @@ def _run_trials(setup: TrialSetup, search: SearchRecipe, experiment: Path, out_d
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=not quiet,
-                 logging_level="WARNING")
+                 logging_level=logging.WARNING)
     try:
         resources = {"cpu": search.settings.resources.cpus, "gpu": search.settings.resources.gpus}
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
@@ -148,8 +157,8 @@ def _run_trials(setup: TrialSetup, search: SearchRecipe, experiment: Path, out_d
             tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
         else:
             concurrent = _concurrent_trials(ray.cluster_resources(), resources)
-            tuner = tune.Tuner(trainable, param_space=_param_space(search), tune_config=_tune_config(search, concurrent),
-                               run_config=tune.RunConfig(
+            tuner = tune.Tuner(trainable, param_space=_param_space(search),
+                               tune_config=_tune_config(search, concurrent), run_config=tune.RunConfig(
                                    name=EXPERIMENT, storage_path=str(experiment.parent),
                                    callbacks=[KeepBest(search, setup.models_dir, out_dir / "trials.csv")],
                                    verbose=0 if quiet else 1))
@@ -158,7 +167,8 @@ def _run_trials(setup: TrialSetup, search: SearchRecipe, experiment: Path, out_d
         if started_ray:
             ray.shutdown()
     rows = [_row(search, Path(result.path).name, result.config, result.metrics,
-                 "ERROR" if result.error else "TERMINATED", result.error) for result in results]
+                 "ERROR" if result.error else "TERMINATED", result.error)
+            for result in results]  # type: ignore[attr-defined]  # a ResultGrid iterates through __getitem__
     keep_best(rows, setup.models_dir, search.settings.keep)
     _write_trials_csv(rows, out_dir / "trials.csv")
     return rows
@@ -188,8 +198,8 @@ def _tune_config(search: SearchRecipe, concurrent: int):
     from ray import tune
 
     settings = search.settings
-    common = {"metric": "score", "mode": "max", "max_concurrent_trials": concurrent, "reuse_actors": True,
-              "trial_dirname_creator": _trial_dirname}
+    common: dict[str, Any] = {"metric": "score", "mode": "max", "max_concurrent_trials": concurrent,
+                              "reuse_actors": True, "trial_dirname_creator": _trial_dirname}
     if settings.searcher == "grid":
         return tune.TuneConfig(num_samples=1, **common)
     import optuna
@@ -210,7 +220,7 @@ def _trial_dirname(trial) -> str:
 def _row(search: SearchRecipe, trial: str, config: dict, metrics: dict, status: str, error) -> dict:
     if status == "TERMINATED" and "score" not in metrics:
         status = "INTERRUPTED"  # stopped before it reported; `--resume` runs it
-    row = {"trial": trial, "status": status}
+    row: dict[str, Any] = {"trial": trial, "status": status}
     row.update({space.name: config.get(space.name) for space in search.spaces})
     row["score"] = metrics.get("score")
     row.update({key: value for key, value in metrics.items() if key.startswith("task:")})
@@ -238,7 +248,7 @@ def _ranked(rows: list[dict]) -> list[dict]:
 try:  # the callback class needs Ray; importing this module must not
     from ray.tune import Callback as _TuneCallback
 except ImportError:  # pragma: no cover - the search extra is not installed
-    _TuneCallback = object
+    _TuneCallback = object  # type: ignore[misc,assignment]  # a stand-in base class
 
 
 class KeepBest(_TuneCallback):
@@ -329,7 +339,8 @@ def _score_baseline(setup: TrialSetup, out_dir: Path, rows: list[dict]) -> dict:
     folder = setup.models_dir / "baseline"
     setup.merge(values, folder)
     try:
-        return {"values": values, "validation": score_model(folder, setup.objective, "validation", setup.device)["score"],
+        validation = score_model(folder, setup.objective, "validation", setup.device)["score"]
+        return {"values": values, "validation": validation,
                 "test": score_model(folder, setup.objective, "test", setup.device)}
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 from mergewise.mediator.router import Route
 from mergewise.mediator.runtime import RoutedModel
@@ -68,7 +69,7 @@ class ServeRequest:
 @dataclass(eq=False)
 class Ticket:
     request: ServeRequest
-    deliver: Callable[[Event], None] | None = None
+    deliver: Callable[[Event], object] | None = None  # what it returns is ignored
     number: int = 0
     route: Route | None = None
     submitted: float = field(default_factory=time.monotonic)
@@ -76,7 +77,7 @@ class Ticket:
     _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.deliver is None:
             self.deliver = self._events.put
 
@@ -87,6 +88,7 @@ class Ticket:
     def send(self, event: Event) -> None:
         """Hand an event to the caller; a caller that can no longer take it (its event loop closed)
         has gone, so the request is cancelled rather than the worker failing."""
+        assert self.deliver is not None  # __post_init__ defaults it
         try:
             self.deliver(event)
         except Exception:
@@ -135,7 +137,7 @@ class ServingCore:
     @property
     def model_names(self) -> list[str]:
         """What `model` may say: the served name and "auto" route; "dense" and each task force a route."""
-        if not self.model.is_mediator:
+        if self.model.router is None:  # not a mediator
             return [self.served_name]
         return [self.served_name, AUTO, DENSE, *self.model.router.tasks]
 
@@ -162,10 +164,10 @@ class ServingCore:
     def __enter__(self) -> ServingCore:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, request: ServeRequest, deliver: Callable[[Event], None] | None = None) -> Ticket:
+    def submit(self, request: ServeRequest, deliver: Callable[[Event], object] | None = None) -> Ticket:
         """Admit a request (checked first: its model, prompt and length); raises ServingError (404
         unknown model, 400 too long, 429 queue full, 503 closing)."""
         self.check(request)
@@ -190,7 +192,8 @@ class ServingCore:
                                f"{', '.join(self.model_names)}", code="model_not_found", param="model")
         if not request.prompt_ids:
             raise ServingError(400, "the prompt is empty", param="prompt")
-        vocabulary = self.model.model.get_input_embeddings().num_embeddings
+        # torch types a module's attributes as tensors or modules
+        vocabulary = cast(int, self.model.model.get_input_embeddings().num_embeddings)
         if any(not 0 <= token < vocabulary for token in request.prompt_ids):
             raise ServingError(400, f"the prompt holds token ids outside the vocabulary [0, {vocabulary})",
                                param="prompt")
@@ -216,7 +219,7 @@ class ServingCore:
             if admitted:
                 self._route(admitted)
             batch_key, batch = self._next_batch()
-            if batch:
+            if batch_key is not None and batch:  # a batch has a key
                 self._run(batch_key, batch)
 
     def _route(self, tickets: list[Ticket]) -> None:
@@ -246,7 +249,7 @@ class ServingCore:
                 ticket.send(Event("route"))
 
     def _forced_route(self, model: str) -> Route | None:
-        if not self.model.is_mediator:
+        if self.model.router is None:  # not a mediator
             return None
         tasks = self.model.router.tasks
         if model == DENSE:
@@ -270,7 +273,7 @@ class ServingCore:
             if key != oldest and time.monotonic() - waiting[oldest][0].submitted > self.max_wait:
                 key = oldest
             tickets = waiting[key]
-            batch = []
+            batch: list[Ticket] = []
             while tickets and len(batch) < self.max_batch:
                 ticket = tickets.popleft()
                 self._waiting -= 1

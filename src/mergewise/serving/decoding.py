@@ -10,8 +10,9 @@ ending on its own; the batch ends when every sequence has.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -81,7 +82,7 @@ class Completion:
         return self._release(text, final=False)
 
     def _decoded(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return cast(str, self.tokenizer.decode(tokens, skip_special_tokens=True))  # one sequence: one str
 
     def _release(self, text: str, *, final: bool) -> str:
         if not final:
@@ -97,7 +98,7 @@ class Completion:
 
 @torch.no_grad()
 def decode(model: PreTrainedModel, completions: Sequence[Completion], pad_id: int, device: torch.device,
-           on_text=None) -> None:
+           on_text: Callable[[int, str], object] | None = None) -> None:
     """Decode every completion to its end, in one batch. `on_text(index, text)` is called with the
     text each step releases (also ""), after every step, so a caller can stream and cancel."""
     width = max(len(completion.prompt_ids) for completion in completions)

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -152,7 +152,7 @@ def create_app(core: ServingCore, *, api_key: str | None = None, default_max_tok
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        where: str | None = ".".join(str(part) for part in first["loc"] if part != "body")
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "json_invalid":
             message, where = "the body is not valid JSON", None
@@ -192,9 +192,7 @@ def create_app(core: ServingCore, *, api_key: str | None = None, default_max_tok
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompt = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and isinstance(
-            body.prompt[0], str) else body.prompt
-        ids = list(prompt) if isinstance(prompt, list) else _encode(core, prompt)
+        ids = _prompt_ids(core, body.prompt)
         served = ServeRequest(ids, body.sampling(default_max_tokens), body.model, route_ids=ids)
         return await _respond(core, served, body, request, chat=False)
 
@@ -205,8 +203,9 @@ def create_app(core: ServingCore, *, api_key: str | None = None, default_max_tok
                                code="no_chat_template")
         messages = [{"role": message.role, "content": message.text} for message in body.messages]
         try:
-            ids = list(core.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                          tokenize=True)["input_ids"])
+            encoded = core.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            # transformers types the result as every form it may take; tokenized, it is a mapping
+            ids = list(encoded["input_ids"])  # type: ignore[call-overload,index]
         except Exception as error:  # the template refused these messages (it may raise on purpose)
             raise ServingError(400, f"messages: the chat template cannot render them ({error})",
                                param="messages") from None
@@ -226,6 +225,15 @@ def create_app(core: ServingCore, *, api_key: str | None = None, default_max_tok
     return app
 
 
+def _prompt_ids(core: ServingCore, prompt: str | list[str] | list[int]) -> list[int]:
+    """The ids of a completion's prompt: given as ids, or text (alone or in a list of one)."""
+    if isinstance(prompt, str):
+        return _encode(core, prompt)
+    if prompt and isinstance(prompt[0], str):
+        return _encode(core, prompt[0])
+    return cast(list[int], list(prompt))  # a list holding text was taken above
+
+
 def _encode(core: ServingCore, text: str) -> list[int]:
     from mergewise.mediator.runtime import encode_prompts
 
@@ -243,7 +251,7 @@ async def _respond(core: ServingCore, served: ServeRequest, body: SamplingFields
     except BaseException:
         ticket.cancel()
         raise
-    if first.kind == "error":
+    if first.error is not None:
         return _error(first.error)
     headers = _route_headers(ticket.route)
     shape = _Shape(identifier, started, body.model, chat, ticket.route)
@@ -256,7 +264,7 @@ async def _respond(core: ServingCore, served: ServeRequest, body: SamplingFields
             event = await _next_event(events, request, ticket)
             if event.kind == "text":
                 text.append(event.text)
-            elif event.kind == "error":
+            elif event.error is not None:
                 return _error(event.error)
             else:
                 return JSONResponse(shape.whole("".join(text), event), headers=headers)
@@ -270,7 +278,7 @@ async def _next_event(events: asyncio.Queue, request: Request, ticket: Ticket) -
     while True:
         try:
             return await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if await request.is_disconnected():
                 ticket.cancel()
                 raise asyncio.CancelledError from None
@@ -285,7 +293,7 @@ async def _stream(events: asyncio.Queue, request: Request, ticket: Ticket, shape
             event = await _next_event(events, request, ticket)
             if event.kind == "text":
                 yield _sse(shape.chunk({"content": event.text} if shape.chat else event.text))
-            elif event.kind == "error":
+            elif event.error is not None:
                 yield _sse({"error": _error_body(event.error)})
                 break
             else:

@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mergewise.checkpoint.files import read_json, read_jsonl
 from mergewise.errors import MergewiseError
@@ -76,7 +77,7 @@ def load_zoo(zoo_dir: str | os.PathLike) -> Zoo:
     if manifest is None:
         raise MergewiseError(f"{path}: no zoo here (build one with `mergewise zoo build`)")
 
-    def required(mapping: dict, key: str, where: str, kinds: tuple[type, ...] = (str,)):
+    def required(mapping: dict, key: str, where: str, kinds: tuple[type, ...] = (str,)) -> Any:
         if key not in mapping:
             raise MergewiseError(f"{path}: missing key '{where}{key}'")
         if not isinstance(mapping[key], kinds):

@@ -4,6 +4,7 @@ as bf16 safetensors) with full fine-tunes on math word problems and on Python co
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -57,7 +58,7 @@ SMALL_SCALE = SmallScale(
 )
 
 
-def build_small_zoo(zoo_dir: Path, seed: int, data_dir: str | None) -> dict:
+def build_small_zoo(zoo_dir: Path, seed: int, data_dir: str | os.PathLike | None) -> dict:
     """Base + one expert per task; `data_dir` is a GSM8K-style JSONL file or a folder with train.jsonl."""
     scale = SMALL_SCALE
     gsm8k_path = locate_gsm8k(data_dir)
@@ -108,7 +109,7 @@ def build_small_zoo(zoo_dir: Path, seed: int, data_dir: str | None) -> dict:
     return manifest
 
 
-def locate_gsm8k(data_dir: str | None) -> Path:
+def locate_gsm8k(data_dir: str | os.PathLike | None) -> Path:
     if data_dir is None:
         raise MergewiseError("--data-dir: the small zoo needs GSM8K-style train.jsonl (question/answer lines)")
     path = Path(data_dir)
@@ -127,7 +128,8 @@ def math_examples(path: Path) -> list[tuple[str, str]]:
 def code_splits(scale: SmallScale, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
     """Continue a block of stdlib code: eval and calibration come from held-out files, like the
     general split, so no expert has seen them."""
-    train_blocks, held_out_blocks = [], []
+    train_blocks: list[tuple[str, str]] = []
+    held_out_blocks: list[tuple[str, str]] = []
     for index, path in enumerate(stdlib_sources()):
         blocks = held_out_blocks if index % 10 == 9 else train_blocks
         blocks.extend(code_blocks(path.read_text(encoding="utf-8", errors="replace")))
@@ -175,7 +177,7 @@ def load_gguf_base():
                                                  trust_remote_code=False)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained; transformers' types lack it
     record = {
         "source": f"{GGUF_PACKAGE}/{GGUF_FILE}",
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -12,7 +12,7 @@ first entry in the high nibble.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,8 @@ def layout(rows: int, columns: int, dtype: torch.dtype, level: float | None) -> 
 
 
 def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> Stored:
-    return encode_rows(lambda rows: residual[rows].float(), *residual.shape, dtype, level)
+    rows, columns = residual.shape
+    return encode_rows(lambda span: residual[span].float(), rows, columns, dtype, level)
 
 
 def encode_rows(read: Callable[[slice], torch.Tensor], rows: int, columns: int, dtype: torch.dtype,
@@ -60,10 +61,11 @@ def kept_shares(spectrum: SampleSpectrum, ranks: list[float]) -> dict[float, flo
     sample, total = spectrum.sample, spectrum.energy
     if total == 0:
         return {rank: 1.0 for rank in ranks}
-    left, right = spectrum.factors(max(rank_of(*sample.shape, rank) for rank in ranks))
+    rows, columns = sample.shape
+    left, right = spectrum.factors(max(rank_of(rows, columns, rank) for rank in ranks))
     shares = {}
     for rank in ranks:
-        kept = rank_of(*sample.shape, rank)
+        kept = rank_of(rows, columns, rank)
         error = sample - decode(_stored(left[:, :kept], right[:kept], torch.float32), sample.shape[1])
         shares[rank] = 1.0 - float(error.double().square().sum()) / total
     return shares
@@ -73,18 +75,20 @@ def _quantized(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of `vectors` as integers −7…7 times its scale: the scale among CLIPS·absmax/7 with the
     smallest squared error."""
     absmax = vectors.abs().amax(-1, keepdim=True)
-    best_levels, best_scale, best_error = None, None, None
-    for clip in CLIPS:
+
+    def clipped(clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Levels, scale and squared error with the largest level at `clip`·absmax."""
         scale = torch.where(absmax > 0, absmax * (clip / LARGEST), torch.ones_like(absmax))
         levels = (vectors / scale).round_().clamp_(-LARGEST, LARGEST)
-        error = (vectors - levels * scale).square().sum(-1, keepdim=True)
-        if best_error is None:
-            best_levels, best_scale, best_error = levels, scale, error
-        else:
-            better = error < best_error
-            best_levels = torch.where(better, levels, best_levels)
-            best_scale = torch.where(better, scale, best_scale)
-            best_error = torch.minimum(error, best_error)
+        return levels, scale, (vectors - levels * scale).square().sum(-1, keepdim=True)
+
+    best_levels, best_scale, best_error = clipped(CLIPS[0])
+    for clip in CLIPS[1:]:
+        levels, scale, error = clipped(clip)
+        better = error < best_error
+        best_levels = torch.where(better, levels, best_levels)
+        best_scale = torch.where(better, scale, best_scale)
+        best_error = torch.minimum(error, best_error)
     return best_levels, best_scale[:, 0]
 
 
