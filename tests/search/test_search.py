@@ -74,8 +74,8 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- spaces, no Ray
 
 
-def test_spaces_are_named_by_path_and_substituted(tiny_zoo, tmp_path):
-    recipe = search_recipe(tiny_zoo)
+def test_spaces_are_named_by_path_and_substituted(fake_zoo, tmp_path):
+    recipe = search_recipe(fake_zoo)
     recipe["parameters"] = {"lambda": {"search": "loguniform", "low": 0.5, "high": 2.0}}
     recipe["models"][1]["parameters"]["density"] = [{"search": "int", "low": 0, "high": 1}, 0.5]
     search = load_search_recipe(write(tmp_path / "s.yml", recipe))
@@ -94,8 +94,8 @@ def test_spaces_are_named_by_path_and_substituted(tiny_zoo, tmp_path):
     assert search.template["models"][0]["parameters"]["weight"] is None  # the template keeps no space
 
 
-def test_centre_of_a_space_without_a_default(tiny_zoo, tmp_path):
-    recipe = search_recipe(tiny_zoo)
+def test_centre_of_a_space_without_a_default(fake_zoo, tmp_path):
+    recipe = search_recipe(fake_zoo)
     recipe["aim"]["exponent"] = {"search": "loguniform", "low": 2.0, "high": 8.0}   # exponent's default 1 lies outside
     recipe["aim"]["omega"]["default"] = 0.9
     search = load_search_recipe(write(tmp_path / "s.yml", recipe))
@@ -133,9 +133,9 @@ BAD_SPACES = {
 
 
 @pytest.mark.parametrize("case", BAD_SPACES, ids=list(BAD_SPACES))
-def test_bad_search_recipe_is_one_error_naming_the_key(case, tiny_zoo, tmp_path, capsys):
+def test_bad_search_recipe_is_one_error_naming_the_key(case, fake_zoo, tmp_path, capsys):
     path, value, named = BAD_SPACES[case]
-    recipe = search_recipe(tiny_zoo)
+    recipe = search_recipe(fake_zoo)
     node = recipe
     for part in path[:-1]:
         node = node[part]
@@ -144,9 +144,9 @@ def test_bad_search_recipe_is_one_error_naming_the_key(case, tiny_zoo, tmp_path,
     assert_refused(capsys, status, tmp_path / "out", *named)
 
 
-def test_a_grid_of_a_billion_points_is_refused_before_it_is_listed(tiny_zoo, tmp_path):
+def test_a_grid_of_a_billion_points_is_refused_before_it_is_listed(fake_zoo, tmp_path):
     """An int space of a billion values under `searcher: grid` was listed whole: a MemoryError."""
-    recipe = search_recipe(tiny_zoo)
+    recipe = search_recipe(fake_zoo)
     recipe["models"][0]["parameters"] = {"weight": {"search": "int", "low": 0, "high": 1_000_000_000}, "density": 0.5}
     recipe["models"][1]["parameters"]["weight"] = 0.5
     recipe["aim"]["omega"] = 0.4
@@ -156,9 +156,9 @@ def test_a_grid_of_a_billion_points_is_refused_before_it_is_listed(tiny_zoo, tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_aim_without_a_base_model_is_refused_before_calibrating(tiny_zoo, tmp_path, capsys):
+def test_aim_without_a_base_model_is_refused_before_calibrating(fake_zoo, tmp_path, capsys):
     """Calibrating once for every trial read the base of a recipe that had none: an AttributeError."""
-    recipe = search_recipe(tiny_zoo, merge_method="linear")
+    recipe = search_recipe(fake_zoo, merge_method="linear")
     del recipe["base_model"]
     for model in recipe["models"]:
         del model["parameters"]["density"]
@@ -166,9 +166,9 @@ def test_aim_without_a_base_model_is_refused_before_calibrating(tiny_zoo, tmp_pa
     assert_refused(capsys, status, tmp_path / "out", "s.yml", "aim needs base_model")
 
 
-def test_a_search_file_of_nested_aliases_is_refused_at_once(tiny_zoo, tmp_path):
+def test_a_search_file_of_nested_aliases_is_refused_at_once(fake_zoo, tmp_path):
     """616 bytes of YAML anchors standing for 10**9 values ran for minutes."""
-    text = yaml.safe_dump(search_recipe(tiny_zoo), sort_keys=False) + billion_laughs(9, "bomb_")
+    text = yaml.safe_dump(search_recipe(fake_zoo), sort_keys=False) + billion_laughs(9, "bomb_")
     search_file = tmp_path / "s.yml"
     search_file.write_text(text)
     result = run_measured("search", str(search_file), str(tmp_path / "out"), "--quiet")
@@ -176,24 +176,24 @@ def test_a_search_file_of_nested_aliases_is_refused_at_once(tiny_zoo, tmp_path):
     assert result.seconds < 20 and not (tmp_path / "out").exists()
 
 
-def test_a_folder_holding_something_else_is_refused_without_resume(tiny_zoo, tmp_path, capsys):
+def test_a_folder_holding_something_else_is_refused_without_resume(fake_zoo, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    status = main(["search", str(write(tmp_path / "s.yml", search_recipe(tiny_zoo))), str(tmp_path / "out")])
+    status = main(["search", str(write(tmp_path / "s.yml", search_recipe(fake_zoo))), str(tmp_path / "out")])
     assert_refused(capsys, status, tmp_path / "out", "not empty", "--resume",
                    out_dir_before={"notes.txt": __import__("hashlib").sha256(b"mine").hexdigest()})
 
 
-def test_resume_keeps_the_trial_count_it_started_with(tiny_zoo, tmp_path, capsys):
-    search_file = write(tmp_path / "s.yml", search_recipe(tiny_zoo))
+def test_resume_keeps_the_trial_count_it_started_with(fake_zoo, tmp_path, capsys):
+    search_file = write(tmp_path / "s.yml", search_recipe(fake_zoo))
     status = main(["search", str(search_file), str(tmp_path / "out"), "--resume", "--trials", "9"])
     assert_refused(capsys, status, tmp_path / "out", "--trials", "resumed")
 
 
-def test_zoo_held_out_prompts_split_into_disjoint_halves(tiny_zoo):
+def test_zoo_held_out_prompts_split_into_disjoint_halves(fake_zoo):
     from mergewise.zoo import load_zoo
 
-    zoo = load_zoo(tiny_zoo)
+    zoo = load_zoo(fake_zoo)
     everything = zoo.eval_examples("first")
     validation, test = zoo.eval_examples("first", "validation"), zoo.eval_examples("first", "test")
     assert validation + test == everything and len(validation) == math.ceil(len(everything) / 2)
