@@ -252,6 +252,7 @@ def test_python_api_and_cli_give_the_same_model(tiny_family, tmp_path):
     assert digest(from_cli) == digest(tmp_path / "api")
 
 
+@pytest.mark.integration
 def test_console_command_exits_with_the_status_after_its_output_is_complete(tiny_family, tmp_path):
     """`python -m mergewise.cli` ends without interpreter teardown: its output must still be flushed
     and complete, and its status that of the command."""
@@ -269,6 +270,7 @@ def test_console_command_exits_with_the_status_after_its_output_is_complete(tiny
     assert refused.stderr.strip().splitlines()[-1].startswith("error: output folder")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("preset, expected", [(None, ["10000", "1"]), ("123", ["123", "123"])])
 def test_the_command_tunes_its_process_before_torch_loads_unless_told_otherwise(preset, expected):
     script = ("import gc, os, sys; from mergewise.cli import _tune_process; "

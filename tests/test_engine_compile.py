@@ -11,6 +11,8 @@ import mergewise
 from mergewise import engine
 from tests.support.tiny_models import read_state_dict
 
+pytestmark = pytest.mark.integration  # torch.compile'd kernels
+
 
 @pytest.mark.parametrize("method", ["nuslerp", "task_arithmetic"])
 def test_compiled_merge_is_bit_identical_to_eager(tiny_family, tmp_path, monkeypatch, method):

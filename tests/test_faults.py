@@ -19,6 +19,8 @@ import yaml
 
 from tests.support.tiny_models import read_state_dict
 
+pytestmark = pytest.mark.integration  # merges killed, signalled and starved in processes of their own
+
 # The child merges with every row write slowed down and announces its first write on stdout, so a
 # signal reliably lands in the middle of the merge.
 SLOW_MERGE = """

@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from mergewise.cli import main
 from tests.support.tiny_models import build_lora_adapter, build_tiny_model
 
+pytestmark = pytest.mark.integration  # generated inputs through the command, each in a process of its own
+
 FUZZ = settings(max_examples=int(os.environ.get("MERGEWISE_FUZZ_EXAMPLES", "40")), deadline=10_000,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None)
 METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp", "nuslerp",

@@ -28,7 +28,7 @@ CORPUS = Path(__file__).parent / "data" / "recipes"
 RECIPES = sorted(CORPUS.glob("*.yml"))
 RUNNER = Path(__file__).parent / "support" / "mergekit_runner.py"
 
-pytestmark = [pytest.mark.peer,
+pytestmark = [pytest.mark.integration, pytest.mark.peer,
               pytest.mark.skipif(importlib.util.find_spec("mergekit") is None,
                                  reason="mergekit is not installed (pip install '.[peer]')")]
 

@@ -230,6 +230,7 @@ def test_layer_streamed_calibration_of_a_multimodal_model_is_one_error_line(cali
     assert not (tmp_path / "s.safetensors").exists()
 
 
+@pytest.mark.integration
 def test_a_full_disk_is_one_error_line_naming_the_file(tiny_family, calibration_text, tmp_path):
     family = tiny_family("llama")
     stats = tmp_path / "stats.safetensors"

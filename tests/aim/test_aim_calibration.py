@@ -195,6 +195,7 @@ def test_calibration_leaves_process_state_alone(tiny_family, documents_jsonl, tm
     assert LibraryRecordingMallopt.calls == []
 
 
+@pytest.mark.integration
 def test_a_document_of_megabytes_is_skipped_in_flat_memory(tiny_family, tmp_path):
     """A text of 10 MB without a blank line is one document, far too long for a block: it is skipped
     as the reference skips it, but unread and untokenized (tokenized whole, it took 2.5 GB), and the

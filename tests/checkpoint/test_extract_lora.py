@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -41,6 +42,7 @@ def test_a_rank_below_one_is_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: --rank: must be at least 1, got 0"
 
 
+@pytest.mark.integration
 def test_a_rank_past_every_matrix_is_refused_before_any_allocation(tmp_path):
     """Every factor is padded to the rank, so a rank of millions on a 64 × 160 model took 7 GB."""
     base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=1, hidden_size=64,
@@ -65,6 +67,7 @@ def test_nan_in_the_fine_tune_is_one_error_line_naming_it(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_a_full_disk_is_one_error_line_naming_the_file(tmp_path):
     base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=1)
     tuned = build_fine_tune(base, tmp_path / "tuned", seed=1)

@@ -18,6 +18,8 @@ import mergewise.evaluate.lm_eval_adapter  # noqa: E402,F401  (registers the "me
 from mergewise.evaluate import load_model  # noqa: E402
 from mergewise.evaluate.scoring import greedy_completions  # noqa: E402
 
+pytestmark = pytest.mark.integration  # lm-eval's harness end to end
+
 
 def write_tasks(folder: Path, data_file: Path) -> list[str]:
     """One task per lm-eval request type, all reading `data_file` ({"prompt", "answer"} lines)."""

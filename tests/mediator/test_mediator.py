@@ -636,6 +636,7 @@ def test_export_carries_over_no_record_from_outside_the_folder(mediator_dir, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_export_onto_a_full_disk_names_the_file(mediator_dir, tmp_path):
     run_measured("mediator", "export", str(mediator_dir), str(tmp_path / "out"), "--task", "merging", "--quiet",
                  file_size_limit=20_000).assert_one_error("model.safetensors: cannot write")

@@ -346,6 +346,7 @@ def test_fused_switch_kernels_refuse_columns_outside_the_weights_and_leave_that_
         switching.put_entries(weights, torch.tensor([[-1, 0]], dtype=torch.int16), torch.ones(1, 2, dtype=torch.bfloat16))
 
 
+@pytest.mark.integration
 def test_importing_the_runtime_leaves_numba_unloaded():
     """A plain model's `mergewise generate` never pays for numba: the switch kernels load on first use."""
     import subprocess

@@ -122,6 +122,7 @@ def test_merges_stay_eager_when_the_kernels_cannot_load(monkeypatch):
     assert method.merge(TensorRows(base, inputs, 0), params, method.fused) is None
 
 
+@pytest.mark.integration
 def test_a_process_ending_while_the_kernels_compile_waits_for_them(tmp_path):
     """Interpreter shutdown in the middle of numba's compilation aborted the process: a command that
     ends first must wait, exit cleanly and leave the compiled kernels cached."""

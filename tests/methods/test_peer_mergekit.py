@@ -47,6 +47,7 @@ from tests.support.tiny_models import Family, read_state_dict
 
 MERGEKIT_YAML = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
 pytestmark = [
+    pytest.mark.integration,
     pytest.mark.peer,
     pytest.mark.skipif(
         not MERGEKIT_YAML, reason="mergekit-yaml not found on PATH nor in $MERGEKIT_YAML (pip install '.[peer]')"

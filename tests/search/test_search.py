@@ -144,6 +144,7 @@ def test_bad_search_recipe_is_one_error_naming_the_key(case, fake_zoo, tmp_path,
     assert_refused(capsys, status, tmp_path / "out", *named)
 
 
+@pytest.mark.integration
 def test_a_grid_of_a_billion_points_is_refused_before_it_is_listed(fake_zoo, tmp_path):
     """An int space of a billion values under `searcher: grid` was listed whole: a MemoryError."""
     recipe = search_recipe(fake_zoo)
@@ -166,6 +167,7 @@ def test_aim_without_a_base_model_is_refused_before_calibrating(fake_zoo, tmp_pa
     assert_refused(capsys, status, tmp_path / "out", "s.yml", "aim needs base_model")
 
 
+@pytest.mark.integration
 def test_a_search_file_of_nested_aliases_is_refused_at_once(fake_zoo, tmp_path):
     """616 bytes of YAML anchors standing for 10**9 values ran for minutes."""
     text = yaml.safe_dump(search_recipe(fake_zoo), sort_keys=False) + billion_laughs(9, "bomb_")
@@ -212,6 +214,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.integration
 def test_four_trial_search_writes_a_runnable_best_recipe(tiny_zoo, tmp_path, local_ray):
     from mergewise.search import run_search
 
@@ -253,6 +256,7 @@ def test_four_trial_search_writes_a_runnable_best_recipe(tiny_zoo, tmp_path, loc
     assert not (out_dir / "models" / "baseline").exists()
 
 
+@pytest.mark.integration
 def test_resume_after_an_interrupted_search_does_not_redo_finished_trials(tiny_zoo, tmp_path):
     recipe = search_recipe(tiny_zoo)
     recipe["search"].update(trials=12, resources={"cpus": 2})   # one trial at a time
@@ -287,6 +291,7 @@ def test_run_search_names_the_missing_extra(monkeypatch, tmp_path):
     assert os.path.exists(tmp_path) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_lm_eval_objective_takes_each_task_first_metric_higher_is_better(tiny_zoo, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
@@ -318,6 +323,7 @@ def test_lm_eval_objective_takes_each_task_first_metric_higher_is_better(tiny_zo
         update={"test_tasks": None})}), "test") is None
 
 
+@pytest.mark.integration
 def test_grid_runs_every_combination_once_and_cmaes_runs(tiny_zoo, tmp_path, local_ray):
     from mergewise.search import run_search
 

@@ -29,6 +29,8 @@ from tests.support.tiny_mediator import (  # noqa: E402
     prompts_for,
 )
 
+pytestmark = pytest.mark.integration  # a live server process and the openai client
+
 STARTUP_SECONDS = 120
 
 

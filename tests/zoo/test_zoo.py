@@ -17,6 +17,8 @@ from mergewise.errors import MergewiseError
 from mergewise.zoo import build_zoo, load_zoo
 from mergewise.zoo import training as zoo_training
 
+pytestmark = pytest.mark.integration  # trains the tiny zoo
+
 MODEL_NAMES = ["base", "expert-first", "expert-last", "expert-max", "expert-min"]
 
 

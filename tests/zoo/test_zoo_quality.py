@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mergewise.evaluate import evaluate_model
 from mergewise.zoo import build_zoo, load_zoo
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 BUILD_BUDGET_SECONDS = 300
 
 
