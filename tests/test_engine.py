@@ -376,18 +376,18 @@ def test_the_output_has_a_model_card_unless_asked_not_to(tiny_family, tmp_path):
 
 
 @pytest.mark.parametrize("limit", [1, 10, 10**9])
-def test_statistics_are_asked_for_ahead_in_order_once_each(limit, monkeypatch):
+def test_statistics_are_asked_for_ahead_in_order_once_each(limit):
     """While a tensor merges, the statistics of the tensors after it are gathered, up to the limit's
     parameters (at least the next tensor's); every job comes out once, in order, with its own."""
     from types import SimpleNamespace
 
     from mergewise import engine
 
-    monkeypatch.setattr(engine, "PREPARED_AHEAD_ELEMENTS", limit)
     jobs = [SimpleNamespace(name=f"t{index}", shape=(size,)) for index, size in enumerate([8, 1, 1, 4, 2, 8, 1])]
     asked: list[str] = []
     seen = []
-    for job, statistics in engine._prepared_ahead(jobs, lambda job: asked.append(job.name) or f"stats {job.name}"):
+    for job, statistics in engine._prepared_ahead(jobs, lambda job: asked.append(job.name) or f"stats {job.name}",
+                                                  limit):
         seen.append(job.name)
         assert statistics == f"stats {job.name}"
         ahead = asked[len(seen):]

@@ -30,6 +30,7 @@ from mergewise.checkpoint.vocabulary import (
     build_vocabulary,
 )
 from mergewise.config import ConditionalParameter, MergeConfig, ModelTokenEmbedding, ZeroEmbedding
+from mergewise.devices import parse_dtype
 from mergewise.errors import MergewiseError, RecipeWarning, tolerated
 from mergewise.methods import BasePolicy, MergeMethod, Parameter, get_method
 from mergewise.methods.base import REQUIRED
@@ -37,8 +38,6 @@ from mergewise.methods.base import REQUIRED
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+\.)(?P<index>\d+)\.(?P<rest>.+)$")
 EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 OUTPUT_EMBEDDING_NAMES = ("lm_head.weight", "embed_out.weight")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -100,15 +99,6 @@ def layer_index(name: str) -> int | None:
 def _with_layer(name: str, index: int) -> str:
     match = LAYER_NAME.match(name)
     return f"{match.group('prefix')}{index}.{match.group('rest')}"
-
-
-def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
-    if name is None:
-        return None
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise MergewiseError(f"{key}: unknown dtype {name!r}; use one of {', '.join(sorted(_DTYPES))}") from None
 
 
 class Planner:

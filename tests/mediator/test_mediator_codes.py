@@ -259,7 +259,7 @@ def test_the_estimate_samples_rows_across_chunks_as_one_tensor():
         assert chunked.total["layers.0", task] == pytest.approx(whole.total["layers.0", task], rel=1e-9)
 
 
-def test_the_randomized_svd_of_a_big_matrix_finds_the_exact_top_rank(monkeypatch):
+def test_the_randomized_svd_of_a_big_matrix_finds_the_exact_top_rank():
     """Past EXACT_UP_TO entries the low-rank code reads row chunks into a randomized SVD; on a matrix
     of rank 5 plus noise it keeps what the exact SVD keeps."""
     from mergewise.mediator.codes import lowrank
@@ -269,9 +269,8 @@ def test_the_randomized_svd_of_a_big_matrix_finds_the_exact_top_rank(monkeypatch
     matrix = signal + 0.01 * torch.randn(300, 200, generator=generator)
     exact = lowrank.decode(lowrank.encode(matrix, torch.float32, 5), 200)
     reads = []
-    monkeypatch.setattr(lowrank, "EXACT_UP_TO", 0)
-    monkeypatch.setattr(lowrank, "CHUNK_ENTRIES", 64 * 200)
-    stored = lowrank.encode_rows(lambda rows: reads.append(rows) or matrix[rows], 300, 200, torch.float32, 5)
+    stored = lowrank.encode_rows(lambda rows: reads.append(rows) or matrix[rows], 300, 200, torch.float32, 5,
+                                 exact_up_to=0, chunk_entries=64 * 200)
     assert max(rows.stop - rows.start for rows in reads) == 64  # never more than a chunk at a time
     torch.testing.assert_close(lowrank.decode(stored, 200), exact, rtol=0, atol=1e-3)
 

@@ -13,7 +13,8 @@ import torch
 from mergewise.checkpoint import ModelFolder
 from mergewise.errors import MergewiseError
 from mergewise.mediator.settings import MediatorRecipe
-from mergewise.plan import Planner, TensorSource, layer_index, parse_dtype
+from mergewise.devices import parse_dtype
+from mergewise.plan import Planner, TensorSource, layer_index
 
 
 def unit_of(tensor_name: str) -> str:

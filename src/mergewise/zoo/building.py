@@ -16,7 +16,7 @@ import transformers
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-import mergewise
+from mergewise._version import __version__
 from mergewise.errors import MergewiseError
 from mergewise.zoo.manifest import read_manifest_dict, write_manifest_dict
 
@@ -30,7 +30,7 @@ def derived_seed(seed: int, purpose: str) -> int:
 
 def library_versions() -> dict[str, str]:
     return {
-        "mergewise": mergewise.__version__,
+        "mergewise": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
