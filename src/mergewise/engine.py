@@ -139,8 +139,7 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
     finally:
         for stage in stages:
             stage.close()
-        if options.threads is not None:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the caller's, also after numba's first parallel launch reset OpenMP's
         for model in plan.models:
             model.close()
     return MergeResult(out_dir, records)

@@ -67,11 +67,14 @@ def build_model_once(
     """Train and save `name` unless a finished copy exists; returns whether it was (re)built.
 
     The folder is written under a temporary name and renamed into place, then zoo.json records it:
-    an interrupted build leaves no half-written model that a resume would mistake for a finished one."""
+    an interrupted build leaves no half-written model that a resume would mistake for a finished one.
+    `train` seeds torch's global random stream (initialisation and dropout draw from it) in a fork of
+    it: the caller's stream is as it was afterwards."""
     if is_finished(zoo_dir, manifest, name):
         return False
     started = time.perf_counter()
-    model, tokenizer, record = train()
+    with torch.random.fork_rng():
+        model, tokenizer, record = train()
     temporary = zoo_dir / f"{TEMPORARY_PREFIX}{name}"
     shutil.rmtree(temporary, ignore_errors=True)
     model.to(dtype).save_pretrained(temporary)

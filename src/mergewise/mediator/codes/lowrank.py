@@ -21,6 +21,7 @@ EXACT_UP_TO = 1 << 22       # entries of a matrix given an exact SVD
 OVERSAMPLING = 10           # sketch columns beyond the rank
 POWER_STEPS = 2             # each sharpens the sketch toward the top singular vectors
 CHUNK_ENTRIES = 1 << 20     # residual entries read at a time by the randomized SVD
+RANKS = tuple(sorted({2 ** power for power in range(13)} | {3 * 2 ** power for power in range(12)}, reverse=True))
 
 
 def rank_of(rows: int, columns: int, level: float | None) -> int:
@@ -87,4 +88,5 @@ def kept_energies(spectrum: SampleSpectrum, ranks: list[float]) -> dict[float, f
 
 
 LOWRANK = ResidualCode("lowrank", layout, encode, decode, row_local=False, encode_rows=encode_rows,
-                       kept_shares=kept_energies)
+                       kept_shares=kept_energies, level_setting="rank", levels=RANKS, threshold_level=DEFAULT_RANK,
+                       auto_levels=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
