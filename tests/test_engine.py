@@ -397,3 +397,29 @@ def test_statistics_are_asked_for_ahead_in_order_once_each(limit):
         assert queued >= min(limit, sum(other.shape[0] for other in jobs[len(seen):]))
         assert not ahead or queued - jobs[len(seen) + len(ahead) - 1].shape[0] < limit  # no further than needed
     assert seen == asked == [job.name for job in jobs]
+
+
+@pytest.mark.parametrize("method, parameters", [
+    ("dare_ties", {"weight": [0.6, 0.4], "density": 0.5}),  # random masks, drawn per row chunk
+    ("ties", {"weight": 0.5, "density": 0.3}),               # a whole-tensor `prepare` pass
+    ("nuslerp", {"weight": [0.3, 0.7]}),                     # no base
+])
+def test_merge_tensors_is_what_a_merge_writes_for_one_tensor(tiny_family, tmp_path, method, parameters):
+    from mergewise.methods import merge_tensors
+
+    family = tiny_family("llama")
+    fine_tunes = family.fine_tunes[:2]
+    takes_base = method != "nuslerp"
+    models = [{"model": str(path), "parameters": {name: value[index] if isinstance(value, list) else value
+                                                  for name, value in parameters.items()}}
+              for index, path in enumerate(fine_tunes)]
+    recipe = {"merge_method": method, "dtype": "float32", "models": models,
+              **({"base_model": str(family.base)} if takes_base else {})}
+    mergewise.merge(recipe, tmp_path / "out", quiet=True, seed=7, chunk_elements=64)
+    written, base = read_state_dict(tmp_path / "out"), read_state_dict(family.base)
+    inputs = [read_state_dict(path) for path in fine_tunes]
+    for name in ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"]:
+        merged = merge_tensors(method, base[name].float() if takes_base else None,
+                               [state[name].float() for state in inputs], seed=7, tensor=name, chunk_elements=64,
+                               **parameters)
+        assert torch.equal(merged, written[name]), name
