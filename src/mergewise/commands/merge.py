@@ -61,7 +61,7 @@ def check(args: argparse.Namespace) -> None:
     """Load and plan the recipe as a merge would, and say what the merge would write."""
     from mergewise.config import load_recipe
     from mergewise.engine import plan_recipe
-    from mergewise.plan import is_remote
+    from mergewise.locator import is_remote
 
     recipe = load_recipe(args.config, strict=args.strict)
     remote = [path for path in recipe.config.model_paths() if is_remote(path, recipe.config_dir)]
