@@ -588,3 +588,27 @@ def test_unknown_method_is_a_mergewise_error_listing_the_known_ones():
     with pytest.raises(MergewiseError, match="unknown merge_method 'tie'.*linear.*ties"):
         get_method("tie")
     assert get_method("ties") is METHODS["ties"]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_registered_method_merges_end_to_end_as_merge_tensors_does(name, tiny_family, tmp_path):
+    """Adding a method is one function and one registry entry: the recipe's schema, the planner and
+    the engine read it from there, and a whole merge writes what `merge_tensors` gives."""
+    from tests.support.tiny_models import read_state_dict
+
+    import mergewise
+
+    method = METHODS[name]
+    family = tiny_family("llama")
+    fine_tunes = family.fine_tunes[:1 if method.max_inputs == 1 else 2]
+    takes_base = method.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
+    required = {parameter.name: 0.5 for parameter in method.parameters.values() if parameter.default is REQUIRED}
+    recipe = {"merge_method": name, "dtype": "float32", "models": [{"model": str(path)} for path in fine_tunes],
+              "parameters": required, **({"base_model": str(family.base)} if takes_base else {})}
+    mergewise.merge(recipe, tmp_path / "out", quiet=True, seed=3)
+    written, base = read_state_dict(tmp_path / "out"), read_state_dict(family.base)
+    inputs = [read_state_dict(path) for path in fine_tunes]
+    for tensor in ["model.layers.1.self_attn.q_proj.weight", "model.norm.weight"]:
+        merged = merge_tensors(name, base[tensor].float() if takes_base else None,
+                               [state[tensor].float() for state in inputs], seed=3, tensor=tensor, **required)
+        assert torch.equal(merged, written[tensor]), tensor
