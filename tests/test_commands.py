@@ -55,3 +55,8 @@ def test_every_merging_command_takes_every_merge_option():
             compile=False, model_card=False, resume=True, strict=True)
         defaults = MergeOptions(**merge_options(build_parser().parse_args([*path, "recipe.yml", "out"])))
         assert defaults == MergeOptions(threads=os.cpu_count())  # the command line uses every core
+
+
+def test_threads_zero_reaches_the_merge_to_be_refused_not_replaced_by_all_cores():
+    args = build_parser().parse_args(["merge", "recipe.yml", "out", "--threads", "0"])
+    assert merge_options(args)["threads"] == 0  # execute_plan: "--threads: must be at least 1, got 0"

@@ -14,21 +14,21 @@ from mergewise.options import MergeOptions
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
     """Flags of every command that runs a merge, one per field of `MergeOptions` that declares one."""
     for option in MergeOptions.flags():
-        flag, kind, help = f"--{option.name.replace('_', '-')}", option.metadata["kind"], option.metadata["help"]
+        flag, kind, text = f"--{option.name.replace('_', '-')}", option.metadata["kind"], option.metadata["help"]
         if kind is not bool:
-            parser.add_argument(flag, type=kind, default=option.default, help=help)
+            parser.add_argument(flag, type=kind, default=option.default, help=text)
         elif option.default is None:  # undecided unless asked: --flag / --no-flag
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif option.default:
-            parser.add_argument(f"--no-{flag[2:]}", dest=option.name, action="store_false", help=help)
+            parser.add_argument(f"--no-{flag[2:]}", dest=option.name, action="store_false", help=text)
         else:
-            parser.add_argument(flag, action="store_true", help=help)
+            parser.add_argument(flag, action="store_true", help=text)
 
 
 def merge_options(args: argparse.Namespace) -> dict:
     """The `MergeOptions` of the command line; its merges use every core unless --threads says."""
     options = {option.name: getattr(args, option.name) for option in MergeOptions.flags()}
-    return options | {"threads": args.threads or os.cpu_count() or 1}
+    return options | {"threads": args.threads if args.threads is not None else os.cpu_count() or 1}
 
 
 def register(subparsers) -> None:
