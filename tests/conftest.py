@@ -34,7 +34,7 @@ def tiny_family(tmp_path_factory) -> Callable[..., Family]:
 def tiny_zoo(tmp_path_factory) -> Path:
     """The session's tiny zoo (built by whichever test asks first; a finished zoo is reused)."""
     zoo_dir = tmp_path_factory.getbasetemp() / "shared-tiny-zoo"
-    build_zoo(zoo_dir, "tiny", seed=0, threads=1)
+    build_zoo(zoo_dir, "tiny", seed=0)
     return zoo_dir
 
 

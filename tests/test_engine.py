@@ -378,18 +378,18 @@ def test_the_output_has_a_model_card_unless_asked_not_to(tiny_family, tmp_path):
 
 
 @pytest.mark.parametrize("limit", [1, 10, 10**9])
-def test_statistics_are_asked_for_ahead_in_order_once_each(limit, monkeypatch):
+def test_statistics_are_asked_for_ahead_in_order_once_each(limit):
     """While a tensor merges, the statistics of the tensors after it are gathered, up to the limit's
     parameters (at least the next tensor's); every job comes out once, in order, with its own."""
     from types import SimpleNamespace
 
     from mergewise import engine
 
-    monkeypatch.setattr(engine, "PREPARED_AHEAD_ELEMENTS", limit)
     jobs = [SimpleNamespace(name=f"t{index}", shape=(size,)) for index, size in enumerate([8, 1, 1, 4, 2, 8, 1])]
     asked: list[str] = []
     seen = []
-    for job, statistics in engine._prepared_ahead(jobs, lambda job: asked.append(job.name) or f"stats {job.name}"):
+    for job, statistics in engine._prepared_ahead(jobs, lambda job: asked.append(job.name) or f"stats {job.name}",
+                                                  limit):
         seen.append(job.name)
         assert statistics == f"stats {job.name}"
         ahead = asked[len(seen):]
@@ -399,3 +399,29 @@ def test_statistics_are_asked_for_ahead_in_order_once_each(limit, monkeypatch):
         assert queued >= min(limit, sum(other.shape[0] for other in jobs[len(seen):]))
         assert not ahead or queued - jobs[len(seen) + len(ahead) - 1].shape[0] < limit  # no further than needed
     assert seen == asked == [job.name for job in jobs]
+
+
+@pytest.mark.parametrize("method, parameters", [
+    ("dare_ties", {"weight": [0.6, 0.4], "density": 0.5}),  # random masks, drawn per row chunk
+    ("ties", {"weight": 0.5, "density": 0.3}),               # a whole-tensor `prepare` pass
+    ("nuslerp", {"weight": [0.3, 0.7]}),                     # no base
+])
+def test_merge_tensors_is_what_a_merge_writes_for_one_tensor(tiny_family, tmp_path, method, parameters):
+    from mergewise.methods import merge_tensors
+
+    family = tiny_family("llama")
+    fine_tunes = family.fine_tunes[:2]
+    takes_base = method != "nuslerp"
+    models = [{"model": str(path), "parameters": {name: value[index] if isinstance(value, list) else value
+                                                  for name, value in parameters.items()}}
+              for index, path in enumerate(fine_tunes)]
+    recipe = {"merge_method": method, "dtype": "float32", "models": models,
+              **({"base_model": str(family.base)} if takes_base else {})}
+    mergewise.merge(recipe, tmp_path / "out", quiet=True, seed=7, chunk_elements=64)
+    written, base = read_state_dict(tmp_path / "out"), read_state_dict(family.base)
+    inputs = [read_state_dict(path) for path in fine_tunes]
+    for name in ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"]:
+        merged = merge_tensors(method, base[name].float() if takes_base else None,
+                               [state[name].float() for state in inputs], seed=7, tensor=name, chunk_elements=64,
+                               **parameters)
+        assert torch.equal(merged, written[name]), name

@@ -15,17 +15,16 @@ pytestmark = pytest.mark.integration  # torch.compile'd kernels
 
 
 @pytest.mark.parametrize("method", ["nuslerp", "task_arithmetic"])
-def test_compiled_merge_is_bit_identical_to_eager(tiny_family, tmp_path, monkeypatch, method):
+def test_compiled_merge_is_bit_identical_to_eager(tiny_family, tmp_path, method):
     family = tiny_family("llama")
     models = [{"model": str(path), "parameters": {"weight": 0.4}} for path in family.fine_tunes[:2]]
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(family.base),
                                       "dtype": "bfloat16", "models": models}))
     eager = mergewise.merge(recipe, tmp_path / "eager", quiet=True, compile=False)
-    monkeypatch.setattr(engine, "COMPILE_MIN_ELEMENTS", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", engine.CompileFallbackWarning)  # the fused path must really run
-        compiled = mergewise.merge(recipe, tmp_path / "compiled", quiet=True, compile=True)
+        compiled = mergewise.merge(recipe, tmp_path / "compiled", quiet=True, compile=True, compile_min_elements=0)
     expected, got = read_state_dict(eager), read_state_dict(compiled)
     assert expected.keys() == got.keys()
     for name, tensor in expected.items():

@@ -124,3 +124,34 @@ def test_library_merges_leave_the_process_as_they_found_it(tiny_family, tmp_path
         assert after == before
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", list(stages.BLOCKS))
+def test_every_registered_block_declares_what_the_recipe_and_the_search_read(name):
+    """Adding a block is one package and one `BLOCKS` entry: its spec's schema validates the recipe's
+    key, and the settings it declares are fields of that schema."""
+    from mergewise.config import load_recipe
+
+    spec = stages.block_spec(name)
+    assert isinstance(spec, stages.BlockSpec) and callable(spec.make_stage)
+    assert set(spec.fixed_keys) <= set(spec.schema.model_fields)
+    assert not spec.carries_base_model or "base_model" in spec.schema.model_fields
+    with pytest.raises(MergewiseError, match=rf"config: {name}\."):  # the block's own schema judged it
+        load_recipe({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}],
+                     name: {"not_a_setting": 1}})
+
+
+@pytest.mark.parametrize("declared, flags, message", [
+    ({"resumable": False}, {"resume": True}, "--resume: a recipe with probe: cannot be resumed yet"),
+    ({}, {"resume": True}, None),
+])
+def test_the_engine_reads_what_a_block_supports_from_its_spec(probe_block, tiny_family, tmp_path, monkeypatch,
+                                                             declared, flags, message):
+    module = sys.modules["probe_block"]
+    monkeypatch.setattr(module, "BLOCK", stages.BlockSpec(schema=ProbeBlock, make_stage=ProbeStage, **declared))
+    if message is None:
+        mergewise.merge(recipe(tiny_family("llama"), scale=2.0), tmp_path / "out", quiet=True, **flags)
+        assert (tmp_path / "out" / "model.safetensors").is_file()
+        return
+    with pytest.raises(MergewiseError, match=message):
+        mergewise.merge(recipe(tiny_family("llama"), scale=2.0), tmp_path / "out", quiet=True, **flags)

@@ -1,8 +1,7 @@
 """mergewise: merge fine-tuned LLMs, with activation-informed merging and routed experts."""
 
+from mergewise._version import __version__
 from mergewise.errors import MergewiseError
-
-__version__ = "0.1.0"  # pyproject.toml reads it from here
 
 __all__ = ["MergewiseError", "__version__", "load", "merge"]
 

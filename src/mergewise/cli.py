@@ -13,6 +13,7 @@ import sys
 import threading
 import warnings
 
+from mergewise._version import __version__
 from mergewise.errors import MergewiseError
 
 # Each name is a module in mergewise.commands exposing `register(subparsers)`, which adds its
@@ -22,8 +23,6 @@ COMMAND_MODULES = ["merge", "demo", "zoo", "eval", "calibrate", "aim", "mediator
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mergewise import __version__
-
     parser = argparse.ArgumentParser(prog="mergewise", description="Merge fine-tuned language models.")
     parser.set_defaults(keep_freed_buffers=True)  # a command that holds its weights whole sets False
     parser.add_argument("--version", action="version", version=f"mergewise {__version__}")

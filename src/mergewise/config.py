@@ -30,6 +30,8 @@ from pydantic import (
 
 from mergewise.checkpoint.files import read_yaml, validated
 from mergewise.errors import MergewiseError, tolerated
+from mergewise.methods import METHODS
+from mergewise import stages
 
 Scalar = Union[bool, int, float, str]
 MAX_RECIPE_BYTES = 1 << 20
@@ -209,7 +211,8 @@ class Recipe:
         """The model task vectors are measured from: the core's base_model, else a block's (Mediator
         keeps it for methods that take no base)."""
         return self.config.base_model or next(
-            (block.base_model for block in self.blocks.values() if getattr(block, "base_model", None)), None)
+            (block.base_model for name, block in self.blocks.items()
+             if stages.block_spec(name).carries_base_model and block.base_model), None)
 
     def record(self) -> dict:
         """The recipe as mergewise.yml records it."""
@@ -231,30 +234,26 @@ def load_recipe(source: str | Path | dict | MergeConfig | Recipe, *, config_dir:
     else:
         path = Path(source)
         data, origin, config_dir = read_yaml_mapping(path), str(path), path.parent.resolve()
-    from mergewise.stages import BLOCKS, block_spec
-
     if "modules" in data:
         raise MergewiseError(f"{origin}: modules: recipes of one merge per module are not supported yet; "
                              "write the merge with models: or slices:")
     blocks = {}
-    for name in BLOCKS:
+    for name in stages.BLOCKS:
         if name not in data:
             continue
-        spec = block_spec(name)
+        spec = stages.block_spec(name)
         block = validate_block(spec.schema, data.pop(name), origin, name)
         if spec.rewrite_recipe is not None:
             data, block = spec.rewrite_recipe(data, block, origin)
         blocks[name] = block
     config = validate_config(data, origin)
-    for message in ignored_key_messages(config, known_top_level=(*MergeConfig.model_fields, *BLOCKS)):
+    for message in ignored_key_messages(config, known_top_level=(*MergeConfig.model_fields, *stages.BLOCKS)):
         tolerated(f"{origin}: {message}", strict=strict)
     return Recipe(config, blocks, config_dir, origin)
 
 
 def ignored_key_messages(config: MergeConfig, known_top_level: tuple[str, ...]) -> list[str]:
     """One sentence per key of the recipe that mergekit's schema lets pass unused."""
-    from mergewise.methods import METHODS
-
     method = METHODS.get(config.merge_method)
     messages = []
     for location, key, value, node in _ignored_keys(config):

@@ -8,29 +8,21 @@ independent, row-wise nuslerp): it depends on the widest tensor, never on the mo
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
-import os
 import random
-import shutil
 import warnings
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
+from mergewise.chat_templates import read_tokenizer_config, resolve_chat_template, write_chat_template
 from mergewise.checkpoint import (
-    RECORD_FILE,
     Journal,
-    ModelFolder,
     PlannedTensor,
     StreamingShardWriter,
     check_output_location,
@@ -39,28 +31,21 @@ from mergewise.checkpoint import (
     staged_folder,
     write_model_config,
 )
-from mergewise.chat_templates import read_tokenizer_config, resolve_chat_template, write_chat_template
-from mergewise.checkpoint.files import inside_folder, read_yaml
-from mergewise.checkpoint.hub import revision_of
-from mergewise.checkpoint.writer import write_text
+from mergewise.checkpoint.record import merge_fingerprint, write_merge_record
+from mergewise.chunking import row_ranges
 from mergewise.config import MergeConfig, Recipe, load_recipe
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.methods import ChunkedTensors, TensorRows
+from mergewise.methods.base import chunk_generator
 from mergewise.model_card import write_model_card
+from mergewise.options import MergeOptions
 from mergewise.plan import MergePlan, TensorJob, build_plan
-from mergewise.stages import Stage, StageContext, recipe_stages
+from mergewise.stages import Stage, StageContext, block_spec, recipe_stages
 
-# ~4 MB of float32 per input per chunk: an eager method's temporaries stay in the CPU's caches
-# between its passes (with 4 M-element chunks eager task arithmetic on a 0.2 B-parameter model took
-# 1.0-1.5 s instead of 0.85-1.0 s on 2 cores).
-CHUNK_ELEMENTS = 1 << 20
 # Whole-tensor statistics (magnitude selections) are asked for up to this many parameters ahead of
 # the tensor being merged; they hold a bit per entry and input.
 PREPARED_AHEAD_ELEMENTS = 1 << 25
-# Row chunks at least this large run through a torch.compile'd method: the fused kernel makes one
-# pass instead of one per operation. Smaller tensors are not worth the compilation.
-COMPILE_MIN_ELEMENTS = 1 << 18
 # Compiling costs seconds per process; measured on a 0.2 B-parameter merge (2 cores) it cost more
 # than it saved, so by default it is used from this many output parameters on.
 COMPILE_MIN_PARAMETERS = 2_000_000_000
@@ -68,24 +53,6 @@ COMPILE_MIN_PARAMETERS = 2_000_000_000
 
 class CompileFallbackWarning(RuntimeWarning):
     """The fused kernels could not be built here; the merge continues in eager mode."""
-
-
-@dataclass(frozen=True)
-class MergeOptions:
-    """How to run a merge (not what to merge): these never change the result, except `seed`."""
-
-    device: str = "cpu"
-    threads: int | None = None
-    shard_size: str | int = "5GB"
-    overwrite: bool = False
-    allow_pickle: bool = False
-    seed: int | None = None
-    quiet: bool = False
-    compile: bool | None = None  # fuse big row chunks with torch.compile; None: only for big models
-    # NaN or infinity in a merged tensor, and recipe keys mergekit ignores, are errors, not warnings
-    strict: bool = False
-    resume: bool = False  # build on the staged output of a killed merge into the same folder
-    model_card: bool = True  # write README.md with Hub metadata and the recipe
 
 
 class NonFiniteWarning(RuntimeWarning):
@@ -123,6 +90,9 @@ def plan_recipe(recipe_source: str | Path | dict | MergeConfig | Recipe, *, stri
 
 def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *, stages: Sequence[Stage] = (),
                  recipe: Recipe | None = None) -> MergeResult:
+    """Merge `plan` into `out_dir` with the stages of the recipe's blocks. Torch's thread count is the
+    caller's, unless `options.threads` sets it for the merge (torch has one count per process, so two
+    merges running at once in one process should leave it to their caller)."""
     if options.threads is not None and options.threads < 1:
         raise MergewiseError(f"--threads: must be at least 1, got {options.threads}")
     out_dir = Path(out_dir).expanduser().resolve()
@@ -137,24 +107,18 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
                      if plan.config.chat_template else None)
     if chat_template is not None and plan.vocabulary is None:
         read_tokenizer_config(plan.tokenizer_source.path)  # the template goes into its copy
-    if stages and any(source.vocabulary is not None for job in plan.jobs for source in (*job.inputs, job.base)
-                      if source is not None):
-        names = ", ".join(f"{stage.name}:" for stage in stages)
-        raise MergewiseError(f"tokenizer: re-indexing embedding rows into a new vocabulary cannot be combined with "
-                             f"{names} yet (its stage reads the inputs' rows as stored); merge models of one "
-                             "vocabulary, or leave out tokenizer_source / tokenizer")
-    if options.resume and any(stage.name == "mediator" for stage in stages):
-        raise MergewiseError("--resume: a Mediator build cannot be resumed yet; build it again")
+    _check_stages(plan, options, stages)
     fingerprint = _fingerprint(plan, recipe, shard_size)
     threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads or os.cpu_count() or 1)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     try:
         with (staged_folder(out_dir, options.overwrite, fingerprint if options.resume else None) as staging,
               ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader,
               ThreadPoolExecutor(1, thread_name_prefix="mergewise-write") as write_thread):
             recorded = Journal.resumed(staging) if options.resume else None
             seed, finished = _resumed_seed(options, recorded)
-            context = StageContext(plan, device, staging, shard_size, options.quiet)
+            context = StageContext(plan, device, staging, shard_size, options.quiet, options.chunk_elements)
             for stage in stages:
                 stage.on_plan(context)
             _merge_tensors(plan, staging, options, stages, seed, device, shard_size, reader, write_thread,
@@ -168,16 +132,33 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
             if chat_template is not None:
                 write_chat_template(staging, chat_template)
             records = {stage.name: stage.finalize(staging) for stage in stages}
-            _write_record(staging, plan, recipe, seed, options, records)
+            models = {model.reference: model.path for model in plan.models}
+            write_merge_record(staging, _recipe_record(plan, recipe), models, seed, options.device, records)
             if options.model_card:
                 write_model_card(staging, out_dir.name, plan, _recipe_record(plan, recipe))
     finally:
         for stage in stages:
             stage.close()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the caller's, also after numba's first parallel launch reset OpenMP's
         for model in plan.models:
             model.close()
     return MergeResult(out_dir, records)
+
+
+def _check_stages(plan: MergePlan, options: MergeOptions, stages: Sequence[Stage]) -> None:
+    """Refuse what a recipe block's spec says its stage does not support."""
+    reindexed = any(source.vocabulary is not None for job in plan.jobs for source in (*job.inputs, job.base)
+                    if source is not None)
+    refusing = [stage.name for stage in stages if not block_spec(stage.name).reindexed_vocabulary]
+    if reindexed and refusing:
+        names = ", ".join(f"{name}:" for name in refusing)
+        raise MergewiseError(f"tokenizer: re-indexing embedding rows into a new vocabulary cannot be combined with "
+                             f"{names} yet (its stage reads the inputs' rows as stored); merge models of one "
+                             "vocabulary, or leave out tokenizer_source / tokenizer")
+    unresumable = [stage.name for stage in stages if not block_spec(stage.name).resumable]
+    if options.resume and unresumable:
+        names = ", ".join(f"{name}:" for name in unresumable)
+        raise MergewiseError(f"--resume: a recipe with {names} cannot be resumed yet; build it again")
 
 
 def _resumed_seed(options: MergeOptions, recorded: tuple[int, dict[str, str]] | None) -> tuple[int, dict[str, str]]:
@@ -193,26 +174,19 @@ def _resumed_seed(options: MergeOptions, recorded: tuple[int, dict[str, str]] | 
 
 
 def _fingerprint(plan: MergePlan, recipe: Recipe | None, shard_size: int) -> str:
-    """What decides the output's bytes, but the seed: recipe, input files, layout, version."""
-    from mergewise import __version__
+    files = [file for model in plan.models for file in model.source_files()]
+    return merge_fingerprint(_recipe_record(plan, recipe), files, _planned_tensors(plan), shard_size)
 
-    files = sorted({str(file) for model in plan.models for file in model.source_files()})
-    described = {
-        "recipe": _recipe_record(plan, recipe),
-        "files": [(file, os.stat(file).st_size, os.stat(file).st_mtime_ns) for file in files],
-        "tensors": [(job.name, list(job.shape), str(job.out_dtype)) for job in plan.jobs],
-        "shard_size": shard_size,
-        "version": __version__,
-    }
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+def _planned_tensors(plan: MergePlan) -> list[PlannedTensor]:
+    return [PlannedTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs]
 
 
 def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages: Sequence[Stage], seed: int,
                    device: torch.device, shard_size: int, reader: ThreadPoolExecutor, write_thread: ThreadPoolExecutor,
                    fingerprint: str, finished: dict[str, str]) -> None:
-    writer = StreamingShardWriter(
-        staging, [PlannedTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs], shard_size,
-        metadata={"merged_by": "mergewise"}, keep=frozenset(finished))
+    writer = StreamingShardWriter(staging, _planned_tensors(plan), shard_size, metadata={"merged_by": "mergewise"},
+                                  keep=frozenset(finished))
     journal = Journal(staging, fingerprint, seed, writer.shards, finished)
     jobs = [job for job in plan.jobs if writer.weight_map[job.name] not in finished]
     total = sum(math.prod(job.shape) for job in plan.jobs)
@@ -220,7 +194,7 @@ def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages
     fused = plan.method.fused if total >= plan.method.fused_min_parameters else None
     if fused is not None and plan.method.load_fused is not None and jobs:
         plan.method.load_fused(len(jobs[0].inputs))
-    executor = _JobExecutor(plan, device, seed, reader, stages, compile_kernels, fused, options.strict)
+    executor = _JobExecutor(plan, device, seed, reader, stages, compile_kernels, fused, options)
     try:
         background = _BackgroundWrites(writer, write_thread)
         with (tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
@@ -238,12 +212,11 @@ def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages
         executor.close()
 
 
-def _prepared_ahead(jobs: list[TensorJob], prepare: Callable[[TensorJob], Future | None]
-                    ) -> Iterator[tuple[TensorJob, Future | None]]:
+def _prepared_ahead(jobs: list[TensorJob], prepare: Callable[[TensorJob], Future | None],
+                    ahead_elements: int = PREPARED_AHEAD_ELEMENTS) -> Iterator[tuple[TensorJob, Future | None]]:
     """Each job with its whole-tensor statistics, asked for ahead: while one tensor merges, those of
-    the tensors after it are gathered, up to PREPARED_AHEAD_ELEMENTS of them (a selection queues
-    behind the ones before it, so a single small tensor ahead would leave workers idle behind a large
-    one)."""
+    the tensors after it are gathered, up to `ahead_elements` of them (a selection queues behind the
+    ones before it, so a single small tensor ahead would leave workers idle behind a large one)."""
     ahead: deque[tuple[TensorJob, Future | None]] = deque()
     upcoming = iter(jobs)
     queued = 0
@@ -254,19 +227,10 @@ def _prepared_ahead(jobs: list[TensorJob], prepare: Callable[[TensorJob], Future
             queued += math.prod(first.shape)
         current = ahead.popleft()
         queued -= math.prod(current[0].shape)
-        while queued < PREPARED_AHEAD_ELEMENTS and (following := next(upcoming, None)) is not None:
+        while queued < ahead_elements and (following := next(upcoming, None)) is not None:
             ahead.append((following, prepare(following)))
             queued += math.prod(following.shape)
         yield current
-
-
-def row_ranges(shape: tuple[int, ...], *, whole: bool = False) -> list[slice]:
-    """Row chunks of about CHUNK_ELEMENTS elements (one chunk for scalars, or when `whole`)."""
-    if not shape:
-        return [slice(None)]
-    row_elements = math.prod(shape[1:])
-    step = max(shape[0], 1) if whole or row_elements == 0 else max(1, CHUNK_ELEMENTS // row_elements)
-    return [slice(start, min(start + step, shape[0])) for start in range(0, max(shape[0], 1), step)]
 
 
 class _BackgroundWrites:
@@ -305,9 +269,11 @@ class _JobExecutor:
     """Runs one TensorJob at a time, reading its row chunks one step ahead of the arithmetic."""
 
     def __init__(self, plan: MergePlan, device: torch.device, seed: int, reader: ThreadPoolExecutor,
-                 stages: Sequence[Stage], compile_kernels: bool, fused: Callable | None, strict: bool):
+                 stages: Sequence[Stage], compile_kernels: bool, fused: Callable | None, options: MergeOptions):
         self.plan = plan
-        self.strict = strict
+        self.strict = options.strict
+        self.chunk_elements = options.chunk_elements
+        self.compile_min_elements = options.compile_min_elements
         self.method = plan.method
         self.device = device
         self.seed = seed
@@ -345,7 +311,7 @@ class _JobExecutor:
                 stage.on_tensor(job, lambda rows=None: writer.read_back(job.name, rows))
 
     def _ranges(self, job: TensorJob) -> list[slice]:
-        return row_ranges(job.shape, whole=self.method.whole_tensor(job.params))
+        return row_ranges(job.shape, whole=self.method.whole_tensor(job.params), chunk_elements=self.chunk_elements)
 
     def _merge_job(self, job: TensorJob, stats, writer: _BackgroundWrites) -> None:
         params = job.params
@@ -381,7 +347,7 @@ class _JobExecutor:
             merged = self.method.merge(rows, params, self.fused)
             if merged is not None:
                 return merged
-        if self.compiled is not None and rows.inputs[0].numel() >= COMPILE_MIN_ELEMENTS:
+        if self.compiled is not None and rows.inputs[0].numel() >= self.compile_min_elements:
             try:
                 return self.method.merge(rows, params, self.compiled)
             except ValueError:
@@ -412,19 +378,14 @@ class _JobExecutor:
         base = self._load(job.base, rows) if job.base is not None else None
         inputs = [self._load(job.inputs[index], rows) for index in chosen]
         first_row = rows.start or 0
-        return TensorRows(base, inputs, first_row, rng=lambda index: self._generator(job, index, first_row))
+        return TensorRows(base, inputs, first_row, rng=lambda index: chunk_generator(self.seed, job.name, index,
+                                                                                     first_row))
 
     def _load(self, source, rows) -> torch.Tensor:
         """Rows in the working dtype: the recipe's `dtype`, else as stored (mergekit's rule); each
         method decides where it needs more precision."""
         tensor = source.map_rows(rows)
         return tensor.to(self.device, self.plan.compute_dtype or tensor.dtype)
-
-    def _generator(self, job: TensorJob, index: int, first_row: int) -> torch.Generator:
-        """Random stream fixed by (seed, tensor, model, chunk): reproducible, and identical in the
-        statistics pass and the merge pass."""
-        key = zlib.crc32(f"{self.seed}/{job.name}/{index}/{first_row}".encode())
-        return torch.Generator().manual_seed(((self.seed << 32) ^ key) & (2**63 - 1))
 
 
 def _holds_non_finite(values: torch.Tensor) -> bool:
@@ -447,63 +408,5 @@ def _config_dtype(plan: MergePlan) -> torch.dtype:
     return max(set(floating), key=floating.count) if floating else torch.float32
 
 
-def _resolved(folder: Path) -> str:
-    """Where a model was read from; for a Hub snapshot, with the commit it holds."""
-    revision = revision_of(folder)
-    return f"{folder} (commit {revision})" if revision else str(folder)
-
-
 def _recipe_record(plan: MergePlan, recipe: Recipe | None) -> dict:
     return recipe.record() if recipe is not None else plan.config.model_dump(mode="json", exclude_none=True)
-
-
-def _write_record(folder: Path, plan: MergePlan, recipe: Recipe | None, seed: int, options: MergeOptions,
-                  records: dict[str, Any]) -> None:
-    """mergewise.yml: the recipe with model paths resolved, what else decides the result, and what
-    each recipe block did."""
-    from mergewise import __version__
-
-    record = {
-        "recipe": _recipe_record(plan, recipe),
-        "resolved_models": {model.reference: _resolved(model.path) for model in plan.models},
-        "seed": seed,
-        "mergewise_version": __version__,
-        "torch_version": str(torch.__version__),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": options.device,
-        **{name: value for name, value in records.items() if value is not None},
-    }
-    write_text(folder / RECORD_FILE, yaml.safe_dump(record, sort_keys=False))
-
-
-# A per-row-chunk rewrite of one stored tensor: (tensor name, rows, stored rows) → new rows.
-ChunkTransform = Callable[[str, slice, torch.Tensor], torch.Tensor]
-
-
-def rewrite_folder(source: ModelFolder, out_dir: Path, transform: ChunkTransform, *, record_key: str,
-                   record: dict, inputs: list[Path], shard_size: str | int = "5GB", overwrite: bool = False,
-                   quiet: bool = False) -> Path:
-    """Copy a model folder tensor by tensor in row chunks through `transform`, into a staged `out_dir`;
-    config and tokenizer are copied and mergewise.yml gains `record` under `record_key`."""
-    from mergewise import __version__
-
-    out_dir = Path(out_dir).expanduser().resolve()
-    check_output_location(out_dir, inputs, overwrite)
-    previous = source.path / RECORD_FILE
-    history = (read_yaml(previous, RECORD_FILE, folder=source.path, schema=dict[str, Any])
-               if previous.exists() or previous.is_symlink() else {})
-    history[record_key] = {**record, "mergewise_version": __version__}
-    tensors = list(source.tensors.values())
-    with staged_folder(out_dir, overwrite) as staging:
-        writer = StreamingShardWriter(staging, [PlannedTensor(t.name, t.shape, t.dtype) for t in tensors],
-                                      parse_size(shard_size), metadata={"merged_by": f"mergewise {record_key}"})
-        for info in tqdm(tensors, desc=record_key, disable=quiet):
-            for rows in row_ranges(info.shape):
-                chunk = transform(info.name, rows, source.read(info.name, rows))
-                writer.write(info.name, chunk.to(info.dtype), rows.start or 0)
-        writer.close()
-        shutil.copyfile(inside_folder(source.path / "config.json", source.path, "config.json"),
-                        staging / "config.json")
-        copy_tokenizer(source.path, staging)
-        write_text(staging / RECORD_FILE, yaml.safe_dump(history, sort_keys=False))
-    return out_dir

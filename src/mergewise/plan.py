@@ -9,7 +9,6 @@ in the output vocabulary (`checkpoint/vocabulary.py`), so the methods see inputs
 
 from __future__ import annotations
 
-import difflib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -19,9 +18,7 @@ from typing import Any
 
 import torch
 
-from mergewise.checkpoint import TOKENIZER_FILES, ModelFolder
-from mergewise.checkpoint.hub import hub_snapshot, is_hub_id
-from mergewise.checkpoint.lora import ADAPTER_FILES, AdaptedFolder
+from mergewise.checkpoint import ModelFolder
 from mergewise.checkpoint.vocabulary import (
     INPUT_EMBEDDING_SUFFIXES,
     OutputVocabulary,
@@ -29,16 +26,16 @@ from mergewise.checkpoint.vocabulary import (
     TokenRule,
     build_vocabulary,
 )
-from mergewise.config import ConditionalParameter, MergeConfig, ModelTokenEmbedding, ZeroEmbedding
+from mergewise.config import MergeConfig, ModelTokenEmbedding, ZeroEmbedding
+from mergewise.devices import parse_dtype
 from mergewise.errors import MergewiseError, RecipeWarning, tolerated
-from mergewise.methods import BasePolicy, MergeMethod, Parameter, get_method
-from mergewise.methods.base import REQUIRED
+from mergewise.locator import ModelLocator
+from mergewise.methods import BasePolicy, MergeMethod, get_method
+from mergewise.parameters import ParameterResolver
 
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+\.)(?P<index>\d+)\.(?P<rest>.+)$")
 EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 OUTPUT_EMBEDDING_NAMES = ("lm_head.weight", "embed_out.weight")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -102,108 +99,20 @@ def _with_layer(name: str, index: int) -> str:
     return f"{match.group('prefix')}{index}.{match.group('rest')}"
 
 
-def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
-    if name is None:
-        return None
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise MergewiseError(f"{key}: unknown dtype {name!r}; use one of {', '.join(sorted(_DTYPES))}") from None
-
-
 class Planner:
-    """Builds a MergePlan; one instance per merge."""
+    """Builds a MergePlan; one instance per merge. Where the models are is its `locator`'s business,
+    the parameter values its `parameters`'; the planner pairs output tensors with their inputs."""
 
     def __init__(self, config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False,
                  base_model: str | None = None, strict: bool = False):
         self.config = config
         self.strict = strict
         self.base_model = base_model or config.base_model
-        self.config_dir = config_dir
-        self.allow_pickle = allow_pickle
         self.method = get_method(config.merge_method)
-        self.schema = self.method.parameters
-        self._models: dict[str, ModelFolder] = {}  # by reference, as the recipe spells it
-        self._folders: dict[tuple[Path, Path | None], ModelFolder] = {}  # by (folder, adapter folder)
-        self._misspelled: dict[str, str] = {}  # parameter → where a name close to it was ignored
+        self.locator = ModelLocator(config_dir, allow_pickle=allow_pickle, strict=strict)
+        self.parameters = ParameterResolver(config, self.method, strict=strict)
         self.compute_dtype = parse_dtype(config.dtype, "dtype")
         self.out_dtype = parse_dtype(config.out_dtype, "out_dtype") or self.compute_dtype
-        self._check_parameter_names()
-
-    # ------------------------------------------------------------------------------ models
-    def model(self, reference: str, key: str) -> ModelFolder:
-        """The folder a reference names: one object per folder (and adapter), however it is spelled."""
-        if reference not in self._models:
-            model, plus, adapter = reference.partition("+")
-            if plus and not self._exists(reference):  # mergekit's model+adapter: a PEFT LoRA on the model
-                location = (self._locate(model, key), self._locate(adapter, f"{key} (adapter)", ADAPTER_FILES))
-            else:
-                location = (self._locate(reference, key), None)
-            if location not in self._folders:
-                folder = (AdaptedFolder(*location, allow_pickle=self.allow_pickle) if location[1] is not None
-                          else ModelFolder(location[0], allow_pickle=self.allow_pickle))
-                folder.reference = reference
-                self._folders[location] = folder
-            self._models[reference] = self._folders[location]
-        return self._models[reference]
-
-    def _candidates(self, reference: str) -> list[Path]:
-        return folder_candidates(reference, self.config_dir)
-
-    def _exists(self, reference: str) -> bool:
-        return any(candidate.is_dir() for candidate in self._candidates(reference))
-
-    def _locate(self, reference: str, key: str, files: tuple[str, ...] = TOKENIZER_FILES) -> Path:
-        """A local folder (relative to the recipe's folder, else the working folder), else a Hub id
-        resolved through the Hugging Face cache."""
-        for candidate in self._candidates(reference):
-            if candidate.is_dir():
-                return candidate.resolve()
-        path, at, revision = reference.rpartition("@")
-        if at and self._exists(path):
-            tolerated(f"{key}: {path} is a local folder; its revision {revision!r} is ignored, as mergekit ignores "
-                      "it", strict=self.strict)
-            return self._locate(path, key, files)
-        if is_hub_id(reference):
-            return hub_snapshot(reference, key, files, allow_pickle=self.allow_pickle)
-        raise MergewiseError(f"{key}: model folder not found: {reference} (a local folder, or a Hub id "
-                             "such as org/name or org/name@revision)")
-
-    # -------------------------------------------------------------------------- parameters
-    def _check_parameter_names(self) -> None:
-        scopes: list[tuple[str, dict | None]] = [("parameters", self.config.parameters)]
-        for index, entry in enumerate(self.config.models or []):
-            scopes.append((f"models[{index}].parameters", entry.parameters))
-        for index, output_slice in enumerate(self.config.slices or []):
-            scopes.append((f"slices[{index}].parameters", output_slice.parameters))
-            for source_index, source in enumerate(output_slice.sources):
-                scopes.append((f"slices[{index}].sources[{source_index}].parameters", source.parameters))
-        for key, settings in scopes:
-            for name in settings or {}:
-                if name not in self.schema:
-                    close = difflib.get_close_matches(name, list(self.schema), n=1, cutoff=0.75)
-                    hint = f"did you mean {close[0]}? " if close else ""
-                    tolerated(f"{key}.{name}: unknown parameter for merge_method {self.method.name}, ignored, as "
-                              f"mergekit ignores it ({hint}it takes: {', '.join(self.schema) or 'none'})",
-                              strict=self.strict)
-                    if close:
-                        self._misspelled.setdefault(close[0], f"{key}.{name}")
-
-    def _resolve(self, parameter: Parameter, scopes: list[dict | None], tensor: str, t: float,
-                 where: str) -> Any:
-        for settings in scopes:
-            if settings and parameter.name in settings:
-                value = _evaluate(settings[parameter.name], tensor, t)
-                if value is not None:
-                    try:
-                        return parameter.coerce(value)
-                    except ValueError as error:
-                        raise MergewiseError(f"parameter {parameter.name} for {where}: {error}") from None
-        if parameter.default is REQUIRED:
-            misspelled = self._misspelled.get(parameter.name)
-            hint = f" ({misspelled} looks like a misspelling of it)" if misspelled else ""
-            raise MergewiseError(f"missing required parameter {parameter.name} for {where}{hint}")
-        return parameter.default
 
     # ------------------------------------------------------------------------------- plan
     def plan(self) -> MergePlan:
@@ -212,7 +121,7 @@ class Planner:
         else:
             jobs, source_layers, reference = self._plan_slices()
         tokenizer = self._tokenizer_source(reference)
-        base_model = self.model(self.base_model, "base_model") if self.base_model else None
+        base_model = self.locator.model(self.base_model, "base_model") if self.base_model else None
         vocabulary = self.vocabulary if self.config.tokenizer_settings is not None else None
         narrower = {str(job.out_dtype).removeprefix("torch.") for job in jobs
                     if job.out_dtype.is_floating_point and job.out_dtype != torch.float32}
@@ -220,14 +129,14 @@ class Planner:
             warnings.warn(f"merge_method {self.method.name}: written in {', '.join(sorted(narrower))} as the recipe "
                           "asks; mergekit 0.1.5 writes this method's tensors in float32 whatever the dtype "
                           "(out_dtype: float32 gives its files)", RecipeWarning, stacklevel=2)
-        return MergePlan(self.config, self.method, jobs, list(self._folders.values()), reference, tokenizer,
+        return MergePlan(self.config, self.method, jobs, self.locator.folders, reference, tokenizer,
                          self.compute_dtype, source_layers, base_model=base_model, vocabulary=vocabulary)
 
     def _tokenizer_source(self, reference: ModelFolder) -> ModelFolder:
         settings = self.config.tokenizer_settings
         if settings is None or settings.source in ("base", "union"):
-            return self.model(self.config.base_model, "base_model") if self.config.base_model else reference
-        return self.model(settings.source, self._tokenizer_key)
+            return self.locator.model(self.config.base_model, "base_model") if self.config.base_model else reference
+        return self.locator.model(settings.source, self._tokenizer_key)
 
     # -------------------------------------------------------------------------- vocabulary
     @property
@@ -239,10 +148,10 @@ class Planner:
         """The output vocabulary, built once the recipe's models are located (on the first embedding
         or head planned)."""
         settings = self.config.tokenizer_settings
-        models = [self.model(path, "model") for path in self.config.model_paths()]  # located already
+        models = [self.locator.model(path, "model") for path in self.config.model_paths()]  # located already
         source = settings.source
         if source not in ("base", "union"):
-            source = self.model(source, self._tokenizer_key)
+            source = self.locator.model(source, self._tokenizer_key)
         return build_vocabulary(source, models[0], models, list(self._token_rules), settings.pad_to_multiple_of,
                                 self._tokenizer_key)
 
@@ -266,10 +175,10 @@ class Planner:
     def _recipe_model(self, reference: str, key: str) -> ModelFolder:
         """The recipe's model that `reference` names (as the recipe spells it, or the same folder)."""
         paths = self.config.model_paths()
-        folders = [candidate.resolve() for candidate in self._candidates(reference) if candidate.is_dir()]
+        folders = [candidate.resolve() for candidate in self.locator.candidates(reference) if candidate.is_dir()]
         for path in paths:
-            if path == reference or self.model(path, "model").path in folders:
-                return self.model(path, "model")
+            if path == reference or self.locator.model(path, "model").path in folders:
+                return self.locator.model(path, "model")
         raise MergewiseError(f"{key}: {reference} is not one of the recipe's models ({', '.join(paths)})")
 
     def _aligned_rows(self, name: str, shape, peers: list[ModelFolder],
@@ -290,8 +199,8 @@ class Planner:
 
     def _plan_models(self):
         config = self.config
-        base = self.model(config.base_model, "base_model") if config.base_model else None
-        entries = [(self.model(entry.model, f"models[{i}].model"), entry.parameters)
+        base = self.locator.model(config.base_model, "base_model") if config.base_model else None
+        entries = [(self.locator.model(entry.model, f"models[{i}].model"), entry.parameters)
                    for i, entry in enumerate(config.models)]
         if self.method.base is BasePolicy.INPUT and base is not None and all(m is not base for m, _ in entries):
             entries.append((base, None))
@@ -302,7 +211,7 @@ class Planner:
             _check_same_tensors(reference, model)
         depth = _depth(reference)
         # mergekit's inputs of every tensor: the listed models, then the base if it is not listed.
-        recipe_base = self.model(config.base_model, "base_model") if config.base_model else None
+        recipe_base = self.locator.model(config.base_model, "base_model") if config.base_model else None
         listed = [model for model, _ in entries] + ([recipe_base] if recipe_base is not None else [])
         peers = (list(dict.fromkeys(listed)), recipe_base)
         jobs = []
@@ -348,10 +257,10 @@ class Planner:
                 raise MergewiseError(f"{where}: every source needs the same, positive number of layers "
                                      f"(got layer_range lengths {sorted(lengths)})")
             length = lengths.pop()
-            sources = [(self.model(source.model, f"{where}.sources[{i}].model"), source)
+            sources = [(self.locator.model(source.model, f"{where}.sources[{i}].model"), source)
                        for i, source in enumerate(output_slice.sources)]
             base_name = output_slice.base_model or config.base_model
-            base = self.model(base_name, f"{where}.base_model") if base_name else None
+            base = self.locator.model(base_name, f"{where}.base_model") if base_name else None
             entries = [(model, source.parameters) for model, source in sources]
             inputs, split_base = self._split_base(entries, base, where)
             base_source = next((source for model, source in sources if model is split_base), None)
@@ -388,9 +297,10 @@ class Planner:
         inputs, its base, the slice's base model)."""
         output_slice = self.config.slices[index]
         where = f"slices[{index}]"
-        entries = [(self.model(source.model, where), source.parameters) for source in output_slice.sources[:count]]
+        entries = [(self.locator.model(source.model, where), source.parameters)
+                   for source in output_slice.sources[:count]]
         base_name = output_slice.base_model or self.config.base_model
-        base = self.model(base_name, "base_model") if base_name else None
+        base = self.locator.model(base_name, "base_model") if base_name else None
         return ([model for model, _ in entries], *self._split_base(entries, base, where), base)
 
     def _non_layer_jobs(self, reference: ModelFolder) -> list[TensorJob]:
@@ -425,14 +335,7 @@ class Planner:
         resolved_inputs = [self._source(model, tensor, name, shape, aligned) for model, tensor, _ in sources]
         if base is not None:
             base = self._source(base.model, base.name, name, shape, aligned)
-        shared, per_model = {}, {}
-        for parameter in self.schema.values():
-            if parameter.per_model:
-                per_model[parameter.name] = tuple(
-                    self._resolve(parameter, [params, *shared_scopes], tensor, t, f"{model.path.name}:{tensor}")
-                    for model, tensor, params in sources)
-            else:
-                shared[parameter.name] = self._resolve(parameter, shared_scopes, name, t, name)
+        shared, per_model = self.parameters.job_parameters(sources, shared_scopes, name, t)
         out_dtype = self.out_dtype or dtype
         if not dtype.is_floating_point:
             out_dtype = dtype
@@ -461,22 +364,6 @@ class Planner:
         if name not in model.tensors:
             raise MergewiseError(f"tensor {tensor} is missing in {model.path} (needed for output {output})")
         return name
-
-
-def folder_candidates(reference: str, config_dir: Path) -> list[Path]:
-    """Where a recipe's model reference may be a local folder: the recipe's folder first, then the working folder."""
-    path = Path(reference).expanduser()
-    return [path] if path.is_absolute() else [config_dir / path, Path.cwd() / path]
-
-
-def is_remote(reference: str, config_dir: Path) -> bool:
-    """Whether a merge would download a model reference (or the adapter of `model+adapter`) from the Hub."""
-    def local(name: str) -> bool:
-        return any(candidate.is_dir() for candidate in folder_candidates(name, config_dir))
-
-    if local(reference):
-        return False
-    return any(is_hub_id(part) and not local(part.rpartition("@")[0] or part) for part in reference.split("+"))
 
 
 def _is_vocabulary_tensor(name: str) -> bool:
@@ -508,29 +395,6 @@ def _depth(model: ModelFolder) -> int:
         raise MergewiseError(f"{model.path / 'config.json'}: declares {declared} decoder layers, but the weights hold "
                              f"{held}")
     return declared or held
-
-
-def _evaluate(setting, tensor: str, t: float) -> Any:
-    """A setting's value for one tensor: filters pick, numeric lists interpolate over depth."""
-    if isinstance(setting, ConditionalParameter):
-        setting = [setting]
-    if not isinstance(setting, list):
-        return setting
-    if not setting:
-        return None
-    if all(isinstance(item, ConditionalParameter) for item in setting):
-        for condition in setting:
-            if condition.filter in (None, "*") or condition.filter in tensor:
-                return _evaluate(condition.value, tensor, t)
-        return None
-    numeric = all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in setting)
-    if not numeric:
-        return setting[int(t * (len(setting) - 1))]
-    position = t * (len(setting) - 1)
-    low = int(position)
-    high = min(len(setting) - 1, low + 1)
-    fraction = position - low
-    return (1 - fraction) * setting[low] + fraction * setting[high]
 
 
 def build_plan(config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False,

@@ -15,7 +15,9 @@ every stage of the recipe through the same hooks, in `BLOCKS` order:
     close()                     always, last: release what the stage holds
 
 The core never imports a block's package: `BLOCKS` names each one's module, imported when a recipe
-uses the block. Adding a block is one package exposing `BLOCK` plus one line here.
+uses the block. Adding a block is one package exposing `BLOCK` plus one line here; what a block
+supports is declared in its `BlockSpec`, which the engine, the recipe and the search read (never a
+block's name).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from pydantic import BaseModel
 
-if TYPE_CHECKING:
+from mergewise.chunking import CHUNK_ELEMENTS
+
+if TYPE_CHECKING:  # types only: the recipe (config) reads BLOCKS as it loads
     from mergewise.config import Recipe
     from mergewise.methods import TensorRows
     from mergewise.plan import MergePlan, TensorJob
@@ -47,6 +51,7 @@ class StageContext:
     staging: Path       # the output folder being built
     shard_size: int
     quiet: bool
+    chunk_elements: int = CHUNK_ELEMENTS  # the row chunks a stage reads its own inputs in
 
 
 class Stage:
@@ -80,12 +85,22 @@ class Stage:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """A recipe block: its schema, its stage, and (optionally) how it rewrites the core recipe before
-    that is validated (Mediator lists its models under `mediator.experts`)."""
+    """A recipe block: its schema, its stage, (optionally) how it rewrites the core recipe before that
+    is validated (Mediator lists its models under `mediator.experts`), and what it supports."""
 
     schema: type[BaseModel]
     make_stage: Callable[[BaseModel, Recipe], Stage]
     rewrite_recipe: Callable[[dict, BaseModel, str], tuple[dict, BaseModel]] | None = None
+    # A killed merge of a recipe with the block may be finished with --resume.
+    resumable: bool = True
+    # Its stage works on a merge whose embeddings and heads are re-indexed into a new vocabulary
+    # (`tokenizer_source`, `tokenizer:`); one that reads the inputs' rows as stored does not.
+    reindexed_vocabulary: bool = False
+    # The block's `base_model` is the recipe's base model where the core recipe names none (Mediator
+    # keeps it for merge methods that take no base).
+    carries_base_model: bool = False
+    # Settings a search may not vary: they decide the inputs, not the merge (AIM calibrates once).
+    fixed_keys: tuple[str, ...] = ()
 
 
 def block_spec(name: str) -> BlockSpec:

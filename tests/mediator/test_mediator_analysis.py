@@ -17,7 +17,6 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from mergewise import engine
 from mergewise.cli import main
 from mergewise.errors import MergewiseError
 from mergewise.mediator.analysis import (
@@ -68,8 +67,8 @@ def recipe(base: Path, experts: list[Path], **mediator) -> dict:
     return {"merge_method": "linear", "base_model": str(base), "mediator": {"experts": entries, **mediator}}
 
 
-def analyze(base: Path, experts: list[Path], **mediator) -> ConflictReport:
-    return analyze_conflicts(load_recipe(recipe(base, experts, **mediator)), quiet=True)
+def analyze(base: Path, experts: list[Path], chunk_elements: int = ONE_CHUNK, **mediator) -> ConflictReport:
+    return analyze_conflicts(load_recipe(recipe(base, experts, **mediator)), quiet=True, chunk_elements=chunk_elements)
 
 
 def random_deltas(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -173,9 +172,7 @@ def test_cuts_over_row_chunks_are_those_of_a_whole_tensor_sort(pieces, share):
 
 @pytest.mark.parametrize("chunk_elements", [ONE_CHUNK, SEVERAL_CHUNKS])
 @pytest.mark.parametrize("share", [0.2, 0.03, 1.0])
-def test_streamed_report_equals_the_whole_tensor_formulas(chunk_elements, share, base, base_state, tmp_path,
-                                                         monkeypatch):
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk_elements)
+def test_streamed_report_equals_the_whole_tensor_formulas(chunk_elements, share, base, base_state, tmp_path):
     generator = torch.Generator().manual_seed(3)
     experts, states = [], []
     for index, task in enumerate(TASKS):  # gaussian updates, and coarse ones with ties at the cuts
@@ -185,7 +182,7 @@ def test_streamed_report_equals_the_whole_tensor_formulas(chunk_elements, share,
                       for name, delta in deltas.items()}
         experts.append(write_expert(base, tmp_path / task, deltas))
         states.append(read_state_dict(experts[-1]))
-    report = analyze(base, experts, conflict_density=share)
+    report = analyze(base, experts, chunk_elements, conflict_density=share)
     reference = reference_units(base_state, states, share)
     assert [unit.unit for unit in report.units] == list(reference)
     for unit in report.units:
@@ -225,14 +222,13 @@ def reference_units(base_state: dict[str, torch.Tensor], states: list[dict[str, 
 
 
 @pytest.mark.parametrize("chunk_elements", [ONE_CHUNK, SEVERAL_CHUNKS])
-def test_observers_see_every_row_once_in_order(chunk_elements, base, base_state, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk_elements)
+def test_observers_see_every_row_once_in_order(chunk_elements, base, base_state, tmp_path):
     experts = [write_expert(base, tmp_path / task, random_deltas(base_state, seed))
                for seed, task in enumerate(TASKS)]
     states = [read_state_dict(expert) for expert in experts]
     seen: list[tuple[str, slice, torch.Tensor]] = []
     calls = []
-    report = analyze_conflicts(load_recipe(recipe(base, experts)), quiet=True,
+    report = analyze_conflicts(load_recipe(recipe(base, experts)), quiet=True, chunk_elements=chunk_elements,
                                observers=[lambda *call: seen.append(call), lambda *call: calls.append(call[:2])])
     assert calls == [(name, rows) for name, rows, _ in seen]  # every observer, each chunk, in turn
     assert list(dict.fromkeys(name for name, _, _ in seen)) == list(base_state)
@@ -253,22 +249,20 @@ def test_observers_see_every_row_once_in_order(chunk_elements, base, base_state,
 
 @pytest.mark.parametrize("chunk_elements", [ONE_CHUNK, SEVERAL_CHUNKS])
 @pytest.mark.parametrize("value", [float("nan"), float("-inf")])
-def test_a_task_vector_with_nan_names_the_tensor_and_the_expert(value, chunk_elements, base, base_state, tmp_path,
-                                                                monkeypatch):
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk_elements)
+def test_a_task_vector_with_nan_names_the_tensor_and_the_expert(value, chunk_elements, base, base_state, tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     broken = torch.zeros(base_state[name].shape)
     broken[100, 7] = value
     experts = [write_expert(base, tmp_path / "a", {}), write_expert(base, tmp_path / "b", {name: broken})]
     with pytest.raises(MergewiseError, match=f"tensor {name}: the task vector of expert .*/b holds NaN or infinity"):
-        analyze(base, experts)
+        analyze(base, experts, chunk_elements)
 
 
-def test_units_are_summed_separately_and_the_model_as_a_whole(base, base_state, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", SEVERAL_CHUNKS)  # float64 sums over several chunks per tensor
+def test_units_are_summed_separately_and_the_model_as_a_whole(base, base_state, tmp_path):
     deltas = {name: delta for name, delta in random_deltas(base_state).items() if name.startswith("model.layers.")}
     flipped = {name: -delta if name.startswith("model.layers.1.") else delta for name, delta in deltas.items()}
-    report = analyze(base, [write_expert(base, tmp_path / "a", deltas), write_expert(base, tmp_path / "b", flipped)])
+    experts = [write_expert(base, tmp_path / "a", deltas), write_expert(base, tmp_path / "b", flipped)]
+    report = analyze(base, experts, SEVERAL_CHUNKS)  # float64 sums over several chunks per tensor
     by_unit = {unit.unit: unit for unit in report.units}
     assert by_unit["layers.0"].cosines[0][1] == pytest.approx(1.0, abs=1e-6)
     assert by_unit["layers.1"].cosines[0][1] == pytest.approx(-1.0, abs=1e-6)

@@ -259,7 +259,7 @@ def test_the_estimate_samples_rows_across_chunks_as_one_tensor():
         assert chunked.total["layers.0", task] == pytest.approx(whole.total["layers.0", task], rel=1e-9)
 
 
-def test_the_randomized_svd_of_a_big_matrix_finds_the_exact_top_rank(monkeypatch):
+def test_the_randomized_svd_of_a_big_matrix_finds_the_exact_top_rank():
     """Past EXACT_UP_TO entries the low-rank code reads row chunks into a randomized SVD; on a matrix
     of rank 5 plus noise it keeps what the exact SVD keeps."""
     from mergewise.mediator.codes import lowrank
@@ -269,9 +269,8 @@ def test_the_randomized_svd_of_a_big_matrix_finds_the_exact_top_rank(monkeypatch
     matrix = signal + 0.01 * torch.randn(300, 200, generator=generator)
     exact = lowrank.decode(lowrank.encode(matrix, torch.float32, 5), 200)
     reads = []
-    monkeypatch.setattr(lowrank, "EXACT_UP_TO", 0)
-    monkeypatch.setattr(lowrank, "CHUNK_ENTRIES", 64 * 200)
-    stored = lowrank.encode_rows(lambda rows: reads.append(rows) or matrix[rows], 300, 200, torch.float32, 5)
+    stored = lowrank.encode_rows(lambda rows: reads.append(rows) or matrix[rows], 300, 200, torch.float32, 5,
+                                 exact_up_to=0, chunk_entries=64 * 200)
     assert max(rows.stop - rows.start for rows in reads) == 64  # never more than a chunk at a time
     torch.testing.assert_close(lowrank.decode(stored, 200), exact, rtol=0, atol=1e-3)
 
@@ -354,3 +353,39 @@ def test_importing_the_runtime_leaves_numba_unloaded():
 
     check = "import sys, mergewise.mediator.runtime; assert 'numba' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", check]).returncode == 0
+
+
+@pytest.mark.parametrize("name", list(CODES))
+def test_every_registered_code_is_read_by_the_recipe_the_allocation_and_the_build(name):
+    """Adding a code is one file and one registry entry: what the `mediator:` block accepts, what
+    `code: auto` weighs and what a named code's levels are all come from the code's own fields."""
+    from pydantic import ValidationError
+
+    from mergewise.mediator.build import estimated_options, fixed_option
+    from mergewise.mediator.codes import AUTO_OPTIONS, SELECTABLE
+    from mergewise.mediator.settings import MediatorSettings
+
+    code = CODES[name]
+    experts = [{"model": "a", "task": "a"}, {"model": "b", "task": "b"}]
+    units = {"layers.0": [RoutedTensor("model.layers.0.mlp.up_proj.weight", (64, 48), torch.bfloat16)]}
+    if not code.selectable:
+        assert name not in SELECTABLE and not code.auto_levels
+        with pytest.raises(ValidationError):
+            MediatorSettings(code=name, experts=experts)
+        return
+    assert [level for option, level in AUTO_OPTIONS if option == name] == list(code.auto_levels)
+    for level in code.auto_levels:  # every level auto weighs is one the code stores
+        code.validate(code.encode(residual(), torch.bfloat16, level), *residual().shape, torch.bfloat16, level, "x")
+    threshold = MediatorSettings(code=name, experts=experts, route_threshold=0.5)
+    budget = MediatorSettings(code=name, experts=experts, memory_budget=2.0)
+    assert fixed_option(threshold, units, None) == (name, code.threshold_level)
+    if code.level_setting is None:
+        assert fixed_option(budget, units, 1e9) == (name, None)
+        return
+    assert code.levels == tuple(sorted(code.levels, reverse=True)) and code.threshold_level is not None
+    assert fixed_option(budget, units, 1e12) == (name, code.levels[0])  # the largest level that fits
+    smallest = unit_cost(units["layers.0"], name, code.levels[-1], 2)
+    chosen, level = fixed_option(budget, units, smallest)
+    assert chosen == name and level in code.levels and unit_cost(units["layers.0"], name, level, 2) == smallest
+    named = MediatorSettings(code=name, experts=experts, **{code.level_setting: code.levels[-1]})
+    assert estimated_options(named, units, 1e9) == ((name, code.levels[-1]),)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mergewise.errors import MergewiseError
-from mergewise.methods import METHODS, BasePolicy, ChunkedTensors, TensorRows, get_method
+from mergewise.methods import METHODS, BasePolicy, get_method, merge_tensors
 from mergewise.methods.base import REQUIRED
 from mergewise.methods.sparsify import magnitude_positions, select_magnitudes
 
@@ -26,52 +26,14 @@ def tensor(*values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def generator_for(seed: int):
-    """The engine's contract: one generator per (input model, row chunk), fixed by the seed."""
-    return lambda first_row: (lambda index: torch.Generator().manual_seed(seed * 1_000_003 + index * 7919 + first_row))
-
-
-def with_defaults(name: str, count: int, **given) -> dict:
-    """The parameters the planner would resolve for `count` inputs: what the test gives, else the
-    schema's defaults (one per model for per-model parameters)."""
-    params = {}
-    for parameter in METHODS[name].parameters.values():
-        if parameter.name in given:
-            params[parameter.name] = given[parameter.name]
-        else:
-            assert parameter.default is not REQUIRED, f"{name} needs {parameter.name}"
-            params[parameter.name] = (parameter.default,) * count if parameter.per_model else parameter.default
-    return params
-
-
 def run_method(name: str, base: torch.Tensor | None, inputs: list[torch.Tensor], *, chunk_rows: int | None = None,
                seed: int = 0, **given) -> torch.Tensor:
-    """Merge whole tensors through `prepare` + `merge`, in row chunks of `chunk_rows` (default: one)."""
-    method = METHODS[name]
-    params = with_defaults(name, len(inputs), **given)
+    """Merge whole tensors as the engine does (`prepare` + `merge`), in row chunks of `chunk_rows`
+    (default: one chunk)."""
     reference = inputs[0]
-    total_rows = reference.shape[0] if reference.dim() else 1
-    step = chunk_rows or max(total_rows, 1)
-    ranges = [slice(start, min(start + step, total_rows)) for start in range(0, total_rows, step)]
-    rng = generator_for(seed)
-
-    def chunk(rows: slice, models: list[int] | None) -> TensorRows:
-        chosen = range(len(inputs)) if models is None else models
-        if reference.dim() == 0:
-            return TensorRows(base, [inputs[i] for i in chosen], 0, rng=rng(0))
-        return TensorRows(None if base is None else base[rows], [inputs[i][rows] for i in chosen],
-                          rows.start, rng=rng(rows.start))
-
-    stats = None
-    if method.prepare is not None:
-        chunked = ChunkedTensors(tuple(reference.shape), lambda models: (chunk(r, models) for r in ranges))
-        stats = method.run_prepare(chunked, params)
-    merged = []
-    for rows in ranges:
-        piece = chunk(rows, None)
-        piece.stats = stats
-        merged.append(method.merge(piece, params))
-    return merged[0] if reference.dim() == 0 else torch.cat(merged)
+    row_elements = math.prod(reference.shape[1:]) if reference.dim() else 1
+    chunk_elements = row_elements * chunk_rows if chunk_rows else max(reference.numel(), 1)
+    return merge_tensors(name, base, inputs, seed=seed, chunk_elements=chunk_elements, **given)
 
 
 def slerp_reference(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -626,3 +588,27 @@ def test_unknown_method_is_a_mergewise_error_listing_the_known_ones():
     with pytest.raises(MergewiseError, match="unknown merge_method 'tie'.*linear.*ties"):
         get_method("tie")
     assert get_method("ties") is METHODS["ties"]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_registered_method_merges_end_to_end_as_merge_tensors_does(name, tiny_family, tmp_path):
+    """Adding a method is one function and one registry entry: the recipe's schema, the planner and
+    the engine read it from there, and a whole merge writes what `merge_tensors` gives."""
+    from tests.support.tiny_models import read_state_dict
+
+    import mergewise
+
+    method = METHODS[name]
+    family = tiny_family("llama")
+    fine_tunes = family.fine_tunes[:1 if method.max_inputs == 1 else 2]
+    takes_base = method.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
+    required = {parameter.name: 0.5 for parameter in method.parameters.values() if parameter.default is REQUIRED}
+    recipe = {"merge_method": name, "dtype": "float32", "models": [{"model": str(path)} for path in fine_tunes],
+              "parameters": required, **({"base_model": str(family.base)} if takes_base else {})}
+    mergewise.merge(recipe, tmp_path / "out", quiet=True, seed=3)
+    written, base = read_state_dict(tmp_path / "out"), read_state_dict(family.base)
+    inputs = [read_state_dict(path) for path in fine_tunes]
+    for tensor in ["model.layers.1.self_attn.q_proj.weight", "model.norm.weight"]:
+        merged = merge_tensors(name, base[tensor].float() if takes_base else None,
+                               [state[tensor].float() for state in inputs], seed=3, tensor=tensor, **required)
+        assert torch.equal(merged, written[tensor]), tensor

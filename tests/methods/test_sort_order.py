@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from mergewise.methods import sort_order
 from mergewise.methods.sort_order import RUN, positions_in_range
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux",
@@ -68,11 +67,10 @@ def test_sorted_and_constant_inputs_match_torch_sort():
         assert np.array_equal(selected(keys, 1_000, 60_000), torch_selected(keys, 1_000, 60_000))
 
 
-def test_tensors_past_four_billion_entries_take_signed_positions_with_the_same_result(monkeypatch):
+def test_tensors_past_four_billion_entries_take_signed_positions_with_the_same_result():
     """Real tensors stay below the switch to int64 positions (and int64 order past 2^31 entries); the
     large side is the same algorithm, checked here by moving the switch."""
     keys = np.random.default_rng(7).integers(0, 300, 70_001).astype(np.int32)
     expected = torch_selected(keys, 20_000, 50_000)
-    monkeypatch.setattr(sort_order, "UNSIGNED_POSITIONS_BELOW", 0)
-    bits = positions_in_range(keys.copy(), 20_000, 50_000, np.empty(keys.size, dtype=np.int64))
+    bits = positions_in_range(keys.copy(), 20_000, 50_000, np.empty(keys.size, dtype=np.int64), unsigned_below=0)
     assert np.array_equal(np.unpackbits(bits, bitorder="little")[:keys.size].astype(bool), expected)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from mergewise.engine import row_ranges
+from mergewise.chunking import row_ranges
 from mergewise.methods import METHODS
 from tests.support.tiny_models import read_state_dict
 

@@ -96,7 +96,7 @@ def test_example_configs_point_at_zoo_models(tiny_zoo):
 
 def test_finished_models_are_not_retrained(tiny_zoo, tmp_path, monkeypatch):
     zoo_dir = tmp_path / "zoo"
-    build_zoo(zoo_dir, "tiny", seed=0, threads=1)
+    build_zoo(zoo_dir, "tiny", seed=0)
     manifest = json.loads((zoo_dir / "zoo.json").read_text())
     del manifest["models"]["expert-max"]  # as if the build had stopped before finishing it
     (zoo_dir / "zoo.json").write_text(json.dumps(manifest))
@@ -110,7 +110,7 @@ def test_finished_models_are_not_retrained(tiny_zoo, tmp_path, monkeypatch):
         return real_run_training(model, batches, schedule, description, **options)
 
     monkeypatch.setattr("mergewise.zoo.micro.run_training", counting_run_training)
-    build_zoo(zoo_dir, "tiny", seed=0, threads=1)
+    build_zoo(zoo_dir, "tiny", seed=0)
     assert trained == ["expert-max"]
     assert (zoo_dir / "base" / "model.safetensors").read_bytes() == base_weights
     assert "expert-max" in json.loads((zoo_dir / "zoo.json").read_text())["models"]
@@ -118,9 +118,9 @@ def test_finished_models_are_not_retrained(tiny_zoo, tmp_path, monkeypatch):
 
 def test_same_seed_gives_the_same_zoo_and_another_seed_does_not(tiny_zoo, tmp_path):
     again = tmp_path / "again"
-    build_zoo(again, "tiny", seed=0, threads=1)
+    build_zoo(again, "tiny", seed=0)
     other = tmp_path / "other"
-    build_zoo(other, "tiny", seed=1, threads=1)
+    build_zoo(other, "tiny", seed=1)
     for name in ["base", "expert-last"]:
         reference = load_file(tiny_zoo / name / "model.safetensors")
         same = load_file(again / name / "model.safetensors")

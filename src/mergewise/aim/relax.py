@@ -21,7 +21,7 @@ from mergewise.checkpoint import (
     ModelFolder,
     check_output_location,
 )
-from mergewise.engine import rewrite_folder
+from mergewise.checkpoint.rewrite import rewrite_folder
 from mergewise.errors import MergewiseError
 
 RECORD_METADATA = ("base_fingerprint", "data", "samples", "seq_len", "statistic", "pass")

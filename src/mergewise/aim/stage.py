@@ -103,4 +103,4 @@ def _relative_to(path: Path, config_dir: Path) -> Path:
     return config_dir / path
 
 
-BLOCK = BlockSpec(schema=AimBlock, make_stage=AimStage)
+BLOCK = BlockSpec(schema=AimBlock, make_stage=AimStage, fixed_keys=("calibration",))

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mergewise.commands import torch_threads
+from mergewise.commands.zoo import TRAINING_THREADS
+
 DEMO_METHODS = ["linear", "ties"]
 
 
@@ -28,7 +31,8 @@ def run(args: argparse.Namespace) -> None:
     root = Path(args.dir).resolve()
     zoo_dir = root / "zoo-micro"
     print(f"building the micro zoo in {zoo_dir} (reused if already built)")
-    build_zoo(zoo_dir, "micro")
+    with torch_threads(TRAINING_THREADS):
+        build_zoo(zoo_dir, "micro")
     zoo = load_zoo(zoo_dir)
     entries = [*zoo_entries(zoo, DEMO_METHODS), mediator_entry(zoo)]
     results = score_entries(zoo_dir, root / "work", entries, device=args.device, limit=args.limit)

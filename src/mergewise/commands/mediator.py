@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mergewise.commands.merge import add_merge_options, merge_options
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("mediator", help="conflict analysis and routed dense + coded experts",
@@ -22,12 +24,7 @@ def register(subparsers) -> None:
     build = actions.add_parser("build", help="write a Mediator model folder")
     build.add_argument("config", help="Mediator recipe (YAML with a mediator: block)")
     build.add_argument("out_dir", help="output model folder")
-    build.add_argument("--device", default="cpu", help="cpu or cuda[:N] (merge and router calibration)")
-    build.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    build.add_argument("--shard-size", default="5GB", help="largest dense-model shard")
-    build.add_argument("--seed", type=int, default=None, help="seed of random merge methods")
-    build.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_merge_options(build)
     build.set_defaults(handler=run_build)
 
     export = actions.add_parser("export", help="write the plain model D + S_task of one expert")
@@ -55,8 +52,7 @@ def run_analyze(args: argparse.Namespace) -> None:
 def run_build(args: argparse.Namespace) -> None:
     from mergewise.mediator.build import build
 
-    summary = build(args.config, args.out_dir, device=args.device, threads=args.threads,
-                    shard_size=args.shard_size, overwrite=args.overwrite, seed=args.seed, quiet=args.quiet)
+    summary = build(args.config, args.out_dir, **merge_options(args))
     print(summary.describe())
     if not args.quiet:
         print(f"Mediator model written to {summary.out_dir}")

@@ -4,37 +4,31 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections import Counter
 
 from mergewise.errors import MergewiseError
+from mergewise.options import MergeOptions
 
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
-    """Flags of every command that runs a merge (MergeOptions' fields)."""
-    parser.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda[:N]")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept pytorch_model*.bin inputs (loaded with weights_only=True)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    parser.add_argument("--seed", type=int, default=None, help="seed of random methods (DARE, DELLA)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="fuse the arithmetic with torch.compile (default: only for models of 2B+ parameters)")
-    parser.add_argument("--no-model-card", dest="model_card", action="store_false",
-                        help="do not write README.md (a model card with Hub metadata and the recipe)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue a killed merge into OUT_DIR: keep its finished shards, compute the rest")
-    parser.add_argument("--strict", action="store_true",
-                        help="NaN or infinity in a merged tensor, and recipe keys mergekit ignores, are errors "
-                             "(default: a warning naming each)")
+    """Flags of every command that runs a merge, one per field of `MergeOptions` that declares one."""
+    for option in MergeOptions.flags():
+        flag, kind, text = f"--{option.name.replace('_', '-')}", option.metadata["kind"], option.metadata["help"]
+        if kind is not bool:
+            parser.add_argument(flag, type=kind, default=option.default, help=text)
+        elif option.default is None:  # undecided unless asked: --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif option.default:
+            parser.add_argument(f"--no-{flag[2:]}", dest=option.name, action="store_false", help=text)
+        else:
+            parser.add_argument(flag, action="store_true", help=text)
 
 
 def merge_options(args: argparse.Namespace) -> dict:
-    return {"device": args.device, "threads": args.threads, "shard_size": args.shard_size,
-            "allow_pickle": args.allow_pickle, "overwrite": args.overwrite, "seed": args.seed,
-            "quiet": args.quiet, "compile": args.compile, "strict": args.strict,
-            "resume": args.resume, "model_card": args.model_card}
+    """The `MergeOptions` of the command line; its merges use every core unless --threads says."""
+    options = {option.name: getattr(args, option.name) for option in MergeOptions.flags()}
+    return options | {"threads": args.threads if args.threads is not None else os.cpu_count() or 1}
 
 
 def register(subparsers) -> None:
@@ -67,7 +61,7 @@ def check(args: argparse.Namespace) -> None:
     """Load and plan the recipe as a merge would, and say what the merge would write."""
     from mergewise.config import load_recipe
     from mergewise.engine import plan_recipe
-    from mergewise.plan import is_remote
+    from mergewise.locator import is_remote
 
     recipe = load_recipe(args.config, strict=args.strict)
     remote = [path for path in recipe.config.model_paths() if is_remote(path, recipe.config_dir)]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from mergewise.commands import torch_threads
+
+TRAINING_THREADS = 2  # the budget in zoo.md is measured on 2 CPU cores
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("zoo", help="build the zoo of fine-tuned models to merge and measure")
@@ -20,10 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from mergewise.zoo import DEFAULT_THREADS, build_zoo  # heavy (transformers): only when building
+    from mergewise.zoo import build_zoo  # heavy (transformers): only when building
 
-    manifest = build_zoo(args.zoo_dir, args.size, seed=args.seed, data_dir=args.data_dir,
-                         threads=args.threads or DEFAULT_THREADS)
+    with torch_threads(args.threads or TRAINING_THREADS):
+        manifest = build_zoo(args.zoo_dir, args.size, seed=args.seed, data_dir=args.data_dir)
     for name, record in manifest["models"].items():
         ratio = record.get("task_vector_norm_ratio")
         norm = f"  |tau|/|theta| {ratio}" if ratio is not None else ""

@@ -23,15 +23,6 @@ from mergewise.mediator.units import unit_of
 HEADER_BYTES_PER_PART = 96  # a stored part's safetensors header entry, besides its name
 VECTOR_CODE = "full"
 SAMPLED_ROWS = 512  # rows per tensor the gains are measured on (every row of smaller tensors)
-AUTO_OPTIONS: tuple[tuple[str, float | None], ...] = (
-    ("sign1", None), ("sign2", None),
-    ("sparse", 0.03), ("sparse", 0.0625), ("sparse", 0.125), ("sparse", 0.25),
-    *(("lowrank", rank) for rank in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)),
-    *(("lowrank4", rank) for rank in (2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)),
-)
-SPARSE_LEVELS = tuple(sorted({step / 100 for step in range(1, 101)} | {0.0625}, reverse=True))
-LOWRANK_LEVELS = tuple(sorted({2 ** power for power in range(13)} | {3 * 2 ** power for power in range(12)},
-                              reverse=True))
 THRESHOLD_OPTION = ("sign2", None)  # `route_threshold` with `code: auto`: the best 2-bit code measured
 
 

@@ -25,7 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mergewise.checkpoint import RECORD_FILE, check_output_location, staged_folder
-from mergewise.engine import row_ranges
+from mergewise.chunking import CHUNK_ELEMENTS, row_ranges
 from mergewise.errors import MergewiseError
 from mergewise.mediator.settings import MediatorRecipe
 from mergewise.mediator.units import ExpertTensor, expert_tensors, unit_of
@@ -133,9 +133,9 @@ class TaskVectorChunks:
     rows (from the page cache) keeps memory at one chunk. A tensor of one chunk is read once and kept.
     1-D tensors come whole, as [tasks, n]; a scalar as [tasks]."""
 
-    def __init__(self, job: ExpertTensor):
+    def __init__(self, job: ExpertTensor, chunk_elements: int = CHUNK_ELEMENTS):
         self.job = job
-        self.ranges = row_ranges(job.shape, whole=len(job.shape) < 2)
+        self.ranges = row_ranges(job.shape, whole=len(job.shape) < 2, chunk_elements=chunk_elements)
         self._only = self._read(self.ranges[0]) if len(self.ranges) == 1 else None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -221,8 +221,8 @@ def chunk_sums(vectors: torch.Tensor, cuts: torch.Tensor) -> _Sums:
     return sums
 
 
-def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False,
-                      observers: Sequence[ChunkObserver] = ()) -> ConflictReport:
+def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False, observers: Sequence[ChunkObserver] = (),
+                      chunk_elements: int = CHUNK_ELEMENTS) -> ConflictReport:
     """The conflict report of the recipe's experts, in memory bounded by one row chunk per expert.
 
     Each observer is called as `observer(name, rows, task_vectors)` once per row chunk of every
@@ -242,7 +242,7 @@ def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False,
             for job in jobs:
                 unit_sums, names = units.setdefault(unit_of(job.name), (_Sums(len(tasks)), []))
                 names.append(job.name)
-                chunks = TaskVectorChunks(job)
+                chunks = TaskVectorChunks(job, chunk_elements)
                 cuts = magnitude_cuts(chunks, len(tasks), math.prod(job.shape), share)
                 for rows, vectors in zip(chunks.ranges, chunks):
                     sums = chunk_sums(vectors, cuts)

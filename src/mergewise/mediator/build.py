@@ -13,9 +13,6 @@ from mergewise.checkpoint.files import read_jsonl, read_text
 from mergewise.config import load_recipe as load_core_recipe
 from mergewise.errors import MergewiseError
 from mergewise.mediator.allocation import (
-    AUTO_OPTIONS,
-    LOWRANK_LEVELS,
-    SPARSE_LEVELS,
     THRESHOLD_OPTION,
     Allocation,
     KeptEstimate,
@@ -27,9 +24,9 @@ from mergewise.mediator.allocation import (
     unit_cost,
 )
 from mergewise.mediator.analysis import ConflictReport
+from mergewise.mediator.codes import AUTO_OPTIONS, get_code
 from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, MediatorRecipe, MediatorSettings
 
-THRESHOLD_LEVELS = {"sparse": 0.1, "lowrank": 16, "lowrank4": 64}  # a named code's `auto` level with no budget to fill
 ONE_FILE = 1 << 62  # the experts file is never sharded
 
 
@@ -84,15 +81,15 @@ def router_reserve(settings: MediatorSettings, hidden: int) -> int:
 def fixed_option(settings: MediatorSettings, units: dict[str, list[RoutedTensor]], available: float | None
                  ) -> tuple[str, float | None]:
     """The (code, level) of a named code; an `auto` level is the largest at which every unit fits."""
-    code, tasks = settings.code, len(settings.experts)
-    if code == "auto":
+    if settings.code == "auto":
         return THRESHOLD_OPTION
-    level = {"sparse": settings.density, "lowrank": settings.rank, "lowrank4": settings.rank}.get(code)
+    code = get_code(settings.code)
+    level = getattr(settings, code.level_setting) if code.level_setting is not None else None
     if level != "auto":
-        return code, level
+        return code.name, level
     if available is None:
-        return code, THRESHOLD_LEVELS[code]
-    return code, largest_level(units, code, SPARSE_LEVELS if code == "sparse" else LOWRANK_LEVELS, available, tasks)
+        return code.name, code.threshold_level
+    return code.name, largest_level(units, code.name, code.levels, available, len(settings.experts))
 
 
 def estimated_options(settings: MediatorSettings, units: dict[str, list[RoutedTensor]], available: float | None

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from mergewise.checkpoint import ModelFolder
-from mergewise.engine import rewrite_folder
+from mergewise.checkpoint.rewrite import rewrite_folder
 from mergewise.errors import MergewiseError
 from mergewise.mediator.runtime import ExpertBank, is_mediator_folder, read_manifest
 

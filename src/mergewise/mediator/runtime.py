@@ -32,15 +32,14 @@ from mergewise.checkpoint.files import inside_folder, read_json, validated
 from mergewise.checkpoint.reader import map_rows, read_rows, read_safetensors_header
 from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.tokens import start_token_id
-from mergewise.devices import resolve_device
-from mergewise.engine import row_ranges
+from mergewise.chunking import row_ranges
+from mergewise.devices import parse_dtype, resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.layerwise import fast_half_matmuls, hidden_state_index, mean_pooled, right_padded
 from mergewise.mediator import switching
 from mergewise.mediator.codes import CODES, Stored, matrix_shape
 from mergewise.mediator.router import Route, Router
 from mergewise.mediator.settings import RouterSettings
-from mergewise.plan import parse_dtype
 
 MEDIATOR_FOLDER = "mediator"
 MANIFEST_FILE = "mediator.json"

@@ -4,7 +4,7 @@
     base_model: ./base
     mediator:
       memory_budget: 1.5
-      code: auto           # or sparse | sign1 | sign2 | lowrank | lowrank4
+      code: auto           # or a code of mediator/codes: sparse | sign1 | sign2 | lowrank | lowrank4
       experts:
         - {model: ./expert-add, task: add, prompts: tasks/add/calib.txt}
 """
@@ -19,9 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mergewise.config import MergeConfig, Recipe
 from mergewise.config import load_recipe as load_core_recipe
 from mergewise.errors import MergewiseError
+from mergewise.mediator.codes import SELECTABLE
 from mergewise.methods import BasePolicy, get_method
 
 MIN_CALIBRATION_PROMPTS = 16
+CodeName = Literal[("auto", *SELECTABLE)]  # type: ignore[valid-type]  # the codes' registry names them
 
 
 class ExpertEntry(BaseModel):
@@ -69,7 +71,7 @@ class MediatorSettings(BaseModel):
     route_threshold: float | None = Field(None, ge=0.0, le=1.0)  # route units with d_l ≥ this
     # How each expert's residual θ_t − D is stored (mediator/codes); "auto": per unit, the code and
     # the routed units that keep the most of ‖θ_t − D‖² within the budget.
-    code: Literal["auto", "sparse", "sign1", "sign2", "lowrank", "lowrank4"] = "auto"
+    code: CodeName = "auto"
     # The sparse code's share of each row kept, and the low-rank codes' rank; "auto": the largest
     # that lets every unit be routed within the budget (with route_threshold: 0.1 and 16).
     density: Union[Literal["auto"], Annotated[float, Field(gt=0.0, le=1.0)]] = "auto"

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from mergewise._version import __version__
 from mergewise.checkpoint import PlannedTensor, StreamingShardWriter
-from mergewise.checkpoint.writer import save_tensors, write_text
 from mergewise.checkpoint.pretrained import load_pretrained
+from mergewise.checkpoint.writer import save_tensors, write_text
+from mergewise.chunking import row_ranges
 from mergewise.config import Recipe
-from mergewise.engine import row_ranges
 from mergewise.errors import MergewiseError
 from mergewise.layerwise import hidden_state_index, pooled_hidden_states
 from mergewise.mediator.allocation import KeptEstimate, RoutedTensor
@@ -83,6 +84,7 @@ class MediatorStage(Stage):
             hidden_state_index(number, depth, f"{recipe.origin}: mediator.router.feature_layers")
         self.device = context.device
         self.quiet = context.quiet
+        self.chunk_elements = context.chunk_elements
         self.prompts = calibration_prompts(recipe)
         self.experts = expert_tensors(recipe)
         units: dict[str, list[RoutedTensor]] = {}
@@ -97,7 +99,8 @@ class MediatorStage(Stage):
         options = estimated_options(settings, units, available)
         shapes = {tensor.name: tensor.shape for tensors in units.values() for tensor in tensors}
         self.estimate = KeptEstimate(options, shapes)
-        self.report = analyze_conflicts(recipe, quiet=context.quiet, observers=[self.estimate] if options else ())
+        self.report = analyze_conflicts(recipe, quiet=context.quiet, observers=[self.estimate] if options else (),
+                                        chunk_elements=context.chunk_elements)
         self.estimate.finish()
         self.allocation = choose_routing(settings, self.report, self.estimate, units, available, model_bytes,
                                          fixed_bytes)
@@ -128,7 +131,8 @@ class MediatorStage(Stage):
         tensor, (code_name, level) = self.routed[name]
         code = get_code(code_name)
         rows, columns = matrix_shape(tensor.shape)
-        chunks = row_ranges((rows, columns)) if not tensor.is_vector else [slice(0, 1)]
+        chunks = ([slice(0, 1)] if tensor.is_vector
+                  else row_ranges((rows, columns), chunk_elements=self.chunk_elements))
         parts = code.layout(rows, columns, tensor.dtype, level)
 
         def residual(chunk: slice) -> torch.Tensor:
@@ -197,8 +201,6 @@ class MediatorStage(Stage):
         return kept / total if total > 0 else 1.0
 
     def _manifest(self, router: Router, fit, dense_bytes: int, stored: int) -> dict:
-        from mergewise import __version__
-
         settings, report, tasks = self.settings, self.report, self.settings.tasks
         choices = self.allocation.choices
 
@@ -233,4 +235,5 @@ class MediatorStage(Stage):
         }
 
 
-BLOCK = BlockSpec(schema=MediatorSettings, make_stage=MediatorStage, rewrite_recipe=experts_as_models)
+BLOCK = BlockSpec(schema=MediatorSettings, make_stage=MediatorStage, rewrite_recipe=experts_as_models,
+                  resumable=False, carries_base_model=True, fixed_keys=("experts",))

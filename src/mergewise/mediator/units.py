@@ -13,7 +13,9 @@ import torch
 from mergewise.checkpoint import ModelFolder
 from mergewise.errors import MergewiseError
 from mergewise.mediator.settings import MediatorRecipe
-from mergewise.plan import Planner, TensorSource, layer_index, parse_dtype
+from mergewise.devices import parse_dtype
+from mergewise.locator import ModelLocator
+from mergewise.plan import TensorSource, layer_index
 
 
 def unit_of(tensor_name: str) -> str:
@@ -44,9 +46,9 @@ class ExpertTensors:
 def expert_tensors(recipe: MediatorRecipe) -> ExpertTensors:
     """Every floating tensor of the base, paired with the experts' tensors by name. Presence, shapes
     and architectures are checked here, from the headers, before any data is read."""
-    planner = Planner(recipe.merge, recipe.config_dir)
-    base = planner.model(recipe.base_model, "base_model")
-    experts = [planner.model(expert.model, f"mediator.experts[{index}].model")
+    locator = ModelLocator(recipe.config_dir)
+    base = locator.model(recipe.base_model, "base_model")
+    experts = [locator.model(expert.model, f"mediator.experts[{index}].model")
                for index, expert in enumerate(recipe.settings.experts)]
     base_type = base.config.get("model_type")
     for model in experts:

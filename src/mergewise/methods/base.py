@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import typing
+import zlib
 from functools import cached_property
 from dataclasses import dataclass, field
 from enum import Enum
@@ -49,6 +50,14 @@ class TensorRows:
     stats: Any = None
     rng: Callable[[int], torch.Generator] | None = None  # generator for input i, fixed per row chunk
     non_finite: bool | None = None  # set by a merge that counted NaN/infinity in its own output
+
+
+def chunk_generator(seed: int, tensor: str, index: int, first_row: int) -> torch.Generator:
+    """`TensorRows.rng` of input `index` in the row chunk of `tensor` starting at `first_row`: fixed by
+    (seed, tensor, input, chunk), so a merge is reproducible and a method's `prepare` pass draws what
+    its merge pass draws."""
+    key = zlib.crc32(f"{seed}/{tensor}/{index}/{first_row}".encode())
+    return torch.Generator().manual_seed(((seed << 32) ^ key) & (2**63 - 1))
 
 
 class ChunkedTensors:

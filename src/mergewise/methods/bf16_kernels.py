@@ -9,7 +9,9 @@ to the eager path; the tests compare the two. Compiled code is cached on disk af
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from typing import Iterator
 
 import numba
 import numpy as np
@@ -138,10 +140,20 @@ def supports(tensors: list[torch.Tensor]) -> bool:
 _launch_lock = threading.Lock()
 
 
-def _follow_torch_threads() -> None:
-    """Use as many threads as the engine gave torch."""
-    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set from the environment at import
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
+@contextlib.contextmanager
+def _launch() -> Iterator[None]:
+    """One launch at a time, on as many threads as the caller gave torch. numba's thread count is the
+    calling thread's setting, so it is put back afterwards, and so is torch's: numba's OpenMP layer
+    sets the OpenMP count that torch reads too."""
+    with _launch_lock:
+        threads, previous = torch.get_num_threads(), numba.get_num_threads()
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            yield
+        finally:
+            numba.set_num_threads(previous)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
 
 def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: list[float],
@@ -155,8 +167,7 @@ def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: 
     without consensus (with consensus it is per entry, from the agreeing weights).
     """
     out = torch.empty(base.shape, dtype=torch.bfloat16)
-    with _launch_lock:
-        _follow_torch_threads()
+    with _launch():
         non_finite = _task_arithmetic(
             _bits(base), tuple(_bits(tensor) for tensor in inputs),
             _floats([_as_bf16_scalar(weight) for weight in weights]),

@@ -27,14 +27,12 @@ from pydantic.fields import FieldInfo
 from mergewise.config import read_yaml_mapping, validate_block
 from mergewise.errors import MergewiseError
 from mergewise.methods.registry import get_method
-from mergewise.stages import block_spec
+from mergewise import stages
 
 SPACE_KINDS = ("uniform", "loguniform", "int", "choice")
 MAX_GRID_POINTS = 10_000  # trials of a grid search; each one is a merge and a scoring run
 PARAMETER_MAPS = (("parameters",), ("models", int, "parameters"), ("slices", int, "parameters"),
                   ("slices", int, "sources", int, "parameters"))
-# Block settings that decide the inputs rather than the merge (AIM calibrates once for every trial).
-FIXED_BLOCK_KEYS = {"aim": ("calibration",), "mediator": ("experts",)}
 
 
 class LmEvalObjective(BaseModel):
@@ -264,9 +262,9 @@ def _method_parameter(path: tuple) -> str | None:
 
 def _block_field(path: tuple) -> FieldInfo | None:
     """The schema field of a recipe block (`aim:`, `mediator:`) that `path` sets, if any."""
-    if path[0] not in FIXED_BLOCK_KEYS or len(path) < 2 or path[1] in FIXED_BLOCK_KEYS[path[0]]:
+    if path[0] not in stages.BLOCKS or len(path) < 2 or path[1] in stages.block_spec(path[0]).fixed_keys:
         return None
-    schema, field = block_spec(path[0]).schema, None
+    schema, field = stages.block_spec(path[0]).schema, None
     for part in path[1:]:
         if schema is None or not isinstance(part, str) or part not in schema.model_fields:
             return None

@@ -16,7 +16,7 @@ import transformers
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-import mergewise
+from mergewise._version import __version__
 from mergewise.errors import MergewiseError
 from mergewise.zoo.manifest import read_manifest_dict, write_manifest_dict
 
@@ -30,7 +30,7 @@ def derived_seed(seed: int, purpose: str) -> int:
 
 def library_versions() -> dict[str, str]:
     return {
-        "mergewise": mergewise.__version__,
+        "mergewise": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -67,11 +67,14 @@ def build_model_once(
     """Train and save `name` unless a finished copy exists; returns whether it was (re)built.
 
     The folder is written under a temporary name and renamed into place, then zoo.json records it:
-    an interrupted build leaves no half-written model that a resume would mistake for a finished one."""
+    an interrupted build leaves no half-written model that a resume would mistake for a finished one.
+    `train` seeds torch's global random stream (initialisation and dropout draw from it) in a fork of
+    it: the caller's stream is as it was afterwards."""
     if is_finished(zoo_dir, manifest, name):
         return False
     started = time.perf_counter()
-    model, tokenizer, record = train()
+    with torch.random.fork_rng():
+        model, tokenizer, record = train()
     temporary = zoo_dir / f"{TEMPORARY_PREFIX}{name}"
     shutil.rmtree(temporary, ignore_errors=True)
     model.to(dtype).save_pretrained(temporary)

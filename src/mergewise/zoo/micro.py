@@ -148,7 +148,7 @@ def write_task_files(zoo_dir: Path, task: Task, scale: MicroScale, seed: int) ->
 
 
 def pretrain_base(tokenizer: PreTrainedTokenizerBase, text: str, tasks: list[Task], scale: MicroScale, seed: int):
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # in build_model_once's fork of the random stream
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=scale.hidden_size,
@@ -185,7 +185,7 @@ def pretrain_base(tokenizer: PreTrainedTokenizerBase, text: str, tasks: list[Tas
 
 
 def finetune_expert(base, tokenizer, examples: list[tuple[str, str]], scale: MicroScale, seed: int, name: str):
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # in build_model_once's fork of the random stream
     model = LlamaForCausalLM(base.config)
     model.load_state_dict(base.state_dict())
     batches = answer_only_batches(tokenizer, examples, scale.finetune.batch_size, random.Random(seed))

@@ -187,7 +187,7 @@ def load_gguf_base():
 
 
 def finetune_expert(base, tokenizer, examples, scale: SmallScale, seed: int, name: str):
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # in build_model_once's fork of the random stream
     model = AutoModelForCausalLM.from_config(base.config, trust_remote_code=False)
     model.load_state_dict(base.state_dict())
     batches = answer_only_batches(tokenizer, examples, scale.finetune.batch_size, random.Random(seed), scale.max_tokens)

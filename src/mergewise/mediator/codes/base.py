@@ -61,6 +61,19 @@ class ResidualCode:
     # Serving's CPU fast path: add decode(stored) to D's rows (bf16 or float32 [rows, columns], in
     # place) in one pass, bit for bit as `(rows.float() + decode(stored, columns)).to(rows.dtype)`.
     add_to: Callable[[Stored, torch.Tensor], None] | None = None
+    # What the `mediator:` block, the allocation and the build read:
+    # the block's key that sets the level (`density`, `rank`); None: the code has no level.
+    level_setting: str | None = None
+    # The levels a budget is filled with, largest first: a named code's `auto` level is the largest
+    # at which every routed unit fits.
+    levels: tuple[float, ...] = ()
+    # A named code's `auto` level where there is no budget to fill (with `route_threshold`).
+    threshold_level: float | None = None
+    # The (code, level) options `code: auto` weighs: these levels (None for a code without one);
+    # none: auto never chooses the code.
+    auto_levels: tuple[float | None, ...] = ()
+    # A recipe may name it as `mediator.code` (`full`, the vectors' code, is not one to choose).
+    selectable: bool = True
 
     def stored_bytes(self, rows: int, columns: int, dtype: torch.dtype, level: float | None) -> int:
         return sum(part.nbytes for part in self.layout(rows, columns, dtype, level).values())

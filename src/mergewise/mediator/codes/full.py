@@ -21,4 +21,4 @@ def decode(stored: Stored, columns: int) -> torch.Tensor:
     return stored["residual"].to(torch.float32, copy=True)  # callers may scale it in place
 
 
-FULL = ResidualCode("full", layout, encode, decode)
+FULL = ResidualCode("full", layout, encode, decode, selectable=False)

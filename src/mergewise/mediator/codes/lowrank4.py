@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mergewise.mediator.codes.base import Part, ResidualCode, Stored
-from mergewise.mediator.codes.lowrank import rank_of, top_factors
+from mergewise.mediator.codes.lowrank import RANKS, rank_of, top_factors
 from mergewise.mediator.codes.spectrum import SampleSpectrum
 
 LARGEST = 7
@@ -117,4 +117,5 @@ def _nibble_table(device: str) -> torch.Tensor:
 
 
 LOWRANK4 = ResidualCode("lowrank4", layout, encode, decode, row_local=False, encode_rows=encode_rows,
-                        kept_shares=kept_shares)
+                        kept_shares=kept_shares, level_setting="rank", levels=RANKS, threshold_level=64,
+                        auto_levels=(2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128))

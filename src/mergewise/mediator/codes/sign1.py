@@ -29,4 +29,4 @@ def add_to(stored: Stored, rows: torch.Tensor) -> None:
     switching.add_signs(rows, stored["signs"], stored["signs"], stored["scale"])  # one level: any bits pick it
 
 
-SIGN1 = ResidualCode("sign1", layout, encode, decode, add_to=add_to)
+SIGN1 = ResidualCode("sign1", layout, encode, decode, add_to=add_to, auto_levels=(None,))

@@ -53,4 +53,4 @@ def add_to(stored: Stored, rows: torch.Tensor) -> None:
     switching.add_signs(rows, stored["signs"], stored["high"], stored["levels"])
 
 
-SIGN2 = ResidualCode("sign2", layout, encode, decode, add_to=add_to)
+SIGN2 = ResidualCode("sign2", layout, encode, decode, add_to=add_to, auto_levels=(None,))

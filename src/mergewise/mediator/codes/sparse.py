@@ -13,6 +13,7 @@ from mergewise.mediator.codes.base import Part, ResidualCode, Stored
 from mergewise.methods.sparsify import kept_count
 
 DEFAULT_DENSITY = 0.1
+DENSITIES = tuple(sorted({step / 100 for step in range(1, 101)} | {0.0625}, reverse=True))
 
 
 def _kept(columns: int, level: float | None) -> int:
@@ -52,4 +53,5 @@ def entries(stored: Stored) -> tuple[torch.Tensor, torch.Tensor]:
     return stored["indices"], stored["values"]
 
 
-SPARSE = ResidualCode("sparse", layout, encode, decode, check, entries=entries)
+SPARSE = ResidualCode("sparse", layout, encode, decode, check, entries=entries, level_setting="density",
+                      levels=DENSITIES, threshold_level=DEFAULT_DENSITY, auto_levels=(0.03, 0.0625, 0.125, 0.25))
