@@ -28,19 +28,39 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="calibrate-memory-"))
     text = work / "calibration.txt"
     work.mkdir(parents=True, exist_ok=True)
-    text.write_text("\n\n".join(f"model merging adds the task vectors of fine tunes number {i} to the base "
-                                "while attention heads share keys and values" for i in range(400)))
+    text.write_text(
+        "\n\n".join(
+            f"model merging adds the task vectors of fine tunes number {i} to the base "
+            "while attention heads share keys and values"
+            for i in range(400)
+        )
+    )
     rows = []
     for depth in args.depths:
         model = work / f"llama-{depth}"
         size = random_tiny_llama(model, depth, args.hidden)
         for label, extra in (("--stream-layers", ["--stream-layers"]), ("in-memory", [])):
-            run = run_measured(mergewise_command("calibrate", str(model), str(work / "stats.safetensors"), "--data",
-                                                 str(text), "--samples", str(args.samples), "--seq-len",
-                                                 str(args.seq_len), "--overwrite", "--quiet", *extra))
+            run = run_measured(
+                mergewise_command(
+                    "calibrate",
+                    str(model),
+                    str(work / "stats.safetensors"),
+                    "--data",
+                    str(text),
+                    "--samples",
+                    str(args.samples),
+                    "--seq-len",
+                    str(args.seq_len),
+                    "--overwrite",
+                    "--quiet",
+                    *extra,
+                )
+            )
             rss, seconds = run.peak_rss_mib, run.wall_s
             rows.append((depth, label, size / 2**20, rss, seconds))
-            print(f"depth {depth:3d} {label:16s} checkpoint {size / 2**20:7.0f} MiB  peak RSS {rss:7.0f} MiB  {seconds:5.1f} s")
+            print(
+                f"depth {depth:3d} {label:16s} checkpoint {size / 2**20:7.0f} MiB  peak RSS {rss:7.0f} MiB  {seconds:5.1f} s"
+            )
     streamed = [rss for _, label, _, rss, _ in rows if label == "--stream-layers"]
     ratio = max(streamed) / min(streamed)
     lines = [
@@ -52,7 +72,10 @@ def main() -> None:
         "",
         "| layers | pass | checkpoint (MiB) | peak RSS (MiB) | wall (s) |",
         "|---:|---|---:|---:|---:|",
-        *(f"| {depth} | {label} | {size:.0f} | {rss:.0f} | {seconds:.1f} |" for depth, label, size, rss, seconds in rows),
+        *(
+            f"| {depth} | {label} | {size:.0f} | {rss:.0f} | {seconds:.1f} |"
+            for depth, label, size, rss, seconds in rows
+        ),
         "",
         f"`--stream-layers` peak RSS, deepest / shallowest: **{ratio:.2f}×** (flat means within 1.20×).",
     ]

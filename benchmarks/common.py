@@ -146,12 +146,15 @@ def repeated(label: str, tools: list[str], measure: Callable[[str], Measured], r
     """`repeats` rounds of `measure(tool)`, the tools taking turns within each round, so that a slow
     spell of the machine falls on both rather than on one tool's runs."""
     rounds = [[measure(tool) for tool in tools] for _ in range(repeats)]
-    return [Run(label, tool, tuple(r[index].wall_s for r in rounds), tuple(r[index].peak_rss_mib for r in rounds))
-            for index, tool in enumerate(tools)]
+    return [
+        Run(label, tool, tuple(r[index].wall_s for r in rounds), tuple(r[index].peak_rss_mib for r in rounds))
+        for index, tool in enumerate(tools)
+    ]
 
 
-def comparison_table(runs: list[Run], agreement: dict[str, str],
-                     targets: dict[str, tuple[float, float]] | None = None) -> str:
+def comparison_table(
+    runs: list[Run], agreement: dict[str, str], targets: dict[str, tuple[float, float]] | None = None
+) -> str:
     """Markdown: one row per run; mergewise rows also give speed-up and RSS ratio against mergekit, the
     (speed-up, RSS ratio) `targets` of their method, and how the output compares with mergekit's."""
     targets = targets or {}
@@ -181,9 +184,11 @@ def machine_line(threads: int | None) -> str:
     import torch
 
     load = os.getloadavg()[2]
-    return (f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}, "
-            f"threads: {threads if threads is not None else 'default'}, load {load:.1f}, "
-            f"measured {time.strftime('%Y-%m-%d')}")
+    return (
+        f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}, "
+        f"threads: {threads if threads is not None else 'default'}, load {load:.1f}, "
+        f"measured {time.strftime('%Y-%m-%d')}"
+    )
 
 
 def write_result(path: Path, text: str) -> None:

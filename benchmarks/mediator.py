@@ -113,13 +113,30 @@ def serving(mediator_dir: Path, zoo: Zoo, work: Path, tokens: int, repeats: int,
         export_task(mediator_dir, task, plain, overwrite=True, quiet=True)
     timings = []
     for count in threads:
-        output = subprocess.run([sys.executable, "-c", LATENCY_CHILD, str(mediator_dir), str(plain), prompt, other,
-                                 str(tokens), str(repeats), str(count)], check=True, capture_output=True,
-                                text=True).stdout
+        output = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                LATENCY_CHILD,
+                str(mediator_dir),
+                str(plain),
+                prompt,
+                other,
+                str(tokens),
+                str(repeats),
+                str(count),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         timings.append(json.loads(output.strip().splitlines()[-1]))
-    memory = {name: run_measured(mergewise_command("generate", str(folder), "--prompt", prompt, "--max-new-tokens",
-                                                   str(tokens))).peak_rss_mib
-              for name, folder in (("mediator", mediator_dir), ("plain", plain))}
+    memory = {
+        name: run_measured(
+            mergewise_command("generate", str(folder), "--prompt", prompt, "--max-new-tokens", str(tokens))
+        ).peak_rss_mib
+        for name, folder in (("mediator", mediator_dir), ("plain", plain))
+    }
     return {"task": task, "timings": timings, "rss": memory}
 
 
@@ -129,42 +146,62 @@ SERVING_HEADING = "## Serving"
 def serving_sections(folder: Path, zoo: Zoo, work: Path, args: argparse.Namespace) -> list[str]:
     """One serving section per `--tokens` count: routing costs one prefill per request, so its share
     of a request depends on how many tokens the request generates."""
-    return [line for tokens in args.tokens
-            for line in serving_section(serving(folder, zoo, work, tokens, args.repeats, args.threads), tokens,
-                                         args.repeats)]
+    return [
+        line
+        for tokens in args.tokens
+        for line in serving_section(
+            serving(folder, zoo, work, tokens, args.repeats, args.threads), tokens, args.repeats
+        )
+    ]
 
 
 def serving_section(measured: dict, tokens: int, repeats: int) -> list[str]:
     timing = measured["timings"][0]
     gigabytes = timing["routed_bytes"] / 1e9
     dtype, code, budget = MEDIATOR_DEFAULT
-    lines = ["", f"{SERVING_HEADING} ({dtype}, code {code}, budget {budget:g}, {tokens} new tokens)", "",
-             f"`generate()` of {tokens} new tokens for one `{measured['task']}` prompt (route: "
-             f"{timing['route']['decision']} {timing['route']['task']}), median of {repeats}, one process per thread "
-             "count (the last: torch's default, as `mergewise generate` runs). The two models take turns on the same "
-             "prompt, back to back, which of them goes first alternating; the latency ratio is the median of those "
-             "pairs' ratios (the machine's speed drifts between pairs):",
-             "", "| torch threads | Mediator, selected expert | same expert exported as a plain model | latency | "
-             "first request | every request changing expert |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        f"{SERVING_HEADING} ({dtype}, code {code}, budget {budget:g}, {tokens} new tokens)",
+        "",
+        f"`generate()` of {tokens} new tokens for one `{measured['task']}` prompt (route: "
+        f"{timing['route']['decision']} {timing['route']['task']}), median of {repeats}, one process per thread "
+        "count (the last: torch's default, as `mergewise generate` runs). The two models take turns on the same "
+        "prompt, back to back, which of them goes first alternating; the latency ratio is the median of those "
+        "pairs' ratios (the machine's speed drifts between pairs):",
+        "",
+        "| torch threads | Mediator, selected expert | same expert exported as a plain model | latency | "
+        "first request | every request changing expert |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for run in measured["timings"]:
-        lines.append(f"| {run['threads']} | {1000 * run['mediator']:.1f} ms | {1000 * run['plain']:.1f} ms | "
-                     f"**{run['ratio']:.2f}×** | {1000 * run['first']:.1f} ms | "
-                     f"{run['changing_ratio']:.2f}× |")
+        lines.append(
+            f"| {run['threads']} | {1000 * run['mediator']:.1f} ms | {1000 * run['plain']:.1f} ms | "
+            f"**{run['ratio']:.2f}×** | {1000 * run['first']:.1f} ms | "
+            f"{run['changing_ratio']:.2f}× |"
+        )
     rss = measured["rss"]
-    lines += ["", f"Peak RSS of `mergewise generate` (load + generate) in a child process each: Mediator "
-              f"{rss['mediator']:.0f} MiB, plain model {rss['plain']:.0f} MiB, "
-              f"**{rss['mediator'] / rss['plain']:.2f}×**.",
-              "", "The selected expert stays in the routed tensors between requests (routing reads D's values one "
-              "decoder layer at a time), so these requests after the first switch nothing. In the last column every "
-              f"request goes to another expert (`{measured['task']}` and `{timing['other_route']['task']}` prompts "
-              f"in turn, route of the second: {timing['other_route']['decision']}; the plain model runs the same prompts).",
-              "", f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {repeats}, "
-              f"{timing['threads']} thread(s); this size switches with "
-              f"{'the fused kernels' if timing['fused_by_size'] else 'torch operations'}):", ""]
+    lines += [
+        "",
+        f"Peak RSS of `mergewise generate` (load + generate) in a child process each: Mediator "
+        f"{rss['mediator']:.0f} MiB, plain model {rss['plain']:.0f} MiB, "
+        f"**{rss['mediator'] / rss['plain']:.2f}×**.",
+        "",
+        "The selected expert stays in the routed tensors between requests (routing reads D's values one "
+        "decoder layer at a time), so these requests after the first switch nothing. In the last column every "
+        f"request goes to another expert (`{measured['task']}` and `{timing['other_route']['task']}` prompts "
+        f"in turn, route of the second: {timing['other_route']['decision']}; the plain model runs the same prompts).",
+        "",
+        f"Route switch ({timing['routed_bytes'] / 1e6:.1f} MB of routed weights, median of {repeats}, "
+        f"{timing['threads']} thread(s); this size switches with "
+        f"{'the fused kernels' if timing['fused_by_size'] else 'torch operations'}):",
+        "",
+    ]
     for path, label in (("torch", "torch operations"), ("fused", "fused CPU kernels")):
         select, restore = timing[f"switch_select_{path}"], timing[f"switch_restore_{path}"]
-        lines.append(f"- {label}: select {1000 * select:.2f} ms ({1000 * select / gigabytes:.0f} ms/GB), "
-                     f"restore D {1000 * restore:.2f} ms ({1000 * restore / gigabytes:.0f} ms/GB)")
+        lines.append(
+            f"- {label}: select {1000 * select:.2f} ms ({1000 * select / gigabytes:.0f} ms/GB), "
+            f"restore D {1000 * restore:.2f} ms ({1000 * restore / gigabytes:.0f} ms/GB)"
+        )
     return lines
 
 
@@ -214,13 +251,26 @@ def main() -> None:
     parser.add_argument("--codes", nargs="+", default=CODES, choices=CODES)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--limit", type=int, default=None, help="prompts per task")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[32],
-                        help="new tokens per timed generate() (several: one serving section each)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=[32],
+        help="new tokens per timed generate() (several: one serving section each)",
+    )
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 0],
-                        help="torch threads of the timed requests, one process each (0: torch's default)")
-    parser.add_argument("--serving-only", action="store_true",
-                        help="measure serving of the default settings again, keeping the report's quality table")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 0],
+        help="torch threads of the timed requests, one process each (0: torch's default)",
+    )
+    parser.add_argument(
+        "--serving-only",
+        action="store_true",
+        help="measure serving of the default settings again, keeping the report's quality table",
+    )
     args = parser.parse_args()
     zoo = load_zoo(args.zoo)
     work = args.work or args.zoo / "mediator-bench"
@@ -241,15 +291,22 @@ def main() -> None:
     held = [name for name, task in zoo.tasks.items() if not task.expert]
     dense = results["linear"]  # the dense expert D is this average of the experts (float32 recipe)
     size = zoo.raw.get("size", "zoo")
-    header = ("| model | " + " | ".join(zoo.tasks) + " | % of expert kept (mean) | routing correct | "
-              "held-back blend+dense | stored / one model | codes (units) | build peak RSS |")
-    lines = [f"# Mediator on the {size} zoo", "",
-             f"Experts: {', '.join(experts)}; held-back task: {', '.join(held) or 'none'}. "
-             f"{args.limit or 'all'} prompts per task. Merge of calm units and dense expert D: linear average. "
-             "Routing correct: share of in-distribution prompts whose most probable expert is their own. "
-             "The router's features on this machine: bf16 Linear layers multiply "
-             f"{'natively (the CPU has AVX-512 BF16)' if native_half_matmuls(torch.bfloat16) else 'in float32'}.",
-             "", header, "|" + "---|" * (len(zoo.tasks) + 7)]
+    header = (
+        "| model | " + " | ".join(zoo.tasks) + " | % of expert kept (mean) | routing correct | "
+        "held-back blend+dense | stored / one model | codes (units) | build peak RSS |"
+    )
+    lines = [
+        f"# Mediator on the {size} zoo",
+        "",
+        f"Experts: {', '.join(experts)}; held-back task: {', '.join(held) or 'none'}. "
+        f"{args.limit or 'all'} prompts per task. Merge of calm units and dense expert D: linear average. "
+        "Routing correct: share of in-distribution prompts whose most probable expert is their own. "
+        "The router's features on this machine: bf16 Linear layers multiply "
+        f"{'natively (the CPU has AVX-512 BF16)' if native_half_matmuls(torch.bfloat16) else 'in float32'}.",
+        "",
+        header,
+        "|" + "---|" * (len(zoo.tasks) + 7),
+    ]
     points = []
     for label, result in results.items():
         cells = [f"{result['tasks'][name]['score']:.3f}" for name in zoo.tasks]
@@ -265,20 +322,35 @@ def main() -> None:
                 if unit["routed"]:
                     used[unit["code"]] = used.get(unit["code"], 0) + 1
             codes = ", ".join(f"{name} {count}" for name, count in used.items()) + f" of {len(manifest['units'])}"
-            points.append({"dtype": dtype, "code": code, "budget": float(budget[2:]),
-                           "ratio": manifest["memory"]["ratio"], "kept": kept_share(result, results, zoo)})
-        correct = (f"{statistics.mean(routing[name]['correct'] for name in experts):.3f}" if routing else "")
-        flagged = (f"{statistics.mean(routing[name]['blend'] + routing[name]['dense'] for name in held):.3f}"
-                   if routing and held else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * kept_share(result, results, zoo):.1f}% | "
-                     f"{correct} | {flagged} | {ratio} | {codes} | {rss} |")
+            points.append(
+                {
+                    "dtype": dtype,
+                    "code": code,
+                    "budget": float(budget[2:]),
+                    "ratio": manifest["memory"]["ratio"],
+                    "kept": kept_share(result, results, zoo),
+                }
+            )
+        correct = f"{statistics.mean(routing[name]['correct'] for name in experts):.3f}" if routing else ""
+        flagged = (
+            f"{statistics.mean(routing[name]['blend'] + routing[name]['dense'] for name in held):.3f}"
+            if routing and held
+            else ""
+        )
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {100 * kept_share(result, results, zoo):.1f}% | "
+            f"{correct} | {flagged} | {ratio} | {codes} | {rss} |"
+        )
     refused = [(key, record["error"]) for key, record in builds.items() if "error" in record]
     if refused:
         lines += ["", "Settings refused at build time:", ""]
         lines += [f"- {label_of(*key)}: {error}" for key, error in refused]
     if held:
-        lines += ["", "Held-back task, dense model D (float32 linear average): " + ", ".join(
-            f"{name} {dense['tasks'][name]['score']:.3f}" for name in held)]
+        lines += [
+            "",
+            "Held-back task, dense model D (float32 linear average): "
+            + ", ".join(f"{name} {dense['tasks'][name]['score']:.3f}" for name in held),
+        ]
     default_dir = mediator_folder(work, *MEDIATOR_DEFAULT)
     if (default_dir / "mediator" / "mediator.json").is_file():
         lines += serving_sections(default_dir, zoo, work, args)

@@ -36,18 +36,18 @@ from mergewise.zoo.tokenizer import build_char_tokenizer
 from common import RESULTS, WORK, Measured, mergewise_command, run_measured, write_report
 from workloads import LlamaShape, llama_config, llama_tensors, parameter_count, write_sharded
 
-TARGET_RATIO = 0.5   # build peak RSS / one model's bytes
-NOISE = 0.002        # std of an expert's update, a tenth of the base weights' (0.02)
-OWN_LAYER_GAIN = 4   # an expert's update on its own layers (layer ≡ expert index mod experts)
+TARGET_RATIO = 0.5  # build peak RSS / one model's bytes
+NOISE = 0.002  # std of an expert's update, a tenth of the base weights' (0.02)
+OWN_LAYER_GAIN = 4  # an expert's update on its own layers (layer ≡ expert index mod experts)
 PROMPTS_PER_EXPERT = 24
 COMMON_WORDS = "the a of to and with then in on for is it this that".split()
 TOPICS = {
     "arithmetic": "add sum plus minus number seven twelve digits total carry multiply divide equals remainder "
-                  "fraction count double half square root".split(),
+    "fraction count double half square root".split(),
     "cooking": "bake flour sugar butter oven simmer garlic onion salt pepper stir dough recipe spoon boil "
-               "roast sauce bread knead taste".split(),
+    "roast sauce bread knead taste".split(),
     "sailing": "boat sail wind harbor anchor tide mast rope deck storm wave port starboard keel compass "
-               "current island crew knot shore".split(),
+    "current island crew knot shore".split(),
 }
 
 
@@ -73,15 +73,18 @@ def write_prompts(path: Path, words: list[str], generator: random.Random) -> Non
     lines = []
     for _ in range(PROMPTS_PER_EXPERT):
         length = generator.randint(10, 16)
-        lines.append(" ".join(generator.choice(words if generator.random() < 0.7 else COMMON_WORDS)
-                              for _ in range(length)))
+        lines.append(
+            " ".join(generator.choice(words if generator.random() < 0.7 else COMMON_WORDS) for _ in range(length))
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
 def build_workload(work: Path, shape: LlamaShape, seed: int) -> Path:
     """Base, experts, prompts and the Mediator recipe for `shape` (built once); returns the folder."""
-    root = work / (f"mediator-h{shape.hidden}-l{shape.layers}-i{shape.intermediate}-v{shape.vocab}"
-                   f"-a{shape.heads}-k{shape.kv_heads}-s{seed}")
+    root = work / (
+        f"mediator-h{shape.hidden}-l{shape.layers}-i{shape.intermediate}-v{shape.vocab}"
+        f"-a{shape.heads}-k{shape.kv_heads}-s{seed}"
+    )
     if (root / "COMPLETE").exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
@@ -107,10 +110,14 @@ def measure(workload: Path, args: argparse.Namespace) -> dict[str, Measured]:
     recipe = str(workload / "recipe.yml")
     threads = ["--threads", str(args.threads)] if args.threads is not None else []
     runs = workload / "runs"
-    measured = {"analyze": run_measured(mergewise_command("mediator", "analyze", recipe, str(runs / "analysis"),
-                                                          "--overwrite", "--quiet")),
-                "build": run_measured(mergewise_command("mediator", "build", recipe, str(runs / "mediator"),
-                                                        "--overwrite", "--quiet", *threads))}
+    measured = {
+        "analyze": run_measured(
+            mergewise_command("mediator", "analyze", recipe, str(runs / "analysis"), "--overwrite", "--quiet")
+        ),
+        "build": run_measured(
+            mergewise_command("mediator", "build", recipe, str(runs / "mediator"), "--overwrite", "--quiet", *threads)
+        ),
+    }
     shutil.rmtree(runs / "mediator")  # a model and more of disk, kept by no one
     return measured
 
@@ -120,19 +127,26 @@ def model_bytes(folder: Path) -> int:
 
 
 def report_table(rows: list[tuple[LlamaShape, int, dict[str, Measured]]]) -> str:
-    lines = ["| layers | parameters (M) | one model (MiB) | step | peak RSS (MiB) | peak / one model | wall s |",
-             "|---:|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        "| layers | parameters (M) | one model (MiB) | step | peak RSS (MiB) | peak / one model | wall s |",
+        "|---:|---:|---:|---|---:|---:|---:|",
+    ]
     for shape, size, measured in rows:
         for step, run in measured.items():
-            lines.append(f"| {shape.layers} | {parameter_count(shape) / 1e6:.0f} | {size / 2**20:.0f} | {step} | "
-                         f"{run.peak_rss_mib:.0f} | {run.peak_rss_mib * 2**20 / size:.3f} | {run.wall_s:.1f} |")
+            lines.append(
+                f"| {shape.layers} | {parameter_count(shape) / 1e6:.0f} | {size / 2**20:.0f} | {step} | "
+                f"{run.peak_rss_mib:.0f} | {run.peak_rss_mib * 2**20 / size:.3f} | {run.wall_s:.1f} |"
+            )
     (_, shallow_size, shallow), (_, deep_size, deep) = rows
     worst = max(measured["build"].peak_rss_mib * 2**20 / size for _, size, measured in rows)
     growth = deep["build"].peak_rss_mib / shallow["build"].peak_rss_mib
-    lines += ["", f"Build peak / one model: at most **{worst:.3f}×** (target ≤ {TARGET_RATIO}×: "
-                  f"{'met' if worst <= TARGET_RATIO else 'missed'}). Doubling the depth grows the model "
-                  f"{deep_size / shallow_size:.2f}× and the build's peak RSS **{growth:.2f}×** "
-                  f"(analysis: {deep['analyze'].peak_rss_mib / shallow['analyze'].peak_rss_mib:.2f}×)."]
+    lines += [
+        "",
+        f"Build peak / one model: at most **{worst:.3f}×** (target ≤ {TARGET_RATIO}×: "
+        f"{'met' if worst <= TARGET_RATIO else 'missed'}). Doubling the depth grows the model "
+        f"{deep_size / shallow_size:.2f}× and the build's peak RSS **{growth:.2f}×** "
+        f"(analysis: {deep['analyze'].peak_rss_mib / shallow['analyze'].peak_rss_mib:.2f}×).",
+    ]
     return "\n".join(lines)
 
 
@@ -155,12 +169,20 @@ def main() -> None:
     args = parse_args()
     rows = []
     for layers in (args.layers, 2 * args.layers):
-        shape = LlamaShape(hidden=args.hidden, layers=layers, intermediate=args.intermediate, vocab=args.vocab,
-                           heads=args.heads, kv_heads=args.kv_heads)
+        shape = LlamaShape(
+            hidden=args.hidden,
+            layers=layers,
+            intermediate=args.intermediate,
+            vocab=args.vocab,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+        )
         workload = build_workload(args.work, shape, args.seed)
         rows.append((shape, model_bytes(workload / "base"), measure(workload, args)))
-    title = (f"Mediator build memory: random bf16 Llama, hidden {args.hidden}, intermediate {args.intermediate}, "
-             f"vocabulary {args.vocab}, 3 experts")
+    title = (
+        f"Mediator build memory: random bf16 Llama, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"vocabulary {args.vocab}, 3 experts"
+    )
     write_report(args.results / "mediator_scale.md", title, report_table(rows), args.threads)
 
 

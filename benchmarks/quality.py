@@ -26,8 +26,9 @@ from mergewise.zoo.manifest import Zoo, load_zoo
 from common import RESULTS, write_result
 
 
-def aim_entries(zoo: Zoo, work: Path, methods: list[str], omegas: list[float], samples: int,
-                seq_len: int) -> list[Entry]:
+def aim_entries(
+    zoo: Zoo, work: Path, methods: list[str], omegas: list[float], samples: int, seq_len: int
+) -> list[Entry]:
     """Each method's plain merge relaxed at each ω (`mergewise aim` on the cached plain merge)."""
     from mergewise.aim import AimSettings, CalibrationSettings, calibrate, relax_folder
 
@@ -38,11 +39,19 @@ def aim_entries(zoo: Zoo, work: Path, methods: list[str], omegas: list[float], s
     entries = []
     for method in methods:
         for omega in omegas:
+
             def produce(work: Path, method=method, omega=omega) -> Path:
                 out = work / "models" / f"{method}+aim{omega}"
                 if not (out / "config.json").is_file():
-                    relax_folder(zoo.base, plain[method].produce(work), stats, out, AimSettings(omega=omega),
-                                 overwrite=True, quiet=True)
+                    relax_folder(
+                        zoo.base,
+                        plain[method].produce(work),
+                        stats,
+                        out,
+                        AimSettings(omega=omega),
+                        overwrite=True,
+                        quiet=True,
+                    )
                 return out
 
             entries.append(Entry(f"{method} + AIM ω={omega}", produce))
@@ -54,8 +63,14 @@ def main() -> None:
     parser.add_argument("--zoo", required=True, help="zoo folder (mergewise zoo build)")
     parser.add_argument("--work", default=None, help="cache of merges and scores (default: ZOO/quality)")
     parser.add_argument("--methods", nargs="+", default=list(CORE_METHOD_SETTINGS), choices=list(CORE_METHOD_SETTINGS))
-    parser.add_argument("--aim", nargs="*", type=float, default=[], metavar="OMEGA",
-                        help="also score every method relaxed by AIM at these ω")
+    parser.add_argument(
+        "--aim",
+        nargs="*",
+        type=float,
+        default=[],
+        metavar="OMEGA",
+        help="also score every method relaxed by AIM at these ω",
+    )
     parser.add_argument("--aim-samples", type=int, default=64)
     parser.add_argument("--aim-seq-len", type=int, default=128)
     parser.add_argument("--device", default="cpu")
@@ -71,18 +86,27 @@ def main() -> None:
     results = score_entries(args.zoo, work, entries, device=args.device, limit=args.limit)
     size = zoo.raw.get("size", "zoo")
     table = markdown_table(results, zoo)
-    settings = "\n".join(f"- `{method}`: {CORE_METHOD_SETTINGS[method]['per_model']} per expert"
-                         for method in args.methods)
+    settings = "\n".join(
+        f"- `{method}`: {CORE_METHOD_SETTINGS[method]['per_model']} per expert" for method in args.methods
+    )
     scored = f"first {args.limit} prompts per task" if args.limit else "every held-out prompt"
     write_result(
         args.results / f"quality-{size}.md",
         f"# Merge quality on the {size} zoo\n\nPer task: exact match (greedy) or answer NLL per token ({scored}); general NLL per token on "
         f"held-out text. Experts merged in float32 with:\n{settings}\n"
-        + (f"\nAIM: statistics from `calibrate --data self` ({args.aim_samples} × {args.aim_seq_len} tokens) "
-           "on the base, relaxation applied to each plain merge.\n" if args.aim else "")
-        + f"\n{table}\n")
-    bar_chart({label: result for label, result in results.items() if "AIM" not in label}, zoo,
-              args.results / f"quality-{size}.png")
+        + (
+            f"\nAIM: statistics from `calibrate --data self` ({args.aim_samples} × {args.aim_seq_len} tokens) "
+            "on the base, relaxation applied to each plain merge.\n"
+            if args.aim
+            else ""
+        )
+        + f"\n{table}\n",
+    )
+    bar_chart(
+        {label: result for label, result in results.items() if "AIM" not in label},
+        zoo,
+        args.results / f"quality-{size}.png",
+    )
     print(table)
 
 

@@ -77,10 +77,12 @@ class Level:
         ttft = sorted(outcome.ttft for outcome in done if outcome.ttft is not None)
         latency = sorted(outcome.latency for outcome in done)
         switches = "—" if self.switches is None else f"{100 * self.switches / max(len(self.outcomes), 1):.1f}"
-        return (f"| {name} | {self.concurrency} | {len(done) / self.seconds:.2f} | {tokens / self.seconds:.1f} | "
-                f"{_quantile(ttft, 0.5) * 1000:.0f} / {_quantile(ttft, 0.99) * 1000:.0f} | "
-                f"{_quantile(latency, 0.5) * 1000:.0f} / {_quantile(latency, 0.99) * 1000:.0f} | "
-                f"{len(self.outcomes) - len(done)} | {switches} | {self.peak_rss_mib:.0f} |")
+        return (
+            f"| {name} | {self.concurrency} | {len(done) / self.seconds:.2f} | {tokens / self.seconds:.1f} | "
+            f"{_quantile(ttft, 0.5) * 1000:.0f} / {_quantile(ttft, 0.99) * 1000:.0f} | "
+            f"{_quantile(latency, 0.5) * 1000:.0f} / {_quantile(latency, 0.99) * 1000:.0f} | "
+            f"{len(self.outcomes) - len(done)} | {switches} | {self.peak_rss_mib:.0f} |"
+        )
 
     @property
     def tokens_per_second(self) -> float:
@@ -107,8 +109,9 @@ class Served:
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = model
         self.log = log.open("w")
-        self.process = subprocess.Popen([*command, "--port", str(self.port)], stdout=self.log, stderr=self.log,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            [*command, "--port", str(self.port)], stdout=self.log, stderr=self.log, start_new_session=True
+        )
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -149,8 +152,13 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
     started = time.perf_counter()
     try:
         raw = await client.completions.with_raw_response.create(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True})
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         outcome.decision, outcome.task = raw.headers.get("x-mergewise-route"), raw.headers.get("x-mergewise-task")
         chunks = 0
         async for chunk in raw.parse():
@@ -170,8 +178,10 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
 async def load(targets: list[tuple[Served, str]], concurrency: int, max_tokens: int) -> tuple[float, list[Outcome]]:
     """Send every (server, prompt) with `concurrency` clients, each waiting for its answer before the
     next; returns the wall time and the outcomes in request order."""
-    clients = {served.url: openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0,
-                                              timeout=600) for served, _ in targets}
+    clients = {
+        served.url: openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=600)
+        for served, _ in targets
+    }
     outcomes: list[Outcome | None] = [None] * len(targets)
     pending = iter(range(len(targets)))
 
@@ -188,20 +198,22 @@ async def load(targets: list[tuple[Served, str]], concurrency: int, max_tokens: 
     return seconds, outcomes
 
 
-def run_setup(name: str, servers: dict[str, Served], prompts: list[tuple[str, str]], levels: list[int],
-              max_tokens: int) -> list[Level]:
+def run_setup(
+    name: str, servers: dict[str, Served], prompts: list[tuple[str, str]], levels: list[int], max_tokens: int
+) -> list[Level]:
     """Every concurrency level against `servers` (task → server; "*" serves every task)."""
     measured = []
     targets = [(servers.get(task) or servers["*"], prompt) for task, prompt in prompts]
-    asyncio.run(load(targets[:min(4, len(targets))], 1, max_tokens))  # warm-up: first-call costs out of the way
+    asyncio.run(load(targets[: min(4, len(targets))], 1, max_tokens))  # warm-up: first-call costs out of the way
     unique = list({id(served): served for served in servers.values()}.values())
     for concurrency in levels:
         before = [served.switches() for served in unique]
         with PeakRss(served.process.pid for served in unique) as peak:
             seconds, outcomes = asyncio.run(load(targets, concurrency, max_tokens))
         after = [served.switches() for served in unique]
-        switches = (sum(b - a for a, b in zip(before, after)) if all(value is not None for value in before + after)
-                    else None)
+        switches = (
+            sum(b - a for a, b in zip(before, after)) if all(value is not None for value in before + after) else None
+        )
         level = Level(concurrency, seconds, outcomes, switches, peak.mib)
         print(level.row(name), flush=True)
         measured.append(level)
@@ -212,8 +224,10 @@ def mixed_prompts(zoo, count: int) -> list[tuple[str, str]]:
     """(task, prompt): the held-out prompts of the tasks with experts, interleaved."""
     tasks = [task for task in zoo.tasks.values() if task.expert]
     pools = {task.name: [example["prompt"] for example in zoo.eval_examples(task.name)] for task in tasks}
-    return [(tasks[index % len(tasks)].name, pools[tasks[index % len(tasks)].name][index // len(tasks)])
-            for index in range(count)]
+    return [
+        (tasks[index % len(tasks)].name, pools[tasks[index % len(tasks)].name][index // len(tasks)])
+        for index in range(count)
+    ]
 
 
 def export_experts(mediator_dir: Path, zoo, work: Path) -> dict[str, Path]:
@@ -222,22 +236,29 @@ def export_experts(mediator_dir: Path, zoo, work: Path) -> dict[str, Path]:
         if task.expert:
             out = work / "experts" / task.name
             if not out.is_dir():
-                subprocess.run(mergewise_command("mediator", "export", str(mediator_dir), str(out), "--task",
-                                                 task.name, "--quiet"), check=True)
+                subprocess.run(
+                    mergewise_command(
+                        "mediator", "export", str(mediator_dir), str(out), "--task", task.name, "--quiet"
+                    ),
+                    check=True,
+                )
             exported[task.name] = out
     return exported
 
 
-def routing_accuracy(mediator_dir: Path, outcomes: list[Outcome],
-                     prompts: list[tuple[str, str]]) -> tuple[float, float]:
+def routing_accuracy(
+    mediator_dir: Path, outcomes: list[Outcome], prompts: list[tuple[str, str]]
+) -> tuple[float, float]:
     """(through the server, the router in this process) shares of prompts routed to their own task."""
     from mergewise.mediator.runtime import load as load_folder
 
     routes = load_folder(mediator_dir).route_texts([prompt for _, prompt in prompts])
-    served = statistics.mean(outcome.decision == "select" and outcome.task == task
-                             for outcome, (task, _) in zip(outcomes, prompts))
-    local = statistics.mean(route.decision == "select" and route.task == task
-                            for route, (task, _) in zip(routes, prompts))
+    served = statistics.mean(
+        outcome.decision == "select" and outcome.task == task for outcome, (task, _) in zip(outcomes, prompts)
+    )
+    local = statistics.mean(
+        route.decision == "select" and route.task == task for route, (task, _) in zip(routes, prompts)
+    )
     return served, local
 
 
@@ -247,8 +268,12 @@ def plot(results: dict[str, list[Level]], path: Path) -> None:
     figure = Figure(figsize=(7, 4))
     axes = figure.subplots()
     for name, levels in results.items():
-        axes.plot([level.concurrency for level in levels], [level.tokens_per_second for level in levels],
-                  marker="o", label=name)
+        axes.plot(
+            [level.concurrency for level in levels],
+            [level.tokens_per_second for level in levels],
+            marker="o",
+            label=name,
+        )
     axes.set_xscale("log", base=2)
     axes.set_xlabel("concurrent clients")
     axes.set_ylabel("generated tokens / s")
@@ -266,8 +291,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="every server's weights in this dtype (default: as stored)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="every server's weights in this dtype (default: as stored)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], help="setups to leave out (by name)")
     args = parser.parse_args()
     zoo = load_zoo(args.zoo)
@@ -277,28 +306,45 @@ def main() -> None:
     mediator_dir, _ = build_mediator(zoo, work, *MEDIATOR_DEFAULT)
     experts = export_experts(mediator_dir, zoo, work)
     prompts = mixed_prompts(zoo, args.requests)
-    flags = ["--device", args.device, "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.requests),
-             *(["--dtype", args.dtype] if args.dtype else [])]
+    flags = [
+        "--device",
+        args.device,
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        str(4 * args.requests),
+        *(["--dtype", args.dtype] if args.dtype else []),
+    ]
     peer_flags = ["--dtype", args.dtype] if args.dtype else []
     dense_name = str(mediator_dir)
     setups = {
-        "mergewise serve, Mediator (auto)": lambda: {"*": Served(mergewise_serve(mediator_dir, *flags), "auto",
-                                                                 logs / "mediator.log")},
-        "mergewise serve, dense D": lambda: {"*": Served(mergewise_serve(mediator_dir, *flags), "dense",
-                                                         logs / "dense.log")},
-        "transformers serve, D": lambda: {"*": Served(transformers_serve(mediator_dir, *peer_flags), dense_name,
-                                                      logs / "transformers.log")},
-        "transformers serve --continuous-batching, D": lambda: {"*": Served(
-            transformers_serve(mediator_dir, "--continuous-batching", *peer_flags), dense_name,
-            logs / "transformers-cb.log")},
+        "mergewise serve, Mediator (auto)": lambda: {
+            "*": Served(mergewise_serve(mediator_dir, *flags), "auto", logs / "mediator.log")
+        },
+        "mergewise serve, dense D": lambda: {
+            "*": Served(mergewise_serve(mediator_dir, *flags), "dense", logs / "dense.log")
+        },
+        "transformers serve, D": lambda: {
+            "*": Served(transformers_serve(mediator_dir, *peer_flags), dense_name, logs / "transformers.log")
+        },
+        "transformers serve --continuous-batching, D": lambda: {
+            "*": Served(
+                transformers_serve(mediator_dir, "--continuous-batching", *peer_flags),
+                dense_name,
+                logs / "transformers-cb.log",
+            )
+        },
         f"{len(experts)} experts, one mergewise serve each": lambda: {
             task: Served(mergewise_serve(folder, *flags), folder.name, logs / f"expert-{task}.log")
-            for task, folder in experts.items()},
+            for task, folder in experts.items()
+        },
     }
     results: dict[str, list[Level]] = {}
     failures: dict[str, str] = {}
-    header = ("| setup | clients | requests/s | tokens/s | TTFT p50 / p99 (ms) | latency p50 / p99 (ms) | failed | "
-              "switches / 100 req | peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    header = (
+        "| setup | clients | requests/s | tokens/s | TTFT p50 / p99 (ms) | latency p50 / p99 (ms) | failed | "
+        "switches / 100 req | peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     print(header, flush=True)
     for name, start in setups.items():
         if name in args.skip:
@@ -318,12 +364,17 @@ def main() -> None:
 
 def write_report(args, zoo, work, mediator_dir, prompts, results, failures, header) -> None:
     name = Path(args.zoo).resolve().name
-    lines = [f"# mergewise serve on {name}", "",
-             f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"device {args.device}, weights in {args.dtype or 'their stored dtype'}; {len(prompts)} requests "
-             f"per level (held-out prompts of "
-             f"{', '.join(sorted({task for task, _ in prompts}))}, interleaved), max_tokens {args.max_tokens}, greedy, "
-             f"streamed; mergewise --max-batch {args.max_batch}.", "", header]
+    lines = [
+        f"# mergewise serve on {name}",
+        "",
+        f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"device {args.device}, weights in {args.dtype or 'their stored dtype'}; {len(prompts)} requests "
+        f"per level (held-out prompts of "
+        f"{', '.join(sorted({task for task, _ in prompts}))}, interleaved), max_tokens {args.max_tokens}, greedy, "
+        f"streamed; mergewise --max-batch {args.max_batch}.",
+        "",
+        header,
+    ]
     lines += [level.row(setup) for setup, levels in results.items() for level in levels]
     mediator = results.get("mergewise serve, Mediator (auto)")
     peer = [level for setup, levels in results.items() if setup.startswith("transformers") for level in levels]
@@ -333,12 +384,17 @@ def write_report(args, zoo, work, mediator_dir, prompts, results, failures, head
             same = [other for other in peer if other.concurrency == level.concurrency]
             best = max(other.tokens_per_second for other in same) or float("nan")
             rss = min(other.peak_rss_mib for other in same)
-            lines.append(f"- {level.concurrency} clients: tokens/s {level.tokens_per_second / best:.2f}× the peer's "
-                         f"best, peak RSS {level.peak_rss_mib / rss:.2f}× its smaller")
+            lines.append(
+                f"- {level.concurrency} clients: tokens/s {level.tokens_per_second / best:.2f}× the peer's "
+                f"best, peak RSS {level.peak_rss_mib / rss:.2f}× its smaller"
+            )
         served, local = routing_accuracy(mediator_dir, mediator[-1].outcomes, prompts)
-        lines += ["", f"Routing accuracy through the server (share of prompts selected to their own task's "
-                      f"expert, from the `x-mergewise-*` headers): {served:.3f}; the router's own decisions on the "
-                      f"same prompts in this process (as `mergewise eval` routes): {local:.3f}."]
+        lines += [
+            "",
+            f"Routing accuracy through the server (share of prompts selected to their own task's "
+            f"expert, from the `x-mergewise-*` headers): {served:.3f}; the router's own decisions on the "
+            f"same prompts in this process (as `mergewise eval` routes): {local:.3f}.",
+        ]
     if failures:
         lines += ["", "Setups that could not be measured here:", ""]
         lines += [f"- {setup}: {error}" for setup, error in failures.items()]

@@ -20,8 +20,18 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from common import (RESULTS, TOOLS, WORK, Measured, Run, comparison_table, mergewise_command, repeated, run_measured,
-                    write_report)
+from common import (
+    RESULTS,
+    TOOLS,
+    WORK,
+    Measured,
+    Run,
+    comparison_table,
+    mergewise_command,
+    repeated,
+    run_measured,
+    write_report,
+)
 from workloads import NUM_FINE_TUNES, LlamaShape, build_workload, parameter_count, tensor_files
 
 METHODS = ("ties", "task_arithmetic", "sce")
@@ -35,8 +45,12 @@ SWEEP_METHOD = "ties"
 def merge_config(method: str, workload: Path) -> dict:
     """The mergekit-style YAML both tools read: each fine-tune weighted 1/3 (TIES at density 0.5);
     SCE weighs the fine-tunes itself, so it only gets the share of entries it selects."""
-    config = {"merge_method": method, "base_model": str(workload / "base"), "models": [{"model": str(workload / "base")}],
-              "dtype": "bfloat16"}
+    config = {
+        "merge_method": method,
+        "base_model": str(workload / "base"),
+        "models": [{"model": str(workload / "base")}],
+        "dtype": "bfloat16",
+    }
     fine_tunes = [{"model": str(workload / f"ft{i}")} for i in range(1, NUM_FINE_TUNES + 1)]
     if method == "sce":
         config["parameters"] = {"select_topk": SCE_SELECT_TOPK}
@@ -132,8 +146,9 @@ def main() -> None:
         for layers in SWEEP_DEPTHS:
             shape = LlamaShape(layers=layers)
             workload = build_workload(args.workdir, shape)
-            runs = repeated(SWEEP_METHOD, ["mergewise"], lambda tool: benchmark(SWEEP_METHOD, tool, workload, args),
-                            args.repeats)
+            runs = repeated(
+                SWEEP_METHOD, ["mergewise"], lambda tool: benchmark(SWEEP_METHOD, tool, workload, args), args.repeats
+            )
             sweep.extend((shape, run) for run in runs)
         title = f"mergewise {SWEEP_METHOD}: peak RSS by depth"
         write_report(args.results / "depth_sweep.md", title, sweep_table(sweep), args.threads)
@@ -149,8 +164,7 @@ def main() -> None:
         for folder in outputs:
             shutil.rmtree(folder, ignore_errors=True)
     title = "mergewise vs mergekit on W1 (~200M Llama, bf16)"
-    write_report(args.results / "vs_mergekit.md", title, comparison_table(runs, agreement, TARGETS),
-                 args.threads)
+    write_report(args.results / "vs_mergekit.md", title, comparison_table(runs, agreement, TARGETS), args.threads)
 
 
 if __name__ == "__main__":

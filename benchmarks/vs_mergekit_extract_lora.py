@@ -28,8 +28,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from common import (RESULTS, TOOLS, WORK, Measured, Run, comparison_table, mergewise_command, repeated, run_measured,
-                    write_report)
+from common import (
+    RESULTS,
+    TOOLS,
+    WORK,
+    Measured,
+    Run,
+    comparison_table,
+    mergewise_command,
+    repeated,
+    run_measured,
+    write_report,
+)
 from workloads import LlamaShape, build_workload, tensor_files, write_sharded
 
 TRUE_RANK = 24  # rank of the structured part of each matrix's difference
@@ -71,10 +81,23 @@ def build_fine_tune(workload: Path, seed: int = 100) -> Path:
     return out
 
 
-def tool_command(tool: str, fine_tune: Path, base: Path, out_dir: Path, rank: int, args: argparse.Namespace) -> list[str]:
+def tool_command(
+    tool: str, fine_tune: Path, base: Path, out_dir: Path, rank: int, args: argparse.Namespace
+) -> list[str]:
     if tool == "mergekit":
-        command = [args.mergekit_extract_lora, "--model", str(fine_tune), "--base-model", str(base),
-                   "--out-path", str(out_dir), "--max-rank", str(rank), "--no-cuda", "--quiet"]
+        command = [
+            args.mergekit_extract_lora,
+            "--model",
+            str(fine_tune),
+            "--base-model",
+            str(base),
+            "--out-path",
+            str(out_dir),
+            "--max-rank",
+            str(rank),
+            "--no-cuda",
+            "--quiet",
+        ]
         return command + (["-j", str(args.threads)] if args.threads is not None else [])
     return mergewise_command("extract-lora", str(fine_tune), str(base), str(out_dir), "--rank", str(rank), "--quiet")
 
@@ -145,8 +168,9 @@ def fidelity(adapter: Path, fine_tune: Path, base: Path) -> Fidelity:
         delta_sq += float(delta.norm()) ** 2
     if stored:
         sys.exit(f"{weights_path}: tensors this benchmark does not read: {sorted(stored)[:3]}")
-    return Fidelity(lora_errors, full_rank, left_out, math.sqrt(residual_sq / delta_sq),
-                    weights_path.stat().st_size / 1e6)
+    return Fidelity(
+        lora_errors, full_rank, left_out, math.sqrt(residual_sq / delta_sq), weights_path.stat().st_size / 1e6
+    )
 
 
 def agreement(ours: Fidelity, theirs: Fidelity, reported: dict[str, float]) -> str:
@@ -165,8 +189,10 @@ def fidelity_table(rows: list[tuple[int, str, Fidelity]]) -> str:
     ]
     for rank, tool, result in rows:
         errors = list(result.lora_errors.values())
-        lines.append(f"| {rank} | {tool} | {len(errors)} | {max(errors):.4f} | {statistics.mean(errors):.4f} | "
-                     f"{result.full_rank} | {result.left_out} | {result.whole_error:.4f} | {result.adapter_mb:.0f} |")
+        lines.append(
+            f"| {rank} | {tool} | {len(errors)} | {max(errors):.4f} | {statistics.mean(errors):.4f} | "
+            f"{result.full_rank} | {result.left_out} | {result.whole_error:.4f} | {result.adapter_mb:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -207,8 +233,10 @@ def main() -> None:
             agreements[label] = agreement(measured["mergewise"], measured["mergekit"], reported["relative_error"])
         for tool in tools:
             shutil.rmtree(adapter_dir(tool, rank, args), ignore_errors=True)
-    shape = (f"fine-tune: each matrix + rank-{TRUE_RANK} difference (singular values ×{DECAY} each, "
-             f"‖·‖ = {STRUCTURED_SHARE:g}·‖W‖) + gaussian noise ({NOISE_SHARE:g}·‖W‖, on norms too)")
+    shape = (
+        f"fine-tune: each matrix + rank-{TRUE_RANK} difference (singular values ×{DECAY} each, "
+        f"‖·‖ = {STRUCTURED_SHARE:g}·‖W‖) + gaussian noise ({NOISE_SHARE:g}·‖W‖, on norms too)"
+    )
     report = f"{shape}\n\n{comparison_table(runs, agreements)}\n\n{fidelity_table(fidelities)}"
     title = "mergewise extract-lora vs mergekit-extract-lora on W1's base (~200M Llama, bf16)"
     write_report(args.results / RESULTS_NAME, title, report, args.threads)

@@ -144,8 +144,16 @@ def build_workload(workdir: Path, shape: LlamaShape, seed: int = 0) -> Path:
 def random_tiny_llama(folder: Path, depth: int, hidden: int) -> int:
     """A random bf16 Llama of `depth` layers with the tests' tiny tokenizer (a vocabulary of 256, as
     `tests.support` builds it); returns its size in bytes."""
-    config = tiny_config("llama", num_layers=depth, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_heads=hidden // 64, num_kv_heads=hidden // 256, vocab_size=256, max_positions=512)
+    config = tiny_config(
+        "llama",
+        num_layers=depth,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_heads=hidden // 64,
+        num_kv_heads=hidden // 256,
+        vocab_size=256,
+        max_positions=512,
+    )
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in AutoModelForCausalLM.from_config(config).named_parameters()}
     generator = torch.Generator().manual_seed(0)
@@ -186,8 +194,9 @@ def build_mediator(zoo: Zoo, work: Path, dtype: str, code: str, budget: float) -
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(yaml.safe_dump(mediator_recipe(zoo, dtype, memory_budget=budget, code=code)))
         try:
-            build = run_measured(mergewise_command("mediator", "build", str(recipe), str(out), "--overwrite",
-                                                   "--quiet", "--seed", "0"))
+            build = run_measured(
+                mergewise_command("mediator", "build", str(recipe), str(out), "--overwrite", "--quiet", "--seed", "0")
+            )
             record = {"peak_rss_mib": build.peak_rss_mib, "seconds": build.wall_s}
         except CommandFailed as error:
             record = {"error": str(error).strip().splitlines()[-1]}

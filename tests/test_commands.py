@@ -47,12 +47,41 @@ def test_every_merging_command_takes_every_merge_option():
     assert merging == set(MERGING_COMMANDS)  # `search` runs trials with options of its own
     for path in MERGING_COMMANDS:
         assert flags <= option_flags(commands[path]), path
-        args = build_parser().parse_args([*path, "recipe.yml", "out", "--device", "cuda:1", "--threads", "3",
-                                          "--shard-size", "1GB", "--allow-pickle", "--overwrite", "--seed", "7",
-                                          "--quiet", "--no-compile", "--no-model-card", "--resume", "--strict"])
+        args = build_parser().parse_args(
+            [
+                *path,
+                "recipe.yml",
+                "out",
+                "--device",
+                "cuda:1",
+                "--threads",
+                "3",
+                "--shard-size",
+                "1GB",
+                "--allow-pickle",
+                "--overwrite",
+                "--seed",
+                "7",
+                "--quiet",
+                "--no-compile",
+                "--no-model-card",
+                "--resume",
+                "--strict",
+            ]
+        )
         assert MergeOptions(**merge_options(args)) == MergeOptions(
-            device="cuda:1", threads=3, shard_size="1GB", allow_pickle=True, overwrite=True, seed=7, quiet=True,
-            compile=False, model_card=False, resume=True, strict=True)
+            device="cuda:1",
+            threads=3,
+            shard_size="1GB",
+            allow_pickle=True,
+            overwrite=True,
+            seed=7,
+            quiet=True,
+            compile=False,
+            model_card=False,
+            resume=True,
+            strict=True,
+        )
         defaults = MergeOptions(**merge_options(build_parser().parse_args([*path, "recipe.yml", "out"])))
         assert defaults == MergeOptions(threads=os.cpu_count())  # the command line uses every core
 

@@ -14,36 +14,66 @@ from mergewise.plan import build_plan
 def test_a_yaml_recipe_reads_relative_paths_from_its_folder_and_validates_its_blocks(tmp_path):
     path = tmp_path / "recipes" / "aim.yml"
     path.parent.mkdir()
-    path.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": "../base", "dtype": "bfloat16",
-                                    "models": [{"model": "../ft1", "parameters": {"weight": 0.5, "density": 0.4}}],
-                                    "aim": {"omega": 0.3, "stats": "stats.safetensors"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": "../base",
+                "dtype": "bfloat16",
+                "models": [{"model": "../ft1", "parameters": {"weight": 0.5, "density": 0.4}}],
+                "aim": {"omega": 0.3, "stats": "stats.safetensors"},
+            }
+        )
+    )
     recipe = load_recipe(path)
     assert recipe.config_dir == path.parent.resolve() and recipe.origin == str(path)
     assert list(recipe.blocks) == ["aim"] and recipe.blocks["aim"].omega == 0.3
     assert recipe.base_model == "../base"
-    assert recipe.record()["aim"] == {"omega": 0.3, "exponent": 1.0, "allow_fingerprint_mismatch": False,
-                                      "stats": "stats.safetensors"}
+    assert recipe.record()["aim"] == {
+        "omega": 0.3,
+        "exponent": 1.0,
+        "allow_fingerprint_mismatch": False,
+        "stats": "stats.safetensors",
+    }
     assert load_recipe(recipe) is recipe
     assert load_recipe(recipe.config).blocks == {}
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"merge_method": "ties", "models": [{"model": "a"}], "aim": {"omega": 2}},
-     r"aim\.omega: .*less than or equal to 1"),
-    ({"merge_method": "ties", "models": [{"model": "a"}], "aim": {"omega": 0.4}},
-     "exactly one of 'stats' or 'calibration'"),
-    ({"merge_method": "ties", "models": [{"model": "a"}], "modules": {}}, "modules: .* not supported yet"),
-    ({"merge_method": "ties"}, "exactly one of 'models' or 'slices'"),
-    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union", "tokenizer": {}},
-     "at most one of 'tokenizer_source' or 'tokenizer'"),
-    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer": {"pad_to_multiple_of": 0}},
-     r"tokenizer\.pad_to_multiple_of: .*greater than 0"),
-    ({"merge_method": "ties", "models": [{"model": "a"}],
-      "tokenizer": {"tokens": {"x": {"source": {"kind": "model_token", "model": "a"}}}}},
-     "exactly one of 'token' or 'token_id'"),
-    ({"merge_method": "linear", "base_model": "b", "mediator": {"experts": [{"model": "a", "task": "x"}] * 2}},
-     "task names must be unique"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (
+            {"merge_method": "ties", "models": [{"model": "a"}], "aim": {"omega": 2}},
+            r"aim\.omega: .*less than or equal to 1",
+        ),
+        (
+            {"merge_method": "ties", "models": [{"model": "a"}], "aim": {"omega": 0.4}},
+            "exactly one of 'stats' or 'calibration'",
+        ),
+        ({"merge_method": "ties", "models": [{"model": "a"}], "modules": {}}, "modules: .* not supported yet"),
+        ({"merge_method": "ties"}, "exactly one of 'models' or 'slices'"),
+        (
+            {"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union", "tokenizer": {}},
+            "at most one of 'tokenizer_source' or 'tokenizer'",
+        ),
+        (
+            {"merge_method": "ties", "models": [{"model": "a"}], "tokenizer": {"pad_to_multiple_of": 0}},
+            r"tokenizer\.pad_to_multiple_of: .*greater than 0",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "models": [{"model": "a"}],
+                "tokenizer": {"tokens": {"x": {"source": {"kind": "model_token", "model": "a"}}}},
+            },
+            "exactly one of 'token' or 'token_id'",
+        ),
+        (
+            {"merge_method": "linear", "base_model": "b", "mediator": {"experts": [{"model": "a", "task": "x"}] * 2}},
+            "task names must be unique",
+        ),
+    ],
+)
 def test_bad_recipes_fail_as_they_load_naming_the_key(data, message):
     with pytest.raises(MergewiseError, match=message):
         load_recipe(data)
@@ -60,10 +90,17 @@ def test_a_mediator_block_lists_the_models_and_keeps_its_base(tmp_path):
 
 def test_the_plan_resolves_gradients_filters_and_the_base(tiny_family):
     family = tiny_family("llama", num_layers=4)
-    config = MergeConfig(merge_method="task_arithmetic", base_model=str(family.base), models=[
-        {"model": str(family.fine_tunes[0]), "parameters": {"weight": [0.0, 1.0]}},
-        {"model": str(family.fine_tunes[1]), "parameters": {"weight": [{"filter": "mlp", "value": 0.25},
-                                                                       {"value": 0.75}]}}])
+    config = MergeConfig(
+        merge_method="task_arithmetic",
+        base_model=str(family.base),
+        models=[
+            {"model": str(family.fine_tunes[0]), "parameters": {"weight": [0.0, 1.0]}},
+            {
+                "model": str(family.fine_tunes[1]),
+                "parameters": {"weight": [{"filter": "mlp", "value": 0.25}, {"value": 0.75}]},
+            },
+        ],
+    )
     plan = build_plan(config, family.base.parent)
     assert plan.base_model is not None and plan.base_model.path == family.base.resolve()
     jobs = {job.name: job for job in plan.jobs}
@@ -77,16 +114,26 @@ def test_the_plan_resolves_gradients_filters_and_the_base(tiny_family):
 
 def test_the_plan_refuses_models_of_another_architecture(tiny_family):
     llama, qwen = tiny_family("llama"), tiny_family("qwen2")
-    config = MergeConfig(merge_method="task_arithmetic", base_model=str(llama.base),
-                         models=[{"model": str(qwen.fine_tunes[0]), "parameters": {"weight": 1.0}}])
+    config = MergeConfig(
+        merge_method="task_arithmetic",
+        base_model=str(llama.base),
+        models=[{"model": str(qwen.fine_tunes[0]), "parameters": {"weight": 1.0}}],
+    )
     with pytest.raises(MergewiseError, match="is a qwen2 model but the base .* is a llama model"):
         build_plan(config, llama.base.parent)
 
 
 def test_keys_mergekit_ignores_are_named_kept_out_of_the_record_and_refused_under_strict():
-    data = {"merge_method": "ties", "name": "stage-1", "normalize": True, "base_model": "b",
-            "models": [{"model": "org/a", "revision": "v2", "parameters": {"weight": 1.0}},
-                       {"model": "c", "parameters": {"weight": [{"filter": "mlp", "value": 1, "pattern": "x"}]}}]}
+    data = {
+        "merge_method": "ties",
+        "name": "stage-1",
+        "normalize": True,
+        "base_model": "b",
+        "models": [
+            {"model": "org/a", "revision": "v2", "parameters": {"weight": 1.0}},
+            {"model": "c", "parameters": {"weight": [{"filter": "mlp", "value": 1, "pattern": "x"}]}},
+        ],
+    }
     with pytest.warns(RecipeWarning) as warned:
         recipe = load_recipe(data, origin="r.yml")
     assert [str(warning.message) for warning in warned] == [
@@ -95,11 +142,17 @@ def test_keys_mergekit_ignores_are_named_kept_out_of_the_record_and_refused_unde
         "under parameters: to apply it",
         "r.yml: models[0].revision: read as the model's revision (org/a@v2); mergekit ignores it and reads the "
         "model's default revision",
-        "r.yml: models[1].parameters.weight[0].pattern: unknown key, ignored, as mergekit ignores it"]
+        "r.yml: models[1].parameters.weight[0].pattern: unknown key, ignored, as mergekit ignores it",
+    ]
     assert recipe.config.models[0].model == "org/a@v2"
-    assert recipe.record() == {"merge_method": "ties", "base_model": "b", "models": [
-        {"model": "org/a@v2", "parameters": {"weight": 1.0}},
-        {"model": "c", "parameters": {"weight": [{"filter": "mlp", "value": 1}]}}]}
+    assert recipe.record() == {
+        "merge_method": "ties",
+        "base_model": "b",
+        "models": [
+            {"model": "org/a@v2", "parameters": {"weight": 1.0}},
+            {"model": "c", "parameters": {"weight": [{"filter": "mlp", "value": 1}]}},
+        ],
+    }
     with pytest.raises(MergewiseError, match=r"r\.yml: name: unknown key.*\(refused: --strict\)"):
         load_recipe(data, origin="r.yml", strict=True)
 
@@ -115,8 +168,14 @@ def test_one_folder_however_the_recipe_spells_it(tiny_family):
     """`./base`, `base` and `base@main` are one input, so a slice of the base and a fine-tune has a
     base even when one source names a revision."""
     family = tiny_family("llama", num_layers=4)
-    config = MergeConfig(merge_method="slerp", base_model="base", parameters={"t": 0.5}, slices=[{"sources": [
-        {"model": "./base@main", "layer_range": [0, 4]}, {"model": "ft1", "layer_range": [0, 4]}]}])
+    config = MergeConfig(
+        merge_method="slerp",
+        base_model="base",
+        parameters={"t": 0.5},
+        slices=[
+            {"sources": [{"model": "./base@main", "layer_range": [0, 4]}, {"model": "ft1", "layer_range": [0, 4]}]}
+        ],
+    )
     with pytest.warns(RecipeWarning, match="base is a local folder; its revision 'main' is ignored"):
         plan = build_plan(config, family.base.parent)
     assert len(plan.models) == 2
@@ -125,10 +184,19 @@ def test_one_folder_however_the_recipe_spells_it(tiny_family):
 
 def test_a_slice_of_the_base_alone_copies_the_base_and_the_head_follows_mergekit(tiny_family):
     family = tiny_family("llama", num_layers=4)
-    config = MergeConfig(merge_method="task_arithmetic", base_model="base", slices=[
-        {"sources": [{"model": "base", "layer_range": [0, 2]}]},
-        {"sources": [{"model": "base", "layer_range": [2, 4]},
-                     {"model": "ft1", "layer_range": [2, 4], "parameters": {"weight": 0.5}}]}])
+    config = MergeConfig(
+        merge_method="task_arithmetic",
+        base_model="base",
+        slices=[
+            {"sources": [{"model": "base", "layer_range": [0, 2]}]},
+            {
+                "sources": [
+                    {"model": "base", "layer_range": [2, 4]},
+                    {"model": "ft1", "layer_range": [2, 4], "parameters": {"weight": 0.5}},
+                ]
+            },
+        ],
+    )
     with pytest.warns(RecipeWarning) as warned:
         plan = build_plan(config, family.base.parent)
     messages = {str(warning.message) for warning in warned}

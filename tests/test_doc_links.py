@@ -56,9 +56,15 @@ def test_relative_links_point_at_existing_files_and_headings(page):
 def test_the_check_finds_links_and_catches_a_broken_one(tmp_path):
     page = tmp_path / "page.md"
     (tmp_path / "other.md").write_text("# Other page\n\n## A `code` heading: with punctuation\n")
-    page.write_text("[ok](other.md#a-code-heading-with-punctuation) [`code`](other.md) [web](https://x.org)\n"
-                    "[gone](missing.md) [bad anchor](other.md#nowhere)\n\n```\n[in code](nothing.md)\n```\n")
-    assert relative_links(page) == ["other.md#a-code-heading-with-punctuation", "other.md", "missing.md",
-                                    "other.md#nowhere"]
+    page.write_text(
+        "[ok](other.md#a-code-heading-with-punctuation) [`code`](other.md) [web](https://x.org)\n"
+        "[gone](missing.md) [bad anchor](other.md#nowhere)\n\n```\n[in code](nothing.md)\n```\n"
+    )
+    assert relative_links(page) == [
+        "other.md#a-code-heading-with-punctuation",
+        "other.md",
+        "missing.md",
+        "other.md#nowhere",
+    ]
     assert "a-code-heading-with-punctuation" in anchors(tmp_path / "other.md")
     assert "nowhere" not in anchors(tmp_path / "other.md")

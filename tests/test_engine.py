@@ -35,26 +35,43 @@ def linear_recipe(family: Family, weights=(0.5, 0.3, 0.2), dtype="bfloat16") -> 
 
 
 def ties_recipe(family: Family) -> dict:
-    return {"merge_method": "ties", "base_model": str(family.base), "dtype": "bfloat16",
-            "models": weighted(family.fine_tunes, (1.0, 0.7, 0.4), density=0.5)}
+    return {
+        "merge_method": "ties",
+        "base_model": str(family.base),
+        "dtype": "bfloat16",
+        "models": weighted(family.fine_tunes, (1.0, 0.7, 0.4), density=0.5),
+    }
 
 
 def slerp_recipe(family: Family) -> dict:
-    return {"merge_method": "slerp", "base_model": str(family.base), "dtype": "bfloat16",
-            "models": [{"model": str(family.base)}, {"model": str(family.fine_tunes[0])}],
-            "parameters": {"t": 0.4}}
+    return {
+        "merge_method": "slerp",
+        "base_model": str(family.base),
+        "dtype": "bfloat16",
+        "models": [{"model": str(family.base)}, {"model": str(family.fine_tunes[0])}],
+        "parameters": {"t": 0.4},
+    }
 
 
 def frankenmerge_recipe(family: Family) -> dict:
     """Layers 0–1 of fine-tune 1, then layer 1 of fine-tune 2 again: 3 layers from 2-layer models."""
-    return {"merge_method": "passthrough", "dtype": "bfloat16",
-            "slices": [{"sources": [{"model": str(family.fine_tunes[0]), "layer_range": [0, 2]}]},
-                       {"sources": [{"model": str(family.fine_tunes[1]), "layer_range": [1, 2]}]}]}
+    return {
+        "merge_method": "passthrough",
+        "dtype": "bfloat16",
+        "slices": [
+            {"sources": [{"model": str(family.fine_tunes[0]), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(family.fine_tunes[1]), "layer_range": [1, 2]}]},
+        ],
+    }
 
 
 def dare_ties_recipe(family: Family) -> dict:
-    return {"merge_method": "dare_ties", "base_model": str(family.base), "dtype": "bfloat16",
-            "models": weighted(family.fine_tunes, (1.0, 0.7, 0.4), density=0.5)}
+    return {
+        "merge_method": "dare_ties",
+        "base_model": str(family.base),
+        "dtype": "bfloat16",
+        "models": weighted(family.fine_tunes, (1.0, 0.7, 0.4), density=0.5),
+    }
 
 
 RECIPES = {"linear": linear_recipe, "ties": ties_recipe, "slerp": slerp_recipe, "frankenmerge": frankenmerge_recipe}
@@ -77,7 +94,7 @@ def layer_tensor(state: dict[str, torch.Tensor], layer: int) -> dict[str, torch.
         for position, part in enumerate(parts[:-1]):
             if part.isdigit():
                 if int(part) == layer:
-                    found[".".join(parts[position + 1:])] = value
+                    found[".".join(parts[position + 1 :])] = value
                 break
     return found
 
@@ -90,8 +107,9 @@ def assert_runs(out_dir: Path) -> AutoModelForCausalLM:
     inputs = tokenizer("model merging combines the weights", return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits
-        generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
+        generated = model.generate(
+            **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     assert torch.isfinite(logits).all()
     assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
     return model
@@ -165,20 +183,32 @@ def expected_linear(family: Family, weights) -> dict[str, torch.Tensor]:
 def expected_task_arithmetic(family: Family, weights, scale) -> dict[str, torch.Tensor]:
     base = read_state_dict(family.base)
     states = [read_state_dict(path) for path in family.fine_tunes]
-    return {name: base[name].float() + scale * sum(w * (s[name].float() - base[name].float())
-                                                   for w, s in zip(weights, states)) for name in base}
+    return {
+        name: base[name].float()
+        + scale * sum(w * (s[name].float() - base[name].float()) for w, s in zip(weights, states))
+        for name in base
+    }
 
 
 def task_arithmetic_recipe(family: Family, weights, scale, dtype) -> dict:
-    return {"merge_method": "task_arithmetic", "base_model": str(family.base), "dtype": dtype,
-            "models": weighted(family.fine_tunes, weights), "parameters": {"lambda": scale}}
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family.base),
+        "dtype": dtype,
+        "models": weighted(family.fine_tunes, weights),
+        "parameters": {"lambda": scale},
+    }
 
 
 ARITHMETIC_CASES = {
-    "linear": (lambda f, dtype: linear_recipe(f, (0.6, 0.3, 0.3), dtype),
-               lambda f: expected_linear(f, (0.6, 0.3, 0.3))),
-    "task_arithmetic": (lambda f, dtype: task_arithmetic_recipe(f, (0.5, -0.3, 0.8), 0.8, dtype),
-                        lambda f: expected_task_arithmetic(f, (0.5, -0.3, 0.8), 0.8)),
+    "linear": (
+        lambda f, dtype: linear_recipe(f, (0.6, 0.3, 0.3), dtype),
+        lambda f: expected_linear(f, (0.6, 0.3, 0.3)),
+    ),
+    "task_arithmetic": (
+        lambda f, dtype: task_arithmetic_recipe(f, (0.5, -0.3, 0.8), 0.8, dtype),
+        lambda f: expected_task_arithmetic(f, (0.5, -0.3, 0.8), 0.8),
+    ),
 }
 # Relative to each element and, for results that cancel to near zero, to the tensor's typical size
 # (rounding errors scale with the operands, not with the result): a couple of ulps of the dtype.
@@ -200,9 +230,13 @@ def test_result_equals_a_direct_float32_computation(method, input_shards, dtype,
     for name in reference:
         assert merged[name].dtype == getattr(torch, dtype)
         ulp = UNIT_ROUNDOFF[dtype]
-        torch.testing.assert_close(merged[name].float(), reference[name], rtol=2 * ulp,
-                                   atol=4 * ulp * reference[name].abs().mean().item(),
-                                   msg=lambda detail, name=name: f"{name}: {detail}")
+        torch.testing.assert_close(
+            merged[name].float(),
+            reference[name],
+            rtol=2 * ulp,
+            atol=4 * ulp * reference[name].abs().mean().item(),
+            msg=lambda detail, name=name: f"{name}: {detail}",
+        )
 
 
 # ---------------------------------------------------------------------------------- sharded output
@@ -215,8 +249,9 @@ def test_sharded_output_has_an_index_and_the_same_tensors(tiny_family, tmp_path)
     shards = sorted(sharded.glob("model-*-of-*.safetensors"))
     assert len(shards) >= 2 and not (sharded / "model.safetensors").exists()
     assert set(index["weight_map"].values()) == {shard.name for shard in shards}
-    assert all(shard.stat().st_size <= 100_000 + 16_384 or len(load_file(shard)) == 1
-               for shard in shards)  # header slack; a tensor larger than a shard gets its own
+    assert all(
+        shard.stat().st_size <= 100_000 + 16_384 or len(load_file(shard)) == 1 for shard in shards
+    )  # header slack; a tensor larger than a shard gets its own
     merged, reference = read_state_dict(sharded), read_state_dict(whole)
     assert index["weight_map"].keys() == merged.keys() == reference.keys()
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
@@ -273,9 +308,11 @@ def test_console_command_exits_with_the_status_after_its_output_is_complete(tiny
 @pytest.mark.integration
 @pytest.mark.parametrize("preset, expected", [(None, ["10000", "1"]), ("123", ["123", "123"])])
 def test_the_command_tunes_its_process_before_torch_loads_unless_told_otherwise(preset, expected):
-    script = ("import gc, os, sys; from mergewise.cli import _tune_process; "
-              "assert 'torch' not in sys.modules and 'numpy' not in sys.modules; _tune_process(); "
-              "print(os.environ['GOMP_SPINCOUNT'], os.environ['OPENBLAS_NUM_THREADS'], gc.get_freeze_count() > 10**5)")
+    script = (
+        "import gc, os, sys; from mergewise.cli import _tune_process; "
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules; _tune_process(); "
+        "print(os.environ['GOMP_SPINCOUNT'], os.environ['OPENBLAS_NUM_THREADS'], gc.get_freeze_count() > 10**5)"
+    )
     tuned = ("GOMP_SPINCOUNT", "OPENBLAS_NUM_THREADS")
     environment = {key: value for key, value in os.environ.items() if key not in tuned}
     if preset is not None:
@@ -285,8 +322,10 @@ def test_the_command_tunes_its_process_before_torch_loads_unless_told_otherwise(
     assert done.stdout.split() == [*expected, "True"]
 
 
-@pytest.mark.parametrize("command, keeps", [(["merge", "missing.yml", "out"], True),
-                                             (["generate", "missing-model", "--prompt", "hi"], False)])
+@pytest.mark.parametrize(
+    "command, keeps",
+    [(["merge", "missing.yml", "out"], True), (["generate", "missing-model", "--prompt", "hi"], False)],
+)
 def test_only_streaming_commands_keep_freed_buffers_in_the_heap(command, keeps, tmp_path, monkeypatch):
     import mergewise.cli as cli
 
@@ -388,40 +427,60 @@ def test_statistics_are_asked_for_ahead_in_order_once_each(limit):
     jobs = [SimpleNamespace(name=f"t{index}", shape=(size,)) for index, size in enumerate([8, 1, 1, 4, 2, 8, 1])]
     asked: list[str] = []
     seen = []
-    for job, statistics in engine._prepared_ahead(jobs, lambda job: asked.append(job.name) or f"stats {job.name}",
-                                                  limit):
+    for job, statistics in engine._prepared_ahead(
+        jobs, lambda job: asked.append(job.name) or f"stats {job.name}", limit
+    ):
         seen.append(job.name)
         assert statistics == f"stats {job.name}"
-        ahead = asked[len(seen):]
-        remaining = [other.name for other in jobs[len(seen):]]
+        ahead = asked[len(seen) :]
+        remaining = [other.name for other in jobs[len(seen) :]]
         queued = sum(job.shape[0] for job in jobs if job.name in ahead)
-        assert ahead == remaining[:len(ahead)]  # in order, nothing skipped
-        assert queued >= min(limit, sum(other.shape[0] for other in jobs[len(seen):]))
+        assert ahead == remaining[: len(ahead)]  # in order, nothing skipped
+        assert queued >= min(limit, sum(other.shape[0] for other in jobs[len(seen) :]))
         assert not ahead or queued - jobs[len(seen) + len(ahead) - 1].shape[0] < limit  # no further than needed
     assert seen == asked == [job.name for job in jobs]
 
 
-@pytest.mark.parametrize("method, parameters", [
-    ("dare_ties", {"weight": [0.6, 0.4], "density": 0.5}),  # random masks, drawn per row chunk
-    ("ties", {"weight": 0.5, "density": 0.3}),               # a whole-tensor `prepare` pass
-    ("nuslerp", {"weight": [0.3, 0.7]}),                     # no base
-])
+@pytest.mark.parametrize(
+    "method, parameters",
+    [
+        ("dare_ties", {"weight": [0.6, 0.4], "density": 0.5}),  # random masks, drawn per row chunk
+        ("ties", {"weight": 0.5, "density": 0.3}),  # a whole-tensor `prepare` pass
+        ("nuslerp", {"weight": [0.3, 0.7]}),  # no base
+    ],
+)
 def test_merge_tensors_is_what_a_merge_writes_for_one_tensor(tiny_family, tmp_path, method, parameters):
     from mergewise.methods import merge_tensors
 
     family = tiny_family("llama")
     fine_tunes = family.fine_tunes[:2]
     takes_base = method != "nuslerp"
-    models = [{"model": str(path), "parameters": {name: value[index] if isinstance(value, list) else value
-                                                  for name, value in parameters.items()}}
-              for index, path in enumerate(fine_tunes)]
-    recipe = {"merge_method": method, "dtype": "float32", "models": models,
-              **({"base_model": str(family.base)} if takes_base else {})}
+    models = [
+        {
+            "model": str(path),
+            "parameters": {
+                name: value[index] if isinstance(value, list) else value for name, value in parameters.items()
+            },
+        }
+        for index, path in enumerate(fine_tunes)
+    ]
+    recipe = {
+        "merge_method": method,
+        "dtype": "float32",
+        "models": models,
+        **({"base_model": str(family.base)} if takes_base else {}),
+    }
     mergewise.merge(recipe, tmp_path / "out", quiet=True, seed=7, chunk_elements=64)
     written, base = read_state_dict(tmp_path / "out"), read_state_dict(family.base)
     inputs = [read_state_dict(path) for path in fine_tunes]
     for name in ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"]:
-        merged = merge_tensors(method, base[name].float() if takes_base else None,
-                               [state[name].float() for state in inputs], seed=7, tensor=name, chunk_elements=64,
-                               **parameters)
+        merged = merge_tensors(
+            method,
+            base[name].float() if takes_base else None,
+            [state[name].float() for state in inputs],
+            seed=7,
+            tensor=name,
+            chunk_elements=64,
+            **parameters,
+        )
         assert torch.equal(merged, written[name]), name

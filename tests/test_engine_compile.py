@@ -19,8 +19,9 @@ def test_compiled_merge_is_bit_identical_to_eager(tiny_family, tmp_path, method)
     family = tiny_family("llama")
     models = [{"model": str(path), "parameters": {"weight": 0.4}} for path in family.fine_tunes[:2]]
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(family.base),
-                                      "dtype": "bfloat16", "models": models}))
+    recipe.write_text(
+        yaml.safe_dump({"merge_method": method, "base_model": str(family.base), "dtype": "bfloat16", "models": models})
+    )
     eager = mergewise.merge(recipe, tmp_path / "eager", quiet=True, compile=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", engine.CompileFallbackWarning)  # the fused path must really run

@@ -27,8 +27,12 @@ def family(tiny_family) -> Family:
 
 
 def linear_recipe(*models: Path, **extra) -> dict:
-    return {"merge_method": "linear", "dtype": "float32",
-            "models": [{"model": str(path), "parameters": {"weight": 1.0}} for path in models], **extra}
+    return {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [{"model": str(path), "parameters": {"weight": 1.0}} for path in models],
+        **extra,
+    }
 
 
 def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yml") -> Path:
@@ -69,8 +73,11 @@ def assert_refused(capsys, status: int, out_dir: Path, *named: str, out_dir_befo
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 # ---------------------------------------------------------------------------------- recipe problems
@@ -90,25 +97,42 @@ RECIPE_CASES = {
     "unknown method": (lambda r: {**r, "merge_method": "tie"}, ["unknown merge_method", "'tie'"]),
     "misspelled required parameter": (
         lambda r: {**r, "models": [{**r["models"][0], "parameters": {"wieght": 1.0}}, r["models"][1]]},
-        ["missing required parameter weight", "models[0].parameters.wieght looks like a misspelling"]),
-    "missing required parameter": (lambda r: {**r, "models": [{"model": m["model"]} for m in r["models"]]},
-                                   ["missing required parameter weight"]),
-    "parameter of the wrong type": (lambda r: {**r, "parameters": {"normalize": "maybe"}},
-                                    ["parameter normalize", "true/false"]),
-    "both models and slices": (lambda r: {**r, "slices": [{"sources": [{"model": "x", "layer_range": [0, 1]}]}]},
-                               ["exactly one of 'models' or 'slices'"]),
+        ["missing required parameter weight", "models[0].parameters.wieght looks like a misspelling"],
+    ),
+    "missing required parameter": (
+        lambda r: {**r, "models": [{"model": m["model"]} for m in r["models"]]},
+        ["missing required parameter weight"],
+    ),
+    "parameter of the wrong type": (
+        lambda r: {**r, "parameters": {"normalize": "maybe"}},
+        ["parameter normalize", "true/false"],
+    ),
+    "both models and slices": (
+        lambda r: {**r, "slices": [{"sources": [{"model": "x", "layer_range": [0, 1]}]}]},
+        ["exactly one of 'models' or 'slices'"],
+    ),
     "unknown dtype": (lambda r: {**r, "dtype": "float8"}, ["dtype", "float8"]),
     "base model required": (lambda r: {**r, "merge_method": "ties"}, ["ties needs base_model"]),
     "too few models for model_stock": (
-        lambda r: {**r, "merge_method": "model_stock", "base_model": r["models"][0]["model"],
-                   "models": [{"model": m["model"]} for m in r["models"]]},
-        ["model_stock takes at least 2", "got 1"]),
-    "model folder not found": (lambda r: {**r, "models": [r["models"][0], {"model": "/nonexistent/ft9"}]},
-                               ["models[1].model", "model folder not found", "/nonexistent/ft9"]),
+        lambda r: {
+            **r,
+            "merge_method": "model_stock",
+            "base_model": r["models"][0]["model"],
+            "models": [{"model": m["model"]} for m in r["models"]],
+        },
+        ["model_stock takes at least 2", "got 1"],
+    ),
+    "model folder not found": (
+        lambda r: {**r, "models": [r["models"][0], {"model": "/nonexistent/ft9"}]},
+        ["models[1].model", "model folder not found", "/nonexistent/ft9"],
+    ),
     "layer range beyond the model": (
-        lambda r: {"merge_method": "passthrough",
-                   "slices": [{"sources": [{"model": r["models"][0]["model"], "layer_range": [0, 5]}]}]},
-        ["slices[0]", "layer_range [0, 5]", "2 layers"]),
+        lambda r: {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": r["models"][0]["model"], "layer_range": [0, 5]}]}],
+        },
+        ["slices[0]", "layer_range [0, 5]", "2 layers"],
+    ),
 }
 
 
@@ -123,15 +147,22 @@ def test_bad_recipe_is_refused_naming_the_key(case, family, tmp_path, capsys):
 # --strict refuses.
 TOLERATED_CASES = {
     "unknown top-level key": (lambda r: {**r, "merge_methd": "ties"}, ["merge_methd", "did you mean merge_method?"]),
-    "parameter written at the top level": (lambda r: {**r, "normalize": False},
-                                           ["normalize", "put it under parameters:"]),
-    "unknown shared parameter": (lambda r: {**r, "parameters": {"density": 0.5}},
-                                 ["parameters.density", "unknown parameter for merge_method linear"]),
-    "unknown key beside a model": (lambda r: {**r, "models": [{**r["models"][0], "layer_range": [0, 2]},
-                                                              r["models"][1]]},
-                                   ["models[0].layer_range", "slices: sources only"]),
-    "unknown tokenizer key": (lambda r: {**r, "tokenizer": {"sorce": "base"}},
-                              ["tokenizer.sorce", "did you mean source?"]),
+    "parameter written at the top level": (
+        lambda r: {**r, "normalize": False},
+        ["normalize", "put it under parameters:"],
+    ),
+    "unknown shared parameter": (
+        lambda r: {**r, "parameters": {"density": 0.5}},
+        ["parameters.density", "unknown parameter for merge_method linear"],
+    ),
+    "unknown key beside a model": (
+        lambda r: {**r, "models": [{**r["models"][0], "layer_range": [0, 2]}, r["models"][1]]},
+        ["models[0].layer_range", "slices: sources only"],
+    ),
+    "unknown tokenizer key": (
+        lambda r: {**r, "tokenizer": {"sorce": "base"}},
+        ["tokenizer.sorce", "did you mean source?"],
+    ),
 }
 
 
@@ -144,12 +175,14 @@ def test_keys_mergekit_ignores_are_named_and_refused_under_strict(case, family, 
         assert merge(config, tmp_path / "out") == 0
     messages = [str(warning.message) for warning in warned if warning.category is RecipeWarning]
     assert len(messages) == 1 and all(fragment in messages[0] for fragment in named), messages
-    assert_refused(capsys, merge(config, tmp_path / "strict", "--strict"), tmp_path / "strict", *named,
-                   "refused: --strict")
+    assert_refused(
+        capsys, merge(config, tmp_path / "strict", "--strict"), tmp_path / "strict", *named, "refused: --strict"
+    )
 
 
-@pytest.mark.parametrize("flags, named", [(["--device", "cuda"], ["cuda"]),
-                                          (["--shard-size", "lots"], ["shard size", "lots"])])
+@pytest.mark.parametrize(
+    "flags, named", [(["--device", "cuda"], ["cuda"]), (["--shard-size", "lots"], ["shard size", "lots"])]
+)
 def test_bad_option_is_refused(flags, named, family, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
@@ -228,8 +261,15 @@ def test_different_vocabulary_is_a_shape_mismatch_naming_the_embedding(family, t
     wider = build_tiny_model("llama", tmp_path / "wider", vocab_size=320)
     capsys.readouterr()  # transformers' save progress bar
     config = write_recipe(tmp_path, linear_recipe(family.base, wider))
-    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "shape mismatch",
-                   "[320, 64]", str(wider), "vocabulary sizes differ")
+    assert_refused(
+        capsys,
+        merge(config, tmp_path / "out"),
+        tmp_path / "out",
+        "shape mismatch",
+        "[320, 64]",
+        str(wider),
+        "vocabulary sizes differ",
+    )
 
 
 # ------------------------------------------------------------------- what a downloaded folder may hold
@@ -244,8 +284,11 @@ def edit_config(model: Path, **changes) -> None:
 
 CONFIG_BREAKAGES = {  # config.json change, layer range of a passthrough slice, what the error names
     "text_config a string": ({"text_config": "llama"}, [0, 2], "text_config: Input should be a valid dictionary"),
-    "layer_types shorter than the layers": ({"layer_types": ["full_attention"]}, [0, 2],
-                                            "layer_types lists 1 layers, but the model has 2"),
+    "layer_types shorter than the layers": (
+        {"layer_types": ["full_attention"]},
+        [0, 2],
+        "layer_types lists 1 layers, but the model has 2",
+    ),
     "more layers declared than held": ({"num_hidden_layers": 3}, [0, 3], "declares 3 decoder layers"),
     "a billion layers declared": ({"num_hidden_layers": 10**9}, [4, 10**9], "declares 1000000000 decoder layers"),
     "an integer of 5000 digits": ({"max_position_embeddings": "DIGITS"}, [0, 2], "an integer of 5000 digits"),
@@ -274,8 +317,10 @@ INDEX_BREAKAGES = {
     "a list for a shard": ({"weight_map": {"model.norm.weight": ["a.safetensors"]}}, "Input should be a valid string"),
     "an integer for a shard": ({"weight_map": {"model.norm.weight": 7}}, "Input should be a valid string"),
     "no weight_map": ({"metadata": {}}, "weight_map: Field required"),
-    "a name holding a line break and an escape": ({"weight_map": {"model.norm\n\x1b[2J": 7}},
-                                                  "weight_map.model.norm\\n\\x1b[2J: Input should be a valid string"),
+    "a name holding a line break and an escape": (
+        {"weight_map": {"model.norm\n\x1b[2J": 7}},
+        "weight_map.model.norm\\n\\x1b[2J: Input should be a valid string",
+    ),
 }
 
 
@@ -286,8 +331,13 @@ def test_a_broken_weight_index_is_one_error_naming_it(case, tiny_family, tmp_pat
     capsys.readouterr()  # the models' build
     model = copy_model(sharded.fine_tunes[0], tmp_path / "downloaded")
     index = model / "model.safetensors.index.json"
-    index.write_bytes(content if isinstance(content, bytes) else
-                      content.encode() if isinstance(content, str) else json.dumps(content).encode())
+    index.write_bytes(
+        content
+        if isinstance(content, bytes)
+        else content.encode()
+        if isinstance(content, str)
+        else json.dumps(content).encode()
+    )
     config = write_recipe(tmp_path, linear_recipe(sharded.base, model))
     assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(index), named)
 
@@ -297,19 +347,32 @@ def test_a_dimension_no_tensor_can_have_is_refused_from_the_header(tmp_path, cap
     model = tmp_path / "downloaded"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
-    header = {"model.layers.0.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "model.norm.weight": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [8, 8]}}
+    header = {
+        "model.layers.0.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "model.norm.weight": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [8, 8]},
+    }
     encoded = json.dumps(header).encode()
     (model / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(8))
     config = write_recipe(tmp_path, linear_recipe(model))
-    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "model.safetensors",
-                   "tensor model.norm.weight has shape [0, 18446744073709551616]")
+    assert_refused(
+        capsys,
+        merge(config, tmp_path / "out"),
+        tmp_path / "out",
+        "model.safetensors",
+        "tensor model.norm.weight has shape [0, 18446744073709551616]",
+    )
 
 
 def test_a_recipe_nested_20000_deep_is_one_error_line(tmp_path, capsys):
     config = write_recipe(tmp_path, "merge_method: linear\nmodels: " + "[" * 20_000 + "]" * 20_000 + "\n")
-    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "recipe.yml", "invalid YAML",
-                   "nested more than 64 levels deep")
+    assert_refused(
+        capsys,
+        merge(config, tmp_path / "out"),
+        tmp_path / "out",
+        "recipe.yml",
+        "invalid YAML",
+        "nested more than 64 levels deep",
+    )
 
 
 def test_an_unreadable_progress_record_is_one_error_line(family, tmp_path, capsys):
@@ -334,13 +397,20 @@ def test_a_lora_adapter_is_an_input_no_output_may_touch(family, tmp_path, capsys
     (adapter / "mergewise.yml").write_text("recipe: {}\n")
     before = folder_digest(adapter)
     capsys.readouterr()
-    recipe = {"merge_method": "linear",
-              "models": [{"model": f"{family.base}+{adapter}", "parameters": {"weight": 1.0}}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": f"{family.base}+{adapter}", "parameters": {"weight": 1.0}}],
+    }
     config = write_recipe(tmp_path, recipe)
-    assert_refused(capsys, merge(config, adapter, "--overwrite"), adapter, "is inside input model", str(adapter),
-                   out_dir_before=before)
-    assert_refused(capsys, merge(config, adapter / "merged"), adapter / "merged", "is inside input model",
-                   str(adapter))
+    assert_refused(
+        capsys,
+        merge(config, adapter, "--overwrite"),
+        adapter,
+        "is inside input model",
+        str(adapter),
+        out_dir_before=before,
+    )
+    assert_refused(capsys, merge(config, adapter / "merged"), adapter / "merged", "is inside input model", str(adapter))
     assert folder_digest(adapter) == before
 
 
@@ -356,13 +426,20 @@ def pickled_fine_tune(family, tmp_path) -> Path:
 
 def test_pickle_checkpoint_needs_allow_pickle(family, pickled_fine_tune, tmp_path, capsys):
     config = write_recipe(tmp_path, linear_recipe(family.base, pickled_fine_tune))
-    line = assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(pickled_fine_tune),
-                          "pytorch_model.bin", "--allow-pickle")
+    line = assert_refused(
+        capsys,
+        merge(config, tmp_path / "out"),
+        tmp_path / "out",
+        str(pickled_fine_tune),
+        "pytorch_model.bin",
+        "--allow-pickle",
+    )
     assert "arbitrary code" in line
 
 
-def test_pickle_checkpoint_merges_like_its_safetensors_twin_with_allow_pickle(family, pickled_fine_tune,
-                                                                               tmp_path, capsys):
+def test_pickle_checkpoint_merges_like_its_safetensors_twin_with_allow_pickle(
+    family, pickled_fine_tune, tmp_path, capsys
+):
     pickled = write_recipe(tmp_path, linear_recipe(family.base, pickled_fine_tune), "pickled.yml")
     original = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]), "original.yml")
     assert merge(pickled, tmp_path / "from_pickle", "--allow-pickle") == 0
@@ -384,17 +461,29 @@ def existing_output(out_dir: Path) -> dict[str, str]:
 def test_existing_output_folder_is_kept_without_overwrite(family, tmp_path, capsys):
     before = existing_output(tmp_path / "out")
     config = write_recipe(tmp_path, linear_recipe(family.base, family.fine_tunes[0]))
-    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(tmp_path / "out"),
-                   "already exists", "--overwrite", out_dir_before=before)
+    assert_refused(
+        capsys,
+        merge(config, tmp_path / "out"),
+        tmp_path / "out",
+        str(tmp_path / "out"),
+        "already exists",
+        "--overwrite",
+        out_dir_before=before,
+    )
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "overwritten-folder"])
 def test_failure_in_the_middle_of_a_merge_leaves_the_output_as_it_was(existing, family, tmp_path, capsys):
     """della's density ± epsilon is only checked on tensor data, after the output is staged."""
     before = existing_output(tmp_path / "out") if existing else None
-    recipe = {"merge_method": "della", "base_model": str(family.base),
-              "models": [{"model": str(path), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.5}}
-                         for path in family.fine_tunes]}
+    recipe = {
+        "merge_method": "della",
+        "base_model": str(family.base),
+        "models": [
+            {"model": str(path), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.5}}
+            for path in family.fine_tunes
+        ],
+    }
     status = merge(write_recipe(tmp_path, recipe), tmp_path / "out", "--overwrite")
     assert_refused(capsys, status, tmp_path / "out", "tensor ", "epsilon", out_dir_before=before)
 
@@ -415,8 +504,9 @@ def test_overwrite_never_deletes_a_folder_mergewise_did_not_write(family, tmp_pa
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
     before = folder_digest(foreign)
-    assert_refused(capsys, merge(config, foreign, "--overwrite"), foreign, "not written by mergewise",
-                   out_dir_before=before)
+    assert_refused(
+        capsys, merge(config, foreign, "--overwrite"), foreign, "not written by mergewise", out_dir_before=before
+    )
     monkeypatch.chdir(foreign)  # the working folder, even one mergewise wrote
     (foreign / "mergewise.yml").write_text("recipe: {}\n")
     before = folder_digest(foreign)
@@ -424,8 +514,9 @@ def test_overwrite_never_deletes_a_folder_mergewise_did_not_write(family, tmp_pa
     monkeypatch.chdir(family.base.parent)
     (tmp_path / "mergewise.yml").write_text("recipe: {}\n")
     before = folder_digest(tmp_path)
-    assert_refused(capsys, merge(config, tmp_path, "--overwrite"), tmp_path, "would delete", str(config),
-                   out_dir_before=before)
+    assert_refused(
+        capsys, merge(config, tmp_path, "--overwrite"), tmp_path, "would delete", str(config), out_dir_before=before
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     assert merge(config, empty, "--overwrite") == 0
@@ -444,33 +535,46 @@ def test_output_folder_inside_or_around_an_input_model_is_refused(where, named, 
 def test_a_merge_never_modifies_its_input_models(family, tmp_path, capsys):
     inputs = [family.base, *family.fine_tunes]
     before = {path: folder_digest(path) for path in inputs}
-    recipe = {"merge_method": "ties", "base_model": str(family.base),
-              "models": [{"model": str(path), "parameters": {"weight": 1.0, "density": 0.5}}
-                         for path in family.fine_tunes]}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(family.base),
+        "models": [{"model": str(path), "parameters": {"weight": 1.0, "density": 0.5}} for path in family.fine_tunes],
+    }
     assert merge(write_recipe(tmp_path, recipe), tmp_path / "out") == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert {path: folder_digest(path) for path in inputs} == before
 
 
 # ------------------------------------------------------------------------------------- parameters
-@pytest.mark.parametrize("parameters, named", [
-    ({"weight": float("nan")}, "finite number"),
-    ({"weight": float("inf")}, "finite number"),
-    ({"weight": 1.0, "density": 7}, "share of entries lies in [0, 1]"),
-    ({"weight": 1.0, "density": -0.1}, "share of entries lies in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "parameters, named",
+    [
+        ({"weight": float("nan")}, "finite number"),
+        ({"weight": float("inf")}, "finite number"),
+        ({"weight": 1.0, "density": 7}, "share of entries lies in [0, 1]"),
+        ({"weight": 1.0, "density": -0.1}, "share of entries lies in [0, 1]"),
+    ],
+)
 def test_non_finite_and_out_of_range_parameters_are_errors(parameters, named, family, tmp_path, capsys):
-    recipe = {"merge_method": "ties", "base_model": str(family.base),
-              "models": [{"model": str(family.fine_tunes[0]), "parameters": parameters}]}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(family.base),
+        "models": [{"model": str(family.fine_tunes[0]), "parameters": parameters}],
+    }
     assert_refused(capsys, merge(write_recipe(tmp_path, recipe), tmp_path / "out"), tmp_path / "out", named)
 
 
 def test_weights_summing_to_zero_are_an_error_not_nan_weights(family, tmp_path, capsys):
-    recipe = {"merge_method": "linear",
-              "models": [{"model": str(family.fine_tunes[0]), "parameters": {"weight": 1.0}},
-                         {"model": str(family.fine_tunes[1]), "parameters": {"weight": -1.0}}]}
-    assert_refused(capsys, merge(write_recipe(tmp_path, recipe), tmp_path / "out"), tmp_path / "out",
-                   "weights sum to 0")
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(family.fine_tunes[0]), "parameters": {"weight": 1.0}},
+            {"model": str(family.fine_tunes[1]), "parameters": {"weight": -1.0}},
+        ],
+    }
+    assert_refused(
+        capsys, merge(write_recipe(tmp_path, recipe), tmp_path / "out"), tmp_path / "out", "weights sum to 0"
+    )
 
 
 def test_an_oversized_recipe_is_refused_before_parsing(tmp_path, capsys):
@@ -519,7 +623,13 @@ def test_nan_in_an_input_is_named_and_an_error_with_strict(family, tmp_path, cap
     tensors[name][0, 0] = float("nan")
     save_file(tensors, poisoned / "model.safetensors", metadata={"format": "pt"})
     config = write_recipe(tmp_path, linear_recipe(family.fine_tunes[0], poisoned))
-    assert_refused(capsys, merge(config, tmp_path / "strict", "--strict"), tmp_path / "strict", name,
-                   str(poisoned), "NaN or infinity")
+    assert_refused(
+        capsys,
+        merge(config, tmp_path / "strict", "--strict"),
+        tmp_path / "strict",
+        name,
+        str(poisoned),
+        "NaN or infinity",
+    )
     with pytest.warns(RuntimeWarning, match=f"tensor {name}: .*NaN or infinity in {poisoned}"):
         assert merge(config, tmp_path / "lenient") == 0

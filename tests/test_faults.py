@@ -55,9 +55,13 @@ def leftovers(out_dir: Path) -> list[str]:
 
 
 def start_slow_merge(recipe: Path, out_dir: Path, at_write: int = 1, delay: float = 0.02) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out_dir), "--quiet"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "ANNOUNCE_AT_WRITE": str(at_write), "WRITE_DELAY": str(delay)})
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out_dir), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ANNOUNCE_AT_WRITE": str(at_write), "WRITE_DELAY": str(delay)},
+    )
     assert child.stdout.readline().strip() == "writing", child.stderr.read()
     return child
 
@@ -79,8 +83,12 @@ def test_a_killed_merge_is_swept_by_the_next_one(recipe, tmp_path, at_write):
     child.kill()
     child.communicate(timeout=60)
     assert [name.split("-")[0] for name in leftovers(out_dir)] == [".out.lock", ".out.partial"]  # SIGKILL leaves them
-    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--quiet"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert leftovers(out_dir) == [] and read_state_dict(out_dir)
 
@@ -88,8 +96,12 @@ def test_a_killed_merge_is_swept_by_the_next_one(recipe, tmp_path, at_write):
 def test_a_second_merge_into_the_same_folder_is_refused_while_the_first_runs(recipe, tmp_path):
     out_dir = tmp_path / "out"
     first = start_slow_merge(recipe, out_dir, delay=0.5)  # ~10 s of writes: the second merge starts meanwhile
-    second = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--quiet"],
-                            capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        [sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert second.returncode == 2 and "another mergewise process is writing" in second.stderr, second.stderr
     _, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr
@@ -102,8 +114,13 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(recipe, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
 
     out_dir = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--quiet"],
-                          capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    done = subprocess.run(
+        [sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=small_files,
+    )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert "Traceback" not in done.stderr
@@ -112,10 +129,15 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(recipe, tmp_path):
 
 def test_an_output_under_a_file_is_one_error_line(recipe, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
-    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe),
-                           str(tmp_path / "a-file" / "out"), "--quiet"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(tmp_path / "a-file" / "out"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        line for line in done.stderr.strip().splitlines() if line.startswith("error: ")], done.stderr
+        line for line in done.stderr.strip().splitlines() if line.startswith("error: ")
+    ], done.stderr
     assert "a-file" in done.stderr
 
 
@@ -149,13 +171,21 @@ def test_resume_keeps_the_finished_shards_and_gives_the_uninterrupted_bytes(tiny
     recipe.write_text(yaml.safe_dump({"merge_method": "dare_ties", "base_model": str(family.base), "models": models}))
     flags = ["--quiet", "--seed", "7", "--shard-size", "60KB"]
     reference = tmp_path / "reference"
-    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(reference), *flags],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(reference), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
 
     out_dir = tmp_path / "out"
-    child = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out_dir), *flags],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out_dir), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert child.stdout.readline().strip() == "writing"
     finished: dict = {}
     while len(finished) < 2:  # wait until two shards are recorded as finished, then kill
@@ -170,8 +200,23 @@ def test_resume_keeps_the_finished_shards_and_gives_the_uninterrupted_bytes(tiny
     staged = next(tmp_path.glob(".out.partial-*"))
     kept = {name: (staged / name).stat().st_mtime_ns for name in finished}
 
-    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--resume",
-                           "--quiet", "--shard-size", "60KB"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mergewise.cli",
+            "merge",
+            str(recipe),
+            str(out_dir),
+            "--resume",
+            "--quiet",
+            "--shard-size",
+            "60KB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert shard_bytes(out_dir) == shard_bytes(reference)
     assert {name: (out_dir / name).stat().st_mtime_ns for name in kept} == kept  # not computed again
@@ -188,12 +233,20 @@ def test_resume_refuses_a_staged_merge_of_another_recipe(recipe, tmp_path):
     data = yaml.safe_load(recipe.read_text())
     data["models"][0]["parameters"]["weight"] = 0.25
     changed.write_text(yaml.safe_dump(data))
-    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(changed), str(out_dir), "--resume",
-                           "--quiet"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mergewise.cli", "merge", str(changed), str(out_dir), "--resume", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "staged from another recipe" in done.stderr, done.stderr
     assert not out_dir.exists() and [name.split("-")[0] for name in leftovers(out_dir)] == [".out.partial"]
-    done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--resume",
-                           "--quiet"], capture_output=True, text=True, timeout=120)  # the staged work was kept
+    done = subprocess.run(
+        [sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(out_dir), "--resume", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # the staged work was kept
     assert done.returncode == 0 and leftovers(out_dir) == [], done.stderr
 
 
@@ -204,8 +257,12 @@ def test_an_unwritable_parent_is_one_error_line(recipe, tmp_path):
     if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(parent)]).returncode != 0:
         pytest.skip("no chattr, or a file system without the immutable attribute")
     try:
-        done = subprocess.run([sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(parent / "out"),
-                               "--quiet"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "mergewise.cli", "merge", str(recipe), str(parent / "out"), "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         subprocess.run(["chattr", "-i", str(parent)])
     lines = done.stderr.strip().splitlines()
@@ -227,9 +284,13 @@ class KillHarness:
     imported mergewise, so that a run costs a fork, not a Python start-up."""
 
     def __init__(self):
-        self.process = subprocess.Popen([sys.executable, str(KILL_HARNESS)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        self.process = subprocess.Popen(
+            [sys.executable, str(KILL_HARNESS)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )
         assert json.loads(self.process.stdout.readline()) == {"ready": True}
 
     def run(self, argv: list, cwd: Path, kill_at: int | None = None) -> dict:
@@ -259,8 +320,9 @@ def few_mb(tiny_family, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("few-mb")
     recipes = {}
     for name, weights in (("new", (0.5, 0.5)), ("old", (0.8, 0.2))):
-        models = [{"model": str(path), "parameters": {"weight": weight}}
-                  for path, weight in zip(family.fine_tunes, weights)]
+        models = [
+            {"model": str(path), "parameters": {"weight": weight}} for path, weight in zip(family.fine_tunes, weights)
+        ]
         recipes[name] = folder / f"{name}.yml"
         recipes[name].write_text(yaml.safe_dump({"merge_method": "linear", "models": models}))
     return {**recipes, "inputs": family.base.parent, "recipes": folder}
@@ -270,14 +332,19 @@ def output_files(folder: Path) -> dict[str, object]:
     """What an output holds, by file: bytes, but mergewise.yml's creation time."""
     files: dict[str, object] = {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
     if "mergewise.yml" in files:
-        files["mergewise.yml"] = {key: value for key, value in yaml.safe_load(files["mergewise.yml"]).items()
-                                  if key != "created"}
+        files["mergewise.yml"] = {
+            key: value for key, value in yaml.safe_load(files["mergewise.yml"]).items() if key != "created"
+        }
     return files
 
 
 def tree_digest(*folders: Path) -> dict[str, str]:
-    return {str(path): hashlib.sha256(path.read_bytes()).hexdigest()
-            for folder in folders for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path): hashlib.sha256(path.read_bytes()).hexdigest()
+        for folder in folders
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def beside(out_dir: Path) -> str:
@@ -407,8 +474,10 @@ def kill_after_the_first_shard(harness: KillHarness, recipe: Path, out_dir: Path
     """Kill a merge once its journal records its first shard; its staging folder."""
     calls = merge_calls(harness, recipe, out_dir, *flags)
     recorded = [index for index, call in enumerate(calls, start=1) if call.startswith("os.replace")][1]
-    assert harness.run(["merge", recipe, out_dir, *SWEEP_FLAGS, *flags], out_dir.parent.parent,
-                       recorded + 1)["status"] == -signal.SIGKILL
+    assert (
+        harness.run(["merge", recipe, out_dir, *SWEEP_FLAGS, *flags], out_dir.parent.parent, recorded + 1)["status"]
+        == -signal.SIGKILL
+    )
     assert beside(out_dir) == "lock,partial+journal"
     return next(out_dir.parent.glob(f".{out_dir.name}.partial-*"))
 
@@ -438,8 +507,17 @@ def test_resume_of_another_recipe_never_builds_on_a_finished_merge(harness, few_
     assert outcomes == {0, 2}
 
 
-@pytest.mark.parametrize("planted", ["symlinked shard", "hard-linked shard", "FIFO shard", "subfolder",
-                                     "symlinked staging folder", "another user's staging folder"])
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "symlinked shard",
+        "hard-linked shard",
+        "FIFO shard",
+        "subfolder",
+        "symlinked staging folder",
+        "another user's staging folder",
+    ],
+)
 def test_resume_refuses_a_staging_folder_that_leads_elsewhere(harness, few_mb, tmp_path, planted):
     """A resumed merge would write its unfinished shard through a symlink or a hard link (into a file
     outside OUT_DIR), hang on a FIFO, or publish what it did not write."""
@@ -511,7 +589,8 @@ def test_an_overwrite_killed_between_its_renames_is_put_back_by_the_next_merge(h
     done = harness.run(["merge", few_mb["new"], out_dir, *SWEEP_FLAGS], tmp_path)
     assert done["status"] == 2 and done["stderr"].splitlines() == [
         f"warning: {out_dir}: put back the output that an interrupted --overwrite had moved to {retired.name}",
-        f"error: output folder {out_dir} already exists (use --overwrite to replace it)"], done["stderr"]
+        f"error: output folder {out_dir} already exists (use --overwrite to replace it)",
+    ], done["stderr"]
     assert output_files(out_dir) == old and beside(out_dir) == "partial"  # swept by a merge that runs
     done = harness.run(["merge", few_mb["new"], out_dir, *SWEEP_FLAGS, "--overwrite"], tmp_path)
     assert done["status"] == 0 and beside(out_dir) == "-" and output_files(out_dir) != old, done["stderr"]

@@ -30,28 +30,51 @@ from tests.support.tiny_models import build_lora_adapter, build_tiny_model
 
 pytestmark = pytest.mark.integration  # generated inputs through the command, each in a process of its own
 
-FUZZ = settings(max_examples=int(os.environ.get("MERGEWISE_FUZZ_EXAMPLES", "40")), deadline=10_000,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None)
-METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp", "nuslerp",
-           "model_stock", "passthrough", "no_such_method"]
+FUZZ = settings(
+    max_examples=int(os.environ.get("MERGEWISE_FUZZ_EXAMPLES", "40")),
+    deadline=10_000,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+)
+METHODS = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "breadcrumbs",
+    "della",
+    "slerp",
+    "nuslerp",
+    "model_stock",
+    "passthrough",
+    "no_such_method",
+]
 PARAMETERS = ["weight", "density", "gamma", "epsilon", "t", "lambda", "normalize", "rescale", "filter_wise", "densty"]
 
-junk = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True),
-                 st.text(max_size=8))
-values = st.recursive(junk, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                      st.dictionaries(st.sampled_from(["filter", "value", "x"]), inner,
-                                                                      max_size=2)), max_leaves=6)
+junk = st.one_of(
+    st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8)
+)
+values = st.recursive(
+    junk,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["filter", "value", "x"]), inner, max_size=2)
+    ),
+    max_leaves=6,
+)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fuzz-models")
-    return {name: build_tiny_model("llama", root / name, seed=seed, num_layers=2)
-            for seed, name in enumerate(("base", "a", "b"))}
+    return {
+        name: build_tiny_model("llama", root / name, seed=seed, num_layers=2)
+        for seed, name in enumerate(("base", "a", "b"))
+    }
 
 
 def run_cli(*argv: str) -> int:
     """The command, failing the test rather than hanging it past a minute."""
+
     def hung(signum, frame):
         raise TimeoutError(f"mergewise {' '.join(argv)} ran past its time limit")
 
@@ -79,19 +102,27 @@ def outcome(capsys, status: int, out_dir: Path, kept: tuple[Path, ...] = ()) -> 
 
 def recipes(models: dict[str, Path]):
     model = st.sampled_from([*(str(path) for path in models.values()), "./missing", 7])
-    entry = st.fixed_dictionaries({"model": model},
-                                  optional={"parameters": st.dictionaries(st.sampled_from(PARAMETERS), values,
-                                                                          max_size=3),
-                                            "layer_range": values})
+    entry = st.fixed_dictionaries(
+        {"model": model},
+        optional={
+            "parameters": st.dictionaries(st.sampled_from(PARAMETERS), values, max_size=3),
+            "layer_range": values,
+        },
+    )
     return st.fixed_dictionaries(
         {"merge_method": st.one_of(st.sampled_from(METHODS), junk)},
-        optional={"models": st.one_of(st.lists(entry, max_size=3), junk),
-                  "base_model": st.one_of(model, junk),
-                  "parameters": st.one_of(st.dictionaries(st.sampled_from(PARAMETERS), values, max_size=3), junk),
-                  "dtype": st.sampled_from(["bfloat16", "float32", "int8", "fp17", None]),
-                  "slices": st.one_of(st.lists(st.fixed_dictionaries({"sources": st.lists(entry, max_size=2)}),
-                                               max_size=2), junk),
-                  "aim": values, "surprise": values})
+        optional={
+            "models": st.one_of(st.lists(entry, max_size=3), junk),
+            "base_model": st.one_of(model, junk),
+            "parameters": st.one_of(st.dictionaries(st.sampled_from(PARAMETERS), values, max_size=3), junk),
+            "dtype": st.sampled_from(["bfloat16", "float32", "int8", "fp17", None]),
+            "slices": st.one_of(
+                st.lists(st.fixed_dictionaries({"sources": st.lists(entry, max_size=2)}), max_size=2), junk
+            ),
+            "aim": values,
+            "surprise": values,
+        },
+    )
 
 
 def test_fuzzed_recipes_end_in_a_merge_or_one_error_line(models, tmp_path_factory, capsys):
@@ -158,9 +189,14 @@ def test_fuzzed_safetensors_headers_end_in_a_merge_or_one_error_line(tmp_path_fa
 
 
 # ------------------------------------------------------------------------ the files a folder holds
-numbers = st.one_of(st.integers(-3, 10), st.integers(-2**70, 2**70), st.sampled_from([0.5, -1.0, 1e999, float("nan")]))
-json_values = st.recursive(st.one_of(junk, numbers), lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=8)
+numbers = st.one_of(
+    st.integers(-3, 10), st.integers(-(2**70), 2**70), st.sampled_from([0.5, -1.0, 1e999, float("nan")])
+)
+json_values = st.recursive(
+    st.one_of(junk, numbers),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=8,
+)
 
 
 @st.composite
@@ -201,42 +237,83 @@ def linked_copy(model: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
-    return build_tiny_model("llama", tmp_path_factory.mktemp("fuzz-sharded") / "model", seed=3, num_layers=2,
-                            shard_size="100KB")
+    return build_tiny_model(
+        "llama", tmp_path_factory.mktemp("fuzz-sharded") / "model", seed=3, num_layers=2, shard_size="100KB"
+    )
 
 
 FOLDER_FILES = {  # file → the dotted keys its mutations touch
-    "config.json": ["model_type", "num_hidden_layers", "n_layer", "layer_types", "text_config",
-                    "text_config.num_hidden_layers", "text_config.layer_types", "vocab_size", "tie_word_embeddings",
-                    "hidden_size", "max_position_embeddings", "torch_dtype"],
-    "model.safetensors.index.json": ["weight_map", "weight_map.model.norm.weight", "weight_map.lm_head.weight",
-                                     "metadata"],
-    "tokenizer_config.json": ["chat_template", "model_max_length", "added_tokens_decoder", "tokenizer_class",
-                              "bos_token"],
+    "config.json": [
+        "model_type",
+        "num_hidden_layers",
+        "n_layer",
+        "layer_types",
+        "text_config",
+        "text_config.num_hidden_layers",
+        "text_config.layer_types",
+        "vocab_size",
+        "tie_word_embeddings",
+        "hidden_size",
+        "max_position_embeddings",
+        "torch_dtype",
+    ],
+    "model.safetensors.index.json": [
+        "weight_map",
+        "weight_map.model.norm.weight",
+        "weight_map.lm_head.weight",
+        "metadata",
+    ],
+    "tokenizer_config.json": [
+        "chat_template",
+        "model_max_length",
+        "added_tokens_decoder",
+        "tokenizer_class",
+        "bos_token",
+    ],
 }
 
 
 def test_fuzzed_model_folder_files_end_in_a_merge_or_one_error_line(models, sharded, tmp_path_factory, capsys):
     @FUZZ
-    @given(data=st.data(), name=st.sampled_from([*FOLDER_FILES, "chat_template.jinja"]),
-           form=st.sampled_from(["models", "slices"]), stop=st.integers(0, 3),
-           chat_template=st.sampled_from([None, "auto", "chatml"]), union=st.booleans())
+    @given(
+        data=st.data(),
+        name=st.sampled_from([*FOLDER_FILES, "chat_template.jinja"]),
+        form=st.sampled_from(["models", "slices"]),
+        stop=st.integers(0, 3),
+        chat_template=st.sampled_from([None, "auto", "chatml"]),
+        union=st.booleans(),
+    )
     def check(data, name, form, stop, chat_template, union):
         folder = tmp_path_factory.mktemp("folder")
         model = linked_copy(sharded if name.startswith("model.") else models["a"], folder / "downloaded")
         if name == "chat_template.jinja":
-            content = data.draw(st.one_of(st.binary(max_size=40), st.text(alphabet="{}%# ab|'\n", max_size=40)
-                                          .map(str.encode)))
+            content = data.draw(
+                st.one_of(st.binary(max_size=40), st.text(alphabet="{}%# ab|'\n", max_size=40).map(str.encode))
+            )
         else:
             content = data.draw(mutated(json_of(model / name), FOLDER_FILES[name]))
         (model / name).write_bytes(content)
-        recipe = ({"merge_method": "linear", "models": [{"model": str(models["base"]), "parameters": {"weight": 0.5}},
-                                                         {"model": str(model), "parameters": {"weight": 0.5}}]}
-                  if form == "models" else
-                  {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(model),
-                                                                          "layer_range": [0, stop]}]}]})
-        recipe.update({key: value for key, value in (("chat_template", chat_template),
-                                                     ("tokenizer_source", "union" if union else None)) if value})
+        recipe = (
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": str(models["base"]), "parameters": {"weight": 0.5}},
+                    {"model": str(model), "parameters": {"weight": 0.5}},
+                ],
+            }
+            if form == "models"
+            else {
+                "merge_method": "passthrough",
+                "slices": [{"sources": [{"model": str(model), "layer_range": [0, stop]}]}],
+            }
+        )
+        recipe.update(
+            {
+                key: value
+                for key, value in (("chat_template", chat_template), ("tokenizer_source", "union" if union else None))
+                if value
+            }
+        )
         (folder / "recipe.yml").write_text(yaml.safe_dump(recipe))
         out_dir = folder / "out"
         outcome(capsys, run_cli("merge", str(folder / "recipe.yml"), str(out_dir), "--quiet"), out_dir)
@@ -244,8 +321,16 @@ def test_fuzzed_model_folder_files_end_in_a_merge_or_one_error_line(models, shar
     check()
 
 
-ADAPTER_KEYS = ["r", "lora_alpha", "use_rslora", "fan_in_fan_out", "peft_type", "rank_pattern", "alpha_pattern",
-                "target_modules"]
+ADAPTER_KEYS = [
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "fan_in_fan_out",
+    "peft_type",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+]
 
 
 @pytest.fixture(scope="module")
@@ -257,20 +342,26 @@ def adapter(models, tmp_path_factory) -> Path:
 
 def test_fuzzed_adapters_end_in_a_merge_or_one_error_line(models, adapter, tmp_path_factory, capsys):
     @FUZZ
-    @given(data=st.data(), factor=st.one_of(st.none(), st.lists(st.integers(0, 5), max_size=3)),
-           value=st.sampled_from([0.1, float("nan"), float("inf"), 1e30]))
+    @given(
+        data=st.data(),
+        factor=st.one_of(st.none(), st.lists(st.integers(0, 5), max_size=3)),
+        value=st.sampled_from([0.1, float("nan"), float("inf"), 1e30]),
+    )
     def check(data, factor, value):
         folder = tmp_path_factory.mktemp("adapted")
         copy = Path(shutil.copytree(adapter, folder / "adapter"))
-        (copy / "adapter_config.json").write_bytes(data.draw(mutated(json_of(adapter / "adapter_config.json"),
-                                                                     ADAPTER_KEYS)))
+        (copy / "adapter_config.json").write_bytes(
+            data.draw(mutated(json_of(adapter / "adapter_config.json"), ADAPTER_KEYS))
+        )
         if factor is not None:  # a factor of another shape, or one holding `value`
             tensors = load_file(copy / "adapter_model.safetensors")
             name = data.draw(st.sampled_from(sorted(tensors)))
             tensors[name] = torch.full(factor, value) if factor else tensors[name].fill_(value)
             save_file(tensors, copy / "adapter_model.safetensors")
-        recipe = {"merge_method": "linear", "models": [{"model": f"{models['base']}+{copy}",
-                                                        "parameters": {"weight": 1.0}}]}
+        recipe = {
+            "merge_method": "linear",
+            "models": [{"model": f"{models['base']}+{copy}", "parameters": {"weight": 1.0}}],
+        }
         (folder / "recipe.yml").write_text(yaml.safe_dump(recipe))
         out_dir = folder / "out"
         outcome(capsys, run_cli("merge", str(folder / "recipe.yml"), str(out_dir), "--quiet"), out_dir)
@@ -278,9 +369,20 @@ def test_fuzzed_adapters_end_in_a_merge_or_one_error_line(models, adapter, tmp_p
     check()
 
 
-MANIFEST_KEYS = ["format", "tasks", "routed_tensors", "router", "router.tasks", "router.temperature",
-                 "router.settings", "router.settings.feature_layers", "router.settings.kind",
-                 "router.settings.max_tokens", "settings", "merge_method"]
+MANIFEST_KEYS = [
+    "format",
+    "tasks",
+    "routed_tensors",
+    "router",
+    "router.tasks",
+    "router.temperature",
+    "router.settings",
+    "router.settings.feature_layers",
+    "router.settings.kind",
+    "router.settings.max_tokens",
+    "settings",
+    "merge_method",
+]
 
 
 @pytest.fixture(scope="module")
@@ -291,12 +393,18 @@ def mediator_folder(models, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fuzz-mediator")
     experts = []
     for task, words in (("first", "one two three four five six"), ("second", "quick brown fox lazy dog cat")):
-        (root / f"{task}.txt").write_text("\n".join(" ".join(words.split()[index % 6:] + words.split()[:index % 4])
-                                                    for index in range(16)) + "\n")
-        experts.append({"model": str(models["a" if task == "first" else "b"]), "task": task,
-                        "prompts": str(root / f"{task}.txt")})
-    recipe = {"merge_method": "linear", "base_model": str(models["base"]), "dtype": "float32",
-              "mediator": {"experts": experts, "memory_budget": 2.0, "router": {"holdout": 0.25}}}
+        (root / f"{task}.txt").write_text(
+            "\n".join(" ".join(words.split()[index % 6 :] + words.split()[: index % 4]) for index in range(16)) + "\n"
+        )
+        experts.append(
+            {"model": str(models["a" if task == "first" else "b"]), "task": task, "prompts": str(root / f"{task}.txt")}
+        )
+    recipe = {
+        "merge_method": "linear",
+        "base_model": str(models["base"]),
+        "dtype": "float32",
+        "mediator": {"experts": experts, "memory_budget": 2.0, "router": {"holdout": 0.25}},
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a router of nonsense prompts may not tell the tasks apart
         return build(recipe, root / "mediator", quiet=True, seed=0).out_dir
@@ -313,8 +421,11 @@ def test_fuzzed_mediator_manifests_end_in_a_route_or_one_error_line(mediator_fol
         copy = Path(shutil.copytree(mediator_folder, folder / "downloaded"))
         (copy / "mediator" / "mediator.json").write_bytes(content)
         out_dir = folder / "out"
-        command = (["mediator", "export", str(copy), str(out_dir), "--task", "first", "--quiet"] if export
-                   else ["generate", str(copy), "--prompt", "one two", "--max-new-tokens", "2"])
+        command = (
+            ["mediator", "export", str(copy), str(out_dir), "--task", "first", "--quiet"]
+            if export
+            else ["generate", str(copy), "--prompt", "one two", "--max-new-tokens", "2"]
+        )
         outcome(capsys, run_cli(*command), out_dir)
 
     check()
@@ -326,8 +437,10 @@ def test_fuzzed_progress_records_end_in_a_merge_or_one_error_line(models, tmp_pa
     from mergewise.checkpoint.writer import parse_size
     from mergewise.engine import _fingerprint, plan_recipe
 
-    recipe = {"merge_method": "linear", "models": [{"model": str(models[name]), "parameters": {"weight": 0.5}}
-                                                   for name in ("a", "b")]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(models[name]), "parameters": {"weight": 0.5}} for name in ("a", "b")],
+    }
     fingerprint = _fingerprint(*reversed(plan_recipe(recipe)), parse_size("5GB"))
     journal = {"fingerprint": fingerprint, "seed": 7, "finished": {"model.safetensors": "0" * 64}}
 

@@ -55,20 +55,26 @@ def prompts() -> list[list[int]]:
     return [torch.randint(4, 256, (length,), generator=generator).tolist() for length in (5, 9, 1, 12, 7, 3, 10, 4, 6)]
 
 
-def in_memory_pooled(folder: Path, prompts: list[list[int]], layer: int, dtype: torch.dtype,
-                     max_tokens: int | None = None, device: str = "meta") -> torch.Tensor:
+def in_memory_pooled(
+    folder: Path,
+    prompts: list[list[int]],
+    layer: int,
+    dtype: torch.dtype,
+    max_tokens: int | None = None,
+    device: str = "meta",
+) -> torch.Tensor:
     """The whole model in memory: right-padded batches with their attention mask, the mean over each
     prompt's tokens of `output_hidden_states[layer]`, its matmuls as `fast_half_matmuls` runs them for
     `device` (the default: the model's own)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     pooled = []
     for start in range(0, len(prompts), BATCH_SIZE):
-        batch = [ids[-max_tokens:] if max_tokens else ids for ids in prompts[start:start + BATCH_SIZE]]
+        batch = [ids[-max_tokens:] if max_tokens else ids for ids in prompts[start : start + BATCH_SIZE]]
         input_ids = torch.full((len(batch), max(map(len, batch))), PAD_ID)
         mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(batch):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            mask[row, :len(ids)] = 1
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
         with torch.no_grad(), fast_half_matmuls(model, torch.device(device)):
             hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
         weights = mask[..., None].float()
@@ -86,8 +92,9 @@ def runner_for(folder: Path, dtype: torch.dtype = torch.float32) -> LayerwiseMod
 @pytest.mark.parametrize("layer", [-1, 0, NUM_LAYERS // 2, -NUM_LAYERS])
 def test_pooled_hidden_states_match_the_model_in_memory(arch, dtype, tolerance, layer, tiny_model, prompts):
     folder = tiny_model(arch)
-    streamed = pooled_hidden_states(folder, prompts, layer, dtype=dtype, batch_size=BATCH_SIZE, pad_id=PAD_ID,
-                                    quiet=True)
+    streamed = pooled_hidden_states(
+        folder, prompts, layer, dtype=dtype, batch_size=BATCH_SIZE, pad_id=PAD_ID, quiet=True
+    )
     expected = in_memory_pooled(folder, prompts, layer, dtype)
     assert streamed.dtype == torch.float32 and streamed.shape == expected.shape
     torch.testing.assert_close(streamed, expected, atol=tolerance, rtol=tolerance)
@@ -95,20 +102,28 @@ def test_pooled_hidden_states_match_the_model_in_memory(arch, dtype, tolerance, 
 
 def test_max_tokens_keeps_the_last_ids(tiny_model, prompts):
     folder = tiny_model("llama")
-    streamed = pooled_hidden_states(folder, prompts, -2, dtype=torch.float32, batch_size=BATCH_SIZE, pad_id=PAD_ID,
-                                    max_tokens=4, quiet=True)
-    torch.testing.assert_close(streamed, in_memory_pooled(folder, prompts, -2, torch.float32, max_tokens=4),
-                               atol=1e-5, rtol=1e-5)
+    streamed = pooled_hidden_states(
+        folder, prompts, -2, dtype=torch.float32, batch_size=BATCH_SIZE, pad_id=PAD_ID, max_tokens=4, quiet=True
+    )
+    torch.testing.assert_close(
+        streamed, in_memory_pooled(folder, prompts, -2, torch.float32, max_tokens=4), atol=1e-5, rtol=1e-5
+    )
     truncated = [ids[-4:] for ids in prompts]
-    assert torch.equal(streamed, pooled_hidden_states(folder, truncated, -2, dtype=torch.float32,
-                                                      batch_size=BATCH_SIZE, pad_id=PAD_ID, quiet=True))
+    assert torch.equal(
+        streamed,
+        pooled_hidden_states(
+            folder, truncated, -2, dtype=torch.float32, batch_size=BATCH_SIZE, pad_id=PAD_ID, quiet=True
+        ),
+    )
 
 
 def test_no_dtype_computes_in_the_stored_one(tiny_model, prompts, tmp_path):
     folder = tiny_model("llama")
     assert stored_dtype(ModelFolder(folder)) == torch.bfloat16
-    assert torch.equal(pooled_hidden_states(folder, prompts, quiet=True),
-                       pooled_hidden_states(folder, prompts, dtype=torch.bfloat16, quiet=True))
+    assert torch.equal(
+        pooled_hidden_states(folder, prompts, quiet=True),
+        pooled_hidden_states(folder, prompts, dtype=torch.bfloat16, quiet=True),
+    )
     float_folder = build_tiny_model("llama", tmp_path / "fp32", dtype=torch.float32, num_layers=1)
     assert stored_dtype(ModelFolder(float_folder)) == torch.float32
 
@@ -148,7 +163,8 @@ def half_model(dtype: torch.dtype) -> tuple[torch.nn.Sequential, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_linears_multiply_in_float32_on_a_cpu_without_instructions_for_them(
-        dtype, without_half_instructions):
+    dtype, without_half_instructions
+):
     """There a half-precision Linear gives the float32 product rounded once to its dtype, the model's
     own forward is back afterwards (an exception inside too), and float32 Linears are untouched."""
     model, inputs = half_model(dtype)
@@ -195,8 +211,10 @@ def test_a_linear_with_a_forward_of_its_own_keeps_it(without_half_instructions):
     hooked = model[0].forward = lambda inputs: torch.zeros(*inputs.shape[:-1], 8, dtype=torch.bfloat16)
     with fast_half_matmuls(model, torch.device("cpu")):
         assert model[0].forward is hooked and "forward" in vars(model[1])
-        assert torch.equal(model(torch.ones(2, 16, dtype=torch.bfloat16)),
-                           float32_product(model[1], torch.zeros(2, 8, dtype=torch.bfloat16)))
+        assert torch.equal(
+            model(torch.ones(2, 16, dtype=torch.bfloat16)),
+            float32_product(model[1], torch.zeros(2, 8, dtype=torch.bfloat16)),
+        )
     assert model[0].forward is hooked and "forward" not in vars(model[1])
 
 
@@ -216,8 +234,9 @@ def test_every_hidden_state_is_observed_with_the_attention_mask(arch, tiny_model
     mask = torch.ones_like(input_ids)
     mask[0, :3] = mask[2, :1] = 0
     observed = []
-    runner_for(folder).run([Batch(input_ids, mask)], observe=lambda index, states: observed.append((index, states)),
-                           quiet=True)
+    runner_for(folder).run(
+        [Batch(input_ids, mask)], observe=lambda index, states: observed.append((index, states)), quiet=True
+    )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         expected = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
@@ -245,6 +264,7 @@ def test_one_decoder_layer_is_loaded_at_a_time(tiny_model, monkeypatch):
             weights = {key: value for key, value in runner.model.named_parameters() if value.device.type != "meta"}
             assert all(value.dtype == torch.bfloat16 for value in weights.values())
             loaded.append((name, set(weights)))
+
         return record
 
     for index, layer in enumerate(runner.layers):
@@ -258,14 +278,17 @@ def test_one_decoder_layer_is_loaded_at_a_time(tiny_model, monkeypatch):
 
     runner.run(batches, through=3, quiet=True)
     assert loaded == [("stem", {"model.embed_tokens.weight"})] * 2 + [
-        (f"model.layers.{index}", layer_weights(f"model.layers.{index}")) for index in range(3) for _ in batches]
+        (f"model.layers.{index}", layer_weights(f"model.layers.{index}")) for index in range(3) for _ in batches
+    ]
     assert [set(names) for names in reads[1:]] == [
-        {name for name in runner.folder.tensors if name.startswith(f"model.layers.{index}.")} for index in range(3)]
+        {name for name in runner.folder.tensors if name.startswith(f"model.layers.{index}.")} for index in range(3)
+    ]
     assert trims == [2, 3, 4]  # after each layer's weights are dropped
     loaded.clear()
     runner.run(batches, quiet=True)
     assert [name for name, _ in loaded] == ["stem"] * 2 + [
-        f"model.layers.{index}" for index in range(6) for _ in batches] + ["norm"] * 2
+        f"model.layers.{index}" for index in range(6) for _ in batches
+    ] + ["norm"] * 2
     assert loaded[-1] == ("norm", {"model.norm.weight"})
     assert all(parameter.device.type == "meta" for parameter in runner.model.parameters())
 
@@ -273,8 +296,11 @@ def test_one_decoder_layer_is_loaded_at_a_time(tiny_model, monkeypatch):
 def test_layers_of_different_attention_types_are_one_clear_error(tiny_model, tmp_path, prompts):
     folder = Path(shutil.copytree(tiny_model("qwen2"), tmp_path / "mixed"))
     config = json.loads((folder / "config.json").read_text())
-    config.update(use_sliding_window=True, sliding_window=4,
-                  layer_types=["full_attention", "sliding_attention"] * (NUM_LAYERS // 2))
+    config.update(
+        use_sliding_window=True,
+        sliding_window=4,
+        layer_types=["full_attention", "sliding_attention"] * (NUM_LAYERS // 2),
+    )
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(MergewiseError, match=r"mixed: layers of different attention types .*full_attention"):
         pooled_hidden_states(folder, prompts, quiet=True)
@@ -289,15 +315,21 @@ def test_a_missing_tensor_is_named(tiny_model, tmp_path, prompts):
         pooled_hidden_states(folder, prompts, quiet=True)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"layer": NUM_LAYERS + 1}, rf"hidden state {NUM_LAYERS + 1} does not exist; .* -{NUM_LAYERS + 1}\.\.{NUM_LAYERS}"),
-    ({"layer": -NUM_LAYERS - 2}, "does not exist"),
-    ({"max_tokens": 0}, "max_tokens 0: expected at least 1"),
-    ({"batch_size": 0}, "batch_size 0: expected at least 1"),
-    ({"prompt_ids": [[5], []]}, "prompt 1 has no token ids"),
-    ({"prompt_ids": []}, "no prompts"),
-    ({"dtype": torch.int8}, "dtype torch.int8: expected a floating-point dtype"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (
+            {"layer": NUM_LAYERS + 1},
+            rf"hidden state {NUM_LAYERS + 1} does not exist; .* -{NUM_LAYERS + 1}\.\.{NUM_LAYERS}",
+        ),
+        ({"layer": -NUM_LAYERS - 2}, "does not exist"),
+        ({"max_tokens": 0}, "max_tokens 0: expected at least 1"),
+        ({"batch_size": 0}, "batch_size 0: expected at least 1"),
+        ({"prompt_ids": [[5], []]}, "prompt 1 has no token ids"),
+        ({"prompt_ids": []}, "no prompts"),
+        ({"dtype": torch.int8}, "dtype torch.int8: expected a floating-point dtype"),
+    ],
+)
 def test_bad_arguments_are_one_clear_error(options, message, tiny_model, prompts):
     arguments = {"prompt_ids": prompts, **options}
     with pytest.raises(MergewiseError, match=message):

@@ -48,9 +48,14 @@ def test_merge_mediator_build_and_zoo_build_leave_the_process_as_they_found_it(t
         np.random.seed(6)
         try:
             before = process_state()
-            recipe = {"merge_method": "dare_ties", "base_model": str(family.base), "dtype": "bfloat16",
-                      "models": [{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}}
-                                 for path in family.fine_tunes]}
+            recipe = {
+                "merge_method": "dare_ties",
+                "base_model": str(family.base),
+                "dtype": "bfloat16",
+                "models": [
+                    {"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}} for path in family.fine_tunes
+                ],
+            }
             mergewise.merge(recipe, tmp_path / "merged", quiet=True, seed=0)
             bf16_kernels(len(family.fine_tunes), wait=True)  # the fused kernels load and launch
             build(mediator_recipe(root, family), tmp_path / "mediator", quiet=True, seed=0)

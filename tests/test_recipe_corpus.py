@@ -28,15 +28,20 @@ CORPUS = Path(__file__).parent / "data" / "recipes"
 RECIPES = sorted(CORPUS.glob("*.yml"))
 RUNNER = Path(__file__).parent / "support" / "mergekit_runner.py"
 
-pytestmark = [pytest.mark.integration, pytest.mark.peer,
-              pytest.mark.skipif(importlib.util.find_spec("mergekit") is None,
-                                 reason="mergekit is not installed (pip install '.[peer]')")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.peer,
+    pytest.mark.skipif(
+        importlib.util.find_spec("mergekit") is None, reason="mergekit is not installed (pip install '.[peer]')"
+    ),
+]
 
 
 # The kinds of key published recipes hold that mergekit ignores, or reads its own way, each on its
 # own: (recipe, what mergewise's warning names).
 EDGE_CASES = {
-    "top-level-name-normalize-select-topk": ("""
+    "top-level-name-normalize-select-topk": (
+        """
 name: stage-one
 merge_method: sce
 base_model: org/base
@@ -46,9 +51,11 @@ models:
   - model: org/math
   - model: org/code
 dtype: bfloat16
-""", ["name: unknown key", "normalize: unknown key",
-      "select_topk: a parameter of sce written at the top level"]),
-    "revision-on-a-slice-source": ("""
+""",
+        ["name: unknown key", "normalize: unknown key", "select_topk: a parameter of sce written at the top level"],
+    ),
+    "revision-on-a-slice-source": (
+        """
 merge_method: slerp
 base_model: org/base
 slices:
@@ -57,24 +64,35 @@ slices:
       - {model: org/chat, layer_range: [0, 4], revision: v2}
 parameters: {t: 0.3}
 dtype: bfloat16
-""", ["slices[0].sources[1].revision: read as the model's revision (org/chat@v2)",
-      "org/chat is a local folder; its revision 'v2' is ignored"]),
-    "weight-under-model-stock": ("""
+""",
+        [
+            "slices[0].sources[1].revision: read as the model's revision (org/chat@v2)",
+            "org/chat is a local folder; its revision 'v2' is ignored",
+        ],
+    ),
+    "weight-under-model-stock": (
+        """
 merge_method: model_stock
 base_model: org/base
 models:
   - {model: org/math, parameters: {weight: 0.7}}
   - {model: org/code, parameters: {weight: 0.3}}
 dtype: bfloat16
-""", ["models[0].parameters.weight: unknown parameter for merge_method model_stock"]),
-    "weight-under-arcee-fusion": ("""
+""",
+        ["models[0].parameters.weight: unknown parameter for merge_method model_stock"],
+    ),
+    "weight-under-arcee-fusion": (
+        """
 merge_method: arcee_fusion
 base_model: org/base
 models:
   - {model: org/chat, parameters: {weight: 1.0}}
 dtype: float32
-""", ["models[0].parameters.weight: unknown parameter for merge_method arcee_fusion"]),
-    "normalize-and-lambda-under-sce": ("""
+""",
+        ["models[0].parameters.weight: unknown parameter for merge_method arcee_fusion"],
+    ),
+    "normalize-and-lambda-under-sce": (
+        """
 merge_method: sce
 base_model: org/base
 models:
@@ -82,17 +100,25 @@ models:
   - model: org/code
 parameters: {select_topk: 0.4, normalize: true, lambda: 1.1}
 dtype: bfloat16
-""", ["parameters.normalize: unknown parameter for merge_method sce",
-      "parameters.lambda: unknown parameter for merge_method sce"]),
-    "chat-template-auto-without-templates": ("""
+""",
+        [
+            "parameters.normalize: unknown parameter for merge_method sce",
+            "parameters.lambda: unknown parameter for merge_method sce",
+        ],
+    ),
+    "chat-template-auto-without-templates": (
+        """
 merge_method: linear
 models:
   - {model: org/math, parameters: {weight: 0.5}}
   - {model: org/code, parameters: {weight: 0.5}}
 chat_template: auto
 dtype: bfloat16
-""", ["chat_template: auto, but none of the input models has a chat template"]),
-    "slice-of-only-the-base": ("""
+""",
+        ["chat_template: auto, but none of the input models has a chat template"],
+    ),
+    "slice-of-only-the-base": (
+        """
 merge_method: task_arithmetic
 base_model: org/base
 slices:
@@ -102,14 +128,19 @@ slices:
       - {model: org/base, layer_range: [2, 4]}
       - {model: org/math, layer_range: [2, 4], parameters: {weight: 0.8}}
 dtype: bfloat16
-""", ["slices[0]: merge_method task_arithmetic gets only the base model here"]),
-    "arcee-fusion-in-bf16": ("""
+""",
+        ["slices[0]: merge_method task_arithmetic gets only the base model here"],
+    ),
+    "arcee-fusion-in-bf16": (
+        """
 merge_method: arcee_fusion
 base_model: org/base
 models:
   - model: org/chat
 dtype: bfloat16
-""", ["mergekit 0.1.5 writes this method's tensors in float32"]),
+""",
+        ["mergekit 0.1.5 writes this method's tensors in float32"],
+    ),
 }
 
 
@@ -123,13 +154,20 @@ def corpus(tmp_path_factory) -> dict[str, tuple[PreparedRecipe, dict]]:
     for name, (text, _) in EDGE_CASES.items():
         (edge_cases / f"{name}.yml").write_text(text.lstrip())
     stand_ins = StandIns(root / "stand-ins")
-    prepared = {path.name: stand_ins.prepare(path, root / path.stem)
-                for path in [*RECIPES, *sorted(edge_cases.glob("*.yml"))]}
-    jobs = [{"name": name, "recipe": str(entry.recipe), "out": str(entry.folder / "mergekit"),
-             "cwd": str(entry.folder)} for name, entry in prepared.items()]
+    prepared = {
+        path.name: stand_ins.prepare(path, root / path.stem) for path in [*RECIPES, *sorted(edge_cases.glob("*.yml"))]
+    }
+    jobs = [
+        {"name": name, "recipe": str(entry.recipe), "out": str(entry.folder / "mergekit"), "cwd": str(entry.folder)}
+        for name, entry in prepared.items()
+    ]
     (root / "jobs.json").write_text(json.dumps(jobs))
-    subprocess.run([sys.executable, str(RUNNER), str(root / "jobs.json"), str(root / "results.json")],
-                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [sys.executable, str(RUNNER), str(root / "jobs.json"), str(root / "results.json")],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     results = json.loads((root / "results.json").read_text())
     return {name: (entry, results[name]) for name, entry in prepared.items()}
 
@@ -166,7 +204,8 @@ def test_published_recipe_runs_as_in_mergekit(name, corpus, tmp_path, monkeypatc
         lines = capsys.readouterr().err.strip().splitlines()
         errors = [line for line in lines if not line.startswith("warning: ")]
         assert status == 2 and len(errors) == 1 and errors[0].startswith("error: "), (
-            f"mergekit refused {name} ({mergekit['error']}) but mergewise gave status {status}:\n" + "\n".join(lines))
+            f"mergekit refused {name} ({mergekit['error']}) but mergewise gave status {status}:\n" + "\n".join(lines)
+        )
         assert not out.exists()
         return
     with warnings.catch_warnings():
@@ -202,5 +241,6 @@ def test_check_prints_the_plan_and_warnings_and_strict_refuses(corpus, tmp_path)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
         f"error: {entry.recipe}: name: unknown key, ignored, as mergekit ignores it (it names one stage of a "
-        "multi-stage recipe) (refused: --strict)"]
+        "multi-stage recipe) (refused: --strict)"
+    ]
     assert sorted(path.name for path in entry.folder.iterdir() if path.is_file()) == [entry.recipe.name]

@@ -43,21 +43,34 @@ def add_code(folder: Path, names_code_in: str) -> Path:
     The type names must be unknown to transformers: it ignores `auto_map` for types it has itself."""
     (folder / "evil.py").write_text(EVIL_CODE.format(marker=str(folder / "PWNED")))
     if names_code_in == "config":
-        edit_json(folder / "config.json", model_type="evil",
-                  auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+        edit_json(
+            folder / "config.json",
+            model_type="evil",
+            auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+        )
     else:
-        edit_json(folder / "tokenizer_config.json", tokenizer_class="EvilTokenizer",
-                  auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+        edit_json(
+            folder / "tokenizer_config.json",
+            tokenizer_class="EvilTokenizer",
+            auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]},
+        )
     return folder
 
 
 def tiny_zoo(root: Path) -> Path:
     """A one-task zoo for `mergewise eval`, one prompt and a line of general text."""
     root.mkdir()
-    (root / "zoo.json").write_text(json.dumps({
-        "base": "base", "general": {"eval": "general.txt"},
-        "tasks": {"t": {"expert": None, "calibration": "calib.txt", "eval": "eval.jsonl", "metric": "exact_match"}},
-    }))
+    (root / "zoo.json").write_text(
+        json.dumps(
+            {
+                "base": "base",
+                "general": {"eval": "general.txt"},
+                "tasks": {
+                    "t": {"expert": None, "calibration": "calib.txt", "eval": "eval.jsonl", "metric": "exact_match"}
+                },
+            }
+        )
+    )
     (root / "eval.jsonl").write_text(json.dumps({"prompt": "the quick", "answer": " fox"}) + "\n")
     (root / "general.txt").write_text("the quick brown fox jumps over the lazy dog\n")
     return root
@@ -67,8 +80,16 @@ def command(name: str, folder: Path, tmp_path: Path) -> list[str]:
     if name == "generate":
         return ["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2"]
     if name == "calibrate":
-        return ["calibrate", str(folder), str(tmp_path / "out.safetensors"), "--samples", "1", "--seq-len", "8",
-                "--quiet"]
+        return [
+            "calibrate",
+            str(folder),
+            str(tmp_path / "out.safetensors"),
+            "--samples",
+            "1",
+            "--seq-len",
+            "8",
+            "--quiet",
+        ]
     return ["eval", str(folder), "--zoo", str(tiny_zoo(tmp_path / "zoo"))]
 
 
@@ -108,10 +129,16 @@ def test_merge_never_imports_folder_code(tmp_path, answers_yes):
         add_code(folder, "config")
         add_code(folder, "tokenizer")
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(yaml.safe_dump({
-        "merge_method": "ties", "base_model": str(base), "dtype": "bfloat16",
-        "models": [{"model": str(tune), "parameters": {"weight": 1.0, "density": 0.5}} for tune in tunes],
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": str(base),
+                "dtype": "bfloat16",
+                "models": [{"model": str(tune), "parameters": {"weight": 1.0, "density": 0.5}} for tune in tunes],
+            }
+        )
+    )
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert not any((folder / "PWNED").exists() for folder in (base, *tunes))

@@ -137,16 +137,19 @@ def test_every_registered_block_declares_what_the_recipe_and_the_search_read(nam
     assert set(spec.fixed_keys) <= set(spec.schema.model_fields)
     assert not spec.carries_base_model or "base_model" in spec.schema.model_fields
     with pytest.raises(MergewiseError, match=rf"config: {name}\."):  # the block's own schema judged it
-        load_recipe({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}],
-                     name: {"not_a_setting": 1}})
+        load_recipe({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], name: {"not_a_setting": 1}})
 
 
-@pytest.mark.parametrize("declared, flags, message", [
-    ({"resumable": False}, {"resume": True}, "--resume: a recipe with probe: cannot be resumed yet"),
-    ({}, {"resume": True}, None),
-])
-def test_the_engine_reads_what_a_block_supports_from_its_spec(probe_block, tiny_family, tmp_path, monkeypatch,
-                                                             declared, flags, message):
+@pytest.mark.parametrize(
+    "declared, flags, message",
+    [
+        ({"resumable": False}, {"resume": True}, "--resume: a recipe with probe: cannot be resumed yet"),
+        ({}, {"resume": True}, None),
+    ],
+)
+def test_the_engine_reads_what_a_block_supports_from_its_spec(
+    probe_block, tiny_family, tmp_path, monkeypatch, declared, flags, message
+):
     module = sys.modules["probe_block"]
     monkeypatch.setattr(module, "BLOCK", stages.BlockSpec(schema=ProbeBlock, make_stage=ProbeStage, **declared))
     if message is None:

@@ -15,20 +15,24 @@ from mergewise.errors import MergewiseError, tolerated
 NAMED = {
     "chatml": (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
     "llama3": (
         "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
         "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
     "alpaca": (
         "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
         "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
         "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"),
+        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
     "mistral": (
         "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
         "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}"
-        "{% endif %}{% endfor %}"),
+        "{% endif %}{% endfor %}"
+    ),
 }
 
 
@@ -41,14 +45,18 @@ def resolve_chat_template(setting: str, models: list[Path], *, strict: bool = Fa
     if setting == "auto":
         found = Counter(template for model in models if (template := model_chat_template(model)))
         if not found:
-            tolerated("chat_template: auto, but none of the input models has a chat template; the output gets "
-                      "none, as mergekit writes none", strict=strict)
+            tolerated(
+                "chat_template: auto, but none of the input models has a chat template; the output gets "
+                "none, as mergekit writes none",
+                strict=strict,
+            )
             return None
         return found.most_common(1)[0][0]
     if "{{" in setting or "{%" in setting:
         return checked_template(setting, "chat_template")
-    raise MergewiseError(f"chat_template: unknown template {setting!r} (use auto, {', '.join(NAMED)}, "
-                         "or a Jinja template)")
+    raise MergewiseError(
+        f"chat_template: unknown template {setting!r} (use auto, {', '.join(NAMED)}, or a Jinja template)"
+    )
 
 
 def checked_template(template: str, where: str) -> str:

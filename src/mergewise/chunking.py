@@ -18,4 +18,3 @@ def row_ranges(shape: tuple[int, ...], *, whole: bool = False, chunk_elements: i
     row_elements = math.prod(shape[1:])
     step = max(shape[0], 1) if whole or row_elements == 0 else max(1, chunk_elements // row_elements)
     return [slice(start, min(start + step, shape[0])) for start in range(0, max(shape[0], 1), step)]
-

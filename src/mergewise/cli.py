@@ -18,8 +18,19 @@ from mergewise.errors import MergewiseError
 
 # Each name is a module in mergewise.commands exposing `register(subparsers)`, which adds its
 # parser and sets `handler=function(args) -> int | None` as a default.
-COMMAND_MODULES = ["merge", "demo", "zoo", "eval", "calibrate", "aim", "mediator", "generate", "serve",
-                   "extract_lora", "search"]
+COMMAND_MODULES = [
+    "merge",
+    "demo",
+    "zoo",
+    "eval",
+    "calibrate",
+    "aim",
+    "mediator",
+    "generate",
+    "serve",
+    "extract_lora",
+    "search",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

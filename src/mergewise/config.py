@@ -134,8 +134,14 @@ def _source_kind(value: Any) -> str | None:
     return value.kind if isinstance(value, BaseModel) else "model"
 
 
-TokenSource = Annotated[Union[Annotated[ZeroEmbedding, Tag("zero")], Annotated[ModelTokenEmbedding, Tag("model_token")],
-                              Annotated[str, Tag("model")]], Discriminator(_source_kind)]
+TokenSource = Annotated[
+    Union[
+        Annotated[ZeroEmbedding, Tag("zero")],
+        Annotated[ModelTokenEmbedding, Tag("model_token")],
+        Annotated[str, Tag("model")],
+    ],
+    Discriminator(_source_kind),
+]
 
 
 class TokenSettings(MergekitSchema):
@@ -211,17 +217,29 @@ class Recipe:
         """The model task vectors are measured from: the core's base_model, else a block's (Mediator
         keeps it for methods that take no base)."""
         return self.config.base_model or next(
-            (block.base_model for name, block in self.blocks.items()
-             if stages.block_spec(name).carries_base_model and block.base_model), None)
+            (
+                block.base_model
+                for name, block in self.blocks.items()
+                if stages.block_spec(name).carries_base_model and block.base_model
+            ),
+            None,
+        )
 
     def record(self) -> dict:
         """The recipe as mergewise.yml records it."""
-        return {**self.config.model_dump(mode="json", exclude_none=True),
-                **{name: block.model_dump(mode="json", exclude_none=True) for name, block in self.blocks.items()}}
+        return {
+            **self.config.model_dump(mode="json", exclude_none=True),
+            **{name: block.model_dump(mode="json", exclude_none=True) for name, block in self.blocks.items()},
+        }
 
 
-def load_recipe(source: str | Path | dict | MergeConfig | Recipe, *, config_dir: str | Path | None = None,
-                origin: str = "config", strict: bool = False) -> Recipe:
+def load_recipe(
+    source: str | Path | dict | MergeConfig | Recipe,
+    *,
+    config_dir: str | Path | None = None,
+    origin: str = "config",
+    strict: bool = False,
+) -> Recipe:
     """Parse a recipe from a YAML path, a mapping, a MergeConfig or a Recipe (returned as it is); a
     mapping's relative paths are read from `config_dir` (default: the working folder), and its errors
     name `origin`. Keys mergekit would ignore are named in RecipeWarnings (errors with `strict`)."""
@@ -235,8 +253,10 @@ def load_recipe(source: str | Path | dict | MergeConfig | Recipe, *, config_dir:
         path = Path(source)
         data, origin, config_dir = read_yaml_mapping(path), str(path), path.parent.resolve()
     if "modules" in data:
-        raise MergewiseError(f"{origin}: modules: recipes of one merge per module are not supported yet; "
-                             "write the merge with models: or slices:")
+        raise MergewiseError(
+            f"{origin}: modules: recipes of one merge per module are not supported yet; "
+            "write the merge with models: or slices:"
+        )
     blocks = {}
     for name in stages.BLOCKS:
         if name not in data:
@@ -259,11 +279,15 @@ def ignored_key_messages(config: MergeConfig, known_top_level: tuple[str, ...]) 
     for location, key, value, node in _ignored_keys(config):
         where = f"{location}.{key}" if location else key
         if location == "" and method is not None and key in method.parameters:
-            messages.append(f"{key}: a parameter of {method.name} written at the top level is ignored, as mergekit "
-                            "ignores it; put it under parameters: to apply it")
+            messages.append(
+                f"{key}: a parameter of {method.name} written at the top level is ignored, as mergekit "
+                "ignores it; put it under parameters: to apply it"
+            )
         elif key == "revision" and isinstance(node, ModelEntry) and f"@{value}" in node.model:
-            messages.append(f"{where}: read as the model's revision ({node.model}); mergekit ignores it and reads "
-                            "the model's default revision")
+            messages.append(
+                f"{where}: read as the model's revision ({node.model}); mergekit ignores it and reads "
+                "the model's default revision"
+            )
         else:
             known = known_top_level if location == "" else tuple(type(node).model_fields)
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
@@ -273,8 +297,10 @@ def ignored_key_messages(config: MergeConfig, known_top_level: tuple[str, ...]) 
 
 
 # Why a recipe often holds a key that mergekit does not read.
-_KEY_NOTES = {"name": " (it names one stage of a multi-stage recipe)",
-              "layer_range": " (a layer range applies to slices: sources only)"}
+_KEY_NOTES = {
+    "name": " (it names one stage of a multi-stage recipe)",
+    "layer_range": " (a layer range applies to slices: sources only)",
+}
 
 
 def _ignored_keys(node: Any, location: str = "") -> Iterator[tuple[str, str, Any, "MergekitSchema"]]:
@@ -297,8 +323,10 @@ def read_yaml_mapping(path: Path) -> dict:
     if not path.is_file():
         raise MergewiseError(f"config file not found: {path}")
     if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise MergewiseError(f"{path}: {path.stat().st_size} bytes; a recipe over {MAX_RECIPE_BYTES} bytes is refused "
-                             "(YAML that large is not a recipe, and parsing it takes minutes)")
+        raise MergewiseError(
+            f"{path}: {path.stat().st_size} bytes; a recipe over {MAX_RECIPE_BYTES} bytes is refused "
+            "(YAML that large is not a recipe, and parsing it takes minutes)"
+        )
     data = read_yaml(path, "recipe", max_bytes=MAX_RECIPE_BYTES)
     if not isinstance(data, dict):
         raise MergewiseError(f"{path}: expected a mapping with merge_method and models/slices")

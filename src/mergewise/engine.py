@@ -70,8 +70,7 @@ class MergeResult:
         return str(self.out_dir)
 
 
-def run_merge(recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: str | Path,
-              **options) -> MergeResult:
+def run_merge(recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: str | Path, **options) -> MergeResult:
     """Merge the models a recipe describes into the Hugging Face folder `out_dir`, running the stages
     of its blocks (`aim:`, `mediator:`) inside the same streaming pass."""
     options = MergeOptions(**options)
@@ -79,17 +78,25 @@ def run_merge(recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: 
     return execute_plan(plan, out_dir, options, stages=recipe_stages(recipe), recipe=recipe)
 
 
-def plan_recipe(recipe_source: str | Path | dict | MergeConfig | Recipe, *, strict: bool = False,
-                allow_pickle: bool = False) -> tuple[Recipe, MergePlan]:
+def plan_recipe(
+    recipe_source: str | Path | dict | MergeConfig | Recipe, *, strict: bool = False, allow_pickle: bool = False
+) -> tuple[Recipe, MergePlan]:
     """A recipe and its plan, from headers alone: every error a recipe can hold but a bad tensor."""
     recipe = load_recipe(recipe_source, strict=strict)
-    plan = build_plan(recipe.config, recipe.config_dir, allow_pickle=allow_pickle, base_model=recipe.base_model,
-                      strict=strict)
+    plan = build_plan(
+        recipe.config, recipe.config_dir, allow_pickle=allow_pickle, base_model=recipe.base_model, strict=strict
+    )
     return recipe, plan
 
 
-def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *, stages: Sequence[Stage] = (),
-                 recipe: Recipe | None = None) -> MergeResult:
+def execute_plan(
+    plan: MergePlan,
+    out_dir: str | Path,
+    options: MergeOptions,
+    *,
+    stages: Sequence[Stage] = (),
+    recipe: Recipe | None = None,
+) -> MergeResult:
     """Merge `plan` into `out_dir` with the stages of the recipe's blocks. Torch's thread count is the
     caller's, unless `options.threads` sets it for the merge (torch has one count per process, so two
     merges running at once in one process should leave it to their caller)."""
@@ -97,14 +104,18 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
         raise MergewiseError(f"--threads: must be at least 1, got {options.threads}")
     out_dir = Path(out_dir).expanduser().resolve()
     protected = [Path(recipe.origin)] if recipe is not None and Path(recipe.origin).is_file() else []
-    inputs = [*(folder for model in plan.models for folder in model.folders),
-              *(path.resolve() for stage in stages for path in stage.inputs())]
+    inputs = [
+        *(folder for model in plan.models for folder in model.folders),
+        *(path.resolve() for stage in stages for path in stage.inputs()),
+    ]
     check_output_location(out_dir, inputs, options.overwrite, protected)
     device = resolve_device(options.device)
     shard_size = parse_size(options.shard_size)
-    chat_template = (resolve_chat_template(plan.config.chat_template, [model.path for model in plan.models],
-                                           strict=options.strict)
-                     if plan.config.chat_template else None)
+    chat_template = (
+        resolve_chat_template(plan.config.chat_template, [model.path for model in plan.models], strict=options.strict)
+        if plan.config.chat_template
+        else None
+    )
     if chat_template is not None and plan.vocabulary is None:
         read_tokenizer_config(plan.tokenizer_source.path)  # the template goes into its copy
     _check_stages(plan, options, stages)
@@ -113,18 +124,26 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     try:
-        with (staged_folder(out_dir, options.overwrite, fingerprint if options.resume else None) as staging,
-              ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader,
-              ThreadPoolExecutor(1, thread_name_prefix="mergewise-write") as write_thread):
+        with (
+            staged_folder(out_dir, options.overwrite, fingerprint if options.resume else None) as staging,
+            ThreadPoolExecutor(1, thread_name_prefix="mergewise-read") as reader,
+            ThreadPoolExecutor(1, thread_name_prefix="mergewise-write") as write_thread,
+        ):
             recorded = Journal.resumed(staging) if options.resume else None
             seed, finished = _resumed_seed(options, recorded)
             context = StageContext(plan, device, staging, shard_size, options.quiet, options.chunk_elements)
             for stage in stages:
                 stage.on_plan(context)
-            _merge_tensors(plan, staging, options, stages, seed, device, shard_size, reader, write_thread,
-                           fingerprint, finished)
-            write_model_config(staging, plan.reference.config, _config_dtype(plan), plan.source_layers,
-                               plan.vocabulary.rows if plan.vocabulary is not None else None)
+            _merge_tensors(
+                plan, staging, options, stages, seed, device, shard_size, reader, write_thread, fingerprint, finished
+            )
+            write_model_config(
+                staging,
+                plan.reference.config,
+                _config_dtype(plan),
+                plan.source_layers,
+                plan.vocabulary.rows if plan.vocabulary is not None else None,
+            )
             if plan.vocabulary is None:
                 copy_tokenizer(plan.tokenizer_source.path, staging)
             else:
@@ -147,14 +166,17 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, options: MergeOptions, *,
 
 def _check_stages(plan: MergePlan, options: MergeOptions, stages: Sequence[Stage]) -> None:
     """Refuse what a recipe block's spec says its stage does not support."""
-    reindexed = any(source.vocabulary is not None for job in plan.jobs for source in (*job.inputs, job.base)
-                    if source is not None)
+    reindexed = any(
+        source.vocabulary is not None for job in plan.jobs for source in (*job.inputs, job.base) if source is not None
+    )
     refusing = [stage.name for stage in stages if not block_spec(stage.name).reindexed_vocabulary]
     if reindexed and refusing:
         names = ", ".join(f"{name}:" for name in refusing)
-        raise MergewiseError(f"tokenizer: re-indexing embedding rows into a new vocabulary cannot be combined with "
-                             f"{names} yet (its stage reads the inputs' rows as stored); merge models of one "
-                             "vocabulary, or leave out tokenizer_source / tokenizer")
+        raise MergewiseError(
+            f"tokenizer: re-indexing embedding rows into a new vocabulary cannot be combined with "
+            f"{names} yet (its stage reads the inputs' rows as stored); merge models of one "
+            "vocabulary, or leave out tokenizer_source / tokenizer"
+        )
     unresumable = [stage.name for stage in stages if not block_spec(stage.name).resumable]
     if options.resume and unresumable:
         names = ", ".join(f"{name}:" for name in unresumable)
@@ -182,11 +204,22 @@ def _planned_tensors(plan: MergePlan) -> list[PlannedTensor]:
     return [PlannedTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs]
 
 
-def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages: Sequence[Stage], seed: int,
-                   device: torch.device, shard_size: int, reader: ThreadPoolExecutor, write_thread: ThreadPoolExecutor,
-                   fingerprint: str, finished: dict[str, str]) -> None:
-    writer = StreamingShardWriter(staging, _planned_tensors(plan), shard_size, metadata={"merged_by": "mergewise"},
-                                  keep=frozenset(finished))
+def _merge_tensors(
+    plan: MergePlan,
+    staging: Path,
+    options: MergeOptions,
+    stages: Sequence[Stage],
+    seed: int,
+    device: torch.device,
+    shard_size: int,
+    reader: ThreadPoolExecutor,
+    write_thread: ThreadPoolExecutor,
+    fingerprint: str,
+    finished: dict[str, str],
+) -> None:
+    writer = StreamingShardWriter(
+        staging, _planned_tensors(plan), shard_size, metadata={"merged_by": "mergewise"}, keep=frozenset(finished)
+    )
     journal = Journal(staging, fingerprint, seed, writer.shards, finished)
     jobs = [job for job in plan.jobs if writer.weight_map[job.name] not in finished]
     total = sum(math.prod(job.shape) for job in plan.jobs)
@@ -197,9 +230,12 @@ def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages
     executor = _JobExecutor(plan, device, seed, reader, stages, compile_kernels, fused, options)
     try:
         background = _BackgroundWrites(writer, write_thread)
-        with (tqdm(total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})",
-                   disable=options.quiet) as progress,
-              ThreadPoolExecutor(1, thread_name_prefix="mergewise-prepare") as preparing):
+        with (
+            tqdm(
+                total=total, unit="param", unit_scale=True, desc=f"merge ({plan.method.name})", disable=options.quiet
+            ) as progress,
+            ThreadPoolExecutor(1, thread_name_prefix="mergewise-prepare") as preparing,
+        ):
             progress.update(total - sum(math.prod(job.shape) for job in jobs))  # finished before a resume
             for job, statistics in _prepared_ahead(jobs, lambda job: executor.prepare(job, preparing)):
                 progress.set_postfix_str(job.name, refresh=False)
@@ -212,8 +248,9 @@ def _merge_tensors(plan: MergePlan, staging: Path, options: MergeOptions, stages
         executor.close()
 
 
-def _prepared_ahead(jobs: list[TensorJob], prepare: Callable[[TensorJob], Future | None],
-                    ahead_elements: int = PREPARED_AHEAD_ELEMENTS) -> Iterator[tuple[TensorJob, Future | None]]:
+def _prepared_ahead(
+    jobs: list[TensorJob], prepare: Callable[[TensorJob], Future | None], ahead_elements: int = PREPARED_AHEAD_ELEMENTS
+) -> Iterator[tuple[TensorJob, Future | None]]:
     """Each job with its whole-tensor statistics, asked for ahead: while one tensor merges, those of
     the tensors after it are gathered, up to `ahead_elements` of them (a selection queues behind the
     ones before it, so a single small tensor ahead would leave workers idle behind a large one)."""
@@ -268,8 +305,17 @@ class _BackgroundWrites:
 class _JobExecutor:
     """Runs one TensorJob at a time, reading its row chunks one step ahead of the arithmetic."""
 
-    def __init__(self, plan: MergePlan, device: torch.device, seed: int, reader: ThreadPoolExecutor,
-                 stages: Sequence[Stage], compile_kernels: bool, fused: Callable | None, options: MergeOptions):
+    def __init__(
+        self,
+        plan: MergePlan,
+        device: torch.device,
+        seed: int,
+        reader: ThreadPoolExecutor,
+        stages: Sequence[Stage],
+        compile_kernels: bool,
+        fused: Callable | None,
+        options: MergeOptions,
+    ):
         self.plan = plan
         self.strict = options.strict
         self.chunk_elements = options.chunk_elements
@@ -282,8 +328,9 @@ class _JobExecutor:
         self.workspace: dict[str, Any] = {}  # methods' scratch memory, kept from tensor to tensor
         self.fused = fused
         # Random methods draw from explicit generators, which compiled graphs do not take.
-        self.compiled = (_compiled(self.method.merge_rows)
-                         if compile_kernels and not self.method.uses_randomness else None)
+        self.compiled = (
+            _compiled(self.method.merge_rows) if compile_kernels and not self.method.uses_randomness else None
+        )
 
     def close(self) -> None:
         """Release what the methods kept in the workspace (worker threads, scratch memory)."""
@@ -332,8 +379,9 @@ class _JobExecutor:
         some, so a clean merge pays one pass over its output)."""
         sources = [*([job.base] if job.base is not None else []), *job.inputs]
         tensors = [*([rows.base] if rows.base is not None else []), *rows.inputs]
-        culprits = [source.model.label for source, tensor in zip(sources, tensors)
-                    if not bool(torch.isfinite(tensor).all())]
+        culprits = [
+            source.model.label for source, tensor in zip(sources, tensors) if not bool(torch.isfinite(tensor).all())
+        ]
         cause = f"NaN or infinity in {', '.join(culprits)}" if culprits else "the arithmetic overflowed"
         message = f"tensor {job.name}: the merged values hold NaN or infinity ({cause})"
         if self.strict:
@@ -353,8 +401,11 @@ class _JobExecutor:
             except ValueError:
                 raise
             except Exception as error:  # no C++ compiler, unsupported platform, …: stay correct
-                warnings.warn(f"torch.compile unavailable ({type(error).__name__}); merging without it",
-                              CompileFallbackWarning, stacklevel=2)
+                warnings.warn(
+                    f"torch.compile unavailable ({type(error).__name__}); merging without it",
+                    CompileFallbackWarning,
+                    stacklevel=2,
+                )
                 self.compiled = None
         return self.method.merge(rows, params)
 
@@ -370,16 +421,18 @@ class _JobExecutor:
         pending: Future | None = None
         for index, rows in enumerate(ranges):
             current = pending or self.reader.submit(self._read, job, rows, chosen)
-            pending = self.reader.submit(self._read, job, ranges[index + 1], chosen) \
-                if index + 1 < len(ranges) else None
+            pending = (
+                self.reader.submit(self._read, job, ranges[index + 1], chosen) if index + 1 < len(ranges) else None
+            )
             yield current.result()
 
     def _read(self, job: TensorJob, rows: slice, chosen) -> TensorRows:
         base = self._load(job.base, rows) if job.base is not None else None
         inputs = [self._load(job.inputs[index], rows) for index in chosen]
         first_row = rows.start or 0
-        return TensorRows(base, inputs, first_row, rng=lambda index: chunk_generator(self.seed, job.name, index,
-                                                                                     first_row))
+        return TensorRows(
+            base, inputs, first_row, rng=lambda index: chunk_generator(self.seed, job.name, index, first_row)
+        )
 
     def _load(self, source, rows) -> torch.Tensor:
         """Rows in the working dtype: the recipe's `dtype`, else as stored (mergekit's rule); each

@@ -44,8 +44,10 @@ def hidden_state_index(layer: int, num_layers: int, where: str) -> int:
     (negative ones count from the end); one error naming `where` if there is no such state."""
     count = num_layers + 1
     if not -count <= layer < count:
-        raise MergewiseError(f"{where}: hidden state {layer} does not exist; a model of {num_layers} decoder layers "
-                             f"has {-count}..{count - 1}")
+        raise MergewiseError(
+            f"{where}: hidden state {layer} does not exist; a model of {num_layers} decoder layers "
+            f"has {-count}..{count - 1}"
+        )
     return layer % count
 
 
@@ -60,16 +62,27 @@ class LayerwiseModel:
     i the input of decoder layer i, `num_layers` the final norm's output. Forward hooks registered
     on the modules of `model` see each module's real inputs while it runs."""
 
-    def __init__(self, folder: ModelFolder, config: PretrainedConfig, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device = torch.device("cpu"), trust_remote_code: bool = False):
+    def __init__(
+        self,
+        folder: ModelFolder,
+        config: PretrainedConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device = torch.device("cpu"),
+        trust_remote_code: bool = False,
+    ):
         if config.get_text_config() is not config:
-            raise MergewiseError(f"{folder.path}: a multimodal model (its language model is its config's "
-                                 f"{type(config.get_text_config()).__name__}) cannot be run layer by layer; "
-                                 "use the in-memory pass")
+            raise MergewiseError(
+                f"{folder.path}: a multimodal model (its language model is its config's "
+                f"{type(config.get_text_config()).__name__}) cannot be run layer by layer; "
+                "use the in-memory pass"
+            )
         if len(set(getattr(config, "layer_types", None) or [None])) > 1:
-            raise MergewiseError(f"{folder.path}: layers of different attention types "
-                                 f"({sorted(set(config.layer_types))}) cannot be run layer by layer; "
-                                 "use the in-memory pass")
+            raise MergewiseError(
+                f"{folder.path}: layers of different attention types "
+                f"({sorted(set(config.layer_types))}) cannot be run layer by layer; "
+                "use the in-memory pass"
+            )
         if not dtype.is_floating_point:
             raise MergewiseError(f"dtype {dtype}: expected a floating-point dtype")
         self.folder = folder
@@ -86,9 +99,15 @@ class LayerwiseModel:
         return hidden_state_index(layer, self.num_layers, str(self.folder.path))
 
     @torch.inference_mode()
-    def run(self, batches: Sequence[Batch], *, through: int = -1,
-            observe: Callable[[int, list[torch.Tensor]], None] | None = None, desc: str = "layers",
-            quiet: bool = False) -> list[torch.Tensor]:
+    def run(
+        self,
+        batches: Sequence[Batch],
+        *,
+        through: int = -1,
+        observe: Callable[[int, list[torch.Tensor]], None] | None = None,
+        desc: str = "layers",
+        quiet: bool = False,
+    ) -> list[torch.Tensor]:
         """Each batch's hidden states number `through`; `observe(number, states)` sees every number
         up to it. Only the layers (and the final norm) that `through` needs are loaded, and each
         batch's states are replaced as it leaves a layer, so one depth's states are held at a time."""
@@ -115,14 +134,20 @@ class LayerwiseModel:
         """The one module with parameters between the decoder layers and the head (the final norm);
         every other module outside the layers must be an embedding (the stem)."""
         inside_layers = {id(module) for module in self.layers.modules()}
-        tail = [module for module in self.model.modules()
-                if any(parameter is not None for parameter in module._parameters.values())
-                and id(module) not in inside_layers and module is not self.head
-                and not isinstance(module, nn.Embedding)]
+        tail = [
+            module
+            for module in self.model.modules()
+            if any(parameter is not None for parameter in module._parameters.values())
+            and id(module) not in inside_layers
+            and module is not self.head
+            and not isinstance(module, nn.Embedding)
+        ]
         if len(tail) > 1:
-            raise MergewiseError(f"{self.folder.path}: more than one module besides the embeddings lies outside "
-                                 "the decoder layers and the head; it cannot be run layer by layer, "
-                                 "use the in-memory pass")
+            raise MergewiseError(
+                f"{self.folder.path}: more than one module besides the embeddings lies outside "
+                "the decoder layers and the head; it cannot be run layer by layer, "
+                "use the in-memory pass"
+            )
         return tail[0] if tail else None
 
     def _first_layer_inputs(self, batches: Sequence[Batch]):
@@ -137,8 +162,10 @@ class LayerwiseModel:
             layer_kwargs.append(kwargs)
             raise _StopForward
 
-        not_stem = (f"{self.layers_name}.", *(f"{_module_name(self.model, module)}."
-                                             for module in (self.head, self.tail) if module is not None))
+        not_stem = (
+            f"{self.layers_name}.",
+            *(f"{_module_name(self.model, module)}." for module in (self.head, self.tail) if module is not None),
+        )
         # first of the layer's hooks: the caller's see the layer only when it really runs
         handle = self.layers[0].register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
         try:
@@ -161,13 +188,18 @@ class LayerwiseModel:
         come in one read, into one buffer that goes back to the system as a whole afterwards: one
         allocation per tensor left holes in the heap that grew it layer after layer."""
         try:
-            wanted = [(name, parameter, self._stored_name(f"{prefix}.{name}" if prefix else name))
-                      for name, parameter in module.named_parameters() if not name.startswith(skip)]
+            wanted = [
+                (name, parameter, self._stored_name(f"{prefix}.{name}" if prefix else name))
+                for name, parameter in module.named_parameters()
+                if not name.startswith(skip)
+            ]
             stored = self.folder.read_together([stored_name for _, _, stored_name in wanted])
             for (name, parameter, stored_name), tensor in zip(wanted, stored):
                 if tensor.shape != parameter.shape:
-                    raise MergewiseError(f"{self.folder.path}: tensor {stored_name} has shape "
-                                         f"{list(tensor.shape)}, the model expects {list(parameter.shape)}")
+                    raise MergewiseError(
+                        f"{self.folder.path}: tensor {stored_name} has shape "
+                        f"{list(tensor.shape)}, the model expects {list(parameter.shape)}"
+                    )
                 dtype = parameter.dtype if tensor.is_floating_point() else tensor.dtype
                 _set_parameter(module, name, tensor.to(self.device, dtype))
             yield
@@ -184,11 +216,19 @@ class LayerwiseModel:
         return found
 
 
-def pooled_hidden_states(folder: str | Path | ModelFolder, prompt_ids: list[list[int]],
-                         layer: int | Sequence[int] = -1, *,
-                         dtype: torch.dtype | None = None, device: str = "cpu", batch_size: int = 8, pad_id: int = 0,
-                         max_tokens: int | None = None, quiet: bool = False,
-                         trust_remote_code: bool = False) -> torch.Tensor:
+def pooled_hidden_states(
+    folder: str | Path | ModelFolder,
+    prompt_ids: list[list[int]],
+    layer: int | Sequence[int] = -1,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    batch_size: int = 8,
+    pad_id: int = 0,
+    max_tokens: int | None = None,
+    quiet: bool = False,
+    trust_remote_code: bool = False,
+) -> torch.Tensor:
     """Float32 [prompts, hidden]: each prompt's hidden state number `layer` (as in transformers'
     `output_hidden_states`; -1 is the final norm's output) averaged over its tokens, with only its
     last `max_tokens` ids if given; for several numbers, their averages side by side in that order
@@ -208,10 +248,15 @@ def pooled_hidden_states(folder: str | Path | ModelFolder, prompt_ids: list[list
         config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise MergewiseError(f"{folder.path}: cannot load its config ({str(error).splitlines()[0]})") from None
-    runner = LayerwiseModel(folder, config, dtype=dtype or stored_dtype(folder), device=resolve_device(device),
-                            trust_remote_code=trust_remote_code)
+    runner = LayerwiseModel(
+        folder,
+        config,
+        dtype=dtype or stored_dtype(folder),
+        device=resolve_device(device),
+        trust_remote_code=trust_remote_code,
+    )
     kept = [list(ids)[-max_tokens:] if max_tokens else list(ids) for ids in prompt_ids]
-    batches = [right_padded(kept[start:start + batch_size], pad_id) for start in range(0, len(kept), batch_size)]
+    batches = [right_padded(kept[start : start + batch_size], pad_id) for start in range(0, len(kept), batch_size)]
     wanted = [runner.hidden_state_index(number) for number in ([layer] if isinstance(layer, int) else layer)]
     if not wanted:
         raise MergewiseError("no hidden state number given")
@@ -262,9 +307,14 @@ def fast_half_matmuls(model: nn.Module, device: torch.device) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
-    linears = [module for module in model.modules()
-               if type(module) is nn.Linear and module.weight.dtype in HALF_DTYPES
-               and not native_half_matmuls(module.weight.dtype) and "forward" not in vars(module)]
+    linears = [
+        module
+        for module in model.modules()
+        if type(module) is nn.Linear
+        and module.weight.dtype in HALF_DTYPES
+        and not native_half_matmuls(module.weight.dtype)
+        and "forward" not in vars(module)
+    ]
     for module in linears:
         module.forward = functools.partial(_float32_linear, module)  # type: ignore[method-assign]  # undone below
     try:
@@ -321,13 +371,14 @@ def right_padded(prompts: list[list[int]], pad_id: int) -> Batch:
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, ids in enumerate(prompts):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[row, :len(ids)] = 1
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, : len(ids)] = 1
     return Batch(input_ids, mask)
 
 
-def _model_skeleton(config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
-                    trust_remote_code: bool) -> PreTrainedModel:
+def _model_skeleton(
+    config: PretrainedConfig, dtype: torch.dtype, device: torch.device, trust_remote_code: bool
+) -> PreTrainedModel:
     """The model with its parameters on the meta device (no memory: the layers are loaded one at a
     time) and its buffers on `device`. Buffers (rotary frequencies, embedding scales) are computed,
     not stored in checkpoints: the model's own initialisation fills them, as in `from_pretrained`."""
@@ -345,8 +396,10 @@ def _decoder_layers(model: nn.Module, depth: int, folder: ModelFolder) -> tuple[
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             return name, module
-    raise MergewiseError(f"{folder.path}: no list of {depth} decoder layers found; it cannot be run layer "
-                         "by layer, use the in-memory pass")
+    raise MergewiseError(
+        f"{folder.path}: no list of {depth} decoder layers found; it cannot be run layer "
+        "by layer, use the in-memory pass"
+    )
 
 
 def _hidden(output) -> torch.Tensor:

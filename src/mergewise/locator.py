@@ -36,8 +36,11 @@ class ModelLocator:
             else:
                 location = (self._locate(reference, key), None)
             if location not in self._folders:
-                folder = (AdaptedFolder(*location, allow_pickle=self.allow_pickle) if location[1] is not None
-                          else ModelFolder(location[0], allow_pickle=self.allow_pickle))
+                folder = (
+                    AdaptedFolder(*location, allow_pickle=self.allow_pickle)
+                    if location[1] is not None
+                    else ModelFolder(location[0], allow_pickle=self.allow_pickle)
+                )
                 folder.reference = reference
                 self._folders[location] = folder
             self._models[reference] = self._folders[location]
@@ -57,13 +60,17 @@ class ModelLocator:
                 return candidate.resolve()
         path, at, revision = reference.rpartition("@")
         if at and self._exists(path):
-            tolerated(f"{key}: {path} is a local folder; its revision {revision!r} is ignored, as mergekit ignores "
-                      "it", strict=self.strict)
+            tolerated(
+                f"{key}: {path} is a local folder; its revision {revision!r} is ignored, as mergekit ignores it",
+                strict=self.strict,
+            )
             return self._locate(path, key, files)
         if is_hub_id(reference):
             return hub_snapshot(reference, key, files, allow_pickle=self.allow_pickle)
-        raise MergewiseError(f"{key}: model folder not found: {reference} (a local folder, or a Hub id "
-                             "such as org/name or org/name@revision)")
+        raise MergewiseError(
+            f"{key}: model folder not found: {reference} (a local folder, or a Hub id "
+            "such as org/name or org/name@revision)"
+        )
 
 
 def folder_candidates(reference: str, config_dir: Path) -> list[Path]:
@@ -74,6 +81,7 @@ def folder_candidates(reference: str, config_dir: Path) -> list[Path]:
 
 def is_remote(reference: str, config_dir: Path) -> bool:
     """Whether a merge would download a model reference (or the adapter of `model+adapter`) from the Hub."""
+
     def local(name: str) -> bool:
         return any(candidate.is_dir() for candidate in folder_candidates(name, config_dir))
 

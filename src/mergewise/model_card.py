@@ -18,12 +18,14 @@ def write_model_card(folder: Path, title: str, plan: MergePlan, recipe_record: d
     method = plan.method
     listed = "\n".join(f"- `{model}`" for model in models)
     base = f" with `{plan.config.base_model}` as the base" if plan.config.base_model else ""
-    card = (f"---\n{yaml.safe_dump(front_matter, sort_keys=False)}---\n\n"
-            f"# {title}\n\n"
-            f"A merge of pre-trained language models made with mergewise, by `{method.name}` "
-            f"({method.description}){base}.\n\n"
-            f"## Models merged\n\n{listed}\n\n"
-            f"## Recipe\n\n{fenced(yaml.safe_dump(recipe_record, sort_keys=False), 'yaml')}")
+    card = (
+        f"---\n{yaml.safe_dump(front_matter, sort_keys=False)}---\n\n"
+        f"# {title}\n\n"
+        f"A merge of pre-trained language models made with mergewise, by `{method.name}` "
+        f"({method.description}){base}.\n\n"
+        f"## Models merged\n\n{listed}\n\n"
+        f"## Recipe\n\n{fenced(yaml.safe_dump(recipe_record, sort_keys=False), 'yaml')}"
+    )
     write_text(folder / "README.md", card)
 
 

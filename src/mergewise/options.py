@@ -27,20 +27,35 @@ class MergeOptions:
     # None: torch's thread count as the caller set it (the command line gives all cores)
     threads: int | None = field(default=None, metadata=_flag("CPU threads (default: all cores)", int))
     shard_size: str | int = field(default="5GB", metadata=_flag("largest output shard, e.g. 5GB or 500MB"))
-    allow_pickle: bool = field(default=False, metadata=_flag(
-        "accept pytorch_model*.bin inputs (loaded with weights_only=True)", bool))
+    allow_pickle: bool = field(
+        default=False, metadata=_flag("accept pytorch_model*.bin inputs (loaded with weights_only=True)", bool)
+    )
     overwrite: bool = field(default=False, metadata=_flag("replace OUT_DIR if it exists", bool))
     seed: int | None = field(default=None, metadata=_flag("seed of random methods (DARE, DELLA)", int))
     quiet: bool = field(default=False, metadata=_flag("no progress bar", bool))
-    compile: bool | None = field(default=None, metadata=_flag(  # None: only for big models
-        "fuse the arithmetic with torch.compile (default: only for models of 2B+ parameters)", bool))
-    model_card: bool = field(default=True, metadata=_flag(
-        "do not write README.md (a model card with Hub metadata and the recipe)", bool))
-    resume: bool = field(default=False, metadata=_flag(  # build on the staged output of a killed merge
-        "continue a killed merge into OUT_DIR: keep its finished shards, compute the rest", bool))
-    strict: bool = field(default=False, metadata=_flag(
-        "NaN or infinity in a merged tensor, and recipe keys mergekit ignores, are errors (default: a warning "
-        "naming each)", bool))
+    compile: bool | None = field(
+        default=None,
+        metadata=_flag(  # None: only for big models
+            "fuse the arithmetic with torch.compile (default: only for models of 2B+ parameters)", bool
+        ),
+    )
+    model_card: bool = field(
+        default=True, metadata=_flag("do not write README.md (a model card with Hub metadata and the recipe)", bool)
+    )
+    resume: bool = field(
+        default=False,
+        metadata=_flag(  # build on the staged output of a killed merge
+            "continue a killed merge into OUT_DIR: keep its finished shards, compute the rest", bool
+        ),
+    )
+    strict: bool = field(
+        default=False,
+        metadata=_flag(
+            "NaN or infinity in a merged tensor, and recipe keys mergekit ignores, are errors (default: a warning "
+            "naming each)",
+            bool,
+        ),
+    )
     chunk_elements: int = CHUNK_ELEMENTS  # elements of a row chunk (every input's, every stage's)
     compile_min_elements: int = COMPILE_MIN_ELEMENTS  # the smallest row chunk that runs compiled
 

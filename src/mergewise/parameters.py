@@ -38,14 +38,15 @@ class ParameterResolver:
                 if name not in self.schema:
                     close = difflib.get_close_matches(name, list(self.schema), n=1, cutoff=0.75)
                     hint = f"did you mean {close[0]}? " if close else ""
-                    tolerated(f"{key}.{name}: unknown parameter for merge_method {self.method.name}, ignored, as "
-                              f"mergekit ignores it ({hint}it takes: {', '.join(self.schema) or 'none'})",
-                              strict=self.strict)
+                    tolerated(
+                        f"{key}.{name}: unknown parameter for merge_method {self.method.name}, ignored, as "
+                        f"mergekit ignores it ({hint}it takes: {', '.join(self.schema) or 'none'})",
+                        strict=self.strict,
+                    )
                     if close:
                         self._misspelled.setdefault(close[0], f"{key}.{name}")
 
-    def resolve(self, parameter: Parameter, scopes: list[dict | None], tensor: str, t: float,
-                 where: str) -> Any:
+    def resolve(self, parameter: Parameter, scopes: list[dict | None], tensor: str, t: float, where: str) -> Any:
         for settings in scopes:
             if settings and parameter.name in settings:
                 value = _evaluate(settings[parameter.name], tensor, t)
@@ -60,8 +61,9 @@ class ParameterResolver:
             raise MergewiseError(f"missing required parameter {parameter.name} for {where}{hint}")
         return parameter.default
 
-    def job_parameters(self, sources, shared_scopes: list[dict | None], name: str,
-                       t: float) -> tuple[dict[str, Any], dict[str, tuple]]:
+    def job_parameters(
+        self, sources, shared_scopes: list[dict | None], name: str, t: float
+    ) -> tuple[dict[str, Any], dict[str, tuple]]:
         """The shared and the per-model parameters of output tensor `name` at depth `t`, `sources` being
         its (model, tensor, the model's own parameters) in input order."""
         shared, per_model = {}, {}
@@ -69,7 +71,8 @@ class ParameterResolver:
             if parameter.per_model:
                 per_model[parameter.name] = tuple(
                     self.resolve(parameter, [params, *shared_scopes], tensor, t, f"{model.path.name}:{tensor}")
-                    for model, tensor, params in sources)
+                    for model, tensor, params in sources
+                )
             else:
                 shared[parameter.name] = self.resolve(parameter, shared_scopes, name, t, name)
         return shared, per_model

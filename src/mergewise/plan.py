@@ -76,7 +76,7 @@ class MergePlan:
     method: MergeMethod
     jobs: list[TensorJob]
     models: list[ModelFolder]
-    reference: ModelFolder           # source of config.json
+    reference: ModelFolder  # source of config.json
     tokenizer_source: ModelFolder
     compute_dtype: torch.dtype | None
     source_layers: list[int] | None = None  # for slices: the reference layer behind each output layer
@@ -103,8 +103,15 @@ class Planner:
     """Builds a MergePlan; one instance per merge. Where the models are is its `locator`'s business,
     the parameter values its `parameters`'; the planner pairs output tensors with their inputs."""
 
-    def __init__(self, config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False,
-                 base_model: str | None = None, strict: bool = False):
+    def __init__(
+        self,
+        config: MergeConfig,
+        config_dir: Path,
+        *,
+        allow_pickle: bool = False,
+        base_model: str | None = None,
+        strict: bool = False,
+    ):
         self.config = config
         self.strict = strict
         self.base_model = base_model or config.base_model
@@ -123,14 +130,31 @@ class Planner:
         tokenizer = self._tokenizer_source(reference)
         base_model = self.locator.model(self.base_model, "base_model") if self.base_model else None
         vocabulary = self.vocabulary if self.config.tokenizer_settings is not None else None
-        narrower = {str(job.out_dtype).removeprefix("torch.") for job in jobs
-                    if job.out_dtype.is_floating_point and job.out_dtype != torch.float32}
+        narrower = {
+            str(job.out_dtype).removeprefix("torch.")
+            for job in jobs
+            if job.out_dtype.is_floating_point and job.out_dtype != torch.float32
+        }
         if self.method.mergekit_writes_float32 and narrower:
-            warnings.warn(f"merge_method {self.method.name}: written in {', '.join(sorted(narrower))} as the recipe "
-                          "asks; mergekit 0.1.5 writes this method's tensors in float32 whatever the dtype "
-                          "(out_dtype: float32 gives its files)", RecipeWarning, stacklevel=2)
-        return MergePlan(self.config, self.method, jobs, self.locator.folders, reference, tokenizer,
-                         self.compute_dtype, source_layers, base_model=base_model, vocabulary=vocabulary)
+            warnings.warn(
+                f"merge_method {self.method.name}: written in {', '.join(sorted(narrower))} as the recipe "
+                "asks; mergekit 0.1.5 writes this method's tensors in float32 whatever the dtype "
+                "(out_dtype: float32 gives its files)",
+                RecipeWarning,
+                stacklevel=2,
+            )
+        return MergePlan(
+            self.config,
+            self.method,
+            jobs,
+            self.locator.folders,
+            reference,
+            tokenizer,
+            self.compute_dtype,
+            source_layers,
+            base_model=base_model,
+            vocabulary=vocabulary,
+        )
 
     def _tokenizer_source(self, reference: ModelFolder) -> ModelFolder:
         settings = self.config.tokenizer_settings
@@ -152,8 +176,9 @@ class Planner:
         source = settings.source
         if source not in ("base", "union"):
             source = self.locator.model(source, self._tokenizer_key)
-        return build_vocabulary(source, models[0], models, list(self._token_rules), settings.pad_to_multiple_of,
-                                self._tokenizer_key)
+        return build_vocabulary(
+            source, models[0], models, list(self._token_rules), settings.pad_to_multiple_of, self._tokenizer_key
+        )
 
     @cached_property
     def _token_rules(self) -> dict[str, TokenRule]:
@@ -165,8 +190,13 @@ class Planner:
             if isinstance(source, ZeroEmbedding):
                 rules[token] = TokenRule(key, zero=True, force=entry.force)
             elif isinstance(source, ModelTokenEmbedding):
-                rules[token] = TokenRule(key, self._recipe_model(source.model, f"{key}.model"), token=source.token,
-                                         token_id=source.token_id, force=entry.force)
+                rules[token] = TokenRule(
+                    key,
+                    self._recipe_model(source.model, f"{key}.model"),
+                    token=source.token,
+                    token_id=source.token_id,
+                    force=entry.force,
+                )
             else:
                 model = self._recipe_model(source, key) if source is not None else None
                 rules[token] = TokenRule(key, model, force=entry.force)
@@ -181,27 +211,34 @@ class Planner:
                 return self.locator.model(path, "model")
         raise MergewiseError(f"{key}: {reference} is not one of the recipe's models ({', '.join(paths)})")
 
-    def _aligned_rows(self, name: str, shape, peers: list[ModelFolder],
-                      base: ModelFolder | None) -> dict[ModelFolder, PeerRows | None]:
+    def _aligned_rows(
+        self, name: str, shape, peers: list[ModelFolder], base: ModelFolder | None
+    ) -> dict[ModelFolder, PeerRows | None]:
         """Each peer's rows of the vocabulary tensor `name` in the output vocabulary; its other
         dimensions must match."""
         tensors = [(model, self._tensor_name(model, name, name)) for model in peers]
         for model, tensor in tensors:
             found = model.tensors[tensor].shape
             if not found or not found[0]:
-                raise MergewiseError(f"tensor {tensor} of {model.path} has shape {list(found)}: no rows to re-index "
-                                     "into the output vocabulary")
+                raise MergewiseError(
+                    f"tensor {tensor} of {model.path} has shape {list(found)}: no rows to re-index "
+                    "into the output vocabulary"
+                )
             if found[1:] != tuple(shape[1:]):
-                raise MergewiseError(f"shape mismatch for tensor {tensor}: {model.path} has {list(found)}, expected "
-                                     f"[vocabulary, {', '.join(map(str, shape[1:]))}]")
+                raise MergewiseError(
+                    f"shape mismatch for tensor {tensor}: {model.path} has {list(found)}, expected "
+                    f"[vocabulary, {', '.join(map(str, shape[1:]))}]"
+                )
         rows = self.vocabulary.align(name, tensors, base, self._token_rules, self.compute_dtype)
         return dict(zip(peers, rows))
 
     def _plan_models(self):
         config = self.config
         base = self.locator.model(config.base_model, "base_model") if config.base_model else None
-        entries = [(self.locator.model(entry.model, f"models[{i}].model"), entry.parameters)
-                   for i, entry in enumerate(config.models)]
+        entries = [
+            (self.locator.model(entry.model, f"models[{i}].model"), entry.parameters)
+            for i, entry in enumerate(config.models)
+        ]
         if self.method.base is BasePolicy.INPUT and base is not None and all(m is not base for m, _ in entries):
             entries.append((base, None))
         inputs, base = self._split_base(entries, base, "models")
@@ -219,8 +256,19 @@ class Planner:
             layer = layer_index(name)
             t = layer / (depth - 1) if layer is not None and depth > 1 else (1.0 if layer is not None else 0.0)
             sources = [(model, name, params) for model, params in inputs]
-            jobs.append(self._job(name, info.shape, [config.parameters], sources,
-                                  TensorSource(base, name) if base else None, t, layer, info.dtype, peers))
+            jobs.append(
+                self._job(
+                    name,
+                    info.shape,
+                    [config.parameters],
+                    sources,
+                    TensorSource(base, name) if base else None,
+                    t,
+                    layer,
+                    info.dtype,
+                    peers,
+                )
+            )
         return jobs, None, reference
 
     def _split_base(self, entries, base, where):
@@ -234,15 +282,23 @@ class Planner:
             inputs = [(model, params) for model, params in entries if model is not base]
             split_base = base
         if not inputs and split_base is not None and method.base_alone_is_base:
-            tolerated(f"{where}: merge_method {method.name} gets only the base model here, so the base's tensors are "
-                      "written unchanged, as mergekit writes them", strict=self.strict)
+            tolerated(
+                f"{where}: merge_method {method.name} gets only the base model here, so the base's tensors are "
+                "written unchanged, as mergekit writes them",
+                strict=self.strict,
+            )
             return inputs, split_base
         if len(inputs) < method.min_inputs or (method.max_inputs is not None and len(inputs) > method.max_inputs):
-            wanted = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs
-                      else f"at least {method.min_inputs}" if method.max_inputs is None
-                      else f"{method.min_inputs} to {method.max_inputs}")
-            raise MergewiseError(f"{where}: merge_method {method.name} takes {wanted} model(s) besides the "
-                                 f"base, got {len(inputs)}")
+            wanted = (
+                f"exactly {method.min_inputs}"
+                if method.min_inputs == method.max_inputs
+                else f"at least {method.min_inputs}"
+                if method.max_inputs is None
+                else f"{method.min_inputs} to {method.max_inputs}"
+            )
+            raise MergewiseError(
+                f"{where}: merge_method {method.name} takes {wanted} model(s) besides the base, got {len(inputs)}"
+            )
         return inputs, split_base
 
     def _plan_slices(self):
@@ -254,11 +310,15 @@ class Planner:
             where = f"slices[{slice_index}]"
             lengths = {source.layer_range[1] - source.layer_range[0] for source in output_slice.sources}
             if len(lengths) != 1 or min(lengths) <= 0:
-                raise MergewiseError(f"{where}: every source needs the same, positive number of layers "
-                                     f"(got layer_range lengths {sorted(lengths)})")
+                raise MergewiseError(
+                    f"{where}: every source needs the same, positive number of layers "
+                    f"(got layer_range lengths {sorted(lengths)})"
+                )
             length = lengths.pop()
-            sources = [(self.locator.model(source.model, f"{where}.sources[{i}].model"), source)
-                       for i, source in enumerate(output_slice.sources)]
+            sources = [
+                (self.locator.model(source.model, f"{where}.sources[{i}].model"), source)
+                for i, source in enumerate(output_slice.sources)
+            ]
             base_name = output_slice.base_model or config.base_model
             base = self.locator.model(base_name, f"{where}.base_model") if base_name else None
             entries = [(model, source.parameters) for model, source in sources]
@@ -272,23 +332,40 @@ class Planner:
             for model, source in sources:
                 for bound in source.layer_range:
                     if not 0 <= bound <= _depth(model):
-                        raise MergewiseError(f"{where}: layer_range {list(source.layer_range)} is outside "
-                                             f"{model.path.name}'s {_depth(model)} layers")
-            layer_names = [name for name in reference_model.tensors
-                           if layer_index(name) == reference_slice.layer_range[0]]
+                        raise MergewiseError(
+                            f"{where}: layer_range {list(source.layer_range)} is outside "
+                            f"{model.path.name}'s {_depth(model)} layers"
+                        )
+            layer_names = [
+                name for name in reference_model.tensors if layer_index(name) == reference_slice.layer_range[0]
+            ]
             for offset in range(length):
                 out_layer = len(source_layers)
                 source_layers.append(reference_slice.layer_range[0] + offset)
                 t = offset / (length - 1) if length > 1 else 1.0
                 for template in layer_names:
-                    input_sources = [(model, _with_layer(template, ranges[id(model)][0] + offset), params)
-                                     for model, params in inputs]
-                    base_tensor = (TensorSource(split_base, _with_layer(template, base_source.layer_range[0] + offset))
-                                   if split_base is not None else None)
+                    input_sources = [
+                        (model, _with_layer(template, ranges[id(model)][0] + offset), params)
+                        for model, params in inputs
+                    ]
+                    base_tensor = (
+                        TensorSource(split_base, _with_layer(template, base_source.layer_range[0] + offset))
+                        if split_base is not None
+                        else None
+                    )
                     info = reference_model.tensors[_with_layer(template, reference_slice.layer_range[0] + offset)]
-                    jobs.append(self._job(_with_layer(template, out_layer), info.shape,
-                                          [output_slice.parameters, config.parameters], input_sources,
-                                          base_tensor, t, out_layer, info.dtype))
+                    jobs.append(
+                        self._job(
+                            _with_layer(template, out_layer),
+                            info.shape,
+                            [output_slice.parameters, config.parameters],
+                            input_sources,
+                            base_tensor,
+                            t,
+                            out_layer,
+                            info.dtype,
+                        )
+                    )
         jobs = self._non_layer_jobs(first_reference) + jobs
         return jobs, source_layers, first_reference
 
@@ -297,8 +374,9 @@ class Planner:
         inputs, its base, the slice's base model)."""
         output_slice = self.config.slices[index]
         where = f"slices[{index}]"
-        entries = [(self.locator.model(source.model, where), source.parameters)
-                   for source in output_slice.sources[:count]]
+        entries = [
+            (self.locator.model(source.model, where), source.parameters) for source in output_slice.sources[:count]
+        ]
         base_name = output_slice.base_model or self.config.base_model
         base = self.locator.model(base_name, "base_model") if base_name else None
         return ([model for model, _ in entries], *self._split_base(entries, base, where), base)
@@ -310,8 +388,11 @@ class Planner:
         first = self._slice_inputs(0)
         count = len(slices[0].sources)
         if len(slices[-1].sources) > count:
-            tolerated(f"slices[{len(slices) - 1}]: the final norm and head are merged from its first {count} "
-                      f"source(s) only, as many as slices[0] has, as mergekit merges them", strict=self.strict)
+            tolerated(
+                f"slices[{len(slices) - 1}]: the final norm and head are merged from its first {count} "
+                f"source(s) only, as many as slices[0] has, as mergekit merges them",
+                strict=self.strict,
+            )
         last = self._slice_inputs(len(slices) - 1, count)
         jobs = []
         for name, info in reference.tensors.items():
@@ -321,8 +402,19 @@ class Planner:
             listed, inputs, base, slice_base = first if slice_index == 0 else last
             sources = [(model, name, params) for model, params in inputs]
             peers = (list(dict.fromkeys(listed)), slice_base)
-            jobs.append(self._job(name, info.shape, [slices[slice_index].parameters, self.config.parameters], sources,
-                                  TensorSource(base, name) if base else None, 0.0, None, info.dtype, peers))
+            jobs.append(
+                self._job(
+                    name,
+                    info.shape,
+                    [slices[slice_index].parameters, self.config.parameters],
+                    sources,
+                    TensorSource(base, name) if base else None,
+                    0.0,
+                    None,
+                    info.dtype,
+                    peers,
+                )
+            )
         return jobs
 
     def _job(self, name, shape, shared_scopes, sources, base, t, layer, dtype, peers=None) -> TensorJob:
@@ -341,8 +433,14 @@ class Planner:
             out_dtype = dtype
         return TensorJob(name, shape, out_dtype, resolved_inputs, base, shared, per_model, layer)
 
-    def _source(self, model: ModelFolder, tensor: str, output: str, shape,
-                aligned: dict[ModelFolder, PeerRows | None] | None = None) -> TensorSource:
+    def _source(
+        self,
+        model: ModelFolder,
+        tensor: str,
+        output: str,
+        shape,
+        aligned: dict[ModelFolder, PeerRows | None] | None = None,
+    ) -> TensorSource:
         """The input tensor, following tied embeddings; checked for presence and shape (`aligned`:
         its rows in the output vocabulary, checked already)."""
         name = self._tensor_name(model, tensor, output)
@@ -350,10 +448,14 @@ class Planner:
             return TensorSource(model, name, aligned[model])
         found = model.tensors[name].shape
         if found != tuple(shape):
-            vocab = (" (vocabulary sizes differ: tokenizer_source: union or base aligns them)"
-                     if _is_vocabulary_tensor(output) else "")
-            raise MergewiseError(f"shape mismatch for tensor {tensor}: {model.path} has {list(found)}, "
-                                 f"expected {list(shape)}{vocab}")
+            vocab = (
+                " (vocabulary sizes differ: tokenizer_source: union or base aligns them)"
+                if _is_vocabulary_tensor(output)
+                else ""
+            )
+            raise MergewiseError(
+                f"shape mismatch for tensor {tensor}: {model.path} has {list(found)}, expected {list(shape)}{vocab}"
+            )
         return TensorSource(model, name)
 
     def _tensor_name(self, model: ModelFolder, tensor: str, output: str) -> str:
@@ -374,8 +476,10 @@ def _is_vocabulary_tensor(name: str) -> bool:
 def _check_same_architecture(reference: ModelFolder, model: ModelFolder, role: str) -> None:
     found, expected = model.config.get("model_type"), reference.config.get("model_type")
     if found != expected:
-        raise MergewiseError(f"{model.path} is a {found} model but {role} {reference.path} is a {expected} model; "
-                             "merged models must share one architecture")
+        raise MergewiseError(
+            f"{model.path} is a {found} model but {role} {reference.path} is a {expected} model; "
+            "merged models must share one architecture"
+        )
 
 
 def _check_same_tensors(reference: ModelFolder, model: ModelFolder) -> None:
@@ -392,11 +496,18 @@ def _depth(model: ModelFolder) -> int:
     held = max(indices) + 1 if indices else 0
     declared = model.num_layers
     if declared is not None and declared > held:
-        raise MergewiseError(f"{model.path / 'config.json'}: declares {declared} decoder layers, but the weights hold "
-                             f"{held}")
+        raise MergewiseError(
+            f"{model.path / 'config.json'}: declares {declared} decoder layers, but the weights hold {held}"
+        )
     return declared or held
 
 
-def build_plan(config: MergeConfig, config_dir: Path, *, allow_pickle: bool = False,
-               base_model: str | None = None, strict: bool = False) -> MergePlan:
+def build_plan(
+    config: MergeConfig,
+    config_dir: Path,
+    *,
+    allow_pickle: bool = False,
+    base_model: str | None = None,
+    strict: bool = False,
+) -> MergePlan:
     return Planner(config, config_dir, allow_pickle=allow_pickle, base_model=base_model, strict=strict).plan()

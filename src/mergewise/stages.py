@@ -48,7 +48,7 @@ class StageContext:
 
     plan: MergePlan
     device: torch.device
-    staging: Path       # the output folder being built
+    staging: Path  # the output folder being built
     shard_size: int
     quiet: bool
     chunk_elements: int = CHUNK_ELEMENTS  # the row chunks a stage reads its own inputs in

@@ -21,9 +21,24 @@ from tests.support.tiny_models import build_tiny_vision_language_model, read_sta
 
 @pytest.fixture(scope="module")
 def calibration_text(tmp_path_factory) -> Path:
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "model", "merging", "adds",
-             "task", "vectors"]
-    documents = [" ".join(words[i % 7:] + words[: i % 5]) for i in range(40)]
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "model",
+        "merging",
+        "adds",
+        "task",
+        "vectors",
+    ]
+    documents = [" ".join(words[i % 7 :] + words[: i % 5]) for i in range(40)]
     path = tmp_path_factory.mktemp("aim-data") / "calibration.txt"
     path.write_text("\n\n".join(documents))
     return path
@@ -79,12 +94,19 @@ def test_options_exponent_and_module_filter():
 
 # ------------------------------------------------------------------------------ merge integration
 def write_recipe(path: Path, family, aim: dict | None, method="ties") -> Path:
-    recipe = {"merge_method": method, "base_model": str(family.base), "dtype": "bfloat16",
-              "models": [{"model": str(model), "parameters": {"weight": w, "density": 0.5}}
-                         for model, w in zip(family.fine_tunes, (1.0, 0.6, 0.3))]}
+    recipe = {
+        "merge_method": method,
+        "base_model": str(family.base),
+        "dtype": "bfloat16",
+        "models": [
+            {"model": str(model), "parameters": {"weight": w, "density": 0.5}}
+            for model, w in zip(family.fine_tunes, (1.0, 0.6, 0.3))
+        ],
+    }
     if method == "linear":
-        recipe["models"] = [{"model": str(model), "parameters": {"weight": 1.0}}
-                            for model in (family.base, *family.fine_tunes)]
+        recipe["models"] = [
+            {"model": str(model), "parameters": {"weight": 1.0}} for model in (family.base, *family.fine_tunes)
+        ]
     if aim is not None:
         recipe["aim"] = aim
     path.write_text(yaml.safe_dump(recipe))
@@ -99,8 +121,24 @@ def test_aim_block_equals_merge_then_aim(method, tiny_family, calibration_text, 
     run = ["--quiet", "--seed", "1"]
     plain_recipe = write_recipe(tmp_path / "plain.yml", family, None, method)
     assert main(["merge", str(plain_recipe), str(tmp_path / "m"), *run]) == 0
-    assert main(["aim", "--base", str(family.base), "--merged", str(tmp_path / "m"), "--stats", str(stats),
-                 "--omega", "0.4", "--quiet", str(tmp_path / "two_step")]) == 0
+    assert (
+        main(
+            [
+                "aim",
+                "--base",
+                str(family.base),
+                "--merged",
+                str(tmp_path / "m"),
+                "--stats",
+                str(stats),
+                "--omega",
+                "0.4",
+                "--quiet",
+                str(tmp_path / "two_step"),
+            ]
+        )
+        == 0
+    )
     aim_recipe = write_recipe(tmp_path / "aim.yml", family, {"omega": 0.4, "stats": str(stats)}, method)
     assert main(["merge", str(aim_recipe), str(tmp_path / "one_pass"), *run]) == 0
 
@@ -134,8 +172,16 @@ def test_stats_of_another_base_are_refused_unless_allowed(tiny_family, tmp_path,
     family = tiny_family("llama")
     stats = tmp_path / "stats.safetensors"
     calibrate_cli(family.fine_tunes[0], stats, "--samples", "1", "--seq-len", "8")
-    command = ["aim", "--base", str(family.base), "--merged", str(family.fine_tunes[1]), "--stats", str(stats),
-               "--quiet"]
+    command = [
+        "aim",
+        "--base",
+        str(family.base),
+        "--merged",
+        str(family.fine_tunes[1]),
+        "--stats",
+        str(stats),
+        "--quiet",
+    ]
     assert main([*command, str(tmp_path / "out")]) == 2
     assert "different base model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -145,12 +191,15 @@ def test_stats_of_another_base_are_refused_unless_allowed(tiny_family, tmp_path,
         assert set(handle.metadata()) >= {"base_fingerprint", "data", "samples", "seq_len", "statistic"}
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (["--data", "hf:no-such/dataset"], "hf:no-such/dataset"),
-    (["--data", "missing.txt"], "no such file"),
-    (["--samples", "0"], "samples: Input should be greater than or equal to 1"),
-    (["--data", "hf:"], "names no data"),
-])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--data", "hf:no-such/dataset"], "hf:no-such/dataset"),
+        (["--data", "missing.txt"], "no such file"),
+        (["--samples", "0"], "samples: Input should be greater than or equal to 1"),
+        (["--data", "hf:"], "names no data"),
+    ],
+)
 def test_calibrate_errors(arguments, message, tiny_family, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -159,11 +208,14 @@ def test_calibrate_errors(arguments, message, tiny_family, tmp_path, capsys, mon
     assert error.startswith("error:") and message in error
 
 
-@pytest.mark.parametrize("aim,message", [
-    ({"omega": 0.4}, "exactly one of 'stats' or 'calibration'"),
-    ({"omega": 1.5, "stats": "s"}, "aim.omega"),
-    ({"omega": 0.4, "stats": "missing.safetensors"}, "statistics file not found"),
-])
+@pytest.mark.parametrize(
+    "aim,message",
+    [
+        ({"omega": 0.4}, "exactly one of 'stats' or 'calibration'"),
+        ({"omega": 1.5, "stats": "s"}, "aim.omega"),
+        ({"omega": 0.4, "stats": "missing.safetensors"}, "statistics file not found"),
+    ],
+)
 def test_aim_block_errors(aim, message, tiny_family, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "aim.yml", tiny_family("llama"), aim)
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
@@ -172,8 +224,9 @@ def test_aim_block_errors(aim, message, tiny_family, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- what it may not touch
-def test_calibrate_never_writes_into_an_input_and_replaces_only_with_overwrite(tiny_family, calibration_text,
-                                                                               tmp_path, capsys):
+def test_calibrate_never_writes_into_an_input_and_replaces_only_with_overwrite(
+    tiny_family, calibration_text, tmp_path, capsys
+):
     """`mergewise calibrate base base/model.safetensors` would replace the weights it measures."""
     base = Path(shutil.copytree(tiny_family("llama").base, tmp_path / "base"))
     data = Path(shutil.copy(calibration_text, tmp_path / "calibration.txt"))
@@ -195,11 +248,14 @@ def test_calibrate_never_writes_into_an_input_and_replaces_only_with_overwrite(t
     assert load_statistics(stats).metadata["samples"] == "2"
 
 
-@pytest.mark.parametrize("record, named", [
-    ("symlink", "resolves to"),
-    ("recipe: [unclosed\n", "invalid YAML"),
-    ("- a list\n", "(top level): Input should be a valid dictionary"),
-])
+@pytest.mark.parametrize(
+    "record, named",
+    [
+        ("symlink", "resolves to"),
+        ("recipe: [unclosed\n", "invalid YAML"),
+        ("- a list\n", "(top level): Input should be a valid dictionary"),
+    ],
+)
 def test_aim_reads_the_merged_folders_record_only_inside_it(record, named, tiny_family, tmp_path, capsys):
     """`mergewise aim` carries the merged folder's mergewise.yml over into its output: a symlink out of
     the folder (to a token, say) must not be copied into a folder meant for upload."""
@@ -213,8 +269,19 @@ def test_aim_reads_the_merged_folders_record_only_inside_it(record, named, tiny_
     else:
         (merged / "mergewise.yml").write_text(record)
     capsys.readouterr()  # the calibration's model loading
-    status = main(["aim", "--base", str(family.base), "--merged", str(merged), "--stats", str(stats), "--quiet",
-                   str(tmp_path / "out")])
+    status = main(
+        [
+            "aim",
+            "--base",
+            str(family.base),
+            "--merged",
+            str(merged),
+            "--stats",
+            str(stats),
+            "--quiet",
+            str(tmp_path / "out"),
+        ]
+    )
     [error] = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and error.startswith("error: ") and str(merged / "mergewise.yml") in error and named in error
     assert not (tmp_path / "out").exists()
@@ -223,8 +290,19 @@ def test_aim_reads_the_merged_folders_record_only_inside_it(record, named, tiny_
 def test_layer_streamed_calibration_of_a_multimodal_model_is_one_error_line(calibration_text, tmp_path, capsys):
     vlm = build_tiny_vision_language_model(tmp_path / "vlm")
     capsys.readouterr()  # the model's build
-    status = main(["calibrate", str(vlm), str(tmp_path / "s.safetensors"), "--data", str(calibration_text),
-                   "--seq-len", "32", "--stream-layers", "--quiet"])
+    status = main(
+        [
+            "calibrate",
+            str(vlm),
+            str(tmp_path / "s.safetensors"),
+            "--data",
+            str(calibration_text),
+            "--seq-len",
+            "32",
+            "--stream-layers",
+            "--quiet",
+        ]
+    )
     [error] = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and error.startswith(f"error: {vlm}: a multimodal model") and "in-memory pass" in error
     assert not (tmp_path / "s.safetensors").exists()
@@ -235,13 +313,24 @@ def test_a_full_disk_is_one_error_line_naming_the_file(tiny_family, calibration_
     family = tiny_family("llama")
     stats = tmp_path / "stats.safetensors"
     options = ["--data", str(calibration_text), "--seq-len", "32", "--samples", "4", "--quiet"]
-    run_measured("calibrate", str(family.base), str(stats), *options,
-                 file_size_limit=2000).assert_one_error(str(stats), "cannot write")
+    run_measured("calibrate", str(family.base), str(stats), *options, file_size_limit=2000).assert_one_error(
+        str(stats), "cannot write"
+    )
     assert sorted(path.name for path in tmp_path.iterdir()) == []
     calibrate_cli(family.base, stats, *options[:-1])
     out = tmp_path / "out"
-    relaxed = run_measured("aim", "--base", str(family.base), "--merged", str(family.fine_tunes[0]), "--stats",
-                           str(stats), "--quiet", str(out), file_size_limit=50_000)
+    relaxed = run_measured(
+        "aim",
+        "--base",
+        str(family.base),
+        "--merged",
+        str(family.fine_tunes[0]),
+        "--stats",
+        str(stats),
+        "--quiet",
+        str(out),
+        file_size_limit=50_000,
+    )
     relaxed.assert_one_error("model.safetensors: cannot write")
     assert not out.exists() and sorted(tmp_path.glob(".out.*")) == []
 
@@ -257,9 +346,21 @@ def test_a_statistics_file_is_an_input_no_output_may_replace(tiny_family, tmp_pa
     before = stats.read_bytes()
     capsys.readouterr()
     recipe = write_recipe(tmp_path / "aim.yml", family, {"omega": 0.4, "stats": str(stats)})
-    for command in (["merge", str(recipe), str(old_out), "--overwrite", "--quiet"],
-                    ["aim", "--base", str(family.base), "--merged", str(family.fine_tunes[0]), "--stats", str(stats),
-                     str(old_out), "--overwrite", "--quiet"]):
+    for command in (
+        ["merge", str(recipe), str(old_out), "--overwrite", "--quiet"],
+        [
+            "aim",
+            "--base",
+            str(family.base),
+            "--merged",
+            str(family.fine_tunes[0]),
+            "--stats",
+            str(stats),
+            str(old_out),
+            "--overwrite",
+            "--quiet",
+        ],
+    ):
         assert main(command) == 2
         [error] = capsys.readouterr().err.strip().splitlines()
         assert error == f"error: output folder {old_out} contains input model {stats}; choose another"

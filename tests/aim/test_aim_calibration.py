@@ -40,7 +40,8 @@ def bos_base(tiny_family, tmp_path_factory):
             tokenizer = AutoTokenizer.from_pretrained(folder)
             bos = (tokenizer.bos_token, tokenizer.bos_token_id)
             tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-                single=f"{bos[0]} $A", special_tokens=[bos])
+                single=f"{bos[0]} $A", special_tokens=[bos]
+            )
             tokenizer.save_pretrained(folder)
             built[arch] = folder
         return built[arch]
@@ -78,7 +79,7 @@ def reference_blocks(texts: list[str], tokenizer, samples: int, seq_len: int) ->
             break
     tokens = torch.cat(kept, dim=1)
     n_split = tokens.shape[1] // seq_len
-    return [tokens[:, i * seq_len:(i + 1) * seq_len] for i in range(n_split)]
+    return [tokens[:, i * seq_len : (i + 1) * seq_len] for i in range(n_split)]
 
 
 def reference_statistics(base: Path, blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,6 +91,7 @@ def reference_statistics(base: Path, blocks: list[torch.Tensor]) -> dict[str, to
     def hook(name):
         def record(module, args):
             sums[name] = sums.get(name, 0) + args[0].abs().mean(dim=(0, 1)).double()
+
         return record
 
     for name, module in model.named_modules():
@@ -112,8 +114,11 @@ def test_statistics_match_the_reference_conventions(arch, bos_base, documents_js
     expected = reference_statistics(base, blocks)
     settings = CalibrationSettings(data=str(documents_jsonl), samples=SAMPLES, seq_len=SEQ_LEN)
     for stream_layers in (False, True):
-        stats = load_statistics(calibrate(base, tmp_path / f"{stream_layers}.safetensors", settings,
-                                          stream_layers=stream_layers, quiet=True))
+        stats = load_statistics(
+            calibrate(
+                base, tmp_path / f"{stream_layers}.safetensors", settings, stream_layers=stream_layers, quiet=True
+            )
+        )
         assert sorted(stats.vectors) == sorted(expected)
         for name, vector in expected.items():
             torch.testing.assert_close(stats.vectors[name], vector, rtol=1e-5, atol=0, msg=f"{arch} {name}")
@@ -140,7 +145,8 @@ def test_blocks_keep_the_document_order_and_drop_the_partial_block(bos_base, doc
     assert torch.cat(blocks, dim=1)[0].tolist() == usable[:whole]  # file order, tail dropped
     first_samples = blocks_from_documents(texts, tokenizer, SAMPLES, SEQ_LEN, "data")
     assert [block.tolist() for block in first_samples] == [
-        block.tolist() for block in reference_blocks(texts, tokenizer, SAMPLES, SEQ_LEN)]
+        block.tolist() for block in reference_blocks(texts, tokenizer, SAMPLES, SEQ_LEN)
+    ]
 
 
 def test_hub_dataset_documents_keep_their_order(monkeypatch):
@@ -179,15 +185,22 @@ def test_calibration_leaves_process_state_alone(tiny_family, documents_jsonl, tm
     patched_while_registering = []
     handle = torch.nn.modules.module.register_module_parameter_registration_hook(
         lambda module, name, parameter: patched_while_registering.append(
-            nn.Module.register_parameter is not register_parameter))
+            nn.Module.register_parameter is not register_parameter
+        )
+    )
     monkeypatch.setattr(LibraryRecordingMallopt, "calls", [])
     monkeypatch.setattr(ctypes, "CDLL", LibraryRecordingMallopt)
     monkeypatch.setattr(ctypes, "cdll", ctypes.LibraryLoader(LibraryRecordingMallopt))
     settings = CalibrationSettings(data=str(documents_jsonl), samples=8, seq_len=SEQ_LEN)
     try:
         for stream_layers in (False, True):
-            calibrate(tiny_family("llama").base, tmp_path / f"{stream_layers}.safetensors", settings,
-                      stream_layers=stream_layers, quiet=True)
+            calibrate(
+                tiny_family("llama").base,
+                tmp_path / f"{stream_layers}.safetensors",
+                settings,
+                stream_layers=stream_layers,
+                quiet=True,
+            )
     finally:
         handle.remove()
     assert patched_while_registering and not any(patched_while_registering)
@@ -209,8 +222,9 @@ def test_a_document_of_megabytes_is_skipped_in_flat_memory(tiny_family, tmp_path
     assert padded.stat().st_size > 10_000_000
     base = tiny_family("llama").base
     options = ["--seq-len", str(SEQ_LEN), "--samples", "8", "--quiet"]
-    run_measured("calibrate", str(base), str(tmp_path / "padded.safetensors"), "--data", str(padded),
-                 *options).assert_bounded()
+    run_measured(
+        "calibrate", str(base), str(tmp_path / "padded.safetensors"), "--data", str(padded), *options
+    ).assert_bounded()
     assert main(["calibrate", str(base), str(tmp_path / "plain.safetensors"), "--data", str(plain), *options]) == 0
     padded_stats, plain_stats = (load_statistics(tmp_path / f"{name}.safetensors") for name in ("padded", "plain"))
     assert padded_stats.metadata["blocks"] == plain_stats.metadata["blocks"]

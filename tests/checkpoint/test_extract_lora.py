@@ -20,8 +20,9 @@ def test_an_extracted_adapter_loads_in_peft_and_rebuilds_the_fine_tune(tmp_path,
     base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=2)
     tuned = build_fine_tune(base, tmp_path / "tuned", seed=1, noise=0.05)
     assert main(["extract-lora", str(tuned), str(base), str(tmp_path / "full"), "--rank", "64", "--quiet"]) == 0
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                      tmp_path / "full").merge_and_unload()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "full"
+    ).merge_and_unload()
     expected, base_state = read_state_dict(tuned), read_state_dict(base)
     for name, tensor in model.state_dict().items():
         target = expected[name] if "proj" in name else base_state[name]  # embeddings and head stay the base's
@@ -45,11 +46,12 @@ def test_a_rank_below_one_is_one_error_line(tmp_path, capsys):
 @pytest.mark.integration
 def test_a_rank_past_every_matrix_is_refused_before_any_allocation(tmp_path):
     """Every factor is padded to the rank, so a rank of millions on a 64 × 160 model took 7 GB."""
-    base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=1, hidden_size=64,
-                            intermediate_size=160)
-    run_measured("extract-lora", str(base), str(base), str(tmp_path / "out"), "--rank", "2000000",
-                 "--quiet").assert_one_error("--rank: 2000000 is more than the rank of any weight matrix",
-                                             "(at most 64)")
+    base = build_tiny_model(
+        "llama", tmp_path / "base", dtype=torch.float32, num_layers=1, hidden_size=64, intermediate_size=160
+    )
+    run_measured(
+        "extract-lora", str(base), str(base), str(tmp_path / "out"), "--rank", "2000000", "--quiet"
+    ).assert_one_error("--rank: 2000000 is more than the rank of any weight matrix", "(at most 64)")
     assert not (tmp_path / "out").exists()
 
 
@@ -62,8 +64,10 @@ def test_nan_in_the_fine_tune_is_one_error_line_naming_it(tmp_path, capsys):
     capsys.readouterr()
     assert main(["extract-lora", str(tuned), str(base), str(tmp_path / "out"), "--rank", "4", "--quiet"]) == 2
     [error] = capsys.readouterr().err.strip().splitlines()
-    assert error == (f"error: tensor model.layers.0.mlp.up_proj.weight: {tuned} holds NaN or infinity (or their "
-                     "difference overflows)")
+    assert error == (
+        f"error: tensor model.layers.0.mlp.up_proj.weight: {tuned} holds NaN or infinity (or their "
+        "difference overflows)"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -71,6 +75,7 @@ def test_nan_in_the_fine_tune_is_one_error_line_naming_it(tmp_path, capsys):
 def test_a_full_disk_is_one_error_line_naming_the_file(tmp_path):
     base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=1)
     tuned = build_fine_tune(base, tmp_path / "tuned", seed=1)
-    run_measured("extract-lora", str(tuned), str(base), str(tmp_path / "out"), "--rank", "8", "--quiet",
-                 file_size_limit=4000).assert_one_error("adapter_model.safetensors: cannot write")
+    run_measured(
+        "extract-lora", str(tuned), str(base), str(tmp_path / "out"), "--rank", "8", "--quiet", file_size_limit=4000
+    ).assert_one_error("adapter_model.safetensors: cannot write")
     assert not (tmp_path / "out").exists() and sorted(tmp_path.glob(".out.*")) == []

@@ -22,15 +22,18 @@ from mergewise.errors import MergewiseError
 from tests.support.crafted import billion_laughs
 
 
-@pytest.mark.parametrize("text, named", [
-    ("[" * 20_000 + "]" * 20_000, "nested more than 64 levels"),   # Python's parser: RecursionError
-    ("[" * 100 + "]" * 100, "nested more than 64 levels"),         # parses, but deeper than any real file
-    ('{"r": ' + "7" * 5000 + "}", "an integer of 5000 digits"),     # Python 3.11: ValueError past 4300 digits
-    ('{"r": Infinity}', "Infinity is not a finite number"),
-    ('{"r": NaN}', "NaN is not a finite number"),
-    ('{"r": 1e999}', "1e999 is not a finite number"),              # a float literal that overflows to inf
-    ('{"r": 1,}', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("[" * 20_000 + "]" * 20_000, "nested more than 64 levels"),  # Python's parser: RecursionError
+        ("[" * 100 + "]" * 100, "nested more than 64 levels"),  # parses, but deeper than any real file
+        ('{"r": ' + "7" * 5000 + "}", "an integer of 5000 digits"),  # Python 3.11: ValueError past 4300 digits
+        ('{"r": Infinity}', "Infinity is not a finite number"),
+        ('{"r": NaN}', "NaN is not a finite number"),
+        ('{"r": 1e999}', "1e999 is not a finite number"),  # a float literal that overflows to inf
+        ('{"r": 1,}', "not valid JSON"),
+    ],
+)
 def test_json_a_file_must_not_hold_is_one_error_naming_it(text, named, tmp_path):
     path = tmp_path / "adapter_config.json"
     path.write_text(text)
@@ -79,12 +82,15 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     assert time.perf_counter() - started < 1
 
 
-@pytest.mark.parametrize("text, named", [
-    ("a: " + "[" * 20_000 + "]" * 20_000, "nested more than 64 levels deep"),
-    ("a: &loop [1, *loop]", "alias \\*loop lies inside its own anchor"),
-    ("r: " + "7" * 5000, "Exceeds the limit"),  # an integer Python will not make
-    ("a: [", "while parsing a flow node at line 1"),
-])
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("a: " + "[" * 20_000 + "]" * 20_000, "nested more than 64 levels deep"),
+        ("a: &loop [1, *loop]", "alias \\*loop lies inside its own anchor"),
+        ("r: " + "7" * 5000, "Exceeds the limit"),  # an integer Python will not make
+        ("a: [", "while parsing a flow node at line 1"),
+    ],
+)
 def test_yaml_a_file_must_not_hold_is_one_error_naming_it(text, named, tmp_path):
     path = tmp_path / "recipe.yml"
     path.write_text(text)
@@ -105,9 +111,11 @@ def test_jsonl_is_streamed_a_line_at_a_time_and_bad_lines_are_named(tmp_path):
     records = list(iter_jsonl(path, "prompts file", ("prompt",), max_line_bytes=1000))
     assert records == [{"prompt": "one"}, None, {"prompt": "three"}]  # the long line is left unread
     assert [number for number, _ in read_lines(path, "prompts file", max_line_bytes=1000)] == [1, 2, 3, 4]
-    for line, named in [("[" * 5000 + "]" * 5000, "prompts.jsonl:2: nested more than 64 levels"),
-                        ('{"prompt": "a", "n": ' + "9" * 5000 + "}", "prompts.jsonl:2: an integer of 5000 digits"),
-                        ('["prompt"]', "prompts.jsonl:2: expected an object with string 'prompt'")]:
+    for line, named in [
+        ("[" * 5000 + "]" * 5000, "prompts.jsonl:2: nested more than 64 levels"),
+        ('{"prompt": "a", "n": ' + "9" * 5000 + "}", "prompts.jsonl:2: an integer of 5000 digits"),
+        ('["prompt"]', "prompts.jsonl:2: expected an object with string 'prompt'"),
+    ]:
         path.write_text('{"prompt": "one"}\n' + line + "\n")
         with pytest.raises(MergewiseError, match=named):
             read_jsonl(path, "prompts file", ("prompt",))

@@ -44,10 +44,16 @@ def offline_cache(tmp_path, monkeypatch, tiny_family) -> Path:
 
 def test_hub_ids_merge_from_a_warm_cache_offline(offline_cache, tiny_family, tmp_path):
     family = tiny_family("llama")
-    recipe = {"merge_method": "task_arithmetic", "base_model": "acme/base",
-              "models": [{"model": f"acme/math@{COMMIT}", "parameters": {"weight": 0.5}}]}
-    local = {"merge_method": "task_arithmetic", "base_model": str(family.base),
-             "models": [{"model": str(family.fine_tunes[0]), "parameters": {"weight": 0.5}}]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": "acme/base",
+        "models": [{"model": f"acme/math@{COMMIT}", "parameters": {"weight": 0.5}}],
+    }
+    local = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family.base),
+        "models": [{"model": str(family.fine_tunes[0]), "parameters": {"weight": 0.5}}],
+    }
     mergewise.merge(recipe, tmp_path / "from-hub", quiet=True)
     mergewise.merge(local, tmp_path / "from-folders", quiet=True)
     hub, folders = read_state_dict(tmp_path / "from-hub"), read_state_dict(tmp_path / "from-folders")
@@ -59,8 +65,9 @@ def test_hub_ids_merge_from_a_warm_cache_offline(offline_cache, tiny_family, tmp
 
 def test_a_hub_id_missing_from_the_cache_offline_is_one_error_line(offline_cache, tmp_path, capsys):
     config = tmp_path / "recipe.yml"
-    config.write_text(yaml.safe_dump({"merge_method": "linear",
-                                      "models": [{"model": "acme/missing", "parameters": {"weight": 1.0}}]}))
+    config.write_text(
+        yaml.safe_dump({"merge_method": "linear", "models": [{"model": "acme/missing", "parameters": {"weight": 1.0}}]})
+    )
     assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: models[0].model: acme/missing: not in the Hugging Face cache")

@@ -37,12 +37,19 @@ def test_a_lora_path_merges_as_peft_merges_it(tmp_path):
 
 def test_an_adapter_of_another_model_is_one_error_line(tmp_path, capsys):
     base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=2)
-    wider = build_tiny_model("llama", tmp_path / "wider", dtype=torch.float32, num_layers=2, hidden_size=128,
-                             intermediate_size=256)
+    wider = build_tiny_model(
+        "llama", tmp_path / "wider", dtype=torch.float32, num_layers=2, hidden_size=128, intermediate_size=256
+    )
     build_adapter(wider, tmp_path / "adapter")
     config = tmp_path / "recipe.yml"
-    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": f"{base}+{tmp_path / 'adapter'}", "parameters": {"weight": 1.0}}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [{"model": f"{base}+{tmp_path / 'adapter'}", "parameters": {"weight": 1.0}}],
+            }
+        )
+    )
     capsys.readouterr()  # the models' build
     assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 2
     error = capsys.readouterr().err.strip()
@@ -53,10 +60,13 @@ def test_an_adapter_of_another_model_is_one_error_line(tmp_path, capsys):
 def test_a_lora_on_gpt2_conv1d_weights_merges_as_peft_merges_it(tmp_path):
     """GPT-2 stores its projections as (in, out): PEFT's fan_in_fan_out layout."""
     base = build_tiny_model("gpt2", tmp_path / "base", dtype=torch.float32, num_layers=2)
-    expected = build_adapter(base, tmp_path / "adapter", seed=1, lora_alpha=4, target_modules=["c_attn"],
-                             fan_in_fan_out=True)
-    recipe = {"merge_method": "linear", "models": [{"model": f"{base}+{tmp_path / 'adapter'}",
-                                                    "parameters": {"weight": 1.0}}]}
+    expected = build_adapter(
+        base, tmp_path / "adapter", seed=1, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True
+    )
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": f"{base}+{tmp_path / 'adapter'}", "parameters": {"weight": 1.0}}],
+    }
     mergewise.merge(recipe, tmp_path / "out", quiet=True)
     for name, tensor in read_state_dict(tmp_path / "out").items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
@@ -87,17 +97,21 @@ def test_an_adapted_folder_reads_adapted_tensors_every_way(adapted):
 def edit_config(text: str | None = None, **changes):
     """A change of adapter_config.json: keys set (a value of "NaN" or "Infinity" written as that
     literal), or the whole text replaced."""
+
     def change(adapter: Path) -> Path:
         path = adapter / "adapter_config.json"
         config = {**json.loads(path.read_text()), **changes}
-        path.write_text(text if text is not None else
-                        json.dumps(config).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity"))
+        path.write_text(
+            text if text is not None else json.dumps(config).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")
+        )
         return path
+
     return change
 
 
 def edit_factor(change_tensor, factor: str = "lora_A"):
     """A change of the first `factor` (lora_A or lora_B) in adapter_model.safetensors."""
+
     def change(adapter: Path) -> Path:
         path = adapter / "adapter_model.safetensors"
         tensors = load_file(path)
@@ -105,6 +119,7 @@ def edit_factor(change_tensor, factor: str = "lora_A"):
         tensors[name] = change_tensor(tensors[name])
         save_file(tensors, path)
         return path
+
     return change
 
 
@@ -134,8 +149,11 @@ def test_a_broken_adapter_is_one_error_line_naming_it(case, adapted, tmp_path, c
     adapter = Path(shutil.copytree(built, tmp_path / "adapter"))
     culprit = change(adapter)
     config = tmp_path / "recipe.yml"
-    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {"merge_method": "linear", "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}
+        )
+    )
     capsys.readouterr()
     assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 2
     [error] = capsys.readouterr().err.strip().splitlines()

@@ -31,14 +31,21 @@ def random_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def write_streamed(folder, tensors: dict[str, torch.Tensor], shard_size: int) -> StreamingShardWriter:
     """Write every tensor's rows in a shuffled order, in row chunks of 2."""
-    writer = StreamingShardWriter(folder, [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()],
-                                  shard_size, metadata={"merged_by": "test"})
-    pieces = [(name, start) for name, tensor in tensors.items()
-              for start in (range(0, tensor.shape[0], 2) if tensor.dim() else [0])]
+    writer = StreamingShardWriter(
+        folder,
+        [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()],
+        shard_size,
+        metadata={"merged_by": "test"},
+    )
+    pieces = [
+        (name, start)
+        for name, tensor in tensors.items()
+        for start in (range(0, tensor.shape[0], 2) if tensor.dim() else [0])
+    ]
     random.Random(0).shuffle(pieces)
     for name, start in pieces:
         tensor = tensors[name]
-        writer.write(name, tensor[start:start + 2] if tensor.dim() else tensor, start)
+        writer.write(name, tensor[start : start + 2] if tensor.dim() else tensor, start)
     return writer
 
 
@@ -51,8 +58,11 @@ def test_streamed_shards_read_back_bit_for_bit(tmp_path, shard_size, writeback, 
     if writeback == "started early":  # each write asks the kernel to start writing its bytes to disk
         real = writer_module._sync_file_range()
         assert real is not None  # Linux
-        monkeypatch.setattr(writer_module, "_sync_file_range",
-                            lambda: lambda *arguments: started.append(arguments[1:]) or real(*arguments))
+        monkeypatch.setattr(
+            writer_module,
+            "_sync_file_range",
+            lambda: lambda *arguments: started.append(arguments[1:]) or real(*arguments),
+        )
     else:
         monkeypatch.setattr(writer_module, "_sync_file_range", lambda: None)
     tensors = random_tensors()
@@ -82,8 +92,9 @@ def test_streamed_shards_read_back_bit_for_bit(tmp_path, shard_size, writeback, 
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
-        assert {name: load_file(tmp_path / file).keys() >= {name} for name, file in weight_map.items()} == \
-            dict.fromkeys(tensors, True)
+        assert {
+            name: load_file(tmp_path / file).keys() >= {name} for name, file in weight_map.items()
+        } == dict.fromkeys(tensors, True)
 
 
 def test_reader_returns_the_stored_rows_of_single_and_sharded_folders(tmp_path):
@@ -118,8 +129,11 @@ def raw_safetensors(path, tensors: dict[str, torch.Tensor]) -> None:
     header, data = {}, b""
     for name, tensor in tensors.items():
         raw = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [len(data), len(data) + len(raw)]}
+        header[name] = {
+            "dtype": names[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
         data += raw
     encoded = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
@@ -131,10 +145,17 @@ def test_reading_tensors_together_gives_each_tensor_with_one_read_per_run(tmp_pa
     from mergewise.checkpoint import reader
 
     gap = torch.zeros(reader.READ_TOGETHER_GAP // 4 + 1)
-    first = {"a.weight": torch.randn(4, 3).bfloat16(), "a.bias": torch.randn(5),
-             "a.odd": torch.arange(3, dtype=torch.uint8),
-             "a.after_odd": torch.randn(2), "skipped": torch.randn(4), "far_gap": gap, "far": torch.randn(2, 2),
-             "a.empty": torch.empty(0, 4), "a.scalar": torch.tensor(7, dtype=torch.int64)}
+    first = {
+        "a.weight": torch.randn(4, 3).bfloat16(),
+        "a.bias": torch.randn(5),
+        "a.odd": torch.arange(3, dtype=torch.uint8),
+        "a.after_odd": torch.randn(2),
+        "skipped": torch.randn(4),
+        "far_gap": gap,
+        "far": torch.randn(2, 2),
+        "a.empty": torch.empty(0, 4),
+        "a.scalar": torch.tensor(7, dtype=torch.int64),
+    }
     raw_safetensors(tmp_path / "model-1.safetensors", first)
     save_file({"b.weight": torch.randn(3, 3)}, tmp_path / "model-2.safetensors")
     weight_map = {**dict.fromkeys(first, "model-1.safetensors"), "b.weight": "model-2.safetensors"}
@@ -175,7 +196,8 @@ def test_reader_names_the_file_of_a_broken_index(tmp_path):
     save_file(random_tensors(), tmp_path / "model-00001-of-00002.safetensors")
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"layer.0.weight": "model-00002-of-00002.safetensors"}}))
+        json.dumps({"weight_map": {"layer.0.weight": "model-00002-of-00002.safetensors"}})
+    )
     with pytest.raises(MergewiseError, match="model-00002-of-00002.safetensors"):
         ModelFolder(tmp_path)
 

@@ -61,9 +61,13 @@ def models(tiny_family, tmp_path_factory) -> Models:
 
 
 def _task_arithmetic(models: Models, expert: Path, **tokenizer) -> dict:
-    return {"merge_method": "task_arithmetic", "base_model": str(models.base), "dtype": "bfloat16",
-            "models": [{"model": str(models.base)}, {"model": str(expert), "parameters": {"weight": 0.7}}],
-            **tokenizer}
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(models.base),
+        "dtype": "bfloat16",
+        "models": [{"model": str(models.base)}, {"model": str(expert), "parameters": {"weight": 0.7}}],
+        **tokenizer,
+    }
 
 
 PEER_RECIPES = {
@@ -71,28 +75,55 @@ PEER_RECIPES = {
     "base-pad": lambda m: _task_arithmetic(m, m.pad, tokenizer_source="base"),
     "model-pad": lambda m: _task_arithmetic(m, m.pad, tokenizer_source=str(m.pad)),
     "union-two-experts": lambda m: {
-        "merge_method": "ties", "base_model": str(m.base), "dtype": "bfloat16", "tokenizer_source": "union",
-        "models": [{"model": str(m.base)}] + [{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}}
-                                              for path in (m.first, m.second)]},
+        "merge_method": "ties",
+        "base_model": str(m.base),
+        "dtype": "bfloat16",
+        "tokenizer_source": "union",
+        "models": [{"model": str(m.base)}]
+        + [{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}} for path in (m.first, m.second)],
+    },
     "union-long-base-tokenizer": lambda m: {
-        **_task_arithmetic(m, m.pad, tokenizer_source="union"), "base_model": str(m.long_tokenizer),
-        "models": [{"model": str(m.long_tokenizer)}, {"model": str(m.pad), "parameters": {"weight": 0.7}}]},
-    "block-forced-padded": lambda m: _task_arithmetic(m, m.pad, tokenizer={
-        "source": "union", "pad_to_multiple_of": 64, "tokens": {
-            "<s>": {"source": {"kind": "zero"}, "force": True},
-            "<pad>": {"source": str(m.pad), "force": True},
-            "<|pad|>": {"source": {"kind": "model_token", "model": str(m.base), "token": "</s>"}},
-            "</s>": {"source": {"kind": "model_token", "model": str(m.pad), "token_id": 5}, "force": True},
-            "brand-new": {"source": {"kind": "zero"}}}}),
+        **_task_arithmetic(m, m.pad, tokenizer_source="union"),
+        "base_model": str(m.long_tokenizer),
+        "models": [{"model": str(m.long_tokenizer)}, {"model": str(m.pad), "parameters": {"weight": 0.7}}],
+    },
+    "block-forced-padded": lambda m: _task_arithmetic(
+        m,
+        m.pad,
+        tokenizer={
+            "source": "union",
+            "pad_to_multiple_of": 64,
+            "tokens": {
+                "<s>": {"source": {"kind": "zero"}, "force": True},
+                "<pad>": {"source": str(m.pad), "force": True},
+                "<|pad|>": {"source": {"kind": "model_token", "model": str(m.base), "token": "</s>"}},
+                "</s>": {"source": {"kind": "model_token", "model": str(m.pad), "token_id": 5}, "force": True},
+                "brand-new": {"source": {"kind": "zero"}},
+            },
+        },
+    ),
     # (mergekit 0.1.5 fails on a `tokens:` entry new to a `source: base` vocabulary: it adds the
     # token to the base's own tokenizer, then finds it past the base's rows.)
-    "block-base-float32": lambda m: _task_arithmetic(m, m.pad, dtype="float32", tokenizer={
-        "source": "base", "pad_to_multiple_of": 96, "tokens": {"<pad>": {"source": str(m.pad), "force": True}}}),
+    "block-base-float32": lambda m: _task_arithmetic(
+        m,
+        m.pad,
+        dtype="float32",
+        tokenizer={
+            "source": "base",
+            "pad_to_multiple_of": 96,
+            "tokens": {"<pad>": {"source": str(m.pad), "force": True}},
+        },
+    ),
     # Embedding from the first slice's inputs, head from the last's (where no input has <|pad|>: zeros).
     "union-frankenmerge": lambda m: {
-        "merge_method": "passthrough", "dtype": "bfloat16", "tokenizer_source": "union",
-        "slices": [{"sources": [{"model": str(m.pad), "layer_range": [0, 1]}]},
-                   {"sources": [{"model": str(m.base), "layer_range": [0, 2]}]}]},
+        "merge_method": "passthrough",
+        "dtype": "bfloat16",
+        "tokenizer_source": "union",
+        "slices": [
+            {"sources": [{"model": str(m.pad), "layer_range": [0, 1]}]},
+            {"sources": [{"model": str(m.base), "layer_range": [0, 2]}]},
+        ],
+    },
 }
 
 
@@ -111,8 +142,10 @@ def peer_outputs(models, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 def _tokenizer_summary(folder: Path) -> tuple[dict, dict, dict, int]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    added = {token.content: (token.special, token.normalized, token.lstrip, token.rstrip, token.single_word)
-             for token in tokenizer.added_tokens_decoder.values()}
+    added = {
+        token.content: (token.special, token.normalized, token.lstrip, token.rstrip, token.single_word)
+        for token in tokenizer.added_tokens_decoder.values()
+    }
     special = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
     return tokenizer.get_vocab(), added, special, json.loads((folder / "config.json").read_text())["vocab_size"]
 
@@ -120,11 +153,16 @@ def _tokenizer_summary(folder: Path) -> tuple[dict, dict, dict, int]:
 def vocabulary_mismatches(ours: Path, theirs: Path, *, fixed_ids: bool) -> list[str]:
     """Differences between two merged folders: tokenizers, then tensors (vocabulary rows by token)."""
     (our_vocab, *our_rest), (their_vocab, *their_rest) = _tokenizer_summary(ours), _tokenizer_summary(theirs)
-    problems = [f"{what}: {a} != mergekit {b}" for what, a, b in
-                zip(("added tokens", "special tokens", "config vocab_size"), our_rest, their_rest) if a != b]
+    problems = [
+        f"{what}: {a} != mergekit {b}"
+        for what, a, b in zip(("added tokens", "special tokens", "config vocab_size"), our_rest, their_rest)
+        if a != b
+    ]
     if set(our_vocab) != set(their_vocab):
-        problems.append(f"tokens only in mergewise: {set(our_vocab) - set(their_vocab)}, "
-                        f"only in mergekit: {set(their_vocab) - set(our_vocab)}")
+        problems.append(
+            f"tokens only in mergewise: {set(our_vocab) - set(their_vocab)}, "
+            f"only in mergekit: {set(their_vocab) - set(our_vocab)}"
+        )
         return problems
     if fixed_ids and our_vocab != their_vocab:
         problems.append("token ids differ")
@@ -142,7 +180,7 @@ def vocabulary_mismatches(ours: Path, theirs: Path, *, fixed_ids: bool) -> list[
         elif name in VOCABULARY_TENSORS:
             if not torch.equal(a[our_ids], b[their_ids]):
                 problems.append(f"{name}: {int((a[our_ids] != b[their_ids]).any(1).sum())} token rows differ")
-            if not torch.equal(a[len(tokens):], b[len(tokens):]):
+            if not torch.equal(a[len(tokens) :], b[len(tokens) :]):
                 problems.append(f"{name}: padding rows differ")
         elif not torch.equal(a, b):
             problems.append(f"{name}: {int((a != b).sum())} of {a.numel()} entries differ")
@@ -199,21 +237,30 @@ def _block(models: Models, tokens: dict) -> dict:
 
 
 BAD_TOKENS = {
-    "source lacks the token": (lambda m: {"<|pad|>": {"source": str(m.base)}},
-                               ["tokenizer.tokens.<|pad|>.source:", "has no token '<|pad|>'"]),
-    "source not a recipe model": (lambda m: {"<|pad|>": {"source": str(m.first)}},
-                                  ["tokenizer.tokens.<|pad|>.source:", "is not one of the recipe's models"]),
+    "source lacks the token": (
+        lambda m: {"<|pad|>": {"source": str(m.base)}},
+        ["tokenizer.tokens.<|pad|>.source:", "has no token '<|pad|>'"],
+    ),
+    "source not a recipe model": (
+        lambda m: {"<|pad|>": {"source": str(m.first)}},
+        ["tokenizer.tokens.<|pad|>.source:", "is not one of the recipe's models"],
+    ),
     "model_token of another model": (
         lambda m: {"<|pad|>": {"source": {"kind": "model_token", "model": str(m.first), "token": "<s>"}}},
-        ["tokenizer.tokens.<|pad|>.source.model:", "is not one of the recipe's models"]),
+        ["tokenizer.tokens.<|pad|>.source.model:", "is not one of the recipe's models"],
+    ),
     "model_token the model lacks": (
         lambda m: {"<|pad|>": {"source": {"kind": "model_token", "model": str(m.base), "token": "<|pad|>"}}},
-        ["tokenizer.tokens.<|pad|>.source.token:", "has no token '<|pad|>'"]),
+        ["tokenizer.tokens.<|pad|>.source.token:", "has no token '<|pad|>'"],
+    ),
     "model_token id past the rows": (
         lambda m: {"<|pad|>": {"source": {"kind": "model_token", "model": str(m.base), "token_id": 256}}},
-        ["tokenizer.tokens.<|pad|>.source.token_id:", "past the 256 rows"]),
-    "needed source missing": (lambda m: {"<s>": {"force": True}},
-                              ["tokenizer.tokens.<s>.source:", "needs a source (it is forced)"]),
+        ["tokenizer.tokens.<|pad|>.source.token_id:", "past the 256 rows"],
+    ),
+    "needed source missing": (
+        lambda m: {"<s>": {"force": True}},
+        ["tokenizer.tokens.<s>.source:", "needs a source (it is forced)"],
+    ),
     "unknown source kind": (lambda m: {"<s>": {"source": {"kind": "mean"}}}, ["tokenizer.tokens.<s>.source"]),
 }
 
@@ -234,8 +281,10 @@ def test_a_new_vocabulary_with_a_recipe_block_is_refused(models, tmp_path, capsy
     """The aim: stage reads the base's rows as stored, which a new vocabulary re-indexes."""
     stats = tmp_path / "stats.safetensors"
     stats.write_bytes(b"")
-    recipe = {**_task_arithmetic(models, models.pad, tokenizer_source="union"), "aim": {"omega": 0.3,
-                                                                                       "stats": str(stats)}}
+    recipe = {
+        **_task_arithmetic(models, models.pad, tokenizer_source="union"),
+        "aim": {"omega": 0.3, "stats": str(stats)},
+    }
     config = write_recipe(tmp_path, recipe)
     assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "tokenizer:", "aim:")
 
@@ -246,7 +295,8 @@ def test_padding_is_bounded_by_the_vocabulary(models, tmp_path):
     recipe = _task_arithmetic(models, models.pad, tokenizer={"source": "union", "pad_to_multiple_of": 10**12})
     config = write_recipe(tmp_path, recipe)
     run_measured("merge", str(config), str(tmp_path / "out"), "--quiet").assert_one_error(
-        "tokenizer.pad_to_multiple_of: 1000000000000 is more than the 257 tokens of the output vocabulary")
+        "tokenizer.pad_to_multiple_of: 1000000000000 is more than the 257 tokens of the output vocabulary"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -255,8 +305,9 @@ def test_a_config_claiming_more_rows_than_the_weights_hold_does_not_grow_the_voc
     claiming = Path(shutil.copytree(models.long_tokenizer, tmp_path / "claiming"))
     config = json.loads((claiming / "config.json").read_text())
     (claiming / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
-    merged = Path(mergewise.merge(_task_arithmetic(models, claiming, tokenizer_source="union"), tmp_path / "out",
-                                  quiet=True))
+    merged = Path(
+        mergewise.merge(_task_arithmetic(models, claiming, tokenizer_source="union"), tmp_path / "out", quiet=True)
+    )
     assert "<|unused|>" not in AutoTokenizer.from_pretrained(merged).get_vocab()
     assert all(tensor.shape[0] == 256 for name, tensor in read_state_dict(merged).items() if name in VOCABULARY_TENSORS)
 
@@ -280,8 +331,14 @@ def test_an_embedding_without_rows_is_refused_before_rows_are_sized_by_its_width
     tensors["model.embed_tokens.weight"] = torch.empty(0, 64, dtype=torch.bfloat16)
     save_file(tensors, empty / "model.safetensors", metadata={"format": "pt"})
     config = write_recipe(tmp_path, _task_arithmetic(models, empty, tokenizer_source="union"))
-    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", "tensor model.embed_tokens.weight",
-                   str(empty), "has shape [0, 64]: no rows to re-index")
+    assert_refused(
+        capsys,
+        merge(config, tmp_path / "out"),
+        tmp_path / "out",
+        "tensor model.embed_tokens.weight",
+        str(empty),
+        "has shape [0, 64]: no rows to re-index",
+    )
 
 
 def test_a_tokenizer_config_transformers_could_not_write_back_is_refused_before_the_merge(models, tmp_path, capsys):
@@ -291,5 +348,10 @@ def test_a_tokenizer_config_transformers_could_not_write_back_is_refused_before_
     config_path = odd / "tokenizer_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "chat_template": {"": None}}))
     config = write_recipe(tmp_path, _task_arithmetic(models, odd, tokenizer_source="union"))
-    assert_refused(capsys, merge(config, tmp_path / "out"), tmp_path / "out", str(config_path),
-                   "chat_template.str: Input should be a valid string")
+    assert_refused(
+        capsys,
+        merge(config, tmp_path / "out"),
+        tmp_path / "out",
+        str(config_path),
+        "chat_template.str: Input should be a valid string",
+    )

@@ -63,8 +63,11 @@ def tiny_mediator(tiny_zoo, tmp_path_factory) -> Path:
     from mergewise.zoo.manifest import load_zoo
 
     zoo = load_zoo(tiny_zoo)
-    experts = [{"model": str(task.expert), "task": name, "prompts": str(task.calibration)}
-               for name, task in zoo.tasks.items() if task.expert]
+    experts = [
+        {"model": str(task.expert), "task": name, "prompts": str(task.calibration)}
+        for name, task in zoo.tasks.items()
+        if task.expert
+    ]
     out = tmp_path_factory.mktemp("lm-eval-mediator") / "mediator"
     build({"merge_method": "linear", "base_model": str(zoo.base), "mediator": {"experts": experts}}, out, quiet=True)
     return out

@@ -32,6 +32,7 @@ from tests.support.tiny_mediator import (
 )
 from tests.support.tiny_models import build_tiny_model, read_state_dict
 
+
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     return build_mediator_family(tmp_path_factory.mktemp("mediator-family"))
@@ -58,8 +59,11 @@ def data_bytes(path: Path) -> dict[str, int]:
     """Each stored tensor's bytes, from the safetensors header."""
     with open(path, "rb") as handle:
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-    return {name: entry["data_offsets"][1] - entry["data_offsets"][0] for name, entry in header.items()
-            if name != "__metadata__"}
+    return {
+        name: entry["data_offsets"][1] - entry["data_offsets"][0]
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -90,8 +94,9 @@ def test_build_writes_dense_model_coded_experts_and_router(mediator_dir, family)
     _, built = family
     experts = [read_state_dict(path) for path in built.fine_tunes]
     name = "model.layers.0.mlp.up_proj.weight"
-    torch.testing.assert_close(read_state_dict(mediator_dir)[name], sum(expert[name] for expert in experts) / 3,
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        read_state_dict(mediator_dir)[name], sum(expert[name] for expert in experts) / 3, rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("budget", [1.1, 1.3, 2.5])
@@ -141,8 +146,9 @@ def test_mixed_batch_is_routed_per_sequence_like_the_exported_experts(mediator_d
     for index, (task, words) in enumerate(TASK_WORDS.items()):  # one prompt the router selects per task
         candidates = prompts_for(words, 10, 7 + index)
         routes = model.route_texts(candidates)
-        prompts.append(next(text for text, route in zip(candidates, routes)
-                            if route.decision == "select" and route.task == task))
+        prompts.append(
+            next(text for text, route in zip(candidates, routes) if route.decision == "select" and route.task == task)
+        )
     prompts.append(prompts[0][::-1])  # reversed words: whatever route it gets, it runs in the same batch
     results = model.generate_text(prompts, max_new_tokens=6)
     for prompt, (text, route) in zip(prompts, results):
@@ -228,12 +234,15 @@ def test_routing_with_an_expert_in_place_sees_the_dense_model(folder, dtype, req
     model = load(request.getfixturevalue(folder), dtype=dtype)
     embedding_routed = any(isinstance(module, torch.nn.Embedding) for module, _ in model._dense_blocks)
     layers = list(model.model.base_model.layers)  # a decoder layer's routed tensors are swapped in together
-    assert all(any(module is layer for layer in layers) == (".layers." in names[0])
-               for module, names in model._dense_blocks)
+    assert all(
+        any(module is layer for layer in layers) == (".layers." in names[0]) for module, names in model._dense_blocks
+    )
     assert embedding_routed == (folder == "mediator_dir")
     assert model.model.get_input_embeddings().padding_idx is not None  # renumbered ids never reach it
-    ids = model.encode([text for words in TASK_WORDS.values() for text in prompts_for(words, 4, 5)]
-                       + prompts_for(HELD_BACK_WORDS, 3, 6))
+    ids = model.encode(
+        [text for words in TASK_WORDS.values() for text in prompts_for(words, 4, 5)]
+        + prompts_for(HELD_BACK_WORDS, 3, 6)
+    )
     layers = model.router.settings.hidden_states(model.model.config.num_hidden_layers)
     dense_features, dense_routes = model.features(ids, layers), model.routes(ids)
 
@@ -282,8 +291,11 @@ def test_a_folder_of_the_first_format_names_its_version(mediator_dir, tmp_path, 
     assert "Mediator format 1 (built by mergewise 0.1.0)" in error and "reads format 2" in error
 
 
-@pytest.mark.parametrize("dtype,native", [(None, False), (torch.bfloat16, False), (torch.bfloat16, True)],
-                         ids=["stored", "bf16-float32-matmuls", "bf16-native-matmuls"])
+@pytest.mark.parametrize(
+    "dtype,native",
+    [(None, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+    ids=["stored", "bf16-float32-matmuls", "bf16-native-matmuls"],
+)
 @pytest.mark.parametrize("layer", [-1, 1, [2, 1]])
 def test_the_builds_layer_streamed_features_are_the_runtimes(mediator_dir, layer, dtype, native, monkeypatch):
     """The router is fitted on features from a layer-by-layer pass; routing computes them with the
@@ -293,8 +305,9 @@ def test_the_builds_layer_streamed_features_are_the_runtimes(mediator_dir, layer
     monkeypatch.setattr(layerwise, "native_half_matmuls", lambda half: native)
     model = load(mediator_dir, dtype=dtype)
     ids = model.encode([text for words in TASK_WORDS.values() for text in prompts_for(words, 5, 9)])
-    streamed = layerwise.pooled_hidden_states(mediator_dir, ids, layer, dtype=dtype,
-                                              pad_id=model.tokenizer.pad_token_id, max_tokens=6)
+    streamed = layerwise.pooled_hidden_states(
+        mediator_dir, ids, layer, dtype=dtype, pad_id=model.tokenizer.pad_token_id, max_tokens=6
+    )
     assert torch.equal(streamed, model.features(ids, layer, max_tokens=6))
 
 
@@ -324,10 +337,17 @@ def test_eval_reports_routing_for_mediator_folders(mediator_dir, tmp_path):
         records = [{"prompt": prompt, "answer": " one"} for prompt in prompts_for(words, 12, 50 + index)]
         (folder / "eval.jsonl").write_text("\n".join(json.dumps(record) for record in records) + "\n")
         (folder / "calib.txt").write_text("\n".join(prompts_for(words, 16, 80 + index)) + "\n")
-        tasks[task] = {"expert": None, "calibration": f"tasks/{task}/calib.txt", "eval": f"tasks/{task}/eval.jsonl",
-                       "metric": "exact_match"}
-    (zoo / "zoo.json").write_text(json.dumps({"size": "test", "base": "base", "tasks": tasks,
-                                              "general": {"eval": "general/eval.txt", "metric": "nll"}}))
+        tasks[task] = {
+            "expert": None,
+            "calibration": f"tasks/{task}/calib.txt",
+            "eval": f"tasks/{task}/eval.jsonl",
+            "metric": "exact_match",
+        }
+    (zoo / "zoo.json").write_text(
+        json.dumps(
+            {"size": "test", "base": "base", "tasks": tasks, "general": {"eval": "general/eval.txt", "metric": "nll"}}
+        )
+    )
     out = tmp_path / "results.json"
     assert main(["eval", str(mediator_dir), "--zoo", str(zoo), "--out", str(out), "--batch-size", "5"]) == 0
     results = json.loads(out.read_text())
@@ -391,14 +411,17 @@ def test_expert_of_another_architecture(family, tmp_path, capsys):
     assert "is a qwen2 model" in error and "must share one architecture" in error
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda data: data["mediator"].update(memory_budget=1.5, route_threshold=0.2), "not both"),
-    (lambda data: data["mediator"].update(experts=data["mediator"]["experts"][:1]), "at least 2"),
-    (lambda data: data["mediator"]["experts"][1].update(task="merging"), "task names must be unique"),
-    (lambda data: data["mediator"].update(densty=0.1), "mediator.densty: unknown key"),
-    (lambda data: data.update(models=[]), "lists its models under mediator.experts"),
-    (lambda data: data.pop("base_model"), "base_model: required"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda data: data["mediator"].update(memory_budget=1.5, route_threshold=0.2), "not both"),
+        (lambda data: data["mediator"].update(experts=data["mediator"]["experts"][:1]), "at least 2"),
+        (lambda data: data["mediator"]["experts"][1].update(task="merging"), "task names must be unique"),
+        (lambda data: data["mediator"].update(densty=0.1), "mediator.densty: unknown key"),
+        (lambda data: data.update(models=[]), "lists its models under mediator.experts"),
+        (lambda data: data.pop("base_model"), "base_model: required"),
+    ],
+)
 def test_recipe_errors(family, tmp_path, capsys, change, message):
     root, built = family
     data = mediator_recipe(root, built)
@@ -436,7 +459,9 @@ def test_an_aim_block_relaxes_the_dense_model_of_a_mediator_build(family, tmp_pa
     data = mediator_recipe(root, built, memory_budget=2.0) | {"aim": {"omega": 0.5, "stats": str(stats)}}
     summary = build(data, tmp_path / "mediator", quiet=True, seed=0)
     plain = {key: value for key, value in data.items() if key not in ("mediator", "aim")}
-    plain["models"] = [{"model": expert["model"], "parameters": {"weight": 1 / 3}} for expert in data["mediator"]["experts"]]
+    plain["models"] = [
+        {"model": expert["model"], "parameters": {"weight": 1 / 3}} for expert in data["mediator"]["experts"]
+    ]
     plain.pop("base_model")
     mergewise.merge(plain, tmp_path / "merged", quiet=True, seed=0)
     relax_folder(built.base, tmp_path / "merged", stats, tmp_path / "relaxed", AimSettings(omega=0.5), quiet=True)
@@ -464,13 +489,16 @@ def first_expert_tensor(tensors: dict, suffix: str) -> str:
     return next(name for name in sorted(tensors) if name.startswith("merging/") and name.endswith(suffix))
 
 
-@pytest.mark.parametrize("tamper, message", [
-    ("index past the end", "indices must be ascending column positions"),
-    ("negative index", "indices must be ascending column positions"),
-    ("one value short", ".values must be"),
-    ("nan value", ".values holds NaN"),
-    ("part missing", ".indices is missing"),
-])
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        ("index past the end", "indices must be ascending column positions"),
+        ("negative index", "indices must be ascending column positions"),
+        ("one value short", ".values must be"),
+        ("nan value", ".values holds NaN"),
+        ("part missing", ".indices is missing"),
+    ],
+)
 def test_a_tampered_mediator_folder_is_one_clear_error(tamper, message, sparse_mediator_dir, tmp_path, capsys):
     def change(tensors):
         name = first_expert_tensor(tensors, ".indices")
@@ -490,8 +518,10 @@ def test_a_tampered_mediator_folder_is_one_clear_error(tamper, message, sparse_m
             tensors[values][0, 0] = float("nan")
 
     folder = tampered_copy(sparse_mediator_dir, tmp_path, change)
-    for command in (["generate", str(folder), "--prompt", "one two three"],
-                    ["mediator", "export", str(folder), str(tmp_path / "out"), "--task", "merging"]):
+    for command in (
+        ["generate", str(folder), "--prompt", "one two three"],
+        ["mediator", "export", str(folder), str(tmp_path / "out"), "--task", "merging"],
+    ):
         error = cli_error(capsys, *command)
         assert message in error and "experts.safetensors" in error
     assert not (tmp_path / "out").exists()
@@ -536,8 +566,9 @@ def test_experts_built_in_row_chunks_equal_those_built_whole(family, tmp_path, c
     build(data, tmp_path / "chunked", quiet=True, seed=0, chunk_elements=64)
     whole, chunked = (load_file(tmp_path / name / "mediator" / "experts.safetensors") for name in ("whole", "chunked"))
     assert whole.keys() == chunked.keys() and all(torch.equal(whole[name], chunked[name]) for name in whole)
-    manifests = [json.loads((tmp_path / name / "mediator" / "mediator.json").read_text())
-                 for name in ("whole", "chunked")]
+    manifests = [
+        json.loads((tmp_path / name / "mediator" / "mediator.json").read_text()) for name in ("whole", "chunked")
+    ]
     for first, second in zip(*(manifest["units"] for manifest in manifests)):
         if first["routed"]:
             assert first["retained"] == pytest.approx(second["retained"], abs=1e-5)
@@ -569,16 +600,23 @@ def with_manifest(mediator_dir: Path, tmp_path: Path, content: bytes) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("content, named", [
-    (b"[" * 20_000 + b"]" * 20_000, "nested more than 64 levels deep"),
-    (bytes(range(256)), "not UTF-8 text"),
-    (b'{"format": 2, "tasks": "merging", "routed_tensors": {}, "router": {}, "settings": {}}',
-     "tasks: Input should be a valid list"),
-])
+@pytest.mark.parametrize(
+    "content, named",
+    [
+        (b"[" * 20_000 + b"]" * 20_000, "nested more than 64 levels deep"),
+        (bytes(range(256)), "not UTF-8 text"),
+        (
+            b'{"format": 2, "tasks": "merging", "routed_tensors": {}, "router": {}, "settings": {}}',
+            "tasks: Input should be a valid list",
+        ),
+    ],
+)
 def test_a_broken_manifest_is_one_error_line_naming_it(content, named, mediator_dir, tmp_path, capsys):
     folder = with_manifest(mediator_dir, tmp_path, content)
-    for command in (["generate", str(folder), "--prompt", "one two"],
-                    ["mediator", "export", str(folder), str(tmp_path / "out"), "--task", "merging", "--quiet"]):
+    for command in (
+        ["generate", str(folder), "--prompt", "one two"],
+        ["mediator", "export", str(folder), str(tmp_path / "out"), "--task", "merging", "--quiet"],
+    ):
         error = one_error_line(capsys, *command)
         assert str(folder / "mediator" / "mediator.json") in error and named in error
     assert not (tmp_path / "out").exists()
@@ -596,19 +634,24 @@ def test_feature_layers_the_model_lacks_are_refused(mediator_dir, family, tmp_pa
     config.write_text(yaml.safe_dump(mediator_recipe(root, built, router={"feature_layers": [999]})))
     monkeypatch.setattr(StreamingShardWriter, "write", refuse_writes)
     error = one_error_line(capsys, "mediator", "build", str(config), str(tmp_path / "out"), "--quiet")
-    assert error == (f"error: {config}: mediator.router.feature_layers: hidden state 999 does not exist; a model "
-                     "of 2 decoder layers has -3..2")
+    assert error == (
+        f"error: {config}: mediator.router.feature_layers: hidden state 999 does not exist; a model "
+        "of 2 decoder layers has -3..2"
+    )
 
 
 def refuse_writes(*args, **kwargs):
     raise AssertionError("a tensor was merged before the bad input was refused")
 
 
-@pytest.mark.parametrize("name, content, named", [
-    ("binary.txt", bytes(range(256)), "not UTF-8 text"),
-    ("nested.jsonl", b'{"prompt": "one"}\n' + b"[" * 20_000 + b"]" * 20_000 + b"\n", ":2: nested more than 64"),
-    ("digits.jsonl", b'{"prompt": "one", "n": ' + b"9" * 5000 + b"}\n", ":1: an integer of 5000 digits"),
-])
+@pytest.mark.parametrize(
+    "name, content, named",
+    [
+        ("binary.txt", bytes(range(256)), "not UTF-8 text"),
+        ("nested.jsonl", b'{"prompt": "one"}\n' + b"[" * 20_000 + b"]" * 20_000 + b"\n", ":2: nested more than 64"),
+        ("digits.jsonl", b'{"prompt": "one", "n": ' + b"9" * 5000 + b"}\n", ":1: an integer of 5000 digits"),
+    ],
+)
 def test_a_broken_prompts_file_is_one_error_line_naming_it(name, content, named, family, tmp_path, capsys):
     root, built = family
     data = mediator_recipe(root, built)
@@ -627,16 +670,25 @@ def test_export_carries_over_no_record_from_outside_the_folder(mediator_dir, tmp
     (tmp_path / "token").write_text("token: hf_secret\n")
     (folder / "mergewise.yml").unlink()
     (folder / "mergewise.yml").symlink_to(tmp_path / "token")
-    error = one_error_line(capsys, "mediator", "export", str(folder), str(tmp_path / "out"), "--task", "merging",
-                           "--quiet")
+    error = one_error_line(
+        capsys, "mediator", "export", str(folder), str(tmp_path / "out"), "--task", "merging", "--quiet"
+    )
     assert str(folder / "mergewise.yml") in error and "outside the model folder" in error
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.integration
 def test_export_onto_a_full_disk_names_the_file(mediator_dir, tmp_path):
-    run_measured("mediator", "export", str(mediator_dir), str(tmp_path / "out"), "--task", "merging", "--quiet",
-                 file_size_limit=20_000).assert_one_error("model.safetensors: cannot write")
+    run_measured(
+        "mediator",
+        "export",
+        str(mediator_dir),
+        str(tmp_path / "out"),
+        "--task",
+        "merging",
+        "--quiet",
+        file_size_limit=20_000,
+    ).assert_one_error("model.safetensors: cannot write")
     assert not (tmp_path / "out").exists() and sorted(tmp_path.glob(".out.*")) == []
 
 

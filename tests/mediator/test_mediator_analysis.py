@@ -49,15 +49,24 @@ def base_state(base) -> dict[str, torch.Tensor]:
     return read_state_dict(base)
 
 
-def write_expert(base: Path, out: Path, deltas: dict[str, torch.Tensor], *, drop: tuple[str, ...] = (),
-                 extra: dict[str, torch.Tensor] | None = None) -> Path:
+def write_expert(
+    base: Path,
+    out: Path,
+    deltas: dict[str, torch.Tensor],
+    *,
+    drop: tuple[str, ...] = (),
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """A copy of `base` with weights base + deltas[name] (τ = 0 where no delta is given)."""
     out.mkdir(parents=True)
     for file in base.iterdir():
         if file.suffix != ".safetensors":
             shutil.copy2(file, out / file.name)
-    state = {name: tensor + deltas[name] if name in deltas else tensor
-             for name, tensor in read_state_dict(base).items() if name not in drop}
+    state = {
+        name: tensor + deltas[name] if name in deltas else tensor
+        for name, tensor in read_state_dict(base).items()
+        if name not in drop
+    }
     save_file({**state, **(extra or {})}, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
@@ -97,8 +106,10 @@ PAIRS = {  # name: (τ_a from τ, τ_b from τ, d, c, cosine)
 def test_two_experts_with_known_relation(case, base, base_state, tmp_path):
     first, second, sign_conflict, cancellation, cosine = PAIRS[case]
     deltas = random_deltas(base_state)
-    experts = [write_expert(base, tmp_path / task, {name: make(delta) for name, delta in deltas.items()})
-               for task, make in zip(TASKS, (first, second))]
+    experts = [
+        write_expert(base, tmp_path / task, {name: make(delta) for name, delta in deltas.items()})
+        for task, make in zip(TASKS, (first, second))
+    ]
     report = analyze(base, experts)
     assert report.tasks == ["a", "b"]
     assert [unit.unit for unit in report.units] == UNITS
@@ -116,8 +127,11 @@ def test_sign_conflict_weighs_only_entries_kept_by_two_experts(base, base_state,
     #   a keeps 0..3 (+5 +4 +3 +2; its +1 at entry 4 is cut); b keeps 1..4 (+2 -3 +4 +5; its -1 at 0 is cut);
     #   c keeps 0, 5, 6, 7 (-6 +7 +8 +9).  Shared: entry 0 (a, c disagree, weight 11), 1 (agree, 6),
     #   2 (disagree, 6), 3 (agree, 6); entries 4..7 are kept by one expert only.  d = 17 / 29.
-    values = {"a": {0: 5, 1: 4, 2: 3, 3: 2, 4: 1}, "b": {0: -1, 1: 2, 2: -3, 3: 4, 4: 5},
-              "c": {0: -6, 5: 7, 6: 8, 7: 9}}
+    values = {
+        "a": {0: 5, 1: 4, 2: 3, 3: 2, 4: 1},
+        "b": {0: -1, 1: 2, 2: -3, 3: 4, 4: 5},
+        "c": {0: -6, 5: 7, 6: 8, 7: 9},
+    }
     background = 0.01 * (-1.0) ** torch.arange(base_state["model.norm.weight"].numel())  # below every cut
     experts = []
     for task, entries in values.items():
@@ -162,7 +176,7 @@ def test_cuts_over_row_chunks_are_those_of_a_whole_tensor_sort(pieces, share):
     generator = np.random.default_rng(7)
     size = 4096
     tied = np.round(generator.standard_normal(size) * 3) / 4  # few values: long runs of ties at every cut
-    near = 1 + generator.integers(0, 8, size) * np.float32(2 ** -23)  # one upper-16-bit bucket, 8 lower values
+    near = 1 + generator.integers(0, 8, size) * np.float32(2**-23)  # one upper-16-bit bucket, 8 lower values
     tiny = generator.integers(0, 4, size) * np.float32(1e-45)  # subnormals and zeros
     spread = generator.standard_normal(size) * 10.0 ** generator.integers(-30, 30, size)
     vectors = np.stack([tied, near, tiny, spread, -near]).astype(np.float32)
@@ -178,8 +192,10 @@ def test_streamed_report_equals_the_whole_tensor_formulas(chunk_elements, share,
     for index, task in enumerate(TASKS):  # gaussian updates, and coarse ones with ties at the cuts
         deltas = {name: 0.05 * torch.randn(tensor.shape, generator=generator) for name, tensor in base_state.items()}
         if index:
-            deltas = {name: (delta * 8).round() / 8 if "mlp" in name or "embed" in name else delta
-                      for name, delta in deltas.items()}
+            deltas = {
+                name: (delta * 8).round() / 8 if "mlp" in name or "embed" in name else delta
+                for name, delta in deltas.items()
+            }
         experts.append(write_expert(base, tmp_path / task, deltas))
         states.append(read_state_dict(experts[-1]))
     report = analyze(base, experts, chunk_elements, conflict_density=share)
@@ -193,8 +209,9 @@ def test_streamed_report_equals_the_whole_tensor_formulas(chunk_elements, share,
         assert np.allclose(unit.cosines, expected["cosines"], rtol=0, atol=2e-6), unit.unit
 
 
-def reference_units(base_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
-                    share: float) -> dict[str, dict]:
+def reference_units(
+    base_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]], share: float
+) -> dict[str, dict]:
     """Every unit's figures by the whole-tensor formulas: each tensor's task vectors in memory at once."""
     sums: dict[str, dict] = {}
     for name, tensor in base_state.items():
@@ -206,8 +223,9 @@ def reference_units(base_state: dict[str, torch.Tensor], states: list[dict[str, 
         disagree = (signs > 0).any(0) & (signs < 0).any(0)
         weights = np.where(mask[:, shared], magnitudes[:, shared], 0).sum(0, dtype=np.float64)
         wide = vectors.astype(np.float64)
-        unit = sums.setdefault(unit_of(name), {"parameters": 0, "conflict": 0.0, "weight": 0.0,
-                                               "sum_square": 0.0, "gram": 0.0})
+        unit = sums.setdefault(
+            unit_of(name), {"parameters": 0, "conflict": 0.0, "weight": 0.0, "sum_square": 0.0, "gram": 0.0}
+        )
         unit["parameters"] += vectors.shape[1]
         unit["conflict"] += float(weights[disagree].sum())
         unit["weight"] += float(weights.sum())
@@ -223,13 +241,16 @@ def reference_units(base_state: dict[str, torch.Tensor], states: list[dict[str, 
 
 @pytest.mark.parametrize("chunk_elements", [ONE_CHUNK, SEVERAL_CHUNKS])
 def test_observers_see_every_row_once_in_order(chunk_elements, base, base_state, tmp_path):
-    experts = [write_expert(base, tmp_path / task, random_deltas(base_state, seed))
-               for seed, task in enumerate(TASKS)]
+    experts = [write_expert(base, tmp_path / task, random_deltas(base_state, seed)) for seed, task in enumerate(TASKS)]
     states = [read_state_dict(expert) for expert in experts]
     seen: list[tuple[str, slice, torch.Tensor]] = []
     calls = []
-    report = analyze_conflicts(load_recipe(recipe(base, experts)), quiet=True, chunk_elements=chunk_elements,
-                               observers=[lambda *call: seen.append(call), lambda *call: calls.append(call[:2])])
+    report = analyze_conflicts(
+        load_recipe(recipe(base, experts)),
+        quiet=True,
+        chunk_elements=chunk_elements,
+        observers=[lambda *call: seen.append(call), lambda *call: calls.append(call[:2])],
+    )
     assert calls == [(name, rows) for name, rows, _ in seen]  # every observer, each chunk, in turn
     assert list(dict.fromkeys(name for name, _, _ in seen)) == list(base_state)
     for name, tensor in base_state.items():
@@ -267,8 +288,14 @@ def test_units_are_summed_separately_and_the_model_as_a_whole(base, base_state, 
     assert by_unit["layers.0"].cosines[0][1] == pytest.approx(1.0, abs=1e-6)
     assert by_unit["layers.1"].cosines[0][1] == pytest.approx(-1.0, abs=1e-6)
     assert (by_unit["layers.0"].sign_conflict, by_unit["layers.1"].sign_conflict) == pytest.approx((0.0, 1.0))
-    same, opposite = (sum(delta.double().square().sum().item() for name, delta in deltas.items()
-                          if name.startswith(f"model.layers.{layer}.")) for layer in (0, 1))
+    same, opposite = (
+        sum(
+            delta.double().square().sum().item()
+            for name, delta in deltas.items()
+            if name.startswith(f"model.layers.{layer}.")
+        )
+        for layer in (0, 1)
+    )
     assert report.overall_cosines[0][1] == pytest.approx((same - opposite) / (same + opposite), abs=1e-5)
 
 
@@ -283,8 +310,12 @@ def test_report_files(tiny_family, tmp_path):
     family = tiny_family("llama")
     report_dir = tmp_path / "report"
     report = analyze_to_folder(load_recipe(recipe(family.base, list(family.fine_tunes))), report_dir, quiet=True)
-    assert sorted(path.name for path in report_dir.iterdir()) == ["conflict.csv", "conflict.json", "conflict.png",
-                                                                  "mergewise.yml"]
+    assert sorted(path.name for path in report_dir.iterdir()) == [
+        "conflict.csv",
+        "conflict.json",
+        "conflict.png",
+        "mergewise.yml",
+    ]
     with open(report_dir / "conflict.csv", newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["unit", "parameters", "sign_conflict", "cancellation", "cos:a|b", "cos:a|c", "cos:b|c"]
@@ -315,8 +346,12 @@ def test_existing_report_dir_is_kept_without_overwrite(base, base_state, tmp_pat
     (report_dir / "notes.txt").unlink()
     for _ in range(2):  # an empty folder, then the earlier report
         analyze_to_folder(load_recipe(recipe(base, experts)), report_dir, overwrite=True, quiet=True)
-        assert sorted(path.name for path in report_dir.iterdir()) == ["conflict.csv", "conflict.json", "conflict.png",
-                                                                      "mergewise.yml"]
+        assert sorted(path.name for path in report_dir.iterdir()) == [
+            "conflict.csv",
+            "conflict.json",
+            "conflict.png",
+            "mergewise.yml",
+        ]
 
 
 def test_missing_tensor_names_it_and_writes_nothing(base, tmp_path):
@@ -333,9 +368,15 @@ def test_cli_resolves_models_beside_the_recipe(base, base_state, tmp_path, capsy
     for task, seed in (("a", 1), ("b", 2)):
         write_expert(base, tmp_path / task, random_deltas(base_state, seed))
     config = tmp_path / "recipe.yml"
-    config.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": "base",
-                                      "mediator": {"experts": [{"model": "a", "task": "a"},
-                                                               {"model": "b", "task": "b"}]}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "base_model": "base",
+                "mediator": {"experts": [{"model": "a", "task": "a"}, {"model": "b", "task": "b"}]},
+            }
+        )
+    )
     assert main(["mediator", "analyze", str(config), str(tmp_path / "report")]) == 0
     assert "5 units analysed" in capsys.readouterr().out
     assert (tmp_path / "report" / "conflict.png").stat().st_size > 0

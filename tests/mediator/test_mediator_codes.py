@@ -34,8 +34,9 @@ def test_stored_parts_are_exactly_the_layout(name, dtype):
     assert set(stored) == set(layout)
     for suffix, part in layout.items():
         assert stored[suffix].dtype == part.dtype and tuple(stored[suffix].shape) == part.shape
-    assert sum(t.numel() * t.element_size() for t in stored.values()) == code.stored_bytes(*matrix.shape, dtype,
-                                                                                            LEVELS[name])
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == code.stored_bytes(
+        *matrix.shape, dtype, LEVELS[name]
+    )
     code.validate(stored, *matrix.shape, dtype, LEVELS[name], "expert")
 
 
@@ -161,13 +162,16 @@ def test_bits_round_trip(columns):
     assert torch.equal(bits_as(packed, columns, 1.0, -1.0), 1.0 - 2.0 * bits.float())
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda stored: stored.pop("scale"), "scale is missing"),
-    (lambda stored: stored.update(scale=stored["scale"][:-1]), "scale must be"),
-    (lambda stored: stored.update(signs=stored["signs"].to(torch.int16)), "signs must be torch.uint8"),
-    (lambda stored: stored.update(scale=torch.full_like(stored["scale"], float("inf"))), "NaN or infinite"),
-    (lambda stored: stored.update(extra=torch.zeros(1)), "extra is not part of a sign1 expert"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda stored: stored.pop("scale"), "scale is missing"),
+        (lambda stored: stored.update(scale=stored["scale"][:-1]), "scale must be"),
+        (lambda stored: stored.update(signs=stored["signs"].to(torch.int16)), "signs must be torch.uint8"),
+        (lambda stored: stored.update(scale=torch.full_like(stored["scale"], float("inf"))), "NaN or infinite"),
+        (lambda stored: stored.update(extra=torch.zeros(1)), "extra is not part of a sign1 expert"),
+    ],
+)
 def test_tampered_parts_are_named(change, message):
     code, matrix = get_code("sign1"), residual()
     stored = code.encode(matrix, torch.float32, None)
@@ -193,17 +197,24 @@ def test_unknown_code_is_named():
 
 # ------------------------------------------------------------------------------------- allocation
 def units_of(sizes: dict[str, int]) -> dict[str, list[RoutedTensor]]:
-    return {unit: [RoutedTensor(f"{unit}.weight", (rows, 64), torch.bfloat16), RoutedTensor(f"{unit}.norm", (64,),
-                                                                                            torch.bfloat16)]
-            for unit, rows in sizes.items()}
+    return {
+        unit: [
+            RoutedTensor(f"{unit}.weight", (rows, 64), torch.bfloat16),
+            RoutedTensor(f"{unit}.norm", (64,), torch.bfloat16),
+        ]
+        for unit, rows in sizes.items()
+    }
 
 
 def test_allocation_never_exceeds_the_budget_and_uses_it_well():
     units = units_of({f"layers.{index}": 32 * (index + 1) for index in range(6)})
     options = [("sign1", None), ("sign2", None), ("sparse", 0.25)]
     generator = torch.Generator().manual_seed(0)
-    gains = {(unit, option): float(torch.rand(1, generator=generator)) * (1 + index) * unit_cost(units[unit], *option, 2)
-             for unit in units for index, option in enumerate(options)}
+    gains = {
+        (unit, option): float(torch.rand(1, generator=generator)) * (1 + index) * unit_cost(units[unit], *option, 2)
+        for unit in units
+        for index, option in enumerate(options)
+    }
     everything = sum(max(unit_cost(units[unit], *option, 2) for option in options) for unit in units)
     totals = {unit: max(gains[unit, option] for option in options) * 1.5 for unit in units}
     for share in (0.0, 0.05, 0.2, 0.5, 1.0):
@@ -212,16 +223,21 @@ def test_allocation_never_exceeds_the_budget_and_uses_it_well():
         assert spent == allocation.stored_bytes <= share * everything
     best = allocate(units, options, gains, totals, everything, 2)
     assert len(best.choices) == len(units)  # with room for everything every unit takes its best option
-    assert all(gains[unit, option] == max(gains[unit, other] for other in options)
-               for unit, option in best.choices.items())
+    assert all(
+        gains[unit, option] == max(gains[unit, other] for other in options) for unit, option in best.choices.items()
+    )
 
 
 def test_allocation_first_raises_the_worst_kept_unit():
     units = units_of({"a": 64, "b": 64})
     options = [("sign1", None), ("sign2", None)]
     cost = {option: unit_cost(units["a"], *option, 1) for option in options}
-    gains = {("a", ("sign1", None)): 0.9, ("a", ("sign2", None)): 0.95,
-             ("b", ("sign1", None)): 0.5, ("b", ("sign2", None)): 1.0}
+    gains = {
+        ("a", ("sign1", None)): 0.9,
+        ("a", ("sign2", None)): 0.95,
+        ("b", ("sign1", None)): 0.5,
+        ("b", ("sign2", None)): 1.0,
+    }
     totals = {"a": 1.0, "b": 1.0}
     allocation = allocate(units, options, gains, totals, cost[("sign1", None)] + cost[("sign2", None)], 1)
     assert allocation.choices == {"a": ("sign1", None), "b": ("sign2", None)}  # both keep ≥ 0.9
@@ -250,12 +266,13 @@ def test_the_estimate_samples_rows_across_chunks_as_one_tensor():
     whole.finish()
     chunked = KeptEstimate(options, {"model.layers.0.w": (rows, 8)})
     for start in range(0, rows, 2):  # chunks of 2 rows: most hold no sampled row (every 4th is)
-        chunked("model.layers.0.w", slice(start, start + 2), vectors[:, start:start + 2])
+        chunked("model.layers.0.w", slice(start, start + 2), vectors[:, start : start + 2])
     chunked.finish()
     for task in range(2):
         for option in options:
-            assert chunked.share("layers.0", task, option) == pytest.approx(whole.share("layers.0", task, option),
-                                                                            rel=1e-6)
+            assert chunked.share("layers.0", task, option) == pytest.approx(
+                whole.share("layers.0", task, option), rel=1e-6
+            )
         assert chunked.total["layers.0", task] == pytest.approx(whole.total["layers.0", task], rel=1e-9)
 
 
@@ -269,8 +286,15 @@ def test_the_randomized_svd_of_a_big_matrix_finds_the_exact_top_rank():
     matrix = signal + 0.01 * torch.randn(300, 200, generator=generator)
     exact = lowrank.decode(lowrank.encode(matrix, torch.float32, 5), 200)
     reads = []
-    stored = lowrank.encode_rows(lambda rows: reads.append(rows) or matrix[rows], 300, 200, torch.float32, 5,
-                                 exact_up_to=0, chunk_entries=64 * 200)
+    stored = lowrank.encode_rows(
+        lambda rows: reads.append(rows) or matrix[rows],
+        300,
+        200,
+        torch.float32,
+        5,
+        exact_up_to=0,
+        chunk_entries=64 * 200,
+    )
     assert max(rows.stop - rows.start for rows in reads) == 64  # never more than a chunk at a time
     torch.testing.assert_close(lowrank.decode(stored, 200), exact, rtol=0, atol=1e-3)
 
@@ -309,8 +333,10 @@ def test_decoded_rows_are_fresh_memory(name):
 
 
 @pytest.mark.parametrize("name", ["sign1", "sign2", "sparse"])
-@pytest.mark.parametrize("weights_dtype, stored_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
-                                                         (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "weights_dtype, stored_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)],
+)
 @pytest.mark.parametrize("columns", [37, 64])
 def test_fused_switch_kernels_write_the_bits_of_the_torch_path(name, weights_dtype, stored_dtype, columns):
     """D + decode(r) written in place by the CPU kernels equals `(D.float() + decode).to(dtype)` bit for
@@ -342,7 +368,9 @@ def test_fused_switch_kernels_refuse_columns_outside_the_weights_and_leave_that_
         switching.add_entries(weights, columns, torch.ones(3, 2, dtype=torch.bfloat16))
     assert weights[1:].abs().sum() == 0  # row 0 was written before the bad row was found; row 1 not at all
     with pytest.raises(ValueError, match="row 0"):
-        switching.put_entries(weights, torch.tensor([[-1, 0]], dtype=torch.int16), torch.ones(1, 2, dtype=torch.bfloat16))
+        switching.put_entries(
+            weights, torch.tensor([[-1, 0]], dtype=torch.int16), torch.ones(1, 2, dtype=torch.bfloat16)
+        )
 
 
 @pytest.mark.integration

@@ -145,7 +145,9 @@ def test_overlapping_clusters_are_less_certain():
     _, separated_fit = fitted(10.0)
     _, overlapping_fit = fitted(1.5)
     assert overlapping_fit.heldout_accuracy < 1.0
-    assert min(overlapping_fit.uncertainty_thresholds.values()) > max(separated_fit.uncertainty_thresholds.values()) + 0.3
+    assert (
+        min(overlapping_fit.uncertainty_thresholds.values()) > max(separated_fit.uncertainty_thresholds.values()) + 0.3
+    )
     assert overlapping_fit.temperature > separated_fit.temperature
 
 
@@ -162,8 +164,9 @@ def test_round_trip_through_files(tmp_path, kind):
     router, _ = fitted(3.0, kind=kind, metric="cosine" if kind == "logistic" else "euclidean")
     save_file(router.state_dict(), tmp_path / "router.safetensors")
     (tmp_path / "router.json").write_text(json.dumps(router.metadata()))
-    loaded = Router.from_state(load_file(tmp_path / "router.safetensors"),
-                               json.loads((tmp_path / "router.json").read_text()))
+    loaded = Router.from_state(
+        load_file(tmp_path / "router.safetensors"), json.loads((tmp_path / "router.json").read_text())
+    )
     assert loaded.tasks == router.tasks and loaded.settings == router.settings
     probe = torch.cat([clusters(3.0, count=16, seed=11)[task] for task in TASKS] + [far_point()])
     assert torch.equal(loaded.probabilities(probe), router.probabilities(probe))
@@ -172,8 +175,13 @@ def test_round_trip_through_files(tmp_path, kind):
 
 def test_route_json():
     route = Route("blend", "add", {"add": 0.666666, "sort": 0.333334}, 0.918295, 0.5, {"add": 0.666666})
-    assert route.to_json() == {"decision": "blend", "task": "add", "probs": {"add": 0.6667, "sort": 0.3333},
-                               "uncertainty": 0.9183, "ood": 0.5}
+    assert route.to_json() == {
+        "decision": "blend",
+        "task": "add",
+        "probs": {"add": 0.6667, "sort": 0.3333},
+        "uncertainty": 0.9183,
+        "ood": 0.5,
+    }
     json.dumps(route.to_json())
 
 

@@ -39,8 +39,9 @@ def bf16_family(count: int, rows: int = 300, columns: int = 97, seed: int = 0):
 
 def magnitude_selections(base, inputs, density, gamma):
     """The selections the engine's `prepare` makes, read in row chunks."""
-    return [select_magnitudes(zip(tensor.split(64), base.split(64)), tensor.numel(), density, gamma)
-            for tensor in inputs]
+    return [
+        select_magnitudes(zip(tensor.split(64), base.split(64)), tensor.numel(), density, gamma) for tensor in inputs
+    ]
 
 
 def assert_same_bits(fused: torch.Tensor, eager: torch.Tensor) -> None:
@@ -66,9 +67,16 @@ def test_fused_task_arithmetic_is_bit_identical_to_eager(name, count, variant):
     method = METHODS[name]
     base, inputs = bf16_family(count, seed=count)
     weights = [round(0.7 / (index + 1), 4) for index in range(count)]
-    params = {"weight": weights, "density": [0.4] * count, "gamma": [0.05] * count, "epsilon": [0.1] * count,
-              "normalize": METHODS[name].parameters["normalize"].default, "rescale": False, "lambda": 1.0,
-              "int8_mask": False}
+    params = {
+        "weight": weights,
+        "density": [0.4] * count,
+        "gamma": [0.05] * count,
+        "epsilon": [0.1] * count,
+        "normalize": METHODS[name].parameters["normalize"].default,
+        "rescale": False,
+        "lambda": 1.0,
+        "int8_mask": False,
+    }
     scales = [1.0] * count
     if variant == "normalize+lambda":
         params |= {"normalize": True, "lambda": 0.73}
@@ -80,8 +88,9 @@ def test_fused_task_arithmetic_is_bit_identical_to_eager(name, count, variant):
     keeps = magnitude_selections(base, inputs, 0.4, gamma) if name != "task_arithmetic" else None
     stats = SparsifyStats(keeps, scales)
     for first_row, last_row in ((0, base.shape[0]), (37, 211)):  # whole tensors, and rows inside them
-        rows = TensorRows(base[first_row:last_row], [tensor[first_row:last_row] for tensor in inputs],
-                          first_row, stats=stats)
+        rows = TensorRows(
+            base[first_row:last_row], [tensor[first_row:last_row] for tensor in inputs], first_row, stats=stats
+        )
 
         fused = method.merge(rows, params, method.fused)
         eager = method.merge(rows, params)
@@ -96,14 +105,19 @@ def test_fused_task_arithmetic_is_bit_identical_to_eager(name, count, variant):
 def test_fused_path_declines_rows_it_does_not_cover():
     method = METHODS["ties"]
     base, inputs = bf16_family(2)
-    params = {"weight": [0.5, 0.5], "density": [0.5, 0.5], "normalize": True, "rescale": False,
-              "lambda": 1.0, "int8_mask": False}
+    params = {
+        "weight": [0.5, 0.5],
+        "density": [0.5, 0.5],
+        "normalize": True,
+        "rescale": False,
+        "lambda": 1.0,
+        "int8_mask": False,
+    }
     stats = SparsifyStats(magnitude_selections(base, inputs, 0.5, None), [1.0, 1.0])
     as_float = TensorRows(base.float(), [tensor.float() for tensor in inputs], 0, stats=stats)
     assert method.merge(as_float, params, method.fused) is None
     dare = METHODS["dare_ties"]
     assert dare.merge(TensorRows(base, inputs, 0, stats=SparsifyStats(None, [1.0, 1.0])), params, dare.fused) is None
-
 
 
 def test_merges_stay_eager_when_the_kernels_cannot_load(monkeypatch):
@@ -135,8 +149,7 @@ def test_a_process_ending_while_the_kernels_compile_waits_for_them(tmp_path):
 
 
 @pytest.mark.parametrize("threshold, used", [(0, True), (10**12, False)])
-def test_the_engine_tries_the_kernels_only_from_the_methods_size(threshold, used, tiny_family, tmp_path,
-                                                                 monkeypatch):
+def test_the_engine_tries_the_kernels_only_from_the_methods_size(threshold, used, tiny_family, tmp_path, monkeypatch):
     """Loading the kernels costs ~0.7 s, so merges smaller than `fused_min_parameters` never ask."""
     family = tiny_family("llama")
     calls = []
@@ -147,8 +160,9 @@ def test_the_engine_tries_the_kernels_only_from_the_methods_size(threshold, used
         return method.fused(rows, **arguments)
 
     loads = []  # and their loading starts before the first tensor, for the recipe's number of inputs
-    monkeypatch.setitem(METHODS, "ties", dataclasses.replace(method, fused=spy, fused_min_parameters=threshold,
-                                                             load_fused=loads.append))
+    monkeypatch.setitem(
+        METHODS, "ties", dataclasses.replace(method, fused=spy, fused_min_parameters=threshold, load_fused=loads.append)
+    )
     models = [{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}} for path in family.fine_tunes]
     recipe = {"merge_method": "ties", "base_model": str(family.base), "dtype": "bfloat16", "models": models}
     mergewise.merge(recipe, tmp_path / "out", quiet=True)

@@ -26,8 +26,15 @@ def tensor(*values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def run_method(name: str, base: torch.Tensor | None, inputs: list[torch.Tensor], *, chunk_rows: int | None = None,
-               seed: int = 0, **given) -> torch.Tensor:
+def run_method(
+    name: str,
+    base: torch.Tensor | None,
+    inputs: list[torch.Tensor],
+    *,
+    chunk_rows: int | None = None,
+    seed: int = 0,
+    **given,
+) -> torch.Tensor:
     """Merge whole tensors as the engine does (`prepare` + `merge`), in row chunks of `chunk_rows`
     (default: one chunk)."""
     reference = inputs[0]
@@ -50,8 +57,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-
 # ------------------------------------------------------------------------------------ linear family
 @pytest.mark.parametrize(
     "normalize, expected",
-    [(True, tensor(2.5, 5.0, -1.0)),      # (1·a + 3·b) / 4
-     (False, tensor(10.0, 20.0, -4.0))],  # 1·a + 3·b
+    [
+        (True, tensor(2.5, 5.0, -1.0)),  # (1·a + 3·b) / 4
+        (False, tensor(10.0, 20.0, -4.0)),
+    ],  # 1·a + 3·b
 )
 def test_linear_is_a_weighted_sum_divided_by_the_weights_when_normalized(normalize, expected):
     a, b = tensor(1.0, 2.0, 2.0), tensor(3.0, 6.0, -2.0)
@@ -60,22 +69,25 @@ def test_linear_is_a_weighted_sum_divided_by_the_weights_when_normalized(normali
 
 @pytest.mark.parametrize(
     "lambda_, normalize, expected_delta",
-    [(1.0, False, tensor(1.0, 0.0, 0.5)),          # 1·(1,−1,0) + 0.5·(0,2,1)
-     (2.0, False, tensor(2.0, 0.0, 1.0)),          # lambda scales the summed delta
-     (1.0, True, tensor(1.0, 0.0, 0.5) / 1.5)],    # normalize divides by Σ weight
+    [
+        (1.0, False, tensor(1.0, 0.0, 0.5)),  # 1·(1,−1,0) + 0.5·(0,2,1)
+        (2.0, False, tensor(2.0, 0.0, 1.0)),  # lambda scales the summed delta
+        (1.0, True, tensor(1.0, 0.0, 0.5) / 1.5),
+    ],  # normalize divides by Σ weight
 )
 def test_task_arithmetic_adds_weighted_deltas_scaled_by_lambda(lambda_, normalize, expected_delta):
     base = tensor(1.0, 1.0, 1.0)
     a, b = tensor(2.0, 0.0, 1.0), tensor(1.0, 3.0, 2.0)
-    merged = run_method("task_arithmetic", base, [a, b], weight=(1.0, 0.5), normalize=normalize,
-                        **{"lambda": lambda_})
+    merged = run_method("task_arithmetic", base, [a, b], weight=(1.0, 0.5), normalize=normalize, **{"lambda": lambda_})
     assert_close(merged, base + expected_delta)
 
 
 # --------------------------------------------------------------------------------------------- ties
 TIES_BASE = tensor(10.0, 10.0, 10.0, 10.0)
-TIES_DELTAS = (tensor(3.0, -1.0, 2.0, -0.5),   # density 0.5 keeps 3 and 2
-               tensor(-2.0, -4.0, 1.0, 0.2))   # density 0.5 keeps −2 and −4
+TIES_DELTAS = (
+    tensor(3.0, -1.0, 2.0, -0.5),  # density 0.5 keeps 3 and 2
+    tensor(-2.0, -4.0, 1.0, 0.2),
+)  # density 0.5 keeps −2 and −4
 
 
 @pytest.mark.parametrize(
@@ -90,8 +102,9 @@ TIES_DELTAS = (tensor(3.0, -1.0, 2.0, -0.5),   # density 0.5 keeps 3 and 2
         ((1.0, 2.0), False, tensor(-4.0, -8.0, 2.0, 0.0)),
     ],
 )
-def test_ties_keeps_top_magnitudes_elects_sign_by_weighted_sum_and_takes_disjoint_mean(weight, normalize,
-                                                                                        expected_delta):
+def test_ties_keeps_top_magnitudes_elects_sign_by_weighted_sum_and_takes_disjoint_mean(
+    weight, normalize, expected_delta
+):
     inputs = [TIES_BASE + delta for delta in TIES_DELTAS]
     merged = run_method("ties", TIES_BASE, inputs, weight=weight, density=(0.5, 0.5), normalize=normalize)
     assert_close(merged, TIES_BASE + expected_delta)
@@ -170,12 +183,19 @@ def test_breadcrumbs_ties_applies_sign_consensus_after_the_band():
     base = torch.zeros(10)
     # the second model's delta is the negation of the first on every entry, smaller by half, so the
     # first model wins every election; both keep the same band, the second contributes nothing
-    merged = run_method("breadcrumbs_ties", base, [CRUMB_DELTA, -0.5 * CRUMB_DELTA], weight=(1.0, 1.0),
-                        density=(0.5, 0.5), gamma=(0.1, 0.1))
+    merged = run_method(
+        "breadcrumbs_ties",
+        base,
+        [CRUMB_DELTA, -0.5 * CRUMB_DELTA],
+        weight=(1.0, 1.0),
+        density=(0.5, 0.5),
+        gamma=(0.1, 0.1),
+    )
     assert_close(merged, CRUMB_KEPT)
     # linear breadcrumbs on the same inputs sums both: half of the band
-    summed = run_method("breadcrumbs", base, [CRUMB_DELTA, -0.5 * CRUMB_DELTA], weight=(1.0, 1.0),
-                        density=(0.5, 0.5), gamma=(0.1, 0.1))
+    summed = run_method(
+        "breadcrumbs", base, [CRUMB_DELTA, -0.5 * CRUMB_DELTA], weight=(1.0, 1.0), density=(0.5, 0.5), gamma=(0.1, 0.1)
+    )
     assert_close(summed, 0.5 * CRUMB_KEPT)
 
 
@@ -193,8 +213,15 @@ def big_task() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
 def test_dare_is_reproducible_for_a_seed_and_changes_with_it(name, big_task):
     base, model = (t[:64, :64] for t in big_task)
-    merge = lambda seed: run_method(name, base, [model], weight=(1.0,), density=(0.3,), seed=seed,  # noqa: E731
-                                    chunk_rows=16)
+    merge = lambda seed: run_method(
+        name,
+        base,
+        [model],
+        weight=(1.0,),
+        density=(0.3,),
+        seed=seed,  # noqa: E731
+        chunk_rows=16,
+    )
     first, again, other = merge(1), merge(1), merge(2)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
@@ -232,8 +259,9 @@ def test_della_keep_probability_rises_linearly_with_magnitude_rank_within_each_r
     magnitudes = torch.tensor([3.0, 1.0, 5.0, 2.0, 4.0])  # ranks 2, 0, 4, 1, 3
     delta = magnitudes.repeat(rows, 1)
     base = torch.zeros(rows, width)
-    merged = run_method(name, base, [delta], weight=(1.0,), density=(density,), epsilon=(epsilon,), seed=3,
-                        chunk_rows=4096)
+    merged = run_method(
+        name, base, [delta], weight=(1.0,), density=(density,), epsilon=(epsilon,), seed=3, chunk_rows=4096
+    )
     kept_by_column = merged.ne(0).float().mean(dim=0)
     ranks = magnitudes.argsort().argsort().float()
     expected = (density - epsilon) + ranks / (width - 1) * 2 * epsilon  # 0.1 … 0.9
@@ -267,8 +295,7 @@ def test_slerp_of_collinear_vectors_is_lerp():
         # quarter circle, v0 of length 2: sin(60°)·v0 + sin(30°)·v1 = (√3, ½)
         (tensor(2.0, 0.0), tensor(0.0, 1.0), 1 / 3, tensor(math.sqrt(3), 0.5)),
         # 45° apart, halfway: both coefficients sin(22.5°)/sin(45°)
-        (tensor(1.0, 0.0), tensor(1.0, 1.0), 0.5,
-         math.sin(math.pi / 8) / math.sin(math.pi / 4) * tensor(2.0, 1.0)),
+        (tensor(1.0, 0.0), tensor(1.0, 1.0), 0.5, math.sin(math.pi / 8) / math.sin(math.pi / 4) * tensor(2.0, 1.0)),
     ],
 )
 def test_slerp_follows_the_analytic_formula_on_two_dimensional_vectors(v0, v1, t, expected):
@@ -307,8 +334,9 @@ def test_nuslerp_unflattened_interpolates_each_row_on_its_own():
 
 
 def test_nuslerp_row_wise_interpolates_each_column_on_its_own():
-    merged = run_method("nuslerp", None, [NUSLERP_A, NUSLERP_B], weight=(1.0, 1.0), nuslerp_flatten=False,
-                        nuslerp_row_wise=True)
+    merged = run_method(
+        "nuslerp", None, [NUSLERP_A, NUSLERP_B], weight=(1.0, 1.0), nuslerp_flatten=False, nuslerp_row_wise=True
+    )
     assert_close(merged[:, 0], slerp_reference(0.5, NUSLERP_A[:, 0], NUSLERP_B[:, 0]))  # (1,1) vs (0,1)
     assert_close(merged[:, 1], tensor(SQRT_HALF, SQRT_HALF))  # (0,1) vs (1,0): a quarter circle
 
@@ -405,8 +433,9 @@ def test_arcee_fusion_takes_the_softmax_of_a_1d_tensor_over_all_its_chunks():
     generator = torch.Generator().manual_seed(4)
     base = torch.randn(40, generator=generator)
     model = base + 0.1 * torch.randn(40, generator=generator)
-    assert torch.equal(run_method("arcee_fusion", base, [model], chunk_rows=7),
-                       run_method("arcee_fusion", base, [model]))
+    assert torch.equal(
+        run_method("arcee_fusion", base, [model], chunk_rows=7), run_method("arcee_fusion", base, [model])
+    )
 
 
 # ------------------------------------------------------------------------------- multislerp, karcher
@@ -548,10 +577,18 @@ def test_schema_is_read_from_the_signature():
 
 @pytest.mark.parametrize(
     "name, parameter, default",
-    [("ties", "normalize", True), ("ties", "density", 1.0), ("task_arithmetic", "normalize", False),
-     ("dare_ties", "rescale", True), ("dare_ties", "normalize", False), ("breadcrumbs", "gamma", 0.01),
-     ("breadcrumbs_ties", "normalize", False), ("della", "epsilon", 0.15), ("della", "normalize", True),
-     ("della_linear", "rescale", True)],
+    [
+        ("ties", "normalize", True),
+        ("ties", "density", 1.0),
+        ("task_arithmetic", "normalize", False),
+        ("dare_ties", "rescale", True),
+        ("dare_ties", "normalize", False),
+        ("breadcrumbs", "gamma", 0.01),
+        ("breadcrumbs_ties", "normalize", False),
+        ("della", "epsilon", 0.15),
+        ("della", "normalize", True),
+        ("della_linear", "rescale", True),
+    ],
 )
 def test_presets_carry_mergekit_defaults(name, parameter, default):
     assert METHODS[name].parameters[parameter].default == default
@@ -559,9 +596,15 @@ def test_presets_carry_mergekit_defaults(name, parameter, default):
 
 @pytest.mark.parametrize(
     "name, per_model",
-    [("ties", {"weight", "density"}), ("breadcrumbs", {"weight", "density", "gamma"}),
-     ("della", {"weight", "density", "epsilon"}), ("nuslerp", {"weight"}), ("passthrough", {"scale"}),
-     ("slerp", set()), ("model_stock", set())],
+    [
+        ("ties", {"weight", "density"}),
+        ("breadcrumbs", {"weight", "density", "gamma"}),
+        ("della", {"weight", "density", "epsilon"}),
+        ("nuslerp", {"weight"}),
+        ("passthrough", {"scale"}),
+        ("slerp", set()),
+        ("model_stock", set()),
+    ],
 )
 def test_per_model_parameters_are_marked(name, per_model):
     assert {p.name for p in METHODS[name].parameters.values() if p.per_model} == per_model
@@ -569,11 +612,14 @@ def test_per_model_parameters_are_marked(name, per_model):
 
 def test_randomness_is_declared_by_dare_and_della_only():
     assert {name for name, method in METHODS.items() if method.uses_randomness} == {
-        "dare_linear", "dare_ties", "della", "della_linear"}
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
+    }
 
 
-@pytest.mark.parametrize(
-    "value, expected", [(True, True), ("false", False), ("TRUE", True), (1, True), (0, False)])
+@pytest.mark.parametrize("value, expected", [(True, True), ("false", False), ("TRUE", True), (1, True), (0, False)])
 def test_boolean_parameters_accept_yaml_spellings(value, expected):
     assert METHODS["ties"].parameters["normalize"].coerce(value) is expected
 
@@ -600,15 +646,26 @@ def test_every_registered_method_merges_end_to_end_as_merge_tensors_does(name, t
 
     method = METHODS[name]
     family = tiny_family("llama")
-    fine_tunes = family.fine_tunes[:1 if method.max_inputs == 1 else 2]
+    fine_tunes = family.fine_tunes[: 1 if method.max_inputs == 1 else 2]
     takes_base = method.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
     required = {parameter.name: 0.5 for parameter in method.parameters.values() if parameter.default is REQUIRED}
-    recipe = {"merge_method": name, "dtype": "float32", "models": [{"model": str(path)} for path in fine_tunes],
-              "parameters": required, **({"base_model": str(family.base)} if takes_base else {})}
+    recipe = {
+        "merge_method": name,
+        "dtype": "float32",
+        "models": [{"model": str(path)} for path in fine_tunes],
+        "parameters": required,
+        **({"base_model": str(family.base)} if takes_base else {}),
+    }
     mergewise.merge(recipe, tmp_path / "out", quiet=True, seed=3)
     written, base = read_state_dict(tmp_path / "out"), read_state_dict(family.base)
     inputs = [read_state_dict(path) for path in fine_tunes]
     for tensor in ["model.layers.1.self_attn.q_proj.weight", "model.norm.weight"]:
-        merged = merge_tensors(name, base[tensor].float() if takes_base else None,
-                               [state[tensor].float() for state in inputs], seed=3, tensor=tensor, **required)
+        merged = merge_tensors(
+            name,
+            base[tensor].float() if takes_base else None,
+            [state[tensor].float() for state in inputs],
+            seed=3,
+            tensor=tensor,
+            **required,
+        )
         assert torch.equal(merged, written[tensor]), tensor

@@ -94,7 +94,9 @@ RECIPES: dict[str, Recipe] = {
         normalize=False,
     ),
     "task_arithmetic": lambda f: _recipe(
-        "task_arithmetic", f, _task_vectors(f, {"weight": 0.5}, {"weight": 0.3}, {"weight": ATTENTION_FILTER}),
+        "task_arithmetic",
+        f,
+        _task_vectors(f, {"weight": 0.5}, {"weight": 0.3}, {"weight": ATTENTION_FILTER}),
         **{"lambda": 0.8},
     ),
     "ties": lambda f: _recipe(
@@ -140,7 +142,9 @@ RECIPES: dict[str, Recipe] = {
         int8_mask=True,
     ),
     "nearswap": lambda f: _recipe(
-        "nearswap", f, [{"model": str(f.base)}, {"model": str(f.fine_tunes[0])}],
+        "nearswap",
+        f,
+        [{"model": str(f.base)}, {"model": str(f.fine_tunes[0])}],
         t=[{"filter": "self_attn", "value": 1e-4}, {"value": 5e-4}],
     ),
     "arcee_fusion": lambda f: _recipe("arcee_fusion", f, [{"model": str(f.base)}, {"model": str(f.fine_tunes[0])}]),
@@ -189,8 +193,14 @@ FAR_NOISE = 0.5
 FAR_RECIPES = ("karcher", "multislerp", "multislerp_no_base_unnormalized")
 FAR_CASES = [f"{SPARSE_ARCH}-far-{name}" for name in FAR_RECIPES]
 # A one-layer Llama whose tensors have 0.5 M (k/v), 1 M (q/o/mlp) and 2 M (embeddings) entries.
-REAL_SIZE = {"num_layers": 1, "hidden_size": 1024, "intermediate_size": 1024, "vocab_size": 2048,
-             "num_heads": 16, "num_kv_heads": 8}
+REAL_SIZE = {
+    "num_layers": 1,
+    "hidden_size": 1024,
+    "intermediate_size": 1024,
+    "vocab_size": 2048,
+    "num_heads": 16,
+    "num_kv_heads": 8,
+}
 REAL_SIZE_RECIPES = [name for name in RECIPES if name != "passthrough_frankenmerge"]  # needs 4 layers
 REAL_SIZE_CASES = [f"real-{dtype}-{name}" for dtype in ("bfloat16", "float32") for name in REAL_SIZE_RECIPES]
 

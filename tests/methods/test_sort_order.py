@@ -16,8 +16,9 @@ import torch
 
 from mergewise.methods.sort_order import RUN, positions_in_range
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux",
-                                reason="torch's CPU sort is libstdc++'s std::sort on Linux builds only")
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux", reason="torch's CPU sort is libstdc++'s std::sort on Linux builds only"
+)
 
 # 3000 distinct keys chosen, comparison by comparison, against libstdc++'s median-of-three pivots
 # (McIlroy's adversary): sorting them (or them halved or quartered, which adds ties) reaches the
@@ -27,7 +28,7 @@ ADVERSARY = Path(__file__).parent / "data" / "median_of_three_adversary.npy"
 
 def selected(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
     bits = positions_in_range(keys.copy(), start, stop)
-    return np.unpackbits(bits, bitorder="little")[:keys.size].astype(bool)
+    return np.unpackbits(bits, bitorder="little")[: keys.size].astype(bool)
 
 
 def torch_selected(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -55,7 +56,7 @@ def test_a_million_bf16_magnitudes_match_torch_sort():
 
 @pytest.mark.parametrize("divisor", [1, 2, 4])
 def test_heapsorted_ranges_match_torch_sort_at_every_position(divisor):
-    keys = (np.load(ADVERSARY).astype(np.int32) // divisor)
+    keys = np.load(ADVERSARY).astype(np.int32) // divisor
     full_order = torch.sort(torch.from_numpy(keys).float()).indices.numpy()
     for position in range(0, keys.size, 7):
         assert selected(keys, position, position + 1)[full_order[position]]
@@ -73,4 +74,4 @@ def test_tensors_past_four_billion_entries_take_signed_positions_with_the_same_r
     keys = np.random.default_rng(7).integers(0, 300, 70_001).astype(np.int32)
     expected = torch_selected(keys, 20_000, 50_000)
     bits = positions_in_range(keys.copy(), 20_000, 50_000, np.empty(keys.size, dtype=np.int64), unsigned_below=0)
-    assert np.array_equal(np.unpackbits(bits, bitorder="little")[:keys.size].astype(bool), expected)
+    assert np.array_equal(np.unpackbits(bits, bitorder="little")[: keys.size].astype(bool), expected)

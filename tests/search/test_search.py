@@ -36,19 +36,30 @@ def search_recipe(zoo: Path, **changes) -> dict:
         "merge_method": "ties",
         "base_model": str(zoo / "base"),
         "models": [
-            {"model": str(zoo / "expert-first"),
-             "parameters": {"weight": {"search": "uniform", "low": 0.2, "high": 1.0},
-                            "density": {"search": "choice", "values": [0.3, 0.5, 0.7]}}},
-            {"model": str(zoo / "expert-last"),
-             "parameters": {"weight": {"search": "uniform", "low": 0.2, "high": 1.0}, "density": 0.5}},
+            {
+                "model": str(zoo / "expert-first"),
+                "parameters": {
+                    "weight": {"search": "uniform", "low": 0.2, "high": 1.0},
+                    "density": {"search": "choice", "values": [0.3, 0.5, 0.7]},
+                },
+            },
+            {
+                "model": str(zoo / "expert-last"),
+                "parameters": {"weight": {"search": "uniform", "low": 0.2, "high": 1.0}, "density": 0.5},
+            },
         ],
-        "aim": {"omega": {"search": "uniform", "low": 0.2, "high": 1.0},
-                "calibration": {"data": "self", "samples": 4, "seq_len": 32}},
+        "aim": {
+            "omega": {"search": "uniform", "low": 0.2, "high": 1.0},
+            "calibration": {"data": "self", "samples": 4, "seq_len": 32},
+        },
         "dtype": "bfloat16",
-        "search": {"trials": 4, "searcher": "optuna",
-                   "objective": {"zoo": str(zoo), "tasks": {"first": 1.0, "last": 1.0}, "limit": 4,
-                                 "metric": "answer_nll"},
-                   "keep": 2, "resources": {"cpus": 1}},
+        "search": {
+            "trials": 4,
+            "searcher": "optuna",
+            "objective": {"zoo": str(zoo), "tasks": {"first": 1.0, "last": 1.0}, "limit": 4, "metric": "answer_nll"},
+            "keep": 2,
+            "resources": {"cpus": 1},
+        },
     }
     recipe.update(changes)
     return recipe
@@ -80,13 +91,23 @@ def test_spaces_are_named_by_path_and_substituted(fake_zoo, tmp_path):
     recipe["models"][1]["parameters"]["density"] = [{"search": "int", "low": 0, "high": 1}, 0.5]
     search = load_search_recipe(write(tmp_path / "s.yml", recipe))
     assert [space.name for space in search.spaces] == [
-        "models.0.parameters.weight", "models.0.parameters.density", "models.1.parameters.weight",
-        "models.1.parameters.density.0", "aim.omega", "parameters.lambda"]
+        "models.0.parameters.weight",
+        "models.0.parameters.density",
+        "models.1.parameters.weight",
+        "models.1.parameters.density.0",
+        "aim.omega",
+        "parameters.lambda",
+    ]
     baseline = search.baseline()
     # the key's own default where it has one (AIM's ω 0.4, ties' λ 1.0), else the space's centre
-    assert baseline == {"models.0.parameters.weight": 0.6, "models.0.parameters.density": 0.5,
-                        "models.1.parameters.weight": 0.6, "models.1.parameters.density.0": 1.0,
-                        "aim.omega": 0.4, "parameters.lambda": 1.0}
+    assert baseline == {
+        "models.0.parameters.weight": 0.6,
+        "models.0.parameters.density": 0.5,
+        "models.1.parameters.weight": 0.6,
+        "models.1.parameters.density.0": 1.0,
+        "aim.omega": 0.4,
+        "parameters.lambda": 1.0,
+    }
     concrete = search.concrete({**baseline, "models.1.parameters.density.0": 0})
     assert concrete["models"][1]["parameters"]["density"] == [0, 0.5]
     assert isinstance(concrete["models"][1]["parameters"]["density"][0], int)
@@ -96,7 +117,7 @@ def test_spaces_are_named_by_path_and_substituted(fake_zoo, tmp_path):
 
 def test_centre_of_a_space_without_a_default(fake_zoo, tmp_path):
     recipe = search_recipe(fake_zoo)
-    recipe["aim"]["exponent"] = {"search": "loguniform", "low": 2.0, "high": 8.0}   # exponent's default 1 lies outside
+    recipe["aim"]["exponent"] = {"search": "loguniform", "low": 2.0, "high": 8.0}  # exponent's default 1 lies outside
     recipe["aim"]["omega"]["default"] = 0.9
     search = load_search_recipe(write(tmp_path / "s.yml", recipe))
     assert search.baseline()["aim.exponent"] == pytest.approx(4.0)
@@ -104,30 +125,63 @@ def test_centre_of_a_space_without_a_default(fake_zoo, tmp_path):
 
 
 BAD_SPACES = {
-    "low above high": (("models", 0, "parameters", "weight"), {"search": "uniform", "low": 1.0, "high": 0.2},
-                       ["models.0.parameters.weight", "low (1.0) > high (0.2)"]),
+    "low above high": (
+        ("models", 0, "parameters", "weight"),
+        {"search": "uniform", "low": 1.0, "high": 0.2},
+        ["models.0.parameters.weight", "low (1.0) > high (0.2)"],
+    ),
     "non-numeric key": (("dtype",), {"search": "choice", "values": [1, 2]}, ["dtype", "not a numeric setting"]),
-    "boolean parameter": (("parameters",), {"normalize": {"search": "choice", "values": [0, 1]}},
-                          ["parameters.normalize", "not numeric"]),
-    "string setting": (("aim", "modules"), {"search": "uniform", "low": 0, "high": 1},
-                       ["aim.modules", "not a numeric setting"]),
-    "calibration is fixed": (("aim", "calibration", "samples"), {"search": "int", "low": 2, "high": 8},
-                             ["aim.calibration.samples", "not a numeric setting"]),
-    "unknown parameter": (("models", 1, "parameters", "gamma"), {"search": "uniform", "low": 0, "high": 1},
-                          ["models.1.parameters.gamma", "not a parameter of ties"]),
+    "boolean parameter": (
+        ("parameters",),
+        {"normalize": {"search": "choice", "values": [0, 1]}},
+        ["parameters.normalize", "not numeric"],
+    ),
+    "string setting": (
+        ("aim", "modules"),
+        {"search": "uniform", "low": 0, "high": 1},
+        ["aim.modules", "not a numeric setting"],
+    ),
+    "calibration is fixed": (
+        ("aim", "calibration", "samples"),
+        {"search": "int", "low": 2, "high": 8},
+        ["aim.calibration.samples", "not a numeric setting"],
+    ),
+    "unknown parameter": (
+        ("models", 1, "parameters", "gamma"),
+        {"search": "uniform", "low": 0, "high": 1},
+        ["models.1.parameters.gamma", "not a parameter of ties"],
+    ),
     "unknown kind": (("aim", "omega"), {"search": "normal", "low": 0, "high": 1}, ["aim.omega", "'normal'"]),
-    "choice of words": (("aim", "omega"), {"search": "choice", "values": ["low", "high"]},
-                        ["aim.omega.values", "expected a finite number"]),
-    "default outside": (("aim", "omega"), {"search": "uniform", "low": 0.2, "high": 0.5, "default": 0.9},
-                        ["aim.omega.default", "outside"]),
-    "loguniform at zero": (("aim", "omega"), {"search": "loguniform", "low": 0, "high": 1},
-                           ["aim.omega.low", "above 0"]),
-    "bound the recipe refuses": (("models", 1, "parameters", "density"),
-                                 {"search": "uniform", "low": 0.5, "high": 1.5}, ["density", "[0, 1]"]),
-    "choice the recipe refuses": (("models", 1, "parameters", "density"),
-                                  {"search": "choice", "values": [0.5, 1.5, 0.3]}, ["density", "[0, 1]"]),
-    "objective task not in the zoo": (("search", "objective", "tasks"), {"first": 1.0, "sum": 1.0},
-                                      ["search.objective.tasks", "sum"]),
+    "choice of words": (
+        ("aim", "omega"),
+        {"search": "choice", "values": ["low", "high"]},
+        ["aim.omega.values", "expected a finite number"],
+    ),
+    "default outside": (
+        ("aim", "omega"),
+        {"search": "uniform", "low": 0.2, "high": 0.5, "default": 0.9},
+        ["aim.omega.default", "outside"],
+    ),
+    "loguniform at zero": (
+        ("aim", "omega"),
+        {"search": "loguniform", "low": 0, "high": 1},
+        ["aim.omega.low", "above 0"],
+    ),
+    "bound the recipe refuses": (
+        ("models", 1, "parameters", "density"),
+        {"search": "uniform", "low": 0.5, "high": 1.5},
+        ["density", "[0, 1]"],
+    ),
+    "choice the recipe refuses": (
+        ("models", 1, "parameters", "density"),
+        {"search": "choice", "values": [0.5, 1.5, 0.3]},
+        ["density", "[0, 1]"],
+    ),
+    "objective task not in the zoo": (
+        ("search", "objective", "tasks"),
+        {"first": 1.0, "sum": 1.0},
+        ["search.objective.tasks", "sum"],
+    ),
     "grid over a uniform space": (("search", "searcher"), "grid", ["grid needs choice or int", "weight"]),
 }
 
@@ -153,7 +207,8 @@ def test_a_grid_of_a_billion_points_is_refused_before_it_is_listed(fake_zoo, tmp
     recipe["aim"]["omega"] = 0.4
     recipe["search"]["searcher"] = "grid"
     run_measured("search", str(write(tmp_path / "s.yml", recipe)), str(tmp_path / "out"), "--quiet").assert_one_error(
-        "search.searcher: grid runs every combination of the spaces, here 1000000001 trials; at most 10000")
+        "search.searcher: grid runs every combination of the spaces, here 1000000001 trials; at most 10000"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -182,8 +237,14 @@ def test_a_folder_holding_something_else_is_refused_without_resume(fake_zoo, tmp
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     status = main(["search", str(write(tmp_path / "s.yml", search_recipe(fake_zoo))), str(tmp_path / "out")])
-    assert_refused(capsys, status, tmp_path / "out", "not empty", "--resume",
-                   out_dir_before={"notes.txt": __import__("hashlib").sha256(b"mine").hexdigest()})
+    assert_refused(
+        capsys,
+        status,
+        tmp_path / "out",
+        "not empty",
+        "--resume",
+        out_dir_before={"notes.txt": __import__("hashlib").sha256(b"mine").hexdigest()},
+    )
 
 
 def test_resume_keeps_the_trial_count_it_started_with(fake_zoo, tmp_path, capsys):
@@ -226,17 +287,21 @@ def test_four_trial_search_writes_a_runnable_best_recipe(tiny_zoo, tmp_path, loc
     for row in rows:
         assert 0.2 <= float(row["models.0.parameters.weight"]) <= 1.0
         assert float(row["models.0.parameters.density"]) in (0.3, 0.5, 0.7)
-        assert float(row["score"]) == pytest.approx((float(row["task:first"]) + float(row["task:last"])) / 2,
-                                                     abs=1e-6)
+        assert float(row["score"]) == pytest.approx((float(row["task:first"]) + float(row["task:last"])) / 2, abs=1e-6)
     scores = [float(row["score"]) for row in rows]
     best = max(rows, key=lambda row: float(row["score"]))
     assert result.best["trial"] == best["trial"] and result.best["validation"] == max(scores)
     # only the `keep` best models stay, the best among them
     assert sorted(path.name for path in (out_dir / "models").iterdir()) == sorted(
-        row["trial"] for row in sorted(rows, key=lambda row: -float(row["score"]))[:2])
+        row["trial"] for row in sorted(rows, key=lambda row: -float(row["score"]))[:2]
+    )
     # the baseline is the first trial (seeded), so the best never scores below it on validation
-    baseline_values = {"models.0.parameters.weight": 0.6, "models.0.parameters.density": 0.5,
-                       "models.1.parameters.weight": 0.6, "aim.omega": 0.4}
+    baseline_values = {
+        "models.0.parameters.weight": 0.6,
+        "models.0.parameters.density": 0.5,
+        "models.1.parameters.weight": 0.6,
+        "aim.omega": 0.4,
+    }
     assert result.baseline["values"] == baseline_values
     seeded = [row for row in rows if all(float(row[key]) == value for key, value in baseline_values.items())]
     assert [float(row["score"]) for row in seeded] == [result.baseline["validation"]]
@@ -259,7 +324,7 @@ def test_four_trial_search_writes_a_runnable_best_recipe(tiny_zoo, tmp_path, loc
 @pytest.mark.integration
 def test_resume_after_an_interrupted_search_does_not_redo_finished_trials(tiny_zoo, tmp_path):
     recipe = search_recipe(tiny_zoo)
-    recipe["search"].update(trials=12, resources={"cpus": 2})   # one trial at a time
+    recipe["search"].update(trials=12, resources={"cpus": 2})  # one trial at a time
     search_file, out_dir = write(tmp_path / "search.yml", recipe), tmp_path / "out"
     command = [sys.executable, "-m", "mergewise.cli", "search", str(search_file), str(out_dir), "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -267,7 +332,7 @@ def test_resume_after_an_interrupted_search_does_not_redo_finished_trials(tiny_z
     deadline = time.monotonic() + 240
     while not (records.is_dir() and any(records.glob("*.json"))) and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)   # as Ctrl-C does
+    process.send_signal(signal.SIGINT)  # as Ctrl-C does
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2 and "--resume" in err, err
     finished = {path.name: (path.stat().st_mtime_ns, path.read_text()) for path in records.glob("*.json")}
@@ -309,18 +374,37 @@ def test_lm_eval_objective_takes_each_task_first_metric_higher_is_better(tiny_zo
     data_file.parent.mkdir()
     data_file.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers)))
     write_tasks(data_file.parent, data_file)
-    objective = resolve_objective(Objective(lm_eval={"tasks": ["mw_generate", "mw_rolling"], "include_path": "tasks",
-                                                     "test_tasks": ["mw_generate"], "batch_size": 4}),
-                                  tmp_path, "s.yml")
+    objective = resolve_objective(
+        Objective(
+            lm_eval={
+                "tasks": ["mw_generate", "mw_rolling"],
+                "include_path": "tasks",
+                "test_tasks": ["mw_generate"],
+                "batch_size": 4,
+            }
+        ),
+        tmp_path,
+        "s.yml",
+    )
     validation = score_model(model_dir, objective, "validation")
     perplexity = lm_eval.simple_evaluate(
-        model="mergewise", model_args=f"pretrained={model_dir},device=cpu", tasks=["mw_rolling"], batch_size=4,
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks")))["results"]["mw_rolling"]["word_perplexity,none"]
+        model="mergewise",
+        model_args=f"pretrained={model_dir},device=cpu",
+        tasks=["mw_rolling"],
+        batch_size=4,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+    )["results"]["mw_rolling"]["word_perplexity,none"]
     assert validation["tasks"] == {"mw_generate": 1.0, "mw_rolling": pytest.approx(-perplexity)}  # lower is better
     assert validation["score"] == pytest.approx((1.0 - perplexity) / 2, abs=1e-6)
     assert score_model(model_dir, objective, "test") == {"score": 1.0, "tasks": {"mw_generate": 1.0}}
-    assert score_model(model_dir, objective.model_copy(update={"lm_eval": objective.lm_eval.model_copy(
-        update={"test_tasks": None})}), "test") is None
+    assert (
+        score_model(
+            model_dir,
+            objective.model_copy(update={"lm_eval": objective.lm_eval.model_copy(update={"test_tasks": None})}),
+            "test",
+        )
+        is None
+    )
 
 
 @pytest.mark.integration
@@ -333,8 +417,14 @@ def test_grid_runs_every_combination_once_and_cmaes_runs(tiny_zoo, tmp_path, loc
     grid["aim"]["omega"] = 0.4
     grid["search"].update(searcher="grid", trials=1)
     run_search(write(tmp_path / "grid.yml", grid), tmp_path / "grid", quiet=True)
-    combinations = {(float(row["models.0.parameters.weight"]), float(row["models.0.parameters.density"]),
-                     float(row["models.1.parameters.weight"])) for row in read_trials(tmp_path / "grid")}
+    combinations = {
+        (
+            float(row["models.0.parameters.weight"]),
+            float(row["models.0.parameters.density"]),
+            float(row["models.1.parameters.weight"]),
+        )
+        for row in read_trials(tmp_path / "grid")
+    }
     assert len(read_trials(tmp_path / "grid")) == len(combinations) == 2 * 3 * 2
     cmaes = search_recipe(tiny_zoo)
     cmaes["search"].update(searcher="cmaes", trials=3)

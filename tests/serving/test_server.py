@@ -46,9 +46,22 @@ class Server:
     def __init__(self, folder: Path, *flags: str):
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mergewise.cli", "serve", str(folder), "--port", str(self.port),
-             "--log-level", "warning", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "mergewise.cli",
+                "serve",
+                str(folder),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *flags,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
@@ -111,14 +124,23 @@ def test_completion_chat_and_stream_through_the_openai_client(server):
     chunks = list(streamed)
     assert "".join(chunk.choices[0].text for chunk in chunks) == completion.choices[0].text
     assert chunks[-1].choices[0].finish_reason == completion.choices[0].finish_reason
-    chat = client.chat.completions.create(model="numbers", messages=[{"role": "user", "content": prompt}],
-                                          max_tokens=5, temperature=0)
+    chat = client.chat.completions.create(
+        model="numbers", messages=[{"role": "user", "content": prompt}], max_tokens=5, temperature=0
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
-    chat_chunks = list(client.chat.completions.create(model="numbers", messages=[{"role": "user", "content": prompt}],
-                                                      max_tokens=5, temperature=0, stream=True,
-                                                      stream_options={"include_usage": True}))
+    chat_chunks = list(
+        client.chat.completions.create(
+            model="numbers",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chat_chunks if chunk.choices) == (
-        chat.choices[0].message.content)
+        chat.choices[0].message.content
+    )
     assert chat_chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
 
@@ -129,8 +151,9 @@ def test_routes_come_back_in_headers_and_body(server, reference):
         raw = client.completions.with_raw_response.create(model=task, prompt=prompt, max_tokens=2, temperature=0)
         assert raw.headers["x-mergewise-route"] == "select" and raw.headers["x-mergewise-task"] == task
         assert raw.parse().model_extra["mergewise"]["route"]["task"] == task
-        automatic = client.completions.with_raw_response.create(model="auto", prompt=prompt, max_tokens=2,
-                                                                temperature=0)
+        automatic = client.completions.with_raw_response.create(
+            model="auto", prompt=prompt, max_tokens=2, temperature=0
+        )
         [route] = reference.route_texts([prompt])
         assert automatic.headers["x-mergewise-route"] == route.decision
         assert automatic.headers["x-mergewise-task"] == (route.task or "")
@@ -152,11 +175,16 @@ def test_errors_are_openai_error_objects(server):
         assert refused.value.body["type"] == "invalid_request_error" and refused.value.body["param"]
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="auto", prompt="one " * 200, max_tokens=2)
-    broken = httpx.post(f"{server.url}/v1/completions", content=b"{not json", timeout=10,
-                        headers={"content-type": "application/json"})
+    broken = httpx.post(
+        f"{server.url}/v1/completions", content=b"{not json", timeout=10, headers={"content-type": "application/json"}
+    )
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
-    too_big = httpx.post(f"{server.url}/v1/completions", content=b"x" * (2 << 20), timeout=10,
-                         headers={"content-type": "application/json"})
+    too_big = httpx.post(
+        f"{server.url}/v1/completions",
+        content=b"x" * (2 << 20),
+        timeout=10,
+        headers={"content-type": "application/json"},
+    )
     assert too_big.status_code == 413 and "error" in too_big.json()
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
@@ -165,8 +193,10 @@ def mixed_prompts(count: int) -> list[tuple[str, str]]:
     """(model, prompt) pairs over every route and task, and prompts of no task."""
     names = ["auto", "dense", *TASK_WORDS]
     groups = [*TASK_WORDS.values(), HELD_BACK_WORDS]
-    return [(names[index % len(names)], prompts_for(groups[index % len(groups)], 1, 500 + index)[0])
-            for index in range(count)]
+    return [
+        (names[index % len(names)], prompts_for(groups[index % len(groups)], 1, 500 + index)[0])
+        for index in range(count)
+    ]
 
 
 def expected_text(reference, model: str, prompt: str, max_tokens: int) -> str:
@@ -178,23 +208,33 @@ def expected_text(reference, model: str, prompt: str, max_tokens: int) -> str:
     reference.use_weights({} if model == "dense" else {model: 1.0})
     import torch
 
-    generated = reference.model.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens,
-                                         pad_token_id=reference.tokenizer.pad_token_id)
-    return reference.tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
+    generated = reference.model.generate(
+        input_ids=torch.tensor([ids]),
+        do_sample=False,
+        max_new_tokens=max_tokens,
+        pad_token_id=reference.tokenizer.pad_token_id,
+    )
+    return reference.tokenizer.decode(generated[0, len(ids) :], skip_special_tokens=True)
 
 
 def test_greedy_answers_equal_generate_alone_and_under_32_concurrent_clients(server, reference):
     pairs = mixed_prompts(32)
     expected = [expected_text(reference, model, prompt, 8) for model, prompt in pairs]
     client = server.client()
-    alone = [client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
-             for model, prompt in pairs]
+    alone = [
+        client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+        for model, prompt in pairs
+    ]
     assert alone == expected
 
     async def concurrently():
         async with server.async_client() as concurrent:
-            answers = await asyncio.gather(*(concurrent.completions.create(model=model, prompt=prompt, max_tokens=8,
-                                                                           temperature=0) for model, prompt in pairs))
+            answers = await asyncio.gather(
+                *(
+                    concurrent.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+                    for model, prompt in pairs
+                )
+            )
         return [answer.choices[0].text for answer in answers]
 
     assert asyncio.run(concurrently()) == expected
@@ -205,11 +245,16 @@ def test_greedy_answers_equal_generate_alone_and_under_32_concurrent_clients(ser
 def test_a_full_queue_answers_429_and_a_leaving_client_frees_its_slot(mediator_dir):
     server = Server(mediator_dir, "--max-batch", "1", "--max-queue", "1")
     try:
+
         async def flood():
             async with server.async_client() as client:
-                return await asyncio.gather(*(client.completions.create(model="dense", prompt="one two three",
-                                                                        max_tokens=60, temperature=0)
-                                              for _ in range(8)), return_exceptions=True)
+                return await asyncio.gather(
+                    *(
+                        client.completions.create(model="dense", prompt="one two three", max_tokens=60, temperature=0)
+                        for _ in range(8)
+                    ),
+                    return_exceptions=True,
+                )
 
         outcomes = asyncio.run(flood())
         refused = [outcome for outcome in outcomes if isinstance(outcome, openai.RateLimitError)]
@@ -217,11 +262,15 @@ def test_a_full_queue_answers_429_and_a_leaving_client_frees_its_slot(mediator_d
         assert all(isinstance(outcome, openai.RateLimitError) or outcome.choices for outcome in outcomes)
 
         # A streaming client that leaves after its first chunk: its generation stops and its slot frees.
-        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=30, json={
-                "model": "dense", "prompt": "one two", "max_tokens": 100, "temperature": 0, "stream": True}) as stream:
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/completions",
+            timeout=30,
+            json={"model": "dense", "prompt": "one two", "max_tokens": 100, "temperature": 0, "stream": True},
+        ) as stream:
             next(stream.iter_lines())
         deadline = time.monotonic() + 30
-        while "status=\"cancelled\"" not in (metrics := httpx.get(f"{server.url}/metrics", timeout=10).text):
+        while 'status="cancelled"' not in (metrics := httpx.get(f"{server.url}/metrics", timeout=10).text):
             assert time.monotonic() < deadline, metrics
             time.sleep(0.2)
         after = server.client().completions.create(model="dense", prompt="one", max_tokens=2)
@@ -235,9 +284,11 @@ def test_sigterm_finishes_the_streams_in_flight_refuses_new_ones_and_exits_0(med
 
     async def streams():
         async with server.async_client() as client:
+
             async def one(index: int) -> tuple[str, str | None]:
-                stream = await client.completions.create(model="dense", prompt=f"one two {index}", max_tokens=40,
-                                                         temperature=0, stream=True)
+                stream = await client.completions.create(
+                    model="dense", prompt=f"one two {index}", max_tokens=40, temperature=0, stream=True
+                )
                 text, reason = "", None
                 async for chunk in stream:
                     if index == 0 and not text:

@@ -42,17 +42,25 @@ def model(mediator_dir):
 def reference_text(model, prompt_ids: list[int], mix: dict[str, float], max_tokens: int) -> str:
     """What transformers' greedy `generate` makes of one prompt alone with the given weights in place."""
     model.use_weights(mix)
-    generated = model.model.generate(input_ids=torch.tensor([prompt_ids]), do_sample=False,
-                                     max_new_tokens=max_tokens, pad_token_id=model.tokenizer.pad_token_id)
-    return model.tokenizer.decode(generated[0, len(prompt_ids):], skip_special_tokens=True)
+    generated = model.model.generate(
+        input_ids=torch.tensor([prompt_ids]),
+        do_sample=False,
+        max_new_tokens=max_tokens,
+        pad_token_id=model.tokenizer.pad_token_id,
+    )
+    return model.tokenizer.decode(generated[0, len(prompt_ids) :], skip_special_tokens=True)
 
 
 def test_batched_greedy_decoding_equals_generate_one_prompt_at_a_time(model):
     prompts = [prompts_for(words, 3, 20 + index) for index, words in enumerate(TASK_WORDS.values())]
     encoded = model.encode([prompt for group in prompts for prompt in group])
     model.use_weights({})
-    completions = [Completion(ids, Sampling(max_tokens=7, temperature=0), model.tokenizer,
-                              frozenset([model.tokenizer.eos_token_id])) for ids in encoded]
+    completions = [
+        Completion(
+            ids, Sampling(max_tokens=7, temperature=0), model.tokenizer, frozenset([model.tokenizer.eos_token_id])
+        )
+        for ids in encoded
+    ]
     streamed = [""] * len(completions)
 
     def collect(row, text):
@@ -70,12 +78,12 @@ def test_stop_strings_are_cut_and_never_streamed(model):
     model.use_weights({})
     whole = Completion(ids, Sampling(max_tokens=12, temperature=0), model.tokenizer, frozenset())
     decode(model.model, [whole], model.tokenizer.pad_token_id, model.device)
-    stop = whole.text[len(whole.text) // 2:][:3]
+    stop = whole.text[len(whole.text) // 2 :][:3]
     assert stop.strip()
     streamed = []
     cut = Completion(ids, Sampling(max_tokens=12, temperature=0, stop=(stop,)), model.tokenizer, frozenset())
     decode(model.model, [cut], model.tokenizer.pad_token_id, model.device, lambda row, text: streamed.append(text))
-    assert cut.finish_reason == "stop" and cut.text == whole.text[:whole.text.find(stop)]
+    assert cut.finish_reason == "stop" and cut.text == whole.text[: whole.text.find(stop)]
     assert "".join(streamed) == cut.text
 
 
@@ -124,14 +132,22 @@ def test_after_200_mixed_requests_through_the_app_the_dense_weights_are_the_fold
 
     async def run_all():
         transport = httpx.ASGITransport(app=app)
-        client = openai.AsyncOpenAI(base_url="http://serving.test/v1", api_key="unused", max_retries=0,
-                                    http_client=httpx.AsyncClient(transport=transport, base_url="http://serving.test"))
+        client = openai.AsyncOpenAI(
+            base_url="http://serving.test/v1",
+            api_key="unused",
+            max_retries=0,
+            http_client=httpx.AsyncClient(transport=transport, base_url="http://serving.test"),
+        )
         limit = asyncio.Semaphore(16)
 
         async def one(request):
             async with limit:
-                return await client.completions.create(model=request.model, prompt=request.prompt_ids,
-                                                       max_tokens=request.sampling.max_tokens, temperature=0)
+                return await client.completions.create(
+                    model=request.model,
+                    prompt=request.prompt_ids,
+                    max_tokens=request.sampling.max_tokens,
+                    temperature=0,
+                )
 
         return await asyncio.gather(*(one(request) for request in requests))
 

@@ -28,8 +28,12 @@ def build_fake_zoo(zoo_dir: Path, seed: int = 0) -> Path:
         splits = split_examples(task, random.Random(f"{seed}-{task.name}"), EXAMPLES)
         write_eval_jsonl(zoo_dir / "tasks" / task.name / "eval.jsonl", splits["eval"])
         write_lines(zoo_dir / "tasks" / task.name / "calib.txt", [prompt for prompt, _ in splits["calibration"]])
-        tasks[task.name] = {"expert": expert, "calibration": f"tasks/{task.name}/calib.txt",
-                            "eval": f"tasks/{task.name}/eval.jsonl", "metric": "exact_match"}
+        tasks[task.name] = {
+            "expert": expert,
+            "calibration": f"tasks/{task.name}/calib.txt",
+            "eval": f"tasks/{task.name}/eval.jsonl",
+            "metric": "exact_match",
+        }
     write_lines(zoo_dir / "general" / "eval.txt", ["def add(a, b):\n    return a + b\n"])
     manifest = {"base": "base", "tasks": tasks, "general": {"eval": "general/eval.txt", "metric": "nll"}}
     (zoo_dir / "zoo.json").write_text(json.dumps(manifest, indent=2))

@@ -57,15 +57,29 @@ def _install(kill_at: int | None, trace_descriptor: int) -> None:
                     count[0] += 1
                     if count[0] == kill_at:
                         os.kill(os.getpid(), signal.SIGKILL)
-                    targets = ([args[0]] if label in ("os.pwrite", "os.sendfile", "os.ftruncate") else
-                               [argument for argument in args[:2] if isinstance(argument, (str, bytes, os.PathLike))])
+                    targets = (
+                        [args[0]]
+                        if label in ("os.pwrite", "os.sendfile", "os.ftruncate")
+                        else [argument for argument in args[:2] if isinstance(argument, (str, bytes, os.PathLike))]
+                    )
                     _write(trace_descriptor, f"{label} {' '.join(map(_name, targets))}\n".encode())
             return function(*args, **kwargs)
 
         setattr(module, attribute, hook)
 
-    for attribute in ("open", "pwrite", "sendfile", "rename", "replace", "unlink", "remove", "rmdir", "mkdir",
-                      "truncate", "ftruncate"):
+    for attribute in (
+        "open",
+        "pwrite",
+        "sendfile",
+        "rename",
+        "replace",
+        "unlink",
+        "remove",
+        "rmdir",
+        "mkdir",
+        "truncate",
+        "ftruncate",
+    ):
         wrapped(os, attribute, f"os.{attribute}")
     wrapped(builtins, "open", "open")
     io.open = builtins.open

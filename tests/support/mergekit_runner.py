@@ -30,8 +30,9 @@ def main(jobs_path: str, results_path: str) -> None:
         # (the same model at another depth), so each recipe starts with none.
         LoaderCache().loaders.clear()
         os.chdir(job["cwd"])
-        options = MergeOptions(random_seed=0, quiet=True, write_model_card=False,
-                               lora_merge_cache=os.path.join(job["cwd"], ".lora-cache"))
+        options = MergeOptions(
+            random_seed=0, quiet=True, write_model_card=False, lora_merge_cache=os.path.join(job["cwd"], ".lora-cache")
+        )
         try:
             with open(job["recipe"], encoding="utf-8") as file:
                 config = MergeConfiguration.model_validate(yaml.safe_load(file.read()))

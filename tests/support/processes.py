@@ -54,6 +54,7 @@ sys.exit(status)
 def run_measured(*argv: str, file_size_limit: int | None = None) -> Measured:
     """`mergewise ARGV` run to its end (killed past twice LIMIT_SECONDS); with `file_size_limit`, no
     file it writes may grow past that many bytes (a write past it fails as on a full disk)."""
+
     def limits():
         if file_size_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
@@ -62,9 +63,14 @@ def run_measured(*argv: str, file_size_limit: int | None = None) -> Measured:
     with tempfile.NamedTemporaryFile("r") as report:
         started = time.perf_counter()
         try:
-            done = subprocess.run([sys.executable, "-c", MEASURED_COMMAND, report.name, *argv], text=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limits,
-                                  timeout=2 * LIMIT_SECONDS)
+            done = subprocess.run(
+                [sys.executable, "-c", MEASURED_COMMAND, report.name, *argv],
+                text=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=limits,
+                timeout=2 * LIMIT_SECONDS,
+            )
         except subprocess.TimeoutExpired as expired:
             return Measured(-9, expired.stderr or "", time.perf_counter() - started, 0)
         peak = report.read().strip()

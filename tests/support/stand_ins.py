@@ -32,8 +32,8 @@ ABSOLUTE = "absolute"  # where the stand-ins of absolute paths live, inside the 
 class PreparedRecipe:
     """A recipe placed in its work folder beside the stand-ins of the models it names."""
 
-    source: Path       # the recipe as published
-    recipe: Path       # its copy in `folder` (absolute model paths moved under it)
+    source: Path  # the recipe as published
+    recipe: Path  # its copy in `folder` (absolute model paths moved under it)
     folder: Path
     merge_method: str
 
@@ -127,8 +127,9 @@ class StandIns:
 
     def _base(self, depth: int) -> Path:
         if depth not in self._bases:
-            self._bases[depth] = build_tiny_model(ARCHITECTURE, self.root / f"depth-{depth}" / "root",
-                                                  num_layers=depth, **SIZE)
+            self._bases[depth] = build_tiny_model(
+                ARCHITECTURE, self.root / f"depth-{depth}" / "root", num_layers=depth, **SIZE
+            )
         return self._bases[depth]
 
 

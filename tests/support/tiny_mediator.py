@@ -33,10 +33,16 @@ def build_mediator_family(root: Path) -> tuple[Path, Family]:
 
 
 def mediator_recipe(root: Path, family: Family, **mediator) -> dict:
-    experts = [{"model": str(path), "task": task, "prompts": str(root / f"{task}.txt")}
-               for path, task in zip(family.fine_tunes, TASK_WORDS)]
-    return {"merge_method": "linear", "base_model": str(family.base), "dtype": "float32",
-            "mediator": {"experts": experts, **mediator}}
+    experts = [
+        {"model": str(path), "task": task, "prompts": str(root / f"{task}.txt")}
+        for path, task in zip(family.fine_tunes, TASK_WORDS)
+    ]
+    return {
+        "merge_method": "linear",
+        "base_model": str(family.base),
+        "dtype": "float32",
+        "mediator": {"experts": experts, **mediator},
+    }
 
 
 def build_tiny_mediator(family: tuple[Path, Family], out: Path, **mediator) -> Path:

@@ -161,12 +161,27 @@ def build_tiny_vision_language_model(out_dir: str | Path, *, seed: int = 0) -> P
     """A random Gemma 3 (a vision tower, a projector and a language model under `text_config`) of two
     text layers, with the tiny tokenizer: a multimodal folder as the Hub has them."""
     config = Gemma3Config(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 256, "sliding_window": 8,
-                     "layer_types": ["full_attention", "full_attention"]},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 28, "patch_size": 14},
-        mm_tokens_per_image=4)
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "vocab_size": 256,
+            "sliding_window": 8,
+            "layer_types": ["full_attention", "full_attention"],
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
+        mm_tokens_per_image=4,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -205,8 +220,9 @@ def build_fine_tune(base_dir: str | Path, out_dir: str | Path, *, seed: int, noi
     return out_dir
 
 
-def with_added_tokens(model_dir: str | Path, out_dir: str | Path, tokens: Sequence[str], *, seed: int,
-                      special: bool = True) -> Path:
+def with_added_tokens(
+    model_dir: str | Path, out_dir: str | Path, tokens: Sequence[str], *, seed: int, special: bool = True
+) -> Path:
     """Copy a single-file model folder with `tokens` appended to its tokenizer (special tokens, like a
     fine-tune's PAD or chat markers, unless `special` is False) and one random row per new token
     appended to its embedding and untied head, growing config.json's vocab_size to match."""
@@ -262,8 +278,9 @@ def read_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_lora_adapter(base: str | Path, folder: str | Path, *, rank: int = 4, seed: int = 0,
-                       **options) -> dict[str, torch.Tensor]:
+def build_lora_adapter(
+    base: str | Path, folder: str | Path, *, rank: int = 4, seed: int = 0, **options
+) -> dict[str, torch.Tensor]:
     """A PEFT LoRA (on q/v unless `options` say otherwise) of `base` with random (not zero) B factors,
     saved in `folder`; returns the weights PEFT's `merge_and_unload` makes of it."""
     from peft import LoraConfig, get_peft_model

@@ -57,8 +57,11 @@ def test_zoo_json_records_every_models_scores_and_the_targets(tiny_zoo):
         assert set(scores) == set(zoo.tasks)
         assert all(0.0 <= score <= 1.0 for score in scores.values())
     targets = manifest["targets"]
-    own = all(manifest["scores"][f"expert-{name}"][name] >= targets["expert_on_own_task_min"]
-              for name, task in zoo.tasks.items() if task.expert)
+    own = all(
+        manifest["scores"][f"expert-{name}"][name] >= targets["expert_on_own_task_min"]
+        for name, task in zoo.tasks.items()
+        if task.expert
+    )
     floor = all(score <= targets["base_max"] for score in manifest["scores"]["base"].values())
     assert targets["met"] == (own and floor)
 
@@ -145,14 +148,28 @@ def test_broken_zoo_json_names_the_file_and_key(tmp_path):
         load_zoo(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("manifest, named", [
-    ({"base": "base", "general": {"eval": "g.txt"},
-      "tasks": {"t": {"expert": None, "calibration": "c.txt", "eval": 5, "metric": "nll"}}},
-     "'tasks.t.eval' must be a string"),
-    ({"base": "base", "general": "g.txt", "tasks": {"t": {"expert": None, "calibration": "c.txt", "eval": "e.jsonl",
-                                                          "metric": "nll"}}}, "'general' must be an object"),
-    ("[" * 20_000 + "]" * 20_000, "nested more than 64 levels deep"),
-])
+@pytest.mark.parametrize(
+    "manifest, named",
+    [
+        (
+            {
+                "base": "base",
+                "general": {"eval": "g.txt"},
+                "tasks": {"t": {"expert": None, "calibration": "c.txt", "eval": 5, "metric": "nll"}},
+            },
+            "'tasks.t.eval' must be a string",
+        ),
+        (
+            {
+                "base": "base",
+                "general": "g.txt",
+                "tasks": {"t": {"expert": None, "calibration": "c.txt", "eval": "e.jsonl", "metric": "nll"}},
+            },
+            "'general' must be an object",
+        ),
+        ("[" * 20_000 + "]" * 20_000, "nested more than 64 levels deep"),
+    ],
+)
 def test_a_zoo_json_of_other_types_names_the_file_and_key(manifest, named, tmp_path):
     (tmp_path / "zoo.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
     with pytest.raises(MergewiseError, match=f"zoo.json: .*{re.escape(named)}"):
@@ -160,10 +177,19 @@ def test_a_zoo_json_of_other_types_names_the_file_and_key(manifest, named, tmp_p
 
 
 def test_eval_examples_nested_or_of_huge_numbers_are_named_by_line(tmp_path):
-    (tmp_path / "zoo.json").write_text(json.dumps({"base": "base", "general": {"eval": "g.txt"}, "tasks": {
-        "t": {"expert": None, "calibration": "c.txt", "eval": "e.jsonl", "metric": "nll"}}}))
-    for line, named in [("[" * 5000 + "]" * 5000, "e.jsonl:2: nested more than 64 levels deep"),
-                        ('{"prompt": "a", "answer": "b", "n": ' + "9" * 5000 + "}", "e.jsonl:2: an integer of 5000")]:
+    (tmp_path / "zoo.json").write_text(
+        json.dumps(
+            {
+                "base": "base",
+                "general": {"eval": "g.txt"},
+                "tasks": {"t": {"expert": None, "calibration": "c.txt", "eval": "e.jsonl", "metric": "nll"}},
+            }
+        )
+    )
+    for line, named in [
+        ("[" * 5000 + "]" * 5000, "e.jsonl:2: nested more than 64 levels deep"),
+        ('{"prompt": "a", "answer": "b", "n": ' + "9" * 5000 + "}", "e.jsonl:2: an integer of 5000"),
+    ]:
         (tmp_path / "e.jsonl").write_text('{"prompt": "a", "answer": "b"}\n' + line + "\n")
         with pytest.raises(MergewiseError, match=named):
             load_zoo(tmp_path).eval_examples("t")

@@ -10,6 +10,11 @@ from mergewise.aim.statistics import (
 )
 
 __all__ = [
-    "AimSettings", "CalibrationSettings", "CalibrationStats", "Relaxation", "calibrate", "load_statistics",
+    "AimSettings",
+    "CalibrationSettings",
+    "CalibrationStats",
+    "Relaxation",
+    "calibrate",
+    "load_statistics",
     "relax_folder",
 ]

@@ -47,8 +47,9 @@ def read_documents(source: str, seq_len: int) -> Iterator[str | None]:
         return (document for file in files for document in _file_documents(file, limit))
     if path.is_file():
         return _file_documents(path, limit)
-    raise MergewiseError(f"--data {source}: no such file or folder (use a text/JSONL file, a folder, "
-                         "'self' or 'hf:NAME')")
+    raise MergewiseError(
+        f"--data {source}: no such file or folder (use a text/JSONL file, a folder, 'self' or 'hf:NAME')"
+    )
 
 
 def _file_documents(file: Path, limit: int) -> Iterator[str | None]:
@@ -88,16 +89,19 @@ def hub_documents(name: str) -> Iterator[str]:
     try:
         splits = datasets.load_dataset(name)
     except Exception as error:  # noqa: BLE001 (offline, unknown name, gated: datasets raises many types)
-        raise MergewiseError(f"--data hf:{name}: cannot load the dataset (needs network access; "
-                             f"offline, use a local file or 'self'): {str(error).splitlines()[0]}") from None
+        raise MergewiseError(
+            f"--data hf:{name}: cannot load the dataset (needs network access; "
+            f"offline, use a local file or 'self'): {str(error).splitlines()[0]}"
+        ) from None
     split = splits.get("validation") or splits.get("train") or next(iter(splits.values()))
     if "text" not in split.column_names:
         raise MergewiseError(f"--data hf:{name}: dataset has no 'text' column ({', '.join(split.column_names)})")
     return (record["text"] for record in split)
 
 
-def blocks_from_documents(documents: Iterable[str | None], tokenizer, samples: int, seq_len: int,
-                          origin: str) -> list[torch.Tensor]:
+def blocks_from_documents(
+    documents: Iterable[str | None], tokenizer, samples: int, seq_len: int, origin: str
+) -> list[torch.Tensor]:
     """Blocks of `seq_len` tokens from the first `samples` documents of 1 to `seq_len` tokens, as the
     reference makes them (DOCUMENT_CONVENTIONS); a document (None: one left unread) of more than
     CHARACTERS_PER_TOKEN characters per token of a block is skipped untokenized, as too long."""
@@ -115,9 +119,11 @@ def blocks_from_documents(documents: Iterable[str | None], tokenizer, samples: i
         kept += 1
     whole_blocks = len(ids) // seq_len
     if whole_blocks == 0:
-        raise MergewiseError(f"--data {origin}: {len(ids)} tokens in {kept} usable documents, fewer than one "
-                             f"block of --seq-len {seq_len}")
-    return [torch.tensor([ids[start:start + seq_len]]) for start in range(0, whole_blocks * seq_len, seq_len)]
+        raise MergewiseError(
+            f"--data {origin}: {len(ids)} tokens in {kept} usable documents, fewer than one "
+            f"block of --seq-len {seq_len}"
+        )
+    return [torch.tensor([ids[start : start + seq_len]]) for start in range(0, whole_blocks * seq_len, seq_len)]
 
 
 def self_generated_blocks(model, tokenizer, samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:
@@ -130,7 +136,14 @@ def self_generated_blocks(model, tokenizer, samples: int, seq_len: int, seed: in
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         generated = model.generate(
-            torch.full((samples, 1), start, device=device), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,
-            attention_mask=torch.ones((samples, 1), dtype=torch.long, device=device))
+            torch.full((samples, 1), start, device=device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=seq_len - 1,
+            min_new_tokens=seq_len - 1,
+            pad_token_id=start,
+            attention_mask=torch.ones((samples, 1), dtype=torch.long, device=device),
+        )
     return [row.unsqueeze(0).cpu() for row in generated]

@@ -78,8 +78,10 @@ class Relaxation:
         else:
             fits = importance.shape[0] == merged.shape[-1]
         if not fits:
-            raise MergewiseError(f"tensor {name}: shape {list(merged.shape)} does not fit its statistics vector "
-                                 f"({self.stats.vectors[name].numel()} channels); stats of another model?")
+            raise MergewiseError(
+                f"tensor {name}: shape {list(merged.shape)} does not fit its statistics vector "
+                f"({self.stats.vectors[name].numel()} channels); stats of another model?"
+            )
         # W_b + Δ·(1 − (1−ω)·I), written as W_m − Δ·(1−ω)·I so that ω = 1 returns W_m bit for bit.
         merged = merged.float()
         pulled_back = (1.0 - self.settings.omega) * importance
@@ -91,8 +93,10 @@ def check_fingerprint(stats: CalibrationStats, base: ModelFolder, stats_path: st
     found = base_fingerprint(base)
     if stats.metadata["base_fingerprint"] == found:
         return
-    message = (f"{stats_path}: statistics were computed on a different base model "
-               f"(fingerprint {stats.metadata['base_fingerprint']}, {base.path} has {found})")
+    message = (
+        f"{stats_path}: statistics were computed on a different base model "
+        f"(fingerprint {stats.metadata['base_fingerprint']}, {base.path} has {found})"
+    )
     if not allow:
         raise MergewiseError(message + "; recalibrate, or allow the mismatch explicitly")
     warnings.warn(message, stacklevel=2)
@@ -101,13 +105,24 @@ def check_fingerprint(stats: CalibrationStats, base: ModelFolder, stats_path: st
 def record(relaxation: Relaxation, stats_path: str | Path | None) -> dict:
     """What mergewise.yml says about the relaxation."""
     metadata = relaxation.stats.metadata
-    return {**relaxation.settings.model_dump(), "stats": str(stats_path) if stats_path else None,
-            "calibration": {key: metadata[key] for key in RECORD_METADATA if key in metadata}}
+    return {
+        **relaxation.settings.model_dump(),
+        "stats": str(stats_path) if stats_path else None,
+        "calibration": {key: metadata[key] for key in RECORD_METADATA if key in metadata},
+    }
 
 
-def relax_folder(base_dir: str | Path, merged_dir: str | Path, stats_path: str | Path, out_dir: str | Path,
-                 settings: AimSettings = AimSettings(), *, shard_size: str | int = "5GB", overwrite: bool = False,
-                 quiet: bool = False) -> Path:
+def relax_folder(
+    base_dir: str | Path,
+    merged_dir: str | Path,
+    stats_path: str | Path,
+    out_dir: str | Path,
+    settings: AimSettings = AimSettings(),
+    *,
+    shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
     """`mergewise aim`: relax an existing merged folder into `out_dir`, tensor by tensor."""
     base, merged = ModelFolder(base_dir), ModelFolder(merged_dir)
     out_dir = Path(out_dir).expanduser().resolve()
@@ -116,14 +131,28 @@ def relax_folder(base_dir: str | Path, merged_dir: str | Path, stats_path: str |
     stats = load_statistics(stats_path)
     check_fingerprint(stats, base, stats_path, settings.allow_fingerprint_mismatch)
     relaxation = Relaxation(stats, settings)
-    relaxed = [name for name, info in merged.tensors.items()
-               if info.dtype.is_floating_point and relaxation.covers(name) and name in base.tensors]
+    relaxed = [
+        name
+        for name, info in merged.tensors.items()
+        if info.dtype.is_floating_point and relaxation.covers(name) and name in base.tensors
+    ]
 
     def relax(name: str, rows: slice, chunk: torch.Tensor) -> torch.Tensor:
         return relaxation.apply(name, chunk, base.read(name, rows), rows) if name in relaxed else chunk
 
-    return rewrite_folder(merged, out_dir, relax, record_key="aim", inputs=inputs,
-                          record={**record(relaxation, Path(stats_path).resolve()), "base": str(base.path),
-                                  "merged": str(merged.path), "relaxed_tensors": len(relaxed)},
-                          shard_size=shard_size, overwrite=overwrite, quiet=quiet)
-
+    return rewrite_folder(
+        merged,
+        out_dir,
+        relax,
+        record_key="aim",
+        inputs=inputs,
+        record={
+            **record(relaxation, Path(stats_path).resolve()),
+            "base": str(base.path),
+            "merged": str(merged.path),
+            "relaxed_tensors": len(relaxed),
+        },
+        shard_size=shard_size,
+        overwrite=overwrite,
+        quiet=quiet,
+    )

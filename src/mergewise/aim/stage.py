@@ -51,15 +51,18 @@ class AimStage(Stage):
         self.recipe = recipe
         self.base: ModelFolder | None = None
         self.relaxation: Relaxation | None = None
-        self.stats_path = (_relative_to(Path(block.stats).expanduser(), recipe.config_dir)
-                           if block.stats is not None else None)
+        self.stats_path = (
+            _relative_to(Path(block.stats).expanduser(), recipe.config_dir) if block.stats is not None else None
+        )
         self._scratch: tempfile.TemporaryDirectory | None = None
 
     def inputs(self) -> list[Path]:
         calibration = self.block.calibration
-        data = (Path(calibration.data).expanduser()
-                if calibration is not None and calibration.data != "self" and not calibration.data.startswith("hf:")
-                else None)
+        data = (
+            Path(calibration.data).expanduser()
+            if calibration is not None and calibration.data != "self" and not calibration.data.startswith("hf:")
+            else None
+        )
         return [path for path in (self.stats_path, data) if path is not None and path.exists()]
 
     def on_plan(self, context: StageContext) -> None:
@@ -70,9 +73,14 @@ class AimStage(Stage):
             self._scratch = tempfile.TemporaryDirectory(prefix="mergewise-aim-")
             calibration = self.block.calibration
             settings = CalibrationSettings(**calibration.model_dump(exclude={"stream_layers"}))
-            stats_path = calibrate(self.base.path, Path(self._scratch.name) / "stats.safetensors", settings,
-                                   device=str(context.device), stream_layers=calibration.stream_layers,
-                                   quiet=context.quiet)
+            stats_path = calibrate(
+                self.base.path,
+                Path(self._scratch.name) / "stats.safetensors",
+                settings,
+                device=str(context.device),
+                stream_layers=calibration.stream_layers,
+                quiet=context.quiet,
+            )
         stats = load_statistics(stats_path)
         check_fingerprint(stats, self.base, stats_path, self.block.allow_fingerprint_mismatch)
         self.relaxation = Relaxation(stats, self.block)

@@ -127,10 +127,12 @@ def recording(targets: dict[str, tuple[nn.Module, int]], recorder: ChannelStatis
     def hook_for(name: str):
         def hook(module, args, kwargs):
             recorder.observe(name, args[0] if args else next(iter(kwargs.values())))
+
         return hook
 
-    handles = [module.register_forward_pre_hook(hook_for(name), with_kwargs=True)
-               for name, (module, _) in targets.items()]
+    handles = [
+        module.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, (module, _) in targets.items()
+    ]
     try:
         yield
     finally:
@@ -139,9 +141,17 @@ def recording(targets: dict[str, tuple[nn.Module, int]], recorder: ChannelStatis
 
 
 # ------------------------------------------------------------------------------------ the command
-def calibrate(base_dir: str | Path, stats_path: str | Path, settings: CalibrationSettings = CalibrationSettings(),
-              *, device: str = "cpu", stream_layers: bool = False, quiet: bool = False,
-              trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+def calibrate(
+    base_dir: str | Path,
+    stats_path: str | Path,
+    settings: CalibrationSettings = CalibrationSettings(),
+    *,
+    device: str = "cpu",
+    stream_layers: bool = False,
+    quiet: bool = False,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Compute the base model's statistics and save them (atomically) to `stats_path`, which must not
     exist unless `overwrite`; the folder's own Python runs only if `trust_remote_code`."""
     folder = ModelFolder(base_dir)
@@ -153,26 +163,28 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
     recorder = ChannelStatistics(settings.statistic)
     try:  # the config first: it says whether the model's own code would run
         config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=trust_remote_code)
-        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, folder.path, trust_remote_code=trust_remote_code,
-                                    config=config)
+        tokenizer = load_pretrained(
+            AutoTokenizer.from_pretrained, folder.path, trust_remote_code=trust_remote_code, config=config
+        )
     except (OSError, ValueError) as error:
-        raise MergewiseError(f"{folder.path}: cannot load its config or tokenizer ({str(error).splitlines()[0]})"
-                             ) from None
+        raise MergewiseError(
+            f"{folder.path}: cannot load its config or tokenizer ({str(error).splitlines()[0]})"
+        ) from None
     model: nn.Module | None
     if settings.data == "self":
         model = _load_model(folder, config, target_device, trust_remote_code)
         blocks = self_generated_blocks(model, tokenizer, settings.samples, settings.seq_len, settings.seed)
         conventions = SAMPLED_CONVENTIONS
     else:  # tokenized before the model loads, so that bad data fails fast
-        blocks = blocks_from_documents(_documents(settings), tokenizer, settings.samples, settings.seq_len,
-                                       settings.data)
+        blocks = blocks_from_documents(
+            _documents(settings), tokenizer, settings.samples, settings.seq_len, settings.data
+        )
         conventions = DOCUMENT_CONVENTIONS
         model = None if stream_layers else _load_model(folder, config, target_device, trust_remote_code)
     with torch.inference_mode():
         if stream_layers:
             model = None  # only the sampler needed it; the streamed pass never holds the whole model
-            input_axes = _streamed_statistics(folder, config, blocks, recorder, target_device, quiet,
-                                              trust_remote_code)
+            input_axes = _streamed_statistics(folder, config, blocks, recorder, target_device, quiet, trust_remote_code)
         else:
             assert model is not None  # loaded above unless the layers stream
             targets = target_modules(model)
@@ -198,9 +210,14 @@ def calibrate(base_dir: str | Path, stats_path: str | Path, settings: Calibratio
 def _load_model(folder: ModelFolder, config, device: torch.device, trust_remote_code: bool) -> nn.Module:
     """The whole base model in float32 (safetensors only: nothing is unpickled)."""
     try:
-        model: nn.Module = load_pretrained(AutoModelForCausalLM.from_pretrained, folder.path,
-                                           trust_remote_code=trust_remote_code, config=config, dtype=torch.float32,
-                                           use_safetensors=True)
+        model: nn.Module = load_pretrained(
+            AutoModelForCausalLM.from_pretrained,
+            folder.path,
+            trust_remote_code=trust_remote_code,
+            config=config,
+            dtype=torch.float32,
+            use_safetensors=True,
+        )
     except (OSError, ValueError) as error:
         raise MergewiseError(f"{folder.path}: cannot load the model ({str(error).splitlines()[0]})") from None
     return model.to(device).eval()
@@ -227,8 +244,15 @@ def _check_stats_location(path: Path, inputs: list[Path], overwrite: bool) -> No
 
 
 # ----------------------------------------------------------------------------- the layer-streamed pass
-def _streamed_statistics(folder: ModelFolder, config, blocks: list[torch.Tensor], recorder: ChannelStatistics,
-                         device: torch.device, quiet: bool, trust_remote_code: bool) -> dict[str, int]:
+def _streamed_statistics(
+    folder: ModelFolder,
+    config,
+    blocks: list[torch.Tensor],
+    recorder: ChannelStatistics,
+    device: torch.device,
+    quiet: bool,
+    trust_remote_code: bool,
+) -> dict[str, int]:
     """The hooks record every module as the layer-by-layer pass runs it; the head never runs, its
     input is the final norm's output."""
     streamed = LayerwiseModel(folder, config, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
@@ -286,6 +310,9 @@ def load_statistics(path: str | Path) -> CalibrationStats:
     for name, vector in vectors.items():
         if vector.dim() != 1 or not bool(torch.isfinite(vector).all()):
             raise MergewiseError(f"{path}: statistics vector {name} is not a vector of finite values")
-    validated(dict[str, Literal[0, -1]], parse_json(metadata.get("input_axis", "{}"), f"{path}: input_axis"),
-              f"{path}: input_axis")  # as `input_axis` reads it
+    validated(
+        dict[str, Literal[0, -1]],
+        parse_json(metadata.get("input_axis", "{}"), f"{path}: input_axis"),
+        f"{path}: input_axis",
+    )  # as `input_axis` reads it
     return CalibrationStats(vectors, metadata)

@@ -13,6 +13,17 @@ from mergewise.checkpoint.reader import ModelFolder, TensorInfo
 from mergewise.checkpoint.writer import PlannedTensor, StreamingShardWriter, parse_size
 
 __all__ = [
-    "JOURNAL_FILE", "RECORD_FILE", "TOKENIZER_FILES", "Journal", "ModelFolder", "PlannedTensor", "StreamingShardWriter",
-    "TensorInfo", "check_output_location", "copy_tokenizer", "parse_size", "staged_folder", "write_model_config",
+    "JOURNAL_FILE",
+    "RECORD_FILE",
+    "TOKENIZER_FILES",
+    "Journal",
+    "ModelFolder",
+    "PlannedTensor",
+    "StreamingShardWriter",
+    "TensorInfo",
+    "check_output_location",
+    "copy_tokenizer",
+    "parse_size",
+    "staged_folder",
+    "write_model_config",
 ]

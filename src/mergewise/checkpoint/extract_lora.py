@@ -19,8 +19,15 @@ from mergewise.errors import MergewiseError
 EMBEDDING_HINTS = ("embed", "wte", "wpe", "lm_head")
 
 
-def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, rank: int, *,
-                 overwrite: bool = False, quiet: bool = False) -> dict[str, float]:
+def extract_lora(
+    finetuned: str | Path,
+    base: str | Path,
+    out_dir: str | Path,
+    rank: int,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict[str, float]:
     """Write the adapter into `out_dir`; return each module's relative reconstruction error
     ‖Δ − B·A‖ / ‖Δ‖ (Frobenius), which `out_dir/extraction.json` records too."""
     if rank < 1:
@@ -28,9 +35,14 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, r
     tuned, reference = ModelFolder(finetuned), ModelFolder(base)
     out_dir = Path(out_dir).expanduser().resolve()
     check_output_location(out_dir, [tuned.path, reference.path], overwrite)
-    targets = [name for name, info in tuned.tensors.items()
-               if name.endswith(".weight") and len(info.shape) == 2 and info.dtype.is_floating_point
-               and not any(hint in name for hint in EMBEDDING_HINTS)]
+    targets = [
+        name
+        for name, info in tuned.tensors.items()
+        if name.endswith(".weight")
+        and len(info.shape) == 2
+        and info.dtype.is_floating_point
+        and not any(hint in name for hint in EMBEDDING_HINTS)
+    ]
     if not targets:
         raise MergewiseError(f"{tuned.path}: no 2-D weight matrices to factorise")
     for name in targets:
@@ -38,8 +50,9 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, r
             raise MergewiseError(f"tensor {name}: missing from {reference.path} or of another shape there")
     highest = max(min(tuned.tensors[name].shape) for name in targets)
     if rank > highest:  # the zero-padded factors would be sized by the rank alone
-        raise MergewiseError(f"--rank: {rank} is more than the rank of any weight matrix of {tuned.path} (at most "
-                             f"{highest})")
+        raise MergewiseError(
+            f"--rank: {rank} is more than the rank of any weight matrix of {tuned.path} (at most {highest})"
+        )
     factors, errors = {}, {}
     for name in tqdm(targets, desc="extract-lora", disable=quiet):
         delta = tuned.read(name).float() - reference.read(name).float()
@@ -59,14 +72,29 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, r
         norm = float(delta.norm())
         errors[name.removesuffix(".weight")] = float((delta - up @ down).norm()) / norm if norm > 0 else 0.0
     modules = sorted({name.removesuffix(".weight").rpartition(".")[2] for name in targets})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": modules,
-              "base_model_name_or_path": str(reference.path), "task_type": "CAUSAL_LM", "bias": "none",
-              "fan_in_fan_out": False, "use_rslora": False, "lora_dropout": 0.0,
-              "inference_mode": True, "init_lora_weights": True}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": modules,
+        "base_model_name_or_path": str(reference.path),
+        "task_type": "CAUSAL_LM",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
     with staged_folder(out_dir, overwrite) as staging:
         save_tensors(factors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         write_text(staging / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
-        write_text(staging / "extraction.json", json.dumps(
-            {"finetuned": str(tuned.path), "base": str(reference.path), "rank": rank,
-             "relative_error": errors}, indent=2) + "\n")
+        write_text(
+            staging / "extraction.json",
+            json.dumps(
+                {"finetuned": str(tuned.path), "base": str(reference.path), "rank": rank, "relative_error": errors},
+                indent=2,
+            )
+            + "\n",
+        )
     return errors

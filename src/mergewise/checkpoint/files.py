@@ -28,11 +28,11 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 
 from mergewise.errors import MergewiseError
 
-MAX_FILE_BYTES = 64 << 20   # a weight index of 100 000 tensors is ~10 MB; a config or manifest far less
-MAX_DEPTH = 64              # the deepest file mergewise reads nests under 10 levels
-MAX_DIGITS = 64             # an integer literal of more is no count or id (1e30, a tokenizer's "no limit", has 31)
+MAX_FILE_BYTES = 64 << 20  # a weight index of 100 000 tensors is ~10 MB; a config or manifest far less
+MAX_DEPTH = 64  # the deepest file mergewise reads nests under 10 levels
+MAX_DIGITS = 64  # an integer literal of more is no count or id (1e30, a tokenizer's "no limit", has 31)
 MAX_YAML_VALUES = 1_000_000  # values a YAML file may stand for once its aliases are expanded
-MAX_LINE_BYTES = 16 << 20   # one JSON Lines record (a prompt, a document)
+MAX_LINE_BYTES = 16 << 20  # one JSON Lines record (a prompt, a document)
 
 Schema = TypeVar("Schema")
 
@@ -86,19 +86,29 @@ def read_text(path: Path, what: str, *, folder: Path | None = None, max_bytes: i
     return _decoded(read_bytes(path, what, folder=folder, max_bytes=max_bytes), path, what)
 
 
-def read_json(path: Path, what: str, *, folder: Path | None = None, schema: type[Schema] | None = None,
-              max_bytes: int = MAX_FILE_BYTES, max_depth: int = MAX_DEPTH, finite: bool = True) -> Any:
+def read_json(
+    path: Path,
+    what: str,
+    *,
+    folder: Path | None = None,
+    schema: type[Schema] | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
+    max_depth: int = MAX_DEPTH,
+    finite: bool = True,
+) -> Any:
     """A JSON file (see the module's docstring), validated against `schema` when one is given (then
     the validated model is returned). `finite` False lets NaN and infinity through, for files whose
     numbers mergewise does not read but a schema's fields."""
-    data = parse_json(read_text(path, what, folder=folder, max_bytes=max_bytes), f"{path}: {what}",
-                      max_depth=max_depth, finite=finite)
+    data = parse_json(
+        read_text(path, what, folder=folder, max_bytes=max_bytes), f"{path}: {what}", max_depth=max_depth, finite=finite
+    )
     return data if schema is None else validated(schema, data, str(path))
 
 
 def parse_json(text: str, where: str, *, max_depth: int = MAX_DEPTH, finite: bool = True) -> Any:
     """JSON text with at most `max_depth` levels of nesting and MAX_DIGITS-digit integers; NaN and
     infinity (the literals, or a float too large for a double) only when not `finite`."""
+
     def number(literal: str) -> float:
         value = float(literal)
         if finite and not math.isfinite(value):
@@ -111,8 +121,7 @@ def parse_json(text: str, where: str, *, max_depth: int = MAX_DEPTH, finite: boo
         return int(literal)
 
     try:
-        data = json.loads(text, parse_float=number, parse_int=integer,
-                          parse_constant=number if finite else float)
+        data = json.loads(text, parse_float=number, parse_int=integer, parse_constant=number if finite else float)
     except _Refused as error:
         raise MergewiseError(f"{where}: {error}") from None
     except RecursionError:
@@ -124,9 +133,16 @@ def parse_json(text: str, where: str, *, max_depth: int = MAX_DEPTH, finite: boo
     return data
 
 
-def read_yaml(path: Path, what: str, *, folder: Path | None = None, schema: type[Schema] | None = None,
-              max_bytes: int = MAX_FILE_BYTES, max_depth: int = MAX_DEPTH,
-              max_values: int = MAX_YAML_VALUES) -> Any:
+def read_yaml(
+    path: Path,
+    what: str,
+    *,
+    folder: Path | None = None,
+    schema: type[Schema] | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
+    max_depth: int = MAX_DEPTH,
+    max_values: int = MAX_YAML_VALUES,
+) -> Any:
     """A YAML file of one document, nested at most `max_depth` deep and standing for at most
     `max_values` values with its aliases expanded; validated against `schema` when one is given."""
     text = read_text(path, what, folder=folder, max_bytes=max_bytes)
@@ -164,8 +180,14 @@ def read_lines(path: Path, what: str, *, max_line_bytes: int = MAX_LINE_BYTES) -
             yield number, _decoded(line, path, what, number).removesuffix("\n").removesuffix("\r")
 
 
-def read_jsonl(path: Path, what: str, fields: tuple[str, ...], *, max_bytes: int = MAX_FILE_BYTES,
-               max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
+def read_jsonl(
+    path: Path,
+    what: str,
+    fields: tuple[str, ...],
+    *,
+    max_bytes: int = MAX_FILE_BYTES,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> list[dict]:
     """The objects of a JSON Lines file of at most `max_bytes`, blank lines skipped; each must hold
     every one of `fields` as a string (`"prompt|text"`: either one). A bad line is one error naming
     the file, the line and what was expected; so is a line over `max_line_bytes`."""
@@ -179,8 +201,9 @@ def read_jsonl(path: Path, what: str, fields: tuple[str, ...], *, max_bytes: int
     return records
 
 
-def iter_jsonl(path: Path, what: str, fields: tuple[str, ...], *,
-               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[dict | None]:
+def iter_jsonl(
+    path: Path, what: str, fields: tuple[str, ...], *, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[dict | None]:
     """`read_jsonl`'s records one at a time; a line over `max_line_bytes` comes as None, unread."""
     alternatives = [field.split("|") for field in fields]
     expected = " and ".join(" or ".join(f"'{name}'" for name in names) for names in alternatives)
@@ -191,8 +214,9 @@ def iter_jsonl(path: Path, what: str, fields: tuple[str, ...], *,
         if not line.strip():
             continue
         record = parse_json(line, f"{path}:{number}")
-        if not isinstance(record, dict) or not all(any(isinstance(record.get(name), str) for name in names)
-                                                   for names in alternatives):
+        if not isinstance(record, dict) or not all(
+            any(isinstance(record.get(name), str) for name in names) for names in alternatives
+        ):
             raise MergewiseError(f"{path}:{number}: expected an object with string {expected}")
         yield record
 
@@ -258,17 +282,27 @@ class _BoundedLoader(yaml.SafeLoader):
         self._level += 1
         try:
             if self._level > self.max_depth:
-                raise ComposerError(None, None, f"nested more than {self.max_depth} levels deep",
-                                    self.peek_event().start_mark)
+                raise ComposerError(
+                    None, None, f"nested more than {self.max_depth} levels deep", self.peek_event().start_mark
+                )
             node = super().compose_node(parent, index)
         finally:
             self._level -= 1
-        children = ([item for pair in node.value for item in pair] if isinstance(node, MappingNode)
-                        else node.value if isinstance(node, SequenceNode) else [])
+        children = (
+            [item for pair in node.value for item in pair]
+            if isinstance(node, MappingNode)
+            else node.value
+            if isinstance(node, SequenceNode)
+            else []
+        )
         values = 1 + sum(self._values[id(child)] for child in children)
         if values > self.max_values:
-            raise ComposerError(None, None, f"stands for more than {self.max_values} values once its aliases "
-                                "are expanded", node.start_mark)
+            raise ComposerError(
+                None,
+                None,
+                f"stands for more than {self.max_values} values once its aliases are expanded",
+                node.start_mark,
+            )
         self._values[id(node)] = values
         return node
 

@@ -36,17 +36,24 @@ def hub_snapshot(reference: str, key: str, files: tuple[str, ...], *, allow_pick
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     patterns = [*WEIGHTS, *(PICKLED_WEIGHTS if allow_pickle else ()), "config.json", *files]
     try:
-        folder = snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=offline,
-                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None)
+        folder = snapshot_download(
+            repo,
+            revision=revision,
+            allow_patterns=patterns,
+            local_files_only=offline,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+        )
     except RevisionNotFoundError:
         raise MergewiseError(f"{key}: {reference}: the Hub repository {repo} has no revision {revision!r}") from None
     except RepositoryNotFoundError:
-        raise MergewiseError(f"{key}: {reference}: no such model on the Hugging Face Hub (or it is private: "
-                             "log in with `hf auth login`)") from None
+        raise MergewiseError(
+            f"{key}: {reference}: no such model on the Hugging Face Hub (or it is private: log in with `hf auth login`)"
+        ) from None
     except LocalEntryNotFoundError:
         where = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
-        raise MergewiseError(f"{key}: {reference}: not in the Hugging Face cache, and {where}; download it "
-                             "first or give a local folder") from None
+        raise MergewiseError(
+            f"{key}: {reference}: not in the Hugging Face cache, and {where}; download it first or give a local folder"
+        ) from None
     except (HfHubHTTPError, OSError) as error:
         raise MergewiseError(f"{key}: {reference}: cannot download it from the Hub ({str(error)[:200]})") from None
     return Path(folder)

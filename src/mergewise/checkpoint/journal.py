@@ -38,8 +38,14 @@ class ProgressRecord(TypedDict):
 
 
 class Journal:
-    def __init__(self, staging: Path, fingerprint: str, seed: int, shards: dict[str, list[str]],
-                 finished: dict[str, str] | None = None):
+    def __init__(
+        self,
+        staging: Path,
+        fingerprint: str,
+        seed: int,
+        shards: dict[str, list[str]],
+        finished: dict[str, str] | None = None,
+    ):
         self.path = staging / JOURNAL_FILE
         self.fingerprint = fingerprint
         self.seed = seed
@@ -58,8 +64,11 @@ class Journal:
         if record is None:
             return None
         _, seed, finished = record
-        verified = {file: digest for file, digest in finished.items()
-                    if (staging / file).is_file() and _sha256(staging / file) == digest}
+        verified = {
+            file: digest
+            for file, digest in finished.items()
+            if (staging / file).is_file() and _sha256(staging / file) == digest
+        }
         for path in staging.iterdir():
             if path.name not in verified and path.name != JOURNAL_FILE:
                 path.unlink()

@@ -58,11 +58,14 @@ class LoraAdapter:
                     partner = name.removesuffix(".lora_A.weight") + ".lora_B.weight"
                     if partner not in names:
                         raise MergewiseError(f"{weights}: {name} has no {partner}")
-                    self.factors[target] = _factors(weights, name, stored.get_tensor(name),
-                                                    partner, stored.get_tensor(partner), config.r)
+                    self.factors[target] = _factors(
+                        weights, name, stored.get_tensor(name), partner, stored.get_tensor(partner), config.r
+                    )
                 elif not name.endswith(".lora_B.weight"):
-                    raise MergewiseError(f"{weights}: tensor {name} is not a LoRA factor (modules_to_save and "
-                                         "trained biases are not supported)")
+                    raise MergewiseError(
+                        f"{weights}: tensor {name} is not a LoRA factor (modules_to_save and "
+                        "trained biases are not supported)"
+                    )
         if not self.factors:
             raise MergewiseError(f"{weights}: no LoRA factors")
 
@@ -73,8 +76,10 @@ class LoraAdapter:
             expected = (up.shape[0], down.shape[1]) if not self.transposed else (down.shape[1], up.shape[0])
             if info is None or tuple(info.shape) != expected or down.shape[0] != up.shape[1]:
                 found = "missing" if info is None else f"of shape {list(info.shape)}"
-                raise MergewiseError(f"{self.folder}: LoRA factors for {target} (rank {down.shape[0]}) do not fit "
-                                     f"{model.path}, where it is {found}")
+                raise MergewiseError(
+                    f"{self.folder}: LoRA factors for {target} (rank {down.shape[0]}) do not fit "
+                    f"{model.path}, where it is {found}"
+                )
 
     def apply(self, name: str, rows: torch.Tensor, span: slice | None) -> torch.Tensor:
         factors = self.factors.get(name)
@@ -86,13 +91,16 @@ class LoraAdapter:
         return (rows.float() + self.scale * delta).to(rows.dtype)
 
 
-def _factors(file: Path, down_name: str, down: torch.Tensor, up_name: str, up: torch.Tensor,
-             rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(
+    file: Path, down_name: str, down: torch.Tensor, up_name: str, up: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A (r × in) and B (out × r) as float32 matrices of the config's rank, holding finite values."""
     for name, factor, rank_axis in ((down_name, down, 0), (up_name, up, 1)):
         if factor.dim() != 2 or factor.shape[rank_axis] != rank:
-            raise MergewiseError(f"{file}: {name} has shape {list(factor.shape)}; a LoRA factor of rank {rank} is a "
-                                 f"matrix with {rank} {'rows' if rank_axis == 0 else 'columns'}")
+            raise MergewiseError(
+                f"{file}: {name} has shape {list(factor.shape)}; a LoRA factor of rank {rank} is a "
+                f"matrix with {rank} {'rows' if rank_axis == 0 else 'columns'}"
+            )
         if not factor.dtype.is_floating_point or not bool(torch.isfinite(factor).all()):
             raise MergewiseError(f"{file}: {name} holds NaN or infinity (or is not floating-point)")
     return down.float(), up.float()

@@ -25,8 +25,15 @@ from mergewise.errors import MergewiseError
 
 # Files that describe how to tokenize and generate; copied verbatim from the tokenizer source.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
     "generation_config.json",
 )
 
@@ -53,11 +60,14 @@ def check_output_location(out_dir: Path, inputs: list[Path], overwrite: bool, pr
     for kept in (Path.cwd(), *protected):
         kept = Path(kept).resolve()
         if kept == out_dir or out_dir in kept.parents:
-            raise MergewiseError(f"--overwrite would delete {kept}, which output folder {out_dir} holds; "
-                                 "choose another output folder")
+            raise MergewiseError(
+                f"--overwrite would delete {kept}, which output folder {out_dir} holds; choose another output folder"
+            )
     if not (out_dir / RECORD_FILE).is_file() and any(out_dir.iterdir()):
-        raise MergewiseError(f"output folder {out_dir} was not written by mergewise (no {RECORD_FILE}) and is not "
-                             "empty; --overwrite replaces only those")
+        raise MergewiseError(
+            f"output folder {out_dir} was not written by mergewise (no {RECORD_FILE}) and is not "
+            "empty; --overwrite replaces only those"
+        )
 
 
 class RestoredOutputWarning(RuntimeWarning):
@@ -87,14 +97,16 @@ def staged_folder(out_dir: Path, overwrite: bool = False, resume: str | None = N
             if folder != adopted:
                 _remove(folder)
         existed = out_dir.exists()
-        staging = adopted or Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-",
-                                                   dir=out_dir.parent))
+        staging = adopted or Path(
+            tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent)
+        )
         try:
             staging.chmod(0o777 & ~_umask())
             yield staging
             if out_dir.exists() and not (overwrite and existed):
-                raise MergewiseError(f"output folder {out_dir} appeared while this one was being built; "
-                                     "it was left as it is")
+                raise MergewiseError(
+                    f"output folder {out_dir} appeared while this one was being built; it was left as it is"
+                )
             _sync(staging)
             (staging / JOURNAL_FILE).unlink(missing_ok=True)  # last: only a folder with a journal is built on
             _sync_folder(staging)
@@ -133,8 +145,11 @@ def _recover_replaced_output(out_dir: Path) -> None:
         if not os.path.lexists(out_dir) and _is_plain_folder(kept):
             kept.rename(out_dir)
             _sync_folder(out_dir.parent)
-            warnings.warn(f"{out_dir}: put back the output that an interrupted --overwrite had moved to "
-                          f"{retired.name}", RestoredOutputWarning, stacklevel=2)
+            warnings.warn(
+                f"{out_dir}: put back the output that an interrupted --overwrite had moved to {retired.name}",
+                RestoredOutputWarning,
+                stacklevel=2,
+            )
         _remove(retired)
 
 
@@ -148,8 +163,10 @@ def _resumable(staged: list[Path], fingerprint: str) -> Path | None:
     matching = [folder for folder, staged_from in recorded.items() if staged_from == fingerprint]
     other = [folder for folder, staged_from in recorded.items() if staged_from not in (None, fingerprint)]
     if not matching and other:
-        raise MergewiseError(f"--resume: {other[0]} was staged from another recipe, other inputs or another shard "
-                             "size; it was kept (merge again without --resume to replace it)")
+        raise MergewiseError(
+            f"--resume: {other[0]} was staged from another recipe, other inputs or another shard "
+            "size; it was kept (merge again without --resume to replace it)"
+        )
     return matching[0] if matching else None
 
 
@@ -158,13 +175,16 @@ def _check_adoptable(folder: Path) -> None:
     be this user's own folder holding only regular files with no other link (no symlink, hard
     link, FIFO or folder)."""
     if not _is_plain_folder(folder) or folder.lstat().st_uid != os.geteuid():
-        raise MergewiseError(f"--resume: {folder} is not a folder of this user's; remove it or merge again "
-                             "without --resume")
+        raise MergewiseError(
+            f"--resume: {folder} is not a folder of this user's; remove it or merge again without --resume"
+        )
     for entry in os.scandir(folder):
         status = entry.stat(follow_symlinks=False)
         if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
-            raise MergewiseError(f"--resume: {entry.path} is not a file the staged merge wrote (a symlink, hard link, "
-                                 "FIFO or folder); merge again without --resume")
+            raise MergewiseError(
+                f"--resume: {entry.path} is not a file the staged merge wrote (a symlink, hard link, "
+                "FIFO or folder); merge again without --resume"
+            )
 
 
 def _orphans(out_dir: Path, kind: str) -> list[Path]:
@@ -261,8 +281,9 @@ def _exclusive(lock_path: Path, out_dir: Path) -> Iterator[None]:
 def _open_lock(lock_path: Path) -> int:
     """A descriptor of the lock file, created if missing. Never through a symlink (that would create a
     file elsewhere), and only a regular file: opening a FIFO or a device does not wait, but is refused."""
-    refused = MergewiseError(f"lock file {lock_path} is not a regular file (a symlink, FIFO, device or folder); "
-                             "remove it")
+    refused = MergewiseError(
+        f"lock file {lock_path} is not a regular file (a symlink, FIFO, device or folder); remove it"
+    )
     try:
         descriptor = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     except OSError as error:
@@ -282,8 +303,13 @@ def _lstat(path: Path) -> os.stat_result | None:
         return None
 
 
-def write_model_config(folder: Path, config: dict, dtype: torch.dtype,
-                       source_layers: list[int] | None = None, vocab_size: int | None = None) -> None:
+def write_model_config(
+    folder: Path,
+    config: dict,
+    dtype: torch.dtype,
+    source_layers: list[int] | None = None,
+    vocab_size: int | None = None,
+) -> None:
     """config.json of the source model with the output's dtype; for frankenmerges, the new depth
     and the per-layer settings (e.g. `layer_types`) of the layers each output layer came from; the
     rows of a new output vocabulary."""

@@ -12,8 +12,9 @@ from mergewise.errors import MergewiseError
 Loaded = TypeVar("Loaded")
 
 
-def load_pretrained(loader: Callable[..., Loaded], folder: Path, *, trust_remote_code: bool = False,
-                    **options: Any) -> Loaded:
+def load_pretrained(
+    loader: Callable[..., Loaded], folder: Path, *, trust_remote_code: bool = False, **options: Any
+) -> Loaded:
     """`loader(folder, **options)`, a transformers `from_pretrained`, running the folder's own Python
     (an `auto_map` in its config or tokenizer files) only when trusted: left undecided, transformers
     asks on stdin, and a "y" runs code that came with a downloaded folder. No file it reads may be a
@@ -25,5 +26,7 @@ def load_pretrained(loader: Callable[..., Loaded], folder: Path, *, trust_remote
     except ValueError as error:
         if trust_remote_code or "trust_remote_code" not in str(error):
             raise
-        raise MergewiseError(f"{folder}: needs its own Python code (auto_map); pass --trust-remote-code "
-                             "(trust_remote_code=True) only if you trust that code") from None
+        raise MergewiseError(
+            f"{folder}: needs its own Python code (auto_map); pass --trust-remote-code "
+            "(trust_remote_code=True) only if you trust that code"
+        ) from None

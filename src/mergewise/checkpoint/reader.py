@@ -82,8 +82,10 @@ class TextConfig(BaseModel):
     @model_validator(mode="after")
     def _one_type_per_layer(self) -> TextConfig:
         if self.layer_types is not None and self.depth is not None and len(self.layer_types) != self.depth:
-            raise ValueError(f"layer_types lists {len(self.layer_types)} layers, but the model has {self.depth} "
-                             "(transformers refuses such a config)")
+            raise ValueError(
+                f"layer_types lists {len(self.layer_types)} layers, but the model has {self.depth} "
+                "(transformers refuses such a config)"
+            )
         return self
 
 
@@ -241,15 +243,17 @@ class ModelFolder:
         of one read each. The grouping is worked out once per list of names."""
         key = tuple(names)
         if key not in self._runs:
-            self._runs[key] = _runs([info for info in map(self.tensors.__getitem__, names)
-                                     if info.file not in self._pickled])
+            self._runs[key] = _runs(
+                [info for info in map(self.tensors.__getitem__, names) if info.file not in self._pickled]
+            )
         tensors = {name: self.read(name) for name in names if self.tensors[name].file in self._pickled}
         for run in self._runs[key]:
             start = run[0].offset
-            span = read_rows(TensorInfo(run[0].name, (run[-1].offset + run[-1].nbytes - start,), torch.uint8,
-                                        run[0].file, start))
+            span = read_rows(
+                TensorInfo(run[0].name, (run[-1].offset + run[-1].nbytes - start,), torch.uint8, run[0].file, start)
+            )
             for info in run:
-                part = span[info.offset - start:info.offset - start + info.nbytes]
+                part = span[info.offset - start : info.offset - start + info.nbytes]
                 tensors[info.name] = part.view(info.dtype).view(info.shape)
         return [tensors[name] for name in names]
 
@@ -296,9 +300,12 @@ def _runs(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
     runs: list[list[TensorInfo]] = []
     for info in sorted(infos, key=lambda info: (str(info.file), info.offset, info.nbytes)):
         last = runs[-1][-1] if runs else None
-        if (last is not None and last.file == info.file
-                and 0 <= info.offset - (last.offset + last.nbytes) <= READ_TOGETHER_GAP
-                and (info.offset - runs[-1][0].offset) % info.dtype.itemsize == 0):
+        if (
+            last is not None
+            and last.file == info.file
+            and 0 <= info.offset - (last.offset + last.nbytes) <= READ_TOGETHER_GAP
+            and (info.offset - runs[-1][0].offset) % info.dtype.itemsize == 0
+        ):
             runs[-1].append(info)
         else:
             runs.append([info])
@@ -311,10 +318,16 @@ def read_rows(info: TensorInfo, rows: slice | None = None, out: torch.Tensor | N
     `out` (contiguous CPU memory of the same dtype and number of elements, returned as it is)."""
     start, length, shape = _extent(info, rows)
     if out is not None:
-        if not (out.device.type == "cpu" and out.dtype == info.dtype and out.is_contiguous()
-                and out.numel() * out.element_size() == length):
-            raise ValueError(f"{info.name}: cannot read {list(shape)} {info.dtype} into {list(out.shape)} "
-                             f"{out.dtype} on {out.device}")
+        if not (
+            out.device.type == "cpu"
+            and out.dtype == info.dtype
+            and out.is_contiguous()
+            and out.numel() * out.element_size() == length
+        ):
+            raise ValueError(
+                f"{info.name}: cannot read {list(shape)} {info.dtype} into {list(out.shape)} "
+                f"{out.dtype} on {out.device}"
+            )
     else:  # not zero-filled first: every byte is read
         out = torch.empty(shape, dtype=info.dtype)
     buffer = out.view(-1).view(torch.uint8).numpy().data if length else memoryview(bytearray())
@@ -337,12 +350,18 @@ def map_rows(info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
     aligned = start - start % mmap.ALLOCATIONGRANULARITY
     with _opened(info.file) as descriptor:
         try:
-            mapped = mmap.mmap(descriptor, length + start - aligned, offset=aligned,
-                               flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mapped = mmap.mmap(
+                descriptor,
+                length + start - aligned,
+                offset=aligned,
+                flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
         except ValueError:  # the file is shorter than its header said (changed since it was read)
             raise MergewiseError(f"{info.file}: truncated while reading tensor {info.name}") from None
-    return torch.frombuffer(mapped, dtype=info.dtype, offset=start - aligned,
-                            count=length // info.dtype.itemsize).reshape(shape)
+    return torch.frombuffer(
+        mapped, dtype=info.dtype, offset=start - aligned, count=length // info.dtype.itemsize
+    ).reshape(shape)
 
 
 def read_safetensors_header(file: Path) -> list[TensorInfo]:
@@ -374,19 +393,27 @@ def read_safetensors_header(file: Path) -> list[TensorInfo]:
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             shape, offsets = entry["shape"], entry["data_offsets"]
-            if not (isinstance(shape, list) and all(_is_count(size) for size in shape)
-                    and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(value) for value in offsets)):
+            if not (
+                isinstance(shape, list)
+                and all(_is_count(size) for size in shape)
+                and isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(_is_count(value) for value in offsets)
+            ):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise MergewiseError(f"{file}: corrupt safetensors header entry for tensor {name}") from None
         if math.prod(max(size, 1) for size in shape) >= 2**63:  # torch's strides must fit 64 bits
-            raise MergewiseError(f"{file}: corrupt safetensors header: tensor {name} has shape {shape}, which no "
-                                 "tensor can have")
+            raise MergewiseError(
+                f"{file}: corrupt safetensors header: tensor {name} has shape {shape}, which no tensor can have"
+            )
         begin, end = offsets
         info = TensorInfo(name, tuple(shape), dtype, file, data_start + begin)
         if end - begin != info.nbytes:
-            raise MergewiseError(f"{file}: corrupt safetensors header: tensor {name} has {end - begin} bytes of "
-                                 f"data for shape {shape} (truncated or crafted file?)")
+            raise MergewiseError(
+                f"{file}: corrupt safetensors header: tensor {name} has {end - begin} bytes of "
+                f"data for shape {shape} (truncated or crafted file?)"
+            )
         tensors.append(info)
         extents.append((begin, end, name))
     position = 0
@@ -396,8 +423,10 @@ def read_safetensors_header(file: Path) -> list[TensorInfo]:
             raise MergewiseError(f"{file}: corrupt safetensors header: tensor {name} {problem}")
         position = end
     if data_start + position != size:
-        raise MergewiseError(f"{file}: corrupt safetensors file: the header describes {position} bytes of data, "
-                             f"the file holds {size - data_start} (truncated download?)")
+        raise MergewiseError(
+            f"{file}: corrupt safetensors file: the header describes {position} bytes of data, "
+            f"the file holds {size - data_start} (truncated download?)"
+        )
     return tensors
 
 

@@ -32,8 +32,9 @@ def merge_fingerprint(recipe: dict, files: list[Path], tensors: list[PlannedTens
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def write_merge_record(folder: Path, recipe: dict, models: dict[str, Path], seed: int, device: str,
-                       records: dict[str, Any]) -> None:
+def write_merge_record(
+    folder: Path, recipe: dict, models: dict[str, Path], seed: int, device: str, records: dict[str, Any]
+) -> None:
     """mergewise.yml of a merge: the recipe, where each of its model references was read from, what
     else decides the result, and what each recipe block did."""
     record = {
@@ -52,8 +53,11 @@ def write_merge_record(folder: Path, recipe: dict, models: dict[str, Path], seed
 def extended_record(source: Path, key: str, record: dict) -> dict:
     """The record of a folder made from `source`: the source's own record, plus `record` under `key`."""
     previous = source / RECORD_FILE
-    history = (read_yaml(previous, RECORD_FILE, folder=source, schema=dict[str, Any])
-               if previous.exists() or previous.is_symlink() else {})
+    history = (
+        read_yaml(previous, RECORD_FILE, folder=source, schema=dict[str, Any])
+        if previous.exists() or previous.is_symlink()
+        else {}
+    )
     history[key] = {**record, "mergewise_version": __version__}
     return history
 

@@ -117,8 +117,9 @@ def vocab_size(model: ModelFolder, tokens: int) -> int:
     """The rows of the model's vocabulary tensors by its config (mergekit's reading), else `tokens`;
     never more than its input embedding holds (a config may claim more)."""
     declared = model.declared.text.vocab_size or model.declared.vocab_size or tokens
-    held = [info.shape[0] for name, info in model.tensors.items() if name.endswith(INPUT_EMBEDDING_SUFFIXES)
-            and info.shape]
+    held = [
+        info.shape[0] for name, info in model.tensors.items() if name.endswith(INPUT_EMBEDDING_SUFFIXES) and info.shape
+    ]
     return min([declared, *held])
 
 
@@ -132,13 +133,18 @@ def _stripped(tokenizer, size: int, folder: Path):
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     if state["model"]["type"] != "BPE":
-        raise MergewiseError(f"{folder}: its tokenizer has {len(unused)} tokens past vocab_size {size}, which only a "
-                             f"BPE tokenizer can drop (this one is {state['model']['type']})")
+        raise MergewiseError(
+            f"{folder}: its tokenizer has {len(unused)} tokens past vocab_size {size}, which only a "
+            f"BPE tokenizer can drop (this one is {state['model']['type']})"
+        )
     state["added_tokens"] = [entry for entry in state["added_tokens"] if entry["id"] < size]
     for token in unused:
         state["model"]["vocab"].pop(token, None)
-    state["model"]["merges"] = [pair for pair in state["model"]["merges"]
-                                if not unused.intersection(pair.split(" ") if isinstance(pair, str) else pair)]
+    state["model"]["merges"] = [
+        pair
+        for pair in state["model"]["merges"]
+        if not unused.intersection(pair.split(" ") if isinstance(pair, str) else pair)
+    ]
     tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
     return tokenizer
 
@@ -161,12 +167,15 @@ class OutputVocabulary:
         self.tokens = tokenizer.get_vocab()
         self.real = len(self.tokens)
         if set(self.tokens.values()) != set(range(self.real)):
-            raise MergewiseError(f"{source}: the output tokenizer's ids are not 0..{self.real - 1} without gaps, "
-                                 "so they cannot index embedding rows")
+            raise MergewiseError(
+                f"{source}: the output tokenizer's ids are not 0..{self.real - 1} without gaps, "
+                "so they cannot index embedding rows"
+            )
         multiple = pad_to_multiple_of or 1
         if multiple > self.real:  # padding at most doubles the rows
-            raise MergewiseError(f"tokenizer.pad_to_multiple_of: {multiple} is more than the {self.real} tokens of the "
-                                 "output vocabulary")
+            raise MergewiseError(
+                f"tokenizer.pad_to_multiple_of: {multiple} is more than the {self.real} tokens of the output vocabulary"
+            )
         self.rows = math.ceil(self.real / multiple) * multiple
         self.names = sorted(self.tokens, key=self.tokens.get)
 
@@ -183,30 +192,47 @@ class OutputVocabulary:
         if generation.exists() or generation.is_symlink():
             shutil.copyfile(inside_folder(generation, self.source, "generation config"), folder / generation.name)
 
-    def align(self, name: str, peers: list[tuple[ModelFolder, str]], base: ModelFolder | None,
-              rules: dict[str, TokenRule], compute_dtype: torch.dtype | None) -> list[PeerRows | None]:
+    def align(
+        self,
+        name: str,
+        peers: list[tuple[ModelFolder, str]],
+        base: ModelFolder | None,
+        rules: dict[str, TokenRule],
+        compute_dtype: torch.dtype | None,
+    ) -> list[PeerRows | None]:
         """How each peer's tensor `name` (its embedding or head, by its own tensor name) reads in the
         output vocabulary: None where its own rows [a, b) already are those rows. `peers` are every
         input of the tensor in mergekit's order (the recipe's, the base last if it is not listed):
         the defaults of a token depend on all of them."""
         tensor_rows = [model.tensors[tensor].shape[0] for model, tensor in peers]
-        held = [torch.where(self.inputs[model].rows < limit, self.inputs[model].rows, -1)
-                for (model, _), limit in zip(peers, tensor_rows)]
+        held = [
+            torch.where(self.inputs[model].rows < limit, self.inputs[model].rows, -1)
+            for (model, _), limit in zip(peers, tensor_rows)
+        ]
         present = torch.stack([rows >= 0 for rows in held])
         forced = torch.zeros(self.real, dtype=torch.bool)
         for token, rule in rules.items():
             forced[self.tokens[token]] = rule.force
         base_peer = next((index for index, (model, _) in enumerate(peers) if model is base), None)
-        defaults = {token_id: self._default(token_id, name, peers, held, tensor_rows, base_peer, rules)
-                    for token_id in ((~present.all(0)) | forced).nonzero().flatten().tolist()}
+        defaults = {
+            token_id: self._default(token_id, name, peers, held, tensor_rows, base_peer, rules)
+            for token_id in ((~present.all(0)) | forced).nonzero().flatten().tolist()
+        }
         dtype = compute_dtype or reduce(torch.promote_types, (model.tensors[tensor].dtype for model, tensor in peers))
-        aligned = AlignedTensor(peers, [torch.where(forced, -1, rows) for rows in held], defaults, self.real,
-                                self.rows, dtype)
+        aligned = AlignedTensor(
+            peers, [torch.where(forced, -1, rows) for rows in held], defaults, self.real, self.rows, dtype
+        )
         identity = torch.arange(self.real)
-        return [None if (self.rows == self.real and torch.equal(own, identity)
-                         and (compute_dtype is not None or model.tensors[tensor].dtype == dtype))
-                else PeerRows(aligned, index)
-                for index, ((model, tensor), own) in enumerate(zip(peers, aligned.own))]
+        return [
+            None
+            if (
+                self.rows == self.real
+                and torch.equal(own, identity)
+                and (compute_dtype is not None or model.tensors[tensor].dtype == dtype)
+            )
+            else PeerRows(aligned, index)
+            for index, ((model, tensor), own) in enumerate(zip(peers, aligned.own))
+        ]
 
     def _default(self, token_id: int, name: str, peers, held, tensor_rows, base_peer, rules) -> tuple:
         """The (peer, row) pairs whose mean is the token's default row: none for zeros."""
@@ -223,12 +249,16 @@ class OutputVocabulary:
         if rule.model is None:
             lacking = [str(model.path) for index, (model, _) in enumerate(peers) if index not in holders]
             why = f"{', '.join(lacking)} lack it" if lacking else "it is forced"
-            raise MergewiseError(f"{rule.key}: token {token!r} needs a source ({why}): a model, "
-                                 "{kind: zero} or {kind: model_token, model: ..., token: ...}")
+            raise MergewiseError(
+                f"{rule.key}: token {token!r} needs a source ({why}): a model, "
+                "{kind: zero} or {kind: model_token, model: ..., token: ...}"
+            )
         peer = next((index for index, (model, _) in enumerate(peers) if model is rule.model), None)
         if peer is None:
-            raise MergewiseError(f"{rule.key}: {rule.model.reference} is not an input of tensor {name}, so it "
-                                 "cannot give that tensor's row")
+            raise MergewiseError(
+                f"{rule.key}: {rule.model.reference} is not an input of tensor {name}, so it "
+                "cannot give that tensor's row"
+            )
         if rule.token is not None:
             row = self.inputs[rule.model].tokens.get(rule.token, -1)
             if not 0 <= row < tensor_rows[peer]:
@@ -236,8 +266,10 @@ class OutputVocabulary:
         elif rule.token_id is not None:
             row = rule.token_id
             if row >= tensor_rows[peer]:
-                raise MergewiseError(f"{rule.key}.token_id: {row} is past the {tensor_rows[peer]} rows of "
-                                     f"{rule.model.reference}'s {name}")
+                raise MergewiseError(
+                    f"{rule.key}.token_id: {row} is past the {tensor_rows[peer]} rows of "
+                    f"{rule.model.reference}'s {name}"
+                )
         else:
             row = int(held[peer][token_id])
             if row < 0:
@@ -261,8 +293,15 @@ class AlignedTensor:
     (read from the peers once, when first needed) and each peer's padding row are kept; the rest is
     read per row chunk."""
 
-    def __init__(self, peers: list[tuple[ModelFolder, str]], own: list[torch.Tensor], defaults: dict[int, tuple],
-                 real: int, rows: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        peers: list[tuple[ModelFolder, str]],
+        own: list[torch.Tensor],
+        defaults: dict[int, tuple],
+        real: int,
+        rows: int,
+        dtype: torch.dtype,
+    ):
         self.peers = peers
         self.own = own
         self.defaults = defaults
@@ -278,7 +317,7 @@ class AlignedTensor:
     def read(self, peer: int, rows: slice) -> torch.Tensor:
         start, stop, _ = rows.indices(self.rows)
         out = torch.zeros((stop - start, *self.row_shape), dtype=self.dtype)
-        own = self.own[peer][start:min(stop, self.real)]
+        own = self.own[peer][start : min(stop, self.real)]
         held = (own >= 0).nonzero().flatten()
         if len(held):
             model, tensor = self.peers[peer]
@@ -289,7 +328,7 @@ class AlignedTensor:
             for position in lacking:
                 out[position] = defaults[start + position]
         if stop > self.real:
-            out[max(self.real - start, 0):] = self._padding_row(peer)
+            out[max(self.real - start, 0) :] = self._padding_row(peer)
         return out
 
     def _defaults(self) -> dict[int, torch.Tensor]:
@@ -336,8 +375,14 @@ def gather_rows(model: ModelFolder, tensor: str, wanted: torch.Tensor) -> torch.
     return torch.cat(pieces)[position]
 
 
-def build_vocabulary(source: str | ModelFolder, base: ModelFolder, models: list[ModelFolder],
-                     added: Iterable[str], pad_to_multiple_of: int | None, key: str) -> OutputVocabulary:
+def build_vocabulary(
+    source: str | ModelFolder,
+    base: ModelFolder,
+    models: list[ModelFolder],
+    added: Iterable[str],
+    pad_to_multiple_of: int | None,
+    key: str,
+) -> OutputVocabulary:
     """The output vocabulary from `source` (`base`, `union` or a model), with the tokens `added`
     appended, and each of `models` (every recipe model, `base` first) re-indexed into it."""
     tokenizers = {model: load_tokenizer(model.path) for model in models}

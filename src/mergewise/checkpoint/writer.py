@@ -29,8 +29,17 @@ from mergewise.errors import MergewiseError
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -91,16 +100,26 @@ class _Slot:
 class StreamingShardWriter:
     """Lays tensors out into shards of at most `shard_size` bytes and accepts their rows in any order."""
 
-    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int,
-                 metadata: dict[str, str] | None = None, file_stem: str = "model", keep: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[PlannedTensor],
+        shard_size: int,
+        metadata: dict[str, str] | None = None,
+        file_stem: str = "model",
+        keep: frozenset[str] = frozenset(),
+    ):
         """`keep`: shard files already complete in `folder` (a resumed merge), left as they are."""
         self.folder = folder
         self._slots: dict[str, _Slot] = {}
         shards = _assign_shards(tensors, shard_size)
         self.weight_map: dict[str, str] = {}
         for index, shard in enumerate(shards, start=1):
-            file_name = (f"{file_stem}.safetensors" if len(shards) == 1
-                         else f"{file_stem}-{index:05d}-of-{len(shards):05d}.safetensors")
+            file_name = (
+                f"{file_stem}.safetensors"
+                if len(shards) == 1
+                else f"{file_stem}-{index:05d}-of-{len(shards):05d}.safetensors"
+            )
             self._write_header(folder / file_name, shard, metadata or {}, file_name not in keep)
             for tensor in shard:
                 self.weight_map[tensor.name] = file_name
@@ -114,8 +133,11 @@ class StreamingShardWriter:
         header: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
         start = 0
         for tensor in shard:
-            header[tensor.name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                                   "data_offsets": [start, start + tensor.nbytes]}
+            header[tensor.name] = {
+                "dtype": _DTYPE_NAMES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [start, start + tensor.nbytes],
+            }
             start += tensor.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data must start 8-byte aligned

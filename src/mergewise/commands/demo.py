@@ -13,10 +13,13 @@ DEMO_METHODS = ["linear", "ties"]
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="build the micro zoo, merge it (linear, ties, Mediator) and score the results",
-                                   description="Build the micro zoo offline (reused when already built), merge "
-                                               "its experts with linear and ties and as a Mediator model, and print a score "
-                                               "table.")
+    parser = subparsers.add_parser(
+        "demo",
+        help="build the micro zoo, merge it (linear, ties, Mediator) and score the results",
+        description="Build the micro zoo offline (reused when already built), merge "
+        "its experts with linear and ties and as a Mediator model, and print a score "
+        "table.",
+    )
     parser.add_argument("--dir", default="mergewise-demo", help="where the zoo, merges and scores go")
     parser.add_argument("--limit", type=int, default=100, help="prompts scored per task (default 100)")
     parser.add_argument("--device", default="cpu")

@@ -16,8 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, help="score at most N prompts per task (and N general windows)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let the model folder run its own Python code (auto_map); only for code you trust")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model folder run its own Python code (auto_map); only for code you trust",
+    )
     parser.set_defaults(handler=run_eval)
 
 
@@ -25,7 +28,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from mergewise.evaluate import evaluate_model, format_table  # heavy (transformers): only when scoring
 
     results = evaluate_model(
-        args.model_dir, args.zoo, tasks=args.tasks, device=args.device, batch_size=args.batch_size, limit=args.limit,
+        args.model_dir,
+        args.zoo,
+        tasks=args.tasks,
+        device=args.device,
+        batch_size=args.batch_size,
+        limit=args.limit,
         trust_remote_code=args.trust_remote_code,
     )
     print(format_table(results))

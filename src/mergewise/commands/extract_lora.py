@@ -7,9 +7,11 @@ import argparse
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "extract-lora", help="a LoRA adapter approximating a fine-tune (truncated SVD per weight)",
+        "extract-lora",
+        help="a LoRA adapter approximating a fine-tune (truncated SVD per weight)",
         description="Factorise each weight matrix's difference between FINETUNED and BASE into a rank-R "
-                    "LoRA (a PEFT adapter folder); embeddings and the output head are left out.")
+        "LoRA (a PEFT adapter folder); embeddings and the output head are left out.",
+    )
     parser.add_argument("finetuned", help="fine-tuned model folder")
     parser.add_argument("base", help="its base model folder")
     parser.add_argument("out_dir", help="output adapter folder")
@@ -22,9 +24,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     from mergewise.checkpoint.extract_lora import extract_lora
 
-    errors = extract_lora(args.finetuned, args.base, args.out_dir, args.rank, overwrite=args.overwrite,
-                          quiet=args.quiet)
+    errors = extract_lora(
+        args.finetuned, args.base, args.out_dir, args.rank, overwrite=args.overwrite, quiet=args.quiet
+    )
     worst = max(errors, key=errors.get)
-    print(f"{len(errors)} modules at rank {args.rank}; relative reconstruction error: mean "
-          f"{sum(errors.values()) / len(errors):.4f}, worst {errors[worst]:.4f} ({worst}); adapter written to "
-          f"{args.out_dir}")
+    print(
+        f"{len(errors)} modules at rank {args.rank}; relative reconstruction error: mean "
+        f"{sum(errors.values()) / len(errors):.4f}, worst {errors[worst]:.4f} ({worst}); adapter written to "
+        f"{args.out_dir}"
+    )

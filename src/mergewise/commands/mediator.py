@@ -8,13 +8,15 @@ from mergewise.commands.merge import add_merge_options, merge_options
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("mediator", help="conflict analysis and routed dense + coded experts",
-                                   description="Mediator: measure where fine-tunes conflict, average the calm "
-                                               "layers and route the conflicting ones per prompt.")
+    parser = subparsers.add_parser(
+        "mediator",
+        help="conflict analysis and routed dense + coded experts",
+        description="Mediator: measure where fine-tunes conflict, average the calm "
+        "layers and route the conflicting ones per prompt.",
+    )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    analyze = actions.add_parser("analyze", help="per-layer sign conflict, cancellation and cosines "
-                                                 "(CSV, JSON, PNG)")
+    analyze = actions.add_parser("analyze", help="per-layer sign conflict, cancellation and cosines (CSV, JSON, PNG)")
     analyze.add_argument("config", help="Mediator recipe (YAML with a mediator: block)")
     analyze.add_argument("report_dir", help="folder for conflict.csv, conflict.json and conflict.png")
     analyze.add_argument("--overwrite", action="store_true", help="replace REPORT_DIR if it exists")
@@ -41,12 +43,13 @@ def run_analyze(args: argparse.Namespace) -> None:
     from mergewise.mediator.analysis import analyze_to_folder
     from mergewise.mediator.settings import load_recipe
 
-    report = analyze_to_folder(load_recipe(args.config), args.report_dir, overwrite=args.overwrite,
-                               quiet=args.quiet)
+    report = analyze_to_folder(load_recipe(args.config), args.report_dir, overwrite=args.overwrite, quiet=args.quiet)
     if not args.quiet:
         worst = max(report.units, key=lambda unit: unit.sign_conflict)
-        print(f"{len(report.units)} units analysed; highest sign conflict {worst.sign_conflict:.4f} in "
-              f"{worst.unit}; report written to {args.report_dir}")
+        print(
+            f"{len(report.units)} units analysed; highest sign conflict {worst.sign_conflict:.4f} in "
+            f"{worst.unit}; report written to {args.report_dir}"
+        )
 
 
 def run_build(args: argparse.Namespace) -> None:
@@ -61,7 +64,13 @@ def run_build(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from mergewise.mediator.export import export_task
 
-    out_dir = export_task(args.mediator_dir, args.task, args.out_dir, shard_size=args.shard_size,
-                          overwrite=args.overwrite, quiet=args.quiet)
+    out_dir = export_task(
+        args.mediator_dir,
+        args.task,
+        args.out_dir,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
     if not args.quiet:
         print(f"expert {args.task} written to {out_dir}")

@@ -32,14 +32,19 @@ def merge_options(args: argparse.Namespace) -> dict:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("merge", help="merge models as a YAML recipe describes",
-                                   description="Merge models as a mergekit-compatible YAML recipe describes.")
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge models as a YAML recipe describes",
+        description="Merge models as a mergekit-compatible YAML recipe describes.",
+    )
     parser.add_argument("config", help="merge recipe (YAML)")
-    parser.add_argument("out_dir", nargs="?",
-                        help="output model folder (created; must not exist unless --overwrite)")
-    parser.add_argument("--check", action="store_true",
-                        help="validate and plan the recipe from the models' headers, print the plan and any "
-                             "warnings, and stop (no weights read, nothing written)")
+    parser.add_argument("out_dir", nargs="?", help="output model folder (created; must not exist unless --overwrite)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate and plan the recipe from the models' headers, print the plan and any "
+        "warnings, and stop (no weights read, nothing written)",
+    )
     add_merge_options(parser)
     parser.set_defaults(handler=run)
 
@@ -66,8 +71,10 @@ def check(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.config, strict=args.strict)
     remote = [path for path in recipe.config.model_paths() if is_remote(path, recipe.config_dir)]
     if remote:
-        print(f"{args.config}: the recipe is valid; not planned, since it names Hub models that would be downloaded "
-              f"first: {', '.join(remote)}")
+        print(
+            f"{args.config}: the recipe is valid; not planned, since it names Hub models that would be downloaded "
+            f"first: {', '.join(remote)}"
+        )
         return
     _, plan = plan_recipe(recipe, strict=args.strict, allow_pickle=args.allow_pickle)
     try:
@@ -76,12 +83,13 @@ def check(args: argparse.Namespace) -> None:
         inputs = len({source.model.path for job in plan.jobs for source in job.inputs})
         base = f" onto base {plan.base_model.path}" if plan.base_model is not None else ""
         layers = len(plan.source_layers) if plan.source_layers is not None else plan.reference.num_layers
-        print(f"{args.config}: {plan.method.name} of {inputs} model(s){base}: {len(plan.jobs)} tensors, "
-              f"{parameters:,} parameters ({', '.join(f'{count} {dtype}' for dtype, count in dtypes.most_common())}), "
-              f"{layers} layers")
+        print(
+            f"{args.config}: {plan.method.name} of {inputs} model(s){base}: {len(plan.jobs)} tensors, "
+            f"{parameters:,} parameters ({', '.join(f'{count} {dtype}' for dtype, count in dtypes.most_common())}), "
+            f"{layers} layers"
+        )
         for stage in recipe.blocks:
             print(f"  with the {stage}: block (its own work runs in the merge)")
     finally:
         for model in plan.models:
             model.close()
-

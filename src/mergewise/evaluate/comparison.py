@@ -39,8 +39,11 @@ def core_recipe(zoo: Zoo, method: str, dtype: str = "float32") -> dict:
     """A mergekit-style recipe merging every expert of `zoo` with `method`'s starting settings
     (linear averages the experts only: the base is an input there, so it gets weight 0)."""
     settings = CORE_METHOD_SETTINGS[method]
-    models = [{"model": str(task.expert), "parameters": dict(settings["per_model"])}
-              for task in zoo.tasks.values() if task.expert]
+    models = [
+        {"model": str(task.expert), "parameters": dict(settings["per_model"])}
+        for task in zoo.tasks.values()
+        if task.expert
+    ]
     if method == "linear":
         models.append({"model": str(zoo.base), "parameters": {"weight": 0.0}})
     return {"merge_method": method, "base_model": str(zoo.base), "dtype": dtype, "models": models}
@@ -49,10 +52,17 @@ def core_recipe(zoo: Zoo, method: str, dtype: str = "float32") -> dict:
 def mediator_recipe(zoo: Zoo, dtype: str = "float32", **settings: Any) -> dict:
     """A Mediator recipe over every expert of `zoo`, each with its task's calibration prompts;
     `settings` (memory_budget, code, …) go into the mediator block, the rest keep their defaults."""
-    experts = [{"model": str(task.expert), "task": name, "prompts": str(task.calibration)}
-               for name, task in zoo.tasks.items() if task.expert]
-    return {"merge_method": "linear", "base_model": str(zoo.base), "dtype": dtype,
-            "mediator": {**settings, "experts": experts}}
+    experts = [
+        {"model": str(task.expert), "task": name, "prompts": str(task.calibration)}
+        for name, task in zoo.tasks.items()
+        if task.expert
+    ]
+    return {
+        "merge_method": "linear",
+        "base_model": str(zoo.base),
+        "dtype": dtype,
+        "mediator": {**settings, "experts": experts},
+    }
 
 
 def mediator_entry(zoo: Zoo) -> Entry:
@@ -76,6 +86,7 @@ def _existing(folder: Path) -> Callable[[Path], Path]:
 
 def merged_entry(label: str, recipe: dict, merge: Callable[[dict, Path], Path] | None = None) -> Entry:
     """An entry whose model is `recipe` merged (by `merge`, default the plain engine) into work/label."""
+
     def produce(work: Path) -> Path:
         out = work / "models" / label
         if not (out / "config.json").is_file():
@@ -100,8 +111,15 @@ def zoo_entries(zoo: Zoo, methods: list[str]) -> list[Entry]:
     return entries
 
 
-def score_entries(zoo_dir: str | Path, work: str | Path, entries: list[Entry], *, device: str = "cpu",
-                  limit: int | None = None, progress: Callable[[str], None] = print) -> dict[str, dict]:
+def score_entries(
+    zoo_dir: str | Path,
+    work: str | Path,
+    entries: list[Entry],
+    *,
+    device: str = "cpu",
+    limit: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, dict]:
     """Evaluate every entry (cached in work/scores/LABEL.json) and return label → eval JSON."""
     work = Path(work)
     (work / "scores").mkdir(parents=True, exist_ok=True)
@@ -149,8 +167,13 @@ def bar_chart(results: dict[str, dict], zoo: Zoo, path: str | Path) -> None:
     palette = matplotlib.colormaps["tab20"]  # qualitative: its N colours, each picked by its index
     for index, (label, result) in enumerate(results.items()):
         positions = [task_index + index * width for task_index in range(len(tasks))]
-        axis.bar(positions, [result["tasks"][name]["score"] for name in tasks], width, label=label,
-                 color=palette(index % palette.N))
+        axis.bar(
+            positions,
+            [result["tasks"][name]["score"] for name in tasks],
+            width,
+            label=label,
+            color=palette(index % palette.N),
+        )
     axis.set_xticks([task_index + 0.4 - width / 2 for task_index in range(len(tasks))])
     axis.set_xticklabels([_column(zoo, name).replace(" (", "\n(") for name in tasks])
     exact_match = all(zoo.tasks[name].metric == "exact_match" for name in tasks)

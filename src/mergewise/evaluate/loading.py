@@ -36,5 +36,10 @@ class LoadedModel:
 def load_model(path: str | os.PathLike, device: str = "cpu", trust_remote_code: bool = False) -> LoadedModel:
     """Load a plain or Mediator model folder in float32; the folder's own Python runs only if trusted."""
     routed = load(path, device, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    return LoadedModel(model=routed.model, tokenizer=routed.tokenizer, device=routed.device, path=routed.path,
-                       routing=routed if routed.is_mediator else None)
+    return LoadedModel(
+        model=routed.model,
+        tokenizer=routed.tokenizer,
+        device=routed.device,
+        path=routed.path,
+        routing=routed if routed.is_mediator else None,
+    )

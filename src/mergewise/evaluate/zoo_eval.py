@@ -77,8 +77,9 @@ def select_tasks(zoo: Zoo, tasks: Sequence[str] | None) -> list[str]:
     return list(tasks)
 
 
-def score_task(loaded: LoadedModel, zoo: Zoo, name: str, batch_size: int, limit: int | None,
-               split: str | None = None) -> dict:
+def score_task(
+    loaded: LoadedModel, zoo: Zoo, name: str, batch_size: int, limit: int | None, split: str | None = None
+) -> dict:
     examples = zoo.eval_examples(name, split)[:limit]
     if not examples:
         raise MergewiseError(f"{zoo.tasks[name].eval}: no examples")

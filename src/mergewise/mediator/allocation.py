@@ -49,9 +49,11 @@ class RoutedTensor:
 
 def unit_cost(tensors: list[RoutedTensor], code: str, level: float | None, tasks: int) -> int:
     """Bytes all tasks' experts of a unit take in the experts file, header entries included."""
-    per_task = sum(tensor.stored_bytes(code, level)
-                   + len(tensor.stored_parts(code, level)) * (HEADER_BYTES_PER_PART + len(tensor.name) + 24)
-                   for tensor in tensors)
+    per_task = sum(
+        tensor.stored_bytes(code, level)
+        + len(tensor.stored_parts(code, level)) * (HEADER_BYTES_PER_PART + len(tensor.name) + 24)
+        for tensor in tensors
+    )
     return per_task * tasks
 
 
@@ -101,7 +103,7 @@ class KeptEstimate:
                 if task not in self._samples:
                     sampled_rows = len(range(0, self.shapes[name][0], stride))
                     self._samples[task] = torch.empty(sampled_rows, sample.shape[1])
-                self._samples[task][self._filled:self._filled + len(sample)] = sample
+                self._samples[task][self._filled : self._filled + len(sample)] = sample
             for option in self.options:
                 code = get_code(option[0])
                 if not code.row_local:
@@ -116,7 +118,7 @@ class KeptEstimate:
         """Measure the options that need the whole matrix (low-rank) on the open matrix's sampled rows."""
         unit = unit_of(self._open) if self._open is not None else None
         for task, sample in self._samples.items():
-            sample = sample[:self._filled]
+            sample = sample[: self._filled]
             spectrum = SampleSpectrum(sample)
             for name, levels in self._whole_matrix_levels.items():
                 for level, share in get_code(name).kept_shares(spectrum, levels).items():
@@ -159,9 +161,14 @@ class Allocation:
     stored_bytes: int
 
 
-def allocate(units: dict[str, list[RoutedTensor]], candidates: list[tuple[str, float | None]],
-             gains: dict[tuple[str, tuple[str, float | None]], float], totals: dict[str, float],
-             available: float, tasks: int) -> Allocation:
+def allocate(
+    units: dict[str, list[RoutedTensor]],
+    candidates: list[tuple[str, float | None]],
+    gains: dict[tuple[str, tuple[str, float | None]], float],
+    totals: dict[str, float],
+    available: float,
+    tasks: int,
+) -> Allocation:
     """The options within `available` bytes that keep the most of the worst-kept unit, then spend
     what is left where it keeps the most ‖·‖² per byte.
 
@@ -170,8 +177,9 @@ def allocate(units: dict[str, list[RoutedTensor]], candidates: list[tuple[str, f
     the largest share s such that every unit with a residual gets an option keeping ≥ s (the cheapest
     such); only when not even the cheapest options of all units fit are units left out, most
     ‖·‖² per byte first."""
-    costs = {(unit, option): unit_cost(tensors, *option, tasks) for unit, tensors in units.items()
-             for option in candidates}
+    costs = {
+        (unit, option): unit_cost(tensors, *option, tasks) for unit, tensors in units.items() for option in candidates
+    }
     wanted = [unit for unit in units if totals.get(unit, 0.0) > 0]
     shares = {key: gains[key] / totals[key[0]] for key in costs if key[0] in wanted}
 
@@ -196,11 +204,18 @@ def allocate(units: dict[str, list[RoutedTensor]], candidates: list[tuple[str, f
     chosen = best if best is not None else {}
     while True:  # upgrades (or, with nothing chosen, additions), best ‖·‖² per byte first
         spent = sum(costs[unit, option] for unit, option in chosen.items())
-        steps = [((gains[unit, option] - (gains[unit, chosen[unit]] if unit in chosen else 0.0))
-                  / max(costs[unit, option] - (costs[unit, chosen[unit]] if unit in chosen else 0), 1), unit, option)
-                 for unit in wanted for option in candidates
-                 if gains[unit, option] > (gains[unit, chosen[unit]] if unit in chosen else 0.0)
-                 and spent + costs[unit, option] - (costs[unit, chosen[unit]] if unit in chosen else 0) <= available]
+        steps = [
+            (
+                (gains[unit, option] - (gains[unit, chosen[unit]] if unit in chosen else 0.0))
+                / max(costs[unit, option] - (costs[unit, chosen[unit]] if unit in chosen else 0), 1),
+                unit,
+                option,
+            )
+            for unit in wanted
+            for option in candidates
+            if gains[unit, option] > (gains[unit, chosen[unit]] if unit in chosen else 0.0)
+            and spent + costs[unit, option] - (costs[unit, chosen[unit]] if unit in chosen else 0) <= available
+        ]
         if not steps:
             break
         _, unit, option = max(steps, key=lambda step: step[0])
@@ -208,22 +223,34 @@ def allocate(units: dict[str, list[RoutedTensor]], candidates: list[tuple[str, f
     return Allocation(chosen, sum(costs[unit, option] for unit, option in chosen.items()))
 
 
-def smallest_budget(units: dict[str, list[RoutedTensor]], candidates: list[tuple[str, float | None]],
-                    fixed_bytes: int, model_bytes: int, tasks: int) -> float:
+def smallest_budget(
+    units: dict[str, list[RoutedTensor]],
+    candidates: list[tuple[str, float | None]],
+    fixed_bytes: int,
+    model_bytes: int,
+    tasks: int,
+) -> float:
     """The budget below which no unit can be routed by any candidate."""
     cheapest = min(unit_cost(tensors, *option, tasks) for tensors in units.values() for option in candidates)
     return (fixed_bytes + cheapest) / model_bytes
 
 
 def too_small(budget: float, smallest: float, what: str) -> MergewiseError:
-    return MergewiseError(f"mediator.memory_budget {budget:g} is too small to route any unit with {what}: "
-                          f"the smallest budget that routes one is {math.ceil(smallest * 1000) / 1000:.3f}")
+    return MergewiseError(
+        f"mediator.memory_budget {budget:g} is too small to route any unit with {what}: "
+        f"the smallest budget that routes one is {math.ceil(smallest * 1000) / 1000:.3f}"
+    )
 
 
-def largest_level(units: dict[str, list[RoutedTensor]], code: str, levels: tuple[float, ...], available: float,
-                  tasks: int) -> float:
+def largest_level(
+    units: dict[str, list[RoutedTensor]], code: str, levels: tuple[float, ...], available: float, tasks: int
+) -> float:
     """The largest level of `code` at which every unit fits (the smallest level if none does)."""
-    return next((level for level in levels
-                 if sum(unit_cost(tensors, code, level, tasks) for tensors in units.values()) <= available),
-                levels[-1])
-
+    return next(
+        (
+            level
+            for level in levels
+            if sum(unit_cost(tensors, code, level, tasks) for tensors in units.values()) <= available
+        ),
+        levels[-1],
+    )

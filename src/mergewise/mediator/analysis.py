@@ -50,18 +50,36 @@ class ConflictReport:
     conflict_density: float
 
     def to_json(self) -> dict:
-        return {"tasks": self.tasks, "conflict_density": self.conflict_density,
-                "overall_cosines": self.overall_cosines, "units": [asdict(unit) for unit in self.units]}
+        return {
+            "tasks": self.tasks,
+            "conflict_density": self.conflict_density,
+            "overall_cosines": self.overall_cosines,
+            "units": [asdict(unit) for unit in self.units],
+        }
 
     def write(self, report_dir: Path) -> None:
         pairs = [(a, b) for a in range(len(self.tasks)) for b in range(a + 1, len(self.tasks))]
         with open(report_dir / "conflict.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["unit", "parameters", "sign_conflict", "cancellation",
-                             *(f"cos:{self.tasks[a]}|{self.tasks[b]}" for a, b in pairs)])
+            writer.writerow(
+                [
+                    "unit",
+                    "parameters",
+                    "sign_conflict",
+                    "cancellation",
+                    *(f"cos:{self.tasks[a]}|{self.tasks[b]}" for a, b in pairs),
+                ]
+            )
             for unit in self.units:
-                writer.writerow([unit.unit, unit.parameters, f"{unit.sign_conflict:.6f}", f"{unit.cancellation:.6f}",
-                                 *(f"{unit.cosines[a][b]:.6f}" for a, b in pairs)])
+                writer.writerow(
+                    [
+                        unit.unit,
+                        unit.parameters,
+                        f"{unit.sign_conflict:.6f}",
+                        f"{unit.cancellation:.6f}",
+                        *(f"{unit.cosines[a][b]:.6f}" for a, b in pairs),
+                    ]
+                )
         (report_dir / "conflict.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
         self._plot(report_dir / "conflict.png")
 
@@ -221,8 +239,13 @@ def chunk_sums(vectors: torch.Tensor, cuts: torch.Tensor) -> _Sums:
     return sums
 
 
-def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False, observers: Sequence[ChunkObserver] = (),
-                      chunk_elements: int = CHUNK_ELEMENTS) -> ConflictReport:
+def analyze_conflicts(
+    recipe: MediatorRecipe,
+    *,
+    quiet: bool = False,
+    observers: Sequence[ChunkObserver] = (),
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> ConflictReport:
     """The conflict report of the recipe's experts, in memory bounded by one row chunk per expert.
 
     Each observer is called as `observer(name, rows, task_vectors)` once per row chunk of every
@@ -237,8 +260,13 @@ def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False, observers:
     overall = _Sums(len(tasks))
     jobs = [job for job in plan.jobs if job.out_dtype.is_floating_point]
     try:
-        with tqdm(total=sum(math.prod(job.shape) for job in jobs), unit="param", unit_scale=True,
-                  desc="conflict analysis", disable=quiet) as progress:
+        with tqdm(
+            total=sum(math.prod(job.shape) for job in jobs),
+            unit="param",
+            unit_scale=True,
+            desc="conflict analysis",
+            disable=quiet,
+        ) as progress:
             for job in jobs:
                 unit_sums, names = units.setdefault(unit_of(job.name), (_Sums(len(tasks)), []))
                 names.append(job.name)
@@ -257,9 +285,17 @@ def analyze_conflicts(recipe: MediatorRecipe, *, quiet: bool = False, observers:
             model.close()
     return ConflictReport(
         tasks=tasks,
-        units=[UnitConflict(unit, sums.parameters, sums.conflict / sums.weight if sums.weight > 0 else 0.0,
-                            sums.cancellation(), sums.cosines(), names)
-               for unit, (sums, names) in units.items()],
+        units=[
+            UnitConflict(
+                unit,
+                sums.parameters,
+                sums.conflict / sums.weight if sums.weight > 0 else 0.0,
+                sums.cancellation(),
+                sums.cosines(),
+                names,
+            )
+            for unit, (sums, names) in units.items()
+        ],
         overall_cosines=overall.cosines(),
         conflict_density=share,
     )
@@ -269,12 +305,15 @@ def _check_finite(sums: _Sums, job: ExpertTensor) -> None:
     """‖τ_t‖² of finite float32 entries cannot overflow float64: a non-finite one means NaN or infinity."""
     for task, square in enumerate(np.diag(sums.gram)):
         if not math.isfinite(square):
-            raise MergewiseError(f"tensor {job.name}: the task vector of expert {job.inputs[task].model.path} "
-                                 f"holds NaN or infinity; the conflict analysis needs finite weights")
+            raise MergewiseError(
+                f"tensor {job.name}: the task vector of expert {job.inputs[task].model.path} "
+                f"holds NaN or infinity; the conflict analysis needs finite weights"
+            )
 
 
-def analyze_to_folder(recipe: MediatorRecipe, report_dir: str | Path, *, overwrite: bool = False,
-                      quiet: bool = False) -> ConflictReport:
+def analyze_to_folder(
+    recipe: MediatorRecipe, report_dir: str | Path, *, overwrite: bool = False, quiet: bool = False
+) -> ConflictReport:
     """Analyse, then write conflict.csv/.json/.png to a staged `report_dir` (nothing on error)."""
     report_dir = Path(report_dir).expanduser().resolve()
     inputs = [folder for model in expert_tensors(recipe).models for folder in model.folders]
@@ -282,6 +321,7 @@ def analyze_to_folder(recipe: MediatorRecipe, report_dir: str | Path, *, overwri
     report = analyze_conflicts(recipe, quiet=quiet)
     with staged_folder(report_dir, overwrite) as staging:
         report.write(staging)
-        (staging / RECORD_FILE).write_text(yaml.safe_dump({"conflict_analysis": recipe.settings.model_dump(mode="json")},
-                                                          sort_keys=False))
+        (staging / RECORD_FILE).write_text(
+            yaml.safe_dump({"conflict_analysis": recipe.settings.model_dump(mode="json")}, sort_keys=False)
+        )
     return report

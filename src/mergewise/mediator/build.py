@@ -48,15 +48,19 @@ class BuildSummary:
     def describe(self) -> str:
         budget = f" (budget {self.budget:g}×)" if self.budget is not None else ""
         codes = ", ".join(f"{count} {code}" for code, count in self.codes.items())
-        return (f"routed {len(self.routed_units)} of {self.units} units ({codes}); stored {self.stored_bytes / 1e6:.1f} MB = "
-                f"{self.ratio:.3f}× one model{budget}; router held-out accuracy {self.heldout_accuracy:.3f}")
+        return (
+            f"routed {len(self.routed_units)} of {self.units} units ({codes}); stored {self.stored_bytes / 1e6:.1f} MB = "
+            f"{self.ratio:.3f}× one model{budget}; router held-out accuracy {self.heldout_accuracy:.3f}"
+        )
 
 
 def read_prompts(path: Path) -> list[str]:
     """One prompt per line, or JSONL records with a `prompt` (or `text`) field."""
     if path.suffix in (".jsonl", ".json"):
-        return [next(record[name] for name in ("prompt", "text") if isinstance(record.get(name), str))
-                for record in read_jsonl(path, "prompts file", ("prompt|text",))]
+        return [
+            next(record[name] for name in ("prompt", "text") if isinstance(record.get(name), str))
+            for record in read_jsonl(path, "prompts file", ("prompt|text",))
+        ]
     return [line for line in read_text(path, "prompts file").splitlines() if line.strip()]
 
 
@@ -66,9 +70,11 @@ def calibration_prompts(recipe: MediatorRecipe) -> dict[str, list[str]]:
         path = recipe.prompts_path(expert)
         found = read_prompts(path)
         if len(found) < MIN_CALIBRATION_PROMPTS:
-            raise MergewiseError(f"{path}: task {expert.task!r} has {len(found)} calibration prompts; the router "
-                                 f"needs at least {MIN_CALIBRATION_PROMPTS}")
-        prompts[expert.task] = found[:recipe.settings.router.max_prompts]
+            raise MergewiseError(
+                f"{path}: task {expert.task!r} has {len(found)} calibration prompts; the router "
+                f"needs at least {MIN_CALIBRATION_PROMPTS}"
+            )
+        prompts[expert.task] = found[: recipe.settings.router.max_prompts]
     return prompts
 
 
@@ -78,8 +84,9 @@ def router_reserve(settings: MediatorSettings, hidden: int) -> int:
     return 4 * (2 * tasks + 3) * hidden + 4 * tasks * settings.router.max_prompts + 4096
 
 
-def fixed_option(settings: MediatorSettings, units: dict[str, list[RoutedTensor]], available: float | None
-                 ) -> tuple[str, float | None]:
+def fixed_option(
+    settings: MediatorSettings, units: dict[str, list[RoutedTensor]], available: float | None
+) -> tuple[str, float | None]:
     """The (code, level) of a named code; an `auto` level is the largest at which every unit fits."""
     if settings.code == "auto":
         return THRESHOLD_OPTION
@@ -92,17 +99,24 @@ def fixed_option(settings: MediatorSettings, units: dict[str, list[RoutedTensor]
     return code.name, largest_level(units, code.name, code.levels, available, len(settings.experts))
 
 
-def estimated_options(settings: MediatorSettings, units: dict[str, list[RoutedTensor]], available: float | None
-                      ) -> tuple[tuple[str, float | None], ...]:
+def estimated_options(
+    settings: MediatorSettings, units: dict[str, list[RoutedTensor]], available: float | None
+) -> tuple[tuple[str, float | None], ...]:
     """The options whose kept share the conflict analysis measures: every candidate of a budget."""
     if available is None:
         return ()
     return AUTO_OPTIONS if settings.code == "auto" else (fixed_option(settings, units, available),)
 
 
-def choose_routing(settings: MediatorSettings, report: ConflictReport, estimate: KeptEstimate,
-                   units: dict[str, list[RoutedTensor]], available: float | None, model_bytes: int,
-                   fixed_bytes: int) -> Allocation:
+def choose_routing(
+    settings: MediatorSettings,
+    report: ConflictReport,
+    estimate: KeptEstimate,
+    units: dict[str, list[RoutedTensor]],
+    available: float | None,
+    model_bytes: int,
+    fixed_bytes: int,
+) -> Allocation:
     """The routed units and their codes: every unit over `route_threshold`, or (with a budget, where
     `available` is the bytes left for experts) the best-kept share that fits."""
     tasks = len(settings.experts)
@@ -112,18 +126,22 @@ def choose_routing(settings: MediatorSettings, report: ConflictReport, estimate:
         routed = [name for name, unit in conflicts.items() if unit.sign_conflict >= settings.route_threshold]
         if not routed:
             highest = max((unit.sign_conflict for unit in conflicts.values()), default=0.0)
-            raise MergewiseError(f"mediator.route_threshold {settings.route_threshold:g} routes no unit "
-                                 f"(highest sign conflict is {highest:.4f})")
-        return Allocation({name: option for name in routed},
-                          sum(unit_cost(units[name], *option, tasks) for name in routed))
+            raise MergewiseError(
+                f"mediator.route_threshold {settings.route_threshold:g} routes no unit "
+                f"(highest sign conflict is {highest:.4f})"
+            )
+        return Allocation(
+            {name: option for name in routed}, sum(unit_cost(units[name], *option, tasks) for name in routed)
+        )
     candidates = list(estimate.options)
     gains = {(name, option): estimate.gain(name, tasks, option) for name in units for option in candidates}
     totals = {name: sum(estimate.total.get((name, task), 0.0) for task in range(tasks)) for name in units}
     allocation = allocate(units, candidates, gains, totals, available, tasks)
     if not allocation.choices:
         what = "any code" if settings.code == "auto" else f"code {candidates[0][0]}"
-        raise too_small(settings.memory_budget, smallest_budget(units, candidates, fixed_bytes, model_bytes, tasks),
-                        what)
+        raise too_small(
+            settings.memory_budget, smallest_budget(units, candidates, fixed_bytes, model_bytes, tasks), what
+        )
     return allocation
 
 
@@ -140,6 +158,13 @@ def build(recipe_source, out_dir: str | Path, **options) -> BuildSummary:
     for unit in built["units"]:
         if unit["routed"]:
             codes[unit["code"]] = codes.get(unit["code"], 0) + 1
-    return BuildSummary(result.out_dir, built["routed_units"], len(built["units"]), codes,
-                        built["memory"]["dense_bytes"], built["memory"]["stored_bytes"],
-                        built["memory"]["budget"], built["router_fit"]["heldout_accuracy"])
+    return BuildSummary(
+        result.out_dir,
+        built["routed_units"],
+        len(built["units"]),
+        codes,
+        built["memory"]["dense_bytes"],
+        built["memory"]["stored_bytes"],
+        built["memory"]["budget"],
+        built["router_fit"]["heldout_accuracy"],
+    )

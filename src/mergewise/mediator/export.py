@@ -12,8 +12,15 @@ from mergewise.errors import MergewiseError
 from mergewise.mediator.runtime import ExpertBank, is_mediator_folder, read_manifest
 
 
-def export_task(mediator_dir: str | Path, task: str, out_dir: str | Path, *, shard_size: str | int = "5GB",
-                overwrite: bool = False, quiet: bool = False) -> Path:
+def export_task(
+    mediator_dir: str | Path,
+    task: str,
+    out_dir: str | Path,
+    *,
+    shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
     folder = Path(mediator_dir).expanduser().resolve()
     if not is_mediator_folder(folder):
         raise MergewiseError(f"{folder}: not a Mediator folder (no mediator/mediator.json)")
@@ -31,8 +38,16 @@ def export_task(mediator_dir: str | Path, task: str, out_dir: str | Path, *, sha
         return experts.expert_rows(name, matrix_rows, matrix, {task: 1.0}).reshape(chunk.shape)
 
     try:
-        return rewrite_folder(dense, Path(out_dir), add_expert, record_key="mediator_export",
-                              record={"source": str(folder), "task": task}, inputs=[folder],
-                              shard_size=shard_size, overwrite=overwrite, quiet=quiet)
+        return rewrite_folder(
+            dense,
+            Path(out_dir),
+            add_expert,
+            record_key="mediator_export",
+            record={"source": str(folder), "task": task},
+            inputs=[folder],
+            shard_size=shard_size,
+            overwrite=overwrite,
+            quiet=quiet,
+        )
     finally:
         dense.close()

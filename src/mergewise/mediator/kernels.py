@@ -99,5 +99,13 @@ def add_signs(weights, signs, high, low_levels, high_levels):
             for bit in range(8):
                 _add_sign_step(weights, row, (byte << 3) + bit, signs_byte, high_byte, 7 - bit, low, top)
         for column in range(whole << 3, width):
-            _add_sign_step(weights, row, column, np.int32(signs[row, whole]), np.int32(high[row, whole]),
-                           7 - (column & 7), low, top)
+            _add_sign_step(
+                weights,
+                row,
+                column,
+                np.int32(signs[row, whole]),
+                np.int32(high[row, whole]),
+                7 - (column & 7),
+                low,
+                top,
+            )

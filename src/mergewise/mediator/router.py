@@ -22,9 +22,9 @@ from mergewise.mediator.settings import MIN_CALIBRATION_PROMPTS, RouterSettings
 Decision = Literal["select", "blend", "dense"]
 
 TEMPERATURE_RANGE = (1e-3, 1e3)
-TEMPERATURE_GRID = 61           # 10 points per decade, then a golden-section refinement
-UNCERTAINTY_FLOOR = 1e-3        # a perfectly confident router must still select, not blend, its own prompts
-UNCERTAINTY_CEILING = 0.99      # however the thresholds came out, probabilities this flat never select
+TEMPERATURE_GRID = 61  # 10 points per decade, then a golden-section refinement
+UNCERTAINTY_FLOOR = 1e-3  # a perfectly confident router must still select, not blend, its own prompts
+UNCERTAINTY_CEILING = 0.99  # however the thresholds came out, probabilities this flat never select
 # Held-out accuracy below chance + this share of the way to 1 means the features do not tell the
 # tasks apart (3 tasks: below 2/3): the build warns and records it.
 DISTINGUISHING_MARGIN = 0.5
@@ -48,9 +48,13 @@ class Route:
         return dict(self.mix)
 
     def to_json(self) -> dict:
-        return {"decision": self.decision, "task": self.task,
-                "probs": {task: round(p, 4) for task, p in self.probs.items()},
-                "uncertainty": round(self.uncertainty, 4), "ood": round(self.ood, 4)}
+        return {
+            "decision": self.decision,
+            "task": self.task,
+            "probs": {task: round(p, 4) for task, p in self.probs.items()},
+            "uncertainty": round(self.uncertainty, 4),
+            "ood": round(self.ood, 4),
+        }
 
 
 class RouterWarning(UserWarning):
@@ -63,21 +67,24 @@ class FitReport:
     temperature: float
     uncertainty_thresholds: dict[str, float]
     ood_thresholds: dict[str, float]
-    prompts: dict[str, int]   # calibration prompts per task (fit + held-out)
+    prompts: dict[str, int]  # calibration prompts per task (fit + held-out)
     distinguishes_tasks: bool = True
 
     def warning(self) -> str:
         chance = 1 / len(self.prompts)
-        return (f"the router cannot tell the tasks apart: held-out accuracy {self.heldout_accuracy:.2f} against "
-                f"{chance:.2f} by chance; most prompts will blend the experts. Give more (or more distinct) "
-                "calibration prompts per task, or other router.feature_layers")
+        return (
+            f"the router cannot tell the tasks apart: held-out accuracy {self.heldout_accuracy:.2f} against "
+            f"{chance:.2f} by chance; most prompts will blend the experts. Give more (or more distinct) "
+            "calibration prompts per task, or other router.feature_layers"
+        )
 
 
 class Router:
     """Scores standardised features per task; every tensor it needs is in `state_dict()`."""
 
-    def __init__(self, tasks: list[str], settings: RouterSettings, tensors: dict[str, torch.Tensor],
-                 temperature: float):
+    def __init__(
+        self, tasks: list[str], settings: RouterSettings, tensors: dict[str, torch.Tensor], temperature: float
+    ):
         self.tasks = list(tasks)
         self.settings = settings
         self.mean = tensors["mean"]
@@ -117,9 +124,17 @@ class Router:
         if settings.kind == "logistic":
             tensors["weight"], tensors["bias"] = _train_head(fit_z, fit_y, len(tasks))
 
-        router = cls(tasks, settings, {**tensors, "calibration_distances": torch.empty(0),
-                                       "ood_thresholds": torch.empty(0), "uncertainty_thresholds": torch.empty(0)},
-                     1.0)
+        router = cls(
+            tasks,
+            settings,
+            {
+                **tensors,
+                "calibration_distances": torch.empty(0),
+                "ood_thresholds": torch.empty(0),
+                "uncertainty_thresholds": torch.empty(0),
+            },
+            1.0,
+        )
         held_scores = router._scores(held_z)
         router.temperature = _fit_temperature(held_scores, held_y)
 
@@ -132,27 +147,39 @@ class Router:
             probs = torch.cat([held_probs, router._softmax(-router._leave_one_out_distances(fit_z, fit_y))])
         uncertainty, predicted = router._uncertainty(probs), probs.argmax(-1)
         overall = _quantile(uncertainty, settings.uncertainty_quantile)
-        router.uncertainty_thresholds = torch.tensor([
-            max(_quantile(uncertainty[predicted == t], settings.uncertainty_quantile) if (predicted == t).any()
-                else overall, UNCERTAINTY_FLOOR) for t in range(len(tasks))])
+        router.uncertainty_thresholds = torch.tensor(
+            [
+                max(
+                    _quantile(uncertainty[predicted == t], settings.uncertainty_quantile)
+                    if (predicted == t).any()
+                    else overall,
+                    UNCERTAINTY_FLOOR,
+                )
+                for t in range(len(tasks))
+            ]
+        )
         # Tasks differ in spread, so each prototype gets its own radius: a quantile of its own
         # prompts' distances (held-out and leave-one-out fit), widened by the margin.
         held_distances = router._distances(held_z, spread=True)
         fit_distances = router._leave_one_out_distances(fit_z, fit_y, spread=True)
         own = torch.cat([fit_distances.gather(1, fit_y[:, None]), held_distances.gather(1, held_y[:, None])])[:, 0]
         labels = torch.cat([fit_y, held_y])
-        router.ood_thresholds = torch.tensor([_quantile(own[labels == t], settings.ood_quantile) * settings.ood_margin
-                                              for t in range(len(tasks))])
+        router.ood_thresholds = torch.tensor(
+            [_quantile(own[labels == t], settings.ood_quantile) * settings.ood_margin for t in range(len(tasks))]
+        )
         nearest = torch.cat([fit_distances.min(-1).values, held_distances.min(-1).values])
         router.calibration_distances = nearest.sort().values.contiguous()
 
         accuracy = float((held_probs.argmax(-1) == held_y).float().mean())
         chance = 1 / len(tasks)
-        report = FitReport(heldout_accuracy=accuracy, temperature=router.temperature,
-                           uncertainty_thresholds=dict(zip(tasks, router.uncertainty_thresholds.tolist())),
-                           ood_thresholds=dict(zip(tasks, router.ood_thresholds.tolist())),
-                           prompts={task: len(x) for task, x in zip(tasks, data)},
-                           distinguishes_tasks=accuracy >= chance + DISTINGUISHING_MARGIN * (1 - chance))
+        report = FitReport(
+            heldout_accuracy=accuracy,
+            temperature=router.temperature,
+            uncertainty_thresholds=dict(zip(tasks, router.uncertainty_thresholds.tolist())),
+            ood_thresholds=dict(zip(tasks, router.ood_thresholds.tolist())),
+            prompts={task: len(x) for task, x in zip(tasks, data)},
+            distinguishes_tasks=accuracy >= chance + DISTINGUISHING_MARGIN * (1 - chance),
+        )
         return router, report
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
@@ -174,8 +201,9 @@ class Router:
             uncertain = u > min(float(self.uncertainty_thresholds[self.tasks.index(top)]), UNCERTAINTY_CEILING)
             # Out of distribution: beyond the nearest task's radius, or uncertain and farther from
             # every prototype than (nearly) all calibration prompts: blending experts there hurt.
-            if (float(nearest[row]) > float(self.ood_thresholds[nearest_task[row]])
-                    or (uncertain and o > self.settings.ood_quantile)):
+            if float(nearest[row]) > float(self.ood_thresholds[nearest_task[row]]) or (
+                uncertain and o > self.settings.ood_quantile
+            ):
                 mix = {task: 1.0 / len(self.tasks) for task in self.tasks} if self.settings.on_ood == "uniform" else {}
                 routes.append(Route("dense", None, p, u, o, mix))
             elif uncertain:
@@ -185,9 +213,14 @@ class Router:
         return routes
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        tensors = {"mean": self.mean, "std": self.std, "prototypes": self.prototypes,
-                   "calibration_distances": self.calibration_distances, "ood_thresholds": self.ood_thresholds,
-                   "uncertainty_thresholds": self.uncertainty_thresholds}
+        tensors = {
+            "mean": self.mean,
+            "std": self.std,
+            "prototypes": self.prototypes,
+            "calibration_distances": self.calibration_distances,
+            "ood_thresholds": self.ood_thresholds,
+            "uncertainty_thresholds": self.uncertainty_thresholds,
+        }
         if self.weight is not None:
             assert self.bias is not None  # a logistic head has both (from_state checks)
             tensors.update(weight=self.weight, bias=self.bias)
@@ -196,8 +229,11 @@ class Router:
         return {name: tensor.contiguous() for name, tensor in tensors.items()}
 
     def metadata(self) -> dict:
-        return {"tasks": list(self.tasks), "temperature": self.temperature,
-                "settings": self.settings.model_dump(mode="json")}
+        return {
+            "tasks": list(self.tasks),
+            "temperature": self.temperature,
+            "settings": self.settings.model_dump(mode="json"),
+        }
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], metadata: dict) -> Router:
@@ -214,27 +250,37 @@ class Router:
             raise MergewiseError(f"router tensors missing: {', '.join(missing)}")
         loaded = {name: tensors[name].float().cpu() for name in needed}
         if not all(bool(torch.isfinite(tensor).all()) for tensor in loaded.values()) or not (
-                math.isfinite(scalars[0]) and scalars[0] > 0):
+            math.isfinite(scalars[0]) and scalars[0] > 0
+        ):
             raise MergewiseError("router values must be finite (and its temperature positive)")
         if "variances" in loaded and not bool((loaded["variances"] > 0).all()):
             raise MergewiseError("router tensor 'variances' must be positive")
         hidden = loaded["mean"].shape[-1]
-        shapes = {"mean": (hidden,), "std": (hidden,), "prototypes": (len(tasks), hidden),
-                  "weight": (len(tasks), hidden), "bias": (len(tasks),), "ood_thresholds": (len(tasks),),
-                  "variances": (len(tasks), hidden),
-                  "uncertainty_thresholds": (len(tasks),)}
+        shapes = {
+            "mean": (hidden,),
+            "std": (hidden,),
+            "prototypes": (len(tasks), hidden),
+            "weight": (len(tasks), hidden),
+            "bias": (len(tasks),),
+            "ood_thresholds": (len(tasks),),
+            "variances": (len(tasks), hidden),
+            "uncertainty_thresholds": (len(tasks),),
+        }
         if loaded["calibration_distances"].dim() != 1 or not len(loaded["calibration_distances"]):
             raise MergewiseError("router tensor 'calibration_distances' must be a non-empty vector")
         for name, shape in shapes.items():
             if name in loaded and tuple(loaded[name].shape) != shape:
-                raise MergewiseError(f"router tensor {name!r} has shape {tuple(loaded[name].shape)}, "
-                                     f"expected {shape} for {len(tasks)} tasks and width {hidden}")
+                raise MergewiseError(
+                    f"router tensor {name!r} has shape {tuple(loaded[name].shape)}, "
+                    f"expected {shape} for {len(tasks)} tasks and width {hidden}"
+                )
         return cls(tasks, settings, loaded, *scalars)
 
     def _standardised(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 2 or features.shape[1] != self.mean.shape[0]:
-            raise MergewiseError(f"router features must have shape [N, {self.mean.shape[0]}], "
-                                 f"got {list(features.shape)}")
+            raise MergewiseError(
+                f"router features must have shape [N, {self.mean.shape[0]}], got {list(features.shape)}"
+            )
         return (features.detach().to("cpu", torch.float32) - self.mean) / self.std
 
     def _distances(self, z: torch.Tensor, spread: bool = False) -> torch.Tensor:
@@ -242,8 +288,10 @@ class Router:
         `spread` (the out-of-distribution test) a gaussian router scales each feature's squared
         deviation by the task's own variance of it; routing itself always compares with the means."""
         if spread and self.variances is not None:
-            return torch.stack([((z - mean).square() / variance).mean(-1)
-                                for mean, variance in zip(self.prototypes, self.variances)], -1)
+            return torch.stack(
+                [((z - mean).square() / variance).mean(-1) for mean, variance in zip(self.prototypes, self.variances)],
+                -1,
+            )
         if self.settings.metric == "cosine":
             return 1.0 - F.normalize(z, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
         exact = "donot_use_mm_for_euclid_dist"  # row by row, so a prompt's route does not depend on its batch
@@ -288,8 +336,9 @@ def _validated(features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         if x.dim() != 2:
             raise MergewiseError(f"router features of task {task!r} must have shape [N, H], got {list(x.shape)}")
         if len(x) < MIN_CALIBRATION_PROMPTS:
-            raise MergewiseError(f"task {task!r} has {len(x)} calibration prompts; the router needs at least "
-                                 f"{MIN_CALIBRATION_PROMPTS}")
+            raise MergewiseError(
+                f"task {task!r} has {len(x)} calibration prompts; the router needs at least {MIN_CALIBRATION_PROMPTS}"
+            )
         x = x.detach().to("cpu", torch.float32)
         if not torch.isfinite(x).all():
             raise MergewiseError(f"router features of task {task!r} contain NaN or infinite values")
@@ -308,8 +357,9 @@ def _class_variances(z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor)
     return _shrunk(squares, counts[:, None], pooled)
 
 
-def _spread_sums(z: torch.Tensor, labels: torch.Tensor,
-                 means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _spread_sums(
+    z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     deviations = (z - means[labels]).square()
     squares = torch.zeros_like(means).index_add_(0, labels, deviations)
     counts = torch.bincount(labels, minlength=len(means)).to(z.dtype)
@@ -318,7 +368,8 @@ def _spread_sums(z: torch.Tensor, labels: torch.Tensor,
 
 def _shrunk(squares: torch.Tensor, counts: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     return ((squares + VARIANCE_PRIOR * pooled) / (counts + VARIANCE_PRIOR)).clamp_min(
-        max(1e-6 * float(pooled.max()), 1e-8))
+        max(1e-6 * float(pooled.max()), 1e-8)
+    )
 
 
 def _leave_one_out_spread(z: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -372,8 +423,7 @@ def _train_head(z: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[to
         x, labels = z.double().clone(), labels.clone()
         weight = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=LOGISTIC_STEPS,
-                                      line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=LOGISTIC_STEPS, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()

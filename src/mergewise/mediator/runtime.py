@@ -49,6 +49,7 @@ FEATURE_BATCH = 8  # every layer's hidden states are kept for one batch: keep it
 FUSED_MIN_ROUTED_BYTES = 1 << 30
 FORMAT_VERSION = 2  # 1: one sparse code, flat indices or a bitmask per tensor (mergewise 0.1.0 before codes)
 
+
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt as routing sees them (an empty prompt is the start token)."""
     fallback = start_token_id(tokenizer)
@@ -96,8 +97,9 @@ class ExpertBank:
                 found = {suffix: entries[f"{prefix}.{suffix}"] for suffix in layout if f"{prefix}.{suffix}" in entries}
                 parts = {suffix: read_rows(entry) for suffix, entry in found.items()}
                 code.validate(parts, rows, columns, info.dtype, level, f"{path}: expert tensor {prefix}")
-                self.stored[task, name] = (found if device is None
-                                           else {suffix: tensor.to(device) for suffix, tensor in parts.items()})
+                self.stored[task, name] = (
+                    found if device is None else {suffix: tensor.to(device) for suffix, tensor in parts.items()}
+                )
 
     @property
     def tensors(self) -> list[str]:
@@ -108,16 +110,19 @@ class ExpertBank:
         code, _, columns, _ = self.codes[name]
         return code.decode(self.parts(task, name, rows, device), columns)
 
-    def entries(self, task: str, name: str, rows: slice, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def entries(
+        self, task: str, name: str, rows: slice, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The only columns (and values) of these rows that `decode` sets, for codes that say so."""
         code = self.codes[name][0]
         return None if code.entries is None else code.entries(self.parts(task, name, rows, device))
 
     def parts(self, task: str, name: str, rows: slice, device: torch.device) -> Stored:
         per_row = self.codes[name][3]
-        return {suffix: (_rows_of(part, rows if per_row[suffix] else None)).to(device)
-                for suffix, part in self.stored[task, name].items()}
+        return {
+            suffix: (_rows_of(part, rows if per_row[suffix] else None)).to(device)
+            for suffix, part in self.stored[task, name].items()
+        }
 
     def expert_rows(self, name: str, rows: slice, dense_rows: torch.Tensor, mix: dict[str, float]) -> torch.Tensor:
         """D + Σ w_t decode(r_t) on these rows (a [rows, columns] matrix), summed in float32 and rounded
@@ -150,9 +155,17 @@ def _code_of(spec, where: str):
 class RoutedModel:
     """A causal LM with its tokenizer; `generate()` returns each sequence's route with the tokens."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device,
-                 path: Path, manifest: dict | None = None, router: Router | None = None,
-                 experts: ExpertBank | None = None, dense: ModelFolder | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        path: Path,
+        manifest: dict | None = None,
+        router: Router | None = None,
+        experts: ExpertBank | None = None,
+        dense: ModelFolder | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -173,8 +186,9 @@ class RoutedModel:
             named = dict(model.named_parameters())
             for name in experts.tensors:
                 if name not in named:
-                    raise MergewiseError(f"{path}: routed tensor {name} is not a parameter of the "
-                                         f"{type(model).__name__} model")
+                    raise MergewiseError(
+                        f"{path}: routed tensor {name} is not a parameter of the {type(model).__name__} model"
+                    )
                 self._routed[name] = named[name].data.view(matrix_shape(tuple(named[name].shape)))
                 self._parameters[name] = named[name]
             self._dense_blocks = dense_blocks(model, experts.tensors)
@@ -189,8 +203,9 @@ class RoutedModel:
 
     # ------------------------------------------------------------------------------ routing
     @torch.no_grad()
-    def features(self, prompt_ids: Sequence[Sequence[int]], layer: int | Sequence[int] = -1,
-                 max_tokens: int | None = None) -> torch.Tensor:
+    def features(
+        self, prompt_ids: Sequence[Sequence[int]], layer: int | Sequence[int] = -1, max_tokens: int | None = None
+    ) -> torch.Tensor:
         """Mean-pooled hidden state of each prompt at `layer` (several: side by side), with the
         weights the model holds now, computed as the build computed them (`fast_half_matmuls`).
 
@@ -199,14 +214,28 @@ class RoutedModel:
         pooled = []
         with fast_half_matmuls(self.model, self.device):
             for start in range(0, len(prompt_ids), FEATURE_BATCH):
-                batch = right_padded([list(ids)[-max_tokens:] if max_tokens else list(ids)
-                                      for ids in prompt_ids[start:start + FEATURE_BATCH]], pad)
+                batch = right_padded(
+                    [
+                        list(ids)[-max_tokens:] if max_tokens else list(ids)
+                        for ids in prompt_ids[start : start + FEATURE_BATCH]
+                    ],
+                    pad,
+                )
                 # The model without its head: the logits of every prompt token are not needed here.
-                hidden = self.model.base_model(input_ids=batch.input_ids.to(self.device),
-                                               attention_mask=batch.attention_mask.to(self.device),
-                                               output_hidden_states=True).hidden_states
-                pooled.append(torch.cat([mean_pooled(hidden[number], batch.attention_mask)
-                                         for number in ([layer] if isinstance(layer, int) else layer)], -1))
+                hidden = self.model.base_model(
+                    input_ids=batch.input_ids.to(self.device),
+                    attention_mask=batch.attention_mask.to(self.device),
+                    output_hidden_states=True,
+                ).hidden_states
+                pooled.append(
+                    torch.cat(
+                        [
+                            mean_pooled(hidden[number], batch.attention_mask)
+                            for number in ([layer] if isinstance(layer, int) else layer)
+                        ],
+                        -1,
+                    )
+                )
         return torch.cat(pooled)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -249,8 +278,7 @@ class RoutedModel:
             parameter = self._parameters[name]
             self._swapped[name] = parameter.data
             tokens, renumbered = torch.unique(args[0], return_inverse=True)
-            parameter.data = self.dense.map_rows(name)[tokens.cpu()].to(device=parameter.device,
-                                                                        dtype=parameter.dtype)
+            parameter.data = self.dense.map_rows(name)[tokens.cpu()].to(device=parameter.device, dtype=parameter.dtype)
             # only gradients treat that row apart: the renumbered rows need not hold it
             self._swapped_padding[module] = module.padding_idx
             module.padding_idx = None
@@ -364,8 +392,9 @@ class RoutedModel:
         try:
             return work()
         except ValueError as error:
-            raise MergewiseError(f"{mediator_file(self.path, EXPERTS_FILE)}: expert tensor {task}/{name}: "
-                                 f"{error}") from None
+            raise MergewiseError(
+                f"{mediator_file(self.path, EXPERTS_FILE)}: expert tensor {task}/{name}: {error}"
+            ) from None
 
     @staticmethod
     def _positions(columns: torch.Tensor, width: int) -> torch.Tensor:
@@ -390,8 +419,9 @@ class RoutedModel:
 
     # --------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **generate_options) -> Generation:
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_options
+    ) -> Generation:
         """transformers' generate(), run once per route group of the (left-padded) batch."""
         input_ids = input_ids.to(self.device)
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
@@ -403,18 +433,20 @@ class RoutedModel:
         for rows, route in self.groups(prompts):
             index = torch.tensor(rows, device=self.device)
             with self.weights_for(route):
-                generated = self.model.generate(input_ids=input_ids[index], attention_mask=attention_mask[index],
-                                                **generate_options)
+                generated = self.model.generate(
+                    input_ids=input_ids[index], attention_mask=attention_mask[index], **generate_options
+                )
             for position, row in enumerate(rows):
                 outputs[row], routes[row] = generated[position], route
         width = max(output.numel() for output in outputs)
         sequences = torch.full((len(outputs), width), pad, dtype=input_ids.dtype, device=self.device)
         for row, output in enumerate(outputs):
-            sequences[row, :output.numel()] = output
+            sequences[row, : output.numel()] = output
         return Generation(sequences, routes)
 
-    def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 32, **generate_options
-                      ) -> list[tuple[str, Route | None]]:
+    def generate_text(
+        self, prompts: Sequence[str], max_new_tokens: int = 32, **generate_options
+    ) -> list[tuple[str, Route | None]]:
         """Greedy (unless options say otherwise) completions of each prompt, with its route."""
         encoded = self.encode(prompts)
         width = max(len(ids) for ids in encoded)
@@ -422,8 +454,8 @@ class RoutedModel:
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            mask[row, width - len(ids):] = 1
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
         generate_options.setdefault("do_sample", False)
         result = self.generate(input_ids, mask, max_new_tokens=max_new_tokens, **generate_options)
         texts = [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in result.sequences]
@@ -440,13 +472,18 @@ def dense_blocks(model: torch.nn.Module, names: Sequence[str]) -> list[tuple[tor
         parts = module_name.split(".")
         numbered = next((index for index, part in enumerate(parts) if part.isdigit()), None)
         if numbered is not None and not isinstance(model.get_submodule(module_name), torch.nn.Embedding):
-            module_name = ".".join(parts[:numbered + 1])
+            module_name = ".".join(parts[: numbered + 1])
         blocks.setdefault(module_name, []).append(name)
     return [(model.get_submodule(module_name), names) for module_name, names in blocks.items()]
 
 
-def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         offload: str = "disk", trust_remote_code: bool = False) -> RoutedModel:
+def load(
+    path: str | os.PathLike,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    offload: str = "disk",
+    trust_remote_code: bool = False,
+) -> RoutedModel:
     """Load a plain or Mediator model folder. `dtype` None keeps the stored dtype; `offload` "disk"
     leaves the coded experts in their file and reads the rows a route switch decodes (so the process
     holds one model), "cpu" keeps them in host memory, "none" on `device`; they are decoded on
@@ -462,10 +499,16 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
         dtype = parse_dtype(dtype, "dtype")
     try:  # the config first: it says whether the model's own code would run
         config = load_pretrained(AutoConfig.from_pretrained, folder, trust_remote_code=trust_remote_code)
-        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, folder, trust_remote_code=trust_remote_code,
-                                    config=config)
-        model = load_pretrained(AutoModelForCausalLM.from_pretrained, folder, trust_remote_code=trust_remote_code,
-                                config=config, dtype=dtype or "auto")
+        tokenizer = load_pretrained(
+            AutoTokenizer.from_pretrained, folder, trust_remote_code=trust_remote_code, config=config
+        )
+        model = load_pretrained(
+            AutoModelForCausalLM.from_pretrained,
+            folder,
+            trust_remote_code=trust_remote_code,
+            config=config,
+            dtype=dtype or "auto",
+        )
     except (OSError, ValueError) as error:
         raise MergewiseError(f"{folder}: cannot load model or tokenizer ({error})") from None
     if tokenizer.pad_token_id is None:
@@ -476,8 +519,11 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype 
     manifest = read_manifest(folder)
     router = load_router(folder, manifest)
     for number in router.settings.hidden_states(model.config.num_hidden_layers):
-        hidden_state_index(number, model.config.num_hidden_layers,
-                           f"{folder / MEDIATOR_FOLDER / MANIFEST_FILE}: router.settings.feature_layers")
+        hidden_state_index(
+            number,
+            model.config.num_hidden_layers,
+            f"{folder / MEDIATOR_FOLDER / MANIFEST_FILE}: router.settings.feature_layers",
+        )
     dense = ModelFolder(folder)
     experts = ExpertBank(folder, manifest, dense, {"disk": None, "cpu": torch.device("cpu")}.get(offload, torch_device))
     return RoutedModel(model, tokenizer, torch_device, folder, manifest, router, experts, dense)
@@ -509,9 +555,11 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(manifest, dict):
         raise MergewiseError(f"{path}: expected a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
-        raise MergewiseError(f"{path}: Mediator format {reprlib.repr(manifest.get('format'))} (built by mergewise "
-                             f"{str(manifest.get('mergewise_version', 'unknown'))[:40]}); this mergewise reads format "
-                             f"{FORMAT_VERSION}: build the folder again with `mergewise mediator build`")
+        raise MergewiseError(
+            f"{path}: Mediator format {reprlib.repr(manifest.get('format'))} (built by mergewise "
+            f"{str(manifest.get('mergewise_version', 'unknown'))[:40]}); this mergewise reads format "
+            f"{FORMAT_VERSION}: build the folder again with `mergewise mediator build`"
+        )
     validated(Manifest, manifest, str(path))
     return manifest
 
@@ -532,6 +580,7 @@ def load_router(folder: Path, manifest: dict) -> Router:
         raise MergewiseError(f"{path}: cannot read the router ({error})") from None
     router = Router.from_state(tensors, manifest["router"])
     if list(router.tasks) != list(manifest["tasks"]):
-        raise MergewiseError(f"{path}: the router's tasks {list(router.tasks)} are not the manifest's "
-                             f"{list(manifest['tasks'])}")
+        raise MergewiseError(
+            f"{path}: the router's tasks {list(router.tasks)} are not the manifest's {list(manifest['tasks'])}"
+        )
     return router

@@ -1,12 +1,12 @@
 """The Mediator recipe: a core merge recipe whose inputs are listed under `mediator.experts`.
 
-    merge_method: linear
-    base_model: ./base
-    mediator:
-      memory_budget: 1.5
-      code: auto           # or a code of mediator/codes: sparse | sign1 | sign2 | lowrank | lowrank4
-      experts:
-        - {model: ./expert-add, task: add, prompts: tasks/add/calib.txt}
+merge_method: linear
+base_model: ./base
+mediator:
+  memory_budget: 1.5
+  code: auto           # or a code of mediator/codes: sparse | sign1 | sign2 | lowrank | lowrank4
+  experts:
+    - {model: ./expert-add, task: add, prompts: tasks/add/calib.txt}
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ class RouterSettings(BaseModel):
     # unseen prompts apart more reliably across builds than the last alone.
     feature_layers: list[int] | None = Field(None, min_length=1)
     metric: Literal["euclidean", "cosine"] = "euclidean"  # of the prototype router
-    holdout: float = Field(0.25, gt=0.0, lt=1.0)         # share of prompts that fits temperature/thresholds
+    holdout: float = Field(0.25, gt=0.0, lt=1.0)  # share of prompts that fits temperature/thresholds
     uncertainty_quantile: float = Field(0.95, gt=0.0, le=1.0)  # in-distribution prompts below it are selected
-    ood_quantile: float = Field(0.99, gt=0.0, le=1.0)    # nearest-prototype distance percentile beyond it is OOD
-    ood_margin: float = Field(1.25, ge=1.0)              # … times this margin means dense
+    ood_quantile: float = Field(0.99, gt=0.0, le=1.0)  # nearest-prototype distance percentile beyond it is OOD
+    ood_margin: float = Field(1.25, ge=1.0)  # … times this margin means dense
     on_ood: Literal["dense", "uniform"] = "dense"
     max_prompts: int = Field(256, ge=MIN_CALIBRATION_PROMPTS)  # per task
-    max_tokens: int = Field(256, ge=2)                   # prompt tokens used for the feature
+    max_tokens: int = Field(256, ge=2)  # prompt tokens used for the feature
     seed: int = 0
 
     def hidden_states(self, num_layers: int) -> list[int]:
@@ -104,7 +104,7 @@ class MediatorRecipe(BaseModel):
     """A recipe with a `mediator:` block, as the Mediator's passes read it."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-    merge: MergeConfig          # the dense merge of the experts (calm units and dense expert D)
+    merge: MergeConfig  # the dense merge of the experts (calm units and dense expert D)
     base_model: str
     settings: MediatorSettings
     config_dir: Path
@@ -115,18 +115,26 @@ class MediatorRecipe(BaseModel):
         if "mediator" not in recipe.blocks:
             raise MergewiseError(f"{recipe.origin}: mediator: missing (a Mediator recipe lists its experts there)")
         settings = recipe.blocks["mediator"]
-        return cls(merge=recipe.config, base_model=settings.base_model, settings=settings,
-                   config_dir=recipe.config_dir, origin=recipe.origin)
+        return cls(
+            merge=recipe.config,
+            base_model=settings.base_model,
+            settings=settings,
+            config_dir=recipe.config_dir,
+            origin=recipe.origin,
+        )
 
     def prompts_path(self, expert: ExpertEntry) -> Path:
         if expert.prompts is None:
-            raise MergewiseError(f"{self.origin}: mediator.experts: task {expert.task!r} has no prompts "
-                                 "(the router needs calibration prompts for every expert)")
+            raise MergewiseError(
+                f"{self.origin}: mediator.experts: task {expert.task!r} has no prompts "
+                "(the router needs calibration prompts for every expert)"
+            )
         path = Path(expert.prompts).expanduser()
         path = path if path.is_absolute() else self.config_dir / path
         if not path.is_file():
-            raise MergewiseError(f"{self.origin}: mediator.experts: prompts file of task {expert.task!r} "
-                                 f"not found: {path}")
+            raise MergewiseError(
+                f"{self.origin}: mediator.experts: prompts file of task {expert.task!r} not found: {path}"
+            )
         return path
 
 
@@ -144,9 +152,10 @@ def experts_as_models(data: dict, settings: MediatorSettings, origin: str) -> tu
         data.pop("base_model")  # the dense expert averages the experts, not experts and base
     weight = {"weight": 1.0 / len(settings.experts)} if "weight" in method.parameters else {}
     has_weight = "weight" in (data.get("parameters") or {})
-    data["models"] = [{"model": expert.model,
-                       "parameters": {**({} if has_weight else weight), **(expert.parameters or {})} or None}
-                      for expert in settings.experts]
+    data["models"] = [
+        {"model": expert.model, "parameters": {**({} if has_weight else weight), **(expert.parameters or {})} or None}
+        for expert in settings.experts
+    ]
     return data, settings.model_copy(update={"base_model": base_model})
 
 

@@ -78,8 +78,10 @@ class MediatorStage(Stage):
         recipe, settings, plan = self.recipe, self.settings, context.plan
         depth = plan.reference.declared.depth  # the router reads D's hidden states by this depth
         if depth is None:
-            raise MergewiseError(f"{plan.reference.path / 'config.json'}: gives no decoder depth at its top level (a "
-                                 "multimodal model?); Mediator routes plain causal language models")
+            raise MergewiseError(
+                f"{plan.reference.path / 'config.json'}: gives no decoder depth at its top level (a "
+                "multimodal model?); Mediator routes plain causal language models"
+            )
         for number in settings.router.hidden_states(depth):
             hidden_state_index(number, depth, f"{recipe.origin}: mediator.router.feature_layers")
         self.device = context.device
@@ -94,26 +96,42 @@ class MediatorStage(Stage):
         model_bytes = sum(torch.Size(job.shape).numel() * job.out_dtype.itemsize for job in plan.jobs)
         hidden = int(plan.reference.config.get("hidden_size") or plan.reference.config.get("n_embd") or 4096)
         fixed_bytes = model_bytes + router_reserve(settings, hidden)
-        available = (None if settings.route_threshold is not None
-                     else settings.memory_budget * model_bytes - fixed_bytes)
+        available = None if settings.route_threshold is not None else settings.memory_budget * model_bytes - fixed_bytes
         options = estimated_options(settings, units, available)
         shapes = {tensor.name: tensor.shape for tensors in units.values() for tensor in tensors}
         self.estimate = KeptEstimate(options, shapes)
-        self.report = analyze_conflicts(recipe, quiet=context.quiet, observers=[self.estimate] if options else (),
-                                        chunk_elements=context.chunk_elements)
+        self.report = analyze_conflicts(
+            recipe,
+            quiet=context.quiet,
+            observers=[self.estimate] if options else (),
+            chunk_elements=context.chunk_elements,
+        )
         self.estimate.finish()
-        self.allocation = choose_routing(settings, self.report, self.estimate, units, available, model_bytes,
-                                         fixed_bytes)
-        self.routed = {tensor.name: (tensor, tensor.option(*self.allocation.choices[unit]))
-                       for unit, tensors in units.items() if unit in self.allocation.choices for tensor in tensors}
+        self.allocation = choose_routing(
+            settings, self.report, self.estimate, units, available, model_bytes, fixed_bytes
+        )
+        self.routed = {
+            tensor.name: (tensor, tensor.option(*self.allocation.choices[unit]))
+            for unit, tensors in units.items()
+            if unit in self.allocation.choices
+            for tensor in tensors
+        }
         self.expert_jobs = {job.name: job for job in self.experts.jobs}
-        planned = [PlannedTensor(f"{task}/{name}.{suffix}", part.shape, part.dtype)
-                   for task in settings.tasks for name, (tensor, (code, level)) in self.routed.items()
-                   for suffix, part in get_code(code).layout(*matrix_shape(tensor.shape), tensor.dtype, level).items()]
+        planned = [
+            PlannedTensor(f"{task}/{name}.{suffix}", part.shape, part.dtype)
+            for task in settings.tasks
+            for name, (tensor, (code, level)) in self.routed.items()
+            for suffix, part in get_code(code).layout(*matrix_shape(tensor.shape), tensor.dtype, level).items()
+        ]
         self.building = context.staging / BUILDING_FOLDER
         self.building.mkdir()
-        self.writer = StreamingShardWriter(self.building, planned, ONE_FILE,
-                                           {"mediator_format": str(FORMAT_VERSION)}, file_stem=Path(EXPERTS_FILE).stem)
+        self.writer = StreamingShardWriter(
+            self.building,
+            planned,
+            ONE_FILE,
+            {"mediator_format": str(FORMAT_VERSION)},
+            file_stem=Path(EXPERTS_FILE).stem,
+        )
 
     def wants_tensor(self, job: TensorJob) -> bool:
         return job.name in self.routed
@@ -131,8 +149,7 @@ class MediatorStage(Stage):
         tensor, (code_name, level) = self.routed[name]
         code = get_code(code_name)
         rows, columns = matrix_shape(tensor.shape)
-        chunks = ([slice(0, 1)] if tensor.is_vector
-                  else row_ranges((rows, columns), chunk_elements=self.chunk_elements))
+        chunks = [slice(0, 1)] if tensor.is_vector else row_ranges((rows, columns), chunk_elements=self.chunk_elements)
         parts = code.layout(rows, columns, tensor.dtype, level)
 
         def residual(chunk: slice) -> torch.Tensor:
@@ -174,9 +191,15 @@ class MediatorStage(Stage):
         tokenizer = load_pretrained(AutoTokenizer.from_pretrained, staging, trust_remote_code=False, config=config)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         prompt_ids = [ids for texts in self.prompts.values() for ids in encode_prompts(tokenizer, texts)]
-        pooled = pooled_hidden_states(staging, prompt_ids, router_settings.hidden_states(config.num_hidden_layers),
-                                      device=str(self.device), pad_id=pad or 0, max_tokens=router_settings.max_tokens,
-                                      quiet=self.quiet)
+        pooled = pooled_hidden_states(
+            staging,
+            prompt_ids,
+            router_settings.hidden_states(config.num_hidden_layers),
+            device=str(self.device),
+            pad_id=pad or 0,
+            max_tokens=router_settings.max_tokens,
+            quiet=self.quiet,
+        )
         features = dict(zip(self.prompts, pooled.split([len(texts) for texts in self.prompts.values()])))
         router, fit = Router.fit(features, router_settings)
         if not fit.distinguishes_tasks:
@@ -205,15 +228,25 @@ class MediatorStage(Stage):
         choices = self.allocation.choices
 
         def unit_record(unit) -> dict:
-            record = {"unit": unit.unit, "parameters": unit.parameters, "sign_conflict": unit.sign_conflict,
-                      "cancellation": unit.cancellation, "routed": unit.unit in choices}
+            record = {
+                "unit": unit.unit,
+                "parameters": unit.parameters,
+                "sign_conflict": unit.sign_conflict,
+                "cancellation": unit.cancellation,
+                "routed": unit.unit in choices,
+            }
             if unit.unit in choices:
                 option = choices[unit.unit]
-                record.update(code=option[0], level=option[1],
-                              retained={task: round(self._retained_share(unit.unit, task), 6) for task in tasks})
+                record.update(
+                    code=option[0],
+                    level=option[1],
+                    retained={task: round(self._retained_share(unit.unit, task), 6) for task in tasks},
+                )
                 if option in self.estimate.options:
-                    record["estimated"] = {task: round(self.estimate.share(unit.unit, index, option), 6)
-                                           for index, task in enumerate(tasks)}
+                    record["estimated"] = {
+                        task: round(self.estimate.share(unit.unit, index, option), 6)
+                        for index, task in enumerate(tasks)
+                    }
             return record
 
         return {
@@ -223,11 +256,17 @@ class MediatorStage(Stage):
             "merge_method": self.recipe.merge.merge_method,
             "code": settings.code,
             "routed_units": list(choices),
-            "routed_tensors": {name: {"code": code, "level": level}
-                               for name, (_, (code, level)) in self.routed.items()},
+            "routed_tensors": {
+                name: {"code": code, "level": level} for name, (_, (code, level)) in self.routed.items()
+            },
             "units": [unit_record(unit) for unit in report.units],
-            "memory": {"dense_bytes": dense_bytes, "stored_bytes": stored, "ratio": round(stored / dense_bytes, 4),
-                       "experts_bytes": self.allocation.stored_bytes, "budget": settings.memory_budget},
+            "memory": {
+                "dense_bytes": dense_bytes,
+                "stored_bytes": stored,
+                "ratio": round(stored / dense_bytes, 4),
+                "experts_bytes": self.allocation.stored_bytes,
+                "budget": settings.memory_budget,
+            },
             "prompts": {task: len(texts) for task, texts in self.prompts.items()},
             "router": router.metadata(),
             "router_fit": asdict(fit),
@@ -235,5 +274,11 @@ class MediatorStage(Stage):
         }
 
 
-BLOCK = BlockSpec(schema=MediatorSettings, make_stage=MediatorStage, rewrite_recipe=experts_as_models,
-                  resumable=False, carries_base_model=True, fixed_keys=("experts",))
+BLOCK = BlockSpec(
+    schema=MediatorSettings,
+    make_stage=MediatorStage,
+    rewrite_recipe=experts_as_models,
+    resumable=False,
+    carries_base_model=True,
+    fixed_keys=("experts",),
+)

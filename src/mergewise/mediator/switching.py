@@ -51,8 +51,13 @@ def add_signs(weights: torch.Tensor, signs: torch.Tensor, high: torch.Tensor, le
     """Add ±level to every entry in place (a set sign bit: minus), per row the first or the last of
     `levels` [rows, 1 or 2] as the bit in `high` says."""
     levels = levels.float()
-    _kernels().add_signs(_array(weights), signs.numpy(), high.numpy(), levels[:, 0].contiguous().numpy(),
-               levels[:, -1].contiguous().numpy())
+    _kernels().add_signs(
+        _array(weights),
+        signs.numpy(),
+        high.numpy(),
+        levels[:, 0].contiguous().numpy(),
+        levels[:, -1].contiguous().numpy(),
+    )
 
 
 def _exactly(values: torch.Tensor) -> torch.Tensor:

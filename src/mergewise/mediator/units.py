@@ -48,13 +48,17 @@ def expert_tensors(recipe: MediatorRecipe) -> ExpertTensors:
     and architectures are checked here, from the headers, before any data is read."""
     locator = ModelLocator(recipe.config_dir)
     base = locator.model(recipe.base_model, "base_model")
-    experts = [locator.model(expert.model, f"mediator.experts[{index}].model")
-               for index, expert in enumerate(recipe.settings.experts)]
+    experts = [
+        locator.model(expert.model, f"mediator.experts[{index}].model")
+        for index, expert in enumerate(recipe.settings.experts)
+    ]
     base_type = base.config.get("model_type")
     for model in experts:
         if model.config.get("model_type") != base_type:
-            raise MergewiseError(f"expert {model.path} is a {model.config.get('model_type')} model but the base "
-                                 f"{base.path} is a {base_type} model; experts must be fine-tunes of the base")
+            raise MergewiseError(
+                f"expert {model.path} is a {model.config.get('model_type')} model but the base "
+                f"{base.path} is a {base_type} model; experts must be fine-tunes of the base"
+            )
     dtype = parse_dtype(recipe.merge.dtype, "dtype")
     jobs = []
     for name, info in base.tensors.items():
@@ -65,6 +69,13 @@ def expert_tensors(recipe: MediatorRecipe) -> ExpertTensors:
             if found is None or tuple(found.shape) != tuple(info.shape):
                 problem = "missing" if found is None else f"of shape {list(found.shape)}, not {list(info.shape)}"
                 raise MergewiseError(f"tensor {name} is {problem} in expert {model.path}")
-        jobs.append(ExpertTensor(name, tuple(info.shape), dtype or info.dtype, TensorSource(base, name),
-                                 [TensorSource(model, name) for model in experts]))
+        jobs.append(
+            ExpertTensor(
+                name,
+                tuple(info.shape),
+                dtype or info.dtype,
+                TensorSource(base, name),
+                [TensorSource(model, name) for model in experts],
+            )
+        )
     return ExpertTensors(jobs, [base, *experts])

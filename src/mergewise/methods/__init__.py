@@ -4,5 +4,13 @@ from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, Para
 from mergewise.methods.one_tensor import merge_tensors
 from mergewise.methods.registry import METHODS, get_method
 
-__all__ = ["METHODS", "BasePolicy", "ChunkedTensors", "MergeMethod", "Parameter", "TensorRows", "get_method",
-           "merge_tensors"]
+__all__ = [
+    "METHODS",
+    "BasePolicy",
+    "ChunkedTensors",
+    "MergeMethod",
+    "Parameter",
+    "TensorRows",
+    "get_method",
+    "merge_tensors",
+]

@@ -29,8 +29,7 @@ def _importance(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
 def _importances(tensors: ChunkedTensors) -> torch.Tensor:
     """Every entry's importance, flat, on the CPU. A softmax spans a whole row, so a 1-D tensor (one
     row, maybe read in several chunks) is put together first."""
-    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]] = (
-        (base, model) for model, base in input_and_base(tensors, 0))
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]] = ((base, model) for model, base in input_and_base(tensors, 0))
     if len(tensors.shape) == 1:
         bases, models = zip(*pairs)
         pairs = [(torch.cat(bases), torch.cat(models))]
@@ -58,6 +57,13 @@ def merge_arcee_fusion(rows: TensorRows) -> torch.Tensor:
     return base + (rows.inputs[0] - base) * fused
 
 
-ARCEE_FUSION = MergeMethod(name="arcee_fusion", merge_rows=merge_arcee_fusion, prepare=prepare_arcee_fusion,
-                           base=BasePolicy.REQUIRED, min_inputs=1, max_inputs=1, mergekit_writes_float32=True,
-                           description="the model's entries whose importance passes median + 1.5·IQR")
+ARCEE_FUSION = MergeMethod(
+    name="arcee_fusion",
+    merge_rows=merge_arcee_fusion,
+    prepare=prepare_arcee_fusion,
+    base=BasePolicy.REQUIRED,
+    min_inputs=1,
+    max_inputs=1,
+    mergekit_writes_float32=True,
+    description="the model's entries whose importance passes median + 1.5·IQR",
+)

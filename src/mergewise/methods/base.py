@@ -35,7 +35,7 @@ OptionalPerModel = Annotated[Sequence[float | None], PerModelMarker]
 class BasePolicy(str, Enum):
     REQUIRED = "required"  # base is the reference the inputs are differences from
     OPTIONAL = "optional"  # used when given
-    INPUT = "input"        # base is one more weighted input (linear)
+    INPUT = "input"  # base is one more weighted input (linear)
     UNUSED = "unused"
 
 
@@ -67,9 +67,12 @@ class ChunkedTensors:
     memory, worker threads): the engine passes one per merge and, when the merge ends, closes every
     value that has a `close` method."""
 
-    def __init__(self, shape: tuple[int, ...],
-                 chunk_iterator: Callable[[list[int] | None], Iterator[TensorRows]],
-                 workspace: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        chunk_iterator: Callable[[list[int] | None], Iterator[TensorRows]],
+        workspace: dict[str, Any] | None = None,
+    ):
         self.shape = shape
         self._chunk_iterator = chunk_iterator
         self.workspace = workspace if workspace is not None else {}
@@ -91,11 +94,11 @@ REQUIRED = inspect.Parameter.empty
 
 @dataclass(frozen=True)
 class Parameter:
-    name: str             # as written in the config (`lambda`, not `lambda_`)
-    argument: str         # keyword of the Python function
-    kind: type            # float, bool or int
+    name: str  # as written in the config (`lambda`, not `lambda_`)
+    argument: str  # keyword of the Python function
+    kind: type  # float, bool or int
     per_model: bool
-    default: Any          # REQUIRED when the config must give it
+    default: Any  # REQUIRED when the config must give it
     optional: bool = False  # None is an accepted value
 
     def coerce(self, value: Any) -> Any:
@@ -125,14 +128,14 @@ class MergeMethod:
     name: str
     merge_rows: Callable[..., torch.Tensor]
     base: BasePolicy
-    min_inputs: int = 1          # models other than the base
+    min_inputs: int = 1  # models other than the base
     # With the base alone (a slice of only the base), the output is the base, as mergekit makes it.
     base_alone_is_base: bool = False
     max_inputs: int | None = None
     prepare: Callable[..., Any] | None = None
     uses_randomness: bool = False
-    fixed: dict[str, Any] = field(default_factory=dict)      # keywords bound by a preset
-    defaults: dict[str, Any] = field(default_factory=dict)   # preset defaults overriding the signature
+    fixed: dict[str, Any] = field(default_factory=dict)  # keywords bound by a preset
+    defaults: dict[str, Any] = field(default_factory=dict)  # preset defaults overriding the signature
     whole_tensor: Callable[[dict[str, Any]], bool] = lambda shared: False  # rows not independent
     # A faster, bit-identical `merge_rows` for the rows it accepts (it returns None for the others).
     fused: Callable[..., torch.Tensor | None] | None = None
@@ -164,8 +167,9 @@ class MergeMethod:
             schema[name] = Parameter(name, argument, kind, per_model, default, optional)
         return schema
 
-    def merge(self, rows: TensorRows, params: dict[str, Any],
-              implementation: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    def merge(
+        self, rows: TensorRows, params: dict[str, Any], implementation: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Merge `rows`; `implementation` is `merge_rows` itself or a compiled version of it."""
         return (implementation or self.merge_rows)(rows, **self._arguments(self.merge_rows, params))
 

@@ -25,8 +25,9 @@ EXPONENT = np.int16(0x7F80)  # a bf16's exponent bits
 
 
 @njit(parallel=True, cache=True)
-def _task_arithmetic(base, inputs, weights, scales, masks, mask_offsets, sparsified, consensus, normalize,
-                     divisor, lambda_, out):
+def _task_arithmetic(
+    base, inputs, weights, scales, masks, mask_offsets, sparsified, consensus, normalize, divisor, lambda_, out
+):
     """Writes `out`; returns how many of its values are NaN or infinite. `masks[i]` holds input i's
     kept entries as bits (little-endian within a byte), these rows' first at bit `mask_offsets[i]`."""
     size = base.shape[0]
@@ -156,9 +157,18 @@ def _launch() -> Iterator[None]:
                 torch.set_num_threads(threads)
 
 
-def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: list[float],
-                    scales: list[float], masks: list[tuple[np.ndarray, int] | None], consensus: bool,
-                    normalize: bool, divisor: float, lambda_: float) -> tuple[torch.Tensor, bool]:
+def task_arithmetic(
+    base: torch.Tensor,
+    inputs: list[torch.Tensor],
+    *,
+    weights: list[float],
+    scales: list[float],
+    masks: list[tuple[np.ndarray, int] | None],
+    consensus: bool,
+    normalize: bool,
+    divisor: float,
+    lambda_: float,
+) -> tuple[torch.Tensor, bool]:
     """base + lambda · combine(weight_i · scale_i · masked (input_i − base)), in one pass, and whether
     any of it is NaN or infinite (counted in the same pass, so the engine need not check).
 
@@ -169,13 +179,19 @@ def task_arithmetic(base: torch.Tensor, inputs: list[torch.Tensor], *, weights: 
     out = torch.empty(base.shape, dtype=torch.bfloat16)
     with _launch():
         non_finite = _task_arithmetic(
-            _bits(base), tuple(_bits(tensor) for tensor in inputs),
+            _bits(base),
+            tuple(_bits(tensor) for tensor in inputs),
             _floats([_as_bf16_scalar(weight) for weight in weights]),
             _floats([_as_bf16_scalar(scale) for scale in scales]),
             tuple((mask or _NO_SELECTION)[0] for mask in masks),
             np.array([(mask or _NO_SELECTION)[1] for mask in masks], dtype=np.int64),
-            np.array([mask is not None for mask in masks]), consensus, normalize,
-            _as_bf16_scalar(divisor), np.float32(lambda_), _bits(out))
+            np.array([mask is not None for mask in masks]),
+            consensus,
+            normalize,
+            _as_bf16_scalar(divisor),
+            np.float32(lambda_),
+            _bits(out),
+        )
     return out, non_finite > 0
 
 
@@ -183,7 +199,14 @@ def warm_up(input_count: int) -> None:
     """Load (or, the first time, compile) the kernels for `input_count` inputs."""
     rows = torch.zeros(BLOCK + 1, dtype=torch.bfloat16)
     mask = (np.full(BLOCK // 8 + 1, 0xFF, dtype=np.uint8), 0)
-    task_arithmetic(rows, [rows] * input_count, weights=[1.0] * input_count, scales=[1.0] * input_count,
-                    masks=[mask] * input_count, consensus=True, normalize=True, divisor=1.0,
-                    lambda_=1.0)
-
+    task_arithmetic(
+        rows,
+        [rows] * input_count,
+        weights=[1.0] * input_count,
+        scales=[1.0] * input_count,
+        masks=[mask] * input_count,
+        consensus=True,
+        normalize=True,
+        divisor=1.0,
+        lambda_=1.0,
+    )

@@ -32,8 +32,9 @@ def bf16_kernels(input_count: int = 1, *, wait: bool = False) -> ModuleType | No
             if not _loads:
                 atexit.register(_finish_loading)
             _loads[input_count] = Future()
-            threading.Thread(target=_load, args=(input_count, _loads[input_count]), daemon=True,
-                             name="mergewise-kernels").start()
+            threading.Thread(
+                target=_load, args=(input_count, _loads[input_count]), daemon=True, name="mergewise-kernels"
+            ).start()
         loading = _loads[input_count]
     return loading.result() if wait or loading.done() else None
 
@@ -49,7 +50,10 @@ def _load(input_count: int, loading: Future) -> None:
         module = importlib.import_module("mergewise.methods.bf16_kernels")
         module.warm_up(input_count)
     except Exception as error:  # numba missing, or no build for this platform: stay eager
-        warnings.warn(f"fused bf16 kernels unavailable ({type(error).__name__}: {error}); merging with "
-                      "torch's eager operations", RuntimeWarning, stacklevel=1)
+        warnings.warn(
+            f"fused bf16 kernels unavailable ({type(error).__name__}: {error}); merging with torch's eager operations",
+            RuntimeWarning,
+            stacklevel=1,
+        )
         module = None
     loading.set_result(module)

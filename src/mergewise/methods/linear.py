@@ -18,5 +18,9 @@ def merge_linear(rows: TensorRows, *, weight: PerModel, normalize: bool = True) 
     return result
 
 
-LINEAR = MergeMethod(name="linear", merge_rows=merge_linear, base=BasePolicy.INPUT,
-                     description="weighted average of all models (Model Soups)")
+LINEAR = MergeMethod(
+    name="linear",
+    merge_rows=merge_linear,
+    base=BasePolicy.INPUT,
+    description="weighted average of all models (Model Soups)",
+)

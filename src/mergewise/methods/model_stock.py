@@ -21,8 +21,10 @@ def _interpolation_ratio(norms: torch.Tensor, dots: torch.Tensor) -> torch.Tenso
     """t = N·cos / (1 + (N−1)·cos), cos the mean pairwise cosine of the task vectors (norms in the
     last axis, dot products in the last two); where the denominator vanishes the base is kept."""
     count = norms.shape[-1]
-    cosines = [(dots[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=1e-6)).clamp(-1, 1)
-               for i, j in itertools.combinations(range(count), 2)]
+    cosines = [
+        (dots[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i, j in itertools.combinations(range(count), 2)
+    ]
     cosine = torch.stack(cosines).mean(dim=0)
     denominator = 1 + (count - 1) * cosine
     singular = denominator.abs() < 1e-6
@@ -50,8 +52,12 @@ def prepare_model_stock(tensors: ChunkedTensors, *, filter_wise: bool = False) -
         norm_parts.append([vector.norm(dim=-1) for vector in vectors])
         dot_parts.append([[(vectors[i] * vectors[j]).sum(dim=-1) for j in range(count)] for i in range(count)])
     norms = torch.stack([combine_chunk_norms([part[i] for part in norm_parts]) for i in range(count)])
-    dots = torch.stack([torch.stack([combine_chunk_sums([part[i][j] for part in dot_parts]) for j in range(count)])
-                        for i in range(count)])
+    dots = torch.stack(
+        [
+            torch.stack([combine_chunk_sums([part[i][j] for part in dot_parts]) for j in range(count)])
+            for i in range(count)
+        ]
+    )
     return _interpolation_ratio(norms, dots)
 
 
@@ -73,6 +79,11 @@ def merge_model_stock(rows: TensorRows, *, filter_wise: bool = False) -> torch.T
     return ratio * average + (1 - ratio) * base
 
 
-MODEL_STOCK = MergeMethod(name="model_stock", merge_rows=merge_model_stock, prepare=prepare_model_stock,
-                          base=BasePolicy.REQUIRED, min_inputs=2,
-                          description="base-to-average interpolation by the task vectors' angle")
+MODEL_STOCK = MergeMethod(
+    name="model_stock",
+    merge_rows=merge_model_stock,
+    prepare=prepare_model_stock,
+    base=BasePolicy.REQUIRED,
+    min_inputs=2,
+    description="base-to-average interpolation by the task vectors' angle",
+)

@@ -19,6 +19,11 @@ def merge_nearswap(rows: TensorRows, *, t: float) -> torch.Tensor:
     return share * model + (1 - share) * base
 
 
-NEARSWAP = MergeMethod(name="nearswap", merge_rows=merge_nearswap, base=BasePolicy.REQUIRED,
-                       min_inputs=1, max_inputs=1,
-                       description="each entry moves from the base toward the model by at most t")
+NEARSWAP = MergeMethod(
+    name="nearswap",
+    merge_rows=merge_nearswap,
+    base=BasePolicy.REQUIRED,
+    min_inputs=1,
+    max_inputs=1,
+    description="each entry moves from the base toward the model by at most t",
+)

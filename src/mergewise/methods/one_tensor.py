@@ -14,8 +14,16 @@ from mergewise.methods.base import REQUIRED, ChunkedTensors, MergeMethod, Tensor
 from mergewise.methods.registry import get_method
 
 
-def merge_tensors(name: str, base: torch.Tensor | None, inputs: Sequence[torch.Tensor], *, seed: int = 0,
-                  tensor: str = "tensor", chunk_elements: int = CHUNK_ELEMENTS, **params: Any) -> torch.Tensor:
+def merge_tensors(
+    name: str,
+    base: torch.Tensor | None,
+    inputs: Sequence[torch.Tensor],
+    *,
+    seed: int = 0,
+    tensor: str = "tensor",
+    chunk_elements: int = CHUNK_ELEMENTS,
+    **params: Any,
+) -> torch.Tensor:
     """Merge `inputs` (onto `base`, for methods that take one) with method `name`.
 
     `params` are the method's parameters as a recipe names them (`weight`, `density`, `lambda`…):
@@ -37,14 +45,18 @@ def merge_tensors(name: str, base: torch.Tensor | None, inputs: Sequence[torch.T
         chosen = range(len(inputs)) if models is None else models
         for rows in ranges:
             first_row = rows.start or 0
-            yield TensorRows(None if base is None else _rows(base, rows), [_rows(inputs[i], rows) for i in chosen],
-                             first_row, rng=lambda index, first_row=first_row: chunk_generator(seed, tensor, index,
-                                                                                               first_row))
+            yield TensorRows(
+                None if base is None else _rows(base, rows),
+                [_rows(inputs[i], rows) for i in chosen],
+                first_row,
+                rng=lambda index, first_row=first_row: chunk_generator(seed, tensor, index, first_row),
+            )
 
     workspace: dict[str, Any] = {}
     try:
-        stats = (method.run_prepare(ChunkedTensors(shape, chunks, workspace), params)
-                 if method.prepare is not None else None)
+        stats = (
+            method.run_prepare(ChunkedTensors(shape, chunks, workspace), params) if method.prepare is not None else None
+        )
         merged = []
         for rows in chunks():
             rows.stats = stats
@@ -64,8 +76,9 @@ def _resolved(method: MergeMethod, count: int, given: dict[str, Any]) -> dict[st
     """Every parameter of `method` for `count` inputs: as given, else its default."""
     unknown = sorted(set(given) - set(method.parameters))
     if unknown:
-        raise MergewiseError(f"{method.name}: unknown parameter {unknown[0]!r}; it takes "
-                             f"{', '.join(method.parameters) or 'none'}")
+        raise MergewiseError(
+            f"{method.name}: unknown parameter {unknown[0]!r}; it takes {', '.join(method.parameters) or 'none'}"
+        )
     params = {}
     for parameter in method.parameters.values():
         value = given.get(parameter.name, parameter.default)

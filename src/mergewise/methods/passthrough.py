@@ -12,6 +12,11 @@ def merge_passthrough(rows: TensorRows, *, scale: OptionalPerModel = (None,)) ->
     return rows.inputs[0] if factor is None else rows.inputs[0] * factor
 
 
-PASSTHROUGH = MergeMethod(name="passthrough", merge_rows=merge_passthrough, base=BasePolicy.INPUT,
-                          max_inputs=1, defaults={"scale": None},
-                          description="copy a single input (use with slices for layer stacking)")
+PASSTHROUGH = MergeMethod(
+    name="passthrough",
+    merge_rows=merge_passthrough,
+    base=BasePolicy.INPUT,
+    max_inputs=1,
+    defaults={"scale": None},
+    description="copy a single input (use with slices for layer stacking)",
+)

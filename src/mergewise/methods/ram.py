@@ -38,8 +38,9 @@ def merge_ram(rows: TensorRows, *, epsilon: float = 1e-5) -> torch.Tensor:
     return _merge(rows, epsilon, None)
 
 
-def prepare_ramplus_tl(tensors: ChunkedTensors, *, r: float = 0.1, alpha: float = 0.2,
-                       epsilon: float = 1e-5) -> torch.Tensor:
+def prepare_ramplus_tl(
+    tensors: ChunkedTensors, *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
+) -> torch.Tensor:
     """Each model's unique-entry scale 1 + r·clamp(shared / unique, 0, alpha), in float32 as
     mergekit's (a model without unique entries divides by epsilon instead)."""
     shared_parts, unique_parts = [], []
@@ -58,8 +59,17 @@ def merge_ramplus_tl(rows: TensorRows, *, r: float = 0.1, alpha: float = 0.2, ep
     return _merge(rows, epsilon, rows.stats.to(rows.base.device))
 
 
-RAM = MergeMethod(name="ram", merge_rows=merge_ram, base=BasePolicy.REQUIRED,
-                  description="entries one model changes kept whole, shared ones averaged over their models")
-RAMPLUS_TL = MergeMethod(name="ramplus_tl", merge_rows=merge_ramplus_tl, prepare=prepare_ramplus_tl,
-                         base=BasePolicy.REQUIRED, mergekit_writes_float32=True,
-                         description="ram with each model's unique entries scaled up by its shared/unique ratio")
+RAM = MergeMethod(
+    name="ram",
+    merge_rows=merge_ram,
+    base=BasePolicy.REQUIRED,
+    description="entries one model changes kept whole, shared ones averaged over their models",
+)
+RAMPLUS_TL = MergeMethod(
+    name="ramplus_tl",
+    merge_rows=merge_ramplus_tl,
+    prepare=prepare_ramplus_tl,
+    base=BasePolicy.REQUIRED,
+    mergekit_writes_float32=True,
+    description="ram with each model's unique entries scaled up by its shared/unique ratio",
+)

@@ -25,8 +25,21 @@ def _build_registry(methods: tuple[MergeMethod, ...]) -> dict[str, MergeMethod]:
     return registry
 
 
-_ALL = (LINEAR, *TASK_ARITHMETIC_METHODS, SLERP, NUSLERP, MODEL_STOCK, PASSTHROUGH, SCE, NEARSWAP, ARCEE_FUSION,
-        MULTISLERP, KARCHER, RAM, RAMPLUS_TL)
+_ALL = (
+    LINEAR,
+    *TASK_ARITHMETIC_METHODS,
+    SLERP,
+    NUSLERP,
+    MODEL_STOCK,
+    PASSTHROUGH,
+    SCE,
+    NEARSWAP,
+    ARCEE_FUSION,
+    MULTISLERP,
+    KARCHER,
+    RAM,
+    RAMPLUS_TL,
+)
 METHODS = _build_registry(_ALL)
 
 

@@ -41,8 +41,12 @@ def _select(tensors: ChunkedTensors, select_topk: float) -> KeepBits | None:
     """
     if select_topk >= 1:
         return None
-    variances = torch.cat([torch.var(torch.stack(_task_vectors(rows, None)), dim=0, unbiased=False).reshape(-1).cpu()
-                           for rows in tensors.chunks()])
+    variances = torch.cat(
+        [
+            torch.var(torch.stack(_task_vectors(rows, None)), dim=0, unbiased=False).reshape(-1).cpu()
+            for rows in tensors.chunks()
+        ]
+    )
     # count × share as a float32 tensor product, truncated: the count mergekit rounds to
     count = int(torch.count_nonzero(variances) * select_topk)
     selected = torch.zeros(variances.shape, dtype=torch.bool)
@@ -89,5 +93,10 @@ def merge_sce(rows: TensorRows, *, select_topk: float = 1.0, int8_mask: bool = F
     return rows.base + merged / sum_over_models(kept_weights).clamp(min=1e-6)
 
 
-SCE = MergeMethod(name="sce", merge_rows=merge_sce, prepare=prepare_sce, base=BasePolicy.REQUIRED,
-                  description="top-variance entries, mean-square weights, majority sign, weighted mean")
+SCE = MergeMethod(
+    name="sce",
+    merge_rows=merge_sce,
+    prepare=prepare_sce,
+    base=BasePolicy.REQUIRED,
+    description="top-variance entries, mean-square weights, majority sign, weighted mean",
+)

@@ -55,8 +55,15 @@ def merge_slerp(rows: TensorRows, *, t: float) -> torch.Tensor:
     return rows.base.to(dtype) * first + rows.inputs[0].to(dtype) * second
 
 
-SLERP = MergeMethod(name="slerp", merge_rows=merge_slerp, prepare=prepare_slerp, base=BasePolicy.REQUIRED,
-                    min_inputs=1, max_inputs=1, description="spherical interpolation base → model by t")
+SLERP = MergeMethod(
+    name="slerp",
+    merge_rows=merge_slerp,
+    prepare=prepare_slerp,
+    base=BasePolicy.REQUIRED,
+    min_inputs=1,
+    max_inputs=1,
+    description="spherical interpolation base → model by t",
+)
 
 
 # ---------------------------------------------------------------------------------------- nuslerp
@@ -81,21 +88,30 @@ def _nuslerp_combine(first: torch.Tensor, second: torch.Tensor, t: float, cosine
     return torch.where(collinear, (1 - t) * first + t * second, arc)
 
 
-def prepare_nuslerp(tensors: ChunkedTensors, *, weight: PerModel, nuslerp_flatten: bool = True,
-                    nuslerp_row_wise: bool = False) -> torch.Tensor | None:
+def prepare_nuslerp(
+    tensors: ChunkedTensors, *, weight: PerModel, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False
+) -> torch.Tensor | None:
     if not nuslerp_flatten:
         return None
-    norms = [combine_chunk_norms(list(parts)) for parts in zip(*(
-        [vector.reshape(-1).norm(dim=-1) for vector in _nuslerp_pair(rows)] for rows in tensors.chunks()))]
+    norms = [
+        combine_chunk_norms(list(parts))
+        for parts in zip(
+            *([vector.reshape(-1).norm(dim=-1) for vector in _nuslerp_pair(rows)] for rows in tensors.chunks())
+        )
+    ]
     norms = [norm.clamp(min=1e-7) for norm in norms]
-    cosine = combine_chunk_sums([
-        ((first / norms[0].to(first.device)) * (second / norms[1].to(first.device))).reshape(-1).sum(dim=-1)
-        for first, second in map(_nuslerp_pair, tensors.chunks())])
+    cosine = combine_chunk_sums(
+        [
+            ((first / norms[0].to(first.device)) * (second / norms[1].to(first.device))).reshape(-1).sum(dim=-1)
+            for first, second in map(_nuslerp_pair, tensors.chunks())
+        ]
+    )
     return cosine.clamp(-1, 1)
 
 
-def merge_nuslerp(rows: TensorRows, *, weight: PerModel, nuslerp_flatten: bool = True,
-                  nuslerp_row_wise: bool = False) -> torch.Tensor:
+def merge_nuslerp(
+    rows: TensorRows, *, weight: PerModel, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False
+) -> torch.Tensor:
     """Without flattening, each row (or, row-wise, each column) is interpolated on its own."""
     first, second = _nuslerp_pair(rows)
     if nuslerp_flatten:
@@ -110,8 +126,12 @@ def merge_nuslerp(rows: TensorRows, *, weight: PerModel, nuslerp_flatten: bool =
 
 
 NUSLERP = MergeMethod(
-    name="nuslerp", merge_rows=merge_nuslerp, prepare=prepare_nuslerp, base=BasePolicy.OPTIONAL,
-    min_inputs=2, max_inputs=2,
+    name="nuslerp",
+    merge_rows=merge_nuslerp,
+    prepare=prepare_nuslerp,
+    base=BasePolicy.OPTIONAL,
+    min_inputs=2,
+    max_inputs=2,
     whole_tensor=lambda shared: shared["nuslerp_row_wise"] and not shared["nuslerp_flatten"],
     description="spherical interpolation of two models (or two task vectors when a base is given)",
 )

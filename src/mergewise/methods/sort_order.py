@@ -194,8 +194,14 @@ def _mark(order, start, stop, bits):
         bits[index >> 3] |= np.uint8(1 << (index & 7))
 
 
-def positions_in_range(keys: np.ndarray, start: int, stop: int, order: np.ndarray | None = None, *,
-                       unsigned_below: int = UNSIGNED_POSITIONS_BELOW) -> np.ndarray:
+def positions_in_range(
+    keys: np.ndarray,
+    start: int,
+    stop: int,
+    order: np.ndarray | None = None,
+    *,
+    unsigned_below: int = UNSIGNED_POSITIONS_BELOW,
+) -> np.ndarray:
     """The indices `torch.sort(keys).indices[start:stop]` holds on the CPU, as packed bits (one per
     key, little-endian within a byte); `keys` are integers ordered as the values (consumed). `order`
     is scratch memory for the permutation (int32 or int64, at least as long as `keys`); it and the
@@ -206,8 +212,13 @@ def positions_in_range(keys: np.ndarray, start: int, stop: int, order: np.ndarra
         order = np.empty(size, dtype=np.int32 if size < 2**31 else np.int64)
     order = order[:size]
     positions = np.uint32 if size < unsigned_below else np.int64
-    _order_around_cuts(keys, order, np.array([start, stop], dtype=np.int64), np.empty(BLOCK, dtype=positions),
-                       np.empty(BLOCK, dtype=positions))
+    _order_around_cuts(
+        keys,
+        order,
+        np.array([start, stop], dtype=np.int64),
+        np.empty(BLOCK, dtype=positions),
+        np.empty(BLOCK, dtype=positions),
+    )
     bits = np.zeros((size + 7) // 8, dtype=np.uint8)
     _mark(order, start, stop, bits)
     return bits

@@ -19,10 +19,10 @@ import torch
 
 
 class Sparsification(StrEnum):
-    MAGNITUDE = "magnitude"                    # TIES: keep the top-k |delta|
+    MAGNITUDE = "magnitude"  # TIES: keep the top-k |delta|
     MAGNITUDE_OUTLIERS = "magnitude_outliers"  # breadcrumbs: drop the largest too
-    RANDOM = "random"                          # DARE: Bernoulli(density)
-    RANK_RANDOM = "rank_random"                # DELLA: keep probability grows with rank in the row
+    RANDOM = "random"  # DARE: Bernoulli(density)
+    RANK_RANDOM = "rank_random"  # DELLA: keep probability grows with rank in the row
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -54,16 +54,16 @@ class KeepBits:
     def rows(self, start: int, count: int) -> torch.Tensor:
         """The mask of flat entries [start, start + count) as bools."""
         first = start >> 3
-        unpacked = np.unpackbits(self.bits[first:(start + count + 7) >> 3], bitorder="little")
+        unpacked = np.unpackbits(self.bits[first : (start + count + 7) >> 3], bitorder="little")
         offset = start - (first << 3)
-        return torch.from_numpy(unpacked[offset:offset + count].view(np.bool_))
+        return torch.from_numpy(unpacked[offset : offset + count].view(np.bool_))
 
     def packed_rows(self, first_row: int, like: torch.Tensor) -> tuple[np.ndarray, int]:
         """The bits of the row chunk `like`, which starts at row `first_row`, still packed: the bytes
         holding them and the position of its first entry in those bytes."""
         start = first_row * math.prod(like.shape[1:])
         first = start >> 3
-        return self.bits[first:(start + like.numel() + 7) >> 3], start - (first << 3)
+        return self.bits[first : (start + like.numel() + 7) >> 3], start - (first << 3)
 
     @classmethod
     def of_mask(cls, mask: torch.Tensor) -> KeepBits:
@@ -120,8 +120,13 @@ class SelectionScratch:
         return buffer[:count]
 
 
-def select_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, density: float,
-                      gamma: float | None = None, scratch: SelectionScratch | None = None) -> KeepBits | None:
+def select_magnitudes(
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    count: int,
+    density: float,
+    gamma: float | None = None,
+    scratch: SelectionScratch | None = None,
+) -> KeepBits | None:
     """The entries of a task vector, given as consecutive row chunks (input, base) of `count` entries
     in all, that mergekit's magnitude sparsification keeps, ties at the cuts included (None: every
     entry is kept). mergekit sorts the whole |delta| with `torch.argsort`; `positions_in_range` finds
@@ -139,7 +144,7 @@ def select_magnitudes(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count:
         if keys is None:
             narrow = inputs.dtype in (torch.bfloat16, torch.float16) and base.dtype == inputs.dtype
             keys = scratch.buffer("keys", count, np.int16 if narrow else np.int32)
-        magnitude_keys(inputs, base, descending, keys[filled:filled + inputs.numel()])
+        magnitude_keys(inputs, base, descending, keys[filled : filled + inputs.numel()])
         filled += inputs.numel()
     order = scratch.buffer("order", count, np.int32 if count < 2**31 else np.int64)
     from mergewise.methods.sort_order import positions_in_range  # numba, as above
@@ -155,8 +160,7 @@ def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator)
     return torch.bernoulli(probabilities, generator=generator).to(delta.device, torch.bool)
 
 
-def rank_random_mask(delta: torch.Tensor, density: float, epsilon: float,
-                     generator: torch.Generator) -> torch.Tensor:
+def rank_random_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
     """DELLA (MagPrune): keep probability rises linearly with the magnitude rank within each row,
     from density − ε for the smallest to density + ε for the largest."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)

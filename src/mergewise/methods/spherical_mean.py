@@ -32,8 +32,9 @@ from mergewise.methods.slerp import interpolation_dtype
 ChunkFigure = tuple[torch.Tensor, torch.Tensor]
 
 
-def _whole_tensor(figures: Iterable[ChunkFigure],
-                  finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def _whole_tensor(
+    figures: Iterable[ChunkFigure], finish: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
     """The figure of the whole tensor: torch's own when it is one chunk, else the float64 sum of the
     chunks' sums, `finish`ed (a square root for norms) and rounded once."""
     figures = list(figures)
@@ -58,10 +59,10 @@ def _norm_figure(values: torch.Tensor, dtype: torch.dtype) -> ChunkFigure:
 # ---------------------------------------------------------------------------------------- multislerp
 @dataclass(frozen=True)
 class MultislerpFigures:
-    norms: torch.Tensor               # each input's norm, (models, 1)
-    weights: torch.Tensor             # the weights, normalised if asked
-    mean_norm: torch.Tensor           # norm of the weighted sum of the unit vectors
-    dots: torch.Tensor | None         # each unit vector's dot with the mean, (models, 1); None: linear
+    norms: torch.Tensor  # each input's norm, (models, 1)
+    weights: torch.Tensor  # the weights, normalised if asked
+    mean_norm: torch.Tensor  # norm of the weighted sum of the unit vectors
+    dots: torch.Tensor | None  # each unit vector's dot with the mean, (models, 1); None: linear
     tangent_norm: torch.Tensor | None  # norm of the tangent-space average, plus eps
 
 
@@ -79,8 +80,9 @@ def _multislerp_weights(weight: PerModel, normalize_weights: bool, like: torch.T
         return weights
     total = weights.sum()
     if total == 0:
-        raise ValueError("weight: weights sum to 0, so they cannot be normalised "
-                         "(change a weight, or normalize_weights: false)")
+        raise ValueError(
+            "weight: weights sum to 0, so they cannot be normalised (change a weight, or normalize_weights: false)"
+        )
     return weights / total
 
 
@@ -96,14 +98,16 @@ def _mean_direction(units: torch.Tensor, figures: MultislerpFigures) -> torch.Te
     return _weighted_sum(units, figures.weights) / figures.mean_norm
 
 
-def _tangent_average(units: torch.Tensor, figures: MultislerpFigures, mean: torch.Tensor,
-                     dots: torch.Tensor) -> torch.Tensor:
+def _tangent_average(
+    units: torch.Tensor, figures: MultislerpFigures, mean: torch.Tensor, dots: torch.Tensor
+) -> torch.Tensor:
     """The weighted average of the unit vectors' projections onto the tangent space at `mean`."""
     return _weighted_sum(units - dots * mean, figures.weights)
 
 
-def prepare_multislerp(tensors: ChunkedTensors, *, weight: PerModel, normalize_weights: bool = True,
-                       eps: float = 1e-8) -> MultislerpFigures | None:
+def prepare_multislerp(
+    tensors: ChunkedTensors, *, weight: PerModel, normalize_weights: bool = True, eps: float = 1e-8
+) -> MultislerpFigures | None:
     """Four passes: the norms, then the mean's norm, the dots with the mean, the tangent average's norm."""
     if len(weight) == 1:
         return None
@@ -111,21 +115,28 @@ def prepare_multislerp(tensors: ChunkedTensors, *, weight: PerModel, normalize_w
     def vector_chunks() -> Iterator[torch.Tensor]:
         return (_multislerp_vectors(rows) for rows in tensors.chunks())
 
-    norms = _whole_tensor(((vectors.norm(dim=-1, keepdim=True), vectors.double().square().sum(-1, keepdim=True))
-                           for vectors in vector_chunks()), torch.sqrt)
+    norms = _whole_tensor(
+        (
+            (vectors.norm(dim=-1, keepdim=True), vectors.double().square().sum(-1, keepdim=True))
+            for vectors in vector_chunks()
+        ),
+        torch.sqrt,
+    )
     weights = _multislerp_weights(weight, normalize_weights, norms)
 
     def unit_chunks() -> Iterator[torch.Tensor]:
         return (_unit_vectors(vectors, norms, eps) for vectors in vector_chunks())
 
-    mean_norm = _whole_tensor((_norm_figure(_weighted_sum(units, weights), units.dtype) for units in unit_chunks()),
-                              torch.sqrt)
+    mean_norm = _whole_tensor(
+        (_norm_figure(_weighted_sum(units, weights), units.dtype) for units in unit_chunks()), torch.sqrt
+    )
     figures = MultislerpFigures(norms, weights, mean_norm, None, None)
     if mean_norm < eps:
         if len(weight) == 2:  # an antipodal pair: mergekit interpolates linearly
             return figures
-        raise ValueError("the weighted unit vectors cancel out (antipodal inputs whose weights balance); "
-                         "change a weight")
+        raise ValueError(
+            "the weighted unit vectors cancel out (antipodal inputs whose weights balance); change a weight"
+        )
 
     def dot_figure(units: torch.Tensor) -> ChunkFigure:
         products = units * _mean_direction(units, figures)
@@ -139,8 +150,9 @@ def prepare_multislerp(tensors: ChunkedTensors, *, weight: PerModel, normalize_w
     return dataclasses.replace(figures, dots=dots, tangent_norm=tangent_norm)
 
 
-def merge_multislerp(rows: TensorRows, *, weight: PerModel, normalize_weights: bool = True,
-                     eps: float = 1e-8) -> torch.Tensor:
+def merge_multislerp(
+    rows: TensorRows, *, weight: PerModel, normalize_weights: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     if len(rows.inputs) == 1:
         return rows.inputs[0]
     vectors = _multislerp_vectors(rows)
@@ -160,7 +172,10 @@ def merge_multislerp(rows: TensorRows, *, weight: PerModel, normalize_weights: b
 
 
 MULTISLERP = MergeMethod(
-    name="multislerp", merge_rows=merge_multislerp, prepare=prepare_multislerp, base=BasePolicy.OPTIONAL,
+    name="multislerp",
+    merge_rows=merge_multislerp,
+    prepare=prepare_multislerp,
+    base=BasePolicy.OPTIONAL,
     description="weighted mean on the sphere, in the tangent space at the inputs' mean direction",
 )
 
@@ -170,20 +185,20 @@ MULTISLERP = MergeMethod(
 class KarcherStep:
     """One step of the running mean toward the Karcher mean."""
 
-    dots: list[torch.Tensor]             # each counted unit vector's cosine with the mean (working dtype)
-    pulls: list[torch.Tensor | None]     # alpha·θ/sin θ for each; None where θ < tol (left out)
-    length: torch.Tensor                 # the step's length: the norm of the tangent vector
-    renorm: torch.Tensor | None          # the stepped mean's norm; None when ≤ tol (left unnormalised)
+    dots: list[torch.Tensor]  # each counted unit vector's cosine with the mean (working dtype)
+    pulls: list[torch.Tensor | None]  # alpha·θ/sin θ for each; None where θ < tol (left out)
+    length: torch.Tensor  # the step's length: the norm of the tangent vector
+    renorm: torch.Tensor | None  # the stepped mean's norm; None when ≤ tol (left unnormalised)
 
 
 @dataclass(frozen=True)
 class KarcherPath:
-    norms: torch.Tensor                  # every input's norm
-    counted: list[int]                   # the inputs whose norm exceeds tol
-    alpha: float                         # their weight, equal, normalised over them
-    start: torch.Tensor | None           # norm of Σ alpha·unit; None when < tol: the first unit starts
+    norms: torch.Tensor  # every input's norm
+    counted: list[int]  # the inputs whose norm exceeds tol
+    alpha: float  # their weight, equal, normalised over them
+    start: torch.Tensor | None  # norm of Σ alpha·unit; None when < tol: the first unit starts
     steps: list[KarcherStep]
-    scale: torch.Tensor                  # Σ norm / inputs over all inputs: the result's norm
+    scale: torch.Tensor  # Σ norm / inputs over all inputs: the result's norm
 
 
 def _karcher_units(rows: TensorRows, norms: torch.Tensor, counted: list[int]) -> list[torch.Tensor]:
@@ -201,8 +216,9 @@ def _started(total: torch.Tensor, units: list[torch.Tensor], start: torch.Tensor
     return units[0] if start is None else total / start
 
 
-def _tangent(mean: torch.Tensor, units: list[torch.Tensor], dots: list[torch.Tensor],
-             pulls: list[torch.Tensor | None]) -> torch.Tensor:
+def _tangent(
+    mean: torch.Tensor, units: list[torch.Tensor], dots: list[torch.Tensor], pulls: list[torch.Tensor | None]
+) -> torch.Tensor:
     """Σ pull·(unit − cos·mean): the weighted log map of the units at `mean`, the step's direction."""
     tangent = torch.zeros_like(mean)
     for unit, dot, pull in zip(units, dots, pulls):
@@ -249,8 +265,13 @@ def prepare_karcher(tensors: ChunkedTensors, *, max_iter: int = 10, tol: float =
         raise ValueError(f"max_iter must be at least 0, got {max_iter}")
     if tol < 0:
         raise ValueError(f"tol must be at least 0, got {tol}")
-    norms = _whole_tensor((_stacked([_norm_figure(tensor, interpolation_dtype(tensor)) for tensor in rows.inputs])
-                           for rows in tensors.chunks()), torch.sqrt)
+    norms = _whole_tensor(
+        (
+            _stacked([_norm_figure(tensor, interpolation_dtype(tensor)) for tensor in rows.inputs])
+            for rows in tensors.chunks()
+        ),
+        torch.sqrt,
+    )
     if len(norms) == 1:
         return None
     equal = 1.0 / len(norms)
@@ -261,8 +282,10 @@ def prepare_karcher(tensors: ChunkedTensors, *, max_iter: int = 10, tol: float =
     alpha = equal / sum([equal] * len(counted))
     means = _RunningMean(tensors.shape)
 
-    def each_chunk(work: Callable[[TensorRows, list[torch.Tensor]], ChunkFigure],
-                   finish: Callable[[torch.Tensor], torch.Tensor] | None = torch.sqrt) -> torch.Tensor:
+    def each_chunk(
+        work: Callable[[TensorRows, list[torch.Tensor]], ChunkFigure],
+        finish: Callable[[torch.Tensor], torch.Tensor] | None = torch.sqrt,
+    ) -> torch.Tensor:
         return _whole_tensor((work(rows, _karcher_units(rows, norms, counted)) for rows in tensors.chunks()), finish)
 
     def start_sum(rows: TensorRows, units: list[torch.Tensor]) -> ChunkFigure:
@@ -279,15 +302,17 @@ def prepare_karcher(tensors: ChunkedTensors, *, max_iter: int = 10, tol: float =
         mean = means.read(rows)
         mean = _renormed(mean, steps[-1].renorm) if steps else _started(mean, units, start)
         means.write(rows, mean)
-        return (torch.stack([torch.dot(mean.flatten(), unit.flatten()) for unit in units]),
-                torch.stack([(mean.double() * unit.double()).sum() for unit in units]))
+        return (
+            torch.stack([torch.dot(mean.flatten(), unit.flatten()) for unit in units]),
+            torch.stack([(mean.double() * unit.double()).sum() for unit in units]),
+        )
 
     def tangent_length(dots: list[torch.Tensor], pulls: list[torch.Tensor | None]) -> torch.Tensor:
-        return each_chunk(lambda rows, units: _norm_figure(_tangent(means.read(rows), units, dots, pulls),
-                                                           norms.dtype))
+        return each_chunk(lambda rows, units: _norm_figure(_tangent(means.read(rows), units, dots, pulls), norms.dtype))
 
     def take_step(dots: list[torch.Tensor], pulls: list[torch.Tensor | None], length: torch.Tensor) -> torch.Tensor:
         """Moves the running mean along the tangent; the norm of the moved mean."""
+
         def step(rows: TensorRows, units: list[torch.Tensor]) -> ChunkFigure:
             mean = means.read(rows)
             stepped = _stepped(mean, _tangent(mean, units, dots, pulls), length)
@@ -323,6 +348,9 @@ def merge_karcher(rows: TensorRows, *, max_iter: int = 10, tol: float = 1e-5) ->
 
 
 KARCHER = MergeMethod(
-    name="karcher", merge_rows=merge_karcher, prepare=prepare_karcher, base=BasePolicy.INPUT,
+    name="karcher",
+    merge_rows=merge_karcher,
+    prepare=prepare_karcher,
+    base=BasePolicy.INPUT,
     description="Karcher (Riemannian) mean of the models' directions, scaled by their mean norm",
 )

@@ -53,8 +53,15 @@ def _selection(rows: TensorRows, index: int) -> KeepBits | None:
     return keep.result() if isinstance(keep, Future) else keep
 
 
-def _keep_mask(rows: TensorRows, index: int, delta: torch.Tensor, sparsification: Sparsification | None,
-               density: float, gamma: float, epsilon: float) -> torch.Tensor | None:
+def _keep_mask(
+    rows: TensorRows,
+    index: int,
+    delta: torch.Tensor,
+    sparsification: Sparsification | None,
+    density: float,
+    gamma: float,
+    epsilon: float,
+) -> torch.Tensor | None:
     """Which entries of input `index`'s delta survive in these rows (None = all)."""
     if sparsification is None or density >= 1:
         return None
@@ -68,9 +75,15 @@ def _keep_mask(rows: TensorRows, index: int, delta: torch.Tensor, sparsification
     return rank_random_mask(delta, density, epsilon, rows.rng(index))
 
 
-def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsification | None,
-                            density: PerModel, rescale: bool, gamma: PerModel = (),
-                            epsilon: PerModel = ()) -> SparsifyStats | None:
+def prepare_task_arithmetic(
+    tensors: ChunkedTensors,
+    *,
+    sparsification: Sparsification | None,
+    density: PerModel,
+    rescale: bool,
+    gamma: PerModel = (),
+    epsilon: PerModel = (),
+) -> SparsifyStats | None:
     """Magnitude selections need the whole |delta|; an L1 rescale needs whole-tensor sums of the masks."""
     if sparsification is None:
         return None
@@ -81,7 +94,8 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
     if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
         gammas = gamma if sparsification is Sparsification.MAGNITUDE_OUTLIERS else (None,) * count
         keeps = tensors.workspace.setdefault("magnitude_selections", _MagnitudeSelections()).keeps(
-            tensors, density, gammas)
+            tensors, density, gammas
+        )
     scales = [1.0] * count
     if rescale:
         stats = SparsifyStats(keeps, scales)
@@ -92,8 +106,7 @@ def prepare_task_arithmetic(tensors: ChunkedTensors, *, sparsification: Sparsifi
             rows.stats = stats
             for index, tensor in enumerate(rows.inputs):
                 delta = tensor - rows.base
-                mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index],
-                                  epsilon[index])
+                mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index], epsilon[index])
                 magnitude = delta.abs()
                 totals[index] += float(magnitude.sum(dtype=torch.float64))
                 kept[index] += float((magnitude if mask is None else magnitude * mask).sum(dtype=torch.float64))
@@ -121,8 +134,10 @@ class _MagnitudeSelections:
 
     def keeps(self, tensors: ChunkedTensors, density: PerModel, gammas: Sequence[float | None]) -> list[Future]:
         """Each input's selection, as a future of its `KeepBits` (or None: every entry kept)."""
-        return [self.workers.submit(self._select, tensors, index, share, gamma)
-                for index, (share, gamma) in enumerate(zip(density, gammas))]
+        return [
+            self.workers.submit(self._select, tensors, index, share, gamma)
+            for index, (share, gamma) in enumerate(zip(density, gammas))
+        ]
 
     def _select(self, tensors: ChunkedTensors, index: int, density: float, gamma: float | None) -> KeepBits | None:
         scratch = self.scratches.get()  # one per worker: never waits
@@ -146,10 +161,20 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(value, dtype=dtype))
 
 
-def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | None, consensus: bool,
-                          weight: PerModel, density: PerModel = (), normalize: bool = False,
-                          rescale: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
-                          gamma: PerModel = (), epsilon: PerModel = ()) -> torch.Tensor:
+def merge_task_arithmetic(
+    rows: TensorRows,
+    *,
+    sparsification: Sparsification | None,
+    consensus: bool,
+    weight: PerModel,
+    density: PerModel = (),
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    gamma: PerModel = (),
+    epsilon: PerModel = (),
+) -> torch.Tensor:
     """base + lambda · combine(weight_i · sparsify(input_i − base)).
 
     `int8_mask` is accepted for config compatibility: it only chose a mask dtype to save memory, and
@@ -176,9 +201,16 @@ def merge_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
     return combined.add_(base)
 
 
-def _weighted_deltas(rows: TensorRows, weights: torch.Tensor, sparsification: Sparsification | None,
-                     density: PerModel, gamma: PerModel, epsilon: PerModel, *,
-                     reuse_memory: bool) -> Iterator[torch.Tensor]:
+def _weighted_deltas(
+    rows: TensorRows,
+    weights: torch.Tensor,
+    sparsification: Sparsification | None,
+    density: PerModel,
+    gamma: PerModel,
+    epsilon: PerModel,
+    *,
+    reuse_memory: bool,
+) -> Iterator[torch.Tensor]:
     """weight_i · sparsify(input_i − base), model by model. Each step updates the temporary in place
     (the same roundings as out-of-place operations, with less memory traffic); with `reuse_memory`
     each model's part is computed into the previous one's memory, so it must be used up before the
@@ -231,9 +263,17 @@ def _total_weight(weights: torch.Tensor) -> torch.Tensor:
     return torch.where(total.abs() < 1e-8, 1, total)
 
 
-def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | None, consensus: bool,
-                          weight: PerModel, density: PerModel = (), normalize: bool = False,
-                          lambda_: float = 1.0, **unused: Any) -> torch.Tensor | None:
+def fused_task_arithmetic(
+    rows: TensorRows,
+    *,
+    sparsification: Sparsification | None,
+    consensus: bool,
+    weight: PerModel,
+    density: PerModel = (),
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    **unused: Any,
+) -> torch.Tensor | None:
     """`merge_task_arithmetic` in one pass over bf16 CPU rows, bit for bit; None for rows it does not
     take (other dtypes or devices, random masks) and while the kernels are still loading."""
     if rows.base is None or sparsification not in (None, Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
@@ -243,20 +283,31 @@ def fused_task_arithmetic(rows: TensorRows, *, sparsification: Sparsification | 
         return None
     count = len(rows.inputs)
     density = density or (1.0,) * count
-    selections = [None if sparsification is None or density[index] >= 1 else _selection(rows, index)
-                  for index in range(count)]
-    masks = [None if keep is None else keep.packed_rows(rows.first_row, rows.inputs[index])
-             for index, keep in enumerate(selections)]
+    selections = [
+        None if sparsification is None or density[index] >= 1 else _selection(rows, index) for index in range(count)
+    ]
+    masks = [
+        None if keep is None else keep.packed_rows(rows.first_row, rows.inputs[index])
+        for index, keep in enumerate(selections)
+    ]
     weights = torch.tensor(weight, dtype=torch.bfloat16)
     merged, rows.non_finite = kernels.task_arithmetic(
-        rows.base, rows.inputs, weights=list(weight), masks=masks,
-        scales=rows.stats.scales if rows.stats is not None else [1.0] * count, consensus=consensus,
-        normalize=normalize, divisor=float(_total_weight(weights)), lambda_=lambda_)
+        rows.base,
+        rows.inputs,
+        weights=list(weight),
+        masks=masks,
+        scales=rows.stats.scales if rows.stats is not None else [1.0] * count,
+        consensus=consensus,
+        normalize=normalize,
+        divisor=float(_total_weight(weights)),
+        lambda_=lambda_,
+    )
     return merged
 
 
-def _preset(name: str, sparsification: Sparsification | None, consensus: bool, normalize: bool,
-            rescale: bool, description: str) -> MergeMethod:
+def _preset(
+    name: str, sparsification: Sparsification | None, consensus: bool, normalize: bool, rescale: bool, description: str
+) -> MergeMethod:
     unused: dict[str, PerModel] = {}  # an empty PerModel: not given
     if sparsification is not Sparsification.MAGNITUDE_OUTLIERS:
         unused["gamma"] = ()
@@ -267,8 +318,9 @@ def _preset(name: str, sparsification: Sparsification | None, consensus: bool, n
         name=name,
         merge_rows=merge_task_arithmetic,
         fused=fused_task_arithmetic,
-        fused_min_parameters=(PLAIN_FUSED_MIN_PARAMETERS if sparsification is None and not consensus
-                              else SELECTING_FUSED_MIN_PARAMETERS),
+        fused_min_parameters=(
+            PLAIN_FUSED_MIN_PARAMETERS if sparsification is None and not consensus else SELECTING_FUSED_MIN_PARAMETERS
+        ),
         load_fused=bf16_kernels,
         prepare=prepare_task_arithmetic,
         base=BasePolicy.REQUIRED,
@@ -282,18 +334,55 @@ def _preset(name: str, sparsification: Sparsification | None, consensus: bool, n
 
 TASK_ARITHMETIC_METHODS = (
     _preset("task_arithmetic", None, False, False, False, "base + Σ weight·(model − base)"),
-    _preset("ties", Sparsification.MAGNITUDE, True, True, False,
-            "top-density magnitudes per task vector, majority sign, disjoint mean"),
-    _preset("dare_linear", Sparsification.RANDOM, False, False, True,
-            "random drop (keep = density) with L1 rescale, then task arithmetic"),
-    _preset("dare_ties", Sparsification.RANDOM, True, False, True,
-            "random drop with L1 rescale, then TIES sign consensus"),
-    _preset("breadcrumbs", Sparsification.MAGNITUDE_OUTLIERS, False, False, False,
-            "drop the gamma largest and the smallest magnitudes, then task arithmetic"),
-    _preset("breadcrumbs_ties", Sparsification.MAGNITUDE_OUTLIERS, True, False, False,
-            "breadcrumbs sparsification with TIES sign consensus"),
-    _preset("della", Sparsification.RANK_RANDOM, True, True, True,
-            "magnitude-rank-dependent random drop (MagPrune), rescale, TIES consensus"),
-    _preset("della_linear", Sparsification.RANK_RANDOM, False, False, True,
-            "MagPrune random drop with rescale, then task arithmetic"),
+    _preset(
+        "ties",
+        Sparsification.MAGNITUDE,
+        True,
+        True,
+        False,
+        "top-density magnitudes per task vector, majority sign, disjoint mean",
+    ),
+    _preset(
+        "dare_linear",
+        Sparsification.RANDOM,
+        False,
+        False,
+        True,
+        "random drop (keep = density) with L1 rescale, then task arithmetic",
+    ),
+    _preset(
+        "dare_ties", Sparsification.RANDOM, True, False, True, "random drop with L1 rescale, then TIES sign consensus"
+    ),
+    _preset(
+        "breadcrumbs",
+        Sparsification.MAGNITUDE_OUTLIERS,
+        False,
+        False,
+        False,
+        "drop the gamma largest and the smallest magnitudes, then task arithmetic",
+    ),
+    _preset(
+        "breadcrumbs_ties",
+        Sparsification.MAGNITUDE_OUTLIERS,
+        True,
+        False,
+        False,
+        "breadcrumbs sparsification with TIES sign consensus",
+    ),
+    _preset(
+        "della",
+        Sparsification.RANK_RANDOM,
+        True,
+        True,
+        True,
+        "magnitude-rank-dependent random drop (MagPrune), rescale, TIES consensus",
+    ),
+    _preset(
+        "della_linear",
+        Sparsification.RANK_RANDOM,
+        False,
+        False,
+        True,
+        "MagPrune random drop with rescale, then task arithmetic",
+    ),
 )

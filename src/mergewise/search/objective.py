@@ -24,8 +24,10 @@ def resolve_objective(objective: Objective, config_dir: Path, origin: str) -> Ob
         assert weights is not None  # Objective's validator: a zoo objective names its tasks
         missing = [name for name in weights if name not in zoo.tasks]
         if missing:
-            raise MergewiseError(f"{origin}: search.objective.tasks: {', '.join(missing)} not in "
-                                 f"{zoo.root / 'zoo.json'} (has {', '.join(zoo.tasks)})")
+            raise MergewiseError(
+                f"{origin}: search.objective.tasks: {', '.join(missing)} not in "
+                f"{zoo.root / 'zoo.json'} (has {', '.join(zoo.tasks)})"
+            )
         if any(weight < 0 for weight in weights.values()) or not sum(weights.values()) > 0:
             raise MergewiseError(f"{origin}: search.objective.tasks: weights are ≥ 0 and not all 0")
         return objective.model_copy(update={"zoo": str(zoo_dir)})
@@ -45,8 +47,9 @@ Split = Literal["validation", "test"]
 
 
 @overload
-def score_model(model_dir: str | Path, objective: Objective, split: Literal["validation"],
-                device: str = "cpu") -> dict: ...
+def score_model(
+    model_dir: str | Path, objective: Objective, split: Literal["validation"], device: str = "cpu"
+) -> dict: ...
 @overload
 def score_model(model_dir: str | Path, objective: Objective, split: Split, device: str = "cpu") -> dict | None: ...
 def score_model(model_dir: str | Path, objective: Objective, split: Split, device: str = "cpu") -> dict | None:
@@ -78,8 +81,9 @@ def _score_on_zoo(model_dir: str | Path, zoo_dir: str, objective: Objective, spl
     return {"score": round(score, 6), "tasks": tasks}
 
 
-def _score_with_lm_eval(model_dir: str | Path, lm_eval_objective: LmEvalObjective, split: Split,
-                        device: str) -> dict | None:
+def _score_with_lm_eval(
+    model_dir: str | Path, lm_eval_objective: LmEvalObjective, split: Split, device: str
+) -> dict | None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -89,9 +93,13 @@ def _score_with_lm_eval(model_dir: str | Path, lm_eval_objective: LmEvalObjectiv
     if not tasks:
         return None
     output = lm_eval.simple_evaluate(
-        model="mergewise", model_args=f"pretrained={model_dir},device={device}", tasks=list(tasks),
-        limit=lm_eval_objective.limit, batch_size=lm_eval_objective.batch_size,
-        task_manager=TaskManager(include_path=lm_eval_objective.include_path))
+        model="mergewise",
+        model_args=f"pretrained={model_dir},device={device}",
+        tasks=list(tasks),
+        limit=lm_eval_objective.limit,
+        batch_size=lm_eval_objective.batch_size,
+        task_manager=TaskManager(include_path=lm_eval_objective.include_path),
+    )
     scores = {}
     for task in tasks:  # results hold "metric,filter" keys beside counts and stderrs
         metric, higher_is_better = next(iter(output["higher_is_better"][task].items()))

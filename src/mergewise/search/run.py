@@ -43,15 +43,22 @@ PATH_KEYS = ("model", "base_model", "stats", "data", "prompts")
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
     out_dir: Path
-    best: dict          # trial id, values, validation and test scores
-    baseline: dict      # the same for the baseline recipe
+    best: dict  # trial id, values, validation and test scores
+    baseline: dict  # the same for the baseline recipe
     trials: list[dict]  # the rows of trials.csv
     seconds: float
 
 
-def run_search(search_file: str | Path, out_dir: str | Path, *, trials: int | None = None,
-               address: str | None = None, resume: bool = False, device: str | None = None,
-               quiet: bool = False) -> SearchResult:
+def run_search(
+    search_file: str | Path,
+    out_dir: str | Path,
+    *,
+    trials: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    quiet: bool = False,
+) -> SearchResult:
     """Search the spaces of SEARCH.yml on Ray Tune (local Ray unless `address` names a cluster) and
     write OUT_DIR (see the module docstring). Trials merge and score on `device`, by default the GPU
     when `search.resources` gives each trial one."""
@@ -69,12 +76,20 @@ def run_search(search_file: str | Path, out_dir: str | Path, *, trials: int | No
         raise MergewiseError(f"{out_dir}: not empty (--resume continues the search it holds; or choose a new folder)")
     baseline_plan = _check_corners(search)
     out_dir.mkdir(parents=True, exist_ok=True)
-    setup = TrialSetup(_calibrated_once(search, baseline_plan, out_dir, device, quiet), objective, out_dir / "models",
-                       out_dir / "trials", max(1, math.floor(search.settings.resources.cpus)), device)
+    setup = TrialSetup(
+        _calibrated_once(search, baseline_plan, out_dir, device, quiet),
+        objective,
+        out_dir / "models",
+        out_dir / "trials",
+        max(1, math.floor(search.settings.resources.cpus)),
+        device,
+    )
     rows = _run_trials(setup, search, experiment, out_dir, address, resume, quiet)
     if len(rows) < _expected_trials(search):
-        raise MergewiseError(f"search interrupted after {len(rows)} of {_expected_trials(search)} trials; "
-                             f"`mergewise search {search.origin} {out_dir} --resume` continues it")
+        raise MergewiseError(
+            f"search interrupted after {len(rows)} of {_expected_trials(search)} trials; "
+            f"`mergewise search {search.origin} {out_dir} --resume` continues it"
+        )
     finished = [row for row in rows if row["status"] == "TERMINATED" and row.get("score") is not None]
     if not finished:
         raise MergewiseError(f"{out_dir / 'trials.csv'}: no trial finished (see its error column)")
@@ -82,11 +97,20 @@ def run_search(search_file: str | Path, out_dir: str | Path, *, trials: int | No
     best_model = _publish_best_model(out_dir, setup.models_dir / best["trial"])
     _write_best_recipe(search, best, out_dir)
     baseline = _score_baseline(setup, out_dir, rows)
-    best_summary = {"trial": best["trial"], "values": {space.name: best[space.name] for space in search.spaces},
-                    "validation": best["score"], "test": score_model(best_model, objective, "test", device)}
+    best_summary = {
+        "trial": best["trial"],
+        "values": {space.name: best[space.name] for space in search.spaces},
+        "validation": best["score"],
+        "test": score_model(best_model, objective, "test", device),
+    }
     seconds = round(time.time() - started, 1)
-    summary = {"best": best_summary, "baseline": baseline, "trials": len(rows), "finished": len(finished),
-               "seconds": seconds}
+    summary = {
+        "best": best_summary,
+        "baseline": baseline,
+        "trials": len(rows),
+        "finished": len(finished),
+        "seconds": seconds,
+    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     _plot(search, rows, out_dir / "search.png")
     return SearchResult(out_dir, best_summary, baseline, rows, seconds)
@@ -105,7 +129,8 @@ def _check_corners(search: SearchRecipe) -> tuple[Recipe, MergePlan]:
     corners: list[dict[str, Any]] = [
         search.baseline(),
         {space.name: min(space.values) if space.kind == "choice" else space.low for space in search.spaces},
-        {space.name: max(space.values) if space.kind == "choice" else space.high for space in search.spaces}]
+        {space.name: max(space.values) if space.kind == "choice" else space.high for space in search.spaces},
+    ]
     planned = []
     for values in corners:
         recipe = load_recipe(search.concrete(values), config_dir=search.config_dir, origin=search.origin)
@@ -116,8 +141,9 @@ def _check_corners(search: SearchRecipe) -> tuple[Recipe, MergePlan]:
     return planned[0]
 
 
-def _calibrated_once(search: SearchRecipe, baseline: tuple[Recipe, MergePlan], out_dir: Path, device: str,
-                     quiet: bool) -> SearchRecipe:
+def _calibrated_once(
+    search: SearchRecipe, baseline: tuple[Recipe, MergePlan], out_dir: Path, device: str, quiet: bool
+) -> SearchRecipe:
     """AIM's statistics depend on the base and the calibration settings alone, which no trial
     changes: calibrate once and let every trial read the file."""
     aim = search.template.get("aim")
@@ -134,22 +160,42 @@ def _calibrated_once(search: SearchRecipe, baseline: tuple[Recipe, MergePlan], o
     stats_path = out_dir / "aim-stats.safetensors"
     if not stats_path.is_file():
         settings = CalibrationSettings(**calibration.model_dump(exclude={"stream_layers"}))
-        calibrate(plan.base_model.path, stats_path, settings, device=device,
-                  stream_layers=calibration.stream_layers, quiet=quiet)
-    template = {**search.template, "aim": {**{key: value for key, value in aim.items() if key != "calibration"},
-                                           "stats": str(stats_path)}}
+        calibrate(
+            plan.base_model.path,
+            stats_path,
+            settings,
+            device=device,
+            stream_layers=calibration.stream_layers,
+            quiet=quiet,
+        )
+    template = {
+        **search.template,
+        "aim": {**{key: value for key, value in aim.items() if key != "calibration"}, "stats": str(stats_path)},
+    }
     return dataclasses.replace(search, template=template)
 
 
-def _run_trials(setup: TrialSetup, search: SearchRecipe, experiment: Path, out_dir: Path, address: str | None,
-                resume: bool, quiet: bool) -> list[dict]:
+def _run_trials(
+    setup: TrialSetup,
+    search: SearchRecipe,
+    experiment: Path,
+    out_dir: Path,
+    address: str | None,
+    resume: bool,
+    quiet: bool,
+) -> list[dict]:
     import ray
     from ray import tune
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=not quiet,
-                 logging_level=logging.WARNING)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=not quiet,
+            logging_level=logging.WARNING,
+        )
     try:
         resources = {"cpu": search.settings.resources.cpus, "gpu": search.settings.resources.gpus}
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
@@ -157,18 +203,32 @@ def _run_trials(setup: TrialSetup, search: SearchRecipe, experiment: Path, out_d
             tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
         else:
             concurrent = _concurrent_trials(ray.cluster_resources(), resources)
-            tuner = tune.Tuner(trainable, param_space=_param_space(search),
-                               tune_config=_tune_config(search, concurrent), run_config=tune.RunConfig(
-                                   name=EXPERIMENT, storage_path=str(experiment.parent),
-                                   callbacks=[KeepBest(search, setup.models_dir, out_dir / "trials.csv")],
-                                   verbose=0 if quiet else 1))
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_param_space(search),
+                tune_config=_tune_config(search, concurrent),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT,
+                    storage_path=str(experiment.parent),
+                    callbacks=[KeepBest(search, setup.models_dir, out_dir / "trials.csv")],
+                    verbose=0 if quiet else 1,
+                ),
+            )
         results = tuner.fit()
     finally:
         if started_ray:
             ray.shutdown()
-    rows = [_row(search, Path(result.path).name, result.config, result.metrics,
-                 "ERROR" if result.error else "TERMINATED", result.error)
-            for result in results]  # type: ignore[attr-defined]  # a ResultGrid iterates through __getitem__
+    rows = [
+        _row(
+            search,
+            Path(result.path).name,
+            result.config,
+            result.metrics,
+            "ERROR" if result.error else "TERMINATED",
+            result.error,
+        )
+        for result in results
+    ]  # type: ignore[attr-defined]  # a ResultGrid iterates through __getitem__
     keep_best(rows, setup.models_dir, search.settings.keep)
     _write_trials_csv(rows, out_dir / "trials.csv")
     return rows
@@ -179,8 +239,12 @@ def _param_space(search: SearchRecipe) -> dict:
 
     if search.settings.searcher == "grid":
         return {space.name: tune.grid_search(space.grid()) for space in search.spaces}
-    make = {"uniform": lambda s: tune.uniform(s.low, s.high), "loguniform": lambda s: tune.loguniform(s.low, s.high),
-            "int": lambda s: tune.randint(int(s.low), int(s.high) + 1), "choice": lambda s: tune.choice(list(s.values))}
+    make = {
+        "uniform": lambda s: tune.uniform(s.low, s.high),
+        "loguniform": lambda s: tune.loguniform(s.low, s.high),
+        "int": lambda s: tune.randint(int(s.low), int(s.high) + 1),
+        "choice": lambda s: tune.choice(list(s.values)),
+    }
     return {space.name: make[space.kind](space) for space in search.spaces}
 
 
@@ -188,8 +252,10 @@ def _concurrent_trials(available: dict, per_trial: dict) -> int:
     """As many trials at once as the cluster's CPUs (and GPUs) hold."""
     fits = [available.get(kind.upper(), 0) // amount for kind, amount in per_trial.items() if amount > 0]
     if min(fits) < 1:
-        raise MergewiseError(f"search.resources: a trial asks for {per_trial}; the Ray cluster has "
-                             f"{available.get('CPU', 0)} CPUs and {available.get('GPU', 0)} GPUs")
+        raise MergewiseError(
+            f"search.resources: a trial asks for {per_trial}; the Ray cluster has "
+            f"{available.get('CPU', 0)} CPUs and {available.get('GPU', 0)} GPUs"
+        )
     return int(min(fits))
 
 
@@ -198,17 +264,26 @@ def _tune_config(search: SearchRecipe, concurrent: int):
     from ray import tune
 
     settings = search.settings
-    common: dict[str, Any] = {"metric": "score", "mode": "max", "max_concurrent_trials": concurrent,
-                              "reuse_actors": True, "trial_dirname_creator": _trial_dirname}
+    common: dict[str, Any] = {
+        "metric": "score",
+        "mode": "max",
+        "max_concurrent_trials": concurrent,
+        "reuse_actors": True,
+        "trial_dirname_creator": _trial_dirname,
+    }
     if settings.searcher == "grid":
         return tune.TuneConfig(num_samples=1, **common)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    samplers = {"optuna": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler,
-                "random": optuna.samplers.RandomSampler}
-    searcher = OptunaSearch(sampler=samplers[settings.searcher](seed=settings.seed),
-                            points_to_evaluate=[search.baseline()])
+    samplers = {
+        "optuna": optuna.samplers.TPESampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+        "random": optuna.samplers.RandomSampler,
+    }
+    searcher = OptunaSearch(
+        sampler=samplers[settings.searcher](seed=settings.seed), points_to_evaluate=[search.baseline()]
+    )
     return tune.TuneConfig(num_samples=settings.trials, search_alg=searcher, **common)
 
 
@@ -241,8 +316,11 @@ def _write_trials_csv(rows: list[dict], path: Path) -> None:
 
 
 def _ranked(rows: list[dict]) -> list[dict]:
-    return sorted((row for row in rows if row["status"] == "TERMINATED" and row["score"] is not None),
-                  key=lambda row: row["score"], reverse=True)
+    return sorted(
+        (row for row in rows if row["status"] == "TERMINATED" and row["score"] is not None),
+        key=lambda row: row["score"],
+        reverse=True,
+    )
 
 
 try:  # the callback class needs Ray; importing this module must not
@@ -266,9 +344,17 @@ class KeepBest(_TuneCallback):
 
     def _refresh(self, trials, ended: str, status: str) -> None:
         """`ended`'s status is not yet updated when the callback runs."""
-        rows = [_row(self.search, trial.trial_id, trial.config, trial.last_result or {},
-                     status if trial.trial_id == ended else trial.status,
-                     trial.error_file and "see " + trial.error_file) for trial in trials]
+        rows = [
+            _row(
+                self.search,
+                trial.trial_id,
+                trial.config,
+                trial.last_result or {},
+                status if trial.trial_id == ended else trial.status,
+                trial.error_file and "see " + trial.error_file,
+            )
+            for trial in trials
+        ]
         keep_best(rows, self.models_dir, self.search.settings.keep)
         _write_trials_csv(rows, self.csv_path)
 
@@ -300,8 +386,10 @@ def _link_or_copy(source: str, target: str) -> None:
 
 def _write_best_recipe(search: SearchRecipe, best: dict, out_dir: Path) -> None:
     recipe = _paths_from(search.concrete(best), search.config_dir, out_dir)
-    header = (f"# mergewise search: trial {best['trial']} of {search.origin}, validation score {best['score']}\n"
-              f"# mergewise merge {out_dir / 'best.yml'} OUT_DIR\n")
+    header = (
+        f"# mergewise search: trial {best['trial']} of {search.origin}, validation score {best['score']}\n"
+        f"# mergewise merge {out_dir / 'best.yml'} OUT_DIR\n"
+    )
     (out_dir / "best.yml").write_text(header + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
 
 
@@ -330,18 +418,30 @@ def _score_baseline(setup: TrialSetup, out_dir: Path, rows: list[dict]) -> dict:
     """The baseline recipe on both halves: its seeded trial's model where it is still on disk, else
     merged once more (and deleted after)."""
     values = setup.search.baseline()
-    seeded = next((row for row in _ranked(rows) if all(row[name] == value for name, value in values.items())
-                   and (setup.models_dir / row["trial"]).is_dir()), None)
+    seeded = next(
+        (
+            row
+            for row in _ranked(rows)
+            if all(row[name] == value for name, value in values.items()) and (setup.models_dir / row["trial"]).is_dir()
+        ),
+        None,
+    )
     if seeded is not None:
         folder = setup.models_dir / seeded["trial"]
-        return {"values": values, "validation": seeded["score"],
-                "test": score_model(folder, setup.objective, "test", setup.device)}
+        return {
+            "values": values,
+            "validation": seeded["score"],
+            "test": score_model(folder, setup.objective, "test", setup.device),
+        }
     folder = setup.models_dir / "baseline"
     setup.merge(values, folder)
     try:
         validation = score_model(folder, setup.objective, "validation", setup.device)["score"]
-        return {"values": values, "validation": validation,
-                "test": score_model(folder, setup.objective, "test", setup.device)}
+        return {
+            "values": values,
+            "validation": validation,
+            "test": score_model(folder, setup.objective, "test", setup.device),
+        }
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -356,7 +456,9 @@ def _plot(search: SearchRecipe, rows: list[dict], path: Path) -> None:
     axes = figure.subplots(math.ceil(panels / columns), columns, squeeze=False).ravel()
     scores = [row["score"] for row in scored]
     axes[0].plot(range(1, len(scores) + 1), scores, "o", label="trial")
-    axes[0].plot(range(1, len(scores) + 1), [max(scores[:i + 1]) for i in range(len(scores))], "-", label="best so far")
+    axes[0].plot(
+        range(1, len(scores) + 1), [max(scores[: i + 1]) for i in range(len(scores))], "-", label="best so far"
+    )
     axes[0].set(xlabel="trial (in finishing order)", ylabel="validation score", title="score per trial")
     axes[0].legend()
     for axis, space in zip(axes[1:], search.spaces):

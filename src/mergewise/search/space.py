@@ -31,8 +31,12 @@ from mergewise import stages
 
 SPACE_KINDS = ("uniform", "loguniform", "int", "choice")
 MAX_GRID_POINTS = 10_000  # trials of a grid search; each one is a merge and a scoring run
-PARAMETER_MAPS = (("parameters",), ("models", int, "parameters"), ("slices", int, "parameters"),
-                  ("slices", int, "sources", int, "parameters"))
+PARAMETER_MAPS = (
+    ("parameters",),
+    ("models", int, "parameters"),
+    ("slices", int, "parameters"),
+    ("slices", int, "sources", int, "parameters"),
+)
 
 
 class LmEvalObjective(BaseModel):
@@ -91,7 +95,7 @@ class SearchSettings(BaseModel):
 class Space:
     """One searched value."""
 
-    name: str                 # dotted path in the recipe
+    name: str  # dotted path in the recipe
     path: tuple[str | int, ...]
     kind: str
     low: float | None
@@ -153,8 +157,10 @@ def load_search_recipe(path: str | Path) -> SearchRecipe:
     if settings.searcher == "grid":
         points = math.prod(space.grid_size() for space in spaces)
         if points > MAX_GRID_POINTS:
-            raise MergewiseError(f"{origin}: search.searcher: grid runs every combination of the spaces, here {points} "
-                                 f"trials; at most {MAX_GRID_POINTS} (narrow the spaces, or use another searcher)")
+            raise MergewiseError(
+                f"{origin}: search.searcher: grid runs every combination of the spaces, here {points} "
+                f"trials; at most {MAX_GRID_POINTS} (narrow the spaces, or use another searcher)"
+            )
     return SearchRecipe(template, spaces, settings, path.parent.resolve(), origin)
 
 
@@ -178,7 +184,9 @@ def _parse_space(node: dict, path: tuple, origin: str) -> Space:
     allowed = {"search", "default", *(("values",) if kind == "choice" else ("low", "high"))}
     unknown = sorted(set(node) - allowed)
     if unknown:
-        raise MergewiseError(f"{where}: {unknown[0]}: unknown key for a {kind} space (takes {', '.join(sorted(allowed))})")
+        raise MergewiseError(
+            f"{where}: {unknown[0]}: unknown key for a {kind} space (takes {', '.join(sorted(allowed))})"
+        )
     default = node.get("default")
     if default is not None:
         default = _number(default, f"{where}.default")
@@ -235,27 +243,33 @@ def _check_numeric_key(space: Space, method: Any, origin: str) -> None:
             raise MergewiseError(f"{origin}: merge_method: missing (it decides which parameters are numeric)")
         schema = get_method(method).parameters
         if parameter not in schema:
-            raise MergewiseError(f"{where}: {parameter!r} is not a parameter of {method} "
-                                 f"(has {', '.join(sorted(schema))})")
+            raise MergewiseError(
+                f"{where}: {parameter!r} is not a parameter of {method} (has {', '.join(sorted(schema))})"
+            )
         if schema[parameter].kind is bool:
-            raise MergewiseError(f"{where}: {method}'s {parameter!r} is not numeric (true/false): it cannot be searched")
+            raise MergewiseError(
+                f"{where}: {method}'s {parameter!r} is not numeric (true/false): it cannot be searched"
+            )
         return
     field = _block_field(space.path)
     if field is not None and any(member in (int, float) for member in _members(field.annotation)):
         return
-    raise MergewiseError(f"{where}: not a numeric setting a search may vary (search spaces go on method "
-                         "parameters and on the numeric settings of aim: and mediator:)")
+    raise MergewiseError(
+        f"{where}: not a numeric setting a search may vary (search spaces go on method "
+        "parameters and on the numeric settings of aim: and mediator:)"
+    )
 
 
 def _method_parameter(path: tuple) -> str | None:
     """The method parameter a path sets (through a gradient list or a `{filter, value}` entry)."""
     for prefix in PARAMETER_MAPS:
         if len(path) > len(prefix) and all(
-                part == expected or (expected is int and isinstance(part, int))
-                for part, expected in zip(path, prefix)):
-            name, rest = path[len(prefix)], path[len(prefix) + 1:]
-            if rest in ((), ("value",)) or (len(rest) in (1, 2) and isinstance(rest[0], int)
-                                            and rest[1:] in ((), ("value",))):
+            part == expected or (expected is int and isinstance(part, int)) for part, expected in zip(path, prefix)
+        ):
+            name, rest = path[len(prefix)], path[len(prefix) + 1 :]
+            if rest in ((), ("value",)) or (
+                len(rest) in (1, 2) and isinstance(rest[0], int) and rest[1:] in ((), ("value",))
+            ):
                 return name
     return None
 
@@ -269,8 +283,14 @@ def _block_field(path: tuple) -> FieldInfo | None:
         if schema is None or not isinstance(part, str) or part not in schema.model_fields:
             return None
         field = schema.model_fields[part]
-        schema = next((member for member in _members(field.annotation)
-                       if isinstance(member, type) and issubclass(member, BaseModel)), None)
+        schema = next(
+            (
+                member
+                for member in _members(field.annotation)
+                if isinstance(member, type) and issubclass(member, BaseModel)
+            ),
+            None,
+        )
     return field
 
 

@@ -19,10 +19,10 @@ from mergewise.search.space import Objective, SearchRecipe
 class TrialSetup:
     """What every trial shares (sent once to the workers)."""
 
-    search: SearchRecipe       # its template reads AIM statistics from a file calibrated once
-    objective: Objective       # paths resolved
-    models_dir: Path           # each trial merges into models_dir / trial id
-    records_dir: Path          # and records its result in records_dir / <trial id>.json
+    search: SearchRecipe  # its template reads AIM statistics from a file calibrated once
+    objective: Objective  # paths resolved
+    models_dir: Path  # each trial merges into models_dir / trial id
+    records_dir: Path  # and records its result in records_dir / <trial id>.json
     threads: int
     device: str
 
@@ -30,10 +30,17 @@ class TrialSetup:
         from mergewise import merge
         from mergewise.config import load_recipe
 
-        recipe = load_recipe(self.search.concrete(values), config_dir=self.search.config_dir,
-                             origin=self.search.origin)
-        merge(recipe, out_dir, overwrite=True, quiet=True, threads=self.threads, device=self.device,
-              seed=self.search.settings.seed, model_card=False)
+        recipe = load_recipe(self.search.concrete(values), config_dir=self.search.config_dir, origin=self.search.origin)
+        merge(
+            recipe,
+            out_dir,
+            overwrite=True,
+            quiet=True,
+            threads=self.threads,
+            device=self.device,
+            seed=self.search.settings.seed,
+            model_card=False,
+        )
 
 
 def run_trial(config: dict, setup: TrialSetup) -> None:
@@ -51,9 +58,13 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     setup.merge(config, out_dir)
     merged = time.time()
     result = score_model(out_dir, setup.objective, "validation", setup.device)
-    metrics = {"score": result["score"], **{f"task:{name}": value for name, value in result["tasks"].items()},
-               "merge_s": round(merged - started, 2), "eval_s": round(time.time() - merged, 2),
-               "finished": datetime.now().isoformat(timespec="seconds")}
+    metrics = {
+        "score": result["score"],
+        **{f"task:{name}": value for name, value in result["tasks"].items()},
+        "merge_s": round(merged - started, 2),
+        "eval_s": round(time.time() - merged, 2),
+        "finished": datetime.now().isoformat(timespec="seconds"),
+    }
     setup.records_dir.mkdir(parents=True, exist_ok=True)
     temporary = record.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(metrics), encoding="utf-8")

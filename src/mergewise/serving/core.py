@@ -36,8 +36,14 @@ AUTO, DENSE = "auto", "dense"
 class ServingError(Exception):
     """A request the server answers with an error: its HTTP status and OpenAI's error type and code."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.kind, self.code, self.param = status, kind, code, param
 
@@ -110,8 +116,17 @@ class Ticket:
 class ServingCore:
     """Routes, queues, batches and decodes requests for one loaded model folder."""
 
-    def __init__(self, model: RoutedModel, *, served_name: str, max_batch: int = 8, max_queue: int = 64,
-                 max_wait: float = 2.0, max_prompt_tokens: int | None = None, metrics: ServingMetrics | None = None):
+    def __init__(
+        self,
+        model: RoutedModel,
+        *,
+        served_name: str,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_wait: float = 2.0,
+        max_prompt_tokens: int | None = None,
+        metrics: ServingMetrics | None = None,
+    ):
         self.model = model
         self.served_name = served_name
         self.max_batch = max_batch
@@ -177,8 +192,12 @@ class ServingCore:
                 raise ServingError(503, "the server is shutting down", "server_error", "shutting_down")
             if self._waiting >= self.max_queue:
                 self.metrics.rejected.inc()
-                raise ServingError(429, f"the queue is full ({self.max_queue} requests wait); retry later",
-                                   "rate_limit_error", "queue_full")
+                raise ServingError(
+                    429,
+                    f"the queue is full ({self.max_queue} requests wait); retry later",
+                    "rate_limit_error",
+                    "queue_full",
+                )
             ticket.number = next(self._numbers)
             self._waiting += 1
             self._admitted.append(ticket)
@@ -188,23 +207,37 @@ class ServingCore:
 
     def check(self, request: ServeRequest) -> None:
         if request.model not in self.model_names:
-            raise ServingError(404, f"model {request.model!r} does not exist; this server has: "
-                               f"{', '.join(self.model_names)}", code="model_not_found", param="model")
+            raise ServingError(
+                404,
+                f"model {request.model!r} does not exist; this server has: {', '.join(self.model_names)}",
+                code="model_not_found",
+                param="model",
+            )
         if not request.prompt_ids:
             raise ServingError(400, "the prompt is empty", param="prompt")
         # torch types a module's attributes as tensors or modules
         vocabulary = cast(int, self.model.model.get_input_embeddings().num_embeddings)
         if any(not 0 <= token < vocabulary for token in request.prompt_ids):
-            raise ServingError(400, f"the prompt holds token ids outside the vocabulary [0, {vocabulary})",
-                               param="prompt")
+            raise ServingError(
+                400, f"the prompt holds token ids outside the vocabulary [0, {vocabulary})", param="prompt"
+            )
         if self.max_prompt_tokens is not None and len(request.prompt_ids) > self.max_prompt_tokens:
-            raise ServingError(400, f"the prompt has {len(request.prompt_ids)} tokens; at most "
-                               f"{self.max_prompt_tokens} are served (the model's context: {self.context})",
-                               code="context_length_exceeded", param="prompt")
+            raise ServingError(
+                400,
+                f"the prompt has {len(request.prompt_ids)} tokens; at most "
+                f"{self.max_prompt_tokens} are served (the model's context: {self.context})",
+                code="context_length_exceeded",
+                param="prompt",
+            )
         if self.context is not None and len(request.prompt_ids) + request.sampling.max_tokens > self.context:
-            raise ServingError(400, f"prompt ({len(request.prompt_ids)} tokens) and max_tokens "
-                               f"({request.sampling.max_tokens}) exceed the model's context of {self.context} "
-                               "tokens", code="context_length_exceeded", param="max_tokens")
+            raise ServingError(
+                400,
+                f"prompt ({len(request.prompt_ids)} tokens) and max_tokens "
+                f"({request.sampling.max_tokens}) exceed the model's context of {self.context} "
+                "tokens",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
 
     # ------------------------------------------------------------------------------ worker
     def _work(self) -> None:
@@ -224,11 +257,17 @@ class ServingCore:
 
     def _route(self, tickets: list[Ticket]) -> None:
         """Each ticket's route: forced by its `model`, else the router's (one batched prefill)."""
-        automatic = [ticket for ticket in tickets if self.model.is_mediator
-                     and ticket.request.model in (AUTO, self.served_name) and not ticket.cancelled]
+        automatic = [
+            ticket
+            for ticket in tickets
+            if self.model.is_mediator and ticket.request.model in (AUTO, self.served_name) and not ticket.cancelled
+        ]
         try:
-            routed = self.model.routes([ticket.request.route_ids or ticket.request.prompt_ids
-                                        for ticket in automatic]) if automatic else []
+            routed = (
+                self.model.routes([ticket.request.route_ids or ticket.request.prompt_ids for ticket in automatic])
+                if automatic
+                else []
+            )
         except Exception as error:  # a failed prefill fails those requests, not the server
             for ticket in automatic:
                 self._fail(ticket, error)
@@ -285,8 +324,10 @@ class ServingCore:
     def _run(self, key: tuple, batch: list[Ticket]) -> None:
         try:
             self._switch_to(key, batch[0].route)
-            completions = [Completion(ticket.request.prompt_ids, ticket.request.sampling, self.tokenizer,
-                                      self.end_ids) for ticket in batch]
+            completions = [
+                Completion(ticket.request.prompt_ids, ticket.request.sampling, self.tokenizer, self.end_ids)
+                for ticket in batch
+            ]
 
             def released(row: int, text: str) -> None:
                 ticket, completion = batch[row], completions[row]
@@ -326,13 +367,17 @@ class ServingCore:
         self.metrics.completion_tokens.inc(generated)
         if generated > 1 and ticket.first_token is not None:
             self.metrics.time_per_output_token.observe((time.monotonic() - ticket.first_token) / (generated - 1))
-        ticket.send(Event("done", finish_reason=reason, prompt_tokens=len(completion.prompt_ids),
-                             completion_tokens=generated))
+        ticket.send(
+            Event("done", finish_reason=reason, prompt_tokens=len(completion.prompt_ids), completion_tokens=generated)
+        )
 
     def _fail(self, ticket: Ticket, error: Exception) -> None:
         self.metrics.requests.labels(_route_label(ticket.route), "error").inc()
-        failure = error if isinstance(error, ServingError) else ServingError(
-            500, f"generation failed: {type(error).__name__}: {error}", "server_error")
+        failure = (
+            error
+            if isinstance(error, ServingError)
+            else ServingError(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
+        )
         ticket.send(Event("error", error=failure))
 
 

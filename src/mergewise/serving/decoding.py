@@ -36,8 +36,9 @@ class Completion:
     given, and why it ended. Text is released as it becomes final: a character still missing bytes,
     or an ending that may yet become a stop string, is held back; a stop string is never shown."""
 
-    def __init__(self, prompt_ids: Sequence[int], sampling: Sampling, tokenizer: PreTrainedTokenizerBase,
-                 end_ids: frozenset[int]):
+    def __init__(
+        self, prompt_ids: Sequence[int], sampling: Sampling, tokenizer: PreTrainedTokenizerBase, end_ids: frozenset[int]
+    ):
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.tokenizer = tokenizer
@@ -46,8 +47,7 @@ class Completion:
         self.text = ""  # released so far
         self.finish_reason: str | None = None  # "stop" or "length" once it ended
         self.cancelled = False
-        self.generator = (torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None
-                          else None)
+        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
 
     @property
     def active(self) -> bool:
@@ -87,32 +87,50 @@ class Completion:
     def _release(self, text: str, *, final: bool) -> str:
         if not final:
             text = text.rstrip(REPLACEMENT)
-            held = max((size for stop in self.sampling.stop for size in range(1, len(stop))
-                        if text.endswith(stop[:size])), default=0)
-            text = text[:len(text) - held]
+            held = max(
+                (size for stop in self.sampling.stop for size in range(1, len(stop)) if text.endswith(stop[:size])),
+                default=0,
+            )
+            text = text[: len(text) - held]
         if not text.startswith(self.text):  # decoding re-spelled what was released: wait for it to settle
             return ""
-        released, self.text = text[len(self.text):], text
+        released, self.text = text[len(self.text) :], text
         return released
 
 
 @torch.no_grad()
-def decode(model: PreTrainedModel, completions: Sequence[Completion], pad_id: int, device: torch.device,
-           on_text: Callable[[int, str], object] | None = None) -> None:
+def decode(
+    model: PreTrainedModel,
+    completions: Sequence[Completion],
+    pad_id: int,
+    device: torch.device,
+    on_text: Callable[[int, str], object] | None = None,
+) -> None:
     """Decode every completion to its end, in one batch. `on_text(index, text)` is called with the
     text each step releases (also ""), after every step, so a caller can stream and cancel."""
     width = max(len(completion.prompt_ids) for completion in completions)
     input_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, completion in enumerate(completions):
-        input_ids[row, width - len(completion.prompt_ids):] = torch.tensor(completion.prompt_ids)
-        attention_mask[row, width - len(completion.prompt_ids):] = 1
+        input_ids[row, width - len(completion.prompt_ids) :] = torch.tensor(completion.prompt_ids)
+        attention_mask[row, width - len(completion.prompt_ids) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
     while True:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1, :].float().cpu()
+        logits = (
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits[:, -1, :]
+            .float()
+            .cpu()
+        )
         chosen = []
         for row, completion in enumerate(completions):
             if completion.active:

@@ -82,8 +82,13 @@ class SamplingFields(BaseModel):
 
     def sampling(self, default_max_tokens: int) -> Sampling:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return Sampling(max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
-                        top_p=self.top_p, seed=self.seed, stop=tuple(stops))
+        return Sampling(
+            max_tokens=self.max_tokens or default_max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=tuple(stops),
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -133,8 +138,9 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
-def create_app(core: ServingCore, *, api_key: str | None = None, default_max_tokens: int = 16,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    core: ServingCore, *, api_key: str | None = None, default_max_tokens: int = 16, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
     """The ASGI app serving `core` (started and closed with the app's lifespan)."""
 
     @asynccontextmanager
@@ -172,8 +178,14 @@ def create_app(core: ServingCore, *, api_key: str | None = None, default_max_tok
         if api_key is not None and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(ServingError(401, "a valid API key is needed (Authorization: Bearer …)",
-                                           "authentication_error", "invalid_api_key"))
+                return _error(
+                    ServingError(
+                        401,
+                        "a valid API key is needed (Authorization: Bearer …)",
+                        "authentication_error",
+                        "invalid_api_key",
+                    )
+                )
         return await call_next(request)
 
     @app.get("/health")
@@ -186,9 +198,15 @@ def create_app(core: ServingCore, *, api_key: str | None = None, default_max_tok
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "mergewise"}
-            for name in core.model_names]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": created, "owned_by": "mergewise"}
+                    for name in core.model_names
+                ],
+            }
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -199,22 +217,25 @@ def create_app(core: ServingCore, *, api_key: str | None = None, default_max_tok
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         if core.tokenizer.chat_template is None:
-            raise ServingError(400, f"model {body.model!r} has no chat template; use /v1/completions",
-                               code="no_chat_template")
+            raise ServingError(
+                400, f"model {body.model!r} has no chat template; use /v1/completions", code="no_chat_template"
+            )
         messages = [{"role": message.role, "content": message.text} for message in body.messages]
         try:
             encoded = core.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             # transformers types the result as every form it may take; tokenized, it is a mapping
             ids = list(encoded["input_ids"])  # type: ignore[call-overload,index]
         except Exception as error:  # the template refused these messages (it may raise on purpose)
-            raise ServingError(400, f"messages: the chat template cannot render them ({error})",
-                               param="messages") from None
+            raise ServingError(
+                400, f"messages: the chat template cannot render them ({error})", param="messages"
+            ) from None
         users = [message.text for message in body.messages if message.role == "user"]
         route_ids = _encode(core, users[-1]) if users else ids
         sampling = body.sampling(default_max_tokens)
         if body.max_completion_tokens is not None and body.max_tokens is None:
-            sampling = Sampling(body.max_completion_tokens, sampling.temperature, sampling.top_p, sampling.seed,
-                                sampling.stop)
+            sampling = Sampling(
+                body.max_completion_tokens, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop
+            )
         served = ServeRequest(ids, sampling, body.model, route_ids=route_ids)
         return await _respond(core, served, body, request, chat=True)
 
@@ -256,8 +277,9 @@ async def _respond(core: ServingCore, served: ServeRequest, body: SamplingFields
     headers = _route_headers(ticket.route)
     shape = _Shape(identifier, started, body.model, chat, ticket.route)
     if body.stream:
-        return StreamingResponse(_stream(events, request, ticket, shape, body.include_usage),
-                                 media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            _stream(events, request, ticket, shape, body.include_usage), media_type="text/event-stream", headers=headers
+        )
     text = []
     try:
         while True:
@@ -284,8 +306,9 @@ async def _next_event(events: asyncio.Queue, request: Request, ticket: Ticket) -
                 raise asyncio.CancelledError from None
 
 
-async def _stream(events: asyncio.Queue, request: Request, ticket: Ticket, shape: _Shape,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    events: asyncio.Queue, request: Request, ticket: Ticket, shape: _Shape, include_usage: bool
+) -> AsyncIterator[str]:
     try:
         if shape.chat:
             yield _sse(shape.chunk({"role": "assistant", "content": ""}))
@@ -316,12 +339,14 @@ class _Shape:
 
     def _object(self, choices: list[dict], *, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.identifier, "object": kind, "created": self.created, "model": self.model,
-                "choices": choices}
+        return {"id": self.identifier, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
     def chunk(self, delta, finish_reason: str | None = None) -> dict:
-        choice = ({"index": 0, "delta": delta, "finish_reason": finish_reason} if self.chat
-                  else {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason})
+        choice = (
+            {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            if self.chat
+            else {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+        )
         return self._object([choice], chunk=True)
 
     def last_chunk(self, event: Event, include_usage: bool) -> dict:
@@ -331,9 +356,16 @@ class _Shape:
         return self._with_route(payload)
 
     def whole(self, text: str, event: Event) -> dict:
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason":
-                   _finish_reason(event), "logprobs": None} if self.chat
-                  else {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(event)})
+        choice = (
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": _finish_reason(event),
+                "logprobs": None,
+            }
+            if self.chat
+            else {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(event)}
+        )
         return self._with_route({**self._object([choice], chunk=False), "usage": _usage(event)})
 
     def _with_route(self, payload: dict) -> dict:
@@ -347,15 +379,21 @@ def _finish_reason(event: Event) -> str:
 
 
 def _usage(event: Event) -> dict:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
 
 
 def _route_headers(route: Route | None) -> dict[str, str]:
     if route is None:
         return {}
-    return {"x-mergewise-route": route.decision, "x-mergewise-task": route.task or "",
-            "x-mergewise-uncertainty": f"{route.uncertainty:.4f}"}
+    return {
+        "x-mergewise-route": route.decision,
+        "x-mergewise-task": route.task or "",
+        "x-mergewise-uncertainty": f"{route.uncertainty:.4f}",
+    }
 
 
 def _error_body(error: ServingError) -> dict:

@@ -49,7 +49,7 @@ class MicroScale:
 
 
 EXPERT_TARGET = 0.9  # every expert solves its own task
-BASE_CEILING = 0.2   # …and the base does not
+BASE_CEILING = 0.2  # …and the base does not
 
 MICRO_SCALES = {
     "micro": MicroScale(
@@ -129,10 +129,13 @@ def score_zoo_models(zoo_dir: Path) -> dict:
     for model in ["base", *experts.values()]:
         loaded = load_model(zoo_dir / model)
         scores[model] = {name: score_task(loaded, zoo, name, 64, None)["score"] for name in zoo.tasks}
-    met = (all(scores[expert][name] >= EXPERT_TARGET for name, expert in experts.items())
-           and all(score <= BASE_CEILING for score in scores["base"].values()))
-    return {"scores": scores,
-            "targets": {"expert_on_own_task_min": EXPERT_TARGET, "base_max": BASE_CEILING, "met": met}}
+    met = all(scores[expert][name] >= EXPERT_TARGET for name, expert in experts.items()) and all(
+        score <= BASE_CEILING for score in scores["base"].values()
+    )
+    return {
+        "scores": scores,
+        "targets": {"expert_on_own_task_min": EXPERT_TARGET, "base_max": BASE_CEILING, "met": met},
+    }
 
 
 def write_task_files(zoo_dir: Path, task: Task, scale: MicroScale, seed: int) -> list[tuple[str, str]]:

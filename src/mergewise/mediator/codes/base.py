@@ -78,8 +78,9 @@ class ResidualCode:
     def stored_bytes(self, rows: int, columns: int, dtype: torch.dtype, level: float | None) -> int:
         return sum(part.nbytes for part in self.layout(rows, columns, dtype, level).values())
 
-    def validate(self, stored: Stored, rows: int, columns: int, dtype: torch.dtype, level: float | None,
-                 where: str) -> None:
+    def validate(
+        self, stored: Stored, rows: int, columns: int, dtype: torch.dtype, level: float | None, where: str
+    ) -> None:
         """A folder from elsewhere may hold anything: every part present, of its exact shape and dtype,
         and its values within range, before any of it is decoded."""
         layout = self.layout(rows, columns, dtype, level)
@@ -88,8 +89,9 @@ class ResidualCode:
             if tensor is None:
                 raise MergewiseError(f"{where}.{suffix} is missing")
             if tensor.dtype != part.dtype or tuple(tensor.shape) != part.shape:
-                raise MergewiseError(f"{where}.{suffix} must be {part.dtype} {list(part.shape)}, "
-                                     f"got {tensor.dtype} {list(tensor.shape)}")
+                raise MergewiseError(
+                    f"{where}.{suffix} must be {part.dtype} {list(part.shape)}, got {tensor.dtype} {list(tensor.shape)}"
+                )
             if part.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
                 raise MergewiseError(f"{where}.{suffix} holds NaN or infinite values")
         extra = sorted(set(stored) - set(layout))

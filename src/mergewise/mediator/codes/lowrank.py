@@ -17,11 +17,11 @@ from mergewise.mediator.codes.base import Part, ResidualCode, Stored
 from mergewise.mediator.codes.spectrum import SampleSpectrum
 
 DEFAULT_RANK = 16
-EXACT_UP_TO = 1 << 22       # entries of a matrix given an exact SVD
-OVERSAMPLING = 10           # sketch columns beyond the rank
-POWER_STEPS = 2             # each sharpens the sketch toward the top singular vectors
-CHUNK_ENTRIES = 1 << 20     # residual entries read at a time by the randomized SVD
-RANKS = tuple(sorted({2 ** power for power in range(13)} | {3 * 2 ** power for power in range(12)}, reverse=True))
+EXACT_UP_TO = 1 << 22  # entries of a matrix given an exact SVD
+OVERSAMPLING = 10  # sketch columns beyond the rank
+POWER_STEPS = 2  # each sharpens the sketch toward the top singular vectors
+CHUNK_ENTRIES = 1 << 20  # residual entries read at a time by the randomized SVD
+RANKS = tuple(sorted({2**power for power in range(13)} | {3 * 2**power for power in range(12)}, reverse=True))
 
 
 def rank_of(rows: int, columns: int, level: float | None) -> int:
@@ -37,17 +37,32 @@ def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> S
     return encode_rows(lambda rows: residual[rows].float(), *residual.shape, dtype, level)
 
 
-def encode_rows(read: Callable[[slice], torch.Tensor], rows: int, columns: int, dtype: torch.dtype,
-                level: float | None, *, exact_up_to: int = EXACT_UP_TO, chunk_entries: int = CHUNK_ENTRIES) -> Stored:
+def encode_rows(
+    read: Callable[[slice], torch.Tensor],
+    rows: int,
+    columns: int,
+    dtype: torch.dtype,
+    level: float | None,
+    *,
+    exact_up_to: int = EXACT_UP_TO,
+    chunk_entries: int = CHUNK_ENTRIES,
+) -> Stored:
     """`read(rows)` gives those rows of the residual in float32."""
-    left, right = top_factors(read, rows, columns, rank_of(rows, columns, level), exact_up_to=exact_up_to,
-                              chunk_entries=chunk_entries)
+    left, right = top_factors(
+        read, rows, columns, rank_of(rows, columns, level), exact_up_to=exact_up_to, chunk_entries=chunk_entries
+    )
     return {"left": left.to(dtype).contiguous(), "right": right.to(dtype).contiguous()}
 
 
-def top_factors(read: Callable[[slice], torch.Tensor], rows: int, columns: int, rank: int, *,
-                exact_up_to: int = EXACT_UP_TO, chunk_entries: int = CHUNK_ENTRIES
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def top_factors(
+    read: Callable[[slice], torch.Tensor],
+    rows: int,
+    columns: int,
+    rank: int,
+    *,
+    exact_up_to: int = EXACT_UP_TO,
+    chunk_entries: int = CHUNK_ENTRIES,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 factors U·√S [rows, rank] and √S·Vᵀ [rank, columns] of the best rank-k approximation:
     exact for matrices of up to `exact_up_to` entries, else randomized, reading `chunk_entries` at a time."""
     if rows * columns <= exact_up_to or rank + OVERSAMPLING >= min(rows, columns):
@@ -58,8 +73,7 @@ def top_factors(read: Callable[[slice], torch.Tensor], rows: int, columns: int, 
     return left[:, :rank] * root, root[:, None] * right[:rank]
 
 
-def _randomized_svd(read: Callable[[slice], torch.Tensor], rows: int, columns: int, sketch: int,
-                    chunk_entries: int):
+def _randomized_svd(read: Callable[[slice], torch.Tensor], rows: int, columns: int, sketch: int, chunk_entries: int):
     step = max(1, chunk_entries // columns)
     chunks = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
     probe = torch.randn(columns, sketch, generator=torch.Generator().manual_seed(0))
@@ -84,9 +98,19 @@ def kept_energies(spectrum: SampleSpectrum, ranks: list[float]) -> dict[float, f
     its rows (whose Gram matrix is the whole one's, scaled, in expectation): k → share."""
     squares = spectrum.energies
     total = float(squares.sum())
-    return {rank: float(squares[:int(rank)].sum()) / total if total > 0 else 1.0 for rank in ranks}
+    return {rank: float(squares[: int(rank)].sum()) / total if total > 0 else 1.0 for rank in ranks}
 
 
-LOWRANK = ResidualCode("lowrank", layout, encode, decode, row_local=False, encode_rows=encode_rows,
-                       kept_shares=kept_energies, level_setting="rank", levels=RANKS, threshold_level=DEFAULT_RANK,
-                       auto_levels=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+LOWRANK = ResidualCode(
+    "lowrank",
+    layout,
+    encode,
+    decode,
+    row_local=False,
+    encode_rows=encode_rows,
+    kept_shares=kept_energies,
+    level_setting="rank",
+    levels=RANKS,
+    threshold_level=DEFAULT_RANK,
+    auto_levels=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+)

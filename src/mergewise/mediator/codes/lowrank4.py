@@ -27,9 +27,11 @@ CLIPS = (1.0, 0.9, 0.8, 0.7)  # shares of a component's absmax tried as its larg
 
 def layout(rows: int, columns: int, dtype: torch.dtype, level: float | None) -> dict[str, Part]:
     rank = rank_of(rows, columns, level)
-    return {"left": Part((rows, _packed(rank)), torch.uint8),
-            "right": Part((rank, _packed(columns)), torch.uint8, per_row=False),
-            "scale": Part((rank,), dtype, per_row=False)}
+    return {
+        "left": Part((rows, _packed(rank)), torch.uint8),
+        "right": Part((rank, _packed(columns)), torch.uint8, per_row=False),
+        "scale": Part((rank,), dtype, per_row=False),
+    }
 
 
 def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> Stored:
@@ -37,8 +39,9 @@ def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> S
     return encode_rows(lambda span: residual[span].float(), rows, columns, dtype, level)
 
 
-def encode_rows(read: Callable[[slice], torch.Tensor], rows: int, columns: int, dtype: torch.dtype,
-                level: float | None) -> Stored:
+def encode_rows(
+    read: Callable[[slice], torch.Tensor], rows: int, columns: int, dtype: torch.dtype, level: float | None
+) -> Stored:
     """`read(rows)` gives those rows of the residual in float32."""
     return _stored(*top_factors(read, rows, columns, rank_of(rows, columns, level)), dtype)
 
@@ -116,6 +119,16 @@ def _nibble_table(device: str) -> torch.Tensor:
     return torch.stack([byte >> 4, byte & 15], dim=1).float().sub_(8).to(device)
 
 
-LOWRANK4 = ResidualCode("lowrank4", layout, encode, decode, row_local=False, encode_rows=encode_rows,
-                        kept_shares=kept_shares, level_setting="rank", levels=RANKS, threshold_level=64,
-                        auto_levels=(2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128))
+LOWRANK4 = ResidualCode(
+    "lowrank4",
+    layout,
+    encode,
+    decode,
+    row_local=False,
+    encode_rows=encode_rows,
+    kept_shares=kept_shares,
+    level_setting="rank",
+    levels=RANKS,
+    threshold_level=64,
+    auto_levels=(2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128),
+)

@@ -16,8 +16,11 @@ LLOYD_STEPS = 3
 
 def layout(rows: int, columns: int, dtype: torch.dtype, level: float | None) -> dict[str, Part]:
     width = packed_width(columns)
-    return {"signs": Part((rows, width), torch.uint8), "high": Part((rows, width), torch.uint8),
-            "levels": Part((rows, 2), dtype)}
+    return {
+        "signs": Part((rows, width), torch.uint8),
+        "high": Part((rows, width), torch.uint8),
+        "levels": Part((rows, 2), dtype),
+    }
 
 
 def _levels(magnitudes: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,9 @@ def decode(stored: Stored, columns: int) -> torch.Tensor:
 
 def check(stored: Stored, columns: int, where: str) -> None:
     indices = stored["indices"]
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= columns
-                            or not bool((indices[:, 1:] > indices[:, :-1]).all())):
+    if indices.numel() and (
+        int(indices.min()) < 0 or int(indices.max()) >= columns or not bool((indices[:, 1:] > indices[:, :-1]).all())
+    ):
         raise MergewiseError(f"{where}.indices must be ascending column positions in [0, {columns}) per row")
 
 
@@ -53,5 +54,15 @@ def entries(stored: Stored) -> tuple[torch.Tensor, torch.Tensor]:
     return stored["indices"], stored["values"]
 
 
-SPARSE = ResidualCode("sparse", layout, encode, decode, check, entries=entries, level_setting="density",
-                      levels=DENSITIES, threshold_level=DEFAULT_DENSITY, auto_levels=(0.03, 0.0625, 0.125, 0.25))
+SPARSE = ResidualCode(
+    "sparse",
+    layout,
+    encode,
+    decode,
+    check,
+    entries=entries,
+    level_setting="density",
+    levels=DENSITIES,
+    threshold_level=DEFAULT_DENSITY,
+    auto_levels=(0.03, 0.0625, 0.125, 0.25),
+)
