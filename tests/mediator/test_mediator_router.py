@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergewise.errors import MergewiseError
-from mergewise.mediator.router import Route, Router
+from mergewise.mediator.router import ROUTER_KINDS, Route, Router
 from mergewise.mediator.settings import RouterSettings
 
 TASKS = ["add", "reverse", "sort"]
@@ -171,6 +171,29 @@ def test_round_trip_through_files(tmp_path, kind):
     probe = torch.cat([clusters(3.0, count=16, seed=11)[task] for task in TASKS] + [far_point()])
     assert torch.equal(loaded.probabilities(probe), router.probabilities(probe))
     assert loaded.route(probe) == router.route(probe)
+
+
+@pytest.mark.parametrize("kind", list(ROUTER_KINDS))
+def test_every_registered_router_kind_fits_routes_and_reloads(kind):
+    """A kind is one entry: the settings take its name, fitting stores the tensors it declares with
+    their shapes, the folder check asks for them, and it routes separated clusters."""
+    router, report = fitted(kind=kind)
+    assert RouterSettings(kind=kind).kind == kind and report.heldout_accuracy == 1.0
+    sizes = {"tasks": len(TASKS), "width": WIDTH}
+    state = router.state_dict()
+    for name, axes in ROUTER_KINDS[kind].tensors.items():
+        assert tuple(state[name].shape) == tuple(sizes[axis] for axis in axes)
+        with pytest.raises(MergewiseError, match=name):
+            Router.from_state({other: tensor for other, tensor in state.items() if other != name}, router.metadata())
+    loaded = Router.from_state(state, router.metadata())
+    fresh = clusters(seed=5)
+    for task in TASKS:
+        assert [route.task for route in loaded.route(fresh[task])] == [task] * len(fresh[task])
+
+
+def test_an_unknown_router_kind_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown router kind 'lda'; known: gaussian, prototype, logistic"):
+        RouterSettings(kind="lda")
 
 
 def test_route_json():

@@ -10,6 +10,7 @@ model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -119,10 +120,7 @@ class Router:
         tensors = {"mean": mean, "std": std}
         fit_z, held_z = (fit_x - mean) / std, (held_x - mean) / std
         tensors["prototypes"] = torch.stack([fit_z[fit_y == t].mean(0) for t in range(len(tasks))])
-        if settings.kind == "gaussian":
-            tensors["variances"] = _class_variances(fit_z, fit_y, tensors["prototypes"])
-        if settings.kind == "logistic":
-            tensors["weight"], tensors["bias"] = _train_head(fit_z, fit_y, len(tasks))
+        tensors.update(ROUTER_KINDS[settings.kind].fit(fit_z, fit_y, tensors["prototypes"]))
 
         router = cls(
             tasks,
@@ -143,7 +141,7 @@ class Router:
         # predicted task keeps the blended share of each task's own prompts near 1 − quantile. The
         # distance routers' fit prompts count too, scored with their own prompt left out.
         probs = held_probs
-        if settings.kind != "logistic":
+        if router.weight is None:  # a distance router
             probs = torch.cat([held_probs, router._softmax(-router._leave_one_out_distances(fit_z, fit_y))])
         uncertainty, predicted = router._uncertainty(probs), probs.argmax(-1)
         overall = _quantile(uncertainty, settings.uncertainty_quantile)
@@ -243,8 +241,9 @@ class Router:
             scalars = [float(metadata["temperature"])]
         except (KeyError, TypeError, ValueError) as error:
             raise MergewiseError(f"router metadata is incomplete or invalid ({error})") from None
+        kind = ROUTER_KINDS[settings.kind]
         needed = ["mean", "std", "prototypes", "calibration_distances", "ood_thresholds", "uncertainty_thresholds"]
-        needed += {"logistic": ["weight", "bias"], "gaussian": ["variances"]}.get(settings.kind, [])
+        needed += list(kind.tensors)
         missing = [name for name in needed if name not in tensors]
         if missing:
             raise MergewiseError(f"router tensors missing: {', '.join(missing)}")
@@ -256,15 +255,14 @@ class Router:
         if "variances" in loaded and not bool((loaded["variances"] > 0).all()):
             raise MergewiseError("router tensor 'variances' must be positive")
         hidden = loaded["mean"].shape[-1]
+        sizes = {"tasks": len(tasks), "width": hidden}
         shapes = {
             "mean": (hidden,),
             "std": (hidden,),
             "prototypes": (len(tasks), hidden),
-            "weight": (len(tasks), hidden),
-            "bias": (len(tasks),),
             "ood_thresholds": (len(tasks),),
-            "variances": (len(tasks), hidden),
             "uncertainty_thresholds": (len(tasks),),
+            **{name: tuple(sizes[axis] for axis in axes) for name, axes in kind.tensors.items()},
         }
         if loaded["calibration_distances"].dim() != 1 or not len(loaded["calibration_distances"]):
             raise MergewiseError("router tensor 'calibration_distances' must be a non-empty vector")
@@ -433,3 +431,37 @@ def _train_head(z: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[to
 
         optimizer.step(closure)
     return weight.detach().float(), bias.detach().float()
+
+
+@dataclass(frozen=True)
+class RouterKind:
+    """What a kind of router fits beside the shared prototypes (standardised per-task means).
+
+    `fit(z, labels, prototypes)` returns its tensors, named in `tensors` with their axes ("tasks",
+    "width"); they are saved in router.safetensors and checked when a folder loads. The router reads
+    them by name: `weight`/`bias` score with a linear head instead of the distances to the
+    prototypes, `variances` scale the out-of-distribution distances."""
+
+    fit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+    tensors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    description: str = ""
+
+
+def _logistic_head(z: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor) -> dict[str, torch.Tensor]:
+    weight, bias = _train_head(z, labels, len(prototypes))
+    return {"weight": weight, "bias": bias}
+
+
+# `router.kind` in a recipe names one of these (mediator/settings.py reads the names).
+ROUTER_KINDS: dict[str, RouterKind] = {
+    "gaussian": RouterKind(
+        lambda z, labels, prototypes: {"variances": _class_variances(z, labels, prototypes)},
+        {"variances": ("tasks", "width")},
+        "routes by the distance to each task's mean; the out-of-distribution test scales each feature by "
+        "the task's own variance of it",
+    ),
+    "prototype": RouterKind(lambda z, labels, prototypes: {}, {}, "routes by the distance to each task's mean"),
+    "logistic": RouterKind(
+        _logistic_head, {"weight": ("tasks", "width"), "bias": ("tasks",)}, "a linear head (logistic regression)"
+    ),
+}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mergewise.config import MergeConfig, Recipe
 from mergewise.config import load_recipe as load_core_recipe
@@ -38,10 +38,8 @@ class RouterSettings(BaseModel):
     """How prompts are routed; every threshold is fitted on the calibration prompts."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    # prototype: route by the distance to each task's mean; gaussian: the same routing, but the
-    # out-of-distribution test scales each feature by the task's own variance of it (a prompt that
-    # moves a feature its task never varies is far from it); logistic: a linear head.
-    kind: Literal["gaussian", "prototype", "logistic"] = "gaussian"
+    # a name in mediator.router.ROUTER_KINDS (gaussian, prototype, logistic: see their descriptions)
+    kind: str = "gaussian"
     # Hidden states (as transformers numbers them: -1 is the final norm's output) whose prompt means,
     # side by side, are the features; None: the last and the middle one, which told tasks and
     # unseen prompts apart more reliably across builds than the last alone.
@@ -55,6 +53,15 @@ class RouterSettings(BaseModel):
     max_prompts: int = Field(256, ge=MIN_CALIBRATION_PROMPTS)  # per task
     max_tokens: int = Field(256, ge=2)  # prompt tokens used for the feature
     seed: int = 0
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from mergewise.mediator.router import ROUTER_KINDS  # the router imports these settings
+
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"unknown router kind {kind!r}; known: {', '.join(ROUTER_KINDS)}")
+        return kind
 
     def hidden_states(self, num_layers: int) -> list[int]:
         """The feature's hidden-state numbers for a model of `num_layers` decoder layers."""
