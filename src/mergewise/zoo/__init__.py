@@ -7,8 +7,7 @@ from pathlib import Path
 
 from mergewise.errors import MergewiseError
 from mergewise.zoo.manifest import Zoo, load_zoo
-from mergewise.zoo.micro import MICRO_SCALES, build_micro_zoo
-from mergewise.zoo.small import build_small_zoo
+from mergewise.zoo.scales import MICRO_SCALES
 
 SIZES = [*MICRO_SCALES, "small"]
 
@@ -23,8 +22,13 @@ def build_zoo(
     many threads as the caller gave torch (`mergewise zoo build`: 2, what zoo.md's budget is measured on)."""
     if size not in SIZES:
         raise MergewiseError(f"--size: expected one of {', '.join(SIZES)}, got '{size}'")
+    # The builders score their models with `evaluate`, which reads zoos through this package.
     if size == "small":
+        from mergewise.zoo.small import build_small_zoo
+
         return build_small_zoo(Path(zoo_dir), seed, data_dir)
+    from mergewise.zoo.micro import build_micro_zoo
+
     return build_micro_zoo(Path(zoo_dir), size, seed)
 
 

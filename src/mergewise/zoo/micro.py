@@ -4,13 +4,15 @@ plus task formats with random answers, and one answer-only full fine-tune per ta
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from mergewise.evaluate.loading import load_model
+from mergewise.evaluate.zoo_eval import score_task
 from mergewise.zoo.building import (
     build_model_once,
     derived_seed,
@@ -22,68 +24,11 @@ from mergewise.zoo.building import (
     write_lines,
 )
 from mergewise.zoo.corpus import stdlib_text_split
-from mergewise.zoo.manifest import write_manifest_dict
+from mergewise.zoo.manifest import load_zoo, write_manifest_dict
+from mergewise.zoo.scales import BASE_CEILING, EXPERT_TARGET, MICRO_SCALES, MicroScale
 from mergewise.zoo.tasks import HELD_BACK_TASK, MICRO_TASKS, Task, split_examples
 from mergewise.zoo.tokenizer import build_char_tokenizer
-from mergewise.zoo.training import Schedule, answer_only_batches, pretraining_batches, run_training
-
-
-@dataclass(frozen=True)
-class MicroScale:
-    """Everything that sets the size and cost of a micro-family zoo."""
-
-    hidden_size: int
-    layers: int
-    heads: int
-    intermediate_size: int
-    pretrain: Schedule
-    pretrain_sequence_length: int
-    task_share: float  # fraction of pretraining rows that are task formats with random answers
-    finetune: Schedule
-    general_train_chars: int
-    general_eval_chars: int
-    train_examples: int
-    eval_examples: int
-    calibration_examples: int
-    max_positions: int = 128
-
-
-EXPERT_TARGET = 0.9  # every expert solves its own task
-BASE_CEILING = 0.2  # …and the base does not
-
-MICRO_SCALES = {
-    "micro": MicroScale(
-        hidden_size=128,
-        layers=4,
-        heads=4,
-        intermediate_size=256,
-        pretrain=Schedule(steps=700, batch_size=32, learning_rate=3e-3, warmup_steps=50),
-        pretrain_sequence_length=64,
-        task_share=0.3,
-        finetune=Schedule(steps=150, batch_size=64, learning_rate=5e-4, warmup_steps=10),
-        general_train_chars=2_000_000,
-        general_eval_chars=50_000,
-        train_examples=4000,
-        eval_examples=200,
-        calibration_examples=100,
-    ),
-    # Test-sized: checks the folder contract in seconds; its models learn nothing useful.
-    "tiny": MicroScale(
-        hidden_size=32,
-        layers=2,
-        heads=2,
-        intermediate_size=64,
-        pretrain=Schedule(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=5),
-        pretrain_sequence_length=32,
-        task_share=0.3,
-        finetune=Schedule(steps=10, batch_size=8, learning_rate=1e-3, warmup_steps=2),
-        general_train_chars=20_000,
-        general_eval_chars=2_000,
-        train_examples=100,
-        eval_examples=16,
-        calibration_examples=16,  # the Mediator router needs 16 per task
-    ),
-}
+from mergewise.zoo.training import answer_only_batches, pretraining_batches, run_training
 
 
 def build_micro_zoo(zoo_dir: Path, size: str, seed: int) -> dict:
@@ -119,10 +64,6 @@ def build_micro_zoo(zoo_dir: Path, size: str, seed: int) -> dict:
 def score_zoo_models(zoo_dir: Path) -> dict:
     """Exact match of the base and of every expert on every task's held-out set, and whether the
     zoo's targets hold: each expert ≥ 90 % on its own task, the base ≤ 20 % on every task."""
-    from mergewise.evaluate.loading import load_model  # evaluation reads zoos: imported on use
-    from mergewise.evaluate.zoo_eval import score_task
-    from mergewise.zoo.manifest import load_zoo
-
     zoo = load_zoo(zoo_dir)
     experts = {name: f"expert-{name}" for name, task in zoo.tasks.items() if task.expert}
     scores = {}
