@@ -3,8 +3,8 @@
 mergekit's schema lets keys it does not know pass unused (a `name:` of a multi-stage card, a
 `normalize:` written beside `merge_method`); so does this one, naming each in a RecipeWarning (an
 error with `strict`), with the known key it most resembles. A source's `revision:` is read as the
-model's revision. Parameter names are checked against the method's signature by the Planner
-(`mergewise.plan.Planner`), as the plan is made, before any tensor is read. The blocks (`aim:`,
+model's revision. Parameter names are checked against the method's signature as the plan is made
+(`mergewise.parameters.ParameterResolver`), before any tensor is read. The blocks (`aim:`,
 `mediator:`) are mergewise's own: their schemas (`mergewise.stages.BLOCKS`) refuse unknown keys as the
 recipe loads.
 """
