@@ -26,13 +26,12 @@ import sys
 from pathlib import Path
 
 import torch
+from common import RESULTS, mergewise_command, run_measured, write_result
+from workloads import MEDIATOR_DEFAULT, build_mediator, mediator_folder
 
 from mergewise.evaluate.comparison import Entry, score_entries, zoo_entries
 from mergewise.layerwise import native_half_matmuls
 from mergewise.zoo.manifest import Zoo, load_zoo
-
-from common import RESULTS, mergewise_command, run_measured, write_result
-from workloads import MEDIATOR_DEFAULT, build_mediator, mediator_folder
 
 CORE_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
 CODES = ["auto", "sign1", "sign2", "sparse", "lowrank", "lowrank4"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common import RESULTS, write_result
+
 from mergewise.evaluate.comparison import (
     CORE_METHOD_SETTINGS,
     Entry,
@@ -22,8 +24,6 @@ from mergewise.evaluate.comparison import (
     zoo_entries,
 )
 from mergewise.zoo.manifest import Zoo, load_zoo
-
-from common import RESULTS, write_result
 
 
 def aim_entries(

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
-
 from common import (
     RESULTS,
     TOOLS,
@@ -32,6 +30,7 @@ from common import (
     run_measured,
     write_report,
 )
+from safetensors import safe_open
 from workloads import NUM_FINE_TUNES, LlamaShape, build_workload, parameter_count, tensor_files
 
 METHODS = ("ties", "task_arithmetic", "sce")

@@ -25,9 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
 from common import (
     RESULTS,
     TOOLS,
@@ -40,6 +37,8 @@ from common import (
     run_measured,
     write_report,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file
 from workloads import LlamaShape, build_workload, tensor_files, write_sharded
 
 TRUE_RANK = 24  # rank of the structured part of each matrix's difference

@@ -26,7 +26,7 @@ from mergewise.checkpoint.vocabulary import (
     TokenRule,
     build_vocabulary,
 )
-from mergewise.config import MergeConfig, ModelTokenEmbedding, ZeroEmbedding
+from mergewise.config import MergeConfig, ModelTokenEmbedding, OutputSlice, ZeroEmbedding
 from mergewise.devices import parse_dtype
 from mergewise.errors import MergewiseError, RecipeWarning, tolerated
 from mergewise.locator import ModelLocator
@@ -96,6 +96,7 @@ def layer_index(name: str) -> int | None:
 
 def _with_layer(name: str, index: int) -> str:
     match = LAYER_NAME.match(name)
+    assert match is not None, f"{name} is not a layer's tensor"
     return f"{match.group('prefix')}{index}.{match.group('rest')}"
 
 
@@ -172,6 +173,7 @@ class Planner:
         """The output vocabulary, built once the recipe's models are located (on the first embedding
         or head planned)."""
         settings = self.config.tokenizer_settings
+        assert settings is not None  # asked for only when the recipe sets the vocabulary
         models = [self.locator.model(path, "model") for path in self.config.model_paths()]  # located already
         source = settings.source
         if source not in ("base", "union"):
@@ -183,8 +185,10 @@ class Planner:
     @cached_property
     def _token_rules(self) -> dict[str, TokenRule]:
         """The `tokenizer.tokens` entries, each model reference resolved to a recipe model."""
+        settings = self.config.tokenizer_settings
+        assert settings is not None  # asked for only when the recipe sets the vocabulary
         rules = {}
-        for token, entry in (self.config.tokenizer_settings.tokens or {}).items():
+        for token, entry in (settings.tokens or {}).items():
             key = f"tokenizer.tokens.{token}.source"
             source = entry.source
             if isinstance(source, ZeroEmbedding):
@@ -235,6 +239,7 @@ class Planner:
     def _plan_models(self):
         config = self.config
         base = self.locator.model(config.base_model, "base_model") if config.base_model else None
+        assert config.models is not None  # planned from models only when the recipe gives them
         entries = [
             (self.locator.model(entry.model, f"models[{i}].model"), entry.parameters)
             for i, entry in enumerate(config.models)
@@ -306,7 +311,7 @@ class Planner:
         jobs: list[TensorJob] = []
         source_layers: list[int] = []
         first_reference = None
-        for slice_index, output_slice in enumerate(config.slices):
+        for slice_index, output_slice in enumerate(self._slices):
             where = f"slices[{slice_index}]"
             lengths = {source.layer_range[1] - source.layer_range[0] for source in output_slice.sources}
             if len(lengths) != 1 or min(lengths) <= 0:
@@ -350,7 +355,7 @@ class Planner:
                     ]
                     base_tensor = (
                         TensorSource(split_base, _with_layer(template, base_source.layer_range[0] + offset))
-                        if split_base is not None
+                        if split_base is not None and base_source is not None  # both or neither, checked above
                         else None
                     )
                     info = reference_model.tensors[_with_layer(template, reference_slice.layer_range[0] + offset)]
@@ -366,13 +371,20 @@ class Planner:
                             info.dtype,
                         )
                     )
+        assert first_reference is not None  # a recipe's slices are never empty
         jobs = self._non_layer_jobs(first_reference) + jobs
         return jobs, source_layers, first_reference
+
+    @property
+    def _slices(self) -> list[OutputSlice]:
+        """The recipe's slices, for a recipe that gives slices (not models)."""
+        assert self.config.slices is not None
+        return self.config.slices
 
     def _slice_inputs(self, index: int, count: int | None = None):
         """Slice `index` read from its first `count` sources: (those sources' models, the method's
         inputs, its base, the slice's base model)."""
-        output_slice = self.config.slices[index]
+        output_slice = self._slices[index]
         where = f"slices[{index}]"
         entries = [
             (self.locator.model(source.model, where), source.parameters) for source in output_slice.sources[:count]
@@ -384,7 +396,7 @@ class Planner:
     def _non_layer_jobs(self, reference: ModelFolder) -> list[TensorJob]:
         """Embeddings come from the first slice's sources, final norm and head from the last's: as
         mergekit reads them, from as many of its sources as the first slice has."""
-        slices = self.config.slices
+        slices = self._slices
         first = self._slice_inputs(0)
         count = len(slices[0].sources)
         if len(slices[-1].sources) > count:

@@ -640,9 +640,8 @@ def test_unknown_method_is_a_mergewise_error_listing_the_known_ones():
 def test_every_registered_method_merges_end_to_end_as_merge_tensors_does(name, tiny_family, tmp_path):
     """Adding a method is one function and one registry entry: the recipe's schema, the planner and
     the engine read it from there, and a whole merge writes what `merge_tensors` gives."""
-    from tests.support.tiny_models import read_state_dict
-
     import mergewise
+    from tests.support.tiny_models import read_state_dict
 
     method = METHODS[name]
     family = tiny_family("llama")

@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from mergewise.checkpoint.files import read_jsonl, read_text
 from mergewise.config import load_recipe as load_core_recipe
 from mergewise.errors import MergewiseError

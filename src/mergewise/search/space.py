@@ -24,10 +24,10 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
+from mergewise import stages
 from mergewise.config import read_yaml_mapping, validate_block
 from mergewise.errors import MergewiseError
 from mergewise.methods.registry import get_method
-from mergewise import stages
 
 SPACE_KINDS = ("uniform", "loguniform", "int", "choice")
 MAX_GRID_POINTS = 10_000  # trials of a grid search; each one is a merge and a scoring run

@@ -9,7 +9,7 @@ chunk at a time, so encoding never holds more than the sketch and one chunk.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
