@@ -175,7 +175,7 @@ class Planner:
         settings = self.config.tokenizer_settings
         assert settings is not None  # asked for only when the recipe sets the vocabulary
         models = [self.locator.model(path, "model") for path in self.config.model_paths()]  # located already
-        source = settings.source
+        source: str | ModelFolder = settings.source
         if source not in ("base", "union"):
             source = self.locator.model(source, self._tokenizer_key)
         return build_vocabulary(

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> None:
     errors = extract_lora(
         args.finetuned, args.base, args.out_dir, args.rank, overwrite=args.overwrite, quiet=args.quiet
     )
-    worst = max(errors, key=errors.get)
+    worst = max(errors, key=errors.__getitem__)
     print(
         f"{len(errors)} modules at rank {args.rank}; relative reconstruction error: mean "
         f"{sum(errors.values()) / len(errors):.4f}, worst {errors[worst]:.4f} ({worst}); adapter written to "

@@ -174,6 +174,7 @@ class MergeMethod:
         return (implementation or self.merge_rows)(rows, **self._arguments(self.merge_rows, params))
 
     def run_prepare(self, tensors: ChunkedTensors, params: dict[str, Any]) -> Any:
+        assert self.prepare is not None  # called for methods with a prepare pass only
         return self.prepare(tensors, **self._arguments(self.prepare, params))
 
     def _arguments(self, function: Callable, params: dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,8 @@ def layout(rows: int, columns: int, dtype: torch.dtype, level: float | None) -> 
 
 
 def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> Stored:
-    return encode_rows(lambda rows: residual[rows].float(), *residual.shape, dtype, level)
+    rows, columns = residual.shape
+    return encode_rows(lambda chunk: residual[chunk].float(), rows, columns, dtype, level)
 
 
 def encode_rows(
