@@ -176,8 +176,8 @@ class Planner:
         assert settings is not None  # asked for only when the recipe sets the vocabulary
         models = [self.locator.model(path, "model") for path in self.config.model_paths()]  # located already
         source: str | ModelFolder = settings.source
-        if source not in ("base", "union"):
-            source = self.locator.model(source, self._tokenizer_key)
+        if settings.source not in ("base", "union"):
+            source = self.locator.model(settings.source, self._tokenizer_key)
         return build_vocabulary(
             source, models[0], models, list(self._token_rules), settings.pad_to_multiple_of, self._tokenizer_key
         )

@@ -96,7 +96,8 @@ class MediatorStage(Stage):
         model_bytes = sum(torch.Size(job.shape).numel() * job.out_dtype.itemsize for job in plan.jobs)
         hidden = int(plan.reference.config.get("hidden_size") or plan.reference.config.get("n_embd") or 4096)
         fixed_bytes = model_bytes + router_reserve(settings, hidden)
-        available = None if settings.route_threshold is not None else settings.memory_budget * model_bytes - fixed_bytes
+        budget = settings.memory_budget  # None where units are routed by their conflict (route_threshold)
+        available = None if budget is None else budget * model_bytes - fixed_bytes
         options = estimated_options(settings, units, available)
         shapes = {tensor.name: tensor.shape for tensors in units.values() for tensor in tensors}
         self.estimate = KeptEstimate(options, shapes)
@@ -159,9 +160,12 @@ class MediatorStage(Stage):
         def rows_of(stored: dict, chunk: slice) -> dict:
             return {suffix: value[chunk] if parts[suffix].per_row else value for suffix, value in stored.items()}
 
+        writer = self.writer
+        assert writer is not None  # opened by on_plan
+
         def write(chunk: slice, stored: dict) -> None:
             for suffix, part in stored.items():
-                self.writer.write(f"{task}/{name}.{suffix}", part, chunk.start if parts[suffix].per_row else 0)
+                writer.write(f"{task}/{name}.{suffix}", part, chunk.start if parts[suffix].per_row else 0)
 
         sums = self.retained.setdefault((unit_of(name), task), [0.0, 0.0])
 
@@ -177,6 +181,7 @@ class MediatorStage(Stage):
                 write(chunk, stored)
                 count(exact, stored)
             return
+        assert code.encode_rows is not None  # a code that is not row-local encodes from row reads
         whole = code.encode_rows(residual, rows, columns, tensor.dtype, level)
         write(slice(0, rows), whole)
         for chunk in chunks:
@@ -185,6 +190,7 @@ class MediatorStage(Stage):
     def finalize(self, staging: Path) -> dict:
         from transformers import AutoConfig, AutoTokenizer
 
+        assert self.writer is not None  # opened by on_plan
         self.writer.close()
         router_settings = self.settings.router
         config = load_pretrained(AutoConfig.from_pretrained, staging, trust_remote_code=False)
