@@ -41,7 +41,7 @@ from mergewise.methods import ChunkedTensors, TensorRows
 from mergewise.methods.base import chunk_generator
 from mergewise.model_card import write_model_card
 from mergewise.options import MergeOptions
-from mergewise.plan import MergePlan, TensorJob, build_plan
+from mergewise.plan import MergePlan, TensorJob, TensorSource, build_plan
 from mergewise.stages import Stage, StageContext, block_spec, recipe_stages
 
 P = ParamSpec("P")
@@ -296,7 +296,7 @@ class _BackgroundWrites:
         while self._pending:
             self._pending.popleft().result()
 
-    def after(self, callback: Callable, *arguments) -> None:
+    def after(self, callback: Callable[..., object], *arguments: Any) -> None:
         """Run `callback` on the writer thread once every write submitted before it is done."""
         if len(self._pending) >= self._depth:
             self._pending.popleft().result()
@@ -366,7 +366,7 @@ class _JobExecutor:
     def _ranges(self, job: TensorJob) -> list[slice]:
         return row_ranges(job.shape, whole=self.method.whole_tensor(job.params), chunk_elements=self.chunk_elements)
 
-    def _merge_job(self, job: TensorJob, stats, writer: _BackgroundWrites) -> None:
+    def _merge_job(self, job: TensorJob, stats: Any, writer: _BackgroundWrites) -> None:
         params = job.params
         ranges = self._ranges(job)
         reported = False
@@ -434,7 +434,7 @@ class _JobExecutor:
             )
             yield current.result()
 
-    def _read(self, job: TensorJob, rows: slice, chosen) -> TensorRows:
+    def _read(self, job: TensorJob, rows: slice, chosen: Sequence[int]) -> TensorRows:
         base = self._load(job.base, rows) if job.base is not None else None
         inputs = [self._load(job.inputs[index], rows) for index in chosen]
         first_row = rows.start or 0
@@ -442,7 +442,7 @@ class _JobExecutor:
             base, inputs, first_row, rng=lambda index: chunk_generator(self.seed, job.name, index, first_row)
         )
 
-    def _load(self, source, rows) -> torch.Tensor:
+    def _load(self, source: TensorSource, rows: slice) -> torch.Tensor:
         """Rows in the working dtype: the recipe's `dtype`, else as stored (mergekit's rule); each
         method decides where it needs more precision."""
         tensor = source.map_rows(rows)

@@ -26,7 +26,7 @@ from mergewise.checkpoint.vocabulary import (
     TokenRule,
     build_vocabulary,
 )
-from mergewise.config import MergeConfig, ModelTokenEmbedding, OutputSlice, ZeroEmbedding
+from mergewise.config import MergeConfig, ModelTokenEmbedding, OutputSlice, Parameters, ZeroEmbedding
 from mergewise.devices import parse_dtype
 from mergewise.errors import MergewiseError, RecipeWarning, tolerated
 from mergewise.locator import ModelLocator
@@ -98,6 +98,10 @@ def _with_layer(name: str, index: int) -> str:
     match = LAYER_NAME.match(name)
     assert match is not None, f"{name} is not a layer's tensor"
     return f"{match.group('prefix')}{index}.{match.group('rest')}"
+
+
+# A model the method weighs, with its parameters as the recipe gives them.
+Weighted = tuple[ModelFolder, Parameters | None]
 
 
 class Planner:
@@ -216,7 +220,7 @@ class Planner:
         raise MergewiseError(f"{key}: {reference} is not one of the recipe's models ({', '.join(paths)})")
 
     def _aligned_rows(
-        self, name: str, shape, peers: list[ModelFolder], base: ModelFolder | None
+        self, name: str, shape: tuple[int, ...], peers: list[ModelFolder], base: ModelFolder | None
     ) -> dict[ModelFolder, PeerRows | None]:
         """Each peer's rows of the vocabulary tensor `name` in the output vocabulary; its other
         dimensions must match."""
@@ -236,7 +240,7 @@ class Planner:
         rows = self.vocabulary.align(name, tensors, base, self._token_rules, self.compute_dtype)
         return dict(zip(peers, rows))
 
-    def _plan_models(self):
+    def _plan_models(self) -> tuple[list[TensorJob], list[int] | None, ModelFolder]:
         config = self.config
         base = self.locator.model(config.base_model, "base_model") if config.base_model else None
         assert config.models is not None  # planned from models only when the recipe gives them
@@ -276,7 +280,9 @@ class Planner:
             )
         return jobs, None, reference
 
-    def _split_base(self, entries, base, where):
+    def _split_base(
+        self, entries: list[Weighted], base: ModelFolder | None, where: str
+    ) -> tuple[list[Weighted], ModelFolder | None]:
         """Separate the base from the weighted inputs according to the method's contract."""
         method = self.method
         if method.base is BasePolicy.REQUIRED and base is None:
@@ -306,7 +312,7 @@ class Planner:
             )
         return inputs, split_base
 
-    def _plan_slices(self):
+    def _plan_slices(self) -> tuple[list[TensorJob], list[int], ModelFolder]:
         config = self.config
         jobs: list[TensorJob] = []
         source_layers: list[int] = []
@@ -381,7 +387,9 @@ class Planner:
         assert self.config.slices is not None
         return self.config.slices
 
-    def _slice_inputs(self, index: int, count: int | None = None):
+    def _slice_inputs(
+        self, index: int, count: int | None = None
+    ) -> tuple[list[ModelFolder], list[Weighted], ModelFolder | None, ModelFolder | None]:
         """Slice `index` read from its first `count` sources: (those sources' models, the method's
         inputs, its base, the slice's base model)."""
         output_slice = self._slices[index]
@@ -429,7 +437,18 @@ class Planner:
             )
         return jobs
 
-    def _job(self, name, shape, shared_scopes, sources, base, t, layer, dtype, peers=None) -> TensorJob:
+    def _job(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        shared_scopes: list[Parameters | None],
+        sources: list[tuple[ModelFolder, str, Parameters | None]],
+        base: TensorSource | None,
+        t: float,
+        layer: int | None,
+        dtype: torch.dtype,
+        peers: tuple[list[ModelFolder], ModelFolder | None] | None = None,
+    ) -> TensorJob:
         """One output tensor; `peers` (the tensor's inputs in mergekit's order, and its base) decide
         an embedding's or head's rows in a new output vocabulary."""
         aligned = None
@@ -450,7 +469,7 @@ class Planner:
         model: ModelFolder,
         tensor: str,
         output: str,
-        shape,
+        shape: tuple[int, ...],
         aligned: dict[ModelFolder, PeerRows | None] | None = None,
     ) -> TensorSource:
         """The input tensor, following tied embeddings; checked for presence and shape (`aligned`:

@@ -12,7 +12,7 @@ from mergewise.commands.zoo import TRAINING_THREADS
 DEMO_METHODS = ["linear", "ties"]
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="build the micro zoo, merge it (linear, ties, Mediator) and score the results",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergewise.errors import MergewiseError
-from mergewise.mediator.codes import as_matrix, get_code, matrix_shape
+from mergewise.mediator.codes import Part, as_matrix, get_code, matrix_shape
 from mergewise.mediator.codes.spectrum import SampleSpectrum
 from mergewise.mediator.units import unit_of
 
@@ -39,7 +39,7 @@ class RoutedTensor:
     def option(self, code: str, level: float | None) -> tuple[str, float | None]:
         return (VECTOR_CODE, None) if self.is_vector else (code, level)
 
-    def stored_parts(self, code: str, level: float | None):
+    def stored_parts(self, code: str, level: float | None) -> dict[str, Part]:
         code, level = self.option(code, level)
         return get_code(code).layout(*matrix_shape(self.shape), self.dtype, level)
 

@@ -119,7 +119,7 @@ class _Sums:
     sum_square: float = 0.0  # ‖Σ_t τ_t‖²
     gram: np.ndarray = field(init=False)  # τ_a · τ_b
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.gram = np.zeros((self.tasks, self.tasks))
 
     def add(self, other: _Sums) -> None:

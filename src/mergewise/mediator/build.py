@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mergewise.checkpoint.files import read_jsonl, read_text
+from mergewise.config import MergeConfig, Recipe
 from mergewise.config import load_recipe as load_core_recipe
 from mergewise.errors import MergewiseError
 from mergewise.mediator.allocation import (
@@ -147,7 +149,7 @@ def choose_routing(
     return allocation
 
 
-def build(recipe_source, out_dir: str | Path, **options) -> BuildSummary:
+def build(recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: str | Path, **options: Any) -> BuildSummary:
     """Build a Mediator model folder: the recipe's merge, with its `mediator:` stage (see
     `mergewise.mediator.stage`). `options` are the merge's (device, threads, shard_size, …)."""
     from mergewise.engine import run_merge

@@ -447,7 +447,7 @@ class RoutedModel:
     # --------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_options
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_options: Any
     ) -> Generation:
         """transformers' generate(), run once per route group of the (left-padded) batch."""
         input_ids = input_ids.to(self.device)
@@ -473,7 +473,7 @@ class RoutedModel:
         return Generation(sequences, [routes[row] for row in range(len(prompts))])
 
     def generate_text(
-        self, prompts: Sequence[str], max_new_tokens: int = 32, **generate_options
+        self, prompts: Sequence[str], max_new_tokens: int = 32, **generate_options: Any
     ) -> list[tuple[str, Route | None]]:
         """Greedy (unless options say otherwise) completions of each prompt, with its route."""
         encoded = self.encode(prompts)

@@ -33,7 +33,7 @@ from mergewise.config import Recipe
 from mergewise.errors import MergewiseError
 from mergewise.layerwise import hidden_state_index, pooled_hidden_states
 from mergewise.mediator.allocation import KeptEstimate, RoutedTensor
-from mergewise.mediator.analysis import analyze_conflicts
+from mergewise.mediator.analysis import UnitConflict, analyze_conflicts
 from mergewise.mediator.build import (
     ONE_FILE,
     calibration_prompts,
@@ -42,7 +42,7 @@ from mergewise.mediator.build import (
     router_reserve,
 )
 from mergewise.mediator.codes import as_matrix, get_code, matrix_shape
-from mergewise.mediator.router import Router, RouterWarning
+from mergewise.mediator.router import FitReport, Router, RouterWarning
 from mergewise.mediator.runtime import (
     EXPERTS_FILE,
     FORMAT_VERSION,
@@ -53,7 +53,7 @@ from mergewise.mediator.runtime import (
 )
 from mergewise.mediator.settings import MediatorRecipe, MediatorSettings, experts_as_models
 from mergewise.mediator.units import ExpertTensors, expert_tensors, unit_of
-from mergewise.plan import TensorJob
+from mergewise.plan import TensorJob, TensorSource
 from mergewise.stages import BlockSpec, Stage, StageContext
 
 # The experts file is written here inside the staged output, and moved into `mediator/` only once the
@@ -143,7 +143,9 @@ class MediatorStage(Stage):
         for task, source in zip(self.settings.tasks, self.expert_jobs[job.name].inputs):
             self._encode_expert(job.name, task, source, read_dense)
 
-    def _encode_expert(self, name: str, task: str, source, read_dense: Callable) -> None:
+    def _encode_expert(
+        self, name: str, task: str, source: TensorSource, read_dense: Callable[[slice | None], torch.Tensor]
+    ) -> None:
         """One expert's residual, made a row chunk at a time from rows of D and of the expert read as
         needed (a code that needs the whole matrix reads it chunk by chunk, several times), written
         as its code's parts."""
@@ -229,11 +231,11 @@ class MediatorStage(Stage):
         kept, total = self.retained.get((unit, task), (0.0, 0.0))
         return kept / total if total > 0 else 1.0
 
-    def _manifest(self, router: Router, fit, dense_bytes: int, stored: int) -> dict:
+    def _manifest(self, router: Router, fit: FitReport, dense_bytes: int, stored: int) -> dict:
         settings, report, tasks = self.settings, self.report, self.settings.tasks
         choices = self.allocation.choices
 
-        def unit_record(unit) -> dict:
+        def unit_record(unit: UnitConflict) -> dict:
             record = {
                 "unit": unit.unit,
                 "parameters": unit.parameters,

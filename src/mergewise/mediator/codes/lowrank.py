@@ -74,7 +74,9 @@ def top_factors(
     return left[:, :rank] * root, root[:, None] * right[:rank]
 
 
-def _randomized_svd(read: Callable[[slice], torch.Tensor], rows: int, columns: int, sketch: int, chunk_entries: int):
+def _randomized_svd(
+    read: Callable[[slice], torch.Tensor], rows: int, columns: int, sketch: int, chunk_entries: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     step = max(1, chunk_entries // columns)
     chunks = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
     probe = torch.randn(columns, sketch, generator=torch.Generator().manual_seed(0))
