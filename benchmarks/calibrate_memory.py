@@ -59,7 +59,8 @@ def main() -> None:
             rss, seconds = run.peak_rss_mib, run.wall_s
             rows.append((depth, label, size / 2**20, rss, seconds))
             print(
-                f"depth {depth:3d} {label:16s} checkpoint {size / 2**20:7.0f} MiB  peak RSS {rss:7.0f} MiB  {seconds:5.1f} s"
+                f"depth {depth:3d} {label:16s} checkpoint {size / 2**20:7.0f} MiB  "
+                f"peak RSS {rss:7.0f} MiB  {seconds:5.1f} s"
             )
     streamed = [rss for _, label, _, rss, _ in rows if label == "--stream-layers"]
     ratio = max(streamed) / min(streamed)

@@ -26,13 +26,12 @@ import sys
 from pathlib import Path
 
 import torch
+from common import RESULTS, mergewise_command, run_measured, write_result
+from workloads import MEDIATOR_DEFAULT, build_mediator, mediator_folder
 
 from mergewise.evaluate.comparison import Entry, score_entries, zoo_entries
 from mergewise.layerwise import native_half_matmuls
 from mergewise.zoo.manifest import Zoo, load_zoo
-
-from common import RESULTS, mergewise_command, run_measured, write_result
-from workloads import MEDIATOR_DEFAULT, build_mediator, mediator_folder
 
 CORE_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
 CODES = ["auto", "sign1", "sign2", "sparse", "lowrank", "lowrank4"]
@@ -89,7 +88,8 @@ for fused in (fused_by_size, not fused_by_size):  # the path this size takes fir
     for _ in range(repeats):  # one route switch: D -> D + decode(r_t) in place, then D again
         for step, mix in (("select", {route.task: 1.0}), ("restore", {})):
             start = time.perf_counter(); mediator.use_weights(mix)
-            switches.setdefault(f"switch_{step}" + ("_fused" if fused else "_torch"), []).append(time.perf_counter() - start)
+            switch = f"switch_{step}" + ("_fused" if fused else "_torch")
+            switches.setdefault(switch, []).append(time.perf_counter() - start)
 routed = sum(m.numel() * m.element_size() for m in mediator._routed.values())
 print(json.dumps({"threads": torch.get_num_threads(), "route": route.to_json(),
                   "other_route": other_route.to_json(), "first": first,

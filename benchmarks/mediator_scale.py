@@ -29,12 +29,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from common import RESULTS, WORK, Measured, mergewise_command, run_measured, write_report
+from workloads import LlamaShape, llama_config, llama_tensors, parameter_count, write_sharded
 
 from mergewise.plan import layer_index
 from mergewise.zoo.tokenizer import build_char_tokenizer
-
-from common import RESULTS, WORK, Measured, mergewise_command, run_measured, write_report
-from workloads import LlamaShape, llama_config, llama_tensors, parameter_count, write_sharded
 
 TARGET_RATIO = 0.5  # build peak RSS / one model's bytes
 NOISE = 0.002  # std of an expert's update, a tenth of the base weights' (0.02)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common import RESULTS, write_result
+
 from mergewise.evaluate.comparison import (
     CORE_METHOD_SETTINGS,
     Entry,
@@ -22,8 +24,6 @@ from mergewise.evaluate.comparison import (
     zoo_entries,
 )
 from mergewise.zoo.manifest import Zoo, load_zoo
-
-from common import RESULTS, write_result
 
 
 def aim_entries(
@@ -92,7 +92,8 @@ def main() -> None:
     scored = f"first {args.limit} prompts per task" if args.limit else "every held-out prompt"
     write_result(
         args.results / f"quality-{size}.md",
-        f"# Merge quality on the {size} zoo\n\nPer task: exact match (greedy) or answer NLL per token ({scored}); general NLL per token on "
+        f"# Merge quality on the {size} zoo\n\nPer task: exact match (greedy) or answer NLL per token ({scored}); "
+        "general NLL per token on "
         f"held-out text. Experts merged in float32 with:\n{settings}\n"
         + (
             f"\nAIM: statistics from `calibrate --data self` ({args.aim_samples} × {args.aim_seq_len} tokens) "

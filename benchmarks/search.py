@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import yaml
-
 from common import RESULTS, WORK, mergewise_command, run_measured, write_result
 
 CORES = 2

@@ -38,11 +38,10 @@ from pathlib import Path
 
 import httpx2
 import openai
-
-from mergewise.zoo.manifest import load_zoo
-
 from common import RESULTS, WORK, PeakRss, mergewise_command, write_result
 from workloads import MEDIATOR_DEFAULT, build_mediator
+
+from mergewise.zoo.manifest import load_zoo
 
 STARTUP_SECONDS = 600
 

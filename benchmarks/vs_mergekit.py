@@ -12,14 +12,13 @@ own child process so that its wall time and peak RSS (from `os.wait4`) are its a
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
-
 from common import (
     RESULTS,
     TOOLS,
@@ -32,6 +31,7 @@ from common import (
     run_measured,
     write_report,
 )
+from safetensors import safe_open
 from workloads import NUM_FINE_TUNES, LlamaShape, build_workload, parameter_count, tensor_files
 
 METHODS = ("ties", "task_arithmetic", "sce")
@@ -147,7 +147,10 @@ def main() -> None:
             shape = LlamaShape(layers=layers)
             workload = build_workload(args.workdir, shape)
             runs = repeated(
-                SWEEP_METHOD, ["mergewise"], lambda tool: benchmark(SWEEP_METHOD, tool, workload, args), args.repeats
+                SWEEP_METHOD,
+                ["mergewise"],
+                functools.partial(benchmark, SWEEP_METHOD, workload=workload, args=args),
+                args.repeats,
             )
             sweep.extend((shape, run) for run in runs)
         title = f"mergewise {SWEEP_METHOD}: peak RSS by depth"
@@ -157,7 +160,9 @@ def main() -> None:
     tools = [args.only] if args.only else list(TOOLS)
     runs, agreement = [], {}
     for method in args.methods:
-        runs += repeated(method, tools, lambda tool: benchmark(method, tool, workload, args), args.repeats)
+        runs += repeated(
+            method, tools, functools.partial(benchmark, method, workload=workload, args=args), args.repeats
+        )
         outputs = [output_dir(method, tool, workload, args) for tool in TOOLS]
         if tools == list(TOOLS):
             agreement[method] = compare_outputs(outputs[1], outputs[0])

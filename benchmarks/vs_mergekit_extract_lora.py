@@ -14,6 +14,7 @@ reconstruction error ‖ΔW − scale·B·A‖ / ‖ΔW‖ against the exact flo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -25,9 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
 from common import (
     RESULTS,
     TOOLS,
@@ -40,6 +38,8 @@ from common import (
     run_measured,
     write_report,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file
 from workloads import LlamaShape, build_workload, tensor_files, write_sharded
 
 TRUE_RANK = 24  # rank of the structured part of each matrix's difference
@@ -184,7 +184,8 @@ def agreement(ours: Fidelity, theirs: Fidelity, reported: dict[str, float]) -> s
 
 def fidelity_table(rows: list[tuple[int, str, Fidelity]]) -> str:
     lines = [
-        "| rank | tool | LoRA modules | error worst | error mean | full-rank tensors | changed tensors left out | error over all tensors | adapter MB |",
+        "| rank | tool | LoRA modules | error worst | error mean | full-rank tensors | changed tensors left out "
+        "| error over all tensors | adapter MB |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for rank, tool, result in rows:
@@ -225,7 +226,9 @@ def main() -> None:
     agreements: dict[str, str] = {}
     for rank in args.ranks:
         label = f"rank {rank}"
-        runs += repeated(label, tools, lambda tool: extract(tool, rank, fine_tune, base, args), args.repeats)
+        runs += repeated(
+            label, tools, functools.partial(extract, rank=rank, fine_tune=fine_tune, base=base, args=args), args.repeats
+        )
         measured = {tool: fidelity(adapter_dir(tool, rank, args), fine_tune, base) for tool in tools}
         fidelities += [(rank, tool, measured[tool]) for tool in tools]
         if tools == list(TOOLS):

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 import yaml
+from common import BENCHMARKS, CommandFailed, mergewise_command, run_measured
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mergewise.evaluate.comparison import mediator_recipe
 from mergewise.zoo.manifest import Zoo
-
-from common import BENCHMARKS, CommandFailed, mergewise_command, run_measured
 
 sys.path.insert(0, str(BENCHMARKS.parent))  # the repository: tests.support builds the models
 from tests.support.tiny_models import build_fine_tune, save_tokenizer, tiny_config  # noqa: E402

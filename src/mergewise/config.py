@@ -15,7 +15,7 @@ import difflib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -28,12 +28,12 @@ from pydantic import (
     model_validator,
 )
 
+from mergewise import stages
 from mergewise.checkpoint.files import read_yaml, validated
 from mergewise.errors import MergewiseError, tolerated
 from mergewise.methods import METHODS
-from mergewise import stages
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 MAX_RECIPE_BYTES = 1 << 20
 
 
@@ -46,7 +46,7 @@ class MergekitSchema(BaseModel):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _keep_ignored_keys(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> "MergekitSchema":
+    def _keep_ignored_keys(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> MergekitSchema:
         if isinstance(data, dict):
             data = cls._read_extra_keys(data)
         validated = handler(data)
@@ -67,11 +67,11 @@ class MergekitSchema(BaseModel):
 class ConditionalParameter(MergekitSchema):
     """`{filter: self_attn, value: 0.3}`: the value applies to tensors whose name contains filter."""
 
-    value: Union[Scalar, list[Scalar]]
+    value: Scalar | list[Scalar]
     filter: str | None = None
 
 
-ParameterSetting = Union[Scalar, list[Scalar], ConditionalParameter, list[ConditionalParameter], None]
+ParameterSetting = Scalar | list[Scalar] | ConditionalParameter | list[ConditionalParameter] | None
 Parameters = dict[str, ParameterSetting]
 
 
@@ -121,7 +121,7 @@ class ModelTokenEmbedding(MergekitSchema):
     token_id: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
-    def _one_token(self) -> "ModelTokenEmbedding":
+    def _one_token(self) -> ModelTokenEmbedding:
         if (self.token is None) == (self.token_id is None):
             raise ValueError("give exactly one of 'token' or 'token_id'")
         return self
@@ -131,15 +131,13 @@ def _source_kind(value: Any) -> str | None:
     """Which form a token's `source` takes, so that an error names that form's keys."""
     if isinstance(value, dict):
         return value.get("kind")
-    return value.kind if isinstance(value, BaseModel) else "model"
+    return value.kind if isinstance(value, ZeroEmbedding | ModelTokenEmbedding) else "model"
 
 
 TokenSource = Annotated[
-    Union[
-        Annotated[ZeroEmbedding, Tag("zero")],
-        Annotated[ModelTokenEmbedding, Tag("model_token")],
-        Annotated[str, Tag("model")],
-    ],
+    Annotated[ZeroEmbedding, Tag("zero")]
+    | Annotated[ModelTokenEmbedding, Tag("model_token")]
+    | Annotated[str, Tag("model")],
     Discriminator(_source_kind),
 ]
 
@@ -175,7 +173,7 @@ class MergeConfig(MergekitSchema):
     chat_template: str | None = None
 
     @model_validator(mode="after")
-    def _one_input_form(self) -> "MergeConfig":
+    def _one_input_form(self) -> MergeConfig:
         if bool(self.models) == bool(self.slices):
             raise ValueError("give exactly one of 'models' or 'slices'")
         if self.tokenizer_source is not None and self.tokenizer is not None:
@@ -216,14 +214,12 @@ class Recipe:
     def base_model(self) -> str | None:
         """The model task vectors are measured from: the core's base_model, else a block's (Mediator
         keeps it for methods that take no base)."""
-        return self.config.base_model or next(
-            (
-                block.base_model
-                for name, block in self.blocks.items()
-                if stages.block_spec(name).carries_base_model and block.base_model
-            ),
-            None,
+        carried = (
+            getattr(block, "base_model", None)  # a block that carries it has the field
+            for name, block in self.blocks.items()
+            if stages.block_spec(name).carries_base_model
         )
+        return self.config.base_model or next((base for base in carried if base), None)
 
     def record(self) -> dict:
         """The recipe as mergewise.yml records it."""
@@ -303,7 +299,7 @@ _KEY_NOTES = {
 }
 
 
-def _ignored_keys(node: Any, location: str = "") -> Iterator[tuple[str, str, Any, "MergekitSchema"]]:
+def _ignored_keys(node: Any, location: str = "") -> Iterator[tuple[str, str, Any, MergekitSchema]]:
     """(where, key, value, the entry holding it) of every key mergekit's schema lets pass unused."""
     if isinstance(node, MergekitSchema):
         for key, value in node.ignored.items():

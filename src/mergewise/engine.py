@@ -12,10 +12,11 @@ import math
 import random
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -40,8 +41,11 @@ from mergewise.methods import ChunkedTensors, TensorRows
 from mergewise.methods.base import chunk_generator
 from mergewise.model_card import write_model_card
 from mergewise.options import MergeOptions
-from mergewise.plan import MergePlan, TensorJob, build_plan
+from mergewise.plan import MergePlan, TensorJob, TensorSource, build_plan
 from mergewise.stages import Stage, StageContext, block_spec, recipe_stages
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # Whole-tensor statistics (magnitude selections) are asked for up to this many parameters ahead of
 # the tensor being merged; they hold a bit per entry and input.
@@ -70,12 +74,14 @@ class MergeResult:
         return str(self.out_dir)
 
 
-def run_merge(recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: str | Path, **options) -> MergeResult:
+def run_merge(
+    recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: str | Path, **options: Any
+) -> MergeResult:
     """Merge the models a recipe describes into the Hugging Face folder `out_dir`, running the stages
     of its blocks (`aim:`, `mediator:`) inside the same streaming pass."""
-    options = MergeOptions(**options)
-    recipe, plan = plan_recipe(recipe_source, strict=options.strict, allow_pickle=options.allow_pickle)
-    return execute_plan(plan, out_dir, options, stages=recipe_stages(recipe), recipe=recipe)
+    merge_options = MergeOptions(**options)
+    recipe, plan = plan_recipe(recipe_source, strict=merge_options.strict, allow_pickle=merge_options.allow_pickle)
+    return execute_plan(plan, out_dir, merge_options, stages=recipe_stages(recipe), recipe=recipe)
 
 
 def plan_recipe(
@@ -290,7 +296,7 @@ class _BackgroundWrites:
         while self._pending:
             self._pending.popleft().result()
 
-    def after(self, callback: Callable, *arguments) -> None:
+    def after(self, callback: Callable[..., object], *arguments: Any) -> None:
         """Run `callback` on the writer thread once every write submitted before it is done."""
         if len(self._pending) >= self._depth:
             self._pending.popleft().result()
@@ -355,18 +361,18 @@ class _JobExecutor:
         self._merge_job(job, statistics.result() if statistics is not None else None, writer)
         for stage in self.stages:
             if stage.wants_tensor(job):
-                stage.on_tensor(job, lambda rows=None: writer.read_back(job.name, rows))
+                stage.on_tensor(job, functools.partial(writer.read_back, job.name))
 
     def _ranges(self, job: TensorJob) -> list[slice]:
         return row_ranges(job.shape, whole=self.method.whole_tensor(job.params), chunk_elements=self.chunk_elements)
 
-    def _merge_job(self, job: TensorJob, stats, writer: _BackgroundWrites) -> None:
+    def _merge_job(self, job: TensorJob, stats: Any, writer: _BackgroundWrites) -> None:
         params = job.params
         ranges = self._ranges(job)
         reported = False
         for rows_in, rows in zip(self._chunks(job, ranges), ranges):
             rows_in.stats = stats
-            merged = self._guard(job, lambda: self._merge(rows_in, params))
+            merged = self._guard(job, self._merge, rows_in, params)
             if not reported and (rows_in.non_finite if rows_in.non_finite is not None else _holds_non_finite(merged)):
                 self._report_non_finite(job, rows_in)
                 reported = True
@@ -390,6 +396,7 @@ class _JobExecutor:
 
     def _merge(self, rows: TensorRows, params: dict) -> torch.Tensor:
         if not rows.inputs:  # the base alone (methods with `base_alone_is_base`)
+            assert rows.base is not None  # the planner gives a job no inputs only when it has a base
             return rows.base
         if self.fused is not None:
             merged = self.method.merge(rows, params, self.fused)
@@ -409,9 +416,10 @@ class _JobExecutor:
                 self.compiled = None
         return self.method.merge(rows, params)
 
-    def _guard(self, job: TensorJob, work):
+    def _guard(self, job: TensorJob, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`work(*args, **kwargs)`, with a ValueError it raises named after the tensor."""
         try:
-            return work()
+            return work(*args, **kwargs)
         except ValueError as error:
             raise MergewiseError(f"tensor {job.name}: {error}") from None
 
@@ -426,7 +434,7 @@ class _JobExecutor:
             )
             yield current.result()
 
-    def _read(self, job: TensorJob, rows: slice, chosen) -> TensorRows:
+    def _read(self, job: TensorJob, rows: slice, chosen: Sequence[int]) -> TensorRows:
         base = self._load(job.base, rows) if job.base is not None else None
         inputs = [self._load(job.inputs[index], rows) for index in chosen]
         first_row = rows.start or 0
@@ -434,7 +442,7 @@ class _JobExecutor:
             base, inputs, first_row, rng=lambda index: chunk_generator(self.seed, job.name, index, first_row)
         )
 
-    def _load(self, source, rows) -> torch.Tensor:
+    def _load(self, source: TensorSource, rows: slice) -> torch.Tensor:
         """Rows in the working dtype: the recipe's `dtype`, else as stored (mergekit's rule); each
         method decides where it needs more precision."""
         tensor = source.map_rows(rows)

@@ -31,6 +31,7 @@ class ModelLocator:
         """The folder a reference names: one object per folder (and adapter), however it is spelled."""
         if reference not in self._models:
             model, plus, adapter = reference.partition("+")
+            location: tuple[Path, Path | None]
             if plus and not self._exists(reference):  # mergekit's model+adapter: a PEFT LoRA on the model
                 location = (self._locate(model, key), self._locate(adapter, f"{key} (adapter)", ADAPTER_FILES))
             else:

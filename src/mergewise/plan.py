@@ -26,7 +26,7 @@ from mergewise.checkpoint.vocabulary import (
     TokenRule,
     build_vocabulary,
 )
-from mergewise.config import MergeConfig, ModelTokenEmbedding, ZeroEmbedding
+from mergewise.config import MergeConfig, ModelTokenEmbedding, OutputSlice, Parameters, ZeroEmbedding
 from mergewise.devices import parse_dtype
 from mergewise.errors import MergewiseError, RecipeWarning, tolerated
 from mergewise.locator import ModelLocator
@@ -96,7 +96,12 @@ def layer_index(name: str) -> int | None:
 
 def _with_layer(name: str, index: int) -> str:
     match = LAYER_NAME.match(name)
+    assert match is not None, f"{name} is not a layer's tensor"
     return f"{match.group('prefix')}{index}.{match.group('rest')}"
+
+
+# A model the method weighs, with its parameters as the recipe gives them.
+Weighted = tuple[ModelFolder, Parameters | None]
 
 
 class Planner:
@@ -172,10 +177,11 @@ class Planner:
         """The output vocabulary, built once the recipe's models are located (on the first embedding
         or head planned)."""
         settings = self.config.tokenizer_settings
+        assert settings is not None  # asked for only when the recipe sets the vocabulary
         models = [self.locator.model(path, "model") for path in self.config.model_paths()]  # located already
-        source = settings.source
-        if source not in ("base", "union"):
-            source = self.locator.model(source, self._tokenizer_key)
+        source: str | ModelFolder = settings.source
+        if settings.source not in ("base", "union"):
+            source = self.locator.model(settings.source, self._tokenizer_key)
         return build_vocabulary(
             source, models[0], models, list(self._token_rules), settings.pad_to_multiple_of, self._tokenizer_key
         )
@@ -183,8 +189,10 @@ class Planner:
     @cached_property
     def _token_rules(self) -> dict[str, TokenRule]:
         """The `tokenizer.tokens` entries, each model reference resolved to a recipe model."""
+        settings = self.config.tokenizer_settings
+        assert settings is not None  # asked for only when the recipe sets the vocabulary
         rules = {}
-        for token, entry in (self.config.tokenizer_settings.tokens or {}).items():
+        for token, entry in (settings.tokens or {}).items():
             key = f"tokenizer.tokens.{token}.source"
             source = entry.source
             if isinstance(source, ZeroEmbedding):
@@ -212,7 +220,7 @@ class Planner:
         raise MergewiseError(f"{key}: {reference} is not one of the recipe's models ({', '.join(paths)})")
 
     def _aligned_rows(
-        self, name: str, shape, peers: list[ModelFolder], base: ModelFolder | None
+        self, name: str, shape: tuple[int, ...], peers: list[ModelFolder], base: ModelFolder | None
     ) -> dict[ModelFolder, PeerRows | None]:
         """Each peer's rows of the vocabulary tensor `name` in the output vocabulary; its other
         dimensions must match."""
@@ -232,9 +240,10 @@ class Planner:
         rows = self.vocabulary.align(name, tensors, base, self._token_rules, self.compute_dtype)
         return dict(zip(peers, rows))
 
-    def _plan_models(self):
+    def _plan_models(self) -> tuple[list[TensorJob], list[int] | None, ModelFolder]:
         config = self.config
         base = self.locator.model(config.base_model, "base_model") if config.base_model else None
+        assert config.models is not None  # planned from models only when the recipe gives them
         entries = [
             (self.locator.model(entry.model, f"models[{i}].model"), entry.parameters)
             for i, entry in enumerate(config.models)
@@ -271,7 +280,9 @@ class Planner:
             )
         return jobs, None, reference
 
-    def _split_base(self, entries, base, where):
+    def _split_base(
+        self, entries: list[Weighted], base: ModelFolder | None, where: str
+    ) -> tuple[list[Weighted], ModelFolder | None]:
         """Separate the base from the weighted inputs according to the method's contract."""
         method = self.method
         if method.base is BasePolicy.REQUIRED and base is None:
@@ -301,12 +312,12 @@ class Planner:
             )
         return inputs, split_base
 
-    def _plan_slices(self):
+    def _plan_slices(self) -> tuple[list[TensorJob], list[int], ModelFolder]:
         config = self.config
         jobs: list[TensorJob] = []
         source_layers: list[int] = []
         first_reference = None
-        for slice_index, output_slice in enumerate(config.slices):
+        for slice_index, output_slice in enumerate(self._slices):
             where = f"slices[{slice_index}]"
             lengths = {source.layer_range[1] - source.layer_range[0] for source in output_slice.sources}
             if len(lengths) != 1 or min(lengths) <= 0:
@@ -350,7 +361,7 @@ class Planner:
                     ]
                     base_tensor = (
                         TensorSource(split_base, _with_layer(template, base_source.layer_range[0] + offset))
-                        if split_base is not None
+                        if split_base is not None and base_source is not None  # both or neither, checked above
                         else None
                     )
                     info = reference_model.tensors[_with_layer(template, reference_slice.layer_range[0] + offset)]
@@ -366,13 +377,22 @@ class Planner:
                             info.dtype,
                         )
                     )
+        assert first_reference is not None  # a recipe's slices are never empty
         jobs = self._non_layer_jobs(first_reference) + jobs
         return jobs, source_layers, first_reference
 
-    def _slice_inputs(self, index: int, count: int | None = None):
+    @property
+    def _slices(self) -> list[OutputSlice]:
+        """The recipe's slices, for a recipe that gives slices (not models)."""
+        assert self.config.slices is not None
+        return self.config.slices
+
+    def _slice_inputs(
+        self, index: int, count: int | None = None
+    ) -> tuple[list[ModelFolder], list[Weighted], ModelFolder | None, ModelFolder | None]:
         """Slice `index` read from its first `count` sources: (those sources' models, the method's
         inputs, its base, the slice's base model)."""
-        output_slice = self.config.slices[index]
+        output_slice = self._slices[index]
         where = f"slices[{index}]"
         entries = [
             (self.locator.model(source.model, where), source.parameters) for source in output_slice.sources[:count]
@@ -384,7 +404,7 @@ class Planner:
     def _non_layer_jobs(self, reference: ModelFolder) -> list[TensorJob]:
         """Embeddings come from the first slice's sources, final norm and head from the last's: as
         mergekit reads them, from as many of its sources as the first slice has."""
-        slices = self.config.slices
+        slices = self._slices
         first = self._slice_inputs(0)
         count = len(slices[0].sources)
         if len(slices[-1].sources) > count:
@@ -417,7 +437,18 @@ class Planner:
             )
         return jobs
 
-    def _job(self, name, shape, shared_scopes, sources, base, t, layer, dtype, peers=None) -> TensorJob:
+    def _job(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        shared_scopes: list[Parameters | None],
+        sources: list[tuple[ModelFolder, str, Parameters | None]],
+        base: TensorSource | None,
+        t: float,
+        layer: int | None,
+        dtype: torch.dtype,
+        peers: tuple[list[ModelFolder], ModelFolder | None] | None = None,
+    ) -> TensorJob:
         """One output tensor; `peers` (the tensor's inputs in mergekit's order, and its base) decide
         an embedding's or head's rows in a new output vocabulary."""
         aligned = None
@@ -438,7 +469,7 @@ class Planner:
         model: ModelFolder,
         tensor: str,
         output: str,
-        shape,
+        shape: tuple[int, ...],
         aligned: dict[ModelFolder, PeerRows | None] | None = None,
     ) -> TensorSource:
         """The input tensor, following tied embeddings; checked for presence and shape (`aligned`:

@@ -23,9 +23,10 @@ block's name).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel
@@ -36,6 +37,8 @@ if TYPE_CHECKING:  # types only: the recipe (config) reads BLOCKS as it loads
     from mergewise.config import Recipe
     from mergewise.methods import TensorRows
     from mergewise.plan import MergePlan, TensorJob
+
+Settings = TypeVar("Settings", bound=BaseModel)
 
 # Block name → module exposing `BLOCK: BlockSpec`, in the order their stages run (AIM relaxes the
 # merged tensors before Mediator reads them).
@@ -84,13 +87,13 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class BlockSpec:
+class BlockSpec(Generic[Settings]):
     """A recipe block: its schema, its stage, (optionally) how it rewrites the core recipe before that
     is validated (Mediator lists its models under `mediator.experts`), and what it supports."""
 
-    schema: type[BaseModel]
-    make_stage: Callable[[BaseModel, Recipe], Stage]
-    rewrite_recipe: Callable[[dict, BaseModel, str], tuple[dict, BaseModel]] | None = None
+    schema: type[Settings]
+    make_stage: Callable[[Settings, Recipe], Stage]
+    rewrite_recipe: Callable[[dict, Settings, str], tuple[dict, Settings]] | None = None
     # A killed merge of a recipe with the block may be finished with --resume.
     resumable: bool = True
     # Its stage works on a merge whose embeddings and heads are re-indexed into a new vocabulary
@@ -103,7 +106,7 @@ class BlockSpec:
     fixed_keys: tuple[str, ...] = ()
 
 
-def block_spec(name: str) -> BlockSpec:
+def block_spec(name: str) -> BlockSpec[Any]:
     return importlib.import_module(BLOCKS[name]).BLOCK
 
 

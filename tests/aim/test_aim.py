@@ -16,7 +16,7 @@ from mergewise.aim import AimSettings, CalibrationStats, Relaxation, load_statis
 from mergewise.aim.data import SAMPLED_CONVENTIONS
 from mergewise.cli import main
 from tests.support.processes import run_measured
-from tests.support.tiny_models import build_tiny_vision_language_model, read_state_dict
+from tests.support.tiny_models import build_lora_adapter, build_tiny_vision_language_model, read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +365,42 @@ def test_a_statistics_file_is_an_input_no_output_may_replace(tiny_family, tmp_pa
         [error] = capsys.readouterr().err.strip().splitlines()
         assert error == f"error: output folder {old_out} contains input model {stats}; choose another"
     assert stats.read_bytes() == before
+
+
+def test_aim_calibrates_a_base_with_its_lora_adapter(tiny_family, tmp_path):
+    """`base_model: base+adapter` is measured as the merge reads it, adapter merged in: the merge
+    equals one whose base is the same weights written as a plain folder (the adapter was dropped)."""
+    family = tiny_family("llama")
+    build_lora_adapter(family.base, tmp_path / "adapter")
+    adapted = f"{family.base}+{tmp_path / 'adapter'}"
+    plain = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [{"model": adapted, "parameters": {"weight": 1.0}}],
+    }
+    (tmp_path / "plain.yml").write_text(yaml.safe_dump(plain))
+    assert main(["merge", str(tmp_path / "plain.yml"), str(tmp_path / "adapted"), "--quiet"]) == 0
+    calibration = {"omega": 0.3, "calibration": {"data": "self", "samples": 2, "seq_len": 16}}
+    outputs = {}
+    for label, base in (("with_adapter", adapted), ("written_out", str(tmp_path / "adapted"))):
+        recipe = yaml.safe_load(write_recipe(tmp_path / f"{label}.yml", family, calibration).read_text())
+        recipe["base_model"] = base
+        (tmp_path / f"{label}.yml").write_text(yaml.safe_dump(recipe))
+        assert main(["merge", str(tmp_path / f"{label}.yml"), str(tmp_path / label), "--quiet"]) == 0
+        outputs[label] = read_state_dict(tmp_path / label)
+    assert outputs["with_adapter"].keys() == outputs["written_out"].keys()
+    for name, tensor in outputs["with_adapter"].items():
+        assert torch.equal(tensor, outputs["written_out"][name]), name
+
+
+def test_stats_of_the_base_without_its_adapter_are_refused(tiny_family, tmp_path, capsys):
+    """A LoRA adapter changes the base the relaxation pulls toward: its statistics are another base's."""
+    family = tiny_family("llama")
+    build_lora_adapter(family.base, tmp_path / "adapter")
+    stats = tmp_path / "stats.safetensors"
+    calibrate_cli(family.base, stats, "--samples", "1", "--seq-len", "8")
+    recipe = yaml.safe_load(write_recipe(tmp_path / "aim.yml", family, {"omega": 0.3, "stats": str(stats)}).read_text())
+    recipe["base_model"] = f"{family.base}+{tmp_path / 'adapter'}"
+    (tmp_path / "aim.yml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "aim.yml"), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "different base model" in capsys.readouterr().err

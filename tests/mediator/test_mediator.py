@@ -5,8 +5,8 @@ test_mediator_codes; router maths: test_mediator_router; conflict maths: test_me
 from __future__ import annotations
 
 import json
-import shutil
 import random
+import shutil
 from pathlib import Path
 
 import pytest

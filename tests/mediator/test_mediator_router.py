@@ -54,7 +54,7 @@ def test_separated_clusters_are_selected(separated):
     assert all(0 < value < 0.5 for value in report.uncertainty_thresholds.values())
     assert set(report.ood_thresholds) == set(router.tasks) and min(report.ood_thresholds.values()) > 0
     fresh = clusters(seed=7)
-    for t, task in enumerate(TASKS):
+    for task in TASKS:
         routes = router.route(fresh[task])
         good = [r for r in routes if r.decision == "select" and r.task == task and r.probs[task] >= 0.9]
         assert len(good) >= 0.95 * len(routes)

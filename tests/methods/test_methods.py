@@ -213,15 +213,10 @@ def big_task() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
 def test_dare_is_reproducible_for_a_seed_and_changes_with_it(name, big_task):
     base, model = (t[:64, :64] for t in big_task)
-    merge = lambda seed: run_method(
-        name,
-        base,
-        [model],
-        weight=(1.0,),
-        density=(0.3,),
-        seed=seed,  # noqa: E731
-        chunk_rows=16,
-    )
+
+    def merge(seed: int) -> torch.Tensor:
+        return run_method(name, base, [model], weight=(1.0,), density=(0.3,), seed=seed, chunk_rows=16)
+
     first, again, other = merge(1), merge(1), merge(2)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
@@ -640,9 +635,8 @@ def test_unknown_method_is_a_mergewise_error_listing_the_known_ones():
 def test_every_registered_method_merges_end_to_end_as_merge_tensors_does(name, tiny_family, tmp_path):
     """Adding a method is one function and one registry entry: the recipe's schema, the planner and
     the engine read it from there, and a whole merge writes what `merge_tensors` gives."""
-    from tests.support.tiny_models import read_state_dict
-
     import mergewise
+    from tests.support.tiny_models import read_state_dict
 
     method = METHODS[name]
     family = tiny_family("llama")

@@ -66,15 +66,18 @@ class AimStage(Stage):
         return [path for path in (self.stats_path, data) if path is not None and path.exists()]
 
     def on_plan(self, context: StageContext) -> None:
-        self.base = context.plan.base_model
+        base = context.plan.base_model
+        assert base is not None  # the recipe names one (checked in __init__)
+        self.base = base
         if self.stats_path is not None:
             stats_path = self.stats_path
         else:
             self._scratch = tempfile.TemporaryDirectory(prefix="mergewise-aim-")
             calibration = self.block.calibration
+            assert calibration is not None  # AimBlock takes stats or calibration
             settings = CalibrationSettings(**calibration.model_dump(exclude={"stream_layers"}))
             stats_path = calibrate(
-                self.base.path,
+                base,  # the located folder: a `base+adapter` is calibrated with its adapter
                 Path(self._scratch.name) / "stats.safetensors",
                 settings,
                 device=str(context.device),
@@ -82,21 +85,25 @@ class AimStage(Stage):
                 quiet=context.quiet,
             )
         stats = load_statistics(stats_path)
-        check_fingerprint(stats, self.base, stats_path, self.block.allow_fingerprint_mismatch)
+        check_fingerprint(stats, base, stats_path, self.block.allow_fingerprint_mismatch)
         self.relaxation = Relaxation(stats, self.block)
 
     def on_rows(self, job: TensorJob, rows: TensorRows, merged: torch.Tensor) -> torch.Tensor:
         """Relax the chunk, first rounded to the output dtype so that the result equals relaxing the
         saved merge; the base rows are the ones the engine read, where the base is an input."""
-        from_base = job.base is not None and job.base.model is self.base
-        name = job.base.name if from_base else job.name
-        if not self.relaxation.covers(name) or name not in self.base.tensors:
+        base, relaxation = self.base, self.relaxation
+        assert base is not None and relaxation is not None  # set by on_plan
+        base_source = job.base if job.base is not None and job.base.model is base else None
+        name = base_source.name if base_source is not None else job.name
+        if not relaxation.covers(name) or name not in base.tensors:
             return merged
         span = slice(rows.first_row, rows.first_row + merged.shape[0]) if merged.dim() else slice(None)
-        base_rows = rows.base if from_base else self.base.read(name, span)
-        return self.relaxation.apply(name, merged.to(job.out_dtype), base_rows, span)
+        base_rows = rows.base if base_source is not None else base.read(name, span)
+        assert base_rows is not None  # the engine reads the rows of a job's base
+        return relaxation.apply(name, merged.to(job.out_dtype), base_rows, span)
 
     def finalize(self, staging: Path) -> dict:
+        assert self.relaxation is not None  # set by on_plan
         return record(self.relaxation, self.stats_path)
 
     def close(self) -> None:

@@ -42,6 +42,7 @@ from mergewise.aim.data import (
 )
 from mergewise.checkpoint import ModelFolder
 from mergewise.checkpoint.files import parse_json, validated
+from mergewise.checkpoint.lora import AdaptedFolder
 from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.writer import writing
 from mergewise.devices import resolve_device
@@ -142,7 +143,7 @@ def recording(targets: dict[str, tuple[nn.Module, int]], recorder: ChannelStatis
 
 # ------------------------------------------------------------------------------------ the command
 def calibrate(
-    base_dir: str | Path,
+    base_dir: str | Path | ModelFolder,
     stats_path: str | Path,
     settings: CalibrationSettings = CalibrationSettings(),
     *,
@@ -153,8 +154,9 @@ def calibrate(
     overwrite: bool = False,
 ) -> Path:
     """Compute the base model's statistics and save them (atomically) to `stats_path`, which must not
-    exist unless `overwrite`; the folder's own Python runs only if `trust_remote_code`."""
-    folder = ModelFolder(base_dir)
+    exist unless `overwrite`; the folder's own Python runs only if `trust_remote_code`. `base_dir` may
+    be a located folder, so that a recipe's `base+adapter` is measured with its adapter merged in."""
+    folder = base_dir if isinstance(base_dir, ModelFolder) else ModelFolder(base_dir)
     stats_path = Path(stats_path).expanduser().resolve()
     data = Path(settings.data).expanduser().resolve()
     local_data = [data] if settings.data != "self" and not settings.data.startswith("hf:") and data.exists() else []
@@ -195,7 +197,7 @@ def calibrate(
     metadata = {
         **{key: str(value) for key, value in settings.model_dump().items()},
         **conventions,
-        "base": str(folder.path),
+        "base": folder.label,
         "base_fingerprint": base_fingerprint(folder),
         "blocks": str(len(blocks)),
         "tokens": str(sum(block.numel() for block in blocks)),
@@ -220,6 +222,10 @@ def _load_model(folder: ModelFolder, config, device: torch.device, trust_remote_
         )
     except (OSError, ValueError) as error:
         raise MergewiseError(f"{folder.path}: cannot load the model ({str(error).splitlines()[0]})") from None
+    if isinstance(folder, AdaptedFolder):  # the weights as the folder reads them: its LoRA merged in
+        with torch.no_grad():
+            for name in folder.adapter.factors:
+                model.get_parameter(name).copy_(folder.read(name))
     return model.to(device).eval()
 
 
@@ -270,6 +276,11 @@ def base_fingerprint(folder: ModelFolder) -> str:
     """Identifies a base model cheaply: config, tensor headers, and a few sampled windows of each
     weight file (so a fine-tune with the same architecture gets a different fingerprint)."""
     digest = hashlib.sha256(json.dumps(folder.config, sort_keys=True).encode())
+    if isinstance(folder, AdaptedFolder):  # a base with a LoRA adapter is another base
+        for target, factors in sorted(folder.adapter.factors.items()):
+            digest.update(target.encode())
+            for factor in factors:
+                digest.update(factor.numpy().tobytes())
     for name in sorted(folder.tensors):
         info = folder.tensors[name]
         digest.update(f"{name}:{list(info.shape)}:{info.dtype}".encode())

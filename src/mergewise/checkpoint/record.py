@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ def write_merge_record(
         "seed": seed,
         "mergewise_version": __version__,
         "torch_version": str(torch.__version__),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device,
         **{name: value for name, value in records.items() if value is not None},
     }

@@ -4,8 +4,8 @@ merged folder, Mediator's export of one expert)."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml

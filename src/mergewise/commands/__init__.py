@@ -4,7 +4,7 @@ that only the command line chooses."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from mergewise.errors import MergewiseError
 

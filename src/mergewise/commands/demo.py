@@ -12,7 +12,7 @@ from mergewise.commands.zoo import TRAINING_THREADS
 DEMO_METHODS = ["linear", "ties"]
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="build the micro zoo, merge it (linear, ties, Mediator) and score the results",
@@ -28,8 +28,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from mergewise.evaluate.comparison import bar_chart, markdown_table, mediator_entry, score_entries, zoo_entries
-    from mergewise.zoo.manifest import load_zoo
     from mergewise.zoo import build_zoo
+    from mergewise.zoo.manifest import load_zoo
 
     root = Path(args.dir).resolve()
     zoo_dir = root / "zoo-micro"

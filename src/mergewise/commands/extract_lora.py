@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "extract-lora",
         help="a LoRA adapter approximating a fine-tune (truncated SVD per weight)",
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> None:
     errors = extract_lora(
         args.finetuned, args.base, args.out_dir, args.rank, overwrite=args.overwrite, quiet=args.quiet
     )
-    worst = max(errors, key=errors.get)
+    worst = max(errors, key=errors.__getitem__)
     print(
         f"{len(errors)} modules at rank {args.rank}; relative reconstruction error: mean "
         f"{sum(errors.values()) / len(errors):.4f}, worst {errors[worst]:.4f} ({worst}); adapter written to "

@@ -6,7 +6,7 @@ import argparse
 import json
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="complete prompts; Mediator folders route each one",

@@ -7,7 +7,7 @@ import argparse
 from mergewise.commands.merge import add_merge_options, merge_options
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "mediator",
         help="conflict analysis and routed dense + coded experts",

@@ -31,7 +31,7 @@ def merge_options(args: argparse.Namespace) -> dict:
     return options | {"threads": args.threads if args.threads is not None else os.cpu_count() or 1}
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "merge",
         help="merge models as a YAML recipe describes",

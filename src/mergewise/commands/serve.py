@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="serve a model folder over OpenAI's HTTP API (Mediator folders route each request)",

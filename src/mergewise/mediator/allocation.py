@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergewise.errors import MergewiseError
-from mergewise.mediator.codes import as_matrix, get_code, matrix_shape
+from mergewise.mediator.codes import Part, as_matrix, get_code, matrix_shape
 from mergewise.mediator.codes.spectrum import SampleSpectrum
 from mergewise.mediator.units import unit_of
 
@@ -39,7 +39,7 @@ class RoutedTensor:
     def option(self, code: str, level: float | None) -> tuple[str, float | None]:
         return (VECTOR_CODE, None) if self.is_vector else (code, level)
 
-    def stored_parts(self, code: str, level: float | None):
+    def stored_parts(self, code: str, level: float | None) -> dict[str, Part]:
         code, level = self.option(code, level)
         return get_code(code).layout(*matrix_shape(self.shape), self.dtype, level)
 
@@ -116,14 +116,16 @@ class KeptEstimate:
 
     def finish(self) -> None:
         """Measure the options that need the whole matrix (low-rank) on the open matrix's sampled rows."""
-        unit = unit_of(self._open) if self._open is not None else None
-        for task, sample in self._samples.items():
-            sample = sample[: self._filled]
-            spectrum = SampleSpectrum(sample)
-            for name, levels in self._whole_matrix_levels.items():
-                for level, share in get_code(name).kept_shares(spectrum, levels).items():
-                    key = (unit, task, (name, level))
-                    self.kept[key] = self.kept.get(key, 0.0) + share * spectrum.energy
+        if self._open is not None:  # rows are sampled only of an open matrix
+            unit = unit_of(self._open)
+            for task, sample in self._samples.items():
+                spectrum = SampleSpectrum(sample[: self._filled])
+                for name, levels in self._whole_matrix_levels.items():
+                    kept_shares = get_code(name).kept_shares
+                    assert kept_shares is not None  # every code that is not row-local estimates from a sample
+                    for level, share in kept_shares(spectrum, levels).items():
+                        key = (unit, task, (name, level))
+                        self.kept[key] = self.kept.get(key, 0.0) + share * spectrum.energy
         self._samples.clear()
         self._filled = 0
         self._open = None
@@ -134,6 +136,7 @@ class KeptEstimate:
         levels: dict[str, list[float]] = {}
         for name, level in self.options:
             if not get_code(name).row_local:
+                assert level is not None  # such codes have a level (the low-rank codes' rank)
                 levels.setdefault(name, []).append(level)
         return levels
 

@@ -119,7 +119,7 @@ class _Sums:
     sum_square: float = 0.0  # ‖Σ_t τ_t‖²
     gram: np.ndarray = field(init=False)  # τ_a · τ_b
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.gram = np.zeros((self.tasks, self.tasks))
 
     def add(self, other: _Sums) -> None:
@@ -205,14 +205,16 @@ def magnitude_cuts(chunks: Iterable[torch.Tensor], tasks: int, count: int, share
     if keep >= count:
         return torch.ones(tasks, dtype=torch.int32)
     offsets = torch.arange(tasks, dtype=torch.int32).unsqueeze(1) << _HALF_BITS
-    upper = sum(_counts((_magnitude_keys(vectors) >> _HALF_BITS).add_(offsets), tasks) for vectors in chunks)
+    upper = np.zeros((tasks, _BUCKETS), dtype=np.int64)
+    for vectors in chunks:
+        upper += _counts((_magnitude_keys(vectors) >> _HALF_BITS).add_(offsets), tasks)
     bucket, rank = _bucket_of_rank(upper, np.full(tasks, keep))
     wanted = torch.from_numpy(bucket).to(torch.int32).unsqueeze(1)
-    lower = 0
+    lower = np.zeros((tasks, _BUCKETS), dtype=np.int64)
     for vectors in chunks:
         keys = _magnitude_keys(vectors)
         task, entry = ((keys >> _HALF_BITS) == wanted).nonzero(as_tuple=True)
-        lower = lower + _counts((keys[task, entry] & (_BUCKETS - 1)) | offsets[task, 0], tasks)
+        lower += _counts((keys[task, entry] & (_BUCKETS - 1)) | offsets[task, 0], tasks)
     low, _ = _bucket_of_rank(lower, rank)
     return torch.from_numpy((bucket << _HALF_BITS) | low).clamp(min=1).to(torch.int32)
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from mergewise.checkpoint.files import read_jsonl, read_text
+from mergewise.config import MergeConfig, Recipe
 from mergewise.config import load_recipe as load_core_recipe
 from mergewise.errors import MergewiseError
 from mergewise.mediator.allocation import (
@@ -49,8 +49,9 @@ class BuildSummary:
         budget = f" (budget {self.budget:g}×)" if self.budget is not None else ""
         codes = ", ".join(f"{count} {code}" for code, count in self.codes.items())
         return (
-            f"routed {len(self.routed_units)} of {self.units} units ({codes}); stored {self.stored_bytes / 1e6:.1f} MB = "
-            f"{self.ratio:.3f}× one model{budget}; router held-out accuracy {self.heldout_accuracy:.3f}"
+            f"routed {len(self.routed_units)} of {self.units} units ({codes}); "
+            f"stored {self.stored_bytes / 1e6:.1f} MB = {self.ratio:.3f}× one model{budget}; "
+            f"router held-out accuracy {self.heldout_accuracy:.3f}"
         )
 
 
@@ -122,8 +123,10 @@ def choose_routing(
     tasks = len(settings.experts)
     conflicts = {unit.unit: unit for unit in report.units if unit.unit in units}
     if available is None:
+        threshold = settings.route_threshold
+        assert threshold is not None  # no bytes are counted where units are routed by their conflict
         option = fixed_option(settings, units, None)
-        routed = [name for name, unit in conflicts.items() if unit.sign_conflict >= settings.route_threshold]
+        routed = [name for name, unit in conflicts.items() if unit.sign_conflict >= threshold]
         if not routed:
             highest = max((unit.sign_conflict for unit in conflicts.values()), default=0.0)
             raise MergewiseError(
@@ -138,6 +141,7 @@ def choose_routing(
     totals = {name: sum(estimate.total.get((name, task), 0.0) for task in range(tasks)) for name in units}
     allocation = allocate(units, candidates, gains, totals, available, tasks)
     if not allocation.choices:
+        assert settings.memory_budget is not None  # bytes are counted against the budget
         what = "any code" if settings.code == "auto" else f"code {candidates[0][0]}"
         raise too_small(
             settings.memory_budget, smallest_budget(units, candidates, fixed_bytes, model_bytes, tasks), what
@@ -145,7 +149,7 @@ def choose_routing(
     return allocation
 
 
-def build(recipe_source, out_dir: str | Path, **options) -> BuildSummary:
+def build(recipe_source: str | Path | dict | MergeConfig | Recipe, out_dir: str | Path, **options: Any) -> BuildSummary:
     """Build a Mediator model folder: the recipe's merge, with its `mediator:` stage (see
     `mergewise.mediator.stage`). `options` are the merge's (device, threads, shard_size, …)."""
     from mergewise.engine import run_merge

@@ -16,11 +16,11 @@ from __future__ import annotations
 import functools
 import os
 import reprlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,17 +29,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from mergewise.checkpoint import ModelFolder, TensorInfo
 from mergewise.checkpoint.files import inside_folder, read_json, validated
-from mergewise.checkpoint.reader import map_rows, read_rows, read_safetensors_header
 from mergewise.checkpoint.pretrained import load_pretrained
+from mergewise.checkpoint.reader import map_rows, read_rows, read_safetensors_header
 from mergewise.checkpoint.tokens import start_token_id
 from mergewise.chunking import row_ranges
 from mergewise.devices import parse_dtype, resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.layerwise import fast_half_matmuls, hidden_state_index, mean_pooled, right_padded
 from mergewise.mediator import switching
-from mergewise.mediator.codes import CODES, Stored, matrix_shape
+from mergewise.mediator.codes import CODES, ResidualCode, Stored, matrix_shape
 from mergewise.mediator.router import Route, Router
 from mergewise.mediator.settings import RouterSettings
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 MEDIATOR_FOLDER = "mediator"
 MANIFEST_FILE = "mediator.json"
@@ -77,7 +80,8 @@ class ExpertBank:
 
     def __init__(self, folder: Path, manifest: dict, dense: ModelFolder, device: torch.device | None):
         self.tasks: list[str] = list(manifest["tasks"])
-        self.codes: dict[str, tuple] = {}
+        # per routed tensor: its code, the code's level, its columns, and which parts are per row
+        self.codes: dict[str, tuple[ResidualCode, float | None, int, dict[str, bool]]] = {}
         self.stored: dict[tuple[str, str], dict[str, torch.Tensor | TensorInfo]] = {}
         path = mediator_file(folder, EXPERTS_FILE)
         try:
@@ -97,9 +101,10 @@ class ExpertBank:
                 found = {suffix: entries[f"{prefix}.{suffix}"] for suffix in layout if f"{prefix}.{suffix}" in entries}
                 parts = {suffix: read_rows(entry) for suffix, entry in found.items()}
                 code.validate(parts, rows, columns, info.dtype, level, f"{path}: expert tensor {prefix}")
-                self.stored[task, name] = (
-                    found if device is None else {suffix: tensor.to(device) for suffix, tensor in parts.items()}
+                held: dict[str, torch.Tensor | TensorInfo] = (
+                    {**found} if device is None else {suffix: tensor.to(device) for suffix, tensor in parts.items()}
                 )
+                self.stored[task, name] = held
 
     @property
     def tensors(self) -> list[str]:
@@ -141,7 +146,7 @@ def _rows_of(part: torch.Tensor | TensorInfo, rows: slice | None) -> torch.Tenso
     return part if rows is None else part[rows]
 
 
-def _code_of(spec, where: str):
+def _code_of(spec: Any, where: str) -> tuple[ResidualCode, float | None]:
     if not isinstance(spec, dict) or not isinstance(spec.get("code"), str):
         raise MergewiseError(f"{where}: expected {{code, level}}, got {spec!r}")
     level = spec.get("level")
@@ -181,7 +186,7 @@ class RoutedModel:
         self._parameters: dict[str, torch.nn.Parameter] = {}  # the routed parameters themselves
         self._dense_blocks: list[tuple[torch.nn.Module, list[str]]] = []  # see `_dense_forward`
         self._swapped: dict[str, torch.Tensor] = {}  # during `_dense_forward`: what a module's tensors held
-        self._swapped_padding: dict[torch.nn.Module, int | None] = {}  # …and an embedding's padding_idx
+        self._swapped_padding: dict[torch.nn.Embedding, int | None] = {}  # …and an embedding's padding_idx
         if experts is not None:
             named = dict(model.named_parameters())
             for name in experts.tensors:
@@ -200,6 +205,18 @@ class RoutedModel:
     @property
     def is_mediator(self) -> bool:
         return self.router is not None
+
+    @property
+    def _bank(self) -> ExpertBank:
+        """The experts; only a Mediator folder's model routes, so only it ever switches weights."""
+        assert self.experts is not None, "a plain model has no routed tensors"
+        return self.experts
+
+    @property
+    def _dense_folder(self) -> ModelFolder:
+        """The folder D's routed tensors are re-read from (a Mediator folder's model only)."""
+        assert self.dense is not None, "a plain model has no routed tensors"
+        return self.dense
 
     # ------------------------------------------------------------------------------ routing
     @torch.no_grad()
@@ -221,16 +238,18 @@ class RoutedModel:
                     ],
                     pad,
                 )
+                mask = batch.attention_mask
+                assert mask is not None  # right_padded gives one
                 # The model without its head: the logits of every prompt token are not needed here.
                 hidden = self.model.base_model(
                     input_ids=batch.input_ids.to(self.device),
-                    attention_mask=batch.attention_mask.to(self.device),
+                    attention_mask=mask.to(self.device),
                     output_hidden_states=True,
                 ).hidden_states
                 pooled.append(
                     torch.cat(
                         [
-                            mean_pooled(hidden[number], batch.attention_mask)
+                            mean_pooled(hidden[number], mask)
                             for number in ([layer] if isinstance(layer, int) else layer)
                         ],
                         -1,
@@ -248,7 +267,7 @@ class RoutedModel:
         layers = settings.hidden_states(self.model.config.num_hidden_layers)
         with self._dense_forward():  # the router was fitted on D's features
             features = self.features(prompt_ids, layers, settings.max_tokens)
-        return self.router.route(features)
+        return [*self.router.route(features)]
 
     @contextmanager
     def _dense_forward(self) -> Iterator[None]:
@@ -272,27 +291,29 @@ class RoutedModel:
             self._swapped.clear()
             self._swapped_padding.clear()
 
-    def _swap_in_dense(self, names: list[str], module: torch.nn.Module, args: tuple):
+    def _swap_in_dense(self, names: list[str], module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if isinstance(module, torch.nn.Embedding):
             [name] = names
             parameter = self._parameters[name]
             self._swapped[name] = parameter.data
             tokens, renumbered = torch.unique(args[0], return_inverse=True)
-            parameter.data = self.dense.map_rows(name)[tokens.cpu()].to(device=parameter.device, dtype=parameter.dtype)
+            parameter.data = self._dense_folder.map_rows(name)[tokens.cpu()].to(
+                device=parameter.device, dtype=parameter.dtype
+            )
             # only gradients treat that row apart: the renumbered rows need not hold it
             self._swapped_padding[module] = module.padding_idx
             module.padding_idx = None
             return (renumbered, *args[1:])
-        for name, dense in zip(names, self.dense.read_together(names)):
+        for name, dense in zip(names, self._dense_folder.read_together(names)):
             parameter = self._parameters[name]
             self._swapped[name] = parameter.data
             parameter.data = dense.to(device=parameter.device, dtype=parameter.dtype).view(parameter.shape)
         return args
 
-    def _swap_back(self, names: list[str], module: torch.nn.Module, args: tuple, output):
+    def _swap_back(self, names: list[str], module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         for name in names:
             self._parameters[name].data = self._swapped.pop(name)
-        if module in self._swapped_padding:
+        if isinstance(module, torch.nn.Embedding) and module in self._swapped_padding:
             module.padding_idx = self._swapped_padding.pop(module)
 
     def route_texts(self, prompts: Sequence[str]) -> list[Route | None]:
@@ -343,10 +364,12 @@ class RoutedModel:
         selected = next(iter(self._mix))
         for name, matrix in self._routed.items():
             for rows, dense in self._kept_dense.pop(name, None) or ():
-                columns, _ = self.experts.entries(selected, name, rows, matrix.device)
+                kept = self._bank.entries(selected, name, rows, matrix.device)
+                assert kept is not None  # only codes with entries keep D's values
+                columns, _ = kept
                 target = matrix[rows]
                 if self._fused(target):
-                    self._checked(selected, name, lambda: switching.put_entries(target, columns, dense))
+                    self._checked(selected, name, switching.put_entries, target, columns, dense)
                 else:
                     target.view(-1).index_put_((self._positions(columns, matrix.shape[1]),), dense.reshape(-1))
             if name not in self._touched:
@@ -360,21 +383,23 @@ class RoutedModel:
         the CPU a selected expert's rows are written by the codes' fused kernels where they have one."""
         selected = next(iter(mix)) if list(mix.values()) == [1.0] else None
         for name, matrix in self._routed.items():
-            code = self.experts.codes[name][0]
+            code = self._bank.codes[name][0]
             for rows in row_ranges(tuple(matrix.shape)):
                 target = matrix[rows]
                 if selected is not None and code.entries is not None:
                     self._add_entries(selected, name, rows, target)
                 elif selected is not None and code.add_to is not None and self._fused(target):
-                    code.add_to(self.experts.parts(selected, name, rows, matrix.device), target)
+                    code.add_to(self._bank.parts(selected, name, rows, matrix.device), target)
                 else:
-                    target.copy_(self.experts.expert_rows(name, rows, target, mix))
+                    target.copy_(self._bank.expert_rows(name, rows, target, mix))
         self._mix = mix
 
     def _add_entries(self, task: str, name: str, rows: slice, target: torch.Tensor) -> None:
-        columns, values = self.experts.entries(task, name, rows, target.device)
+        entries = self._bank.entries(task, name, rows, target.device)
+        assert entries is not None  # called for codes with entries only
+        columns, values = entries
         if self._fused(target):
-            dense = self._checked(task, name, lambda: switching.add_entries(target, columns, values))
+            dense = self._checked(task, name, switching.add_entries, target, columns, values)
         else:
             flat = target.view(-1)
             positions = self._positions(columns, target.shape[1])
@@ -387,10 +412,11 @@ class RoutedModel:
     def _fused(self, target: torch.Tensor) -> bool:
         return self.fused_switches and switching.applies(target)
 
-    def _checked(self, task: str, name: str, work):
-        """The experts file is re-read at each switch: a change to it since loading is named."""
+    def _checked(self, task: str, name: str, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`work(*args, **kwargs)`: the experts file is re-read at each switch, so a change to it since
+        loading is named."""
         try:
-            return work()
+            return work(*args, **kwargs)
         except ValueError as error:
             raise MergewiseError(
                 f"{mediator_file(self.path, EXPERTS_FILE)}: expert tensor {task}/{name}: {error}"
@@ -411,16 +437,17 @@ class RoutedModel:
     def _read_dense(self, name: str, rows: slice, target: torch.Tensor) -> None:
         """D's stored rows into `target`: read straight into it where it is CPU memory of the stored
         dtype, else converted on the way."""
-        span = rows if len(self.dense.tensors[name].shape) >= 2 else None
-        if target.device.type == "cpu" and target.dtype == self.dense.tensors[name].dtype and target.is_contiguous():
-            self.dense.read(name, span, out=target)
+        dense = self._dense_folder
+        span = rows if len(dense.tensors[name].shape) >= 2 else None
+        if target.device.type == "cpu" and target.dtype == dense.tensors[name].dtype and target.is_contiguous():
+            dense.read(name, span, out=target)
         else:
-            target.copy_(self.dense.read(name, span).reshape(target.shape))
+            target.copy_(dense.read(name, span).reshape(target.shape))
 
     # --------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_options
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_options: Any
     ) -> Generation:
         """transformers' generate(), run once per route group of the (left-padded) batch."""
         input_ids = input_ids.to(self.device)
@@ -428,24 +455,25 @@ class RoutedModel:
         prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         generate_options.setdefault("pad_token_id", pad)
-        outputs: list[torch.Tensor | None] = [None] * len(prompts)
-        routes: list[Route | None] = [None] * len(prompts)
+        outputs: dict[int, torch.Tensor] = {}
+        routes: dict[int, Route | None] = {}
         for rows, route in self.groups(prompts):
             index = torch.tensor(rows, device=self.device)
             with self.weights_for(route):
-                generated = self.model.generate(
+                # PreTrainedModel's generate() comes from GenerationMixin, which its stub does not show
+                generated = self.model.generate(  # type: ignore[operator]
                     input_ids=input_ids[index], attention_mask=attention_mask[index], **generate_options
                 )
             for position, row in enumerate(rows):
                 outputs[row], routes[row] = generated[position], route
-        width = max(output.numel() for output in outputs)
-        sequences = torch.full((len(outputs), width), pad, dtype=input_ids.dtype, device=self.device)
-        for row, output in enumerate(outputs):
+        width = max(output.numel() for output in outputs.values())
+        sequences = torch.full((len(prompts), width), pad, dtype=input_ids.dtype, device=self.device)
+        for row, output in outputs.items():
             sequences[row, : output.numel()] = output
-        return Generation(sequences, routes)
+        return Generation(sequences, [routes[row] for row in range(len(prompts))])
 
     def generate_text(
-        self, prompts: Sequence[str], max_new_tokens: int = 32, **generate_options
+        self, prompts: Sequence[str], max_new_tokens: int = 32, **generate_options: Any
     ) -> list[tuple[str, Route | None]]:
         """Greedy (unless options say otherwise) completions of each prompt, with its route."""
         encoded = self.encode(prompts)
@@ -458,7 +486,7 @@ class RoutedModel:
             mask[row, width - len(ids) :] = 1
         generate_options.setdefault("do_sample", False)
         result = self.generate(input_ids, mask, max_new_tokens=max_new_tokens, **generate_options)
-        texts = [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in result.sequences]
+        texts = self.tokenizer.batch_decode(result.sequences[:, width:], skip_special_tokens=True)
         return list(zip(texts, result.routes))
 
 
@@ -513,7 +541,7 @@ def load(
         raise MergewiseError(f"{folder}: cannot load model or tokenizer ({error})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(torch_device).eval()
+    model.to(torch_device).eval()  # type: ignore[arg-type]  # transformers' stub types `to` as taking the model
     if not is_mediator_folder(folder):
         return RoutedModel(model, tokenizer, torch_device, folder)
     manifest = read_manifest(folder)

@@ -12,7 +12,7 @@ mediator:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -81,8 +81,8 @@ class MediatorSettings(BaseModel):
     code: CodeName = "auto"
     # The sparse code's share of each row kept, and the low-rank codes' rank; "auto": the largest
     # that lets every unit be routed within the budget (with route_threshold: 0.1 and 16).
-    density: Union[Literal["auto"], Annotated[float, Field(gt=0.0, le=1.0)]] = "auto"
-    rank: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"
+    density: Literal["auto"] | Annotated[float, Field(gt=0.0, le=1.0)] = "auto"
+    rank: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     conflict_density: float = Field(0.2, gt=0.0, le=1.0)  # top-k share per expert for the sign conflict
     router: RouterSettings = RouterSettings()
     experts: list[ExpertEntry] = Field(min_length=2)
@@ -122,6 +122,7 @@ class MediatorRecipe(BaseModel):
         if "mediator" not in recipe.blocks:
             raise MergewiseError(f"{recipe.origin}: mediator: missing (a Mediator recipe lists its experts there)")
         settings = recipe.blocks["mediator"]
+        assert isinstance(settings, MediatorSettings)  # the block as its schema validated it
         return cls(
             merge=recipe.config,
             base_model=settings.base_model,

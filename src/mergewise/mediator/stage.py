@@ -33,7 +33,7 @@ from mergewise.config import Recipe
 from mergewise.errors import MergewiseError
 from mergewise.layerwise import hidden_state_index, pooled_hidden_states
 from mergewise.mediator.allocation import KeptEstimate, RoutedTensor
-from mergewise.mediator.analysis import analyze_conflicts
+from mergewise.mediator.analysis import UnitConflict, analyze_conflicts
 from mergewise.mediator.build import (
     ONE_FILE,
     calibration_prompts,
@@ -42,7 +42,7 @@ from mergewise.mediator.build import (
     router_reserve,
 )
 from mergewise.mediator.codes import as_matrix, get_code, matrix_shape
-from mergewise.mediator.router import Router, RouterWarning
+from mergewise.mediator.router import FitReport, Router, RouterWarning
 from mergewise.mediator.runtime import (
     EXPERTS_FILE,
     FORMAT_VERSION,
@@ -53,7 +53,7 @@ from mergewise.mediator.runtime import (
 )
 from mergewise.mediator.settings import MediatorRecipe, MediatorSettings, experts_as_models
 from mergewise.mediator.units import ExpertTensors, expert_tensors, unit_of
-from mergewise.plan import TensorJob
+from mergewise.plan import TensorJob, TensorSource
 from mergewise.stages import BlockSpec, Stage, StageContext
 
 # The experts file is written here inside the staged output, and moved into `mediator/` only once the
@@ -96,7 +96,8 @@ class MediatorStage(Stage):
         model_bytes = sum(torch.Size(job.shape).numel() * job.out_dtype.itemsize for job in plan.jobs)
         hidden = int(plan.reference.config.get("hidden_size") or plan.reference.config.get("n_embd") or 4096)
         fixed_bytes = model_bytes + router_reserve(settings, hidden)
-        available = None if settings.route_threshold is not None else settings.memory_budget * model_bytes - fixed_bytes
+        budget = settings.memory_budget  # None where units are routed by their conflict (route_threshold)
+        available = None if budget is None else budget * model_bytes - fixed_bytes
         options = estimated_options(settings, units, available)
         shapes = {tensor.name: tensor.shape for tensors in units.values() for tensor in tensors}
         self.estimate = KeptEstimate(options, shapes)
@@ -142,7 +143,9 @@ class MediatorStage(Stage):
         for task, source in zip(self.settings.tasks, self.expert_jobs[job.name].inputs):
             self._encode_expert(job.name, task, source, read_dense)
 
-    def _encode_expert(self, name: str, task: str, source, read_dense: Callable) -> None:
+    def _encode_expert(
+        self, name: str, task: str, source: TensorSource, read_dense: Callable[[slice | None], torch.Tensor]
+    ) -> None:
         """One expert's residual, made a row chunk at a time from rows of D and of the expert read as
         needed (a code that needs the whole matrix reads it chunk by chunk, several times), written
         as its code's parts."""
@@ -159,9 +162,12 @@ class MediatorStage(Stage):
         def rows_of(stored: dict, chunk: slice) -> dict:
             return {suffix: value[chunk] if parts[suffix].per_row else value for suffix, value in stored.items()}
 
+        writer = self.writer
+        assert writer is not None  # opened by on_plan
+
         def write(chunk: slice, stored: dict) -> None:
             for suffix, part in stored.items():
-                self.writer.write(f"{task}/{name}.{suffix}", part, chunk.start if parts[suffix].per_row else 0)
+                writer.write(f"{task}/{name}.{suffix}", part, chunk.start if parts[suffix].per_row else 0)
 
         sums = self.retained.setdefault((unit_of(name), task), [0.0, 0.0])
 
@@ -177,6 +183,7 @@ class MediatorStage(Stage):
                 write(chunk, stored)
                 count(exact, stored)
             return
+        assert code.encode_rows is not None  # a code that is not row-local encodes from row reads
         whole = code.encode_rows(residual, rows, columns, tensor.dtype, level)
         write(slice(0, rows), whole)
         for chunk in chunks:
@@ -185,6 +192,7 @@ class MediatorStage(Stage):
     def finalize(self, staging: Path) -> dict:
         from transformers import AutoConfig, AutoTokenizer
 
+        assert self.writer is not None  # opened by on_plan
         self.writer.close()
         router_settings = self.settings.router
         config = load_pretrained(AutoConfig.from_pretrained, staging, trust_remote_code=False)
@@ -223,11 +231,11 @@ class MediatorStage(Stage):
         kept, total = self.retained.get((unit, task), (0.0, 0.0))
         return kept / total if total > 0 else 1.0
 
-    def _manifest(self, router: Router, fit, dense_bytes: int, stored: int) -> dict:
+    def _manifest(self, router: Router, fit: FitReport, dense_bytes: int, stored: int) -> dict:
         settings, report, tasks = self.settings, self.report, self.settings.tasks
         choices = self.allocation.choices
 
-        def unit_record(unit) -> dict:
+        def unit_record(unit: UnitConflict) -> dict:
             record = {
                 "unit": unit.unit,
                 "parameters": unit.parameters,

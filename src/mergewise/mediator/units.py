@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from mergewise.checkpoint import ModelFolder
-from mergewise.errors import MergewiseError
-from mergewise.mediator.settings import MediatorRecipe
 from mergewise.devices import parse_dtype
+from mergewise.errors import MergewiseError
 from mergewise.locator import ModelLocator
+from mergewise.mediator.settings import MediatorRecipe
 from mergewise.plan import TensorSource, layer_index
 
 

@@ -12,13 +12,13 @@ import inspect
 import math
 import typing
 import zlib
-from functools import cached_property
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Annotated, Any, Callable, Iterator, Sequence
+from enum import StrEnum
+from functools import cached_property
+from typing import Annotated, Any
 
 import torch
-
 
 # Parameters that are shares of a tensor's entries: outside [0, 1] they mean nothing (mergekit clamps).
 SHARES = frozenset({"density", "gamma", "epsilon", "select_topk"})
@@ -32,7 +32,7 @@ PerModel = Annotated[Sequence[float], PerModelMarker]
 OptionalPerModel = Annotated[Sequence[float | None], PerModelMarker]
 
 
-class BasePolicy(str, Enum):
+class BasePolicy(StrEnum):
     REQUIRED = "required"  # base is the reference the inputs are differences from
     OPTIONAL = "optional"  # used when given
     INPUT = "input"  # base is one more weighted input (linear)
@@ -174,6 +174,7 @@ class MergeMethod:
         return (implementation or self.merge_rows)(rows, **self._arguments(self.merge_rows, params))
 
     def run_prepare(self, tensors: ChunkedTensors, params: dict[str, Any]) -> Any:
+        assert self.prepare is not None  # called for methods with a prepare pass only
         return self.prepare(tensors, **self._arguments(self.prepare, params))
 
     def _arguments(self, function: Callable, params: dict[str, Any]) -> dict[str, Any]:

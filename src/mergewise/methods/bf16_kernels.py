@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import numba
 import numpy as np
@@ -148,7 +148,8 @@ def _launch() -> Iterator[None]:
     sets the OpenMP count that torch reads too."""
     with _launch_lock:
         threads, previous = torch.get_num_threads(), numba.get_num_threads()
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        numba_threads = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # numba.config sets it at import
+        numba.set_num_threads(max(1, min(threads, numba_threads)))
         try:
             yield
         finally:

@@ -4,7 +4,9 @@ model folders or a recipe."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -49,7 +51,7 @@ def merge_tensors(
                 None if base is None else _rows(base, rows),
                 [_rows(inputs[i], rows) for i in chosen],
                 first_row,
-                rng=lambda index, first_row=first_row: chunk_generator(seed, tensor, index, first_row),
+                rng=functools.partial(chunk_generator, seed, tensor, first_row=first_row),
             )
 
     workspace: dict[str, Any] = {}

@@ -128,8 +128,8 @@ def _check_corners(search: SearchRecipe) -> tuple[Recipe, MergePlan]:
     without a base model. Returns the baseline's."""
     corners: list[dict[str, Any]] = [
         search.baseline(),
-        {space.name: min(space.values) if space.kind == "choice" else space.low for space in search.spaces},
-        {space.name: max(space.values) if space.kind == "choice" else space.high for space in search.spaces},
+        {space.name: space.low for space in search.spaces},
+        {space.name: space.high for space in search.spaces},
     ]
     planned = []
     for values in corners:
@@ -227,8 +227,8 @@ def _run_trials(
             "ERROR" if result.error else "TERMINATED",
             result.error,
         )
-        for result in results
-    ]  # type: ignore[attr-defined]  # a ResultGrid iterates through __getitem__
+        for result in results  # type: ignore[attr-defined]  # a ResultGrid iterates through __getitem__
+    ]
     keep_best(rows, setup.models_dir, search.settings.keep)
     _write_trials_csv(rows, out_dir / "trials.csv")
     return rows

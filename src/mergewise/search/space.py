@@ -24,10 +24,10 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
+from mergewise import stages
 from mergewise.config import read_yaml_mapping, validate_block
 from mergewise.errors import MergewiseError
 from mergewise.methods.registry import get_method
-from mergewise import stages
 
 SPACE_KINDS = ("uniform", "loguniform", "int", "choice")
 MAX_GRID_POINTS = 10_000  # trials of a grid search; each one is a merge and a scoring run
@@ -98,10 +98,10 @@ class Space:
     name: str  # dotted path in the recipe
     path: tuple[str | int, ...]
     kind: str
-    low: float | None
-    high: float | None
+    low: float  # a choice space's: its smallest value
+    high: float  # …and its largest
     values: tuple[float, ...]
-    default: float
+    default: float | None  # the baseline value; where the recipe gives none, `load_search_recipe` fills it in
 
     def grid(self) -> list[float]:
         return list(self.values) if self.kind == "choice" else list(range(int(self.low), int(self.high) + 1))
@@ -134,7 +134,11 @@ class SearchRecipe:
         return recipe
 
     def baseline(self) -> dict[str, float]:
-        return {space.name: space.default for space in self.spaces}
+        baseline = {}
+        for space in self.spaces:
+            assert space.default is not None  # filled in by load_search_recipe
+            baseline[space.name] = space.default
+        return baseline
 
 
 def load_search_recipe(path: str | Path) -> SearchRecipe:
@@ -145,15 +149,15 @@ def load_search_recipe(path: str | Path) -> SearchRecipe:
     if "search" not in data:
         raise MergewiseError(f"{origin}: search: missing (the block that says how many trials and what to score)")
     settings = validate_block(SearchSettings, data.pop("search"), origin, "search")
-    spaces = []
-    _collect_spaces(data, (), spaces, origin)
-    if not spaces:
+    found: list[Space] = []
+    _collect_spaces(data, (), found, origin)
+    if not found:
         raise MergewiseError(f"{origin}: no search space (write a value as {{search: uniform, low: …, high: …}})")
     method = data.get("merge_method")
-    template = _template(data, spaces)
-    for space in spaces:
+    template = _template(data, found)
+    for space in found:
         _check_numeric_key(space, method, origin)
-    spaces = tuple(_with_default(space, method, origin) for space in spaces)
+    spaces = tuple(_with_default(space, method) for space in found)
     if settings.searcher == "grid":
         points = math.prod(space.grid_size() for space in spaces)
         if points > MAX_GRID_POINTS:
@@ -164,7 +168,7 @@ def load_search_recipe(path: str | Path) -> SearchRecipe:
     return SearchRecipe(template, spaces, settings, path.parent.resolve(), origin)
 
 
-def _collect_spaces(node: Any, path: tuple, spaces: list, origin: str) -> None:
+def _collect_spaces(node: Any, path: tuple, spaces: list[Space], origin: str) -> None:
     if isinstance(node, dict) and "search" in node:
         spaces.append(_parse_space(node, path, origin))
     elif isinstance(node, dict):
@@ -197,7 +201,7 @@ def _parse_space(node: dict, path: tuple, origin: str) -> Space:
         numbers = tuple(_number(value, f"{where}.values") for value in values)
         if default is not None and default not in numbers:
             raise MergewiseError(f"{where}.default: {default} is not one of the values")
-        return Space(name, path, kind, None, None, numbers, default)
+        return Space(name, path, kind, min(numbers), max(numbers), numbers, default)
     for bound in ("low", "high"):
         if bound not in node:
             raise MergewiseError(f"{where}: a {kind} space needs low and high")
@@ -278,7 +282,8 @@ def _block_field(path: tuple) -> FieldInfo | None:
     """The schema field of a recipe block (`aim:`, `mediator:`) that `path` sets, if any."""
     if path[0] not in stages.BLOCKS or len(path) < 2 or path[1] in stages.block_spec(path[0]).fixed_keys:
         return None
-    schema, field = stages.block_spec(path[0]).schema, None
+    schema: type[BaseModel] | None = stages.block_spec(path[0]).schema
+    field = None
     for part in path[1:]:
         if schema is None or not isinstance(part, str) or part not in schema.model_fields:
             return None
@@ -304,7 +309,7 @@ def _members(annotation: Any) -> list:
     return [annotation]
 
 
-def _with_default(space: Space, method: str, origin: str) -> Space:
+def _with_default(space: Space, method: str | None) -> Space:
     """Fill in the baseline value: the key's own default, else the centre of the space."""
     if space.default is not None:
         return space
@@ -314,9 +319,17 @@ def _with_default(space: Space, method: str, origin: str) -> Space:
     return Space(space.name, space.path, space.kind, space.low, space.high, space.values, default)
 
 
-def _key_default(space: Space, method: str) -> float | None:
+def _key_default(space: Space, method: str | None) -> float | None:
+    """The default of the method parameter or block setting the space sets (`_check_numeric_key`
+    made sure it is one, and that a method parameter's recipe names its method)."""
     parameter = _method_parameter(space.path)
-    value = get_method(method).parameters[parameter].default if parameter else _block_field(space.path).default
+    if parameter is not None:
+        assert method is not None
+        value = get_method(method).parameters[parameter].default
+    else:
+        field = _block_field(space.path)
+        assert field is not None
+        value = field.default
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 

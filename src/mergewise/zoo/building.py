@@ -77,7 +77,7 @@ def build_model_once(
         model, tokenizer, record = train()
     temporary = zoo_dir / f"{TEMPORARY_PREFIX}{name}"
     shutil.rmtree(temporary, ignore_errors=True)
-    model.to(dtype).save_pretrained(temporary)
+    model.to(dtype).save_pretrained(temporary)  # type: ignore[arg-type]  # transformers' stub: `to` takes the model
     tokenizer.save_pretrained(temporary)
     final = zoo_dir / name
     shutil.rmtree(final, ignore_errors=True)

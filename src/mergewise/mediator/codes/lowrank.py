@@ -9,7 +9,7 @@ chunk at a time, so encoding never holds more than the sketch and one chunk.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -34,7 +34,8 @@ def layout(rows: int, columns: int, dtype: torch.dtype, level: float | None) -> 
 
 
 def encode(residual: torch.Tensor, dtype: torch.dtype, level: float | None) -> Stored:
-    return encode_rows(lambda rows: residual[rows].float(), *residual.shape, dtype, level)
+    rows, columns = residual.shape
+    return encode_rows(lambda chunk: residual[chunk].float(), rows, columns, dtype, level)
 
 
 def encode_rows(
@@ -73,7 +74,9 @@ def top_factors(
     return left[:, :rank] * root, root[:, None] * right[:rank]
 
 
-def _randomized_svd(read: Callable[[slice], torch.Tensor], rows: int, columns: int, sketch: int, chunk_entries: int):
+def _randomized_svd(
+    read: Callable[[slice], torch.Tensor], rows: int, columns: int, sketch: int, chunk_entries: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     step = max(1, chunk_entries // columns)
     chunks = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
     probe = torch.randn(columns, sketch, generator=torch.Generator().manual_seed(0))
