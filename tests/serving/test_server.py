@@ -83,6 +83,10 @@ class Server:
     def stop(self) -> tuple[int, str]:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+        return self.exited()
+
+    def exited(self) -> tuple[int, str]:
+        """The status and stderr once the server ends by itself (at most a minute)."""
         _, err = self.process.communicate(timeout=60)
         return self.process.returncode, err
 
@@ -306,7 +310,7 @@ def test_sigterm_finishes_the_streams_in_flight_refuses_new_ones_and_exits_0(med
     assert all(reason in ("stop", "length") for _, reason in finished)
     with pytest.raises(httpx.TransportError):
         httpx.post(f"{server.url}/v1/completions", json={"model": "dense", "prompt": "one"}, timeout=5)
-    status, err = server.stop()
+    status, err = server.exited()  # the one SIGTERM ends it (a second one may cut its exit short)
     assert status == 0, err
     assert "Traceback" not in err
 
