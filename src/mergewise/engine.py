@@ -38,7 +38,7 @@ from mergewise.config import MergeConfig, Recipe, load_recipe
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.methods import ChunkedTensors, TensorRows
-from mergewise.methods.base import chunk_generator
+from mergewise.methods.base import chunk_generator, close_workspace
 from mergewise.model_card import write_model_card
 from mergewise.options import MergeOptions
 from mergewise.plan import MergePlan, TensorJob, TensorSource, build_plan
@@ -340,10 +340,7 @@ class _JobExecutor:
 
     def close(self) -> None:
         """Release what the methods kept in the workspace (worker threads, scratch memory)."""
-        for value in self.workspace.values():
-            if hasattr(value, "close"):
-                value.close()
-        self.workspace.clear()
+        close_workspace(self.workspace)
 
     def prepare(self, job: TensorJob, thread: ThreadPoolExecutor) -> Future | None:
         """The method's whole-tensor statistics of `job`, computed on `thread` (None: it has none)."""

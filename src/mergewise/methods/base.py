@@ -60,6 +60,14 @@ def chunk_generator(seed: int, tensor: str, index: int, first_row: int) -> torch
     return torch.Generator().manual_seed(((seed << 32) ^ key) & (2**63 - 1))
 
 
+def close_workspace(workspace: dict[str, Any]) -> None:
+    """Release what methods kept in a merge's workspace (worker threads, scratch memory) and empty it."""
+    for value in workspace.values():
+        if hasattr(value, "close"):
+            value.close()
+    workspace.clear()
+
+
 class ChunkedTensors:
     """Whole-tensor view for `prepare`: iterate the tensor's row chunks as `TensorRows`.
 

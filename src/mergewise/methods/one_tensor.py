@@ -12,7 +12,14 @@ import torch
 
 from mergewise.chunking import CHUNK_ELEMENTS, row_ranges
 from mergewise.errors import MergewiseError
-from mergewise.methods.base import REQUIRED, ChunkedTensors, MergeMethod, TensorRows, chunk_generator
+from mergewise.methods.base import (
+    REQUIRED,
+    ChunkedTensors,
+    MergeMethod,
+    TensorRows,
+    chunk_generator,
+    close_workspace,
+)
 from mergewise.methods.registry import get_method
 
 
@@ -64,9 +71,7 @@ def merge_tensors(
             rows.stats = stats
             merged.append(method.merge(rows, params))
     finally:
-        for value in workspace.values():
-            if hasattr(value, "close"):
-                value.close()
+        close_workspace(workspace)
     return torch.cat(merged) if shape else merged[0]
 
 
