@@ -9,6 +9,7 @@ import pytest
 
 from mergewise.zoo import build_zoo
 from tests.support.fake_zoo import build_fake_zoo
+from tests.support.shared import run_wide_folder
 from tests.support.tiny_models import Family, build_family
 
 
@@ -32,9 +33,9 @@ def tiny_family(tmp_path_factory) -> Callable[..., Family]:
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> Path:
-    """The session's tiny zoo (built by whichever test asks first; a finished zoo is reused)."""
-    zoo_dir = tmp_path_factory.getbasetemp() / "shared-tiny-zoo"
-    build_zoo(zoo_dir, "tiny", seed=0)
+    """The run's tiny zoo (built by whichever test of any worker asks first; a finished zoo is reused)."""
+    with run_wide_folder(tmp_path_factory, "tiny-zoo") as zoo_dir:
+        build_zoo(zoo_dir, "tiny", seed=0)
     return zoo_dir
 
 

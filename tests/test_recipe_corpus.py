@@ -21,6 +21,7 @@ from mergewise.cli import main
 from mergewise.errors import RecipeWarning
 from mergewise.methods import METHODS
 from tests.support.peer import checkpoint_mismatches
+from tests.support.shared import run_wide_folder
 from tests.support.stand_ins import PreparedRecipe, StandIns
 from tests.support.tiny_models import read_state_dict
 
@@ -147,16 +148,33 @@ dtype: bfloat16
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, tuple[PreparedRecipe, dict]]:
     """Each recipe (published or edge case) in its work folder, with mergekit's outcome (merged into
-    `<folder>/mergekit`)."""
-    root = tmp_path_factory.mktemp("corpus")
+    `<folder>/mergekit`); prepared once per run, by whichever worker asks first."""
+    with run_wide_folder(tmp_path_factory, "corpus") as root:
+        if not (root / "results.json").exists():
+            _prepare_corpus(root)
+        prepared = {
+            name: PreparedRecipe(Path(source), Path(recipe), Path(folder), method)
+            for name, (source, recipe, folder, method) in json.loads((root / "prepared.json").read_text()).items()
+        }
+        results = json.loads((root / "results.json").read_text())
+    return {name: (entry, results[name]) for name, entry in prepared.items()}
+
+
+def _prepare_corpus(root: Path) -> None:
+    """Every recipe beside its stand-ins (listed in prepared.json) and merged by mergekit (results.json)."""
     edge_cases = root / "edge-cases"
-    edge_cases.mkdir()
+    edge_cases.mkdir(exist_ok=True)
     for name, (text, _) in EDGE_CASES.items():
         (edge_cases / f"{name}.yml").write_text(text.lstrip())
     stand_ins = StandIns(root / "stand-ins")
     prepared = {
         path.name: stand_ins.prepare(path, root / path.stem) for path in [*RECIPES, *sorted(edge_cases.glob("*.yml"))]
     }
+    listing = {
+        name: [str(entry.source), str(entry.recipe), str(entry.folder), entry.merge_method]
+        for name, entry in prepared.items()
+    }
+    (root / "prepared.json").write_text(json.dumps(listing))
     jobs = [
         {"name": name, "recipe": str(entry.recipe), "out": str(entry.folder / "mergekit"), "cwd": str(entry.folder)}
         for name, entry in prepared.items()
@@ -168,8 +186,6 @@ def corpus(tmp_path_factory) -> dict[str, tuple[PreparedRecipe, dict]]:
         capture_output=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    results = json.loads((root / "results.json").read_text())
-    return {name: (entry, results[name]) for name, entry in prepared.items()}
 
 
 def _merged_as_mergekit(name: str, entry: PreparedRecipe, out: Path) -> None:

@@ -88,7 +88,7 @@ def test_lm_eval_scores_a_mergewise_model_offline(tiny_zoo, tiny_mediator, tmp_p
         model="mergewise",
         model_args=f"pretrained={model_dir},device=cpu",
         tasks=task_names,
-        task_manager=TaskManager(include_path=str(tmp_path)),
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         batch_size=4,
     )
     results = output["results"]

@@ -31,6 +31,7 @@ write a Qwen2 frankenmerge (MERGEKIT_CANNOT).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -43,7 +44,8 @@ import yaml
 
 import mergewise
 from tests.support.peer import checkpoint_mismatches
-from tests.support.tiny_models import Family, read_state_dict
+from tests.support.shared import run_wide_folder
+from tests.support.tiny_models import Family, build_family, read_state_dict
 
 MERGEKIT_YAML = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
 pytestmark = [
@@ -209,6 +211,7 @@ REAL_SIZE_CASES = [f"real-{dtype}-{name}" for dtype in ("bfloat16", "float32") f
 class PeerRun:
     config: Path
     mergekit_out: Path
+    family: Family
 
     def mergewise_out(self, out_dir: Path) -> Path:
         return Path(mergewise.merge(self.config, out_dir, seed=SEED, quiet=True))
@@ -224,7 +227,8 @@ def _run_mergekit(recipes: dict[str, dict], root: Path) -> dict[str, Path]:
         commands = [[str(multi), str(root / "all.yaml"), "-I", str(root / "mergekit")] + options]
     else:
         commands = [
-            [MERGEKIT_YAML, str(root / f"{name}.yaml"), str(root / "mergekit" / name)] + options for name in recipes
+            [MERGEKIT_YAML, str(root / "recipes" / f"{name}.yaml"), str(root / "mergekit" / name)] + options
+            for name in recipes
         ]
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True)
@@ -232,22 +236,53 @@ def _run_mergekit(recipes: dict[str, dict], root: Path) -> dict[str, Path]:
     return {name: root / "mergekit" / name for name in recipes}
 
 
-@pytest.fixture(scope="module")
-def peer_runs(tiny_family, tmp_path_factory) -> dict[str, PeerRun]:
-    root = tmp_path_factory.mktemp("peer")
-    recipes = {f"{arch}-{name}": RECIPES[name](tiny_family(arch, num_layers=NUM_LAYERS)) for arch, name in CASES}
-    sparse_family = tiny_family(SPARSE_ARCH, num_layers=NUM_LAYERS)
-    recipes |= {f"{SPARSE_ARCH}-sparse-{method}": make(sparse_family) for method, make in SPARSE_RECIPES.items()}
-    far_family = tiny_family(SPARSE_ARCH, num_layers=NUM_LAYERS, noise=FAR_NOISE)
-    recipes |= {case: RECIPES[name](far_family) for case, name in zip(FAR_CASES, FAR_RECIPES)}
-    real_family = tiny_family("llama", **REAL_SIZE)
+def _run_peers(root: Path) -> None:
+    """Every case's families, recipe (recipes/CASE.yaml) and mergekit output (mergekit/CASE); cases.json,
+    written last, names each case's family folder."""
+    families: dict[str, Family] = {}
+
+    def family(label: str, arch: str, **options) -> Family:
+        if label not in families:
+            families[label] = build_family(arch, root / "families" / label, **options)
+        return families[label]
+
+    recipes, family_of = {}, {}
+    for arch, name in CASES:
+        recipes[f"{arch}-{name}"] = RECIPES[name](family(arch, arch, num_layers=NUM_LAYERS))
+        family_of[f"{arch}-{name}"] = arch
+    for method, make in SPARSE_RECIPES.items():
+        recipes[f"{SPARSE_ARCH}-sparse-{method}"] = make(family(SPARSE_ARCH, SPARSE_ARCH, num_layers=NUM_LAYERS))
+        family_of[f"{SPARSE_ARCH}-sparse-{method}"] = SPARSE_ARCH
+    for case, name in zip(FAR_CASES, FAR_RECIPES):
+        recipes[case] = RECIPES[name](family("far", SPARSE_ARCH, num_layers=NUM_LAYERS, noise=FAR_NOISE))
+        family_of[case] = "far"
     for case in REAL_SIZE_CASES:
         _, dtype, name = case.split("-", 2)
-        recipes[case] = RECIPES[name](real_family) | {"dtype": dtype}
+        recipes[case] = RECIPES[name](family("real", "llama", **REAL_SIZE)) | {"dtype": dtype}
+        family_of[case] = "real"
+    (root / "recipes").mkdir(exist_ok=True)
     for name, recipe in recipes.items():
-        (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    outputs = _run_mergekit(recipes, root)
-    return {name: PeerRun(root / f"{name}.yaml", outputs[name]) for name in recipes}
+        (root / "recipes" / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    _run_mergekit(recipes, root)
+    (root / "cases.json").write_text(json.dumps(family_of))
+
+
+@pytest.fixture(scope="module")
+def peer_runs(tmp_path_factory) -> dict[str, PeerRun]:
+    """mergekit's output of every case, run once per test run by whichever worker asks first."""
+    with run_wide_folder(tmp_path_factory, "peer-mergekit") as root:
+        if not (root / "cases.json").exists():
+            _run_peers(root)
+        family_of = json.loads((root / "cases.json").read_text())
+    return {
+        case: PeerRun(root / "recipes" / f"{case}.yaml", root / "mergekit" / case, _family_in(root, label))
+        for case, label in family_of.items()
+    }
+
+
+def _family_in(root: Path, label: str) -> Family:
+    folder = root / "families" / label
+    return Family(folder / "base", tuple(sorted(folder.glob("ft*"))))
 
 
 @pytest.mark.parametrize("case", [f"{arch}-{name}" for arch, name in CASES] + FAR_CASES + REAL_SIZE_CASES)
@@ -275,16 +310,15 @@ def update_statistics(merged: Path, family: Family) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("method", SPARSE_RECIPES)
-def test_sparsified_update_matches_mergekit(method, peer_runs, tiny_family, tmp_path):
+def test_sparsified_update_matches_mergekit(method, peer_runs, tmp_path):
     """Same kept share and update size as mergekit (~180k entries: 2 % is ~4 standard deviations).
 
     For TIES this holds on bf16 data even though the kept set depends on the tie order: top-k keeps
     exactly k entries, however many deltas tie at the threshold.
     """
     run = peer_runs[f"{SPARSE_ARCH}-sparse-{method}"]
-    family = tiny_family(SPARSE_ARCH, num_layers=NUM_LAYERS)
 
-    ours = update_statistics(run.mergewise_out(tmp_path / "merged"), family)
-    theirs = update_statistics(run.mergekit_out, family)
+    ours = update_statistics(run.mergewise_out(tmp_path / "merged"), run.family)
+    theirs = update_statistics(run.mergekit_out, run.family)
 
     assert ours == pytest.approx(theirs, rel=0.02), f"(kept share, L1 ratio): mergewise {ours}, mergekit {theirs}"

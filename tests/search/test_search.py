@@ -392,7 +392,7 @@ def test_lm_eval_objective_takes_each_task_first_metric_higher_is_better(tiny_zo
         model_args=f"pretrained={model_dir},device=cpu",
         tasks=["mw_rolling"],
         batch_size=4,
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
     )["results"]["mw_rolling"]["word_perplexity,none"]
     assert validation["tasks"] == {"mw_generate": 1.0, "mw_rolling": pytest.approx(-perplexity)}  # lower is better
     assert validation["score"] == pytest.approx((1.0 - perplexity) / 2, abs=1e-6)
@@ -407,12 +407,36 @@ def test_lm_eval_objective_takes_each_task_first_metric_higher_is_better(tiny_zo
     )
 
 
+def test_lm_eval_indexes_its_bundled_tasks_only_when_the_folder_lacks_one(tmp_path, monkeypatch):
+    """Indexing lm-eval's bundled tasks takes ~10 s per scoring; a folder holding every task skips it."""
+    lm_eval_tasks = pytest.importorskip("lm_eval.tasks")
+    from mergewise.search.objective import _task_manager
+    from tests.evaluate.test_lm_eval_adapter import write_tasks
+
+    local_names = write_tasks(tmp_path, tmp_path / "data.jsonl")
+    local = _task_manager(str(tmp_path), local_names)
+    assert set(local_names) <= set(local.all_tasks) and "arc_easy" not in local.all_tasks
+
+    built = []
+
+    class Recorded(lm_eval_tasks.TaskManager):  # the bundled index itself is not what is tested
+        def __init__(self, include_path=None, include_defaults=True):
+            built.append(include_defaults)
+            super().__init__(include_path=include_path, include_defaults=False)
+
+    monkeypatch.setattr(lm_eval_tasks, "TaskManager", Recorded)
+    _task_manager(str(tmp_path), [*local_names, "arc_easy"])
+    _task_manager(None, ["arc_easy"])
+    assert built == [False, True, True]
+
+
 @pytest.mark.integration
 def test_grid_runs_every_combination_once_and_cmaes_runs(tiny_zoo, tmp_path, local_ray):
     from mergewise.search import run_search
 
     grid = search_recipe(tiny_zoo)
     grid["models"][0]["parameters"]["weight"] = {"search": "choice", "values": [0.5, 1.0]}
+    grid["models"][0]["parameters"]["density"]["values"] = [0.3, 0.7]
     grid["models"][1]["parameters"]["weight"] = {"search": "int", "low": 0, "high": 1}
     grid["aim"]["omega"] = 0.4
     grid["search"].update(searcher="grid", trials=1)
@@ -425,7 +449,7 @@ def test_grid_runs_every_combination_once_and_cmaes_runs(tiny_zoo, tmp_path, loc
         )
         for row in read_trials(tmp_path / "grid")
     }
-    assert len(read_trials(tmp_path / "grid")) == len(combinations) == 2 * 3 * 2
+    assert len(read_trials(tmp_path / "grid")) == len(combinations) == 2 * 2 * 2
     cmaes = search_recipe(tiny_zoo)
     cmaes["search"].update(searcher="cmaes", trials=3)
     result = run_search(write(tmp_path / "cmaes.yml", cmaes), tmp_path / "cmaes", quiet=True)

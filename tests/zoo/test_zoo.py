@@ -16,6 +16,7 @@ from mergewise.cli import main
 from mergewise.errors import MergewiseError
 from mergewise.zoo import build_zoo, load_zoo
 from mergewise.zoo import training as zoo_training
+from tests.support.shared import run_wide_folder
 
 pytestmark = pytest.mark.integration  # trains the tiny zoo
 
@@ -24,9 +25,10 @@ MODEL_NAMES = ["base", "expert-first", "expert-last", "expert-max", "expert-min"
 
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory) -> Path:
-    """Built once per session through the CLI; later callers find it finished (the resume path)."""
-    zoo_dir = tmp_path_factory.getbasetemp() / "shared-tiny-zoo"
-    assert main(["zoo", "build", str(zoo_dir), "--size", "tiny", "--seed", "0", "--threads", "1"]) == 0
+    """The run's tiny zoo, through the CLI: the first build of the run, or a later one that finds it
+    finished (the resume path)."""
+    with run_wide_folder(tmp_path_factory, "tiny-zoo") as zoo_dir:
+        assert main(["zoo", "build", str(zoo_dir), "--size", "tiny", "--seed", "0", "--threads", "1"]) == 0
     return zoo_dir
 
 

@@ -7,10 +7,13 @@ only; the test half scores the best and the baseline recipe once, after the sear
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 from mergewise.errors import MergewiseError
 from mergewise.search.space import LmEvalObjective, Objective
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 
 def resolve_objective(objective: Objective, config_dir: Path, origin: str) -> Objective:
@@ -85,7 +88,6 @@ def _score_with_lm_eval(
     model_dir: str | Path, lm_eval_objective: LmEvalObjective, split: Split, device: str
 ) -> dict | None:
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     import mergewise.evaluate.lm_eval_adapter  # noqa: F401  (registers the "mergewise" model type)
 
@@ -98,7 +100,7 @@ def _score_with_lm_eval(
         tasks=list(tasks),
         limit=lm_eval_objective.limit,
         batch_size=lm_eval_objective.batch_size,
-        task_manager=TaskManager(include_path=lm_eval_objective.include_path),
+        task_manager=_task_manager(lm_eval_objective.include_path, list(tasks)),
     )
     scores = {}
     for task in tasks:  # results hold "metric,filter" keys beside counts and stderrs
@@ -106,3 +108,15 @@ def _score_with_lm_eval(
         value = next(value for key, value in output["results"][task].items() if key.split(",")[0] == metric)
         scores[task] = float(value) if higher_is_better else -float(value)
     return {"score": round(sum(scores.values()) / len(scores), 6), "tasks": scores}
+
+
+def _task_manager(include_path: str | None, tasks: list[str]) -> TaskManager:
+    """lm-eval's task index. Indexing the ~14 000 tasks it bundles takes about 10 s, paid on every
+    trial's scoring, so when the `include_path` folder holds every task asked for, only it is indexed."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=include_path)
