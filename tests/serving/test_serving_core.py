@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -17,7 +19,7 @@ httpx = pytest.importorskip("httpx2")  # the HTTP library of openai 3
 
 from mergewise.mediator.runtime import load  # noqa: E402
 from mergewise.serving.core import ServeRequest, ServingCore, ServingError  # noqa: E402
-from mergewise.serving.decoding import Completion, Sampling, decode  # noqa: E402
+from mergewise.serving.decoding import Completion, DecodingBatch, Sampling  # noqa: E402
 from mergewise.serving.http import create_app  # noqa: E402
 from tests.support.tiny_mediator import (  # noqa: E402
     HELD_BACK_WORDS,
@@ -26,6 +28,7 @@ from tests.support.tiny_mediator import (  # noqa: E402
     build_tiny_mediator,
     prompts_for,
 )
+from tests.support.tiny_models import tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +66,125 @@ def test_batched_greedy_decoding_equals_generate_one_prompt_at_a_time(model):
     ]
     streamed = [""] * len(completions)
 
-    def collect(row, text):
-        streamed[row] += text
+    def collect(completion, text):
+        streamed[completions.index(completion)] += text
 
-    decode(model.model, completions, model.tokenizer.pad_token_id, model.device, collect)
+    decode_all(model, completions, collect)
     for row, ids in enumerate(encoded):
         expected = reference_text(model, ids, {}, 7)
         assert completions[row].text == streamed[row] == expected
         assert completions[row].finish_reason in ("stop", "length")
 
 
+def decode_all(model, completions, on_text=None) -> None:
+    """Every completion decoded to its end in one batch, as the server's worker runs a batch."""
+    batch = DecodingBatch(model.model, model.tokenizer.pad_token_id, model.device)
+    released = batch.join(completions)
+    while True:
+        for row, text in released:
+            if on_text is not None:
+                on_text(batch.completions[row], text)
+        batch.drop_ended()
+        if not len(batch):
+            return
+        released = batch.step()
+
+
+def test_sequences_joining_a_running_batch_decode_as_they_would_alone(model):
+    """Rows join between steps with prompts longer and shorter than the batch's, leave as they end,
+    and every one gives what greedy `generate` gives it alone; padding nobody attends to is dropped."""
+    model.use_weights({})
+    prompts = model.encode(
+        [prompts_for(words, 1, 40 + index)[0] * (1 + index % 3) for index, words in enumerate(TASK_WORDS.values())]
+    )
+    lengths = [3, 9, 5, 12]
+    completions = [
+        Completion(ids, Sampling(max_tokens=length, temperature=0), model.tokenizer, frozenset())
+        for ids, length in zip(prompts, lengths)
+    ]
+    batch = DecodingBatch(model.model, model.tokenizer.pad_token_id, model.device)
+    batch.join(completions[:2])
+    for newcomer in completions[2:]:
+        for _ in range(2):
+            batch.step()
+            batch.drop_ended()
+        assert batch.takes_newcomers
+        batch.join([newcomer])
+    while len(batch):
+        batch.step()
+        batch.drop_ended()
+        if len(batch):
+            assert batch.attention_mask[:, 0].any()  # no column only padding
+            assert batch.cache.get_seq_length() == batch.attention_mask.shape[1]
+    for completion, ids, length in zip(completions, prompts, lengths):
+        assert completion.text == reference_text(model, ids, {}, length)
+        assert completion.finish_reason == "length" and len(completion.tokens) == length
+
+
+def test_a_sliding_window_cache_takes_no_newcomers(model):
+    """A sliding window's cache keeps each row's last tokens in place: rows cannot be appended to it."""
+    config = tiny_config("mistral", vocab_size=len(model.tokenizer))
+    config.sliding_window = 4
+    sliding = AutoModelForCausalLM.from_config(config).eval()
+    batch = DecodingBatch(sliding, model.tokenizer.pad_token_id, torch.device("cpu"))
+    assert batch.takes_newcomers  # an empty batch takes its first rows
+    ids = model.encode(["one two three"])[0]
+    batch.join([Completion(ids, Sampling(max_tokens=3, temperature=0), model.tokenizer, frozenset())])
+    assert not batch.takes_newcomers
+
+
+def timed_events(core, request, name, log):
+    """Submit `request`, logging (name, event kind) as events arrive, in arrival order."""
+    return core.submit(request, lambda event: log.append((name, event.kind)))
+
+
+def wait_for_first_token(ticket) -> None:
+    deadline = time.monotonic() + 60
+    while ticket.first_token is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert ticket.first_token is not None
+
+
+def test_a_request_for_the_route_in_place_joins_the_running_batch(model):
+    core = ServingCore(model, served_name="tiny", max_batch=4, max_wait=60)
+    core.end_ids = frozenset()  # no early end: the first request runs all its tokens
+    ids = model.encode(["nine ten one"])[0]
+    log = []
+    with core:
+        first = timed_events(core, ServeRequest(ids, Sampling(max_tokens=60, temperature=0), "dense"), "first", log)
+        wait_for_first_token(first)
+        timed_events(core, ServeRequest(ids, Sampling(max_tokens=2, temperature=0), "dense"), "joined", log)
+    assert [name for name, kind in log if kind == "done"] == ["joined", "first"]
+    assert core.metrics.route_switches._value.get() == 0  # D was in place throughout
+
+
+def test_once_another_route_waited_past_max_wait_the_running_batch_takes_no_one(model):
+    """The batch runs out and the waiting route goes next, though a later request for the route in
+    place came meanwhile: switches stay bounded and no route waits forever."""
+    core = ServingCore(model, served_name="tiny", max_batch=4, max_wait=0.0)
+    core.end_ids = frozenset()
+    ids = model.encode(["nine ten one"])[0]
+    task = model.router.tasks[0]
+    log = []
+    with core:
+        first = timed_events(core, ServeRequest(ids, Sampling(max_tokens=40, temperature=0), "dense"), "first", log)
+        wait_for_first_token(first)
+        timed_events(core, ServeRequest(ids, Sampling(max_tokens=2, temperature=0), task), "other route", log)
+        timed_events(core, ServeRequest(ids, Sampling(max_tokens=2, temperature=0), "dense"), "late", log)
+    assert [name for name, kind in log if kind == "done"] == ["first", "other route", "late"]
+    assert core.metrics.route_switches._value.get() == 2
+
+
 def test_stop_strings_are_cut_and_never_streamed(model):
     ids = model.encode(["one two three four"])[0]
     model.use_weights({})
     whole = Completion(ids, Sampling(max_tokens=12, temperature=0), model.tokenizer, frozenset())
-    decode(model.model, [whole], model.tokenizer.pad_token_id, model.device)
+    decode_all(model, [whole])
     stop = whole.text[len(whole.text) // 2 :][:3]
     assert stop.strip()
     streamed = []
     cut = Completion(ids, Sampling(max_tokens=12, temperature=0, stop=(stop,)), model.tokenizer, frozenset())
-    decode(model.model, [cut], model.tokenizer.pad_token_id, model.device, lambda row, text: streamed.append(text))
+    decode_all(model, [cut], lambda completion, text: streamed.append(text))
     assert cut.finish_reason == "stop" and cut.text == whole.text[: whole.text.find(stop)]
     assert "".join(streamed) == cut.text
 
@@ -93,7 +195,7 @@ def test_seeded_sampling_repeats_and_nucleus_of_one_token_is_greedy(model):
 
     def run(sampling):
         completion = Completion(ids, sampling, model.tokenizer, frozenset())
-        decode(model.model, [completion], model.tokenizer.pad_token_id, model.device)
+        decode_all(model, [completion])
         return completion.tokens
 
     assert run(Sampling(10, temperature=1.3, seed=5)) == run(Sampling(10, temperature=1.3, seed=5))

@@ -2,12 +2,12 @@
 
 One worker thread runs every forward pass. A request is routed when it is admitted (`model` "auto":
 one prefill through the dense model D, batched with the other new requests; a task name or "dense"
-skips the router) and then waits in the queue of its route. The worker keeps serving the route whose
-weights are in place while that queue holds requests, unless another route's oldest request has
-waited longer than `max_wait`; then it switches to the route holding the oldest request. A batch is
-up to `max_batch` requests of one route, decoded to its end (`decoding.decode`). Route switches are
-the runtime's in-place writes: every weight is held once, whatever the concurrency, and D comes back
-bit for bit.
+skips the router) and then waits in the queue of its route. A batch decodes up to `max_batch`
+requests of the route whose weights are in place (`decoding.DecodingBatch`); requests of that route
+join it between steps as rows free up, until another route's oldest request has waited longer than
+`max_wait`: then the batch takes no one more, and when its last sequence ends the worker switches to
+the route holding the oldest request. Route switches are the runtime's in-place writes: every
+weight is held once, whatever the concurrency, and D comes back bit for bit.
 
 A `Ticket` is a request's handle: its route once decided, the text as it is released, its end. Events
 reach the caller through `deliver` (any callable; the HTTP layer hands them to its event loop) or,
@@ -16,18 +16,19 @@ by default, a queue that `Ticket.events()` reads.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 from mergewise.mediator.router import Route
 from mergewise.mediator.runtime import RoutedModel
-from mergewise.serving.decoding import Completion, Sampling, decode
+from mergewise.serving.decoding import Completion, DecodingBatch, Sampling
 from mergewise.serving.metrics import ServingMetrics
 
 AUTO, DENSE = "auto", "dense"
@@ -142,6 +143,8 @@ class ServingCore:
         self._queues: dict[tuple, deque[Ticket]] = {}  # by route key, in arrival order
         self._in_place: tuple | None = _route_key(self._forced_route(DENSE))  # what the model holds: D
         self._waiting = 0
+        self._batch: DecodingBatch | None = None  # the sequences decoding now, with the route in place
+        self._running: list[Ticket] = []  # their requests, row for row
         self._numbers = itertools.count(1)
         self._lock = threading.Condition()
         self._accepting = True
@@ -243,18 +246,31 @@ class ServingCore:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._admitted and not any(self._queues.values()) and not self._stopping:
+                while not (self._admitted or self._has_queued() or self._running or self._stopping):
                     self._lock.wait()
-                if self._stopping and not self._admitted and not any(self._queues.values()):
+                if self._stopping and not (self._admitted or self._has_queued() or self._running):
                     return
                 admitted = list(self._admitted)
                 self._admitted.clear()
             if admitted:
                 self._route(admitted)
-            batch_key, batch = self._next_batch()
-            if batch_key is not None and batch:  # a batch has a key
-                self._run(batch_key, batch)
+            batch = self._batch
+            if batch is None:
+                key, tickets = self._next_batch()
+                if key is not None and tickets:  # a batch has a key
+                    self._start(key, tickets)
+                continue
+            newcomers = self._joining(batch)
+            if newcomers:
+                self._join(batch, newcomers)
+            self._settle()  # a request cancelled since the last step ends before it
+            if self._batch is not None:
+                self._decode(batch.step)
 
+    def _has_queued(self) -> bool:
+        return any(self._queues.values())
+
+    # ------------------------------------------------------------------------------ worker
     def _route(self, tickets: list[Ticket]) -> None:
         """Each ticket's route: forced by its `model`, else the router's (one batched prefill)."""
         automatic = [
@@ -321,32 +337,85 @@ class ServingCore:
             self.metrics.queue_length.set(self._waiting)
             return key, batch
 
-    def _run(self, key: tuple, batch: list[Ticket]) -> None:
+    def _joining(self, batch: DecodingBatch) -> list[Ticket]:
+        """Requests of the route in place that join the running batch now: up to `max_batch` rows,
+        none once another route's oldest request has waited past `max_wait` (the batch then runs
+        out and the worker switches), none if the model's cache cannot take rows."""
+        with self._lock:
+            if not batch.takes_newcomers:
+                return []
+            waiting = self._queues.get(self._in_place) if self._in_place is not None else None
+            if not waiting:
+                return []
+            now = time.monotonic()
+            if any(
+                tickets and key != self._in_place and now - tickets[0].submitted > self.max_wait
+                for key, tickets in self._queues.items()
+            ):
+                return []
+            joining: list[Ticket] = []
+            while waiting and len(self._running) + len(joining) < self.max_batch:
+                ticket = waiting.popleft()
+                self._waiting -= 1
+                if not ticket.cancelled:
+                    joining.append(ticket)
+            self.metrics.queue_length.set(self._waiting)
+            return joining
+
+    def _start(self, key: tuple, tickets: list[Ticket]) -> None:
+        """A new batch of `tickets`, after switching to their route's weights."""
         try:
-            self._switch_to(key, batch[0].route)
-            completions = [
-                Completion(ticket.request.prompt_ids, ticket.request.sampling, self.tokenizer, self.end_ids)
-                for ticket in batch
-            ]
-
-            def released(row: int, text: str) -> None:
-                ticket, completion = batch[row], completions[row]
-                now = time.monotonic()
-                if ticket.first_token is None:
-                    ticket.first_token = now
-                    self.metrics.time_to_first_token.observe(now - ticket.submitted)
-                if ticket.cancelled:
-                    completion.cancelled = True
-                    return
-                if text:
-                    ticket.send(Event("text", text))
-
-            decode(self.model.model, completions, self.pad_id, self.model.device, released)
-            for ticket, completion in zip(batch, completions):
-                self._finish(ticket, completion)
-        except Exception as error:  # a failed batch fails its requests, not the server
-            for ticket in batch:
+            self._switch_to(key, tickets[0].route)
+        except Exception as error:  # a failed switch fails those requests, not the server
+            for ticket in tickets:
                 self._fail(ticket, error)
+            return
+        self._batch = DecodingBatch(self.model.model, self.pad_id, self.model.device)
+        self._join(self._batch, tickets)
+
+    def _join(self, batch: DecodingBatch, tickets: list[Ticket]) -> None:
+        completions = [
+            Completion(ticket.request.prompt_ids, ticket.request.sampling, self.tokenizer, self.end_ids)
+            for ticket in tickets
+        ]
+        self._decode(functools.partial(batch.join, completions), tickets)
+
+    def _decode(self, work: Callable[[], list[tuple[int, str]]], joining: Sequence[Ticket] = ()) -> None:
+        """Run `work` (a join of `joining`, or a step) on the batch, stream what it releases and
+        finish the requests that ended. A failure fails every request in the batch, not the server."""
+        batch = self._batch
+        assert batch is not None  # work runs on a batch
+        self._running.extend(joining)
+        try:
+            released = work()
+        except Exception as error:
+            for ticket in self._running:
+                self._fail(ticket, error)
+            self._running, self._batch = [], None
+            return
+        now = time.monotonic()
+        for row, text in released:
+            ticket = self._running[row]
+            if ticket.first_token is None:
+                ticket.first_token = now
+                self.metrics.time_to_first_token.observe(now - ticket.submitted)
+            if text and not ticket.cancelled:
+                ticket.send(Event("text", text))
+        self._settle()
+
+    def _settle(self) -> None:
+        """End the rows of requests that were cancelled, and finish every request that ended."""
+        batch = self._batch
+        assert batch is not None
+        for ticket, completion in zip(self._running, batch.completions):
+            if ticket.cancelled:
+                completion.cancelled = True
+        ended = dict(batch.drop_ended())
+        for row, completion in ended.items():
+            self._finish(self._running[row], completion)
+        self._running = [ticket for row, ticket in enumerate(self._running) if row not in ended]
+        if not self._running:
+            self._batch = None
 
     def _switch_to(self, key: tuple, route: Route | None) -> None:
         if key == self._in_place:
