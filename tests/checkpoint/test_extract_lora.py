@@ -11,6 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from mergewise.checkpoint.extract_lora import OVERSAMPLING, truncated_svd
 from mergewise.cli import main
 from tests.support.processes import run_measured
 from tests.support.tiny_models import build_fine_tune, build_tiny_model, read_state_dict
@@ -34,6 +35,48 @@ def test_an_extracted_adapter_loads_in_peft_and_rebuilds_the_fine_tune(tmp_path,
         assert capsys.readouterr().out.strip().endswith(f"adapter written to {tmp_path / f'r{rank}'}")
         errors[rank] = json.loads((tmp_path / f"r{rank}" / "extraction.json").read_text())["relative_error"]
     assert all(0 < errors[8][module] < errors[2][module] < 1 for module in errors[2])
+
+
+def fine_tune_difference(rows: int, columns: int, seed: int) -> torch.Tensor:
+    """What a fine-tune adds to a matrix: a few decaying directions over a flat tail of noise."""
+    generator = torch.Generator().manual_seed(seed)
+    structured = sum(
+        0.8**index * torch.outer(torch.randn(rows, generator=generator), torch.randn(columns, generator=generator))
+        for index in range(12)
+    )
+    noise = torch.randn(rows, columns, generator=generator)
+    return structured / structured.norm() + 0.5 * noise / noise.norm()
+
+
+def relative_error(matrix, left, values, right) -> float:
+    return float((matrix - (left * values) @ right).norm() / matrix.norm())
+
+
+@pytest.mark.parametrize("shape", [(384, 320), (320, 384)])
+@pytest.mark.parametrize("rank", [4, 16])
+def test_the_randomized_factorisation_loses_at_most_1_percent_more_than_the_exact_one(shape, rank):
+    """Matrices wide enough for the sketch (both orientations) take the randomized path."""
+    delta = fine_tune_difference(*shape, seed=rank)
+    assert 2 * (rank + OVERSAMPLING) < min(shape)
+    exact = torch.linalg.svd(delta, full_matrices=False)
+    exact_error = relative_error(delta, exact[0][:, :rank], exact[1][:rank], exact[2][:rank])
+
+    left, values, right = truncated_svd(delta, rank)
+
+    assert left.shape == (shape[0], rank) and values.shape == (rank,) and right.shape == (rank, shape[1])
+    assert exact_error <= relative_error(delta, left, values, right) <= 1.01 * exact_error
+    assert bool((values <= exact[1][:rank] * (1 + 1e-5)).all())  # a projection's values never exceed the matrix's
+    again = truncated_svd(delta, rank)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip((left, values, right), again))  # seeded
+
+
+def test_a_matrix_narrow_for_the_sketch_gets_the_exact_factorisation():
+    delta = fine_tune_difference(64, 48, seed=1)
+    rank = 16  # a sketch of 24 columns is half of 48
+    left, values, right = truncated_svd(delta, rank)
+    exact = torch.linalg.svd(delta, full_matrices=False)
+    assert torch.equal(left, exact[0][:, :rank]) and torch.equal(values, exact[1][:rank])
+    assert torch.equal(right, exact[2][:rank])
 
 
 def test_a_rank_below_one_is_one_error_line(tmp_path, capsys):

@@ -267,9 +267,10 @@ def test_zoo_held_out_prompts_split_into_disjoint_halves(fake_zoo):
 # ----------------------------------------------------------------------------- on a local Ray
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray of 2 CPUs (what CI has); the search attaches to it and leaves it running."""
+    """A local Ray of 2 CPUs (what CI has), started once for the module's searches: a search attaches
+    to it and leaves it running."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
