@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -18,6 +17,8 @@ from tests.support.tiny_models import build_fine_tune, build_tiny_model, read_st
 
 
 def test_an_extracted_adapter_loads_in_peft_and_rebuilds_the_fine_tune(tmp_path, capsys):
+    from peft import PeftModel  # imported here: it takes ~4 s, which every xdist worker would pay collecting
+
     base = build_tiny_model("llama", tmp_path / "base", dtype=torch.float32, num_layers=2)
     tuned = build_fine_tune(base, tmp_path / "tuned", seed=1, noise=0.05)
     assert main(["extract-lora", str(tuned), str(base), str(tmp_path / "full"), "--rank", "64", "--quiet"]) == 0

@@ -19,13 +19,10 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")  # the HTTP library of openai 3
 
-from mergewise.chat_templates import NAMED, write_chat_template  # noqa: E402
 from mergewise.mediator.runtime import load  # noqa: E402
 from tests.support.tiny_mediator import (  # noqa: E402
     HELD_BACK_WORDS,
     TASK_WORDS,
-    build_mediator_family,
-    build_tiny_mediator,
     prompts_for,
 )
 
@@ -89,15 +86,6 @@ class Server:
         """The status and stderr once the server ends by itself (at most a minute)."""
         _, err = self.process.communicate(timeout=60)
         return self.process.returncode, err
-
-
-@pytest.fixture(scope="module")
-def mediator_dir(tmp_path_factory):
-    """The tiny Mediator folder, with a chat template so that chat completions are served."""
-    family = build_mediator_family(tmp_path_factory.mktemp("server-family"))
-    folder = build_tiny_mediator(family, tmp_path_factory.mktemp("server") / "tiny-mediator")
-    write_chat_template(folder, NAMED["chatml"])
-    return folder
 
 
 @pytest.fixture(scope="module")

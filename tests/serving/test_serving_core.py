@@ -24,17 +24,9 @@ from mergewise.serving.http import create_app  # noqa: E402
 from tests.support.tiny_mediator import (  # noqa: E402
     HELD_BACK_WORDS,
     TASK_WORDS,
-    build_mediator_family,
-    build_tiny_mediator,
     prompts_for,
 )
 from tests.support.tiny_models import tiny_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def mediator_dir(tmp_path_factory):
-    family = build_mediator_family(tmp_path_factory.mktemp("serving-family"))
-    return build_tiny_mediator(family, tmp_path_factory.mktemp("serving") / "model")
 
 
 @pytest.fixture(scope="module")
