@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,16 @@ from mergewise.zoo import build_zoo
 from tests.support.fake_zoo import build_fake_zoo
 from tests.support.shared import run_wide_folder
 from tests.support.tiny_models import Family, build_family
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker's torch gets its share of the cores: two workers of two
+    threads each on two cores spin against each other in every parallel op."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")
