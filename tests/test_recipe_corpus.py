@@ -6,6 +6,7 @@ mergewise refuses with one `error:` line."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -21,7 +22,7 @@ from mergewise.cli import main
 from mergewise.errors import RecipeWarning
 from mergewise.methods import METHODS
 from tests.support.peer import checkpoint_mismatches
-from tests.support.shared import run_wide_folder
+from tests.support.shared import fill_in_parts, run_wide_folder
 from tests.support.stand_ins import PreparedRecipe, StandIns
 from tests.support.tiny_models import read_state_dict
 
@@ -145,23 +146,29 @@ dtype: bfloat16
 }
 
 
+CORPUS_PARTS = 2  # mergekit's runs in parts, which two xdist workers arriving together share
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, tuple[PreparedRecipe, dict]]:
     """Each recipe (published or edge case) in its work folder, with mergekit's outcome (merged into
-    `<folder>/mergekit`); prepared once per run, by whichever worker asks first."""
+    `<folder>/mergekit`); prepared once per run, by whichever workers ask."""
     with run_wide_folder(tmp_path_factory, "corpus") as root:
-        if not (root / "results.json").exists():
+        if not (root / "prepared.json").exists():
             _prepare_corpus(root)
-        prepared = {
-            name: PreparedRecipe(Path(source), Path(recipe), Path(folder), method)
-            for name, (source, recipe, folder, method) in json.loads((root / "prepared.json").read_text()).items()
-        }
-        results = json.loads((root / "results.json").read_text())
+    fill_in_parts(root, CORPUS_PARTS, functools.partial(_run_part, root))
+    prepared = {
+        name: PreparedRecipe(Path(source), Path(recipe), Path(folder), method)
+        for name, (source, recipe, folder, method) in json.loads((root / "prepared.json").read_text()).items()
+    }
+    results = {}
+    for part in range(CORPUS_PARTS):
+        results |= json.loads((root / f"results-{part}.json").read_text())
     return {name: (entry, results[name]) for name, entry in prepared.items()}
 
 
 def _prepare_corpus(root: Path) -> None:
-    """Every recipe beside its stand-ins (listed in prepared.json) and merged by mergekit (results.json)."""
+    """Every recipe beside its stand-ins; prepared.json, written last, lists them."""
     edge_cases = root / "edge-cases"
     edge_cases.mkdir(exist_ok=True)
     for name, (text, _) in EDGE_CASES.items():
@@ -175,13 +182,18 @@ def _prepare_corpus(root: Path) -> None:
         for name, entry in prepared.items()
     }
     (root / "prepared.json").write_text(json.dumps(listing))
+
+
+def _run_part(root: Path, part: int) -> None:
+    """mergekit on every CORPUS_PARTS-th recipe from `part` on (results-PART.json)."""
+    listing = json.loads((root / "prepared.json").read_text())
     jobs = [
-        {"name": name, "recipe": str(entry.recipe), "out": str(entry.folder / "mergekit"), "cwd": str(entry.folder)}
-        for name, entry in prepared.items()
+        {"name": name, "recipe": recipe, "out": str(Path(folder) / "mergekit"), "cwd": folder}
+        for name, (_, recipe, folder, _) in sorted(listing.items())[part::CORPUS_PARTS]
     ]
-    (root / "jobs.json").write_text(json.dumps(jobs))
+    (root / f"jobs-{part}.json").write_text(json.dumps(jobs))
     subprocess.run(
-        [sys.executable, str(RUNNER), str(root / "jobs.json"), str(root / "results.json")],
+        [sys.executable, str(RUNNER), str(root / f"jobs-{part}.json"), str(root / f"results-{part}.json")],
         check=True,
         capture_output=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},

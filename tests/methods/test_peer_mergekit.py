@@ -31,6 +31,7 @@ write a Qwen2 frankenmerge (MERGEKIT_CANNOT).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ import yaml
 
 import mergewise
 from tests.support.peer import checkpoint_mismatches
-from tests.support.shared import run_wide_folder
+from tests.support.shared import fill_in_parts, run_wide_folder
 from tests.support.tiny_models import Family, build_family, read_state_dict
 
 MERGEKIT_YAML = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
@@ -58,6 +59,7 @@ pytestmark = [
 
 NUM_LAYERS = 4  # enough layers for gradients and layer-range slices to mean something
 SEED = 0
+PEER_PARTS = 2  # mergekit's runs in parts, which two xdist workers arriving together share
 
 Recipe = Callable[[Family], dict]
 
@@ -219,14 +221,14 @@ class PeerRun:
         return Path(mergewise.merge(self.config, out_dir, seed=SEED, quiet=True, threads=os.cpu_count()))
 
 
-def _run_mergekit(recipes: dict[str, dict], root: Path) -> dict[str, Path]:
+def _run_mergekit(recipes: dict[str, dict], root: Path, listing: str = "all.yaml") -> dict[str, Path]:
     """Run every recipe through mergekit; `mergekit-multi` beside `mergekit-yaml` does it in one process."""
     options = ["--no-cuda", "--quiet", "--no-write-model-card", "--random-seed", str(SEED)]
     multi = Path(MERGEKIT_YAML).with_name("mergekit-multi")
     if multi.exists():
         documents = [{"name": name, **recipe} for name, recipe in recipes.items()]
-        (root / "all.yaml").write_text(yaml.safe_dump_all(documents, sort_keys=False))
-        commands = [[str(multi), str(root / "all.yaml"), "-I", str(root / "mergekit")] + options]
+        (root / listing).write_text(yaml.safe_dump_all(documents, sort_keys=False))
+        commands = [[str(multi), str(root / listing), "-I", str(root / "mergekit")] + options]
     else:
         commands = [
             [MERGEKIT_YAML, str(root / "recipes" / f"{name}.yaml"), str(root / "mergekit" / name)] + options
@@ -238,9 +240,9 @@ def _run_mergekit(recipes: dict[str, dict], root: Path) -> dict[str, Path]:
     return {name: root / "mergekit" / name for name in recipes}
 
 
-def _run_peers(root: Path) -> None:
-    """Every case's families, recipe (recipes/CASE.yaml) and mergekit output (mergekit/CASE); cases.json,
-    written last, names each case's family folder."""
+def _write_cases(root: Path) -> None:
+    """Every case's families and recipe (recipes/CASE.yaml); cases.json, written last, names each
+    case's family folder."""
     families: dict[str, Family] = {}
 
     def family(label: str, arch: str, **options) -> Family:
@@ -265,8 +267,14 @@ def _run_peers(root: Path) -> None:
     (root / "recipes").mkdir(exist_ok=True)
     for name, recipe in recipes.items():
         (root / "recipes" / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    _run_mergekit(recipes, root)
     (root / "cases.json").write_text(json.dumps(family_of))
+
+
+def _run_part(root: Path, part: int) -> None:
+    """mergekit on every PEER_PARTS-th case from `part` on (mergekit/CASE)."""
+    cases = sorted(json.loads((root / "cases.json").read_text()))[part::PEER_PARTS]
+    recipes = {case: yaml.safe_load((root / "recipes" / f"{case}.yaml").read_text()) for case in cases}
+    _run_mergekit(recipes, root, f"part-{part}.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -274,8 +282,9 @@ def peer_runs(tmp_path_factory) -> dict[str, PeerRun]:
     """mergekit's output of every case, run once per test run by whichever worker asks first."""
     with run_wide_folder(tmp_path_factory, "peer-mergekit") as root:
         if not (root / "cases.json").exists():
-            _run_peers(root)
+            _write_cases(root)
         family_of = json.loads((root / "cases.json").read_text())
+    fill_in_parts(root, PEER_PARTS, functools.partial(_run_part, root))
     return {
         case: PeerRun(root / "recipes" / f"{case}.yaml", root / "mergekit" / case, _family_in(root, label))
         for case, label in family_of.items()

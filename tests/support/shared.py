@@ -4,12 +4,12 @@ outputs, the trained tiny zoo) is built by whichever worker asks first, not once
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 
 @contextmanager
@@ -22,3 +22,29 @@ def run_wide_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iter
     with FileLock(str(root / f"{name}.lock")):
         folder.mkdir(exist_ok=True)
         yield folder
+
+
+def fill_in_parts(folder: Path, count: int, fill: Callable[[int], None]) -> None:
+    """`fill(part)` once per run for each part 0..count-1 of a shared build: a worker takes the parts
+    nobody holds, then waits for the ones others hold, so two workers arriving together split the
+    work instead of one waiting for the other."""
+
+    def fill_once(part: int) -> None:
+        done = folder / f"part-{part}.done"
+        if not done.exists():
+            fill(part)
+            done.touch()
+
+    for part in range(count):
+        lock = FileLock(str(folder / f"part-{part}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # another worker fills it
+        try:
+            fill_once(part)
+        finally:
+            lock.release()
+    for part in range(count):
+        with FileLock(str(folder / f"part-{part}.lock")):
+            fill_once(part)
