@@ -323,9 +323,9 @@ def test_four_trial_search_writes_a_runnable_best_recipe(tiny_zoo, tmp_path, loc
 
 
 @pytest.mark.integration
-def test_resume_after_an_interrupted_search_does_not_redo_finished_trials(tiny_zoo, tmp_path):
+def test_resume_after_an_interrupted_search_does_not_redo_finished_trials(tiny_zoo, tmp_path, local_ray):
     recipe = search_recipe(tiny_zoo)
-    recipe["search"].update(trials=6, resources={"cpus": 2})  # one trial at a time
+    recipe["search"].update(trials=4, resources={"cpus": 2})  # one trial at a time
     search_file, out_dir = write(tmp_path / "search.yml", recipe), tmp_path / "out"
     command = [sys.executable, "-m", "mergewise.cli", "search", str(search_file), str(out_dir), "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -337,14 +337,14 @@ def test_resume_after_an_interrupted_search_does_not_redo_finished_trials(tiny_z
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2 and "--resume" in err, err
     finished = {path.name: (path.stat().st_mtime_ns, path.read_text()) for path in records.glob("*.json")}
-    assert 1 <= len(finished) < 6
+    assert 1 <= len(finished) < 4
 
-    assert main(["search", str(search_file), str(out_dir), "--resume", "--quiet"]) == 0
+    assert main(["search", str(search_file), str(out_dir), "--resume", "--quiet"]) == 0  # on the local Ray
     rows = read_trials(out_dir)
-    assert len(rows) == 6 and {row["status"] for row in rows} == {"TERMINATED"}
+    assert len(rows) == 4 and {row["status"] for row in rows} == {"TERMINATED"}
     for name, (mtime, text) in finished.items():  # reported from its record, not merged and scored again
         assert (records / name).stat().st_mtime_ns == mtime and (records / name).read_text() == text
-    assert len(list(records.glob("*.json"))) == 6
+    assert len(list(records.glob("*.json"))) == 4
     assert (out_dir / "best-model").is_dir() and len(list((out_dir / "models").iterdir())) == 2
 
 
