@@ -35,16 +35,18 @@ def fill_in_parts(folder: Path, count: int, fill: Callable[[int], None]) -> None
             fill(part)
             done.touch()
 
-    for part in range(count):
-        lock = FileLock(str(folder / f"part-{part}.lock"))
+    locks = [FileLock(str(folder / f"part-{part}.lock")) for part in range(count)]
+    held_by_others = []
+    for part, lock in enumerate(locks):
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            continue  # another worker fills it
+            held_by_others.append(part)
+            continue
         try:
             fill_once(part)
         finally:
             lock.release()
-    for part in range(count):
-        with FileLock(str(folder / f"part-{part}.lock")):
+    for part in held_by_others:  # done by the other worker, unless it failed: then filled here
+        with locks[part]:
             fill_once(part)

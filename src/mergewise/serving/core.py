@@ -270,7 +270,6 @@ class ServingCore:
     def _has_queued(self) -> bool:
         return any(self._queues.values())
 
-    # ------------------------------------------------------------------------------ worker
     def _route(self, tickets: list[Ticket]) -> None:
         """Each ticket's route: forced by its `model`, else the router's (one batched prefill)."""
         automatic = [
