@@ -85,12 +85,22 @@ def run_merge(
 
 
 def plan_recipe(
-    recipe_source: str | Path | dict | MergeConfig | Recipe, *, strict: bool = False, allow_pickle: bool = False
+    recipe_source: str | Path | dict | MergeConfig | Recipe,
+    *,
+    strict: bool = False,
+    allow_pickle: bool = False,
+    download: bool = True,
 ) -> tuple[Recipe, MergePlan]:
-    """A recipe and its plan, from headers alone: every error a recipe can hold but a bad tensor."""
+    """A recipe and its plan, from headers alone: every error a recipe can hold but a bad tensor. Hub
+    weights are downloaded after planning, unless `download` is false."""
     recipe = load_recipe(recipe_source, strict=strict)
     plan = build_plan(
-        recipe.config, recipe.config_dir, allow_pickle=allow_pickle, base_model=recipe.base_model, strict=strict
+        recipe.config,
+        recipe.config_dir,
+        allow_pickle=allow_pickle,
+        base_model=recipe.base_model,
+        strict=strict,
+        download=download,
     )
     return recipe, plan
 

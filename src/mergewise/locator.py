@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mergewise.checkpoint import TOKENIZER_FILES, ModelFolder
-from mergewise.checkpoint.hub import hub_snapshot, is_hub_id
+from mergewise.checkpoint.hub import HubWeights, hub_model, hub_snapshot, is_hub_id
 from mergewise.checkpoint.lora import ADAPTER_FILES, AdaptedFolder
 from mergewise.errors import MergewiseError, tolerated
 
@@ -21,6 +21,7 @@ class ModelLocator:
         self.strict = strict
         self._models: dict[str, ModelFolder] = {}  # by reference, as the recipe spells it
         self._folders: dict[tuple[Path, Path | None], ModelFolder] = {}  # by (folder, adapter folder)
+        self._pending: dict[Path, HubWeights] = {}  # Hub weights located, not yet downloaded
 
     @property
     def folders(self) -> list[ModelFolder]:
@@ -37,10 +38,11 @@ class ModelLocator:
             else:
                 location = (self._locate(reference, key), None)
             if location not in self._folders:
+                pending = self._pending.pop(location[0], None)
                 folder = (
-                    AdaptedFolder(*location, allow_pickle=self.allow_pickle)
+                    AdaptedFolder(*location, allow_pickle=self.allow_pickle, pending=pending)
                     if location[1] is not None
-                    else ModelFolder(location[0], allow_pickle=self.allow_pickle)
+                    else ModelFolder(location[0], allow_pickle=self.allow_pickle, pending=pending)
                 )
                 folder.reference = reference
                 self._folders[location] = folder
@@ -66,8 +68,13 @@ class ModelLocator:
                 strict=self.strict,
             )
             return self._locate(path, key, files)
-        if is_hub_id(reference):
+        if is_hub_id(reference) and files is ADAPTER_FILES:  # a few megabytes: no plan needed first
             return hub_snapshot(reference, key, files, allow_pickle=self.allow_pickle)
+        if is_hub_id(reference):
+            folder, pending = hub_model(reference, key, files, allow_pickle=self.allow_pickle)
+            if pending is not None:
+                self._pending[folder] = pending
+            return folder
         raise MergewiseError(
             f"{key}: model folder not found: {reference} (a local folder, or a Hub id "
             "such as org/name or org/name@revision)"

@@ -70,7 +70,7 @@ class ParameterResolver:
         for parameter in self.schema.values():
             if parameter.per_model:
                 per_model[parameter.name] = tuple(
-                    self.resolve(parameter, [params, *shared_scopes], tensor, t, f"{model.path.name}:{tensor}")
+                    self.resolve(parameter, [params, *shared_scopes], tensor, t, f"{model.name}:{tensor}")
                     for model, tensor, params in sources
                 )
             else:

@@ -88,6 +88,11 @@ class MergePlan:
     # are copied and every tensor keeps its rows).
     vocabulary: OutputVocabulary | None = None
 
+    def fetch_weights(self) -> None:
+        """Download the Hub weights the plan was made from their headers."""
+        for model in self.models:
+            model.fetch_weights()
+
 
 def layer_index(name: str) -> int | None:
     match = LAYER_NAME.match(name)
@@ -345,7 +350,7 @@ class Planner:
                     if not 0 <= bound <= _depth(model):
                         raise MergewiseError(
                             f"{where}: layer_range {list(source.layer_range)} is outside "
-                            f"{model.path.name}'s {_depth(model)} layers"
+                            f"{model.name}'s {_depth(model)} layers"
                         )
             layer_names = [
                 name for name in reference_model.tensors if layer_index(name) == reference_slice.layer_range[0]
@@ -540,5 +545,11 @@ def build_plan(
     allow_pickle: bool = False,
     base_model: str | None = None,
     strict: bool = False,
+    download: bool = True,
 ) -> MergePlan:
-    return Planner(config, config_dir, allow_pickle=allow_pickle, base_model=base_model, strict=strict).plan()
+    """The plan of a merge, made from the models' headers; then, unless `download` is false, the
+    weights of Hub models are downloaded (a recipe that cannot be planned fails before that)."""
+    plan = Planner(config, config_dir, allow_pickle=allow_pickle, base_model=base_model, strict=strict).plan()
+    if download:
+        plan.fetch_weights()
+    return plan

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 import mergewise
+from mergewise.checkpoint.hub import HEADER_PREFETCH
 from mergewise.cli import main
+from tests.support.fake_hub import FakeHub, fake_hub
 from tests.support.tiny_models import read_state_dict
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -72,3 +74,149 @@ def test_a_hub_id_missing_from_the_cache_offline_is_one_error_line(offline_cache
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: models[0].model: acme/missing: not in the Hugging Face cache")
     assert "HF_HUB_OFFLINE" in error and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------- planned before the weights download
+
+
+@pytest.fixture
+def online_hub(tmp_path, monkeypatch, tiny_family):
+    """A fake Hub at HF_ENDPOINT serving a tiny family (acme/base, acme/math, acme/code; acme/sharded
+    a fine-tune in 600 kB shards with an index, acme/other a model of another architecture), with an
+    empty cache."""
+    from huggingface_hub import constants
+
+    size = {"hidden_size": 128, "intermediate_size": 512}  # megabytes of weights: headers are a small part
+    family, sharded = tiny_family("llama", **size), tiny_family("llama", **size, shard_size="600KB")
+    repos = {
+        "acme/base": family.base,
+        "acme/math": family.fine_tunes[0],
+        "acme/code": family.fine_tunes[1],
+        "acme/sharded": sharded.fine_tunes[0],
+        "acme/other": tiny_family("qwen2").fine_tunes[0],
+    }
+    with fake_hub(repos) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        yield hub
+
+
+def weight_bytes(folder: Path) -> dict[str, int]:
+    return {file.name: file.stat().st_size for file in folder.glob("*.safetensors")}
+
+
+def assert_only_headers_served(hub: FakeHub) -> None:
+    """Of every weight file, at most the first ranged request (the header, and what follows it up to
+    HEADER_PREFETCH bytes) left the fake Hub: a small part of the weights."""
+    sizes = {(repo, name): size for repo, folder in hub.repos.items() for name, size in weight_bytes(folder).items()}
+    for file, size in sizes.items():
+        assert hub.served[file] <= min(size, HEADER_PREFETCH), (file, hub.served[file], size)
+    assert hub.bytes_served("*.safetensors") < 0.2 * sum(sizes.values())
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+TIES_ON_THE_HUB = {
+    "merge_method": "ties",
+    "base_model": "acme/base",
+    "models": [
+        {"model": "acme/math", "parameters": {"weight": 0.6, "density": 0.5}},
+        {"model": "acme/sharded", "parameters": {"weight": 0.4, "density": 0.5}},
+    ],
+    "dtype": "float32",
+}
+
+
+def test_a_hub_recipe_is_planned_from_headers_then_downloads_and_merges_as_local_folders(online_hub, tmp_path):
+    hub = online_hub
+    local = {
+        **TIES_ON_THE_HUB,
+        "base_model": str(hub.repos["acme/base"]),
+        "models": [{**entry, "model": str(hub.repos[entry["model"]])} for entry in TIES_ON_THE_HUB["models"]],
+    }
+    mergewise.merge(TIES_ON_THE_HUB, tmp_path / "from-hub", quiet=True)
+    mergewise.merge(local, tmp_path / "from-folders", quiet=True)
+    merged, expected = read_state_dict(tmp_path / "from-hub"), read_state_dict(tmp_path / "from-folders")
+    assert merged.keys() == expected.keys() and all(merged[name].equal(expected[name]) for name in merged)
+    for repo in ("acme/base", "acme/math", "acme/sharded"):  # each weight file whole, once, plus its header
+        for name, size in weight_bytes(hub.repos[repo]).items():
+            assert size <= hub.served[(repo, name)] <= size + HEADER_PREFETCH, (repo, name)
+    assert len(weight_bytes(hub.repos["acme/sharded"])) > 1  # the index's shards were each planned
+    before = hub.bytes_served("*.safetensors")
+    mergewise.merge(TIES_ON_THE_HUB, tmp_path / "again", quiet=True)  # a warm cache: nothing more to fetch
+    assert hub.bytes_served("*.safetensors") == before
+
+
+@pytest.mark.parametrize(
+    "recipe, named",
+    [
+        (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": "acme/math", "layer_range": [0, 9]}]}]},
+            "layer_range",
+        ),
+        (
+            {**TIES_ON_THE_HUB, "models": [{"model": "acme/other", "parameters": {"weight": 1.0, "density": 0.5}}]},
+            "models--acme--other",
+        ),
+        (
+            {
+                **TIES_ON_THE_HUB,
+                "models": [{"model": "acme/math", "parameters": {"weight": [{"filter": "self_atn", "value": 1.0}]}}],
+            },
+            "missing required parameter weight for acme/math:",
+        ),
+    ],
+    ids=["layer-range-past-the-depth", "another-architecture", "a-weight-only-for-a-misspelled-filter"],
+)
+def test_a_hub_recipe_that_cannot_work_fails_having_fetched_only_headers(online_hub, tmp_path, capsys, recipe, named):
+    status = main(["merge", str(write_recipe(tmp_path / "recipe.yml", recipe)), str(tmp_path / "out"), "--quiet"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and error[-1].startswith("error: ") and named in error[-1], error
+    assert_only_headers_served(online_hub)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_of_a_hub_recipe_lists_its_plan_reading_only_headers(online_hub, tmp_path, capsys):
+    hub = online_hub
+    assert main(["merge", "--dry-run", str(write_recipe(tmp_path / "recipe.yml", TIES_ON_THE_HUB))]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "ties of 2 model(s) onto base acme/base" in out[0]
+    to_download = sum(
+        sum(weight_bytes(hub.repos[repo]).values()) for repo in ("acme/base", "acme/math", "acme/sharded")
+    )
+    assert "to download from the Hub first: acme/base, acme/math, acme/sharded" in out[1]
+    assert f"({to_download / 1e6:.1f} MB to download" in out[1]
+    listed = {line.split()[0]: line for line in out[2:]}
+    assert listed.keys() == read_state_dict(hub.repos["acme/base"]).keys()
+    assert listed["model.layers.0.mlp.up_proj.weight"].endswith("<- acme/math, acme/sharded; base acme/base")
+    assert_only_headers_served(hub)
+
+
+def test_a_local_recipe_dry_run_reads_no_weight_data(tiny_family, tmp_path, capsys, monkeypatch):
+    """--dry-run and --check open no weight file for reading beyond its header."""
+    from mergewise.checkpoint import reader
+
+    family = tiny_family("llama")
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(model), "parameters": {"weight": 0.5}} for model in family.fine_tunes[:2]],
+    }
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("weight data read")
+
+    monkeypatch.setattr(reader, "read_rows", no_data)
+    monkeypatch.setattr(reader, "map_rows", no_data)
+    assert main(["merge", "--dry-run", str(write_recipe(tmp_path / "recipe.yml", recipe))]) == 0
+    out = capsys.readouterr().out.splitlines()
+    size = sum(weight_bytes(family.fine_tunes[0]).values())
+    assert out[1].startswith("  reads ") and ", writes " in out[1] and "Hub" not in out[1]
+    assert len(out) == 2 + len(read_state_dict(family.base)), size

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 
 from mergewise.checkpoint.files import inside_folder, read_json
-from mergewise.checkpoint.reader import ModelFolder, read_safetensors_header
+from mergewise.checkpoint.reader import ModelFolder, PendingWeights, read_safetensors_header
 from mergewise.errors import MergewiseError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -109,8 +109,15 @@ def _factors(
 class AdaptedFolder(ModelFolder):
     """A model folder read with a LoRA adapter merged into its weights."""
 
-    def __init__(self, path: str | Path, adapter: str | Path, *, allow_pickle: bool = False):
-        super().__init__(path, allow_pickle=allow_pickle)
+    def __init__(
+        self,
+        path: str | Path,
+        adapter: str | Path,
+        *,
+        allow_pickle: bool = False,
+        pending: PendingWeights | None = None,
+    ):
+        super().__init__(path, allow_pickle=allow_pickle, pending=pending)
         self.adapter = LoraAdapter(Path(adapter))
         self.adapter.check(self)
 

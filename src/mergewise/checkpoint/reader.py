@@ -12,11 +12,11 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -121,10 +121,27 @@ class TensorInfo:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-class ModelFolder:
-    """A local model folder: its `config.json` and a name → file index of its weights."""
+class PendingWeights(Protocol):
+    """Weight files a folder is planned from before they are on disk (a Hub model's, whose headers
+    were read over the network): a merge is planned, and fails, before anything large downloads."""
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False):
+    @property
+    def nbytes(self) -> int:
+        """What `download` will fetch."""
+        ...
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        """The tensors as the files' headers describe them, where the files will be."""
+        ...
+
+    def download(self) -> None: ...
+
+
+class ModelFolder:
+    """A local model folder: its `config.json` and a name → file index of its weights (read from the
+    files' headers, or from `pending` weights until `fetch_weights` brings them)."""
+
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, pending: PendingWeights | None = None):
         self.path = Path(path).expanduser().resolve()
         if not self.path.is_dir():
             raise MergewiseError(f"model folder not found: {path}")
@@ -133,7 +150,8 @@ class ModelFolder:
         self._runs: dict[tuple[str, ...], list[list[TensorInfo]]] = {}  # see `read_together`
         self._allow_pickle = allow_pickle
         self.reference = str(self.path)  # how a recipe named it (a path, or a Hub id)
-        self.tensors: dict[str, TensorInfo] = self._index_weights()
+        self.pending = pending
+        self.tensors: dict[str, TensorInfo] = pending.tensors() if pending is not None else self._index_weights()
 
     def __repr__(self) -> str:
         return f"ModelFolder({str(self.path)!r})"
@@ -211,6 +229,23 @@ class ModelFolder:
                 tensors[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file)
         return tensors
 
+    def fetch_weights(self) -> None:
+        """Download the pending weights this folder was planned from; their headers on disk must be
+        the ones planned with."""
+        if self.pending is None:
+            return
+        self.pending.download()
+        self.pending = None
+        if self._index_weights() != self.tensors:
+            raise MergewiseError(
+                f"{self.reference}: the downloaded weights are not the ones their headers described when "
+                "the merge was planned"
+            )
+
+    def _downloaded(self) -> None:
+        if self.pending is not None:
+            raise MergewiseError(f"{self.reference}: weights read before they were downloaded (fetch_weights first)")
+
     def source_files(self) -> list[Path]:
         """The files the weights are read from (what decides them)."""
         return sorted({info.file for info in self.tensors.values()})
@@ -225,11 +260,17 @@ class ModelFolder:
         """The model as messages about its values name it."""
         return str(self.path)
 
+    @property
+    def name(self) -> str:
+        """The model as short messages name it: its Hub id as the recipe gave it, else its folder's name."""
+        return self.reference if revision_of(self.path) else self.path.name
+
     # ------------------------------------------------------------------------------------ reads
     def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor `name`, or only its rows `rows` (first axis), copied from disk now into memory
         of its own (no file descriptor or mapping stays attached to it), or into `out`: CPU memory of
         the same dtype and number of elements, contiguous."""
+        self._downloaded()
         info = self.tensors[name]
         if info.file in self._pickled:
             tensor = self._pickled[info.file][name]
@@ -241,6 +282,7 @@ class ModelFolder:
         """The whole tensors `names`, copied from disk now: tensors that lie close together in a
         safetensors file (a decoder layer's) come in one read into one buffer, as views of it, instead
         of one read each. The grouping is worked out once per list of names."""
+        self._downloaded()
         key = tuple(names)
         if key not in self._runs:
             self._runs[key] = _runs(
@@ -262,6 +304,7 @@ class ModelFolder:
         memory. The mapping is private: a write to the tensor copies the page and never reaches the
         file. It holds a file descriptor until the tensor is freed, so it is meant for short-lived
         row chunks."""
+        self._downloaded()
         info = self.tensors[name]
         if info.file in self._pickled:
             return self.read(name, rows)
@@ -280,6 +323,13 @@ class ModelFolder:
     def tied_embeddings(self) -> bool:
         """Whether lm_head shares the input embedding (HF's default is tied)."""
         return bool(self.config.get("tie_word_embeddings", True))
+
+
+def revision_of(folder: Path) -> str | None:
+    """The commit a cached snapshot folder holds (`…/models--org--name/snapshots/<commit>`)."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.name
+    return None
 
 
 def _extent(info: TensorInfo, rows: slice | None) -> tuple[int, int, tuple[int, ...]]:
@@ -365,27 +415,42 @@ def map_rows(info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
 
 
 def read_safetensors_header(file: Path) -> list[TensorInfo]:
+    """The tensors a local safetensors file holds, from its header (see `parse_safetensors_header`)."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+
+        def read(offset: int, length: int) -> bytes:
+            handle.seek(offset)
+            return handle.read(length)
+
+        return parse_safetensors_header(file, size, read)
+
+
+def parse_safetensors_header(
+    file: Path, size: int, read: Callable[[int, int], bytes], label: str | None = None
+) -> list[TensorInfo]:
     """Parse and check a safetensors header as strictly as the format's own library: a JSON object of
     unique entries, integer non-negative shapes, known dtypes, extents that match the shapes and tile
     the data exactly (no overlap, no gap, nothing past the end), string metadata. A corrupt or
-    crafted file is rejected, naming it, before any merge work starts."""
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise MergewiseError(f"{file}: corrupt safetensors file (shorter than its header)")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > min(size - 8, 100_000_000):
-            raise MergewiseError(f"{file}: corrupt safetensors header (declared length {header_length})")
-        try:
-            header = json.loads(handle.read(header_length), object_pairs_hook=_unique_keys)
-        except (ValueError, UnicodeDecodeError, RecursionError) as error:
-            raise MergewiseError(f"{file}: corrupt safetensors header ({str(error)[:200]})") from None
+    crafted file is rejected, naming it, before any merge work starts. `read(offset, length)` gives
+    the file's bytes (from disk, or from a Hub file not downloaded yet: `label` then names it);
+    `size` is the file's length."""
+    label = label or str(file)
+    prefix = read(0, 8)
+    if len(prefix) < 8:
+        raise MergewiseError(f"{label}: corrupt safetensors file (shorter than its header)")
+    (header_length,) = struct.unpack("<Q", prefix)
+    if header_length > min(size - 8, 100_000_000):
+        raise MergewiseError(f"{label}: corrupt safetensors header (declared length {header_length})")
+    try:
+        header = json.loads(read(8, header_length), object_pairs_hook=_unique_keys)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise MergewiseError(f"{label}: corrupt safetensors header ({str(error)[:200]})") from None
     if not isinstance(header, dict):
-        raise MergewiseError(f"{file}: corrupt safetensors header (not a JSON object)")
+        raise MergewiseError(f"{label}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
-        raise MergewiseError(f"{file}: corrupt safetensors header (__metadata__ must map strings to strings)")
+        raise MergewiseError(f"{label}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + header_length
     tensors = []
     extents = []
@@ -402,16 +467,16 @@ def read_safetensors_header(file: Path) -> list[TensorInfo]:
             ):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise MergewiseError(f"{file}: corrupt safetensors header entry for tensor {name}") from None
+            raise MergewiseError(f"{label}: corrupt safetensors header entry for tensor {name}") from None
         if math.prod(max(size, 1) for size in shape) >= 2**63:  # torch's strides must fit 64 bits
             raise MergewiseError(
-                f"{file}: corrupt safetensors header: tensor {name} has shape {shape}, which no tensor can have"
+                f"{label}: corrupt safetensors header: tensor {name} has shape {shape}, which no tensor can have"
             )
         begin, end = offsets
         info = TensorInfo(name, tuple(shape), dtype, file, data_start + begin)
         if end - begin != info.nbytes:
             raise MergewiseError(
-                f"{file}: corrupt safetensors header: tensor {name} has {end - begin} bytes of "
+                f"{label}: corrupt safetensors header: tensor {name} has {end - begin} bytes of "
                 f"data for shape {shape} (truncated or crafted file?)"
             )
         tensors.append(info)
@@ -420,11 +485,11 @@ def read_safetensors_header(file: Path) -> list[TensorInfo]:
     for begin, end, name in sorted(extents):
         if begin != position:
             problem = "overlaps another tensor" if begin < position else "leaves a gap before it"
-            raise MergewiseError(f"{file}: corrupt safetensors header: tensor {name} {problem}")
+            raise MergewiseError(f"{label}: corrupt safetensors header: tensor {name} {problem}")
         position = end
     if data_start + position != size:
         raise MergewiseError(
-            f"{file}: corrupt safetensors file: the header describes {position} bytes of data, "
+            f"{label}: corrupt safetensors file: the header describes {position} bytes of data, "
             f"the file holds {size - data_start} (truncated download?)"
         )
     return tensors

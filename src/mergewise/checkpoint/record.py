@@ -15,8 +15,8 @@ import yaml
 
 from mergewise._version import __version__
 from mergewise.checkpoint.files import read_yaml
-from mergewise.checkpoint.hub import revision_of
 from mergewise.checkpoint.output import RECORD_FILE
+from mergewise.checkpoint.reader import revision_of
 from mergewise.checkpoint.writer import PlannedTensor, write_text
 
 

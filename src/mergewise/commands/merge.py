@@ -6,9 +6,15 @@ import argparse
 import math
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from mergewise.errors import MergewiseError
 from mergewise.options import MergeOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergewise.plan import TensorJob, TensorSource
 
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="validate and plan the recipe from the models' headers, print the plan and any "
-        "warnings, and stop (no weights read, nothing written)",
+        help="validate and plan the recipe from the models' headers (a Hub model's read over the network), "
+        "print what the merge would read and write and any warnings, and stop (no weights read or "
+        "downloaded, nothing written)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="as --check, and list every output tensor with its shape, dtype and sources",
     )
     add_merge_options(parser)
     parser.set_defaults(handler=run)
@@ -52,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from mergewise.engine import run_merge
 
-    if args.check:
+    if args.check or args.dry_run:
         check(args)
         return
     if args.out_dir is None:
@@ -63,33 +75,67 @@ def run(args: argparse.Namespace) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Load and plan the recipe as a merge would, and say what the merge would write."""
+    """Load and plan the recipe as a merge would, from headers only, and say what the merge would
+    read, download and write (and, with --dry-run, every tensor)."""
     from mergewise.config import load_recipe
     from mergewise.engine import plan_recipe
-    from mergewise.locator import is_remote
 
     recipe = load_recipe(args.config, strict=args.strict)
-    remote = [path for path in recipe.config.model_paths() if is_remote(path, recipe.config_dir)]
-    if remote:
-        print(
-            f"{args.config}: the recipe is valid; not planned, since it names Hub models that would be downloaded "
-            f"first: {', '.join(remote)}"
-        )
-        return
-    _, plan = plan_recipe(recipe, strict=args.strict, allow_pickle=args.allow_pickle)
+    _, plan = plan_recipe(recipe, strict=args.strict, allow_pickle=args.allow_pickle, download=False)
     try:
         parameters = sum(math.prod(job.shape) for job in plan.jobs)
-        dtypes = Counter(str(job.out_dtype).removeprefix("torch.") for job in plan.jobs)
+        dtypes = Counter(_dtype_name(job.out_dtype) for job in plan.jobs)
         inputs = len({source.model.path for job in plan.jobs for source in job.inputs})
-        base = f" onto base {plan.base_model.path}" if plan.base_model is not None else ""
+        base = f" onto base {plan.base_model.reference}" if plan.base_model is not None else ""
         layers = len(plan.source_layers) if plan.source_layers is not None else plan.reference.num_layers
         print(
             f"{args.config}: {plan.method.name} of {inputs} model(s){base}: {len(plan.jobs)} tensors, "
             f"{parameters:,} parameters ({', '.join(f'{count} {dtype}' for dtype, count in dtypes.most_common())}), "
             f"{layers} layers"
         )
+        read = {
+            (source.model.path, source.name): source.model.tensors[source.name].nbytes
+            for job in plan.jobs
+            for source in (*job.inputs, job.base)
+            if source is not None
+        }
+        written = sum(math.prod(job.shape) * job.out_dtype.itemsize for job in plan.jobs)
+        remote = [model for model in plan.models if model.pending is not None]
+        download = (
+            f" ({_size(sum(model.pending.nbytes for model in remote if model.pending))} to download from the Hub "
+            f"first: {', '.join(model.reference for model in remote)})"
+            if remote
+            else ""
+        )
+        folders = len(plan.models)
+        print(f"  reads {_size(sum(read.values()))} from {folders} model folder(s){download}, writes {_size(written)}")
         for stage in recipe.blocks:
             print(f"  with the {stage}: block (its own work runs in the merge)")
+        if args.dry_run:
+            for job in plan.jobs:
+                print(f"  {job.name} {list(job.shape)} {_dtype_name(job.out_dtype)} <- {_sources(job)}")
     finally:
         for model in plan.models:
             model.close()
+
+
+def _sources(job: TensorJob) -> str:
+    """A job's inputs as the recipe names their models (and the tensor, where it has another name)."""
+
+    def named(source: TensorSource) -> str:
+        return source.model.reference + (f"[{source.name}]" if source.name != job.name else "")
+
+    base = f"; base {named(job.base)}" if job.base is not None else ""
+    return ", ".join(named(source) for source in job.inputs) + base
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _size(nbytes: int) -> str:
+    """Bytes as people read them (decimal units, as the Hub shows file sizes)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"

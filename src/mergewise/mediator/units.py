@@ -78,4 +78,6 @@ def expert_tensors(recipe: MediatorRecipe) -> ExpertTensors:
                 [TensorSource(model, name) for model in experts],
             )
         )
+    for model in locator.folders:  # the checks above hold: Hub weights may come now
+        model.fetch_weights()
     return ExpertTensors(jobs, [base, *experts])

@@ -134,10 +134,12 @@ def _check_corners(search: SearchRecipe) -> tuple[Recipe, MergePlan]:
     planned = []
     for values in corners:
         recipe = load_recipe(search.concrete(values), config_dir=search.config_dir, origin=search.origin)
-        planned.append((recipe, build_plan(recipe.config, recipe.config_dir, base_model=recipe.base_model)))
+        plan = build_plan(recipe.config, recipe.config_dir, base_model=recipe.base_model, download=False)
+        planned.append((recipe, plan))
     baseline = planned[0][0]
     if "aim" in baseline.blocks and baseline.base_model is None:
         raise MergewiseError(f"{search.origin}: aim needs base_model (the model the relaxation pulls toward)")
+    planned[0][1].fetch_weights()
     return planned[0]
 
 
