@@ -25,7 +25,7 @@ from mergewise.layerwise import (
     return_freed_memory,
     stored_dtype,
 )
-from tests.support.tiny_models import build_tiny_model
+from tests.support.tiny_models import MOE_ARCHITECTURES, build_tiny_model
 from tests.test_remote_code import add_code, answers_yes  # noqa: F401 (answers_yes is a fixture)
 
 NUM_LAYERS = 4
@@ -87,7 +87,7 @@ def runner_for(folder: Path, dtype: torch.dtype = torch.float32) -> LayerwiseMod
     return LayerwiseModel(model_folder, AutoConfig.from_pretrained(folder), dtype=dtype)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gpt2", *MOE_ARCHITECTURES])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layer", [-1, 0, NUM_LAYERS // 2, -NUM_LAYERS])
 def test_pooled_hidden_states_match_the_model_in_memory(arch, dtype, tolerance, layer, tiny_model, prompts):

@@ -29,6 +29,7 @@ from mergewise.checkpoint import ModelFolder
 from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
+from mergewise.structure import CheckpointLayout
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class LayerwiseModel:
         self.layers_name, self.layers = _decoder_layers(self.model, self.num_layers, folder)
         self.head = self.model.get_output_embeddings()
         self.tail = self._tail()
-        self._prefix_to_strip = f"{self.model.base_model_prefix}."
+        self.layout = CheckpointLayout(self.model, folder)
 
     def hidden_state_index(self, layer: int) -> int:
         """`layer` as a hidden state number 0..num_layers (negative ones count from the end)."""
@@ -189,15 +190,15 @@ class LayerwiseModel:
         allocation per tensor left holes in the heap that grew it layer after layer."""
         try:
             wanted = [
-                (name, parameter, self._stored_name(f"{prefix}.{name}" if prefix else name))
+                (name, parameter, f"{prefix}.{name}" if prefix else name)
                 for name, parameter in module.named_parameters()
                 if not name.startswith(skip)
             ]
-            stored = self.folder.read_together([stored_name for _, _, stored_name in wanted])
-            for (name, parameter, stored_name), tensor in zip(wanted, stored):
+            loaded = self.layout.read([full_name for _, _, full_name in wanted], self.folder.read_together)
+            for (name, parameter, full_name), tensor in zip(wanted, loaded):
                 if tensor.shape != parameter.shape:
                     raise MergewiseError(
-                        f"{self.folder.path}: tensor {stored_name} has shape "
+                        f"{self.folder.path}: tensor {full_name} has shape "
                         f"{list(tensor.shape)}, the model expects {list(parameter.shape)}"
                     )
                 dtype = parameter.dtype if tensor.is_floating_point() else tensor.dtype
@@ -207,13 +208,6 @@ class LayerwiseModel:
             for name, parameter in list(module.named_parameters()):
                 if parameter.device.type != "meta":
                     _set_parameter(module, name, torch.empty_like(parameter, device="meta"))
-
-    def _stored_name(self, name: str) -> str:
-        candidates = (name, name.removeprefix(self._prefix_to_strip))
-        found = next((candidate for candidate in candidates if candidate in self.folder.tensors), None)
-        if found is None:
-            raise MergewiseError(f"{self.folder.path}: tensor {name} is missing from the checkpoint")
-        return found
 
 
 def pooled_hidden_states(

@@ -25,12 +25,31 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
 )
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gpt2")
+# Mixture-of-experts models, whose checkpoints name their experts' weights one matrix per expert and
+# transformers fuses them into 3-D tensors: 4 experts, 2 per token (Qwen2-MoE adds a shared expert).
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_OPTIONS = {
+    "mixtral": (MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (
+        Qwen2MoeConfig,
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+        },
+    ),
+    "qwen3_moe": (Qwen3MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+}
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 # A few sentences to train the tokenizer on: enough words for a vocabulary of a few hundred.
@@ -99,9 +118,12 @@ def tiny_config(
             **ids,
         )
     config_classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}
-    if arch not in config_classes:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    return config_classes[arch](
+    config_class, options = MOE_OPTIONS.get(arch, (config_classes.get(arch), {}))
+    if config_class is None:
+        known = ", ".join((*ARCHITECTURES, *MOE_ARCHITECTURES))
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {known}")
+    return config_class(
+        **options,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,

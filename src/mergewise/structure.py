@@ -1,0 +1,80 @@
+"""Which checkpoint tensors make each parameter of a transformers model.
+
+transformers 5 renames and fuses weights between a checkpoint and the module tree: a Mixtral
+checkpoint's `block_sparse_moe.experts.3.w1.weight` (one matrix per expert) becomes part of the
+module's `mlp.experts.gate_up_proj` (one 3-D tensor for all experts). The passes that load a model a
+layer at a time read the checkpoint themselves, so they follow transformers' own conversion rules
+(`get_model_conversion_mapping`) rather than restating them per architecture: a new architecture's
+rules come with transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from mergewise.checkpoint import ModelFolder
+from mergewise.errors import MergewiseError
+
+
+class CheckpointLayout:
+    """The checkpoint tensors behind each parameter of `model` (a meta-device skeleton of the
+    folder's architecture), and how they combine into it."""
+
+    def __init__(self, model: PreTrainedModel, folder: ModelFolder):
+        from transformers import core_model_loading as loading
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.model = model
+        self.folder = folder
+        rules = get_model_conversion_mapping(model)
+        renamings = [rule for rule in rules if isinstance(rule, loading.WeightRenaming)]
+        converters = [rule for rule in rules if isinstance(rule, loading.WeightConverter)]
+        parameters = model.state_dict()
+        self.sources: dict[str, list[tuple[str, str | None]]] = defaultdict(list)  # (stored name, rule's pattern)
+        self._converters: dict[str, Any] = {}
+        for stored in sorted(folder.tensors, key=loading.dot_natural_key):  # experts in numeric order
+            target, pattern = loading.rename_source_key(
+                stored, renamings, converters, model.base_model_prefix, parameters
+            )
+            self.sources[target].append((stored, pattern))
+            if pattern is not None:
+                self._converters[target] = next(rule for rule in converters if pattern in rule.source_patterns)
+
+    def stored_names(self, name: str) -> list[str]:
+        """The checkpoint tensors parameter `name` is made of."""
+        entries = self.sources.get(name)
+        if not entries:
+            raise MergewiseError(f"{self.folder.path}: tensor {name} is missing from the checkpoint")
+        return [stored for stored, _ in entries]
+
+    def assemble(self, name: str, stored: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Parameter `name` from its checkpoint tensors (as `stored_names` lists them): the tensor
+        itself, or what transformers' conversion makes of them (experts stacked, projections joined)."""
+        if name not in self._converters:
+            return stored[0]
+        converter = copy.deepcopy(self._converters[name])
+        for (stored_name, pattern), tensor in zip(self.sources[name], stored):
+            converter.add_tensor(name, stored_name, pattern, _ready(tensor))
+        return converter.convert(name, model=self.model, config=self.model.config)[name]
+
+    def read(
+        self, names: Sequence[str], read_together: Callable[[list[str]], list[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Parameters `names`, their checkpoint tensors read in one `read_together` call."""
+        wanted = [self.stored_names(name) for name in names]
+        tensors = iter(read_together([stored for group in wanted for stored in group]))
+        return [self.assemble(name, [next(tensors) for _ in group]) for name, group in zip(names, wanted)]
+
+
+def _ready(tensor: torch.Tensor) -> Future:
+    """A finished future holding `tensor`: how transformers' converters take their inputs."""
+    future: Future = Future()
+    future.set_result(tensor)
+    return future
