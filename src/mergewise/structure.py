@@ -54,6 +54,12 @@ class CheckpointLayout:
             raise MergewiseError(f"{self.folder.path}: tensor {name} is missing from the checkpoint")
         return [stored for stored, _ in entries]
 
+    def stored_name(self, name: str) -> str | None:
+        """The one checkpoint tensor parameter `name` is stored as (under its own name or renamed);
+        None where transformers assembles it from several, or the checkpoint lacks it."""
+        entries = self.sources.get(name, [])
+        return entries[0][0] if len(entries) == 1 and name not in self._converters else None
+
     def assemble(self, name: str, stored: Sequence[torch.Tensor]) -> torch.Tensor:
         """Parameter `name` from its checkpoint tensors (as `stored_names` lists them): the tensor
         itself, or what transformers' conversion makes of them (experts stacked, projections joined)."""

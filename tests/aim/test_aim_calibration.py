@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergewise.aim import CalibrationSettings, calibrate, load_statistics
 from mergewise.aim.data import DOCUMENT_CONVENTIONS, blocks_from_documents, hub_documents, read_documents
+from mergewise.checkpoint import ModelFolder
 from mergewise.cli import main
 from tests.support.processes import run_measured
 
@@ -90,7 +91,8 @@ def reference_statistics(base: Path, blocks: list[torch.Tensor]) -> dict[str, to
 
     def hook(name):
         def record(module, args):
-            sums[name] = sums.get(name, 0) + args[0].abs().mean(dim=(0, 1)).double()
+            tokens = args[0].reshape(-1, args[0].shape[-1])  # (batch, seq, channels), or a MoE's (tokens, channels)
+            sums[name] = sums.get(name, 0) + tokens.abs().mean(dim=0).double()
 
         return record
 
@@ -107,11 +109,21 @@ def texts_of(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+# transformers renames these module weights between the checkpoint and the model; a merge reads the
+# checkpoint's names, so the statistics carry those
+CHECKPOINT_NAMES = {"mixtral": (".mlp.gate.", ".block_sparse_moe.gate.")}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_statistics_match_the_reference_conventions(arch, bos_base, documents_jsonl, tmp_path):
     base = bos_base(arch)
     blocks = reference_blocks(texts_of(documents_jsonl), AutoTokenizer.from_pretrained(base), SAMPLES, SEQ_LEN)
-    expected = reference_statistics(base, blocks)
+    module_name, stored_name = CHECKPOINT_NAMES.get(arch, ("", ""))
+    expected = {
+        name.replace(module_name, stored_name) if module_name else name: vector
+        for name, vector in reference_statistics(base, blocks).items()
+    }
+    assert set(expected) - {"lm_head.weight"} <= set(ModelFolder(base).tensors)  # GPT-2 ties its head
     settings = CalibrationSettings(data=str(documents_jsonl), samples=SAMPLES, seq_len=SEQ_LEN)
     for stream_layers in (False, True):
         stats = load_statistics(

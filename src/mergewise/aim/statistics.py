@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from mergewise.aim.data import (
@@ -48,6 +48,7 @@ from mergewise.checkpoint.writer import writing
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
 from mergewise.layerwise import Batch, LayerwiseModel
+from mergewise.structure import CheckpointLayout
 
 FINGERPRINT_WINDOWS = 16
 FINGERPRINT_WINDOW_BYTES = 4096
@@ -95,6 +96,10 @@ class ChannelStatistics:
             self.vectors[name] = torch.maximum(self.vectors[name], block)
         else:
             self.vectors[name] += block
+
+    def rename(self, names: dict[str, str]) -> None:
+        """Vectors recorded under a key of `names` take its value as their name."""
+        self.vectors = {names.get(name, name): vector for name, vector in self.vectors.items()}
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,7 @@ def calibrate(
         raise MergewiseError(
             f"{folder.path}: cannot load its config or tokenizer ({str(error).splitlines()[0]})"
         ) from None
-    model: nn.Module | None
+    model: PreTrainedModel | None
     if settings.data == "self":
         model = _load_model(folder, config, target_device, trust_remote_code)
         blocks = self_generated_blocks(model, tokenizer, settings.samples, settings.seq_len, settings.seed)
@@ -194,6 +199,7 @@ def calibrate(
             with recording(targets, recorder):
                 for block in tqdm(blocks, desc="calibrate (blocks)", disable=quiet):
                     model(input_ids=block.to(target_device), use_cache=False)
+            input_axes = _as_stored(recorder, input_axes, CheckpointLayout(model, folder))
     metadata = {
         **{key: str(value) for key, value in settings.model_dump().items()},
         **conventions,
@@ -209,10 +215,10 @@ def calibrate(
     return stats_path
 
 
-def _load_model(folder: ModelFolder, config, device: torch.device, trust_remote_code: bool) -> nn.Module:
+def _load_model(folder: ModelFolder, config, device: torch.device, trust_remote_code: bool) -> PreTrainedModel:
     """The whole base model in float32 (safetensors only: nothing is unpickled)."""
     try:
-        model: nn.Module = load_pretrained(
+        model: PreTrainedModel = load_pretrained(
             AutoModelForCausalLM.from_pretrained,
             folder.path,
             trust_remote_code=trust_remote_code,
@@ -226,7 +232,8 @@ def _load_model(folder: ModelFolder, config, device: torch.device, trust_remote_
         with torch.no_grad():
             for name in folder.adapter.factors:
                 model.get_parameter(name).copy_(folder.read(name))
-    return model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # in place; transformers' decorated `to` hides its signature
+    return model
 
 
 def _documents(settings: CalibrationSettings) -> Iterable[str | None]:
@@ -268,7 +275,16 @@ def _streamed_statistics(
         final = streamed.run([Batch(block) for block in blocks], desc="calibrate (layers)", quiet=quiet)
     for states in final:
         recorder.observe(head_name, states)
-    return {name: axis for name, (_, axis) in targets.items()}
+    return _as_stored(recorder, {name: axis for name, (_, axis) in targets.items()}, streamed.layout)
+
+
+def _as_stored(recorder: ChannelStatistics, input_axes: dict[str, int], layout: CheckpointLayout) -> dict[str, int]:
+    """The vectors (and input axes) renamed from the modules' weights to the checkpoint tensors they
+    are stored as, which a merge reads (a Mixtral router is `mlp.gate` in the model, `block_sparse_moe.gate`
+    in its checkpoint)."""
+    renamed = {name: layout.stored_name(name) or name for name in input_axes}
+    recorder.rename(renamed)
+    return {renamed[name]: axis for name, axis in input_axes.items()}
 
 
 # ------------------------------------------------------------------------------------ the file
