@@ -60,6 +60,15 @@ class CheckpointLayout:
         entries = self.sources.get(name, [])
         return entries[0][0] if len(entries) == 1 and name not in self._converters else None
 
+    def expert_parts(self, name: str) -> list[list[str]]:
+        """The checkpoint tensors of each expert of fused expert parameter `name`: transformers stacks
+        the tensors of each source pattern in order, the k-th being expert k's (w1 and w3 of expert k
+        both go into `gate_up_proj`)."""
+        by_pattern: dict[str | None, list[str]] = defaultdict(list)
+        for stored, pattern in self.sources.get(name, []):
+            by_pattern[pattern].append(stored)
+        return [list(parts) for parts in zip(*by_pattern.values())]
+
     def assemble(self, name: str, stored: Sequence[torch.Tensor]) -> torch.Tensor:
         """Parameter `name` from its checkpoint tensors (as `stored_names` lists them): the tensor
         itself, or what transformers' conversion makes of them (experts stacked, projections joined)."""

@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 from mergewise.aim import AimSettings, CalibrationStats, Relaxation, load_statistics
 from mergewise.aim.data import SAMPLED_CONVENTIONS
@@ -83,6 +85,23 @@ def test_relaxation_matches_formula_on_row_chunks(shape, axis, omega):
         assert torch.equal(relaxed, merged)
 
 
+@pytest.mark.parametrize("omega", [0.0, 0.4])
+def test_a_fused_expert_tensor_is_relaxed_with_each_experts_own_vector(omega):
+    """Statistics of a fused (experts, rows, channels) tensor are one vector per expert, each scaled
+    by its own peak; an expert no token reached (zeros) keeps its merged values."""
+    generator = torch.Generator().manual_seed(0)
+    base, merged = (torch.randn(3, 4, 5, generator=generator) for _ in range(2))
+    activation = torch.rand(3, 5, generator=generator) + 0.1
+    activation[1] = 0.0
+    relaxation = Relaxation(CalibrationStats({"experts": activation}, {}), AimSettings(omega=omega))
+    chunks = [slice(0, 2), slice(2, 3)]  # whole experts per row chunk, as the engine reads them
+    relaxed = torch.cat([relaxation.apply("experts", merged[rows], base[rows], rows) for rows in chunks])
+    for expert in (0, 2):
+        expected = direct_formula(base[expert], merged[expert], activation[expert], omega, -1)
+        torch.testing.assert_close(relaxed[expert], expected)
+    assert torch.equal(relaxed[1], merged[1])
+
+
 def test_options_exponent_and_module_filter():
     activation = torch.tensor([1.0, 2.0, 4.0])
     stats = CalibrationStats({"layers.0.mlp.weight": activation}, {})
@@ -152,6 +171,57 @@ def test_aim_block_equals_merge_then_aim(method, tiny_family, calibration_text, 
     assert yaml.safe_load((tmp_path / "one_pass" / "mergewise.yml").read_text())["aim"]["omega"] == 0.4
     assert yaml.safe_load((tmp_path / "two_step" / "mergewise.yml").read_text())["aim"]["relaxed_tensors"] > 0
     assert (tmp_path / "two_step" / "tokenizer.json").is_file()
+
+
+def fused_copy(folder: Path, out_dir: Path) -> Path:
+    """`folder` saved as transformers 5 holds it in memory: each layer's experts fused into 3-D tensors."""
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    shutil.copytree(folder, out_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, out_dir / "model.safetensors")
+    return out_dir
+
+
+@pytest.mark.parametrize("layout", ["one-matrix-per-expert", "fused"])
+def test_aim_relaxes_every_experts_matrices_of_a_mixture_of_experts(layout, tiny_family, calibration_text, tmp_path):
+    family = tiny_family("qwen3_moe")
+    if layout == "fused":
+        family = type(family)(
+            fused_copy(family.base, tmp_path / "base"),
+            tuple(fused_copy(model, tmp_path / model.name) for model in family.fine_tunes),
+        )
+    stats_path = tmp_path / "stats.safetensors"
+    stats = calibrate_cli(family.base, stats_path, "--data", str(calibration_text), "--samples", "8", "--seq-len", "32")
+    streamed = calibrate_cli(
+        family.base,
+        tmp_path / "streamed.safetensors",
+        "--data",
+        str(calibration_text),
+        "--samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--stream-layers",
+    )
+    assert stats.vectors.keys() == streamed.vectors.keys()
+    for name, vector in stats.vectors.items():
+        torch.testing.assert_close(streamed.vectors[name], vector, rtol=1e-5, atol=1e-7)
+    run = ["--quiet", "--seed", "1"]
+    assert main(["merge", str(write_recipe(tmp_path / "plain.yml", family, None)), str(tmp_path / "m"), *run]) == 0
+    aim_recipe = write_recipe(tmp_path / "aim.yml", family, {"omega": 0.4, "stats": str(stats_path)})
+    assert main(["merge", str(aim_recipe), str(tmp_path / "aim"), *run]) == 0
+    merged, relaxed, base = (read_state_dict(folder) for folder in (tmp_path / "m", tmp_path / "aim", family.base))
+    experts = [name for name in merged if ".experts." in name]
+    assert experts and set(experts) <= stats.vectors.keys()
+    assert {stats.vectors[name].dim() for name in experts} == ({2} if layout == "fused" else {1})
+    for name in experts:
+        vector = stats.vectors[name]
+        rows = [(expert, vector[expert]) for expert in range(len(vector))] if vector.dim() == 2 else [(..., vector)]
+        for expert, activation in rows:
+            expected = direct_formula(base[name][expert].float(), merged[name][expert].float(), activation, 0.4, -1)
+            torch.testing.assert_close(
+                relaxed[name][expert].float(), expected.to(torch.bfloat16).float(), rtol=0, atol=0.02
+            )
+        assert not torch.equal(relaxed[name], merged[name]), name
 
 
 def test_aim_block_can_calibrate_first(tiny_family, tmp_path):

@@ -11,6 +11,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -83,23 +84,48 @@ def reference_blocks(texts: list[str], tokenizer, samples: int, seq_len: int) ->
     return [tokens[:, i * seq_len : (i + 1) * seq_len] for i in range(n_split)]
 
 
-def reference_statistics(base: Path, blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def reference_statistics(
+    base: Path, blocks: list[torch.Tensor], experts: tuple | None = None
+) -> dict[str, torch.Tensor]:
     """Σ_blocks mean_tokens |x| of every non-embedding module's input, from plain pre-hooks on the
-    whole float32 model."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    whole float32 model; with `experts` (the checkpoint names of expert {e}'s gate/up matrices and of
+    its down matrix, under a layer's MoE block), each expert's inputs too, as transformers' eager
+    expert loop passes them to `F.linear`."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, experts_implementation="eager").eval()
     sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, inputs: torch.Tensor) -> None:
+        tokens = inputs.reshape(-1, inputs.shape[-1])  # (batch, seq, channels), or a MoE's (tokens, channels)
+        sums[name] = sums.get(name, 0) + tokens.abs().mean(dim=0).double()
 
     def hook(name):
         def record(module, args):
-            tokens = args[0].reshape(-1, args[0].shape[-1])  # (batch, seq, channels), or a MoE's (tokens, channels)
-            sums[name] = sums.get(name, 0) + tokens.abs().mean(dim=0).double()
+            add(name, args[0])
 
         return record
 
     for name, module in model.named_modules():
         if "weight" in module._parameters and not isinstance(module, nn.Embedding):
             module.register_forward_pre_hook(hook(f"{name}.weight"))
-    with torch.no_grad():
+    expert_weights = {}  # data pointer of an expert's slice -> the checkpoint names it is stored as
+    if experts is not None:
+        (gate_up_names, down_name), block = experts
+        for name, module in model.named_modules():
+            if "gate_up_proj" in module._parameters:
+                layer = name.rpartition(".experts")[0].replace(".mlp", block)
+                for e in range(module.gate_up_proj.shape[0]):
+                    expert_weights[module.gate_up_proj[e].data_ptr()] = [
+                        f"{layer}.{n.format(e=e)}" for n in gate_up_names
+                    ]
+                    expert_weights[module.down_proj[e].data_ptr()] = [f"{layer}.{down_name.format(e=e)}"]
+    linear = torch.nn.functional.linear
+
+    def recording_linear(inputs, weight, bias=None):
+        for name in expert_weights.get(weight.data_ptr(), []):
+            add(name, inputs)
+        return linear(inputs, weight, bias)
+
+    with torch.no_grad(), mock.patch.object(torch.nn.functional, "linear", recording_linear):
         for block in blocks:
             model(block)
     return {name: total.float() for name, total in sums.items()}
@@ -112,6 +138,14 @@ def texts_of(path: Path) -> list[str]:
 # transformers renames these module weights between the checkpoint and the model; a merge reads the
 # checkpoint's names, so the statistics carry those
 CHECKPOINT_NAMES = {"mixtral": (".mlp.gate.", ".block_sparse_moe.gate.")}
+# each expert's matrices in the checkpoint (one per expert; transformers fuses them): gate and up, down
+# and the MoE block's name in the checkpoint
+QWEN_EXPERTS = (("experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight"), "experts.{e}.down_proj.weight")
+EXPERT_NAMES = {
+    "mixtral": ((("experts.{e}.w1.weight", "experts.{e}.w3.weight"), "experts.{e}.w2.weight"), ".block_sparse_moe"),
+    "qwen2_moe": (QWEN_EXPERTS, ".mlp"),
+    "qwen3_moe": (QWEN_EXPERTS, ".mlp"),
+}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"])
@@ -121,7 +155,7 @@ def test_statistics_match_the_reference_conventions(arch, bos_base, documents_js
     module_name, stored_name = CHECKPOINT_NAMES.get(arch, ("", ""))
     expected = {
         name.replace(module_name, stored_name) if module_name else name: vector
-        for name, vector in reference_statistics(base, blocks).items()
+        for name, vector in reference_statistics(base, blocks, EXPERT_NAMES.get(arch)).items()
     }
     assert set(expected) - {"lm_head.weight"} <= set(ModelFolder(base).tensors)  # GPT-2 ties its head
     settings = CalibrationSettings(data=str(documents_jsonl), samples=SAMPLES, seq_len=SEQ_LEN)

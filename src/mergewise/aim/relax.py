@@ -61,17 +61,24 @@ class Relaxation:
         return name in self.stats.vectors and (self._pattern is None or self._pattern.search(name) is not None)
 
     def importance(self, name: str) -> torch.Tensor:
+        """Activations scaled to [0, 1] by their peak: per weight, or per expert for the matrix of a
+        fused expert tensor (one row per expert)."""
         if name not in self._importance:
             activation = self.stats.vectors[name].float()
-            peak = activation.max()
-            scaled = activation / peak if peak > 0 else torch.zeros_like(activation)
+            peak = activation.amax(dim=-1, keepdim=True)
+            measured = peak > 0
+            scaled = torch.where(measured, activation / torch.where(measured, peak, 1.0), 0.0)
             self._importance[name] = scaled.pow(self.settings.exponent)
         return self._importance[name]
 
     def apply(self, name: str, merged: torch.Tensor, base: torch.Tensor, rows: slice) -> torch.Tensor:
         """The relaxed float32 rows `rows` of weight `name`, from its merged and base rows."""
         importance = self.importance(name).to(merged.device)
-        if merged.dim() == 1 or self.stats.input_axis(name) == 0:
+        if importance.dim() == 2:  # a fused expert tensor: rows are experts, each with its own vector
+            importance = importance[rows]
+            fits = merged.dim() == 3 and importance.shape == (merged.shape[0], merged.shape[-1])
+            importance = importance[:, None, :]
+        elif merged.dim() == 1 or self.stats.input_axis(name) == 0:
             importance = importance[rows]
             fits = importance.shape[0] == merged.shape[0]
             importance = importance.reshape(-1, *([1] * (merged.dim() - 1)))

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -97,10 +98,6 @@ class ChannelStatistics:
         else:
             self.vectors[name] += block
 
-    def rename(self, names: dict[str, str]) -> None:
-        """Vectors recorded under a key of `names` take its value as their name."""
-        self.vectors = {names.get(name, name): vector for name, vector in self.vectors.items()}
-
 
 @dataclass(frozen=True)
 class CalibrationStats:
@@ -126,9 +123,55 @@ def target_modules(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
     return targets
 
 
+def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name → mixture-of-experts module whose experts transformers fuses into 3-D tensors:
+    `gate_up_proj` (experts, 2·inner, hidden) and `down_proj` (experts, hidden, inner), a gated
+    activation `act_fn`, no biases; called with the tokens' hidden states and their chosen experts.
+    Other expert layouts are left unmeasured (their weights are then merged without relaxation)."""
+    found = {}
+    for name, module in model.named_modules():
+        gate_up, down = module._parameters.get("gate_up_proj"), module._parameters.get("down_proj")
+        if (
+            gate_up is not None
+            and down is not None
+            and gate_up.dim() == down.dim() == 3
+            and gate_up.shape[0] == down.shape[0]
+            and gate_up.shape[1] == 2 * down.shape[2]
+            and gate_up.shape[2] == down.shape[1]
+            and hasattr(module, "act_fn")
+            and not any(key.endswith("_bias") for key in module._parameters)
+        ):
+            found[name] = module
+    return found
+
+
+def expert_key(parameter: str, expert: int) -> str:
+    """The recorder's name for one expert's slice of a fused expert parameter."""
+    return f"{parameter}#{expert}"
+
+
+def _observe_experts(recorder: ChannelStatistics, name: str, module: nn.Module, hidden: torch.Tensor, chosen) -> None:
+    """Each expert's inputs: the hidden states of the tokens routed to it (its gate and up
+    projections' input), and its gated activation (its down projection's input)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    chosen = chosen.reshape(hidden.shape[0], -1)
+    gate_up: torch.Tensor = module.get_parameter("gate_up_proj")
+    activation: Callable[[torch.Tensor], torch.Tensor] = module.act_fn  # type: ignore[assignment]
+    for expert in range(gate_up.shape[0]):
+        routed = hidden[(chosen == expert).any(dim=-1)]
+        if routed.shape[0] == 0:
+            continue
+        recorder.observe(expert_key(f"{name}.gate_up_proj", expert), routed)
+        gate, up = F.linear(routed, gate_up[expert]).chunk(2, dim=-1)
+        recorder.observe(expert_key(f"{name}.down_proj", expert), activation(gate) * up)
+
+
 @contextmanager
-def recording(targets: dict[str, tuple[nn.Module, int]], recorder: ChannelStatistics) -> Iterator[None]:
-    """Forward pre-hooks that hand each target module's input to `recorder` while active."""
+def recording(
+    targets: dict[str, tuple[nn.Module, int]], recorder: ChannelStatistics, experts: dict[str, nn.Module] | None = None
+) -> Iterator[None]:
+    """Forward pre-hooks that hand each target module's input, and each expert's inputs, to
+    `recorder` while active."""
 
     def hook_for(name: str):
         def hook(module, args, kwargs):
@@ -136,8 +179,19 @@ def recording(targets: dict[str, tuple[nn.Module, int]], recorder: ChannelStatis
 
         return hook
 
+    def expert_hook_for(name: str):
+        def hook(module, args, kwargs):
+            arguments = [*args, *kwargs.values()]
+            _observe_experts(recorder, name, module, arguments[0], arguments[1])
+
+        return hook
+
     handles = [
         module.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, (module, _) in targets.items()
+    ]
+    handles += [
+        module.register_forward_pre_hook(expert_hook_for(name), with_kwargs=True)
+        for name, module in (experts or {}).items()
     ]
     try:
         yield
@@ -196,7 +250,7 @@ def calibrate(
             assert model is not None  # loaded above unless the layers stream
             targets = target_modules(model)
             input_axes = {name: axis for name, (_, axis) in targets.items()}
-            with recording(targets, recorder):
+            with recording(targets, recorder, expert_modules(model)):
                 for block in tqdm(blocks, desc="calibrate (blocks)", disable=quiet):
                     model(input_ids=block.to(target_device), use_cache=False)
             input_axes = _as_stored(recorder, input_axes, CheckpointLayout(model, folder))
@@ -271,7 +325,7 @@ def _streamed_statistics(
     streamed = LayerwiseModel(folder, config, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
     targets = target_modules(streamed.model)
     head_name = next(name for name, (module, _) in targets.items() if module is streamed.head)
-    with recording(targets, recorder):
+    with recording(targets, recorder, expert_modules(streamed.model)):
         final = streamed.run([Batch(block) for block in blocks], desc="calibrate (layers)", quiet=quiet)
     for states in final:
         recorder.observe(head_name, states)
@@ -281,9 +335,33 @@ def _streamed_statistics(
 def _as_stored(recorder: ChannelStatistics, input_axes: dict[str, int], layout: CheckpointLayout) -> dict[str, int]:
     """The vectors (and input axes) renamed from the modules' weights to the checkpoint tensors they
     are stored as, which a merge reads (a Mixtral router is `mlp.gate` in the model, `block_sparse_moe.gate`
-    in its checkpoint)."""
+    in its checkpoint). An expert's vectors go to each of its own matrices where the checkpoint stores
+    one per expert, or make one row each of a (experts, channels) matrix where it stores the fused
+    3-D tensor (zeros for an expert no token reached: nothing of it is pulled back)."""
     renamed = {name: layout.stored_name(name) or name for name in input_axes}
-    recorder.rename(renamed)
+    vectors: dict[str, torch.Tensor] = {}
+    per_expert: dict[str, dict[int, torch.Tensor]] = {}
+    for name, vector in recorder.vectors.items():
+        parameter, marker, index = name.partition("#")
+        if marker:
+            per_expert.setdefault(parameter, {})[int(index)] = vector
+        else:
+            vectors[renamed.get(name, name)] = vector
+    for parameter, by_expert in per_expert.items():
+        fused = layout.stored_name(parameter)
+        if fused is not None:
+            count = len(layout.model.get_parameter(parameter))
+            width = next(iter(by_expert.values())).shape[0]
+            matrix = torch.zeros(count, width, dtype=torch.float64)
+            for expert, vector in by_expert.items():
+                matrix[expert] = vector
+            vectors[fused] = matrix
+            continue
+        for expert, stored_names in enumerate(layout.expert_parts(parameter)):
+            for stored in stored_names:
+                if expert in by_expert:
+                    vectors[stored] = by_expert[expert]
+    recorder.vectors = vectors
     return {renamed[name]: axis for name, axis in input_axes.items()}
 
 
@@ -334,9 +412,9 @@ def load_statistics(path: str | Path) -> CalibrationStats:
         raise MergewiseError(f"{path}: not a readable safetensors statistics file ({error})") from None
     if "base_fingerprint" not in metadata:
         raise MergewiseError(f"{path}: no base_fingerprint in its metadata (not made by `mergewise calibrate`?)")
-    for name, vector in vectors.items():
-        if vector.dim() != 1 or not bool(torch.isfinite(vector).all()):
-            raise MergewiseError(f"{path}: statistics vector {name} is not a vector of finite values")
+    for name, vector in vectors.items():  # a matrix: one vector per expert of a fused expert tensor
+        if vector.dim() not in (1, 2) or not bool(torch.isfinite(vector).all()):
+            raise MergewiseError(f"{path}: statistics vector {name} is not a vector (or matrix) of finite values")
     validated(
         dict[str, Literal[0, -1]],
         parse_json(metadata.get("input_axis", "{}"), f"{path}: input_axis"),
