@@ -39,11 +39,13 @@ class CheckpointLayout:
         parameters = model.state_dict()
         self.sources: dict[str, list[tuple[str, str | None]]] = defaultdict(list)  # (stored name, rule's pattern)
         self._converters: dict[str, Any] = {}
+        self._parameter_of: dict[str, str] = {}
         for stored in sorted(folder.tensors, key=loading.dot_natural_key):  # experts in numeric order
             target, pattern = loading.rename_source_key(
                 stored, renamings, converters, model.base_model_prefix, parameters
             )
             self.sources[target].append((stored, pattern))
+            self._parameter_of[stored] = target
             if pattern is not None:
                 self._converters[target] = next(rule for rule in converters if pattern in rule.source_patterns)
 
@@ -68,6 +70,54 @@ class CheckpointLayout:
         for stored, pattern in self.sources.get(name, []):
             by_pattern[pattern].append(stored)
         return [list(parts) for parts in zip(*by_pattern.values())]
+
+    def parameter_of(self, stored: str) -> str:
+        """The parameter checkpoint tensor `stored` goes into (under its own name or another)."""
+        return self._parameter_of[stored]
+
+    def part_views(self, name: str, parameter: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of `parameter` (parameter `name` as the model holds it) at each of its checkpoint
+        tensors, in their stored shape: where one expert's matrix lies in a fused tensor, so that it can
+        be overwritten in place. Follows the operations of transformers' rule for it: stacking the
+        experts (`MergeModulelist`) and joining the projections (`Concatenate`); any other operation,
+        or a part that is not one contiguous block, is one error."""
+        from transformers import core_model_loading as loading
+
+        converter = self._converters.get(name)
+        if converter is None:
+            return {self.stored_names(name)[0]: parameter}
+        stacked, joined = None, None
+        for operation in converter.operations:
+            if isinstance(operation, loading.MergeModulelist) and stacked is None:
+                stacked = operation.dim
+            elif isinstance(operation, loading.Concatenate) and joined is None:
+                joined = operation.dim
+            else:
+                raise MergewiseError(
+                    f"{self.folder.path}: {name} is assembled by {type(operation).__name__}, which cannot be "
+                    "routed in place"
+                )
+        by_pattern: dict[str, list[str]] = {pattern: [] for pattern in converter.source_patterns}
+        for stored, pattern in self.sources[name]:
+            by_pattern[str(pattern)].append(stored)  # a converter's sources all carry their pattern
+        views, offset = {}, 0
+        for parts in by_pattern.values():
+            stacked_shape = list(self.folder.tensors[parts[0]].shape)  # the parts of this pattern, stacked
+            if stacked is not None:
+                stacked_shape.insert(stacked, len(parts))
+            block = parameter
+            if joined is not None:
+                block = parameter.narrow(joined, offset, stacked_shape[joined])
+                offset += stacked_shape[joined]
+            for index, stored in enumerate(parts):
+                view = block.select(stacked, index) if stacked is not None else block
+                if tuple(view.shape) != tuple(self.folder.tensors[stored].shape) or not view.is_contiguous():
+                    raise MergewiseError(
+                        f"{self.folder.path}: tensor {stored} is not one contiguous block of {name}; it cannot be "
+                        "routed in place"
+                    )
+                views[stored] = view
+        return views
 
     def assemble(self, name: str, stored: Sequence[torch.Tensor]) -> torch.Tensor:
         """Parameter `name` from its checkpoint tensors (as `stored_names` lists them): the tensor

@@ -24,9 +24,9 @@ def prompts_for(words: list[str], count: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) for _ in range(count)]
 
 
-def build_mediator_family(root: Path) -> tuple[Path, Family]:
+def build_mediator_family(root: Path, arch: str = "llama") -> tuple[Path, Family]:
     """The base, one fine-tune per task (float32) and each task's prompts file, under `root`."""
-    built = build_family("llama", root, num_fine_tunes=3, noise=0.05, dtype=torch.float32)
+    built = build_family(arch, root, num_fine_tunes=3, noise=0.05, dtype=torch.float32)
     for index, task in enumerate(TASK_WORDS):
         (root / f"{task}.txt").write_text("\n".join(prompts_for(TASK_WORDS[task], 40, index)) + "\n")
     return root, built

@@ -40,6 +40,7 @@ from mergewise.mediator import switching
 from mergewise.mediator.codes import CODES, ResidualCode, Stored, matrix_shape
 from mergewise.mediator.router import Route, Router
 from mergewise.mediator.settings import RouterSettings
+from mergewise.structure import CheckpointLayout
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -187,16 +188,24 @@ class RoutedModel:
         self._dense_blocks: list[tuple[torch.nn.Module, list[str]]] = []  # see `_dense_forward`
         self._swapped: dict[str, torch.Tensor] = {}  # during `_dense_forward`: what a module's tensors held
         self._swapped_padding: dict[torch.nn.Embedding, int | None] = {}  # …and an embedding's padding_idx
+        self._parts: dict[str, str] = {}  # routed tensors that are part of a fused parameter: its name
         if experts is not None:
             named = dict(model.named_parameters())
+            layout = CheckpointLayout(model, self._dense_folder)
             for name in experts.tensors:
-                if name not in named:
+                owner = layout.parameter_of(name) if name in self._dense_folder.tensors else name
+                if owner not in named:
                     raise MergewiseError(
                         f"{path}: routed tensor {name} is not a parameter of the {type(model).__name__} model"
                     )
-                self._routed[name] = named[name].data.view(matrix_shape(tuple(named[name].shape)))
-                self._parameters[name] = named[name]
-            self._dense_blocks = dense_blocks(model, experts.tensors)
+                self._parameters[name] = named[owner]
+                if owner == name:
+                    self._routed[name] = named[name].data.view(matrix_shape(tuple(named[name].shape)))
+                else:  # one expert's matrix in a tensor of all the experts (a MoE's, as transformers fuses them)
+                    view = layout.part_views(owner, named[owner].data)[name]
+                    self._routed[name] = view.view(matrix_shape(tuple(view.shape)))
+                    self._parts[name] = owner
+            self._dense_blocks = dense_blocks(model, experts.tensors, self._parts)
         # CPU switches through the fused kernels: ~3× faster, for ~0.12 GB of numba and LLVM code in
         # the process, so from FUSED_MIN_ROUTED_BYTES of routed weights on (a fraction of the model then).
         routed_bytes = sum(matrix.numel() * matrix.element_size() for matrix in self._routed.values())
@@ -305,6 +314,11 @@ class RoutedModel:
             module.padding_idx = None
             return (renumbered, *args[1:])
         for name, dense in zip(names, self._dense_folder.read_together(names)):
+            if name in self._parts:  # a part of a fused tensor: D's values go in place, its own come back after
+                matrix = self._routed[name]
+                self._swapped[name] = matrix.clone()
+                matrix.copy_(dense.view(matrix.shape))
+                continue
             parameter = self._parameters[name]
             self._swapped[name] = parameter.data
             parameter.data = dense.to(device=parameter.device, dtype=parameter.dtype).view(parameter.shape)
@@ -312,7 +326,10 @@ class RoutedModel:
 
     def _swap_back(self, names: list[str], module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         for name in names:
-            self._parameters[name].data = self._swapped.pop(name)
+            if name in self._parts:
+                self._routed[name].copy_(self._swapped.pop(name))
+            else:
+                self._parameters[name].data = self._swapped.pop(name)
         if isinstance(module, torch.nn.Embedding) and module in self._swapped_padding:
             module.padding_idx = self._swapped_padding.pop(module)
 
@@ -490,13 +507,16 @@ class RoutedModel:
         return list(zip(texts, result.routes))
 
 
-def dense_blocks(model: torch.nn.Module, names: Sequence[str]) -> list[tuple[torch.nn.Module, list[str]]]:
+def dense_blocks(
+    model: torch.nn.Module, names: Sequence[str], owners: dict[str, str] | None = None
+) -> list[tuple[torch.nn.Module, list[str]]]:
     """The routed parameters grouped by the block whose forward uses them: the numbered child of a
     module list (a decoder layer) that holds them, else their own module; an embedding's weight stays
-    alone, since only the rows of its tokens are swapped in. One block's tensors are read in one go."""
+    alone, since only the rows of its tokens are swapped in. One block's tensors are read in one go.
+    `owners` names the parameter a routed tensor is part of, where that is another."""
     blocks: dict[str, list[str]] = {}
     for name in names:
-        module_name = name.rpartition(".")[0]
+        module_name = (owners or {}).get(name, name).rpartition(".")[0]
         parts = module_name.split(".")
         numbered = next((index for index, part in enumerate(parts) if part.isdigit()), None)
         if numbered is not None and not isinstance(model.get_submodule(module_name), torch.nn.Embedding):
