@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from mergewise.checkpoint import ModelFolder
 from mergewise.checkpoint.pretrained import load_pretrained
@@ -72,16 +78,11 @@ class LayerwiseModel:
         device: torch.device = torch.device("cpu"),
         trust_remote_code: bool = False,
     ):
-        if config.get_text_config() is not config:
-            raise MergewiseError(
-                f"{folder.path}: a multimodal model (its language model is its config's "
-                f"{type(config.get_text_config()).__name__}) cannot be run layer by layer; "
-                "use the in-memory pass"
-            )
-        if len(set(getattr(config, "layer_types", None) or [None])) > 1:
+        text_config = config.get_text_config()
+        if len(set(getattr(text_config, "layer_types", None) or [None])) > 1:
             raise MergewiseError(
                 f"{folder.path}: layers of different attention types "
-                f"({sorted(set(config.layer_types))}) cannot be run layer by layer; "
+                f"({sorted(set(text_config.layer_types))}) cannot be run layer by layer; "
                 "use the in-memory pass"
             )
         if not dtype.is_floating_point:
@@ -89,8 +90,12 @@ class LayerwiseModel:
         self.folder = folder
         self.device = device
         self.model = _model_skeleton(config, dtype, device, trust_remote_code)
-        self.num_layers = config.num_hidden_layers
-        self.layers_name, self.layers = _decoder_layers(self.model, self.num_layers, folder)
+        self.num_layers = text_config.num_hidden_layers
+        # the language model: a multimodal model's text runs through it alone, its vision tower never runs
+        self.language_model = self.model.get_decoder()
+        language_name = _module_name(self.model, self.language_model)
+        layers_name, self.layers = _decoder_layers(self.language_model, self.num_layers, folder)
+        self.layers_name = f"{language_name}.{layers_name}" if language_name else layers_name
         self.head = self.model.get_output_embeddings()
         self.tail = self._tail()
         self.layout = CheckpointLayout(self.model, folder)
@@ -137,7 +142,7 @@ class LayerwiseModel:
         inside_layers = {id(module) for module in self.layers.modules()}
         tail = [
             module
-            for module in self.model.modules()
+            for module in self.language_model.modules()
             if any(parameter is not None for parameter in module._parameters.values())
             and id(module) not in inside_layers
             and module is not self.head
@@ -166,6 +171,7 @@ class LayerwiseModel:
         not_stem = (
             f"{self.layers_name}.",
             *(f"{_module_name(self.model, module)}." for module in (self.head, self.tail) if module is not None),
+            *(f"{name}." for name in _beside(self.model, self.language_model, keep=self.head)),
         )
         # first of the layer's hooks: the caller's see the layer only when it really runs
         handle = self.layers[0].register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
@@ -377,12 +383,20 @@ def _model_skeleton(
     time) and its buffers on `device`. Buffers (rotary frequencies, embedding scales) are computed,
     not stored in checkpoints: the model's own initialisation fills them, as in `from_pretrained`."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = causal_lm_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, buffer in list(model.named_buffers()):
         owner_name, _, leaf = name.rpartition(".")
         model.get_submodule(owner_name)._buffers[leaf] = torch.empty_like(buffer, device=device)
     model.initialize_weights()
     return model.eval()
+
+
+def causal_lm_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | type[AutoModelForImageTextToText]:
+    """The auto class that builds a model of `config` with its language-model head: causal LMs, and
+    the multimodal models transformers builds only as image-text-to-text ones (LLaVA, Qwen2-VL)."""
+    if config.get_text_config() is not config and type(config) not in AutoModelForCausalLM._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _decoder_layers(model: nn.Module, depth: int, folder: ModelFolder) -> tuple[str, nn.ModuleList]:
@@ -394,6 +408,21 @@ def _decoder_layers(model: nn.Module, depth: int, folder: ModelFolder) -> tuple[
         f"{folder.path}: no list of {depth} decoder layers found; it cannot be run layer "
         "by layer, use the in-memory pass"
     )
+
+
+def _beside(model: nn.Module, target: nn.Module, keep: nn.Module | None) -> list[str]:
+    """Names of the modules beside the way from `model` down to `target` (but `keep`): a multimodal
+    model's vision tower and projector beside its language model, which text never reaches."""
+    target_name = _module_name(model, target)
+    parts = target_name.split(".") if target_name else []
+    ancestors = [".".join(parts[:depth]) for depth in range(len(parts))]
+    names = []
+    for ancestor in ancestors:
+        for child_name, child in model.get_submodule(ancestor).named_children():
+            name = f"{ancestor}.{child_name}" if ancestor else child_name
+            if name not in ancestors and child is not target and child is not keep:
+                names.append(name)
+    return names
 
 
 def _hidden(output) -> torch.Tensor:

@@ -20,16 +20,19 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     AddedToken,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     Gemma3Config,
     GemmaConfig,
     GPT2Config,
     LlamaConfig,
+    LlavaConfig,
     MistralConfig,
     MixtralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2MoeConfig,
+    Qwen2VLConfig,
     Qwen3MoeConfig,
 )
 
@@ -179,34 +182,56 @@ def build_tiny_model(
     return out_dir
 
 
-def build_tiny_vision_language_model(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """A random Gemma 3 (a vision tower, a projector and a language model under `text_config`) of two
-    text layers, with the tiny tokenizer: a multimodal folder as the Hub has them."""
-    config = Gemma3Config(
-        text_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
-            "vocab_size": 256,
-            "sliding_window": 8,
-            "layer_types": ["full_attention", "full_attention"],
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 28,
-            "patch_size": 14,
-        },
-        mm_tokens_per_image=4,
-    )
+VISION_LANGUAGE_ARCHITECTURES = ("gemma3", "llava", "qwen2_vl")
+
+
+def build_tiny_vision_language_model(out_dir: str | Path, *, arch: str = "gemma3", seed: int = 0) -> Path:
+    """A random multimodal model (a vision tower, a projector and a language model of two layers under
+    `text_config`) with the tiny tokenizer, saved as transformers saves it: Gemma 3, LLaVA (a CLIP tower
+    and a Llama) or Qwen2-VL."""
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text |= {"num_key_value_heads": 1, "vocab_size": 256}
+    if arch == "gemma3":
+        config: PretrainedConfig = Gemma3Config(
+            text_config=text | {"head_dim": 16, "sliding_window": 8, "layer_types": ["full_attention"] * 2},
+            vision_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 28,
+                "patch_size": 14,
+            },
+            mm_tokens_per_image=4,
+        )
+    elif arch == "llava":
+        config = LlavaConfig(
+            text_config=text | {"model_type": "llama"},
+            vision_config={
+                "model_type": "clip_vision_model",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 28,
+                "patch_size": 14,
+            },
+            image_token_index=255,
+        )
+    elif arch == "qwen2_vl":
+        config = Qwen2VLConfig(
+            text_config=text | {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}},
+            vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2},
+            image_token_id=255,
+            video_token_id=254,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(VISION_LANGUAGE_ARCHITECTURES)}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForImageTextToText.from_config(config)
     model.save_pretrained(out_dir)
     save_tokenizer(out_dir, 256)
     return Path(out_dir)

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from mergewise.aim.data import (
@@ -48,7 +48,7 @@ from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.writer import writing
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
-from mergewise.layerwise import Batch, LayerwiseModel
+from mergewise.layerwise import Batch, LayerwiseModel, causal_lm_class
 from mergewise.structure import CheckpointLayout
 
 FINGERPRINT_WINDOWS = 16
@@ -273,7 +273,7 @@ def _load_model(folder: ModelFolder, config, device: torch.device, trust_remote_
     """The whole base model in float32 (safetensors only: nothing is unpickled)."""
     try:
         model: PreTrainedModel = load_pretrained(
-            AutoModelForCausalLM.from_pretrained,
+            causal_lm_class(config).from_pretrained,
             folder.path,
             trust_remote_code=trust_remote_code,
             config=config,
