@@ -23,19 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from mergewise.checkpoint import ModelFolder
 from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
-from mergewise.structure import CheckpointLayout
+from mergewise.structure import CheckpointLayout, causal_lm_class
 
 
 @dataclass(frozen=True)
@@ -389,14 +383,6 @@ def _model_skeleton(
         model.get_submodule(owner_name)._buffers[leaf] = torch.empty_like(buffer, device=device)
     model.initialize_weights()
     return model.eval()
-
-
-def causal_lm_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | type[AutoModelForImageTextToText]:
-    """The auto class that builds a model of `config` with its language-model head: causal LMs, and
-    the multimodal models transformers builds only as image-text-to-text ones (LLaVA, Qwen2-VL)."""
-    if config.get_text_config() is not config and type(config) not in AutoModelForCausalLM._model_mapping:
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
 
 
 def _decoder_layers(model: nn.Module, depth: int, folder: ModelFolder) -> tuple[str, nn.ModuleList]:

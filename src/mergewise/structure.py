@@ -17,9 +17,16 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from mergewise.checkpoint import ModelFolder
+from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.errors import MergewiseError
 
 
@@ -143,3 +150,23 @@ def _ready(tensor: torch.Tensor) -> Future:
     future: Future = Future()
     future.set_result(tensor)
     return future
+
+
+def causal_lm_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | type[AutoModelForImageTextToText]:
+    """The auto class that builds a model of `config` with its language-model head: causal LMs, and
+    the multimodal models transformers builds only as image-text-to-text ones (LLaVA, Qwen2-VL)."""
+    if config.get_text_config() is not config and type(config) not in AutoModelForCausalLM._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def language_model_tensors(folder: ModelFolder) -> set[str]:
+    """The checkpoint tensors of the language model and its head: all of a causal LM's; of a
+    multimodal model's, those text runs through (not its vision tower nor its projector)."""
+    config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=False)
+    with torch.device("meta"):
+        model = causal_lm_class(config).from_config(config)
+    owners = [model.get_decoder(), model.get_output_embeddings()]
+    prefixes = tuple(f"{name}." for name, module in model.named_modules() if any(module is owner for owner in owners))
+    layout = CheckpointLayout(model, folder)
+    return {stored for name, entries in layout.sources.items() if name.startswith(prefixes) for stored, _ in entries}

@@ -185,7 +185,9 @@ def build_tiny_model(
 VISION_LANGUAGE_ARCHITECTURES = ("gemma3", "llava", "qwen2_vl")
 
 
-def build_tiny_vision_language_model(out_dir: str | Path, *, arch: str = "gemma3", seed: int = 0) -> Path:
+def build_tiny_vision_language_model(
+    out_dir: str | Path, *, arch: str = "gemma3", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
     """A random multimodal model (a vision tower, a projector and a language model of two layers under
     `text_config`) with the tiny tokenizer, saved as transformers saves it: Gemma 3, LLaVA (a CLIP tower
     and a Llama) or Qwen2-VL."""
@@ -232,7 +234,7 @@ def build_tiny_vision_language_model(out_dir: str | Path, *, arch: str = "gemma3
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config)
-    model.save_pretrained(out_dir)
+    model.to(dtype).save_pretrained(out_dir)
     save_tokenizer(out_dir, 256)
     return Path(out_dir)
 
@@ -301,9 +303,13 @@ def build_family(
     seed: int = 0,
     **model_options,
 ) -> Family:
-    """Build `root/base` and `root/ft1..ftN` (fine-tune i seeded `seed + i`)."""
+    """Build `root/base` and `root/ft1..ftN` (fine-tune i seeded `seed + i`); a multimodal `arch`
+    takes only the `dtype` option."""
     root = Path(root)
-    base = build_tiny_model(arch, root / "base", seed=seed, **model_options)
+    if arch in VISION_LANGUAGE_ARCHITECTURES:
+        base = build_tiny_vision_language_model(root / "base", arch=arch, seed=seed, **model_options)
+    else:
+        base = build_tiny_model(arch, root / "base", seed=seed, **model_options)
     fine_tunes = tuple(
         build_fine_tune(base, root / f"ft{index}", seed=seed + index, noise=noise)
         for index in range(1, num_fine_tunes + 1)

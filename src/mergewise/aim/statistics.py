@@ -48,8 +48,8 @@ from mergewise.checkpoint.pretrained import load_pretrained
 from mergewise.checkpoint.writer import writing
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
-from mergewise.layerwise import Batch, LayerwiseModel, causal_lm_class
-from mergewise.structure import CheckpointLayout
+from mergewise.layerwise import Batch, LayerwiseModel
+from mergewise.structure import CheckpointLayout, causal_lm_class
 
 FINGERPRINT_WINDOWS = 16
 FINGERPRINT_WINDOW_BYTES = 4096

@@ -25,7 +25,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mergewise.checkpoint import ModelFolder, TensorInfo
 from mergewise.checkpoint.files import inside_folder, read_json, validated
@@ -40,7 +40,7 @@ from mergewise.mediator import switching
 from mergewise.mediator.codes import CODES, ResidualCode, Stored, matrix_shape
 from mergewise.mediator.router import Route, Router
 from mergewise.mediator.settings import RouterSettings
-from mergewise.structure import CheckpointLayout
+from mergewise.structure import CheckpointLayout, causal_lm_class
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -273,7 +273,7 @@ class RoutedModel:
         if self.router is None:
             return [None] * len(prompt_ids)
         settings = self.router.settings
-        layers = settings.hidden_states(self.model.config.num_hidden_layers)
+        layers = settings.hidden_states(self.model.config.get_text_config().num_hidden_layers)
         with self._dense_forward():  # the router was fitted on D's features
             features = self.features(prompt_ids, layers, settings.max_tokens)
         return [*self.router.route(features)]
@@ -551,7 +551,7 @@ def load(
             AutoTokenizer.from_pretrained, folder, trust_remote_code=trust_remote_code, config=config
         )
         model = load_pretrained(
-            AutoModelForCausalLM.from_pretrained,
+            causal_lm_class(config).from_pretrained,
             folder,
             trust_remote_code=trust_remote_code,
             config=config,
@@ -566,10 +566,11 @@ def load(
         return RoutedModel(model, tokenizer, torch_device, folder)
     manifest = read_manifest(folder)
     router = load_router(folder, manifest)
-    for number in router.settings.hidden_states(model.config.num_hidden_layers):
+    depth = model.config.get_text_config().num_hidden_layers
+    for number in router.settings.hidden_states(depth):
         hidden_state_index(
             number,
-            model.config.num_hidden_layers,
+            depth,
             f"{folder / MEDIATOR_FOLDER / MANIFEST_FILE}: router.settings.feature_layers",
         )
     dense = ModelFolder(folder)

@@ -75,12 +75,14 @@ class MediatorStage(Stage):
         return [self.recipe.prompts_path(expert) for expert in self.settings.experts]
 
     def on_plan(self, context: StageContext) -> None:
+        from mergewise.structure import language_model_tensors
+
         recipe, settings, plan = self.recipe, self.settings, context.plan
-        depth = plan.reference.declared.depth  # the router reads D's hidden states by this depth
+        depth = plan.reference.declared.text.depth  # the router reads D's hidden states by this depth
         if depth is None:
             raise MergewiseError(
-                f"{plan.reference.path / 'config.json'}: gives no decoder depth at its top level (a "
-                "multimodal model?); Mediator routes plain causal language models"
+                f"{plan.reference.path / 'config.json'}: gives no decoder depth (nor does its text_config); "
+                "Mediator routes causal language models"
             )
         for number in settings.router.hidden_states(depth):
             hidden_state_index(number, depth, f"{recipe.origin}: mediator.router.feature_layers")
@@ -90,8 +92,9 @@ class MediatorStage(Stage):
         self.prompts = calibration_prompts(recipe)
         self.experts = expert_tensors(recipe)
         units: dict[str, list[RoutedTensor]] = {}
+        language = language_model_tensors(plan.reference)  # a vision tower is merged, never routed
         for job in plan.jobs:
-            if job.out_dtype.is_floating_point:
+            if job.out_dtype.is_floating_point and job.name in language:
                 units.setdefault(unit_of(job.name), []).append(RoutedTensor(job.name, tuple(job.shape), job.out_dtype))
         model_bytes = sum(torch.Size(job.shape).numel() * job.out_dtype.itemsize for job in plan.jobs)
         hidden = int(plan.reference.config.get("hidden_size") or plan.reference.config.get("n_embd") or 4096)
@@ -202,7 +205,7 @@ class MediatorStage(Stage):
         pooled = pooled_hidden_states(
             staging,
             prompt_ids,
-            router_settings.hidden_states(config.num_hidden_layers),
+            router_settings.hidden_states(config.get_text_config().num_hidden_layers),
             device=str(self.device),
             pad_id=pad or 0,
             max_tokens=router_settings.max_tokens,
