@@ -87,7 +87,7 @@ def runner_for(folder: Path, dtype: torch.dtype = torch.float32) -> LayerwiseMod
     return LayerwiseModel(model_folder, AutoConfig.from_pretrained(folder), dtype=dtype)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gpt2", *MOE_ARCHITECTURES])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2", *MOE_ARCHITECTURES])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layer", [-1, 0, NUM_LAYERS // 2, -NUM_LAYERS])
 def test_pooled_hidden_states_match_the_model_in_memory(arch, dtype, tolerance, layer, tiny_model, prompts):
@@ -145,7 +145,9 @@ def without_half_instructions(monkeypatch):
 @pytest.mark.parametrize("layer", [-1, NUM_LAYERS // 2])
 def test_bf16_features_equal_the_in_memory_models_with_the_same_matmuls(layer, tiny_model, prompts, cpu_instructions):
     folder = tiny_model("llama")
-    streamed = pooled_hidden_states(folder, prompts, layer, batch_size=BATCH_SIZE, pad_id=PAD_ID, quiet=True)
+    streamed = pooled_hidden_states(
+        folder, prompts, layer, dtype=torch.float32, batch_size=BATCH_SIZE, pad_id=PAD_ID, quiet=True
+    )
     assert torch.equal(streamed, in_memory_pooled(folder, prompts, layer, torch.bfloat16, device="cpu"))
 
 
@@ -293,7 +295,10 @@ def test_one_decoder_layer_is_loaded_at_a_time(tiny_model, monkeypatch):
     assert all(parameter.device.type == "meta" for parameter in runner.model.parameters())
 
 
-def test_layers_of_different_attention_types_are_one_clear_error(tiny_model, tmp_path, prompts):
+@pytest.mark.parametrize("layer", [-1, NUM_LAYERS // 2])  # after a sliding-window layer
+def test_layers_of_different_attention_types_get_each_their_own_mask(tiny_model, tmp_path, prompts, layer):
+    """Sliding-window layers between full-attention ones (as Gemma 2 and 3 alternate them): each layer
+    gets the mask of its type, so prompts longer than the window give the whole model's states."""
     folder = Path(shutil.copytree(tiny_model("qwen2"), tmp_path / "mixed"))
     config = json.loads((folder / "config.json").read_text())
     config.update(
@@ -302,8 +307,14 @@ def test_layers_of_different_attention_types_are_one_clear_error(tiny_model, tmp
         layer_types=["full_attention", "sliding_attention"] * (NUM_LAYERS // 2),
     )
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(MergewiseError, match=r"mixed: layers of different attention types .*full_attention"):
-        pooled_hidden_states(folder, prompts, quiet=True)
+    streamed = pooled_hidden_states(
+        folder, prompts, layer, dtype=torch.float32, batch_size=BATCH_SIZE, pad_id=PAD_ID, quiet=True
+    )
+    expected = in_memory_pooled(folder, prompts, layer, torch.float32)
+    torch.testing.assert_close(streamed, expected, atol=1e-5, rtol=1e-5)
+    unmasked = dict(config, use_sliding_window=False, layer_types=["full_attention"] * NUM_LAYERS)
+    (folder / "config.json").write_text(json.dumps(unmasked))  # the window matters to these prompts
+    assert not torch.allclose(in_memory_pooled(folder, prompts, layer, torch.float32), expected, atol=1e-3)
 
 
 def test_a_missing_tensor_is_named(tiny_model, tmp_path, prompts):

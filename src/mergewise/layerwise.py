@@ -73,18 +73,15 @@ class LayerwiseModel:
         trust_remote_code: bool = False,
     ):
         text_config = config.get_text_config()
-        if len(set(getattr(text_config, "layer_types", None) or [None])) > 1:
-            raise MergewiseError(
-                f"{folder.path}: layers of different attention types "
-                f"({sorted(set(text_config.layer_types))}) cannot be run layer by layer; "
-                "use the in-memory pass"
-            )
         if not dtype.is_floating_point:
             raise MergewiseError(f"dtype {dtype}: expected a floating-point dtype")
         self.folder = folder
         self.device = device
         self.model = _model_skeleton(config, dtype, device, trust_remote_code)
         self.num_layers = text_config.num_hidden_layers
+        # attention type of each layer (Gemma 2 and 3 alternate sliding and full): each type gets its own
+        # mask and rotary embeddings from the model's forward
+        self.layer_types = list(getattr(text_config, "layer_types", None) or [None] * self.num_layers)
         # the language model: a multimodal model's text runs through it alone, its vision tower never runs
         self.language_model = self.model.get_decoder()
         language_name = _module_name(self.model, self.language_model)
@@ -112,11 +109,12 @@ class LayerwiseModel:
         up to it. Only the layers (and the final norm) that `through` needs are loaded, and each
         batch's states are replaced as it leaves a layer, so one depth's states are held at a time."""
         through = self.hidden_state_index(through)
-        states, layer_args, layer_kwargs = self._first_layer_inputs(batches)
+        states, inputs = self._first_layer_inputs(batches, set(self.layer_types[:through]) or {self.layer_types[0]})
         if observe:
             observe(0, list(states))
         for index in tqdm(range(through), desc=desc, disable=quiet):
             layer = self.layers[index]
+            layer_args, layer_kwargs = inputs[self.layer_types[index]]
             with self._loaded(layer, f"{self.layers_name}.{index}"):
                 for batch, (args, kwargs) in enumerate(zip(layer_args, layer_kwargs)):
                     states[batch] = _hidden(layer(states[batch], *args, **kwargs))
@@ -150,36 +148,53 @@ class LayerwiseModel:
             )
         return tail[0] if tail else None
 
-    def _first_layer_inputs(self, batches: Sequence[Batch]):
-        """Run every batch up to the first decoder layer and keep what that layer receives. The stem
-        (every parameter outside the layers, the head and the final norm) is loaded only for this."""
-        hidden, layer_args, layer_kwargs = [], [], []
+    def _first_layer_inputs(self, batches: Sequence[Batch], types: set):
+        """Run every batch up to the first decoder layer and keep what it receives: the hidden states,
+        and for each attention type in `types` the other arguments its layers get (the mask, the rotary
+        embeddings): the stem runs again up to the first layer of each further type, the layers before
+        it passing the states through. The stem (every parameter outside the layers, the head, the
+        final norm and a multimodal model's vision tower) is loaded only for this."""
+        hidden: list[torch.Tensor] = []
+        inputs: dict[object, tuple[list, list]] = {}
 
-        def capture(module, args, kwargs):
-            kwargs = dict(kwargs)
-            hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-            layer_args.append(args[1:])
-            layer_kwargs.append(kwargs)
-            raise _StopForward
+        def capture_for(layer_type, keep_hidden: bool):
+            def capture(module, args, kwargs):
+                kwargs = dict(kwargs)
+                states = args[0] if args else kwargs.pop("hidden_states")
+                if keep_hidden:
+                    hidden.append(states)
+                inputs.setdefault(layer_type, ([], []))
+                inputs[layer_type][0].append(args[1:])
+                inputs[layer_type][1].append(kwargs)
+                raise _StopForward
+
+            return capture
 
         not_stem = (
             f"{self.layers_name}.",
             *(f"{_module_name(self.model, module)}." for module in (self.head, self.tail) if module is not None),
             *(f"{name}." for name in _beside(self.model, self.language_model, keep=self.head)),
         )
-        # first of the layer's hooks: the caller's see the layer only when it really runs
-        handle = self.layers[0].register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
-        try:
-            with self._loaded(self.model, "", skip=not_stem):
-                for batch in batches:
-                    mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
-                    try:
-                        self.model(input_ids=batch.input_ids.to(self.device), attention_mask=mask, use_cache=False)
-                    except _StopForward:
-                        pass
-        finally:
-            handle.remove()
-        return hidden, layer_args, layer_kwargs
+        firsts = {layer_type: self.layer_types.index(layer_type) for layer_type in types}
+        with self._loaded(self.model, "", skip=not_stem):
+            for layer_type, first in sorted(firsts.items(), key=lambda item: item[1]):
+                # first of the layer's hooks: the caller's see the layer only when it really runs
+                handle = self.layers[first].register_forward_pre_hook(
+                    capture_for(layer_type, keep_hidden=first == 0), with_kwargs=True, prepend=True
+                )
+                try:
+                    with _passing_through(self.layers, first):
+                        for batch in batches:
+                            mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
+                            try:
+                                self.model(
+                                    input_ids=batch.input_ids.to(self.device), attention_mask=mask, use_cache=False
+                                )
+                            except _StopForward:
+                                pass
+                finally:
+                    handle.remove()
+        return hidden, inputs
 
     # ------------------------------------------------------------------------------ the weights
     @contextmanager
@@ -394,6 +409,26 @@ def _decoder_layers(model: nn.Module, depth: int, folder: ModelFolder) -> tuple[
         f"{folder.path}: no list of {depth} decoder layers found; it cannot be run layer "
         "by layer, use the in-memory pass"
     )
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer the stem's run must get past without running it."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states
+
+
+@contextmanager
+def _passing_through(layers: nn.ModuleList, count: int) -> Iterator[None]:
+    """The first `count` layers replaced by pass-throughs, put back afterwards."""
+    kept = [layers[index] for index in range(count)]
+    try:
+        for index in range(count):
+            layers[index] = _PassThrough()
+        yield
+    finally:
+        for index, layer in enumerate(kept):
+            layers[index] = layer
 
 
 def _beside(model: nn.Module, target: nn.Module, keep: nn.Module | None) -> list[str]:

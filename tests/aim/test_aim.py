@@ -18,12 +18,7 @@ from mergewise.aim import AimSettings, CalibrationStats, Relaxation, load_statis
 from mergewise.aim.data import SAMPLED_CONVENTIONS
 from mergewise.cli import main
 from tests.support.processes import run_measured
-from tests.support.tiny_models import (
-    VISION_LANGUAGE_ARCHITECTURES,
-    build_lora_adapter,
-    build_tiny_vision_language_model,
-    read_state_dict,
-)
+from tests.support.tiny_models import build_lora_adapter, read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -360,26 +355,6 @@ def test_aim_reads_the_merged_folders_record_only_inside_it(record, named, tiny_
     [error] = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and error.startswith("error: ") and str(merged / "mergewise.yml") in error and named in error
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("arch", VISION_LANGUAGE_ARCHITECTURES)
-def test_a_multimodal_model_calibrates_its_language_model_alike_in_memory_and_layer_by_layer(
-    arch, calibration_text, tmp_path
-):
-    """Text reaches only the language model: its weights get statistics, under the checkpoint's
-    names (transformers saves these models' language model as `language_model.model.…`), the vision
-    tower and projector none; the layer-by-layer pass never loads them."""
-    vlm = build_tiny_vision_language_model(tmp_path / "vlm", arch=arch)
-    options = ["--data", str(calibration_text), "--samples", "8", "--seq-len", "32"]
-    in_memory = calibrate_cli(vlm, tmp_path / "in-memory.safetensors", *options)
-    streamed = calibrate_cli(vlm, tmp_path / "streamed.safetensors", *options, "--stream-layers")
-    stored = set(read_state_dict(vlm))
-    assert in_memory.vectors.keys() == streamed.vectors.keys()
-    assert in_memory.vectors.keys() - {"lm_head.weight"} <= stored  # a tied head is not stored
-    assert sum(".layers.1.mlp.down_proj." in name for name in in_memory.vectors) == 1
-    assert not any("vision" in name or "projector" in name or "visual" in name for name in in_memory.vectors)
-    for name, vector in in_memory.vectors.items():
-        torch.testing.assert_close(streamed.vectors[name], vector, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.integration

@@ -52,3 +52,8 @@ def build_tiny_mediator(family: tuple[Path, Family], out: Path, **mediator) -> P
     root, built = family
     build(mediator_recipe(root, built, **mediator), out, quiet=True, seed=0)
     return out
+
+
+def build_exact_mediator(family: tuple[Path, Family], out: Path) -> Path:
+    """Every unit routed, each expert kept whole (sparse at density 1): a selected route is its expert."""
+    return build_tiny_mediator(family, out, route_threshold=0.0, code="sparse", density=1.0)

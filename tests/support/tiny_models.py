@@ -21,22 +21,28 @@ from transformers import (
     AddedToken,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    Gemma2Config,
     Gemma3Config,
     GemmaConfig,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     LlavaConfig,
     MistralConfig,
     MixtralConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2MoeConfig,
     Qwen2VLConfig,
+    Qwen3Config,
     Qwen3MoeConfig,
 )
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gpt2")
+# Further dense families, in the architecture matrix (tests/test_architectures.py) only
+MORE_DENSE_ARCHITECTURES = {"qwen3": Qwen3Config, "gemma2": Gemma2Config, "phi3": Phi3Config, "gpt_neox": GPTNeoXConfig}
 # Mixture-of-experts models, whose checkpoints name their experts' weights one matrix per expert and
 # transformers fuses them into 3-D tensors: 4 experts, 2 per token (Qwen2-MoE adds a shared expert).
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -120,10 +126,16 @@ def tiny_config(
             tie_word_embeddings=True,
             **ids,
         )
-    config_classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}
+    config_classes = {
+        "llama": LlamaConfig,
+        "qwen2": Qwen2Config,
+        "mistral": MistralConfig,
+        "gemma": GemmaConfig,
+        **{arch: config_class for arch, config_class in MORE_DENSE_ARCHITECTURES.items()},
+    }
     config_class, options = MOE_OPTIONS.get(arch, (config_classes.get(arch), {}))
     if config_class is None:
-        known = ", ".join((*ARCHITECTURES, *MOE_ARCHITECTURES))
+        known = ", ".join((*ARCHITECTURES, *MORE_DENSE_ARCHITECTURES, *MOE_ARCHITECTURES))
         raise ValueError(f"unknown architecture {arch!r}; expected one of {known}")
     return config_class(
         **options,
@@ -135,7 +147,7 @@ def tiny_config(
         num_key_value_heads=num_kv_heads,
         head_dim=hidden_size // num_heads,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=arch == "gemma",
+        tie_word_embeddings=arch in ("gemma", "gemma2"),
         **ids,
     )
 
