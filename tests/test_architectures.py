@@ -15,8 +15,10 @@ from mergewise.aim import CalibrationSettings, calibrate, load_statistics
 from mergewise.cli import main
 from mergewise.errors import MergewiseError
 from mergewise.mediator.runtime import load
+from mergewise.serving.decoding import Completion, Sampling
 from mergewise.structure import causal_lm_class
 from tests.support.architectures import FEATURES, KINDS, WORKS, outcome, render
+from tests.support.decoding import decode_all
 from tests.support.tiny_mediator import TASK_WORDS, build_exact_mediator, build_mediator_family, prompts_for
 from tests.support.tiny_models import read_state_dict
 
@@ -89,10 +91,24 @@ def test_calibrate(arch, families, tmp_path):
         torch.testing.assert_close(streamed.vectors[name], vector, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.fixture(scope="module")
+def exact_mediators(families, tmp_path_factory):
+    """make(arch): a Mediator folder of the family with every unit routed and each expert kept whole
+    (a selected route is its expert), built once per module."""
+    built: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_exact_mediator(families(arch), tmp_path_factory.mktemp(f"mediator-{arch}") / "model")
+        return built[arch]
+
+    return make
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mediator(arch, families, tmp_path):
+def test_mediator(arch, exact_mediators, tmp_path):
     assert outcome(arch, "mediator") == WORKS
-    folder = build_exact_mediator(families(arch), tmp_path / "mediator")
+    folder = exact_mediators(arch)
     routed = json.loads((folder / "mediator" / "mediator.json").read_text())["routed_tensors"]
     assert routed and not any(part in name for name in routed for part in OUTSIDE_THE_LANGUAGE_MODEL)
     model = load(folder)
@@ -106,6 +122,27 @@ def test_mediator(arch, families, tmp_path):
     assert main(["mediator", "export", str(folder), str(tmp_path / "animals"), "--task", "animals", "--quiet"]) == 0
     [(alone, plain_route)] = load(tmp_path / "animals").generate_text([prompt], max_new_tokens=6)
     assert route.task == "animals" and plain_route is None and alone == text
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_serve(arch, exact_mediators):
+    assert outcome(arch, "serve") == WORKS
+    model = load(exact_mediators(arch))
+    prompts = prompts_for(TASK_WORDS["animals"], 3, 8)  # of different lengths: the batch is padded
+    ids = model.encode(prompts)
+    model.use_weights({"animals": 1.0})
+    expected = []
+    for prompt_ids in ids:
+        alone = model.model.generate(
+            input_ids=torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=5, pad_token_id=0
+        )
+        expected.append(model.tokenizer.decode(alone[0, len(prompt_ids) :], skip_special_tokens=True))
+    stops = frozenset([model.tokenizer.eos_token_id])
+    completions = [
+        Completion(prompt_ids, Sampling(max_tokens=5, temperature=0), model.tokenizer, stops) for prompt_ids in ids
+    ]
+    decode_all(model, completions)
+    assert [completion.text for completion in completions] == expected
 
 
 def test_every_feature_has_a_test():

@@ -21,6 +21,7 @@ from mergewise.mediator.runtime import load  # noqa: E402
 from mergewise.serving.core import ServeRequest, ServingCore, ServingError  # noqa: E402
 from mergewise.serving.decoding import Completion, DecodingBatch, Sampling  # noqa: E402
 from mergewise.serving.http import create_app  # noqa: E402
+from tests.support.decoding import decode_all  # noqa: E402
 from tests.support.tiny_mediator import (  # noqa: E402
     HELD_BACK_WORDS,
     TASK_WORDS,
@@ -66,20 +67,6 @@ def test_batched_greedy_decoding_equals_generate_one_prompt_at_a_time(model):
         expected = reference_text(model, ids, {}, 7)
         assert completions[row].text == streamed[row] == expected
         assert completions[row].finish_reason in ("stop", "length")
-
-
-def decode_all(model, completions, on_text=None) -> None:
-    """Every completion decoded to its end in one batch, as the server's worker runs a batch."""
-    batch = DecodingBatch(model.model, model.tokenizer.pad_token_id, model.device)
-    released = batch.join(completions)
-    while True:
-        for row, text in released:
-            if on_text is not None:
-                on_text(batch.completions[row], text)
-        batch.drop_ended()
-        if not len(batch):
-            return
-        released = batch.step()
 
 
 def test_sequences_joining_a_running_batch_decode_as_they_would_alone(model):

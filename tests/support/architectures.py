@@ -11,6 +11,7 @@ FEATURES = {
     "merge": "a TIES merge of two fine-tunes loads in transformers with every tensor and generates",
     "calibrate": "AIM statistics of the base: in memory and layer by layer (`--stream-layers`) agree within 1e-5",
     "mediator": "`mediator build`, then `generate`: a prompt routed to a task answers as that task's exported expert",
+    "serve": "`mergewise serve`'s decoding: prompts of different lengths batched under a route decode as each alone",
 }
 
 KINDS = {
