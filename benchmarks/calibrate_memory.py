@@ -1,10 +1,12 @@
 """Peak memory of `mergewise calibrate`: layer-streamed vs in-memory, at two depths of the same width.
 
 Each run is a measured child process (`common.run_measured`: peak resident set from `os.wait4`'s
-ru_maxrss). The models are random bf16 Llamas written tensor by tensor as sharded safetensors with an
-index (`workloads.random_tiny_llama`). Writes benchmarks/results/calibrate_memory.md.
+ru_maxrss). The Llamas are random bf16 models written tensor by tensor as sharded safetensors with an
+index (`workloads.random_tiny_llama`); `--arch mixtral` (a mixture of experts) and `--arch llava` (a
+vision-language model) are random models saved by transformers (`workloads.random_model`). Writes
+benchmarks/results/calibrate_memory.md (calibrate_memory-ARCH.md for the others).
 
-    python benchmarks/calibrate_memory.py [--depths 8 32] [--hidden 768] [--work DIR]
+    python benchmarks/calibrate_memory.py [--arch llama|mixtral|llava] [--depths 8 32] [--hidden 768] [--work DIR]
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ import tempfile
 from pathlib import Path
 
 from common import RESULTS, mergewise_command, run_measured, write_result
-from workloads import random_tiny_llama
+from workloads import random_model, random_tiny_llama
+
+DESCRIPTIONS = {
+    "llama": "Llama",
+    "mixtral": "Mixtral (4 experts, 2 per token; one matrix per expert in the checkpoint)",
+    "llava": "LLaVA (a one-layer CLIP vision tower, a Llama language model)",
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["llama", "mixtral", "llava"], default="llama")
     parser.add_argument("--depths", type=int, nargs=2, default=[8, 32])
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--samples", type=int, default=16)
@@ -37,8 +46,11 @@ def main() -> None:
     )
     rows = []
     for depth in args.depths:
-        model = work / f"llama-{depth}"
-        size = random_tiny_llama(model, depth, args.hidden)
+        model = work / f"{args.arch}-{depth}"
+        if args.arch == "llama":
+            size = random_tiny_llama(model, depth, args.hidden)
+        else:
+            size = random_model(model, args.arch, depth, args.hidden)
         for label, extra in (("--stream-layers", ["--stream-layers"]), ("in-memory", [])):
             run = run_measured(
                 mergewise_command(
@@ -67,7 +79,7 @@ def main() -> None:
     lines = [
         "# Peak memory of `mergewise calibrate`",
         "",
-        f"Random bf16 Llama, hidden {args.hidden}, intermediate {args.hidden * 8 // 3}, vocab 256; "
+        f"Random bf16 {DESCRIPTIONS[args.arch]}, hidden {args.hidden}, intermediate {args.hidden * 8 // 3}, vocab 256; "
         f"{args.samples} blocks × {args.seq_len} tokens from a text file; CPU; peak RSS of the child process "
         "(`os.wait4` ru_maxrss), including Python, torch and transformers themselves.",
         "",
@@ -80,7 +92,7 @@ def main() -> None:
         "",
         f"`--stream-layers` peak RSS, deepest / shallowest: **{ratio:.2f}×** (flat means within 1.20×).",
     ]
-    report = RESULTS / "calibrate_memory.md"
+    report = RESULTS / ("calibrate_memory.md" if args.arch == "llama" else f"calibrate_memory-{args.arch}.md")
     write_result(report, "\n".join(lines) + "\n")
     print(f"ratio {ratio:.2f}; written to {report}")
 

@@ -170,6 +170,40 @@ def random_tiny_llama(folder: Path, depth: int, hidden: int) -> int:
     return sum(file.stat().st_size for file in folder.glob("*.safetensors"))
 
 
+def random_model(folder: Path, arch: str, depth: int, hidden: int) -> int:
+    """A random bf16 model of `arch` (a mixture of experts: `mixtral`, 4 experts; a vision-language
+    model: `llava`, a one-layer vision tower) with `depth` decoder layers of width `hidden`, saved by
+    transformers as checkpoints on the Hub are (one matrix per expert; the language model under
+    `language_model.`); returns its size in bytes."""
+    from transformers import AutoModelForImageTextToText, LlavaConfig
+
+    text = tiny_config(
+        "mixtral" if arch == "mixtral" else "llama",
+        num_layers=depth,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_heads=hidden // 64,
+        num_kv_heads=hidden // 256,
+        vocab_size=256,
+        max_positions=512,
+    )
+    if arch == "mixtral":
+        config, auto = text, AutoModelForCausalLM
+    else:
+        vision = {"model_type": "clip_vision_model", "hidden_size": 256, "intermediate_size": 1024}
+        vision |= {"num_hidden_layers": 1, "num_attention_heads": 4, "image_size": 56, "patch_size": 14}
+        config, auto = (
+            LlavaConfig(text_config=text.to_dict(), vision_config=vision, image_token_index=255),
+            AutoModelForImageTextToText,
+        )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = auto.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    save_tokenizer(folder)
+    return sum(file.stat().st_size for file in folder.glob("*.safetensors"))
+
+
 def tensor_files(folder: Path) -> dict[str, Path]:
     """Which safetensors file of `folder` holds each tensor."""
     files = {}

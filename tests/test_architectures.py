@@ -109,8 +109,10 @@ def exact_mediators(families, tmp_path_factory):
 def test_mediator(arch, exact_mediators, tmp_path):
     assert outcome(arch, "mediator") == WORKS
     folder = exact_mediators(arch)
-    routed = json.loads((folder / "mediator" / "mediator.json").read_text())["routed_tensors"]
-    assert routed and not any(part in name for name in routed for part in OUTSIDE_THE_LANGUAGE_MODEL)
+    manifest = json.loads((folder / "mediator" / "mediator.json").read_text())
+    analysed = [record["unit"] for record in manifest["units"]]
+    for names in (manifest["routed_tensors"], analysed):
+        assert names and not any(part in name for name in names for part in OUTSIDE_THE_LANGUAGE_MODEL)
     model = load(folder)
     candidates = prompts_for(TASK_WORDS["animals"], 10, 3)
     prompt = next(

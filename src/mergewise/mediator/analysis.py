@@ -255,12 +255,15 @@ def analyze_conflicts(
     `task_vectors` is float32 [tasks, rows, *rest] (1-D tensors: one chunk [tasks, n]) and is not
     used by the analysis afterwards.
     """
+    from mergewise.structure import language_model_tensors
+
     plan = expert_tensors(recipe)
     tasks = recipe.settings.tasks
     share = recipe.settings.conflict_density
     units: dict[str, tuple[_Sums, list[str]]] = {}
     overall = _Sums(len(tasks))
-    jobs = [job for job in plan.jobs if job.out_dtype.is_floating_point]
+    language = language_model_tensors(plan.models[0])  # a vision tower is merged, never routed
+    jobs = [job for job in plan.jobs if job.out_dtype.is_floating_point and job.name in language]
     try:
         with tqdm(
             total=sum(math.prod(job.shape) for job in jobs),
