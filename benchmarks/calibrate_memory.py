@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from common import RESULTS, mergewise_command, run_measured, write_result
-from workloads import random_model, random_tiny_llama
+from workloads import intermediate_size, random_model, random_tiny_llama
 
 DESCRIPTIONS = {
     "llama": "Llama",
@@ -79,7 +79,8 @@ def main() -> None:
     lines = [
         "# Peak memory of `mergewise calibrate`",
         "",
-        f"Random bf16 {DESCRIPTIONS[args.arch]}, hidden {args.hidden}, intermediate {args.hidden * 8 // 3}, vocab 256; "
+        f"Random bf16 {DESCRIPTIONS[args.arch]}, hidden {args.hidden}, intermediate "
+        f"{args.hidden * 8 // 3 if args.arch == 'llama' else intermediate_size(args.hidden)}, vocab 256; "
         f"{args.samples} blocks × {args.seq_len} tokens from a text file; CPU; peak RSS of the child process "
         "(`os.wait4` ru_maxrss), including Python, torch and transformers themselves.",
         "",

@@ -170,6 +170,12 @@ def random_tiny_llama(folder: Path, depth: int, hidden: int) -> int:
     return sum(file.stat().st_size for file in folder.glob("*.safetensors"))
 
 
+def intermediate_size(hidden: int) -> int:
+    """8/3 of the width rounded up to a multiple of 64, as real models size it (transformers'
+    grouped expert matmuls need rows of a multiple of 16 bytes)."""
+    return -(-hidden * 8 // 3 // 64) * 64
+
+
 def random_model(folder: Path, arch: str, depth: int, hidden: int) -> int:
     """A random bf16 model of `arch` (a mixture of experts: `mixtral`, 4 experts; a vision-language
     model: `llava`, a one-layer vision tower) with `depth` decoder layers of width `hidden`, saved by
@@ -181,7 +187,7 @@ def random_model(folder: Path, arch: str, depth: int, hidden: int) -> int:
         "mixtral" if arch == "mixtral" else "llama",
         num_layers=depth,
         hidden_size=hidden,
-        intermediate_size=hidden * 8 // 3,
+        intermediate_size=intermediate_size(hidden),
         num_heads=hidden // 64,
         num_kv_heads=hidden // 256,
         vocab_size=256,
