@@ -11,6 +11,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoTokenizer
 
+import mergewise
 from mergewise.aim import CalibrationSettings, calibrate, load_statistics
 from mergewise.cli import main
 from mergewise.errors import MergewiseError
@@ -44,6 +45,22 @@ def test_the_docs_page_is_the_matrix_rendered():
     assert DOCS_PAGE.read_text() == render(), "regenerate: python -m tests.support.architectures > " + str(DOCS_PAGE)
 
 
+def merged_and_loaded(recipe: dict, out: Path) -> int:
+    """Merge `recipe` into `out`, load it in transformers with no weight missing, unexpected or of
+    another shape, generate three tokens; the merged model's depth."""
+    (out.parent / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(out.parent / "recipe.yml"), str(out), "--quiet"]) == 0
+    config = AutoConfig.from_pretrained(out)
+    model, info = causal_lm_class(config).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    inputs = tokenizer("model merging combines the weights", return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
+    return config.get_text_config().num_hidden_layers
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merge(arch, families, tmp_path):
     assert outcome(arch, "merge") == WORKS
@@ -57,17 +74,28 @@ def test_merge(arch, families, tmp_path):
             for model, weight in zip(family.fine_tunes, (0.6, 0.4))
         ],
     }
-    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
-    assert main(["merge", str(tmp_path / "recipe.yml"), str(tmp_path / "out"), "--quiet"]) == 0
+    assert merged_and_loaded(recipe, tmp_path / "out") == 2
     assert read_state_dict(tmp_path / "out").keys() == read_state_dict(family.base).keys()
-    config = AutoConfig.from_pretrained(tmp_path / "out")
-    model, info = causal_lm_class(config).from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
-    inputs = tokenizer("model merging combines the weights", return_tensors="pt")
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_slices(arch, families, tmp_path):
+    _, family = families(arch)
+    first, second = (str(model) for model in family.fine_tunes[:2])
+    recipe = {
+        "merge_method": "passthrough",
+        "dtype": "bfloat16",
+        "slices": [
+            {"sources": [{"model": first, "layer_range": [0, 2]}]},
+            {"sources": [{"model": second, "layer_range": [1, 2]}]},
+        ],
+    }
+    if outcome(arch, "slices") != WORKS:
+        with pytest.raises(MergewiseError, match=outcome(arch, "slices")):
+            mergewise.merge(recipe, tmp_path / "out", quiet=True)
+        assert not (tmp_path / "out").exists()
+        return
+    assert merged_and_loaded(recipe, tmp_path / "out") == 3
 
 
 @pytest.mark.parametrize("arch", ARCHS)

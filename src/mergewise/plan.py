@@ -335,6 +335,12 @@ class Planner:
                 (self.locator.model(source.model, f"{where}.sources[{i}].model"), source)
                 for i, source in enumerate(output_slice.sources)
             ]
+            for model, _ in sources:
+                if model.declared.text_config is not None:
+                    raise MergewiseError(
+                        f"{where}: {model.name} is a multimodal model ({model.declared.model_type}): slices would "
+                        "cut its vision tower's layers as its language model's; merge it with models:"
+                    )
             base_name = output_slice.base_model or config.base_model
             base = self.locator.model(base_name, f"{where}.base_model") if base_name else None
             entries = [(model, source.parameters) for model, source in sources]

@@ -9,6 +9,7 @@ WORKS = "yes"
 
 FEATURES = {
     "merge": "a TIES merge of two fine-tunes loads in transformers with every tensor and generates",
+    "slices": "a passthrough of layer slices from two fine-tunes (3 layers out of 2 + 1) loads and generates",
     "calibrate": "AIM statistics of the base: in memory and layer by layer (`--stream-layers`) agree within 1e-5",
     "mediator": "`mediator build`, then `generate`: a prompt routed to a task answers as that task's exported expert",
     "serve": "`mergewise serve`'s decoding: prompts of different lengths batched under a route decode as each alone",
@@ -21,7 +22,9 @@ KINDS = {
 }
 
 # Where a feature does not apply, the one error it gives instead (a fragment of it).
-REFUSALS: dict[tuple[str, str], str] = {}
+REFUSALS: dict[tuple[str, str], str] = {
+    (arch, "slices"): "is a multimodal model" for arch in ("gemma3", "llava", "qwen2_vl")
+}
 
 
 def outcome(arch: str, feature: str) -> str:
