@@ -205,31 +205,19 @@ def build_tiny_vision_language_model(
     and a Llama) or Qwen2-VL."""
     text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     text |= {"num_key_value_heads": 1, "vocab_size": 256}
-    if arch == "gemma3":
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision |= {"image_size": 28, "patch_size": 14}
+    if arch == "gemma3":  # alternating sliding-window and full attention, as Gemma 3 has them
         config: PretrainedConfig = Gemma3Config(
-            text_config=text | {"head_dim": 16, "sliding_window": 8, "layer_types": ["full_attention"] * 2},
-            vision_config={
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 28,
-                "patch_size": 14,
-            },
+            text_config=text
+            | {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+            vision_config=vision,
             mm_tokens_per_image=4,
         )
     elif arch == "llava":
         config = LlavaConfig(
             text_config=text | {"model_type": "llama"},
-            vision_config={
-                "model_type": "clip_vision_model",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 28,
-                "patch_size": 14,
-            },
+            vision_config=vision | {"model_type": "clip_vision_model"},
             image_token_index=255,
         )
     elif arch == "qwen2_vl":
