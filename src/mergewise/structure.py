@@ -60,7 +60,12 @@ class CheckpointLayout:
         """The checkpoint tensors parameter `name` is made of."""
         entries = self.sources.get(name)
         if not entries:
-            raise MergewiseError(f"{self.folder.path}: tensor {name} is missing from the checkpoint")
+            import transformers
+
+            raise MergewiseError(
+                f"{self.folder.path}: tensor {name} is missing from the checkpoint (where transformers "
+                f"{transformers.__version__} looks for a {self.model.config.model_type} model's weights)"
+            )
         return [stored for stored, _ in entries]
 
     def stored_name(self, name: str) -> str | None:
