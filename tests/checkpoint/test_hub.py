@@ -220,3 +220,21 @@ def test_a_local_recipe_dry_run_reads_no_weight_data(tiny_family, tmp_path, caps
     size = sum(weight_bytes(family.fine_tunes[0]).values())
     assert out[1].startswith("  reads ") and ", writes " in out[1] and "Hub" not in out[1]
     assert len(out) == 2 + len(read_state_dict(family.base)), size
+
+
+def test_an_unknown_hub_id_is_one_error_line_and_a_warm_cache_merges_with_the_hub_unreachable(
+    online_hub, tmp_path, capsys, monkeypatch
+):
+    from huggingface_hub import constants
+
+    recipe = write_recipe(tmp_path / "missing.yml", {**TIES_ON_THE_HUB, "base_model": "acme/missing"})
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: base_model: acme/missing: no such model on the Hugging Face Hub"), error
+    mergewise.merge(TIES_ON_THE_HUB, tmp_path / "online", quiet=True)  # warms the cache
+    closed = "http://127.0.0.1:9"  # the discard port: nothing answers
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}")
+    mergewise.merge(TIES_ON_THE_HUB, tmp_path / "unreachable", quiet=True)
+    online, unreachable = read_state_dict(tmp_path / "online"), read_state_dict(tmp_path / "unreachable")
+    assert online.keys() == unreachable.keys() and all(online[name].equal(unreachable[name]) for name in online)

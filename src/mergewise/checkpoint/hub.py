@@ -131,9 +131,14 @@ def hub_model(
     comes at once, as `hub_snapshot` brings it."""
     if _offline():
         return hub_snapshot(reference, key, files, allow_pickle=allow_pickle), None
+    from huggingface_hub.errors import DryRunError
+
     repo, revision = _repo_and_revision(reference)
     with _hub_errors(reference, key):
-        listing = _listing(repo, revision, [*WEIGHTS, *PICKLED_WEIGHTS, "config.json", *files])
+        try:
+            listing = _listing(repo, revision, [*WEIGHTS, *PICKLED_WEIGHTS, "config.json", *files])
+        except DryRunError:  # unreachable, unknown or private: the cache, or the reason, as a download finds them
+            return hub_snapshot(reference, key, files, allow_pickle=allow_pickle), None
         commit = listing[0].commit_hash if listing else revision
         small = [entry.filename for entry in listing if not entry.filename.endswith((".safetensors", ".bin"))]
         folder = _snapshot(repo, commit, small or ["config.json"], quiet=True)
