@@ -139,9 +139,11 @@ def hub_model(
             listing = _listing(repo, revision, [*WEIGHTS, *PICKLED_WEIGHTS, "config.json", *files])
         except DryRunError:  # unreachable, unknown or private: the cache, or the reason, as a download finds them
             return hub_snapshot(reference, key, files, allow_pickle=allow_pickle), None
-        commit = listing[0].commit_hash if listing else revision
         small = [entry.filename for entry in listing if not entry.filename.endswith((".safetensors", ".bin"))]
-        folder = _snapshot(repo, commit, small or ["config.json"], quiet=True)
+        # by the recipe's revision, so that the cache records which commit it names (found again
+        # offline); the weights then come from that very commit
+        folder = _snapshot(repo, revision, small or ["config.json"], quiet=True)
+    commit = folder.name
     weights = {entry.filename: entry for entry in listing if entry.filename.endswith(".safetensors")}
     if (folder / SAFETENSORS_INDEX).is_file():
         index = read_json(folder / SAFETENSORS_INDEX, "weight index", folder=folder, schema=WeightIndex)
@@ -153,7 +155,7 @@ def hub_model(
     missing = {name: entry.file_size or 0 for name, entry in weights.items() if not entry.is_cached}
     if not missing:
         return folder, None
-    return folder, HubWeights(reference, key, repo, str(commit), folder, tuple(sorted(weights)), missing)
+    return folder, HubWeights(reference, key, repo, commit, folder, tuple(sorted(weights)), missing)
 
 
 HEADER_PREFETCH = 1 << 17  # bytes of a safetensors file asked for first: most headers fit
