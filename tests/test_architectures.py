@@ -19,7 +19,7 @@ from mergewise.mediator.runtime import load
 from mergewise.serving.decoding import Completion, Sampling
 from mergewise.structure import causal_lm_class
 from tests.support.architectures import FEATURES, KINDS, WORKS, outcome, render
-from tests.support.decoding import decode_all
+from tests.support.decoding import decode_all, reference_text
 from tests.support.tiny_mediator import TASK_WORDS, build_exact_mediator, build_mediator_family, prompts_for
 from tests.support.tiny_models import read_state_dict
 
@@ -160,13 +160,7 @@ def test_serve(arch, exact_mediators):
     model = load(exact_mediators(arch))
     prompts = prompts_for(TASK_WORDS["animals"], 3, 8)  # of different lengths: the batch is padded
     ids = model.encode(prompts)
-    model.use_weights({"animals": 1.0})
-    expected = []
-    for prompt_ids in ids:
-        alone = model.model.generate(
-            input_ids=torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=5, pad_token_id=0
-        )
-        expected.append(model.tokenizer.decode(alone[0, len(prompt_ids) :], skip_special_tokens=True))
+    expected = [reference_text(model, prompt_ids, {"animals": 1.0}, 5) for prompt_ids in ids]
     stops = frozenset([model.tokenizer.eos_token_id])
     completions = [
         Completion(prompt_ids, Sampling(max_tokens=5, temperature=0), model.tokenizer, stops) for prompt_ids in ids

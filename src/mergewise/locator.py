@@ -68,7 +68,7 @@ class ModelLocator:
                 strict=self.strict,
             )
             return self._locate(path, key, files)
-        if is_hub_id(reference) and files is ADAPTER_FILES:  # a few megabytes: no plan needed first
+        if is_hub_id(reference) and files == ADAPTER_FILES:  # read whole as it opens, a few megabytes
             return hub_snapshot(reference, key, files, allow_pickle=self.allow_pickle)
         if is_hub_id(reference):
             folder, pending = hub_model(reference, key, files, allow_pickle=self.allow_pickle)

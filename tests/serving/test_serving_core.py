@@ -21,7 +21,7 @@ from mergewise.mediator.runtime import load  # noqa: E402
 from mergewise.serving.core import ServeRequest, ServingCore, ServingError  # noqa: E402
 from mergewise.serving.decoding import Completion, DecodingBatch, Sampling  # noqa: E402
 from mergewise.serving.http import create_app  # noqa: E402
-from tests.support.decoding import decode_all  # noqa: E402
+from tests.support.decoding import decode_all, reference_text  # noqa: E402
 from tests.support.tiny_mediator import (  # noqa: E402
     HELD_BACK_WORDS,
     TASK_WORDS,
@@ -33,18 +33,6 @@ from tests.support.tiny_models import tiny_config  # noqa: E402
 @pytest.fixture(scope="module")
 def model(mediator_dir):
     return load(mediator_dir)
-
-
-def reference_text(model, prompt_ids: list[int], mix: dict[str, float], max_tokens: int) -> str:
-    """What transformers' greedy `generate` makes of one prompt alone with the given weights in place."""
-    model.use_weights(mix)
-    generated = model.model.generate(
-        input_ids=torch.tensor([prompt_ids]),
-        do_sample=False,
-        max_new_tokens=max_tokens,
-        pad_token_id=model.tokenizer.pad_token_id,
-    )
-    return model.tokenizer.decode(generated[0, len(prompt_ids) :], skip_special_tokens=True)
 
 
 def test_batched_greedy_decoding_equals_generate_one_prompt_at_a_time(model):

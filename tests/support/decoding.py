@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from mergewise.serving.decoding import DecodingBatch
 
 
@@ -17,3 +19,15 @@ def decode_all(model, completions, on_text=None) -> None:
         if not len(batch):
             return
         released = batch.step()
+
+
+def reference_text(model, prompt_ids: list[int], mix: dict[str, float], max_tokens: int) -> str:
+    """What transformers' greedy `generate` makes of one prompt alone with the given weights in place."""
+    model.use_weights(mix)
+    generated = model.model.generate(
+        input_ids=torch.tensor([prompt_ids]),
+        do_sample=False,
+        max_new_tokens=max_tokens,
+        pad_token_id=model.tokenizer.pad_token_id,
+    )
+    return model.tokenizer.decode(generated[0, len(prompt_ids) :], skip_special_tokens=True)

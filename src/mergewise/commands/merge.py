@@ -100,12 +100,9 @@ def check(args: argparse.Namespace) -> None:
             if source is not None
         }
         written = sum(math.prod(job.shape) * job.out_dtype.itemsize for job in plan.jobs)
-        remote = [model for model in plan.models if model.pending is not None]
+        remote = {model.reference: model.pending.nbytes for model in plan.models if model.pending is not None}
         download = (
-            f" ({_size(sum(model.pending.nbytes for model in remote if model.pending))} to download from the Hub "
-            f"first: {', '.join(model.reference for model in remote)})"
-            if remote
-            else ""
+            f" ({_size(sum(remote.values()))} to download from the Hub first: {', '.join(remote)})" if remote else ""
         )
         folders = len(plan.models)
         print(f"  reads {_size(sum(read.values()))} from {folders} model folder(s){download}, writes {_size(written)}")

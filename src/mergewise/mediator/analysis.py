@@ -247,13 +247,15 @@ def analyze_conflicts(
     quiet: bool = False,
     observers: Sequence[ChunkObserver] = (),
     chunk_elements: int = CHUNK_ELEMENTS,
+    language: set[str] | None = None,
 ) -> ConflictReport:
     """The conflict report of the recipe's experts, in memory bounded by one row chunk per expert.
 
     Each observer is called as `observer(name, rows, task_vectors)` once per row chunk of every
     floating tensor, in tensor order then row order, so that every row is seen exactly once;
     `task_vectors` is float32 [tasks, rows, *rest] (1-D tensors: one chunk [tasks, n]) and is not
-    used by the analysis afterwards.
+    used by the analysis afterwards. Only the language model's tensors are analysed (`language`, found
+    from the base when not given): a vision tower is merged, never routed.
     """
     from mergewise.structure import language_model_tensors
 
@@ -262,7 +264,7 @@ def analyze_conflicts(
     share = recipe.settings.conflict_density
     units: dict[str, tuple[_Sums, list[str]]] = {}
     overall = _Sums(len(tasks))
-    language = language_model_tensors(plan.models[0])  # a vision tower is merged, never routed
+    language = language if language is not None else language_model_tensors(plan.models[0])
     jobs = [job for job in plan.jobs if job.out_dtype.is_floating_point and job.name in language]
     try:
         with tqdm(

@@ -192,6 +192,8 @@ class RoutedModel:
         if experts is not None:
             named = dict(model.named_parameters())
             layout = CheckpointLayout(model, self._dense_folder)
+            owners: dict[str, str] = {}  # routed tensors the model holds under another name
+            views: dict[str, dict[str, torch.Tensor]] = {}  # of each fused parameter, by its stored parts
             for name in experts.tensors:
                 owner = layout.parameter_of(name) if name in self._dense_folder.tensors else name
                 if owner not in named:
@@ -199,13 +201,17 @@ class RoutedModel:
                         f"{path}: routed tensor {name} is not a parameter of the {type(model).__name__} model"
                     )
                 self._parameters[name] = named[owner]
-                if owner == name:
-                    self._routed[name] = named[name].data.view(matrix_shape(tuple(named[name].shape)))
+                if owner != name:
+                    owners[name] = owner
+                if owner == name or layout.stored_name(owner) == name:  # the whole parameter, maybe renamed
+                    self._routed[name] = named[owner].data.view(matrix_shape(tuple(named[owner].shape)))
                 else:  # one expert's matrix in a tensor of all the experts (a MoE's, as transformers fuses them)
-                    view = layout.part_views(owner, named[owner].data)[name]
+                    if owner not in views:
+                        views[owner] = layout.part_views(owner, named[owner].data)
+                    view = views[owner][name]
                     self._routed[name] = view.view(matrix_shape(tuple(view.shape)))
                     self._parts[name] = owner
-            self._dense_blocks = dense_blocks(model, experts.tensors, self._parts)
+            self._dense_blocks = dense_blocks(model, experts.tensors, owners)
         # CPU switches through the fused kernels: ~3× faster, for ~0.12 GB of numba and LLVM code in
         # the process, so from FUSED_MIN_ROUTED_BYTES of routed weights on (a fraction of the model then).
         routed_bytes = sum(matrix.numel() * matrix.element_size() for matrix in self._routed.values())

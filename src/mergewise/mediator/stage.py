@@ -109,6 +109,7 @@ class MediatorStage(Stage):
             quiet=context.quiet,
             observers=[self.estimate] if options else (),
             chunk_elements=context.chunk_elements,
+            language=language,
         )
         self.estimate.finish()
         self.allocation = choose_routing(
