@@ -20,6 +20,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")  # the HTTP library of openai 3
 
 from mergewise.mediator.runtime import load  # noqa: E402
+from tests.support.decoding import reference_text  # noqa: E402
 from tests.support.tiny_mediator import (  # noqa: E402
     HELD_BACK_WORDS,
     TASK_WORDS,
@@ -197,16 +198,7 @@ def expected_text(reference, model: str, prompt: str, max_tokens: int) -> str:
         [(text, _)] = reference.generate_text([prompt], max_new_tokens=max_tokens)
         return text
     ids = reference.encode([prompt])[0]
-    reference.use_weights({} if model == "dense" else {model: 1.0})
-    import torch
-
-    generated = reference.model.generate(
-        input_ids=torch.tensor([ids]),
-        do_sample=False,
-        max_new_tokens=max_tokens,
-        pad_token_id=reference.tokenizer.pad_token_id,
-    )
-    return reference.tokenizer.decode(generated[0, len(ids) :], skip_special_tokens=True)
+    return reference_text(reference, ids, {} if model == "dense" else {model: 1.0}, max_tokens)
 
 
 def test_greedy_answers_equal_generate_alone_and_under_32_concurrent_clients(server, reference):
