@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "calibrate",
     "aim",
     "mediator",
+    "moe",
     "generate",
     "serve",
     "extract_lora",

@@ -134,7 +134,7 @@ class Router:
             1.0,
         )
         held_scores = router._scores(held_z)
-        router.temperature = _fit_temperature(held_scores, held_y)
+        router.temperature = fit_temperature(held_scores, held_y)
 
         held_probs = router._softmax(held_scores)
         # Some tasks are inherently less certain than others (similar prompt formats): a threshold per
@@ -390,7 +390,7 @@ def _quantile(values: torch.Tensor, q: float) -> float:
     return float(torch.quantile(values.double(), q))
 
 
-def _fit_temperature(scores: torch.Tensor, labels: torch.Tensor) -> float:
+def fit_temperature(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """The T minimising held-out NLL: a log grid, then golden section (the NLL is unimodal in log T)."""
     scores = scores.double()
 
