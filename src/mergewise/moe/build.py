@@ -270,7 +270,7 @@ def compute_gates(plan: MoEPlan, generator: torch.Generator, *, device: str = "c
             prompt_batch(tokenizer, expert.positive_prompts or []),
             prompt_batch(tokenizer, expert.negative_prompts) if expert.negative_prompts else None,
         )
-        for expert in gated
+        for expert in (recipe.experts if fixed is not None else gated)  # random gates are scored, not fitted
     ]
     embedding = None
     if recipe.gate_mode == "cheap_embed":

@@ -33,7 +33,8 @@ class OutputArchitecture:
     make_config: Callable[[transformers.PretrainedConfig, MoEConfig, torch.dtype | None], dict]
     shared_gate: bool = False  # a sigmoid gate per shared expert (`mlp.shared_expert_gate.weight`)
     zero_attention_biases: bool = False  # q/k/v biases the inputs lack are written as zeros
-    # the order mergekit-moe draws an expert's noise in, per layer (fused outputs)
+    # the order mergekit-moe draws the experts' noise in, per layer: expert by expert, each projection
+    # in this order (fused outputs), or projection by projection, each expert in turn
     noise_order: tuple[str, ...] = MLP_PROJECTIONS
 
     def expert_names(self, layer: int, expert: int) -> dict[str, str]:
@@ -167,6 +168,7 @@ OUTPUT_ARCHITECTURES: tuple[OutputArchitecture, ...] = (
         shared_module="shared_experts",
         refuses_shared=_deepseek_shared,
         make_config=_deepseek_config,
+        noise_order=("up_proj", "gate_proj", "down_proj"),
     ),
     OutputArchitecture(
         "Qwen MoE",
@@ -177,6 +179,7 @@ OUTPUT_ARCHITECTURES: tuple[OutputArchitecture, ...] = (
         make_config=_qwen_config,
         shared_gate=True,
         zero_attention_biases=True,
+        noise_order=("down_proj", "gate_proj", "up_proj"),
     ),
     OutputArchitecture(
         "Qwen3 MoE",

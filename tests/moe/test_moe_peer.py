@@ -1,0 +1,142 @@
+"""`mergewise moe` against mergekit-moe 0.1.5 on the same recipes and files: the same tensor names,
+shapes and config; every weight identical but the hidden-state gates, which are equal within bf16
+rounding (mergekit-moe averages and normalises the bf16 hidden states in bf16, mergewise in float32);
+random gates and `noise_scale` noise are identical under the same seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig
+
+from mergewise.moe import build_moe, plan_moe
+from tests.moe.test_moe import PROMPTS
+from tests.support.tiny_models import read_state_dict
+
+RUNNER = Path(__file__).parents[1] / "support" / "mergekit_moe_runner.py"
+SEED = 11
+# |mergewise − mergekit| allowed on a hidden-state gate, relative to the gate's largest entry: a couple
+# of bf16 steps (2⁻⁸ relative each) from mergekit's bf16 sums and divisions; at most 6.0e-3 measured
+GATE_TOLERANCE = 1e-2
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.peer,
+    pytest.mark.skipif(importlib.util.find_spec("mergekit") is None, reason="mergekit is not installed (pip install '.[peer]')"),
+]
+
+
+def _experts(arch: str, count: int, **extra) -> list[dict]:
+    return [{"source_model": f"{arch}/ft{index + 1}", "positive_prompts": PROMPTS[index], **extra} for index in range(count)]
+
+
+# name → (architecture family of the inputs, recipe); model paths are relative to the families' root
+CASES: dict[str, tuple[str, dict]] = {
+    **{
+        f"mixtral-{mode}": ("llama", {"base_model": "llama/base", "gate_mode": mode, "experts": _experts("llama", 3)})
+        for mode in ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+    },
+    "mixtral-negative-prompts-noise": (
+        "llama",
+        {
+            "base_model": "llama/base",
+            "dtype": "float32",
+            "experts_per_token": 1,
+            "experts": [
+                {**_experts("llama", 2)[0], "negative_prompts": PROMPTS[2], "noise_scale": 0.01, "residual_scale": 0.5},
+                {**_experts("llama", 2)[1], "noise_scale": 0.02},
+            ],
+        },
+    ),
+    "mixtral-from-mistral": ("mistral", {"base_model": "mistral/base", "experts": _experts("mistral", 2)}),
+    "qwen3-cheap-embed": (
+        "qwen3",
+        {"base_model": "qwen3/base", "architecture": "qwen3", "gate_mode": "cheap_embed", "experts": _experts("qwen3", 2)},
+    ),
+    # mergekit-moe 0.1.5 opens no loader for a shared expert that is not also the base or an expert
+    "qwen-from-llama": (
+        "llama",
+        {
+            "base_model": "llama/base",
+            "architecture": "qwen",
+            "experts": _experts("llama", 2),
+            "shared_experts": [{"source_model": "llama/base", "positive_prompts": PROMPTS[2]}],
+        },
+    ),
+    "qwen-from-qwen2-random": (
+        "qwen2",
+        {
+            "base_model": "qwen2/base",
+            "architecture": "qwen",
+            "gate_mode": "random",
+            "experts": _experts("qwen2", 2, noise_scale=0.01),
+            "shared_experts": [{"source_model": "qwen2/ft1"}],
+        },
+    ),
+    "deepseek-shared": (
+        "llama",
+        {
+            "base_model": "llama/base",
+            "architecture": "deepseek",
+            "experts": _experts("llama", 3),
+            "shared_experts": [{"source_model": "llama/base"}],
+        },
+    ),
+    "deepseek-uniform-random": (
+        "llama",
+        {
+            "base_model": "llama/base",
+            "architecture": "deepseek",
+            "gate_mode": "uniform_random",
+            "experts": _experts("llama", 2, noise_scale=0.01),
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def peer_outputs(tmp_path_factory, tiny_family) -> Path:
+    """Every case built by mergekit-moe (one process) and by mergewise, under one root."""
+    root = tmp_path_factory.mktemp("moe-peer")
+    for arch in sorted({arch for arch, _ in CASES.values()}):
+        family = tiny_family(arch, noise=0.05)
+        (root / arch).symlink_to(family.base.parent)
+    jobs = []
+    for name, (_, recipe) in CASES.items():
+        (root / f"{name}.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        jobs.append({"name": name, "recipe": f"{name}.yml", "out": str(root / f"mergekit-{name}"), "cwd": str(root), "seed": SEED})
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    subprocess.run([sys.executable, str(RUNNER), str(root / "jobs.json"), str(root / "results.json")], check=True, capture_output=True)
+    for name in CASES:
+        build_moe(plan_moe(root / f"{name}.yml"), root / f"mergewise-{name}", seed=SEED, quiet=True)
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_model_as_mergekit_moe(peer_outputs, name):
+    results = json.loads((peer_outputs / "results.json").read_text())
+    assert results[name]["built"], results[name]
+    ours, theirs = (read_state_dict(peer_outputs / f"{tool}-{name}") for tool in ("mergewise", "mergekit"))
+    assert sorted(ours) == sorted(theirs)
+    hidden_gates = CASES[name][1].get("gate_mode", "hidden").startswith("hidden")
+    for tensor, expected in theirs.items():
+        got = ours[tensor]
+        assert (got.shape, got.dtype) == (expected.shape, expected.dtype), tensor
+        if tensor.endswith("gate.weight") and hidden_gates:
+            error = (got.float() - expected.float()).abs().max() / expected.float().abs().max()
+            assert error <= GATE_TOLERANCE, f"{tensor}: {error:.2e}"
+        else:
+            assert torch.equal(got, expected), tensor
+    configs = [json.loads((peer_outputs / f"{tool}-{name}" / "config.json").read_text()) for tool in ("mergewise", "mergekit")]
+    for config in configs:
+        config.pop("_name_or_path", None)  # where each tool was told the base is
+    assert configs[0] == configs[1]
+    if configs[0]["model_type"] != "deepseek":  # DeepSeek MoE's code is on the Hub (trust_remote_code)
+        assert AutoConfig.from_pretrained(peer_outputs / f"mergewise-{name}").model_type == configs[0]["model_type"]
