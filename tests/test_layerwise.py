@@ -23,7 +23,6 @@ from mergewise.layerwise import (
     native_half_matmuls,
     pooled_hidden_states,
     return_freed_memory,
-    stored_dtype,
 )
 from tests.support.tiny_models import MOE_ARCHITECTURES, build_tiny_model
 from tests.test_remote_code import add_code, answers_yes  # noqa: F401 (answers_yes is a fixture)
@@ -119,13 +118,13 @@ def test_max_tokens_keeps_the_last_ids(tiny_model, prompts):
 
 def test_no_dtype_computes_in_the_stored_one(tiny_model, prompts, tmp_path):
     folder = tiny_model("llama")
-    assert stored_dtype(ModelFolder(folder)) == torch.bfloat16
+    assert ModelFolder(folder).stored_dtype == torch.bfloat16
     assert torch.equal(
         pooled_hidden_states(folder, prompts, quiet=True),
         pooled_hidden_states(folder, prompts, dtype=torch.bfloat16, quiet=True),
     )
     float_folder = build_tiny_model("llama", tmp_path / "fp32", dtype=torch.float32, num_layers=1)
-    assert stored_dtype(ModelFolder(float_folder)) == torch.float32
+    assert ModelFolder(float_folder).stored_dtype == torch.float32
 
 
 @pytest.fixture(params=[False, True], ids=["float32-matmuls", "native-matmuls"])

@@ -260,7 +260,7 @@ def pooled_hidden_states(
     runner = LayerwiseModel(
         folder,
         config,
-        dtype=dtype or stored_dtype(folder),
+        dtype=dtype or folder.stored_dtype,
         device=resolve_device(device),
         trust_remote_code=trust_remote_code,
     )
@@ -354,18 +354,6 @@ def _malloc_trim():
         return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
-
-
-def stored_dtype(folder: ModelFolder) -> torch.dtype:
-    """The floating dtype holding most of the checkpoint's values: the precision it was saved in,
-    which a few tensors kept in float32 (as some checkpoints keep norms) do not change."""
-    counts: dict[torch.dtype, int] = {}
-    for info in folder.tensors.values():
-        if info.dtype.is_floating_point:
-            counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes // info.dtype.itemsize
-    if not counts:
-        raise MergewiseError(f"{folder.path}: the checkpoint holds no floating-point tensor")
-    return max(counts, key=counts.__getitem__)
 
 
 def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mergewise.checkpoint import RECORD_FILE
 from mergewise.cli import main
 from mergewise.errors import MergewiseError, RecipeWarning
+from mergewise.layerwise import fast_half_matmuls
 from mergewise.moe import build_moe, load_moe_config, plan_moe
-from mergewise.checkpoint import RECORD_FILE
 from mergewise.moe.gates import mean_difference_gate, pooled, prompt_batch
 from mergewise.moe.outputs import select_output
 from tests.support.tiny_models import read_state_dict
@@ -82,7 +83,13 @@ def test_prompt_rules(tmp_path, tiny_family):
     with pytest.raises(MergewiseError, match="1 positive prompt.*gate_mode mediator needs at least 2"):
         load_moe_config(write_recipe(tmp_path, {**single, "gate_mode": "mediator"}))
 
-    mixed = {**recipe_for(family), "shared_experts": [{"source_model": str(family.base), "positive_prompts": ["x"]}, {"source_model": str(family.base)}]}
+    mixed = {
+        **recipe_for(family),
+        "shared_experts": [
+            {"source_model": str(family.base), "positive_prompts": ["x"]},
+            {"source_model": str(family.base)},
+        ],
+    }
     with pytest.raises(MergewiseError, match="give prompts to every shared expert or to none"):
         load_moe_config(write_recipe(tmp_path, mixed))
 
@@ -119,7 +126,12 @@ def test_keys_mergekit_moe_ignores_warn_or_fail_with_strict(tmp_path, tiny_famil
         ("mixtral", {"a": "llama"}, 1, "Mixtral: Mixtral has no shared experts"),
         ("qwen3", {"a": "llama"}, 0, "Qwen3 MoE takes qwen3 models, these are llama"),
         ("qwen moe", {"a": "llama"}, 0, "Qwen MoE takes exactly one shared expert, the recipe has 0"),
-        ("mixtral", {"a": "llama", "b": "mistral"}, 0, "every input model of one architecture \\(a is llama, b is mistral\\)"),
+        (
+            "mixtral",
+            {"a": "llama", "b": "mistral"},
+            0,
+            "every input model of one architecture \\(a is llama, b is mistral\\)",
+        ),
         (None, {"a": "gemma"}, 0, "Mixtral: Mixtral takes llama or mistral models, these are gemma; DeepSeek MoE"),
     ],
 )
@@ -142,7 +154,10 @@ def test_unnamed_architecture_prefers_mixtral_then_the_first_that_fits():
     with_shared = make(base_model="a", experts=experts, shared_experts=[{"source_model": "a"}])
     assert select_output(with_shared, {"a": "llama"}, "x").name == "DeepSeek MoE"
     # `qwen` is a prefix of both Qwen outputs, as in mergekit-moe: the first that fits is taken
-    assert select_output(make(base_model="a", experts=experts, architecture="qwen"), {"a": "qwen3"}, "x").name == "Qwen3 MoE"
+    assert (
+        select_output(make(base_model="a", experts=experts, architecture="qwen"), {"a": "qwen3"}, "x").name
+        == "Qwen3 MoE"
+    )
 
 
 def test_an_expert_that_does_not_fit_the_base_is_named_before_anything_is_written(tmp_path, tiny_family):
@@ -150,7 +165,10 @@ def test_an_expert_that_does_not_fit_the_base_is_named_before_anything_is_writte
     other = tiny_family("llama", intermediate_size=64)
     recipe = recipe_for(family)
     recipe["experts"][1]["source_model"] = str(other.fine_tunes[0])
-    with pytest.raises(MergewiseError, match=r"model.layers.0.mlp.down_proj.weight has shape \[64, 64\], the base model's is \[64, 128\]"):
+    with pytest.raises(
+        MergewiseError,
+        match=r"model.layers.0.mlp.down_proj.weight has shape \[64, 64\], the base model's is \[64, 128\]",
+    ):
         plan_moe(write_recipe(tmp_path, recipe))
 
 
@@ -196,10 +214,14 @@ def test_each_output_loads_in_transformers_with_the_experts_weights(tmp_path, ti
             parts = {p: tensors[f"model.layers.{layer}.mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")}
             assert torch.equal(experts.gate_up_proj[index], torch.cat([parts["gate_proj"], parts["up_proj"]]))
             assert torch.equal(experts.down_proj[index], parts["down_proj"])
-        assert torch.equal(params[f"model.layers.{layer}.mlp.gate.weight"], result.gates[layer].routed.to(torch.bfloat16))
+        assert torch.equal(
+            params[f"model.layers.{layer}.mlp.gate.weight"], result.gates[layer].routed.to(torch.bfloat16)
+        )
     if recipe.get("shared_experts"):
         shared = read_state_dict(family.fine_tunes[2])
-        assert torch.equal(model.model.layers[1].mlp.shared_expert.down_proj.weight, shared["model.layers.1.mlp.down_proj.weight"])
+        assert torch.equal(
+            model.model.layers[1].mlp.shared_expert.down_proj.weight, shared["model.layers.1.mlp.down_proj.weight"]
+        )
         assert model.model.layers[0].mlp.shared_expert_gate.weight.shape == (1, 64)
     if arch == "llama" and recipe.get("architecture") == "qwen":  # Qwen2-MoE has q/k/v biases, Llama none
         assert not model.model.layers[0].self_attn.q_proj.bias.any()
@@ -217,13 +239,15 @@ def test_deepseek_output_is_written_for_its_own_model_code(tmp_path, tiny_family
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     ft1, base = read_state_dict(family.fine_tunes[1]), read_state_dict(family.base)
     assert torch.equal(tensors["model.layers.1.mlp.experts.1.up_proj.weight"], ft1["model.layers.1.mlp.up_proj.weight"])
-    assert torch.equal(tensors["model.layers.0.mlp.shared_experts.gate_proj.weight"], base["model.layers.0.mlp.gate_proj.weight"])
+    assert torch.equal(
+        tensors["model.layers.0.mlp.shared_experts.gate_proj.weight"], base["model.layers.0.mlp.gate_proj.weight"]
+    )
     assert "model.layers.0.mlp.shared_expert_gate.weight" not in tensors
 
 
 def test_streamed_gates_equal_the_whole_models(tmp_path, tiny_family):
-    """The layer-by-layer pass gives the hidden states transformers' whole-model forward gives, so
-    mergekit-moe's `hidden` and `hidden_avg` gates come out the same."""
+    """The layer-by-layer pass gives the hidden states transformers' whole-model forward gives (with
+    the same matmuls), so mergekit-moe's `hidden` and `hidden_avg` gates come out the same."""
     family = tiny_family("llama", noise=0.05, num_layers=3)
     model = AutoModelForCausalLM.from_pretrained(family.base, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(family.base)
@@ -236,7 +260,7 @@ def test_streamed_gates_equal_the_whole_models(tmp_path, tiny_family):
             for sign in ("positive", "negative"):
                 if f"{sign}_prompts" in expert:
                     batch = prompt_batch(tokenizer, expert[f"{sign}_prompts"])
-                    with torch.no_grad():
+                    with torch.no_grad(), fast_half_matmuls(model, torch.device("cpu")):
                         output = model(batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
                     states[sign] = output.hidden_states[:-1]
             for layer in range(3):
@@ -256,7 +280,9 @@ def test_mediator_gates_route_held_out_prompts_and_carry_a_fitted_temperature(tm
     # held out in turn, a prompt goes to the expert whose prompts share its words; mergekit's last-token
     # gates, scored the same way, route far fewer
     assert result.heldout_shares is not None and min(result.heldout_shares) >= 0.9
-    hidden = build_moe(plan_moe(write_recipe(tmp_path, {**recipe, "gate_mode": "hidden"}, "h.yml")), tmp_path / "h", quiet=True)
+    hidden = build_moe(
+        plan_moe(write_recipe(tmp_path, {**recipe, "gate_mode": "hidden"}, "h.yml")), tmp_path / "h", quiet=True
+    )
     assert hidden.heldout_shares is not None and max(hidden.heldout_shares) <= 0.6
 
 
@@ -276,7 +302,9 @@ def test_noise_and_residual_scale_apply_to_the_experts_mlps_reproducibly(tmp_pat
     noise = down[1].float() - ft1["model.layers.0.mlp.down_proj.weight"].float()
     assert 0.007 < noise.std().item() < 0.013
     build_moe(plan_moe(path), tmp_path / "c", seed=4, quiet=True)
-    assert not torch.equal(load_file(tmp_path / "c" / "model.safetensors")["model.layers.0.mlp.experts.down_proj"], down)
+    assert not torch.equal(
+        load_file(tmp_path / "c" / "model.safetensors")["model.layers.0.mlp.experts.down_proj"], down
+    )
 
 
 def test_dry_run_lists_the_plan_and_reads_no_weight_data(tmp_path, tiny_family, monkeypatch, capsys):
@@ -288,7 +316,14 @@ def test_dry_run_lists_the_plan_and_reads_no_weight_data(tmp_path, tiny_family, 
     monkeypatch.setattr(reader, "read_rows", refuse)
     monkeypatch.setattr(reader, "map_rows", refuse)
     family = tiny_family("llama", noise=0.05)
-    path = write_recipe(tmp_path, {**recipe_for(family, experts=3), "architecture": "qwen", "shared_experts": [{"source_model": str(family.base), "positive_prompts": ["x y"]}]})
+    path = write_recipe(
+        tmp_path,
+        {
+            **recipe_for(family, experts=3),
+            "architecture": "qwen",
+            "shared_experts": [{"source_model": str(family.base), "positive_prompts": ["x y"]}],
+        },
+    )
     assert main(["moe", str(path), str(tmp_path / "out"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "output architecture: Qwen MoE; 3 experts, 2 layers, hidden gates" in out
@@ -304,6 +339,11 @@ def test_the_command_writes_the_model_and_reports_routing(tmp_path, tiny_family,
     assert main(["moe", str(path), str(tmp_path / "out"), "--quiet"]) == 0
     assert "Mixtral with 3 experts written to" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "config.json", "generation_config.json", "mergewise.yml", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+        "config.json",
+        "generation_config.json",
+        "mergewise.yml",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     assert main(["moe", str(path), str(tmp_path / "out"), "--quiet"]) == 2  # exists: --overwrite replaces it

@@ -29,12 +29,16 @@ GATE_TOLERANCE = 1e-2
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.peer,
-    pytest.mark.skipif(importlib.util.find_spec("mergekit") is None, reason="mergekit is not installed (pip install '.[peer]')"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("mergekit") is None, reason="mergekit is not installed (pip install '.[peer]')"
+    ),
 ]
 
 
 def _experts(arch: str, count: int, **extra) -> list[dict]:
-    return [{"source_model": f"{arch}/ft{index + 1}", "positive_prompts": PROMPTS[index], **extra} for index in range(count)]
+    return [
+        {"source_model": f"{arch}/ft{index + 1}", "positive_prompts": PROMPTS[index], **extra} for index in range(count)
+    ]
 
 
 # name → (architecture family of the inputs, recipe); model paths are relative to the families' root
@@ -58,7 +62,12 @@ CASES: dict[str, tuple[str, dict]] = {
     "mixtral-from-mistral": ("mistral", {"base_model": "mistral/base", "experts": _experts("mistral", 2)}),
     "qwen3-cheap-embed": (
         "qwen3",
-        {"base_model": "qwen3/base", "architecture": "qwen3", "gate_mode": "cheap_embed", "experts": _experts("qwen3", 2)},
+        {
+            "base_model": "qwen3/base",
+            "architecture": "qwen3",
+            "gate_mode": "cheap_embed",
+            "experts": _experts("qwen3", 2),
+        },
     ),
     # mergekit-moe 0.1.5 opens no loader for a shared expert that is not also the base or an expert
     "qwen-from-llama": (
@@ -111,9 +120,21 @@ def peer_outputs(tmp_path_factory, tiny_family) -> Path:
     jobs = []
     for name, (_, recipe) in CASES.items():
         (root / f"{name}.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        jobs.append({"name": name, "recipe": f"{name}.yml", "out": str(root / f"mergekit-{name}"), "cwd": str(root), "seed": SEED})
+        jobs.append(
+            {
+                "name": name,
+                "recipe": f"{name}.yml",
+                "out": str(root / f"mergekit-{name}"),
+                "cwd": str(root),
+                "seed": SEED,
+            }
+        )
     (root / "jobs.json").write_text(json.dumps(jobs))
-    subprocess.run([sys.executable, str(RUNNER), str(root / "jobs.json"), str(root / "results.json")], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(RUNNER), str(root / "jobs.json"), str(root / "results.json")],
+        check=True,
+        capture_output=True,
+    )
     for name in CASES:
         build_moe(plan_moe(root / f"{name}.yml"), root / f"mergewise-{name}", seed=SEED, quiet=True)
     return root
@@ -134,7 +155,9 @@ def test_same_model_as_mergekit_moe(peer_outputs, name):
             assert error <= GATE_TOLERANCE, f"{tensor}: {error:.2e}"
         else:
             assert torch.equal(got, expected), tensor
-    configs = [json.loads((peer_outputs / f"{tool}-{name}" / "config.json").read_text()) for tool in ("mergewise", "mergekit")]
+    configs = [
+        json.loads((peer_outputs / f"{tool}-{name}" / "config.json").read_text()) for tool in ("mergewise", "mergekit")
+    ]
     for config in configs:
         config.pop("_name_or_path", None)  # where each tool was told the base is
     assert configs[0] == configs[1]

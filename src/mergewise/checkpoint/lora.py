@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 
 from mergewise.checkpoint.files import inside_folder, read_json
-from mergewise.checkpoint.reader import ModelFolder, PendingWeights, read_safetensors_header
+from mergewise.checkpoint.reader import ModelFolder, PendingWeights, TensorInfo, read_safetensors_header
 from mergewise.errors import MergewiseError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -141,3 +141,6 @@ class AdaptedFolder(ModelFolder):
 
     def map_rows(self, name: str, rows: slice | None = None) -> torch.Tensor:
         return self.adapter.apply(name, super().map_rows(name, rows), rows)
+
+    def stored(self, name: str) -> TensorInfo | None:
+        return None  # what a read returns is the weight with the adapter merged in

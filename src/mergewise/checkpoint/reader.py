@@ -299,6 +299,13 @@ class ModelFolder:
                 tensors[info.name] = part.view(info.dtype).view(info.shape)
         return [tensors[name] for name in names]
 
+    def stored(self, name: str) -> TensorInfo | None:
+        """Where the tensor `name` lies in a safetensors file, when a read returns exactly those bytes
+        (None for a pickled tensor): it can then be copied file to file."""
+        self._downloaded()
+        info = self.tensors[name]
+        return info if info.file.suffix == ".safetensors" else None
+
     def map_rows(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """Like `read`, but the rows are mapped from the page cache instead of copied into fresh
         memory. The mapping is private: a write to the tensor copies the page and never reaches the
@@ -318,6 +325,18 @@ class ModelFolder:
     def num_layers(self) -> int | None:
         """Decoder depth from config.json, whatever the architecture calls it."""
         return self.declared.text.depth
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The floating dtype holding most of the checkpoint's values: the precision it was saved in,
+        which a few tensors kept in float32 (as some checkpoints keep norms) do not change."""
+        counts: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            if info.dtype.is_floating_point:
+                counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes // info.dtype.itemsize
+        if not counts:
+            raise MergewiseError(f"{self.path}: the checkpoint holds no floating-point tensor")
+        return max(counts, key=counts.__getitem__)
 
     @property
     def tied_embeddings(self) -> bool:

@@ -8,6 +8,7 @@ is ever buffered in memory, whatever `shard_size` is.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import json
 import math
@@ -24,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from mergewise.checkpoint.reader import SAFETENSORS_DTYPES, SAFETENSORS_INDEX
+from mergewise.checkpoint.reader import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, TensorInfo
 from mergewise.errors import MergewiseError
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -153,21 +154,53 @@ class StreamingShardWriter:
             data_start += tensor.nbytes
 
     def write(self, name: str, data: torch.Tensor, first_row: int = 0) -> None:
-        """Write `data` (rows starting at `first_row`, already in the planned dtype) into place. Each
-        write opens its shard for itself, so however many shards there are, few files are open."""
+        """Write `data` (rows starting at `first_row`, already in the planned dtype) into place."""
+        self.write_at(name, data, first_row * self._slots[name].row_bytes)
+
+    def write_at(self, name: str, data: torch.Tensor, start: int) -> None:
+        """Write `data` (in the planned dtype) into `name`'s bytes from byte `start` on. Each write
+        opens its shard for itself, so however many shards there are, few files are open."""
         slot = self._slots[name]
         view = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
-        offset = slot.offset + first_row * slot.row_bytes
-        start = offset
+        self._check_span(slot, start, len(view))
+        offset = slot.offset + start
         with writing(slot.file):
             descriptor = os.open(slot.file, os.O_WRONLY)
             try:
                 while view:
                     written = os.pwrite(descriptor, view, offset)
                     view, offset = view[written:], offset + written
-                _start_writeback(descriptor, start, offset - start)
+                _start_writeback(descriptor, slot.offset + start, offset - slot.offset - start)
             finally:
                 os.close(descriptor)
+
+    def copy_stored(self, name: str, start: int, source: TensorInfo) -> None:
+        """Copy a tensor's bytes as stored in a safetensors file (`source`, in the planned dtype) into
+        `name`'s bytes from byte `start` on, file to file inside the kernel: nothing passes through
+        this process, and a file system that shares blocks (XFS, Btrfs) copies none."""
+        slot = self._slots[name]
+        if source.dtype != slot.tensor.dtype:
+            raise MergewiseError(
+                f"{source.file}: tensor {source.name} is {source.dtype}, {name} is {slot.tensor.dtype}"
+            )
+        self._check_span(slot, start, source.nbytes)
+        with writing(slot.file), open(source.file, "rb") as reading:
+            descriptor = os.open(slot.file, os.O_WRONLY)
+            try:
+                _copy_range(reading.fileno(), source.offset, descriptor, slot.offset + start, source.nbytes)
+                _start_writeback(descriptor, slot.offset + start, source.nbytes)
+            finally:
+                os.close(descriptor)
+
+    def planned(self, name: str) -> PlannedTensor:
+        return self._slots[name].tensor
+
+    @staticmethod
+    def _check_span(slot: _Slot, start: int, length: int) -> None:
+        if start < 0 or start + length > slot.tensor.nbytes:
+            raise MergewiseError(
+                f"tensor {slot.tensor.name}: {length} bytes from byte {start} do not fit its {slot.tensor.nbytes}"
+            )
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """A tensor as written so far, or the rows `rows` of its first dimension, read back from its
@@ -193,6 +226,27 @@ class StreamingShardWriter:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
+# copy_file_range cannot copy between these files (another file system, an old kernel, a special
+# file): the bytes go through this process instead
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF)
+_COPY_CHUNK = 64 << 20
+
+
+def _copy_range(source: int, source_offset: int, target: int, target_offset: int, length: int) -> None:
+    """`length` bytes of one open file into another, at the given offsets."""
+    while length:
+        try:
+            copied = os.copy_file_range(source, target, length, source_offset, target_offset)
+        except OSError as error:
+            if error.errno not in _NO_KERNEL_COPY:
+                raise
+            copied = 0
+            chunk = os.pread(source, min(length, _COPY_CHUNK), source_offset)
+            while copied < len(chunk):
+                copied += os.pwrite(target, memoryview(chunk)[copied:], target_offset + copied)
+        if copied == 0:
+            raise MergewiseError(f"the source ended {length} bytes early")
+        source_offset, target_offset, length = source_offset + copied, target_offset + copied, length - copied
 
 
 @functools.cache

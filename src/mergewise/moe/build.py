@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -28,14 +30,15 @@ from mergewise.checkpoint.record import write_merge_record
 from mergewise.checkpoint.writer import write_text
 from mergewise.devices import parse_dtype, resolve_device
 from mergewise.errors import MergewiseError
-from mergewise.layerwise import stored_dtype
 from mergewise.locator import ModelLocator
 from mergewise.moe.config import Expert, MoEConfig, load_moe_config
-from mergewise.moe.gates import GateFitter, GatePrompts, LayerGates, prompt_batch, random_gates, run_layers
 from mergewise.moe.outputs import MLP_PROJECTIONS, OutputArchitecture, select_output
 
 EMBEDDING = "model.embed_tokens.weight"
 RANDOM_MODES = ("random", "uniform_random")
+
+if TYPE_CHECKING:
+    from mergewise.moe.gates import LayerGates
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,9 @@ class MoEResult:
     @property
     def heldout_shares(self) -> list[float] | None:
         shares = [layer.heldout_share for layer in self.gates]
-        return None if any(share is None for share in shares) else [float(share) for share in shares if share is not None]
+        return (
+            None if any(share is None for share in shares) else [float(share) for share in shares if share is not None]
+        )
 
 
 def plan_moe(
@@ -96,7 +101,7 @@ def plan_moe(
     folders = [base, *experts, *shared]
     types = {reference: str(folder.config.get("model_type")) for reference, folder in zip(references, folders)}
     output = select_output(recipe, types, str(recipe_path))
-    dtype = parse_dtype(recipe.dtype, f"{recipe_path}: dtype") or _declared_dtype(base) or stored_dtype(base)
+    dtype = parse_dtype(recipe.dtype, f"{recipe_path}: dtype") or _declared_dtype(base) or base.stored_dtype
     num_layers = base.num_layers
     if num_layers is None:
         raise MergewiseError(f"{base.path}/config.json: no number of decoder layers (num_hidden_layers)")
@@ -124,7 +129,9 @@ def _plan_tensors(plan: MoEPlan) -> None:
         raise MergewiseError(f"{base.path}: tensor {name} is missing; its MLPs cannot become experts")
     for name in base.tensors:
         if ".mlp." in name and name not in mlp:
-            raise MergewiseError(f"{base.path}: tensor {name}: MLP tensors other than gate/up/down weights are not supported")
+            raise MergewiseError(
+                f"{base.path}: tensor {name}: MLP tensors other than gate/up/down weights are not supported"
+            )
     for folder in (*plan.experts, *plan.shared):
         for name in sorted(mlp, key=_natural):
             if name not in folder.tensors:
@@ -154,12 +161,19 @@ def _plan_tensors(plan: MoEPlan) -> None:
                 )
             )
             plan.tensors.append(
-                OutputTensor(PlannedTensor(f"{prefix}.experts.down_proj", (count, *down_shape), dtype), f"down_proj of {names}")
+                OutputTensor(
+                    PlannedTensor(f"{prefix}.experts.down_proj", (count, *down_shape), dtype), f"down_proj of {names}"
+                )
             )
         else:
             for index, folder in enumerate(plan.experts):
                 for part, name in output.expert_names(layer, index).items():
-                    plan.tensors.append(OutputTensor(PlannedTensor(name, base.tensors[_mlp_name(layer, part)].shape, dtype), f"{part} of {folder.name}"))
+                    plan.tensors.append(
+                        OutputTensor(
+                            PlannedTensor(name, base.tensors[_mlp_name(layer, part)].shape, dtype),
+                            f"{part} of {folder.name}",
+                        )
+                    )
             for folder in plan.shared:
                 for part in MLP_PROJECTIONS:
                     shape = base.tensors[_mlp_name(layer, part)].shape
@@ -167,10 +181,15 @@ def _plan_tensors(plan: MoEPlan) -> None:
                     plan.tensors.append(OutputTensor(PlannedTensor(name, shape, dtype), f"{part} of {folder.name}"))
         hidden = gate_shape[1]
         mode = plan.recipe.gate_mode
-        plan.tensors.append(OutputTensor(PlannedTensor(f"{prefix}.gate.weight", (count, hidden), dtype), f"{mode} gates"))
+        plan.tensors.append(
+            OutputTensor(PlannedTensor(f"{prefix}.gate.weight", (count, hidden), dtype), f"{mode} gates")
+        )
         if output.shared_gate:
             plan.tensors.append(
-                OutputTensor(PlannedTensor(f"{prefix}.shared_expert_gate.weight", (len(plan.shared), hidden), dtype), f"{mode} gate")
+                OutputTensor(
+                    PlannedTensor(f"{prefix}.shared_expert_gate.weight", (len(plan.shared), hidden), dtype),
+                    f"{mode} gate",
+                )
             )
 
 
@@ -213,17 +232,24 @@ def build_moe(
     for folder in plan.folders:
         folder.fetch_weights()
     generator = torch.Generator().manual_seed(seed)
-    gates = compute_gates(plan, generator, device=device, quiet=quiet)
-    with staged_folder(out_dir, overwrite) as staging:
-        config = plan.output.make_config(_transformers_config(plan.base), plan.recipe, plan.dtype)
-        write_text(staging / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    fixed = _random_gates(plan, generator)  # drawn before any noise, as mergekit-moe draws them
+    with staged_folder(out_dir, overwrite) as staging, ThreadPoolExecutor(1, thread_name_prefix="moe-gates") as pool:
+        # the gates' forward pass (and the import of transformers it needs) runs while the experts are
+        # written: one is compute, the other I/O
+        pending = pool.submit(compute_gates, plan, fixed, device=device, quiet=quiet)
         copy_tokenizer(plan.base.path, staging)
         writer = StreamingShardWriter(staging, [entry.tensor for entry in plan.tensors], parse_size(shard_size))
-        _write_tensors(plan, writer, gates, generator, quiet)
+        _write_experts(plan, writer, generator, quiet)
+        gates = pending.result()
+        _write_gates(plan, writer, gates)
         writer.close()
+        config = plan.output.make_config(_transformers_config(plan.base), plan.recipe, plan.dtype)
+        write_text(staging / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         result = MoEResult(plan, gates)
         models = {folder.reference: folder.path for folder in plan.folders}
-        write_merge_record(staging, plan.recipe.model_dump(exclude_none=True), models, seed, device, {"moe": report(result)})
+        write_merge_record(
+            staging, plan.recipe.model_dump(exclude_none=True), models, seed, device, {"moe": report(result)}
+        )
     return result
 
 
@@ -254,31 +280,42 @@ def gated_experts(recipe: MoEConfig) -> list[Expert]:
     return [*recipe.experts, *recipe.gated_shared_experts]
 
 
-def compute_gates(plan: MoEPlan, generator: torch.Generator, *, device: str = "cpu", quiet: bool = False) -> list[LayerGates]:
-    """Every layer's gates; random ones come first from `generator`, as mergekit-moe draws them."""
+def _random_gates(plan: MoEPlan, generator: torch.Generator) -> torch.Tensor | None:
+    """A random mode's gates [layers, gated experts, H] (None for the other modes)."""
+    if plan.recipe.gate_mode not in RANDOM_MODES:
+        return None
+    from mergewise.moe.gates import random_gates
+
+    hidden = plan.base.tensors[_mlp_name(0, "gate_proj")].shape[1]
+    return random_gates(plan.recipe.gate_mode, (plan.num_layers, len(gated_experts(plan.recipe)), hidden), generator)
+
+
+def compute_gates(
+    plan: MoEPlan, fixed: torch.Tensor | None, *, device: str = "cpu", quiet: bool = False
+) -> list[LayerGates]:
+    """Every layer's gates: `fixed` random ones, scored on the experts' prompts where they all have
+    some; else fitted on them as the gate mode says."""
+    from mergewise.moe.gates import GateFitter, GatePrompts, LayerGates, prompt_batch, run_layers
+
     recipe, base = plan.recipe, plan.base
-    gated = gated_experts(recipe)
-    hidden = base.tensors[_mlp_name(0, "gate_proj")].shape[1]
-    fixed = None
-    if recipe.gate_mode in RANDOM_MODES:
-        fixed = random_gates(recipe.gate_mode, (plan.num_layers, len(gated), hidden), generator)
-        if not all(expert.positive_prompts for expert in recipe.experts):  # nothing to score them on
-            return [LayerGates(fixed[layer, : len(recipe.experts)], fixed[layer, len(recipe.experts) :], None) for layer in range(plan.num_layers)]
+    routed = len(recipe.experts)
+    if fixed is not None and not all(expert.positive_prompts for expert in recipe.experts):
+        return [LayerGates(fixed[layer, :routed], fixed[layer, routed:], None) for layer in range(plan.num_layers)]
     tokenizer = _tokenizer(base)
     prompts = [
         GatePrompts(
             prompt_batch(tokenizer, expert.positive_prompts or []),
             prompt_batch(tokenizer, expert.negative_prompts) if expert.negative_prompts else None,
         )
-        for expert in (recipe.experts if fixed is not None else gated)  # random gates are scored, not fitted
+        for expert in (recipe.experts if fixed is not None else gated_experts(recipe))  # random ones: scored only
     ]
     embedding = None
     if recipe.gate_mode == "cheap_embed":
         if EMBEDDING not in base.tensors:
             raise MergewiseError(f"{base.path}: tensor {EMBEDDING} is missing; gate_mode cheap_embed reads it")
         embedding = base.read(EMBEDDING)
-    fitter = GateFitter(recipe.gate_mode, prompts, len(recipe.experts), embedding=embedding, fixed=fixed)
-    run_layers(base, fitter.batches, fitter, dtype=stored_dtype(base), device=resolve_device(device), quiet=quiet)
+    fitter = GateFitter(recipe.gate_mode, prompts, routed, embedding=embedding, fixed=fixed)
+    run_layers(base, fitter.batches, fitter, dtype=base.stored_dtype, device=resolve_device(device), quiet=quiet)
     return fitter.layers
 
 
@@ -304,13 +341,13 @@ def _noisy(tensor: torch.Tensor, expert: Expert, part: str, generator: torch.Gen
     return tensor
 
 
-def _write_tensors(
-    plan: MoEPlan, writer: StreamingShardWriter, gates: list[LayerGates], generator: torch.Generator, quiet: bool
-) -> None:
-    output, dtype, recipe = plan.output, plan.dtype, plan.recipe
+def _write_experts(plan: MoEPlan, writer: StreamingShardWriter, generator: torch.Generator, quiet: bool) -> None:
+    """Every tensor but the gates: the base's, then each layer's experts, one expert's MLP at a time.
+    A weight written as it is stored is copied file to file."""
+    output, recipe = plan.output, plan.recipe
     mlp_sources = {_mlp_name(layer, part) for layer in range(plan.num_layers) for part in MLP_PROJECTIONS}
     for name in tqdm([n for n in plan.base.tensors if n not in mlp_sources], desc="base tensors", disable=quiet):
-        writer.write(name, plan.base.read(name).to(dtype))
+        _put(plan, writer, name, 0, plan.base, name, None, generator)
     for bias in plan.zero_biases:
         writer.write(bias.name, torch.zeros(bias.shape, dtype=bias.dtype))
     shared_experts = recipe.shared_experts or []
@@ -318,27 +355,75 @@ def _write_tensors(
         prefix = f"model.layers.{layer}.mlp"
         if output.fused:
             for index, (folder, expert) in enumerate(zip(plan.experts, recipe.experts)):
-                parts = dict(zip(MLP_PROJECTIONS, folder.read_together([_mlp_name(layer, p) for p in MLP_PROJECTIONS])))
-                parts = {part: _noisy(parts[part], expert, part, generator) for part in output.noise_order}
-                writer.write(f"{prefix}.experts.gate_up_proj", torch.cat([parts["gate_proj"], parts["up_proj"]]).to(dtype)[None], index)
-                writer.write(f"{prefix}.experts.down_proj", parts["down_proj"].to(dtype)[None], index)
+                # expert `index` of gate_up_proj [E, 2I, H] is its gate_proj rows, then its up_proj rows
+                gate_up = writer.planned(f"{prefix}.experts.gate_up_proj")
+                down = writer.planned(f"{prefix}.experts.down_proj")
+                starts = {
+                    "gate_proj": (gate_up, index * gate_up.nbytes // gate_up.shape[0]),
+                    "up_proj": (gate_up, (2 * index + 1) * gate_up.nbytes // (2 * gate_up.shape[0])),
+                    "down_proj": (down, index * down.nbytes // down.shape[0]),
+                }
+                for part in output.noise_order:
+                    target, start = starts[part]
+                    _put(plan, writer, target.name, start, folder, _mlp_name(layer, part), expert, generator)
         else:
             for part in output.noise_order:
                 for index, (folder, expert) in enumerate(zip(plan.experts, recipe.experts)):
-                    tensor = _noisy(folder.read(_mlp_name(layer, part)), expert, part, generator)
-                    writer.write(output.expert_names(layer, index)[part], tensor.to(dtype))
+                    _put(
+                        plan,
+                        writer,
+                        output.expert_names(layer, index)[part],
+                        0,
+                        folder,
+                        _mlp_name(layer, part),
+                        expert,
+                        generator,
+                    )
                 for folder, expert in zip(plan.shared, shared_experts):
-                    tensor = _noisy(folder.read(_mlp_name(layer, part)), expert, part, generator)
-                    writer.write(f"{prefix}.{output.shared_module}.{part}.weight", tensor.to(dtype))
+                    shared_name = f"{prefix}.{output.shared_module}.{part}.weight"
+                    _put(plan, writer, shared_name, 0, folder, _mlp_name(layer, part), expert, generator)
+
+
+def _put(
+    plan: MoEPlan,
+    writer: StreamingShardWriter,
+    target: str,
+    start: int,
+    folder: ModelFolder,
+    name: str,
+    expert: Expert | None,
+    generator: torch.Generator,
+) -> None:
+    """The tensor `name` of `folder` into `target` from byte `start` on: copied as stored where
+    neither the dtype nor the expert's noise or residual scale changes it, else read and changed."""
+    part = name.rsplit(".", 2)[-2]
+    changed = expert is not None and (
+        expert.noise_scale is not None or (part == "down_proj" and expert.residual_scale is not None)
+    )
+    stored = folder.stored(name)
+    if stored is not None and stored.dtype == plan.dtype and not changed:
+        writer.copy_stored(target, start, stored)
+        return
+    tensor = folder.read(name)
+    if expert is not None:
+        tensor = _noisy(tensor, expert, part, generator)
+    writer.write_at(target, tensor.to(plan.dtype), start)
+
+
+def _write_gates(plan: MoEPlan, writer: StreamingShardWriter, gates: list[LayerGates]) -> None:
     for layer, layer_gates in enumerate(gates):
-        writer.write(f"model.layers.{layer}.mlp.gate.weight", layer_gates.routed.to(dtype))
-        if output.shared_gate:
-            writer.write(f"model.layers.{layer}.mlp.shared_expert_gate.weight", layer_gates.shared.to(dtype))
+        writer.write(f"model.layers.{layer}.mlp.gate.weight", layer_gates.routed.to(plan.dtype))
+        if plan.output.shared_gate:
+            writer.write(f"model.layers.{layer}.mlp.shared_expert_gate.weight", layer_gates.shared.to(plan.dtype))
 
 
 def dry_run_lines(plan: MoEPlan) -> Iterator[str]:
     """The plan as `--dry-run` prints it: each output tensor, its shape, dtype and sources."""
-    yield f"output architecture: {plan.output.name}; {len(plan.experts)} experts, {plan.num_layers} layers, {plan.recipe.gate_mode} gates"
+    recipe = plan.recipe
+    yield (
+        f"output architecture: {plan.output.name}; {len(plan.experts)} experts, {plan.num_layers} layers, "
+        f"{recipe.gate_mode} gates"
+    )
     for entry in plan.tensors:
         tensor = entry.tensor
         yield f"  {tensor.name} {list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')} <- {entry.sources}"

@@ -82,12 +82,16 @@ def load_moe_config(path: str | Path, *, strict: bool = False, allow_all_same: b
         raise MergewiseError(f"{path}: expected a mapping of keys (base_model, experts, ...)")
     known = set(MoEConfig.model_fields)
     for key in sorted(set(data) - known, key=str):
-        tolerated(f"{path}: key {key!r} is not a mergekit-moe key; it is ignored, as mergekit-moe ignores it", strict=strict)
+        tolerated(
+            f"{path}: key {key!r} is not a mergekit-moe key; it is ignored, as mergekit-moe ignores it", strict=strict
+        )
         del data[key]
     for index, expert in enumerate([*(data.get("experts") or []), *(data.get("shared_experts") or [])]):
         if isinstance(expert, dict):
             for key in sorted(set(expert) - set(Expert.model_fields), key=str):
-                tolerated(f"{path}: expert {index}: key {key!r} is not a mergekit-moe key; it is ignored", strict=strict)
+                tolerated(
+                    f"{path}: expert {index}: key {key!r} is not a mergekit-moe key; it is ignored", strict=strict
+                )
                 del expert[key]
     config = validated(MoEConfig, data, str(path))
     check_moe_config(config, str(path), allow_all_same=allow_all_same)

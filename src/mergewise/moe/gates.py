@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mergewise.checkpoint import ModelFolder
 from mergewise.errors import MergewiseError
-from mergewise.layerwise import Batch, LayerwiseModel
+from mergewise.layerwise import Batch, LayerwiseModel, fast_half_matmuls
 from mergewise.mediator.router import fit_temperature
 
 CROSS_VALIDATION_FOLDS = 5
@@ -94,7 +94,10 @@ def run_layers(
     def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append(args[0] if args else kwargs["hidden_states"])
 
-    handles = [_mlp_of(layer, index, folder).register_forward_pre_hook(capture, with_kwargs=True) for index, layer in enumerate(runner.layers)]
+    handles = [
+        _mlp_of(layer, index, folder).register_forward_pre_hook(capture, with_kwargs=True)
+        for index, layer in enumerate(runner.layers)
+    ]
     entering: list[torch.Tensor] = []
 
     def observe(number: int, states: list[torch.Tensor]) -> None:
@@ -105,7 +108,8 @@ def run_layers(
         entering = states
 
     try:
-        runner.run(batches, through=runner.num_layers, observe=observe, desc="gates (layers)", quiet=quiet)
+        with fast_half_matmuls(runner.model, runner.device):
+            runner.run(batches, through=runner.num_layers, observe=observe, desc="gates (layers)", quiet=quiet)
     finally:
         for handle in handles:
             handle.remove()
@@ -261,9 +265,7 @@ class GateFitter:
             gate = fit([list(range(len(expert.tokens))) for expert in routed])
             scored = _cross_validated(fit, routed)
         share = _own_share(scored) if scored else None
-        self.layers.append(
-            LayerGates(gate, torch.stack(shared) if shared else gate[:0], share, temperature)
-        )
+        self.layers.append(LayerGates(gate, torch.stack(shared) if shared else gate[:0], share, temperature))
 
     def _features(self, features: LayerFeatures, positive: int, negative: int | None) -> _ExpertFeatures:
         def rows(index: int) -> torch.Tensor:

@@ -12,12 +12,15 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import transformers
 
 from mergewise.errors import MergewiseError
 from mergewise.moe.config import MoEConfig
+
+if TYPE_CHECKING:
+    import transformers
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 logger = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ def _warn_power_of_two(count: int) -> None:
 
 
 def _mixtral_config(base: transformers.PretrainedConfig, recipe: MoEConfig, dtype: torch.dtype | None) -> dict:
+    import transformers
+
     if not isinstance(base, transformers.MistralConfig):
         mistral = transformers.MistralConfig(**base.to_dict())
         mistral.sliding_window = None
@@ -69,6 +74,8 @@ def _mixtral_config(base: transformers.PretrainedConfig, recipe: MoEConfig, dtyp
 
 
 def _qwen_config(base: transformers.PretrainedConfig, recipe: MoEConfig, dtype: torch.dtype | None) -> dict:
+    import transformers
+
     config = transformers.Qwen2MoeConfig(**base.to_dict())
     config.architectures = ["Qwen2MoeForCausalLM"]
     config.num_experts = len(recipe.experts)
@@ -86,6 +93,8 @@ def _qwen_config(base: transformers.PretrainedConfig, recipe: MoEConfig, dtype: 
 
 
 def _qwen3_config(base: transformers.PretrainedConfig, recipe: MoEConfig, dtype: torch.dtype | None) -> dict:
+    import transformers
+
     config = transformers.Qwen3MoeConfig(**base.to_dict())
     config.architectures = ["Qwen3MoeForCausalLM"]
     config.num_experts = len(recipe.experts)
