@@ -132,7 +132,12 @@ def zoo_section(zoo: Zoo, work: Path, limit: int | None) -> tuple[str, dict[str,
         *(Entry(label, lambda _, folder=folder: folder) for label, (folder, _) in builds.items()),
     ]
     scores = score_entries(zoo.root, work, entries, limit=limit)
-    best_static = max(CORE_METHODS, key=lambda m: statistics.mean(scores[m]["tasks"][t]["score"] for t in tasks))
+
+    def goodness(label: str) -> float:  # higher is better: NLL tasks count negated
+        sign = {t: -1.0 if zoo.tasks[t].metric == "nll" else 1.0 for t in tasks}
+        return statistics.mean(sign[t] * scores[label]["tasks"][t]["score"] for t in tasks)
+
+    best_static = max(CORE_METHODS, key=goodness)
     prompts = held_out_prompts(zoo)
     probe = prompts[tasks[0]][0]
     routing = {label: routing_shares(folder, prompts) for label, (folder, _) in builds.items()}
@@ -166,8 +171,9 @@ def zoo_section(zoo: Zoo, work: Path, limit: int | None) -> tuple[str, dict[str,
     for label, shares in routing.items():
         per_layer.append(f"| {label} | " + " | ".join(f"{share:.0%}" for share in shares) + " |")
     gain = statistics.mean(routing["moe mergewise mediator"]) - statistics.mean(routing["moe mergewise hidden"])
+    metrics = ", ".join(sorted({zoo.tasks[t].metric for t in tasks}))
     text = (
-        f"Scores on the zoo's eval prompts ({limit or 'all'} per task), each expert task's own metric.\n\n"
+        f"Scores on the zoo's eval prompts ({limit or 'all'} per task; metric: {metrics}, NLL lower is better).\n\n"
         + "\n".join(lines)
         + "\n\nShare of each expert task's held-out prompts routed to its own expert, per layer:\n\n"
         + "\n".join(per_layer)

@@ -265,3 +265,59 @@ def test_tokenizer_files_are_copied_only_from_inside_the_source(tmp_path):
     (source / "tokenizer.model").symlink_to(tmp_path / "passwords")
     with pytest.raises(MergewiseError, match="tokenizer file resolves to .*outside the model folder"):
         copy_tokenizer(source, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_stored_tensors_copy_file_to_file_into_any_byte_span(tmp_path, monkeypatch, kernel_copy):
+    """A tensor copied as stored lands where `write_at` would have put it, through copy_file_range
+    or, where the kernel cannot copy between the files, through this process."""
+    import errno
+    import os
+
+    if not kernel_copy:
+
+        def cross_device(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", cross_device)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    gate, up = torch.randn(6, 4).to(torch.bfloat16), torch.randn(6, 4).to(torch.bfloat16)
+    save_file({"gate": gate, "up": up, "pad": torch.zeros(3)}, source / "model.safetensors")
+    folder = ModelFolder(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = StreamingShardWriter(out, [PlannedTensor("fused", (2, 12, 4), torch.bfloat16)], 10**6)
+    row = 12 * 4 * 2
+    writer.copy_stored("fused", row, folder.stored("gate"))  # expert 1: gate rows, then up rows
+    writer.write_at("fused", up, row + gate.nbytes)
+    writer.copy_stored("fused", 0, folder.stored("up"))
+    writer.write_at("fused", gate, gate.nbytes)
+    writer.close()
+    fused = load_file(out / "model.safetensors")["fused"]
+    assert torch.equal(fused[1], torch.cat([gate, up])) and torch.equal(fused[0], torch.cat([up, gate]))
+    with pytest.raises(MergewiseError, match="48 bytes from byte 160 do not fit its 192"):
+        writer.copy_stored("fused", 160, folder.stored("gate"))
+    with pytest.raises(MergewiseError, match="tensor pad is torch.float32, fused is torch.bfloat16"):
+        writer.copy_stored("fused", 0, folder.stored("pad"))
+    monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)  # a source cut short under the reader
+    with pytest.raises(MergewiseError, match="model.safetensors: tensor gate: the file ends 48 bytes early"):
+        writer.copy_stored("fused", 0, folder.stored("gate"))
+
+
+def test_only_tensors_read_exactly_as_stored_offer_their_bytes(tmp_path, tiny_family):
+    from mergewise.checkpoint.lora import AdaptedFolder
+    from tests.support.tiny_models import build_lora_adapter
+
+    family = tiny_family("llama")
+    name = "model.layers.0.mlp.down_proj.weight"
+    info = ModelFolder(family.base).stored(name)
+    assert info is not None and info.file.suffix == ".safetensors"
+    build_lora_adapter(family.base, tmp_path / "adapter", seed=1)
+    assert AdaptedFolder(family.base, tmp_path / "adapter").stored(name) is None
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((family.base / "config.json").read_text())
+    torch.save(load_file(family.base / "model.safetensors"), pickled / "pytorch_model.bin")
+    assert ModelFolder(pickled, allow_pickle=True).stored(name) is None

@@ -187,7 +187,8 @@ class StreamingShardWriter:
         with writing(slot.file), open(source.file, "rb") as reading:
             descriptor = os.open(slot.file, os.O_WRONLY)
             try:
-                _copy_range(reading.fileno(), source.offset, descriptor, slot.offset + start, source.nbytes)
+                what = f"{source.file}: tensor {source.name}"
+                _copy_range(reading.fileno(), source.offset, descriptor, slot.offset + start, source.nbytes, what)
                 _start_writeback(descriptor, slot.offset + start, source.nbytes)
             finally:
                 os.close(descriptor)
@@ -232,8 +233,9 @@ _NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, er
 _COPY_CHUNK = 64 << 20
 
 
-def _copy_range(source: int, source_offset: int, target: int, target_offset: int, length: int) -> None:
-    """`length` bytes of one open file into another, at the given offsets."""
+def _copy_range(source: int, source_offset: int, target: int, target_offset: int, length: int, what: str) -> None:
+    """`length` bytes of one open file into another, at the given offsets (`what`: the source, as an
+    error names it)."""
     while length:
         try:
             copied = os.copy_file_range(source, target, length, source_offset, target_offset)
@@ -245,7 +247,7 @@ def _copy_range(source: int, source_offset: int, target: int, target_offset: int
             while copied < len(chunk):
                 copied += os.pwrite(target, memoryview(chunk)[copied:], target_offset + copied)
         if copied == 0:
-            raise MergewiseError(f"the source ended {length} bytes early")
+            raise MergewiseError(f"{what}: the file ends {length} bytes early")
         source_offset, target_offset, length = source_offset + copied, target_offset + copied, length - copied
 
 
