@@ -17,7 +17,7 @@ fine-tunes as experts): mergekit-moe against `mergewise moe`, `--rounds` rounds 
 turns, the page cache written back (`sync`) before each run. mergewise's time includes flushing its
 output to disk before moving it into place; mergekit-moe leaves its output in the page cache.
 
-Writes benchmarks/results/moe-<size>.md and moe-<size>.png (routing share per layer).
+Writes moe-<size>.md and moe-<size>.png (routing share per layer) into --results (benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -245,15 +245,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default: ZOO/moe-bench)")
     parser.add_argument("--limit", type=int, default=100, help="eval prompts per task")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the W1 build comparison (0: skip it)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the report and plot")
     args = parser.parse_args()
     zoo = load_zoo(args.zoo)
     work = args.work or args.zoo / "moe-bench"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     zoo_text, routing = zoo_section(zoo, work, args.limit)
     size = zoo.raw.get("size", "zoo")
-    routing_plot(routing, RESULTS / f"moe-{size}.png")
+    args.results.mkdir(parents=True, exist_ok=True)
+    routing_plot(routing, args.results / f"moe-{size}.png")
     body = zoo_text + (f"\n{w1_section(args.rounds)}" if args.rounds else "")
-    write_report(RESULTS / f"moe-{size}.md", f"mergewise moe on the {size} zoo and W1", body, None)
+    write_report(args.results / f"moe-{size}.md", f"mergewise moe on the {size} zoo and W1", body, None)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from mergewise.checkpoint import RECORD_FILE
 from mergewise.cli import main
 from mergewise.errors import MergewiseError, RecipeWarning
 from mergewise.layerwise import fast_half_matmuls
-from mergewise.moe import build_moe, load_moe_config, plan_moe
+from mergewise.moe import MoEConfig, build_moe, load_moe_config, plan_moe
 from mergewise.moe.gates import mean_difference_gate, pooled, prompt_batch
 from mergewise.moe.outputs import select_output
 from tests.support.tiny_models import read_state_dict
@@ -136,7 +136,7 @@ def test_keys_mergekit_moe_ignores_warn_or_fail_with_strict(tmp_path, tiny_famil
     ],
 )
 def test_output_architecture_refusals_give_the_reason(architecture, types, shared, message):
-    recipe = load_moe_config.__globals__["MoEConfig"](
+    recipe = MoEConfig(
         base_model="a",
         experts=[{"source_model": "a", "positive_prompts": ["x"]}, {"source_model": "b", "positive_prompts": ["y"]}],
         architecture=architecture,
@@ -147,7 +147,7 @@ def test_output_architecture_refusals_give_the_reason(architecture, types, share
 
 
 def test_unnamed_architecture_prefers_mixtral_then_the_first_that_fits():
-    make = load_moe_config.__globals__["MoEConfig"]
+    make = MoEConfig
     experts = [{"source_model": "a"}, {"source_model": "b"}]
     assert select_output(make(base_model="a", experts=experts), {"a": "llama"}, "x").name == "Mixtral"
     assert select_output(make(base_model="a", experts=experts), {"a": "qwen3"}, "x").name == "Qwen3 MoE"
@@ -347,3 +347,28 @@ def test_the_command_writes_the_model_and_reports_routing(tmp_path, tiny_family,
         "tokenizer_config.json",
     ]
     assert main(["moe", str(path), str(tmp_path / "out"), "--quiet"]) == 2  # exists: --overwrite replaces it
+
+
+def test_every_registered_output_architecture_builds(tmp_path, tiny_family):
+    """Each output, from models of the first architecture it takes, with the shared expert it needs."""
+    from mergewise.moe.outputs import OUTPUT_ARCHITECTURES
+
+    for output in OUTPUT_ARCHITECTURES:
+        family = tiny_family(output.inputs[0], noise=0.05)
+        recipe = {**recipe_for(family), "architecture": output.name}
+        for shared in (
+            None,
+            [{"source_model": str(family.base)}],
+            [{"source_model": str(family.base), "positive_prompts": ["x y"]}],
+        ):
+            candidate = {**recipe, **({"shared_experts": shared} if shared else {})}
+            if output.refuses_shared(MoEConfig.model_validate(candidate)) is None:
+                break
+        path = write_recipe(tmp_path, candidate, f"{output.inputs[0]}-{len(output.name)}.yml")
+        plan = plan_moe(path)
+        assert plan.output == output
+        build_moe(plan, tmp_path / output.name.replace(" ", "-"), quiet=True)
+        config = json.loads((tmp_path / output.name.replace(" ", "-") / "config.json").read_text())
+        tensors = load_file(tmp_path / output.name.replace(" ", "-") / "model.safetensors")
+        assert config["architectures"][0].endswith("ForCausalLM") and "model.layers.1.mlp.gate.weight" in tensors
+        assert set(tensors) == {entry.tensor.name for entry in plan.tensors}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from mergewise.moe import build_moe, plan_moe
 from tests.moe.test_moe import PROMPTS
@@ -108,17 +108,32 @@ CASES: dict[str, tuple[str, dict]] = {
         },
     ),
 }
+# recipes mergekit-moe 0.1.5 fails on, and what it raises: it opens no loader for a shared expert that
+# is neither the base nor an expert
+MERGEKIT_FAILS = {
+    "qwen-shared-of-its-own": (
+        "llama",
+        {
+            "base_model": "llama/base",
+            "architecture": "qwen",
+            "experts": _experts("llama", 2),
+            "shared_experts": [{"source_model": "llama/ft3", "positive_prompts": PROMPTS[2]}],
+        },
+    ),
+}
+FAILURES = {"qwen-shared-of-its-own": "'NoneType' object has no attribute 'get_tensor'"}
 
 
 @pytest.fixture(scope="module")
 def peer_outputs(tmp_path_factory, tiny_family) -> Path:
     """Every case built by mergekit-moe (one process) and by mergewise, under one root."""
     root = tmp_path_factory.mktemp("moe-peer")
-    for arch in sorted({arch for arch, _ in CASES.values()}):
+    every = {**CASES, **MERGEKIT_FAILS}
+    for arch in sorted({arch for arch, _ in every.values()}):
         family = tiny_family(arch, noise=0.05)
         (root / arch).symlink_to(family.base.parent)
     jobs = []
-    for name, (_, recipe) in CASES.items():
+    for name, (_, recipe) in every.items():
         (root / f"{name}.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         jobs.append(
             {
@@ -135,7 +150,7 @@ def peer_outputs(tmp_path_factory, tiny_family) -> Path:
         check=True,
         capture_output=True,
     )
-    for name in CASES:
+    for name in every:
         build_moe(plan_moe(root / f"{name}.yml"), root / f"mergewise-{name}", seed=SEED, quiet=True)
     return root
 
@@ -163,3 +178,14 @@ def test_same_model_as_mergekit_moe(peer_outputs, name):
     assert configs[0] == configs[1]
     if configs[0]["model_type"] != "deepseek":  # DeepSeek MoE's code is on the Hub (trust_remote_code)
         assert AutoConfig.from_pretrained(peer_outputs / f"mergewise-{name}").model_type == configs[0]["model_type"]
+
+
+@pytest.mark.parametrize("name", sorted(MERGEKIT_FAILS))
+def test_recipes_mergekit_moe_fails_on_build_and_load(peer_outputs, name):
+    result = json.loads((peer_outputs / "results.json").read_text())[name]
+    assert not result["built"] and FAILURES[name] in result["error"]
+    model = AutoModelForCausalLM.from_pretrained(peer_outputs / f"mergewise-{name}")
+    shared = read_state_dict(peer_outputs / MERGEKIT_FAILS[name][1]["shared_experts"][0]["source_model"])
+    assert torch.equal(
+        model.model.layers[0].mlp.shared_expert.up_proj.weight, shared["model.layers.0.mlp.up_proj.weight"]
+    )
