@@ -41,70 +41,57 @@ def _experts(arch: str, count: int, **extra) -> list[dict]:
     ]
 
 
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+# each output architecture: the family its experts come from, and the shared experts it takes (mergekit-
+# moe 0.1.5 opens no loader for a shared expert that is neither the base nor an expert)
+OUTPUTS = {
+    "mixtral": ("llama", None),
+    "deepseek": ("llama", [{"source_model": "llama/base"}]),
+    "qwen": ("qwen2", [{"source_model": "qwen2/base", "positive_prompts": PROMPTS[2]}]),
+    "qwen3": ("qwen3", None),
+}
+
+
+def _case(output: str, mode: str) -> tuple[str, dict]:
+    arch, shared = OUTPUTS[output]
+    recipe = {"base_model": f"{arch}/base", "architecture": output, "gate_mode": mode, "experts": _experts(arch, 2)}
+    return arch, {**recipe, **({"shared_experts": shared} if shared else {})}
+
+
 # name → (architecture family of the inputs, recipe); model paths are relative to the families' root
 CASES: dict[str, tuple[str, dict]] = {
-    **{
-        f"mixtral-{mode}": ("llama", {"base_model": "llama/base", "gate_mode": mode, "experts": _experts("llama", 3)})
-        for mode in ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
-    },
-    "mixtral-negative-prompts-noise": (
+    **{f"{output}-{mode}": _case(output, mode) for output in OUTPUTS for mode in GATE_MODES},
+    "mixtral-three-experts-negative-prompts-noise": (
         "llama",
         {
             "base_model": "llama/base",
             "dtype": "float32",
             "experts_per_token": 1,
             "experts": [
-                {**_experts("llama", 2)[0], "negative_prompts": PROMPTS[2], "noise_scale": 0.01, "residual_scale": 0.5},
-                {**_experts("llama", 2)[1], "noise_scale": 0.02},
+                {**_experts("llama", 3)[0], "negative_prompts": PROMPTS[2], "noise_scale": 0.01, "residual_scale": 0.5},
+                {**_experts("llama", 3)[1], "noise_scale": 0.02},
+                _experts("llama", 3)[2],
             ],
         },
     ),
     "mixtral-from-mistral": ("mistral", {"base_model": "mistral/base", "experts": _experts("mistral", 2)}),
-    "qwen3-cheap-embed": (
-        "qwen3",
-        {
-            "base_model": "qwen3/base",
-            "architecture": "qwen3",
-            "gate_mode": "cheap_embed",
-            "experts": _experts("qwen3", 2),
-        },
-    ),
-    # mergekit-moe 0.1.5 opens no loader for a shared expert that is not also the base or an expert
-    "qwen-from-llama": (
+    "qwen-from-llama-noise": (
         "llama",
         {
             "base_model": "llama/base",
-            "architecture": "qwen",
-            "experts": _experts("llama", 2),
-            "shared_experts": [{"source_model": "llama/base", "positive_prompts": PROMPTS[2]}],
-        },
-    ),
-    "qwen-from-qwen2-random": (
-        "qwen2",
-        {
-            "base_model": "qwen2/base",
             "architecture": "qwen",
             "gate_mode": "random",
-            "experts": _experts("qwen2", 2, noise_scale=0.01),
-            "shared_experts": [{"source_model": "qwen2/ft1"}],
+            "experts": _experts("llama", 2, noise_scale=0.01),
+            "shared_experts": [{"source_model": "llama/ft1", "noise_scale": 0.01}],
         },
     ),
-    "deepseek-shared": (
-        "llama",
-        {
-            "base_model": "llama/base",
-            "architecture": "deepseek",
-            "experts": _experts("llama", 3),
-            "shared_experts": [{"source_model": "llama/base"}],
-        },
-    ),
-    "deepseek-uniform-random": (
+    "deepseek-noise": (
         "llama",
         {
             "base_model": "llama/base",
             "architecture": "deepseek",
             "gate_mode": "uniform_random",
-            "experts": _experts("llama", 2, noise_scale=0.01),
+            "experts": _experts("llama", 3, noise_scale=0.01),
         },
     ),
 }
