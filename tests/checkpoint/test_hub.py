@@ -238,3 +238,39 @@ def test_an_unknown_hub_id_is_one_error_line_and_a_warm_cache_merges_with_the_hu
     mergewise.merge(TIES_ON_THE_HUB, tmp_path / "unreachable", quiet=True)
     online, unreachable = read_state_dict(tmp_path / "online"), read_state_dict(tmp_path / "unreachable")
     assert online.keys() == unreachable.keys() and all(online[name].equal(unreachable[name]) for name in online)
+
+
+MOE_ON_THE_HUB = {
+    "base_model": "acme/base",
+    "experts": [
+        {"source_model": "acme/math", "positive_prompts": ["one two three", "count to four"]},
+        {"source_model": "acme/code", "positive_prompts": ["the cat sat", "a dog ran"]},
+    ],
+}
+
+
+def test_a_hub_moe_recipe_is_planned_from_headers_and_fails_or_lists_before_any_weight_download(
+    online_hub, tmp_path, capsys
+):
+    recipe = write_recipe(tmp_path / "moe.yml", MOE_ON_THE_HUB)
+    assert main(["moe", str(recipe), str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "output architecture: Mixtral; 2 experts" in capsys.readouterr().out
+    assert_only_headers_served(online_hub)
+    online_hub.served.clear()  # each planning reads the headers again
+    wrong = write_recipe(tmp_path / "wrong.yml", {**MOE_ON_THE_HUB, "architecture": "qwen3"})
+    assert main(["moe", str(wrong), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "Qwen3 MoE takes qwen3 models, these are llama" in capsys.readouterr().err
+    assert_only_headers_served(online_hub)
+    assert not (tmp_path / "out").exists()
+    assert main(["moe", str(recipe), str(tmp_path / "out"), "--quiet"]) == 0
+    local = {
+        **MOE_ON_THE_HUB,
+        "base_model": str(online_hub.repos["acme/base"]),
+        "experts": [
+            {**expert, "source_model": str(online_hub.repos[expert["source_model"]])}
+            for expert in MOE_ON_THE_HUB["experts"]
+        ],
+    }
+    assert main(["moe", str(write_recipe(tmp_path / "local.yml", local)), str(tmp_path / "local"), "--quiet"]) == 0
+    built, expected = read_state_dict(tmp_path / "out"), read_state_dict(tmp_path / "local")
+    assert built.keys() == expected.keys() and all(built[name].equal(expected[name]) for name in built)
