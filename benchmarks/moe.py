@@ -183,29 +183,46 @@ def zoo_section(zoo: Zoo, work: Path, limit: int | None) -> tuple[str, dict[str,
     return text, routing
 
 
+def w1_recipe(workload: Path, experts: int) -> Path:
+    """W1's base with its fine-tunes as `experts` experts (taken in turn when there are more experts)."""
+    recipe = WORK / f"moe-w1-{experts}.yml"
+    entries = [
+        {"source_model": str(workload / f"ft{index % 3 + 1}"), "positive_prompts": W1_PROMPTS[index % 3]}
+        for index in range(experts)
+    ]
+    recipe.write_text(yaml.safe_dump({"base_model": str(workload / "base"), "experts": entries}, sort_keys=False))
+    return recipe
+
+
+def measure_build(tool: str, recipe: Path, out: Path):
+    """One build from an empty output and a page cache with nothing left to write back."""
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    subprocess.run(["sync"], check=True)
+    if tool == "mergekit":
+        return run_measured(mergekit_moe_command(recipe, out))
+    return run_measured(mergewise_command("moe", str(recipe), str(out), "--quiet"))
+
+
 def w1_section(rounds: int) -> str:
     workload = build_workload(WORK, LlamaShape())
-    recipe = WORK / "moe-w1.yml"
-    experts = [
-        {"source_model": str(workload / f"ft{index + 1}"), "positive_prompts": prompts}
-        for index, prompts in enumerate(W1_PROMPTS)
-    ]
-    recipe.write_text(yaml.safe_dump({"base_model": str(workload / "base"), "experts": experts}, sort_keys=False))
+    recipe = w1_recipe(workload, 3)
     out = {tool: WORK / f"moe-w1-{tool}" for tool in ("mergekit", "mergewise")}
-
-    def measure(tool: str):
-        subprocess.run(["rm", "-rf", str(out[tool])], check=True)
-        subprocess.run(["sync"], check=True)
-        if tool == "mergekit":
-            return run_measured(mergekit_moe_command(recipe, out[tool]))
-        return run_measured(mergewise_command("moe", str(recipe), str(out[tool]), "--quiet"))
-
-    runs = repeated("moe (3 experts, hidden gates)", ["mergekit", "mergewise"], measure, rounds)
+    label = "moe (3 experts, hidden gates)"
+    runs = repeated(label, ["mergekit", "mergewise"], lambda tool: measure_build(tool, recipe, out[tool]), rounds)
     same = _same_experts(out["mergekit"], out["mergewise"])
-    table = comparison_table(
-        runs, {"moe (3 experts, hidden gates)": same}, {"moe (3 experts, hidden gates)": (3.0, 0.5)}
+    table = comparison_table(runs, {label: same}, {label: (3.0, 0.5)})
+    sizes = ["| experts | output GB | mergekit-moe peak RSS MB | mergewise peak RSS MB |", "|---:|---:|---:|---:|"]
+    for experts in (3, 6):
+        recipe = w1_recipe(workload, experts)
+        peaks = [measure_build(tool, recipe, out[tool]).peak_rss_mib for tool in ("mergekit", "mergewise")]
+        size = sum(path.stat().st_size for path in out["mergewise"].glob("*.safetensors")) / 1e9
+        sizes.append(f"| {experts} | {size:.2f} | {peaks[0]:.0f} | {peaks[1]:.0f} |")
+    return (
+        f"W1 (~207 M-parameter bf16 Llama base, its three fine-tunes as experts), {rounds} rounds, the tools "
+        f"taking turns:\n\n{table}\n\nPeak RSS against the number of experts (one build each):\n\n"
+        + "\n".join(sizes)
+        + "\n"
     )
-    return f"W1 (~207 M-parameter bf16 Llama base, three fine-tunes as experts), {rounds} rounds:\n\n{table}\n"
 
 
 def _same_experts(theirs: Path, ours: Path) -> str:

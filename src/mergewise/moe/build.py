@@ -125,8 +125,8 @@ def _mlp_name(layer: int, part: str) -> str:
 def _plan_tensors(plan: MoEPlan) -> None:
     base, output, dtype = plan.base, plan.output, plan.dtype
     mlp = {_mlp_name(layer, part) for layer in range(plan.num_layers) for part in MLP_PROJECTIONS}
-    for name in sorted(mlp - set(base.tensors)):
-        raise MergewiseError(f"{base.path}: tensor {name} is missing; its MLPs cannot become experts")
+    if missing := sorted(mlp - set(base.tensors), key=_natural):
+        raise MergewiseError(f"{base.path}: tensor {missing[0]} is missing; its MLPs cannot become experts")
     for name in base.tensors:
         if ".mlp." in name and name not in mlp:
             raise MergewiseError(

@@ -319,9 +319,3 @@ def _own_share(scored: Scored) -> float:
         for tokens in prompts
     ]
     return sum(hits) / len(hits)
-
-
-def own_expert_share(gate: torch.Tensor, prompts: Sequence[Sequence[torch.Tensor]]) -> float:
-    """Share of prompts (per expert, each prompt's token features [n, H]) that `gate` routes to
-    their own expert."""
-    return _own_share([(gate, [list(rows) for rows in prompts])])
