@@ -112,6 +112,14 @@ def routing_shares(folder: Path, prompts: dict[str, list[str]]) -> list[float]:
     return [statistics.mean(column) for column in zip(*hits)]
 
 
+def cached(path: Path, compute):
+    """`compute()`'s JSON value, kept at `path` for the next run."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(compute()))
+    return json.loads(path.read_text())
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*.safetensors"))
 
@@ -140,7 +148,10 @@ def zoo_section(zoo: Zoo, work: Path, limit: int | None) -> tuple[str, dict[str,
     best_static = max(CORE_METHODS, key=goodness)
     prompts = held_out_prompts(zoo)
     probe = prompts[tasks[0]][0]
-    routing = {label: routing_shares(folder, prompts) for label, (folder, _) in builds.items()}
+    routing = {
+        label: cached(work / "routing" / f"{folder.name}.json", lambda f=folder: routing_shares(f, prompts))
+        for label, (folder, _) in builds.items()
+    }
 
     header = (
         "| model | "
@@ -157,7 +168,12 @@ def zoo_section(zoo: Zoo, work: Path, limit: int | None) -> tuple[str, dict[str,
         cells.append(f"{folder_bytes(folder) / 1e6:.1f}" if folder else "")
         cells.append(f"{record['seconds']:.1f}" if record and "seconds" in record else "")
         cells.append(f"{record['peak_rss_mib']:.0f}" if record and "peak_rss_mib" in record else "")
-        cells.append(f"{serving_peak_mib(folder, probe):.0f}" if folder else "")
+        serving = (
+            cached(work / "serving" / f"{label.replace(':', '-')}.json", lambda: serving_peak_mib(folder, probe))
+            if folder
+            else None
+        )
+        cells.append(f"{serving:.0f}" if serving is not None else "")
         return f"| {shown} | " + " | ".join(cells) + " |"
 
     for task in tasks:
