@@ -73,39 +73,47 @@ def _mixtral_config(base: transformers.PretrainedConfig, recipe: MoEConfig, dtyp
     return _diff_dict(config)
 
 
-def _qwen_config(base: transformers.PretrainedConfig, recipe: MoEConfig, dtype: torch.dtype | None) -> dict:
+def _qwen_moe_config(
+    class_name: str,
+    base: transformers.PretrainedConfig,
+    recipe: MoEConfig,
+    dtype: torch.dtype | None,
+    **settings: object,
+) -> dict:
+    """A Qwen2-MoE or Qwen3-MoE config (`class_name`) from the base's: every layer sparse, each expert
+    as wide as the base's MLP, and `settings` on top."""
     import transformers
 
-    config = transformers.Qwen2MoeConfig(**base.to_dict())
-    config.architectures = ["Qwen2MoeForCausalLM"]
+    config = getattr(transformers, class_name)(**base.to_dict())
+    config.architectures = [class_name.replace("Config", "ForCausalLM")]
     config.num_experts = len(recipe.experts)
     config.num_experts_per_tok = recipe.experts_per_token
     config.decoder_sparse_step = 1
     config.norm_topk_prob = True
-    config.sliding_window = None
-    config.use_sliding_window = False
-    config.shared_expert_intermediate_size = config.intermediate_size
+    for key, value in settings.items():
+        setattr(config, key, value)
     config.moe_intermediate_size = config.intermediate_size
     if dtype is not None:
         config.dtype = dtype
     _warn_power_of_two(len(recipe.experts))
     return _diff_dict(config)
+
+
+def _qwen_config(base: transformers.PretrainedConfig, recipe: MoEConfig, dtype: torch.dtype | None) -> dict:
+    shared_width = base.intermediate_size  # the shared expert is as wide as the routed ones
+    return _qwen_moe_config(
+        "Qwen2MoeConfig",
+        base,
+        recipe,
+        dtype,
+        sliding_window=None,
+        use_sliding_window=False,
+        shared_expert_intermediate_size=shared_width,
+    )
 
 
 def _qwen3_config(base: transformers.PretrainedConfig, recipe: MoEConfig, dtype: torch.dtype | None) -> dict:
-    import transformers
-
-    config = transformers.Qwen3MoeConfig(**base.to_dict())
-    config.architectures = ["Qwen3MoeForCausalLM"]
-    config.num_experts = len(recipe.experts)
-    config.num_experts_per_tok = recipe.experts_per_token
-    config.decoder_sparse_step = 1
-    config.norm_topk_prob = True
-    config.moe_intermediate_size = config.intermediate_size
-    if dtype is not None:
-        config.dtype = dtype
-    _warn_power_of_two(len(recipe.experts))
-    return _diff_dict(config)
+    return _qwen_moe_config("Qwen3MoeConfig", base, recipe, dtype)
 
 
 # DeepSeek MoE (v1) is not in transformers: its config names the model code on the Hub, which loads
