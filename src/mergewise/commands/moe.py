@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow every expert to be the same model",
     )
-    parser.add_argument("--allow-pickle", action="store_true", help="read .bin checkpoints (unpickling runs code)")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="accept pytorch_model*.bin inputs (loaded with weights_only=True)"
+    )
     parser.add_argument("--strict", action="store_true", help="refuse keys mergekit-moe would ignore")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
