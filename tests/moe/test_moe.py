@@ -54,6 +54,10 @@ def recipe_for(family, *, experts: int = 2, gate_mode: str = "hidden", **extra) 
         ({"gate_mode": "hiddn"}, "gate_mode 'hiddn': expected one of"),
         ({"experts_per_token": 0}, "experts_per_token must be at least 1"),
         ({"experts_per_token": 3}, "2 experts, fewer than experts_per_token (3)"),
+        (
+            {"experts": [{"source_model": "x", "positive_prompts": ["a"]}], "experts_per_token": 1},
+            "at least 2 experts, got 1",
+        ),
         ({"experts": "one"}, "experts: Input should be a valid list"),
     ],
 )

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from mergewise.aim.data import (
@@ -44,7 +44,7 @@ from mergewise.aim.data import (
 from mergewise.checkpoint import ModelFolder
 from mergewise.checkpoint.files import parse_json, validated
 from mergewise.checkpoint.lora import AdaptedFolder
-from mergewise.checkpoint.pretrained import load_pretrained
+from mergewise.checkpoint.pretrained import load_config_and_tokenizer, load_pretrained
 from mergewise.checkpoint.writer import writing
 from mergewise.devices import resolve_device
 from mergewise.errors import MergewiseError
@@ -222,15 +222,7 @@ def calibrate(
     _check_stats_location(stats_path, [*folder.folders, *local_data], overwrite)
     target_device = resolve_device(device)
     recorder = ChannelStatistics(settings.statistic)
-    try:  # the config first: it says whether the model's own code would run
-        config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=trust_remote_code)
-        tokenizer = load_pretrained(
-            AutoTokenizer.from_pretrained, folder.path, trust_remote_code=trust_remote_code, config=config
-        )
-    except (OSError, ValueError) as error:
-        raise MergewiseError(
-            f"{folder.path}: cannot load its config or tokenizer ({str(error).splitlines()[0]})"
-        ) from None
+    config, tokenizer = load_config_and_tokenizer(folder.path, trust_remote_code=trust_remote_code)
     model: PreTrainedModel | None
     if settings.data == "self":
         model = _load_model(folder, config, target_device, trust_remote_code)

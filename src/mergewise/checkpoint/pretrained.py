@@ -30,3 +30,18 @@ def load_pretrained(
             f"{folder}: needs its own Python code (auto_map); pass --trust-remote-code "
             "(trust_remote_code=True) only if you trust that code"
         ) from None
+
+
+def load_config_and_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """A folder's transformers config and tokenizer, the config first (it says whether the folder's
+    own code would run); one error naming the folder when either cannot load."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = load_pretrained(AutoConfig.from_pretrained, folder, trust_remote_code=trust_remote_code)
+        tokenizer = load_pretrained(
+            AutoTokenizer.from_pretrained, folder, trust_remote_code=trust_remote_code, config=config
+        )
+    except (OSError, ValueError) as error:
+        raise MergewiseError(f"{folder}: cannot load its config or tokenizer ({str(error).splitlines()[0]})") from None
+    return config, tokenizer

@@ -36,6 +36,7 @@ from mergewise.moe.outputs import MLP_PROJECTIONS, OutputArchitecture, select_ou
 
 EMBEDDING = "model.embed_tokens.weight"
 RANDOM_MODES = ("random", "uniform_random")
+ZEROS = "zeros"  # the source of a tensor written as zeros
 
 if TYPE_CHECKING:
     from mergewise.moe.gates import LayerGates
@@ -60,7 +61,11 @@ class MoEPlan:
     dtype: torch.dtype
     num_layers: int
     tensors: list[OutputTensor] = field(default_factory=list)
-    zero_biases: list[PlannedTensor] = field(default_factory=list)  # attention biases the base lacks
+
+    @property
+    def zero_biases(self) -> list[PlannedTensor]:
+        """The attention biases the output needs and the base lacks."""
+        return [entry.tensor for entry in self.tensors if entry.sources == ZEROS]
 
     @property
     def bytes_to_write(self) -> int:
@@ -79,9 +84,7 @@ class MoEResult:
     @property
     def heldout_shares(self) -> list[float] | None:
         shares = [layer.heldout_share for layer in self.gates]
-        return (
-            None if any(share is None for share in shares) else [float(share) for share in shares if share is not None]
-        )
+        return [share for share in shares if share is not None] if None not in shares else None
 
 
 def plan_moe(
@@ -124,8 +127,10 @@ def _mlp_name(layer: int, part: str) -> str:
 
 def _plan_tensors(plan: MoEPlan) -> None:
     base, output, dtype = plan.base, plan.output, plan.dtype
-    mlp = {_mlp_name(layer, part) for layer in range(plan.num_layers) for part in MLP_PROJECTIONS}
-    if missing := sorted(mlp - set(base.tensors), key=_natural):
+    # layer by layer, each layer's projections by name: the first problem is the one reported
+    in_order = [_mlp_name(layer, part) for layer in range(plan.num_layers) for part in sorted(MLP_PROJECTIONS)]
+    mlp = set(in_order)
+    if missing := [name for name in in_order if name not in base.tensors]:
         raise MergewiseError(f"{base.path}: tensor {missing[0]} is missing; its MLPs cannot become experts")
     for name in base.tensors:
         if ".mlp." in name and name not in mlp:
@@ -133,7 +138,7 @@ def _plan_tensors(plan: MoEPlan) -> None:
                 f"{base.path}: tensor {name}: MLP tensors other than gate/up/down weights are not supported"
             )
     for folder in (*plan.experts, *plan.shared):
-        for name in sorted(mlp, key=_natural):
+        for name in in_order:
             if name not in folder.tensors:
                 raise MergewiseError(f"{folder.path}: tensor {name} is missing")
             if folder.tensors[name].shape != base.tensors[name].shape:
@@ -206,12 +211,7 @@ def _plan_zero_biases(plan: MoEPlan) -> None:
         ):
             name = f"model.layers.{layer}.self_attn.{part}.bias"
             if name not in plan.base.tensors:
-                plan.zero_biases.append(PlannedTensor(name, (heads * head_dim,), plan.dtype))
-                plan.tensors.append(OutputTensor(plan.zero_biases[-1], "zeros"))
-
-
-def _natural(name: str) -> tuple:
-    return tuple(int(part) if part.isdigit() else part for part in name.replace(".", " . ").split())
+                plan.tensors.append(OutputTensor(PlannedTensor(name, (heads * head_dim,), plan.dtype), ZEROS))
 
 
 # ------------------------------------------------------------------------------------ the build
@@ -295,13 +295,14 @@ def compute_gates(
 ) -> list[LayerGates]:
     """Every layer's gates: `fixed` random ones, scored on the experts' prompts where they all have
     some; else fitted on them as the gate mode says."""
+    from mergewise.checkpoint.pretrained import load_config_and_tokenizer
     from mergewise.moe.gates import GateFitter, GatePrompts, LayerGates, prompt_batch, run_layers
 
     recipe, base = plan.recipe, plan.base
     routed = len(recipe.experts)
     if fixed is not None and not all(expert.positive_prompts for expert in recipe.experts):
         return [LayerGates(fixed[layer, :routed], fixed[layer, routed:], None) for layer in range(plan.num_layers)]
-    tokenizer = _tokenizer(base)
+    config, tokenizer = load_config_and_tokenizer(base.path)
     prompts = [
         GatePrompts(
             prompt_batch(tokenizer, expert.positive_prompts or []),
@@ -315,19 +316,10 @@ def compute_gates(
             raise MergewiseError(f"{base.path}: tensor {EMBEDDING} is missing; gate_mode cheap_embed reads it")
         embedding = base.read(EMBEDDING)
     fitter = GateFitter(recipe.gate_mode, prompts, routed, embedding=embedding, fixed=fixed)
-    run_layers(base, fitter.batches, fitter, dtype=base.stored_dtype, device=resolve_device(device), quiet=quiet)
+    run_layers(
+        base, config, fitter.batches, fitter, dtype=base.stored_dtype, device=resolve_device(device), quiet=quiet
+    )
     return fitter.layers
-
-
-def _tokenizer(folder: ModelFolder):
-    from transformers import AutoTokenizer
-
-    from mergewise.checkpoint.pretrained import load_pretrained
-
-    try:
-        return load_pretrained(AutoTokenizer.from_pretrained, folder.path, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise MergewiseError(f"{folder.path}: cannot load its tokenizer ({str(error).splitlines()[0]})") from None
 
 
 def _noisy(tensor: torch.Tensor, expert: Expert, part: str, generator: torch.Generator) -> torch.Tensor:
@@ -354,18 +346,19 @@ def _write_experts(plan: MoEPlan, writer: StreamingShardWriter, generator: torch
     for layer in tqdm(range(plan.num_layers), desc="experts (layers)", disable=quiet):
         prefix = f"model.layers.{layer}.mlp"
         if output.fused:
+            gate_up, down = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+            gate_up_row = writer.planned(gate_up).nbytes // len(plan.experts)
+            down_row = writer.planned(down).nbytes // len(plan.experts)
             for index, (folder, expert) in enumerate(zip(plan.experts, recipe.experts)):
                 # expert `index` of gate_up_proj [E, 2I, H] is its gate_proj rows, then its up_proj rows
-                gate_up = writer.planned(f"{prefix}.experts.gate_up_proj")
-                down = writer.planned(f"{prefix}.experts.down_proj")
                 starts = {
-                    "gate_proj": (gate_up, index * gate_up.nbytes // gate_up.shape[0]),
-                    "up_proj": (gate_up, (2 * index + 1) * gate_up.nbytes // (2 * gate_up.shape[0])),
-                    "down_proj": (down, index * down.nbytes // down.shape[0]),
+                    "gate_proj": (gate_up, index * gate_up_row),
+                    "up_proj": (gate_up, index * gate_up_row + gate_up_row // 2),
+                    "down_proj": (down, index * down_row),
                 }
                 for part in output.noise_order:
                     target, start = starts[part]
-                    _put(plan, writer, target.name, start, folder, _mlp_name(layer, part), expert, generator)
+                    _put(plan, writer, target, start, folder, _mlp_name(layer, part), expert, generator)
         else:
             for part in output.noise_order:
                 for index, (folder, expert) in enumerate(zip(plan.experts, recipe.experts)):

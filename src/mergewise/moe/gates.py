@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from mergewise.checkpoint import ModelFolder
 from mergewise.errors import MergewiseError
@@ -74,6 +74,7 @@ class LayerFeatures:
 
 def run_layers(
     folder: ModelFolder,
+    config: PretrainedConfig,
     batches: Sequence[Batch],
     each_layer: Callable[[LayerFeatures], None],
     *,
@@ -83,11 +84,6 @@ def run_layers(
 ) -> None:
     """Run the base model layer by layer over `batches`, handing each layer's features to
     `each_layer` as soon as the layer has run (one layer's weights and features held at a time)."""
-    from transformers import AutoConfig
-
-    from mergewise.checkpoint.pretrained import load_pretrained
-
-    config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=False)
     runner = LayerwiseModel(folder, config, dtype=dtype, device=device)
     captured: list[torch.Tensor] = []
 
@@ -287,7 +283,7 @@ Scored = list[tuple[torch.Tensor, list[list[torch.Tensor]]]]  # (gate, each expe
 
 def _cross_validated(fit: Callable[[list[list[int]]], torch.Tensor], experts: Sequence[_ExpertFeatures]) -> Scored:
     """Each expert's prompts dealt round-robin into up to CROSS_VALIDATION_FOLDS folds; per fold, the
-    gate `fit` builds from the prompts kept (row numbers per expert) and the prompts held out. None
+    gate `fit` builds from the prompts kept (row numbers per expert) and the prompts held out; none
     with fewer than 2 prompts for some expert."""
     parts = min(CROSS_VALIDATION_FOLDS, *(len(expert.tokens) for expert in experts))
     if parts < 2:
