@@ -50,8 +50,7 @@ def test_a_yaml_recipe_reads_relative_paths_from_its_folder_and_validates_its_bl
             {"merge_method": "ties", "models": [{"model": "a"}], "aim": {"omega": 0.4}},
             "exactly one of 'stats' or 'calibration'",
         ),
-        ({"merge_method": "ties", "models": [{"model": "a"}], "modules": {}}, "modules: .* not supported yet"),
-        ({"merge_method": "ties"}, "exactly one of 'models' or 'slices'"),
+        ({"merge_method": "ties"}, "exactly one of 'models', 'slices' or 'modules'"),
         (
             {"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union", "tokenizer": {}},
             "at most one of 'tokenizer_source' or 'tokenizer'",

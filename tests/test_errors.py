@@ -109,7 +109,7 @@ RECIPE_CASES = {
     ),
     "both models and slices": (
         lambda r: {**r, "slices": [{"sources": [{"model": "x", "layer_range": [0, 1]}]}]},
-        ["exactly one of 'models' or 'slices'"],
+        ["exactly one of 'models', 'slices' or 'modules'"],
     ),
     "unknown dtype": (lambda r: {**r, "dtype": "float8"}, ["dtype", "float8"]),
     "base model required": (lambda r: {**r, "merge_method": "ties"}, ["ties needs base_model"]),

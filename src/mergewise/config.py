@@ -105,6 +105,21 @@ class OutputSlice(MergekitSchema):
     parameters: Parameters | None = None
 
 
+class OutputModule(MergekitSchema):
+    """One part of a multimodal model (`text_decoder`, `vision_tower`, `multi_modal_projector`, as
+    mergekit names them) merged from its own models, with its own parameters."""
+
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _one_input_form(self) -> OutputModule:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        return self
+
+
 class ZeroEmbedding(MergekitSchema):
     """`{kind: zero}`: the token's rows are zeros."""
 
@@ -164,6 +179,7 @@ class MergeConfig(MergekitSchema):
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
     base_model: str | None = None
     parameters: Parameters | None = None
     dtype: str | None = None
@@ -174,8 +190,8 @@ class MergeConfig(MergekitSchema):
 
     @model_validator(mode="after")
     def _one_input_form(self) -> MergeConfig:
-        if bool(self.models) == bool(self.slices):
-            raise ValueError("give exactly one of 'models' or 'slices'")
+        if sum(map(bool, (self.models, self.slices, self.modules))) != 1:
+            raise ValueError("give exactly one of 'models', 'slices' or 'modules'")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give at most one of 'tokenizer_source' or 'tokenizer' (its 'source')")
         return self
@@ -191,12 +207,14 @@ class MergeConfig(MergekitSchema):
     def model_paths(self) -> list[str]:
         """Every model the recipe reads, in first-mention order."""
         paths = [self.base_model] if self.base_model else []
-        for entry in self.models or []:
-            paths.append(entry.model)
-        for output_slice in self.slices or []:
-            paths.extend(source.model for source in output_slice.sources)
-            if output_slice.base_model:
-                paths.append(output_slice.base_model)
+        parts: list[MergeConfig | OutputModule] = [self, *(self.modules or {}).values()]
+        for part in parts:
+            for entry in part.models or []:
+                paths.append(entry.model)
+            for output_slice in part.slices or []:
+                paths.extend(source.model for source in output_slice.sources)
+                if output_slice.base_model:
+                    paths.append(output_slice.base_model)
         return list(dict.fromkeys(paths))
 
 
@@ -248,11 +266,6 @@ def load_recipe(
     else:
         path = Path(source)
         data, origin, config_dir = read_yaml_mapping(path), str(path), path.parent.resolve()
-    if "modules" in data:
-        raise MergewiseError(
-            f"{origin}: modules: recipes of one merge per module are not supported yet; "
-            "write the merge with models: or slices:"
-        )
     blocks = {}
     for name in stages.BLOCKS:
         if name not in data:
@@ -263,6 +276,11 @@ def load_recipe(
             data, block = spec.rewrite_recipe(data, block, origin)
         blocks[name] = block
     config = validate_config(data, origin)
+    if config.modules and blocks:
+        raise MergewiseError(
+            f"{origin}: a merge of modules: takes no {' or '.join(f'{name}:' for name in blocks)} block yet; "
+            "write the merge with models: to use it"
+        )
     for message in ignored_key_messages(config, known_top_level=(*MergeConfig.model_fields, *stages.BLOCKS)):
         tolerated(f"{origin}: {message}", strict=strict)
     return Recipe(config, blocks, config_dir, origin)

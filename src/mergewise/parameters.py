@@ -27,12 +27,17 @@ class ParameterResolver:
 
     def _check_names(self) -> None:
         scopes: list[tuple[str, dict | None]] = [("parameters", self.config.parameters)]
-        for index, entry in enumerate(self.config.models or []):
-            scopes.append((f"models[{index}].parameters", entry.parameters))
-        for index, output_slice in enumerate(self.config.slices or []):
-            scopes.append((f"slices[{index}].parameters", output_slice.parameters))
-            for source_index, source in enumerate(output_slice.sources):
-                scopes.append((f"slices[{index}].sources[{source_index}].parameters", source.parameters))
+        modules = self.config.modules or {}
+        parts = [("", self.config)] + [(f"modules.{name}.", module) for name, module in modules.items()]
+        for prefix, part in parts:
+            if part is not self.config:
+                scopes.append((f"{prefix}parameters", part.parameters))
+            for index, entry in enumerate(part.models or []):
+                scopes.append((f"{prefix}models[{index}].parameters", entry.parameters))
+            for index, output_slice in enumerate(part.slices or []):
+                scopes.append((f"{prefix}slices[{index}].parameters", output_slice.parameters))
+                for source_index, source in enumerate(output_slice.sources):
+                    scopes.append((f"{prefix}slices[{index}].sources[{source_index}].parameters", source.parameters))
         for key, settings in scopes:
             for name in settings or {}:
                 if name not in self.schema:

@@ -26,7 +26,15 @@ from mergewise.checkpoint.vocabulary import (
     TokenRule,
     build_vocabulary,
 )
-from mergewise.config import MergeConfig, ModelTokenEmbedding, OutputSlice, Parameters, ZeroEmbedding
+from mergewise.config import (
+    InputModel,
+    MergeConfig,
+    ModelTokenEmbedding,
+    OutputModule,
+    OutputSlice,
+    Parameters,
+    ZeroEmbedding,
+)
 from mergewise.devices import parse_dtype
 from mergewise.errors import MergewiseError, RecipeWarning, tolerated
 from mergewise.locator import ModelLocator
@@ -134,7 +142,11 @@ class Planner:
     # ------------------------------------------------------------------------------- plan
     def plan(self) -> MergePlan:
         if self.config.models:
-            jobs, source_layers, reference = self._plan_models()
+            jobs, reference = self._plan_models(self.config.models, [self.config.parameters], "models")
+            source_layers = None
+        elif self.config.modules:
+            jobs, reference = self._plan_modules(self.config.modules)
+            source_layers = None
         else:
             jobs, source_layers, reference = self._plan_slices()
         tokenizer = self._tokenizer_source(reference)
@@ -245,28 +257,36 @@ class Planner:
         rows = self.vocabulary.align(name, tensors, base, self._token_rules, self.compute_dtype)
         return dict(zip(peers, rows))
 
-    def _plan_models(self) -> tuple[list[TensorJob], list[int] | None, ModelFolder]:
+    def _plan_models(
+        self,
+        models: list[InputModel],
+        shared_scopes: list[Parameters | None],
+        where: str,
+        tensors: set[str] | None = None,
+    ) -> tuple[list[TensorJob], ModelFolder]:
+        """Every tensor of the models (of `tensors` only, where given) merged as a whole; depth
+        gradients run over the layers among those tensors."""
         config = self.config
         base = self.locator.model(config.base_model, "base_model") if config.base_model else None
-        assert config.models is not None  # planned from models only when the recipe gives them
         entries = [
-            (self.locator.model(entry.model, f"models[{i}].model"), entry.parameters)
-            for i, entry in enumerate(config.models)
+            (self.locator.model(entry.model, f"{where}[{i}].model"), entry.parameters) for i, entry in enumerate(models)
         ]
         if self.method.base is BasePolicy.INPUT and base is not None and all(m is not base for m, _ in entries):
             entries.append((base, None))
-        inputs, base = self._split_base(entries, base, "models")
+        inputs, base = self._split_base(entries, base, where)
         reference = base or inputs[0][0]
         for model, _ in inputs:
             _check_same_architecture(reference, model, "the base" if reference is base else "the first model")
             _check_same_tensors(reference, model)
-        depth = _depth(reference)
+        names = [name for name in reference.tensors if tensors is None or name in tensors]
+        depth = _depth(reference) if tensors is None else len({layer_index(name) for name in names} - {None})
         # mergekit's inputs of every tensor: the listed models, then the base if it is not listed.
         recipe_base = self.locator.model(config.base_model, "base_model") if config.base_model else None
         listed = [model for model, _ in entries] + ([recipe_base] if recipe_base is not None else [])
         peers = (list(dict.fromkeys(listed)), recipe_base)
         jobs = []
-        for name, info in reference.tensors.items():
+        for name in names:
+            info = reference.tensors[name]
             layer = layer_index(name)
             t = layer / (depth - 1) if layer is not None and depth > 1 else (1.0 if layer is not None else 0.0)
             sources = [(model, name, params) for model, params in inputs]
@@ -274,7 +294,7 @@ class Planner:
                 self._job(
                     name,
                     info.shape,
-                    [config.parameters],
+                    shared_scopes,
                     sources,
                     TensorSource(base, name) if base else None,
                     t,
@@ -283,7 +303,47 @@ class Planner:
                     peers,
                 )
             )
-        return jobs, None, reference
+        return jobs, reference
+
+    def _plan_modules(self, modules: dict[str, OutputModule]) -> tuple[list[TensorJob], ModelFolder]:
+        """mergekit's `modules:`: each named part of the model merged from its own models, with its own
+        parameters (before the recipe's); parts the recipe does not name are left out, as mergekit
+        leaves them out."""
+        from mergewise.structure import model_modules  # transformers' model classes: only for this form
+
+        planned: dict[str, list[InputModel]] = {}
+        for name, module in modules.items():
+            if not module.models:  # a module gives models or slices, checked as it loads
+                raise MergewiseError(
+                    f"modules.{name}.slices: layer slices of one module are not supported yet; "
+                    "merge the module with models:"
+                )
+            planned[name] = module.models
+        first_name, first_models = next(iter(planned.items()))
+        reference = self.locator.model(
+            self.config.base_model or first_models[0].model,
+            "base_model" if self.config.base_model else f"modules.{first_name}.models[0].model",
+        )
+        parts = model_modules(reference)
+        jobs: list[TensorJob] = []
+        for name, models in planned.items():
+            where = f"modules.{name}"
+            if name not in parts:
+                raise MergewiseError(
+                    f"{where}: {reference.name} ({reference.declared.model_type}) has no module {name}; "
+                    f"its modules are {', '.join(sorted(parts))}"
+                )
+            scopes = [modules[name].parameters, self.config.parameters]
+            jobs += self._plan_models(models, scopes, f"{where}.models", parts[name])[0]
+        left_out = sorted(set(parts) - set(modules))
+        if left_out:
+            warnings.warn(
+                f"modules: {', '.join(left_out)} not named, so the output holds none of its tensors (as mergekit "
+                "writes it); name every module to get a complete model",
+                RecipeWarning,
+                stacklevel=2,
+            )
+        return jobs, reference
 
     def _split_base(
         self, entries: list[Weighted], base: ModelFolder | None, where: str

@@ -175,3 +175,38 @@ def language_model_tensors(folder: ModelFolder) -> set[str]:
     prefixes = tuple(f"{name}." for name, module in model.named_modules() if any(module is owner for owner in owners))
     layout = CheckpointLayout(model, folder)
     return {stored for name, entries in layout.sources.items() if name.startswith(prefixes) for stored, _ in entries}
+
+
+# mergekit's names for a multimodal model's parts, where transformers' attribute names differ.
+_MODULE_NAMES = {"language_model": "text_decoder", "visual": "vision_tower"}
+
+
+def model_modules(folder: ModelFolder) -> dict[str, set[str]]:
+    """The checkpoint tensors of each of the model's modules, named as mergekit's `modules:` recipes
+    name them: a text-only model is one module, `default`; of a multimodal model, the language model
+    with its head is `text_decoder`, the projector `multi_modal_projector`, and each other part of the
+    base model keeps its transformers name (`vision_tower`, `vision_model`; Qwen2-VL's `visual` is
+    `vision_tower`)."""
+    if folder.declared.text_config is None:
+        return {"default": set(folder.tensors)}
+    config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=False)
+    with torch.device("meta"):
+        model = causal_lm_class(config).from_config(config)
+    names = {id(module): name for name, module in model.named_modules()}
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    prefixes = {f"{names[id(owner)]}.": "text_decoder" for owner in (decoder, head) if owner is not None}
+    base_prefix = f"{names[id(model.base_model)]}." if model.base_model is not model else ""
+    for child_name, child in model.base_model.named_children():
+        if child is not decoder:
+            module = "multi_modal_projector" if "projector" in child_name else _MODULE_NAMES.get(child_name, child_name)
+            prefixes[f"{base_prefix}{child_name}."] = module
+    modules: dict[str, set[str]] = defaultdict(set)
+    for parameter, entries in CheckpointLayout(model, folder).sources.items():
+        owner = max((prefix for prefix in prefixes if parameter.startswith(prefix)), key=len, default=None)
+        if owner is None:
+            raise MergewiseError(
+                f"{folder.path}: tensor {entries[0][0]} belongs to no part of the {config.model_type} model "
+                f"({', '.join(sorted(set(prefixes.values())))})"
+            )
+        modules[prefixes[owner]].update(stored for stored, _ in entries)
+    return dict(modules)

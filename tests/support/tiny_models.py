@@ -198,14 +198,21 @@ VISION_LANGUAGE_ARCHITECTURES = ("gemma3", "llava", "qwen2_vl")
 
 
 def build_tiny_vision_language_model(
-    out_dir: str | Path, *, arch: str = "gemma3", seed: int = 0, dtype: torch.dtype = torch.float32
+    out_dir: str | Path,
+    *,
+    arch: str = "gemma3",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    vision_layers: int = 1,
+    hub_layout: bool = False,
 ) -> Path:
-    """A random multimodal model (a vision tower, a projector and a language model of two layers under
-    `text_config`) with the tiny tokenizer, saved as transformers saves it: Gemma 3, LLaVA (a CLIP tower
-    and a Llama) or Qwen2-VL."""
+    """A random multimodal model (a vision tower of `vision_layers` layers, a projector and a language
+    model of two layers under `text_config`) with the tiny tokenizer, saved as transformers saves it:
+    Gemma 3, LLaVA (a CLIP tower and a Llama) or Qwen2-VL. `hub_layout` names a Gemma 3's vision tower
+    as the Hub's Gemma 3 checkpoints do (`vision_tower.vision_model.*`, which transformers also loads)."""
     text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     text |= {"num_key_value_heads": 1, "vocab_size": 256}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": vision_layers, "num_attention_heads": 2}
     vision |= {"image_size": 28, "patch_size": 14}
     if arch == "gemma3":  # alternating sliding-window and full attention, as Gemma 3 has them
         config: PretrainedConfig = Gemma3Config(
@@ -235,6 +242,17 @@ def build_tiny_vision_language_model(
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config)
     model.to(dtype).save_pretrained(out_dir)
+    if hub_layout:
+        if arch != "gemma3":
+            raise ValueError("hub_layout names a Gemma 3's tensors only")
+        weights = Path(out_dir) / "model.safetensors"
+        stored = load_file(weights)
+        prefix = "vision_tower."
+        renamed = {
+            f"{prefix}vision_model.{name.removeprefix(prefix)}" if name.startswith(prefix) else name: tensor
+            for name, tensor in stored.items()
+        }
+        save_file(renamed, weights, metadata={"format": "pt"})
     save_tokenizer(out_dir, 256)
     return Path(out_dir)
 
@@ -304,7 +322,7 @@ def build_family(
     **model_options,
 ) -> Family:
     """Build `root/base` and `root/ft1..ftN` (fine-tune i seeded `seed + i`); a multimodal `arch`
-    takes only the `dtype` option."""
+    takes the `dtype`, `vision_layers` and `hub_layout` options."""
     root = Path(root)
     if arch in VISION_LANGUAGE_ARCHITECTURES:
         base = build_tiny_vision_language_model(root / "base", arch=arch, seed=seed, **model_options)
