@@ -4,6 +4,7 @@ one module, `default`."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -124,8 +125,8 @@ def test_a_text_only_model_is_the_one_module_default(tiny_family, tmp_path):
             "vision_tower",
         ),
         (
-            lambda model: {"text_decoder": {"slices": [{"sources": [{"model": model, "layer_range": [0, 2]}]}]}},
-            "modules.text_decoder.slices: layer slices of one module are not supported yet",
+            lambda model: {"vision_tower": {"slices": [{"sources": [{"model": model, "layer_range": [0, 2]}]}]}},
+            "modules.vision_tower.slices: layer slices apply to the language model only",
         ),
     ],
 )
@@ -155,14 +156,9 @@ def test_a_malformed_modules_recipe_is_one_error(recipe, message):
         load_recipe({"merge_method": "linear", **recipe})
 
 
-@pytest.mark.integration
-@pytest.mark.skipif(not MERGEKIT_YAML, reason="mergekit-yaml not found (pip install '.[peer]')")
-def test_modules_recipe_merges_as_mergekit_merges_it(gemma3, tmp_path):
-    """TIES with per-module models, parameters and depth gradients: every tensor mergekit writes is
-    identical; mergewise also keeps the vision tower's pooling head, which mergekit's Gemma 3 table
-    leaves out, so the output loads with every weight."""
-    base, (ft1, ft2, ft3) = gemma3.base, gemma3.fine_tunes
-    recipe = {
+def ties_by_module(base: Path, ft1: Path, ft2: Path, ft3: Path) -> dict:
+    """TIES with per-module models and parameters and depth gradients."""
+    return {
         "merge_method": "ties",
         "base_model": str(base),
         "dtype": "float32",
@@ -181,16 +177,48 @@ def test_modules_recipe_merges_as_mergekit_merges_it(gemma3, tmp_path):
             "multi_modal_projector": {"models": [{"model": str(ft2)}]},
         },
     }
-    (tmp_path / "ties.yml").write_text(yaml.safe_dump(recipe))
-    command = [
-        MERGEKIT_YAML,
-        str(tmp_path / "ties.yml"),
-        str(tmp_path / "mergekit"),
-        "--no-cuda",
-        "--quiet",
-        "--no-write-model-card",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
+
+
+def language_model_slices(base: Path, ft1: Path, ft2: Path, ft3: Path) -> dict:
+    """A passthrough of 3 language-model layers (2 of ft1, then ft2's last), the rest from models."""
+    return {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "modules": {
+            "text_decoder": {
+                "slices": [
+                    {"sources": [{"model": str(ft1), "layer_range": [0, 2]}]},
+                    {"sources": [{"model": str(ft2), "layer_range": [1, 2]}]},
+                ]
+            },
+            "vision_tower": {"models": [{"model": str(ft3)}]},
+            "multi_modal_projector": {"models": [{"model": str(ft2)}]},
+        },
+    }
+
+
+def test_language_model_slices_stack_its_layers_and_the_config_follows(gemma3, tmp_path):
+    out = mergewise.merge(language_model_slices(gemma3.base, *gemma3.fine_tunes), tmp_path / "out", quiet=True)
+    ft1, ft2 = (read_state_dict(path) for path in gemma3.fine_tunes[:2])
+    state = read_state_dict(out)
+    for layer, (source, at) in enumerate([(ft1, 0), (ft1, 1), (ft2, 1)]):
+        name = "language_model.model.layers.{}.mlp.up_proj.weight"
+        assert torch.equal(state[name.format(layer)], source[name.format(at)])
+    text = json.loads((Path(out) / "config.json").read_text())["text_config"]
+    assert text["num_hidden_layers"] == 3
+    assert text["layer_types"] == ["sliding_attention", "full_attention", "full_attention"]  # each layer's own
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not MERGEKIT_YAML, reason="mergekit-yaml not found (pip install '.[peer]')")
+@pytest.mark.parametrize("make", [ties_by_module, language_model_slices])
+def test_modules_recipe_merges_as_mergekit_merges_it(make, gemma3, tmp_path):
+    """Every tensor mergekit writes is identical; mergewise also keeps the vision tower's pooling head,
+    which mergekit's Gemma 3 table leaves out, so the output loads with every weight."""
+    recipe = make(gemma3.base, *gemma3.fine_tunes)
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    command = [MERGEKIT_YAML, str(tmp_path / "recipe.yml"), str(tmp_path / "mergekit")]
+    result = subprocess.run([*command, "--no-cuda", "--quiet", "--no-write-model-card"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every module named: nothing to warn about

@@ -119,6 +119,14 @@ class OutputModule(MergekitSchema):
             raise ValueError("give exactly one of 'models' or 'slices'")
         return self
 
+    @property
+    def first_model(self) -> str:
+        """The model the module names first (of its models, else of its first slice)."""
+        if self.models:
+            return self.models[0].model
+        assert self.slices is not None  # one of the two, checked as it loads
+        return self.slices[0].sources[0].model
+
 
 class ZeroEmbedding(MergekitSchema):
     """`{kind: zero}`: the token's rows are zeros."""

@@ -44,6 +44,9 @@ from mergewise.parameters import ParameterResolver
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+\.)(?P<index>\d+)\.(?P<rest>.+)$")
 EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 OUTPUT_EMBEDDING_NAMES = ("lm_head.weight", "embed_out.weight")
+# The modules (of `modules:` recipes) that are a language model: a text-only model's one module, and a
+# multimodal model's (see mergewise.structure.model_modules).
+LANGUAGE_MODULES = ("default", "text_decoder")
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,10 @@ class Planner:
             jobs, reference = self._plan_models(self.config.models, [self.config.parameters], "models")
             source_layers = None
         elif self.config.modules:
-            jobs, reference = self._plan_modules(self.config.modules)
-            source_layers = None
+            jobs, source_layers, reference = self._plan_modules(self.config.modules)
         else:
-            jobs, source_layers, reference = self._plan_slices()
+            assert self.config.slices is not None  # one of the three forms, checked as it loads
+            jobs, source_layers, reference = self._plan_slices(self.config.slices)
         tokenizer = self._tokenizer_source(reference)
         base_model = self.locator.model(self.base_model, "base_model") if self.base_model else None
         vocabulary = self.vocabulary if self.config.tokenizer_settings is not None else None
@@ -279,7 +282,7 @@ class Planner:
             _check_same_architecture(reference, model, "the base" if reference is base else "the first model")
             _check_same_tensors(reference, model)
         names = [name for name in reference.tensors if tensors is None or name in tensors]
-        depth = _depth(reference) if tensors is None else len({layer_index(name) for name in names} - {None})
+        depth = _depth(reference, tensors)
         # mergekit's inputs of every tensor: the listed models, then the base if it is not listed.
         recipe_base = self.locator.model(config.base_model, "base_model") if config.base_model else None
         listed = [model for model, _ in entries] + ([recipe_base] if recipe_base is not None else [])
@@ -305,36 +308,40 @@ class Planner:
             )
         return jobs, reference
 
-    def _plan_modules(self, modules: dict[str, OutputModule]) -> tuple[list[TensorJob], ModelFolder]:
-        """mergekit's `modules:`: each named part of the model merged from its own models, with its own
-        parameters (before the recipe's); parts the recipe does not name are left out, as mergekit
-        leaves them out."""
+    def _plan_modules(self, modules: dict[str, OutputModule]) -> tuple[list[TensorJob], list[int] | None, ModelFolder]:
+        """mergekit's `modules:`: each named part of the model merged from its own models or slices, with
+        its own parameters (between the models' or slices' and the recipe's); parts the recipe does not
+        name are left out, as mergekit leaves them out. Only the language model takes slices (the
+        output's config gives the depth of that model alone)."""
         from mergewise.structure import model_modules  # transformers' model classes: only for this form
 
-        planned: dict[str, list[InputModel]] = {}
-        for name, module in modules.items():
-            if not module.models:  # a module gives models or slices, checked as it loads
-                raise MergewiseError(
-                    f"modules.{name}.slices: layer slices of one module are not supported yet; "
-                    "merge the module with models:"
-                )
-            planned[name] = module.models
-        first_name, first_models = next(iter(planned.items()))
-        reference = self.locator.model(
-            self.config.base_model or first_models[0].model,
-            "base_model" if self.config.base_model else f"modules.{first_name}.models[0].model",
-        )
+        first_name, first = next(iter(modules.items()))
+        where = "base_model" if self.config.base_model else f"modules.{first_name}"
+        reference = self.locator.model(self.config.base_model or first.first_model, where)
         parts = model_modules(reference)
         jobs: list[TensorJob] = []
-        for name, models in planned.items():
+        source_layers = None
+        for name, module in modules.items():
             where = f"modules.{name}"
             if name not in parts:
                 raise MergewiseError(
                     f"{where}: {reference.name} ({reference.declared.model_type}) has no module {name}; "
                     f"its modules are {', '.join(sorted(parts))}"
                 )
-            scopes = [modules[name].parameters, self.config.parameters]
-            jobs += self._plan_models(models, scopes, f"{where}.models", parts[name])[0]
+            if module.models:
+                scopes = [module.parameters, self.config.parameters]
+                jobs += self._plan_models(module.models, scopes, f"{where}.models", parts[name])[0]
+                continue
+            assert module.slices is not None  # a module gives models or slices, checked as it loads
+            if name not in LANGUAGE_MODULES:
+                raise MergewiseError(
+                    f"{where}.slices: layer slices apply to the language model only ({' or '.join(LANGUAGE_MODULES)}); "
+                    f"merge {name} with models:"
+                )
+            module_jobs, source_layers, _ = self._plan_slices(
+                module.slices, module.parameters, f"{where}.", parts[name]
+            )
+            jobs += module_jobs
         left_out = sorted(set(parts) - set(modules))
         if left_out:
             warnings.warn(
@@ -343,7 +350,7 @@ class Planner:
                 RecipeWarning,
                 stacklevel=2,
             )
-        return jobs, reference
+        return jobs, source_layers, reference
 
     def _split_base(
         self, entries: list[Weighted], base: ModelFolder | None, where: str
@@ -377,13 +384,22 @@ class Planner:
             )
         return inputs, split_base
 
-    def _plan_slices(self) -> tuple[list[TensorJob], list[int], ModelFolder]:
+    def _plan_slices(
+        self,
+        slices: list[OutputSlice],
+        scope: Parameters | None = None,
+        prefix: str = "",
+        tensors: set[str] | None = None,
+    ) -> tuple[list[TensorJob], list[int], ModelFolder]:
+        """Layer slices stacked into the output's layers (of a module's `tensors` only, where given,
+        with the module's parameters `scope` between the slices' and the recipe's); errors name
+        `{prefix}slices[i]`."""
         config = self.config
         jobs: list[TensorJob] = []
         source_layers: list[int] = []
         first_reference = None
-        for slice_index, output_slice in enumerate(self._slices):
-            where = f"slices[{slice_index}]"
+        for slice_index, output_slice in enumerate(slices):
+            where = f"{prefix}slices[{slice_index}]"
             lengths = {source.layer_range[1] - source.layer_range[0] for source in output_slice.sources}
             if len(lengths) != 1 or min(lengths) <= 0:
                 raise MergewiseError(
@@ -396,7 +412,7 @@ class Planner:
                 for i, source in enumerate(output_slice.sources)
             ]
             for model, _ in sources:
-                if model.declared.text_config is not None:
+                if tensors is None and model.declared.text_config is not None:
                     raise MergewiseError(
                         f"{where}: {model.name} is a multimodal model ({model.declared.model_type}): slices would "
                         "cut its vision tower's layers as its language model's; merge it with models:"
@@ -413,13 +429,15 @@ class Planner:
             first_reference = first_reference or reference_model
             for model, source in sources:
                 for bound in source.layer_range:
-                    if not 0 <= bound <= _depth(model):
+                    if not 0 <= bound <= _depth(model, tensors):
                         raise MergewiseError(
                             f"{where}: layer_range {list(source.layer_range)} is outside "
-                            f"{model.name}'s {_depth(model)} layers"
+                            f"{model.name}'s {_depth(model, tensors)} layers"
                         )
             layer_names = [
-                name for name in reference_model.tensors if layer_index(name) == reference_slice.layer_range[0]
+                name
+                for name in reference_model.tensors
+                if layer_index(name) == reference_slice.layer_range[0] and (tensors is None or name in tensors)
             ]
             for offset in range(length):
                 out_layer = len(source_layers)
@@ -440,7 +458,7 @@ class Planner:
                         self._job(
                             _with_layer(template, out_layer),
                             info.shape,
-                            [output_slice.parameters, config.parameters],
+                            [output_slice.parameters, scope, config.parameters],
                             input_sources,
                             base_tensor,
                             t,
@@ -449,22 +467,15 @@ class Planner:
                         )
                     )
         assert first_reference is not None  # a recipe's slices are never empty
-        jobs = self._non_layer_jobs(first_reference) + jobs
+        jobs = self._non_layer_jobs(first_reference, slices, scope, prefix, tensors) + jobs
         return jobs, source_layers, first_reference
 
-    @property
-    def _slices(self) -> list[OutputSlice]:
-        """The recipe's slices, for a recipe that gives slices (not models)."""
-        assert self.config.slices is not None
-        return self.config.slices
-
     def _slice_inputs(
-        self, index: int, count: int | None = None
+        self, slices: list[OutputSlice], index: int, where: str, count: int | None = None
     ) -> tuple[list[ModelFolder], list[Weighted], ModelFolder | None, ModelFolder | None]:
         """Slice `index` read from its first `count` sources: (those sources' models, the method's
         inputs, its base, the slice's base model)."""
-        output_slice = self._slices[index]
-        where = f"slices[{index}]"
+        output_slice = slices[index]
         entries = [
             (self.locator.model(source.model, where), source.parameters) for source in output_slice.sources[:count]
         ]
@@ -472,22 +483,28 @@ class Planner:
         base = self.locator.model(base_name, "base_model") if base_name else None
         return ([model for model, _ in entries], *self._split_base(entries, base, where), base)
 
-    def _non_layer_jobs(self, reference: ModelFolder) -> list[TensorJob]:
+    def _non_layer_jobs(
+        self,
+        reference: ModelFolder,
+        slices: list[OutputSlice],
+        scope: Parameters | None,
+        prefix: str,
+        tensors: set[str] | None,
+    ) -> list[TensorJob]:
         """Embeddings come from the first slice's sources, final norm and head from the last's: as
         mergekit reads them, from as many of its sources as the first slice has."""
-        slices = self._slices
-        first = self._slice_inputs(0)
+        first = self._slice_inputs(slices, 0, f"{prefix}slices[0]")
         count = len(slices[0].sources)
         if len(slices[-1].sources) > count:
             tolerated(
-                f"slices[{len(slices) - 1}]: the final norm and head are merged from its first {count} "
+                f"{prefix}slices[{len(slices) - 1}]: the final norm and head are merged from its first {count} "
                 f"source(s) only, as many as slices[0] has, as mergekit merges them",
                 strict=self.strict,
             )
-        last = self._slice_inputs(len(slices) - 1, count)
+        last = self._slice_inputs(slices, len(slices) - 1, f"{prefix}slices[{len(slices) - 1}]", count)
         jobs = []
         for name, info in reference.tensors.items():
-            if layer_index(name) is not None:
+            if layer_index(name) is not None or (tensors is not None and name not in tensors):
                 continue
             slice_index = 0 if any(h in name for h in EMBEDDING_HINTS) else len(slices) - 1
             listed, inputs, base, slice_base = first if slice_index == 0 else last
@@ -497,7 +514,7 @@ class Planner:
                 self._job(
                     name,
                     info.shape,
-                    [slices[slice_index].parameters, self.config.parameters],
+                    [slices[slice_index].parameters, scope, self.config.parameters],
                     sources,
                     TensorSource(base, name) if base else None,
                     0.0,
@@ -591,9 +608,12 @@ def _check_same_tensors(reference: ModelFolder, model: ModelFolder) -> None:
             raise MergewiseError(f"tensor {name} is missing in {reference.path} (present in {model.path})")
 
 
-def _depth(model: ModelFolder) -> int:
+def _depth(model: ModelFolder, tensors: set[str] | None = None) -> int:
     """The model's decoder depth: config.json's, which may not claim more layers than the weights
-    hold (a layer range or a layer type list is bounded by it), else the weights'."""
+    hold (a layer range or a layer type list is bounded by it), else the weights'; of a module (its
+    `tensors`), the layers it holds."""
+    if tensors is not None:
+        return len({layer_index(name) for name in tensors} - {None})
     indices = [index for index in map(layer_index, model.tensors) if index is not None]
     held = max(indices) + 1 if indices else 0
     declared = model.num_layers
