@@ -1,0 +1,194 @@
+"""Mediator's routing on zoos built with several seeds: does the uncertainty rule carry over?
+
+    python benchmarks/routing.py --zoos ZOO [ZOO ...] [--gsm8k ../shared/data/gsm8k/train.jsonl] [--limit 100]
+
+For each zoo (micro zoos built with `mergewise zoo build --seed N`, and the small zoo) and each recipe
+dtype (bf16, float32), it builds Mediator at the default settings and tabulates, on each task's
+held-out eval prompts:
+- in-distribution routing: per expert task, the share of its prompts *selected* to its own expert
+  (the share whose most probable expert is its own, in brackets);
+- false OOD: the share of in-distribution prompts flagged (blend or dense);
+- the held-back task (a task with no expert): the share flagged, and Mediator's score on it against D
+  (the float32 linear average of the experts);
+- far OOD: how many prompts of another domain are selected (GSM8K questions, and Python source lines
+  from the standard library, 3 at a time);
+- the quality kept (mean share of each expert's own score) and the router's own held-out accuracy,
+  as mediator.json records it.
+
+Writes benchmarks/results/routing.md. Builds and scores are cached under each ZOO/mediator-bench (the
+folder benchmarks/mediator.py uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+from pathlib import Path
+
+from common import RESULTS, write_result
+from mediator import kept_share
+from workloads import MEDIATOR_DEFAULT, build_mediator
+
+import mergewise
+from mergewise.evaluate.comparison import Entry, score_entries, zoo_entries
+from mergewise.zoo.manifest import load_zoo
+
+_, CODE, BUDGET = MEDIATOR_DEFAULT
+DTYPES = ("bfloat16", "float32")
+FAR_OOD_PROMPTS = 100
+
+
+def code_prompts(count: int) -> list[str]:
+    """Python source, 3 lines at a time, from modules of the standard library (offline, fixed)."""
+    import json.encoder
+    import textwrap as wrapping
+
+    lines = [
+        line for module in (json.encoder, wrapping) for line in inspect.getsource(module).splitlines() if line.strip()
+    ]
+    return ["\n".join(lines[start : start + 3]) for start in range(0, 3 * count, 3)][:count]
+
+
+def gsm8k_prompts(path: Path | None, count: int) -> list[str]:
+    if path is None or not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as file:
+        return [json.loads(line)["question"] for _, line in zip(range(count), file)]
+
+
+def routes_of(routed, prompts: list[str]) -> list:
+    return [route for route in routed.route_texts(prompts) if route is not None]
+
+
+def zoo_rows(zoo_dir: Path, far: dict[str, list[str]], limit: int | None) -> list[dict]:
+    zoo = load_zoo(zoo_dir)
+    work = zoo_dir / "mediator-bench"
+    entries = zoo_entries(zoo, ["linear"])
+    folders = {}
+    for dtype in DTYPES:
+        folder, record = build_mediator(zoo, work, dtype, CODE, BUDGET)
+        if "error" in record:
+            raise SystemExit(f"{zoo_dir}: Mediator {dtype} refused: {record['error']}")
+        folders[dtype] = folder
+        entries.append(Entry(f"mediator-{dtype}-{CODE}-b{BUDGET:g}", lambda _, f=folder: f))
+    results = score_entries(zoo_dir, work, entries, limit=limit)
+    experts = [name for name, task in zoo.tasks.items() if task.expert]
+    held = [name for name, task in zoo.tasks.items() if not task.expert]
+    rows = []
+    for dtype, folder in folders.items():
+        routed = mergewise.load(folder)
+        prompts = {name: [example["prompt"] for example in zoo.eval_examples(name)[:limit]] for name in zoo.tasks}
+        routes = {name: routes_of(routed, prompts[name]) for name in zoo.tasks}
+        own = {
+            name: sum(r.decision == "select" and r.task == name for r in routes[name]) / len(routes[name])
+            for name in experts
+        }
+        top = {
+            name: sum(max(r.probs, key=r.probs.get) == name for r in routes[name]) / len(routes[name])
+            for name in experts
+        }
+        in_distribution = [r for name in experts for r in routes[name]]
+        result = results[f"mediator-{dtype}-{CODE}-b{BUDGET:g}"]
+        manifest = json.loads((folder / "mediator" / "mediator.json").read_text())
+        rows.append(
+            {
+                "zoo": f"{zoo.raw.get('size', 'zoo')} seed {zoo.raw.get('seed', '?')}",
+                "dtype": dtype,
+                "own": own,
+                "top": top,
+                "false_ood": sum(r.decision != "select" for r in in_distribution) / len(in_distribution),
+                "held": {
+                    name: {
+                        "flagged": sum(r.decision != "select" for r in routes[name]) / len(routes[name]),
+                        "mediator": result["tasks"][name]["score"],
+                        "dense": results["linear"]["tasks"][name]["score"],
+                        "metric": zoo.tasks[name].metric,
+                    }
+                    for name in held
+                },
+                "far": {
+                    domain: sum(r.decision == "select" for r in routes_of(routed, texts))
+                    for domain, texts in far.items()
+                    if texts
+                },
+                "far_count": {domain: len(texts) for domain, texts in far.items() if texts},
+                "kept": kept_share(result, results, zoo),
+                "estimated_accuracy": manifest["router_fit"]["heldout_accuracy"],
+            }
+        )
+        del routed
+    return rows
+
+
+def percent(share: float) -> str:
+    return f"{100 * share:.0f}%"
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "# Mediator's routing across zoo builds",
+        "",
+        f"Default settings (code `{CODE}`, memory budget {BUDGET:g}), one row per zoo build and recipe dtype.",
+        "Own: the share of each expert task's held-out prompts selected to its own expert (in brackets: the",
+        "share whose most probable expert is its own). False OOD: in-distribution prompts flagged (blend or",
+        "dense). Held-back: the task with no expert, the share flagged, and Mediator's score against D's",
+        "(the float32 linear average; higher is better for exact match). Far OOD: prompts of another domain",
+        "selected to an expert (a target of 0). Kept: mean share of each expert's own score.",
+        "",
+        "| zoo | dtype | own (top) per task | worst own | false OOD | held-back flagged | "
+        "held-back score, Mediator / D | far OOD selected | kept | build's own estimate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        own = ", ".join(f"{name} {percent(share)} ({percent(row['top'][name])})" for name, share in row["own"].items())
+        held = "; ".join(f"{name} {percent(h['flagged'])}" for name, h in row["held"].items()) or "-"
+        scores = "; ".join(f"{name} {h['mediator']:.3f} / {h['dense']:.3f}" for name, h in row["held"].items()) or "-"
+        far = ", ".join(f"{domain} {count}/{row['far_count'][domain]}" for domain, count in row["far"].items()) or "-"
+        lines.append(
+            f"| {row['zoo']} | {row['dtype']} | {own} | {percent(min(row['own'].values()))} | "
+            f"{percent(row['false_ood'])} | {held} | {scores} | {far} | {percent(row['kept'])} | "
+            f"{percent(row['estimated_accuracy'])} |"
+        )
+    targets = [
+        ("each task selects >= 95 % of its own prompts", all(min(r["own"].values()) >= 0.95 for r in rows)),
+        ("held-back flagged >= 80 %", all(h["flagged"] >= 0.8 for r in rows for h in r["held"].values())),
+        (
+            "held-back: Mediator scores >= D",
+            all(
+                (h["mediator"] >= h["dense"]) if h["metric"] != "nll" else (h["mediator"] <= h["dense"])
+                for r in rows
+                for h in r["held"].values()
+            ),
+        ),
+        ("false OOD <= 5 %", all(r["false_ood"] <= 0.05 for r in rows)),
+        ("0 far-OOD prompts selected", all(count == 0 for r in rows for count in r["far"].values())),
+        ("quality kept >= 95 %", all(r["kept"] >= 0.95 for r in rows)),
+    ]
+    lines += ["", "| target, over every row | met |", "|---|---|"]
+    lines += [f"| {name} | {'yes' if met else 'no'} |" for name, met in targets]
+    lines += [
+        "",
+        "Mean over rows: own " + percent(statistics.mean(min(r["own"].values()) for r in rows)) + " (worst task).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoos", type=Path, nargs="+", required=True)
+    parser.add_argument("--gsm8k", type=Path, default=None, help="GSM8K train JSONL: far-OOD questions")
+    parser.add_argument("--limit", type=int, default=100, help="eval prompts per task")
+    parser.add_argument("--out", type=Path, default=RESULTS / "routing.md")
+    args = parser.parse_args()
+    far = {"gsm8k": gsm8k_prompts(args.gsm8k, FAR_OOD_PROMPTS), "code": code_prompts(FAR_OOD_PROMPTS)}
+    rows = [row for zoo_dir in args.zoos for row in zoo_rows(zoo_dir, far, args.limit)]
+    text = render(rows)
+    write_result(args.out, text)
+    (args.out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
