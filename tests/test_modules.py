@@ -73,25 +73,39 @@ def test_each_module_merges_its_own_models_with_its_own_parameters(gemma3, tmp_p
     assert torch.equal(out["language_model.model.norm.weight"], inputs[ft1]["language_model.model.norm.weight"])
 
 
-def test_depth_gradients_run_over_each_modules_own_layers(gemma3, tmp_path):
-    """weight [0, 1] on ft1 against the base: layer i of n gets i/(n-1) of ft1 in its own module."""
-    base, ft1 = gemma3.base, gemma3.fine_tunes[0]
-    models = [
+def gradient_models(base: Path, ft1: Path, *_: Path) -> list[dict]:
+    return [
         {"model": str(base), "parameters": {"weight": [1, 0]}},
         {"model": str(ft1), "parameters": {"weight": [0, 1]}},
     ]
-    recipe = {
-        "merge_method": "linear",
-        "dtype": "float32",
-        "modules": {name: {"models": models} for name in ("text_decoder", "vision_tower", "multi_modal_projector")},
-    }
-    out = merged(recipe, tmp_path / "out")
-    theirs, ours = read_state_dict(base), read_state_dict(ft1)
-    for layers, prefix in ((2, "language_model.model.layers."), (3, f"{VISION}encoder.layers.")):
+
+
+def gradient_by_module(base: Path, ft1: Path, *rest: Path) -> dict:
+    models = gradient_models(base, ft1)
+    modules = ("text_decoder", "vision_tower", "multi_modal_projector")
+    return {"merge_method": "linear", "dtype": "float32", "modules": {name: {"models": models} for name in modules}}
+
+
+def gradient_over_models(base: Path, ft1: Path, *rest: Path) -> dict:
+    """The same merge with models: (mergekit plans it module by module too)."""
+    return {"merge_method": "linear", "dtype": "float32", "models": gradient_models(base, ft1)}
+
+
+@pytest.mark.parametrize("make", [gradient_by_module, gradient_over_models])
+def test_depth_gradients_run_over_each_modules_own_layers(make, gemma3, tmp_path):
+    """weight [0, 1] on ft1 against the base: layer i of n gets i/(n-1) of ft1 in its own module (the
+    vision tower's 3 layers, the language model's 2)."""
+    out = merged(make(gemma3.base, *gemma3.fine_tunes), tmp_path / "out")
+    theirs, ours = read_state_dict(gemma3.base), read_state_dict(gemma3.fine_tunes[0])
+    assert out.keys() == theirs.keys()
+    for layers, name in (
+        (2, "language_model.model.layers.{}.mlp.up_proj.weight"),
+        (3, f"{VISION}encoder.layers.{{}}.mlp.fc1.weight"),
+    ):
         for layer in range(layers):
-            name = f"{prefix}{layer}.mlp.fc1.weight" if "vision" in prefix else f"{prefix}{layer}.mlp.up_proj.weight"
             t = layer / (layers - 1)
-            torch.testing.assert_close(out[name], (1 - t) * theirs[name] + t * ours[name], rtol=0, atol=1e-6)
+            expected = (1 - t) * theirs[name.format(layer)] + t * ours[name.format(layer)]
+            torch.testing.assert_close(out[name.format(layer)], expected, rtol=0, atol=1e-6)
 
 
 def test_a_module_left_out_is_named_and_left_out_of_the_output(gemma3, tmp_path):
@@ -211,7 +225,7 @@ def test_language_model_slices_stack_its_layers_and_the_config_follows(gemma3, t
 
 @pytest.mark.integration
 @pytest.mark.skipif(not MERGEKIT_YAML, reason="mergekit-yaml not found (pip install '.[peer]')")
-@pytest.mark.parametrize("make", [ties_by_module, language_model_slices])
+@pytest.mark.parametrize("make", [ties_by_module, language_model_slices, gradient_over_models])
 def test_modules_recipe_merges_as_mergekit_merges_it(make, gemma3, tmp_path):
     """Every tensor mergekit writes is identical; mergewise also keeps the vision tower's pooling head,
     which mergekit's Gemma 3 table leaves out, so the output loads with every weight."""

@@ -144,9 +144,10 @@ class Planner:
 
     # ------------------------------------------------------------------------------- plan
     def plan(self) -> MergePlan:
+        source_layers: list[int] | None = None
         if self.config.models:
-            jobs, reference = self._plan_models(self.config.models, [self.config.parameters], "models")
-            source_layers = None
+            planned = self._plan_every_module(self.config.models)
+            jobs, reference = planned or self._plan_models(self.config.models, [self.config.parameters], "models")
         elif self.config.modules:
             jobs, source_layers, reference = self._plan_modules(self.config.modules)
         else:
@@ -308,16 +309,35 @@ class Planner:
             )
         return jobs, reference
 
+    def _reference(self, first_model: str, where: str) -> ModelFolder:
+        """The model whose structure the plan follows: the base, else the first model named."""
+        if self.config.base_model:
+            return self.locator.model(self.config.base_model, "base_model")
+        return self.locator.model(first_model, where)
+
+    def _plan_every_module(self, models: list[InputModel]) -> tuple[list[TensorJob], ModelFolder] | None:
+        """A multimodal model's `models:` recipe as mergekit plans it, each module from the models with
+        depth gradients over its own layers (a vision tower has its own depth); None for a text-only
+        model."""
+        reference = self._reference(models[0].model, "models[0].model")
+        if reference.declared.text_config is None:
+            return None
+        from mergewise.structure import model_modules  # transformers' model classes: only for these
+
+        jobs = []
+        for tensors in model_modules(reference).values():
+            jobs += self._plan_models(models, [self.config.parameters], "models", tensors)[0]
+        return jobs, reference
+
     def _plan_modules(self, modules: dict[str, OutputModule]) -> tuple[list[TensorJob], list[int] | None, ModelFolder]:
         """mergekit's `modules:`: each named part of the model merged from its own models or slices, with
         its own parameters (between the models' or slices' and the recipe's); parts the recipe does not
         name are left out, as mergekit leaves them out. Only the language model takes slices (the
         output's config gives the depth of that model alone)."""
-        from mergewise.structure import model_modules  # transformers' model classes: only for this form
+        from mergewise.structure import model_modules  # transformers' model classes: only for modules
 
         first_name, first = next(iter(modules.items()))
-        where = "base_model" if self.config.base_model else f"modules.{first_name}"
-        reference = self.locator.model(self.config.base_model or first.first_model, where)
+        reference = self._reference(first.first_model, f"modules.{first_name}")
         parts = model_modules(reference)
         jobs: list[TensorJob] = []
         source_layers = None

@@ -186,7 +186,7 @@ def model_modules(folder: ModelFolder) -> dict[str, set[str]]:
     name them: a text-only model is one module, `default`; of a multimodal model, the language model
     with its head is `text_decoder`, the projector `multi_modal_projector`, and each other part of the
     base model keeps its transformers name (`vision_tower`, `vision_model`; Qwen2-VL's `visual` is
-    `vision_tower`)."""
+    `vision_tower`). Every checkpoint tensor is in one module."""
     if folder.declared.text_config is None:
         return {"default": set(folder.tensors)}
     config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=False)
@@ -203,10 +203,7 @@ def model_modules(folder: ModelFolder) -> dict[str, set[str]]:
     modules: dict[str, set[str]] = defaultdict(set)
     for parameter, entries in CheckpointLayout(model, folder).sources.items():
         owner = max((prefix for prefix in prefixes if parameter.startswith(prefix)), key=len, default=None)
-        if owner is None:
-            raise MergewiseError(
-                f"{folder.path}: tensor {entries[0][0]} belongs to no part of the {config.model_type} model "
-                f"({', '.join(sorted(set(prefixes.values())))})"
-            )
-        modules[prefixes[owner]].update(stored for stored, _ in entries)
+        # a parameter of the base model itself (LLaVA-NeXT's image_newline) is a module of its own
+        module = prefixes[owner] if owner is not None else parameter.removeprefix(base_prefix).split(".")[0]
+        modules[module].update(stored for stored, _ in entries)
     return dict(modules)
