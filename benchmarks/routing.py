@@ -12,8 +12,9 @@ held-out eval prompts:
   (the float32 linear average of the experts);
 - far OOD: how many prompts of another domain are selected (GSM8K questions, and Python source lines
   from the standard library, 3 at a time);
-- the quality kept (mean share of each expert's own score) and the router's own held-out accuracy,
-  as mediator.json records it.
+- the quality kept (mean share of each expert's own score), and the build's own estimate of the
+  shares selected to their own expert and flagged (from its held-out calibration prompts, as
+  mediator.json records it).
 
 Writes benchmarks/results/routing.md. Builds and scores are cached under each ZOO/mediator-bench (the
 folder benchmarks/mediator.py uses).
@@ -115,7 +116,10 @@ def zoo_rows(zoo_dir: Path, far: dict[str, list[str]], limit: int | None) -> lis
                 },
                 "far_count": {domain: len(texts) for domain, texts in far.items() if texts},
                 "kept": kept_share(result, results, zoo),
-                "estimated_accuracy": manifest["router_fit"]["heldout_accuracy"],
+                "estimate": {
+                    "own": manifest["router_fit"]["heldout_own_selected"],
+                    "flagged": manifest["router_fit"]["heldout_flagged"],
+                },
             }
         )
         del routed
@@ -135,10 +139,11 @@ def render(rows: list[dict]) -> str:
         "share whose most probable expert is its own). False OOD: in-distribution prompts flagged (blend or",
         "dense). Held-back: the task with no expert, the share flagged, and Mediator's score against D's",
         "(the float32 linear average; higher is better for exact match). Far OOD: prompts of another domain",
-        "selected to an expert (a target of 0). Kept: mean share of each expert's own score.",
+        "selected to an expert (a target of 0). Kept: mean share of each expert's own score. The build's",
+        "estimate: the same shares on its own held-out calibration prompts, as mediator.json records them.",
         "",
         "| zoo | dtype | own (top) per task | worst own | false OOD | held-back flagged | "
-        "held-back score, Mediator / D | far OOD selected | kept | build's own estimate |",
+        "held-back score, Mediator / D | far OOD selected | kept | build's estimate: own / flagged |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -149,7 +154,7 @@ def render(rows: list[dict]) -> str:
         lines.append(
             f"| {row['zoo']} | {row['dtype']} | {own} | {percent(min(row['own'].values()))} | "
             f"{percent(row['false_ood'])} | {held} | {scores} | {far} | {percent(row['kept'])} | "
-            f"{percent(row['estimated_accuracy'])} |"
+            f"{percent(row['estimate']['own'])} / {percent(row['estimate']['flagged'])} |"
         )
     targets = [
         ("each task selects >= 95 % of its own prompts", all(min(r["own"].values()) >= 0.95 for r in rows)),

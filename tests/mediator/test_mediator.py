@@ -326,7 +326,7 @@ def test_generate_cli_prints_route_json(mediator_dir, capsys):
     assert set(record["route"]["probs"]) == set(TASK_WORDS)
 
 
-def test_eval_reports_routing_for_mediator_folders(mediator_dir, tmp_path):
+def test_eval_reports_routing_for_mediator_folders(mediator_dir, tmp_path, capsys):
     zoo = tmp_path / "zoo"
     (zoo / "general").mkdir(parents=True)
     (zoo / "general" / "eval.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
@@ -358,8 +358,16 @@ def test_eval_reports_routing_for_mediator_folders(mediator_dir, tmp_path):
         top = [max(route.probs, key=route.probs.get) for route in routes]
         assert results["routing"][task]["correct"] == round(top.count(task) / 12, 4) >= 0.75
         assert results["routing"][task]["select"] == round(sum(r.decision == "select" for r in routes) / 12, 4)
+        own = sum(r.decision == "select" and r.task == task for r in routes)
+        assert results["routing"][task]["own_selected"] == round(own / 12, 4)
     held = results["routing"]["held"]
-    assert "correct" not in held and sum(held.values()) == pytest.approx(1.0)
+    assert "correct" not in held and "own_selected" not in held and sum(held.values()) == pytest.approx(1.0)
+    # the build's own estimate, from its held-out calibration prompts, beside the measured shares
+    fit = json.loads((mediator_dir / "mediator" / "mediator.json").read_text())["router_fit"]
+    assert 0 <= fit["heldout_flagged"] <= 1 and 0 <= fit["heldout_own_selected"] <= 1 - fit["heldout_flagged"] + 1e-9
+    assert results["routing_estimate"] == {key: fit[key] for key in ("heldout_own_selected", "heldout_flagged")}
+    table = capsys.readouterr().out
+    assert "own selected" in table and f"{fit['heldout_own_selected']:.3f}" in table.split("build's estimate")[1]
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -46,6 +46,16 @@ def far_point() -> torch.Tensor:
     return point[None]
 
 
+def test_the_fit_estimates_selection_and_flagging_from_its_held_out_prompts(separated):
+    """The shares recorded at build time are close to those of fresh prompts of the same tasks."""
+    router, report = separated
+    routes = [(task, route) for task, x in clusters(count=200, seed=7).items() for route in router.route(x)]
+    own = sum(route.decision == "select" and route.task == task for task, route in routes) / len(routes)
+    flagged = sum(route.decision != "select" for _, route in routes) / len(routes)
+    assert report.heldout_own_selected == pytest.approx(1 - report.heldout_flagged)  # separated: no wrong selection
+    assert abs(report.heldout_own_selected - own) <= 0.1 and abs(report.heldout_flagged - flagged) <= 0.1
+
+
 def test_separated_clusters_are_selected(separated):
     router, report = separated
     assert router.tasks == TASKS

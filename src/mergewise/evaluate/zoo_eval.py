@@ -48,6 +48,9 @@ def evaluate_model(
     }
     if loaded.routing is not None:
         results["routing"] = {name: routing_summary(loaded.routing, zoo, name, limit) for name in selected}
+        fit = (loaded.routing.manifest or {}).get("router_fit", {})
+        if "heldout_flagged" in fit:  # the build's own estimate, from its held-out calibration prompts
+            results["routing_estimate"] = {key: fit[key] for key in ("heldout_own_selected", "heldout_flagged")}
     return results
 
 
@@ -61,6 +64,8 @@ def routing_summary(routing: RoutedModel, zoo: Zoo, name: str, limit: int | None
     if name in routing.router.tasks:
         top = [max(route.probs.items(), key=itemgetter(1))[0] for route in routes]
         summary["correct"] = round(sum(task == name for task in top) / len(routes), 4)
+        own = sum(route.decision == "select" and route.task == name for route in routes)
+        summary["own_selected"] = round(own / len(routes), 4)
     for decision in ("select", "blend", "dense"):
         summary[decision] = round(sum(route.decision == decision for route in routes) / len(routes), 4)
     return summary
@@ -105,5 +110,37 @@ def format_table(results: dict) -> str:
         rows.append((name, entry["metric"], f"{entry['score']:.4f}", f"{entry['answer_nll']:.4f}", str(entry["n"])))
     general = results["general"]
     rows.append(("general", general["metric"], f"{general['score']:.4f}", "", str(general["n"])))
+    text = _columns(rows)
+    if "routing" in results:
+        text += "\n\n" + _routing_table(results["routing"], results.get("routing_estimate"))
+    return text
+
+
+def _routing_table(routing: dict, estimate: dict | None) -> str:
+    """Per task, the share of its prompts selected to its own expert and the shares of each decision;
+    then the same over the tasks with an expert, beside the build's own held-out estimate."""
+    rows = [("routing", "own selected", "select", "blend", "dense")]
+    for name, entry in routing.items():
+        own = f"{entry['own_selected']:.3f}" if "own_selected" in entry else "-"
+        rows.append((name, own, *(f"{entry[decision]:.3f}" for decision in ("select", "blend", "dense"))))
+    experts = [entry for entry in routing.values() if "own_selected" in entry]
+    if experts:
+        own = sum(entry["own_selected"] for entry in experts) / len(experts)
+        flagged = sum(entry["blend"] + entry["dense"] for entry in experts) / len(experts)
+        rows.append(("tasks with an expert", f"{own:.3f}", "", f"flagged {flagged:.3f}", ""))
+        if estimate is not None:
+            rows.append(
+                (
+                    "  build's estimate",
+                    f"{estimate['heldout_own_selected']:.3f}",
+                    "",
+                    f"flagged {estimate['heldout_flagged']:.3f}",
+                    "",
+                )
+            )
+    return _columns(rows)
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

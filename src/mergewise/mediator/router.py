@@ -70,6 +70,11 @@ class FitReport:
     ood_thresholds: dict[str, float]
     prompts: dict[str, int]  # calibration prompts per task (fit + held-out)
     distinguishes_tasks: bool = True
+    # The fitted rule applied to the held-out calibration prompts: the share selected to their own
+    # task's expert, and the share flagged (blend or dense), which `mergewise eval` sets beside the
+    # shares it measures.
+    heldout_own_selected: float = 0.0
+    heldout_flagged: float = 0.0
 
     def warning(self) -> str:
         chance = 1 / len(self.prompts)
@@ -169,6 +174,11 @@ class Router:
         router.calibration_distances = nearest.sort().values.contiguous()
 
         accuracy = float((held_probs.argmax(-1) == held_y).float().mean())
+        held_routes = router.route(held_x)
+        own_selected = sum(
+            route.decision == "select" and route.task == tasks[int(task)] for route, task in zip(held_routes, held_y)
+        ) / len(held_routes)
+        flagged = sum(route.decision != "select" for route in held_routes) / len(held_routes)
         chance = 1 / len(tasks)
         report = FitReport(
             heldout_accuracy=accuracy,
@@ -177,6 +187,8 @@ class Router:
             ood_thresholds=dict(zip(tasks, router.ood_thresholds.tolist())),
             prompts={task: len(x) for task, x in zip(tasks, data)},
             distinguishes_tasks=accuracy >= chance + DISTINGUISHING_MARGIN * (1 - chance),
+            heldout_own_selected=own_selected,
+            heldout_flagged=flagged,
         )
         return router, report
 
