@@ -94,6 +94,7 @@ def online_hub(tmp_path, monkeypatch, tiny_family):
         "acme/code": family.fine_tunes[1],
         "acme/sharded": sharded.fine_tunes[0],
         "acme/other": tiny_family("qwen2").fine_tunes[0],
+        "acme/vlm": tiny_family("gemma3").fine_tunes[0],
     }
     with fake_hub(repos) as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
@@ -173,8 +174,18 @@ def test_a_hub_recipe_is_planned_from_headers_then_downloads_and_merges_as_local
             },
             "missing required parameter weight for acme/math:",
         ),
+        (
+            {"merge_method": "linear", "modules": {"vision": {"models": [{"model": "acme/vlm"}]}}},
+            "modules.vision: acme/vlm (gemma3) has no module vision; its modules are multi_modal_projector, "
+            "text_decoder, vision_tower",
+        ),
     ],
-    ids=["layer-range-past-the-depth", "another-architecture", "a-weight-only-for-a-misspelled-filter"],
+    ids=[
+        "layer-range-past-the-depth",
+        "another-architecture",
+        "a-weight-only-for-a-misspelled-filter",
+        "a-module-the-model-lacks",
+    ],
 )
 def test_a_hub_recipe_that_cannot_work_fails_having_fetched_only_headers(online_hub, tmp_path, capsys, recipe, named):
     status = main(["merge", str(write_recipe(tmp_path / "recipe.yml", recipe)), str(tmp_path / "out"), "--quiet"])
