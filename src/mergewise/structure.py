@@ -168,13 +168,8 @@ def causal_lm_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | ty
 def language_model_tensors(folder: ModelFolder) -> set[str]:
     """The checkpoint tensors of the language model and its head: all of a causal LM's; of a
     multimodal model's, those text runs through (not its vision tower nor its projector)."""
-    config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=False)
-    with torch.device("meta"):
-        model = causal_lm_class(config).from_config(config)
-    owners = [model.get_decoder(), model.get_output_embeddings()]
-    prefixes = tuple(f"{name}." for name, module in model.named_modules() if any(module is owner for owner in owners))
-    layout = CheckpointLayout(model, folder)
-    return {stored for name, entries in layout.sources.items() if name.startswith(prefixes) for stored, _ in entries}
+    modules = model_modules(folder)
+    return modules.get("text_decoder") or set(folder.tensors)
 
 
 # mergekit's names for a multimodal model's parts, where transformers' attribute names differ.
@@ -196,7 +191,7 @@ def model_modules(folder: ModelFolder) -> dict[str, set[str]]:
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     prefixes = {f"{names[id(owner)]}.": "text_decoder" for owner in (decoder, head) if owner is not None}
     base_prefix = f"{names[id(model.base_model)]}." if model.base_model is not model else ""
-    for child_name, child in model.base_model.named_children():
+    for child_name, child in model.base_model.named_children() if model.base_model is not decoder else ():
         if child is not decoder:
             module = "multi_modal_projector" if "projector" in child_name else _MODULE_NAMES.get(child_name, child_name)
             prefixes[f"{base_prefix}{child_name}."] = module
