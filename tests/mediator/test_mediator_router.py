@@ -201,8 +201,35 @@ def test_every_registered_router_kind_fits_routes_and_reloads(kind):
         assert [route.task for route in loaded.route(fresh[task])] == [task] * len(fresh[task])
 
 
+def keyword_clusters(count: int, seed: int) -> dict[str, torch.Tensor]:
+    """Tasks told apart by one feature each (a keyword), with a wide spread shared in every other
+    feature, as prompts of one format with different keywords are."""
+    generator = torch.Generator().manual_seed(seed)
+    clustered = {}
+    for t, task in enumerate(TASKS):
+        x = 4.0 * torch.randn(count, WIDTH, generator=generator)
+        x[:, : len(TASKS)] = 0.5 * torch.randn(count, len(TASKS), generator=generator)
+        x[:, t] += 2.0
+        clustered[task] = x
+    return clustered
+
+
+def test_a_discriminative_router_reads_the_keyword_features_and_keeps_the_spread_test():
+    shares = {}
+    for kind in ("gaussian", "discriminative"):
+        router, _ = Router.fit(keyword_clusters(64, 0), RouterSettings(kind=kind))
+        routes = [(task, route) for task, x in keyword_clusters(200, 7).items() for route in router.route(x)]
+        shares[kind] = sum(route.decision == "select" and route.task == task for task, route in routes) / len(routes)
+        far = torch.zeros(1, WIDTH)
+        far[0, 0], far[0, -1] = 2.0, 60.0  # the first task's keyword, far out along a spread feature
+        assert router.route(far)[0].decision == "dense"
+    assert shares["discriminative"] >= 0.95 and shares["discriminative"] >= shares["gaussian"] + 0.05, shares
+
+
 def test_an_unknown_router_kind_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown router kind 'lda'; known: gaussian, prototype, logistic"):
+    with pytest.raises(
+        ValueError, match="unknown router kind 'lda'; known: gaussian, prototype, logistic, discriminative"
+    ):
         RouterSettings(kind="lda")
 
 

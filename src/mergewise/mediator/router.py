@@ -476,4 +476,15 @@ ROUTER_KINDS: dict[str, RouterKind] = {
     "logistic": RouterKind(
         _logistic_head, {"weight": ("tasks", "width"), "bias": ("tasks",)}, "a linear head (logistic regression)"
     ),
+    # Where prompts of two tasks differ in a few features (a keyword) and vary alike in the rest, a
+    # head learns to read those few; the distance to the means weighs every feature the same.
+    "discriminative": RouterKind(
+        lambda z, labels, prototypes: {
+            **_logistic_head(z, labels, prototypes),
+            "variances": _class_variances(z, labels, prototypes),
+        },
+        {"weight": ("tasks", "width"), "bias": ("tasks",), "variances": ("tasks", "width")},
+        "a linear head (logistic regression) routes; the out-of-distribution test scales each feature by the "
+        "task's own variance of it, as gaussian's does",
+    ),
 }

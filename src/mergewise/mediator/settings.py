@@ -38,7 +38,7 @@ class RouterSettings(BaseModel):
     """How prompts are routed; every threshold is fitted on the calibration prompts."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    # a name in mediator.router.ROUTER_KINDS (gaussian, prototype, logistic: see their descriptions)
+    # a name in mediator.router.ROUTER_KINDS (gaussian, prototype, logistic, discriminative: see their descriptions)
     kind: str = "gaussian"
     # Hidden states (as transformers numbers them: -1 is the final norm's output) whose prompt means,
     # side by side, are the features; None: the last and the middle one, which told tasks and
