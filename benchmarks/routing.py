@@ -1,9 +1,11 @@
 """Mediator's routing on zoos built with several seeds: does the uncertainty rule carry over?
 
     python benchmarks/routing.py --zoos ZOO [ZOO ...] [--gsm8k ../shared/data/gsm8k/train.jsonl] [--limit 100]
+                                 [--router-kinds discriminative]
 
 For each zoo (micro zoos built with `mergewise zoo build --seed N`, and the small zoo) and each recipe
-dtype (bf16, float32), it builds Mediator at the default settings and tabulates, on each task's
+dtype (bf16, float32), it builds Mediator at the default settings (and with each router kind of
+`--router-kinds`, a row each) and tabulates, on each task's
 held-out eval prompts:
 - in-distribution routing: per expert task, the share of its prompts *selected* to its own expert
   (the share whose most probable expert is its own, in brackets);
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import statistics
 from pathlib import Path
 
 from common import RESULTS, write_result
@@ -63,24 +64,25 @@ def routes_of(routed, prompts: list[str]) -> list:
     return [route for route in routed.route_texts(prompts) if route is not None]
 
 
-def zoo_rows(zoo_dir: Path, far: dict[str, list[str]], limit: int | None) -> list[dict]:
+def zoo_rows(zoo_dir: Path, far: dict[str, list[str]], limit: int | None, kinds: list[str | None]) -> list[dict]:
     zoo = load_zoo(zoo_dir)
     work = zoo_dir / "mediator-bench"
     entries = zoo_entries(zoo, ["linear"])
     folders = {}
-    for dtype in DTYPES:
-        folder, record = build_mediator(zoo, work, dtype, CODE, BUDGET)
-        if "error" in record:
-            raise SystemExit(f"{zoo_dir}: Mediator {dtype} refused: {record['error']}")
-        folders[dtype] = folder
-        entries.append(Entry(f"mediator-{dtype}-{CODE}-b{BUDGET:g}", lambda _, f=folder: f))
+    for kind in kinds:
+        for dtype in DTYPES:
+            folder, record = build_mediator(zoo, work, dtype, CODE, BUDGET, kind)
+            if "error" in record:
+                raise SystemExit(f"{zoo_dir}: Mediator {dtype} refused: {record['error']}")
+            folders[dtype, kind] = folder
+            entries.append(Entry(folder.name, lambda _, f=folder: f))
     results = score_entries(zoo_dir, work, entries, limit=limit)
     experts = [name for name, task in zoo.tasks.items() if task.expert]
     held = [name for name, task in zoo.tasks.items() if not task.expert]
     # a domain the zoo has a task of (the small zoo's gsm8k and code) is not far from it
     far_domains = {domain: texts for domain, texts in far.items() if texts and domain not in zoo.tasks}
     rows = []
-    for dtype, folder in folders.items():
+    for (dtype, _), folder in folders.items():
         routed = mergewise.load(folder)
         prompts = {name: [example["prompt"] for example in zoo.eval_examples(name)[:limit]] for name in zoo.tasks}
         routes = {name: routes_of(routed, prompts[name]) for name in zoo.tasks}
@@ -93,12 +95,13 @@ def zoo_rows(zoo_dir: Path, far: dict[str, list[str]], limit: int | None) -> lis
             for name in experts
         }
         in_distribution = [r for name in experts for r in routes[name]]
-        result = results[f"mediator-{dtype}-{CODE}-b{BUDGET:g}"]
+        result = results[folder.name]
         manifest = json.loads((folder / "mediator" / "mediator.json").read_text())
         rows.append(
             {
                 "zoo": f"{zoo.raw.get('size', 'zoo')} seed {zoo.raw.get('seed', '?')}",
                 "dtype": dtype,
+                "router": manifest["router"]["settings"]["kind"],
                 "own": own,
                 "top": top,
                 "false_ood": sum(r.decision != "select" for r in in_distribution) / len(in_distribution),
@@ -143,9 +146,9 @@ def render(rows: list[dict]) -> str:
         "selected to an expert (a target of 0). Kept: mean share of each expert's own score. The build's",
         "estimate: the same shares on its own held-out calibration prompts, as mediator.json records them.",
         "",
-        "| zoo | dtype | own (top) per task | worst own | false OOD | held-back flagged | "
+        "| zoo | dtype | router | own (top) per task | worst own | false OOD | held-back flagged | "
         "held-back score, Mediator / D | far OOD selected | kept | build's estimate: own / flagged |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         own = ", ".join(f"{name} {percent(share)} ({percent(row['top'][name])})" for name, share in row["own"].items())
@@ -153,32 +156,31 @@ def render(rows: list[dict]) -> str:
         scores = "; ".join(f"{name} {h['mediator']:.3f} / {h['dense']:.3f}" for name, h in row["held"].items()) or "-"
         far = ", ".join(f"{domain} {count}/{row['far_count'][domain]}" for domain, count in row["far"].items()) or "-"
         lines.append(
-            f"| {row['zoo']} | {row['dtype']} | {own} | {percent(min(row['own'].values()))} | "
+            f"| {row['zoo']} | {row['dtype']} | {row['router']} | {own} | {percent(min(row['own'].values()))} | "
             f"{percent(row['false_ood'])} | {held} | {scores} | {far} | {percent(row['kept'])} | "
             f"{percent(row['estimate']['own'])} / {percent(row['estimate']['flagged'])} |"
         )
-    targets = [
-        ("each task selects >= 95 % of its own prompts", all(min(r["own"].values()) >= 0.95 for r in rows)),
-        ("held-back flagged >= 80 %", all(h["flagged"] >= 0.8 for r in rows for h in r["held"].values())),
-        (
-            "held-back: Mediator scores >= D",
-            all(
-                (h["mediator"] >= h["dense"]) if h["metric"] != "nll" else (h["mediator"] <= h["dense"])
-                for r in rows
-                for h in r["held"].values()
-            ),
-        ),
-        ("false OOD <= 5 %", all(r["false_ood"] <= 0.05 for r in rows)),
-        ("0 far-OOD prompts selected", all(count == 0 for r in rows for count in r["far"].values())),
-        ("quality kept >= 95 %", all(r["kept"] >= 0.95 for r in rows)),
-    ]
-    lines += ["", "| target, over every row | met |", "|---|---|"]
-    lines += [f"| {name} | {'yes' if met else 'no'} |" for name, met in targets]
-    lines += [
-        "",
-        "Mean over rows: own " + percent(statistics.mean(min(r["own"].values()) for r in rows)) + " (worst task).",
-    ]
+    kinds = list(dict.fromkeys(row["router"] for row in rows))
+    lines += ["", "Rows meeting each target, per router:", "", "| target | " + " | ".join(kinds) + " |"]
+    lines.append("|---|" + "---|" * len(kinds))
+    for name, met in TARGETS.items():
+        counts = [[met(row) for row in rows if row["router"] == kind] for kind in kinds]
+        lines.append(f"| {name} | " + " | ".join(f"{sum(c)} of {len(c)}" for c in counts) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _scores_at_least_dense(held: dict) -> bool:
+    return (held["mediator"] >= held["dense"]) if held["metric"] != "nll" else (held["mediator"] <= held["dense"])
+
+
+TARGETS = {  # #33's targets, each a test of one row
+    "each task selects >= 95 % of its own prompts": lambda row: min(row["own"].values()) >= 0.95,
+    "held-back flagged >= 80 %": lambda row: all(h["flagged"] >= 0.8 for h in row["held"].values()),
+    "held-back: Mediator scores >= D": lambda row: all(map(_scores_at_least_dense, row["held"].values())),
+    "false OOD <= 5 %": lambda row: row["false_ood"] <= 0.05,
+    "0 far-OOD prompts selected": lambda row: all(count == 0 for count in row["far"].values()),
+    "quality kept >= 95 %": lambda row: row["kept"] >= 0.95,
+}
 
 
 def main() -> None:
@@ -187,9 +189,13 @@ def main() -> None:
     parser.add_argument("--gsm8k", type=Path, default=None, help="GSM8K train JSONL: far-OOD questions")
     parser.add_argument("--limit", type=int, default=100, help="eval prompts per task")
     parser.add_argument("--out", type=Path, default=RESULTS / "routing.md")
+    parser.add_argument(
+        "--router-kinds", nargs="+", default=[], help="router kinds to build beside the default one (a row each)"
+    )
     args = parser.parse_args()
     far = {"gsm8k": gsm8k_prompts(args.gsm8k, FAR_OOD_PROMPTS), "code": code_prompts(FAR_OOD_PROMPTS)}
-    rows = [row for zoo_dir in args.zoos for row in zoo_rows(zoo_dir, far, args.limit)]
+    kinds: list[str | None] = [None, *args.router_kinds]
+    rows = [row for zoo_dir in args.zoos for row in zoo_rows(zoo_dir, far, args.limit, kinds)]
     text = render(rows)
     write_result(args.out, text)
     (args.out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))

@@ -219,19 +219,24 @@ def tensor_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def mediator_folder(work: Path, dtype: str, code: str, budget: float) -> Path:
-    return work / "models" / f"mediator-{dtype}-{code}-b{budget:g}"
+def mediator_folder(work: Path, dtype: str, code: str, budget: float, router_kind: str | None = None) -> Path:
+    kind = f"-router-{router_kind}" if router_kind else ""
+    return work / "models" / f"mediator-{dtype}-{code}-b{budget:g}{kind}"
 
 
-def build_mediator(zoo: Zoo, work: Path, dtype: str, code: str, budget: float) -> tuple[Path, dict]:
-    """The zoo's Mediator folder for one setting, built once by a measured `mergewise mediator build`,
-    and its build record (peak RSS, seconds, manifest, or the error that refused the setting)."""
-    out = mediator_folder(work, dtype, code, budget)
+def build_mediator(
+    zoo: Zoo, work: Path, dtype: str, code: str, budget: float, router_kind: str | None = None
+) -> tuple[Path, dict]:
+    """The zoo's Mediator folder for one setting (`router_kind`: another router than the default),
+    built once by a measured `mergewise mediator build`, and its build record (peak RSS, seconds,
+    manifest, or the error that refused the setting)."""
+    out = mediator_folder(work, dtype, code, budget, router_kind)
     record_path = work / "builds" / f"{out.name}.json"
     if not record_path.is_file():
         recipe = work / "recipes" / f"{out.name}.yml"
         recipe.parent.mkdir(parents=True, exist_ok=True)
-        recipe.write_text(yaml.safe_dump(mediator_recipe(zoo, dtype, memory_budget=budget, code=code)))
+        router = {"router": {"kind": router_kind}} if router_kind else {}
+        recipe.write_text(yaml.safe_dump(mediator_recipe(zoo, dtype, memory_budget=budget, code=code, **router)))
         try:
             build = run_measured(
                 mergewise_command("mediator", "build", str(recipe), str(out), "--overwrite", "--quiet", "--seed", "0")
