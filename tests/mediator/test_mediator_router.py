@@ -37,7 +37,8 @@ def fitted(separation: float = 10.0, **settings) -> tuple[Router, object]:
 
 @pytest.fixture(scope="module")
 def separated() -> tuple[Router, object]:
-    return fitted()
+    """The distance router (`gaussian`), whose decisions follow the geometry of the task means."""
+    return fitted(kind="gaussian")
 
 
 def far_point() -> torch.Tensor:

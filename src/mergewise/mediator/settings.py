@@ -39,7 +39,7 @@ class RouterSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     # a name in mediator.router.ROUTER_KINDS (gaussian, prototype, logistic, discriminative: see their descriptions)
-    kind: str = "gaussian"
+    kind: str = "discriminative"
     # Hidden states (as transformers numbers them: -1 is the final norm's output) whose prompt means,
     # side by side, are the features; None: the last and the middle one, which told tasks and
     # unseen prompts apart more reliably across builds than the last alone.
