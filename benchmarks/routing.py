@@ -1,11 +1,11 @@
 """Mediator's routing on zoos built with several seeds: does the uncertainty rule carry over?
 
     python benchmarks/routing.py --zoos ZOO [ZOO ...] [--gsm8k ../shared/data/gsm8k/train.jsonl] [--limit 100]
-                                 [--router-kinds discriminative]
+                                 [--router-kinds gaussian discriminative]
 
 For each zoo (micro zoos built with `mergewise zoo build --seed N`, and the small zoo) and each recipe
-dtype (bf16, float32), it builds Mediator at the default settings (and with each router kind of
-`--router-kinds`, a row each) and tabulates, on each task's
+dtype (bf16, float32), it builds Mediator at the default settings with each router kind of
+`--router-kinds` (default: the default kind), a row each, and tabulates, on each task's
 held-out eval prompts:
 - in-distribution routing: per expert task, the share of its prompts *selected* to its own expert
   (the share whose most probable expert is its own, in brackets);
@@ -35,6 +35,7 @@ from workloads import MEDIATOR_DEFAULT, build_mediator
 
 import mergewise
 from mergewise.evaluate.comparison import Entry, score_entries, zoo_entries
+from mergewise.mediator.settings import RouterSettings
 from mergewise.zoo.manifest import load_zoo
 
 _, CODE, BUDGET = MEDIATOR_DEFAULT
@@ -64,7 +65,7 @@ def routes_of(routed, prompts: list[str]) -> list:
     return [route for route in routed.route_texts(prompts) if route is not None]
 
 
-def zoo_rows(zoo_dir: Path, far: dict[str, list[str]], limit: int | None, kinds: list[str | None]) -> list[dict]:
+def zoo_rows(zoo_dir: Path, far: dict[str, list[str]], limit: int | None, kinds: list[str]) -> list[dict]:
     zoo = load_zoo(zoo_dir)
     work = zoo_dir / "mediator-bench"
     entries = zoo_entries(zoo, ["linear"])
@@ -190,12 +191,14 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="eval prompts per task")
     parser.add_argument("--out", type=Path, default=RESULTS / "routing.md")
     parser.add_argument(
-        "--router-kinds", nargs="+", default=[], help="router kinds to build beside the default one (a row each)"
+        "--router-kinds",
+        nargs="+",
+        default=[RouterSettings().kind],
+        help="router kinds to build Mediator with, a row each (default: the default kind)",
     )
     args = parser.parse_args()
     far = {"gsm8k": gsm8k_prompts(args.gsm8k, FAR_OOD_PROMPTS), "code": code_prompts(FAR_OOD_PROMPTS)}
-    kinds: list[str | None] = [None, *args.router_kinds]
-    rows = [row for zoo_dir in args.zoos for row in zoo_rows(zoo_dir, far, args.limit, kinds)]
+    rows = [row for zoo_dir in args.zoos for row in zoo_rows(zoo_dir, far, args.limit, args.router_kinds)]
     text = render(rows)
     write_result(args.out, text)
     (args.out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
