@@ -29,7 +29,7 @@ import inspect
 import json
 from pathlib import Path
 
-from common import RESULTS, write_result
+from common import RESULTS, write_report
 from mediator import kept_share
 from workloads import MEDIATOR_DEFAULT, build_mediator
 
@@ -137,8 +137,6 @@ def percent(share: float) -> str:
 
 def render(rows: list[dict]) -> str:
     lines = [
-        "# Mediator's routing across zoo builds",
-        "",
         f"Default settings (code `{CODE}`, memory budget {BUDGET:g}), one row per zoo build and recipe dtype.",
         "Own: the share of each expert task's held-out prompts selected to its own expert (in brackets: the",
         "share whose most probable expert is its own). False OOD: in-distribution prompts flagged (blend or",
@@ -199,10 +197,8 @@ def main() -> None:
     args = parser.parse_args()
     far = {"gsm8k": gsm8k_prompts(args.gsm8k, FAR_OOD_PROMPTS), "code": code_prompts(FAR_OOD_PROMPTS)}
     rows = [row for zoo_dir in args.zoos for row in zoo_rows(zoo_dir, far, args.limit, args.router_kinds)]
-    text = render(rows)
-    write_result(args.out, text)
+    write_report(args.out, "Mediator's routing across zoo builds", render(rows), None)
     (args.out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
-    print(text)
 
 
 if __name__ == "__main__":
