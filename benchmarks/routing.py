@@ -83,9 +83,9 @@ def zoo_rows(zoo_dir: Path, far: dict[str, list[str]], limit: int | None, kinds:
     # a domain the zoo has a task of (the small zoo's gsm8k and code) is not far from it
     far_domains = {domain: texts for domain, texts in far.items() if texts and domain not in zoo.tasks}
     rows = []
+    prompts = {name: [example["prompt"] for example in zoo.eval_examples(name)[:limit]] for name in zoo.tasks}
     for (dtype, _), folder in folders.items():
         routed = mergewise.load(folder)
-        prompts = {name: [example["prompt"] for example in zoo.eval_examples(name)[:limit]] for name in zoo.tasks}
         routes = {name: routes_of(routed, prompts[name]) for name in zoo.tasks}
         own = {
             name: sum(r.decision == "select" and r.task == name for r in routes[name]) / len(routes[name])
