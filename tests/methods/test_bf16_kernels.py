@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,19 @@ def test_the_engine_tries_the_kernels_only_from_the_methods_size(threshold, used
     mergewise.merge(recipe, tmp_path / "out", quiet=True)
     assert bool(calls) is used
     assert loads == ([len(family.fine_tunes)] if used else [])
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+@pytest.mark.parametrize("columns", [97, 4099])  # one block of the variance kernel, and several
+def test_variance_keys_are_torch_var_of_the_bf16_task_vectors(count, columns):
+    from mergewise.methods.bf16_bits import variance_keys
+
+    base, inputs = bf16_family(count, rows=8, columns=columns)
+    stacked = torch.stack(inputs)
+    variances = torch.var(stacked - base, dim=0, unbiased=False).abs().reshape(-1)
+    keys = np.empty(base.numel(), dtype=np.int16)
+    rows = stacked.reshape(count, -1).view(torch.int16).numpy()
+    nonzero = variance_keys(rows, base.reshape(-1).view(torch.int16).numpy(), keys)
+    expected = np.minimum(variances.view(torch.int16).numpy(), 0x7F81)  # every NaN one key above infinity
+    assert np.array_equal(-keys, expected)
+    assert nonzero == int(torch.count_nonzero(variances))

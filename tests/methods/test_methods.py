@@ -400,6 +400,25 @@ def test_sce_selects_the_entries_that_vary_most_across_models_not_the_largest():
     assert_close(merged, torch.tensor([[0.0, 0.0, -3.0, 0.0]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape, chunk_rows", [((3, 5), None), ((97, 103), None), ((97, 103), 13)])
+@pytest.mark.parametrize("select_topk", [0.005, 0.5])
+def test_sce_keeps_the_entries_torch_topk_picks_among_tied_variances(dtype, shape, chunk_rows, select_topk):
+    """Task vectors of a few values tie in variance by the thousand; the selection keeps the entries
+    mergekit's `torch.topk` keeps, whether topk heap-selects (a small share) or runs nth_element,
+    in one row chunk or several, across the variance kernel's blocks."""
+    generator = torch.Generator().manual_seed(3)
+    base = torch.zeros(shape, dtype=dtype)
+    inputs = [(torch.randint(-3, 4, shape, generator=generator) / 256).to(dtype) for _ in range(3)]
+    variances = torch.var(torch.stack(inputs), dim=0, unbiased=False).reshape(-1)
+    count = int(torch.count_nonzero(variances) * select_topk)
+    expected = torch.zeros(variances.shape, dtype=torch.bool)
+    expected[torch.topk(variances.abs(), count).indices] = True
+    merged = run_method("sce", base, inputs, chunk_rows=chunk_rows, select_topk=select_topk)
+    # on a zero base an entry moves exactly when it is selected: some model's task vector agrees with the elected sign
+    assert torch.equal(merged.reshape(-1) != 0, expected)
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_sce_select_topk_is_a_share_of_entries(value):
     with pytest.raises(ValueError, match="share of entries"):

@@ -1,6 +1,7 @@
-"""`positions_in_range` must name exactly the entries torch's CPU sort puts in a range of positions.
+"""`positions_in_range` must name exactly the entries torch's CPU sort puts in a range of positions,
+and `smallest_positions` those torch's CPU topk returns.
 
-torch's CPU sort is not stable, so the reference is torch itself, on inputs with many ties: both
+Neither is stable, so the reference is torch itself, on inputs with many ties: both
 sides of the 16-element insertion runs, sizes from 1 to millions, and an input built to drive the
 quicksort past its depth limit into libstdc++'s heapsort.
 """
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergewise.methods.sort_order import RUN, positions_in_range
+from mergewise.methods.sort_order import RUN, positions_in_range, smallest_positions
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux", reason="torch's CPU sort is libstdc++'s std::sort on Linux builds only"
@@ -75,3 +76,34 @@ def test_tensors_past_four_billion_entries_take_signed_positions_with_the_same_r
     expected = torch_selected(keys, 20_000, 50_000)
     bits = positions_in_range(keys.copy(), 20_000, 50_000, np.empty(keys.size, dtype=np.int64), unsigned_below=0)
     assert np.array_equal(np.unpackbits(bits, bitorder="little")[: keys.size].astype(bool), expected)
+
+
+def topk_selected(keys: np.ndarray, count: int) -> np.ndarray:
+    mask = np.zeros(keys.size, dtype=bool)
+    mask[torch.topk(torch.from_numpy(keys).float(), count, largest=False).indices.numpy()] = True
+    return mask
+
+
+def smallest_selected(keys: np.ndarray, count: int) -> np.ndarray:
+    return np.unpackbits(smallest_positions(keys.copy(), count), bitorder="little")[: keys.size].astype(bool)
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 100, 5_000, 70_001])
+@pytest.mark.parametrize("distinct", [1, 3, 50, 1_000_000])
+def test_smallest_positions_match_torch_topk_on_both_sides_of_its_partial_sort_switch(size, distinct):
+    """topk heap-selects when count · 64 ≤ size and runs nth_element otherwise."""
+    keys = np.random.default_rng(size * distinct).integers(0, distinct, size).astype(np.int32)
+    for count in {1, max(1, size // 64), min(size, size // 64 + 1), max(1, size // 2), size}:
+        assert np.array_equal(smallest_selected(keys, count), topk_selected(keys, count))
+
+
+@pytest.mark.parametrize("divisor", [1, 2, 4])
+def test_smallest_positions_past_nth_elements_depth_limit_match_torch_topk(divisor):
+    """The adversary drives nth_element's quickselect to its depth limit and heap selection."""
+    keys = np.load(ADVERSARY).astype(np.int32) // divisor
+    for count in range(keys.size // 64 + 1, keys.size, 37):
+        assert np.array_equal(smallest_selected(keys, count), topk_selected(keys, count))
+
+
+def test_no_positions_for_a_count_of_zero():
+    assert not smallest_selected(np.arange(10, dtype=np.int32), 0).any()

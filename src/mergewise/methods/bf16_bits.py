@@ -55,3 +55,39 @@ def magnitude_keys(inputs, base, descending, out):
         key = narrow(widen(inputs[index]) - widen(base[index])) & np.int16(0x7FFF)
         key = min(key, np.int16(0x7F81))
         out[index] = -key if descending else key
+
+
+VARIANCE_BLOCK = 2048  # entries per step: a block's float64 accumulators stay in L1
+
+
+@njit(cache=True, nogil=True)
+def variance_keys(inputs, base, out):
+    """Sort keys of the variance across models of the task vectors `inputs[i] − base` (bf16 bit
+    patterns, one row per model), as `torch.var(…, dim=0, unbiased=False).abs()` gives it on bf16:
+    each difference rounded to bf16, Welford's update in float64 over the models, the quotient
+    rounded to float32 then to bf16. Keys as `magnitude_keys` makes them, negated (topk takes the
+    largest); returns how many variances are not zero. Models are the outer loop of each block, so
+    that LLVM vectorises the entries."""
+    models = inputs.shape[0]
+    size = out.shape[0]
+    nonzero = 0
+    mean = np.empty(VARIANCE_BLOCK, np.float64)
+    squares = np.empty(VARIANCE_BLOCK, np.float64)
+    for start in range(0, size, VARIANCE_BLOCK):
+        width = min(VARIANCE_BLOCK, size - start)
+        base_block = base[start : start + width]
+        mean[:width] = 0.0
+        squares[:width] = 0.0
+        for model in range(models):
+            row = inputs[model, start : start + width]
+            count = np.float64(model + 1)
+            for k in range(width):
+                value = np.float64(round_bf16(widen(row[k]) - widen(base_block[k])))
+                delta = value - mean[k]
+                mean[k] += delta / count
+                squares[k] += delta * (value - mean[k])
+        for k in range(width):
+            key = min(narrow(np.float32(squares[k] / models)) & np.int16(0x7FFF), np.int16(0x7F81))
+            nonzero += key != 0
+            out[start + k] = -key
+    return nonzero

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, TensorRows, combine_chunk_sums
-from mergewise.methods.sparsify import KeepBits
+from mergewise.methods.sparsify import KeepBits, SelectionScratch, bit_patterns, sort_keys
 from mergewise.methods.task_arithmetic import majority_sign_agreement, sum_over_models
 
 
@@ -35,23 +36,46 @@ def _task_vectors(rows: TensorRows, keep: KeepBits | None) -> list[torch.Tensor]
 def _select(tensors: ChunkedTensors, select_topk: float) -> KeepBits | None:
     """The ⌊select_topk · (non-zero variances)⌋ entries of largest variance across the models.
 
-    The cut is made by `torch.topk` on the CPU over the whole tensor's variances, as in mergekit: which
-    of many tied bf16 variances make the cut is the order its selection algorithm leaves them in. That
-    costs a copy of the variances and topk's own index memory, once per tensor.
+    mergekit cuts with `torch.topk` over the whole tensor's variances: which of many tied bf16
+    variances make the cut is the order its selection algorithm leaves them in, which
+    `smallest_positions` follows on integer keys (a sixth of topk's memory, ~10× its speed).
     """
     if select_topk >= 1:
         return None
-    variances = torch.cat(
-        [
-            torch.var(torch.stack(_task_vectors(rows, None)), dim=0, unbiased=False).reshape(-1).cpu()
-            for rows in tensors.chunks()
-        ]
-    )
+    scratch = tensors.workspace.setdefault("sce_selection", SelectionScratch())
+    keys = None
+    filled = nonzero = 0
+    for rows in tensors.chunks():
+        assert rows.base is not None  # BasePolicy.REQUIRED
+        if keys is None:
+            keys = scratch.buffer("keys", tensors.numel, _KEY_TYPES[rows.base.element_size()])
+        size = rows.base.numel()
+        nonzero += _variance_keys(rows, keys[filled : filled + size])
+        filled += size
+    assert keys is not None  # a tensor has at least one row chunk
+    from mergewise.methods.sort_order import smallest_positions  # numba: loaded by the merges that select
+
     # count × share as a float32 tensor product, truncated: the count mergekit rounds to
-    count = int(torch.count_nonzero(variances) * select_topk)
-    selected = torch.zeros(variances.shape, dtype=torch.bool)
-    selected[torch.topk(variances.abs(), count).indices] = True
-    return KeepBits.of_mask(selected)
+    count = int(torch.tensor(nonzero) * select_topk)
+    order = scratch.buffer("order", tensors.numel, np.int32 if tensors.numel < 2**31 else np.int64)
+    return KeepBits(smallest_positions(keys, count, order))
+
+
+_KEY_TYPES = {2: np.int16, 4: np.int32, 8: np.int64}  # integer keys as wide as the working dtype
+
+
+def _variance_keys(rows: TensorRows, out: np.ndarray) -> int:
+    """Descending sort keys of |torch.var| across the models' task vectors, into `out`; returns how
+    many variances are not zero. bf16 rows on the CPU take one fused pass."""
+    assert rows.base is not None
+    if all(tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" for tensor in (rows.base, *rows.inputs)):
+        from mergewise.methods import bf16_bits  # numba, as above
+
+        stacked = torch.stack(rows.inputs).reshape(len(rows.inputs), -1).view(torch.int16).numpy()
+        return int(bf16_bits.variance_keys(stacked, bit_patterns(rows.base), out))
+    variances = torch.var(torch.stack(_task_vectors(rows, None)), dim=0, unbiased=False).abs_()
+    sort_keys(variances, True, out)
+    return int(torch.count_nonzero(variances))
 
 
 def _model_weights(tensors: ChunkedTensors, keep: KeepBits | None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Which entries torch's CPU sort puts in a range of positions, ties included, in linear time.
+"""Which entries torch's CPU sort (or topk) puts in a range of positions, ties included, in linear time.
 
 mergekit keeps a task vector's top-k magnitudes with `torch.argsort`. On the CPU that is libstdc++'s
 `std::sort` (an introsort: median-of-three quicksort, heapsort past a depth limit, a final insertion
@@ -10,7 +10,9 @@ following the same algorithm.
 Only the partitions that contain a cut matter: elements never cross a partition boundary, and the
 final insertion sort is stable inside each run. So the quicksort is followed down the branches
 holding a cut only (a quickselect), and each run or heap-sorted range holding a cut is finished
-exactly as libstdc++ finishes it. The tests check the result against `torch.argsort` itself.
+exactly as libstdc++ finishes it. SCE's top-k variances come from `torch.topk`, libstdc++'s
+`nth_element` or `partial_sort` on the CPU, which `smallest_positions` follows the same way. The
+tests check the results against `torch.argsort` and `torch.topk` themselves.
 """
 
 from __future__ import annotations
@@ -136,8 +138,8 @@ def _adjust_heap(keys, order, first, hole, length, key, index):
 
 
 @njit
-def _heap_sort(keys, order, first, last):
-    """libstdc++'s __partial_sort(first, last, last): make_heap, then sort_heap."""
+def _make_heap(keys, order, first, last):
+    """libstdc++'s __make_heap."""
     length = last - first
     if length < 2:
         return
@@ -147,6 +149,13 @@ def _heap_sort(keys, order, first, last):
         if parent == 0:
             break
         parent -= 1
+
+
+@njit
+def _heap_sort(keys, order, first, last):
+    """libstdc++'s __partial_sort(first, last, last): make_heap, then sort_heap."""
+    _make_heap(keys, order, first, last)
+    length = last - first
     while length > 1:
         length -= 1
         key = keys[first + length]
@@ -154,6 +163,20 @@ def _heap_sort(keys, order, first, last):
         keys[first + length] = keys[first]
         order[first + length] = order[first]
         _adjust_heap(keys, order, first, 0, length, key, index)
+
+
+@njit
+def _heap_select(keys, order, first, middle, last):
+    """libstdc++'s __heap_select: [first, middle) ends up holding the smallest keys, as a heap; a key
+    enters only if it is below the heap's top, so ties with the top stay out."""
+    _make_heap(keys, order, first, middle)
+    for position in range(middle, last):
+        if keys[position] < keys[first]:
+            key = keys[position]
+            index = order[position]
+            keys[position] = keys[first]
+            order[position] = order[first]
+            _adjust_heap(keys, order, first, 0, middle - first, key, index)
 
 
 @njit
@@ -185,6 +208,37 @@ def _order_around_cuts(keys, order, cuts, left, right):
             boundary = _partition_around_median(keys, order, first, last, left, right)
             pending.append((boundary, last, depth - 1))
             pending.append((first, boundary, depth - 1))
+
+
+@njit(cache=True, nogil=True)
+def _select_smallest(keys, order, count, left, right):
+    """torch's CPU topk: libstdc++'s std::partial_sort (a heap selection) when count · 64 ≤ size,
+    else its std::nth_element at count − 1 (__introselect: quickselect with the sort's partition down
+    to ranges of at most 3, finished by insertion sort, or by a heap selection past the depth limit)."""
+    size = keys.shape[0]
+    for index in range(size):
+        order[index] = index
+    if count * 64 <= size:
+        _heap_select(keys, order, 0, count, size)
+        return
+    nth = count - 1
+    depth = 0
+    while (size >> (depth + 1)) > 0:
+        depth += 1
+    depth *= 2
+    first = 0
+    last = size
+    while last - first > 3:
+        if depth == 0:
+            _heap_select(keys, order, first, nth + 1, last)
+            return
+        depth -= 1
+        boundary = _partition_around_median(keys, order, first, last, left, right)
+        if boundary <= nth:
+            first = boundary
+        else:
+            last = boundary
+    _insertion_sort(keys, order, first, last)
 
 
 @njit(cache=True, nogil=True)
@@ -221,4 +275,21 @@ def positions_in_range(
     )
     bits = np.zeros((size + 7) // 8, dtype=np.uint8)
     _mark(order, start, stop, bits)
+    return bits
+
+
+def smallest_positions(keys: np.ndarray, count: int, order: np.ndarray | None = None) -> np.ndarray:
+    """The indices `torch.topk(values, count, largest=False)` returns on the CPU for keys ordered as
+    the values (consumed), as packed bits like `positions_in_range`'s: the same libstdc++ selection,
+    so the same pick among keys tied at the cut (ties are common in bf16 values)."""
+    size = keys.shape[0]
+    bits = np.zeros((size + 7) // 8, dtype=np.uint8)
+    if count <= 0:
+        return bits
+    if order is None:
+        order = np.empty(size, dtype=np.int32 if size < 2**31 else np.int64)
+    order = order[:size]
+    positions = np.uint32 if size < UNSIGNED_POSITIONS_BELOW else np.int64
+    _select_smallest(keys, order, count, np.empty(BLOCK, dtype=positions), np.empty(BLOCK, dtype=positions))
+    _mark(order, 0, count, bits)
     return bits

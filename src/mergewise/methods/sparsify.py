@@ -88,20 +88,27 @@ def magnitude_keys(inputs: torch.Tensor, base: torch.Tensor, descending: bool, o
     if inputs.dtype == base.dtype == torch.bfloat16 and inputs.device.type == base.device.type == "cpu":
         from mergewise.methods import bf16_bits  # numba: loaded by the merges that select, not by every merge
 
-        bf16_bits.magnitude_keys(_bits(inputs), _bits(base), descending, out)
+        bf16_bits.magnitude_keys(bit_patterns(inputs), bit_patterns(base), descending, out)
         return
-    delta = inputs - base
-    if delta.dtype in (torch.bfloat16, torch.float16):
-        keys = delta.abs_().view(torch.int16)
-        infinity = torch.tensor(math.inf, dtype=delta.dtype).view(torch.int16)
-    else:
-        keys = delta.abs_().float().view(torch.int32)
-        infinity = torch.tensor(math.inf).view(torch.int32)
-    keys = keys.clamp_(max=int(infinity) + 1)
+    delta = (inputs - base).abs_()
+    sort_keys(delta if delta.element_size() == 2 else delta.float(), descending, out)
+
+
+_INTEGERS_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def sort_keys(magnitudes: torch.Tensor, descending: bool, out: np.ndarray) -> None:
+    """Write non-negative floats into `out` as integers of their width that sort as the floats do on
+    the CPU: bit patterns of non-negative floats order as their values, and every NaN becomes one
+    key above infinity (torch's comparators put NaNs after every number and treat them as equal)."""
+    integer = _INTEGERS_OF_WIDTH[magnitudes.element_size()]
+    infinity = int(torch.tensor(math.inf, dtype=magnitudes.dtype).view(integer))
+    keys = magnitudes.view(integer).clamp(max=infinity + 1)
     out[:] = (keys.neg_() if descending else keys).reshape(-1).cpu().numpy()
 
 
-def _bits(tensor: torch.Tensor) -> np.ndarray:
+def bit_patterns(tensor: torch.Tensor) -> np.ndarray:
+    """A 16-bit float tensor's bits, flat, as numpy int16 (a view when it is contiguous)."""
     return tensor.contiguous().reshape(-1).view(torch.int16).numpy()
 
 
