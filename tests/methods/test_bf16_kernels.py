@@ -18,7 +18,7 @@ from mergewise.methods.kernel_loading import bf16_kernels
 from mergewise.methods.sparsify import select_magnitudes
 from mergewise.methods.task_arithmetic import SparsifyStats
 
-FUSED_METHODS = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
+FUSED_METHODS = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
 
 
 def bf16_family(count: int, rows: int = 300, columns: int = 97, seed: int = 0):
@@ -39,7 +39,8 @@ def bf16_family(count: int, rows: int = 300, columns: int = 97, seed: int = 0):
 
 
 def magnitude_selections(base, inputs, density, gamma):
-    """The selections the engine's `prepare` makes, read in row chunks."""
+    """The selections the engine's `prepare` makes, read in row chunks (for DELLA, they stand for its
+    draws, which the merge reads from `prepare` the same way)."""
     return [
         select_magnitudes(zip(tensor.split(64), base.split(64)), tensor.numel(), density, gamma) for tensor in inputs
     ]

@@ -263,6 +263,20 @@ def test_della_keep_probability_rises_linearly_with_magnitude_rank_within_each_r
     torch.testing.assert_close(kept_by_column, expected, atol=0.015, rtol=0)
 
 
+def test_della_ranks_tied_magnitudes_by_position_and_draws_reproducibly():
+    """Equal magnitudes take ranks in order of position: every column below has the same |delta|,
+    so the keep probability rises from the first column to the last. The same seed draws the
+    same mask."""
+    rows, width, density, epsilon = 20_000, 5, 0.5, 0.4
+    delta = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0]).repeat(rows, 1)
+    base = torch.zeros(rows, width)
+    merged = run_method("della_linear", base, [delta], weight=(1.0,), density=(density,), epsilon=(epsilon,), seed=5)
+    kept_by_column = merged.ne(0).float().mean(dim=0)
+    torch.testing.assert_close(kept_by_column, torch.linspace(0.1, 0.9, width), atol=0.015, rtol=0)
+    again = run_method("della_linear", base, [delta], weight=(1.0,), density=(density,), epsilon=(epsilon,), seed=5)
+    assert torch.equal(merged, again)
+
+
 @pytest.mark.parametrize("density, epsilon", [(0.5, 0.5), (0.2, 0.3), (0.9, 0.15)])
 def test_della_rejects_density_plus_or_minus_epsilon_outside_zero_one(density, epsilon):
     base = torch.zeros(4, 4)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergewise.methods.sort_order import RUN, positions_in_range, smallest_positions
+from mergewise.methods.sort_order import RUN, keep_by_rank, positions_in_range, smallest_positions
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux", reason="torch's CPU sort is libstdc++'s std::sort on Linux builds only"
@@ -107,3 +107,17 @@ def test_smallest_positions_past_nth_elements_depth_limit_match_torch_topk(divis
 
 def test_no_positions_for_a_count_of_zero():
     assert not smallest_selected(np.arange(10, dtype=np.int32), 0).any()
+
+
+@pytest.mark.parametrize("dtype, high", [(np.int16, 3), (np.int16, 0x7F81), (np.int32, 2**31 - 1), (np.int64, 2**62)])
+@pytest.mark.parametrize("width", [1, 2, 255, 1_031])
+def test_keep_by_rank_ranks_equal_keys_in_order_of_position(dtype, high, width):
+    """The radix sort against numpy's stable sort: each entry's rank picks its threshold."""
+    generator = np.random.default_rng(width)
+    keys = generator.integers(0, high, (9, width)).astype(dtype)
+    keys[0] = keys[0, 0]  # a row of one key: every byte shared, every pass skipped
+    draws = generator.random((9, width), dtype=np.float32)
+    by_rank = np.linspace(0.1, 0.9, width).astype(np.float32)
+    expected = np.empty(keys.shape, dtype=bool)
+    np.put_along_axis(expected, np.argsort(keys, axis=1, kind="stable"), draws < by_rank, axis=1)
+    assert np.array_equal(keep_by_rank(keys, draws, by_rank), expected)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, TensorRows, combine_chunk_sums
-from mergewise.methods.sparsify import KeepBits, SelectionScratch, bit_patterns, sort_keys
+from mergewise.methods.sparsify import KEY_TYPES, KeepBits, SelectionScratch, bit_patterns, sort_keys
 from mergewise.methods.task_arithmetic import majority_sign_agreement, sum_over_models
 
 
@@ -48,7 +48,7 @@ def _select(tensors: ChunkedTensors, select_topk: float) -> KeepBits | None:
     for rows in tensors.chunks():
         assert rows.base is not None  # BasePolicy.REQUIRED
         if keys is None:
-            keys = scratch.buffer("keys", tensors.numel, _KEY_TYPES[rows.base.element_size()])
+            keys = scratch.buffer("keys", tensors.numel, KEY_TYPES[rows.base.element_size()])
         size = rows.base.numel()
         nonzero += _variance_keys(rows, keys[filled : filled + size])
         filled += size
@@ -59,9 +59,6 @@ def _select(tensors: ChunkedTensors, select_topk: float) -> KeepBits | None:
     count = int(torch.tensor(nonzero) * select_topk)
     order = scratch.buffer("order", tensors.numel, np.int32 if tensors.numel < 2**31 else np.int64)
     return KeepBits(smallest_positions(keys, count, order))
-
-
-_KEY_TYPES = {2: np.int16, 4: np.int32, 8: np.int64}  # integer keys as wide as the working dtype
 
 
 def _variance_keys(rows: TensorRows, out: np.ndarray) -> int:

@@ -293,3 +293,47 @@ def smallest_positions(keys: np.ndarray, count: int, order: np.ndarray | None = 
     _select_smallest(keys, order, count, np.empty(BLOCK, dtype=positions), np.empty(BLOCK, dtype=positions))
     _mark(order, 0, count, bits)
     return bits
+
+
+@njit(cache=True, nogil=True)
+def _keep_by_rank(keys, draws, by_rank, keep):
+    """Row by row: rank the non-negative integer keys, equal keys in order of position (an LSD radix
+    sort, one byte per pass, skipping bytes every key shares), and keep the entry of rank j when
+    its draw is below `by_rank[j]`."""
+    height, width = keys.shape
+    order = np.empty(width, np.int64)
+    spare = np.empty(width, np.int64)
+    counts = np.empty(256, np.int64)
+    for row in range(height):
+        row_keys = keys[row]
+        for position in range(width):
+            order[position] = position
+        for byte in range(keys.itemsize):
+            shift = 8 * byte
+            counts[:] = 0
+            for position in range(width):
+                counts[(row_keys[position] >> shift) & 255] += 1
+            if counts.max() == width:
+                continue
+            total = 0
+            for digit in range(256):
+                total, counts[digit] = total + counts[digit], total
+            for position in range(width):
+                index = order[position]
+                digit = (row_keys[index] >> shift) & 255
+                spare[counts[digit]] = index
+                counts[digit] += 1
+            order, spare = spare, order
+        row_draws = draws[row]
+        row_keep = keep[row]
+        for rank in range(width):
+            row_keep[order[rank]] = row_draws[rank] < by_rank[rank]
+
+
+def keep_by_rank(keys: np.ndarray, draws: np.ndarray, by_rank: np.ndarray) -> np.ndarray:
+    """Which entries of each row of `keys` (non-negative integers, rows × width) are kept, when the
+    entry of rank j in its row (equal keys ranked by position) is kept with its draw below
+    `by_rank[j]`; `draws` are one per entry, taken in rank order."""
+    keep = np.empty(keys.shape, dtype=np.bool_)
+    _keep_by_rank(keys, draws, by_rank, keep)
+    return keep

@@ -27,6 +27,9 @@ from mergewise.methods.sparsify import (
     select_magnitudes,
 )
 
+# Sparsifications whose masks `prepare` draws for the whole tensor, as bits the merge reads.
+SELECTED_IN_PREPARE = (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS, Sparsification.RANK_RANDOM)
+
 # Merged parameters from which loading the fused kernels (~0.7 s) pays off. Measured per 0.2 B
 # parameters on 2 cores: plain weighted sums are memory-bound, 0.65 s eager against 0.58 s fused;
 # magnitude selection and sign consensus take 5.5 s eager against 1.3 s fused.
@@ -36,14 +39,18 @@ SELECTING_FUSED_MIN_PARAMETERS = 50_000_000
 
 @dataclass(frozen=True)
 class SparsifyStats:
-    """Whole-tensor figures per input model: the magnitude selection and the L1 rescale factor."""
+    """Whole-tensor figures per input model: the selection (magnitude or DELLA draw) and the L1 rescale factor."""
 
-    keeps: list[KeepBits | Future | None] | None  # per input (a future while it is selected); None: all
-    scales: list[float]
+    keeps: Sequence[KeepBits | Future | None] | None  # per input (a future while it is selected); None: all
+    scales: Sequence[float | Future]  # per input (a future while it is drawn)
+
+    def scale(self, index: int) -> float:
+        scale = self.scales[index]
+        return scale.result() if isinstance(scale, Future) else scale
 
 
 def _selected_rows(rows: TensorRows, index: int) -> torch.Tensor | None:
-    """Input `index`'s magnitude selection over these rows, as bools shaped like them (None: all)."""
+    """Input `index`'s selection (drawn, for DELLA) over these rows, as bools shaped like them (None: all)."""
     keep = _selection(rows, index)
     return None if keep is None else keep.rows_like(rows.first_row, rows.inputs[index])
 
@@ -65,14 +72,10 @@ def _keep_mask(
     """Which entries of input `index`'s delta survive in these rows (None = all)."""
     if sparsification is None or density >= 1:
         return None
-    if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
+    if sparsification in SELECTED_IN_PREPARE:
         return _selected_rows(rows, index)
     assert rows.rng is not None  # the engine seeds the rows of every method that uses randomness
-    if sparsification is Sparsification.RANDOM:
-        return random_mask(delta, density, rows.rng(index))
-    if not (0 < density - epsilon and density + epsilon < 1):
-        raise ValueError(f"della needs 0 < density ± epsilon < 1 (density {density}, epsilon {epsilon})")
-    return rank_random_mask(delta, density, epsilon, rows.rng(index))
+    return random_mask(delta, density, rows.rng(index))
 
 
 def prepare_task_arithmetic(
@@ -91,11 +94,12 @@ def prepare_task_arithmetic(
     gamma = gamma or (0.0,) * count
     epsilon = epsilon or (0.0,) * count
     keeps = None
-    if sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
+    if sparsification in SELECTED_IN_PREPARE:
+        selections = tensors.workspace.setdefault("selections", _Selections())
+        if sparsification is Sparsification.RANK_RANDOM:
+            return SparsifyStats(*selections.rank_random_draws(tensors, density, epsilon, rescale))
         gammas = gamma if sparsification is Sparsification.MAGNITUDE_OUTLIERS else (None,) * count
-        keeps = tensors.workspace.setdefault("magnitude_selections", _MagnitudeSelections()).keeps(
-            tensors, density, gammas
-        )
+        keeps = selections.magnitude_keeps(tensors, density, gammas)
     scales = [1.0] * count
     if rescale:
         stats = SparsifyStats(keeps, scales)
@@ -107,22 +111,32 @@ def prepare_task_arithmetic(
             for index, tensor in enumerate(rows.inputs):
                 delta = tensor - rows.base
                 mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index], epsilon[index])
-                magnitude = delta.abs()
-                totals[index] += float(magnitude.sum(dtype=torch.float64))
-                kept[index] += float((magnitude if mask is None else magnitude * mask).sum(dtype=torch.float64))
+                whole, masked = _l1_norms(delta, mask)
+                totals[index] += whole
+                kept[index] += masked
         assert rows.base is not None
-        dtype = rows.base.dtype
-        scales = [l1_rescale(_rounded(total, dtype), _rounded(part, dtype)) for total, part in zip(totals, kept)]
+        scales = [_l1_scale(total, part, rows.base.dtype) for total, part in zip(totals, kept)]
     return SparsifyStats(keeps, scales)
 
 
-class _MagnitudeSelections:
-    """The magnitude selections of one merge, kept in its workspace (closed when the merge ends): two
-    worker threads (the selection kernel is single-threaded) each read a task vector into a scratch
-    memory of its own and select in it, queued as the tensors' statistics are asked for, so a
-    tensor's selections may still run while the next tensor is read; the merge waits for them only
-    where it needs them. Fresh memory and fresh threads per tensor cost more than selecting on a
-    0.2 B-parameter model, so both are kept from tensor to tensor."""
+def _l1_norms(delta: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, float]:
+    """A row chunk's L1 norms of a delta, whole and masked."""
+    magnitude = delta.abs()
+    whole = float(magnitude.sum(dtype=torch.float64))
+    return whole, (whole if mask is None else float((magnitude * mask).sum(dtype=torch.float64)))
+
+
+def _l1_scale(total: float, kept: float, dtype: torch.dtype) -> float:
+    return l1_rescale(_rounded(total, dtype), _rounded(kept, dtype))
+
+
+class _Selections:
+    """The whole-tensor selections of one merge, kept in its workspace (closed when the merge ends):
+    two worker threads (the selection kernels are single-threaded) select model by model, a
+    magnitude selection in a scratch memory of its own, queued as the tensors' statistics are asked
+    for, so a tensor's selections may still run while the next tensor is read; the merge waits for
+    them only where it needs them. Fresh memory and fresh threads per tensor cost more than
+    selecting on a 0.2 B-parameter model, so both are kept from tensor to tensor."""
 
     WORKERS = 2
 
@@ -132,19 +146,65 @@ class _MagnitudeSelections:
             self.scratches.put(SelectionScratch())
         self.workers = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="mergewise-select")
 
-    def keeps(self, tensors: ChunkedTensors, density: PerModel, gammas: Sequence[float | None]) -> list[Future]:
-        """Each input's selection, as a future of its `KeepBits` (or None: every entry kept)."""
+    def magnitude_keeps(
+        self, tensors: ChunkedTensors, density: PerModel, gammas: Sequence[float | None]
+    ) -> list[Future]:
+        """Each input's magnitude selection, as a future of its `KeepBits` (or None: every entry kept)."""
         return [
-            self.workers.submit(self._select, tensors, index, share, gamma)
+            self.workers.submit(self._magnitude, tensors, index, share, gamma)
             for index, (share, gamma) in enumerate(zip(density, gammas))
         ]
 
-    def _select(self, tensors: ChunkedTensors, index: int, density: float, gamma: float | None) -> KeepBits | None:
+    def rank_random_draws(
+        self, tensors: ChunkedTensors, density: PerModel, epsilon: PerModel, rescale: bool
+    ) -> tuple[list[Future], list[Future]]:
+        """Each input's DELLA draw, drawn once for the whole tensor (the rescale and the merge read
+        the same bits, and the merge can take the fused kernels): futures of its `KeepBits` (None:
+        every entry kept) and of its L1 rescale factor (1 without `rescale`)."""
+        for share, spread in zip(density, epsilon):
+            if share < 1 and not (0 < share - spread and share + spread < 1):
+                raise ValueError(f"della needs 0 < density ± epsilon < 1 (density {share}, epsilon {spread})")
+        keeps: list[Future] = [Future() for _ in density]
+        scales: list[Future] = [Future() for _ in density]
+        for index, (share, spread) in enumerate(zip(density, epsilon)):
+            self.workers.submit(self._rank_random, tensors, index, share, spread, rescale, keeps[index], scales[index])
+        return keeps, scales
+
+    def _magnitude(self, tensors: ChunkedTensors, index: int, density: float, gamma: float | None) -> KeepBits | None:
         scratch = self.scratches.get()  # one per worker: never waits
         try:
             return select_magnitudes(input_and_base(tensors, index), tensors.numel, density, gamma, scratch)
         finally:
             self.scratches.put(scratch)
+
+    @staticmethod
+    def _rank_random(
+        tensors: ChunkedTensors,
+        index: int,
+        density: float,
+        epsilon: float,
+        rescale: bool,
+        keep: Future,
+        scale: Future,
+    ) -> None:
+        try:
+            masks = []
+            total = kept = 0.0
+            for rows in tensors.chunks(models=[index]):
+                assert rows.base is not None and rows.rng is not None  # REQUIRED base; seeded rows
+                delta = rows.inputs[0] - rows.base
+                mask = None if density >= 1 else rank_random_mask(delta, density, epsilon, rows.rng(index))
+                if rescale:
+                    whole, masked = _l1_norms(delta, mask)
+                    total, kept = total + whole, kept + masked
+                if mask is not None:
+                    masks.append(mask.reshape(-1).cpu())
+            keep.set_result(KeepBits.of_mask(torch.cat(masks)) if masks else None)
+            scale.set_result(_l1_scale(total, kept, delta.dtype) if rescale else 1.0)
+        except BaseException as error:  # both wait for this draw: both report its failure
+            for future in (keep, scale):
+                if not future.done():
+                    future.set_exception(error)
 
     def close(self) -> None:
         self.workers.shutdown()
@@ -227,8 +287,8 @@ def _weighted_deltas(
         mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index], epsilon[index])
         if mask is not None:
             delta.mul_(mask)
-        if rows.stats is not None and rows.stats.scales[index] != 1.0:
-            delta.mul_(torch.tensor(rows.stats.scales[index], dtype=base.dtype))
+        if rows.stats is not None and rows.stats.scale(index) != 1.0:
+            delta.mul_(torch.tensor(rows.stats.scale(index), dtype=base.dtype))
         yield delta.mul_(weights[index])
         previous = delta if reuse_memory else None
 
@@ -275,8 +335,8 @@ def fused_task_arithmetic(
     **unused: Any,
 ) -> torch.Tensor | None:
     """`merge_task_arithmetic` in one pass over bf16 CPU rows, bit for bit; None for rows it does not
-    take (other dtypes or devices, random masks) and while the kernels are still loading."""
-    if rows.base is None or sparsification not in (None, Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
+    take (other dtypes or devices, DARE's per-chunk masks) and while the kernels are still loading."""
+    if rows.base is None or not (sparsification is None or sparsification in SELECTED_IN_PREPARE):
         return None
     kernels = bf16_kernels(len(rows.inputs))
     if kernels is None or not kernels.supports([rows.base, *rows.inputs]):
@@ -296,7 +356,7 @@ def fused_task_arithmetic(
         rows.inputs,
         weights=list(weight),
         masks=masks,
-        scales=rows.stats.scales if rows.stats is not None else [1.0] * count,
+        scales=[rows.stats.scale(index) for index in range(count)] if rows.stats is not None else [1.0] * count,
         consensus=consensus,
         normalize=normalize,
         divisor=float(_total_weight(weights)),
