@@ -153,7 +153,7 @@ def repeated(label: str, tools: list[str], measure: Callable[[str], Measured], r
 
 
 def comparison_table(
-    runs: list[Run], agreement: dict[str, str], targets: dict[str, tuple[float, float]] | None = None
+    runs: list[Run], agreement: dict[str, str], targets: dict[str, tuple[float, float | None]] | None = None
 ) -> str:
     """Markdown: one row per run; mergewise rows also give speed-up and RSS ratio against mergekit, the
     (speed-up, RSS ratio) `targets` of their method, and how the output compares with mergekit's."""
@@ -171,7 +171,8 @@ def comparison_table(
             speed = f"{reference.wall_s / run.wall_s:.2f}×"
             rss = f"{run.peak_rss_mb / reference.peak_rss_mb:.2f}×"
         if run.tool == "mergewise" and run.method in targets:
-            target = "≥ {:g}×, ≤ {:g}×".format(*targets[run.method])
+            speed_target, rss_target = targets[run.method]
+            target = f"≥ {speed_target:g}×" + ("" if rss_target is None else f", ≤ {rss_target:g}×")
         measured = f"{run.wall_s:.1f} | {run.wall_range} | {run.peak_rss_mb:.0f}"
         same = agreement.get(run.method, "") if run.tool == "mergewise" else ""
         lines.append(f"| {run.method} | {run.tool} | {measured} | {speed} | {rss} | {target} | {same} |")

@@ -298,36 +298,55 @@ def smallest_positions(keys: np.ndarray, count: int, order: np.ndarray | None = 
 @njit(cache=True, nogil=True)
 def _keep_by_rank(keys, draws, by_rank, keep):
     """Row by row: rank the non-negative integer keys, equal keys in order of position (an LSD radix
-    sort, one byte per pass, skipping bytes every key shares), and keep the entry of rank j when
-    its draw is below `by_rank[j]`."""
+    sort, one byte per pass, the histograms of every byte counted in one pass and bytes every key
+    shares skipped), and keep the entry of rank j when its draw is below `by_rank[j]`, as the last
+    pass places it."""
     height, width = keys.shape
+    digits = keys.itemsize
     order = np.empty(width, np.int64)
     spare = np.empty(width, np.int64)
-    counts = np.empty(256, np.int64)
+    counts = np.empty((digits, 256), np.int64)
+    telling = np.empty(digits, np.bool_)  # bytes that tell this row's keys apart
     for row in range(height):
         row_keys = keys[row]
+        row_draws = draws[row]
+        row_keep = keep[row]
+        counts[:] = 0
+        for position in range(width):
+            key = row_keys[position]
+            for byte in range(digits):
+                counts[byte, (key >> (8 * byte)) & 255] += 1
+        last = -1
+        for byte in range(digits):
+            telling[byte] = counts[byte].max() < width
+            if telling[byte]:
+                last = byte
+                total = 0
+                for digit in range(256):
+                    total, counts[byte, digit] = total + counts[byte, digit], total
         for position in range(width):
             order[position] = position
-        for byte in range(keys.itemsize):
-            shift = 8 * byte
-            counts[:] = 0
-            for position in range(width):
-                counts[(row_keys[position] >> shift) & 255] += 1
-            if counts.max() == width:
+        for byte in range(digits):
+            if not telling[byte] or byte == last:
                 continue
-            total = 0
-            for digit in range(256):
-                total, counts[digit] = total + counts[digit], total
+            shift = 8 * byte
             for position in range(width):
                 index = order[position]
                 digit = (row_keys[index] >> shift) & 255
-                spare[counts[digit]] = index
-                counts[digit] += 1
+                spare[counts[byte, digit]] = index
+                counts[byte, digit] += 1
             order, spare = spare, order
-        row_draws = draws[row]
-        row_keep = keep[row]
-        for rank in range(width):
-            row_keep[order[rank]] = row_draws[rank] < by_rank[rank]
+        if last < 0:  # one key throughout: ranks in order of position
+            for rank in range(width):
+                row_keep[rank] = row_draws[rank] < by_rank[rank]
+            continue
+        shift = 8 * last
+        for position in range(width):
+            index = order[position]
+            digit = (row_keys[index] >> shift) & 255
+            rank = counts[last, digit]
+            counts[last, digit] = rank + 1
+            row_keep[index] = row_draws[rank] < by_rank[rank]
 
 
 def keep_by_rank(keys: np.ndarray, draws: np.ndarray, by_rank: np.ndarray) -> np.ndarray:
