@@ -57,7 +57,7 @@ def test_merge_mediator_build_and_zoo_build_leave_the_process_as_they_found_it(t
                 ],
             }
             mergewise.merge(recipe, tmp_path / "merged", quiet=True, seed=0)
-            bf16_kernels(len(family.fine_tunes), wait=True)  # the fused kernels load and launch
+            bf16_kernels(wait=True)  # the fused kernels load and launch
             build(mediator_recipe(root, family), tmp_path / "mediator", quiet=True, seed=0)
             build_zoo(tmp_path / "zoo", "tiny", seed=0)
             after = process_state()

@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "serve",
     "extract_lora",
     "search",
+    "warm_up",
 ]
 
 

@@ -242,7 +242,7 @@ def _merge_tensors(
     compile_kernels = options.compile if options.compile is not None else total >= COMPILE_MIN_PARAMETERS
     fused = plan.method.fused if total >= plan.method.fused_min_parameters else None
     if fused is not None and plan.method.load_fused is not None and jobs:
-        plan.method.load_fused(len(jobs[0].inputs))
+        plan.method.load_fused()
     executor = _JobExecutor(plan, device, seed, reader, stages, compile_kernels, fused, options)
     try:
         background = _BackgroundWrites(writer, write_thread)

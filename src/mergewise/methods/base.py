@@ -150,9 +150,9 @@ class MergeMethod:
     # Loading `fused` costs a fixed ~0.7 s per process; merges producing fewer parameters than this
     # finish sooner without it.
     fused_min_parameters: int = 0
-    # Starts loading `fused` for this many inputs in the background and returns at once, so that the
-    # first tensors need not take the slower path while it loads.
-    load_fused: Callable[[int], Any] | None = None
+    # Starts loading `fused` in the background and returns at once, so that the first tensors need
+    # not take the slower path while it loads.
+    load_fused: Callable[[], Any] | None = None
     description: str = ""
     # mergekit 0.1.5 promotes this method's results to float32 and writes them so whatever the
     # recipe's dtype; mergewise writes the dtype asked for, and says so when the two differ.

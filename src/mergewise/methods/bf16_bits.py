@@ -91,3 +91,32 @@ def variance_keys(inputs, base, out):
             nonzero += key != 0
             out[start + k] = -key
     return nonzero
+
+
+@intrinsic
+def int16_at(typingctx, address):
+    """The int16 memory at an address (an int64): arrays of any number of inputs pass as one array of
+    addresses, so that one compilation serves them all."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.PointerType(ir.IntType(16)))
+
+    return types.CPointer(types.int16)(types.int64), codegen
+
+
+@intrinsic
+def uint8_at(typingctx, address):
+    """The uint8 memory at an address (an int64), as `int16_at`."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.PointerType(ir.IntType(8)))
+
+    return types.CPointer(types.uint8)(types.int64), codegen
+
+
+def warm_up() -> None:
+    """Load (or, the first time, compile) this module's kernels."""
+    rows = np.zeros((2, 3), dtype=np.int16)
+    keys = np.empty(3, dtype=np.int16)
+    magnitude_keys(rows[0], rows[1], True, keys)
+    variance_keys(rows, rows[0], keys)

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import carray, njit, prange
 
-from mergewise.methods.bf16_bits import narrow, round_bf16, widen
+from mergewise.methods.bf16_bits import int16_at, narrow, round_bf16, uint8_at, widen
 
 BLOCK = 4096  # elements per work item: the block's float32 scratch stays in L1/L2
 EXPONENT = np.int16(0x7F80)  # a bf16's exponent bits
@@ -26,12 +26,26 @@ EXPONENT = np.int16(0x7F80)  # a bf16's exponent bits
 
 @njit(parallel=True, cache=True)
 def _task_arithmetic(
-    base, inputs, weights, scales, masks, mask_offsets, sparsified, consensus, normalize, divisor, lambda_, out
+    base,
+    input_addresses,
+    weights,
+    scales,
+    mask_addresses,
+    mask_sizes,
+    mask_offsets,
+    sparsified,
+    consensus,
+    normalize,
+    divisor,
+    lambda_,
+    out,
 ):
-    """Writes `out`; returns how many of its values are NaN or infinite. `masks[i]` holds input i's
-    kept entries as bits (little-endian within a byte), these rows' first at bit `mask_offsets[i]`."""
+    """Writes `out`; returns how many of its values are NaN or infinite. Input i's rows (bf16 bits, as
+    many as `base`) start at `input_addresses[i]`; its kept entries are `mask_sizes[i]` bytes of bits
+    (little-endian within a byte) at `mask_addresses[i]`, these rows' first at bit `mask_offsets[i]`.
+    Addresses rather than a tuple of arrays keep one compilation for any number of inputs."""
     size = base.shape[0]
-    count = len(inputs)
+    count = input_addresses.shape[0]
     blocks = (size + BLOCK - 1) // BLOCK
     non_finite = 0
     # Each step is its own simple loop over the block so that LLVM vectorises it.
@@ -47,13 +61,13 @@ def _task_arithmetic(
         for k in range(width):
             base_values[k] = widen(base_block[k])
         for index in range(count):
-            rows = inputs[index][start:stop]
+            rows = carray(int16_at(input_addresses[index]), size)[start:stop]  # type: ignore[call-arg]  # an intrinsic
             row_weighted = weighted[index]
             weight = weights[index]
             scale = scales[index]
             masked = sparsified[index]
             if masked:
-                bits = masks[index]
+                bits = carray(uint8_at(mask_addresses[index]), mask_sizes[index])
                 first_bit = mask_offsets[index] + start
                 if first_bit & 7 == 0:  # whole bytes: unpacked eight at a time
                     first_byte = first_bit >> 3
@@ -178,13 +192,16 @@ def task_arithmetic(
     without consensus (with consensus it is per entry, from the agreeing weights).
     """
     out = torch.empty(base.shape, dtype=torch.bfloat16)
+    rows = [_bits(tensor) for tensor in inputs]  # kept alive through the call: the kernel reads them
+    bits = [(mask or _NO_SELECTION)[0] for mask in masks]
     with _launch():
         non_finite = _task_arithmetic(
             _bits(base),
-            tuple(_bits(tensor) for tensor in inputs),
+            _addresses(rows),
             _floats([_as_bf16_scalar(weight) for weight in weights]),
             _floats([_as_bf16_scalar(scale) for scale in scales]),
-            tuple((mask or _NO_SELECTION)[0] for mask in masks),
+            _addresses(bits),
+            np.array([mask_bits.size for mask_bits in bits], dtype=np.int64),
             np.array([(mask or _NO_SELECTION)[1] for mask in masks], dtype=np.int64),
             np.array([mask is not None for mask in masks]),
             consensus,
@@ -196,16 +213,22 @@ def task_arithmetic(
     return out, non_finite > 0
 
 
-def warm_up(input_count: int) -> None:
-    """Load (or, the first time, compile) the kernels for `input_count` inputs."""
+def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
+    """Where each contiguous array's memory starts."""
+    assert all(array.flags.c_contiguous for array in arrays)
+    return np.array([array.ctypes.data for array in arrays], dtype=np.int64)
+
+
+def warm_up() -> None:
+    """Load (or, the first time, compile) the kernels: one compilation serves any number of inputs."""
     rows = torch.zeros(BLOCK + 1, dtype=torch.bfloat16)
     mask = (np.full(BLOCK // 8 + 1, 0xFF, dtype=np.uint8), 0)
     task_arithmetic(
         rows,
-        [rows] * input_count,
-        weights=[1.0] * input_count,
-        scales=[1.0] * input_count,
-        masks=[mask] * input_count,
+        [rows, rows],
+        weights=[1.0, 1.0],
+        scales=[1.0, 1.0],
+        masks=[mask, None],
         consensus=True,
         normalize=True,
         divisor=1.0,

@@ -356,3 +356,14 @@ def keep_by_rank(keys: np.ndarray, draws: np.ndarray, by_rank: np.ndarray) -> np
     keep = np.empty(keys.shape, dtype=np.bool_)
     _keep_by_rank(keys, draws, by_rank, keep)
     return keep
+
+
+def warm_up() -> None:
+    """Load (or, the first time, compile) the selections for the keys merges use: 16-bit floats'
+    keys, float32's and, for SCE's float64 variances and DELLA's ranks, float64's."""
+    for key_type in (np.int16, np.int32, np.int64):
+        keys = np.arange(8, dtype=key_type)
+        if key_type is not np.int64:
+            positions_in_range(keys.copy(), 2, 5)
+        smallest_positions(keys.copy(), 4)
+        keep_by_rank(keys.reshape(2, 4), np.zeros((2, 4), dtype=np.float32), np.ones(4, dtype=np.float32))

@@ -338,7 +338,7 @@ def fused_task_arithmetic(
     take (other dtypes or devices, DARE's per-chunk masks) and while the kernels are still loading."""
     if rows.base is None or not (sparsification is None or sparsification in SELECTED_IN_PREPARE):
         return None
-    kernels = bf16_kernels(len(rows.inputs))
+    kernels = bf16_kernels()
     if kernels is None or not kernels.supports([rows.base, *rows.inputs]):
         return None
     count = len(rows.inputs)
