@@ -8,7 +8,7 @@ then, for each method on W1 (the bf16 Llama of `vs_mergekit.py`):
 - *no warm-up*: the first merge into yet another empty cache (the merge compiles what it needs),
   then a second one.
 The table gives the medians over the rounds and the median of the first/second ratios. Writes
-benchmarks/results/cold_start.md.
+benchmarks/results/cold_start.md (`--report` for another name).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=WORK)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--report", default="cold_start.md", help="file name of the report")
     args = parser.parse_args()
     workload = build_workload(args.workdir, LlamaShape())
     runs = args.workdir / "runs"
@@ -68,7 +69,7 @@ def main() -> None:
             lines.append(row + f"{ratio:.2f} | {target} |")
             print(lines[-1], flush=True)
     body = f"W1, {args.repeats} rounds, a fresh numba cache each.\n\n" + "\n".join(lines)
-    write_report(args.results / "cold_start.md", "First merge after installing against the second", body, None)
+    write_report(args.results / args.report, "First merge after installing against the second", body, None)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import subprocess
@@ -189,3 +190,44 @@ def test_variance_keys_are_torch_var_of_the_bf16_task_vectors(count, columns):
     expected = np.minimum(variances.view(torch.int16).numpy(), 0x7F81)  # every NaN one key above infinity
     assert np.array_equal(-keys, expected)
     assert nonzero == int(torch.count_nonzero(variances))
+
+
+def _kernel_signatures() -> dict[str, set]:
+    from numba.core.dispatcher import Dispatcher
+
+    from mergewise.methods.kernel_loading import KERNEL_MODULES
+
+    return {
+        f"{module}.{name}": set(value.signatures)
+        for module in KERNEL_MODULES
+        for name, value in vars(importlib.import_module(module)).items()
+        if isinstance(value, Dispatcher)
+    }
+
+
+SELECTING_RECIPES = {
+    "ties": {"weight": 0.5, "density": 0.5},
+    "breadcrumbs_ties": {"weight": 0.5, "density": 0.5, "gamma": 0.01},
+    "sce": {},
+    "della": {"weight": 0.5, "density": 0.5, "epsilon": 0.1},
+}
+
+
+def test_after_warm_up_no_merge_compiles_a_kernel(tiny_family, tmp_path, monkeypatch):
+    """`mergewise warm-up` compiles the signatures merges use, in bf16 and float32 recipes, on the
+    fused path too: afterwards no merge adds one (a new one would be compiled by the first merge)."""
+    from mergewise.methods.kernel_loading import warm_up_all
+
+    list(warm_up_all())
+    assert bf16_kernels(wait=True) is not None
+    before = _kernel_signatures()
+    family = tiny_family("llama")
+    for name, parameters in SELECTING_RECIPES.items():
+        monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], fused_min_parameters=0))
+        for dtype in ("bfloat16", "float32"):
+            models = [{"model": str(path), "parameters": parameters} for path in family.fine_tunes]
+            recipe = {"merge_method": name, "base_model": str(family.base), "dtype": dtype, "models": models}
+            if name == "sce":
+                recipe["parameters"] = {"select_topk": 0.5}
+            mergewise.merge(recipe, tmp_path / f"{name}-{dtype}", quiet=True)
+    assert _kernel_signatures() == before
