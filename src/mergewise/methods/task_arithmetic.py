@@ -66,10 +66,9 @@ def _keep_mask(
     delta: torch.Tensor,
     sparsification: Sparsification | None,
     density: float,
-    gamma: float,
-    epsilon: float,
 ) -> torch.Tensor | None:
-    """Which entries of input `index`'s delta survive in these rows (None = all)."""
+    """Which entries of input `index`'s delta survive in these rows (None = all): a selection made in
+    `prepare`, or DARE's draw for these rows."""
     if sparsification is None or density >= 1:
         return None
     if sparsification in SELECTED_IN_PREPARE:
@@ -110,7 +109,7 @@ def prepare_task_arithmetic(
             rows.stats = stats
             for index, tensor in enumerate(rows.inputs):
                 delta = tensor - rows.base
-                mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index], epsilon[index])
+                mask = _keep_mask(rows, index, delta, sparsification, density[index])
                 whole, masked = _l1_norms(delta, mask)
                 totals[index] += whole
                 kept[index] += masked
@@ -238,13 +237,14 @@ def merge_task_arithmetic(
     """base + lambda · combine(weight_i · sparsify(input_i − base)).
 
     `int8_mask` is accepted for config compatibility: it only chose a mask dtype to save memory, and
-    masks here are booleans on row chunks already.
+    masks here are booleans on row chunks already. `gamma` and `epsilon` shape the selections that
+    `prepare` makes; they are named here because this signature is the method's schema.
     """
     base = rows.base
     assert base is not None  # BasePolicy.REQUIRED
     # Weights and rescale factors are tensors of the working dtype so each step rounds as mergekit's.
     weights = torch.tensor(weight, dtype=base.dtype, device=base.device)
-    parts = _weighted_deltas(rows, weights, sparsification, density, gamma, epsilon, reuse_memory=not consensus)
+    parts = _weighted_deltas(rows, weights, sparsification, density, reuse_memory=not consensus)
     if consensus:
         weighted = list(parts)
         agrees = majority_sign_agreement(weighted)
@@ -266,8 +266,6 @@ def _weighted_deltas(
     weights: torch.Tensor,
     sparsification: Sparsification | None,
     density: PerModel,
-    gamma: PerModel,
-    epsilon: PerModel,
     *,
     reuse_memory: bool,
 ) -> Iterator[torch.Tensor]:
@@ -279,12 +277,10 @@ def _weighted_deltas(
     assert base is not None  # BasePolicy.REQUIRED
     count = len(rows.inputs)
     density = density or (1.0,) * count
-    gamma = gamma or (0.0,) * count
-    epsilon = epsilon or (0.0,) * count
     previous = None
     for index, tensor in enumerate(rows.inputs):
         delta = torch.sub(tensor, base, out=previous) if previous is not None else tensor - base
-        mask = _keep_mask(rows, index, delta, sparsification, density[index], gamma[index], epsilon[index])
+        mask = _keep_mask(rows, index, delta, sparsification, density[index])
         if mask is not None:
             delta.mul_(mask)
         if rows.stats is not None and rows.stats.scale(index) != 1.0:
