@@ -90,3 +90,13 @@ def test_every_merging_command_takes_every_merge_option():
 def test_threads_zero_reaches_the_merge_to_be_refused_not_replaced_by_all_cores():
     args = build_parser().parse_args(["merge", "recipe.yml", "out", "--threads", "0"])
     assert merge_options(args)["threads"] == 0  # execute_plan: "--threads: must be at least 1, got 0"
+
+
+def test_warm_up_readies_every_kernel_module_and_says_so(capsys):
+    from mergewise.methods.kernel_loading import KERNEL_MODULES
+
+    assert main(["warm-up"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == list(KERNEL_MODULES)
+    assert main(["warm-up", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
