@@ -19,6 +19,7 @@ import torch
 from numba import carray, njit, prange
 
 from mergewise.methods.bf16_bits import int16_at, narrow, round_bf16, uint8_at, widen
+from mergewise.methods.sparsify import bf16_on_cpu
 
 BLOCK = 4096  # elements per work item: the block's float32 scratch stays in L1/L2
 EXPONENT = np.int16(0x7F80)  # a bf16's exponent bits
@@ -147,7 +148,7 @@ _NO_SELECTION = (np.zeros(1, dtype=np.uint8), 0)
 
 def supports(tensors: list[torch.Tensor]) -> bool:
     """Whether these rows can take the fused path: bf16 on the CPU."""
-    return all(tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" for tensor in tensors)
+    return bf16_on_cpu(*tensors)
 
 
 # Numba's fallback threading layer (workqueue) aborts on parallel launches from two threads at once,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, TensorRows, combine_chunk_sums
-from mergewise.methods.sparsify import KEY_TYPES, KeepBits, SelectionScratch, bit_patterns, sort_keys
+from mergewise.methods.sparsify import KEY_TYPES, KeepBits, SelectionScratch, bf16_on_cpu, bit_patterns, sort_keys
 from mergewise.methods.task_arithmetic import majority_sign_agreement, sum_over_models
 
 
@@ -57,15 +57,14 @@ def _select(tensors: ChunkedTensors, select_topk: float) -> KeepBits | None:
 
     # count × share as a float32 tensor product, truncated: the count mergekit rounds to
     count = int(torch.tensor(nonzero) * select_topk)
-    order = scratch.buffer("order", tensors.numel, np.int32 if tensors.numel < 2**31 else np.int64)
-    return KeepBits(smallest_positions(keys, count, order))
+    return KeepBits(smallest_positions(keys, count, scratch.order(tensors.numel)))
 
 
 def _variance_keys(rows: TensorRows, out: np.ndarray) -> int:
     """Descending sort keys of |torch.var| across the models' task vectors, into `out`; returns how
     many variances are not zero. bf16 rows on the CPU take one fused pass."""
     assert rows.base is not None
-    if all(tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" for tensor in (rows.base, *rows.inputs)):
+    if bf16_on_cpu(rows.base, *rows.inputs):
         from mergewise.methods import bf16_bits  # numba, as above
 
         stacked = torch.stack(rows.inputs).reshape(len(rows.inputs), -1).view(torch.int16).numpy()

@@ -180,6 +180,15 @@ def _heap_select(keys, order, first, middle, last):
 
 
 @njit
+def _depth_limit(size):
+    """libstdc++'s 2 · ⌊log2 size⌋: partitions allowed before a range is heap-sorted or heap-selected."""
+    depth = 0
+    while (size >> (depth + 1)) > 0:
+        depth += 1
+    return 2 * depth
+
+
+@njit
 def _holds_cut(first, last, cuts):
     for cut in cuts:
         if first < cut < last:
@@ -192,10 +201,7 @@ def _order_around_cuts(keys, order, cuts, left, right):
     size = keys.shape[0]
     for index in range(size):
         order[index] = index
-    depth = 0
-    while (size >> (depth + 1)) > 0:
-        depth += 1
-    pending = [(0, size, 2 * depth)]
+    pending = [(0, size, _depth_limit(size))]
     while len(pending) > 0:
         first, last, depth = pending.pop()
         if not _holds_cut(first, last, cuts):
@@ -222,10 +228,7 @@ def _select_smallest(keys, order, count, left, right):
         _heap_select(keys, order, 0, count, size)
         return
     nth = count - 1
-    depth = 0
-    while (size >> (depth + 1)) > 0:
-        depth += 1
-    depth *= 2
+    depth = _depth_limit(size)
     first = 0
     last = size
     while last - first > 3:
@@ -248,6 +251,16 @@ def _mark(order, start, stop, bits):
         bits[index >> 3] |= np.uint8(1 << (index & 7))
 
 
+def _scratch(size: int, order: np.ndarray | None, unsigned_below: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The permutation's memory (`order`, or new) cut to `size`, and the partition's two position
+    buffers: unsigned below `unsigned_below` entries."""
+    if order is None:
+        order = np.empty(size, dtype=np.int32 if size < 2**31 else np.int64)
+    order = order[:size]
+    positions = np.uint32 if size < unsigned_below else np.int64
+    return order, np.empty(BLOCK, dtype=positions), np.empty(BLOCK, dtype=positions)
+
+
 def positions_in_range(
     keys: np.ndarray,
     start: int,
@@ -262,17 +275,8 @@ def positions_in_range(
     kernels, which release the GIL, let callers reuse memory and select on other threads. Fewer
     than `unsigned_below` keys are indexed with unsigned positions."""
     size = keys.shape[0]
-    if order is None:
-        order = np.empty(size, dtype=np.int32 if size < 2**31 else np.int64)
-    order = order[:size]
-    positions = np.uint32 if size < unsigned_below else np.int64
-    _order_around_cuts(
-        keys,
-        order,
-        np.array([start, stop], dtype=np.int64),
-        np.empty(BLOCK, dtype=positions),
-        np.empty(BLOCK, dtype=positions),
-    )
+    order, left, right = _scratch(size, order, unsigned_below)
+    _order_around_cuts(keys, order, np.array([start, stop], dtype=np.int64), left, right)
     bits = np.zeros((size + 7) // 8, dtype=np.uint8)
     _mark(order, start, stop, bits)
     return bits
@@ -286,11 +290,8 @@ def smallest_positions(keys: np.ndarray, count: int, order: np.ndarray | None = 
     bits = np.zeros((size + 7) // 8, dtype=np.uint8)
     if count <= 0:
         return bits
-    if order is None:
-        order = np.empty(size, dtype=np.int32 if size < 2**31 else np.int64)
-    order = order[:size]
-    positions = np.uint32 if size < UNSIGNED_POSITIONS_BELOW else np.int64
-    _select_smallest(keys, order, count, np.empty(BLOCK, dtype=positions), np.empty(BLOCK, dtype=positions))
+    order, left, right = _scratch(size, order, UNSIGNED_POSITIONS_BELOW)
+    _select_smallest(keys, order, count, left, right)
     _mark(order, 0, count, bits)
     return bits
 

@@ -85,7 +85,7 @@ def magnitude_keys(inputs: torch.Tensor, base: torch.Tensor, descending: bool, o
     put NaNs after every number (before, descending) and treat them as equal. Negated for descending.
     bf16 rows on the CPU take one fused pass.
     """
-    if inputs.dtype == base.dtype == torch.bfloat16 and inputs.device.type == base.device.type == "cpu":
+    if bf16_on_cpu(inputs, base):
         from mergewise.methods import bf16_bits  # numba: loaded by the merges that select, not by every merge
 
         bf16_bits.magnitude_keys(bit_patterns(inputs), bit_patterns(base), descending, out)
@@ -108,6 +108,11 @@ def sort_keys(magnitudes: torch.Tensor, descending: bool, out: np.ndarray) -> No
     out[:] = (keys.neg_() if descending else keys).reshape(-1).cpu().numpy()
 
 
+def bf16_on_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is bf16 in CPU memory: what the numba kernels read."""
+    return all(tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" for tensor in tensors)
+
+
 def bit_patterns(tensor: torch.Tensor) -> np.ndarray:
     """A 16-bit float tensor's bits, flat, as numpy int16 (a view when it is contiguous)."""
     return tensor.contiguous().reshape(-1).view(torch.int16).numpy()
@@ -126,6 +131,10 @@ class SelectionScratch:
         if buffer is None or buffer.size < count:
             buffer = self._buffers[key] = np.empty(count, dtype=key[1])
         return buffer[:count]
+
+    def order(self, count: int) -> np.ndarray:
+        """Memory for a permutation of `count` entries."""
+        return self.buffer("order", count, np.int32 if count < 2**31 else np.int64)
 
 
 def select_magnitudes(
@@ -154,7 +163,7 @@ def select_magnitudes(
             keys = scratch.buffer("keys", count, np.int16 if narrow else np.int32)
         magnitude_keys(inputs, base, descending, keys[filled : filled + inputs.numel()])
         filled += inputs.numel()
-    order = scratch.buffer("order", count, np.int32 if count < 2**31 else np.int64)
+    order = scratch.order(count)
     from mergewise.methods.sort_order import positions_in_range  # numba, as above
 
     assert keys is not None  # `count` entries > 0 came in `pairs`
