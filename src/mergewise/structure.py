@@ -172,6 +172,19 @@ def language_model_tensors(folder: ModelFolder) -> set[str]:
     return modules.get("text_decoder") or set(folder.tensors)
 
 
+def meta_model(folder: ModelFolder) -> PreTrainedModel:
+    """The folder's model with its language-model head, built from its config on the meta device
+    (no memory, no weights read); one error where transformers does not know the architecture."""
+    try:
+        config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=False)
+        with torch.device("meta"):
+            return causal_lm_class(config).from_config(config)
+    except (OSError, ValueError, KeyError) as error:
+        raise MergewiseError(
+            f"{folder.path}: transformers cannot build its model ({str(error).splitlines()[0]})"
+        ) from None
+
+
 # mergekit's names for a multimodal model's parts, where transformers' attribute names differ.
 _MODULE_NAMES = {"language_model": "text_decoder", "visual": "vision_tower"}
 
@@ -184,9 +197,7 @@ def model_modules(folder: ModelFolder) -> dict[str, set[str]]:
     `vision_tower`). Every checkpoint tensor is in one module."""
     if folder.declared.text_config is None:
         return {"default": set(folder.tensors)}
-    config = load_pretrained(AutoConfig.from_pretrained, folder.path, trust_remote_code=False)
-    with torch.device("meta"):
-        model = causal_lm_class(config).from_config(config)
+    model = meta_model(folder)
     names = {id(module): name for name, module in model.named_modules()}
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     prefixes = {f"{names[id(owner)]}.": "text_decoder" for owner in (decoder, head) if owner is not None}

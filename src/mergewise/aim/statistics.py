@@ -275,9 +275,10 @@ def _load_model(folder: ModelFolder, config, device: torch.device, trust_remote_
     except (OSError, ValueError) as error:
         raise MergewiseError(f"{folder.path}: cannot load the model ({str(error).splitlines()[0]})") from None
     if isinstance(folder, AdaptedFolder):  # the weights as the folder reads them: its LoRA merged in
+        names = sorted({target.parameter for target in folder.adapter.targets.values()})
         with torch.no_grad():
-            for name in folder.adapter.factors:
-                model.get_parameter(name).copy_(folder.read(name))
+            for name, tensor in zip(names, CheckpointLayout(model, folder).read(names, folder.read_together)):
+                model.get_parameter(name).copy_(tensor)
     model.to(device).eval()  # type: ignore[arg-type]  # in place; transformers' decorated `to` hides its signature
     return model
 
@@ -363,8 +364,8 @@ def base_fingerprint(folder: ModelFolder) -> str:
     weight file (so a fine-tune with the same architecture gets a different fingerprint)."""
     digest = hashlib.sha256(json.dumps(folder.config, sort_keys=True).encode())
     if isinstance(folder, AdaptedFolder):  # a base with a LoRA adapter is another base
-        for target, factors in sorted(folder.adapter.factors.items()):
-            digest.update(target.encode())
+        for key, factors in sorted(folder.adapter.factors.items()):
+            digest.update(folder.adapter.targets[key].parameter.encode())
             for factor in factors:
                 digest.update(factor.numpy().tobytes())
     for name in sorted(folder.tensors):

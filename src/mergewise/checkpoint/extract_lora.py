@@ -1,6 +1,8 @@
 """`mergewise extract-lora FINETUNED BASE OUT --rank R`: a PEFT LoRA adapter that approximates a
-fine-tune as its base plus low-rank updates, one truncated SVD per weight matrix, one tensor in
-memory at a time. Loadable by `peft`; what each factorisation keeps is reported.
+fine-tune as its base plus low-rank updates, one truncated SVD per weight matrix (per expert of a
+fused mixture-of-experts tensor), one matrix in memory at a time, each pair written where PEFT
+attaches it (`mergewise.adapter_targets`). Loadable by `peft`; what each factorisation keeps is
+reported.
 
 Only the R leading singular triplets are used, so a matrix much wider than R is not fully
 decomposed: a randomized range finder (a gaussian sketch of R + OVERSAMPLING columns, refined by
@@ -17,13 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mergewise.adapter_targets import LoraTarget, extraction_targets, pack_expert_factors, stored_matrix
 from mergewise.checkpoint.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from mergewise.checkpoint.output import check_output_location, staged_folder
 from mergewise.checkpoint.reader import ModelFolder
 from mergewise.checkpoint.writer import save_tensors, write_text
 from mergewise.errors import MergewiseError
 
-EMBEDDING_HINTS = ("embed", "wte", "wpe", "lm_head")
 OVERSAMPLING = 8  # sketch columns beyond the rank
 POWER_ITERATIONS = 4  # the tail of a fine-tune's difference is flat: the sketch needs refining
 SKETCH_SEED = 0  # each matrix's sketch is drawn from its own generator: the same adapter every run
@@ -61,52 +63,49 @@ def extract_lora(
     tuned, reference = ModelFolder(finetuned), ModelFolder(base)
     out_dir = Path(out_dir).expanduser().resolve()
     check_output_location(out_dir, [tuned.path, reference.path], overwrite)
-    targets = [
-        name
-        for name, info in tuned.tensors.items()
-        if name.endswith(".weight")
-        and len(info.shape) == 2
-        and info.dtype.is_floating_point
-        and not any(hint in name for hint in EMBEDDING_HINTS)
-    ]
-    if not targets:
-        raise MergewiseError(f"{tuned.path}: no 2-D weight matrices to factorise")
-    for name in targets:
-        if name not in reference.tensors or reference.tensors[name].shape != tuned.tensors[name].shape:
-            raise MergewiseError(f"tensor {name}: missing from {reference.path} or of another shape there")
-    highest = max(min(tuned.tensors[name].shape) for name in targets)
+    fields, targets = extraction_targets(tuned)
+    for target in targets.values():
+        for part in target.parts:
+            info = reference.tensors.get(part.name)
+            if info is None or info.shape != tuned.tensors[part.name].shape:
+                raise MergewiseError(f"tensor {part.name}: missing from {reference.path} or of another shape there")
+    highest = max(min(target.shape) for target in targets.values())
     if rank > highest:  # the zero-padded factors would be sized by the rank alone
         raise MergewiseError(
             f"--rank: {rank} is more than the rank of any weight matrix of {tuned.path} (at most {highest})"
         )
     factors, errors = {}, {}
-    for name in tqdm(targets, desc="extract-lora", disable=quiet):
-        delta = tuned.read(name).float() - reference.read(name).float()
-        if not bool(torch.isfinite(delta).all()):
-            culprit = tuned.path if not bool(torch.isfinite(tuned.read(name)).all()) else reference.path
-            raise MergewiseError(f"tensor {name}: {culprit} holds NaN or infinity (or their difference overflows)")
-        left, values, right = truncated_svd(delta, rank)
-        kept = min(rank, len(values))
-        root = values[:kept].sqrt()
-        # every module gets rank R (a PEFT adapter has one rank); past a matrix's own rank, zeros
-        up = torch.zeros(delta.shape[0], rank)
-        down = torch.zeros(rank, delta.shape[1])
-        up[:, :kept], down[:kept] = left[:, :kept] * root, root[:, None] * right[:kept]
-        module = PEFT_PREFIX + name.removesuffix(".weight")
-        factors[f"{module}.lora_A.weight"] = down.contiguous()
-        factors[f"{module}.lora_B.weight"] = up.contiguous()
-        norm = float(delta.norm())
-        errors[name.removesuffix(".weight")] = float((delta - up @ down).norm()) / norm if norm > 0 else 0.0
-    modules = sorted({name.removesuffix(".weight").rpartition(".")[2] for name in targets})
+    for key, target in tqdm(targets.items(), desc="extract-lora", disable=quiet):
+        pairs, lost, total = [], 0.0, 0.0
+        for expert in range(target.experts):
+            delta, culprit = _difference(target, expert, tuned, reference)
+            if culprit is not None:
+                name = target.parts[0].name if len(target.parts) == 1 else target.parameter
+                raise MergewiseError(f"tensor {name}: {culprit} holds NaN or infinity (or their difference overflows)")
+            left, values, right = truncated_svd(delta, rank)
+            kept = min(rank, len(values))
+            root = values[:kept].sqrt()
+            # every module gets rank R (a PEFT adapter has one rank); past a matrix's own rank, zeros
+            up = torch.zeros(delta.shape[0], rank)
+            down = torch.zeros(rank, delta.shape[1])
+            up[:, :kept], down[:kept] = left[:, :kept] * root, root[:, None] * right[:kept]
+            pairs.append((down, up))
+            lost += float((delta - up @ down).norm()) ** 2
+            total += float(delta.norm()) ** 2
+        down, up = pack_expert_factors(pairs)
+        factors[f"{PEFT_PREFIX}{key}.lora_A.weight"] = down
+        factors[f"{PEFT_PREFIX}{key}.lora_B.weight"] = up.contiguous()
+        errors[target.parameter.removesuffix(".weight")] = (lost / total) ** 0.5 if total > 0 else 0.0
     config = {
         "peft_type": "LORA",
         "r": rank,
         "lora_alpha": rank,
-        "target_modules": modules,
+        "target_modules": fields["target_modules"],
+        **({"target_parameters": fields["target_parameters"]} if fields["target_parameters"] else {}),
         "base_model_name_or_path": str(reference.path),
         "task_type": "CAUSAL_LM",
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fields["fan_in_fan_out"],
         "use_rslora": False,
         "lora_dropout": 0.0,
         "inference_mode": True,
@@ -124,3 +123,15 @@ def extract_lora(
             + "\n",
         )
     return errors
+
+
+def _difference(
+    target: LoraTarget, expert: int, tuned: ModelFolder, reference: ModelFolder
+) -> tuple[torch.Tensor, Path | None]:
+    """Expert `expert`'s matrix of the fine-tune less the base's, and the folder to blame where it is
+    not finite."""
+    tuned_matrix = stored_matrix(target, expert, tuned.read)
+    delta = tuned_matrix - stored_matrix(target, expert, reference.read)
+    if bool(torch.isfinite(delta).all()):
+        return delta, None
+    return delta, tuned.path if not bool(torch.isfinite(tuned_matrix).all()) else reference.path

@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 
+from mergewise.adapter_targets import LoraTarget, StoredPart, expert_factors
 from mergewise.checkpoint.files import inside_folder, read_json
 from mergewise.checkpoint.reader import ModelFolder, PendingWeights, TensorInfo, read_safetensors_header
 from mergewise.errors import MergewiseError
@@ -33,12 +34,19 @@ class AdapterConfig(BaseModel):
     fan_in_fan_out: Annotated[bool, Field(strict=True)] = False  # GPT-2's Conv1D stores weights as (in, out)
     rank_pattern: dict | None = None
     alpha_pattern: dict | None = None
+    # where PEFT attaches the factors in the module tree
+    target_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
 
 
 class LoraAdapter:
-    """A PEFT LoRA adapter folder: per target weight, its A and B factors and the scale."""
+    """A PEFT LoRA adapter folder applied to the checkpoint tensors of `model`: per adapted tensor,
+    the factors of its target and where it lies in the target's expert matrices."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, model: ModelFolder):
         self.folder = folder
         config_path = folder / ADAPTER_CONFIG
         config = read_json(config_path, "adapter config", folder=folder, schema=AdapterConfig)
@@ -47,18 +55,17 @@ class LoraAdapter:
         if config.rank_pattern or config.alpha_pattern:
             raise MergewiseError(f"{config_path}: per-module rank_pattern/alpha_pattern are not supported")
         self.scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-        self.transposed = config.fan_in_fan_out
         weights = inside_folder(folder / ADAPTER_WEIGHTS, folder, "adapter weights")
         names = [info.name for info in read_safetensors_header(weights)]
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with safe_open(weights, framework="pt") as stored:
             for name in names:
                 if name.endswith(".lora_A.weight"):
-                    target = name.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") + ".weight"
                     partner = name.removesuffix(".lora_A.weight") + ".lora_B.weight"
                     if partner not in names:
                         raise MergewiseError(f"{weights}: {name} has no {partner}")
-                    self.factors[target] = _factors(
+                    key = name.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+                    pairs[key] = _factors(
                         weights, name, stored.get_tensor(name), partner, stored.get_tensor(partner), config.r
                     )
                 elif not name.endswith(".lora_B.weight"):
@@ -66,40 +73,81 @@ class LoraAdapter:
                         f"{weights}: tensor {name} is not a LoRA factor (modules_to_save and "
                         "trained biases are not supported)"
                     )
-        if not self.factors:
+        if not pairs:
             raise MergewiseError(f"{weights}: no LoRA factors")
-
-    def check(self, model: ModelFolder) -> None:
-        """Every factor pair must fit a weight of `model`: an adapter of another model fails here."""
-        for target, (down, up) in self.factors.items():
-            info = model.tensors.get(target)
-            expected = (up.shape[0], down.shape[1]) if not self.transposed else (down.shape[1], up.shape[0])
-            if info is None or tuple(info.shape) != expected or down.shape[0] != up.shape[1]:
-                found = "missing" if info is None else f"of shape {list(info.shape)}"
+        self.targets = _targets(pairs, model, config, folder)
+        self.factors = pairs
+        self.parts: dict[str, tuple[LoraTarget, StoredPart, list[tuple[torch.Tensor, torch.Tensor]], int]] = {}
+        for key, target in self.targets.items():
+            down, up = pairs[key]
+            rank = config.r * target.experts
+            if tuple(down.shape) != (rank, target.shape[1]) or tuple(up.shape) != (target.shape[0], rank):
+                shape = [target.experts, *target.shape] if target.experts > 1 else list(target.shape)
                 raise MergewiseError(
-                    f"{self.folder}: LoRA factors for {target} (rank {down.shape[0]}) do not fit "
-                    f"{model.path}, where it is {found}"
+                    f"{folder}: LoRA factors for {target.parameter} (rank {config.r}) do not fit {model.path}, "
+                    f"where it is of shape {shape}"
                 )
+            by_expert = expert_factors(down, up, target.experts)
+            for part in target.parts:
+                self.parts[part.name] = (target, part, by_expert, model.tensors[part.name].shape[0])
 
     def apply(self, name: str, rows: torch.Tensor, span: slice | None) -> torch.Tensor:
-        factors = self.factors.get(name)
-        if factors is None:
+        found = self.parts.get(name)
+        if found is None:
             return rows
-        down, up = factors
+        target, part, by_expert, stored_rows = found
         span = span or slice(None)
-        delta = (up[span] @ down) if not self.transposed else (down.T[span] @ up.T)
-        return (rows.float() + self.scale * delta).to(rows.dtype)
+        if part.expert is None:  # every expert, stacked: `span` picks experts
+            delta = torch.stack([self._delta(target, down, up, slice(None)) for down, up in by_expert[span]])
+        else:
+            start, stop, _ = span.indices(stored_rows)
+            window = slice(part.first_row + start, part.first_row + stop)
+            delta = self._delta(target, *by_expert[part.expert], window)
+        return (rows.float() + self.scale * delta.reshape(rows.shape)).to(rows.dtype)
+
+    @staticmethod
+    def _delta(target: LoraTarget, down: torch.Tensor, up: torch.Tensor, window: slice) -> torch.Tensor:
+        """Rows `window` of B·A as the checkpoint orients the target: (out, in), or (in, out)."""
+        return up[window] @ down if not target.transposed else down.T[window] @ up.T
+
+
+def _targets(
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], model: ModelFolder, config: AdapterConfig, folder: Path
+) -> dict[str, LoraTarget]:
+    """Each factor key's target: the checkpoint tensor of its name where every key names one (an
+    adapter of linear layers stored under the module tree's names); otherwise where PEFT attaches
+    it in the model's module tree (renamed weights, fused experts, `target_parameters`)."""
+    if not config.target_parameters and all(f"{key}.weight" in model.tensors for key in pairs):
+        targets = {}
+        for key in pairs:
+            rows, columns = model.tensors[f"{key}.weight"].shape[0], model.tensors[f"{key}.weight"].shape[-1]
+            shape = (columns, rows) if config.fan_in_fan_out else (rows, columns)
+            targets[key] = LoraTarget(
+                f"{key}.weight", 1, shape, config.fan_in_fan_out, (StoredPart(f"{key}.weight", 0, 0),)
+            )
+        return targets
+    from mergewise.adapter_targets import adapter_targets
+
+    try:
+        attached = adapter_targets(model, config.model_dump())
+    except ValueError as error:  # PEFT finds none of the adapter's targets in the model
+        raise MergewiseError(f"{folder}: does not fit {model.path} ({str(error).splitlines()[0]})") from None
+    for key in pairs:
+        if key not in attached:
+            raise MergewiseError(f"{folder}: LoRA factors for {key} do not fit {model.path}, where PEFT puts none")
+    return {key: attached[key] for key in pairs}
 
 
 def _factors(
     file: Path, down_name: str, down: torch.Tensor, up_name: str, up: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (r × in) and B (out × r) as float32 matrices of the config's rank, holding finite values."""
+    """A (r·E × in) and B (out × r·E) as float32 matrices, holding finite values: E = 1, or the
+    number of experts of a fused expert tensor."""
     for name, factor, rank_axis in ((down_name, down, 0), (up_name, up, 1)):
-        if factor.dim() != 2 or factor.shape[rank_axis] != rank:
+        if factor.dim() != 2 or factor.shape[rank_axis] % rank or not factor.shape[rank_axis]:
             raise MergewiseError(
                 f"{file}: {name} has shape {list(factor.shape)}; a LoRA factor of rank {rank} is a "
-                f"matrix with {rank} {'rows' if rank_axis == 0 else 'columns'}"
+                f"matrix with {rank} {'rows' if rank_axis == 0 else 'columns'} (per expert)"
             )
         if not factor.dtype.is_floating_point or not bool(torch.isfinite(factor).all()):
             raise MergewiseError(f"{file}: {name} holds NaN or infinity (or is not floating-point)")
@@ -118,8 +166,7 @@ class AdaptedFolder(ModelFolder):
         pending: PendingWeights | None = None,
     ):
         super().__init__(path, allow_pickle=allow_pickle, pending=pending)
-        self.adapter = LoraAdapter(Path(adapter))
-        self.adapter.check(self)
+        self.adapter = LoraAdapter(Path(adapter), self)
 
     def source_files(self) -> list[Path]:
         return [*super().source_files(), *(self.adapter.folder / name for name in ADAPTER_FILES)]
