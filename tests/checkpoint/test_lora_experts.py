@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GptOssConfig
 
 import mergewise
 from mergewise.adapter_targets import expert_factors, pack_expert_factors
@@ -25,6 +25,7 @@ from tests.support.tiny_models import (
     build_tiny_model,
     build_tiny_vision_language_model,
     read_state_dict,
+    save_tokenizer,
 )
 
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight"]
@@ -45,9 +46,34 @@ def peft_merged(base, adapter, auto=AutoModelForCausalLM) -> dict[str, torch.Ten
     return model.merge_and_unload().state_dict()
 
 
-@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def build_moe(arch: str, folder: Path) -> Path:
+    """A tiny float32 MoE: one of the matrix-per-expert checkpoints, or GPT-OSS, whose checkpoint
+    stores its experts fused and transposed (experts, in, out), as its module tree holds them."""
+    if arch != "gpt_oss":
+        return build_tiny_model(arch, folder, dtype=torch.float32, num_layers=2)
+    config = GptOssConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=16,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    save_tokenizer(folder, config.vocab_size)
+    return folder
+
+
+@pytest.mark.parametrize("arch", [*MOE_ARCHITECTURES, "gpt_oss"])
 def test_an_adapter_extracted_from_a_moe_fine_tune_rebuilds_its_experts_in_peft(arch, tmp_path, capsys):
-    base = build_tiny_model(arch, tmp_path / "base", dtype=torch.float32, num_layers=2)
+    base = build_moe(arch, tmp_path / "base")
     tuned = build_fine_tune(base, tmp_path / "tuned", seed=1, noise=0.05)
     out = tmp_path / "adapter"
     assert main(["extract-lora", str(tuned), str(base), str(out), "--rank", "64", "--quiet"]) == 0
@@ -55,10 +81,10 @@ def test_an_adapter_extracted_from_a_moe_fine_tune_rebuilds_its_experts_in_peft(
     fused = [name for name in config["target_parameters"] if name.endswith(("gate_up_proj", "down_proj"))]
     assert len(fused) == 2 * 2  # both fused expert tensors of both layers
     merged, expected, original = peft_merged(base, out), module_tree(tuned), module_tree(base)
-    changed = [name for name in merged if "experts" in name]
-    assert changed and all(merged[name].dim() == 3 for name in changed)
+    changed = [name for name in merged if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(changed) == 2 * 2 and all(merged[name].dim() == 3 for name in changed)
     for name, tensor in merged.items():
-        kept = "embed" in name or "lm_head" in name or "norm" in name or name.endswith("bias")
+        kept = tensor.dim() < 2 or "embed" in name or "lm_head" in name or name.endswith("bias")
         torch.testing.assert_close(tensor, original[name] if kept else expected[name], rtol=1e-4, atol=1e-5)
     errors = json.loads((out / "extraction.json").read_text())["relative_error"]
     assert "model.layers.0.mlp.experts.gate_up_proj" in errors and max(errors.values()) < 1e-5
@@ -69,12 +95,13 @@ def test_an_adapter_extracted_from_a_moe_fine_tune_rebuilds_its_experts_in_peft(
         read_state_dict(tuned),
     )
     for name, tensor in rebuilt.items():
-        if "experts" in name:
+        if "experts" in name and not name.endswith("bias"):
             torch.testing.assert_close(tensor, tuned_tensors[name], rtol=1e-4, atol=1e-5)
 
     assert main(["extract-lora", str(tuned), str(base), str(tmp_path / "r2"), "--rank", "2", "--quiet"]) == 0
     low = json.loads((tmp_path / "r2" / "extraction.json").read_text())["relative_error"]
     assert all(0 < low[name] < 1 for name in low if "experts" in name)
+    assert low["model.layers.0.mlp.experts.gate_up_proj"] > errors["model.layers.0.mlp.experts.gate_up_proj"]
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
