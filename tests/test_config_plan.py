@@ -3,6 +3,8 @@ tensor data is read."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import yaml
 
@@ -207,3 +209,32 @@ def test_a_slice_of_the_base_alone_copies_the_base_and_the_head_follows_mergekit
     assert jobs["lm_head.weight"].inputs == [] and jobs["model.norm.weight"].inputs == []
     with pytest.raises(MergewiseError, match=r"slices\[0\]: .*only the base.*refused: --strict"):
         build_plan(config, family.base.parent, strict=True)
+
+
+def test_the_peak_memory_estimate_is_the_method_s_working_memory_for_the_largest_tensor(tiny_family):
+    """Whole-tensor selections hold scratch sized by the largest tensor; a plain weighted sum does not."""
+    from mergewise.methods.registry import get_method
+
+    family = tiny_family("llama")
+    models = [{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}} for path in family.fine_tunes[:2]]
+    estimates = {}
+    for method in ("task_arithmetic", "ties"):
+        plan = build_plan(
+            MergeConfig(merge_method=method, base_model=str(family.base), models=models), family.base.parent
+        )
+        largest = max(math.prod(job.shape) for job in plan.jobs)
+        declared = get_method(method).working_memory
+        assert plan.working_memory() == declared.fixed + round(declared.per_entry * largest)
+        estimates[method] = plan.working_memory()
+        for model in plan.models:
+            model.close()
+    assert estimates["ties"] > estimates["task_arithmetic"]
+
+
+def test_every_method_declares_its_working_memory():
+    from mergewise.methods.registry import METHODS
+
+    for name, method in METHODS.items():
+        memory = method.working_memory
+        assert memory.fixed > 0 and memory.per_entry >= 0, name
+        assert memory.bytes(10**8) >= memory.bytes(10**6), name

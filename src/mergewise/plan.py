@@ -9,6 +9,7 @@ in the output vocabulary (`checkpoint/vocabulary.py`), so the methods see inputs
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -98,6 +99,12 @@ class MergePlan:
     # The output vocabulary of `tokenizer_source` / `tokenizer:` (None: the tokenizer source's files
     # are copied and every tensor keeps its rows).
     vocabulary: OutputVocabulary | None = None
+
+    def working_memory(self) -> int:
+        """Bytes the merge holds beyond its process at its peak, as its method declares them for the
+        largest tensor (an estimate; recipe blocks' own work not counted)."""
+        largest = max((math.prod(job.shape) for job in self.jobs), default=0)
+        return self.method.working_memory.bytes(largest)
 
     def fetch_weights(self) -> None:
         """Download the Hub weights the plan was made from their headers."""

@@ -205,7 +205,8 @@ def test_dry_run_of_a_hub_recipe_lists_its_plan_reading_only_headers(online_hub,
     )
     assert "to download from the Hub first: acme/base, acme/math, acme/sharded" in out[1]
     assert f"({to_download / 1e6:.1f} MB to download" in out[1]
-    listed = {line.split()[0]: line for line in out[2:]}
+    assert out[2].startswith("  peak memory about ") and "for ties's working memory" in out[2]
+    listed = {line.split()[0]: line for line in out[3:]}
     assert listed.keys() == read_state_dict(hub.repos["acme/base"]).keys()
     assert listed["model.layers.0.mlp.up_proj.weight"].endswith("<- acme/math, acme/sharded; base acme/base")
     assert_only_headers_served(hub)
@@ -230,7 +231,8 @@ def test_a_local_recipe_dry_run_reads_no_weight_data(tiny_family, tmp_path, caps
     out = capsys.readouterr().out.splitlines()
     size = sum(weight_bytes(family.fine_tunes[0]).values())
     assert out[1].startswith("  reads ") and ", writes " in out[1] and "Hub" not in out[1]
-    assert len(out) == 2 + len(read_state_dict(family.base)), size
+    assert out[2].startswith("  peak memory about ") and "73.4 MB for linear's working memory" in out[2]
+    assert len(out) == 3 + len(read_state_dict(family.base)), size
 
 
 def test_an_unknown_hub_id_is_one_error_line_and_a_warm_cache_merges_with_the_hub_unreachable(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergewise.errors import MergewiseError
@@ -14,7 +16,7 @@ from mergewise.options import MergeOptions
 if TYPE_CHECKING:
     import torch
 
-    from mergewise.plan import TensorJob, TensorSource
+    from mergewise.plan import MergePlan, TensorJob, TensorSource
 
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +108,7 @@ def check(args: argparse.Namespace) -> None:
         )
         folders = len(plan.models)
         print(f"  reads {_size(sum(read.values()))} from {folders} model folder(s){download}, writes {_size(written)}")
+        print(_peak_memory_line(plan, bool(recipe.blocks)))
         for stage in recipe.blocks:
             print(f"  with the {stage}: block (its own work runs in the merge)")
         if args.dry_run:
@@ -114,6 +117,35 @@ def check(args: argparse.Namespace) -> None:
     finally:
         for model in plan.models:
             model.close()
+
+
+def _peak_memory_line(plan: MergePlan, has_blocks: bool) -> str:
+    """The merge's peak memory, estimated as this process's own (Python, torch and the plan, as the
+    merge's process holds them before it reads a weight) plus the method's working memory."""
+    working = plan.working_memory()
+    blocks = "; recipe blocks' own work not counted" if has_blocks else ""
+    process = _resident_bytes()
+    if process is None:
+        return f"  peak memory: {_size(working)} beyond the process itself (estimate{blocks})"
+    return (
+        f"  peak memory about {_size(process + working)} (estimate: {_size(process)} for the process, "
+        f"{_size(working)} for {plan.method.name}'s working memory{blocks})"
+    )
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident memory now: Linux's VmRSS (its peak, ru_maxrss, would count the memory
+    of the process it was started from), elsewhere the peak so far; None where neither is known."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _sources(job: TensorJob) -> str:

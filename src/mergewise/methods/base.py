@@ -131,6 +131,24 @@ class Parameter:
         return self.kind(number) if self.kind is int else number
 
 
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class WorkingMemory:
+    """What a merge holds beyond the process itself, for `merge --dry-run`'s peak-memory estimate:
+    `fixed` bytes (row chunks in flight, loaded kernels) and `per_entry` bytes per entry of the
+    merge's largest tensor (whole-tensor selections, norms and scratch kept from tensor to tensor).
+    Measured for merges of three bf16 models by `benchmarks/memory_estimate.py`, which also checks
+    the estimate on a model shape the figures were not taken from."""
+
+    fixed: int = 70 * MB
+    per_entry: float = 0.0
+
+    def bytes(self, largest_tensor: int) -> int:
+        return self.fixed + round(self.per_entry * largest_tensor)
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -157,6 +175,7 @@ class MergeMethod:
     # mergekit 0.1.5 promotes this method's results to float32 and writes them so whatever the
     # recipe's dtype; mergewise writes the dtype asked for, and says so when the two differ.
     mergekit_writes_float32: bool = False
+    working_memory: WorkingMemory = WorkingMemory()
 
     @cached_property
     def parameters(self) -> dict[str, Parameter]:

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, TensorRows, combine_chunk_sums
+from mergewise.methods.base import (
+    MB,
+    BasePolicy,
+    ChunkedTensors,
+    MergeMethod,
+    TensorRows,
+    WorkingMemory,
+    combine_chunk_sums,
+)
 from mergewise.methods.sparsify import KEY_TYPES, KeepBits, SelectionScratch, bf16_on_cpu, bit_patterns, sort_keys
 from mergewise.methods.task_arithmetic import majority_sign_agreement, sum_over_models
 
@@ -114,6 +122,7 @@ def merge_sce(rows: TensorRows, *, select_topk: float = 1.0, int8_mask: bool = F
 
 
 SCE = MergeMethod(
+    working_memory=WorkingMemory(160 * MB, 13.3),  # measured: benchmarks/memory_estimate.py
     name="sce",
     merge_rows=merge_sce,
     prepare=prepare_sce,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 
 from mergewise.methods.base import (
+    MB,
     BasePolicy,
     ChunkedTensors,
     MergeMethod,
     PerModel,
     TensorRows,
+    WorkingMemory,
     combine_chunk_norms,
     combine_chunk_sums,
 )
@@ -56,6 +58,7 @@ def merge_slerp(rows: TensorRows, *, t: float) -> torch.Tensor:
 
 
 SLERP = MergeMethod(
+    working_memory=WorkingMemory(220 * MB, 0.0),  # measured: benchmarks/memory_estimate.py
     name="slerp",
     merge_rows=merge_slerp,
     prepare=prepare_slerp,
@@ -126,6 +129,7 @@ def merge_nuslerp(
 
 
 NUSLERP = MergeMethod(
+    working_memory=WorkingMemory(70 * MB, 1.7),  # measured: benchmarks/memory_estimate.py
     name="nuslerp",
     merge_rows=merge_nuslerp,
     prepare=prepare_nuslerp,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows
+from mergewise.methods.base import MB, BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows, WorkingMemory
 from mergewise.methods.kernel_loading import bf16_kernels
 from mergewise.methods.sparsify import (
     KeepBits,
@@ -35,6 +35,17 @@ SELECTED_IN_PREPARE = (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIE
 # magnitude selection and sign consensus take 5.5 s eager against 1.3 s fused.
 PLAIN_FUSED_MIN_PARAMETERS = 2_000_000_000
 SELECTING_FUSED_MIN_PARAMETERS = 50_000_000
+
+# Measured working memory by sparsification (benchmarks/memory_estimate.py). A magnitude selection
+# keeps, for each of its two workers, 2-byte keys and 4-byte positions for the largest tensor; a
+# DELLA draw its masks; DARE draws its masks per row chunk. The selecting ones load the fused kernels.
+WORKING_MEMORY = {
+    None: WorkingMemory(),
+    Sparsification.MAGNITUDE: WorkingMemory(190 * MB, 12.5),
+    Sparsification.MAGNITUDE_OUTLIERS: WorkingMemory(190 * MB, 12.5),
+    Sparsification.RANDOM: WorkingMemory(250 * MB, 0.5),
+    Sparsification.RANK_RANDOM: WorkingMemory(290 * MB, 8.5),
+}
 
 
 @dataclass(frozen=True)
@@ -384,6 +395,7 @@ def _preset(
         fixed={"sparsification": sparsification, "consensus": consensus, **unused},
         defaults=defaults,
         uses_randomness=sparsification in (Sparsification.RANDOM, Sparsification.RANK_RANDOM),
+        working_memory=WORKING_MEMORY[sparsification],
         description=description,
     )
 
