@@ -224,7 +224,7 @@ def test_the_peak_memory_estimate_is_the_method_s_working_memory_for_the_largest
         )
         largest = max(math.prod(job.shape) for job in plan.jobs)
         declared = get_method(method).working_memory
-        assert plan.working_memory() == declared.fixed + round(declared.per_entry * largest)
+        assert plan.working_memory() == round(declared.fixed_mib * 2**20 + declared.per_entry * largest)
         estimates[method] = plan.working_memory()
         for model in plan.models:
             model.close()
@@ -236,5 +236,5 @@ def test_every_method_declares_its_working_memory():
 
     for name, method in METHODS.items():
         memory = method.working_memory
-        assert memory.fixed > 0 and memory.per_entry >= 0, name
+        assert memory.fixed_mib > 0 and memory.per_entry >= 0, name
         assert memory.bytes(10**8) >= memory.bytes(10**6), name

@@ -131,22 +131,19 @@ class Parameter:
         return self.kind(number) if self.kind is int else number
 
 
-MB = 2**20
-
-
 @dataclass(frozen=True)
 class WorkingMemory:
     """What a merge holds beyond the process itself, for `merge --dry-run`'s peak-memory estimate:
-    `fixed` bytes (row chunks in flight, loaded kernels) and `per_entry` bytes per entry of the
+    `fixed_mib` MiB (row chunks in flight, loaded kernels) and `per_entry` bytes per entry of the
     merge's largest tensor (whole-tensor selections, norms and scratch kept from tensor to tensor).
     Measured for merges of three bf16 models by `benchmarks/memory_estimate.py`, which also checks
     the estimate on a model shape the figures were not taken from."""
 
-    fixed: int = 70 * MB
+    fixed_mib: float = 70.0
     per_entry: float = 0.0
 
     def bytes(self, largest_tensor: int) -> int:
-        return self.fixed + round(self.per_entry * largest_tensor)
+        return round(self.fixed_mib * 2**20 + self.per_entry * largest_tensor)
 
 
 @dataclass(frozen=True)

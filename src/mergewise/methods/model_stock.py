@@ -8,7 +8,6 @@ import itertools
 import torch
 
 from mergewise.methods.base import (
-    MB,
     BasePolicy,
     ChunkedTensors,
     MergeMethod,
@@ -82,7 +81,7 @@ def merge_model_stock(rows: TensorRows, *, filter_wise: bool = False) -> torch.T
 
 
 MODEL_STOCK = MergeMethod(
-    working_memory=WorkingMemory(120 * MB, 5.7),  # measured: benchmarks/memory_estimate.py
+    working_memory=WorkingMemory(120, 5.7),  # measured: benchmarks/memory_estimate.py
     name="model_stock",
     merge_rows=merge_model_stock,
     prepare=prepare_model_stock,

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from mergewise.methods.base import (
-    MB,
     BasePolicy,
     ChunkedTensors,
     MergeMethod,
@@ -122,7 +121,7 @@ def merge_sce(rows: TensorRows, *, select_topk: float = 1.0, int8_mask: bool = F
 
 
 SCE = MergeMethod(
-    working_memory=WorkingMemory(160 * MB, 13.3),  # measured: benchmarks/memory_estimate.py
+    working_memory=WorkingMemory(160, 13.3),  # measured: benchmarks/memory_estimate.py
     name="sce",
     merge_rows=merge_sce,
     prepare=prepare_sce,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from mergewise.methods.base import (
-    MB,
     BasePolicy,
     ChunkedTensors,
     MergeMethod,
@@ -58,7 +57,7 @@ def merge_slerp(rows: TensorRows, *, t: float) -> torch.Tensor:
 
 
 SLERP = MergeMethod(
-    working_memory=WorkingMemory(220 * MB, 0.0),  # measured: benchmarks/memory_estimate.py
+    working_memory=WorkingMemory(220, 0.0),  # measured: benchmarks/memory_estimate.py
     name="slerp",
     merge_rows=merge_slerp,
     prepare=prepare_slerp,
@@ -129,7 +128,7 @@ def merge_nuslerp(
 
 
 NUSLERP = MergeMethod(
-    working_memory=WorkingMemory(70 * MB, 1.7),  # measured: benchmarks/memory_estimate.py
+    working_memory=WorkingMemory(70, 1.7),  # measured: benchmarks/memory_estimate.py
     name="nuslerp",
     merge_rows=merge_nuslerp,
     prepare=prepare_nuslerp,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergewise.methods.base import MB, BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows, WorkingMemory
+from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows, WorkingMemory
 from mergewise.methods.slerp import interpolation_dtype
 
 # A chunk's share of a whole-tensor figure: (torch's figure of the chunk, in the figure's dtype;
@@ -172,7 +172,7 @@ def merge_multislerp(
 
 
 MULTISLERP = MergeMethod(
-    working_memory=WorkingMemory(160 * MB, 25.1),  # measured: benchmarks/memory_estimate.py
+    working_memory=WorkingMemory(160, 25.1),  # measured: benchmarks/memory_estimate.py
     name="multislerp",
     merge_rows=merge_multislerp,
     prepare=prepare_multislerp,
@@ -349,7 +349,7 @@ def merge_karcher(rows: TensorRows, *, max_iter: int = 10, tol: float = 1e-5) ->
 
 
 KARCHER = MergeMethod(
-    working_memory=WorkingMemory(10 * MB, 16.5),  # measured: benchmarks/memory_estimate.py
+    working_memory=WorkingMemory(10, 16.5),  # measured: benchmarks/memory_estimate.py
     name="karcher",
     merge_rows=merge_karcher,
     prepare=prepare_karcher,

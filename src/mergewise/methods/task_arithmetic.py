@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mergewise.methods.base import MB, BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows, WorkingMemory
+from mergewise.methods.base import BasePolicy, ChunkedTensors, MergeMethod, PerModel, TensorRows, WorkingMemory
 from mergewise.methods.kernel_loading import bf16_kernels
 from mergewise.methods.sparsify import (
     KeepBits,
@@ -41,10 +41,10 @@ SELECTING_FUSED_MIN_PARAMETERS = 50_000_000
 # DELLA draw its masks; DARE draws its masks per row chunk. The selecting ones load the fused kernels.
 WORKING_MEMORY = {
     None: WorkingMemory(),
-    Sparsification.MAGNITUDE: WorkingMemory(190 * MB, 12.5),
-    Sparsification.MAGNITUDE_OUTLIERS: WorkingMemory(190 * MB, 12.5),
-    Sparsification.RANDOM: WorkingMemory(250 * MB, 0.5),
-    Sparsification.RANK_RANDOM: WorkingMemory(290 * MB, 8.5),
+    Sparsification.MAGNITUDE: WorkingMemory(190, 12.5),
+    Sparsification.MAGNITUDE_OUTLIERS: WorkingMemory(190, 12.5),
+    Sparsification.RANDOM: WorkingMemory(250, 0.5),
+    Sparsification.RANK_RANDOM: WorkingMemory(290, 8.5),
 }
 
 
