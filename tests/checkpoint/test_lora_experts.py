@@ -151,3 +151,18 @@ def test_expert_factors_unpack_what_pack_expert_factors_packs():
     assert down.shape == (12, 5) and up.shape == (7, 12)
     for (down_e, up_e), (found_down, found_up) in zip(pairs, expert_factors(down, up, 4), strict=True):
         assert torch.equal(down_e, found_down) and torch.equal(up_e, found_up)
+
+
+def test_an_expert_adapter_on_a_model_without_those_experts_is_one_error_line(tmp_path, capsys):
+    moe = build_tiny_model("mixtral", tmp_path / "moe", dtype=torch.float32, num_layers=2)
+    dense = build_tiny_model("llama", tmp_path / "dense", dtype=torch.float32, num_layers=2)
+    adapter = tmp_path / "adapter"
+    build_lora_adapter(moe, adapter, rank=2, target_modules=[], target_parameters=EXPERT_PARAMETERS)
+    recipe = tmp_path / "recipe.yml"
+    models = [{"model": f"{dense}+{adapter}", "parameters": {"weight": 1.0}}]
+    recipe.write_text(json.dumps({"merge_method": "linear", "models": models}))
+    capsys.readouterr()
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith(f"error: {adapter}: does not fit {dense} (") and "target_parameters" in error
+    assert not (tmp_path / "out").exists()
