@@ -111,6 +111,10 @@ def extraction_targets(folder: ModelFolder) -> tuple[dict[str, Any], dict[str, L
         raise MergewiseError(f"{folder.path}: no weight matrices to factorise")
     fields = {"target_parameters": sorted(other) or None, "fan_in_fan_out": False}
     try:  # linear layers by their leaf names, as PEFT's configs usually name them
+        if any(parameter.dim() == 3 for name, parameter in model.named_parameters() if name in other):
+            # PEFT (0.22) reads a leaf name like `gate_proj` on a mixture-of-experts model as a legacy
+            # per-expert target, and adds the fused experts at another rank
+            raise ValueError("experts fused: full names")
         leaves = sorted({name.removesuffix(".weight").rpartition(".")[2] for name in linear})
         targets, fields = _wrapped_targets(model, layout, {"target_modules": leaves, **fields})
         if {target.parameter for target in targets.values()} != {*linear, *other}:
@@ -127,7 +131,7 @@ def adapter_targets(folder: ModelFolder, adapter_config: dict[str, Any]) -> dict
     from mergewise.structure import CheckpointLayout, meta_model
 
     model = meta_model(folder)
-    names = ("target_modules", "target_parameters", "fan_in_fan_out", "exclude_modules", "layers_to_transform")
+    names = ("r", "target_modules", "target_parameters", "fan_in_fan_out", "exclude_modules", "layers_to_transform")
     fields = {name: adapter_config[name] for name in names if adapter_config.get(name) is not None}
     if "layers_to_transform" in fields:
         fields["layers_pattern"] = adapter_config.get("layers_pattern")
@@ -173,7 +177,7 @@ def _wrapped_targets(
     from peft.tuners.lora import LoraLayer
 
     parameters = dict(model.named_parameters())
-    config = LoraConfig(r=1, lora_alpha=1, **fields)
+    config = LoraConfig(**{"r": 1, **fields})
     with warnings.catch_warnings():  # PEFT's notes on Conv1D and on target_parameters
         warnings.simplefilter("ignore")
         inject_adapter_in_model(config, model)
@@ -181,6 +185,8 @@ def _wrapped_targets(
     for key, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
+        if module.r.get("default") != config.r:
+            raise ValueError(f"PEFT gives {key} rank {module.r.get('default')}, not the config's {config.r}")
         owner = ".".join(part for part in key.split(".") if part != "base_layer")  # wrappers nest
         if hasattr(module, "parameter_name"):  # a ParamWrapper
             name = f"{owner}.{module.parameter_name}"
@@ -189,7 +195,7 @@ def _wrapped_targets(
         else:
             name, transposed = f"{owner}.weight", bool(getattr(module, "fan_in_fan_out", False))
         targets[key] = _target(layout, name, parameters[name], transposed)
-    left = {name: getattr(config, name) for name in fields}
+    left = {name: getattr(config, name) for name in fields if name != "r"}
     return targets, {name: sorted(value) if isinstance(value, set) else value for name, value in left.items()}
 
 
