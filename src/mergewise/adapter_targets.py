@@ -110,19 +110,23 @@ def extraction_targets(folder: ModelFolder) -> tuple[dict[str, Any], dict[str, L
     if not linear and not other:
         raise MergewiseError(f"{folder.path}: no weight matrices to factorise")
     fields = {"target_parameters": sorted(other) or None, "fan_in_fan_out": False}
-    try:  # linear layers by their leaf names, as PEFT's configs usually name them
-        if any(parameter.dim() == 3 for name, parameter in model.named_parameters() if name in other):
-            # PEFT (0.22) reads a leaf name like `gate_proj` on a mixture-of-experts model as a legacy
-            # per-expert target, and adds the fused experts at another rank
-            raise ValueError("experts fused: full names")
+    # Linear layers by their leaf names, as PEFT's configs usually name them; by full names where a
+    # leaf name also names a layer left out (PEFT refuses it or wraps that layer too), and on models
+    # with fused experts, where PEFT (0.22) reads a leaf name like `gate_proj` as a legacy per-expert
+    # target and adds the fused experts at another rank.
+    if not any(model.get_parameter(name).dim() == 3 for name in other):
         leaves = sorted({name.removesuffix(".weight").rpartition(".")[2] for name in linear})
-        targets, fields = _wrapped_targets(model, layout, {"target_modules": leaves, **fields})
-        if {target.parameter for target in targets.values()} != {*linear, *other}:
-            raise ValueError("a leaf name is also one of a layer left out")
-    except ValueError:  # by full names then
-        full = sorted(name.removesuffix(".weight") for name in linear)
-        targets, fields = _wrapped_targets(meta_model(folder), layout, {"target_modules": full, **fields})
-    return fields, targets
+        try:
+            targets, left = _wrapped_targets(model, layout, {"target_modules": leaves, **fields})
+        except ValueError:
+            pass
+        else:
+            if {target.parameter for target in targets.values()} == {*linear, *other}:
+                return left, targets
+        model = meta_model(folder)  # unwrapped
+    full = sorted(name.removesuffix(".weight") for name in linear)
+    targets, left = _wrapped_targets(model, layout, {"target_modules": full, **fields})
+    return left, targets
 
 
 def adapter_targets(folder: ModelFolder, adapter_config: dict[str, Any]) -> dict[str, LoraTarget]:
