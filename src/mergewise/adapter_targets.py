@@ -47,6 +47,24 @@ class LoraTarget:
     transposed: bool
     parts: tuple[StoredPart, ...]
 
+    @classmethod
+    def stored_as(
+        cls, parameter: str, experts: int, stored: Sequence[int], transposed: bool, parts: tuple[StoredPart, ...]
+    ) -> LoraTarget:
+        """A target from the shape its checkpoint stores (each expert's matrix the last two axes)."""
+        rows, columns = int(stored[-2]) if len(stored) > 1 else 1, int(stored[-1])
+        return cls(parameter, experts, (columns, rows) if transposed else (rows, columns), transposed, parts)
+
+    @classmethod
+    def one_matrix(cls, name: str, stored: Sequence[int], transposed: bool) -> LoraTarget:
+        """Checkpoint tensor `name` as one matrix."""
+        return cls.stored_as(name, 1, stored, transposed, (StoredPart(name, 0, 0),))
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """Each expert's matrix as the checkpoint orients it."""
+        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
+
 
 def expert_factors(down: torch.Tensor, up: torch.Tensor, experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each expert's (A [r, in], B [out, r]) from a pair PEFT keeps for `experts` stacked matrices:
@@ -155,10 +173,7 @@ def _targets_by_name(folder: ModelFolder) -> tuple[dict[str, Any], dict[str, Lor
     if not names:
         raise MergewiseError(f"{folder.path}: no 2-D weight matrices to factorise")
     targets = {
-        name.removesuffix(".weight"): LoraTarget(
-            name, 1, _matrix(folder.tensors[name].shape), False, (StoredPart(name, 0, 0),)
-        )
-        for name in names
+        name.removesuffix(".weight"): LoraTarget.one_matrix(name, folder.tensors[name].shape, False) for name in names
     }
     modules = sorted({name.removesuffix(".weight").rpartition(".")[2] for name in names})
     return {"target_modules": modules, "target_parameters": None, "fan_in_fan_out": False}, targets
@@ -206,33 +221,26 @@ def _wrapped_targets(
 def _target(layout: CheckpointLayout, name: str, parameter: torch.Tensor, transposed: bool) -> LoraTarget:
     """Where parameter `name` (a meta tensor) lies in the checkpoint, expert by expert."""
     experts = parameter.shape[0] if parameter.dim() == 3 else 1
-    matrix = _matrix(parameter.shape)
+    columns = parameter.shape[-1]
     parts = []
     for stored, view in layout.part_views(name, torch.empty(parameter.shape, device="meta")).items():
         if tuple(view.shape) == tuple(parameter.shape) and parameter.dim() == 3:
             parts.append(StoredPart(stored, None, 0))
             continue
-        if view.dim() != 2 or view.shape[1] != matrix[1]:
+        if view.dim() != 2 or view.shape[1] != columns:
             raise MergewiseError(
                 f"{layout.folder.path}: tensor {stored} is not a block of rows of {name}; "
                 "a LoRA adapter cannot be placed on it"
             )
         offset = view.storage_offset()
         expert_stride = parameter.stride(0) if parameter.dim() == 3 else parameter.numel()
-        parts.append(StoredPart(stored, offset // expert_stride, offset % expert_stride // matrix[1]))
-    shape = (matrix[1], matrix[0]) if transposed else matrix
-    return LoraTarget(name, experts, shape, transposed, tuple(parts))
-
-
-def _matrix(shape: Sequence[int]) -> tuple[int, int]:
-    """The (rows, columns) of each matrix of a 2-D or stacked 3-D tensor."""
-    return int(shape[-2]), int(shape[-1])
+        parts.append(StoredPart(stored, offset // expert_stride, offset % expert_stride // columns))
+    return LoraTarget.stored_as(name, experts, parameter.shape, transposed, tuple(parts))
 
 
 def stored_matrix(target: LoraTarget, expert: int, read: Callable[[str, slice | None], torch.Tensor]) -> torch.Tensor:
     """Expert `expert`'s matrix of `target`, (out, in), in float32, from `read(name, rows)`."""
-    rows, columns = (target.shape[1], target.shape[0]) if target.transposed else target.shape
-    matrix = torch.empty(rows, columns)
+    matrix = torch.empty(target.stored_shape)
     for part in target.parts:
         if part.expert is None:
             matrix.copy_(read(part.name, slice(expert, expert + 1))[0])

@@ -118,14 +118,10 @@ def _targets(
     adapter of linear layers stored under the module tree's names); otherwise where PEFT attaches
     it in the model's module tree (renamed weights, fused experts, `target_parameters`)."""
     if not config.target_parameters and all(f"{key}.weight" in model.tensors for key in pairs):
-        targets = {}
-        for key in pairs:
-            rows, columns = model.tensors[f"{key}.weight"].shape[0], model.tensors[f"{key}.weight"].shape[-1]
-            shape = (columns, rows) if config.fan_in_fan_out else (rows, columns)
-            targets[key] = LoraTarget(
-                f"{key}.weight", 1, shape, config.fan_in_fan_out, (StoredPart(f"{key}.weight", 0, 0),)
-            )
-        return targets
+        return {
+            key: LoraTarget.one_matrix(f"{key}.weight", model.tensors[f"{key}.weight"].shape, config.fan_in_fan_out)
+            for key in pairs
+        }
     from mergewise.adapter_targets import adapter_targets
 
     try:
